@@ -1,0 +1,45 @@
+"""engine: an LLM inference engine whose every extension point is a plugin.
+
+Importing this package is cheap: it imports neither torch nor any plugin and
+resolves no platform. The public names below are loaded on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from registry._version import __version__
+
+# public name -> module that defines it (imported lazily, see __getattr__)
+_LAZY = {
+    "LLM": "engine.llm",
+    "SamplingParams": "engine.sampling_params",
+    "RequestOutput": "engine.outputs",
+    "CompletionOutput": "engine.outputs",
+    "EmbeddingRequestOutput": "engine.outputs",
+    "ModelRegistry": "engine.models.registry",
+    "set_random_seed": "engine.utils",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.llm import LLM
+    from engine.models.registry import ModelRegistry
+    from engine.outputs import CompletionOutput, EmbeddingRequestOutput, RequestOutput
+    from engine.sampling_params import SamplingParams
+    from engine.utils import set_random_seed
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

