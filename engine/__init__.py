@@ -22,7 +22,16 @@ _LAZY = {
     "set_random_seed": "engine.utils",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "__version__",
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "EmbeddingRequestOutput",
+    "ModelRegistry",
+    "set_random_seed",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.llm import LLM

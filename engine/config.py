@@ -6,6 +6,8 @@ before anything heavy happens (see SPEC section 6).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,3 +67,23 @@ class EngineConfig:
     compilation_config: CompilationConfig = field(default_factory=CompilationConfig)
     attention_backend: str | None = None  # user's choice; None: the platform's default
     log_stats: bool = False
+
+
+_current_config: EngineConfig | None = None
+
+
+@contextlib.contextmanager
+def set_current_engine_config(config: EngineConfig) -> Iterator[EngineConfig]:
+    """Make `config` visible to code that builds layers (attention backend choice,
+    custom-op toggles) while a model is constructed."""
+    global _current_config
+    previous, _current_config = _current_config, config
+    try:
+        yield config
+    finally:
+        _current_config = previous
+
+
+def get_current_engine_config() -> EngineConfig | None:
+    """The config set by `set_current_engine_config`, or None outside of it."""
+    return _current_config
