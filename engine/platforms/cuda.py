@@ -1,0 +1,89 @@
+"""The built-in CUDA platform: NVIDIA GPUs through torch.cuda, NCCL collectives.
+
+Importing this module never touches CUDA, so it imports (and the `cuda` plugin
+answers None) on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from engine.platforms.interface import Platform, PlatformEnum
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class CudaPlatform(Platform):
+    """Runs the engine on NVIDIA GPUs, one GPU per tensor-parallel rank."""
+
+    _enum = PlatformEnum.CUDA
+    device_name = "cuda"
+    device_type = "cuda"
+    dispatch_key = "CUDA"
+    supported_dtypes = ("bfloat16", "float16", "float32")
+
+    @classmethod
+    def get_device_name(cls, device_id: int = 0) -> str:
+        import torch
+
+        return torch.cuda.get_device_name(device_id)
+
+    @classmethod
+    def get_default_dist_backend(cls) -> str:
+        return "nccl"
+
+    @classmethod
+    def device_for_rank(cls, local_rank: int) -> torch.device:
+        import torch
+
+        return torch.device("cuda", local_rank)
+
+    @classmethod
+    def set_device(cls, device: torch.device) -> None:
+        import torch
+
+        torch.cuda.set_device(device)
+
+    @classmethod
+    def device_count(cls) -> int:
+        import torch
+
+        return torch.cuda.device_count()
+
+    @classmethod
+    def get_device_total_memory(cls, device_id: int = 0) -> int:
+        import torch
+
+        return torch.cuda.get_device_properties(device_id).total_memory
+
+    @classmethod
+    def mem_get_info(cls, device_id: int = 0) -> tuple[int, int]:
+        import torch
+
+        return torch.cuda.mem_get_info(device_id)
+
+    @classmethod
+    def synchronize(cls) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+
+    @classmethod
+    def empty_cache(cls) -> None:
+        import torch
+
+        torch.cuda.empty_cache()
+
+    @classmethod
+    def is_pin_memory_available(cls) -> bool:
+        return True
+
+    @classmethod
+    def seed_everything(cls, seed: int | None = None) -> None:
+        if seed is None:
+            return
+        import torch
+
+        super().seed_everything(seed)
+        torch.cuda.manual_seed_all(seed)

@@ -1,0 +1,199 @@
+"""The `Platform` base class: what the engine asks of a hardware backend.
+
+A platform is a class, never instantiated by plugin authors: the engine calls its
+classmethods. `engine.platforms.current_platform` is the one chosen for this
+process. torch is imported inside the methods that need it, so importing this
+module stays cheap.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import random
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from engine.config import EngineConfig
+
+DEFAULT_ATTENTION_BACKEND = "TORCH_SDPA"
+ATTENTION_BACKEND_ENV = "ENGINE_ATTENTION_BACKEND"
+DEFAULT_WORKER_CLS = "engine.worker.Worker"
+DEFAULT_DEVICE_COMMUNICATOR_CLS = "engine.distributed.DeviceCommunicatorBase"
+
+
+class PlatformEnum(enum.Enum):
+    """Which family a platform belongs to; every plugin platform is `OOT`."""
+
+    CPU = enum.auto()
+    CUDA = enum.auto()
+    OOT = enum.auto()
+    UNSPECIFIED = enum.auto()
+
+
+class Platform:
+    """Base class of every platform.
+
+    Subclasses set the class attributes and override the classmethods their
+    device needs. A method the device cannot serve raises `NotImplementedError`
+    naming the method, so a missing piece is obvious instead of silently wrong.
+    """
+
+    _enum: PlatformEnum = PlatformEnum.UNSPECIFIED
+    device_name: str = "unspecified"
+    # torch device string ("cpu", "cuda", or a PrivateUse1 name such as "npu")
+    device_type: str = "cpu"
+    # torch dispatch key custom ops are registered under ("CPU", "CUDA", "PrivateUse1")
+    dispatch_key: str = "CPU"
+    # torch.compile backend for small helper graphs
+    simple_compile_backend: str = "inductor"
+    # dtypes the device computes in; the first one is the default for dtype="auto"
+    supported_dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
+
+    # -- identity ---------------------------------------------------------
+
+    @classmethod
+    def is_cpu(cls) -> bool:
+        return cls._enum == PlatformEnum.CPU
+
+    @classmethod
+    def is_cuda(cls) -> bool:
+        return cls._enum == PlatformEnum.CUDA
+
+    @classmethod
+    def is_out_of_tree(cls) -> bool:
+        return cls._enum == PlatformEnum.OOT
+
+    @classmethod
+    def get_device_name(cls, device_id: int = 0) -> str:
+        """A human-readable name of device `device_id`."""
+        return cls.device_name
+
+    # -- configuration ----------------------------------------------------
+
+    @classmethod
+    def check_and_update_config(cls, config: EngineConfig) -> None:
+        """Adjust the engine config for this platform; runs early, in the process
+        that builds the engine, before workers start.
+
+        The base implementation sets the device, the distributed backend (when the
+        user chose none) and, when `worker_cls` is "auto", the default
+        `engine.worker.Worker`. Subclasses usually call `super()` and then set
+        their own worker class.
+        """
+        config.device_config.device = cls.device_type
+        parallel = config.parallel_config
+        if parallel.distributed_backend is None:
+            parallel.distributed_backend = cls.get_default_dist_backend()
+        if parallel.worker_cls == "auto":
+            parallel.worker_cls = DEFAULT_WORKER_CLS
+
+    @classmethod
+    def get_attn_backend_cls(cls, selected_backend: str | None, attn_selector_config: Any) -> str:
+        """Qualified class name of the attention backend to use.
+
+        `selected_backend` is the user's choice (`LLM(attention_backend=...)`,
+        `--attention-backend`); without one, `ENGINE_ATTENTION_BACKEND`; without
+        that, TORCH_SDPA. Unknown names raise `ValueError` listing the valid ones.
+        `attn_selector_config` (head size, dtype, ...) lets a platform refuse or
+        redirect a choice; the base class ignores it.
+        """
+        return attention_backend_path(selected_backend)
+
+    @classmethod
+    def get_device_communicator_cls(cls) -> str:
+        """Qualified class name of the `DeviceCommunicatorBase` used for
+        tensor-parallel collectives on this device."""
+        return DEFAULT_DEVICE_COMMUNICATOR_CLS
+
+    @classmethod
+    def get_default_dist_backend(cls) -> str:
+        """The torch.distributed backend for this device ("gloo", "nccl", ...)."""
+        return "gloo"
+
+    @classmethod
+    def import_kernels(cls) -> None:
+        """Import the platform's compiled ops. Called once in every engine process
+        (through `current_platform`) before the model loads."""
+
+    # -- device -----------------------------------------------------------
+
+    @classmethod
+    def device_for_rank(cls, local_rank: int) -> torch.device:
+        """The torch device a worker with this local rank computes on."""
+        import torch
+
+        return torch.device(cls.device_type)
+
+    @classmethod
+    def set_device(cls, device: torch.device) -> None:
+        """Make `device` the current device of this process (no-op by default)."""
+
+    @classmethod
+    def device_count(cls) -> int:
+        raise NotImplementedError(f"{cls.__name__}.device_count is not implemented")
+
+    @classmethod
+    def get_device_total_memory(cls, device_id: int = 0) -> int:
+        """Total memory of the device in bytes."""
+        raise NotImplementedError(f"{cls.__name__}.get_device_total_memory is not implemented")
+
+    @classmethod
+    def mem_get_info(cls, device_id: int = 0) -> tuple[int, int]:
+        """(free, total) memory of the device in bytes."""
+        raise NotImplementedError(f"{cls.__name__}.mem_get_info is not implemented")
+
+    @classmethod
+    def synchronize(cls) -> None:
+        """Wait for queued device work (no-op for synchronous devices)."""
+
+    @classmethod
+    def empty_cache(cls) -> None:
+        """Return cached device memory to the device (no-op by default)."""
+
+    @classmethod
+    def is_pin_memory_available(cls) -> bool:
+        return False
+
+    # -- execution --------------------------------------------------------
+
+    @classmethod
+    def seed_everything(cls, seed: int | None = None) -> None:
+        """Seed Python, numpy and torch (and the device generators)."""
+        if seed is None:
+            return
+        import numpy as np
+        import torch
+
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    @classmethod
+    def inference_mode(cls):
+        """A context manager/decorator the model runs under."""
+        import torch
+
+        return torch.inference_mode()
+
+    @classmethod
+    def supports_dtype(cls, dtype: str) -> bool:
+        return dtype in cls.supported_dtypes
+
+
+def attention_backend_path(selected_backend: str | None) -> str:
+    """Resolve a backend name (user's, else `ENGINE_ATTENTION_BACKEND`, else
+    TORCH_SDPA) to the backend's qualified class name."""
+    from engine.attention import AttentionBackendEnum
+
+    name = selected_backend or os.environ.get(ATTENTION_BACKEND_ENV) or DEFAULT_ATTENTION_BACKEND
+    try:
+        member = AttentionBackendEnum[name.strip().upper()]
+    except KeyError:
+        valid = ", ".join(m.name for m in AttentionBackendEnum)
+        raise ValueError(
+            f"Unknown attention backend: {name!r}. Valid options are: {valid}"
+        ) from None
+    return member.get_path()
