@@ -1,0 +1,281 @@
+"""Continuous-batching scheduler.
+
+Each step gets a token budget (``max_num_batched_tokens``). Running sequences
+go first (decodes, and the next chunk of prompts being prefilled in chunks),
+oldest first; then waiting sequences are admitted in arrival order while the
+budget, ``max_num_seqs`` and free KV blocks allow. When a running sequence
+needs a block and none is free, the newest running sequence is preempted: its
+blocks are freed and it goes back to the front of the waiting queue to be
+recomputed later (prefix caching usually makes that cheap).
+
+What the scheduler sends to the workers (`SchedulerOutput`) is plain data:
+lists and ints, picklable, so a worker may live in another process.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import CacheConfig, SchedulerConfig
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class NewSequenceData:
+    """What a worker keeps about a sequence it sees for the first time."""
+
+    seq_id: int
+    prompt_token_ids: list[int]
+    sampling_params: Any
+    seed_offset: int  # the sample's index within its request: n samples, n streams
+
+
+@dataclass
+class ScheduledSequence:
+    """One sequence's share of a step."""
+
+    seq_id: int
+    token_ids: list[int]  # the tokens to compute in this step
+    num_computed_tokens: int  # position of the first of them
+    block_table: list[int]
+    sample: bool  # the step reaches the sequence's end: sample its next token
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    new_seqs: list[NewSequenceData] = field(default_factory=list)
+    finished_seq_ids: list[int] = field(default_factory=list)  # workers drop their state
+    num_batched_tokens: int = 0
+    num_preempted: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Sampled tokens, in the order of the scheduled sequences that asked for one."""
+
+    seq_ids: list[int] = field(default_factory=list)
+    sampled_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float] | None] | None = None
+
+
+class Scheduler:
+    """Owns the waiting and running queues; the only place sequences change state."""
+
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_blocks: int,
+        max_model_len: int,
+    ) -> None:
+        if not scheduler_config.enable_chunked_prefill and (
+            scheduler_config.max_num_batched_tokens < max_model_len
+        ):
+            raise ValueError(
+                f"max_num_batched_tokens ({scheduler_config.max_num_batched_tokens}) must be "
+                f">= max_model_len ({max_model_len}) when chunked prefill is off, or a long "
+                "prompt could never be scheduled; raise it or enable chunked prefill"
+            )
+        self.config = scheduler_config
+        self.max_model_len = max_model_len
+        self.kv_cache = KVCacheManager(
+            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+        )
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._seen: set[int] = set()  # sequences the workers already know
+        self._finished_ids: list[int] = []  # to tell the workers at the next step
+        self.num_preemptions = 0  # totals, for stats and tests
+        self.prefix_cache_queried_tokens = 0
+        self.prefix_cache_hit_tokens = 0
+
+    # ------------------------------------------------------------------ requests
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise ValueError when a sequence this long could never be scheduled."""
+        if num_prompt_tokens < 1:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        if num_prompt_tokens > self.max_model_len:
+            raise ValueError(
+                f"the prompt has {num_prompt_tokens} tokens, more than the model's "
+                f"context length max_model_len={self.max_model_len}"
+            )
+        kv = self.kv_cache
+        needed = kv.num_blocks_for(min(num_prompt_tokens + max_tokens, self.max_model_len))
+        if needed > kv.num_blocks:
+            raise ValueError(
+                f"the KV cache holds {kv.num_blocks * kv.block_size} tokens "
+                f"({kv.num_blocks} blocks of {kv.block_size}); this request needs up to "
+                f"{needed * kv.block_size}: give the cache more memory (kv_cache_memory) "
+                "or lower max_tokens"
+            )
+
+    def add_sequence(self, seq: Sequence) -> None:
+        self.check_fits(seq.num_prompt_tokens, seq.max_tokens)
+        self.waiting.append(seq)
+
+    def finish_sequence(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Take ``seq`` out of the queues for good and free its blocks."""
+        assert status.is_finished, status
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            return  # already finished
+        seq.status = status
+        self.kv_cache.free(seq)
+        if seq.seq_id in self._seen:
+            self._seen.discard(seq.seq_id)
+            self._finished_ids.append(seq.seq_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ------------------------------------------------------------------ a step
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's sequences and how many tokens of each to compute."""
+        out = SchedulerOutput(finished_seq_ids=self._finished_ids)
+        self._finished_ids = []
+        budget = self.config.max_num_batched_tokens
+        preempted = self._schedule_running(out, budget)
+        if not preempted:
+            self._schedule_waiting(out)
+        out.num_preempted = preempted
+        return out
+
+    def _chunk(self, seq: Sequence, num_computed: int, budget: int) -> int:
+        """How many of the tokens after ``num_computed`` to compute in this step."""
+        num_new = seq.num_tokens - num_computed
+        threshold = self.config.long_prefill_token_threshold
+        if threshold > 0:
+            num_new = min(num_new, threshold)
+        return min(num_new, budget)
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        num_preempted = 0
+        i = 0
+        while i < len(self.running) and out.num_batched_tokens < budget:
+            seq = self.running[i]
+            num_new = self._chunk(seq, seq.num_computed_tokens, budget - out.num_batched_tokens)
+            while not self.kv_cache.allocate_slots(seq, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                num_preempted += 1
+                if victim is seq:
+                    break
+            else:
+                self._add_to_output(out, seq, num_new)
+                i += 1
+        return num_preempted
+
+    def _schedule_waiting(self, out: SchedulerOutput) -> None:
+        budget = self.config.max_num_batched_tokens
+        deferred: list[Sequence] = []
+        while (
+            self.waiting
+            and out.num_batched_tokens < budget
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            seq = self.waiting[0]
+            if self._waits_for_parent(seq):
+                deferred.append(self.waiting.popleft())
+                continue
+            computed_blocks, num_cached = self.kv_cache.get_computed_blocks(seq)
+            remaining = budget - out.num_batched_tokens
+            num_new = seq.num_tokens - num_cached
+            if not self.config.enable_chunked_prefill and num_new > remaining:
+                break
+            num_new = self._chunk(seq, num_cached, remaining)
+            if not self.kv_cache.allocate_slots(seq, num_new, computed_blocks):
+                break
+            self.waiting.popleft()
+            seq.num_computed_tokens = num_cached
+            if seq.num_cached_tokens < 0:
+                seq.num_cached_tokens = num_cached
+            self.prefix_cache_queried_tokens += seq.num_tokens
+            self.prefix_cache_hit_tokens += num_cached
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self._add_to_output(out, seq, num_new)
+        self.waiting.extendleft(reversed(deferred))
+
+    def _waits_for_parent(self, seq: Sequence) -> bool:
+        """A later sample of a request waits until the first one has computed the
+        prompt, so that it takes the prompt's blocks from the prefix cache."""
+        parent = seq.parent
+        return (
+            parent is not None
+            and self.kv_cache.enable_prefix_caching
+            and not parent.is_finished
+            and parent.num_computed_tokens < parent.num_prompt_tokens
+        )
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv_cache.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _add_to_output(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+        start = seq.num_computed_tokens
+        if seq.seq_id not in self._seen:
+            self._seen.add(seq.seq_id)
+            out.new_seqs.append(
+                NewSequenceData(
+                    seq.seq_id, seq.prompt_token_ids, seq.sampling_params, seq.index
+                )
+            )
+        out.scheduled.append(
+            ScheduledSequence(
+                seq_id=seq.seq_id,
+                token_ids=seq.token_ids[start : start + num_new],
+                num_computed_tokens=start,
+                block_table=list(seq.block_table),
+                sample=start + num_new == seq.num_tokens,
+            )
+        )
+        out.num_batched_tokens += num_new
+
+    # ------------------------------------------------------------------ results
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[tuple[Sequence, int, dict[int, float] | None]]:
+        """Advance the computed-token counts, cache the blocks that became full and
+        append the sampled tokens. Returns ``(sequence, token_id, logprobs)`` per
+        sampled token; the caller decides which sequences stop."""
+        by_id = {seq.seq_id: seq for seq in self.running}
+        for item in scheduler_output.scheduled:
+            seq = by_id.get(item.seq_id)
+            if seq is None:  # finished (aborted) while the step ran
+                continue
+            seq.num_computed_tokens = item.num_computed_tokens + len(item.token_ids)
+            self.kv_cache.cache_full_blocks(seq)
+        results = []
+        logprobs = runner_output.logprobs
+        for j, (seq_id, token_id) in enumerate(
+            zip(runner_output.seq_ids, runner_output.sampled_token_ids, strict=True)
+        ):
+            seq = by_id.get(seq_id)
+            if seq is None:
+                continue
+            seq.append_token(token_id)
+            results.append((seq, token_id, logprobs[j] if logprobs is not None else None))
+        return results

@@ -1,0 +1,179 @@
+"""Scheduler: token budget, chunked prefill, FCFS, preemption, prefix reuse.
+
+The model is replaced by its contract: every scheduled sequence that asks for a
+sample gets token 7. That is all the scheduler sees of a model.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from engine.config import CacheConfig, SchedulerConfig
+from engine.core import ModelRunnerOutput, Scheduler, Sequence, SequenceStatus
+
+
+def _scheduler(num_blocks=64, block_size=4, budget=32, max_num_seqs=8, chunked=True,
+               prefix=True, max_model_len=256) -> Scheduler:
+    return Scheduler(
+        SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                        enable_chunked_prefill=chunked),
+        CacheConfig(block_size=block_size, enable_prefix_caching=prefix),
+        num_blocks=num_blocks,
+        max_model_len=max_model_len,
+    )
+
+
+def _seq(n_prompt: int, max_tokens: int = 4, first: int = 100, **kw) -> Sequence:
+    return Sequence("r", list(range(first, first + n_prompt)), max_tokens=max_tokens, **kw)
+
+
+def _step(sched: Scheduler):
+    out = sched.schedule()
+    sampled = [s.seq_id for s in out.scheduled if s.sample]
+    results = sched.update_from_output(out, ModelRunnerOutput(sampled, [7] * len(sampled)))
+    for seq, _, _ in results:
+        if seq.num_output_tokens >= seq.max_tokens:
+            sched.finish_sequence(seq, SequenceStatus.FINISHED_LENGTH)
+    return out
+
+
+def _run_to_end(sched: Scheduler, limit: int = 1000) -> list:
+    outs = []
+    while sched.has_unfinished():
+        outs.append(_step(sched))
+        assert len(outs) < limit
+    return outs
+
+
+def test_decodes_and_prefills_share_the_token_budget():
+    sched = _scheduler(budget=16)
+    a, b = _seq(10), _seq(10, first=200)
+    sched.add_sequence(a)
+    sched.add_sequence(b)
+    out = _step(sched)
+    assert [(s.seq_id, len(s.token_ids)) for s in out.scheduled] == [(a.seq_id, 10), (b.seq_id, 6)]
+    assert [s.sample for s in out.scheduled] == [True, False]
+    out = _step(sched)  # a decodes (1 token), b finishes its prompt (4 tokens)
+    assert [(s.seq_id, len(s.token_ids)) for s in out.scheduled] == [(a.seq_id, 1), (b.seq_id, 4)]
+    assert out.scheduled[1].num_computed_tokens == 6 and out.scheduled[1].sample
+    assert out.num_batched_tokens == 5
+
+
+def test_long_prompt_is_prefilled_in_chunks():
+    sched = _scheduler(budget=8)
+    seq = _seq(20, max_tokens=2)
+    sched.add_sequence(seq)
+    outs = _run_to_end(sched)
+    chunks = [len(o.scheduled[0].token_ids) for o in outs]
+    assert chunks == [8, 8, 4, 1]
+    assert seq.output_token_ids == [7, 7]
+
+
+def test_without_chunking_a_prompt_waits_for_a_step_with_room():
+    sched = _scheduler(num_blocks=128, budget=256, chunked=False)
+    a = _seq(250, max_tokens=3)
+    b = _seq(10, first=500)
+    sched.add_sequence(a)
+    sched.add_sequence(b)
+    out = _step(sched)
+    assert [s.seq_id for s in out.scheduled] == [a.seq_id]  # b's 10 tokens do not fit
+    out = _step(sched)
+    assert [len(s.token_ids) for s in out.scheduled] == [1, 10]
+
+
+def test_chunking_off_needs_a_budget_of_a_whole_context():
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        _scheduler(budget=16, chunked=False, max_model_len=64)
+
+
+def test_admission_is_first_come_first_served_and_bounded_by_max_num_seqs():
+    sched = _scheduler(max_num_seqs=2, budget=64)
+    seqs = [_seq(3, max_tokens=2, first=10 * i) for i in range(4)]
+    for s in seqs:
+        sched.add_sequence(s)
+    first = _step(sched)
+    assert [s.seq_id for s in first.scheduled] == [seqs[0].seq_id, seqs[1].seq_id]
+    _run_to_end(sched)
+    assert all(s.status is SequenceStatus.FINISHED_LENGTH for s in seqs)
+
+
+def test_preemption_frees_the_newest_and_recomputes_it_later():
+    # 6 blocks of 4 tokens; two sequences of 8 + 12 tokens cannot both finish
+    sched = _scheduler(num_blocks=6, block_size=4, budget=64, prefix=False)
+    a, b = _seq(8, max_tokens=12), _seq(8, max_tokens=12, first=300)
+    sched.add_sequence(a)
+    sched.add_sequence(b)
+    outs = _run_to_end(sched)
+    assert sched.num_preemptions >= 1
+    assert b.num_preemptions >= 1 and a.num_preemptions == 0  # the newest goes first
+    assert a.output_token_ids == [7] * 12 and b.output_token_ids == [7] * 12
+    recompute = [s for o in outs for s in o.scheduled
+                 if s.seq_id == b.seq_id and s.num_computed_tokens == 0 and len(s.token_ids) > 8]
+    assert recompute, "the preempted sequence must be recomputed with its outputs"
+    assert sched.kv_cache.num_free_blocks == 6
+
+
+def test_request_that_can_never_fit_is_refused_alone():
+    sched = _scheduler(num_blocks=4, block_size=4, max_model_len=64)
+    with pytest.raises(ValueError, match="KV cache holds 16 tokens"):
+        sched.add_sequence(_seq(10, max_tokens=10))
+    with pytest.raises(ValueError, match="max_model_len=64"):
+        sched.add_sequence(_seq(65))
+    ok = _seq(4, max_tokens=4)
+    sched.add_sequence(ok)
+    _run_to_end(sched)
+    assert ok.status is SequenceStatus.FINISHED_LENGTH
+
+
+def test_repeated_prompt_prefix_skips_its_prefill():
+    sched = _scheduler(block_size=4)
+    first = _seq(13, max_tokens=1)
+    sched.add_sequence(first)
+    _run_to_end(sched)
+    second = _seq(13, max_tokens=1)
+    sched.add_sequence(second)
+    out = _step(sched)
+    assert second.num_cached_tokens == 12
+    assert out.scheduled[0].num_computed_tokens == 12
+    assert out.scheduled[0].token_ids == second.prompt_token_ids[12:]
+
+
+def test_later_samples_of_a_request_wait_for_the_first_prefill():
+    sched = _scheduler(block_size=4, budget=8)
+    parent = _seq(18, max_tokens=2)
+    child = _seq(18, max_tokens=2, index=1, parent=parent)
+    sched.add_sequence(parent)
+    sched.add_sequence(child)
+    _run_to_end(sched)
+    assert child.num_cached_tokens == 16
+    assert child.output_token_ids == parent.output_token_ids == [7, 7]
+
+
+def test_finished_sequences_are_reported_to_workers_once():
+    sched = _scheduler()
+    a = _seq(4, max_tokens=1)
+    sched.add_sequence(a)
+    _step(sched)
+    assert a.is_finished
+    out = sched.schedule()
+    assert out.finished_seq_ids == [a.seq_id] and out.is_empty
+    assert sched.schedule().finished_seq_ids == []
+
+
+def test_aborting_a_waiting_sequence_never_reaches_workers():
+    sched = _scheduler()
+    a = _seq(4)
+    sched.add_sequence(a)
+    sched.finish_sequence(a, SequenceStatus.FINISHED_ABORTED)
+    out = sched.schedule()
+    assert out.is_empty and out.finished_seq_ids == []
+    assert a.status.finish_reason == "abort"
+
+
+def test_scheduler_output_is_picklable():
+    sched = _scheduler()
+    sched.add_sequence(_seq(6))
+    out = sched.schedule()
+    assert pickle.loads(pickle.dumps(out)) == out
