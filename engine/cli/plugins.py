@@ -1,0 +1,309 @@
+"""`engine plugins ...`: list, validate, diagnose plugins and print the manifest schema.
+
+Nothing here imports torch at module level; `list`, `validate` (without --import)
+and `schema` never import plugin code at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+ACTIONS = ("list", "validate", "doctor", "schema")
+
+
+def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """Add the `plugins` subcommand and its actions to the `engine` parser."""
+    parser = subparsers.add_parser(
+        "plugins",
+        parents=parents,
+        help="list, validate and diagnose plugins",
+        description="Inspect the plugins the engine would load, and why.",
+    )
+    parser.set_defaults(func=run, plugins_parser=parser)
+    actions = parser.add_subparsers(dest="plugins_action", metavar="ACTION")
+
+    p = actions.add_parser(
+        "list", parents=parents, help="every discovered plugin, its source and state"
+    )
+    p.add_argument("--group", metavar="G", help="only this group (alias or full name)")
+    p.add_argument("--json", action="store_true", help="print a JSON array on stdout")
+
+    p = actions.add_parser("validate", parents=parents, help="check manifest files")
+    p.add_argument(
+        "paths", nargs="+", metavar="PATH",
+        help="manifest, pyproject.toml, or a folder of them",
+    )
+    p.add_argument(
+        "--import", dest="import_values", action="store_true",
+        help="also import every plugin value the manifests name",
+    )
+
+    actions.add_parser(
+        "doctor", parents=parents,
+        help="validate and import everything, report conflicts and the platform choice",
+    )
+    actions.add_parser("schema", parents=parents, help="print the manifest JSON Schema")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch to the chosen action; returns the exit code."""
+    action = getattr(args, "plugins_action", None)
+    if action is None:
+        args.plugins_parser.print_help()
+        return 2
+    return {"list": run_list, "validate": run_validate, "doctor": run_doctor,
+            "schema": run_schema}[action](args)
+
+
+# ---------------------------------------------------------------------------
+# list
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    return "\n".join(lines)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """Print every discovered plugin (a table, or JSON with --json)."""
+    from registry._discovery import current_discovery, strict_mode
+    from registry._groups import group_alias, resolve_group
+
+    try:
+        group = resolve_group(args.group) if args.group else None
+    except ValueError as exc:
+        print(f"engine plugins list: {exc}", file=sys.stderr)
+        return 2
+    discovery = current_discovery()
+    records = [r for r in discovery.records if group is None or r.group == group]
+    if args.json:
+        print(json.dumps([r.to_json() for r in records], indent=2))
+    elif not records:
+        print("no plugins found")
+    else:
+        rows = [["GROUP", "NAME", "SOURCE", "ENABLED", "VALUE", "ORIGIN", "NOTE"]]
+        for r in records:
+            note = r.disabled_reason or r.description
+            rows.append([group_alias(r.group), r.name, r.source, "yes" if r.enabled else "no",
+                         r.value, r.origin, note])
+        print(_table(rows))
+    return 1 if discovery.problems and strict_mode() else 0
+
+
+# ---------------------------------------------------------------------------
+# validate
+
+
+def _files_to_validate(path: str) -> tuple[list[str], list[str]]:
+    """The manifest files named by `path` (a file or folder), and problems."""
+    from registry._sources import manifest_files
+
+    if os.path.isdir(path):
+        files = manifest_files(path)
+        project = os.path.join(path, "pyproject.toml")
+        if os.path.isfile(project):
+            files.append(project)
+        return files, ([] if files else [f"{path}: no *.toml manifests in this folder"])
+    if os.path.exists(path):
+        return [path], []
+    return [], [f"{path}: no such file or folder"]
+
+
+def _import_problems(path: str) -> list[str]:
+    """Import every plugin a valid manifest or pyproject names; a line per failure."""
+    from registry._loading import import_plugin
+    from registry._manifest import load_manifest, load_pyproject_entry_points
+    from registry._records import PluginRecord
+    from registry._sources import _records_from_manifest
+
+    if os.path.basename(path) == "pyproject.toml":
+        folder = os.path.dirname(os.path.abspath(path))
+        src = os.path.join(folder, "src")
+        sys_path = src if os.path.isdir(src) else folder
+        places = [
+            (f'project.entry-points."{group}".{name}',
+             PluginRecord(group, name, value, "plugin-dir", path, path=sys_path))
+            for group, table in load_pyproject_entry_points(path).items()
+            for name, value in table.items()
+        ]
+    else:
+        records = _records_from_manifest(path, load_manifest(path), "plugin-dir")
+        places = [(f"plugin[{i}].value", r) for i, r in enumerate(records)]
+    problems = []
+    for place, record in places:
+        try:
+            import_plugin(record)
+        except Exception as exc:
+            problems.append(
+                f"{path}: {place}: cannot import {record.value!r}: {type(exc).__name__}: {exc}"
+            )
+    return problems
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    """Validate manifests: one line per problem; exit 0 only when all are valid."""
+    from registry._manifest import validate_manifest
+
+    failed = False
+    for path in args.paths:
+        files, problems = _files_to_validate(path)
+        for line in problems:
+            print(line)
+            failed = True
+        for file in files:
+            problems = validate_manifest(file)
+            if not problems and args.import_values:
+                problems = _import_problems(file)
+            for line in problems:
+                print(line)
+            if problems:
+                failed = True
+            else:
+                print(f"{file}: ok")
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------
+# doctor
+
+
+def _check_shape(group: str, value: object) -> str | None:
+    from registry._groups import STAT_LOGGER_PLUGINS
+
+    if group == STAT_LOGGER_PLUGINS:
+        return None if isinstance(value, type) else "value should be a StatLoggerBase subclass"
+    return None if callable(value) else "value should be callable"
+
+
+class _Report:
+    def __init__(self) -> None:
+        self.problems = 0
+
+    def section(self, title: str) -> None:
+        print(f"\n{title}")
+
+    def ok(self, text: str) -> None:
+        print(f"  ok       {text}")
+
+    def info(self, text: str) -> None:
+        print(f"  -        {text}")
+
+    def problem(self, text: str, label: str = "PROBLEM") -> None:
+        self.problems += 1
+        print(f"  {label:<8} {text}")
+
+
+def _doctor_discovery(report: _Report) -> list[Any]:
+    import logging
+
+    from registry._discovery import config_dir, current_discovery, plugin_dirs
+
+    discovery = current_discovery()
+    report.section("Discovery")
+    report.info(f"config dir: {os.path.join(config_dir(), 'plugins')}")
+    report.info(f"plugin dirs: {', '.join(plugin_dirs()) or '(none)'}")
+    allowed = os.environ.get("ENGINE_PLUGINS")
+    shown = "(unset: everything allowed)" if allowed is None else repr(allowed)
+    report.info(f"ENGINE_PLUGINS: {shown}")
+    enabled = sum(r.enabled for r in discovery.records)
+    report.info(f"{len(discovery.records)} plugins found, {enabled} enabled, "
+                f"in {discovery.seconds * 1000:.1f} ms")
+    for problem in discovery.problems:
+        report.problem(problem.message, logging.getLevelName(problem.level))
+    report.section("Conflicts")
+    shadowed = [r for r in discovery.records
+                if (r.disabled_reason or "").startswith("shadowed")]
+    for r in shadowed:
+        report.info(f"{r.name} ({r.group}): {r.source} {r.origin} is {r.disabled_reason}")
+    if not shadowed:
+        report.ok("no plugin is provided twice")
+    return list(discovery.records)
+
+
+def _doctor_imports(report: _Report, records: list[Any]) -> None:
+    from registry._groups import group_alias
+    from registry._loading import import_plugin
+
+    report.section("Imports")
+    for r in records:
+        label = f"{group_alias(r.group)}/{r.name} = {r.value} ({r.source} {r.origin})"
+        if not r.enabled:
+            report.info(f"{label}: not loaded: {r.disabled_reason}")
+            continue
+        try:
+            value = import_plugin(r)
+        except Exception as exc:
+            report.problem(f"{label}: cannot import: {type(exc).__name__}: {exc}")
+            continue
+        shape = _check_shape(r.group, value)
+        if shape:
+            report.problem(f"{label}: {shape}")
+        else:
+            report.ok(label)
+
+
+def _doctor_platform(report: _Report) -> None:
+    import importlib
+    import importlib.util
+
+    report.section("Platform")
+    try:
+        available = importlib.util.find_spec("engine.platforms") is not None
+    except ImportError:
+        available = False
+    if not available:
+        report.info("platform check unavailable: engine.platforms is not installed")
+        return
+    try:
+        platforms = importlib.import_module("engine.platforms")
+    except Exception as exc:
+        report.problem(f"cannot import engine.platforms: {type(exc).__name__}: {exc}")
+        return
+    dry_run = getattr(platforms, "dry_run_resolution", None)
+    if dry_run is None:
+        report.info("platform check unavailable: engine.platforms has no dry_run_resolution")
+        return
+    try:
+        result = dry_run()
+    except Exception as exc:
+        report.problem(f"platform dry run raised {type(exc).__name__}: {exc}")
+        return
+    if result.chosen:
+        report.ok(f"would choose {result.chosen!r} ({result.platform_cls})")
+    else:
+        report.problem("no platform would be chosen")
+    report.info(f"why: {result.reason}")
+    for problem in result.problems:
+        report.problem(problem)
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    """Validate and import everything discovered, report conflicts and the platform
+    that would be chosen; exit 1 on any problem."""
+    from registry._version import __version__
+
+    print(f"engine {__version__} plugin doctor (python {sys.version.split()[0]})")
+    report = _Report()
+    records = _doctor_discovery(report)
+    _doctor_imports(report, records)
+    _doctor_platform(report)
+    print(f"\n{report.problems} problem(s) found" if report.problems else "\nno problems found")
+    return 1 if report.problems else 0
+
+
+# ---------------------------------------------------------------------------
+# schema
+
+
+def run_schema(args: argparse.Namespace) -> int:
+    """Print the manifest JSON Schema (also in docs/manifest.schema.json)."""
+    from registry import manifest_json_schema
+
+    print(json.dumps(manifest_json_schema(), indent=2))
+    return 0

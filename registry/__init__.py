@@ -1,0 +1,59 @@
+"""registry: finds, validates, filters and loads the engine's plugins.
+
+Plugins come from built-in manifests, installed entry points, the user's config
+dir and plugin dirs (SPEC section 3); every source yields the same PluginRecord,
+loaded through ``importlib.metadata.EntryPoint``. This package never imports
+torch or ``engine``.
+
+Public API::
+
+    discover(group=None) -> list[PluginRecord]
+    load_plugins_by_group(group) -> dict[str, object]
+    load_general_plugins() -> None
+    add_plugin_dirs(dirs), strict_mode(), resolve_group(name), resolve_qualname(qualname)
+    load_manifest(path), validate_manifest(path) -> list[str], manifest_json_schema()
+    load_trace() -> list[LoadEvent]
+"""
+
+from registry._discovery import add_plugin_dirs, discover, strict_mode
+from registry._errors import ManifestError, PluginLoadError, RegistryError
+from registry._groups import (
+    GENERAL_PLUGINS,
+    GROUP_ALIASES,
+    GROUPS,
+    IO_PROCESSOR_PLUGINS,
+    PLATFORM_PLUGINS,
+    STAT_LOGGER_PLUGINS,
+    resolve_group,
+)
+from registry._loading import load_general_plugins, load_plugins_by_group, resolve_qualname
+from registry._manifest import Manifest, load_manifest, manifest_json_schema, validate_manifest
+from registry._records import LoadEvent, PluginRecord, load_trace
+from registry._version import __version__
+
+__all__ = [
+    "__version__",
+    "GENERAL_PLUGINS",
+    "PLATFORM_PLUGINS",
+    "IO_PROCESSOR_PLUGINS",
+    "STAT_LOGGER_PLUGINS",
+    "GROUPS",
+    "GROUP_ALIASES",
+    "resolve_group",
+    "PluginRecord",
+    "LoadEvent",
+    "Manifest",
+    "discover",
+    "load_plugins_by_group",
+    "load_general_plugins",
+    "add_plugin_dirs",
+    "strict_mode",
+    "RegistryError",
+    "ManifestError",
+    "PluginLoadError",
+    "load_manifest",
+    "validate_manifest",
+    "manifest_json_schema",
+    "load_trace",
+    "resolve_qualname",
+]

@@ -1,0 +1,214 @@
+"""Discovery: ask every source, then decide which plugins are enabled
+(manifest flag, requires-engine, the ENGINE_PLUGINS allow-list, precedence)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, replace
+from time import perf_counter
+
+from registry._errors import PluginLoadError
+from registry._groups import resolve_group
+from registry._records import SOURCE_RANK, PluginRecord, record_event
+from registry._sources import Problem, Scan, plugin_manager
+from registry._version import __version__
+
+logger = logging.getLogger("registry")
+
+# the environment that decides what discovery finds; a change means a new scan
+_ENV_KEYS = ("ENGINE_PLUGIN_DIRS", "ENGINE_PLUGINS", "ENGINE_CONFIG_DIR")
+_TRUE = ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """The outcome of one discovery pass."""
+
+    records: tuple[PluginRecord, ...]
+    problems: tuple[Problem, ...]
+    seconds: float
+
+
+_cache: tuple[tuple[str | None, ...], Discovery] | None = None
+_lock = threading.Lock()
+
+
+def strict_mode() -> bool:
+    """True when ``ENGINE_STRICT_PLUGINS`` is set to 1/true/yes/on (``--strict-plugins``):
+    every plugin error or warning then raises PluginLoadError."""
+    return os.environ.get("ENGINE_STRICT_PLUGINS", "").strip().lower() in _TRUE
+
+
+def plugin_dirs() -> list[str]:
+    """The plugin dirs of ``ENGINE_PLUGIN_DIRS``, absolute, first occurrence first."""
+    raw = os.environ.get("ENGINE_PLUGIN_DIRS", "")
+    dirs = [os.path.abspath(d) for d in raw.split(os.pathsep) if d.strip()]
+    return list(dict.fromkeys(dirs))
+
+
+def config_dir() -> str:
+    """``ENGINE_CONFIG_DIR``, else the platformdirs user config dir of app ``engine``."""
+    configured = os.environ.get("ENGINE_CONFIG_DIR")
+    if configured:
+        return os.path.abspath(configured)
+    import platformdirs
+
+    return platformdirs.user_config_dir("engine", appauthor=False)
+
+
+def allow_list() -> set[str] | None:
+    """The names of ``ENGINE_PLUGINS``, or None when it is unset (everything allowed)."""
+    raw = os.environ.get("ENGINE_PLUGINS")
+    if raw is None:
+        return None
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def add_plugin_dirs(dirs: list[str] | tuple[str, ...]) -> None:
+    """Prepend `dirs` to ``ENGINE_PLUGIN_DIRS`` (so every process the engine starts
+    sees them) and drop the discovery cache."""
+    new = [os.path.abspath(os.fspath(d)) for d in dirs]
+    merged = list(dict.fromkeys(new + plugin_dirs()))
+    os.environ["ENGINE_PLUGIN_DIRS"] = os.pathsep.join(merged)
+    clear_cache()
+
+
+def clear_cache() -> None:
+    """Forget the cached discovery; the next `discover` scans again."""
+    global _cache
+    with _lock:
+        _cache = None
+
+
+def _engine_admits(spec: str) -> bool:
+    from packaging.specifiers import SpecifierSet
+
+    return SpecifierSet(spec).contains(__version__, prereleases=True)
+
+
+def _decide(found: list[PluginRecord], scan: Scan) -> list[tuple[PluginRecord, str]]:
+    """Return each record with its final `enabled`/`disabled_reason`, plus the trace outcome."""
+    allowed = allow_list()
+    decided: list[tuple[PluginRecord, str]] = []
+    for record in found:
+        outcome = "discovered"
+        if not record.enabled:
+            outcome = "disabled"
+        elif record.requires_engine and not _engine_admits(record.requires_engine):
+            reason = f"requires engine {record.requires_engine}, this is engine {__version__}"
+            record = replace(record, enabled=False, disabled_reason=reason)
+            scan.problems.append(
+                Problem(logging.WARNING, f"skipping {record.describe()}: {reason}", "", record)
+            )
+            outcome = "incompatible"
+        elif allowed is not None and record.source != "builtin" and record.name not in allowed:
+            record = replace(record, enabled=False, disabled_reason="not in ENGINE_PLUGINS")
+            outcome = "filtered"
+        decided.append((record, outcome))
+    decided = _apply_precedence(decided, scan)
+    if allowed:
+        known = {record.name for record in found}
+        for name in sorted(allowed - known):
+            scan.problems.append(
+                Problem(
+                    logging.WARNING,
+                    f"ENGINE_PLUGINS names {name!r}, but no plugin source provides a plugin "
+                    f"of that name (known: {', '.join(sorted(known)) or 'none'})",
+                    "missing",
+                )
+            )
+    return decided
+
+
+def _apply_precedence(
+    decided: list[tuple[PluginRecord, str]], scan: Scan
+) -> list[tuple[PluginRecord, str]]:
+    """Among enabled records with the same (group, name) the highest-ranked source
+    wins (plugin-dir > config-dir > entry-point > builtin; the first found on a tie)."""
+    winners: dict[tuple[str, str], PluginRecord] = {}
+    for record, _ in decided:
+        key = (record.group, record.name)
+        if record.enabled:
+            best = winners.get(key)
+            if best is None or SOURCE_RANK[record.source] > SOURCE_RANK[best.source]:
+                winners[key] = record
+    result = []
+    for record, outcome in decided:
+        winner = winners.get((record.group, record.name))
+        if record.enabled and winner is not record:
+            assert winner is not None
+            reason = f"shadowed by {winner.source} {winner.origin}"
+            scan.problems.append(
+                Problem(
+                    logging.WARNING,
+                    f"plugin {record.name!r} ({record.group}) is provided twice: "
+                    f"{winner.source} {winner.origin} wins over {record.source} "
+                    f"{record.origin}, which is not loaded",
+                    "",
+                    record,
+                )
+            )
+            record = replace(record, enabled=False, disabled_reason=reason)
+            outcome = "shadowed"
+        result.append((record, outcome))
+    return result
+
+
+def _scan() -> Discovery:
+    start = perf_counter()
+    scan = Scan(plugin_dirs=plugin_dirs(), config_dir=config_dir())
+    found = [r for batch in plugin_manager().hook.registry_find_plugins(scan=scan) for r in batch]
+    found.sort(key=lambda r: SOURCE_RANK[r.source])  # stable: keeps each source's order
+    seconds = {id(r): scan.seconds.get(id(r), 0.0) for r in found}
+    decided = _decide(found, scan)
+    for (record, outcome), original in zip(decided, found, strict=True):
+        error = record.disabled_reason if outcome not in ("discovered", "disabled") else None
+        record_event(record, outcome, seconds[id(original)], error)
+    for problem in scan.problems:
+        if problem.record is None and problem.outcome:
+            record_event(
+                None, problem.outcome, error=problem.message,
+                source=problem.source, origin=problem.origin,
+            )
+        logger.log(problem.level, problem.message)
+    records = tuple(record for record, _ in decided)
+    return Discovery(records, tuple(scan.problems), perf_counter() - start)
+
+
+def current_discovery() -> Discovery:
+    """The cached discovery for the current environment, scanning when it changed.
+    Problems are logged once per scan; nothing here raises."""
+    global _cache
+    key = tuple(os.environ.get(name) for name in _ENV_KEYS)
+    with _lock:
+        if _cache is None or _cache[0] != key:
+            _cache = (key, _scan())
+        return _cache[1]
+
+
+def raise_if_strict(problems: tuple[Problem, ...] | list[Problem]) -> None:
+    """In strict mode, turn logged plugin problems into a PluginLoadError."""
+    if problems and strict_mode():
+        lines = "\n".join(f"  {p.message}" for p in problems)
+        raise PluginLoadError(
+            f"strict plugin mode (ENGINE_STRICT_PLUGINS=1 / --strict-plugins): "
+            f"{len(problems)} plugin problem(s):\n{lines}",
+            problems[0].record,
+        )
+
+
+def discover(group: str | None = None) -> list[PluginRecord]:
+    """Every discovered plugin (of `group`, an alias or full name; None: all groups),
+    disabled ones included, in load order: builtin, entry-point, config-dir,
+    plugin-dir, each in its own stable order.
+
+    The result is cached per process for the current values of ``ENGINE_PLUGIN_DIRS``,
+    ``ENGINE_PLUGINS`` and ``ENGINE_CONFIG_DIR``. Bad manifests and conflicts are
+    logged (once per scan); in strict mode they raise PluginLoadError.
+    """
+    full = resolve_group(group) if group is not None else None
+    discovery = current_discovery()
+    raise_if_strict(discovery.problems)
+    return [r for r in discovery.records if full is None or r.group == full]

@@ -1,0 +1,142 @@
+"""Loading plugins: import their values (and call the general ones) with every
+failure isolated, logged with its origin, and recorded in the load trace."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import threading
+from time import perf_counter
+from typing import Any
+
+from registry._discovery import discover, strict_mode
+from registry._errors import PluginLoadError
+from registry._groups import GENERAL_PLUGINS, resolve_group
+from registry._records import PluginRecord, record_event
+
+logger = logging.getLogger("registry")
+
+_general_done_pid: int | None = None
+_general_lock = threading.RLock()
+
+
+def _reset_lock_in_child() -> None:
+    global _general_lock
+    _general_lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_lock_in_child)
+
+
+def import_plugin(record: PluginRecord) -> Any:
+    """Import the object `record` names, putting its folder on ``sys.path`` first.
+    Raises whatever the import raises."""
+    if record.path and record.path not in sys.path:
+        sys.path.insert(0, record.path)
+    return record.entry_point().load()
+
+
+def _fail(message: str, record: PluginRecord, exc: BaseException) -> None:
+    if strict_mode():
+        raise PluginLoadError(message, record) from exc
+    logger.error(message, exc_info=exc)
+
+
+def load_group(group: str) -> list[tuple[PluginRecord, Any]]:
+    """Import every enabled plugin of `group`; ``[(record, object)]`` in load order."""
+    loaded = []
+    for record in discover(group):
+        if not record.enabled:
+            continue
+        start = perf_counter()
+        try:
+            value = import_plugin(record)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            record_event(record, "import-failed", perf_counter() - start, error)
+            _fail(f"cannot import {record.describe()} (value {record.value!r}): {error}", record, exc)
+            continue
+        record_event(record, "loaded", perf_counter() - start)
+        loaded.append((record, value))
+    return loaded
+
+
+def load_plugins_by_group(group: str) -> dict[str, object]:
+    """Import each enabled plugin of `group` (alias or full name) and return
+    ``{name: object}`` without calling anything.
+
+    A plugin that fails to import is logged at ERROR with its traceback and origin
+    and left out; the rest still load. In strict mode it raises PluginLoadError.
+    Raises ValueError for an unknown group.
+    """
+    return {record.name: value for record, value in load_group(resolve_group(group))}
+
+
+def load_general_plugins() -> None:
+    """Call every enabled general plugin, once per process id (a forked child runs
+    them again).
+
+    A plugin that raises is logged at ERROR with its traceback and origin, and the
+    others still run; in strict mode it raises PluginLoadError.
+    """
+    global _general_done_pid
+    with _general_lock:
+        if _general_done_pid == os.getpid():
+            return
+        # set before calling, so a plugin that calls back in does not recurse
+        _general_done_pid = os.getpid()
+        try:
+            _call_general_plugins()
+        except BaseException:
+            _general_done_pid = None
+            raise
+
+
+def _call_general_plugins() -> None:
+    for record, func in load_group(GENERAL_PLUGINS):
+        start = perf_counter()
+        try:
+            func()
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            record_event(record, "call-failed", perf_counter() - start, error)
+            _fail(f"general {record.describe()} raised {error}", record, exc)
+            continue
+        record_event(record, "called", perf_counter() - start)
+
+
+def resolve_qualname(qualname: str) -> object:
+    """Import and return the object a qualified name points at: ``"pkg.mod.Cls"``
+    (the longest importable module prefix, then attributes) or ``"pkg.mod:Cls"``.
+
+    Raises ValueError for an empty name and ImportError naming `qualname` when no
+    prefix imports or an attribute is missing.
+    """
+    if not isinstance(qualname, str) or not qualname.strip():
+        raise ValueError(f"expected a qualified name like 'pkg.mod.Cls', got {qualname!r}")
+    module_part, _, attr_part = qualname.strip().partition(":")
+    parts = module_part.split(".")
+    attrs = attr_part.split(".") if attr_part else []
+    first = len(parts) if attr_part else len(parts) - 1
+    for split in range(first, 0, -1):
+        module_name = ".".join(parts[:split])
+        try:
+            obj: object = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            missing = exc.name or ""
+            if missing == module_name or module_name.startswith(missing + "."):
+                continue
+            raise
+        for attr in parts[split:] + attrs:
+            try:
+                obj = getattr(obj, attr)
+            except AttributeError:
+                raise ImportError(
+                    f"cannot resolve {qualname!r}: {module_name!r} has no attribute path "
+                    f"{'.'.join(parts[split:] + attrs)!r}"
+                ) from None
+        return obj
+    raise ImportError(f"cannot resolve {qualname!r}: no importable module in it")

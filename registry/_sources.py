@@ -1,0 +1,304 @@
+"""Where plugins come from (SPEC section 3). Each source is a pluggy plugin
+implementing the one hook `registry_find_plugins`; all of them return the same
+PluginRecord type, so one loader loads everything."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from time import perf_counter
+
+import pluggy
+
+from registry._errors import ManifestError
+from registry._groups import GROUPS
+from registry._manifest import Manifest, load_pyproject_entry_points, parse_manifest
+from registry._records import PluginRecord
+
+PROJECT = "registry"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@dataclass
+class Problem:
+    """Something discovery logs (at `level`) and strict mode turns into an error."""
+
+    level: int
+    message: str
+    outcome: str
+    record: PluginRecord | None = None
+    source: str = ""
+    origin: str = ""
+
+
+@dataclass
+class Scan:
+    """One discovery pass: its inputs (read from the environment once) and what
+    the sources report back besides records."""
+
+    plugin_dirs: list[str]
+    config_dir: str
+    problems: list[Problem] = field(default_factory=list)
+    seconds: dict[int, float] = field(default_factory=dict)  # id(record) -> discovery time
+
+    def problem(self, level: int, message: str, outcome: str, source: str, origin: str) -> None:
+        self.problems.append(Problem(level, message, outcome, None, source, origin))
+
+    def timed(self, records: list[PluginRecord], seconds: float) -> list[PluginRecord]:
+        for record in records:
+            self.seconds[id(record)] = seconds
+        return records
+
+
+class SourceSpec:
+    """The hook every plugin source implements."""
+
+    @hookspec
+    def registry_find_plugins(self, scan: Scan) -> list[PluginRecord]:
+        """Return the plugins this source provides, in a stable order. Problems
+        (bad manifests, unsafe folders) go to ``scan.problem``; never raise."""
+
+
+# ---------------------------------------------------------------------------
+# manifests
+
+
+def unsafe_reason(st: os.stat_result, what: str) -> str | None:
+    """Why a manifest folder or file with this stat must not be trusted, or None.
+
+    Manifests name code to run, so whoever can write them can run code here.
+    """
+    if os.name != "posix":
+        return None
+    uid = os.getuid()
+    if st.st_uid not in (uid, 0):
+        return f"{what} is owned by uid {st.st_uid}, neither you (uid {uid}) nor root"
+    if st.st_mode & stat.S_IWOTH:
+        return f"{what} is writable by all users (mode {stat.S_IMODE(st.st_mode):o})"
+    if st.st_mode & stat.S_IWGRP and st.st_gid != os.getgid():
+        return (
+            f"{what} is writable by group {st.st_gid}, not your own group "
+            f"(mode {stat.S_IMODE(st.st_mode):o})"
+        )
+    return None
+
+
+class _Unsafe(Exception):
+    """A manifest file that must not be trusted; the message says why."""
+
+
+def _read_manifest_bytes(path: str, check_owner: bool) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise ManifestError(path, [f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        if check_owner:
+            reason = unsafe_reason(os.fstat(fd), "the file")
+            if reason:
+                raise _Unsafe(f"refusing manifest {path}: {reason}; fix its permissions")
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _records_from_manifest(path: str, manifest: Manifest, source: str) -> list[PluginRecord]:
+    package = manifest.package
+    sys_path = requires = None
+    if package is not None:
+        requires = package.requires_engine
+        if package.path is not None:
+            sys_path = os.path.normpath(os.path.join(os.path.dirname(path), package.path))
+    return [
+        PluginRecord(
+            group=entry.full_group,
+            name=entry.name,
+            value=entry.value,
+            source=source,
+            origin=path,
+            enabled=entry.enabled,
+            description=entry.description,
+            path=sys_path,
+            requires_engine=requires,
+            disabled_reason=None if entry.enabled else "enabled = false in its manifest",
+        )
+        for entry in manifest.plugin
+    ]
+
+
+def read_manifest_records(path: str, source: str, scan: Scan, check_owner: bool) -> list[PluginRecord]:
+    """The plugins of one manifest; a bad or unsafe manifest becomes an ERROR problem."""
+    start = perf_counter()
+    try:
+        manifest = parse_manifest(path, _read_manifest_bytes(path, check_owner))
+    except ManifestError as exc:
+        for line in exc.problems:
+            scan.problem(logging.ERROR, f"{line} (manifest skipped)", "invalid", source, path)
+        return []
+    except _Unsafe as exc:
+        scan.problem(logging.ERROR, str(exc), "refused", source, path)
+        return []
+    return scan.timed(_records_from_manifest(path, manifest, source), perf_counter() - start)
+
+
+def manifest_files(folder: str) -> list[str]:
+    """``folder/*.toml`` but ``pyproject.toml``, sorted by name."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    names = [n for n in names if n.endswith(".toml") and n != "pyproject.toml"]
+    return [os.path.join(folder, n) for n in sorted(names)]
+
+
+def _folder_refused(folder: str, source: str, scan: Scan) -> bool:
+    try:
+        reason = unsafe_reason(os.stat(folder), "the folder")
+    except OSError:
+        return False
+    if reason:
+        scan.problem(
+            logging.ERROR,
+            f"refusing plugin manifests in {folder}: {reason}; manifests run code, "
+            "so fix the folder's permissions",
+            "refused",
+            source,
+            folder,
+        )
+    return reason is not None
+
+
+def builtin_manifest_dir() -> str:
+    """`registry/_builtin_manifests` in an installed wheel, else `<repo>/manifests`."""
+    inside = _PACKAGE_DIR / "_builtin_manifests"
+    if inside.is_dir():
+        return str(inside)
+    return str(_PACKAGE_DIR.parent / "manifests")
+
+
+class BuiltinSource:
+    """The engine's own manifests, shipped inside the wheel."""
+
+    @hookimpl
+    def registry_find_plugins(self, scan: Scan) -> list[PluginRecord]:
+        records = []
+        for path in manifest_files(builtin_manifest_dir()):
+            # part of the installed code itself: no ownership check
+            records += read_manifest_records(path, "builtin", scan, check_owner=False)
+        return records
+
+
+class ConfigDirSource:
+    """``<config dir>/plugins/*.toml``."""
+
+    @hookimpl
+    def registry_find_plugins(self, scan: Scan) -> list[PluginRecord]:
+        folder = os.path.join(scan.config_dir, "plugins")
+        files = manifest_files(folder)
+        if not files or _folder_refused(folder, "config-dir", scan):
+            return []
+        records = []
+        for path in files:
+            records += read_manifest_records(path, "config-dir", scan, check_owner=True)
+        return records
+
+
+class PluginDirSource:
+    """Every ``--plugin-dir`` / ``ENGINE_PLUGIN_DIRS`` folder: its ``*.toml``
+    manifests and its ``pyproject.toml`` entry-point tables."""
+
+    @hookimpl
+    def registry_find_plugins(self, scan: Scan) -> list[PluginRecord]:
+        records = []
+        for folder in scan.plugin_dirs:
+            if not os.path.isdir(folder):
+                scan.problem(
+                    logging.WARNING,
+                    f"plugin dir {folder} (from --plugin-dir / ENGINE_PLUGIN_DIRS) "
+                    "does not exist or is not a folder",
+                    "missing",
+                    "plugin-dir",
+                    folder,
+                )
+                continue
+            if _folder_refused(folder, "plugin-dir", scan):
+                continue
+            for path in manifest_files(folder):
+                records += read_manifest_records(path, "plugin-dir", scan, check_owner=True)
+            records += self._project_records(folder, scan)
+        return records
+
+    def _project_records(self, folder: str, scan: Scan) -> list[PluginRecord]:
+        path = os.path.join(folder, "pyproject.toml")
+        if not os.path.isfile(path):
+            return []
+        start = perf_counter()
+        try:
+            _read_manifest_bytes(path, check_owner=True)
+            groups = load_pyproject_entry_points(path)
+        except ManifestError as exc:
+            for line in exc.problems:
+                scan.problem(logging.ERROR, f"{line} (skipped)", "invalid", "plugin-dir", path)
+            return []
+        except _Unsafe as exc:
+            scan.problem(logging.ERROR, str(exc), "refused", "plugin-dir", path)
+            return []
+        src = os.path.join(folder, "src")
+        sys_path = src if os.path.isdir(src) else folder
+        records = [
+            PluginRecord(group, name, value, "plugin-dir", path, path=sys_path)
+            for group, table in groups.items()
+            for name, value in table.items()
+        ]
+        return scan.timed(records, perf_counter() - start)
+
+
+class EntryPointSource:
+    """Entry points of installed distributions (``importlib.metadata``)."""
+
+    @hookimpl
+    def registry_find_plugins(self, scan: Scan) -> list[PluginRecord]:
+        from importlib.metadata import entry_points
+
+        start = perf_counter()
+        # one scan for all groups: each entry_points(group=...) call rereads every distribution
+        everything = entry_points()
+        origins: dict[int, str] = {}
+        records = []
+        for group in GROUPS:
+            for ep in everything.select(group=group):
+                dist = getattr(ep, "dist", None)
+                if id(dist) not in origins:
+                    origins[id(dist)] = _distribution_label(dist)
+                records.append(
+                    PluginRecord(group, ep.name, ep.value, "entry-point", origins[id(dist)])
+                )
+        return scan.timed(records, perf_counter() - start)
+
+
+def _distribution_label(dist: object) -> str:
+    if dist is None:
+        return "unknown distribution"
+    try:
+        return f"{dist.metadata['Name']} {dist.version}"  # type: ignore[attr-defined]
+    except Exception:  # broken metadata must not stop discovery
+        return "distribution with unreadable metadata"
+
+
+def plugin_manager() -> pluggy.PluginManager:
+    """A fresh manager with the four built-in sources registered."""
+    manager = pluggy.PluginManager(PROJECT)
+    manager.add_hookspecs(SourceSpec)
+    # pluggy calls the last registered first: register so that builtin runs first
+    for source in (PluginDirSource(), ConfigDirSource(), EntryPointSource(), BuiltinSource()):
+        manager.register(source, name=type(source).__name__)
+    return manager
