@@ -1,0 +1,99 @@
+"""The attention backend interface (SPEC section 7) and helpers every backend shares."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from engine.attention.metadata import AttentionMetadata
+
+
+class AttentionImpl(ABC):
+    """One layer's attention computation over the paged KV cache.
+
+    `forward` receives the step's flattened projections ``query [T, H * D]``,
+    ``key`` / ``value [T, Hkv * D]`` (RoPE already applied), writes the new key/value
+    rows into `kv_cache` at ``attn_metadata.slot_mapping`` and returns ``[T, H * D]``:
+    each token attending causally to its sequence's whole context. An empty
+    `kv_cache` (none bound yet, e.g. a warm-up run) means attention within the step
+    only, which requires ``query_lens == seq_lens``."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float,
+                 num_kv_heads: int | None = None) -> None:
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+            )
+        self.num_queries_per_kv = self.num_heads // self.num_kv_heads
+
+    @abstractmethod
+    def forward(self, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """Attention output [T, num_heads * head_size]."""
+
+
+class AttentionBackend(ABC):
+    """A family of attention kernels and the KV cache layout they read.
+
+    The built-in layout is ``[2, num_blocks, block_size, num_kv_heads, head_size]``
+    (keys then values); a backend may choose another one."""
+
+    @staticmethod
+    @abstractmethod
+    def get_name() -> str:
+        """The backend's name, as in `AttentionBackendEnum`."""
+
+    @staticmethod
+    @abstractmethod
+    def get_impl_cls() -> type[AttentionImpl]:
+        """The `AttentionImpl` subclass each attention layer instantiates."""
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
+                           head_size: int) -> tuple[int, ...]:
+        """Shape of one layer's KV cache tensor."""
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+
+# --------------------------------------------------------------------------
+# helpers for the built-in layout
+
+
+def write_kv_cache(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Store the step's key/value rows [T, Hkv, D] at their slots."""
+    num_kv_heads, head_size = kv_cache.shape[-2:]
+    kv_cache[0].view(-1, num_kv_heads, head_size).index_copy_(0, slot_mapping, key)
+    kv_cache[1].view(-1, num_kv_heads, head_size).index_copy_(0, slot_mapping, value)
+
+
+def context_slots(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """Cache slots of positions ``0..length-1`` of the sequences in `block_table`
+    ([max_blocks] or [B, max_blocks]) -> [length] or [B, length]."""
+    positions = torch.arange(length, device=block_table.device)
+    blocks = block_table.index_select(-1, positions // block_size)
+    return blocks * block_size + positions % block_size
+
+
+def gather_kv(kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values at `slots` ([L] or [B, L]) -> two tensors [..., L, Hkv, D]."""
+    num_kv_heads, head_size = kv_cache.shape[-2:]
+    flat = slots.reshape(-1)
+    key = kv_cache[0].view(-1, num_kv_heads, head_size).index_select(0, flat)
+    value = kv_cache[1].view(-1, num_kv_heads, head_size).index_select(0, flat)
+    shape = (*slots.shape, num_kv_heads, head_size)
+    return key.view(shape), value.view(shape)
+
+
+def causal_mask(query_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """[query_len, seq_len] bool: the queries are the last `query_len` positions."""
+    q_pos = torch.arange(seq_len - query_len, seq_len, device=device)
+    return torch.arange(seq_len, device=device).unsqueeze(0) <= q_pos.unsqueeze(1)

@@ -1,0 +1,1 @@
+"""Built-in attention backends: TORCH_SDPA (default) and NAIVE (reference)."""

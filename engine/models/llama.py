@@ -1,0 +1,244 @@
+"""Llama-family decoder: serves Llama, Qwen2 and Mistral-style configs.
+
+GQA, RoPE (with the scaling variants of `engine.ops.RotaryEmbedding`), RMSNorm,
+SwiGLU, tied or untied embeddings, optional attention bias (Qwen2: on q/k/v only).
+The q/k/v and gate/up projections are fused into single matmuls; `load_weights`
+stacks the checkpoint's separate tensors into them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from engine.attention import Attention, AttentionMetadata
+from engine.config import EngineConfig
+from engine.models.utils import load_stacked_weights
+from engine.ops import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    SiluAndMul,
+    VocabParallelEmbedding,
+    rope_parameters_from_hf,
+)
+from engine.ops.linear import divide, tp_world_size_and_rank
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LlamaArchConfig:
+    """The fields of a Llama/Qwen2/Mistral ``config.json`` this model reads."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    partial_rotary_factor: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_proj_bias: bool
+    mlp_bias: bool
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> LlamaArchConfig:
+        """Parse a config.json dict. Raises ValueError naming a missing or
+        unsupported field."""
+        try:
+            hidden = int(hf["hidden_size"])
+            heads = int(hf["num_attention_heads"])
+            fields = dict(
+                vocab_size=int(hf["vocab_size"]),
+                intermediate_size=int(hf["intermediate_size"]),
+                num_hidden_layers=int(hf["num_hidden_layers"]),
+            )
+        except KeyError as e:
+            raise ValueError(f"config.json lacks the field {e.args[0]!r}") from None
+        act = hf.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"config.json: hidden_act {act!r} is not supported (only 'silu')")
+        theta, scaling = rope_parameters_from_hf(hf)
+        is_qwen2 = hf.get("model_type") == "qwen2"
+        attention_bias = bool(hf.get("attention_bias", False))
+        return cls(
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            partial_rotary_factor=float((hf.get("rope_parameters") or {}).get(
+                "partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=attention_bias or is_qwen2,
+            o_proj_bias=attention_bias and not is_qwen2,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            **fields,
+        )
+
+
+def _sliding_window(hf: dict[str, Any]) -> int | None:
+    if hf.get("model_type") == "qwen2" and not hf.get("use_sliding_window", False):
+        return None
+    return hf.get("sliding_window")
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LlamaArchConfig, prefix: str = "") -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            cfg.hidden_size, [cfg.intermediate_size] * 2, bias=cfg.mlp_bias,
+            prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size,
+                                           bias=cfg.mlp_bias, prefix=f"{prefix}.down_proj")
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaArchConfig, rotary_emb: RotaryEmbedding,
+                 prefix: str = "") -> None:
+        super().__init__()
+        tp_size, _ = tp_world_size_and_rank()
+        self.head_dim = cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads,
+            bias=cfg.qkv_bias, prefix=f"{prefix}.qkv_proj")
+        self.num_heads = self.qkv_proj.num_heads  # per rank
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.o_proj = RowParallelLinear(
+            cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_proj_bias,
+            prefix=f"{prefix}.o_proj")
+        divide(cfg.num_attention_heads, tp_size, "number of attention heads")
+        self.rotary_emb = rotary_emb  # shared by every layer
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5,
+                              self.num_kv_heads, prefix=f"{prefix}.attn")
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden_states)  # [T, (H + 2 Hkv) * D]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, attn_metadata))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaArchConfig, rotary_emb: RotaryEmbedding,
+                 prefix: str = "") -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, rotary_emb, prefix=f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(cfg, prefix=f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None,
+                attn_metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        # the residual add is fused into the next norm: (normed, x + residual)
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states, attn_metadata)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaArchConfig, max_position: int, prefix: str = "model") -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size,
+                                                   prefix=f"{prefix}.embed_tokens")
+        rotary_emb = RotaryEmbedding(
+            cfg.head_dim, int(cfg.head_dim * cfg.partial_rotary_factor), max_position,
+            cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, rotary_emb, prefix=f"{prefix}.layers.{i}")
+            for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        hidden_states = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual, attn_metadata)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class LlamaForCausalLM(nn.Module):
+    """A causal LM for Llama, Qwen2 and Mistral configs.
+
+    ``LlamaForCausalLM(config=EngineConfig)`` (the HF config dict is
+    ``config.model_config.hf_config``; a bare dict is accepted too).
+    ``forward(input_ids [T], positions [T], attn_metadata) -> hidden [T, H]``,
+    ``compute_logits(hidden [n, H]) -> [n, vocab]``,
+    ``load_weights(iterable of (name, tensor)) -> set of loaded parameter names``."""
+
+    # our fused parameter <- the checkpoint's separate tensors
+    stacked_params = (
+        (".qkv_proj.", ".q_proj.", "q"),
+        (".qkv_proj.", ".k_proj.", "k"),
+        (".qkv_proj.", ".v_proj.", "v"),
+        (".gate_up_proj.", ".gate_proj.", 0),
+        (".gate_up_proj.", ".up_proj.", 1),
+    )
+
+    def __init__(self, config: EngineConfig | dict[str, Any], prefix: str = "") -> None:
+        super().__init__()
+        if isinstance(config, EngineConfig):
+            hf = config.model_config.hf_config
+            max_model_len = config.model_config.max_model_len
+        else:
+            hf, max_model_len = config, None
+        self.config = cfg = LlamaArchConfig.from_hf(hf)
+        window = _sliding_window(hf)
+        if window is not None:
+            logger.warning("sliding_window=%s is not applied: outputs for contexts longer "
+                           "than the window differ from the reference model", window)
+        self.model = LlamaModel(cfg, max_model_len or cfg.max_position_embeddings,
+                                prefix=f"{prefix}model" if not prefix else f"{prefix}.model")
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, prefix="lm_head")
+        if cfg.tie_word_embeddings:
+            self.lm_head.tie_weights(self.model.embed_tokens)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, attn_metadata)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        tied = self.config.tie_word_embeddings
+
+        def rename(name: str) -> str | None:
+            if "rotary_emb.inv_freq" in name or (tied and name.startswith("lm_head.")):
+                return None
+            return name
+
+        return load_stacked_weights(self, weights, self.stacked_params, rename)

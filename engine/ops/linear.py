@@ -1,0 +1,212 @@
+"""Linear layers split across tensor-parallel ranks (identity split at world size 1).
+
+Column-parallel layers split the output features, row-parallel layers the input
+features (then all-reduce). Every parameter carries a ``weight_loader(param,
+loaded_tensor[, shard_id])`` that takes the full checkpoint tensor and copies this
+rank's slice, so a model's `load_weights` never deals with ranks itself. A loader
+raises ValueError when the checkpoint shape does not fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def tp_world_size_and_rank() -> tuple[int, int]:
+    """(world size, rank) of the tensor-parallel group; (1, 0) when not initialised."""
+    from engine.distributed import parallel_state
+
+    return (parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_rank())
+
+
+def divide(numerator: int, denominator: int, what: str = "size") -> int:
+    if numerator % denominator:
+        raise ValueError(
+            f"{what} {numerator} is not divisible by the tensor parallel size {denominator}"
+        )
+    return numerator // denominator
+
+
+def copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
+    """Copy `loaded` into `param` (casting dtype), or raise ValueError on a shape mismatch."""
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(
+            f"shape mismatch: checkpoint tensor has shape {list(loaded.shape)}, "
+            f"the model expects {list(param.shape)}"
+        )
+    param.data.copy_(loaded)
+
+
+def _new_param(*shape: int, loader) -> nn.Parameter:
+    # torch.empty: the checkpoint overwrites it, so random init would be wasted time
+    param = nn.Parameter(torch.empty(*shape), requires_grad=False)
+    param.weight_loader = loader
+    return param
+
+
+def _expect_dim(loaded: torch.Tensor, dim: int, size: int) -> None:
+    if loaded.dim() <= dim or loaded.shape[dim] != size:
+        raise ValueError(
+            f"shape mismatch: checkpoint tensor has shape {list(loaded.shape)}, "
+            f"the model expects size {size} in dimension {dim}"
+        )
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y = x W^T + b`` with W's rows (output features) split across ranks.
+    Output: [*, output_size / tp], or the full [*, output_size] with `gather_output`."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = True,
+                 gather_output: bool = False, prefix: str = "") -> None:
+        super().__init__()
+        self.tp_size, self.tp_rank = tp_world_size_and_rank()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.output_size_per_partition = divide(output_size, self.tp_size, "output size")
+        self.gather_output = gather_output
+        self.prefix = prefix
+        self.weight = _new_param(self.output_size_per_partition, input_size,
+                                 loader=self.weight_loader)
+        self.bias = _new_param(self.output_size_per_partition, loader=self.weight_loader) \
+            if bias else None
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        size = param.shape[0]
+        _expect_dim(loaded, 0, size * self.tp_size)
+        copy_checked(param, loaded.narrow(0, self.tp_rank * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.gather_output and self.tp_size > 1:
+            from engine.distributed.parallel_state import tensor_model_parallel_all_gather
+
+            out = tensor_model_parallel_all_gather(out, dim=-1)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in={self.input_size}, out={self.output_size_per_partition} "
+                f"(of {self.output_size}), bias={self.bias is not None}")
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input fused into one matmul
+    (e.g. gate and up). Loaded per part: ``weight_loader(param, tensor, shard_id)``
+    with `shard_id` the index into `output_sizes`; without a shard id the tensor is
+    the already-fused weight."""
+
+    def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = True,
+                 gather_output: bool = False, prefix: str = "") -> None:
+        self.output_sizes = list(output_sizes)
+        super().__init__(input_size, sum(output_sizes), bias, gather_output, prefix)
+
+    def _shard_range(self, shard_id: int) -> tuple[int, int]:
+        sizes = [divide(s, self.tp_size, "output size") for s in self.output_sizes]
+        return sum(sizes[:shard_id]), sizes[shard_id]
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: int | None = None) -> None:
+        if shard_id is None:
+            for i, part in enumerate(loaded.split(self.output_sizes, dim=0)):
+                self.weight_loader(param, part, i)
+            return
+        offset, size = self._shard_range(shard_id)
+        _expect_dim(loaded, 0, size * self.tp_size)
+        copy_checked(param.data.narrow(0, offset, size),
+                     loaded.narrow(0, self.tp_rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """The query, key and value projections fused: output [*, (H + 2 Hkv) * D] per
+    rank. Key/value heads are replicated when there are fewer of them than ranks.
+    Loaded per part with ``shard_id`` "q", "k" or "v"."""
+
+    def __init__(self, hidden_size: int, head_size: int, total_num_heads: int,
+                 total_num_kv_heads: int | None = None, bias: bool = True,
+                 prefix: str = "") -> None:
+        tp_size, _ = tp_world_size_and_rank()
+        total_num_kv_heads = total_num_kv_heads or total_num_heads
+        self.head_size = head_size
+        self.total_num_heads = total_num_heads
+        self.total_num_kv_heads = total_num_kv_heads
+        self.num_heads = divide(total_num_heads, tp_size, "number of attention heads")
+        if tp_size >= total_num_kv_heads:
+            self.num_kv_heads = 1
+            self.kv_replicas = divide(tp_size, total_num_kv_heads, "number of KV heads")
+        else:
+            self.num_kv_heads = divide(total_num_kv_heads, tp_size, "number of KV heads")
+            self.kv_replicas = 1
+        output_size = (self.num_heads + 2 * self.num_kv_heads) * tp_size * head_size
+        super().__init__(hidden_size, output_size, bias, False, prefix)
+
+    def _shard_range(self, shard_id: str) -> tuple[int, int, int]:
+        """(offset in this rank's output, size, rank of the checkpoint slice)."""
+        q = self.num_heads * self.head_size
+        kv = self.num_kv_heads * self.head_size
+        if shard_id == "q":
+            return 0, q, self.tp_rank
+        kv_rank = self.tp_rank // self.kv_replicas
+        if shard_id == "k":
+            return q, kv, kv_rank
+        if shard_id == "v":
+            return q + kv, kv, kv_rank
+        raise ValueError(f"QKV shard id must be 'q', 'k' or 'v', not {shard_id!r}")
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: str | None = None) -> None:
+        if shard_id is None:
+            sizes = [self.total_num_heads * self.head_size,
+                     self.total_num_kv_heads * self.head_size,
+                     self.total_num_kv_heads * self.head_size]
+            _expect_dim(loaded, 0, sum(sizes))
+            for sid, part in zip("qkv", loaded.split(sizes, dim=0), strict=True):
+                self.weight_loader(param, part, sid)
+            return
+        offset, size, src_rank = self._shard_range(shard_id)
+        total = self.total_num_heads if shard_id == "q" else self.total_num_kv_heads
+        _expect_dim(loaded, 0, total * self.head_size)
+        copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, src_rank * size, size))
+
+
+class RowParallelLinear(nn.Module):
+    """``y = x W^T + b`` with W's columns (input features) split across ranks; the
+    partial products are all-reduced and the bias added once, after the reduction.
+    Input: [*, input_size / tp] (this rank's slice)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = True,
+                 reduce_results: bool = True, prefix: str = "") -> None:
+        super().__init__()
+        self.tp_size, self.tp_rank = tp_world_size_and_rank()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.input_size_per_partition = divide(input_size, self.tp_size, "input size")
+        self.reduce_results = reduce_results
+        self.prefix = prefix
+        self.weight = _new_param(output_size, self.input_size_per_partition,
+                                 loader=self.weight_loader)
+        self.bias = _new_param(output_size, loader=self.weight_loader) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        if param.dim() == 2:  # the weight; a bias is replicated
+            size = param.shape[1]
+            _expect_dim(loaded, 1, size * self.tp_size)
+            loaded = loaded.narrow(1, self.tp_rank * size, size)
+        copy_checked(param, loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        from engine.distributed.parallel_state import tensor_model_parallel_all_reduce
+
+        out = F.linear(x, self.weight)
+        if self.reduce_results:
+            out = tensor_model_parallel_all_reduce(out)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in={self.input_size_per_partition} (of {self.input_size}), "
+                f"out={self.output_size}, bias={self.bias is not None}")

@@ -1,0 +1,109 @@
+"""Rotary position embedding (RoPE), with the scaling variants found in HF configs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from engine.ops.custom_op import CustomOp
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_parameters_from_hf(hf_config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """``(rope_theta, scaling)`` from a config.json dict, in both the transformers 5
+    form (``rope_parameters``) and the older one (``rope_theta`` + ``rope_scaling``).
+    `scaling` is None for plain RoPE, else a dict with ``rope_type``."""
+    params = dict(hf_config.get("rope_parameters") or {})
+    scaling = dict(hf_config.get("rope_scaling") or {})
+    theta = params.pop("rope_theta", hf_config.get("rope_theta", 10000.0))
+    merged = {**scaling, **params}
+    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    merged["rope_type"] = rope_type
+    return float(theta), merged
+
+
+def _inv_freq(rotary_dim: int, base: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    inv_freq = 1.0 / (base**exponents)
+    rope_type = scaling["rope_type"] if scaling else "default"
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / float(scaling["factor"])
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    raise ValueError(
+        f"rope_scaling type {rope_type!r} is not supported. "
+        f"Valid options are: {', '.join(SUPPORTED_ROPE_TYPES)}"
+    )
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, and the
+    # band between is interpolated smoothly.
+    factor = float(scaling["factor"])
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+@CustomOp.register("rotary_embedding")
+class RotaryEmbedding(CustomOp):
+    """Neox-style RoPE over the first `rotary_dim` features of each head.
+
+    ``forward(positions [T], query [T, H*D] or [T, H, D], key [T, Hkv*D] or
+    [T, Hkv, D]) -> (query, key)`` of the same shapes. cos/sin for every position up
+    to `max_position` are computed once, in float32."""
+
+    def __init__(
+        self,
+        head_size: int,
+        rotary_dim: int,
+        max_position: int,
+        base: float = 10000.0,
+        rope_scaling: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.head_size = head_size
+        self.rotary_dim = rotary_dim
+        self.max_position = max_position
+        self.base = base
+        self.rope_scaling = rope_scaling
+        inv_freq = _inv_freq(rotary_dim, base, rope_scaling)
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+        # [max_position, rotary_dim]: cos half then sin half
+        self.register_buffer(
+            "cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False
+        )
+
+    def forward_native(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.cos_sin_cache.index_select(0, positions).to(query.dtype).chunk(2, dim=-1)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [T, 1, rotary_dim / 2]
+        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.view(shape[0], -1, self.head_size)
+        x1, x2 = x[..., : self.rotary_dim].chunk(2, dim=-1)
+        rotated = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+        if self.rotary_dim < self.head_size:
+            rotated.append(x[..., self.rotary_dim :])
+        return torch.cat(rotated, dim=-1).view(shape)
+
+    def extra_repr(self) -> str:
+        return (f"head_size={self.head_size}, rotary_dim={self.rotary_dim}, "
+                f"max_position={self.max_position}, base={self.base}, "
+                f"rope_scaling={self.rope_scaling}")
