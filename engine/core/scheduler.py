@@ -31,6 +31,7 @@ class NewSequenceData:
     prompt_token_ids: list[int]
     sampling_params: Any
     seed_offset: int  # the sample's index within its request: n samples, n streams
+    eos_token_ids: list[int] = field(default_factory=list)  # blocked until min_tokens
 
 
 @dataclass
@@ -93,6 +94,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._seen: set[int] = set()  # sequences the workers already know
         self._finished_ids: list[int] = []  # to tell the workers at the next step
+        self.eos_token_ids: list[int] = []  # passed to the workers' sampling states
         self.num_preemptions = 0  # totals, for stats and tests
         self.prefix_cache_queried_tokens = 0
         self.prefix_cache_hit_tokens = 0
@@ -239,7 +241,8 @@ class Scheduler:
             self._seen.add(seq.seq_id)
             out.new_seqs.append(
                 NewSequenceData(
-                    seq.seq_id, seq.prompt_token_ids, seq.sampling_params, seq.index
+                    seq.seq_id, seq.prompt_token_ids, seq.sampling_params, seq.index,
+                    self.eos_token_ids,
                 )
             )
         out.scheduled.append(

@@ -1,0 +1,109 @@
+"""Executors run the workers: in this process (`UniProcExecutor`) or one process
+per tensor-parallel rank (`engine.executor.multiproc.MultiprocExecutor`).
+
+The engine only ever calls `collective_rpc`, `execute_model`, `check_health` and
+`shutdown`; what crosses an executor is plain picklable data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class ExecutorBase:
+    """Runs one worker per rank and calls methods on all of them."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self._init_executor()
+
+    @staticmethod
+    def get_class(config: Any) -> type[ExecutorBase]:
+        """`UniProcExecutor` for one rank, `MultiprocExecutor` for more."""
+        if config.parallel_config.tensor_parallel_size > 1:
+            from engine.executor.multiproc import MultiprocExecutor
+
+            return MultiprocExecutor
+        return UniProcExecutor
+
+    def _init_executor(self) -> None:
+        raise NotImplementedError(f"{type(self).__qualname__}._init_executor")
+
+    def collective_rpc(
+        self,
+        method: str | Callable[..., Any],
+        args: tuple = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> list[Any]:
+        """Call ``getattr(worker, method)(*args, **kwargs)`` on every rank (or
+        ``method(worker, *args, **kwargs)`` for a function) and return the
+        results in rank order."""
+        raise NotImplementedError(f"{type(self).__qualname__}.collective_rpc")
+
+    def execute_model(self, scheduler_output: Any) -> Any:
+        """Run one step on every rank; returns rank 0's `ModelRunnerOutput`."""
+        return self.collective_rpc("execute_model", (scheduler_output,))[0]
+
+    def check_health(self) -> None:
+        """Raise when a worker can no longer serve."""
+        self.collective_rpc("check_health")
+
+    def shutdown(self) -> None:
+        """Stop the workers; idempotent."""
+
+
+def build_worker(config: Any, rank: int = 0, distributed_init_method: str | None = None) -> Any:
+    """The worker of ``config.parallel_config.worker_cls`` (a qualified name) for ``rank``."""
+    from engine.utils import resolve_obj_by_qualname
+
+    name = config.parallel_config.worker_cls
+    if name == "auto":
+        raise ValueError(
+            "parallel_config.worker_cls is still 'auto': the platform's "
+            "check_and_update_config(config) must run before workers are built"
+        )
+    worker_cls = resolve_obj_by_qualname(name)
+    return worker_cls(
+        config=config, rank=rank, local_rank=rank, distributed_init_method=distributed_init_method
+    )
+
+
+class UniProcExecutor(ExecutorBase):
+    """The single worker lives in this process: calls are plain method calls."""
+
+    def _init_executor(self) -> None:
+        self.worker = build_worker(self.config)
+        self._shut_down = False
+
+    def collective_rpc(
+        self,
+        method: str | Callable[..., Any],
+        args: tuple = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> list[Any]:
+        if self._shut_down:
+            raise RuntimeError("the executor was shut down")
+        kwargs = kwargs or {}
+        if callable(method):
+            return [method(self.worker, *args, **kwargs)]
+        fn = getattr(self.worker, method, None)
+        if fn is None:
+            raise NotImplementedError(
+                f"worker class {type(self.worker).__qualname__} has no method {method!r}"
+            )
+        return [fn(*args, **kwargs)]
+
+    def execute_model(self, scheduler_output: Any) -> Any:
+        return self.worker.execute_model(scheduler_output)
+
+    def shutdown(self) -> None:
+        if not self._shut_down:
+            self._shut_down = True
+            self.worker.shutdown()
+
+
+__all__ = ["ExecutorBase", "UniProcExecutor", "build_worker"]
