@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 POOLING_TASKS = ("embed",)
@@ -34,6 +35,17 @@ class PoolingParams:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"PoolingParams.{name} must be a positive int or None, got {value!r}")
+
+    def apply_to(self, embedding: list[float]) -> list[float]:
+        """`embedding` cut to `dimensions` and, when `normalize` is True, L2-normalized
+        (for engines whose pooling returns the model's own output)."""
+        if self.dimensions is not None:
+            embedding = embedding[: self.dimensions]
+        if self.normalize:
+            norm = math.sqrt(sum(x * x for x in embedding))
+            if norm > 0:
+                embedding = [x / norm for x in embedding]
+        return list(embedding)
 
     def replace(self, **changes: object) -> PoolingParams:
         """A copy with `changes` applied (validated again)."""

@@ -23,6 +23,7 @@ from engine.metrics import (
     PrometheusStatLogger,
     RequestStatsTracker,
     SchedulerStats,
+    SchedulerStatsBuilder,
     StatLoggerBase,
     build_stat_loggers,
 )
@@ -94,6 +95,19 @@ def test_tracker_ignores_unknown_requests_and_records_aborts_without_tokens():
     assert tracker.take_iteration_stats(3.0).finished_requests == []
 
 
+def test_scheduler_stats_builder_reports_per_step_changes_of_totals():
+    builder = SchedulerStatsBuilder()
+    first = builder.build(3, 1, 0.5, total_preemptions=2, total_prefix_queries=32,
+                          total_prefix_hits=16)
+    second = builder.build(2, 0, 0.25, total_preemptions=2, total_prefix_queries=48,
+                           total_prefix_hits=20)
+    assert (first.num_preemptions, first.prefix_cache_stats.queries) == (2, 32)
+    assert (second.num_running_reqs, second.num_waiting_reqs, second.kv_cache_usage) == (2, 0, 0.25)
+    assert second.num_preemptions == 0
+    assert (second.prefix_cache_stats.queries, second.prefix_cache_stats.hits) == (16, 4)
+    assert second.prefix_cache_stats.hit_rate == 0.25
+
+
 # --------------------------------------------------------------------------
 # Prometheus
 
@@ -112,7 +126,7 @@ def test_prometheus_exposition_has_exact_token_counters_after_known_records():
             num_running_reqs=2 - (i == 2),
             num_waiting_reqs=0,
             kv_cache_usage=0.125,
-            prefix_cache_stats=PrefixCacheStats(requests=1, queries=8, hits=2 * i),
+            prefix_cache_stats=PrefixCacheStats(queries=8, hits=2 * i),
             num_preemptions=1 if i == 1 else 0,
         )
         stat_logger.record(sched, step)
@@ -167,7 +181,7 @@ def test_two_engines_in_one_process_get_separate_prometheus_registries():
 def test_logging_stat_logger_writes_throughput_queues_kv_usage_and_hit_rate(caplog):
     stat_logger = LoggingStatLogger(make_config(), engine_index=2)
     _, steps = two_requests_iteration_stats()
-    sched = SchedulerStats(2, 3, 0.5, PrefixCacheStats(1, 8, 2), num_preemptions=1)
+    sched = SchedulerStats(2, 3, 0.5, PrefixCacheStats(queries=8, hits=2), num_preemptions=1)
     for step in steps:
         stat_logger.record(sched, step)
     line = stat_logger.format_line(elapsed=2.0)

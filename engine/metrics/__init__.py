@@ -15,6 +15,7 @@ from engine.metrics.stats import (
     PrefixCacheStats,
     RequestStatsTracker,
     SchedulerStats,
+    SchedulerStatsBuilder,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "IterationStats",
     "FinishedRequestStats",
     "RequestStatsTracker",
+    "SchedulerStatsBuilder",
 ]

@@ -11,6 +11,7 @@ Two records reach every stat logger once per engine step:
 How the engine drives them (all times are ``time.monotonic()`` seconds)::
 
     tracker = RequestStatsTracker()                       # once, when log_stats is on
+    sched_stats = SchedulerStatsBuilder()
     stat_loggers = engine.metrics.build_stat_loggers(config)
     stat_loggers.log_engine_initialized()                 # after the KV cache is sized
 
@@ -23,7 +24,14 @@ How the engine drives them (all times are ``time.monotonic()`` seconds)::
         tracker.on_tokens(req_id, num_new_tokens, now)
     for req_id, finish_reason in finished_this_step:      # also "abort" for aborted ones
         tracker.on_finished(req_id, finish_reason, now)
-    stat_loggers.record(scheduler.make_stats(), tracker.take_iteration_stats(now))
+    stat_loggers.record(
+        sched_stats.build(                                # a SchedulerStatsBuilder
+            len(scheduler.running), len(scheduler.waiting), scheduler.kv_cache.usage,
+            scheduler.num_preemptions, scheduler.prefix_cache_queried_tokens,
+            scheduler.prefix_cache_hit_tokens,
+        ),
+        tracker.take_iteration_stats(now),
+    )
 
     # shutdown:
     stat_loggers.shutdown()                               # final log() of every logger
@@ -42,7 +50,6 @@ from dataclasses import dataclass, field
 class PrefixCacheStats:
     """Prefix-cache lookups during one step, counted in tokens."""
 
-    requests: int = 0  # requests whose prompt was looked up
     queries: int = 0  # prompt tokens looked up
     hits: int = 0  # of those, tokens found in the cache
 
@@ -158,3 +165,39 @@ class RequestStatsTracker:
         it, self._iteration = self._iteration, IterationStats()
         it.iteration_timestamp = now
         return it
+
+
+class SchedulerStatsBuilder:
+    """Builds per-step `SchedulerStats` from a scheduler that keeps running totals
+    (preemptions, prefix-cache tokens queried and hit): it reports the change since
+    the previous `build`."""
+
+    def __init__(self) -> None:
+        self._preemptions = 0
+        self._queries = 0
+        self._hits = 0
+
+    def build(
+        self,
+        num_running_reqs: int,
+        num_waiting_reqs: int,
+        kv_cache_usage: float,
+        total_preemptions: int,
+        total_prefix_queries: int,
+        total_prefix_hits: int,
+    ) -> SchedulerStats:
+        """This step's stats, given the scheduler's queue lengths, KV usage and totals."""
+        stats = SchedulerStats(
+            num_running_reqs=num_running_reqs,
+            num_waiting_reqs=num_waiting_reqs,
+            kv_cache_usage=kv_cache_usage,
+            prefix_cache_stats=PrefixCacheStats(
+                queries=total_prefix_queries - self._queries,
+                hits=total_prefix_hits - self._hits,
+            ),
+            num_preemptions=total_preemptions - self._preemptions,
+        )
+        self._preemptions = total_preemptions
+        self._queries = total_prefix_queries
+        self._hits = total_prefix_hits
+        return stats
