@@ -120,8 +120,7 @@ def resolve_qualname(qualname: str) -> object:
     module_part, _, attr_part = qualname.strip().partition(":")
     parts = module_part.split(".")
     attrs = attr_part.split(".") if attr_part else []
-    first = len(parts) if attr_part else len(parts) - 1
-    for split in range(first, 0, -1):
+    for split in range(len(parts), 0, -1):
         module_name = ".".join(parts[:split])
         try:
             obj: object = importlib.import_module(module_name)

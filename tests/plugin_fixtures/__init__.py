@@ -1,0 +1,1 @@
+"""Tiny plugin packages and helpers for the registry and `engine plugins` tests."""
