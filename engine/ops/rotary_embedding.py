@@ -19,8 +19,9 @@ def rope_parameters_from_hf(hf_config: dict[str, Any]) -> tuple[float, dict[str,
     params = dict(hf_config.get("rope_parameters") or {})
     scaling = dict(hf_config.get("rope_scaling") or {})
     theta = params.pop("rope_theta", hf_config.get("rope_theta", 10000.0))
-    merged = {**scaling, **params}
-    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    merged = {**params, **scaling}  # like transformers: an explicit rope_scaling wins
+    rope_type = (scaling.get("rope_type") or scaling.get("type")
+                 or params.get("rope_type") or params.get("type") or "default")
     if rope_type == "default":
         return float(theta), None
     merged["rope_type"] = rope_type
