@@ -119,13 +119,13 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1) -> None:
     if world_size == 1:
         _tp_group = _SINGLE_RANK
         return
-    import registry
     from engine.platforms import current_platform
+    from engine.utils import resolve_obj_by_qualname
 
     ranks = list(range(world_size))
     rank = dist.get_rank()
     device = current_platform.device_for_rank(rank)
-    comm_cls = registry.resolve_qualname(current_platform.get_device_communicator_cls())
+    comm_cls = resolve_obj_by_qualname(current_platform.get_device_communicator_cls())
     communicator = comm_cls(group=dist.group.WORLD, device=device, unique_name="tp")
     _tp_group = GroupCoordinator(ranks, rank, dist.group.WORLD, communicator, "tp")
 

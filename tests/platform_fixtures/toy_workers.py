@@ -14,14 +14,10 @@ import time
 import torch
 
 from engine.distributed import parallel_state
+from engine.worker import WorkerBase
 
 
-class ToyWorker:
-    def __init__(self, config, rank: int, local_rank: int, distributed_init_method: str | None):
-        self.config = config
-        self.rank = rank
-        self.local_rank = local_rank
-        self.distributed_init_method = distributed_init_method
+class ToyWorker(WorkerBase):
 
     def init_device(self) -> None:
         parallel_state.init_distributed_environment(
