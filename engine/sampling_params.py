@@ -1,0 +1,165 @@
+"""`SamplingParams`: how one request's tokens are chosen and when it stops.
+
+Plain data, validated on construction: every bad value raises `ValueError`
+naming the field and the allowed range. No torch import here, so building
+params (in the CLI, in an HTTP handler) stays cheap.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+# Below this a temperature is treated as 0: dividing logits by it would overflow.
+_GREEDY_TEMPERATURE = 1e-5
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingParams:
+    """Sampling and stopping settings for one request.
+
+    Sampling (applied in this order): `repetition_penalty` (> 1 discourages any
+    token already in the prompt or output), `presence_penalty` /
+    `frequency_penalty` (subtracted once / per occurrence for tokens already in
+    the output), `temperature` (0 means greedy), `top_k` (0 or -1: off), `top_p`
+    (nucleus mass in (0, 1]), `min_p` (drop tokens below `min_p` times the top
+    token's probability). `seed` makes the request's draws reproducible whatever
+    else is in the batch.
+
+    Stopping: `max_tokens` (None: until the model's context is full),
+    `min_tokens` (EOS and `stop_token_ids` are blocked until this many tokens
+    exist), `stop` strings (a string or a list, stored as a list; the output
+    text ends right before the first one found, unless
+    `include_stop_str_in_output`), `stop_token_ids`, EOS (unless `ignore_eos`).
+
+    Output: `n` sequences per prompt, `logprobs` (that many top log-probabilities
+    per token, plus the chosen token's; None: off), `skip_special_tokens` in the
+    text.
+
+    Raises:
+        ValueError: a field has a bad type or value; the message names the field
+            and what is allowed.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None  # a list after construction
+    stop_token_ids: list[int] | None = None  # a list after construction
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        self._check_numbers()
+        self._check_stops()
+        self._check_flags()
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_numbers(self) -> None:
+        _require_int("n", self.n, minimum=1)
+        _require_number("temperature", self.temperature, ">= 0", lambda v: v >= 0)
+        _require_number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
+        _require_int("top_k", self.top_k, minimum=-1, note=" (0 or -1 turns it off)")
+        _require_number("min_p", self.min_p, "in [0, 1]", lambda v: 0 <= v <= 1)
+        _require_number("repetition_penalty", self.repetition_penalty, "> 0", lambda v: v > 0)
+        _require_number("presence_penalty", self.presence_penalty, "in [-2, 2]",
+                        lambda v: -2 <= v <= 2)
+        _require_number("frequency_penalty", self.frequency_penalty, "in [-2, 2]",
+                        lambda v: -2 <= v <= 2)
+        if self.seed is not None:
+            _require_int("seed", self.seed, minimum=None, note=" or None")
+        if self.max_tokens is not None:
+            _require_int("max_tokens", self.max_tokens, minimum=1, note=" or None")
+        _require_int("min_tokens", self.min_tokens, minimum=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"SamplingParams.min_tokens must be <= max_tokens ({self.max_tokens}), "
+                f"got {self.min_tokens}"
+            )
+        if self.logprobs is not None:
+            _require_int("logprobs", self.logprobs, minimum=0, note=" or None")
+
+    def _check_stops(self) -> None:
+        stop = self.stop
+        if stop is None:
+            stops: list[str] = []
+        elif isinstance(stop, str):
+            stops = [stop]
+        elif isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
+            stops = list(stop)
+        else:
+            raise ValueError(
+                "SamplingParams.stop must be a string, a list of strings or None, "
+                f"got {stop!r}"
+            )
+        if any(s == "" for s in stops):
+            raise ValueError("SamplingParams.stop must not contain an empty string")
+        self.stop = stops
+
+        ids = self.stop_token_ids
+        if ids is None:
+            self.stop_token_ids = []
+        elif isinstance(ids, (list, tuple, set, frozenset)) and all(
+            _is_int(i) and i >= 0 for i in ids
+        ):
+            self.stop_token_ids = [int(i) for i in ids]
+        else:
+            raise ValueError(
+                "SamplingParams.stop_token_ids must be a list of non-negative integers "
+                f"or None, got {ids!r}"
+            )
+
+    def _check_flags(self) -> None:
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"SamplingParams.{name} must be a bool, got {value!r}")
+
+    # -------------------------------------------------------------- accessors
+
+    @property
+    def greedy(self) -> bool:
+        """True when the most likely token is always taken (temperature 0)."""
+        return self.temperature < _GREEDY_TEMPERATURE
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when any repetition/presence/frequency penalty changes logits."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+def _require_int(name: str, value: object, minimum: int | None, note: str = "") -> None:
+    if not _is_int(value):
+        raise ValueError(f"SamplingParams.{name} must be an integer{note}, got {value!r}")
+    if minimum is not None and value < minimum:  # type: ignore[operator]
+        raise ValueError(f"SamplingParams.{name} must be >= {minimum}{note}, got {value!r}")
+
+
+def _require_number(name: str, value: object, allowed: str, ok) -> None:
+    if not _is_number(value) or value != value:  # NaN fails every range
+        raise ValueError(f"SamplingParams.{name} must be a number {allowed}, got {value!r}")
+    if not ok(value):
+        raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
