@@ -142,6 +142,8 @@ def test_cpu_wins_when_no_out_of_tree_platform_is_active(resolved):
 def test_one_active_out_of_tree_platform_wins(resolved):
     out = resolved["alpha"]
     assert out["device_name"] == "alpha" and out["is_out_of_tree"] is True
+    # current_platform.import_kernels() ran the platform's hook once for two calls
+    assert sorted(out["detected"]) == ["alpha", "beta", "kernels:alpha"]
 
 
 def test_two_active_out_of_tree_platforms_raise_naming_both(resolved):
@@ -152,7 +154,7 @@ def test_two_active_out_of_tree_platforms_raise_naming_both(resolved):
 def test_engine_platform_resolves_the_conflict(resolved):
     out = resolved["alpha+beta, ENGINE_PLATFORM=beta"]
     assert out["device_name"] == "beta"
-    assert out["detected"] == ["beta"]  # only the requested plugin is asked
+    assert out["detected"] == ["beta", "kernels:beta"]  # only the requested plugin is asked
 
 
 def test_engine_platform_fails_clearly_for_an_absent_platform(resolved):

@@ -254,7 +254,13 @@ class MultiprocExecutor(ExecutorBase):
                 h.conn.send((method, args, kwargs, reply))
             except (OSError, ValueError):
                 pass  # a dead worker is reported by _collect through its sentinel
-        return self._collect(name, reply_rank)
+        try:
+            return self._collect(name, reply_rank)
+        except KeyboardInterrupt:
+            # the workers are mid-call: their late answers would be read as the
+            # answers to the next call, so this executor cannot go on
+            self._fail(f"interrupted during {name!r}")
+            raise
 
     def _collect(self, what: str, reply_rank: int | None,
                  grace_s: float = ERROR_GRACE_S) -> list[Any]:

@@ -13,6 +13,8 @@ from engine.platforms.interface import Platform, PlatformEnum
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from engine.config import EngineConfig
+
 
 class CudaPlatform(Platform):
     """Runs the engine on NVIDIA GPUs, one GPU per tensor-parallel rank."""
@@ -22,6 +24,17 @@ class CudaPlatform(Platform):
     device_type = "cuda"
     dispatch_key = "CUDA"
     supported_dtypes = ("bfloat16", "float16", "float32")
+
+    @classmethod
+    def check_and_update_config(cls, config: EngineConfig) -> None:
+        """As the base class, and refuse more tensor-parallel ranks than GPUs."""
+        super().check_and_update_config(config)
+        tp, gpus = config.parallel_config.tensor_parallel_size, cls.device_count()
+        if tp > gpus:
+            raise ValueError(
+                f"tensor_parallel_size={tp} needs {tp} GPUs, but only {gpus} are visible "
+                "(check CUDA_VISIBLE_DEVICES)"
+            )
 
     @classmethod
     def get_device_name(cls, device_id: int = 0) -> str:

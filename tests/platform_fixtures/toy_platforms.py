@@ -51,6 +51,8 @@ def detect():
 '''
 
 PLATFORM = '''\
+import os
+
 from engine.platforms import CpuPlatform, PlatformEnum
 
 
@@ -59,6 +61,11 @@ class {cls}(CpuPlatform):
 
     _enum = PlatformEnum.OOT
     device_name = "{name}"
+
+    @classmethod
+    def import_kernels(cls):
+        with open(os.environ["TOYPLAT_DETECT_LOG"], "a") as f:
+            f.write("kernels:{name}\\n")
 '''
 
 
@@ -131,6 +138,8 @@ RESOLVE_SCRIPT = textwrap.dedent("""
             try:
                 out["device_name"] = current_platform.device_name
                 out["is_out_of_tree"] = current_platform.is_out_of_tree()
+                current_platform.import_kernels()
+                current_platform.import_kernels()
             except RuntimeError as exc:
                 out["error"] = str(exc)
         out["detected"] = detect_log()
