@@ -14,6 +14,7 @@ from registry._groups import resolve_group
 from registry._records import SOURCE_RANK, PluginRecord, record_event
 from registry._sources import Problem, Scan, plugin_manager
 from registry._version import __version__
+from registry._versions import admits
 
 logger = logging.getLogger("registry")
 
@@ -82,12 +83,6 @@ def clear_cache() -> None:
         _cache = None
 
 
-def _engine_admits(spec: str) -> bool:
-    from packaging.specifiers import SpecifierSet
-
-    return SpecifierSet(spec).contains(__version__, prereleases=True)
-
-
 def _decide(found: list[PluginRecord], scan: Scan) -> list[tuple[PluginRecord, str]]:
     """Return each record with its final `enabled`/`disabled_reason`, plus the trace outcome."""
     allowed = allow_list()
@@ -96,7 +91,7 @@ def _decide(found: list[PluginRecord], scan: Scan) -> list[tuple[PluginRecord, s
         outcome = "discovered"
         if not record.enabled:
             outcome = "disabled"
-        elif record.requires_engine and not _engine_admits(record.requires_engine):
+        elif record.requires_engine and not admits(record.requires_engine):
             reason = f"requires engine {record.requires_engine}, this is engine {__version__}"
             record = replace(record, enabled=False, disabled_reason=reason)
             scan.problems.append(

@@ -16,6 +16,8 @@ GROUP_ALIASES: dict[str, str] = {
 }
 GROUPS: tuple[str, ...] = tuple(GROUP_ALIASES.values())
 _ALIAS_OF = {full: alias for alias, full in GROUP_ALIASES.items()}
+# every accepted spelling -> full name
+FULL_GROUP_NAME: dict[str, str] = {**GROUP_ALIASES, **{full: full for full in GROUPS}}
 
 
 def valid_group_names() -> str:

@@ -29,8 +29,9 @@ from pydantic import (
 )
 
 from registry._errors import ManifestError
-from registry._groups import GROUP_ALIASES, resolve_group
+from registry._groups import FULL_GROUP_NAME, GROUP_ALIASES, resolve_group
 from registry._toml import TomlSyntaxError, parse_toml
+from registry._versions import check_specifier
 
 SCHEMA_VERSION = 1
 
@@ -80,19 +81,6 @@ def check_value(value: str) -> str:
     return value
 
 
-def check_specifier(spec: str) -> str:
-    """Validate a PEP 440 version specifier such as ``>=0.1,<0.3``."""
-    from packaging.specifiers import InvalidSpecifier, SpecifierSet
-
-    try:
-        SpecifierSet(spec)
-    except InvalidSpecifier:
-        raise ValueError(
-            f"invalid version specifier {spec!r}: expected PEP 440, e.g. '>=0.1,<0.3'"
-        ) from None
-    return spec
-
-
 class PackageInfo(BaseModel):
     """The optional ``[package]`` table."""
 
@@ -128,29 +116,17 @@ class PluginEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     group: GroupName = Field(description="Group alias or full entry-point group name")
-    name: StrictStr = Field(
-        description="Plugin name, unique per group", json_schema_extra={"pattern": NAME_PATTERN}
-    )
+    # patterns are checked natively by pydantic-core; _message() words the errors
+    name: StrictStr = Field(description="Plugin name, unique per group", pattern=NAME_PATTERN)
     value: StrictStr = Field(
-        description="Entry-point value: 'module' or 'module:attr[.attr]'",
-        json_schema_extra={"pattern": VALUE_PATTERN},
+        description="Entry-point value: 'module' or 'module:attr[.attr]'", pattern=VALUE_PATTERN
     )
     enabled: StrictBool = Field(True, description="false: declared but never loaded")
     description: StrictStr = Field("", description="One line for `engine plugins list`")
 
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, v: str) -> str:
-        return check_name(v)
-
-    @field_validator("value")
-    @classmethod
-    def _check_value(cls, v: str) -> str:
-        return check_value(v)
-
     @property
     def full_group(self) -> str:
-        return resolve_group(self.group)
+        return FULL_GROUP_NAME[self.group]
 
 
 class Manifest(BaseModel):
@@ -219,6 +195,11 @@ def _message(error: dict[str, Any]) -> str:
         return f"unknown group {error['input']!r}; valid groups: " + ", ".join(
             f"{alias} ({full})" for alias, full in GROUP_ALIASES.items()
         )
+    if kind == "string_pattern_mismatch" and loc[-1] in ("name", "value"):
+        try:
+            (check_name if loc[-1] == "name" else check_value)(error["input"])
+        except ValueError as exc:
+            return str(exc)
     if loc == ("plugin",) and kind in ("list_type", "too_short"):
         return "expected one or more [[plugin]] tables (an array of tables)"
     message = error["msg"]

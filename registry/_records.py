@@ -8,7 +8,7 @@ import threading
 from collections import deque
 from dataclasses import asdict, dataclass
 from importlib.metadata import EntryPoint
-from typing import Any
+from typing import Any, NamedTuple
 
 # source labels, lowest precedence first (SPEC section 3)
 SOURCES: tuple[str, ...] = ("builtin", "entry-point", "config-dir", "plugin-dir")
@@ -52,8 +52,7 @@ class PluginRecord:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class LoadEvent:
+class LoadEvent(NamedTuple):
     """One step in a plugin's life in this process.
 
     ``outcome`` is one of: ``discovered``, ``disabled``, ``incompatible``,

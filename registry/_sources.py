@@ -14,7 +14,7 @@ from time import perf_counter
 import pluggy
 
 from registry._errors import ManifestError
-from registry._groups import GROUPS
+from registry._groups import FULL_GROUP_NAME, GROUPS
 from registry._manifest import Manifest, load_pyproject_entry_points, parse_manifest
 from registry._records import PluginRecord
 
@@ -99,14 +99,22 @@ def _read_manifest_bytes(path: str, check_owner: bool) -> bytes:
     except OSError as exc:
         raise ManifestError(path, [f"{path}: cannot read: {exc.strerror or exc}"]) from None
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ManifestError(path, [f"{path}: not a regular file"])
         if check_owner:
-            reason = unsafe_reason(os.fstat(fd), "the file")
+            reason = unsafe_reason(st, "the file")
             if reason:
                 raise _Unsafe(f"refusing manifest {path}: {reason}; fix its permissions")
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-        return b"".join(chunks)
+        data = os.read(fd, st.st_size + 1)  # one read: manifests are small
+        if len(data) > st.st_size:  # it grew since fstat: read the rest
+            chunks = [data]
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+            data = b"".join(chunks)
+        return data
+    except OSError as exc:
+        raise ManifestError(path, [f"{path}: cannot read: {exc.strerror or exc}"]) from None
     finally:
         os.close(fd)
 
@@ -120,7 +128,7 @@ def _records_from_manifest(path: str, manifest: Manifest, source: str) -> list[P
             sys_path = os.path.normpath(os.path.join(os.path.dirname(path), package.path))
     return [
         PluginRecord(
-            group=entry.full_group,
+            group=FULL_GROUP_NAME[entry.group],
             name=entry.name,
             value=entry.value,
             source=source,
@@ -289,7 +297,8 @@ def _distribution_label(dist: object) -> str:
     if dist is None:
         return "unknown distribution"
     try:
-        return f"{dist.metadata['Name']} {dist.version}"  # type: ignore[attr-defined]
+        metadata = dist.metadata  # type: ignore[attr-defined]  # parsed anew on each access
+        return f"{metadata['Name']} {metadata['Version']}"
     except Exception:  # broken metadata must not stop discovery
         return "distribution with unreadable metadata"
 

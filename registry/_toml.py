@@ -22,13 +22,17 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = ["TomlSyntaxError", "parse_toml", "parse_toml_subset"]
 
-_KEY_VALUE = re.compile(
-    r"[ \t]*([A-Za-z0-9_-]+)[ \t]*=[ \t]*"
-    r"(?:\"([^\"\\]*)\"|'([^']*)'|(true|false)|([+-]?(?:0|[1-9][0-9]*)))"
-    r"[ \t]*(?:#.*)?"
+# one line of the subset: `key = value`, `[table]`, `[[array]]`, or blank, each with
+# an optional comment. Quotes stay in the captured strings so that "" is told
+# apart from "no string here"; findall() then reads a whole document in one call.
+_LINE = re.compile(
+    r"^[ \t]*(?:"
+    r"([A-Za-z0-9_-]+)[ \t]*=[ \t]*"
+    r"(\"[^\"\\\n]*\"|'[^'\n]*'|true|false|[+-]?(?:0|[1-9][0-9]*))"
+    r"|(\[\[?)[ \t]*([A-Za-z0-9_-]+)[ \t]*(\]\]?)"
+    r")?[ \t]*(?:#[^\n]*)?$",
+    re.MULTILINE,
 )
-_HEADER = re.compile(r"[ \t]*(\[\[?)[ \t]*([A-Za-z0-9_-]+)[ \t]*(\]\]?)[ \t]*(?:#.*)?")
-_BLANK = re.compile(r"[ \t]*(?:#.*)?")
 # control characters TOML forbids anywhere except as tab / newline (\r included
 # here only so that CRLF files take the full parser)
 _FORBIDDEN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -50,43 +54,36 @@ def parse_toml_subset(text: str) -> dict[str, Any] | None:
     """Parse `text` if it stays within the simple subset, else return None."""
     if _FORBIDDEN.search(text):
         return None
+    lines = _LINE.findall(text)
+    if len(lines) != text.count("\n") + 1:  # some line is outside the subset
+        return None
     root: dict[str, Any] = {}
     table = root
     arrays: set[str] = set()  # keys of root created by [[name]] headers
-    for line in text.split("\n"):
-        match = _KEY_VALUE.fullmatch(line)
-        if match:
-            key = match.group(1)
+    for key, value, opening, header, closing in lines:
+        if key:
             if key in table:
                 return None
-            basic, literal, boolean, integer = match.group(2, 3, 4, 5)
-            if basic is not None:
-                table[key] = basic
-            elif literal is not None:
-                table[key] = literal
-            elif boolean is not None:
-                table[key] = boolean == "true"
+            first = value[0]
+            if first == '"' or first == "'":
+                table[key] = value[1:-1]
+            elif first == "t" or first == "f":
+                table[key] = value == "true"
             else:
-                table[key] = int(integer)
-            continue
-        match = _HEADER.fullmatch(line)
-        if match:
-            opening, key, closing = match.groups()
+                table[key] = int(value)
+        elif opening:
             if len(opening) != len(closing):
                 return None
             if opening == "[":
-                if key in root:
+                if header in root:
                     return None
-                table = root[key] = {}
+                table = root[header] = {}
             else:
-                if key in root and key not in arrays:
+                if header in root and header not in arrays:
                     return None
-                arrays.add(key)
+                arrays.add(header)
                 table = {}
-                root.setdefault(key, []).append(table)
-            continue
-        if not _BLANK.fullmatch(line):
-            return None
+                root.setdefault(header, []).append(table)
     return root
 
 

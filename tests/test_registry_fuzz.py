@@ -132,3 +132,33 @@ def test_fast_reader_agrees_with_tomllib(lines, newline):
 def test_fast_reader_takes_typical_manifests():
     text = (Path(__file__).resolve().parent.parent / "manifests" / "builtin.toml").read_text()
     assert parse_toml_subset(text) == tomllib.loads(text)
+
+
+# --- the fast requires-engine check agrees with packaging --------------------
+
+RELEASES = st.lists(st.integers(0, 3), min_size=1, max_size=4).map(
+    lambda parts: ".".join(map(str, parts)))
+CLAUSES = st.builds(lambda op, v, pad: f"{pad}{op}{pad}{v}",
+                    st.sampled_from([">=", "<=", ">", "<", "==", "!="]), RELEASES,
+                    st.sampled_from(["", " "]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(CLAUSES, min_size=1, max_size=3).map(",".join), RELEASES)
+def test_fast_version_check_agrees_with_packaging(spec, version):
+    from packaging.specifiers import SpecifierSet
+
+    from registry._versions import admits, check_specifier
+
+    assert check_specifier(spec) == spec
+    assert admits(spec, version) == SpecifierSet(spec).contains(version, prereleases=True)
+
+
+@pytest.mark.parametrize("spec", ["~=0.1", "==0.1.*", ">=0.1rc1", ">=0.1,<0.3", ""])
+def test_version_check_falls_back_to_packaging(spec):
+    from packaging.specifiers import SpecifierSet
+
+    from registry._versions import admits
+
+    for version in ("0.1.0", "0.2", "0.1.0rc1", "1.0"):
+        assert admits(spec, version) == SpecifierSet(spec).contains(version, prereleases=True)

@@ -286,8 +286,12 @@ def _doctor_platform(report: _Report) -> None:
 def run_doctor(args: argparse.Namespace) -> int:
     """Validate and import everything discovered, report conflicts and the platform
     that would be chosen; exit 1 on any problem."""
+    import logging
+
     from registry._version import __version__
 
+    # the report below prints every registry problem itself; don't say it twice
+    logging.getLogger("registry").setLevel(logging.CRITICAL)
     print(f"engine {__version__} plugin doctor (python {sys.version.split()[0]})")
     report = _Report()
     records = _doctor_discovery(report)
