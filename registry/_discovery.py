@@ -11,7 +11,7 @@ from time import perf_counter
 
 from registry._errors import PluginLoadError
 from registry._groups import resolve_group
-from registry._records import SOURCE_RANK, PluginRecord, record_event
+from registry._records import SOURCE_RANK, PluginRecord, record_discovery, record_event
 from registry._sources import Problem, Scan, plugin_manager
 from registry._version import __version__
 from registry._versions import admits
@@ -158,9 +158,11 @@ def _scan() -> Discovery:
     found.sort(key=lambda r: SOURCE_RANK[r.source])  # stable: keeps each source's order
     seconds = {id(r): scan.seconds.get(id(r), 0.0) for r in found}
     decided = _decide(found, scan)
-    for (record, outcome), original in zip(decided, found, strict=True):
-        error = record.disabled_reason if outcome not in ("discovered", "disabled") else None
-        record_event(record, outcome, seconds[id(original)], error)
+    record_discovery([
+        (record, outcome, seconds[id(original)],
+         record.disabled_reason if outcome not in ("discovered", "disabled") else None)
+        for (record, outcome), original in zip(decided, found, strict=True)
+    ])
     for problem in scan.problems:
         if problem.record is None and problem.outcome:
             record_event(

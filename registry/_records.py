@@ -96,6 +96,15 @@ def record_event(
         _TRACE.append(event)
 
 
+def record_discovery(events: list[tuple[PluginRecord, str, float, str | None]]) -> None:
+    """Append one discovery event per (record, outcome, seconds, error), in one go."""
+    pid = os.getpid()
+    batch = [LoadEvent(r.group, r.name, r.source, r.origin, pid, outcome, seconds, error)
+             for r, outcome, seconds, error in events]
+    with _TRACE_LOCK:
+        _TRACE.extend(batch)
+
+
 def load_trace() -> list[LoadEvent]:
     """Every discovery and load event of this process so far, oldest first."""
     with _TRACE_LOCK:

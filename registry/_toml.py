@@ -22,22 +22,41 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = ["TomlSyntaxError", "parse_toml", "parse_toml_subset"]
 
-# one line of the subset: `key = value`, `[table]`, `[[array]]`, or blank, each with
-# an optional comment. Quotes stay in the captured strings so that "" is told
-# apart from "no string here"; findall() then reads a whole document in one call.
+# One line of the subset: `key = value`, `[table]`, `[[array]]` or blank, each with
+# an optional comment. The character classes leave out the control characters
+# TOML forbids (and \r, so that CRLF files take the full parser).
 _LINE = re.compile(
-    r"^[ \t]*(?:"
+    r"[ \t]*(?:"
     r"([A-Za-z0-9_-]+)[ \t]*=[ \t]*"
-    r"(\"[^\"\\\n]*\"|'[^'\n]*'|true|false|[+-]?(?:0|[1-9][0-9]*))"
+    r"(\"[^\"\\\x00-\x08\x0a-\x1f\x7f]*\"|'[^'\x00-\x08\x0a-\x1f\x7f]*'"
+    r"|true|false|[+-]?(?:0|[1-9][0-9]*))"
     r"|(\[\[?)[ \t]*([A-Za-z0-9_-]+)[ \t]*(\]\]?)"
-    r")?[ \t]*(?:#[^\n]*)?$",
-    re.MULTILINE,
+    r")?[ \t]*(?:#[^\x00-\x08\x0a-\x1f\x7f]*)?"
 )
-# control characters TOML forbids anywhere except as tab / newline (\r included
-# here only so that CRLF files take the full parser)
-_FORBIDDEN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _POSITION = re.compile(r"^(.*) \(at line (\d+), column (\d+)\)$", re.DOTALL)
 _AT_END = re.compile(r"^(.*) \(at end of document\)$", re.DOTALL)
+
+# Manifests repeat most of their lines (`schema-version = 1`, `[[plugin]]`,
+# `group = "general"`...), so each distinct line is matched once per process.
+_BLANK = ("",)
+_line_cache: dict[str, tuple | None] = {}
+
+
+def _read_line(line: str) -> tuple | None:
+    """("=", key, value) | ("[", name) | ("[[", name) | ("",), or None outside the subset."""
+    match = _LINE.fullmatch(line)
+    if match is None:
+        return None
+    key, value, opening, name, closing = match.groups()
+    if key:
+        if value[0] in "\"'":
+            return ("=", key, value[1:-1])
+        if value in ("true", "false"):
+            return ("=", key, value == "true")
+        return ("=", key, int(value))
+    if opening:
+        return (opening, name) if len(opening) == len(closing) else None
+    return _BLANK
 
 
 class TomlSyntaxError(ValueError):
@@ -52,38 +71,34 @@ class TomlSyntaxError(ValueError):
 
 def parse_toml_subset(text: str) -> dict[str, Any] | None:
     """Parse `text` if it stays within the simple subset, else return None."""
-    if _FORBIDDEN.search(text):
-        return None
-    lines = _LINE.findall(text)
-    if len(lines) != text.count("\n") + 1:  # some line is outside the subset
-        return None
+    if len(_line_cache) > 8192:
+        _line_cache.clear()
     root: dict[str, Any] = {}
     table = root
     arrays: set[str] = set()  # keys of root created by [[name]] headers
-    for key, value, opening, header, closing in lines:
-        if key:
-            if key in table:
+    for line in text.split("\n"):
+        try:
+            parsed = _line_cache[line]
+        except KeyError:
+            parsed = _line_cache[line] = _read_line(line)
+        if parsed is None:
+            return None
+        kind = parsed[0]
+        if kind == "=":
+            if parsed[1] in table:
                 return None
-            first = value[0]
-            if first == '"' or first == "'":
-                table[key] = value[1:-1]
-            elif first == "t" or first == "f":
-                table[key] = value == "true"
-            else:
-                table[key] = int(value)
-        elif opening:
-            if len(opening) != len(closing):
+            table[parsed[1]] = parsed[2]
+        elif kind == "[":
+            if parsed[1] in root:
                 return None
-            if opening == "[":
-                if header in root:
-                    return None
-                table = root[header] = {}
-            else:
-                if header in root and header not in arrays:
-                    return None
-                arrays.add(header)
-                table = {}
-                root.setdefault(header, []).append(table)
+            table = root[parsed[1]] = {}
+        elif kind == "[[":
+            name = parsed[1]
+            if name in root and name not in arrays:
+                return None
+            arrays.add(name)
+            table = {}
+            root.setdefault(name, []).append(table)
     return root
 
 
