@@ -91,6 +91,9 @@ def _decide(found: list[PluginRecord], scan: Scan) -> list[tuple[PluginRecord, s
         outcome = "discovered"
         if not record.enabled:
             outcome = "disabled"
+        elif allowed is not None and record.source != "builtin" and record.name not in allowed:
+            record = replace(record, enabled=False, disabled_reason="not in ENGINE_PLUGINS")
+            outcome = "filtered"
         elif record.requires_engine and not admits(record.requires_engine):
             reason = f"requires engine {record.requires_engine}, this is engine {__version__}"
             record = replace(record, enabled=False, disabled_reason=reason)
@@ -98,19 +101,18 @@ def _decide(found: list[PluginRecord], scan: Scan) -> list[tuple[PluginRecord, s
                 Problem(logging.WARNING, f"skipping {record.describe()}: {reason}", "", record)
             )
             outcome = "incompatible"
-        elif allowed is not None and record.source != "builtin" and record.name not in allowed:
-            record = replace(record, enabled=False, disabled_reason="not in ENGINE_PLUGINS")
-            outcome = "filtered"
         decided.append((record, outcome))
     decided = _apply_precedence(decided, scan)
     if allowed:
         known = {record.name for record in found}
+        shown = sorted(known)[:20]
+        listing = ", ".join(shown) + (", ..." if len(known) > len(shown) else "")
         for name in sorted(allowed - known):
             scan.problems.append(
                 Problem(
                     logging.WARNING,
                     f"ENGINE_PLUGINS names {name!r}, but no plugin source provides a plugin "
-                    f"of that name (known: {', '.join(sorted(known)) or 'none'})",
+                    f"of that name (known: {listing or 'none'})",
                     "missing",
                 )
             )
@@ -171,7 +173,10 @@ def _scan() -> Discovery:
             )
         logger.log(problem.level, problem.message)
     records = tuple(record for record, _ in decided)
-    return Discovery(records, tuple(scan.problems), perf_counter() - start)
+    seconds = perf_counter() - start
+    logger.info("discovered %d plugins (%d enabled) in %.1f ms", len(records),
+                sum(r.enabled for r in records), seconds * 1000)
+    return Discovery(records, tuple(scan.problems), seconds)
 
 
 def current_discovery() -> Discovery:

@@ -59,7 +59,9 @@ def load_group(group: str) -> list[tuple[PluginRecord, Any]]:
             record_event(record, "import-failed", perf_counter() - start, error)
             _fail(f"cannot import {record.describe()} (value {record.value!r}): {error}", record, exc)
             continue
-        record_event(record, "loaded", perf_counter() - start)
+        seconds = perf_counter() - start
+        record_event(record, "loaded", seconds)
+        logger.debug("loaded %s in %.1f ms", record.describe(), seconds * 1000)
         loaded.append((record, value))
     return loaded
 

@@ -279,7 +279,12 @@ class EntryPointSource:
 
         start = perf_counter()
         # one scan for all groups: each entry_points(group=...) call rereads every distribution
-        everything = entry_points()
+        try:
+            everything = entry_points()
+        except Exception as exc:  # one broken distribution must not hide every plugin
+            scan.problem(logging.ERROR, f"cannot read installed entry points: {exc!r}",
+                         "invalid", "entry-point", "importlib.metadata")
+            return []
         origins: dict[int, str] = {}
         records = []
         for group in GROUPS:
