@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -51,22 +52,53 @@ def _running(pid: int) -> bool:
         return False
 
 
+MARKER_PLUGIN = """
+import os
+
+def register():
+    os.environ["TOY_PLUGIN_MARKER"] = f"general plugin ran in {os.getpid()}"
+"""
+MARKER_MANIFEST = """
+schema-version = 1
+[package]
+name = "toy-marker"
+path = "src"
+[[plugin]]
+group = "general"
+name = "toy_marker"
+value = "toy_marker_plugin:register"
+"""
+
+
 @pytest.fixture(scope="module")
 def shutdown_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("worker-shutdown")
 
 
 @pytest.fixture(scope="module")
-def executor(shutdown_dir):
-    """Two ToyWorker ranks shared by the tests of this module; the last test of
-    the module shuts it down (module order is file order)."""
-    extra = {"TOY_WORKER_MARKER": "inherited", "TOY_WORKER_SHUTDOWN_DIR": str(shutdown_dir)}
+def executor(shutdown_dir, tmp_path_factory):
+    """Two ToyWorker ranks shared by the tests of this module, started with a
+    plugin dir holding a general plugin; the last test of the module shuts it
+    down (module order is file order)."""
+    plugin_dir = tmp_path_factory.mktemp("plugins")
+    (plugin_dir / "src").mkdir()
+    (plugin_dir / "src" / "toy_marker_plugin.py").write_text(MARKER_PLUGIN)
+    (plugin_dir / "toy.toml").write_text(MARKER_MANIFEST)
+    extra = {
+        "TOY_WORKER_MARKER": "inherited",
+        "TOY_WORKER_SHUTDOWN_DIR": str(shutdown_dir),
+        "ENGINE_PLUGIN_DIRS": str(plugin_dir),
+    }
+    saved = {name: os.environ.get(name) for name in extra}
     os.environ.update(extra)
     try:
         ex = MultiprocExecutor(toy_config())
     finally:
-        for name in extra:
-            del os.environ[name]
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     ex.collective_rpc("init_device")
     yield ex
     ex.shutdown()
@@ -82,6 +114,9 @@ def test_collective_rpc_runs_on_every_rank_in_its_own_process(executor):
     assert len(pids) == 2 and os.getpid() not in pids
     assert {i["torch_threads"] for i in infos} == {1}
     assert {i["marker"] for i in infos} == {"inherited"}  # environment reaches workers
+    # a general plugin found only through ENGINE_PLUGIN_DIRS ran in every worker
+    assert [i["plugin_marker"] for i in infos] == [
+        f"general plugin ran in {i['pid']}" for i in infos]
 
 
 def test_all_reduce_runs_across_the_worker_processes(executor):
@@ -131,54 +166,86 @@ def test_worker_failing_at_startup_is_reported_with_its_traceback():
     assert info.value.rank == 1
 
 
-def test_plugin_dir_reaches_workers_and_interpreter_exit_stops_them(tmp_path):
-    """A general plugin found only through ENGINE_PLUGIN_DIRS runs in every worker
-    before the worker class is resolved; leaving the interpreter without
-    shutdown() still stops the workers."""
-    plugin_dir = tmp_path / "plugins"
-    (plugin_dir / "src").mkdir(parents=True)
-    (plugin_dir / "src" / "toy_marker_plugin.py").write_text(textwrap.dedent("""
-        import os
-
-        def register():
-            os.environ["TOY_WORKER_MARKER"] = f"general plugin ran in {os.getpid()}"
-    """))
-    (plugin_dir / "toy.toml").write_text(textwrap.dedent("""
-        schema-version = 1
-        [package]
-        name = "toy-marker"
-        path = "src"
-        [[plugin]]
-        group = "general"
-        name = "toy_marker"
-        value = "toy_marker_plugin:register"
-    """))
+def test_interpreter_exit_stops_the_workers():
     script = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {str(os.path.dirname(__file__))!r})
         from test_executor_multiproc import toy_config
         from engine.executor.multiproc import MultiprocExecutor
 
-        ex = MultiprocExecutor(toy_config())
-        print(json.dumps(ex.collective_rpc("describe")))
-        # no shutdown(): interpreter exit must stop the workers
+        ex = MultiprocExecutor(toy_config(tp=1))
+        print(json.dumps(ex.worker_pids))
+        # no shutdown(): interpreter exit must stop the worker
     """)
+    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    pids = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(pids) == 1 and wait_dead(pids) == []
+
+
+TP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from engine import LLM, SamplingParams
+
+    def main():
+        model, plugin_dir = sys.argv[1], sys.argv[2]
+        prompts = ["def main():", "import os\\nimport sys", "class Foo(object):"]
+        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+        tokens = {}
+        for tp in (1, 2):
+            llm = LLM(model, tensor_parallel_size=tp, plugin_dirs=[plugin_dir], seed=0)
+            tokens[tp] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+            llm.llm_engine.shutdown()
+        print(json.dumps(tokens))
+
+    if __name__ == "__main__":
+        main()
+""")
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_matches_1_for_a_model_from_a_plugin_dir(make_hf_model, tmp_path):
+    """A Llama subclass registered by a general plugin that only --plugin-dir
+    provides: two TP ranks (each loading the plugin) give TP=1's greedy tokens."""
+    plugin_dir = tmp_path / "plugins"
+    (plugin_dir / "src").mkdir(parents=True)
+    (plugin_dir / "src" / "toy_tp_models.py").write_text(textwrap.dedent("""
+        from engine.models.llama import LlamaForCausalLM
+
+
+        class PluginLlamaForCausalLM(LlamaForCausalLM):
+            pass
+
+
+        def register():
+            from engine import ModelRegistry
+
+            ModelRegistry.register_model(
+                "PluginLlamaForCausalLM", "toy_tp_models:PluginLlamaForCausalLM")
+    """))
+    (plugin_dir / "models.toml").write_text(textwrap.dedent("""
+        schema-version = 1
+        [package]
+        name = "toy-tp-models"
+        path = "src"
+        [[plugin]]
+        group = "general"
+        name = "toy_tp_models"
+        value = "toy_tp_models:register"
+    """))
+    model = tmp_path / "model"
+    shutil.copytree(make_hf_model("llama"), model)
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = ["PluginLlamaForCausalLM"]
+    (model / "config.json").write_text(json.dumps(config))
+    script = tmp_path / "tp_run.py"  # spawn needs an importable main module
+    script.write_text(TP_SCRIPT)
     proc = subprocess.run(
-        [sys.executable, "-c", script],
-        env=subprocess_env(ENGINE_PLUGIN_DIRS=str(plugin_dir)),
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, str(script), str(model), str(plugin_dir)],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    infos = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert [i["marker"] for i in infos] == [f"general plugin ran in {i['pid']}" for i in infos]
-    assert wait_dead([i["pid"] for i in infos]) == []
-
-
-def test_shutdown_is_idempotent_and_runs_the_workers_shutdown(executor, shutdown_dir):
-    pids = executor.worker_pids
-    executor.shutdown()
-    executor.shutdown()
-    assert sorted(p.name for p in shutdown_dir.iterdir()) == ["rank0", "rank1"]
-    assert wait_dead(pids) == []
-    with pytest.raises(RuntimeError, match="shut down"):
-        executor.collective_rpc("describe")
+    tokens = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(tokens["1"]) == 3 and all(len(t) == 12 for t in tokens["1"])
+    assert tokens["2"] == tokens["1"]

@@ -161,7 +161,14 @@ def _worker_main(config: Any, rank: int, init_method: str, conn: Connection) -> 
 
 def _exit_now(code: int) -> None:
     """Leave without the interpreter's teardown of torch and friends, which takes
-    seconds and does nothing useful once the worker has shut down."""
+    seconds and does nothing useful once the worker has shut down. What a normal
+    multiprocessing exit runs (finalizers that unlink named semaphores, ...) and
+    the logging flush still run."""
+    from multiprocessing import util
+
+    exit_function = getattr(util, "_exit_function", None)
+    if exit_function is not None:
+        exit_function()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -265,11 +272,12 @@ class MultiprocExecutor(ExecutorBase):
     def _collect(self, what: str, reply_rank: int | None,
                  grace_s: float = ERROR_GRACE_S) -> list[Any]:
         """Wait for one message from every rank, watching the process sentinels.
-        After a rank reports an error the others get `grace_s` to answer."""
+        After a rank reports an error the others get `grace_s` to answer; the
+        lowest failing rank's error is raised."""
         results: list[Any] = [None] * len(self._handles)
         pending = {h.conn: h for h in self._handles}
         sentinels = {h.process.sentinel: h for h in self._handles}
-        error: tuple[_WorkerHandle, bytes | None, str] | None = None
+        errors: dict[int, tuple[_WorkerHandle, bytes | None, str]] = {}
         deadline = None
         while pending:
             waitables = list(pending) + [s for s, h in sentinels.items() if h.conn in pending]
@@ -277,7 +285,7 @@ class MultiprocExecutor(ExecutorBase):
             ready = wait(waitables, timeout)
             if not ready:  # the other ranks did not answer after an error: stuck
                 stuck = ", ".join(str(h.rank) for h in pending.values())
-                self._fail(f"ranks {stuck} did not answer after rank {error[0].rank} failed")
+                self._fail(f"ranks {stuck} did not answer after rank {min(errors)} failed")
                 break
             for obj in ready:
                 h = pending.get(obj) or sentinels[obj]
@@ -290,13 +298,14 @@ class MultiprocExecutor(ExecutorBase):
                     self._died(h, what)
                 pending.pop(h.conn)
                 status, *payload = message
-                if status == "error" and error is None:
-                    error = (h, payload[0], payload[1])
-                    deadline = time.monotonic() + grace_s
+                if status == "error":
+                    errors[h.rank] = (h, payload[0], payload[1])
+                    if deadline is None:
+                        deadline = time.monotonic() + grace_s
                 elif status in ("ok", "ready"):
                     results[h.rank] = payload[0]
-        if error is not None:
-            self._raise_remote(what, *error)
+        if errors:
+            self._raise_remote(what, *errors[min(errors)])
         return results
 
     def _receive(self, h: _WorkerHandle) -> tuple | None:

@@ -35,6 +35,7 @@ class ToyWorker(WorkerBase):
             "pid": os.getpid(),
             "torch_threads": torch.get_num_threads(),
             "marker": os.environ.get("TOY_WORKER_MARKER"),
+            "plugin_marker": os.environ.get("TOY_PLUGIN_MARKER"),
             "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
             "tp_size": parallel_state.get_tensor_model_parallel_world_size(),
         }
