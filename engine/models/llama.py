@@ -95,6 +95,10 @@ class LlamaArchConfig:
         )
 
 
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 def _sliding_window(hf: dict[str, Any]) -> int | None:
     if hf.get("model_type") == "qwen2" and not hf.get("use_sliding_window", False):
         return None
@@ -221,8 +225,9 @@ class LlamaForCausalLM(nn.Module):
             logger.warning("sliding_window=%s is not applied: outputs for contexts longer "
                            "than the window differ from the reference model", window)
         self.model = LlamaModel(cfg, max_model_len or cfg.max_position_embeddings,
-                                prefix=f"{prefix}model" if not prefix else f"{prefix}.model")
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, prefix="lm_head")
+                                prefix=_join(prefix, "model"))
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size,
+                                      prefix=_join(prefix, "lm_head"))
         if cfg.tie_word_embeddings:
             self.lm_head.tie_weights(self.model.embed_tokens)
 
