@@ -228,7 +228,11 @@ class MultiprocExecutor(ExecutorBase):
             process.start()
             child_conn.close()
             self._handles.append(_WorkerHandle(rank, process, parent_conn))
-        self._collect("startup", reply_rank=None, grace_s=0.0)
+        try:
+            self._collect("startup", grace_s=0.0)
+        except BaseException:
+            self._fail("startup did not complete")
+            raise
         logger.info("started %d worker processes (%s)", world_size,
                     ", ".join(str(h.process.pid) for h in self._handles))
 
@@ -262,15 +266,14 @@ class MultiprocExecutor(ExecutorBase):
             except (OSError, ValueError):
                 pass  # a dead worker is reported by _collect through its sentinel
         try:
-            return self._collect(name, reply_rank)
+            return self._collect(name)
         except KeyboardInterrupt:
             # the workers are mid-call: their late answers would be read as the
             # answers to the next call, so this executor cannot go on
             self._fail(f"interrupted during {name!r}")
             raise
 
-    def _collect(self, what: str, reply_rank: int | None,
-                 grace_s: float = ERROR_GRACE_S) -> list[Any]:
+    def _collect(self, what: str, grace_s: float = ERROR_GRACE_S) -> list[Any]:
         """Wait for one message from every rank, watching the process sentinels.
         After a rank reports an error the others get `grace_s` to answer; the
         lowest failing rank's error is raised."""
@@ -331,10 +334,10 @@ class MultiprocExecutor(ExecutorBase):
 
     def _raise_remote(self, what: str, h: _WorkerHandle, payload: bytes | None, text: str):
         if what == "startup":
+            h.process.join(2.0)  # it exits on its own right after reporting
             self._fail(f"worker rank {h.rank} failed to start")
             raise WorkerProcessError(
-                f"engine worker process rank {h.rank} failed to start "
-                f"({_describe_exit(h.process.exitcode)}):\n{text}",
+                f"engine worker process rank {h.rank} failed to start:\n{text}",
                 rank=h.rank, exit_code=h.process.exitcode, remote_traceback=text,
             )
         exc: BaseException | None = pickle.loads(payload) if payload is not None else None
@@ -348,7 +351,8 @@ class MultiprocExecutor(ExecutorBase):
     def _fail(self, reason: str) -> None:
         """Stop every worker at once: after a failure the survivors may be stuck
         in a collective waiting for the lost rank, so there is no polite way."""
-        self._failure = reason
+        if self._failure is None:
+            self._failure = reason
         for h in self._handles:
             if h.process.is_alive():
                 h.process.terminate()
