@@ -6,8 +6,9 @@ package installed with pip --target so that entry points of our groups exist):
 
 - in-process: `registry` discovery with an empty cache (median of --repeats),
   next to `importlib.metadata.entry_points(group=...)` timed in the same loop;
-- CLI: wall time of `python -m engine plugins list` (median of --cli-repeats,
-  sizes interleaved so that machine noise hits them alike).
+- CLI: wall time and CPU time (user+sys, robust when others load the machine) of
+  `python -m engine plugins list` (medians of --cli-repeats, sizes interleaved so
+  that machine noise hits them alike).
 
 Goals (issue 2): 1000 manifests add at most 100 ms to `engine plugins list`;
 with no manifests, in-process discovery costs at most 1.5x the bare scan.
@@ -105,51 +106,67 @@ def bench_in_process(dirs: dict[int, Path], repeats: int) -> dict[str, float]:
     return {key: median_ms(samples) for key, samples in results.items()}
 
 
+def run_timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Run `cmd`; return (wall seconds, CPU seconds user+sys of the child). CPU time
+    barely moves when other jobs share the machine, wall time does."""
+    start = perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd} exited with {proc.returncode}")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
 def bench_cli(dirs: dict[int, Path], repeats: int,
               env: dict[str, str]) -> dict[str, tuple[float, float]]:
+    """(median wall ms, median CPU ms) of `engine plugins list` per size, and of a
+    bare `python -c` entry-point scan, sizes interleaved."""
     bare_cmd = [sys.executable, "-c",
                 "from importlib.metadata import entry_points as e; e(group='engine.general_plugins')"]
-    results: dict[str, list[float]] = {"python + bare scan": []} | {str(n): [] for n in dirs}
+    list_cmd = [sys.executable, "-m", "engine", "plugins", "list"]
+    walls: dict[str, list[float]] = {"bare": []} | {str(n): [] for n in dirs}
+    cpus: dict[str, list[float]] = {key: [] for key in walls}
     for _ in range(repeats):
-        start = perf_counter()
-        subprocess.run(bare_cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-        results["python + bare scan"].append(perf_counter() - start)
-        for count, folder in dirs.items():
-            run_env = dict(env, ENGINE_PLUGIN_DIRS=str(folder))
-            start = perf_counter()
-            subprocess.run([sys.executable, "-m", "engine", "plugins", "list"], env=run_env,
-                           check=True, stdout=subprocess.DEVNULL)
-            results[str(count)].append(perf_counter() - start)
-    return {key: (median_ms(samples), min(samples) * 1000) for key, samples in results.items()}
+        for key, cmd, run_env in [("bare", bare_cmd, env)] + [
+            (str(n), list_cmd, dict(env, ENGINE_PLUGIN_DIRS=str(folder)))
+            for n, folder in dirs.items()
+        ]:
+            wall, cpu = run_timed(cmd, run_env)
+            walls[key].append(wall)
+            cpus[key].append(cpu)
+    return {key: (median_ms(walls[key]), median_ms(cpus[key])) for key in walls}
 
 
 def report(in_process: dict[str, float], cli: dict[str, tuple[float, float]],
            markdown: bool) -> str:
     bare = in_process["bare"]
-    base_median, base_min = cli["0"]
+    base_wall, base_cpu = cli["0"]
     lines = [
         "| manifests | in-process discovery (ms) | vs bare entry_points scan | "
-        "`engine plugins list` wall, median / min (ms) | added vs 0 manifests, "
-        "median / min (ms) |",
+        "`engine plugins list` wall / CPU (ms) | added vs 0 manifests, wall / CPU (ms) |",
         "|---:|---:|---:|---:|---:|",
     ]
     for count in SIZES:
         key = str(count)
-        median, fastest = cli[key]
+        wall, cpu = cli[key]
         lines.append(
             f"| {count} | {in_process[key]:.2f} | {in_process[key] / bare:.2f}x | "
-            f"{median:.0f} / {fastest:.0f} | {median - base_median:+.0f} / "
-            f"{fastest - base_min:+.0f} |"
+            f"{wall:.0f} / {cpu:.0f} | {wall - base_wall:+.0f} / {cpu - base_cpu:+.0f} |"
         )
     lines.append("")
     lines.append(f"bare `importlib.metadata.entry_points(group=...)` in-process: {bare:.2f} ms; "
-                 f"`python -c` doing only that scan: {cli['python + bare scan'][0]:.0f} ms wall")
-    goal_ratio = in_process["0"] / bare
-    goal_added = cli["1000"][0] - base_median
+                 f"`python -c` doing only that scan: {cli['bare'][0]:.0f} ms wall / "
+                 f"{cli['bare'][1]:.0f} ms CPU")
+    ratio = in_process["0"] / bare
+    added_wall = cli["1000"][0] - base_wall
+    added_cpu = cli["1000"][1] - base_cpu
     lines.append(
-        f"goals: 0 manifests in-process {goal_ratio:.2f}x bare (goal <= 1.5x: "
-        f"{'met' if goal_ratio <= 1.5 else 'MISSED'}); 1000 manifests add {goal_added:.0f} ms "
-        f"to `engine plugins list` (median; goal <= 100 ms: {'met' if goal_added <= 100 else 'MISSED'})"
+        f"goals: 0 manifests in-process {ratio:.2f}x bare (goal <= 1.5x: "
+        f"{'met' if ratio <= 1.5 else 'MISSED'}); 1000 manifests add {added_wall:.0f} ms wall, "
+        f"{added_cpu:.0f} ms CPU to `engine plugins list` (goal <= 100 ms: wall "
+        f"{'met' if added_wall <= 100 else 'MISSED'}, CPU {'met' if added_cpu <= 100 else 'MISSED'})"
     )
     text = "\n".join(lines)
     return text if markdown else text.replace("`", "")
@@ -180,8 +197,10 @@ def main() -> int:
         cli = bench_cli(dirs, args.cli_repeats, env)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; entry-point fixture "
-          f"package {'installed' if site else 'NOT installed (pip failed)'}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {load}; "
+          f"entry-point fixture package {'installed' if site else 'NOT installed (pip failed)'}; "
+          f"medians of {args.repeats} in-process and {args.cli_repeats} CLI runs")
     print(report(in_process, cli, args.markdown))
     return 0
 

@@ -39,6 +39,7 @@ _AT_END = re.compile(r"^(.*) \(at end of document\)$", re.DOTALL)
 # Manifests repeat most of their lines (`schema-version = 1`, `[[plugin]]`,
 # `group = "general"`...), so each distinct line is matched once per process.
 _BLANK = ("",)
+_MISS = ("miss",)
 _line_cache: dict[str, tuple | None] = {}
 
 
@@ -76,11 +77,11 @@ def parse_toml_subset(text: str) -> dict[str, Any] | None:
     root: dict[str, Any] = {}
     table = root
     arrays: set[str] = set()  # keys of root created by [[name]] headers
+    cache = _line_cache
     for line in text.split("\n"):
-        try:
-            parsed = _line_cache[line]
-        except KeyError:
-            parsed = _line_cache[line] = _read_line(line)
+        parsed = cache.get(line, _MISS)
+        if parsed is _MISS:
+            parsed = cache[line] = _read_line(line)
         if parsed is None:
             return None
         kind = parsed[0]
