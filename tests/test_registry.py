@@ -240,6 +240,16 @@ def test_config_dir_manifest_is_discovered_and_loaded(isolated_engine_env, tmp_p
     assert str(tmp_path / "code") in sys.path
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="XDG config dir layout")
+def test_default_config_dir_is_the_platformdirs_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("ENGINE_CONFIG_DIR")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    path = write_manifest(tmp_path / "xdg" / "engine" / "plugins", "p.toml",
+                          [{"group": "general", "name": "xdg_plugin", "value": "json"}])
+    record = by_key(registry.discover())[(registry.GENERAL_PLUGINS, "xdg_plugin")]
+    assert (record.source, record.origin) == ("config-dir", str(path))
+
+
 def test_manifest_path_is_relative_to_the_manifest(tmp_path, monkeypatch):
     mod = unique()
     plugin_dir = tmp_path / "pdir"
