@@ -93,6 +93,29 @@ class BertEmbeddings(nn.Module):
         return self.LayerNorm(x)
 
 
+class _Packing:
+    """Where the real tokens of a padded [B, L] batch sit. The encoder runs its
+    per-token layers on the packed [N, H] real tokens only (padding is pure waste
+    there) and pads just for attention."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.batch, self.length = mask.shape
+        self.full = bool(mask.all())
+        self.rows = None if self.full else mask.reshape(-1).nonzero().squeeze(1)
+        self.key_mask = None if self.full else mask[:, None, None, :]  # [B, 1, 1, L]
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, F] -> [N, F]."""
+        x = x.reshape(self.batch * self.length, -1)
+        return x if self.rows is None else x.index_select(0, self.rows)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, F] -> [B, L, F], zeros at padding."""
+        if self.rows is not None:
+            x = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy_(0, self.rows, x)
+        return x.view(self.batch, self.length, -1)
+
+
 class BertSelfAttention(nn.Module):
     def __init__(self, cfg: BertArchConfig) -> None:
         super().__init__()
@@ -101,13 +124,14 @@ class BertSelfAttention(nn.Module):
                                      cfg.num_attention_heads, bias=True)
         self.num_heads = self.qkv.num_heads  # per rank
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x [B, L, H], mask [B, 1, 1, L] -> [B, L, heads * head_size]."""
-        batch, length, _ = x.shape
-        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_size)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, D]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_size)
+    def forward(self, x: torch.Tensor, packing: _Packing) -> torch.Tensor:
+        """x [N, H] packed tokens -> [N, heads * head_size]."""
+        qkv = packing.unpack(self.qkv(x))  # [B, L, 3 * heads * D]
+        batch, length, _ = qkv.shape
+        q, k, v = qkv.view(batch, length, 3, self.num_heads, self.head_size).permute(
+            2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, D]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.key_mask)
+        return packing.pack(out.transpose(1, 2))
 
 
 class BertAttention(nn.Module):
@@ -116,8 +140,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(cfg)
         self.output = BertOutput(cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.output(self.self(x, mask), x)
+    def forward(self, x: torch.Tensor, packing: _Packing) -> torch.Tensor:
+        return self.output(self.self(x, packing), x)
 
 
 class BertOutput(nn.Module):
@@ -149,8 +173,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertOutput(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.attention(x, mask)
+    def forward(self, x: torch.Tensor, packing: _Packing) -> torch.Tensor:
+        x = self.attention(x, packing)
         return self.output(self.intermediate(x), x)
 
 
@@ -159,9 +183,9 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packing: _Packing) -> torch.Tensor:
         for layer in self.layer:
-            x = layer(x, mask)
+            x = layer(x, packing)
         return x
 
 
@@ -191,8 +215,9 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        mask = attention_mask.bool()[:, None, None, :]  # keys that are real tokens
-        return self.encoder(self.embeddings(input_ids, token_type_ids), mask)
+        packing = _Packing(attention_mask.bool())
+        hidden = packing.pack(self.embeddings(input_ids, token_type_ids))  # [N, H]
+        return packing.unpack(self.encoder(hidden, packing))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         def rename(name: str) -> str | None:
