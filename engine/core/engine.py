@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from engine.config import EngineConfig
@@ -54,7 +54,6 @@ class _Request:
     seqs: list[Sequence]
     detokenizers: list[Any]
     logprobs: list[list[dict[int, float]] | None]
-    sent_text_len: list[int] = field(default_factory=list)  # for streaming deltas
     arrival_time: float = 0.0
 
     @property
@@ -151,10 +150,10 @@ class LLMEngine:
         prompt is empty, longer than the model's context, or could never fit in
         the KV cache; requests already queued are unaffected.
         """
+        scheduler = self._require_generate()
         from engine.detokenizer import IncrementalDetokenizer
         from engine.sampling_params import SamplingParams
 
-        scheduler = self._require_generate()
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
@@ -189,10 +188,11 @@ class LLMEngine:
             params=params,
             seqs=seqs,
             detokenizers=[
-                IncrementalDetokenizer(self.tokenizer, token_ids, params) for _ in seqs
+                IncrementalDetokenizer(self.tokenizer, token_ids, params,
+                                       max_model_len=max_model_len)
+                for _ in seqs
             ],
             logprobs=[[] if params.logprobs is not None else None for _ in seqs],
-            sent_text_len=[0] * len(seqs),
             arrival_time=time.monotonic(),
         )
         for seq in seqs:
@@ -262,18 +262,15 @@ class LLMEngine:
         completions = []
         for i, seq in enumerate(req.seqs):
             detok = req.detokenizers[i]
-            text = detok.output_text
-            delta = text[req.sent_text_len[i]:]
-            req.sent_text_len[i] = len(text)
             completions.append(
                 CompletionOutput(
                     index=i,
-                    text=text,
+                    text=detok.output_text,
                     token_ids=list(seq.output_token_ids),
                     finish_reason=seq.status.finish_reason,
                     stop_reason=seq.stop_reason,
                     logprobs=list(req.logprobs[i]) if req.logprobs[i] is not None else None,
-                    text_delta=delta,
+                    text_delta=detok.take_delta(),
                 )
             )
         return RequestOutput(

@@ -41,6 +41,8 @@ class Worker(WorkerBase):
             backend=parallel.distributed_backend or current_platform.get_default_dist_backend(),
         )
         parallel_state.initialize_model_parallel(parallel.tensor_parallel_size)
+        # once in every process that runs a model, before the model is built
+        current_platform.import_kernels()
         set_random_seed(self.config.model_config.seed)
         self.model_runner = ModelRunner(self.config, self.device)
 

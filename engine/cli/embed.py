@@ -1,0 +1,40 @@
+"""`engine embed`: embed texts with an embedding model folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
+    p = subparsers.add_parser(
+        "embed",
+        parents=parents,
+        help="embed texts",
+        description="Embed each TEXT with an embedding model (e.g. all-MiniLM-L6-v2).",
+    )
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.add_argument("--model", metavar="DIR", default=None,
+                   help="Hugging Face / sentence-transformers model folder")
+    p.add_argument("--json", action="store_true", help="print a JSON array: text, embedding")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.llm import LLM
+
+    try:
+        outputs = LLM(args.model).embed(args.texts)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"engine embed: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        rows = [{"text": out.prompt, "embedding": out.outputs.embedding} for out in outputs]
+        print(json.dumps(rows, ensure_ascii=False))
+        return 0
+    for out in outputs:
+        vec = out.outputs.embedding
+        head = ", ".join(f"{x:+.4f}" for x in vec[:4])
+        print(f"{out.prompt}\t[{head}, ...] ({len(vec)} dims)")
+    return 0

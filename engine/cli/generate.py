@@ -1,0 +1,62 @@
+"""`engine generate`: complete prompts with a model folder (or the default model)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        parents=parents,
+        help="complete prompts",
+        description="Complete each --prompt with the model and print the completions.",
+    )
+    p.add_argument("--model", metavar="DIR", default=None,
+                   help="Hugging Face-format model folder (default: the embedded model)")
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                   help="a prompt (repeatable; prompts are batched together)")
+    p.add_argument("--max-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0 means greedy (the default)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 means off")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="per-request seed")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
+    p.add_argument("--attention-backend", default=None, metavar="NAME",
+                   help="attention backend name (default: the platform's)")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON array: prompt, text, token_ids, finish_reason")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    try:
+        params = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos,
+        )
+        llm = LLM(args.model, attention_backend=args.attention_backend)
+        outputs = llm.generate(args.prompt, params)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"engine generate: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        rows = [
+            {"prompt": out.prompt, "text": out.outputs[0].text,
+             "token_ids": out.outputs[0].token_ids,
+             "finish_reason": out.outputs[0].finish_reason}
+            for out in outputs
+        ]
+        print(json.dumps(rows, ensure_ascii=False))
+        return 0
+    for i, out in enumerate(outputs):
+        if len(outputs) > 1:
+            print(f"{'-' * 20} prompt {i + 1} of {len(outputs)} {'-' * 20}")
+        print(f"{out.prompt}{out.outputs[0].text}")
+    return 0
