@@ -177,3 +177,21 @@ def test_scheduler_output_is_picklable():
     sched.add_sequence(_seq(6))
     out = sched.schedule()
     assert pickle.loads(pickle.dumps(out)) == out
+
+
+def test_stats_count_each_step_once():
+    sched = _scheduler(block_size=4)
+    first = _seq(9, max_tokens=1)
+    sched.add_sequence(first)
+    _run_to_end(sched)
+    sched.make_stats()
+    sched.add_sequence(_seq(9, max_tokens=1))
+    sched.add_sequence(_seq(3, max_tokens=1, first=900))
+    sched.schedule()
+    stats = sched.make_stats()
+    assert (stats.num_running_reqs, stats.num_waiting_reqs) == (2, 0)
+    cache = stats.prefix_cache_stats
+    assert (cache.queries, cache.hits) == (12, 8)
+    assert 0 < stats.kv_cache_usage <= 1
+    again = sched.make_stats()
+    assert again.prefix_cache_stats.queries == 0 and again.num_preemptions == 0

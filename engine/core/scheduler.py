@@ -98,6 +98,7 @@ class Scheduler:
         self.num_preemptions = 0  # totals, for stats and tests
         self.prefix_cache_queried_tokens = 0
         self.prefix_cache_hit_tokens = 0
+        self._stats_marks = (0, 0, 0)  # the totals at the last make_stats()
 
     # ------------------------------------------------------------------ requests
 
@@ -255,6 +256,25 @@ class Scheduler:
             )
         )
         out.num_batched_tokens += num_new
+
+    def make_stats(self) -> Any:
+        """An `engine.metrics.SchedulerStats` snapshot; counters cover the time
+        since the previous call (one engine step)."""
+        from engine.metrics.stats import PrefixCacheStats, SchedulerStats
+
+        totals = (self.prefix_cache_queried_tokens, self.prefix_cache_hit_tokens,
+                  self.num_preemptions)
+        queries, hits, preemptions = (
+            now - before for now, before in zip(totals, self._stats_marks, strict=True)
+        )
+        self._stats_marks = totals
+        return SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=self.kv_cache.usage,
+            prefix_cache_stats=PrefixCacheStats(queries=queries, hits=hits),
+            num_preemptions=preemptions,
+        )
 
     # ------------------------------------------------------------------ results
 
