@@ -103,6 +103,8 @@ VARIANTS = {
     "qwen2": ("qwen2", {}, {}),
     "mistral": ("mistral", {}, {}),
     "llama-tied": ("llama", {"tie_word_embeddings": True}, {}),
+    "llama-biases": ("llama", {"attention_bias": True, "mlp_bias": True}, {}),
+    "mistral-head-dim": ("mistral", {"head_dim": 32}, {}),
     "llama-rope-llama3": ("llama", {}, {"rope_parameters": {
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8}}),
