@@ -3,7 +3,8 @@
 Plugins come from built-in manifests, installed entry points, the user's config
 dir and plugin dirs (SPEC section 3); every source yields the same PluginRecord,
 loaded through ``importlib.metadata.EntryPoint``. This package never imports
-torch or ``engine``.
+torch or ``engine``, and importing it is cheap: discovery, loading and the
+manifest models (pydantic) are imported on first use.
 
 Public API::
 
@@ -15,7 +16,12 @@ Public API::
     load_trace() -> list[LoadEvent]
 """
 
-from registry._discovery import add_plugin_dirs, discover, strict_mode
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from registry._env import add_plugin_dirs, strict_mode
 from registry._errors import ManifestError, PluginLoadError, RegistryError
 from registry._groups import (
     GENERAL_PLUGINS,
@@ -26,10 +32,20 @@ from registry._groups import (
     STAT_LOGGER_PLUGINS,
     resolve_group,
 )
-from registry._loading import load_general_plugins, load_plugins_by_group, resolve_qualname
-from registry._manifest import Manifest, load_manifest, manifest_json_schema, validate_manifest
 from registry._records import LoadEvent, PluginRecord, load_trace
 from registry._version import __version__
+
+# public name -> private module defining it, imported on first use (see __getattr__)
+_LAZY = {
+    "discover": "registry._discovery",
+    "load_plugins_by_group": "registry._loading",
+    "load_general_plugins": "registry._loading",
+    "resolve_qualname": "registry._loading",
+    "Manifest": "registry._manifest",
+    "load_manifest": "registry._manifest",
+    "validate_manifest": "registry._manifest",
+    "manifest_json_schema": "registry._manifest",
+}
 
 __all__ = [
     "__version__",
@@ -57,3 +73,26 @@ __all__ = [
     "load_trace",
     "resolve_qualname",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from registry._discovery import discover
+    from registry._loading import load_general_plugins, load_plugins_by_group, resolve_qualname
+    from registry._manifest import (
+        Manifest,
+        load_manifest,
+        manifest_json_schema,
+        validate_manifest,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'registry' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -9,6 +9,7 @@ import threading
 from dataclasses import dataclass, replace
 from time import perf_counter
 
+from registry._env import allow_list, config_dir, plugin_dirs, strict_mode
 from registry._errors import PluginLoadError
 from registry._groups import resolve_group
 from registry._records import SOURCE_RANK, PluginRecord, record_discovery, record_event
@@ -20,7 +21,6 @@ logger = logging.getLogger("registry")
 
 # the environment that decides what discovery finds; a change means a new scan
 _ENV_KEYS = ("ENGINE_PLUGIN_DIRS", "ENGINE_PLUGINS", "ENGINE_CONFIG_DIR")
-_TRUE = ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -34,46 +34,6 @@ class Discovery:
 
 _cache: tuple[tuple[str | None, ...], Discovery] | None = None
 _lock = threading.Lock()
-
-
-def strict_mode() -> bool:
-    """True when ``ENGINE_STRICT_PLUGINS`` is set to 1/true/yes/on (``--strict-plugins``):
-    every plugin error or warning then raises PluginLoadError."""
-    return os.environ.get("ENGINE_STRICT_PLUGINS", "").strip().lower() in _TRUE
-
-
-def plugin_dirs() -> list[str]:
-    """The plugin dirs of ``ENGINE_PLUGIN_DIRS``, absolute, first occurrence first."""
-    raw = os.environ.get("ENGINE_PLUGIN_DIRS", "")
-    dirs = [os.path.abspath(d) for d in raw.split(os.pathsep) if d.strip()]
-    return list(dict.fromkeys(dirs))
-
-
-def config_dir() -> str:
-    """``ENGINE_CONFIG_DIR``, else the platformdirs user config dir of app ``engine``."""
-    configured = os.environ.get("ENGINE_CONFIG_DIR")
-    if configured:
-        return os.path.abspath(configured)
-    import platformdirs
-
-    return platformdirs.user_config_dir("engine", appauthor=False)
-
-
-def allow_list() -> set[str] | None:
-    """The names of ``ENGINE_PLUGINS``, or None when it is unset (everything allowed)."""
-    raw = os.environ.get("ENGINE_PLUGINS")
-    if raw is None:
-        return None
-    return {name.strip() for name in raw.split(",") if name.strip()}
-
-
-def add_plugin_dirs(dirs: list[str] | tuple[str, ...]) -> None:
-    """Prepend `dirs` to ``ENGINE_PLUGIN_DIRS`` (so every process the engine starts
-    sees them) and drop the discovery cache."""
-    new = [os.path.abspath(os.fspath(d)) for d in dirs]
-    merged = list(dict.fromkeys(new + plugin_dirs()))
-    os.environ["ENGINE_PLUGIN_DIRS"] = os.pathsep.join(merged)
-    clear_cache()
 
 
 def clear_cache() -> None:

@@ -11,7 +11,8 @@ import threading
 from time import perf_counter
 from typing import Any
 
-from registry._discovery import discover, strict_mode
+from registry._discovery import discover
+from registry._env import strict_mode
 from registry._errors import PluginLoadError
 from registry._groups import GENERAL_PLUGINS, resolve_group
 from registry._records import PluginRecord, record_event

@@ -7,8 +7,10 @@ import os
 import threading
 from collections import deque
 from dataclasses import asdict, dataclass
-from importlib.metadata import EntryPoint
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:  # importlib.metadata is slow to import; only loading needs it
+    from importlib.metadata import EntryPoint
 
 # source labels, lowest precedence first (SPEC section 3)
 SOURCES: tuple[str, ...] = ("builtin", "entry-point", "config-dir", "plugin-dir")
@@ -41,6 +43,8 @@ class PluginRecord:
 
     def entry_point(self) -> EntryPoint:
         """This plugin as an ``importlib.metadata.EntryPoint`` (what the loader loads)."""
+        from importlib.metadata import EntryPoint
+
         return EntryPoint(name=self.name, value=self.value, group=self.group)
 
     def describe(self) -> str:

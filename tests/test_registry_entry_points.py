@@ -107,6 +107,17 @@ def test_registry_never_imports_torch_or_engine(site):
     assert "ep_broken" in proc.stderr  # its import error is logged, the rest loads
 
 
+def test_importing_registry_and_engine_is_cheap():
+    proc = run_python("""
+        import sys, engine, registry
+        registry.strict_mode(), registry.resolve_group("general"), registry.GROUPS
+        print(sorted(m for m in sys.modules
+                     if m.split(".")[0] in ("pydantic", "pluggy", "torch", "importlib_metadata")))
+    """, subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_strict_mode_in_a_child_process(site):
     proc = run_python("""
         import registry

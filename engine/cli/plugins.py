@@ -55,8 +55,14 @@ def run(args: argparse.Namespace) -> int:
     if action is None:
         args.plugins_parser.print_help()
         return 2
-    return {"list": run_list, "validate": run_validate, "doctor": run_doctor,
-            "schema": run_schema}[action](args)
+    handler = {"list": run_list, "validate": run_validate, "doctor": run_doctor,
+               "schema": run_schema}[action]
+    try:
+        return handler(args)
+    except BrokenPipeError:  # `engine plugins list | head`: the reader left, not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 # ---------------------------------------------------------------------------
@@ -64,15 +70,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
-    return "\n".join(lines)
+    widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
+    line = "  ".join(f"{{:<{width}}}" for width in widths)
+    return "\n".join(line.format(*row).rstrip() for row in rows)
 
 
 def run_list(args: argparse.Namespace) -> int:
     """Print every discovered plugin (a table, or JSON with --json)."""
-    from registry._discovery import current_discovery, strict_mode
+    from registry._discovery import current_discovery
+    from registry._env import strict_mode
     from registry._groups import group_alias, resolve_group
 
     try:
@@ -202,7 +208,8 @@ class _Report:
 def _doctor_discovery(report: _Report) -> list[Any]:
     import logging
 
-    from registry._discovery import config_dir, current_discovery, plugin_dirs
+    from registry._discovery import current_discovery
+    from registry._env import config_dir, plugin_dirs
 
     discovery = current_discovery()
     report.section("Discovery")
