@@ -29,7 +29,8 @@ class CustomOp(nn.Module):
     # registered name -> in-tree class / out-of-tree replacement
     op_registry: ClassVar[dict[str, type[CustomOp]]] = {}
     op_registry_oot: ClassVar[dict[str, type[CustomOp]]] = {}
-    # set on an in-tree class by `register` (in its own __dict__, not inherited in spirit)
+    # set by `register`; __new__ reads it from the class's own __dict__ only, so a
+    # subclass (a replacement, or a model's variant of the op) is never redirected
     _op_name: ClassVar[str | None] = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> CustomOp:
