@@ -114,7 +114,7 @@ def make_hf_model(tmp_path_factory, tokenizer_dir) -> Callable[..., Path]:
     cache: dict[tuple, Path] = {}
 
     def build(arch: str = "llama", seed: int = 0, **overrides) -> Path:
-        key = (arch, seed, tuple(sorted(overrides.items())))
+        key = (arch, seed, json.dumps(overrides, sort_keys=True))
         if key in cache:
             return cache[key]
         import torch
