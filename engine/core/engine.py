@@ -221,7 +221,7 @@ class LLMEngine:
         if scheduler_output.is_empty:
             if scheduler_output.finished_seq_ids:  # let the workers drop their state
                 self.executor.execute_model(scheduler_output)
-            if scheduler.has_unfinished():
+            if scheduler.has_unfinished() and not scheduler_output.num_preempted:
                 raise RuntimeError(
                     "the scheduler could not schedule any of "
                     f"{scheduler.num_unfinished} unfinished sequences"

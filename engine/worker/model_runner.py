@@ -21,9 +21,11 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, config: Any, device: torch.device) -> None:
+    def __init__(self, config: Any, device: torch.device, is_driver: bool = True) -> None:
         self.config = config
         self.device = device
+        # only the driver rank's tokens are used: the others skip sampling
+        self.is_driver = is_driver
         self.block_size = config.cache_config.block_size
         self.model: torch.nn.Module | None = None
         self.sampler: Any = None
@@ -62,6 +64,8 @@ class ModelRunner:
             if not seq_ids:  # only prompt chunks this step: nothing to sample
                 return ModelRunnerOutput()
             logits = self.model.compute_logits(hidden.index_select(0, logits_rows))
+            if not self.is_driver:
+                return ModelRunnerOutput()
             states = [self.states[i] for i in seq_ids]
             sampled = self.sampler(logits, states)
         token_ids = list(sampled.token_ids)
@@ -72,6 +76,8 @@ class ModelRunner:
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         from engine.sample import SamplingState
 
+        if not self.is_driver:
+            return
         for seq_id in scheduler_output.finished_seq_ids:
             self.states.pop(seq_id, None)
         for new in scheduler_output.new_seqs:

