@@ -42,7 +42,8 @@ class LLM:
         platform: use this platform plugin (sets ``ENGINE_PLATFORM``).
         tensor_parallel_size: ranks to shard the model over (one process each).
         attention_backend: an `AttentionBackendEnum` name (default: the platform's).
-        io_processor_plugin: the IO-processor plugin to use for `encode` (later).
+        io_processor_plugin: the IO-processor plugin `encode` uses (default: the
+            ``io_processor_plugin`` key of the model's ``config.json``, if any).
         plugin_dirs: extra plugin folders (reach every engine process).
         dtype: "auto", "float32", "bfloat16" or "float16".
         seed: seeds the global generators (unseeded sampling, weight init).
@@ -85,7 +86,10 @@ class LLM:
         worker_cls: str = "auto",
     ) -> None:
         if platform is not None:
+            from engine.platforms import reset_current_platform
+
             os.environ["ENGINE_PLATFORM"] = platform
+            reset_current_platform()  # a platform resolved earlier in this process is stale
         plugin_dirs = [os.fspath(d) for d in plugin_dirs]
         if plugin_dirs:
             import registry
@@ -105,6 +109,14 @@ class LLM:
         from engine.core.engine import LLMEngine
 
         self.llm_engine = LLMEngine(config)
+        try:
+            from engine.io_processors import get_io_processor
+
+            # a named plugin that does not exist fails here, at start
+            self.io_processor = get_io_processor(config, io_processor_plugin)
+        except BaseException:
+            self.llm_engine.shutdown()
+            raise
 
     @property
     def config(self) -> EngineConfig:
@@ -233,6 +245,40 @@ class LLM:
         if pooling.max_seq_length is not None:
             limit = min(limit, pooling.max_seq_length)
         return limit
+
+    # ------------------------------------------------------------------ encode
+
+    def encode(
+        self,
+        data: Any,
+        pooling_task: str = "plugin",
+        pooling_params: Any = None,
+        request_id: str | None = None,
+    ) -> Any:
+        """Run ``data`` through the IO-processor plugin: parse, pre-process, pool,
+        post-process. Returns exactly what the plugin's ``post_process`` returned.
+
+        Raises ValueError when no IO processor is configured, and
+        `engine.io_processors.IOProcessorError` when the plugin fails on this
+        request (the engine keeps serving).
+        """
+        from engine.io_processors import process_request
+
+        if pooling_task != "plugin":
+            raise ValueError(f"pooling_task must be 'plugin', got {pooling_task!r}")
+        if self.io_processor is None:
+            raise ValueError(
+                "no IO-processor plugin is configured: pass LLM(io_processor_plugin=NAME) "
+                "or set 'io_processor_plugin' in the model's config.json"
+            )
+
+        def pool(prompts: Any, params: Any) -> list[EmbeddingRequestOutput]:
+            outputs = self.embed(prompts)
+            for out in outputs:
+                out.outputs.embedding = params.apply_to(out.outputs.embedding)
+            return outputs
+
+        return process_request(self.io_processor, data, pool, pooling_params, request_id)
 
     # ------------------------------------------------------------------ end
 

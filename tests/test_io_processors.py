@@ -339,3 +339,53 @@ def test_similarity_example_rejects_bad_requests_by_field(similarity_plugin_dir,
     with pytest.raises(IOProcessorError, match="'query' must be a non-empty string"):
         process_request(processor, {"query": ""}, minilm_pool)
     assert len(process_request(processor, "a rainy day", minilm_pool)["results"]) == 3
+
+
+# --------------------------------------------------------------------------
+# through the engine: LLM.encode
+
+
+@pytest.fixture(scope="module")
+def minilm_llm(minilm_dir):
+    """One engine on the real MiniLM for the LLM.encode tests (no IO processor yet:
+    each test attaches the one it selects)."""
+    from engine import LLM
+
+    llm = LLM(minilm_dir)
+    yield llm
+    llm.shutdown()
+
+
+def test_llm_encode_runs_the_plugin_over_real_embeddings(
+    similarity_plugin_dir, minilm_llm, minilm_pool
+):
+    minilm_llm.io_processor = get_io_processor(minilm_llm.config, "similarity")
+    result = minilm_llm.encode({"query": "My kitten naps in the sun", "top_k": 2})
+    oracle = process_request(minilm_llm.io_processor,
+                             {"query": "My kitten naps in the sun", "top_k": 2}, minilm_pool)
+    assert [r["text"] for r in result["results"]] == [r["text"] for r in oracle["results"]]
+    for got, want in zip(result["results"], oracle["results"], strict=True):
+        assert got["score"] == pytest.approx(want["score"], abs=1e-4)
+
+
+def test_llm_encode_failure_in_the_plugin_fails_only_that_request(test_plugin_dir, minilm_llm):
+    minilm_llm.io_processor = get_io_processor(minilm_llm.config, "echo")
+    with pytest.raises(IOProcessorError, match="post_process exploded"):
+        minilm_llm.encode("bad-post")
+    vectors = minilm_llm.encode(["first text", "second text"])
+    assert len(vectors) == 2 and len(vectors[0]) == 384
+
+
+def test_llm_with_a_missing_io_processor_fails_at_start_listing_the_available(
+    test_plugin_dir, minilm_dir
+):
+    from engine import LLM
+
+    with pytest.raises(ValueError, match="similarity"):
+        LLM(minilm_dir, io_processor_plugin="no-such-processor")
+
+
+def test_llm_encode_without_a_processor_says_how_to_configure_one(minilm_llm):
+    minilm_llm.io_processor = None
+    with pytest.raises(ValueError, match="io_processor_plugin"):
+        minilm_llm.encode("text")

@@ -334,46 +334,38 @@ def installed_jsonl_example(tmp_path_factory) -> Path:
     return target
 
 
-# Runs in a child process: drives the manager the way the engine does, for two
-# requests with known token counts, then prints what the registry saw.
+# Runs in a child process: a real engine with stats on serves two requests with
+# known lengths, then prints what the requests produced and what the registry saw.
 ENGINE_SIDE = """
-import json, sys
+import json, os, sys
 import registry
-from engine.config import EngineConfig, ModelConfig
-from engine.metrics import RequestStatsTracker, SchedulerStats, build_stat_loggers
+from engine import LLM, SamplingParams
 
-config = EngineConfig(model_config=ModelConfig(model="tiny-model"))
-manager = build_stat_loggers(config, engine_indices=(0,), log_interval=3600)
-manager.log_engine_initialized()
-tracker = RequestStatsTracker()
-tracker.on_request_added("r0", 0.0, 5)
-tracker.on_request_added("r1", 0.0, 9)
-for step in range(4):
-    now = 1.0 + step
-    tracker.on_tokens("r0", 1, now)
-    if step < 2:
-        tracker.on_tokens("r1", 1, now)
-    if step == 1:
-        tracker.on_finished("r1", "length", now)
-    if step == 3:
-        tracker.on_finished("r0", "stop", now)
-    manager.record(SchedulerStats(num_running_reqs=2 - (step >= 2)), tracker.take_iteration_stats(now))
-manager.shutdown()
+llm = LLM(os.environ["TINY_MODEL"], log_stats=True, kv_cache_memory=1 << 22)
+outs = llm.generate(
+    ["def add(a, b):", "import os"],
+    [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+     SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)],
+)
+loggers = [type(s).__name__ for s in llm.llm_engine.stat_loggers.stat_loggers]
+llm.shutdown()
 records = [r for r in registry.discover("stat_logger") if r.enabled]
 print(json.dumps({
-    "loggers": [type(s).__name__ for s in manager.stat_loggers],
+    "loggers": loggers,
     "sources": {r.name: r.source for r in records},
-    "torch_imported": "torch" in sys.modules,
+    "prompt_lens": [len(o.prompt_token_ids) for o in outs],
+    "output_lens": [len(o.outputs[0].token_ids) for o in outs],
 }))
 """
 
 
-def run_engine_side(tmp_path: Path, **env: str) -> tuple[dict, list[dict]]:
+def run_engine_side(tmp_path: Path, model_dir: Path, **env: str) -> tuple[dict, list[dict]]:
     stats_file = tmp_path / "stats.jsonl"
     proc = subprocess.run(
         [sys.executable, "-c", ENGINE_SIDE],
-        env=subprocess_env(ENGINE_STATS_JSONL=str(stats_file), **env),
-        capture_output=True, text=True, timeout=120,
+        env=subprocess_env(ENGINE_STATS_JSONL=str(stats_file), TINY_MODEL=str(model_dir),
+                           OMP_NUM_THREADS="1", **env),
+        capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
@@ -381,40 +373,71 @@ def run_engine_side(tmp_path: Path, **env: str) -> tuple[dict, list[dict]]:
     return report, lines
 
 
-def check_jsonl_stats(lines: list[dict]) -> None:
-    """The example logger saw the start and every step, with the right token counts."""
+def check_jsonl_stats(report: dict, lines: list[dict], model_dir: Path) -> None:
+    """The example logger saw the start and every step, with token counts equal to
+    what the requests produced."""
     assert lines[0]["event"] == "engine_initialized"
-    assert lines[0]["model"] == "tiny-model"
+    assert lines[0]["model"] == str(model_dir)
     records = [line for line in lines if line["event"] == "record"]
-    assert len(records) == 4
+    assert len(records) >= max(report["output_lens"])
     iterations = [r["iteration"] for r in records]
-    assert sum(it["num_prompt_tokens"] for it in iterations) == 5 + 9
-    assert sum(it["num_generation_tokens"] for it in iterations) == 4 + 2
-    finished = {f["request_id"]: f for it in iterations for f in it["finished_requests"]}
-    assert finished["r0"]["num_generation_tokens"] == 4
-    assert finished["r0"]["finish_reason"] == "stop"
-    assert finished["r1"]["num_generation_tokens"] == 2
-    assert finished["r1"]["finish_reason"] == "length"
+    assert report["output_lens"] == [4, 2]
+    assert sum(it["num_prompt_tokens"] for it in iterations) == sum(report["prompt_lens"])
+    assert sum(it["num_generation_tokens"] for it in iterations) == sum(report["output_lens"])
+    finished = sorted(
+        (f["num_prompt_tokens"], f["num_generation_tokens"], f["finish_reason"])
+        for it in iterations for f in it["finished_requests"]
+    )
+    expected = sorted(
+        (p, n, "length") for p, n in zip(report["prompt_lens"], report["output_lens"], strict=True)
+    )
+    assert finished == expected
     assert records[0]["scheduler"]["num_running_reqs"] == 2
 
 
 def test_plugin_logger_from_an_entry_point_receives_init_and_records(
-    installed_jsonl_example, tmp_path
+    installed_jsonl_example, tmp_path, make_hf_model
 ):
-    report, lines = run_engine_side(tmp_path, PYTHONPATH=str(installed_jsonl_example))
+    model_dir = make_hf_model("llama")
+    report, lines = run_engine_side(tmp_path, model_dir, PYTHONPATH=str(installed_jsonl_example))
     assert report["loggers"] == ["LoggingStatLogger", "PrometheusStatLogger", "JsonlStatLogger"]
     assert report["sources"] == {"jsonl": "entry-point"}
-    assert report["torch_imported"] is False
-    check_jsonl_stats(lines)
+    check_jsonl_stats(report, lines, model_dir)
 
 
-def test_plugin_logger_from_a_manifest_receives_init_and_records(tmp_path):
+def test_plugin_logger_from_a_manifest_receives_init_and_records(tmp_path, make_hf_model):
     config_dir = tmp_path / "config"
     (config_dir / "plugins").mkdir(parents=True)
     manifest = (JSONL_EXAMPLE / "manifest" / "jsonl-stat-logger.toml").read_text()
     manifest = manifest.replace('path = "../src"', f'path = "{JSONL_EXAMPLE / "src"}"')
     (config_dir / "plugins" / "jsonl.toml").write_text(manifest)
-    report, lines = run_engine_side(tmp_path, ENGINE_CONFIG_DIR=str(config_dir))
+    model_dir = make_hf_model("llama")
+    report, lines = run_engine_side(tmp_path, model_dir, ENGINE_CONFIG_DIR=str(config_dir))
     assert report["loggers"][-1] == "JsonlStatLogger"
     assert report["sources"] == {"jsonl": "config-dir"}
-    check_jsonl_stats(lines)
+    check_jsonl_stats(report, lines, model_dir)
+
+
+def test_prometheus_counters_after_a_real_workload_equal_the_request_outputs(make_hf_model):
+    """An engine with stats on: the Prometheus token and request counters equal what
+    the requests produced."""
+    from prometheus_client import generate_latest
+
+    from engine import LLM, SamplingParams
+
+    llm = LLM(make_hf_model("llama"), log_stats=True, kv_cache_memory=1 << 22)
+    try:
+        params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 5, 7)]
+        outs = llm.generate(["a = 1", "def f(x):", "import sys\nprint("], params)
+        text = generate_latest(llm.llm_engine.stat_loggers.prometheus_registry).decode()
+    finally:
+        llm.shutdown()
+
+    def value(metric: str) -> float:
+        lines = [ln for ln in text.splitlines() if ln.startswith(metric + "{")]
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
+
+    assert value("engine_prompt_tokens_total") == sum(len(o.prompt_token_ids) for o in outs)
+    assert value("engine_generation_tokens_total") == 3 + 5 + 7
+    assert value("engine_request_success_total") == 3
+    assert value("engine_num_requests_running") == 0

@@ -95,6 +95,17 @@ class LLMEngine:
             self.scheduler.eos_token_ids = sorted(self.tokenizer.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._request_ids = itertools.count()
+        self.stat_loggers: Any = None  # engine.metrics.StatLoggerManager when log_stats
+        if config.log_stats:
+            self._init_stats()
+
+    def _init_stats(self) -> None:
+        from engine.metrics import RequestStatsTracker, build_stat_loggers
+
+        # a stat-logger plugin that is not a StatLoggerBase raises TypeError here, at start
+        self.stat_loggers = build_stat_loggers(self.config)
+        self._request_stats = RequestStatsTracker()
+        self.stat_loggers.log_engine_initialized()
 
     def _init_workers(self) -> None:
         config = self.config
@@ -198,6 +209,8 @@ class LLMEngine:
         for seq in seqs:
             scheduler.add_sequence(seq)
         self.requests[request_id] = req
+        if self.stat_loggers is not None:
+            self._request_stats.on_request_added(request_id, req.arrival_time, len(token_ids))
         return request_id
 
     def abort_request(self, request_id: str) -> None:
@@ -207,6 +220,8 @@ class LLMEngine:
             return
         for seq in req.seqs:
             self.scheduler.finish_sequence(seq, SequenceStatus.FINISHED_ABORTED)
+        if self.stat_loggers is not None:
+            self._request_stats.on_finished(request_id, "abort", time.monotonic())
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -229,18 +244,35 @@ class LLMEngine:
             return []
         runner_output: ModelRunnerOutput = self.executor.execute_model(scheduler_output)
         touched: dict[str, _Request] = {}
+        new_tokens: dict[str, int] = {}  # per request, only counted when stats are on
         for seq, token_id, logprobs in scheduler.update_from_output(
             scheduler_output, runner_output
         ):
             req = self.requests[seq.request_id]
             self._process_token(req, seq, token_id, logprobs)
             touched[req.request_id] = req
+            if self.stat_loggers is not None:
+                new_tokens[req.request_id] = new_tokens.get(req.request_id, 0) + 1
+        if self.stat_loggers is not None:
+            self._record_stats(scheduler, new_tokens, touched)
         outputs = []
         for req in touched.values():
             outputs.append(self._make_output(req))
             if req.finished:
                 del self.requests[req.request_id]
         return outputs
+
+    def _record_stats(
+        self, scheduler: Scheduler, new_tokens: dict[str, int], touched: dict[str, _Request]
+    ) -> None:
+        now = time.monotonic()
+        tracker = self._request_stats
+        for request_id, count in new_tokens.items():
+            tracker.on_tokens(request_id, count, now)
+        for req in touched.values():
+            if req.finished:
+                tracker.on_finished(req.request_id, req.seqs[0].status.finish_reason, now)
+        self.stat_loggers.record(scheduler.make_stats(), tracker.take_iteration_stats(now))
 
     def _process_token(
         self, req: _Request, seq: Sequence, token_id: int, logprobs: dict[int, float] | None
@@ -300,5 +332,8 @@ class LLMEngine:
         return self.scheduler.num_preemptions if self.scheduler is not None else 0
 
     def shutdown(self) -> None:
-        """Stop the workers (idempotent)."""
+        """Stop the workers and flush the stat loggers (idempotent)."""
+        stat_loggers, self.stat_loggers = self.stat_loggers, None
+        if stat_loggers is not None:
+            stat_loggers.shutdown()
         self.executor.shutdown()

@@ -98,7 +98,7 @@ class Scheduler:
         self.num_preemptions = 0  # totals, for stats and tests
         self.prefix_cache_queried_tokens = 0
         self.prefix_cache_hit_tokens = 0
-        self._stats_marks = (0, 0, 0)  # the totals at the last make_stats()
+        self._stats_builder: Any = None  # engine.metrics SchedulerStatsBuilder, on first use
 
     # ------------------------------------------------------------------ requests
 
@@ -260,20 +260,13 @@ class Scheduler:
     def make_stats(self) -> Any:
         """An `engine.metrics.SchedulerStats` snapshot; counters cover the time
         since the previous call (one engine step)."""
-        from engine.metrics.stats import PrefixCacheStats, SchedulerStats
+        if self._stats_builder is None:
+            from engine.metrics.stats import SchedulerStatsBuilder
 
-        totals = (self.prefix_cache_queried_tokens, self.prefix_cache_hit_tokens,
-                  self.num_preemptions)
-        queries, hits, preemptions = (
-            now - before for now, before in zip(totals, self._stats_marks, strict=True)
-        )
-        self._stats_marks = totals
-        return SchedulerStats(
-            num_running_reqs=len(self.running),
-            num_waiting_reqs=len(self.waiting),
-            kv_cache_usage=self.kv_cache.usage,
-            prefix_cache_stats=PrefixCacheStats(queries=queries, hits=hits),
-            num_preemptions=preemptions,
+            self._stats_builder = SchedulerStatsBuilder()
+        return self._stats_builder.build(
+            len(self.running), len(self.waiting), self.kv_cache.usage, self.num_preemptions,
+            self.prefix_cache_queried_tokens, self.prefix_cache_hit_tokens,
         )
 
     # ------------------------------------------------------------------ results
