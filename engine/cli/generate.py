@@ -19,11 +19,14 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                    help="a prompt (repeatable; prompts are batched together)")
     p.add_argument("--max-tokens", type=int, default=64, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                   help="0 means greedy (the default)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P")
+    # Sampled but seeded by default: the same command prints the same text, and small
+    # models do not fall into the loops that greedy decoding gives them.
+    p.add_argument("--temperature", type=float, default=0.7, metavar="T",
+                   help="sampling temperature; 0 means greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95, metavar="P", help="default 0.95")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 means off")
-    p.add_argument("--seed", type=int, default=None, metavar="S", help="per-request seed")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="per-request seed (default 0: reproducible output)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
     p.add_argument("--attention-backend", default=None, metavar="NAME",
                    help="attention backend name (default: the platform's)")
