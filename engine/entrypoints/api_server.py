@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -72,6 +73,15 @@ class ServerState:
             return
         raise APIError(404, f"the model {name!r} does not exist; this server serves "
                             f"{self.settings.model_name!r}", param="model", code="model_not_found")
+
+    def require_task(self, task: str) -> None:
+        """400 naming the model when it does not serve `task` ("generate", "embed")."""
+        engine = self.engine.llm.llm_engine
+        if task not in engine.supported_tasks:
+            what = {"generate": "generate text", "embed": "make embeddings"}.get(task, task)
+            raise APIError(400, f"the model {self.settings.model_name!r} does not {what} "
+                                f"(it serves: {', '.join(engine.supported_tasks)})",
+                           param="model")
 
     @property
     def tokenizer(self) -> Any:
@@ -248,6 +258,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         engine.check_ready()
         state.check_model(body.model)
+        state.require_task("generate")
         for name, bad in (("echo", body.echo), ("suffix", body.suffix),
                           ("best_of", body.best_of not in (None, body.n))):
             if bad:
@@ -272,6 +283,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         engine.check_ready()
         state.check_model(body.model)
+        state.require_task("generate")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -297,6 +309,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         engine.check_ready()
         state.check_model(body.model)
+        state.require_task("embed")
         try:
             vectors, token_ids = await engine.call(
                 lambda llm: serving.embed_prompts(llm, body.input, body.dimensions))
@@ -382,17 +395,36 @@ async def _pool(state: ServerState, body: PoolingRequest) -> dict[str, Any]:
 # ------------------------------------------------------------------ running
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn, plus: requests still running when the shutdown grace period ends
+    are aborted through the engine, so their streams end with an error event and
+    ``[DONE]`` instead of a cut connection."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        grace = self.state.settings.shutdown_timeout
+        timer = asyncio.get_running_loop().call_later(
+            grace, self.state.engine.abort_all,
+            f"the server shut down; the request was aborted after {grace:g} s")
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+
 def run_server(settings: ServerSettings) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit code (0 after a clean
     shutdown, 1 when the engine failed to start)."""
-    import uvicorn
-
     app = build_app(settings)
     state: ServerState = app.state.server
+    # uvicorn's own limit is a backstop: by then the engine has aborted what was left
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=settings.shutdown_timeout)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=settings.shutdown_timeout + 5)
+    server = GracefulServer(config, state)
     failed = False
 
     def on_failure() -> None:

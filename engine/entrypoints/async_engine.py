@@ -176,6 +176,15 @@ class AsyncEngine:
             return
         self._send(lambda llm: self._abort(llm, request_id), None)
 
+    def abort_all(self, message: str) -> None:
+        """Abort every open request (call on the event loop): each stream ends with
+        `EngineUnavailableError` carrying `message`, and the engine frees their blocks."""
+        error = EngineUnavailableError("stopped", message)
+        for request_id, outputs in self._queues.items():
+            outputs.put_nowait(error)
+            self._send(lambda llm, rid=request_id: self._abort(llm, rid), None)
+        self._queues.clear()
+
     async def call(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(llm)`` in the engine thread between two steps; returns its
         result or raises its exception."""
