@@ -1,13 +1,19 @@
 """TORCH_SDPA: attention through ``torch.nn.functional.scaled_dot_product_attention``.
 
-Decoding sequences (one new token each) are batched into ONE call: their contexts
-are gathered from the paged cache into a padded [B, L] batch with a padding mask,
-and the query heads that share a KV head are folded into the query-length axis, so
-grouped-query attention needs no copy of K/V. Prefills (whole prompts or chunks)
-run one call per sequence: 4-D inputs reach the fused CPU kernel, and a prompt with
-no cached context skips the cache read entirely (``is_causal``). Measured on 2 CPU
-cores, that beats one call with a block-causal mask over all prefill tokens, whose
-cost grows with the square of the step's total tokens.
+Decoding sequences (one new token each) are sorted by context length and cut into
+a few buckets; each bucket is one call over its sequences' whole cache blocks,
+gathered with one index per block and padded only to the bucket's longest context
+(a padding mask hides the rest). Where to cut is chosen per step to minimise the
+keys copied plus a fixed cost per call (`split_by_length`): with contexts of 30-770
+tokens in one batch, one bucket padded to the longest copies about twice the keys
+that are real. The query heads that share a KV head are folded into the
+query-length axis, so grouped-query attention needs no copy of K/V.
+
+Prefills (whole prompts or chunks) run one call per sequence: 4-D inputs reach the
+fused CPU kernel, and a prompt with no cached context skips the cache read entirely
+(``is_causal``). Measured on 2 CPU cores, that beats one call with a block-causal
+mask over all prefill tokens, whose cost grows with the square of the step's total
+tokens.
 """
 
 from __future__ import annotations
@@ -21,32 +27,96 @@ from engine.attention.backend import (
     AttentionBackend,
     AttentionImpl,
     causal_mask,
-    context_slots,
-    gather_kv,
+    gather_blocks,
     write_kv_cache,
 )
 from engine.attention.metadata import AttentionMetadata
+
+# The fixed cost of one decode bucket (gathers, the SDPA call, the scatter back) in
+# bytes of K/V gathered per layer: about 100 us, measured on one core of the Xeon in
+# docs/benchmarks.md, where copying and attending to one KV byte takes ~0.3 ns.
+BUCKET_COST_BYTES = 512 * 1024
 
 
 @dataclass
 class _Prefill:
     rows: slice  # the sequence's rows in the step
-    slots: torch.Tensor | None  # [seq_len] cache slots, None when the context is all new
+    block_ids: torch.Tensor | None  # [num_blocks] cache blocks, None when the context is all new
+    seq_len: int
     mask: torch.Tensor | None  # [query_len, seq_len], None: plain causal
+
+
+@dataclass
+class _DecodeBucket:
+    rows: torch.Tensor  # [n] the sequences' rows in the step
+    block_ids: torch.Tensor  # [n * num_blocks] their block tables, padded with block 0
+    mask: torch.Tensor | None  # [n, 1, 1, num_blocks * block_size], None: no padding
+    num_seqs: int
 
 
 @dataclass
 class _StepPlan:
     """What every layer of one step reuses: built once from the metadata."""
 
-    all_decode: bool
-    decode_rows: torch.Tensor | None  # [B] row of each decoding sequence
-    decode_slots: torch.Tensor | None  # [B, L] cache slots, padded
-    decode_mask: torch.Tensor | None  # [B, 1, 1, L] True where a key is real
+    decode: list[_DecodeBucket]
     prefills: list[_Prefill]
+    # [2, blocks of the largest bucket, block_size, Hkv, D]: every bucket and
+    # every layer of the step gathers into it
+    scratch: torch.Tensor | None
 
 
-def _plan(md: AttentionMetadata, has_cache: bool) -> _StepPlan:
+def split_by_length(lengths: list[int], cost_per_bucket: float) -> list[int]:
+    """Where to cut `lengths` (sorted ascending) into buckets, each padded to its
+    last (longest) entry, minimising ``sum(len(bucket) * max(bucket)) +
+    cost_per_bucket * number_of_buckets``. Returns the end index of every bucket,
+    the last being ``len(lengths)``."""
+    # cuts can only fall between different lengths: dynamic programming over those
+    ends = [i + 1 for i in range(len(lengths)) if i + 1 == len(lengths) or lengths[i + 1] != lengths[i]]
+    best = [0.0]  # best[j]: cost of the first ends[j - 1] entries
+    cut_at: list[int] = []  # for each j > 0, the j' < j whose bucket ends just before
+    for j, end in enumerate(ends, start=1):
+        longest = lengths[end - 1]
+        cost, prev = min(
+            (best[i] + (end - (ends[i - 1] if i else 0)) * longest + cost_per_bucket, i)
+            for i in range(j)
+        )
+        best.append(cost)
+        cut_at.append(prev)
+    cuts = []
+    j = len(ends)
+    while j:
+        cuts.append(ends[j - 1])
+        j = cut_at[j - 1]
+    return cuts[::-1]
+
+
+def _decode_buckets(md: AttentionMetadata, decode: list[int],
+                    bytes_per_token: int) -> list[_DecodeBucket]:
+    bs = md.block_size
+    decode = sorted(decode, key=md.seq_lens.__getitem__)
+    num_blocks = [-(-md.seq_lens[i] // bs) for i in decode]
+    cost = BUCKET_COST_BYTES / (bytes_per_token * bs)  # in blocks
+    device = md.block_tables.device
+    starts = md.query_start_loc.tolist()
+    buckets, start = [], 0
+    for end in split_by_length(num_blocks, cost):
+        seqs, width = decode[start:end], num_blocks[end - 1]
+        lens = [md.seq_lens[i] for i in seqs]
+        index = torch.tensor(seqs, dtype=torch.int64, device=device)
+        block_ids = md.block_tables.index_select(0, index)[:, :width].reshape(-1)
+        mask = None
+        if min(lens) < width * bs:
+            keys = torch.arange(width * bs, device=device)
+            lens_t = torch.tensor(lens, dtype=torch.int64, device=device)
+            mask = (keys.unsqueeze(0) < lens_t.unsqueeze(1)).view(len(seqs), 1, 1, width * bs)
+        rows = torch.tensor([starts[i] for i in seqs], dtype=torch.int64, device=device)
+        buckets.append(_DecodeBucket(rows, block_ids, mask, len(seqs)))
+        start = end
+    return buckets
+
+
+def _plan(md: AttentionMetadata, kv_cache: torch.Tensor) -> _StepPlan:
+    has_cache = kv_cache.numel() > 0
     starts = md.query_start_loc.tolist()
     decode = [i for i, q in enumerate(md.query_lens) if q == 1] if has_cache else []
     prefills = []
@@ -55,26 +125,21 @@ def _plan(md: AttentionMetadata, has_cache: bool) -> _StepPlan:
             continue
         rows = slice(starts[i], starts[i] + q_len)
         if q_len == seq_len:
-            prefills.append(_Prefill(rows, None, None))
+            prefills.append(_Prefill(rows, None, seq_len, None))
         elif not has_cache:
             raise ValueError("attention without a KV cache needs query_lens == seq_lens")
         else:
-            slots = context_slots(md.block_tables[i], seq_len, md.block_size)
-            prefills.append(_Prefill(rows, slots, causal_mask(q_len, seq_len, slots.device)))
+            block_ids = md.block_tables[i, : -(-seq_len // md.block_size)]
+            mask = causal_mask(q_len, seq_len, block_ids.device)
+            prefills.append(_Prefill(rows, block_ids, seq_len, mask))
     if not decode:
-        return _StepPlan(False, None, None, None, prefills)
-    index = torch.tensor(decode, dtype=torch.int64, device=md.block_tables.device)
-    lens = md.seq_lens_tensor.index_select(0, index)
-    max_len = max(md.seq_lens[i] for i in decode)
-    slots = context_slots(md.block_tables.index_select(0, index), max_len, md.block_size)
-    mask = torch.arange(max_len, device=lens.device).unsqueeze(0) < lens.unsqueeze(1)
-    return _StepPlan(
-        all_decode=not prefills,
-        decode_rows=md.query_start_loc.index_select(0, index),
-        decode_slots=slots,
-        decode_mask=mask.view(len(decode), 1, 1, max_len),
-        prefills=prefills,
-    )
+        return _StepPlan(decode=[], prefills=prefills, scratch=None)
+    _, _, block_size, num_kv_heads, head_size = kv_cache.shape
+    bytes_per_token = 2 * num_kv_heads * head_size * kv_cache.element_size()
+    buckets = _decode_buckets(md, decode, bytes_per_token)
+    largest = max(b.block_ids.numel() for b in buckets)
+    scratch = kv_cache.new_empty((2, largest, block_size, num_kv_heads, head_size))
+    return _StepPlan(decode=buckets, prefills=prefills, scratch=scratch)
 
 
 class TorchSDPAImpl(AttentionImpl):
@@ -84,40 +149,40 @@ class TorchSDPAImpl(AttentionImpl):
         q = query.view(-1, self.num_heads, self.head_size)
         k = key.view(-1, self.num_kv_heads, self.head_size)
         v = value.view(-1, self.num_kv_heads, self.head_size)
-        has_cache = kv_cache.numel() > 0
         plan = attn_metadata.backend_state.get("TORCH_SDPA")
         if plan is None:
-            plan = attn_metadata.backend_state["TORCH_SDPA"] = _plan(attn_metadata, has_cache)
-        if has_cache:
+            plan = attn_metadata.backend_state["TORCH_SDPA"] = _plan(attn_metadata, kv_cache)
+        if kv_cache.numel() > 0:
             write_kv_cache(kv_cache, k, v, attn_metadata.slot_mapping)
 
-        if plan.all_decode:
-            out = self._decode(q, kv_cache, plan)
-        else:
-            out = torch.empty_like(q)
-            if plan.decode_rows is not None:
-                out.index_copy_(0, plan.decode_rows,
-                                self._decode(q.index_select(0, plan.decode_rows), kv_cache, plan))
-            for p in plan.prefills:
-                out[p.rows] = self._prefill(q[p.rows], k[p.rows], v[p.rows], kv_cache, p)
+        out = torch.empty_like(q)
+        for bucket in plan.decode:
+            out.index_copy_(0, bucket.rows,
+                            self._decode(q.index_select(0, bucket.rows), kv_cache, bucket,
+                                         plan.scratch))
+        for p in plan.prefills:
+            out[p.rows] = self._prefill(q[p.rows], k[p.rows], v[p.rows], kv_cache, p)
         return out.view(-1, self.num_heads * self.head_size)
 
-    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
-        """q [B, H, D] (one token per sequence) -> [B, H, D]."""
-        batch = q.shape[0]
-        keys, values = gather_kv(kv_cache, plan.decode_slots)  # [B, L, Hkv, D]
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, bucket: _DecodeBucket,
+                scratch: torch.Tensor) -> torch.Tensor:
+        """q [n, H, D] (one token per sequence) -> [n, H, D]."""
+        n = bucket.num_seqs
+        keys, values = gather_blocks(kv_cache, bucket.block_ids, scratch)  # [n * L, Hkv, D]
+        keys = keys.view(n, -1, self.num_kv_heads, self.head_size).transpose(1, 2)
+        values = values.view(n, -1, self.num_kv_heads, self.head_size).transpose(1, 2)
         # heads sharing a KV head become that head's "query length": GQA without a copy
-        q = q.view(batch, self.num_kv_heads, self.num_queries_per_kv, self.head_size)
-        out = F.scaled_dot_product_attention(
-            q, keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=plan.decode_mask, scale=self.scale)
-        return out.reshape(batch, self.num_heads, self.head_size)
+        q = q.view(n, self.num_kv_heads, self.num_queries_per_kv, self.head_size)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bucket.mask,
+                                             scale=self.scale)
+        return out.reshape(n, self.num_heads, self.head_size)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  kv_cache: torch.Tensor, p: _Prefill) -> torch.Tensor:
         """q [Lq, H, D] and this step's k/v [Lq, Hkv, D] -> [Lq, H, D]."""
-        if p.slots is not None:
-            k, v = gather_kv(kv_cache, p.slots)  # the whole context [L, Hkv, D]
+        if p.block_ids is not None:
+            k, v = gather_blocks(kv_cache, p.block_ids)  # the whole context, block-padded
+            k, v = k[: p.seq_len], v[: p.seq_len]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
             v.transpose(0, 1).unsqueeze(0), attn_mask=p.mask, is_causal=p.mask is None,
