@@ -3,6 +3,7 @@ sentence-transformers, measured in the same run on the same weights.
 
     python benchmarks/bench_generate.py            # the full run (docs/benchmarks.md)
     python benchmarks/bench_generate.py --quick    # a small version, a minute or two
+    python benchmarks/bench_generate.py --stats-overhead   # log_stats on vs off
 
 Generation: a random Llama of about 25M parameters (hidden 512, 8 layers, 8
 heads, 2 KV heads, vocab 8192), 64 requests with prompt lengths 16-512 and
@@ -12,6 +13,10 @@ batches, each running to its longest requested output. Only the requested output
 tokens count on both sides. Then single-request decode latency per token, peak
 RSS, and RSS across 1,000 short requests. Embeddings: 1,000 sentences with
 all-MiniLM-L6-v2 through `LLM.embed` and sentence-transformers' `encode`.
+
+`--stats-overhead` runs only the generation workload, on two engines over the same
+weights, one with `LLM(log_stats=True)` and one without, alternating (the best of
+each counts), and also times the engine's own statistics bookkeeping directly.
 """
 
 from __future__ import annotations
@@ -121,6 +126,75 @@ def engine_rss_across_requests(llm, total: int, seed: int) -> tuple[float, float
     return after[0], after[-1]
 
 
+def time_stats_bookkeeping(llm) -> list[float]:
+    """Wrap the engine's per-step statistics call (tracker updates and every stat
+    logger's ``record``) so that its seconds add up in the returned list."""
+    engine = llm.llm_engine
+    spent = [0.0]
+    record = engine._record_stats
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return record(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    engine._record_stats = timed
+    return spent
+
+
+def stats_overhead(folder: Path, prompts, out_lens, rounds: int, seed: int) -> dict:
+    """The generation workload with statistics off and on, alternating; each
+    side's best wall and CPU time, and the seconds spent in the stats code."""
+    from engine import LLM
+
+    engines = {on: LLM(folder, kv_cache_memory=256 * 2**20, seed=seed, log_stats=on)
+               for on in (False, True)}
+    for llm in engines.values():
+        engine_throughput(llm, prompts[:4], [4] * 4)  # warm-up
+    spent = time_stats_bookkeeping(engines[True])
+    wall: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}
+    bookkeeping = []
+    for r in range(rounds):
+        # swap the order every round so that a drift in load hits both sides
+        for on in ((False, True) if r % 2 == 0 else (True, False)):
+            note(f"stats {'on' if on else 'off'}: throughput (round {r + 1})")
+            spent[0] = 0.0
+            start = time.process_time()
+            wall[on].append(engine_throughput(engines[on], prompts, out_lens)[0])
+            cpu[on].append(time.process_time() - start)
+            if on:
+                bookkeeping.append(spent[0])
+    for llm in engines.values():
+        llm.shutdown()
+    best = {on: min(wall[on]) for on in wall}
+    best_cpu = {on: min(cpu[on]) for on in cpu}
+    tokens = sum(out_lens)
+    return {
+        "rounds": rounds,
+        "off_tok_s": tokens / best[False], "on_tok_s": tokens / best[True],
+        "overhead_pct": (best[True] / best[False] - 1) * 100,
+        "off_cpu_s": best_cpu[False], "on_cpu_s": best_cpu[True],
+        "cpu_overhead_pct": (best_cpu[True] / best_cpu[False] - 1) * 100,
+        "bookkeeping_s": min(bookkeeping),
+        "bookkeeping_pct": min(bookkeeping) / best[True] * 100,
+        "runs": {"off_s": wall[False], "on_s": wall[True],
+                 "off_cpu_s": cpu[False], "on_cpu_s": cpu[True]},
+    }
+
+
+def print_stats_overhead(r: dict, n_req: int, tokens: int) -> None:
+    print(f"statistics overhead, {n_req} requests, {tokens} output tokens, best of {r['rounds']}:")
+    print(f"  log_stats=False  {r['off_tok_s']:8.1f} tok/s  (CPU {r['off_cpu_s']:.2f} s)")
+    print(f"  log_stats=True   {r['on_tok_s']:8.1f} tok/s  (CPU {r['on_cpu_s']:.2f} s)")
+    print(f"  overhead         {r['overhead_pct']:+7.2f}% wall, {r['cpu_overhead_pct']:+.2f}% CPU "
+          "(goal <= 3%)")
+    print(f"  stats bookkeeping itself: {r['bookkeeping_s'] * 1000:.0f} ms "
+          f"({r['bookkeeping_pct']:.2f}% of the run)")
+
+
 # ---------------------------------------------------------------------- transformers
 
 def hf_throughput(model, prompts, out_lens, batch_size: int) -> float:
@@ -203,11 +277,15 @@ def main() -> int:
                     help="throughput runs per side, alternating (the best counts)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for both sides (default 1: stable on a shared machine)")
+    ap.add_argument("--stats-overhead", action="store_true",
+                    help="only the generation workload, LLM(log_stats=True) against False")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     q = args.quick
     n_req, p_rng, o_rng = (16, (16, 128), (16, 64)) if q else (64, (16, 512), (16, 256))
+    if args.stats_overhead:
+        return stats_overhead_main(args, n_req, p_rng, o_rng)
     n_short, n_sent, decode_n = (200, 200, 32) if q else (1000, 1000, 128)
     batch_sizes = [int(b) for b in args.hf_batch_sizes.split(",")]
     rounds = 1 if q else args.rounds
@@ -301,6 +379,22 @@ def main() -> int:
         print(f"embeddings, {e['sentences']} sentences: engine {e['engine_per_s']:.0f}/s, "
               f"sentence-transformers {e['st_per_s']:.0f}/s, ratio {e['ratio']:.2f}x "
               f"(goal >= 1.0x), min cosine {e['min_cosine']:.6f}")
+    return 0
+
+
+def stats_overhead_main(args, n_req: int, p_rng, o_rng) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        build_model(folder, args.seed)
+        prompts, out_lens = workload(n_req, p_rng, o_rng, args.seed)
+        results = stats_overhead(folder, prompts, out_lens, args.rounds, args.seed)
+    results["threads"] = torch.get_num_threads()
+    results["load_average"] = os.getloadavg()
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_stats_overhead(results, n_req, sum(out_lens))
+        print(f"load average at the end: {', '.join(f'{x:.2f}' for x in results['load_average'])}")
     return 0
 
 
