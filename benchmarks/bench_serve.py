@@ -14,8 +14,10 @@ Server side: one `engine serve` subprocess; 64 clients (httpx, one connection
 each) send their request at once with ``stream=true`` and read the SSE stream.
 Throughput is output tokens / wall time from the first send to the last
 ``[DONE]``; time to first token (TTFT) is per request, send to first chunk.
-Offline side: `LLM.generate` on all 64 prompts at once in this process. Each side
-runs --rounds times after a warm-up; the median round is reported.
+Offline side: `LLM.generate` on all 64 prompts at once in this process. After a
+warm-up, --rounds rounds alternate server and offline runs so both see the same
+machine. Headline numbers are each side's best round (on a shared machine other
+load only ever slows a round down); every round's numbers are printed too.
 """
 
 from __future__ import annotations
@@ -180,10 +182,6 @@ def offline_round(llm, prompts: list[list[int]], outputs: list[int]) -> dict:
     return {"wall_s": wall, "tokens": tokens, "tok_per_s": tokens / wall}
 
 
-def median_round(rounds: list[dict]) -> dict:
-    return sorted(rounds, key=lambda r: r["tok_per_s"])[len(rounds) // 2]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller model and workload")
@@ -209,35 +207,41 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}"
         proc = start_server(model, port)
         try:
+            from engine.llm import LLM
+
+            llm = LLM(model)
             asyncio.run(serve_round(url, prompts[:4], [8] * 4))  # warm-up
-            served = []
+            offline_round(llm, prompts[:4], [8] * 4)
+            load_before = os.getloadavg()[0]
+            # interleaved, so both sides see the same machine (other load comes and goes)
+            served, offline = [], []
             for i in range(args.rounds):
                 served.append(asyncio.run(serve_round(url, prompts, outputs)))
-                note(f"serve round {i + 1}: {served[-1]['tok_per_s']:.0f} tok/s, "
-                     f"TTFT p50 {served[-1]['ttft_p50_s'] * 1e3:.0f} ms")
+                offline.append(offline_round(llm, prompts, outputs))
+                note(f"round {i + 1}: serve {served[-1]['tok_per_s']:.0f} tok/s "
+                     f"(TTFT p50 {served[-1]['ttft_p50_s'] * 1e3:.0f} ms), "
+                     f"offline {offline[-1]['tok_per_s']:.0f} tok/s")
+            load_after = os.getloadavg()[0]
+            llm.shutdown()
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
 
-        from engine.llm import LLM
-
-        llm = LLM(model)
-        offline_round(llm, prompts[:4], [8] * 4)  # warm-up
-        offline = []
-        for i in range(args.rounds):
-            offline.append(offline_round(llm, prompts, outputs))
-            note(f"offline round {i + 1}: {offline[-1]['tok_per_s']:.0f} tok/s")
-        llm.shutdown()
-
-    serve, off = median_round(served), median_round(offline)
+    # the best round of each side: other load on a shared machine only ever slows a
+    # round down, so the fastest one is the closest to what the code can do
+    serve = max(served, key=lambda r: r["tok_per_s"])
+    off = max(offline, key=lambda r: r["tok_per_s"])
     result = {
         "model": str(args.model) if args.model else
         f"random Llama {params / 1e6:.1f}M ({'quick' if args.quick else 'full'})",
         "requests": args.requests, "output_tokens": serve["tokens"],
         "cpu_count": os.cpu_count(),
+        "load_average_before_after": [round(load_before, 2), round(load_after, 2)],
         "serve_tok_per_s": round(serve["tok_per_s"], 1),
         "offline_tok_per_s": round(off["tok_per_s"], 1),
-        "ratio": round(serve["tok_per_s"] / off["tok_per_s"], 3),
+        "ratio_best_rounds": round(serve["tok_per_s"] / off["tok_per_s"], 3),
+        "ratio_per_round": [round(s["tok_per_s"] / o["tok_per_s"], 3)
+                            for s, o in zip(served, offline, strict=True)],
         "ttft_p50_ms": round(serve["ttft_p50_s"] * 1e3, 1),
         "ttft_p99_ms": round(serve["ttft_p99_s"] * 1e3, 1),
         "serve_rounds_tok_per_s": [round(r["tok_per_s"], 1) for r in served],

@@ -60,9 +60,9 @@ class ServerSettings:
 class ServerState:
     """The app's shared state: the engine, the settings, and what startup built."""
 
-    def __init__(self, settings: ServerSettings, engine: AsyncEngine) -> None:
+    def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.engine = engine
+        self.engine: AsyncEngine  # set by build_app
         self.io_processor: Any = None
         self.token_texts: serving.TokenTexts | None = None
         self.created = int(time.time())
@@ -93,15 +93,14 @@ def build_llm(settings: ServerSettings, state: ServerState) -> Callable[[], Any]
     processor the server was started with."""
 
     def build() -> Any:
+        from engine.io_processors import get_io_processor
         from engine.llm import LLM
 
         llm = LLM(**settings.llm_kwargs)
         try:
             state.token_texts = serving.TokenTexts(llm.get_tokenizer())
-            if settings.io_processor_plugin:
-                from engine.io_processors import get_io_processor
-
-                state.io_processor = get_io_processor(llm.config, settings.io_processor_plugin)
+            # the one --io-processor-plugin names, else the model's config.json's
+            state.io_processor = get_io_processor(llm.config, settings.io_processor_plugin)
         except BaseException:
             llm.shutdown()
             raise
@@ -110,13 +109,11 @@ def build_llm(settings: ServerSettings, state: ServerState) -> Callable[[], Any]
     return build
 
 
-def build_app(settings: ServerSettings, engine: AsyncEngine | None = None) -> FastAPI:
-    """The FastAPI app. Without `engine`, one is made that builds an `LLM` from
-    ``settings.llm_kwargs``; the engine starts with the app (lifespan) and the
-    routes answer 503 until it is ready."""
-    state = ServerState(settings, engine or AsyncEngine(lambda: None))
-    if engine is None:
-        state.engine = AsyncEngine(build_llm(settings, state))
+def build_app(settings: ServerSettings) -> FastAPI:
+    """The FastAPI app over an `AsyncEngine` that builds ``LLM(**settings.llm_kwargs)``.
+    The engine starts with the app (lifespan); routes answer 503 until it is ready."""
+    state = ServerState(settings)
+    state.engine = AsyncEngine(build_llm(settings, state))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
