@@ -6,6 +6,7 @@ greedy tokens equal the built-in CPU platform's."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,15 +43,23 @@ if __name__ == "__main__":
 """
 
 
-@pytest.fixture(scope="module")
-def acme_target(tmp_path_factory) -> Path:
-    target = tmp_path_factory.mktemp("acme-site")
+def pip_install_example(example: Path, tmp: Path) -> Path:
+    """pip-install a copy of an example package (setuptools writes build/ and
+    *.egg-info next to the sources) into a fresh target folder; returns it."""
+    source = tmp / "src"
+    shutil.copytree(example, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    target = tmp / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(target), str(ACME)],
+         "--no-index", "--target", str(target), str(source)],
         check=True, capture_output=True, timeout=300,
     )
     return target
+
+
+@pytest.fixture(scope="module")
+def acme_target(tmp_path_factory) -> Path:
+    return pip_install_example(ACME, tmp_path_factory.mktemp("acme"))
 
 
 def run_engine(tmp_path: Path, model: Path, tp: int = 1, **env: str) -> dict:
@@ -124,8 +133,20 @@ def test_doctor_says_acme_would_be_chosen(acme_target):
         capture_output=True, text=True, timeout=120,
         env=subprocess_env(PYTHONPATH=str(acme_target)),
     )
-    assert "acme" in proc.stdout
-    assert "acme_platform.platform.AcmePlatform" in proc.stdout, proc.stdout
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "general/acme = acme_platform:register (entry-point acme-platform 0.1.0)" in proc.stdout
+    assert "would choose 'acme' (acme_platform.platform.AcmePlatform)" in proc.stdout, proc.stdout
+    assert "only active out-of-tree platform" in proc.stdout
+
+
+def test_doctor_with_the_device_absent_falls_back_to_cpu(acme_target):
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine", "plugins", "doctor"],
+        capture_output=True, text=True, timeout=120,
+        env=subprocess_env(PYTHONPATH=str(acme_target), ACME_VISIBLE_DEVICES=""),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "would choose 'cpu'" in proc.stdout, proc.stdout
 
 
 def test_acme_manifest_in_a_plugin_dir_works_without_installing(tmp_path, make_hf_model,
