@@ -32,9 +32,11 @@ from engine.attention.backend import (
 )
 from engine.attention.metadata import AttentionMetadata
 
-# The fixed cost of one decode bucket (gathers, the SDPA call, the scatter back) in
-# bytes of K/V gathered per layer: about 100 us, measured on one core of the Xeon in
-# docs/benchmarks.md, where copying and attending to one KV byte takes ~0.3 ns.
+# The fixed cost of one decode bucket (two gathers, the SDPA call, the scatter back),
+# as bytes of K/V it would pay for: a bucket is worth cutting off when it saves more
+# padding than this. On the benchmark's 64-sequence step (docs/benchmarks.md, one
+# core) decode attention took the same time for any value from 32 KiB to 1 MiB (21
+# to 5 buckets, ~4x less than one padded batch); 512 KiB keeps the buckets few.
 BUCKET_COST_BYTES = 512 * 1024
 
 
@@ -70,8 +72,10 @@ def split_by_length(lengths: list[int], cost_per_bucket: float) -> list[int]:
     last (longest) entry, minimising ``sum(len(bucket) * max(bucket)) +
     cost_per_bucket * number_of_buckets``. Returns the end index of every bucket,
     the last being ``len(lengths)``."""
-    # cuts can only fall between different lengths: dynamic programming over those
-    ends = [i + 1 for i in range(len(lengths)) if i + 1 == len(lengths) or lengths[i + 1] != lengths[i]]
+    # cuts only fall between different lengths: dynamic programming over those,
+    # quadratic in the number of distinct lengths (a few dozen blocks counts)
+    n = len(lengths)
+    ends = [i + 1 for i in range(n) if i + 1 == n or lengths[i + 1] != lengths[i]]
     best = [0.0]  # best[j]: cost of the first ends[j - 1] entries
     cut_at: list[int] = []  # for each j > 0, the j' < j whose bucket ends just before
     for j, end in enumerate(ends, start=1):
