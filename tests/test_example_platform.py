@@ -96,8 +96,9 @@ def test_installed_acme_platform_is_chosen_and_runs_its_own_parts(
     assert stats["kernels_loaded"] == 1
     assert stats["attention_calls"] > 0  # Acme's attention impl served every layer
     assert stats["rms_norm_kernel_calls"] > 0  # the torch.library kernel ran
-    workers = [json.loads(p.read_text()) for p in trace.iterdir()]
-    assert workers == [{"rank": 0, "pid": report["pid"], "worker": "AcmeWorker"}]
+    assert stats["all_reduce_calls"] == 0  # one rank: no collectives
+    (worker,) = [json.loads(p.read_text()) for p in trace.iterdir()]
+    assert (worker["rank"], worker["pid"], worker["worker"]) == (0, report["pid"], "AcmeWorker")
     assert report["tokens"] == cpu_tokens
 
 
@@ -114,6 +115,11 @@ def test_acme_worker_runs_in_every_tensor_parallel_process(
     assert all(w["worker"] == "AcmeWorker" for w in workers)
     pids = {w["pid"] for w in workers}
     assert len(pids) == 2 and report["pid"] not in pids  # one spawned process per rank
+    for w in workers:  # in every rank: Acme's kernels, attention and communicator ran
+        assert w["stats"]["kernels_loaded"] == 1, w
+        assert w["stats"]["attention_calls"] > 0, w
+        assert w["stats"]["rms_norm_kernel_calls"] > 0, w
+        assert w["stats"]["all_reduce_calls"] > 0, w
     assert report["tokens"] == cpu_tokens
 
 

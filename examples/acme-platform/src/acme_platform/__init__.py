@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 
 # Calls of the vendor's code paths in this process, for tests and curious users.
-STATS = {"attention_calls": 0, "rms_norm_kernel_calls": 0, "kernels_loaded": 0}
+STATS = {"attention_calls": 0, "rms_norm_kernel_calls": 0, "kernels_loaded": 0,
+         "all_reduce_calls": 0}
 
 
 def detect() -> str | None:

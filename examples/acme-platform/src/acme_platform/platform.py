@@ -8,9 +8,9 @@ from engine.platforms import CpuPlatform, PlatformEnum
 
 
 class AcmePlatform(CpuPlatform):
-    """The Acme NPU. It inherits the CPU platform's memory and collectives (a real
-    device would answer those from its runtime) and brings its own worker,
-    attention backend and kernels."""
+    """The Acme NPU. It inherits the CPU platform's memory queries and distributed
+    backend (a real device would answer those from its runtime) and brings its own
+    worker, attention backend, device communicator and kernels."""
 
     _enum = PlatformEnum.OOT
     device_name = "acme-npu"
@@ -28,6 +28,10 @@ class AcmePlatform(CpuPlatform):
         if selected_backend is None:  # the user's explicit choice always wins
             return "acme_platform.attention.AcmeAttentionBackend"
         return super().get_attn_backend_cls(selected_backend, attn_selector_config)
+
+    @classmethod
+    def get_device_communicator_cls(cls) -> str:
+        return "acme_platform.communicator.AcmeCommunicator"
 
     @classmethod
     def import_kernels(cls) -> None:
