@@ -54,20 +54,21 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build_model(folder: Path, seed: int) -> int:
+def build_model(folder: Path, seed: int, shape: dict | None = None) -> int:
     """A random Llama in Hugging Face format with a word-level tokenizer of the
     same vocabulary; returns the parameter count."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
+    shape = MODEL if shape is None else shape
     vocab = {"<s>": 0, "</s>": 1, "<pad>": 2}
-    vocab.update({f"w{i}": i for i in range(3, MODEL["vocab_size"])})
+    vocab.update({f"w{i}": i for i in range(3, shape["vocab_size"])})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}))
-    config = transformers.LlamaConfig(**MODEL, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    config = transformers.LlamaConfig(**shape, bos_token_id=0, eos_token_id=1, pad_token_id=2,
                                       tie_word_embeddings=False, initializer_range=0.05)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).eval()

@@ -52,25 +52,12 @@ def note(message: str) -> None:
 
 
 def build_model(folder: Path, shape: dict, seed: int = 0) -> int:
-    """A random Llama in Hugging Face format with a word-level tokenizer; returns
-    the parameter count."""
-    import torch
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """The engine-core benchmark's random Llama (benchmarks/bench_generate.py) in
+    the given shape; returns the parameter count."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_generate import build_model as build
 
-    vocab = {"<s>": 0, "</s>": 1, "<pad>": 2}
-    vocab.update({f"w{i}": i for i in range(3, shape["vocab_size"])})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}))
-    config = transformers.LlamaConfig(**shape, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-                                      tie_word_embeddings=False, initializer_range=0.05)
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.save_pretrained(folder, safe_serialization=True)
-    return sum(p.numel() for p in model.parameters())
+    return build(folder, seed, shape)
 
 
 def workload(n: int, vocab_size: int, prompt_range: tuple[int, int],
