@@ -1,7 +1,7 @@
 """registry: finds, validates, filters and loads the engine's plugins.
 
 Plugins come from built-in manifests, installed entry points, the user's config
-dir and plugin dirs (SPEC section 3); every source yields the same PluginRecord,
+dir and plugin dirs (docs/reference.md, "Sources and precedence"); every source yields the same PluginRecord,
 loaded through ``importlib.metadata.EntryPoint``. This package never imports
 torch or ``engine``, and importing it is cheap: discovery, loading and the
 manifest models (pydantic) are imported on first use.
@@ -29,6 +29,8 @@ from registry._groups import (
     GROUPS,
     IO_PROCESSOR_PLUGINS,
     PLATFORM_PLUGINS,
+    API_ROUTE_PLUGINS,
+    LOGITS_PROCESSOR_PLUGINS,
     STAT_LOGGER_PLUGINS,
     resolve_group,
 )
@@ -53,6 +55,8 @@ __all__ = [
     "PLATFORM_PLUGINS",
     "IO_PROCESSOR_PLUGINS",
     "STAT_LOGGER_PLUGINS",
+    "LOGITS_PROCESSOR_PLUGINS",
+    "API_ROUTE_PLUGINS",
     "GROUPS",
     "GROUP_ALIASES",
     "resolve_group",

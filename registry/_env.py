@@ -1,4 +1,4 @@
-"""The environment variables that steer the registry (SPEC sections 3 and 5).
+"""The environment variables that steer the registry (docs/reference.md: sources, filtering).
 Cheap to import: `engine` reads these without loading the discovery machinery."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The four plugin groups (SPEC section 2) and their short aliases."""
+"""The plugin groups (docs/reference.md, "Plugin groups") and their short aliases."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ GENERAL_PLUGINS = "engine.general_plugins"
 PLATFORM_PLUGINS = "engine.platform_plugins"
 IO_PROCESSOR_PLUGINS = "engine.io_processor_plugins"
 STAT_LOGGER_PLUGINS = "engine.stat_logger_plugins"
+LOGITS_PROCESSOR_PLUGINS = "engine.logits_processor_plugins"
+API_ROUTE_PLUGINS = "engine.api_route_plugins"
 
 # alias -> full entry-point group name, in the order the groups are listed everywhere
 GROUP_ALIASES: dict[str, str] = {
@@ -13,6 +15,8 @@ GROUP_ALIASES: dict[str, str] = {
     "platform": PLATFORM_PLUGINS,
     "io_processor": IO_PROCESSOR_PLUGINS,
     "stat_logger": STAT_LOGGER_PLUGINS,
+    "logits_processor": LOGITS_PROCESSOR_PLUGINS,
+    "api_route": API_ROUTE_PLUGINS,
 }
 GROUPS: tuple[str, ...] = tuple(GROUP_ALIASES.values())
 _ALIAS_OF = {full: alias for alias, full in GROUP_ALIASES.items()}

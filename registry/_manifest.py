@@ -1,4 +1,4 @@
-"""The manifest format (SPEC section 4): pydantic models, loading and validation.
+"""The manifest format (docs/reference.md, "Manifest format"): pydantic models, loading and validation.
 
 A manifest is a TOML file declaring plugins::
 
@@ -46,10 +46,14 @@ GroupName = Literal[
     "platform",
     "io_processor",
     "stat_logger",
+    "logits_processor",
+    "api_route",
     "engine.general_plugins",
     "engine.platform_plugins",
     "engine.io_processor_plugins",
     "engine.stat_logger_plugins",
+    "engine.logits_processor_plugins",
+    "engine.api_route_plugins",
 ]
 
 

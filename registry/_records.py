@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:  # importlib.metadata is slow to import; only loading needs it
     from importlib.metadata import EntryPoint
 
-# source labels, lowest precedence first (SPEC section 3)
+# source labels, lowest precedence first (docs/reference.md, "Sources and precedence")
 SOURCES: tuple[str, ...] = ("builtin", "entry-point", "config-dir", "plugin-dir")
 SOURCE_RANK = {source: rank for rank, source in enumerate(SOURCES)}
 
@@ -52,7 +52,7 @@ class PluginRecord:
         return f"plugin {self.name!r} ({self.group}) from {self.source} {self.origin}"
 
     def to_json(self) -> dict[str, Any]:
-        """The keys of `engine plugins list --json` (SPEC section 8)."""
+        """The keys of `engine plugins list --json` (docs/reference.md, "CLI")."""
         return asdict(self)
 
 

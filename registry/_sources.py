@@ -1,4 +1,4 @@
-"""Where plugins come from (SPEC section 3). Each source is a pluggy plugin
+"""Where plugins come from (docs/reference.md, "Sources and precedence"). Each source is a pluggy plugin
 implementing the one hook `registry_find_plugins`; all of them return the same
 PluginRecord type, so one loader loads everything."""
 

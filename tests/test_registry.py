@@ -138,7 +138,9 @@ BAD_MANIFESTS = {
         'schema-version = 1\n[[plugin]]\ngroup = "gpu"\nname = "a"\nvalue = "m"\n',
         ["{p}: plugin[0].group: unknown group 'gpu'; valid groups: general "
          "(engine.general_plugins), platform (engine.platform_plugins), io_processor "
-         "(engine.io_processor_plugins), stat_logger (engine.stat_logger_plugins)"],
+         "(engine.io_processor_plugins), stat_logger (engine.stat_logger_plugins), "
+         "logits_processor (engine.logits_processor_plugins), api_route "
+         "(engine.api_route_plugins)"],
     ),
     "duplicate": (
         'schema-version = 1\n[[plugin]]\ngroup = "general"\nname = "a"\nvalue = "m"\n'
@@ -209,7 +211,8 @@ def test_published_json_schema_is_current():
 
 
 def test_json_schema_accepts_good_and_rejects_bad_manifests():
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
+
     from registry._toml import tomllib
 
     schema = registry.manifest_json_schema()

@@ -8,7 +8,7 @@ belong inside ``run``.
 
 Global options (``--plugin-dir``, ``--platform``, ``--strict-plugins``, ``-v``)
 are accepted before or after the subcommand. They are applied by exporting the
-environment variables of SPEC section 3-6, so every process the engine starts
+environment variables listed in docs/reference.md, so every process the engine starts
 (workers included) sees the same settings.
 """
 

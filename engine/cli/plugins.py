@@ -180,10 +180,14 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def _check_shape(group: str, value: object) -> str | None:
-    from registry._groups import STAT_LOGGER_PLUGINS
+    from registry._groups import API_ROUTE_PLUGINS, LOGITS_PROCESSOR_PLUGINS, STAT_LOGGER_PLUGINS
 
     if group == STAT_LOGGER_PLUGINS:
         return None if isinstance(value, type) else "value should be a StatLoggerBase subclass"
+    if group == LOGITS_PROCESSOR_PLUGINS:
+        return None if isinstance(value, type) else "value should be a LogitsProcessor subclass"
+    if group == API_ROUTE_PLUGINS:  # an APIRouter itself, or a callable returning one
+        return None
     return None if callable(value) else "value should be callable"
 
 
