@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from typing import Any
 
 # Below this a temperature is treated as 0: dividing logits by it would overflow.
 _GREEDY_TEMPERATURE = 1e-5
@@ -44,6 +45,9 @@ class SamplingParams:
     per token, plus the chosen token's; None: off), `skip_special_tokens` in the
     text.
 
+    `extra_args`: a dict of per-request arguments that logits processors read
+    (each processor documents its keys); the engine itself ignores it.
+
     Raises:
         ValueError: a field has a bad type or value; the message names the field
             and what is allowed.
@@ -66,11 +70,14 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # per-request arguments for logits processors (docs/extension-points.md)
+    extra_args: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self._check_numbers()
         self._check_stops()
         self._check_flags()
+        self._check_extra_args()
 
     # ------------------------------------------------------------------ checks
 
@@ -133,6 +140,16 @@ class SamplingParams:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"SamplingParams.{name} must be a bool, got {value!r}")
+
+    def _check_extra_args(self) -> None:
+        extra = self.extra_args
+        if extra is None:
+            return
+        if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+            raise ValueError(
+                "SamplingParams.extra_args must be a dict with string keys or None, "
+                f"got {extra!r}"
+            )
 
     # -------------------------------------------------------------- accessors
 

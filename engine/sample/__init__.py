@@ -3,9 +3,30 @@
 One `SamplingState` per running sequence carries its `SamplingParams`, its
 prompt and output ids (for penalties) and its own random generator (for seeded,
 batch-independent draws).
+
+`LogitsProcessor` is the base class of batch-level logits processors (plugin
+group ``logits_processor``, or ``LLM(logits_processors=[...])``); the engine
+keeps them informed of the batch with `BatchUpdate`s and runs them before the
+sampler.
 """
 
+from engine.sample._logits_processor import (
+    AddedRequest,
+    BatchUpdate,
+    LogitsProcessor,
+    LogitsProcessorError,
+    apply_batch_update,
+)
 from engine.sample._sampler import Sampler, SamplerOutput
 from engine.sample._state import SamplingState
 
-__all__ = ["Sampler", "SamplerOutput", "SamplingState"]
+__all__ = [
+    "AddedRequest",
+    "BatchUpdate",
+    "LogitsProcessor",
+    "LogitsProcessorError",
+    "Sampler",
+    "SamplerOutput",
+    "SamplingState",
+    "apply_batch_update",
+]

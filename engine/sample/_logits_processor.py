@@ -1,0 +1,143 @@
+"""Logits processors: batch-level hooks that rewrite logits before sampling.
+
+A `LogitsProcessor` sees the whole batch of one sampling step. The engine tells
+it which requests occupy which row through `update_state(batch_update)` before
+every `apply(logits)`: requests added (with their `SamplingParams`, prompt ids
+and the live list of output ids), removed, or swapped between rows. Per-request
+arguments travel in ``SamplingParams.extra_args``.
+
+The engine builds one instance of each processor per driver worker (the rank
+that samples), so processors run on every platform's worker and under tensor
+parallelism without any platform code. See docs/extension-points.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class AddedRequest:
+    """A request that now occupies row `index` of the batch.
+
+    `output_token_ids` is the live list the engine appends each sampled token
+    to: keep a reference to it instead of copying it, and it stays current.
+    """
+
+    index: int
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class BatchUpdate:
+    """How the batch changed since the previous step.
+
+    Apply it in this order: drop the rows in `removed`, then swap the rows of
+    each pair in `moved` (one after the other), then set the rows in `added`.
+    Afterwards the batch has `batch_size` rows, row i of the next `apply`'s
+    logits being the request now at index i. A request that leaves the batch
+    for a while (preempted, or a step that only computes part of its prompt)
+    is removed and later added again.
+    """
+
+    batch_size: int
+    removed: tuple[int, ...] = ()
+    moved: tuple[tuple[int, int], ...] = ()
+    added: tuple[AddedRequest, ...] = ()
+
+
+class LogitsProcessor:
+    """Base class of logits processors (plugin group ``logits_processor``).
+
+    Subclasses override `apply` and usually `update_state`; the engine calls:
+
+    - ``__init__(config, device)`` once per engine, in the worker that samples
+      (`config` is the `engine.config.EngineConfig`, `device` the logits' device);
+    - ``update_state(batch_update)`` before each `apply`, with None when the
+      batch did not change since the previous step;
+    - ``apply(logits)`` with the float32 logits ``[batch_size, vocab]`` of the
+      step; return the processed logits (in place or a new tensor of that shape).
+
+    `is_argmax_invariant` returning True promises that `apply` never changes
+    which token has the highest logit (for instance, it only lowers tokens that
+    are not the maximum, or only rescales): the engine then skips the processor
+    for all-greedy batches.
+
+    An exception from any method fails the requests of that step, with an error
+    that names the processor; the engine keeps serving the others.
+    """
+
+    def __init__(self, config: Any, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+
+    def is_argmax_invariant(self) -> bool:
+        """True when `apply` never changes the greedy choice; False by default."""
+        return False
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        """Follow the batch's membership; `batch_update` is None when unchanged."""
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Return the processed `logits` ``[batch_size, vocab]``."""
+        raise NotImplementedError(f"{type(self).__qualname__}.apply")
+
+
+class LogitsProcessorError(RuntimeError):
+    """A logits processor raised; `.processor` names it. Fails the requests of
+    the step it happened in."""
+
+    def __init__(self, processor: str, message: str) -> None:
+        super().__init__(f"logits processor {processor!r} failed: {message}")
+        self.processor = processor
+
+    def __reduce__(self) -> tuple:  # crosses the worker pipe intact
+        return (_rebuild_error, (self.processor, str(self)))
+
+
+def _rebuild_error(processor: str, text: str) -> LogitsProcessorError:
+    error = LogitsProcessorError.__new__(LogitsProcessorError)
+    RuntimeError.__init__(error, text)
+    error.processor = processor
+    return error
+
+
+_Entry = TypeVar("_Entry")
+
+
+def apply_batch_update(
+    rows: dict[int, _Entry],
+    batch_update: BatchUpdate | None,
+    make_entry: Callable[[AddedRequest], _Entry | None],
+) -> None:
+    """Keep a ``{row index: per-request entry}`` dict in step with the batch.
+
+    The usual bookkeeping of a processor with per-request state: removed rows
+    are dropped, moved rows swapped, and for each added request
+    ``make_entry(added)`` is stored (or nothing, when it returns None: that
+    request needs no processing).
+    """
+    if batch_update is None:
+        return
+    for index in batch_update.removed:
+        rows.pop(index, None)
+    for a, b in batch_update.moved:
+        entry_a, entry_b = rows.pop(a, None), rows.pop(b, None)
+        if entry_a is not None:
+            rows[b] = entry_a
+        if entry_b is not None:
+            rows[a] = entry_b
+    for added in batch_update.added:
+        entry = make_entry(added)
+        if entry is None:
+            rows.pop(added.index, None)
+        else:
+            rows[added.index] = entry
