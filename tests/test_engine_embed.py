@@ -1,4 +1,6 @@
-"""`LLM.embed` with the real all-MiniLM-L6-v2 against transformers + mean pooling."""
+"""`LLM.embed` with the real all-MiniLM-L6-v2 against sentence-transformers itself,
+on the published folder (mean pooling, normalised) and on a copy whose files ask for
+CLS pooling without normalisation: the engine reads the same files the oracle does."""
 
 from __future__ import annotations
 
@@ -21,27 +23,34 @@ def minilm(minilm_dir):
     return LLM(minilm_dir)
 
 
-def _reference(model_dir, texts: list[str]) -> torch.Tensor:
-    import transformers
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModel.from_pretrained(model_dir).eval()
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-    with torch.inference_mode():
-        hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled, dim=-1)
+def _embed(llm: LLM, texts: list[str]) -> torch.Tensor:
+    outputs = llm.embed(texts)
+    assert [o.prompt for o in outputs] == texts
+    return torch.tensor([o.outputs.embedding for o in outputs])
 
 
-def test_embeddings_match_transformers_mean_pooling(minilm, minilm_dir):
-    outputs = minilm.embed(TEXTS)
-    assert [o.prompt for o in outputs] == TEXTS
-    ours = torch.tensor([o.outputs.embedding for o in outputs])
-    assert ours.shape == (len(TEXTS), 384)
-    cosine = torch.nn.functional.cosine_similarity(ours, _reference(minilm_dir, TEXTS), dim=-1)
-    assert cosine.min().item() >= 0.9999, cosine.tolist()
-    assert torch.allclose(ours.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-5)
+def _expected(sentence_transformer, folder, texts: list[str]) -> torch.Tensor:
+    return sentence_transformer(folder).encode(texts, convert_to_tensor=True).float()
+
+
+def test_embeddings_match_sentence_transformers(minilm, minilm_dir, sentence_transformer):
+    ours = _embed(minilm, TEXTS)
+    expected = _expected(sentence_transformer, minilm_dir, TEXTS)
+    assert ours.shape == expected.shape == (len(TEXTS), 384)
+    torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(ours.norm(dim=-1), torch.ones(len(TEXTS)))
+
+
+def test_cls_pooling_without_normalisation_matches_sentence_transformers(
+        minilm, minilm_cls_dir, sentence_transformer):
+    ours = _embed(LLM(minilm_cls_dir), TEXTS)
+    expected = _expected(sentence_transformer, minilm_cls_dir, TEXTS)
+    torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)
+    # the folder's settings took effect: not unit length, not the mean-pooled direction
+    assert (ours.norm(dim=-1) - 1).abs().min().item() > 0.1, ours.norm(dim=-1)
+    mean_pooled = _embed(minilm, TEXTS)
+    cosine = torch.nn.functional.cosine_similarity(ours, mean_pooled, dim=-1)
+    assert cosine.max().item() < 0.99, cosine
 
 
 def test_one_string_is_one_embedding(minilm):

@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 from conftest import subprocess_env
-
-openai = pytest.importorskip("openai")
 
 ROOT = Path(__file__).resolve().parent.parent
 SIMILARITY_EXAMPLE = ROOT / "examples" / "similarity-io-processor"
