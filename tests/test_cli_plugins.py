@@ -176,7 +176,7 @@ def test_doctor_reports_import_failures_conflicts_and_platform(site, sources):
     assert "ep_hello (engine.general_plugins): entry-point engine-test-plugins 1.2.3 is " \
            f"shadowed by plugin-dir {sources['plugin_dir']}" in out
     assert "\nPlatform\n" in out
-    assert "would choose 'cpu'" in out or "platform check unavailable" in out
+    assert "would choose 'cpu' (engine.platforms.cpu.CpuPlatform)" in out, out
     assert "problem(s) found" in out
 
 
