@@ -2,110 +2,50 @@
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from engine.config import (
-    CacheConfig,
-    CompilationConfig,
-    EngineConfig,
-    ModelConfig,
-    ParallelConfig,
-    SchedulerConfig,
-)
+from engine.config import EngineConfig
+from engine.engine_args import EngineArgs, default_model_dir, engine_args_signature
 from engine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
-
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 
 Prompt = str | Sequence[int]
 
-
-def default_model_dir() -> Path:
-    """The embedded default model's folder. Raises FileNotFoundError when this
-    installation has none."""
-    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no model given and the embedded default model is missing ({DEFAULT_MODEL_DIR}); "
-            "pass a Hugging Face-format model folder (config.json, *.safetensors, tokenizer.json)"
-        )
-    return DEFAULT_MODEL_DIR
+__all__ = ["LLM", "default_model_dir"]
 
 
 class LLM:
     """A model served in this process: `generate` text or `embed` it.
 
+    Every keyword argument is a field of `engine.engine_args.EngineArgs` (its
+    docstring-like help texts are the reference; ``help(LLM)`` lists them all):
+    ``platform``, ``tensor_parallel_size``, ``attention_backend``,
+    ``io_processor_plugin``, ``plugin_dirs``, ``dtype``, ``seed``, ``log_stats``,
+    ``block_size``, ``kv_cache_memory``, ``max_num_seqs``, ``max_num_batched_tokens``,
+    ``enable_prefix_caching``, ``enable_chunked_prefill``, ``max_model_len``, ...
+
     Args:
         model: a Hugging Face-format folder (``config.json``, ``*.safetensors``,
             ``tokenizer.json``); None: the embedded default model.
-        platform: use this platform plugin (sets ``ENGINE_PLATFORM``).
-        tensor_parallel_size: ranks to shard the model over (one process each).
-        attention_backend: an `AttentionBackendEnum` name (default: the platform's).
-        io_processor_plugin: the IO-processor plugin `encode` uses (default: the
-            ``io_processor_plugin`` key of the model's ``config.json``, if any).
-        plugin_dirs: extra plugin folders (reach every engine process).
-        dtype: "auto", "float32", "bfloat16" or "float16".
-        seed: seeds the global generators (unseeded sampling, weight init).
-        log_stats: turn the stat loggers on.
-        block_size: tokens per KV-cache block.
-        kv_cache_memory: bytes for the KV cache (default: a fraction of memory,
-            ``kv_cache_memory_fraction``).
-        max_num_seqs: sequences in one step at most.
-        max_num_batched_tokens: token budget of one step (default 4096, or the
-            context length when chunked prefill is off).
-        enable_prefix_caching: reuse the KV blocks of repeated prompt prefixes.
-        enable_chunked_prefill: split long prompts over several steps.
-        max_model_len: serve a shorter context than the model's.
 
-    Raises ValueError for bad settings, FileNotFoundError for a missing model.
+    Raises ValueError for bad settings (naming the setting), TypeError for an
+    unknown keyword, FileNotFoundError for a missing model.
     """
 
-    def __init__(
-        self,
-        model: str | os.PathLike[str] | None = None,
-        *,
-        platform: str | None = None,
-        tensor_parallel_size: int = 1,
-        attention_backend: str | None = None,
-        io_processor_plugin: str | None = None,
-        plugin_dirs: Iterable[str | os.PathLike[str]] = (),
-        dtype: str = "auto",
-        seed: int = 0,
-        log_stats: bool = False,
-        block_size: int = 16,
-        kv_cache_memory: int | None = None,
-        kv_cache_memory_fraction: float = 0.25,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int | None = None,
-        enable_prefix_caching: bool = True,
-        enable_chunked_prefill: bool = True,
-        max_model_len: int | None = None,
-        long_prefill_token_threshold: int = 0,
-        custom_ops: list[str] | None = None,
-        worker_cls: str = "auto",
-    ) -> None:
-        if platform is not None:
-            from engine.platforms import reset_current_platform
-
-            os.environ["ENGINE_PLATFORM"] = platform
-            reset_current_platform()  # a platform resolved earlier in this process is stale
-        plugin_dirs = [os.fspath(d) for d in plugin_dirs]
-        if plugin_dirs:
-            import registry
-
-            registry.add_plugin_dirs(plugin_dirs)
-        config = _build_config(
-            model=model, tensor_parallel_size=tensor_parallel_size,
-            attention_backend=attention_backend, io_processor_plugin=io_processor_plugin,
-            dtype=dtype, seed=seed, log_stats=log_stats, block_size=block_size,
-            kv_cache_memory=kv_cache_memory, kv_cache_memory_fraction=kv_cache_memory_fraction,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            enable_prefix_caching=enable_prefix_caching,
-            enable_chunked_prefill=enable_chunked_prefill, max_model_len=max_model_len,
-            long_prefill_token_threshold=long_prefill_token_threshold,
-            custom_ops=custom_ops, worker_cls=worker_cls,
-        )
+    def __init__(self, model: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
+        if model is not None:
+            model = os.fspath(model)
+        if "plugin_dirs" in kwargs:
+            kwargs["plugin_dirs"] = tuple(os.fspath(d) for d in kwargs["plugin_dirs"])
+        try:
+            args = EngineArgs(model=model, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"LLM(): {exc}") from None
+        self.engine_args = args
+        args.apply_process_settings()
+        config = args.create_engine_config()
         from engine.core.engine import LLMEngine
 
         self.llm_engine = LLMEngine(config)
@@ -113,10 +53,14 @@ class LLM:
             from engine.io_processors import get_io_processor
 
             # a named plugin that does not exist fails here, at start
-            self.io_processor = get_io_processor(config, io_processor_plugin)
+            self.io_processor = get_io_processor(config, args.io_processor_plugin)
         except BaseException:
             self.llm_engine.shutdown()
             raise
+
+    __init__.__signature__ = engine_args_signature(  # type: ignore[attr-defined]
+        (inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+         inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)))
 
     @property
     def config(self) -> EngineConfig:
@@ -307,55 +251,3 @@ def _as_prompt_list(prompts: Any) -> list[Prompt]:
                 f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}"
             )
     return prompts
-
-
-def _build_config(*, model: Any, tensor_parallel_size: int, attention_backend: str | None,
-                  io_processor_plugin: str | None, dtype: str, seed: int, log_stats: bool,
-                  block_size: int, kv_cache_memory: int | None,
-                  kv_cache_memory_fraction: float, max_num_seqs: int,
-                  max_num_batched_tokens: int | None, enable_prefix_caching: bool,
-                  enable_chunked_prefill: bool, max_model_len: int | None,
-                  long_prefill_token_threshold: int, custom_ops: list[str] | None,
-                  worker_cls: str) -> EngineConfig:
-    from engine.core.engine import resolve_max_model_len
-    from engine.model_loader import load_hf_config
-
-    model_dir = Path(model) if model is not None else default_model_dir()
-    hf_config = load_hf_config(model_dir)
-    for name, value, low in (("tensor_parallel_size", tensor_parallel_size, 1),
-                             ("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if kv_cache_memory is not None and kv_cache_memory <= 0:
-        raise ValueError(f"kv_cache_memory must be > 0 bytes, got {kv_cache_memory!r}")
-    if not 0 < kv_cache_memory_fraction <= 1:
-        raise ValueError(
-            f"kv_cache_memory_fraction must be in (0, 1], got {kv_cache_memory_fraction!r}"
-        )
-    max_model_len = resolve_max_model_len(hf_config, max_model_len)
-    if max_num_batched_tokens is None:
-        max_num_batched_tokens = 4096 if enable_chunked_prefill else max(4096, max_model_len)
-    if max_num_batched_tokens < 1:
-        raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
-    return EngineConfig(
-        model_config=ModelConfig(
-            model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
-            hf_config=hf_config, io_processor_plugin=io_processor_plugin,
-        ),
-        cache_config=CacheConfig(
-            block_size=block_size, kv_cache_memory=kv_cache_memory,
-            kv_cache_memory_fraction=kv_cache_memory_fraction,
-            enable_prefix_caching=enable_prefix_caching,
-        ),
-        scheduler_config=SchedulerConfig(
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            enable_chunked_prefill=enable_chunked_prefill,
-            long_prefill_token_threshold=long_prefill_token_threshold,
-        ),
-        parallel_config=ParallelConfig(
-            tensor_parallel_size=tensor_parallel_size, worker_cls=worker_cls
-        ),
-        compilation_config=CompilationConfig(custom_ops=custom_ops or ["all"]),
-        attention_backend=attention_backend,
-        log_stats=log_stats,
-    )

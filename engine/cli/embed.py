@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from engine.engine_args import EngineArgs
+
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
     p = subparsers.add_parser(
@@ -15,9 +17,8 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
         description="Embed each TEXT with an embedding model (e.g. all-MiniLM-L6-v2).",
     )
     p.add_argument("texts", nargs="+", metavar="TEXT")
-    p.add_argument("--model", metavar="DIR", default=None,
-                   help="Hugging Face / sentence-transformers model folder")
     p.add_argument("--json", action="store_true", help="print a JSON array: text, embedding")
+    EngineArgs.add_cli_args(p.add_argument_group("engine options"))
     p.set_defaults(func=run)
 
 
@@ -25,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from engine.llm import LLM
 
     try:
-        outputs = LLM(args.model).embed(args.texts)
+        outputs = LLM(**vars(EngineArgs.from_cli_args(args))).embed(args.texts)
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"engine embed: error: {exc}", file=sys.stderr)
         return 1

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from engine.engine_args import EngineArgs
+
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
     p = subparsers.add_parser(
@@ -14,8 +16,6 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
         help="complete prompts",
         description="Complete each --prompt with the model and print the completions.",
     )
-    p.add_argument("--model", metavar="DIR", default=None,
-                   help="Hugging Face-format model folder (default: the embedded model)")
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                    help="a prompt (repeatable; prompts are batched together)")
     p.add_argument("--max-tokens", type=int, default=64, metavar="N")
@@ -28,10 +28,10 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="per-request seed (default 0: reproducible output)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
-    p.add_argument("--attention-backend", default=None, metavar="NAME",
-                   help="attention backend name (default: the platform's)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON array: prompt, text, token_ids, finish_reason")
+    # --seed above is the per-request sampling seed; the engine's global seed keeps its default
+    EngineArgs.add_cli_args(p.add_argument_group("engine options"), exclude=("seed",))
     p.set_defaults(func=run)
 
 
@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos,
         )
-        llm = LLM(args.model, attention_backend=args.attention_backend)
+        engine_args = EngineArgs.from_cli_args(args, seed=0)
+        llm = LLM(**vars(engine_args))
         outputs = llm.generate(args.prompt, params)
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"engine generate: error: {exc}", file=sys.stderr)

@@ -1,0 +1,230 @@
+"""`EngineArgs`: every engine setting, written once.
+
+`LLM(...)` takes these fields as keyword arguments, the CLI commands that build an
+engine (`engine generate`, `engine embed`, `engine serve`, ...) get their engine flags
+from `EngineArgs.add_cli_args`, and the server builds its engine from an `EngineArgs`.
+A new setting is one field here (with its help text); the rest follows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.config import (
+    CacheConfig,
+    CompilationConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+
+
+def default_model_dir() -> Path:
+    """The embedded default model's folder. Raises FileNotFoundError when this
+    installation has none."""
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no model given and the embedded default model is missing ({DEFAULT_MODEL_DIR}); "
+            "pass a Hugging Face-format model folder (config.json, *.safetensors, tokenizer.json)"
+        )
+    return DEFAULT_MODEL_DIR
+
+
+def _help(text: str, *, flag: str | None = None, cli: bool = True, **argparse_kw: Any) -> dict:
+    """Field metadata: the help text, and how (or whether) the field becomes a CLI flag."""
+    return {"help": text, "flag": flag, "cli": cli, "argparse": argparse_kw}
+
+
+@dataclass
+class EngineArgs:
+    """The settings of one engine. Every field is also a keyword argument of `LLM`.
+
+    Raises (from `create_engine_config`) ValueError naming the field for a bad
+    value, FileNotFoundError for a missing model.
+    """
+
+    model: str | None = field(default=None, metadata=_help(
+        "Hugging Face-format model folder (default: the embedded model)", metavar="MODEL"))
+    platform: str | None = field(default=None, metadata=_help(
+        "use this platform plugin (sets ENGINE_PLATFORM); the CLI's global --platform",
+        cli=False))
+    plugin_dirs: tuple[str, ...] = field(default=(), metadata=_help(
+        "extra plugin folders (reach every engine process); the CLI's global --plugin-dir",
+        cli=False))
+    tensor_parallel_size: int = field(default=1, metadata=_help(
+        "ranks to shard the model over (one process each)", metavar="N"))
+    attention_backend: str | None = field(default=None, metadata=_help(
+        "an attention backend name (default: the platform's)", metavar="NAME"))
+    io_processor_plugin: str | None = field(default=None, metadata=_help(
+        "the IO-processor plugin `encode` and POST /pooling use (default: the "
+        "'io_processor_plugin' key of the model's config.json)", metavar="NAME"))
+    dtype: str = field(default="auto", metadata=_help(
+        "weights and activations dtype; 'auto' is the platform's choice for the model",
+        choices=DTYPES))
+    seed: int = field(default=0, metadata=_help(
+        "seeds the global generators (unseeded sampling, weight init)", metavar="S"))
+    log_stats: bool = field(default=False, metadata=_help(
+        "turn the stat loggers on", cli=False))
+    block_size: int = field(default=16, metadata=_help(
+        "tokens per KV-cache block", metavar="N"))
+    kv_cache_memory: int | None = field(default=None, metadata=_help(
+        "bytes for the KV cache (default: kv_cache_memory_fraction of memory)",
+        metavar="BYTES"))
+    kv_cache_memory_fraction: float = field(default=0.25, metadata=_help(
+        "fraction of memory for the KV cache when kv_cache_memory is not set", metavar="F"))
+    max_num_seqs: int = field(default=256, metadata=_help(
+        "sequences in one step at most", metavar="N"))
+    max_num_batched_tokens: int | None = field(default=None, metadata=_help(
+        "token budget of one step (default 4096, or the context length when chunked "
+        "prefill is off)", metavar="N"))
+    enable_prefix_caching: bool = field(default=True, metadata=_help(
+        "reuse the KV blocks of repeated prompt prefixes"))
+    enable_chunked_prefill: bool = field(default=True, metadata=_help(
+        "split long prompts over several steps"))
+    max_model_len: int | None = field(default=None, metadata=_help(
+        "serve a shorter context than the model's", metavar="N"))
+    long_prefill_token_threshold: int = field(default=0, metadata=_help(
+        "prompt tokens one request may prefill per step (0: only the step budget)",
+        metavar="N"))
+    custom_ops: list[str] | None = field(default=None, metadata=_help(
+        "custom-op toggles: 'all', 'none', '+name', '-name' (default: all)",
+        nargs="+", metavar="OP"))
+    worker_cls: str = field(default="auto", metadata=_help(
+        "worker class qualified name ('auto': the platform's)", metavar="QUALNAME"))
+
+    # ------------------------------------------------------------------ CLI
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser | Any,
+                     *, exclude: tuple[str, ...] = ()) -> None:
+        """Add one flag per CLI-visible field to `parser` (or an argument group):
+        ``--tensor-parallel-size N``, ``--dtype``, ``--no-enable-prefix-caching``, ...
+        Fields named in `exclude` are left out (a command that sets them itself)."""
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            if not meta.get("cli") or f.name in exclude:
+                continue
+            flag = meta["flag"] or "--" + f.name.replace("_", "-")
+            kw = dict(meta["argparse"])
+            if isinstance(f.default, bool):
+                kw["action"] = argparse.BooleanOptionalAction
+            elif "nargs" not in kw and "choices" not in kw:
+                kw["type"] = _cli_type(f.default, f.type)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            help_text = meta["help"]
+            if default not in (None, (), False, True) and "default" not in help_text:
+                help_text += f" (default: {default})"
+            parser.add_argument(flag, dest=f.name, default=default, help=help_text, **kw)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineArgs:
+        """The fields `add_cli_args` added, read back from parsed `args`, then
+        `overrides` on top."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                  if hasattr(args, f.name)}
+        values.update(overrides)
+        return cls(**values)
+
+    # ------------------------------------------------------------------ config
+
+    def model_dir(self) -> Path:
+        """The model's folder (the embedded default model when `model` is None)."""
+        return Path(self.model) if self.model is not None else default_model_dir()
+
+    def create_engine_config(self) -> EngineConfig:
+        """Check every field and build the `EngineConfig` the engine runs with."""
+        from engine.core.engine import resolve_max_model_len
+        from engine.model_loader import load_hf_config
+
+        for name in ("tensor_parallel_size", "block_size", "max_num_seqs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory!r}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError("kv_cache_memory_fraction must be in (0, 1], got "
+                             f"{self.kv_cache_memory_fraction!r}")
+        model_dir = self.model_dir()
+        hf_config = load_hf_config(model_dir)
+        max_model_len = resolve_max_model_len(hf_config, self.max_model_len)
+        budget = self.max_num_batched_tokens
+        if budget is None:
+            budget = 4096 if self.enable_chunked_prefill else max(4096, max_model_len)
+        if budget < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {budget}")
+        return EngineConfig(
+            model_config=ModelConfig(
+                model=str(model_dir), dtype=self.dtype, seed=self.seed,
+                max_model_len=max_model_len, hf_config=hf_config,
+                io_processor_plugin=self.io_processor_plugin,
+            ),
+            cache_config=CacheConfig(
+                block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
+                kv_cache_memory_fraction=self.kv_cache_memory_fraction,
+                enable_prefix_caching=self.enable_prefix_caching,
+            ),
+            scheduler_config=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
+                enable_chunked_prefill=self.enable_chunked_prefill,
+                long_prefill_token_threshold=self.long_prefill_token_threshold,
+            ),
+            parallel_config=ParallelConfig(
+                tensor_parallel_size=self.tensor_parallel_size, worker_cls=self.worker_cls,
+            ),
+            compilation_config=CompilationConfig(custom_ops=self.custom_ops or ["all"]),
+            attention_backend=self.attention_backend,
+            log_stats=self.log_stats,
+        )
+
+    def apply_process_settings(self) -> None:
+        """The settings that act on this process before the engine is built: the
+        platform choice and the plugin folders (both reach the engine's workers)."""
+        if self.platform is not None:
+            from engine.platforms import reset_current_platform
+
+            os.environ["ENGINE_PLATFORM"] = self.platform
+            reset_current_platform()  # a platform resolved earlier in this process is stale
+        if self.plugin_dirs:
+            import registry
+
+            registry.add_plugin_dirs([os.fspath(d) for d in self.plugin_dirs])
+
+
+def _cli_type(default: Any, annotation: Any) -> Any:
+    """The argparse type for a field: from its default, else from its annotation."""
+    if default is not None and not isinstance(default, (tuple, list)):
+        return type(default)
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    for name, typ in (("int", int), ("float", float)):
+        if text.startswith(name):
+            return typ
+    return str
+
+
+def engine_args_signature(first: tuple[inspect.Parameter, ...] = ()) -> inspect.Signature:
+    """`EngineArgs`' fields as keyword-only parameters (for `LLM.__init__`'s
+    signature, so help() and editors show every setting)."""
+    params = list(first)
+    names = {p.name for p in params}
+    for f in dataclasses.fields(EngineArgs):
+        if f.name in names:
+            continue
+        params.append(inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type,
+        ))
+    return inspect.Signature(params)
