@@ -56,7 +56,11 @@ class EngineArgs:
     """
 
     model: str | None = field(default=None, metadata=_help(
-        "Hugging Face-format model folder (default: the embedded model)", metavar="MODEL"))
+        "Hugging Face-format model folder, or a model name ('org/name') in the local "
+        "Hugging Face cache (default: the embedded model)", metavar="MODEL"))
+    revision: str | None = field(default=None, metadata=_help(
+        "for a model name: the cached branch, tag or commit to load (default: main)",
+        metavar="REV"))
     platform: str | None = field(default=None, metadata=_help(
         "use this platform plugin (sets ENGINE_PLATFORM); the CLI's global --platform",
         cli=False))
@@ -140,8 +144,16 @@ class EngineArgs:
     # ------------------------------------------------------------------ config
 
     def model_dir(self) -> Path:
-        """The model's folder (the embedded default model when `model` is None)."""
-        return Path(self.model) if self.model is not None else default_model_dir()
+        """The model's folder: `model` itself, its snapshot in the local Hugging Face
+        cache (`engine.hf_cache.resolve_model`), or the embedded default model when
+        `model` is None."""
+        if self.model is None:
+            if self.revision is not None:
+                raise ValueError("revision needs a model name (model='org/name')")
+            return default_model_dir()
+        from engine.hf_cache import resolve_model
+
+        return resolve_model(self.model, self.revision)
 
     def create_engine_config(self) -> EngineConfig:
         """Check every field and build the `EngineConfig` the engine runs with."""
