@@ -58,10 +58,15 @@ def test_greedy_rows_stay_argmax_in_a_mixed_batch():
     assert [tokens[i] for i in (0, 2, 4)] == logits[[0, 2, 4]].argmax(-1).tolist()
 
 
-def test_half_precision_logits_are_accepted():
-    logits = torch.randn(3, 64).to(torch.bfloat16)
-    out = Sampler()(logits, states_for(SamplingParams(temperature=0.8, top_k=4), 3))
-    assert all(0 <= t < 64 for t in out.token_ids)
+def test_half_precision_logits_sample_as_their_float32_values():
+    logits = torch.randn(16, 64).to(torch.bfloat16)
+    params = SamplingParams(temperature=0.8, top_k=4, seed=11, logprobs=2)
+    half = Sampler()(logits, states_for(params, 16))
+    full = Sampler()(logits.float(), states_for(params, 16))
+    assert half.token_ids == full.token_ids
+    assert half.logprobs == full.logprobs
+    top4 = logits.float().topk(4, dim=-1).indices
+    assert (top4 == torch.tensor(half.token_ids).unsqueeze(1)).any(dim=1).all()
 
 
 def test_row_count_mismatch_is_an_error():
@@ -276,8 +281,11 @@ def test_logprobs_zero_gives_only_the_sampled_token_and_others_get_none():
     assert list(out.logprobs[0]) == [out.token_ids[0]] and out.logprobs[1] is None
 
 
-def test_sampler_runs_under_inference_mode():
+def test_sampler_under_inference_mode_draws_what_it_draws_outside():
     logits = torch.randn(3, 2000)
+    params = SamplingParams(top_p=0.5, logprobs=1, seed=5)
+    outside = Sampler()(logits, states_for(params, 3))
     with torch.inference_mode():
-        out = Sampler()(logits, states_for(SamplingParams(top_p=0.5, logprobs=1), 3))
-    assert len(out.token_ids) == 3
+        inside = Sampler()(logits, states_for(params, 3))
+    assert inside.token_ids == outside.token_ids
+    assert inside.logprobs == outside.logprobs

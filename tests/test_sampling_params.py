@@ -38,7 +38,21 @@ def test_temperature_zero_is_greedy():
 
 @pytest.mark.parametrize("top_k", [0, -1])
 def test_top_k_zero_and_minus_one_mean_off(top_k):
+    import torch
+
+    from engine.sample import Sampler, SamplingState
+
     assert SamplingParams(top_k=top_k).top_k == top_k
+    # off means every token keeps its softmax share, the least likely one included
+    probs = [0.5, 0.3, 0.15, 0.05]
+    count = 4000
+    logits = torch.tensor(probs).log().expand(count, -1).contiguous()
+    params = SamplingParams(top_k=top_k, seed=3)
+    states = [SamplingState.create(params, [0], i) for i in range(count)]
+    tokens = torch.tensor(Sampler()(logits, states).token_ids)
+    freq = (torch.bincount(tokens, minlength=4).float() / count).tolist()
+    for got, want in zip(freq, probs, strict=True):
+        assert abs(got - want) < 0.03, freq
 
 
 @pytest.mark.parametrize(
