@@ -20,6 +20,7 @@ class ModelConfig:
     max_model_len: int | None = None  # None: from the model's config.json
     hf_config: dict[str, Any] = field(default_factory=dict)  # parsed config.json
     io_processor_plugin: str | None = None
+    load_format: str = "auto"  # a registered model loader (engine.model_loader)
 
 
 @dataclass
@@ -44,6 +45,8 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     worker_cls: str = "auto"  # qualified name; the platform fills in "auto"
     distributed_backend: str | None = None  # None: the platform's choice (gloo / nccl)
+    # who runs the ranks: "mp" (local processes), "ray", "external_launcher" (torchrun)
+    distributed_executor_backend: str = "mp"
 
 
 @dataclass
@@ -67,6 +70,8 @@ class EngineConfig:
     compilation_config: CompilationConfig = field(default_factory=CompilationConfig)
     attention_backend: str | None = None  # user's choice; None: the platform's default
     log_stats: bool = False
+    # extra LogitsProcessor classes or "pkg.mod:Cls" names, after the plugins
+    logits_processors: list[Any] = field(default_factory=list)
 
 
 _current_config: EngineConfig | None = None

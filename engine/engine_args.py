@@ -107,6 +107,12 @@ class EngineArgs:
         nargs="+", metavar="OP"))
     worker_cls: str = field(default="auto", metadata=_help(
         "worker class qualified name ('auto': the platform's)", metavar="QUALNAME"))
+    load_format: str = field(default="auto", metadata=_help(
+        "how to read the weights: 'auto' (by what the path holds), 'safetensors', 'pt', "
+        "'gguf' or a format a plugin registered", metavar="FORMAT"))
+    logits_processors: tuple[Any, ...] = field(default=(), metadata=_help(
+        "extra LogitsProcessor classes (or 'pkg.mod:Cls' names) run after the "
+        "logits_processor plugins", nargs="+", metavar="QUALNAME"))
 
     # ------------------------------------------------------------------ CLI
 
@@ -183,7 +189,7 @@ class EngineArgs:
             model_config=ModelConfig(
                 model=str(model_dir), dtype=self.dtype, seed=self.seed,
                 max_model_len=max_model_len, hf_config=hf_config,
-                io_processor_plugin=self.io_processor_plugin,
+                io_processor_plugin=self.io_processor_plugin, load_format=self.load_format,
             ),
             cache_config=CacheConfig(
                 block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
@@ -201,7 +207,21 @@ class EngineArgs:
             compilation_config=CompilationConfig(custom_ops=self.custom_ops or ["all"]),
             attention_backend=self.attention_backend,
             log_stats=self.log_stats,
+            logits_processors=self._checked_logits_processors(),
         )
+
+    def _checked_logits_processors(self) -> list[Any]:
+        from engine.models.registry import worker_importable_name
+        from engine.sample._logits_processor import processor_name, resolve_logits_processor
+
+        checked = []
+        for entry in self.logits_processors or ():
+            what = f"logits_processors entry {processor_name(entry)!r}"
+            cls = resolve_logits_processor(entry, what)
+            if self.tensor_parallel_size > 1 and not isinstance(entry, str):
+                entry = worker_importable_name(cls, what)  # workers import it by name
+            checked.append(entry)
+        return checked
 
     def apply_process_settings(self) -> None:
         """The settings that act on this process before the engine is built: the

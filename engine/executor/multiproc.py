@@ -90,14 +90,18 @@ def _describe_exit(code: int | None) -> str:
 # worker process side
 
 
-def _build_worker(config: Any, rank: int, init_method: str) -> Any:
+def _build_worker(config: Any, rank: int, init_method: str,
+                  model_registrations: dict[str, Any] | None = None) -> Any:
     import torch
 
     torch.set_num_threads(1)
     import registry
+    from engine.models import ModelRegistry
 
     # general plugins first: they may register what the worker class needs
     registry.load_general_plugins()
+    # then what the user's script registered before building the engine
+    ModelRegistry.apply_registrations(model_registrations or {})
     return build_worker(config, rank=rank, distributed_init_method=init_method)
 
 
@@ -141,10 +145,11 @@ def _serve(worker: Any, conn: Connection) -> None:
             _send_error(conn, exc)
 
 
-def _worker_main(config: Any, rank: int, init_method: str, conn: Connection) -> None:
+def _worker_main(config: Any, rank: int, init_method: str, conn: Connection,
+                 model_registrations: dict[str, Any] | None = None) -> None:
     """Entry point of a worker process."""
     try:
-        worker = _build_worker(config, rank, init_method)
+        worker = _build_worker(config, rank, init_method, model_registrations)
     except BaseException as exc:
         try:
             _send_error(conn, exc)
@@ -216,12 +221,18 @@ class MultiprocExecutor(ExecutorBase):
         self._failure: str | None = None
         # stops the workers on shutdown(), garbage collection or interpreter exit
         self._finalizer = weakref.finalize(self, _stop_workers, self._handles)
+        from engine.models import ModelRegistry
+
+        # registrations made in the user's script reach every worker; a class the
+        # workers could not import fails here, naming it, before anything starts
+        ModelRegistry.check_reachable(config.model_config.hf_config.get("architectures") or [])
+        registrations = ModelRegistry.registrations_for_workers()
         ctx = multiprocessing.get_context("spawn")
         for rank in range(world_size):
             parent_conn, child_conn = ctx.Pipe(duplex=True)
             process = ctx.Process(
                 target=_worker_main,
-                args=(config, rank, self.distributed_init_method, child_conn),
+                args=(config, rank, self.distributed_init_method, child_conn, registrations),
                 name=f"EngineWorker-TP{rank}",
                 daemon=True,
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import re
+import sys
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -27,13 +28,29 @@ class _LazyModel:
             for attr in attr_path.split("."):
                 obj = getattr(obj, attr)
         except (ImportError, AttributeError) as e:
+            hint = ""
+            if module_name == "__main__":
+                hint = (" (worker processes re-import the main script as a module: define the "
+                        "class at its top level, not under `if __name__ == '__main__':`, or "
+                        "move it into a module and register 'module:Class')")
             raise ImportError(
                 f"model architecture {arch!r} is registered as {self.value!r}, "
-                f"which cannot be imported: {e}"
+                f"which cannot be imported: {e}{hint}"
             ) from e
         if not isinstance(obj, type):
             raise TypeError(f"model architecture {arch!r}: {self.value!r} is not a class")
         return obj
+
+
+@dataclass(frozen=True)
+class _Unreachable:
+    """A registration that worker processes cannot import; resolving it there
+    raises `message`."""
+
+    message: str
+
+    def load(self, arch: str) -> type:
+        raise ImportError(self.message)
 
 
 class _ModelRegistry:
@@ -68,6 +85,52 @@ class _ModelRegistry:
             logger.info("model architecture %r: %s replaces %s", arch,
                         _describe(entry), _describe(previous))
         self._models[arch] = entry
+
+    def registrations_for_workers(self) -> dict[str, str | _Unreachable]:
+        """Every registration as something a spawned worker process can replay:
+        ``{arch: "module:Class"}``. A class that workers cannot import (defined in
+        ``__main__`` of an interactive session, or inside a function) maps to a
+        marker whose resolution in the worker raises an error naming the class
+        and the fix; `check_reachable` raises the same error in this process."""
+        exported: dict[str, str | _Unreachable] = {}
+        for arch, entry in self._models.items():
+            if isinstance(entry, _LazyModel):
+                exported[arch] = entry.value
+            elif isinstance(entry, _Unreachable):
+                exported[arch] = entry
+            else:
+                try:
+                    exported[arch] = worker_importable_name(
+                        entry, f"model architecture {arch!r}"
+                    )
+                except ValueError as exc:
+                    exported[arch] = _Unreachable(str(exc))
+        return exported
+
+    def apply_registrations(self, registrations: dict[str, str | _Unreachable]) -> None:
+        """Replay `registrations_for_workers()` of the parent process here (a
+        worker process, after its general plugins ran)."""
+        for arch, value in registrations.items():
+            current = self._models.get(arch)
+            if isinstance(value, _Unreachable):
+                self._models[arch] = value
+            elif isinstance(current, type) and f"{current.__module__}:{current.__qualname__}" == value:
+                continue  # the worker's own plugins registered the same class
+            else:
+                self.register_model(arch, value)
+
+    def check_reachable(self, architectures: list[str]) -> None:
+        """Raise ValueError when the class that `architectures` resolves to could
+        not be imported by a worker process (see `registrations_for_workers`)."""
+        for arch in architectures:
+            entry = self._models.get(arch)
+            if entry is None:
+                continue
+            if isinstance(entry, type):
+                worker_importable_name(entry, f"model architecture {arch!r}")
+            elif isinstance(entry, _Unreachable):
+                raise ValueError(entry.message)
+            return
 
     def get_supported_archs(self) -> list[str]:
         """Every registered architecture name, sorted."""
@@ -104,10 +167,39 @@ class _ModelRegistry:
         )
 
 
-def _describe(entry: type | _LazyModel) -> str:
+def _describe(entry: type | _LazyModel | _Unreachable) -> str:
     if isinstance(entry, _LazyModel):
         return repr(entry.value)
+    if isinstance(entry, _Unreachable):
+        return "(a class worker processes cannot import)"
     return f"{entry.__module__}.{entry.__qualname__}"
+
+
+def worker_importable_name(cls: type, what: str) -> str:
+    """``"module:Qualname"`` under which a spawned worker process imports `cls`.
+
+    Raises ValueError naming `what`, the class and the fix when workers cannot
+    import it: a class defined inside a function, or in ``__main__`` when the
+    main program is not a file a worker can re-import (``python -c``, a REPL,
+    a notebook).
+    """
+    module, qualname = cls.__module__, cls.__qualname__
+    fix = (f"move {qualname} into a module on sys.path (for example my_models.py) and "
+           f"pass 'my_models:{qualname.split('.')[-1]}'")
+    if "<locals>" in qualname:
+        raise ValueError(
+            f"{what}: class {module}.{qualname} is defined inside a function, so the "
+            f"engine's worker processes cannot import it; {fix}"
+        )
+    if module == "__main__":
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        if not main_file or not str(main_file).endswith(".py"):
+            raise ValueError(
+                f"{what}: class {qualname} is defined in __main__ of an interactive "
+                "session or `python -c`, which the engine's worker processes cannot "
+                f"re-import; {fix}"
+            )
+    return f"{module}:{qualname}"
 
 
 ModelRegistry = _ModelRegistry()

@@ -141,3 +141,54 @@ def apply_batch_update(
             rows.pop(added.index, None)
         else:
             rows[added.index] = entry
+
+
+def processor_name(entry: type | str) -> str:
+    """How errors name a processor given as a class or a qualified name."""
+    if isinstance(entry, str):
+        return entry
+    return f"{entry.__module__}.{entry.__qualname__}"
+
+
+def resolve_logits_processor(entry: type | str, what: str) -> type[LogitsProcessor]:
+    """The `LogitsProcessor` subclass `entry` names (a class, ``"pkg.mod:Cls"`` or
+    ``"pkg.mod.Cls"``). Raises ValueError naming `what` when it cannot be imported
+    or is not a subclass."""
+    import registry
+
+    cls: Any = entry
+    if isinstance(entry, str):
+        try:
+            cls = registry.resolve_qualname(entry)
+        except (ImportError, ValueError) as exc:
+            raise ValueError(f"{what}: cannot import {entry!r}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, LogitsProcessor)):
+        raise ValueError(
+            f"{what}: {processor_name(entry)!r} is not a subclass of "
+            "engine.sample.LogitsProcessor"
+        )
+    return cls
+
+
+def build_logits_processors(config: Any, device: torch.device) -> list[tuple[str, LogitsProcessor]]:
+    """One instance of every logits processor of an engine: the enabled
+    ``logits_processor`` plugins (by plugin name), then ``config.logits_processors``
+    (by qualified name). Raises ValueError naming the one that is not a
+    `LogitsProcessor` or whose constructor raised."""
+    import registry
+
+    entries: list[tuple[str, Any]] = [
+        (name, value)
+        for name, value in registry.load_plugins_by_group(registry.LOGITS_PROCESSOR_PLUGINS).items()
+    ]
+    entries += [(processor_name(e), e) for e in getattr(config, "logits_processors", None) or ()]
+    built = []
+    for name, entry in entries:
+        cls = resolve_logits_processor(entry, f"logits processor {name!r}")
+        try:
+            built.append((name, cls(config, device)))
+        except Exception as exc:
+            raise ValueError(
+                f"logits processor {name!r} could not be built: {type(exc).__name__}: {exc}"
+            ) from exc
+    return built

@@ -19,6 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.sample._logits_processor import (
+    AddedRequest,
+    BatchUpdate,
+    LogitsProcessor,
+    LogitsProcessorError,
+)
 from engine.sample._penalties import apply_penalties
 from engine.sample._state import SamplingState
 
@@ -51,10 +57,16 @@ class Sampler:
     The sampler keeps one float32 workspace as large as the biggest batch of
     logits it has seen (reused each step: a fresh buffer per step costs page
     faults); the per-sequence random state lives in the `SamplingState`s.
+
+    `logits_processors` (``[(name, processor)]``) run first, on the float32
+    copy of the logits, before penalties; they are told of every change of the
+    batch (a state object is one request's row). A processor that raises makes
+    the call raise `LogitsProcessorError` naming it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, logits_processors: Sequence[tuple[str, LogitsProcessor]] = ()) -> None:
         self._workspace: torch.Tensor | None = None
+        self._processors = _ProcessorPipeline(logits_processors) if logits_processors else None
 
     def __call__(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> SamplerOutput:
         """Sample one token per row of `logits` [len(states), vocab].
@@ -66,12 +78,20 @@ class Sampler:
             raise ValueError(
                 f"logits of shape {tuple(logits.shape)} do not match {len(states)} sampling states"
             )
+        pipeline = self._processors
+        if pipeline is not None:
+            pipeline.update_state(states)
         if not states:
             return SamplerOutput([])
-        if all(_plain_greedy(s) for s in states):
+        plain_greedy = all(_plain_greedy(s) for s in states)
+        if plain_greedy and (pipeline is None or pipeline.argmax_invariant):
             return SamplerOutput(logits.argmax(dim=-1).tolist())
 
         x = self._copy_to_workspace(logits)
+        if pipeline is not None:
+            pipeline.apply(x, greedy_only=plain_greedy)
+        if plain_greedy:
+            return SamplerOutput(x.argmax(dim=-1).tolist())
         _apply_penalties_and_blocks(x, states)
         num_seqs = len(states)
         token_ids = torch.empty(num_seqs, dtype=torch.int64, device=x.device)
@@ -100,6 +120,81 @@ class Sampler:
         x = ws[:needed].view(logits.shape)
         x.copy_(logits)
         return x
+
+
+class _ProcessorPipeline:
+    """The logits processors of one sampler, and the batch order they last saw."""
+
+    def __init__(self, processors: Sequence[tuple[str, LogitsProcessor]]) -> None:
+        self.processors = list(processors)
+        self.argmax_invariant = all(
+            self._call(name, p.is_argmax_invariant) for name, p in self.processors
+        )
+        self._rows: list[SamplingState] = []  # the batch of the previous step, by row
+
+    def update_state(self, states: Sequence[SamplingState]) -> None:
+        update = _batch_update(self._rows, states)
+        # remember the new order first: after a failure the next step's update
+        # still starts from what the processors were last told
+        self._rows = list(states)
+        for name, processor in self.processors:
+            self._call(name, processor.update_state, update)
+
+    def apply(self, x: torch.Tensor, greedy_only: bool) -> None:
+        """Run the processors on `x` in place (skipping argmax-invariant ones
+        when every row is greedy)."""
+        for name, processor in self.processors:
+            if greedy_only and self._call(name, processor.is_argmax_invariant):
+                continue
+            out = self._call(name, processor.apply, x)
+            if out is x:
+                continue
+            if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise LogitsProcessorError(
+                    name, f"apply() returned {shape}, expected a tensor of shape {tuple(x.shape)}"
+                )
+            x.copy_(out)
+
+    @staticmethod
+    def _call(name: str, fn, *args):
+        try:
+            return fn(*args)
+        except LogitsProcessorError:
+            raise
+        except Exception as exc:
+            raise LogitsProcessorError(name, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _batch_update(
+    previous: Sequence[SamplingState], states: Sequence[SamplingState]
+) -> BatchUpdate | None:
+    """The removals, swaps and additions that turn the row order `previous`
+    into `states` (a state object is one request); None when they are equal."""
+    if len(previous) == len(states) and all(a is b for a, b in zip(previous, states)):
+        return None
+    target = {id(s): i for i, s in enumerate(states)}
+    removed = tuple(i for i, s in enumerate(previous) if id(s) not in target)
+    rows: list[SamplingState | None] = [s if id(s) in target else None for s in previous]
+    rows += [None] * (len(states) - len(rows))
+    where = {id(s): i for i, s in enumerate(rows) if s is not None}
+    moved = []
+    for i, state in enumerate(states):
+        j = where.get(id(state))
+        if j is None or j == i:
+            continue
+        other = rows[i]
+        rows[i], rows[j] = state, other
+        where[id(state)] = i
+        if other is not None:
+            where[id(other)] = j
+        moved.append((j, i))
+    added = tuple(
+        AddedRequest(i, s.params, s.prompt_token_ids, s.output_token_ids)
+        for i, s in enumerate(states)
+        if rows[i] is not s
+    )
+    return BatchUpdate(len(states), removed, tuple(moved), added)
 
 
 def _plain_greedy(state: SamplingState) -> bool:

@@ -37,8 +37,11 @@ class ModelRunner:
         self.model = load_model(self.config)
         if self.is_generative:
             from engine.sample import Sampler
+            from engine.sample._logits_processor import build_logits_processors
 
-            self.sampler = Sampler()
+            # only the driver samples, so only it runs the logits processors
+            processors = build_logits_processors(self.config, self.device) if self.is_driver else []
+            self.sampler = Sampler(processors)
 
     @property
     def is_generative(self) -> bool:
