@@ -163,6 +163,46 @@ class LLM:
             )
         return params
 
+    # ------------------------------------------------------------------ chat
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+        sampling_params: Any = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        use_tqdm: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Reply to one conversation or a batch of them.
+
+        Args:
+            messages: one conversation (a list of ``{"role", "content"}`` dicts)
+                or a list of conversations.
+            sampling_params: as for `generate` (one for all, or one per conversation).
+            chat_template: a Jinja template to use instead of the model's own.
+            add_generation_prompt: end the prompt with the assistant's header.
+            chat_template_kwargs: extra variables the template sees.
+
+        The prompt is rendered as transformers' ``apply_chat_template`` renders it
+        (`engine.tokenizer.Tokenizer.apply_chat_template`); ``.prompt`` of each
+        output is that text. Returns one `RequestOutput` per conversation. Raises
+        ValueError when the model has no chat template or a conversation is malformed.
+        """
+        conversations = _as_conversations(messages)
+        tokenizer = self.get_tokenizer()
+        texts = [
+            tokenizer.apply_chat_template(
+                conversation, chat_template=chat_template, tokenize=False,
+                add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))
+            for conversation in conversations
+        ]
+        prompt_ids = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+        outputs = self.generate(prompt_ids, sampling_params, use_tqdm=use_tqdm)
+        for out, text in zip(outputs, texts, strict=True):
+            out.prompt = text
+        return outputs
+
     # ------------------------------------------------------------------ embed
 
     def embed(self, texts: str | Sequence[str]) -> list[EmbeddingRequestOutput]:
@@ -235,6 +275,20 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _as_conversations(messages: Any) -> list[list[dict[str, Any]]]:
+    """One conversation or a list of them, as a list of conversations."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise ValueError("messages must be a conversation (a non-empty list of "
+                         "{'role', 'content'} dicts) or a list of conversations")
+    conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+    for i, conversation in enumerate(conversations):
+        if (isinstance(conversation, (str, bytes)) or not isinstance(conversation, Sequence)
+                or not all(isinstance(m, dict) and "role" in m for m in conversation)):
+            raise ValueError(f"conversation {i} must be a list of {{'role', 'content'}} dicts, "
+                             f"got {conversation!r:.80}")
+    return [list(c) for c in conversations]
 
 
 def _as_prompt_list(prompts: Any) -> list[Prompt]:

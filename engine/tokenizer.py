@@ -52,6 +52,9 @@ class Tokenizer:
             token_id = backend.token_to_id(text) if text is not None else None
             if token_id is not None:
                 self._special_token_ids[name] = token_id
+        self.special_tokens_map: dict[str, str] = {
+            f"{name}_token": text for name, text in tokens.items() if text is not None
+        }
         self.bos_token = tokens["bos"]
         self.eos_token = tokens["eos"]
         self.pad_token = tokens["pad"]
@@ -148,6 +151,44 @@ class Tokenizer:
             special = self.all_special_ids
             ids = [i for i in ids if i not in special]
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        tokenize: bool = True,
+        **template_kwargs: Any,
+    ) -> list[int] | str:
+        """The prompt of one conversation, rendered as transformers'
+        ``apply_chat_template`` renders it.
+
+        The template (`chat_template`, else the model's own) sees ``messages``,
+        ``add_generation_prompt``, the special tokens (``bos_token``,
+        ``eos_token``, ...) and `template_kwargs`. The rendered text is tokenized
+        without adding special tokens: the template writes the ones it wants.
+
+        Returns the token ids, or the text when `tokenize` is False. Raises
+        `engine.entrypoints.chat.ChatTemplateError` (a ValueError) when there is
+        no template or the template rejects the messages.
+        """
+        from engine.entrypoints.chat import ChatTemplateError, render_chat
+
+        template = chat_template or self.chat_template
+        if not template:
+            raise ChatTemplateError(
+                f"the model {self.name_or_path!r} has no chat template (neither "
+                "tokenizer_config.json 'chat_template' nor chat_template.jinja): use a chat "
+                "model, or pass a Jinja template (LLM.chat(chat_template=...), "
+                "engine chat --chat-template FILE)"
+            )
+        text = render_chat(
+            template, list(messages),
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=self.special_tokens_map, **template_kwargs,
+        )
+        return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str | None]:
         return [self._backend.id_to_token(i) for i in ids]
