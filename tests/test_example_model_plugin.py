@@ -69,11 +69,22 @@ def test_architecture_from_the_plugin_dir_loads_lazily_and_matches_llama(models,
     assert got["tokens"] == llama_tokens
 
 
-def test_plugin_dir_architecture_with_two_tensor_parallel_ranks_matches_one(models,
-                                                                             llama_tokens):
-    # the worker processes find the plugin only because --plugin-dir reaches them
-    got = report(run(models[1], tp=2, ENGINE_PLUGIN_DIRS=str(EXAMPLE)))
-    assert got["tokens"] == llama_tokens
+@pytest.mark.slow
+def test_plugin_dir_flag_reaches_two_tensor_parallel_ranks(models, llama_tokens):
+    # the real CLI flag, no ENGINE_PLUGIN_DIRS in the environment: the worker
+    # processes find the architecture only because --plugin-dir reaches them
+    env = subprocess_env(OMP_NUM_THREADS="1")
+    assert "ENGINE_PLUGIN_DIRS" not in env
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine", "generate", "--plugin-dir", str(EXAMPLE),
+         "--model", str(models[1]), "--tensor-parallel-size", "2",
+         "--kv-cache-memory", str(1 << 22), "--temperature", "0", "--max-tokens", "8",
+         "--ignore-eos", "--json", "--prompt", "def add(a, b):", "--prompt", "import os"],
+        capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)
+    assert [row["prompt"] for row in rows] == ["def add(a, b):", "import os"]
+    assert [row["token_ids"] for row in rows] == llama_tokens
 
 
 def test_installed_model_plugin_registers_its_architecture(models, llama_tokens, tmp_path):
