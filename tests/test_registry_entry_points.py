@@ -89,7 +89,7 @@ def test_plugin_dir_shadows_entry_point_with_warning(site, tmp_path):
     """, env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "True"
-    assert "WARNING" in proc.stderr or "provided twice" in proc.stderr
+    assert "WARNING" in proc.stderr and "provided twice" in proc.stderr
     assert str(manifest) in proc.stderr and "engine-test-plugins 1.2.3" in proc.stderr
 
 
