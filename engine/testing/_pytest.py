@@ -1,0 +1,63 @@
+"""The kit's checks as pytest items (imported only under pytest)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from engine.testing._core import Check, CheckFailed, CheckSkipped, KitContext
+from engine.testing._kit import collect_checks
+
+
+class KitCheckItem(pytest.Item):
+    """One conformance check as a test item."""
+
+    def __init__(self, *, check: Check, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.check = check
+
+    def runtest(self) -> None:
+        try:
+            self.check.func()
+        except CheckSkipped as exc:
+            pytest.skip(str(exc))
+        except CheckFailed as exc:
+            raise CheckFailed(f"{self.check.id}: {exc}") from None
+
+    def repr_failure(self, excinfo: Any, style: Any = None) -> str:
+        if isinstance(excinfo.value, CheckFailed):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self) -> tuple[str, int | None, str]:
+        return "engine-conformance", None, self.check.id
+
+
+class KitCollector(pytest.Collector):
+    """The checks of one plugin."""
+
+    def collect(self) -> list[pytest.Item]:
+        return []
+
+
+def collect_session(session: Any, names: list[str], group: str | None) -> None:
+    """Fill ``session.items`` with the checks of the named plugins, then let the
+    usual hooks (-k, -m, deselection) see them."""
+    config = session.config
+    ctx = KitContext()
+    config._engine_kit_context = ctx
+    hook = config.hook
+    items: list[pytest.Item] = []
+    for name in names:
+        collector = KitCollector.from_parent(session, name=f"engine-plugin:{name}")
+        try:
+            checks = collect_checks(ctx, name, group)
+        except (LookupError, ValueError) as exc:
+            raise pytest.UsageError(f"--engine-plugin {name}: {exc}") from None
+        for check in checks:
+            items.append(KitCheckItem.from_parent(collector, name=check.id, check=check))
+    hook.pytest_collection_modifyitems(session=session, config=config, items=items)
+    hook.pytest_collection_finish(session=session)
+    session.items = items
+    session.testscollected = len(items)
