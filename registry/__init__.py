@@ -14,6 +14,9 @@ Public API::
     add_plugin_dirs(dirs), strict_mode(), resolve_group(name), resolve_qualname(qualname)
     load_manifest(path), validate_manifest(path) -> list[str], manifest_json_schema()
     load_trace() -> list[LoadEvent]
+    call_plugin(group, name, func, *args) -> result   # plugin code, isolated and attributed
+    current_plugin() -> RunningPlugin | None, running(record)
+    record_effect(kind, target), effects() -> list[dict]
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from registry._env import add_plugin_dirs, strict_mode
+from registry._env import add_plugin_dirs, plugin_dirs, strict_mode
 from registry._errors import ManifestError, PluginLoadError, RegistryError
 from registry._groups import (
     GENERAL_PLUGINS,
@@ -47,6 +50,13 @@ _LAZY = {
     "load_manifest": "registry._manifest",
     "validate_manifest": "registry._manifest",
     "manifest_json_schema": "registry._manifest",
+    "call_plugin": "registry._running",
+    "current_plugin": "registry._running",
+    "running": "registry._running",
+    "RunningPlugin": "registry._running",
+    "PluginExit": "registry._running",
+    "record_effect": "registry._running",
+    "effects": "registry._running",
 }
 
 __all__ = [
@@ -67,6 +77,7 @@ __all__ = [
     "load_plugins_by_group",
     "load_general_plugins",
     "add_plugin_dirs",
+    "plugin_dirs",
     "strict_mode",
     "RegistryError",
     "ManifestError",
@@ -76,11 +87,27 @@ __all__ = [
     "manifest_json_schema",
     "load_trace",
     "resolve_qualname",
+    "call_plugin",
+    "current_plugin",
+    "running",
+    "RunningPlugin",
+    "PluginExit",
+    "record_effect",
+    "effects",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from registry._discovery import discover
     from registry._loading import load_general_plugins, load_plugins_by_group, resolve_qualname
+    from registry._running import (
+        PluginExit,
+        RunningPlugin,
+        call_plugin,
+        current_plugin,
+        effects,
+        record_effect,
+        running,
+    )
     from registry._manifest import (
         Manifest,
         load_manifest,

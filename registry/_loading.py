@@ -16,6 +16,7 @@ from registry._env import strict_mode
 from registry._errors import PluginLoadError
 from registry._groups import GENERAL_PLUGINS, resolve_group
 from registry._records import PluginRecord, record_event
+from registry._running import call_as, process_ending_name
 
 logger = logging.getLogger("registry")
 
@@ -32,12 +33,42 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_lock_in_child)
 
 
+def _slow_import_seconds() -> float:
+    try:
+        return float(os.environ.get("ENGINE_PLUGIN_SLOW_IMPORT_SECONDS", "") or 5.0)
+    except ValueError:
+        return 5.0
+
+
+def _warn_still_loading(record: PluginRecord, seconds: float) -> None:
+    logger.warning("still importing %s (value %r) after %.0f s; a plugin that blocks at "
+                   "import delays the engine's start", record.describe(), record.value, seconds)
+
+
 def import_plugin(record: PluginRecord) -> Any:
-    """Import the object `record` names, putting its folder on ``sys.path`` first.
-    Raises whatever the import raises."""
+    """Import the object `record` names, putting its folder on ``sys.path`` first,
+    with the plugin marked as running. When the import takes longer than
+    ``ENGINE_PLUGIN_SLOW_IMPORT_SECONDS`` (default 5) a WARNING names the plugin.
+
+    Raises whatever the import raises (a ``SystemExit`` becomes PluginExit), and
+    PluginLoadError when the value is a builtin that would end the process.
+    """
     if record.path and record.path not in sys.path:
         sys.path.insert(0, record.path)
-    return record.entry_point().load()
+    seconds = _slow_import_seconds()
+    watchdog = threading.Timer(seconds, _warn_still_loading, (record, seconds))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        value = call_as(record, record.entry_point().load)
+    finally:
+        watchdog.cancel()
+    ending = process_ending_name(value)
+    if ending is not None:
+        raise PluginLoadError(
+            f"{record.describe()}: its value {record.value!r} is {ending}, which would end "
+            "the engine's process; refusing to load it", record)
+    return value
 
 
 def _fail(message: str, record: PluginRecord, exc: BaseException) -> None:
@@ -102,7 +133,9 @@ def _call_general_plugins() -> None:
     for record, func in load_group(GENERAL_PLUGINS):
         start = perf_counter()
         try:
-            func()
+            if not callable(func):
+                raise TypeError(f"a general plugin's value must be callable, not {func!r}")
+            call_as(record, func)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             record_event(record, "call-failed", perf_counter() - start, error)

@@ -13,7 +13,10 @@ for the schema.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -253,13 +256,60 @@ def parse_manifest(path: str, data: bytes) -> Manifest:
     return manifest
 
 
-def read_file(path: str | Path) -> bytes:
-    """Read a file, turning OS errors into a ManifestError naming it."""
+MAX_MANIFEST_BYTES = 1 << 20  # manifests are a few hundred bytes; 1 MiB is plenty
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(path: str, mode: int) -> ManifestError:
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return ManifestError(path, [f"{path}: not a regular file ({kind}); a manifest must be "
+                                "a plain file"])
+
+
+def _too_large(path: str, size: int) -> ManifestError:
+    return ManifestError(path, [f"{path}: too large ({size} bytes); a manifest may have at "
+                                f"most {MAX_MANIFEST_BYTES} bytes"])
+
+
+def read_file(path: str | Path, check: Callable[[os.stat_result], None] | None = None) -> bytes:
+    """Read a manifest or ``pyproject.toml`` without ever blocking or reading without
+    bound: it must be a regular file (checked before opening, so a FIFO never
+    hangs, and again on the open descriptor) of at most MAX_MANIFEST_BYTES.
+    `check` is called with the open file's stat and may raise to refuse it.
+
+    OS errors, non-regular and oversized files raise a ManifestError naming the file.
+    """
+    path = str(path)
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st.st_mode)
+        if st.st_size > MAX_MANIFEST_BYTES:
+            raise _too_large(path, st.st_size)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise ManifestError(str(path), [f"{path}: cannot read: {exc.strerror or exc}"]) from None
+        raise ManifestError(path, [f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        st = os.fstat(fd)  # the file may have been swapped since os.stat
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st.st_mode)
+        if check is not None:
+            check(st)
+        chunks = []
+        size = 0
+        while chunk := os.read(fd, max(st.st_size + 1, 4096)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_MANIFEST_BYTES:  # it grew since fstat
+                raise _too_large(path, size)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ManifestError(path, [f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    finally:
+        os.close(fd)
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -286,12 +336,15 @@ def validate_manifest(path: str | Path) -> list[str]:
     return []
 
 
-def load_pyproject_entry_points(path: str | Path) -> dict[str, dict[str, str]]:
+def load_pyproject_entry_points(
+    path: str | Path, data: bytes | None = None
+) -> dict[str, dict[str, str]]:
     """Return ``{full group: {name: value}}`` from a plugin project's
-    ``[project.entry-points."engine.*"]`` tables. Raises ManifestError."""
+    ``[project.entry-points."engine.*"]`` tables (`data`: the file's bytes when
+    already read). Raises ManifestError."""
     path = str(path)
     try:
-        document = parse_toml(read_file(path))
+        document = parse_toml(read_file(path) if data is None else data)
     except TomlSyntaxError as exc:
         raise ManifestError(path, [f"{path}:{exc.line}:{exc.col}: {exc.message}"]) from None
     project = document.get("project", {})

@@ -16,7 +16,7 @@ import pluggy
 
 from registry._errors import ManifestError
 from registry._groups import FULL_GROUP_NAME, GROUPS
-from registry._manifest import Manifest, load_pyproject_entry_points, parse_manifest
+from registry._manifest import Manifest, load_pyproject_entry_points, parse_manifest, read_file
 from registry._records import PluginRecord
 
 PROJECT = "registry"
@@ -47,6 +47,7 @@ class Scan:
     config_dir: str
     problems: list[Problem] = field(default_factory=list)
     seconds: dict[int, float] = field(default_factory=dict)  # id(record) -> discovery time
+    folder_reasons: dict[str, str | None] = field(default_factory=dict)  # trust, per folder
 
     def problem(self, level: int, message: str, outcome: str, source: str, origin: str) -> None:
         self.problems.append(Problem(level, message, outcome, None, source, origin))
@@ -95,29 +96,45 @@ class _Unsafe(Exception):
 
 
 def _read_manifest_bytes(path: str, check_owner: bool) -> bytes:
+    def check(st: os.stat_result) -> None:
+        reason = unsafe_reason(st, "the file")
+        if reason:
+            raise _Unsafe(f"refusing manifest {path}: {reason}; fix its permissions")
+
+    return read_file(path, check if check_owner else None)
+
+
+def _folder_reason(folder: str, what: str, cache: dict[str, str | None] | None) -> str | None:
+    if cache is not None and folder in cache:
+        return cache[folder]
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise ManifestError(path, [f"{path}: cannot read: {exc.strerror or exc}"]) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ManifestError(path, [f"{path}: not a regular file"])
-        if check_owner:
-            reason = unsafe_reason(st, "the file")
-            if reason:
-                raise _Unsafe(f"refusing manifest {path}: {reason}; fix its permissions")
-        data = os.read(fd, st.st_size + 1)  # one read: manifests are small
-        if len(data) > st.st_size:  # it grew since fstat: read the rest
-            chunks = [data]
-            while chunk := os.read(fd, 1 << 16):
-                chunks.append(chunk)
-            data = b"".join(chunks)
-        return data
-    except OSError as exc:
-        raise ManifestError(path, [f"{path}: cannot read: {exc.strerror or exc}"]) from None
-    finally:
-        os.close(fd)
+        reason = unsafe_reason(os.stat(folder), what)
+    except OSError:  # missing: nothing can be imported from it
+        reason = None
+    if cache is not None:
+        cache[folder] = reason
+    return reason
+
+
+def trust_problems(path: str, sys_path: str | None,
+                   cache: dict[str, str | None] | None = None) -> list[str]:
+    """Why the manifest at `path` must not be trusted beyond its own file: the real
+    folder of a symlinked manifest, and the folder its code is imported from
+    (``[package] path`` / a project's ``src``), under the same ownership and
+    permission rule as manifest folders. Empty: nothing wrong."""
+    problems = []
+    if os.path.islink(path):
+        real_folder = os.path.dirname(os.path.realpath(path))
+        reason = _folder_reason(real_folder, f"its real folder {real_folder}", cache)
+        if reason:
+            problems.append(f"refusing manifest {path} (a symlink): {reason}; manifests run "
+                            "code, so fix the folder's permissions")
+    if sys_path is not None:
+        reason = _folder_reason(sys_path, f"its code folder {sys_path}", cache)
+        if reason:
+            problems.append(f"refusing manifest {path}: {reason}; code imported from there "
+                            "runs in the engine, so fix the folder's permissions")
+    return problems
 
 
 def _records_from_manifest(path: str, manifest: Manifest, source: str) -> list[PluginRecord]:
@@ -156,7 +173,14 @@ def read_manifest_records(path: str, source: str, scan: Scan, check_owner: bool)
     except _Unsafe as exc:
         scan.problem(logging.ERROR, str(exc), "refused", source, path)
         return []
-    return scan.timed(_records_from_manifest(path, manifest, source), perf_counter() - start)
+    records = _records_from_manifest(path, manifest, source)
+    if check_owner:
+        problems = trust_problems(path, records[0].path, scan.folder_reasons)
+        for problem in problems:
+            scan.problem(logging.ERROR, problem, "refused", source, path)
+        if problems:
+            return []
+    return scan.timed(records, perf_counter() - start)
 
 
 def manifest_files(folder: str) -> list[str]:
@@ -170,10 +194,7 @@ def manifest_files(folder: str) -> list[str]:
 
 
 def _folder_refused(folder: str, source: str, scan: Scan) -> bool:
-    try:
-        reason = unsafe_reason(os.stat(folder), "the folder")
-    except OSError:
-        return False
+    reason = _folder_reason(folder, "the folder", None)
     if reason:
         scan.problem(
             logging.ERROR,
@@ -251,18 +272,21 @@ class PluginDirSource:
         if not os.path.isfile(path):
             return []
         start = perf_counter()
+        src = os.path.join(folder, "src")
+        sys_path = src if os.path.isdir(src) else folder
         try:
-            _read_manifest_bytes(path, check_owner=True)
-            groups = load_pyproject_entry_points(path)
+            groups = load_pyproject_entry_points(path, _read_manifest_bytes(path, check_owner=True))
+            refused = trust_problems(path, sys_path, scan.folder_reasons)
+            if refused:
+                raise _Unsafe("\n".join(refused))
         except ManifestError as exc:
             for line in exc.problems:
                 scan.problem(logging.ERROR, f"{line} (skipped)", "invalid", "plugin-dir", path)
             return []
         except _Unsafe as exc:
-            scan.problem(logging.ERROR, str(exc), "refused", "plugin-dir", path)
+            for line in str(exc).splitlines():
+                scan.problem(logging.ERROR, line, "refused", "plugin-dir", path)
             return []
-        src = os.path.join(folder, "src")
-        sys_path = src if os.path.isdir(src) else folder
         records = [
             PluginRecord(group, name, value, "plugin-dir", path, path=sys_path)
             for group, table in groups.items()

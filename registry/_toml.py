@@ -136,4 +136,42 @@ def parse_toml(data: bytes) -> dict[str, Any]:
         line, col = _end_position(text)
         raise TomlSyntaxError(match.group(1) if match else message, line, col) from None
     except RecursionError:
-        raise TomlSyntaxError("arrays or tables nested too deeply", 1, 1) from None
+        line, col = _deepest_position(text)
+        raise TomlSyntaxError("arrays or tables nested too deeply", line, col) from None
+
+
+def _deepest_position(text: str) -> tuple[int, int]:
+    """1-based line and column where the most deeply nested array or inline table
+    of `text` starts (its outermost bracket; strings and comments skipped): where
+    a document too deeply nested for the parser goes wrong."""
+    openers: list[int] = []  # offsets of the open brackets enclosing the current point
+    best = 0
+    best_offset = 0
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch in "\"'":
+            quote = ch * 3 if text.startswith(ch * 3, i) else ch
+            i += len(quote)
+            while i < n and not text.startswith(quote, i):
+                if ch == '"' and text[i] == "\\":
+                    i += 1
+                elif len(quote) == 1 and text[i] == "\n":
+                    break
+                i += 1
+            i += len(quote)
+            continue
+        if ch == "#":
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        if ch in "[{":
+            openers.append(i)
+            if len(openers) > best:
+                best, best_offset = len(openers), openers[0]
+        elif ch in "]}" and openers:
+            openers.pop()
+        i += 1
+    line = text.count("\n", 0, best_offset) + 1
+    col = best_offset - (text.rfind("\n", 0, best_offset) + 1) + 1
+    return line, col

@@ -22,7 +22,7 @@ import sys
 
 from registry._version import __version__
 
-SUBCOMMAND_MODULES = ("plugins", "generate", "embed", "serve")
+SUBCOMMAND_MODULES = ("plugins", "generate", "chat", "embed", "serve")
 
 
 def _global_options(top_level: bool) -> argparse.ArgumentParser:
@@ -122,7 +122,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     apply_global_options(args)
-    return int(args.func(args) or 0)
+    from registry._errors import RegistryError
+
+    try:
+        return int(args.func(args) or 0)
+    except RegistryError as exc:
+        # strict plugin mode and refused plugins: the message names the plugin and
+        # its origin; a traceback would only bury it (-vv shows it)
+        if args.verbose >= 2:
+            logging.getLogger("engine").exception("plugin error")
+        print(f"engine: plugin error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -152,6 +152,34 @@ def _import_problems(path: str) -> list[str]:
     return problems
 
 
+def _trust_problems(path: str) -> list[str]:
+    """The ownership/permission rule discovery applies, for one manifest or
+    pyproject.toml: the file, its folder, a symlink's real folder and the folder its
+    code is imported from."""
+    from registry._manifest import load_manifest
+    from registry._sources import trust_problems, unsafe_reason
+
+    folder = os.path.dirname(os.path.abspath(path))
+    problems = []
+    for what, where in (("the file", path), ("its folder", folder)):
+        try:
+            reason = unsafe_reason(os.stat(where), what)
+        except OSError:
+            reason = None
+        if reason:
+            problems.append(f"{path}: refused: {reason}; manifests run code, so fix the "
+                            "permissions")
+    if os.path.basename(path) == "pyproject.toml":
+        src = os.path.join(folder, "src")
+        sys_path: str | None = src if os.path.isdir(src) else folder
+    else:
+        package = load_manifest(path).package
+        sys_path = None
+        if package is not None and package.path is not None:
+            sys_path = os.path.normpath(os.path.join(folder, package.path))
+    return problems + [f"{path}: {line}" for line in trust_problems(path, sys_path)]
+
+
 def run_validate(args: argparse.Namespace) -> int:
     """Validate manifests: one line per problem; exit 0 only when all are valid."""
     from registry._manifest import validate_manifest
@@ -164,6 +192,8 @@ def run_validate(args: argparse.Namespace) -> int:
             failed = True
         for file in files:
             problems = validate_manifest(file)
+            if not problems:
+                problems = _trust_problems(file)
             if not problems and args.import_values:
                 problems = _import_problems(file)
             for line in problems:

@@ -62,7 +62,7 @@ def get_io_processor(config: Any, plugin_name: str | None = None) -> IOProcessor
     if not callable(func):
         raise TypeError(f"{label} must be a callable returning a qualified class name, got {func!r}")
     try:
-        qualname = func()
+        qualname = registry.call_plugin(registry.IO_PROCESSOR_PLUGINS, name, func)
     except Exception as exc:
         raise RuntimeError(f"{label} raised: {exc}") from exc
     if qualname is None:
@@ -77,6 +77,7 @@ def get_io_processor(config: Any, plugin_name: str | None = None) -> IOProcessor
         )
     processor = cls(config)
     processor.plugin_name = name
+    registry.record_effect("io_processor", qualname, plugin=name, group=registry.IO_PROCESSOR_PLUGINS)
     return processor
 
 

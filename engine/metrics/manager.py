@@ -176,6 +176,8 @@ def _plugin_factories() -> list[tuple[str, StatLoggerFactory, bool]]:
                 f"engine.metrics.StatLoggerBase, got {value!r}"
             )
         factories.append((f"stat_logger plugin {name!r} (from {origin})", value, True))
+        registry.record_effect("stat_logger", f"{value.__module__}.{value.__qualname__}",
+                               plugin=name, group=registry.STAT_LOGGER_PLUGINS)
     return factories
 
 

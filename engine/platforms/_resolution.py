@@ -82,7 +82,9 @@ class _Resolver:
         try:
             if not callable(detector):
                 raise TypeError(f"the plugin's value {detector!r} is not callable")
-            answer = detector()
+            import registry
+
+            answer = registry.call_plugin(registry.PLATFORM_PLUGINS, name, detector)
             if answer is not None and not isinstance(answer, str):
                 raise TypeError(
                     "a platform plugin must return a Platform subclass's qualified "
@@ -183,8 +185,12 @@ def resolve_platform_cls() -> type:
     chosen: unknown or unavailable `ENGINE_PLATFORM`, several active out-of-tree
     platforms, a plugin returning something that is not a Platform subclass.
     """
+    import registry
+
     resolver = _Resolver(dry_run=False)
     result = resolver.run()
+    registry.record_effect("platform", str(result.platform_cls), plugin=result.chosen,
+                           group=registry.PLATFORM_PLUGINS)
     logger.info("platform %r (%s): %s", result.chosen, result.platform_cls, result.reason)
     return resolver.platform_class
 
