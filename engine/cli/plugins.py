@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-ACTIONS = ("list", "validate", "doctor", "schema")
+ACTIONS = ("list", "validate", "doctor", "schema", "test")
 
 
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -48,6 +48,14 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     )
     actions.add_parser("schema", parents=parents, help="print the manifest JSON Schema")
 
+    p = actions.add_parser("test", parents=parents,
+                           help="run the conformance kit's checks on one plugin")
+    p.add_argument("name", metavar="NAME", help="the plugin's name")
+    p.add_argument("--group", metavar="G", help="only its checks in this group")
+    p.add_argument("--json", action="store_true", help="print a JSON array of results")
+    p.add_argument("-k", dest="keyword", metavar="EXPR",
+                   help="only checks matching EXPR (substrings with and/or/not, as pytest -k)")
+
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the chosen action; returns the exit code."""
@@ -56,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         args.plugins_parser.print_help()
         return 2
     handler = {"list": run_list, "validate": run_validate, "doctor": run_doctor,
-               "schema": run_schema}[action]
+               "schema": run_schema, "test": run_test}[action]
     try:
         return handler(args)
     except BrokenPipeError:  # `engine plugins list | head`: the reader left, not an error
@@ -352,3 +360,14 @@ def run_schema(args: argparse.Namespace) -> int:
 
     print(json.dumps(manifest_json_schema(), indent=2))
     return 0
+
+
+# ---------------------------------------------------------------------------
+# test
+
+
+def run_test(args: argparse.Namespace) -> int:
+    """Run the conformance kit on one plugin (engine.testing; imports torch)."""
+    from engine.testing._cli import run_test_command
+
+    return run_test_command(args)
