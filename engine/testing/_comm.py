@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from engine.testing._core import Check, CheckFailed, CheckSkipped, KitContext
+from engine.testing._core import Check, CheckFailed, KitContext
 
 WORLD_SIZE = 2
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "gather", "broadcast",
@@ -105,10 +105,10 @@ def _diff(what: str, got: Any, expected: Any) -> str | None:
 
 
 def _rank_main(rank: int, init_method: str, name: str, out_file: str) -> None:
-    import registry
     import torch
     import torch.distributed as dist
 
+    import registry
     from engine.distributed import DeviceCommunicatorBase, init_distributed_environment
     from engine.platforms import current_platform
 

@@ -102,7 +102,7 @@ def detect(ctx: KitContext, name: str) -> type:
         try:
             cls = registry.resolve_qualname(answer)
         except Exception as exc:
-            raise CheckFailed(f"the detector's answer {answer!r} cannot be imported: {exc}")
+            raise CheckFailed(f"the detector's answer {answer!r} cannot be imported: {exc}") from None
         if not (isinstance(cls, type) and issubclass(cls, Platform)):
             raise CheckFailed(f"the detector's answer {answer!r} is not a subclass of "
                               "engine.platforms.Platform")
