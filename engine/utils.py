@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import random
-from typing import Any
+
+from registry._qualname import resolve_qualname
 
 
 def set_random_seed(seed: int) -> None:
@@ -25,28 +25,6 @@ def set_random_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_obj_by_qualname(qualname: str) -> Any:
-    """Import ``"package.module.Name"`` (or ``"package.module:Name.attr"``) and
-    return the object.
-
-    Raises ValueError for a malformed name and ImportError / AttributeError naming
-    the qualified name when the module or attribute does not exist.
-    """
-    if not isinstance(qualname, str) or not qualname.strip():
-        raise ValueError(f"expected a qualified name like 'package.module.Class', got {qualname!r}")
-    if ":" in qualname:
-        module_name, _, attr_path = qualname.partition(":")
-    else:
-        module_name, _, attr_path = qualname.rpartition(".")
-    if not module_name or not attr_path:
-        raise ValueError(f"expected a qualified name like 'package.module.Class', got {qualname!r}")
-    module = importlib.import_module(module_name)
-    obj: Any = module
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise AttributeError(
-                f"cannot resolve {qualname!r}: {module_name!r} has no attribute {attr_path!r}"
-            ) from None
-    return obj
+# the project's one qualified-name resolver (torch-free, shared with the plugin
+# registry): "pkg.mod.Cls", "pkg.mod.Outer.Inner" and "pkg.mod:Outer.Inner" all work
+resolve_obj_by_qualname = resolve_qualname

@@ -45,7 +45,7 @@ _LAZY = {
     "discover": "registry._discovery",
     "load_plugins_by_group": "registry._loading",
     "load_general_plugins": "registry._loading",
-    "resolve_qualname": "registry._loading",
+    "resolve_qualname": "registry._qualname",
     "Manifest": "registry._manifest",
     "load_manifest": "registry._manifest",
     "validate_manifest": "registry._manifest",
@@ -98,7 +98,8 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from registry._discovery import discover
-    from registry._loading import load_general_plugins, load_plugins_by_group, resolve_qualname
+    from registry._loading import load_general_plugins, load_plugins_by_group
+    from registry._qualname import resolve_qualname
     from registry._running import (
         PluginExit,
         RunningPlugin,

@@ -3,7 +3,6 @@ failure isolated, logged with its origin, and recorded in the load trace."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -16,6 +15,7 @@ from registry._env import strict_mode
 from registry._errors import PluginLoadError
 from registry._groups import GENERAL_PLUGINS, resolve_group
 from registry._records import PluginRecord, record_event
+from registry._qualname import resolve_qualname  # noqa: F401  (public via registry)
 from registry._running import call_as, process_ending_name
 
 logger = logging.getLogger("registry")
@@ -142,36 +142,3 @@ def _call_general_plugins() -> None:
             _fail(f"general {record.describe()} raised {error}", record, exc)
             continue
         record_event(record, "called", perf_counter() - start)
-
-
-def resolve_qualname(qualname: str) -> object:
-    """Import and return the object a qualified name points at: ``"pkg.mod.Cls"``
-    (the longest importable module prefix, then attributes) or ``"pkg.mod:Cls"``.
-
-    Raises ValueError for an empty name and ImportError naming `qualname` when no
-    prefix imports or an attribute is missing.
-    """
-    if not isinstance(qualname, str) or not qualname.strip():
-        raise ValueError(f"expected a qualified name like 'pkg.mod.Cls', got {qualname!r}")
-    module_part, _, attr_part = qualname.strip().partition(":")
-    parts = module_part.split(".")
-    attrs = attr_part.split(".") if attr_part else []
-    for split in range(len(parts), 0, -1):
-        module_name = ".".join(parts[:split])
-        try:
-            obj: object = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            missing = exc.name or ""
-            if missing == module_name or module_name.startswith(missing + "."):
-                continue
-            raise
-        for attr in parts[split:] + attrs:
-            try:
-                obj = getattr(obj, attr)
-            except AttributeError:
-                raise ImportError(
-                    f"cannot resolve {qualname!r}: {module_name!r} has no attribute path "
-                    f"{'.'.join(parts[split:] + attrs)!r}"
-                ) from None
-        return obj
-    raise ImportError(f"cannot resolve {qualname!r}: no importable module in it")

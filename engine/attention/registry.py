@@ -103,8 +103,7 @@ def register_backend(name: str, class_path: str | None = None) -> Any:
         return AttentionBackendEnum._add(name, class_path)
 
     def decorator(cls: type) -> type:
-        sep = ":" if "." in cls.__qualname__ else "."  # a nested class needs "module:A.B"
-        AttentionBackendEnum._add(name, f"{cls.__module__}{sep}{cls.__qualname__}")
+        AttentionBackendEnum._add(name, f"{cls.__module__}.{cls.__qualname__}")
         return cls
 
     return decorator
