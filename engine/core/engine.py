@@ -8,11 +8,14 @@ request's stop conditions, and finished sequences leave the scheduler.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import operator
 import time
+from collections import abc
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from engine.config import EngineConfig
 from engine.core.scheduler import ModelRunnerOutput, Scheduler
@@ -43,6 +46,47 @@ def resolve_max_model_len(hf_config: dict[str, Any], requested: int | None) -> i
             f"max_model_len={requested} is longer than the model's context ({model_len})"
         )
     return requested
+
+
+def _check_text(text: str) -> None:
+    """Raise ValueError when `text` cannot be tokenized (lone surrogates such as
+    ``"\\ud800"``, which JSON allows and UTF-8 does not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"the text is not valid Unicode: {exc.reason} at character {exc.start} "
+            f"({text[exc.start:exc.end]!r})"
+        ) from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# the seeds a request's generators accept: torch's 64-bit range
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+
+
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    """A prompt already tokenized and checked by `LLMEngine.tokenize_prompt`:
+    `add_request` takes it as it is, so each prompt is checked once."""
+
+    text: str | None
+    token_ids: list[int]
+
+
+class RequestFailedError(RuntimeError):
+    """An engine step raised: the requests of that step (`request_ids`) were
+    failed and freed; the engine keeps serving the others. ``__cause__`` is the
+    original exception, whose type and message this one repeats."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"the engine step failed ({type(cause).__name__}: {cause}); "
+                         f"its {len(request_ids)} request(s) were stopped")
+        self.request_ids = request_ids
 
 
 @dataclass
@@ -149,17 +193,84 @@ class LLMEngine:
             )
         return self.scheduler
 
+    @functools.cached_property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold are ``0 .. vocab_size - 1`` (the model's
+        embedding rows; the tokenizer's count when config.json names none)."""
+        size = self.config.model_config.hf_config.get("vocab_size")
+        return int(size) if size else self.tokenizer.vocab_size
+
+    @functools.cached_property
+    def _longest_token_chars(self) -> int:
+        return max(1, max((len(t) for t in self.tokenizer.backend.get_vocab()), default=1))
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """Characters a text prompt may have: no token covers more characters
+        than the tokenizer's longest, so a longer text cannot fit in the context
+        and is refused without being tokenized (a huge prompt never stalls a
+        thread)."""
+        return self.config.model_config.max_model_len * self._longest_token_chars
+
+    def tokenize_prompt(self, prompt: str | abc.Sequence[int] | TokenizedPrompt,
+                        max_length: int | None = None) -> TokenizedPrompt:
+        """Tokenize and check one prompt: not empty, every id in the vocabulary,
+        at most `max_length` tokens (default: the context length). Safe to call
+        from any thread (servers call it off the step thread).
+
+        Raises ValueError saying what is wrong.
+        """
+        if isinstance(prompt, TokenizedPrompt):
+            return prompt
+        limit = self.config.model_config.max_model_len if max_length is None else max_length
+        if isinstance(prompt, str):
+            if len(prompt) > self.max_prompt_chars:
+                raise ValueError(
+                    f"the prompt has {len(prompt)} characters, more than fit in the model's "
+                    f"context length max_model_len={self.config.model_config.max_model_len}"
+                )
+            _check_text(prompt)
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, self._checked_ids(prompt)
+        if not token_ids:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        if len(token_ids) > limit:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens, more than the model's context "
+                f"length max_model_len={limit}"
+            )
+        return TokenizedPrompt(text, token_ids)
+
+    def _checked_ids(self, prompt: abc.Sequence[int]) -> list[int]:
+        vocab = self.vocab_size
+        token_ids = []
+        for i, t in enumerate(prompt):
+            try:
+                token_id = operator.index(t) if not isinstance(t, bool) else -1
+            except TypeError:
+                token_id = -1
+            if not 0 <= token_id < vocab:
+                raise ValueError(
+                    f"token id {_short(t)} at position {i} is not in the model's vocabulary "
+                    f"(0..{vocab - 1})"
+                )
+            token_ids.append(token_id)
+        return token_ids
+
     def add_request(
         self,
-        prompt: str | list[int],
+        prompt: str | abc.Sequence[int] | TokenizedPrompt,
         params: Any = None,
         request_id: str | None = None,
     ) -> str:
-        """Queue a prompt (text, or token ids) for generation and return its id.
+        """Queue a prompt (text, token ids, or a `TokenizedPrompt`) for generation
+        and return its id.
 
         Raises ValueError for this request alone (nothing is queued) when the
-        prompt is empty, longer than the model's context, or could never fit in
-        the KV cache; requests already queued are unaffected.
+        prompt is empty, holds ids outside the vocabulary, is longer than the
+        model's context or could never fit in the KV cache, or the seed is out
+        of range; requests already queued are unaffected.
         """
         scheduler = self._require_generate()
         from engine.detokenizer import IncrementalDetokenizer
@@ -168,18 +279,14 @@ class LLMEngine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
-        if isinstance(prompt, str):
-            text, token_ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            text, token_ids = None, [int(t) for t in prompt]
-        max_model_len = self.config.model_config.max_model_len
-        if not token_ids:
-            raise ValueError("the prompt is empty: at least one token is needed")
-        if len(token_ids) > max_model_len:
+        if params.seed is not None and not _SEED_MIN <= params.seed <= _SEED_MAX - (params.n - 1):
             raise ValueError(
-                f"the prompt has {len(token_ids)} tokens, more than the model's context "
-                f"length max_model_len={max_model_len}"
+                f"SamplingParams.seed must be in [-2**63, 2**64 - n] (n={params.n}), "
+                f"got {params.seed}"
             )
+        tokenized = self.tokenize_prompt(prompt)
+        text, token_ids = tokenized.text, tokenized.token_ids
+        max_model_len = self.config.model_config.max_model_len
         room = max(1, max_model_len - len(token_ids))
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         scheduler.check_fits(len(token_ids), max_tokens)
@@ -214,23 +321,50 @@ class LLMEngine:
         return request_id
 
     def abort_request(self, request_id: str) -> None:
-        """Stop a request now; its sequences free their blocks."""
+        """Stop a request now; its sequences free their blocks (an unknown or
+        finished id is ignored)."""
+        self._finish_request(request_id, SequenceStatus.FINISHED_ABORTED)
+        if self.stat_loggers is not None:
+            # the gauges must not keep counting a request that is gone
+            self._record_stats(self.scheduler, {}, {})
+
+    def _finish_request(self, request_id: str, status: SequenceStatus) -> None:
         req = self.requests.pop(request_id, None)
         if req is None:
             return
         for seq in req.seqs:
-            self.scheduler.finish_sequence(seq, SequenceStatus.FINISHED_ABORTED)
+            self.scheduler.finish_sequence(seq, status)
         if self.stat_loggers is not None:
             self._request_stats.on_finished(request_id, "abort", time.monotonic())
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def num_unfinished_requests(self) -> int:
+        """Requests added and not yet finished or aborted."""
+        return len(self.requests)
+
+    def kv_cache_usage(self) -> float:
+        """Fraction of KV-cache blocks held by requests now (0.0 when none run,
+        and for models without a KV cache)."""
+        return self.scheduler.kv_cache.usage if self.scheduler is not None else 0.0
+
+    def check_health(self) -> None:
+        """Raise when a worker (or its device) is gone: the executor's error,
+        naming the rank. Cheap enough to call while idle."""
+        self.executor.check_health()
+
     # ------------------------------------------------------------------ the loop
 
     def step(self) -> list[RequestOutput]:
         """Run one step; returns a snapshot of every request that got new tokens
-        (``finished`` set on the last one)."""
+        (``finished`` set on the last one).
+
+        When the step raises and the workers are still healthy, the requests
+        scheduled in it are stopped and freed and `RequestFailedError` (naming
+        the cause) is raised; the engine keeps serving the others. A dead
+        worker or device raises the executor's own error: the engine is done.
+        """
         scheduler = self._require_generate()
         scheduler_output = scheduler.schedule()
         if scheduler_output.is_empty:
@@ -241,7 +375,15 @@ class LLMEngine:
                     "the scheduler could not schedule any of "
                     f"{scheduler.num_unfinished} unfinished sequences"
                 )
+            if self.stat_loggers is not None and scheduler_output.finished_seq_ids:
+                self._record_stats(scheduler, {}, {})  # went idle: gauges to zero
             return []
+        try:
+            return self._run_step(scheduler, scheduler_output)
+        except Exception as exc:
+            self._fail_step(scheduler_output, exc)
+
+    def _run_step(self, scheduler: Scheduler, scheduler_output: Any) -> list[RequestOutput]:
         runner_output: ModelRunnerOutput = self.executor.execute_model(scheduler_output)
         touched: dict[str, _Request] = {}
         new_tokens: dict[str, int] = {}  # per request, only counted when stats are on
@@ -261,6 +403,24 @@ class LLMEngine:
             if req.finished:
                 del self.requests[req.request_id]
         return outputs
+
+    def _fail_step(self, scheduler_output: Any, exc: Exception) -> NoReturn:
+        """Stop the requests of a failed step and raise `RequestFailedError`, or
+        re-raise when the workers themselves are gone (nothing can be served)."""
+        try:
+            self.executor.check_health()
+        except Exception as health_error:
+            raise exc from health_error
+        scheduled = {item.seq_id for item in scheduler_output.scheduled}
+        failed = [request_id for request_id, req in self.requests.items()
+                  if any(seq.seq_id in scheduled for seq in req.seqs)]
+        logger.error("an engine step failed; stopping its %d request(s): %s: %s",
+                     len(failed), type(exc).__name__, exc)
+        for request_id in failed:
+            self._finish_request(request_id, SequenceStatus.FINISHED_ABORTED)
+        if self.stat_loggers is not None:
+            self._record_stats(self.scheduler, {}, {})
+        raise RequestFailedError(failed, exc) from exc
 
     def _record_stats(
         self, scheduler: Scheduler, new_tokens: dict[str, int], touched: dict[str, _Request]
@@ -317,13 +477,58 @@ class LLMEngine:
     # ------------------------------------------------------------------ embeddings
 
     def embed(self, token_id_lists: list[list[int]]) -> list[list[float]]:
-        """Pooled embeddings of token-id lists (embedding models only)."""
+        """Pooled embeddings of token-id lists (embedding models only); the
+        lists are checked as `embedding_token_ids` checks them."""
         if "embed" not in self.supported_tasks:
             raise ValueError(
                 f"the model {self.config.model_config.model!r} is not an embedding model "
                 f"(it serves: {', '.join(self.supported_tasks)})"
             )
+        token_id_lists = [self._checked_ids(ids) for ids in token_id_lists]
         return self.executor.collective_rpc("embed", (token_id_lists,))[0]
+
+    @functools.cached_property
+    def embed_max_length(self) -> int:
+        """Tokens an embedding model reads: the context length, or the shorter
+        ``max_seq_length`` of its sentence-transformers config."""
+        from engine.pooling import load_pooling_config
+
+        limit = self.config.model_config.max_model_len
+        pooling = load_pooling_config(self.config.model_config.model)
+        if pooling.max_seq_length is not None:
+            limit = min(limit, pooling.max_seq_length)
+        return limit
+
+    def embedding_token_ids(self, prompts: abc.Sequence[str | abc.Sequence[int]]
+                            ) -> list[list[int]]:
+        """The token ids to embed for each prompt: texts are cut to
+        `embed_max_length` tokens (as sentence-transformers does), token-id
+        lists must be in the vocabulary and fit. Safe from any thread.
+
+        Raises ValueError naming the input's index.
+        """
+        limit = self.embed_max_length
+        texts = [(i, p) for i, p in enumerate(prompts) if isinstance(p, str)]
+        out: list[list[int]] = [[] for _ in prompts]
+        for i, text in texts:
+            try:
+                _check_text(text)
+            except ValueError as exc:
+                raise ValueError(f"input {i}: {exc}") from None
+        if texts:
+            # characters past what `limit` tokens can cover would be cut anyway
+            cut = [text[: limit * self._longest_token_chars] for _, text in texts]
+            for (i, _), ids in zip(texts, self.tokenizer.encode_batch(cut, max_length=limit),
+                                   strict=True):
+                out[i] = ids
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                continue
+            try:
+                out[i] = self.tokenize_prompt(p).token_ids  # the worker cuts to `limit`
+            except ValueError as exc:
+                raise ValueError(f"input {i}: {exc}") from None
+        return out
 
     # ------------------------------------------------------------------ stats, end
 

@@ -1,16 +1,15 @@
 """The OpenAI-compatible HTTP server: a FastAPI app over one `AsyncEngine`.
 
-Routes: ``GET /health``, ``GET /metrics``, ``GET /v1/models``, ``GET /v1/plugins``,
-``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/embeddings``,
-``POST /pooling``. `build_app` makes the app; `run_server` serves it with uvicorn
-until SIGTERM/SIGINT.
+Routes (one module each under `engine.entrypoints.routes`): ``GET /health``,
+``GET /metrics``, ``GET /v1/models``, ``GET /v1/plugins``, ``POST /v1/completions``,
+``POST /v1/chat/completions``, ``POST /v1/embeddings``, ``POST /pooling``.
+`build_app` makes the app; `run_server` serves it with uvicorn until SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import sys
@@ -23,19 +22,14 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response
 
+from engine.core.engine import RequestFailedError
 from engine.entrypoints import serving
 from engine.entrypoints.async_engine import AsyncEngine, EngineUnavailableError
-from engine.entrypoints.chat import ChatTemplateError, render_chat
 from engine.entrypoints.errors import APIError, json_response, validation_error
 from engine.entrypoints.middleware import APIKeyMiddleware, BodyLimitMiddleware
-from engine.entrypoints.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-    PoolingRequest,
-)
+from engine.entrypoints.routes import include_builtin_routes
 
 logger = logging.getLogger("engine.serve")
 
@@ -68,6 +62,15 @@ class ServerState:
         self.created = int(time.time())
         self.on_failure: Callable[[], None] | None = None  # set by run_server
 
+    def admit(self, model: str | None, task: str | None = None) -> None:
+        """Check a request before any work: the engine is ready (503), `model`
+        is the served one (404), and the model serves `task` ("generate",
+        "embed"; 400 naming the model)."""
+        self.engine.check_ready()
+        self.check_model(model)
+        if task is not None:
+            self.require_task(task)
+
     def check_model(self, name: str | None) -> None:
         if name is None or name == self.settings.model_name or name in self.settings.model_aliases:
             return
@@ -76,16 +79,11 @@ class ServerState:
 
     def require_task(self, task: str) -> None:
         """400 naming the model when it does not serve `task` ("generate", "embed")."""
-        engine = self.engine.llm.llm_engine
-        if task not in engine.supported_tasks:
+        supported = self.engine.engine.supported_tasks
+        if task not in supported:
             what = {"generate": "generate text", "embed": "make embeddings"}.get(task, task)
             raise APIError(400, f"the model {self.settings.model_name!r} does not {what} "
-                                f"(it serves: {', '.join(engine.supported_tasks)})",
-                           param="model")
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.engine.llm.llm_engine.tokenizer
+                                f"(it serves: {', '.join(supported)})", param="model")
 
 
 def build_llm(settings: ServerSettings, state: ServerState) -> Callable[[], Any]:
@@ -124,8 +122,9 @@ def build_app(settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="engine", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.server = state
+    app.state.engine = state.engine  # what route plugins program against
     _add_error_handlers(app)
-    _add_routes(app, state)
+    include_builtin_routes(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)  # outermost
@@ -157,6 +156,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def unavailable(request: Request, exc: EngineUnavailableError) -> Response:
         return json_response(APIError(503, str(exc), code=f"engine_{exc.state}"))
 
+    @app.exception_handler(RequestFailedError)
+    async def request_failed(request: Request, exc: RequestFailedError) -> Response:
+        return json_response(APIError(500, str(exc), code="request_failed"))
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         message = {404: f"no route {request.method} {request.url.path}",
@@ -168,225 +171,6 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def server_error(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error in %s %s", request.method, request.url.path)
         return json_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
-
-
-async def _until_disconnect(request: Request, work: Any) -> Any:
-    """Await `work`; cancel it (its streams abort, freeing their KV blocks) when
-    the client goes away first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(BaseException):
-        await task
-    return Response(status_code=499)  # nobody reads it
-
-
-async def _disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
-    async def body() -> AsyncIterator[str]:
-        try:
-            async for event in events:
-                yield f"data: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"
-        except EngineUnavailableError as exc:
-            error = APIError(503, str(exc), code=f"engine_{exc.state}")
-            yield f"data: {json.dumps(error.payload())}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
-
-
-# ------------------------------------------------------------------ routes
-
-
-def _add_routes(app: FastAPI, state: ServerState) -> None:
-    engine = state.engine
-
-    @app.get("/health")
-    async def health() -> Response:
-        body: dict[str, Any] = {"status": engine.state}
-        if engine.ready:
-            body.update(kv_cache_usage=engine.kv_cache_usage,
-                        num_unfinished_requests=engine.num_unfinished_requests,
-                        num_aborted_requests=engine.num_aborted)
-            return JSONResponse(body)
-        if engine.error is not None:
-            body["error"] = str(engine.error)
-        return JSONResponse(body, status_code=503)
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        from engine.entrypoints.metrics import render_metrics
-
-        content, content_type = render_metrics(engine)
-        return Response(content, media_type=content_type)
-
-    @app.get("/v1/plugins")
-    async def plugins() -> Response:
-        import registry
-
-        return JSONResponse([record.to_json() for record in registry.discover()])
-
-    @app.get("/v1/models")
-    async def models() -> Response:
-        engine.check_ready()
-        model_config = engine.llm.config.model_config
-        card = {"id": state.settings.model_name, "object": "model", "created": state.created,
-                "owned_by": "engine", "root": model_config.model,
-                "max_model_len": model_config.max_model_len}
-        return JSONResponse({"object": "list", "data": [card]})
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        engine.check_ready()
-        state.check_model(body.model)
-        state.require_task("generate")
-        for name, bad in (("echo", body.echo), ("suffix", body.suffix),
-                          ("best_of", body.best_of not in (None, body.n))):
-            if bad:
-                raise APIError(400, f"{name} is not supported by this server", param=name)
-        params = serving.sampling_params(body, body.max_tokens, body.logprobs)
-        streams = await serving.add_requests(engine, body.prompt, params, "prompt")
-        name = state.settings.model_name
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(serving.stream_events(
-                streams, chat=False, model=name, n=body.n, logprobs=body.logprobs,
-                texts=state.token_texts, include_usage=include_usage))
-
-        async def collect() -> Response:
-            finals = await serving.final_outputs(streams)
-            return JSONResponse(serving.completion_response(
-                finals, name, body.n, body.logprobs, state.token_texts))
-
-        return await _until_disconnect(request, collect())
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        engine.check_ready()
-        state.check_model(body.model)
-        state.require_task("generate")
-        if body.top_logprobs is not None and not body.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        params = serving.sampling_params(body, max_tokens, top_logprobs)
-        prompt = _chat_prompt(state, body)
-        streams = await serving.add_requests(engine, [prompt], params, "messages")
-        name = state.settings.model_name
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(serving.stream_events(
-                streams, chat=True, model=name, n=body.n, logprobs=top_logprobs,
-                texts=state.token_texts, include_usage=include_usage))
-
-        async def collect() -> Response:
-            finals = await serving.final_outputs(streams)
-            return JSONResponse(serving.chat_response(finals[0], name, top_logprobs,
-                                                      state.token_texts))
-
-        return await _until_disconnect(request, collect())
-
-    @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
-        engine.check_ready()
-        state.check_model(body.model)
-        state.require_task("embed")
-        try:
-            vectors, token_ids = await engine.call(
-                lambda llm: serving.embed_prompts(llm, body.input, body.dimensions))
-        except ValueError as exc:
-            raise APIError.bad_value(exc, "dimensions" if "dimensions" in str(exc)
-                                     else "input") from None
-        return JSONResponse(serving.embedding_response(
-            vectors, sum(map(len, token_ids)), state.settings.model_name, body.encoding_format))
-
-    @app.post("/pooling")
-    async def pooling(body: PoolingRequest, request: Request) -> Response:
-        engine.check_ready()
-        state.check_model(body.model)
-        return JSONResponse(await _pool(state, body))
-
-
-def _chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
-    """The chat prompt's token ids, rendered with the request's or the model's template."""
-    messages = []
-    for i, message in enumerate(body.messages):
-        try:
-            item: dict[str, Any] = {"role": message.role, "content": message.text(i)}
-        except ValueError as exc:
-            raise APIError(400, str(exc), param=f"messages[{i}].content") from None
-        if message.name is not None:
-            item["name"] = message.name
-        messages.append(item)
-    tokenizer = state.tokenizer
-    special = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
-               "pad_token": tokenizer.pad_token, "unk_token": tokenizer.unk_token}
-    extra = {k: v for k, v in (body.chat_template_kwargs or {}).items()
-             if k not in ("messages", "add_generation_prompt", *special)}
-    try:
-        text = render_chat(body.chat_template or tokenizer.chat_template, messages,
-                           add_generation_prompt=body.add_generation_prompt,
-                           special_tokens=special, **extra)
-    except ChatTemplateError as exc:
-        raise APIError(400, str(exc), param="messages") from None
-    # the template already wrote the special tokens it wants
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-async def _pool(state: ServerState, body: PoolingRequest) -> dict[str, Any]:
-    from fastapi.encoders import jsonable_encoder
-
-    from engine.io_processors import IOProcessorError, process_request_async
-    from engine.outputs import EmbeddingOutput, EmbeddingRequestOutput
-    from engine.pooling_params import PoolingParams
-
-    processor = state.io_processor
-    if processor is None:
-        raise APIError(400, "this server has no IO processor: start it with "
-                            "--io-processor-plugin NAME to serve /pooling")
-    params = None
-    if body.dimensions is not None or body.normalize is not None:
-        try:
-            params = PoolingParams(dimensions=body.dimensions, normalize=body.normalize)
-        except ValueError as exc:
-            raise APIError.bad_value(exc) from None
-    engine = state.engine
-
-    async def pool(prompts: list[Any], pooling: Any) -> list[Any]:
-        vectors, token_ids = await engine.call(lambda llm: serving.embed_prompts(
-            llm, prompts, pooling.dimensions, pooling.normalize))
-        return [EmbeddingRequestOutput(request_id=str(i),
-                                       prompt=p if isinstance(p, str) else None,
-                                       prompt_token_ids=ids, outputs=EmbeddingOutput(v))
-                for i, (p, ids, v) in enumerate(zip(prompts, token_ids, vectors, strict=True))]
-
-    request_id = serving.new_id("pool")
-    try:
-        result = await process_request_async(processor, body.data, pool, params, request_id)
-    except IOProcessorError as exc:
-        if exc.stage in ("parse_data", "merge_pooling_params"):
-            raise APIError(400, str(exc), param="data") from None
-        raise APIError(500, str(exc), type="server_error") from None
-    except ValueError as exc:
-        raise APIError.bad_value(exc, "data") from None
-    return {"id": request_id, "object": "pooling", "created": int(time.time()),
-            "model": state.settings.model_name, "data": jsonable_encoder(result)}
 
 
 # ------------------------------------------------------------------ running

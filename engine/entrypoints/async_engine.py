@@ -15,14 +15,21 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from engine.core.engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# while idle, how often the engine thread asks the workers whether they are alive
+HEALTH_CHECK_INTERVAL_S = 1.0
 
 
 class EngineUnavailableError(RuntimeError):
@@ -31,6 +38,14 @@ class EngineUnavailableError(RuntimeError):
     def __init__(self, state: str, message: str) -> None:
         super().__init__(message)
         self.state = state
+
+
+class _EngineDead(Exception):
+    """Raised inside the engine thread when a health check fails: ends the loop."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class RequestStream:
@@ -100,6 +115,9 @@ class AsyncEngine:
         self.error: BaseException | None = None
         self.llm: Any = None
         self.num_aborted = 0  # requests aborted before they finished
+        self.ready_at: float | None = None  # time.monotonic() when it became ready
+        # when the engine failed after it was ready: how long it had served, busy or idle
+        self.failure_context: str | None = None
         self._build = build
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -185,6 +203,20 @@ class AsyncEngine:
             self._send(lambda llm, rid=request_id: self._abort(llm, rid), None)
         self._queues.clear()
 
+    async def check_health(self) -> None:
+        """Ask the workers whether they are alive (between two steps). A dead
+        worker raises its error here and fails the engine (`state` becomes
+        ``failed``, open requests end)."""
+        self.check_ready()
+
+        def check(llm: Any) -> None:
+            try:
+                llm.llm_engine.check_health()
+            except Exception as exc:
+                raise _EngineDead(exc) from exc
+
+        await self.call(check)
+
     async def call(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(llm)`` in the engine thread between two steps; returns its
         result or raises its exception."""
@@ -195,10 +227,16 @@ class AsyncEngine:
     # ------------------------------------------------------------ introspection
 
     @property
+    def engine(self) -> LLMEngine:
+        """The `LLMEngine` (once ready). Its read-only members (`supported_tasks`,
+        `tokenizer`, `config`, `tokenize_prompt`, `embedding_token_ids`) are safe
+        from any thread; everything else goes through `call`."""
+        return self.llm.llm_engine
+
+    @property
     def kv_cache_usage(self) -> float:
         """Fraction of KV-cache blocks held by requests (0 when none run)."""
-        scheduler = getattr(getattr(self.llm, "llm_engine", None), "scheduler", None)
-        return scheduler.kv_cache.usage if scheduler is not None else 0.0
+        return self.llm.llm_engine.kv_cache_usage() if self.llm is not None else 0.0
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -227,16 +265,24 @@ class AsyncEngine:
             logger.exception("the engine failed to start")
             self._finish("failed", exc)
             return
+        self.ready_at = time.monotonic()
         self._set_state("ready")
         try:
             self._loop_steps()
         except BaseException as exc:  # noqa: BLE001 - every open request learns of it
-            logger.exception("the engine loop failed")
+            busy = len(self._live)
+            self.failure_context = (
+                f"after {time.monotonic() - self.ready_at:.1f} s of serving, "
+                + (f"while running {busy} request(s)" if busy else "while idle")
+            )
+            logger.exception("the engine failed %s", self.failure_context)
             self._finish("failed", exc)
         else:
             self._finish("stopped", None)
 
     def _loop_steps(self) -> None:
+        from engine.core.engine import RequestFailedError
+
         engine = self.llm.llm_engine
         while True:
             self._wakeup.clear()
@@ -244,9 +290,16 @@ class AsyncEngine:
             if self._stop:
                 return
             if not self._live:
-                self._wakeup.wait()
+                # idle: a worker that dies now must still be noticed (and reported)
+                if not self._wakeup.wait(HEALTH_CHECK_INTERVAL_S):
+                    engine.check_health()
                 continue
-            outputs = engine.step()
+            try:
+                outputs = engine.step()
+            except RequestFailedError as exc:  # those requests end; the engine goes on
+                self._live.difference_update(exc.request_ids)
+                self._loop.call_soon_threadsafe(self._fail_requests, exc)
+                continue
             if outputs:
                 for out in outputs:
                     if out.finished:
@@ -263,6 +316,10 @@ class AsyncEngine:
                 continue
             try:
                 result = fn(self.llm)
+            except _EngineDead as dead:  # a health check found a dead worker
+                if future is not None:
+                    future.set_exception(dead.cause)
+                raise dead.cause from None
             except Exception as exc:
                 if future is None:
                     logger.exception("an engine command failed")
@@ -317,6 +374,12 @@ class AsyncEngine:
             stream.put_nowait(out)
             if out.finished:
                 del self._queues[out.request_id]
+
+    def _fail_requests(self, error: BaseException) -> None:
+        for request_id in getattr(error, "request_ids", ()):
+            stream = self._queues.pop(request_id, None)
+            if stream is not None:
+                stream.put_nowait(error)
 
     def _state_changed(self, state: str, error: EngineUnavailableError | None) -> None:
         if error is not None:

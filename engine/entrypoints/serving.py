@@ -1,7 +1,8 @@
 """From API requests to engine requests and from engine outputs to OpenAI JSON.
 
-Plain functions over plain data: no web framework here. `api_server` wires them
-to routes.
+Plain functions over plain data: no web framework here. The route modules
+(`engine.entrypoints.routes`) wire them to HTTP; streamed chunks are built in
+`engine.entrypoints.streaming`.
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ import base64
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-from engine.entrypoints.async_engine import AsyncEngine, RequestStream
+from engine.entrypoints.async_engine import AsyncEngine
 from engine.entrypoints.errors import APIError
 from engine.entrypoints.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -51,80 +51,6 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
         return SamplingParams(**settings)
     except ValueError as exc:
         raise APIError.bad_value(exc) from None
-
-
-async def add_requests(engine: AsyncEngine, prompts: list[Any], params: Any,
-                       field: str) -> list[RequestStream]:
-    """Queue one request per prompt; on any failure abort those already queued
-    and answer 400 naming the prompt."""
-    streams: list[RequestStream] = []
-    try:
-        for i, prompt in enumerate(prompts):
-            try:
-                streams.append(await engine.add_request(prompt, params))
-            except ValueError as exc:
-                where = f"{field}[{i}]" if len(prompts) > 1 else field
-                raise APIError(400, f"{where}: {exc}", param=field) from None
-    except BaseException:
-        for stream in streams:
-            stream.abort()
-        raise
-    return streams
-
-
-async def batches(streams: list[RequestStream]) -> AsyncIterator[list[tuple[int, Any]]]:
-    """``(prompt index, snapshot)`` pairs of every stream as they come, grouped:
-    whatever is already waiting is taken together, so a slow reader catches up in
-    one chunk. Aborts the unfinished streams when the consumer stops early."""
-    try:
-        if len(streams) == 1:
-            stream = streams[0]
-            async for first in stream:
-                yield [(0, first), *((0, out) for out in stream.take_ready())]
-            return
-        merged: asyncio.Queue = asyncio.Queue()
-
-        async def pump(index: int, stream: RequestStream) -> None:
-            try:
-                async for out in stream:
-                    merged.put_nowait((index, out))
-            except BaseException as exc:
-                merged.put_nowait((index, exc))
-                raise
-            merged.put_nowait((index, None))
-
-        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-        try:
-            open_streams = len(streams)
-            while open_streams:
-                items = [await merged.get()]
-                while not merged.empty():
-                    items.append(merged.get_nowait())
-                batch = []
-                for index, item in items:
-                    if item is None:
-                        open_streams -= 1
-                    elif isinstance(item, BaseException):
-                        raise item
-                    else:
-                        batch.append((index, item))
-                if batch:
-                    yield batch
-        finally:
-            for task in tasks:
-                task.cancel()
-    finally:
-        for stream in streams:
-            stream.abort()
-
-
-async def final_outputs(streams: list[RequestStream]) -> list[Any]:
-    """The last snapshot of every stream, in prompt order."""
-    last: dict[int, Any] = {}
-    async for batch in batches(streams):
-        for index, out in batch:
-            last[index] = out
-    return [last[i] for i in range(len(streams))]
 
 
 # --------------------------------------------------------------------- logprobs
@@ -218,74 +144,6 @@ def chat_response(final: Any, model: str, top_logprobs: int | None, texts: Token
             "model": model, "choices": choices, "usage": usage([final])}
 
 
-class _ChoiceCursor:
-    """What one choice has streamed so far."""
-
-    __slots__ = ("tokens", "text_offset", "done", "started")
-
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.text_offset = 0  # characters of token text already streamed (logprobs)
-        self.done = False
-        self.started = False
-
-
-async def stream_events(streams: list[RequestStream], *, chat: bool, model: str, n: int,
-                        logprobs: int | None, texts: TokenTexts,
-                        include_usage: bool) -> AsyncIterator[dict]:
-    """The chunk objects of a streamed completion or chat completion."""
-    response_id = new_id("chatcmpl" if chat else "cmpl")
-    created = int(time.time())
-    cursors: dict[int, _ChoiceCursor] = {}
-    last: dict[int, Any] = {}
-    base = {"id": response_id, "object": OBJECT_CHAT_CHUNK if chat else OBJECT_COMPLETION,
-            "created": created, "model": model}
-    async for batch in batches(streams):
-        deltas: dict[int, str] = {}
-        latest: dict[int, Any] = {}
-        for index, out in batch:
-            last[index] = out
-            for c in out.outputs:
-                key = index * n + c.index
-                deltas[key] = deltas.get(key, "") + c.text_delta
-                latest[key] = c
-        choices = []
-        for key, c in latest.items():
-            cursor = cursors.setdefault(key, _ChoiceCursor())
-            if cursor.done:
-                continue
-            new_tokens = c.token_ids[cursor.tokens:]
-            text = deltas[key]
-            if not text and not c.finished and not (chat and not cursor.started):
-                continue
-            choice: dict[str, Any] = {"index": key}
-            if chat:
-                delta: dict[str, Any] = {"content": text} if text else {}
-                if not cursor.started:
-                    delta = {"role": "assistant", "content": text}
-                choice["delta"] = delta
-            else:
-                choice["text"] = text
-            choice["logprobs"] = None
-            if logprobs is not None and new_tokens:
-                entries = (c.logprobs or [])[cursor.tokens:]
-                if chat:
-                    choice["logprobs"] = chat_logprobs(texts, new_tokens, entries, logprobs)
-                else:
-                    choice["logprobs"] = completion_logprobs(texts, new_tokens, entries, logprobs,
-                                                             cursor.text_offset)
-                    cursor.text_offset += sum(len(t) for t in choice["logprobs"]["tokens"])
-            choice["finish_reason"] = c.finish_reason
-            cursor.tokens = len(c.token_ids)
-            cursor.started = True
-            cursor.done = c.finished
-            choices.append(choice)
-        if choices:
-            yield {**base, "choices": choices}
-    if include_usage:
-        yield {**base, "choices": [], "usage": usage([last[i] for i in sorted(last)])}
-
-
 # --------------------------------------------------------------------- embeddings
 
 
@@ -302,36 +160,29 @@ def embedding_response(vectors: list[list[float]], num_tokens: int, model: str,
             "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}}
 
 
-def embed_prompts(llm: Any, prompts: list[Any], dimensions: int | None = None,
-                  normalize: bool | None = None) -> tuple[list[list[float]], list[list[int]]]:
-    """Embed texts or token-id lists (runs in the engine thread); returns the
-    vectors and the token ids that were embedded. `dimensions` keeps the first N
-    values; `normalize=True` then L2-normalizes."""
+async def embed(engine: AsyncEngine, prompts: list[Any], dimensions: int | None = None,
+                normalize: bool | None = None) -> tuple[list[list[float]], list[list[int]]]:
+    """Embed texts or token-id lists: tokenized in a worker thread, pooled in the
+    engine thread. Returns the vectors and the token ids that were embedded.
+    `dimensions` keeps the first N values; `normalize=True` then L2-normalizes.
+
+    Raises `APIError` 400 naming ``input`` or ``dimensions``.
+    """
     from engine.pooling_params import PoolingParams
 
-    engine = llm.llm_engine
-    if "embed" not in engine.supported_tasks:
-        raise ValueError(
-            f"the model {engine.config.model_config.model!r} is not an embedding model "
-            f"(it serves: {', '.join(engine.supported_tasks)})"
-        )
-    if all(isinstance(p, str) for p in prompts):
-        outputs = llm.embed(prompts)
-        vectors = [out.outputs.embedding for out in outputs]
-        token_ids = [out.prompt_token_ids for out in outputs]
-    else:
-        limit = engine.config.model_config.max_model_len
-        token_ids = [p if isinstance(p, list) else engine.tokenizer.encode(p) for p in prompts]
-        for i, ids in enumerate(token_ids):
-            if len(ids) > limit:
-                raise ValueError(f"input {i} has {len(ids)} tokens, more than the model's "
-                                 f"maximum of {limit}")
-        vectors = engine.embed(token_ids)
+    try:
+        token_ids = await asyncio.to_thread(engine.engine.embedding_token_ids, prompts)
+    except ValueError as exc:
+        raise APIError.bad_value(exc, "input") from None
+    vectors = await engine.call(lambda llm: llm.llm_engine.embed(token_ids))
     if dimensions is not None or normalize:
         size = len(vectors[0]) if vectors else 0
         if dimensions is not None and dimensions > size:
-            raise ValueError(f"PoolingParams.dimensions must be <= the model's {size}, "
-                             f"got {dimensions}")
-        params = PoolingParams(dimensions=dimensions, normalize=normalize)
+            raise APIError(400, f"dimensions must be <= the model's {size}, got {dimensions}",
+                           param="dimensions")
+        try:
+            params = PoolingParams(dimensions=dimensions, normalize=normalize)
+        except ValueError as exc:
+            raise APIError.bad_value(exc, "dimensions") from None
         vectors = [params.apply_to(v) for v in vectors]
     return vectors, token_ids

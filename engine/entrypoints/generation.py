@@ -1,0 +1,144 @@
+"""The one generation path of the HTTP server, shared by `/v1/completions` and
+`/v1/chat/completions`: tokenize and check the prompts off the event loop, queue
+them, then answer with server-sent events or one JSON body, aborting the
+requests when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from engine.entrypoints.async_engine import AsyncEngine, EngineUnavailableError, RequestStream
+from engine.entrypoints.errors import APIError
+from engine.entrypoints.streaming import final_outputs
+
+if TYPE_CHECKING:
+    from engine.core.engine import TokenizedPrompt
+
+
+async def generate(
+    request: Request,
+    engine: AsyncEngine,
+    prompts: list[Any],
+    params: Any,
+    *,
+    field: str,
+    stream: bool,
+    chunks: Callable[[list[RequestStream]], AsyncIterator[dict]],
+    respond: Callable[[list[Any]], dict],
+) -> Response:
+    """Serve one generation request.
+
+    Args:
+        prompts: texts, token-id lists or `TokenizedPrompt`s (one request each).
+        field: the body field the prompts came from, named in a 400.
+        stream: answer with server-sent events built by ``chunks(streams)``;
+            otherwise with ``respond(final outputs)`` as JSON.
+    """
+    tokenized = await tokenize(engine, prompts, field)
+    streams = await add_requests(engine, tokenized, params, field)
+    if stream:
+        return sse(chunks(streams))
+
+    async def collect() -> Response:
+        return JSONResponse(respond(await final_outputs(streams)))
+
+    return await until_disconnect(request, collect())
+
+
+async def tokenize(engine: AsyncEngine, prompts: list[Any], field: str) -> list[TokenizedPrompt]:
+    """Tokenize and check the prompts in a worker thread (neither the event loop
+    nor the engine's step thread waits for a long prompt); 400 naming the prompt."""
+    llm_engine = engine.engine
+
+    def run() -> list[TokenizedPrompt]:
+        out = []
+        for i, prompt in enumerate(prompts):
+            try:
+                out.append(llm_engine.tokenize_prompt(prompt))
+            except ValueError as exc:
+                raise _prompt_error(exc, field, i, len(prompts)) from None
+        return out
+
+    return await asyncio.to_thread(run)
+
+
+async def add_requests(engine: AsyncEngine, prompts: list[Any], params: Any,
+                       field: str) -> list[RequestStream]:
+    """Queue one request per prompt; on any failure abort those already queued
+    and answer 400 naming the field (a sampling setting, else the prompt)."""
+    streams: list[RequestStream] = []
+    try:
+        for i, prompt in enumerate(prompts):
+            try:
+                streams.append(await engine.add_request(prompt, params))
+            except ValueError as exc:
+                raise _prompt_error(exc, field, i, len(prompts)) from None
+    except BaseException:
+        for stream in streams:
+            stream.abort()
+        raise
+    return streams
+
+
+def _prompt_error(exc: ValueError, field: str, index: int, count: int) -> APIError:
+    error = APIError.bad_value(exc)
+    if error.param is not None:  # a sampling setting (SamplingParams.seed ...)
+        return error
+    where = f"{field}[{index}]" if count > 1 else field
+    return APIError(400, f"{where}: {exc}", param=field)
+
+
+async def until_disconnect(request: Request, work: Any) -> Any:
+    """Await `work`; cancel it (its streams abort, freeing their KV blocks) when
+    the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    return Response(status_code=499)  # nobody reads it
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events: one ``data:`` line per event, then ``data: [DONE]``.
+    A failure after the first byte becomes an error event (the status is sent)."""
+
+    async def body() -> AsyncIterator[str]:
+        from engine.core.engine import RequestFailedError
+
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"
+        except EngineUnavailableError as exc:
+            error = APIError(503, str(exc), code=f"engine_{exc.state}")
+            yield f"data: {json.dumps(error.payload())}\n\n"
+        except RequestFailedError as exc:
+            error = APIError(500, str(exc), code="request_failed")
+            yield f"data: {json.dumps(error.payload())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})

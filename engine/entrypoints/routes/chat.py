@@ -1,0 +1,76 @@
+"""``POST /v1/chat/completions``: the messages are rendered with the request's or
+the model's chat template, in a worker thread, then served like a completion."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from engine.entrypoints import serving, streaming
+from engine.entrypoints.chat import ChatTemplateError, render_chat
+from engine.entrypoints.errors import APIError
+from engine.entrypoints.generation import generate
+from engine.entrypoints.protocol import ChatCompletionRequest
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    state = request.app.state.server
+    state.admit(body.model, "generate")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    params = serving.sampling_params(body, max_tokens, top_logprobs)
+    prompt = await asyncio.to_thread(chat_prompt, state.engine.engine, body)
+    name = state.settings.model_name
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await generate(
+        request, state.engine, [prompt], params, field="messages", stream=body.stream,
+        chunks=partial(streaming.chat_chunks, model=name, n=body.n, top_logprobs=top_logprobs,
+                       texts=state.token_texts, include_usage=include_usage),
+        respond=lambda finals: serving.chat_response(finals[0], name, top_logprobs,
+                                                     state.token_texts),
+    )
+
+
+def chat_prompt(llm_engine: Any, body: ChatCompletionRequest) -> Any:
+    """The chat prompt, rendered with the request's or the model's template and
+    tokenized (a `TokenizedPrompt`); 400 naming ``messages`` when the template
+    fails or the prompt does not fit. Runs in a worker thread."""
+    messages = []
+    for i, message in enumerate(body.messages):
+        try:
+            item: dict[str, Any] = {"role": message.role, "content": message.text(i)}
+        except ValueError as exc:
+            raise APIError(400, str(exc), param=f"messages[{i}].content") from None
+        if message.name is not None:
+            item["name"] = message.name
+        messages.append(item)
+    tokenizer = llm_engine.tokenizer
+    special = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+               "pad_token": tokenizer.pad_token, "unk_token": tokenizer.unk_token}
+    extra = {k: v for k, v in (body.chat_template_kwargs or {}).items()
+             if k not in ("messages", "add_generation_prompt", *special)}
+    try:
+        text = render_chat(body.chat_template or tokenizer.chat_template, messages,
+                           add_generation_prompt=body.add_generation_prompt,
+                           special_tokens=special, max_chars=llm_engine.max_prompt_chars,
+                           **extra)
+    except ChatTemplateError as exc:
+        raise APIError(400, str(exc), param="messages") from None
+    # the template already wrote the special tokens it wants
+    if len(text) > llm_engine.max_prompt_chars:
+        raise APIError(400, f"messages: the rendered prompt has {len(text)} characters, "
+                            "more than fit in the model's context", param="messages")
+    try:
+        token_ids = tokenizer.encode(text, add_special_tokens=False)
+        return llm_engine.tokenize_prompt(token_ids)
+    except ValueError as exc:
+        raise APIError(400, f"messages: {exc}", param="messages") from None

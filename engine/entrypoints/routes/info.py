@@ -1,0 +1,64 @@
+"""``GET /health``, ``GET /metrics``, ``GET /v1/models``, ``GET /v1/plugins``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from engine.entrypoints.async_engine import EngineUnavailableError
+
+router = APIRouter()
+
+# how long /health waits for the engine thread to confirm its workers are alive
+# (it answers between two steps) before it reports what it knows
+HEALTH_CHECK_TIMEOUT_S = 5.0
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    engine = request.app.state.server.engine
+    if engine.ready:
+        try:
+            await asyncio.wait_for(engine.check_health(), HEALTH_CHECK_TIMEOUT_S)
+        except (asyncio.TimeoutError, EngineUnavailableError):
+            pass  # a long step: the step loop itself notices a dead worker
+        except Exception as exc:  # noqa: BLE001 - a dead worker: the engine has failed
+            return JSONResponse({"status": "failed", "error": str(exc)}, status_code=503)
+    body: dict[str, Any] = {"status": engine.state}
+    if engine.ready:
+        body.update(kv_cache_usage=engine.kv_cache_usage,
+                    num_unfinished_requests=engine.num_unfinished_requests,
+                    num_aborted_requests=engine.num_aborted)
+        return JSONResponse(body)
+    if engine.error is not None:
+        body["error"] = str(engine.error)
+    return JSONResponse(body, status_code=503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    from engine.entrypoints.metrics import render_metrics
+
+    content, content_type = render_metrics(request.app.state.server.engine)
+    return Response(content, media_type=content_type)
+
+
+@router.get("/v1/plugins")
+async def plugins() -> Response:
+    import registry
+
+    return JSONResponse([record.to_json() for record in registry.discover()])
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> Response:
+    state = request.app.state.server
+    state.engine.check_ready()
+    model_config = state.engine.engine.config.model_config
+    card = {"id": state.settings.model_name, "object": "model", "created": state.created,
+            "owned_by": "engine", "root": model_config.model,
+            "max_model_len": model_config.max_model_len}
+    return JSONResponse({"object": "list", "data": [card]})
