@@ -1,0 +1,183 @@
+"""`engine chat` in a real terminal: tmux runs it, send-keys types, capture-pane
+reads the screen. History is checked through --save-history and against the
+offline `LLM` (the second reply is the greedy continuation of the whole
+conversation, not of the last message alone)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from chat_models import VOCAB_SIZE, build_chat_model
+from conftest import subprocess_env
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def chatml_model(make_hf_model, tokenizer_dir, tmp_path_factory):
+    # a long context, so that a reply lasts long enough to be interrupted
+    base = make_hf_model("llama", vocab_size=VOCAB_SIZE, max_position_embeddings=16384)
+    return build_chat_model("chatml", base, tokenizer_dir, tmp_path_factory.mktemp("chatml"))
+
+
+class Tmux:
+    """One detached tmux session running a command; stopped on close."""
+
+    def __init__(self, command: str, env: dict[str, str], cwd: Path) -> None:
+        self.name = f"engine-chat-{uuid.uuid4().hex[:8]}"
+        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()
+                           if k.startswith(("ENGINE_", "HF_", "PYTHONPATH", "TOKENIZERS",
+                                            "TRANSFORMERS", "PATH", "HOME")))
+        script = f"cd {shlex.quote(str(cwd))} && env {exports} {command}; echo EXIT=$?; sleep 60"
+        subprocess.run(["tmux", "new-session", "-d", "-s", self.name, "-x", "200", "-y", "50",
+                        "bash", "-c", script], check=True, timeout=10)
+
+    def send(self, *keys: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True, timeout=10)
+
+    def screen(self) -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-J", "-S", "-200", "-t",
+                               self.name], capture_output=True, text=True, timeout=10).stdout
+
+    def wait_for(self, predicate, what: str, timeout: float = 90.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.screen()
+            if predicate(text):
+                return text
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}; screen:\n{self.screen()}")
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.name], timeout=10,
+                       capture_output=True)
+
+
+def _chat_command(model: Path, history: Path, *extra: str) -> str:
+    args = ["chat", "--model", str(model), "--dtype", "float32", "--kv-cache-memory",
+            str(2**24), "--save-history", str(history), *extra]
+    return shlex.join([sys.executable, "-m", "engine", *args])
+
+
+def _history(path: Path) -> list[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+
+
+def _wait_history(path: Path, length: int, timeout: float = 90.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        messages = _history(path)
+        if len(messages) >= length:
+            return messages
+        time.sleep(0.2)
+    raise AssertionError(f"{path} never reached {length} messages: {_history(path)}")
+
+
+def _prompt_count(screen: str) -> int:
+    return len(re.findall(r"^>>> ", screen, flags=re.M))
+
+
+def test_two_turns_keep_the_history(chatml_model, tmp_path):
+    from engine import LLM, SamplingParams
+
+    history = tmp_path / "history.json"
+    tmux = Tmux(_chat_command(chatml_model, history, "--temperature", "0", "--max-tokens",
+                              "10", "--ignore-eos", "--system", "Be brief."),
+                subprocess_env(), ROOT)
+    try:
+        tmux.wait_for(lambda s: _prompt_count(s) >= 1, "the first prompt")
+        tmux.send("hello there", "Enter")
+        first = _wait_history(history, 3)  # system, user, assistant
+        tmux.wait_for(lambda s: _prompt_count(s) >= 2, "the second prompt")
+        tmux.send("and then?", "Enter")
+        messages = _wait_history(history, 5)
+        tmux.wait_for(lambda s: _prompt_count(s) >= 3, "the third prompt")
+        tmux.send("/exit", "Enter")
+        screen = tmux.wait_for(lambda s: "EXIT=" in s, "the exit")
+    finally:
+        tmux.close()
+    assert "EXIT=0" in screen
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert messages[:3] == first[:3] and messages[3]["content"] == "and then?"
+    words = re.findall(r"[A-Za-z_]{3,}", messages[2]["content"])
+    if words:  # the first reply was streamed to the screen
+        assert max(words, key=len) in screen
+
+    llm = LLM(str(chatml_model), dtype="float32", kv_cache_memory=2**24)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+        with_history = llm.chat(messages[:4], params)[0].outputs[0].text
+        without = llm.chat([messages[0], messages[3]], params)[0].outputs[0].text
+    finally:
+        llm.shutdown()
+    assert messages[4]["content"] == with_history
+    assert with_history != without  # the second reply depends on the first turn
+
+
+def test_ctrl_c_stops_the_reply_and_keeps_the_session(chatml_model, tmp_path):
+    history = tmp_path / "history.json"
+    tmux = Tmux(_chat_command(chatml_model, history, "--max-tokens", "16000",
+                              "--ignore-eos", "--sampling-seed", "1"),
+                subprocess_env(), ROOT)
+    try:
+        tmux.wait_for(lambda s: _prompt_count(s) >= 1, "the first prompt")
+        tmux.send("write forever", "Enter")
+        # the reply is streaming: text has appeared after the typed line
+        tmux.wait_for(lambda s: len(s.split("write forever", 1)[-1].strip()) > 40,
+                      "streamed reply text")
+        tmux.send("C-c")
+        tmux.wait_for(lambda s: "[stopped]" in s and _prompt_count(s) >= 2,
+                      "the stopped reply and a new prompt")
+        first = _wait_history(history, 2)
+        tmux.send("again", "Enter")
+        tmux.wait_for(lambda s: len(s.split(">>> again", 1)[-1].strip()) > 40,
+                      "the second reply streaming")
+        tmux.send("C-c")
+        tmux.wait_for(lambda s: s.count("[stopped]") >= 2 and _prompt_count(s) >= 3,
+                      "the second stop")
+        messages = _wait_history(history, 4)
+        tmux.send("/exit", "Enter")
+        screen = tmux.wait_for(lambda s: "EXIT=" in s, "the exit")
+    finally:
+        tmux.close()
+    assert "EXIT=0" in screen
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[:2] == first[:2]
+    assert 0 < len(messages[1]["content"]) and "Traceback" not in screen
+
+
+def test_piped_stdin_is_one_message_and_the_reply_is_printed(chatml_model, tmp_path):
+    from engine import LLM, SamplingParams
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine", "chat", "--model", str(chatml_model), "--dtype",
+         "float32", "--temperature", "0", "--max-tokens", "8", "--ignore-eos",
+         "--kv-cache-memory", str(2**24)],
+        input="line one\nline two\n", capture_output=True, text=True, timeout=120,
+        env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    llm = LLM(str(chatml_model), dtype="float32", kv_cache_memory=2**24)
+    try:
+        expected = llm.chat([{"role": "user", "content": "line one\nline two\n"}],
+                            SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    finally:
+        llm.shutdown()
+    assert proc.stdout == expected[0].outputs[0].text + "\n"
+
+
+def test_default_model_error_says_what_to_pass():
+    proc = subprocess.run([sys.executable, "-m", "engine", "chat"], input="hi",
+                          capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "no chat template" in proc.stderr and "--model" in proc.stderr
