@@ -10,18 +10,19 @@ import threading
 from dataclasses import dataclass, replace
 from time import perf_counter
 
-from registry._env import allow_list, config_dir, plugin_dirs, strict_mode
+from registry._env import PluginFilter, autoload, config_dir, plugin_dirs, plugin_filter, strict_mode
 from registry._errors import PluginLoadError
 from registry._groups import resolve_group
 from registry._records import SOURCE_RANK, PluginRecord, record_discovery, record_event
 from registry._sources import Problem, Scan, plugin_manager
+from registry._state import read_disabled, state_path, state_stamp
 from registry._version import __version__
 from registry._versions import admits
 
 logger = logging.getLogger("registry")
 
 # the environment that decides what discovery finds; a change means a new scan
-_ENV_KEYS = ("ENGINE_PLUGIN_DIRS", "ENGINE_PLUGINS", "ENGINE_CONFIG_DIR")
+_ENV_KEYS = ("ENGINE_PLUGIN_DIRS", "ENGINE_PLUGINS", "ENGINE_CONFIG_DIR", "ENGINE_PLUGINS_AUTOLOAD")
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Discovery:
     seconds: float
 
 
-_cache: tuple[tuple[str | None, ...], Discovery] | None = None
+_cache: tuple[tuple[object, ...], Discovery] | None = None
 _lock = threading.Lock()
 
 
@@ -44,35 +45,72 @@ def clear_cache() -> None:
         _cache = None
 
 
+def _filter_verdict(record: PluginRecord, flt: PluginFilter, auto: bool,
+                    disabled: frozenset[tuple[str | None, str]]) -> tuple[str, str] | None:
+    """(disabled_by, reason) when the operator's choices keep `record` out, else None.
+    A deny always wins; a positive ENGINE_PLUGINS entry overrides autoload and the
+    persisted state; builtins are exempt from all of it."""
+    if record.source == "builtin":
+        return None
+    if flt.denies(record.group, record.name):
+        return "ENGINE_PLUGINS", "denied by ENGINE_PLUGINS"
+    if flt.allows(record.group, record.name):
+        return None
+    if flt.is_allow_list:
+        return "ENGINE_PLUGINS", "not in ENGINE_PLUGINS"
+    if not auto and record.source in ("entry-point", "config-dir"):
+        return "ENGINE_PLUGINS_AUTOLOAD", "ENGINE_PLUGINS_AUTOLOAD=0 (name it in ENGINE_PLUGINS to load it)"
+    if (None, record.name) in disabled or (record.group, record.name) in disabled:
+        return "state", "disabled with `engine plugins disable` (enable it with `engine plugins enable`)"
+    return None
+
+
 def _decide(found: list[PluginRecord], scan: Scan) -> list[tuple[PluginRecord, str]]:
-    """Return each record with its final `enabled`/`disabled_reason`, plus the trace outcome."""
-    allowed = allow_list()
+    """Return each record with its final `enabled`/`disabled_reason`/`disabled_by`,
+    plus the trace outcome."""
+    flt = plugin_filter()
+    auto = autoload()
+    try:
+        disabled = read_disabled()
+    except ValueError as exc:
+        scan.problem(logging.ERROR, f"{exc} (ignoring it)", "invalid", "config-dir", state_path())
+        disabled = frozenset()
+    for message in flt.problems:
+        scan.problems.append(Problem(logging.WARNING, message, "missing"))
     decided: list[tuple[PluginRecord, str]] = []
     for record in found:
         outcome = "discovered"
+        verdict = None if not record.enabled else _filter_verdict(record, flt, auto, disabled)
         if not record.enabled:
+            record = replace(record, disabled_by="manifest")
             outcome = "disabled"
-        elif allowed is not None and record.source != "builtin" and record.name not in allowed:
-            record = replace(record, enabled=False, disabled_reason="not in ENGINE_PLUGINS")
+        elif verdict is not None:
+            record = replace(record, enabled=False, disabled_by=verdict[0],
+                             disabled_reason=verdict[1])
             outcome = "filtered"
         elif record.requires_engine and not admits(record.requires_engine):
             reason = f"requires engine {record.requires_engine}, this is engine {__version__}"
-            record = replace(record, enabled=False, disabled_reason=reason)
+            record = replace(record, enabled=False, disabled_reason=reason,
+                             disabled_by="requires-engine")
             scan.problems.append(
                 Problem(logging.WARNING, f"skipping {record.describe()}: {reason}", "", record)
             )
             outcome = "incompatible"
         decided.append((record, outcome))
     decided = _apply_precedence(decided, scan)
-    if allowed:
-        known = {record.name for record in found}
-        shown = sorted(known)[:20]
-        listing = ", ".join(shown) + (", ..." if len(known) > len(shown) else "")
-        for name in sorted(allowed - known):
+    if flt.allow:
+        known = {(record.group, record.name) for record in found}
+        names = {name for _, name in known}
+        shown = sorted(names)[:20]
+        listing = ", ".join(shown) + (", ..." if len(names) > len(shown) else "")
+        for group, name in sorted(flt.allow, key=lambda p: (p[1], p[0] or "")):
+            if (name in names) if group is None else ((group, name) in known):
+                continue
+            label = name if group is None else f"{group}:{name}"
             scan.problems.append(
                 Problem(
                     logging.WARNING,
-                    f"ENGINE_PLUGINS names {name!r}, but no plugin source provides a plugin "
+                    f"ENGINE_PLUGINS names {label!r}, but no plugin source provides a plugin "
                     f"of that name (known: {listing or 'none'})",
                     "missing",
                 )
@@ -108,7 +146,7 @@ def _apply_precedence(
                     record,
                 )
             )
-            record = replace(record, enabled=False, disabled_reason=reason)
+            record = replace(record, enabled=False, disabled_reason=reason, disabled_by="shadowed")
             outcome = "shadowed"
         result.append((record, outcome))
     return result
@@ -156,7 +194,7 @@ def current_discovery() -> Discovery:
     """The cached discovery for the current environment, scanning when it changed.
     Problems are logged once per scan; nothing here raises."""
     global _cache
-    key = tuple(os.environ.get(name) for name in _ENV_KEYS)
+    key = (*(os.environ.get(name) for name in _ENV_KEYS), state_stamp())
     with _lock:
         if _cache is None or _cache[0] != key:
             _cache = (key, _scan_without_gc())

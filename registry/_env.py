@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
+
+from registry._groups import resolve_group
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -32,12 +35,78 @@ def config_dir() -> str:
     return platformdirs.user_config_dir("engine", appauthor=False)
 
 
-def allow_list() -> set[str] | None:
-    """The names of ``ENGINE_PLUGINS``, or None when it is unset (everything allowed)."""
+def autoload() -> bool:
+    """False when ``ENGINE_PLUGINS_AUTOLOAD`` is 0/false/no/off: entry-point and
+    config-dir plugins then load only when a positive ``ENGINE_PLUGINS`` entry
+    names them."""
+    return os.environ.get("ENGINE_PLUGINS_AUTOLOAD", "").strip().lower() not in _FALSE
+
+
+_FALSE = ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class PluginFilter:
+    """``ENGINE_PLUGINS`` parsed: entries ``name``, ``group:name``, ``-name`` and
+    ``-group:name`` (group: alias or full name; ``None`` below means any group).
+
+    With at least one positive entry, or when the variable is set but empty, it
+    is an allow-list; with only negative entries everything not denied loads. A
+    deny always wins. `problems` lists entries naming an unknown group.
+    """
+
+    is_set: bool
+    allow: frozenset[tuple[str | None, str]]
+    deny: frozenset[tuple[str | None, str]]
+    problems: tuple[str, ...] = ()
+
+    @property
+    def is_allow_list(self) -> bool:
+        return self.is_set and (bool(self.allow) or not self.deny)
+
+    def allows(self, group: str, name: str) -> bool:
+        """Whether a positive entry names this plugin."""
+        return (None, name) in self.allow or (group, name) in self.allow
+
+    def denies(self, group: str, name: str) -> bool:
+        """Whether a negative entry names this plugin."""
+        return (None, name) in self.deny or (group, name) in self.deny
+
+
+def plugin_filter() -> PluginFilter:
+    """Parse ``ENGINE_PLUGINS`` (whitespace around entries ignored)."""
     raw = os.environ.get("ENGINE_PLUGINS")
     if raw is None:
+        return PluginFilter(False, frozenset(), frozenset())
+    allow: set[tuple[str | None, str]] = set()
+    deny: set[tuple[str | None, str]] = set()
+    problems = []
+    for entry in (part.strip() for part in raw.split(",")):
+        if not entry:
+            continue
+        negative = entry.startswith("-")
+        spec = entry[1:].strip() if negative else entry
+        group: str | None = None
+        if ":" in spec:
+            group_text, _, spec = spec.partition(":")
+            try:
+                group = resolve_group(group_text.strip())
+            except ValueError as exc:
+                problems.append(f"ENGINE_PLUGINS entry {entry!r}: {exc}")
+                continue
+            spec = spec.strip()
+        if spec:
+            (deny if negative else allow).add((group, spec))
+    return PluginFilter(True, frozenset(allow), frozenset(deny), tuple(problems))
+
+
+def allow_list() -> set[str] | None:
+    """The names of ``ENGINE_PLUGINS``' positive entries, or None when it is not an
+    allow-list (unset, or only negative entries)."""
+    parsed = plugin_filter()
+    if not parsed.is_allow_list:
         return None
-    return {name.strip() for name in raw.split(",") if name.strip()}
+    return {name for _, name in parsed.allow}
 
 
 def add_plugin_dirs(dirs: list[str] | tuple[str, ...]) -> None:

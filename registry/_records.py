@@ -26,7 +26,10 @@ class PluginRecord:
     ``pyproject.toml`` path, or ``"<distribution> <version>"`` for an installed
     entry point. ``enabled`` is the final verdict after the manifest's own
     ``enabled``, ``requires-engine``, ``ENGINE_PLUGINS`` and precedence;
-    ``disabled_reason`` says why when it is False. ``path`` is the folder put on
+    ``disabled_reason`` says why when it is False, and ``disabled_by`` what decided
+    it: ``manifest``, ``ENGINE_PLUGINS``, ``ENGINE_PLUGINS_AUTOLOAD``, ``state``
+    (`engine plugins disable`), ``requires-engine``, ``api`` or ``shadowed``.
+    ``path`` is the folder put on
     ``sys.path`` before the value is imported (None: nothing is added).
     """
 
@@ -40,6 +43,7 @@ class PluginRecord:
     path: str | None = None
     requires_engine: str | None = None
     disabled_reason: str | None = None
+    disabled_by: str | None = None
 
     def entry_point(self) -> EntryPoint:
         """This plugin as an ``importlib.metadata.EntryPoint`` (what the loader loads)."""

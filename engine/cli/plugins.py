@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-ACTIONS = ("list", "validate", "doctor", "schema", "test")
+ACTIONS = ("list", "validate", "doctor", "schema", "test", "disable", "enable")
 
 
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -48,6 +48,14 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     )
     actions.add_parser("schema", parents=parents, help="print the manifest JSON Schema")
 
+    for action, verb in (("disable", "never load"), ("enable", "load again")):
+        p = actions.add_parser(
+            action, parents=parents,
+            help=f"{verb} plugin NAME from now on (persisted in the config dir)",
+        )
+        p.add_argument("name", metavar="NAME", help="the plugin's name")
+        p.add_argument("--group", metavar="G", help="only in this group (default: every group)")
+
     p = actions.add_parser("test", parents=parents,
                            help="run the conformance kit's checks on one plugin")
     p.add_argument("name", metavar="NAME", help="the plugin's name")
@@ -64,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         args.plugins_parser.print_help()
         return 2
     handler = {"list": run_list, "validate": run_validate, "doctor": run_doctor,
-               "schema": run_schema, "test": run_test}[action]
+               "schema": run_schema, "test": run_test, "disable": run_disable,
+               "enable": run_enable}[action]
     try:
         return handler(args)
     except BrokenPipeError:  # `engine plugins list | head`: the reader left, not an error
@@ -108,6 +117,74 @@ def run_list(args: argparse.Namespace) -> int:
                          r.value, r.origin, note])
         print(_table(rows))
     return 1 if discovery.problems and strict_mode() else 0
+
+
+# ---------------------------------------------------------------------------
+# disable / enable
+
+
+def _state_target(args: argparse.Namespace, action: str) -> tuple[str | None, list[Any]] | None:
+    """The group (None: all) and the discovered records `args.name` matches; prints
+    the error and returns None on a bad group or a builtin-only name."""
+    from registry._discovery import current_discovery
+    from registry._groups import resolve_group
+
+    try:
+        group = resolve_group(args.group) if args.group else None
+    except ValueError as exc:
+        print(f"engine plugins {action}: {exc}", file=sys.stderr)
+        return None
+    matches = [r for r in current_discovery().records
+               if r.name == args.name and (group is None or r.group == group)]
+    if action == "disable" and matches and all(r.source == "builtin" for r in matches):
+        print(f"engine plugins disable: plugin {args.name!r} is built in, and builtin plugins "
+              "cannot be disabled (choose another platform with --platform / ENGINE_PLATFORM)",
+              file=sys.stderr)
+        return None
+    return group, matches
+
+
+def run_disable(args: argparse.Namespace) -> int:
+    """Persist that plugin NAME (of --group, else of every group) must not load."""
+    from registry._state import read_disabled, write_disabled
+
+    target = _state_target(args, "disable")
+    if target is None:
+        return 2
+    group, matches = target
+    disabled = set(read_disabled())
+    disabled.add((group, args.name))
+    path = write_disabled(disabled)
+    where = f" ({group})" if group else ""
+    print(f"disabled plugin {args.name!r}{where}; saved in {path}")
+    if not matches:
+        print(f"note: no plugin named {args.name!r} is known now; it stays disabled if one appears")
+    elif any(r.source == "builtin" for r in matches):
+        print("note: its builtin namesake is not affected (builtins cannot be disabled)")
+    return 0
+
+
+def run_enable(args: argparse.Namespace) -> int:
+    """Undo `disable`: plugin NAME (of --group, else of every group) loads again."""
+    from registry._state import read_disabled, write_disabled
+
+    target = _state_target(args, "enable")
+    if target is None:
+        return 2
+    group, _ = target
+    disabled = set(read_disabled())
+    before = len(disabled)
+    disabled = {(g, n) for g, n in disabled
+                if not (n == args.name and (group is None or g == group))}
+    path = write_disabled(disabled)
+    if len(disabled) == before:
+        print(f"plugin {args.name!r} was not disabled")
+    else:
+        print(f"enabled plugin {args.name!r}; saved in {path}")
+    if group is not None and (None, args.name) in disabled:
+        print(f"note: {args.name!r} is still disabled in every group; run "
+              f"`engine plugins enable {args.name}` without --group to undo that")
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -260,6 +337,11 @@ def _doctor_discovery(report: _Report) -> list[Any]:
     allowed = os.environ.get("ENGINE_PLUGINS")
     shown = "(unset: everything allowed)" if allowed is None else repr(allowed)
     report.info(f"ENGINE_PLUGINS: {shown}")
+    if os.environ.get("ENGINE_PLUGINS_AUTOLOAD") is not None:
+        report.info(f"ENGINE_PLUGINS_AUTOLOAD: {os.environ['ENGINE_PLUGINS_AUTOLOAD']!r}")
+    by_state = sorted({r.name for r in discovery.records if r.disabled_by == "state"})
+    if by_state:
+        report.info(f"disabled with `engine plugins disable`: {', '.join(by_state)}")
     enabled = sum(r.enabled for r in discovery.records)
     report.info(f"{len(discovery.records)} plugins found, {enabled} enabled, "
                 f"in {discovery.seconds * 1000:.1f} ms")
