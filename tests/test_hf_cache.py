@@ -25,10 +25,13 @@ def _cache_model(cache: Path, repo_id: str, model_dir: Path, commit: str,
     snap = repo / "snapshots" / commit
     snap.mkdir(parents=True)
     (repo / "blobs").mkdir(exist_ok=True)
-    for f in model_dir.iterdir():
-        blob = repo / "blobs" / f"{commit[:8]}-{f.name}"
+    for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        rel = f.relative_to(model_dir)
+        blob = repo / "blobs" / f"{commit[:8]}-{'-'.join(rel.parts)}"
         shutil.copy(f, blob)
-        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+        link = snap / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(*[".."] * (len(rel.parts) + 1)) / "blobs" / blob.name)
     for ref in refs:
         path = repo / "refs" / ref
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,13 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
 def run(args: argparse.Namespace) -> int:
     from engine.llm import LLM
 
+    if args.model is None:
+        # The embedded default model is a text generator: it has no pooling head.
+        print("engine embed: error: the embedded default model generates text and cannot "
+              "embed; pass an embedding model: --model DIR (a sentence-transformers or "
+              "BERT-family folder) or --model NAME from the Hugging Face cache, e.g. "
+              "--model sentence-transformers/all-MiniLM-L6-v2", file=sys.stderr)
+        return 2
     try:
         outputs = LLM(**vars(EngineArgs.from_cli_args(args))).embed(args.texts)
     except (ValueError, FileNotFoundError, OSError) as exc:
