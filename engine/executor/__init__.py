@@ -57,8 +57,14 @@ class ExecutorBase:
 
 
 def build_worker(config: Any, rank: int = 0, distributed_init_method: str | None = None) -> Any:
-    """The worker of ``config.parallel_config.worker_cls`` (a qualified name) for ``rank``."""
-    from engine.utils import resolve_obj_by_qualname
+    """The worker of ``config.parallel_config.worker_cls`` (a qualified name) for ``rank``.
+
+    Every executor builds its workers here, in the process that runs them, so
+    whatever the worker class: the platform's `import_kernels` has run and the
+    global random generators are seeded with ``model_config.seed`` before it is
+    constructed."""
+    from engine.platforms import current_platform
+    from engine.utils import resolve_obj_by_qualname, set_random_seed
 
     name = config.parallel_config.worker_cls
     if name == "auto":
@@ -66,6 +72,8 @@ def build_worker(config: Any, rank: int = 0, distributed_init_method: str | None
             "parallel_config.worker_cls is still 'auto': the platform's "
             "check_and_update_config(config) must run before workers are built"
         )
+    current_platform.import_kernels()  # at most once per process
+    set_random_seed(config.model_config.seed)
     worker_cls = resolve_obj_by_qualname(name)
     return worker_cls(
         config=config, rank=rank, local_rank=rank, distributed_init_method=distributed_init_method

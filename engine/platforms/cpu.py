@@ -20,13 +20,23 @@ def _cgroup_memory_limit() -> int | None:
     return None
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic in hardware (AMX tiles or
+    AVX512-BF16). ``ENGINE_CPU_NATIVE_BF16=0`` / ``=1`` overrides the check."""
+    forced = os.environ.get("ENGINE_CPU_NATIVE_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    import torch
+
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
 class CpuPlatform(Platform):
     """Runs the engine on the host CPU with the default torch worker."""
 
     _enum = PlatformEnum.CPU
     device_name = "cpu"
     device_type = "cpu"
-    dispatch_key = "CPU"
     supported_dtypes = ("float32", "bfloat16", "float16")
 
     @classmethod
@@ -52,3 +62,9 @@ class CpuPlatform(Platform):
         except (ValueError, OSError):
             free = total
         return min(free, total), total
+
+    @classmethod
+    def preferred_dtype(cls) -> str:
+        """bfloat16 when the CPU computes it natively (AMX or AVX512-BF16, where
+        oneDNN's bf16 matmuls beat float32), else float32."""
+        return "bfloat16" if cpu_has_native_bf16() else "float32"

@@ -22,7 +22,6 @@ class CudaPlatform(Platform):
     _enum = PlatformEnum.CUDA
     device_name = "cuda"
     device_type = "cuda"
-    dispatch_key = "CUDA"
     supported_dtypes = ("bfloat16", "float16", "float32")
 
     @classmethod
@@ -75,28 +74,3 @@ class CudaPlatform(Platform):
         import torch
 
         return torch.cuda.mem_get_info(device_id)
-
-    @classmethod
-    def synchronize(cls) -> None:
-        import torch
-
-        torch.cuda.synchronize()
-
-    @classmethod
-    def empty_cache(cls) -> None:
-        import torch
-
-        torch.cuda.empty_cache()
-
-    @classmethod
-    def is_pin_memory_available(cls) -> bool:
-        return True
-
-    @classmethod
-    def seed_everything(cls, seed: int | None = None) -> None:
-        if seed is None:
-            return
-        import torch
-
-        super().seed_everything(seed)
-        torch.cuda.manual_seed_all(seed)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import os
-import random
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,11 +44,8 @@ class Platform:
     device_name: str = "unspecified"
     # torch device string ("cpu", "cuda", or a PrivateUse1 name such as "npu")
     device_type: str = "cpu"
-    # torch dispatch key custom ops are registered under ("CPU", "CUDA", "PrivateUse1")
-    dispatch_key: str = "CPU"
-    # torch.compile backend for small helper graphs
-    simple_compile_backend: str = "inductor"
-    # dtypes the device computes in; the first one is the default for dtype="auto"
+    # dtypes the device computes in: `check_and_update_config` refuses any other
+    # explicit `dtype`, naming these
     supported_dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
     # -- identity ---------------------------------------------------------
@@ -78,11 +74,18 @@ class Platform:
         """Adjust the engine config for this platform; runs early, in the process
         that builds the engine, before workers start.
 
-        The base implementation sets the device, the distributed backend (when the
-        user chose none) and, when `worker_cls` is "auto", the default
-        `engine.worker.Worker`. Subclasses usually call `super()` and then set
-        their own worker class.
+        The base implementation refuses an explicit `dtype` outside
+        `supported_dtypes` (ValueError naming the platform and the valid choices),
+        sets the device, the distributed backend (when the user chose none) and,
+        when `worker_cls` is "auto", the default `engine.worker.Worker`.
+        Subclasses usually call `super()` and then set their own worker class.
         """
+        dtype = config.model_config.dtype
+        if dtype != "auto" and not cls.supports_dtype(dtype):
+            raise ValueError(
+                f"dtype {dtype!r} is not supported on platform {cls.device_name!r} "
+                f"({cls.__qualname__}). Valid options are: auto, {', '.join(cls.supported_dtypes)}"
+            )
         config.device_config.device = cls.device_type
         parallel = config.parallel_config
         if parallel.distributed_backend is None:
@@ -115,8 +118,8 @@ class Platform:
 
     @classmethod
     def import_kernels(cls) -> None:
-        """Import the platform's compiled ops. Called once in every engine process
-        (through `current_platform`) before the model loads."""
+        """Import the platform's compiled ops. Called once in every process that
+        builds a worker (whatever its class), before the worker is constructed."""
 
     # -- device -----------------------------------------------------------
 
@@ -145,42 +148,30 @@ class Platform:
         """(free, total) memory of the device in bytes."""
         raise NotImplementedError(f"{cls.__name__}.mem_get_info is not implemented")
 
-    @classmethod
-    def synchronize(cls) -> None:
-        """Wait for queued device work (no-op for synchronous devices)."""
-
-    @classmethod
-    def empty_cache(cls) -> None:
-        """Return cached device memory to the device (no-op by default)."""
-
-    @classmethod
-    def is_pin_memory_available(cls) -> bool:
-        return False
-
-    # -- execution --------------------------------------------------------
-
-    @classmethod
-    def seed_everything(cls, seed: int | None = None) -> None:
-        """Seed Python, numpy and torch (and the device generators)."""
-        if seed is None:
-            return
-        import numpy as np
-        import torch
-
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-
-    @classmethod
-    def inference_mode(cls):
-        """A context manager/decorator the model runs under."""
-        import torch
-
-        return torch.inference_mode()
+    # -- dtypes -----------------------------------------------------------
 
     @classmethod
     def supports_dtype(cls, dtype: str) -> bool:
+        """Whether the device computes in `dtype` (a torch dtype name, "float16")."""
         return dtype in cls.supported_dtypes
+
+    @classmethod
+    def preferred_dtype(cls) -> str:
+        """The dtype a float32 model computes in under ``dtype="auto"``: the first of
+        `supported_dtypes` by default; a platform returns a faster one its device
+        computes natively (the CPU platform: bfloat16 where AMX or AVX512-BF16 is
+        present)."""
+        return cls.supported_dtypes[0]
+
+    @classmethod
+    def resolve_auto_dtype(cls, config_dtype: str) -> str:
+        """What ``dtype="auto"`` means for a checkpoint whose config.json says
+        `config_dtype` ("float32", "bfloat16", ...): a float32 model runs in
+        `preferred_dtype`; any other dtype is kept when the device supports it,
+        else `preferred_dtype` too. The model loader calls this."""
+        if config_dtype != "float32" and cls.supports_dtype(config_dtype):
+            return config_dtype
+        return cls.preferred_dtype()
 
 
 def attention_backend_path(selected_backend: str | None) -> str:

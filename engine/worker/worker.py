@@ -29,7 +29,6 @@ class Worker(WorkerBase):
     def init_device(self) -> None:
         from engine.distributed import parallel_state
         from engine.platforms import current_platform
-        from engine.utils import set_random_seed
 
         self.device = current_platform.device_for_rank(self.local_rank)
         current_platform.set_device(self.device)
@@ -41,9 +40,7 @@ class Worker(WorkerBase):
             backend=parallel.distributed_backend or current_platform.get_default_dist_backend(),
         )
         parallel_state.initialize_model_parallel(parallel.tensor_parallel_size)
-        # once in every process that runs a model, before the model is built
-        current_platform.import_kernels()
-        set_random_seed(self.config.model_config.seed)
+        # the platform's kernels and the seed: engine.executor.build_worker, for every worker class
         self.model_runner = ModelRunner(self.config, self.device, is_driver=self.rank == 0)
 
     def load_model(self) -> None:
