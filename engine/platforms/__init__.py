@@ -1,4 +1,5 @@
-"""Platforms: the hardware backend the engine runs on (SPEC section 6).
+"""Platforms: the hardware backend the engine runs on (see "Platform interface" in
+docs/reference.md).
 
 `current_platform` is a lazy handle: importing it resolves nothing; the first
 attribute access runs platform resolution (see `_resolution`) and every later
@@ -9,7 +10,7 @@ runs the platform's `import_kernels` at most once per process.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.platforms._resolution import (
     PlatformResolution,
@@ -93,7 +94,11 @@ class _CurrentPlatform:
         return f"<current_platform {_platform_cls.__module__}.{_platform_cls.__qualname__}>"
 
 
-current_platform: Any = _CurrentPlatform()
+if TYPE_CHECKING:
+    # what type checkers see: every attribute is the chosen Platform subclass's
+    current_platform: type[Platform]
+else:
+    current_platform = _CurrentPlatform()
 
 
 def is_platform_resolved() -> bool:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import enum
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from engine.attention.layer import AttentionSelectorConfig
     from engine.config import EngineConfig
 
 DEFAULT_ATTENTION_BACKEND = "TORCH_SDPA"
@@ -94,7 +95,8 @@ class Platform:
             parallel.worker_cls = DEFAULT_WORKER_CLS
 
     @classmethod
-    def get_attn_backend_cls(cls, selected_backend: str | None, attn_selector_config: Any) -> str:
+    def get_attn_backend_cls(cls, selected_backend: str | None,
+                             attn_selector_config: AttentionSelectorConfig) -> str:
         """Qualified class name of the attention backend to use.
 
         `selected_backend` is the user's choice (`LLM(attention_backend=...)`,

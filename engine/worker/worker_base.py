@@ -1,21 +1,27 @@
 """`WorkerBase`: what the engine asks of the worker on each rank.
 
 A platform names its worker class in ``config.parallel_config.worker_cls``; the
-executor builds it as ``worker_cls(config=..., rank=r, local_rank=r,
-distributed_init_method=...)`` and then calls, in order: `init_device`,
-`load_model`, `get_kv_cache_spec`, `determine_available_memory`,
-`initialize_cache` (or `initialize_from_config`), `compile_or_warm_up_model`,
-then `execute_model` once per step, and `shutdown` at the end.
+executor builds it with `engine.executor.build_worker` as ``worker_cls(config=...,
+rank=r, local_rank=r, distributed_init_method=...)`` (after the platform's
+`import_kernels` and the global seed) and then calls, in order: `init_device`,
+`load_model`, `get_supported_tasks`, `get_kv_cache_spec`,
+`determine_available_memory`, `initialize_cache`, `compile_or_warm_up_model`,
+then `execute_model` once per step (`embed` for embedding models),
+`check_health` when the server asks, and `shutdown` at the end.
 
-Every method the engine may call exists here; one the subclass does not provide
-raises `NotImplementedError` naming it and the class, so a missing piece shows
-up by name instead of as an AttributeError deep in the engine.
+Every method here is one the engine calls; a required one the subclass does not
+provide raises `NotImplementedError` naming it and the class, so a missing piece
+shows up by name instead of as an AttributeError deep in the engine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.config import EngineConfig
+    from engine.core.scheduler import ModelRunnerOutput, SchedulerOutput
 
 
 @dataclass(frozen=True)
@@ -31,11 +37,11 @@ class KVCacheSpec:
 
 
 class WorkerBase:
-    """Base of every worker (SPEC section 7)."""
+    """Base of every worker (see "Worker interface" in docs/reference.md)."""
 
     def __init__(
         self,
-        config: Any,
+        config: EngineConfig,
         rank: int = 0,
         local_rank: int = 0,
         distributed_init_method: str | None = None,
@@ -73,17 +79,13 @@ class WorkerBase:
         """Allocate ``num_blocks`` KV-cache blocks and bind them to the model."""
         raise self._missing("initialize_cache")
 
-    def initialize_from_config(self, kv_cache_config: dict[str, Any]) -> None:
-        """Allocate the cache from a dict with at least ``num_blocks``; by default
-        the same as `initialize_cache`."""
-        self.initialize_cache(int(kv_cache_config["num_blocks"]))
-
     def compile_or_warm_up_model(self) -> None:
         """Compile or warm up what the first real step would otherwise pay for."""
         raise self._missing("compile_or_warm_up_model")
 
-    def execute_model(self, scheduler_output: Any) -> Any:
-        """Run one scheduled step; returns a `ModelRunnerOutput` (rank 0's is used)."""
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Run one scheduled step; rank 0 returns the step's `ModelRunnerOutput`
+        (the other ranks' results are not used)."""
         raise self._missing("execute_model")
 
     # ------------------------------------------------------------------ optional
@@ -95,30 +97,6 @@ class WorkerBase:
     def embed(self, token_id_lists: list[list[int]]) -> list[list[float]]:
         """Pooled embeddings of a batch of token-id lists (embedding models)."""
         raise self._missing("embed")
-
-    def sleep(self, level: int = 1) -> None:
-        raise self._missing("sleep")
-
-    def wake_up(self, tags: list[str] | None = None) -> None:
-        raise self._missing("wake_up")
-
-    def take_draft_token_ids(self) -> Any:
-        raise self._missing("take_draft_token_ids")
-
-    def add_lora(self, lora_request: Any) -> bool:
-        raise self._missing("add_lora")
-
-    def remove_lora(self, lora_id: int) -> bool:
-        raise self._missing("remove_lora")
-
-    def list_loras(self) -> set[int]:
-        raise self._missing("list_loras")
-
-    def pin_lora(self, lora_id: int) -> bool:
-        raise self._missing("pin_lora")
-
-    def execute_dummy_batch(self) -> None:
-        raise self._missing("execute_dummy_batch")
 
     def check_health(self) -> None:
         """Raise when this worker can no longer serve; healthy by default."""
