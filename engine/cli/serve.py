@@ -74,7 +74,7 @@ def _settings(args: argparse.Namespace):  # -> ServerSettings
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     name = args.served_model_name or args.model or "default"
     aliases = tuple({model_dir, os.path.abspath(model_dir)} - {name})
-    api_key = args.api_key or os.environ.get("ENGINE_API_KEY") or None
+    api_key = _api_key(args.api_key)
     return ServerSettings(
         model_name=name, model_aliases=aliases, api_key=api_key,
         max_request_bytes=args.max_request_bytes,
@@ -91,6 +91,23 @@ def _settings(args: argparse.Namespace):  # -> ServerSettings
             log_stats=not args.disable_log_stats,
         ),
     )
+
+
+def _api_key(flag: str | None) -> str | None:
+    """The key from --api-key, else $ENGINE_API_KEY; None when neither is set. An
+    empty or whitespace-only key is refused: it would silently turn auth off."""
+    source, key = "--api-key", flag
+    if key is None:
+        source, key = "ENGINE_API_KEY", os.environ.get("ENGINE_API_KEY")
+    if key is None:
+        return None
+    if not key.strip():
+        raise ValueError(f"{source} is empty: give a non-blank key, or leave {source} unset "
+                         "to serve without authentication")
+    if key != key.strip():
+        raise ValueError(f"{source} starts or ends with whitespace, which clients cannot send "
+                         "in a bearer token; remove it")
+    return key
 
 
 def _load_plugins(io_processor_plugin: str | None) -> None:

@@ -198,7 +198,7 @@ class GracefulServer(uvicorn.Server):
 
 def run_server(settings: ServerSettings) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit code (0 after a clean
-    shutdown, 1 when the engine failed to start)."""
+    shutdown, 1 when the engine failed to start or, later, lost a worker)."""
     app = build_app(settings)
     state: ServerState = app.state.server
     # uvicorn's own limit is a backstop: by then the engine has aborted what was left
@@ -223,8 +223,11 @@ def run_server(settings: ServerSettings) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if failed:
-        print(f"engine serve: error: the engine failed to start: {state.engine.error}",
-              file=sys.stderr)
+        engine = state.engine
+        when = ("failed to start" if engine.failure_context is None
+                else f"failed {engine.failure_context}")
+        print(f"engine serve: error: the engine {when}: {type(engine.error).__name__}: "
+              f"{engine.error}", file=sys.stderr)
         return 1
     if not server.started:
         return 1  # could not bind (uvicorn logged why)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -58,14 +59,17 @@ class IOProcessor(ABC):
     async def pre_process_async(
         self, prompt: Any, request_id: str | None = None, **kwargs: Any
     ) -> Any:
-        """Async `pre_process`, used by the server; defaults to the sync one."""
-        return self.pre_process(prompt, request_id=request_id, **kwargs)
+        """Async `pre_process`, used by the server; defaults to the sync one run in
+        a worker thread (a slow `pre_process` never blocks the event loop)."""
+        return await asyncio.to_thread(self.pre_process, prompt, request_id=request_id, **kwargs)
 
     async def post_process_async(
         self, model_output: Any, request_id: str | None = None, **kwargs: Any
     ) -> Any:
-        """Async `post_process`, used by the server; defaults to the sync one."""
-        return self.post_process(model_output, request_id=request_id, **kwargs)
+        """Async `post_process`, used by the server; defaults to the sync one run in
+        a worker thread."""
+        return await asyncio.to_thread(self.post_process, model_output, request_id=request_id,
+                                       **kwargs)
 
 
 class IOProcessorError(RuntimeError):
