@@ -22,8 +22,6 @@ class KitCheckItem(pytest.Item):
             self.check.func()
         except CheckSkipped as exc:
             pytest.skip(str(exc))
-        except CheckFailed as exc:
-            raise CheckFailed(f"{self.check.id}: {exc}") from None
 
     def repr_failure(self, excinfo: Any, style: Any = None) -> str:
         if isinstance(excinfo.value, CheckFailed):
@@ -50,13 +48,20 @@ def collect_session(session: Any, names: list[str], group: str | None) -> None:
     hook = config.hook
     items: list[pytest.Item] = []
     for name in names:
-        collector = KitCollector.from_parent(session, name=f"engine-plugin:{name}")
+        collector = KitCollector.from_parent(session, name=f"engine-plugin:{name}",
+                                             nodeid=f"engine-plugin:{name}")
         try:
             checks = collect_checks(ctx, name, group)
         except (LookupError, ValueError) as exc:
             raise pytest.UsageError(f"--engine-plugin {name}: {exc}") from None
-        for check in checks:
-            items.append(KitCheckItem.from_parent(collector, name=check.id, check=check))
+        # the node id is the check's id, as `engine plugins test` prints it
+        collected = [KitCheckItem.from_parent(collector, name=check.id, nodeid=check.id,
+                                              check=check) for check in checks]
+        # reported like any collector, so the terminal counts the items
+        hook.pytest_collectstart(collector=collector)
+        hook.pytest_collectreport(report=pytest.CollectReport(
+            collector.nodeid, "passed", None, collected))
+        items += collected
     hook.pytest_collection_modifyitems(session=session, config=config, items=items)
     hook.pytest_collection_finish(session=session)
     session.items = items
