@@ -24,6 +24,69 @@ def _is_number(value: object) -> bool:
 
 
 @dataclass
+class StructuredOutputsParams:
+    """Constrain a request's output (``SamplingParams(structured_outputs=...)``);
+    give exactly one of:
+
+    - `json`: a JSON schema (a dict, or its JSON text): the output is one JSON
+      value that validates against it (compact: no whitespace between tokens);
+    - `json_object`: True: the output is a JSON object (any keys);
+    - `regex`: the output matches this regular expression (whole text);
+    - `choice`: the output is exactly one of these strings;
+    - `grammar`: a context-free grammar in Lark syntax (as llguidance reads it)
+      or GBNF (llama.cpp's format, rules written ``name ::= ...``).
+
+    A request that finishes with ``finish_reason "stop"`` always satisfies the
+    constraint; one cut by ``max_tokens`` ("length") may not. Raises ValueError
+    naming the field when none or several are given, or one does not compile.
+    """
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar")
+                 if getattr(self, name) is not None]
+        if self.json_object is True:
+            given.append("json_object")
+        elif self.json_object is not False:
+            raise ValueError(
+                f"StructuredOutputsParams.json_object must be a bool, got {self.json_object!r}")
+        if len(given) != 1:
+            raise ValueError(
+                "StructuredOutputsParams needs exactly one of json, json_object, regex, choice, "
+                f"grammar; got {', '.join(given) or 'none'}"
+            )
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValueError("StructuredOutputsParams.json must be a JSON schema (a dict or "
+                             f"its JSON text), got {type(self.json).__name__}")
+        if isinstance(self.json, str):
+            import json
+
+            try:
+                json.loads(self.json)
+            except ValueError as exc:
+                raise ValueError(f"StructuredOutputsParams.json is not JSON: {exc}") from None
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"StructuredOutputsParams.{name} must be a non-empty string, "
+                                 f"got {value!r}")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                raise ValueError("StructuredOutputsParams.choice must be a non-empty list of "
+                                 f"non-empty strings, got {self.choice!r}")
+            self.choice = list(self.choice)
+        from engine.structured_outputs import compile_grammar
+
+        compile_grammar(self)  # a schema or pattern that cannot compile fails here
+
+
+@dataclass
 class SamplingParams:
     """Sampling and stopping settings for one request.
 
@@ -72,12 +135,19 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # per-request arguments for logits processors (docs/extension-points.md)
     extra_args: dict[str, Any] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self._check_numbers()
         self._check_stops()
         self._check_flags()
         self._check_extra_args()
+        if self.structured_outputs is not None and not isinstance(
+                self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(
+                "SamplingParams.structured_outputs must be a StructuredOutputsParams or None, "
+                f"got {type(self.structured_outputs).__name__}"
+            )
 
     # ------------------------------------------------------------------ checks
 

@@ -177,7 +177,11 @@ def build_logits_processors(config: Any, device: torch.device) -> list[tuple[str
     `LogitsProcessor` or whose constructor raised."""
     import registry
 
+    # built in: structured outputs' token mask (idle unless a request asks for it)
     entries: list[tuple[str, Any]] = [
+        ("structured_outputs", "engine.structured_processor:StructuredOutputsLogitsProcessor")
+    ]
+    entries += [
         (name, value)
         for name, value in registry.load_plugins_by_group(registry.LOGITS_PROCESSOR_PLUGINS).items()
     ]

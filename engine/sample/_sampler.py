@@ -127,10 +127,13 @@ class _ProcessorPipeline:
 
     def __init__(self, processors: Sequence[tuple[str, LogitsProcessor]]) -> None:
         self.processors = list(processors)
-        self.argmax_invariant = all(
-            self._call(name, p.is_argmax_invariant) for name, p in self.processors
-        )
         self._rows: list[SamplingState] = []  # the batch of the previous step, by row
+
+    @property
+    def argmax_invariant(self) -> bool:
+        """Asked every step, after `update_state`: a processor may leave the greedy
+        choice alone only while no request in the batch uses it."""
+        return all(self._call(name, p.is_argmax_invariant) for name, p in self.processors)
 
     def update_state(self, states: Sequence[SamplingState]) -> None:
         update = _batch_update(self._rows, states)

@@ -1,0 +1,136 @@
+"""Structured outputs: every request that finishes with "stop" satisfies its
+constraint (JSON schemas checked with `jsonschema`, regexes with `re`, choices,
+a GBNF grammar), in mixed batches, and unconstrained rows are left untouched."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from engine.sampling_params import SamplingParams, StructuredOutputsParams
+
+SCHEMAS = [
+    {  # nested object, enum, required
+        "type": "object",
+        "properties": {
+            "user": {"type": "object",
+                     "properties": {"name": {"type": "string", "maxLength": 8},
+                                    "role": {"enum": ["admin", "guest", "owner"]}},
+                     "required": ["name", "role"], "additionalProperties": False},
+            "active": {"type": "boolean"},
+        },
+        "required": ["user", "active"], "additionalProperties": False,
+    },
+    {  # array of bounded integers
+        "type": "object",
+        "properties": {"ids": {"type": "array", "items": {"type": "integer", "minimum": 0,
+                                                          "maximum": 999},
+                               "minItems": 1, "maxItems": 4}},
+        "required": ["ids"], "additionalProperties": False,
+    },
+    {  # array of objects with an enum and an optional field
+        "type": "array", "maxItems": 3,
+        "items": {"type": "object",
+                  "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                 "size": {"type": "integer", "minimum": 1, "maximum": 9}},
+                  "required": ["color"], "additionalProperties": False},
+    },
+    {"enum": ["alpha", "beta", 3, None]},
+    {"type": "string", "pattern": "^[a-z]{2,5}$"},
+]
+PROMPTS = ["def f(x):", "import os\n", "class A:", "x = [", "# a comment\n"]
+
+
+@pytest.fixture(scope="module")
+def llm(make_hf_model):
+    from engine import LLM
+
+    llm = LLM(str(make_hf_model("llama")), dtype="float32", kv_cache_memory=2**23)
+    yield llm
+    llm.shutdown()
+
+
+def _constrained(seed: int, **kwargs) -> SamplingParams:
+    return SamplingParams(temperature=1.0, seed=seed, max_tokens=160,
+                          structured_outputs=StructuredOutputsParams(**kwargs))
+
+
+def test_every_finished_json_output_validates(llm):
+    params, expected = [], []
+    for i, schema in enumerate(SCHEMAS):
+        for seed in range(4):
+            params.append(_constrained(seed, json=schema))
+            expected.append(schema)
+    outs = llm.generate([PROMPTS[i % len(PROMPTS)] for i in range(len(params))], params)
+    stopped = 0
+    for out, schema in zip(outs, expected, strict=True):
+        completion = out.outputs[0]
+        if completion.finish_reason != "stop":
+            continue
+        stopped += 1
+        jsonschema.validate(json.loads(completion.text), schema)
+    assert stopped >= len(outs) * 3 // 4, [o.outputs[0].finish_reason for o in outs]
+
+
+def test_schema_given_as_json_text_and_json_object(llm):
+    outs = llm.generate(["a", "b", "c"], [
+        _constrained(0, json=json.dumps(SCHEMAS[1])),
+        SamplingParams(temperature=0, max_tokens=160,
+                       structured_outputs=StructuredOutputsParams(json_object=True)),
+        _constrained(2, json_object=True),
+    ])
+    jsonschema.validate(json.loads(outs[0].outputs[0].text), SCHEMAS[1])
+    for out in outs[1:]:
+        if out.outputs[0].finish_reason == "stop":
+            assert isinstance(json.loads(out.outputs[0].text), dict)
+
+
+def test_regex_choice_and_grammar(llm):
+    regex = r"[0-9]{3}-[a-z]{2,4}(\.v[0-9])?"
+    choices = ["yes", "no", "maybe later"]
+    grammar = 'root ::= "(" num ("+" num)* ")"\nnum ::= [0-9] | [1-9] [0-9]'
+    params = ([_constrained(s, regex=regex) for s in range(4)]
+              + [_constrained(s, choice=choices) for s in range(4)]
+              + [_constrained(s, grammar=grammar) for s in range(4)])
+    outs = llm.generate(["x = "] * len(params), params)
+    for out in outs:
+        assert out.outputs[0].finish_reason == "stop", out.outputs[0]
+    texts = [o.outputs[0].text for o in outs]
+    assert all(re.fullmatch(regex, t) for t in texts[:4]), texts[:4]
+    assert all(t in choices for t in texts[4:8]), texts[4:8]
+    assert all(re.fullmatch(r"\((\d|[1-9]\d)(\+(\d|[1-9]\d))*\)", t) for t in texts[8:]), \
+        texts[8:]
+
+
+def test_unconstrained_rows_are_untouched_in_a_mixed_batch(llm):
+    plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = llm.generate(PROMPTS[:2], plain)
+    mixed = llm.generate(PROMPTS[:2] + ["q"], [plain, plain, _constrained(0, json=SCHEMAS[0])])
+    assert [o.outputs[0].token_ids for o in mixed[:2]] == [o.outputs[0].token_ids for o in alone]
+
+
+def test_greedy_choice_finishes_with_one_of_the_choices(llm):
+    outs = llm.generate(["x = "], SamplingParams(
+        temperature=0, max_tokens=10,
+        structured_outputs=StructuredOutputsParams(choice=["cat", "dog"])))
+    assert outs[0].outputs[0].text in ("cat", "dog")
+    assert outs[0].outputs[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({}, "exactly one"),
+    ({"json": {"type": "object"}, "regex": "a"}, "exactly one"),
+    ({"regex": "a("}, "regex"),
+    ({"choice": []}, "choice"),
+    ({"json": "{not json"}, "json"),
+    ({"grammar": "root ::= ("}, "grammar"),
+    ({"json": 3}, "json"),
+])
+def test_bad_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        StructuredOutputsParams(**kwargs)
+    with pytest.raises(ValueError, match="structured_outputs"):
+        SamplingParams(structured_outputs={"json": {}})
