@@ -1,7 +1,7 @@
 """Engine configuration: one dataclass per concern, gathered in `EngineConfig`.
 
 Platforms read and adjust it in `Platform.check_and_update_config(config)`
-before anything heavy happens (see SPEC section 6).
+before anything heavy happens (see "Platform interface" in docs/reference.md).
 """
 
 from __future__ import annotations

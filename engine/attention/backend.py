@@ -1,4 +1,5 @@
-"""The attention backend interface (SPEC section 7) and helpers every backend shares."""
+"""The attention backend interface (docs/reference.md, "Other extension interfaces")
+and helpers every backend shares."""
 
 from __future__ import annotations
 

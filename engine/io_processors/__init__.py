@@ -1,5 +1,5 @@
 """IO processors: plugins that turn request data into prompts to pool and pooling
-outputs into responses (SPEC section 7).
+outputs into responses (docs/reference.md, "Other extension interfaces").
 
 `get_io_processor(config, plugin_name)` picks the plugin; `process_request` (and
 `process_request_async` for the server) runs one request through it. Importing

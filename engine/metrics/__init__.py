@@ -1,4 +1,5 @@
-"""Engine statistics and the stat loggers that receive them (SPEC section 7).
+"""Engine statistics and the stat loggers that receive them (docs/reference.md,
+"Other extension interfaces").
 
 `build_stat_loggers(config)` gives the engine a `StatLoggerManager` holding the
 built-in loggers (`LoggingStatLogger`, `PrometheusStatLogger`) and every enabled

@@ -27,7 +27,7 @@ def _model_name(config: Any) -> str:
 
 
 class StatLoggerBase(ABC):
-    """Base class of every stat logger (SPEC section 7).
+    """Base class of every stat logger (docs/reference.md, "Other extension interfaces").
 
     Subclasses implement `record`; `log` and `log_engine_initialized` are optional.
     A stat-logger plugin's entry-point value is the subclass itself.

@@ -1,7 +1,8 @@
 """The engine's layers: replaceable custom ops and tensor-parallel linear layers.
 
-`CustomOp` is the extension point (SPEC section 7): platforms specialise an op by
-its ``forward_<platform>`` method, plugins replace it with ``register_oot``.
+`CustomOp` is the extension point (docs/reference.md, "Other extension interfaces"):
+platforms specialise an op by its ``forward_<platform>`` method, plugins replace it
+with ``register_oot``.
 """
 
 from engine.ops.activation import SiluAndMul

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 class CustomOp(nn.Module):
-    """Base class of replaceable ops (SPEC section 7)."""
+    """Base class of replaceable ops (docs/reference.md, "Other extension interfaces")."""
 
     # registered name -> in-tree class / out-of-tree replacement
     op_registry: ClassVar[dict[str, type[CustomOp]]] = {}

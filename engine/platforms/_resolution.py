@@ -1,4 +1,5 @@
-"""Choosing this process's platform from the platform plugins (SPEC section 6).
+"""Choosing this process's platform from the platform plugins (docs/reference.md,
+"Platform interface").
 
 Order: `ENGINE_PLATFORM=NAME` picks that plugin; otherwise exactly one active
 out-of-tree plugin wins; two or more is an error; with none, `cuda` when its
