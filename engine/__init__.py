@@ -15,6 +15,7 @@ from registry._version import __version__
 _LAZY = {
     "LLM": "engine.llm",
     "SamplingParams": "engine.sampling_params",
+    "StructuredOutputsParams": "engine.sampling_params",
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
     "EmbeddingRequestOutput": "engine.outputs",
@@ -26,6 +27,7 @@ __all__ = [
     "__version__",
     "LLM",
     "SamplingParams",
+    "StructuredOutputsParams",
     "RequestOutput",
     "CompletionOutput",
     "EmbeddingRequestOutput",
@@ -37,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from engine.llm import LLM
     from engine.models.registry import ModelRegistry
     from engine.outputs import CompletionOutput, EmbeddingRequestOutput, RequestOutput
-    from engine.sampling_params import SamplingParams
+    from engine.sampling_params import SamplingParams, StructuredOutputsParams
     from engine.utils import set_random_seed
 
 
