@@ -178,7 +178,7 @@ class EngineArgs:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1], got "
                              f"{self.kv_cache_memory_fraction!r}")
         model_dir = self.model_dir()
-        hf_config = load_hf_config(model_dir)
+        hf_config = load_hf_config(model_dir, self.load_format)
         max_model_len = resolve_max_model_len(hf_config, self.max_model_len)
         budget = self.max_num_batched_tokens
         if budget is None:

@@ -42,7 +42,7 @@ def resolve_model(model: str | os.PathLike[str], revision: str | None = None) ->
     """The folder holding `model`'s files.
 
     Args:
-        model: a model folder, or a hub repository id (``org/name``) present in
+        model: a model folder or file (``.gguf``), or a hub repository id (``org/name``) present in
             the local cache (see `hub_cache_dir`).
         revision: for a repository id, a branch or tag name (a file under
             ``refs/``) or a commit hash (full, or a unique prefix of at least 7
@@ -54,7 +54,7 @@ def resolve_model(model: str | os.PathLike[str], revision: str | None = None) ->
         ValueError: `revision` was given with a folder.
     """
     path = Path(os.fspath(model)).expanduser()
-    if path.is_dir():
+    if path.is_dir() or path.is_file():  # a file: a single-file model (.gguf)
         if revision is not None:
             raise ValueError(
                 f"revision={revision!r} applies to a model name from the Hugging Face cache, "

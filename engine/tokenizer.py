@@ -240,7 +240,8 @@ class Tokenizer:
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    """Load the tokenizer of a Hugging Face-format model folder.
+    """Load the tokenizer of a Hugging Face-format model folder (or of a GGUF
+    model: a ``.gguf`` file, or a folder with one and no ``tokenizer.json``).
 
     Reads `tokenizer.json` (required) and, when present, `tokenizer_config.json`,
     `special_tokens_map.json`, `generation_config.json`, `config.json` (EOS ids,
@@ -256,6 +257,11 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     folder = Path(model_dir)
     path = folder / "tokenizer.json"
     if not path.is_file():
+        from engine.gguf import GGUFFile, find_gguf_file
+
+        gguf_file = find_gguf_file(folder)
+        if gguf_file is not None:  # a GGUF model carries its own tokenizer
+            return GGUFFile(gguf_file).tokenizer()
         raise FileNotFoundError(
             f"{path}: no tokenizer.json; a model folder needs one (save it with "
             "`tokenizer.save_pretrained(folder)` or `tokenizers.Tokenizer.save`)"

@@ -91,7 +91,7 @@ def _describe_exit(code: int | None) -> str:
 
 
 def _build_worker(config: Any, rank: int, init_method: str,
-                  model_registrations: dict[str, Any] | None = None) -> Any:
+                  model_registrations: dict[str, dict[str, Any]] | None = None) -> Any:
     import torch
 
     torch.set_num_threads(1)
@@ -100,8 +100,12 @@ def _build_worker(config: Any, rank: int, init_method: str,
 
     # general plugins first: they may register what the worker class needs
     registry.load_general_plugins()
+    from engine.model_loader import apply_loader_registrations
+
     # then what the user's script registered before building the engine
-    ModelRegistry.apply_registrations(model_registrations or {})
+    registrations = model_registrations or {}
+    ModelRegistry.apply_registrations(registrations.get("models", {}))
+    apply_loader_registrations(registrations.get("loaders", {}))
     return build_worker(config, rank=rank, distributed_init_method=init_method)
 
 
@@ -226,7 +230,10 @@ class MultiprocExecutor(ExecutorBase):
         # registrations made in the user's script reach every worker; a class the
         # workers could not import fails here, naming it, before anything starts
         ModelRegistry.check_reachable(config.model_config.hf_config.get("architectures") or [])
-        registrations = ModelRegistry.registrations_for_workers()
+        from engine.model_loader import loader_registrations_for_workers
+
+        registrations = {"models": ModelRegistry.registrations_for_workers(),
+                         "loaders": loader_registrations_for_workers()}
         ctx = multiprocessing.get_context("spawn")
         for rank in range(world_size):
             parent_conn, child_conn = ctx.Pipe(duplex=True)
