@@ -69,7 +69,7 @@ value = "cpp_silu:register"
 SCRIPT = """
 import json, sys
 from engine import LLM, SamplingParams
-llm = LLM(sys.argv[1], kv_cache_memory=1 << 22)
+llm = LLM(sys.argv[1], dtype="float32", kv_cache_memory=1 << 22)
 out = llm.generate(["def add(a, b):", "import os"],
                    SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
 calls = sys.modules["cpp_silu"].CALLS["cpp"] if "cpp_silu" in sys.modules else 0

@@ -58,7 +58,7 @@ def hf_tokenizer():
 def default_llm():
     from engine import LLM
 
-    return LLM()
+    return LLM(dtype="float32")  # compared with transformers in float32
 
 
 # Python the model never saw (written for this test), to measure its loss on
@@ -153,7 +153,7 @@ def test_loads_with_transformers_and_predicts_unseen_python(hf_model, hf_tokeniz
 def test_engine_generate_without_model_prints_transformers_greedy(hf_model, hf_tokenizer):
     proc = subprocess.run(
         [sys.executable, "-m", "engine", "generate", "--prompt", "import ",
-         "--max-tokens", "16", "--temperature", "0"],
+         "--max-tokens", "16", "--temperature", "0", "--dtype", "float32"],
         capture_output=True, text=True, timeout=120, env=subprocess_env(OMP_NUM_THREADS="1"),
     )
     assert proc.returncode == 0, proc.stderr

@@ -26,7 +26,7 @@ TEXTS = [
 def minilm(minilm_dir):
     torch.set_num_threads(1)
     register_builtin_models()
-    return load_model(EngineConfig(ModelConfig(model=str(minilm_dir))))
+    return load_model(EngineConfig(ModelConfig(model=str(minilm_dir), dtype="float32")))
 
 
 @pytest.fixture(scope="module")

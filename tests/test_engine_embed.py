@@ -20,7 +20,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def minilm(minilm_dir):
-    return LLM(minilm_dir)
+    return LLM(minilm_dir, dtype="float32")
 
 
 def _embed(llm: LLM, texts: list[str]) -> torch.Tensor:
@@ -43,7 +43,7 @@ def test_embeddings_match_sentence_transformers(minilm, minilm_dir, sentence_tra
 
 def test_cls_pooling_without_normalisation_matches_sentence_transformers(
         minilm, minilm_cls_dir, sentence_transformer):
-    ours = _embed(LLM(minilm_cls_dir), TEXTS)
+    ours = _embed(LLM(minilm_cls_dir, dtype="float32"), TEXTS)
     expected = _expected(sentence_transformer, minilm_cls_dir, TEXTS)
     torch.testing.assert_close(ours, expected, atol=2e-5, rtol=1e-4)
     # the folder's settings took effect: not unit length, not the mean-pooled direction

@@ -69,7 +69,7 @@ def llama_dir(make_hf_model):
 
 @pytest.fixture(scope="module")
 def llama(llama_dir):
-    return LLM(llama_dir, kv_cache_memory=4 * 1024 * KIB)
+    return LLM(llama_dir, dtype="float32", kv_cache_memory=4 * 1024 * KIB)
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -88,17 +88,19 @@ def _assert_matches(llm: LLM, model_dir, prompts, oracle: Oracle, params=GREEDY)
 def test_greedy_matches_transformers_for_prompts_of_different_lengths(
         arch, make_hf_model, oracle):
     model_dir = make_hf_model(arch)
-    llm = LLM(model_dir, kv_cache_memory=4 * 1024 * KIB)
+    llm = LLM(model_dir, dtype="float32", kv_cache_memory=4 * 1024 * KIB)
     _assert_matches(llm, model_dir, _prompts([3, 17, 40, 95, 1]), oracle)
 
 
 def test_greedy_matches_with_chunked_prefill(llama_dir, oracle):
-    llm = LLM(llama_dir, kv_cache_memory=4 * 1024 * KIB, max_num_batched_tokens=16)
+    llm = LLM(llama_dir, dtype="float32", kv_cache_memory=4 * 1024 * KIB,
+              max_num_batched_tokens=16)
     _assert_matches(llm, llama_dir, _prompts([70, 33, 5], seed=1), oracle)
 
 
 def test_greedy_matches_with_the_naive_attention_backend(llama_dir, oracle):
-    llm = LLM(llama_dir, kv_cache_memory=4 * 1024 * KIB, attention_backend="NAIVE")
+    llm = LLM(llama_dir, dtype="float32", kv_cache_memory=4 * 1024 * KIB,
+              attention_backend="NAIVE")
     _assert_matches(llm, llama_dir, _prompts([9, 30], seed=2), oracle)
 
 
@@ -113,7 +115,8 @@ def test_repeated_prefix_skips_prefill_and_matches(llama, llama_dir, oracle):
 def test_greedy_matches_under_preemption(llama_dir, oracle):
     # one block holds 16 tokens x 2 layers x K,V x 2 heads x 16 dims x 4 bytes = 8 KiB;
     # 12 blocks cannot hold four sequences of up to ~60 tokens (4 blocks each)
-    llm = LLM(llama_dir, kv_cache_memory=12 * 8 * KIB, enable_prefix_caching=False)
+    llm = LLM(llama_dir, dtype="float32", kv_cache_memory=12 * 8 * KIB,
+              enable_prefix_caching=False)
     prompts = _prompts([30, 28, 33, 25], seed=4)
     _assert_matches(llm, llama_dir, prompts, oracle)
     assert llm.llm_engine.num_preemptions > 0
@@ -144,7 +147,7 @@ def test_seeded_sampling_is_reproducible_across_instances_and_batches(llama, lla
     other = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
     batched = llama.generate(_prompts([5, 30], seed=7) + [prompt], [other, other, params])
     assert batched[2].outputs[0].token_ids == alone
-    fresh = LLM(llama_dir, kv_cache_memory=1024 * KIB, seed=99)
+    fresh = LLM(llama_dir, dtype="float32", kv_cache_memory=1024 * KIB, seed=99)
     assert fresh.generate([prompt], params)[0].outputs[0].token_ids == alone
     other_seed = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, max_tokens=16,
                                 seed=4321, ignore_eos=True)
@@ -176,7 +179,7 @@ def test_stop_token_id_ends_the_sequence(llama, llama_dir, oracle):
 
 
 def test_too_long_prompt_fails_alone(llama_dir):
-    llm = LLM(llama_dir, kv_cache_memory=1024 * KIB, max_model_len=64)
+    llm = LLM(llama_dir, dtype="float32", kv_cache_memory=1024 * KIB, max_model_len=64)
     ok, too_long = _prompts([8, 65], seed=9)
     with pytest.raises(ValueError, match=r"prompt 1: .*65 tokens.*max_model_len=64"):
         llm.generate([ok, too_long], GREEDY)

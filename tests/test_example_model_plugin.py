@@ -25,7 +25,8 @@ from engine import LLM, SamplingParams
 import registry
 registry.load_general_plugins()
 imported_before = "my_model_plugin.model" in sys.modules
-llm = LLM(sys.argv[1], tensor_parallel_size=int(sys.argv[2]), kv_cache_memory=1 << 22)
+llm = LLM(sys.argv[1], tensor_parallel_size=int(sys.argv[2]), dtype="float32",
+          kv_cache_memory=1 << 22)
 outs = llm.generate(["def add(a, b):", "import os"],
                     SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
 print(json.dumps({"imported_before": imported_before,

@@ -23,7 +23,8 @@ from engine import LLM, SamplingParams
 from engine.platforms import current_platform
 
 def main():
-    llm = LLM(sys.argv[1], tensor_parallel_size=int(sys.argv[2]), kv_cache_memory=1 << 22)
+    llm = LLM(sys.argv[1], tensor_parallel_size=int(sys.argv[2]), dtype="float32",
+              kv_cache_memory=1 << 22)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     outs = llm.generate(["def add(a, b):", "import os", "class Stack:\\n    def"], params)
     report = {

@@ -194,7 +194,8 @@ TP_SCRIPT = textwrap.dedent("""
         params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
         tokens = {}
         for tp in (1, 2):
-            llm = LLM(model, tensor_parallel_size=tp, plugin_dirs=[plugin_dir], seed=0)
+            llm = LLM(model, tensor_parallel_size=tp, plugin_dirs=[plugin_dir], seed=0,
+                      dtype="float32")
             tokens[tp] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
             llm.llm_engine.shutdown()
         print(json.dumps(tokens))

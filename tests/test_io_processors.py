@@ -351,7 +351,7 @@ def minilm_llm(minilm_dir):
     each test attaches the one it selects)."""
     from engine import LLM
 
-    llm = LLM(minilm_dir)
+    llm = LLM(minilm_dir, dtype="float32")
     yield llm
     llm.shutdown()
 

@@ -85,7 +85,8 @@ def hf_logits(model_dir, token_ids: list[int]) -> torch.Tensor:
 
 
 def engine_model(model_dir, backend: str):
-    return load_model(EngineConfig(ModelConfig(model=str(model_dir)), attention_backend=backend))
+    return load_model(EngineConfig(ModelConfig(model=str(model_dir), dtype="float32"),
+                                   attention_backend=backend))
 
 
 def _with_config(model_dir, tmp_path, **changes):

@@ -45,7 +45,7 @@ def _rank_logits(rank, init_method, model_dirs, prompt):
     out = {}
     try:
         for model_dir in model_dirs:
-            model = load_model(EngineConfig(ModelConfig(model=model_dir),
+            model = load_model(EngineConfig(ModelConfig(model=model_dir, dtype="float32"),
                                             parallel_config=ParallelConfig(tensor_parallel_size=2)))
             attn = model.model.layers[0].self_attn
             out[model_dir] = {

@@ -95,7 +95,8 @@ def llama_dir(make_hf_model) -> Path:
 def server(llama_dir, tmp_path_factory):
     config_dir = tmp_path_factory.mktemp("serve-config")
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
-    srv = Server(["--model", str(llama_dir), "--served-model-name", MODEL_NAME,
+    srv = Server(["--model", str(llama_dir), "--dtype", "float32",
+                  "--served-model-name", MODEL_NAME,
                   "--api-key", API_KEY, "--max-request-bytes", str(MAX_REQUEST_BYTES),
                   "--shutdown-timeout", "1"], config_dir, log)
     try:
@@ -112,7 +113,7 @@ def offline(llama_dir):
     from engine.llm import LLM
 
     torch.set_num_threads(1)
-    llm = LLM(llama_dir)
+    llm = LLM(llama_dir, dtype="float32")
     yield llm
     llm.shutdown()
 
@@ -420,7 +421,8 @@ def embed_server(minilm_dir, tmp_path_factory):
     config_dir = tmp_path_factory.mktemp("serve-config")
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     srv = Server(["--plugin-dir", str(SIMILARITY_EXAMPLE), "--model", str(minilm_dir),
-                  "--served-model-name", "minilm", "--io-processor-plugin", "similarity"],
+                  "--served-model-name", "minilm", "--io-processor-plugin", "similarity",
+                  "--dtype", "float32"],
                  config_dir, log)
     try:
         srv.wait_ready()
@@ -436,7 +438,7 @@ def offline_minilm(minilm_dir):
     from engine.llm import LLM
 
     torch.set_num_threads(1)
-    llm = LLM(minilm_dir)
+    llm = LLM(minilm_dir, dtype="float32")
     yield llm
     llm.shutdown()
 
