@@ -1,0 +1,108 @@
+"""Structured outputs: cost per generated token, constrained against unconstrained.
+
+    python benchmarks/bench_structured.py             # 5 alternating rounds
+    python benchmarks/bench_structured.py --rounds 3 --max-tokens 64
+
+The embedded default model (vocab 4096), float32. Each round runs, for batch
+sizes 1 and 16, the same prompts unconstrained (ignore_eos, exactly
+--max-tokens tokens each) and constrained by a JSON schema (an array of at least 40
+objects with a bounded string, an enum array and an integer: longer than
+--max-tokens, so both sides produce the same number of tokens), alternating the two sides. Per-token time is the wall time
+of the `generate` call divided by the tokens it produced. Reported: the median of
+the per-round ratios constrained/unconstrained and their range, plus the
+one-time costs (llguidance's tokenizer view, one grammar compile) and `uptime`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SCHEMA = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "tags": {"type": "array", "items": {"enum": ["io", "net", "math", "text"]}},
+            "size": {"type": "integer", "minimum": 0, "maximum": 100000},
+        },
+        "required": ["name", "tags"],
+        "additionalProperties": False,
+    },
+    "minItems": 40,  # long enough that every request runs to --max-tokens
+}
+PROMPTS = ["def main():", "import json\n", "class Config:", "# TODO: ", "x = {", "return "]
+
+
+def _run(llm, batch: int, max_tokens: int, constrained: bool, round_no: int) -> tuple[float, int]:
+    from engine.sampling_params import SamplingParams, StructuredOutputsParams
+
+    structured = StructuredOutputsParams(json=SCHEMA) if constrained else None
+    params = [SamplingParams(temperature=1.0, seed=1000 * round_no + i, max_tokens=max_tokens,
+                             ignore_eos=not constrained, structured_outputs=structured)
+              for i in range(batch)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    wall = time.perf_counter() - start
+    return wall, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    args = parser.parse_args()
+
+    import torch
+
+    from engine import LLM
+    from engine.sampling_params import StructuredOutputsParams
+    from engine.structured_outputs import compile_grammar
+    from engine.structured_processor import _ll_tokenizer
+
+    torch.set_num_threads(1)
+    llm = LLM(dtype="float32", kv_cache_memory=2**26)
+    model = llm.config.model_config.model
+    start = time.perf_counter()
+    _ll_tokenizer(model, int(llm.config.model_config.hf_config["vocab_size"]))
+    tokenizer_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compile_grammar(StructuredOutputsParams(json=SCHEMA))
+    compile_s = time.perf_counter() - start
+    print(f"one-time: llguidance tokenizer view {tokenizer_s * 1e3:.0f} ms, "
+          f"grammar compile {compile_s * 1e3:.1f} ms")
+    for batch in args.batches:
+        _run(llm, batch, 16, True, -1)  # warm-up, both sides
+        _run(llm, batch, 16, False, -1)
+        ratios, per_tok = [], {True: [], False: []}
+        for r in range(args.rounds):
+            order = (False, True) if r % 2 == 0 else (True, False)
+            got = {}
+            for constrained in order:
+                wall, tokens = _run(llm, batch, args.max_tokens, constrained, r)
+                got[constrained] = wall / max(tokens, 1)
+                per_tok[constrained].append(got[constrained])
+            ratios.append(got[True] / got[False])
+        slow, fast = statistics.median(per_tok[True]), statistics.median(per_tok[False])
+        print(f"batch {batch:3d}: unconstrained {fast * 1e3:.2f} ms/token, constrained "
+              f"{slow * 1e3:.2f} ms/token, ratio median {statistics.median(ratios):.2f}x "
+              f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x), overhead "
+              f"{(slow - fast) * 1e6:.0f} us/token")
+    llm.shutdown()
+    print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+
+
+if __name__ == "__main__":
+    main()
