@@ -24,6 +24,7 @@ from engine.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from engine.executor import DISTRIBUTED_EXECUTOR_BACKENDS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -107,6 +108,10 @@ class EngineArgs:
         nargs="+", metavar="OP"))
     worker_cls: str = field(default="auto", metadata=_help(
         "worker class qualified name ('auto': the platform's)", metavar="QUALNAME"))
+    distributed_executor_backend: str = field(default="mp", metadata=_help(
+        "who runs the ranks: 'mp' (local processes), 'ray' (Ray actors across the nodes "
+        "of a Ray cluster) or 'external_launcher' (each process torchrun started is one "
+        "rank)", choices=DISTRIBUTED_EXECUTOR_BACKENDS))
     load_format: str = field(default="auto", metadata=_help(
         "how to read the weights: 'auto' (by what the path holds), 'safetensors', 'pt', "
         "'gguf' or a format a plugin registered", metavar="FORMAT"))
@@ -172,6 +177,11 @@ class EngineArgs:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.distributed_executor_backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
+            raise ValueError(
+                "distributed_executor_backend must be one of "
+                f"{', '.join(DISTRIBUTED_EXECUTOR_BACKENDS)}, got "
+                f"{self.distributed_executor_backend!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory!r}")
         if not 0 < self.kv_cache_memory_fraction <= 1:
@@ -203,6 +213,7 @@ class EngineArgs:
             ),
             parallel_config=ParallelConfig(
                 tensor_parallel_size=self.tensor_parallel_size, worker_cls=self.worker_cls,
+                distributed_executor_backend=self.distributed_executor_backend,
             ),
             compilation_config=CompilationConfig(custom_ops=self.custom_ops or ["all"]),
             attention_backend=self.attention_backend,

@@ -13,6 +13,9 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+# the values of ``distributed_executor_backend``
+DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray", "external_launcher")
+
 
 class ExecutorBase:
     """Runs one worker per rank and calls methods on all of them."""
@@ -23,7 +26,25 @@ class ExecutorBase:
 
     @staticmethod
     def get_class(config: Any) -> type[ExecutorBase]:
-        """`UniProcExecutor` for one rank, `MultiprocExecutor` for more."""
+        """The executor of ``parallel_config.distributed_executor_backend``: "mp"
+        (default) runs `UniProcExecutor` for one rank and `MultiprocExecutor` for
+        more; "ray" runs `engine.executor.ray_executor.RayExecutor`;
+        "external_launcher" runs
+        `engine.executor.external_launcher.ExternalLauncherExecutor`."""
+        backend = getattr(config.parallel_config, "distributed_executor_backend", None) or "mp"
+        if backend == "ray":
+            from engine.executor.ray_executor import RayExecutor
+
+            return RayExecutor
+        if backend == "external_launcher":
+            from engine.executor.external_launcher import ExternalLauncherExecutor
+
+            return ExternalLauncherExecutor
+        if backend != "mp":
+            raise ValueError(
+                f"unknown distributed_executor_backend {backend!r}; "
+                f"valid options are: {', '.join(DISTRIBUTED_EXECUTOR_BACKENDS)}"
+            )
         if config.parallel_config.tensor_parallel_size > 1:
             from engine.executor.multiproc import MultiprocExecutor
 
@@ -56,8 +77,10 @@ class ExecutorBase:
         """Stop the workers; idempotent."""
 
 
-def build_worker(config: Any, rank: int = 0, distributed_init_method: str | None = None) -> Any:
-    """The worker of ``config.parallel_config.worker_cls`` (a qualified name) for ``rank``.
+def build_worker(config: Any, rank: int = 0, distributed_init_method: str | None = None,
+                 local_rank: int | None = None) -> Any:
+    """The worker of ``config.parallel_config.worker_cls`` (a qualified name) for
+    ``rank``; ``local_rank`` (the rank's index on its machine) defaults to ``rank``.
 
     Every executor builds its workers here, in the process that runs them, so
     whatever the worker class: the platform's `import_kernels` has run and the
@@ -76,7 +99,8 @@ def build_worker(config: Any, rank: int = 0, distributed_init_method: str | None
     set_random_seed(config.model_config.seed)
     worker_cls = resolve_obj_by_qualname(name)
     return worker_cls(
-        config=config, rank=rank, local_rank=rank, distributed_init_method=distributed_init_method
+        config=config, rank=rank, local_rank=rank if local_rank is None else local_rank,
+        distributed_init_method=distributed_init_method,
     )
 
 
@@ -114,4 +138,4 @@ class UniProcExecutor(ExecutorBase):
             self.worker.shutdown()
 
 
-__all__ = ["ExecutorBase", "UniProcExecutor", "build_worker"]
+__all__ = ["DISTRIBUTED_EXECUTOR_BACKENDS", "ExecutorBase", "UniProcExecutor", "build_worker"]
