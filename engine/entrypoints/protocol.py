@@ -84,6 +84,8 @@ class _SamplingFields(_Body):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # per-request arguments for logits processors (SamplingParams.extra_args)
+    extra_args: dict[str, Any] | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
