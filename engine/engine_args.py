@@ -68,6 +68,10 @@ class EngineArgs:
     plugin_dirs: tuple[str, ...] = field(default=(), metadata=_help(
         "extra plugin folders (reach every engine process); the CLI's global --plugin-dir",
         cli=False))
+    plugin_config: dict[str, dict[str, Any]] | None = field(default=None, metadata=_help(
+        "plugin settings {NAME: {KEY: VALUE}}, over engine.toml, ENGINE_PLUGIN_CONFIG and "
+        "--plugin-config (reach every engine process); the CLI's global --plugin-config",
+        cli=False))
     tensor_parallel_size: int = field(default=1, metadata=_help(
         "ranks to shard the model over (one process each)", metavar="N"))
     attention_backend: str | None = field(default=None, metadata=_help(
@@ -236,7 +240,8 @@ class EngineArgs:
 
     def apply_process_settings(self) -> None:
         """The settings that act on this process before the engine is built: the
-        platform choice and the plugin folders (both reach the engine's workers)."""
+        platform choice, the plugin folders and the plugin settings (all reach the
+        engine's workers)."""
         if self.platform is not None:
             from engine.platforms import reset_current_platform
 
@@ -246,6 +251,10 @@ class EngineArgs:
             import registry
 
             registry.add_plugin_dirs([os.fspath(d) for d in self.plugin_dirs])
+        if self.plugin_config:
+            import registry
+
+            registry.add_plugin_config(self.plugin_config)  # via the environment: workers see it
 
 
 def _cli_type(default: Any, annotation: Any) -> Any:

@@ -17,6 +17,8 @@ Public API::
     call_plugin(group, name, func, *args) -> result   # plugin code, isolated and attributed
     current_plugin() -> RunningPlugin | None, running(record)
     record_effect(kind, target), effects() -> list[dict]
+    get_plugin_config(name), check_plugin_configs(), add_plugin_config(values)
+    plugin_rows(group=None, with_effects=False) -> list[dict]   # list --json, /v1/plugins
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ _LAZY = {
     "PluginExit": "registry._running",
     "record_effect": "registry._running",
     "effects": "registry._running",
+    "get_plugin_config": "registry._settings",
+    "check_plugin_configs": "registry._settings",
+    "add_plugin_config": "registry._settings",
+    "PluginConfigError": "registry._settings",
+    "plugin_rows": "registry._listing",
 }
 
 __all__ = [
@@ -94,10 +101,16 @@ __all__ = [
     "PluginExit",
     "record_effect",
     "effects",
+    "get_plugin_config",
+    "check_plugin_configs",
+    "add_plugin_config",
+    "PluginConfigError",
+    "plugin_rows",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from registry._discovery import discover
+    from registry._listing import plugin_rows
     from registry._loading import load_general_plugins, load_plugins_by_group
     from registry._qualname import resolve_qualname
     from registry._running import (
@@ -108,6 +121,12 @@ if TYPE_CHECKING:  # pragma: no cover
         effects,
         record_effect,
         running,
+    )
+    from registry._settings import (
+        PluginConfigError,
+        add_plugin_config,
+        check_plugin_configs,
+        get_plugin_config,
     )
     from registry._manifest import (
         Manifest,

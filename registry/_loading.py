@@ -16,7 +16,7 @@ from registry._errors import PluginLoadError
 from registry._groups import GENERAL_PLUGINS, resolve_group
 from registry._records import PluginRecord, record_event
 from registry._qualname import resolve_qualname  # noqa: F401  (public via registry)
-from registry._running import call_as, process_ending_name
+from registry._running import call_as, note_loaded, process_ending_name
 
 logger = logging.getLogger("registry")
 
@@ -92,6 +92,7 @@ def load_group(group: str) -> list[tuple[PluginRecord, Any]]:
             _fail(f"cannot import {record.describe()} (value {record.value!r}): {error}", record, exc)
             continue
         seconds = perf_counter() - start
+        note_loaded(record)
         record_event(record, "loaded", seconds)
         logger.debug("loaded %s in %.1f ms", record.describe(), seconds * 1000)
         loaded.append((record, value))

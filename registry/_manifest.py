@@ -130,6 +130,18 @@ class PluginEntry(BaseModel):
     )
     enabled: StrictBool = Field(True, description="false: declared but never loaded")
     description: StrictStr = Field("", description="One line for `engine plugins list`")
+    config: StrictStr | None = Field(
+        None,
+        description="The plugin's settings model, a pydantic BaseModel: 'module:Class'",
+        pattern=VALUE_PATTERN,
+        json_schema_extra=_drop_null,
+    )
+    api: StrictInt | None = Field(
+        None,
+        description="The interface version of its group the plugin is written for",
+        ge=1,
+        json_schema_extra=_drop_null,
+    )
 
     @property
     def full_group(self) -> str:
@@ -176,7 +188,7 @@ def _version_message(version: Any) -> str:
 _ALLOWED_KEYS = {
     (): ("schema-version", "package", "plugin"),
     ("package",): ("name", "version", "requires-engine", "path"),
-    ("plugin",): ("group", "name", "value", "enabled", "description"),
+    ("plugin",): ("group", "name", "value", "enabled", "description", "config", "api"),
 }
 
 
@@ -202,7 +214,7 @@ def _message(error: dict[str, Any]) -> str:
         return f"unknown group {error['input']!r}; valid groups: " + ", ".join(
             f"{alias} ({full})" for alias, full in GROUP_ALIASES.items()
         )
-    if kind == "string_pattern_mismatch" and loc[-1] in ("name", "value"):
+    if kind == "string_pattern_mismatch" and loc[-1] in ("name", "value", "config"):
         try:
             (check_name if loc[-1] == "name" else check_value)(error["input"])
         except ValueError as exc:

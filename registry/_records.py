@@ -29,6 +29,8 @@ class PluginRecord:
     ``disabled_reason`` says why when it is False, and ``disabled_by`` what decided
     it: ``manifest``, ``ENGINE_PLUGINS``, ``ENGINE_PLUGINS_AUTOLOAD``, ``state``
     (`engine plugins disable`), ``requires-engine``, ``api`` or ``shadowed``.
+    ``config_model`` is the manifest's ``config`` (the settings model's
+    ``module:Class``) and ``api`` its ``api`` (interface version), when given.
     ``path`` is the folder put on
     ``sys.path`` before the value is imported (None: nothing is added).
     """
@@ -44,6 +46,8 @@ class PluginRecord:
     requires_engine: str | None = None
     disabled_reason: str | None = None
     disabled_by: str | None = None
+    config_model: str | None = None
+    api: int | None = None
 
     def entry_point(self) -> EntryPoint:
         """This plugin as an ``importlib.metadata.EntryPoint`` (what the loader loads)."""

@@ -183,17 +183,39 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_in_child)
 
 
-def record_effect(kind: str, target: str, *, plugin: Any = None, group: str | None = None) -> Effect:
+_PACKAGES: dict[str, RunningPlugin] = {}  # top-level package -> the plugin loaded from it
+
+
+def note_loaded(record: Any) -> None:
+    """Remember which top-level package a (non-builtin) plugin's value lives in, so
+    that code of that package registering something later, outside any plugin call
+    (a platform's worker hook, say), is still attributed to the plugin."""
+    if record.source == "builtin":
+        return
+    top = record.value.partition(":")[0].partition(".")[0]
+    _PACKAGES.setdefault(top, RunningPlugin(record.name, record.group, record.source,
+                                            record.origin))
+
+
+def plugin_of_module(module: str | None) -> RunningPlugin | None:
+    """The plugin loaded from `module`'s top-level package, if any."""
+    if not module:
+        return None
+    return _PACKAGES.get(module.partition(".")[0])
+
+
+def record_effect(kind: str, target: str, *, plugin: Any = None, group: str | None = None,
+                  module: str | None = None) -> Effect:
     """Record that the running plugin (or `plugin`: a name, with its `group`, or a
-    PluginRecord or RunningPlugin; default: `current_plugin()`, else user code)
-    registered `target` as a `kind`.
+    PluginRecord or RunningPlugin; default: `current_plugin()`, else the plugin
+    loaded from `module`'s package, else user code) registered `target` as a `kind`.
 
     When it replaces another plugin's registration of the same (kind, target), one
     WARNING per process names both (strict mode: PluginLoadError); re-registration
     by the same plugin, or by user code over user code, is logged at INFO.
     """
     if plugin is None:
-        plugin = current_plugin()
+        plugin = current_plugin() or plugin_of_module(module)
     if plugin is None:
         name, group = USER, None
     elif isinstance(plugin, str):

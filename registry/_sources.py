@@ -156,6 +156,8 @@ def _records_from_manifest(path: str, manifest: Manifest, source: str) -> list[P
             path=sys_path,
             requires_engine=requires,
             disabled_reason=None if entry.enabled else "enabled = false in its manifest",
+            config_model=entry.config,
+            api=entry.api,
         )
         for entry in manifest.plugin
     ]

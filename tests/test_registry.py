@@ -117,7 +117,7 @@ BAD_MANIFESTS = {
     "unknown_key": (
         'schema-version = 1\n[[plugin]]\ngroup = "general"\nname = "a"\nvalue = "m:f"\nenable = true\n',
         ["{p}: plugin[0].enable: unknown key; allowed keys here: "
-         "group, name, value, enabled, description"],
+         "group, name, value, enabled, description, config, api"],
     ),
     "unknown_top_key": (
         'schema-version = 1\nplugins = 1\n[[plugin]]\ngroup = "general"\nname = "a"\nvalue = "m"\n',

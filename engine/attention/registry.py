@@ -100,10 +100,22 @@ def register_backend(name: str, class_path: str | None = None) -> Any:
     if not name or not str(name).replace("_", "").isalnum():
         raise ValueError(f"attention backend name must be letters, digits and '_', not {name!r}")
     if class_path is not None:
+        _record_registration(name, class_path, class_path.partition(":")[0])
         return AttentionBackendEnum._add(name, class_path)
 
     def decorator(cls: type) -> type:
-        AttentionBackendEnum._add(name, f"{cls.__module__}.{cls.__qualname__}")
+        path = f"{cls.__module__}.{cls.__qualname__}"
+        _record_registration(name, path, cls.__module__)
+        AttentionBackendEnum._add(name, path)
         return cls
 
     return decorator
+
+
+def _record_registration(name: str, path: str, module: str) -> None:
+    """Tell the registry which plugin (or user code) points `name` at `path`."""
+    member = AttentionBackendEnum._members.get(name.upper())
+    if member is None or member._path != path:
+        import registry
+
+        registry.record_effect("attention_backend", name.upper(), module=module)

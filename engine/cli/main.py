@@ -6,7 +6,8 @@ and a ``run(args) -> int`` that it points ``func`` at. Modules are imported to
 build the parser, so they must not import torch at module level: heavy imports
 belong inside ``run``.
 
-Global options (``--plugin-dir``, ``--platform``, ``--strict-plugins``, ``-v``)
+Global options (``--plugin-dir``, ``--platform``, ``--strict-plugins``,
+``--plugin-config``, ``-v``)
 are accepted before or after the subcommand. They are applied by exporting the
 environment variables listed in docs/reference.md, so every process the engine starts
 (workers included) sees the same settings.
@@ -55,6 +56,15 @@ def _global_options(top_level: bool) -> argparse.ArgumentParser:
         **({"default": False} if top_level else suppress),
     )
     g.add_argument(
+        "--plugin-config",
+        dest="plugin_settings" + suffix,
+        action="append",
+        metavar="NAME.KEY=VALUE",
+        help="a plugin setting (repeatable; VALUE is JSON when it parses, else a string); "
+        "reaches every engine process",
+        **({"default": []} if top_level else suppress),
+    )
+    g.add_argument(
         "-v",
         "--verbose",
         dest="verbose" + suffix,
@@ -88,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _merge_global_options(args: argparse.Namespace) -> None:
     args.plugin_dirs = list(args.plugin_dirs) + list(getattr(args, "plugin_dirs_sub", []))
+    args.plugin_settings = list(args.plugin_settings) + list(getattr(args, "plugin_settings_sub", []))
     for name in ("platform", "strict_plugins", "verbose"):
         sub = getattr(args, name + "_sub", None)
         if sub:
@@ -105,6 +116,11 @@ def apply_global_options(args: argparse.Namespace) -> None:
         os.environ["ENGINE_PLATFORM"] = args.platform
     if args.strict_plugins:
         os.environ["ENGINE_STRICT_PLUGINS"] = "1"
+    if args.plugin_settings:
+        from registry._settings import add_plugin_config, parse_cli_setting
+
+        for setting in args.plugin_settings:
+            add_plugin_config(parse_cli_setting(setting))
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(
         level=level,
@@ -121,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    apply_global_options(args)
+    try:
+        apply_global_options(args)
+    except ValueError as exc:  # a malformed --plugin-config
+        parser.error(str(exc))
     from registry._errors import RegistryError
 
     try:

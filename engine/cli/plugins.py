@@ -42,10 +42,13 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
         help="also import every plugin value the manifests name",
     )
 
-    actions.add_parser(
+    p = actions.add_parser(
         "doctor", parents=parents,
-        help="validate and import everything, report conflicts and the platform choice",
+        help="validate and import everything, report conflicts, settings, effects and "
+        "the platform choice",
     )
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (keys: engine, problems, sections, effects)")
     actions.add_parser("schema", parents=parents, help="print the manifest JSON Schema")
 
     for action, verb in (("disable", "never load"), ("enable", "load again")):
@@ -106,7 +109,9 @@ def run_list(args: argparse.Namespace) -> int:
     discovery = current_discovery()
     records = [r for r in discovery.records if group is None or r.group == group]
     if args.json:
-        print(json.dumps([r.to_json() for r in records], indent=2))
+        from registry._listing import plugin_rows
+
+        print(json.dumps(plugin_rows(group), indent=2))
     elif not records:
         print("no plugins found")
     else:
@@ -307,21 +312,33 @@ def _check_shape(group: str, value: object) -> str | None:
 
 
 class _Report:
-    def __init__(self) -> None:
+    """Doctor's findings, printed as they come (or kept for --json)."""
+
+    def __init__(self, quiet: bool = False) -> None:
         self.problems = 0
+        self.quiet = quiet
+        self.sections: dict[str, list[dict[str, str]]] = {}
+        self.current: list[dict[str, str]] = []
 
     def section(self, title: str) -> None:
-        print(f"\n{title}")
+        self.current = self.sections.setdefault(title, [])
+        if not self.quiet:
+            print(f"\n{title}")
+
+    def _add(self, status: str, text: str) -> None:
+        self.current.append({"status": status, "text": text})
+        if not self.quiet:
+            print(f"  {status if status != 'info' else '-':<8} {text}")
 
     def ok(self, text: str) -> None:
-        print(f"  ok       {text}")
+        self._add("ok", text)
 
     def info(self, text: str) -> None:
-        print(f"  -        {text}")
+        self._add("info", text)
 
     def problem(self, text: str, label: str = "PROBLEM") -> None:
         self.problems += 1
-        print(f"  {label:<8} {text}")
+        self._add(label, text)
 
 
 def _doctor_discovery(report: _Report) -> list[Any]:
@@ -423,13 +440,94 @@ def run_doctor(args: argparse.Namespace) -> int:
 
     # the report below prints every registry problem itself; don't say it twice
     logging.getLogger("registry").setLevel(logging.CRITICAL)
-    print(f"engine {__version__} plugin doctor (python {sys.version.split()[0]})")
-    report = _Report()
+    as_json = getattr(args, "json", False)
+    if not as_json:
+        print(f"engine {__version__} plugin doctor (python {sys.version.split()[0]})")
+    report = _Report(quiet=as_json)
     records = _doctor_discovery(report)
     _doctor_imports(report, records)
+    _doctor_settings(report, records)
     _doctor_platform(report)
-    print(f"\n{report.problems} problem(s) found" if report.problems else "\nno problems found")
+    effects = _doctor_effects(report)
+    if as_json:
+        print(json.dumps({"engine": __version__, "problems": report.problems,
+                          "sections": report.sections, "effects": effects}, indent=2))
+    else:
+        print(f"\n{report.problems} problem(s) found" if report.problems
+              else "\nno problems found")
     return 1 if report.problems else 0
+
+
+def _doctor_settings(report: _Report, records: list[Any]) -> None:
+    """Validate the settings of every enabled plugin that declares a model (manifest
+    ``config`` or ``engine_config_model``) or was given values."""
+    from registry._settings import (
+        PluginConfigError,
+        model_of,
+        raw_plugin_config,
+        redacted,
+        validate_settings,
+    )
+
+    report.section("Settings")
+    try:
+        given = raw_plugin_config()
+    except PluginConfigError as exc:
+        for line in exc.problems:
+            report.problem(line)
+        given = {}
+    known = {r.name for r in records}
+    for name in sorted(set(given) - known):
+        report.problem(f"plugin {name} config: (settings): no plugin named {name!r} is discovered")
+    checked = 0
+    for r in records:
+        if not r.enabled:
+            continue
+        try:
+            model = model_of(r)
+        except Exception as exc:
+            if r.config_model or r.name in given:
+                report.problem(f"plugin {r.name} config: (settings): cannot load its settings "
+                               f"model: {type(exc).__name__}: {exc}")
+            continue
+        if model is None:
+            if r.name in given:
+                report.problem(f"plugin {r.name} config: (settings): values were given, but "
+                               "the plugin declares no settings model")
+            continue
+        checked += 1
+        try:
+            settings = validate_settings(r.name, model, given.get(r.name, {}))
+        except PluginConfigError as exc:
+            for line in exc.problems:
+                report.problem(line)
+            continue
+        report.ok(f"{r.name}: {json.dumps(redacted(settings))}")
+    if not checked and not given:
+        report.info("no plugin declares settings")
+
+
+def _doctor_effects(report: _Report) -> list[dict[str, Any]]:
+    """Run the general plugins (as an engine start does) and list every registration
+    made so far in this process, naming the plugin that made it."""
+    import registry
+
+    report.section("Effects")
+    try:
+        registry.load_general_plugins()
+    except Exception as exc:  # strict mode: the failure is the report
+        report.problem(f"general plugins: {exc}")
+    effects = registry.effects()
+    for effect in effects:
+        replaced = f" (replaces {effect['replaced']}'s)" if effect["replaced"] else ""
+        text = f"{effect['plugin']}: {effect['kind']} {effect['target']}{replaced}"
+        if effect["replaced"] and effect["replaced"] != effect["plugin"]:
+            report.problem(text, "WARNING")
+        else:
+            report.info(text)
+    if not effects:
+        report.info("no registrations recorded")
+    return effects
 
 
 # ---------------------------------------------------------------------------

@@ -115,6 +115,7 @@ class LLMEngine:
         from engine.tokenizer import load_tokenizer
 
         registry.load_general_plugins()
+        registry.check_plugin_configs()  # bad plugin settings fail the start, naming the field
         self.config = config
         model_config = config.model_config
         model_config.max_model_len = resolve_max_model_len(
@@ -286,6 +287,9 @@ class LLMEngine:
             )
         tokenized = self.tokenize_prompt(prompt)
         text, token_ids = tokenized.text, tokenized.token_ids
+        from engine.platforms import current_platform
+
+        current_platform.validate_request(token_ids, params)  # ValueError: refused, not queued
         max_model_len = self.config.model_config.max_model_len
         room = max(1, max_model_len - len(token_ids))
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)

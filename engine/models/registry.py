@@ -81,6 +81,11 @@ class _ModelRegistry:
                 f"not {model_cls!r}"
             )
         previous = self._models.get(arch)
+        if previous is None or previous != entry:
+            import registry
+
+            module = model_cls.partition(":")[0] if isinstance(model_cls, str) else model_cls.__module__
+            registry.record_effect("model", arch, module=module)
         if previous is not None and previous != entry:
             logger.info("model architecture %r: %s replaces %s", arch,
                         _describe(entry), _describe(previous))

@@ -139,6 +139,10 @@ class CustomOp(nn.Module):
 
         def decorator(op_cls: type[CustomOp]) -> type[CustomOp]:
             previous = CustomOp.op_registry_oot.get(target)
+            if previous is not op_cls:
+                import registry
+
+                registry.record_effect("custom_op", target, module=op_cls.__module__)
             if previous is not None and previous is not op_cls:
                 logger.info("custom op %r: replacement %s replaces %s", target,
                             op_cls.__qualname__, previous.__qualname__)

@@ -50,7 +50,8 @@ async def metrics(request: Request) -> Response:
 async def plugins() -> Response:
     import registry
 
-    return JSONResponse([record.to_json() for record in registry.discover()])
+    # the rows of `engine plugins list --json`, plus each plugin's effects here
+    return JSONResponse(registry.plugin_rows(with_effects=True))
 
 
 @router.get("/v1/models")
