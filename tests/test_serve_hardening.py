@@ -244,11 +244,20 @@ def test_gauges_return_to_zero_after_clients_disconnect(server):
 
 @pytest.fixture(scope="module")
 def offline(failing_model_dir, failing_plugin_dir):
+    from engine import ModelRegistry
     from engine.llm import LLM
 
-    llm = LLM(failing_model_dir, plugin_dirs=[failing_plugin_dir])
-    yield llm
-    llm.shutdown()
+    # general plugins run once per process (another test may have run them already),
+    # so register the architecture as a user's script would
+    sys.path.insert(0, str(failing_plugin_dir))
+    try:
+        ModelRegistry.register_model("FailingLlamaForCausalLM",
+                                     "failing_model:FailingLlamaForCausalLM")
+        llm = LLM(failing_model_dir)
+        yield llm
+        llm.shutdown()
+    finally:
+        sys.path.remove(str(failing_plugin_dir))
 
 
 def test_offline_bad_ids_and_seeds_raise_value_errors_naming_the_prompt(offline):

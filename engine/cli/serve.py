@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
+
+from engine.engine_args import EngineArgs
+
+if TYPE_CHECKING:
+    from engine.entrypoints.api_server import ServerSettings
 
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
@@ -16,8 +22,6 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
         description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, "
                     "/v1/embeddings, /v1/models, /pooling, /health, /metrics, /v1/plugins.",
     )
-    p.add_argument("--model", metavar="DIR", default=None,
-                   help="Hugging Face-format model folder (default: the embedded model)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -25,26 +29,14 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
                    help="require 'Authorization: Bearer KEY' (default: $ENGINE_API_KEY)")
     p.add_argument("--served-model-name", metavar="NAME", default=None,
                    help="the model name clients send (default: the --model value)")
-    p.add_argument("--io-processor-plugin", metavar="NAME", default=None,
-                   help="IO-processor plugin that serves POST /pooling")
     p.add_argument("--max-request-bytes", type=int, default=16 * 2**20,
                    metavar="N", help="larger request bodies get 413 (default: 16 MiB)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
                    help="on SIGTERM, seconds in-flight requests may take to finish before "
                         "they are aborted (default: 10)")
-    g = p.add_argument_group("engine options")
-    g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N")
-    g.add_argument("--attention-backend", default=None, metavar="NAME")
-    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-model-len", type=int, default=None, metavar="N")
-    g.add_argument("--max-num-seqs", type=int, default=256, metavar="N")
-    g.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N")
-    g.add_argument("--block-size", type=int, default=16, metavar="N")
-    g.add_argument("--kv-cache-memory", type=int, default=None, metavar="BYTES")
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--disable-log-stats", action="store_true",
+    p.add_argument("--disable-log-stats", action="store_true",
                    help="no stat loggers (and no engine metrics on /metrics)")
+    EngineArgs.add_cli_args(p.add_argument_group("engine options"))
     p.set_defaults(func=run)
 
 
@@ -53,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
         _load_plugins(args.io_processor_plugin)
+        # a missing or broken model or a bad setting fails now, before binding (after
+        # the plugins, which may add model architectures and load formats)
+        settings.engine_args.create_engine_config()
     except (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError) as exc:
         print(f"engine serve: error: {exc}", file=sys.stderr)
         return 1
@@ -61,35 +56,22 @@ def run(args: argparse.Namespace) -> int:
     return run_server(settings)
 
 
-def _settings(args: argparse.Namespace):  # -> ServerSettings
+def _settings(args: argparse.Namespace) -> ServerSettings:
     from engine.entrypoints.api_server import ServerSettings
-    from engine.llm import default_model_dir
-    from engine.model_loader import load_hf_config
 
-    model_dir = args.model if args.model is not None else str(default_model_dir())
-    load_hf_config(model_dir)  # a missing or broken folder fails now, before binding
+    api_key = _api_key(args.api_key)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+    engine_args = EngineArgs.from_cli_args(args, log_stats=not args.disable_log_stats)
+    model_dir = str(engine_args.model_dir())
     name = args.served_model_name or args.model or "default"
     aliases = tuple({model_dir, os.path.abspath(model_dir)} - {name})
-    api_key = _api_key(args.api_key)
     return ServerSettings(
         model_name=name, model_aliases=aliases, api_key=api_key,
-        max_request_bytes=args.max_request_bytes,
-        io_processor_plugin=args.io_processor_plugin, host=args.host, port=args.port,
-        shutdown_timeout=args.shutdown_timeout,
-        llm_kwargs=dict(
-            model=model_dir, tensor_parallel_size=args.tensor_parallel_size,
-            attention_backend=args.attention_backend, dtype=args.dtype, seed=args.seed,
-            max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-            kv_cache_memory=args.kv_cache_memory,
-            enable_prefix_caching=not args.no_prefix_caching,
-            io_processor_plugin=args.io_processor_plugin,
-            log_stats=not args.disable_log_stats,
-        ),
+        max_request_bytes=args.max_request_bytes, host=args.host, port=args.port,
+        shutdown_timeout=args.shutdown_timeout, engine_args=engine_args,
     )
 
 

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from engine.core.engine import RequestFailedError
+from engine.engine_args import EngineArgs
 from engine.entrypoints import serving
 from engine.entrypoints.async_engine import AsyncEngine, EngineUnavailableError
 from engine.entrypoints.errors import APIError, json_response, validation_error
@@ -44,11 +45,10 @@ class ServerSettings:
     model_aliases: tuple[str, ...] = ()  # other names accepted for it (the folder path)
     api_key: str | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    io_processor_plugin: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     shutdown_timeout: float = 10.0  # seconds in-flight requests get on SIGTERM
-    llm_kwargs: dict[str, Any] = field(default_factory=dict)
+    engine_args: EngineArgs = field(default_factory=EngineArgs)  # the engine to serve
 
 
 class ServerState:
@@ -87,28 +87,24 @@ class ServerState:
 
 
 def build_llm(settings: ServerSettings, state: ServerState) -> Callable[[], Any]:
-    """The engine factory run in the engine thread: the `LLM`, then the IO
-    processor the server was started with."""
+    """The engine factory run in the engine thread: the `LLM` (with the IO
+    processor the server was started with)."""
 
     def build() -> Any:
-        from engine.io_processors import get_io_processor
         from engine.llm import LLM
 
-        llm = LLM(**settings.llm_kwargs)
-        try:
-            state.token_texts = serving.TokenTexts(llm.get_tokenizer())
-            # the one --io-processor-plugin names, else the model's config.json's
-            state.io_processor = get_io_processor(llm.config, settings.io_processor_plugin)
-        except BaseException:
-            llm.shutdown()
-            raise
+        llm = LLM(**vars(settings.engine_args))
+        state.token_texts = serving.TokenTexts(llm.get_tokenizer())
+        # the one --io-processor-plugin names, else the model's config.json's
+        state.io_processor = llm.io_processor
         return llm
 
     return build
 
 
 def build_app(settings: ServerSettings) -> FastAPI:
-    """The FastAPI app over an `AsyncEngine` that builds ``LLM(**settings.llm_kwargs)``.
+    """The FastAPI app over an `AsyncEngine` that builds an `LLM` from
+    ``settings.engine_args``.
     The engine starts with the app (lifespan); routes answer 503 until it is ready."""
     state = ServerState(settings)
     state.engine = AsyncEngine(build_llm(settings, state))
@@ -196,9 +192,28 @@ class GracefulServer(uvicorn.Server):
             timer.cancel()
 
 
+def _bind_any_port(host: str) -> Any:
+    """A listening socket on `host` and a port the system chooses (``--port 0``)."""
+    import socket
+
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
 def run_server(settings: ServerSettings) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit code (0 after a clean
     shutdown, 1 when the engine failed to start or, later, lost a worker)."""
+    sockets = None
+    if settings.port == 0:
+        # bind now, so the "ready on" line names the port the system picked
+        sockets = [_bind_any_port(settings.host)]
+        settings.port = sockets[0].getsockname()[1]
     app = build_app(settings)
     state: ServerState = app.state.server
     # uvicorn's own limit is a backstop: by then the engine has aborted what was left
@@ -218,7 +233,7 @@ def run_server(settings: ServerSettings) -> int:
     # that a no-op, so a requested shutdown ends with exit code 0
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.run()
+        server.run(sockets=sockets)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
