@@ -290,6 +290,9 @@ class LLMEngine:
         from engine.platforms import current_platform
 
         current_platform.validate_request(token_ids, params)  # ValueError: refused, not queued
+        from engine.platforms import current_platform
+
+        current_platform.validate_request(token_ids, params)  # ValueError: refused, not queued
         max_model_len = self.config.model_config.max_model_len
         room = max(1, max_model_len - len(token_ids))
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from engine.config import EngineConfig
+    from engine.sampling_params import SamplingParams
 
 DEFAULT_ATTENTION_BACKEND = "TORCH_SDPA"
 ATTENTION_BACKEND_ENV = "ENGINE_ATTENTION_BACKEND"
@@ -199,6 +200,19 @@ class Platform:
         if config_dtype != "float32" and cls.supports_dtype(config_dtype):
             return config_dtype
         return cls.preferred_dtype()
+
+
+    # -- requests ---------------------------------------------------------
+
+    @classmethod
+    def validate_request(
+        cls, prompt_token_ids: list[int], sampling_params: SamplingParams
+    ) -> None:
+        """Refuse a generation request this device cannot serve: raise ValueError
+        with the reason. Called for every request before it is queued (a refused
+        request never reaches the scheduler; `LLM.generate` raises the ValueError,
+        the HTTP server answers 400 with its message). Accepts everything by
+        default."""
 
 
 def attention_backend_path(selected_backend: str | None) -> str:
