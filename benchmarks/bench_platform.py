@@ -66,16 +66,19 @@ def main() -> int:
         params_m = bg.build_model(folder, args.seed) / 1e6
         # built one after the other: each engine binds its platform's classes when built
         engines = {
-            "cpu": LLM(folder, platform="cpu", kv_cache_memory=kv, seed=args.seed),
-            "acme": LLM(folder, platform="acme", kv_cache_memory=kv, seed=args.seed),
+            "cpu": LLM(folder, platform="cpu", kv_cache_memory=kv, seed=args.seed,
+                       dtype="float32"),
+            "acme": LLM(folder, platform="acme", kv_cache_memory=kv, seed=args.seed,
+                       dtype="float32"),
         }
         platform = compare(engines, prompts, out_lens, args.rounds)
         for llm in engines.values():
             llm.shutdown()
         engines = {
-            "tp1": LLM(folder, platform="cpu", kv_cache_memory=kv, seed=args.seed),
+            "tp1": LLM(folder, platform="cpu", kv_cache_memory=kv, seed=args.seed,
+                       dtype="float32"),
             "tp2": LLM(folder, platform="cpu", kv_cache_memory=kv, seed=args.seed,
-                       tensor_parallel_size=2),
+                       dtype="float32", tensor_parallel_size=2),
         }
         tp = compare(engines, prompts, out_lens, args.rounds)
         for llm in engines.values():

@@ -82,7 +82,7 @@ def start_server(model: Path, port: int) -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--model", str(model),
-                             "--port", str(port)], env=env)
+                             "--port", str(port), "--dtype", "float32"], env=env)
     import httpx
 
     deadline = time.monotonic() + 300
@@ -196,7 +196,7 @@ def main() -> int:
         try:
             from engine.llm import LLM
 
-            llm = LLM(model)
+            llm = LLM(model, dtype="float32")
             asyncio.run(serve_round(url, prompts[:4], [8] * 4))  # warm-up
             offline_round(llm, prompts[:4], [8] * 4)
             load_before = os.getloadavg()[0]
