@@ -86,6 +86,9 @@ class _SamplingFields(_Body):
     include_stop_str_in_output: bool = False
     # per-request arguments for logits processors (SamplingParams.extra_args)
     extra_args: dict[str, Any] | None = None
+    # structured outputs (engine.entrypoints.structured)
+    response_format: Any = None
+    structured_outputs: Any = None
 
     @field_validator("stop", mode="before")
     @classmethod

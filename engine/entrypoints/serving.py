@@ -34,6 +34,7 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
                     logprobs: int | None) -> Any:
     """The `SamplingParams` of a completion or chat request (400 naming the field
     for a bad value)."""
+    from engine.entrypoints.structured import structured_outputs_from
     from engine.sampling_params import SamplingParams
 
     settings: dict[str, Any] = dict(
@@ -41,7 +42,7 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
         min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
         stop_token_ids=body.stop_token_ids, skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output,
-        extra_args=body.extra_args,
+        extra_args=body.extra_args, structured_outputs=structured_outputs_from(body),
     )
     optional = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                     min_p=body.min_p, repetition_penalty=body.repetition_penalty,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-ROUTE_MODULES = ("info", "completions", "chat", "embeddings", "pooling")
+ROUTE_MODULES = ("info", "completions", "chat", "embeddings", "pooling", "tokenize")
 
 
 def include_builtin_routes(app: FastAPI) -> None:

@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from engine.entrypoints import serving, streaming
 from engine.entrypoints.chat import ChatTemplateError, render_chat
+from engine.entrypoints.compat import refuse_unsupported
 from engine.entrypoints.errors import APIError
 from engine.entrypoints.generation import generate
 from engine.entrypoints.protocol import ChatCompletionRequest
@@ -23,6 +24,7 @@ router = APIRouter()
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state = request.app.state.server
     state.admit(body.model, "generate")
+    await refuse_unsupported(request, "chat")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None

@@ -8,6 +8,12 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from engine.entrypoints import serving, streaming
+from engine.entrypoints.compat import (
+    echo_chunks,
+    echo_response,
+    prompt_texts,
+    refuse_unsupported,
+)
 from engine.entrypoints.errors import APIError
 from engine.entrypoints.generation import generate
 from engine.entrypoints.protocol import CompletionRequest
@@ -19,18 +25,32 @@ router = APIRouter()
 async def completions(body: CompletionRequest, request: Request) -> Response:
     state = request.app.state.server
     state.admit(body.model, "generate")
-    for name, bad in (("echo", body.echo), ("suffix", body.suffix),
-                      ("best_of", body.best_of not in (None, body.n))):
+    await refuse_unsupported(request, "completions")
+    for name, bad in (("suffix", body.suffix),
+                      ("best_of", body.best_of not in (None, body.n)),
+                      ("echo", body.echo and body.logprobs is not None)):
         if bad:
-            raise APIError(400, f"{name} is not supported by this server", param=name)
+            what = "echo with logprobs" if name == "echo" else name
+            raise APIError(400, f"{what} is not supported by this server", param=name)
     params = serving.sampling_params(body, body.max_tokens, body.logprobs)
     name = state.settings.model_name
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    chunks = partial(streaming.completion_chunks, model=name, n=body.n,
+                     logprobs=body.logprobs, texts=state.token_texts,
+                     include_usage=include_usage)
+
+    def respond(finals: list) -> dict:
+        return serving.completion_response(finals, name, body.n, body.logprobs,
+                                           state.token_texts)
+
+    if body.echo:  # each text starts with its prompt
+        echoed = prompt_texts(body.prompt, state.engine.engine.tokenizer)
+        return await generate(
+            request, state.engine, body.prompt, params, field="prompt", stream=body.stream,
+            chunks=lambda streams: echo_chunks(chunks(streams), echoed, body.n),
+            respond=lambda finals: echo_response(respond(finals), echoed, body.n),
+        )
     return await generate(
         request, state.engine, body.prompt, params, field="prompt", stream=body.stream,
-        chunks=partial(streaming.completion_chunks, model=name, n=body.n,
-                       logprobs=body.logprobs, texts=state.token_texts,
-                       include_usage=include_usage),
-        respond=lambda finals: serving.completion_response(
-            finals, name, body.n, body.logprobs, state.token_texts),
+        chunks=chunks, respond=respond,
     )
