@@ -99,8 +99,8 @@ def gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor,
     """Keys and values of whole cache blocks `block_ids` [N] -> two tensors
     [N * block_size, Hkv, D], in order. One copy of ``block_size`` rows per index
     is cheaper than `gather_kv`'s one per slot. `out` ([2, >= N, block_size, Hkv,
-    D]) is reused when given: a fresh tensor of tens of MiB per layer costs page
-    faults, measured at a third of the gather."""
+    D]) is reused when given: a fresh tensor of tens of MiB per layer would cost
+    page faults on every step."""
     _, _, block_size, num_kv_heads, head_size = kv_cache.shape
     n = block_ids.numel()
     shape = (n * block_size, num_kv_heads, head_size)

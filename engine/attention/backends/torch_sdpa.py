@@ -34,9 +34,9 @@ from engine.attention.metadata import AttentionMetadata
 
 # The fixed cost of one decode bucket (two gathers, the SDPA call, the scatter back),
 # as bytes of K/V it would pay for: a bucket is worth cutting off when it saves more
-# padding than this. On the benchmark's 64-sequence step (docs/benchmarks.md, one
-# core) decode attention took the same time for any value from 32 KiB to 1 MiB (21
-# to 5 buckets, ~4x less than one padded batch); 512 KiB keeps the buckets few.
+# padding than this. On bench_generate's decode steps (docs/benchmarks.md) decode
+# attention took the same time for any value from 32 KiB to 1 MiB; the top of that
+# range keeps the buckets few.
 BUCKET_COST_BYTES = 512 * 1024
 
 
