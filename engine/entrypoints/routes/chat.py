@@ -56,8 +56,8 @@ def chat_prompt(llm_engine: Any, body: ChatCompletionRequest) -> Any:
             item["name"] = message.name
         messages.append(item)
     tokenizer = llm_engine.tokenizer
-    special = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
-               "pad_token": tokenizer.pad_token, "unk_token": tokenizer.unk_token}
+    # the same special tokens `Tokenizer.apply_chat_template` (LLM.chat) shows a template
+    special = tokenizer.special_tokens_map
     extra = {k: v for k, v in (body.chat_template_kwargs or {}).items()
              if k not in ("messages", "add_generation_prompt", *special)}
     try:
