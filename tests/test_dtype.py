@@ -89,3 +89,27 @@ def test_bfloat16_greedy_agrees_with_transformers_in_bfloat16():
         agree += sum(a == b for a, b in zip(logits.argmax(-1).tolist(), ours, strict=True))
         total += len(ours)
     assert agree / total >= BF16_AGREEMENT, f"{agree}/{total} positions agree"
+
+
+def test_prepacked_bf16_linear_layers_compute_what_f_linear_computes():
+    from engine.ops import MergedColumnParallelLinear, ParallelLMHead, RowParallelLinear
+    from engine.ops.linear import onednn_packing_supported, pack_linear_weights
+
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        layers = torch.nn.ModuleList([MergedColumnParallelLinear(64, [96, 96], bias=True),
+                                      RowParallelLinear(96, 64, bias=False),
+                                      ParallelLMHead(128, 64)]).to(torch.bfloat16)
+    for layer in layers:
+        torch.nn.init.normal_(layer.weight)
+        if getattr(layer, "bias", None) is not None:
+            torch.nn.init.normal_(layer.bias)
+    if not onednn_packing_supported(layers[0].weight):
+        pytest.skip("this torch has no oneDNN bf16 matmul")
+    x = {64: torch.randn(5, 64, dtype=torch.bfloat16), 96: torch.randn(5, 96, dtype=torch.bfloat16)}
+    plain = [layers[0](x[64]), layers[1](x[96]), layers[2].compute_logits(x[64])]
+    assert pack_linear_weights(layers) == 3
+    assert all(layer.packed_weight is not None for layer in layers)
+    packed = [layers[0](x[64]), layers[1](x[96]), layers[2].compute_logits(x[64])]
+    for a, b in zip(plain, packed, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)

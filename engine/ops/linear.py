@@ -42,6 +42,40 @@ def copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
     param.data.copy_(loaded)
 
 
+def onednn_packing_supported(weight: torch.Tensor) -> bool:
+    """Whether `weight` can be prepacked for oneDNN's bf16 matmul: a CPU bfloat16
+    tensor on a torch built with oneDNN (mkldnn) bf16 support."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+            and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` [out, in] reordered once into oneDNN's blocked layout: eager
+    ``F.linear`` in bf16 repacks the weight on every call, which made a one-row
+    bf16 matmul slower than float32 (docs/benchmarks.md, "vs vLLM")."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """``x W^T + b`` with W prepacked by `pack_weight`; same result as F.linear."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def pack_linear_weights(model: nn.Module) -> int:
+    """Prepack, for oneDNN, the weight of every linear layer and LM head of `model`
+    that `onednn_packing_supported` accepts (the float weights stay, for anything
+    that reads them). Called once after the weights are loaded, on the CPU.
+    Returns the number of layers packed."""
+    packed = 0
+    for module in model.modules():
+        if hasattr(module, "packed_weight") and onednn_packing_supported(module.weight):
+            module.packed_weight = pack_weight(module.weight)
+            packed += 1
+    return packed
+
+
 def _new_param(*shape: int, loader) -> nn.Parameter:
     # torch.empty: the checkpoint overwrites it, so random init would be wasted time
     param = nn.Parameter(torch.empty(*shape), requires_grad=False)
@@ -74,6 +108,7 @@ class ColumnParallelLinear(nn.Module):
                                  loader=self.weight_loader)
         self.bias = _new_param(self.output_size_per_partition, loader=self.weight_loader) \
             if bias else None
+        self.packed_weight: torch.Tensor | None = None  # see pack_linear_weights
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         size = param.shape[0]
@@ -81,7 +116,10 @@ class ColumnParallelLinear(nn.Module):
         copy_checked(param, loaded.narrow(0, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        if self.packed_weight is not None:
+            out = packed_linear(x, self.packed_weight, self.bias)
+        else:
+            out = F.linear(x, self.weight, self.bias)
         if self.gather_output and self.tp_size > 1:
             from engine.distributed.parallel_state import tensor_model_parallel_all_gather
 
@@ -189,6 +227,7 @@ class RowParallelLinear(nn.Module):
         self.weight = _new_param(output_size, self.input_size_per_partition,
                                  loader=self.weight_loader)
         self.bias = _new_param(output_size, loader=self.weight_loader) if bias else None
+        self.packed_weight: torch.Tensor | None = None  # see pack_linear_weights
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         if param.dim() == 2:  # the weight; a bias is replicated
@@ -198,11 +237,14 @@ class RowParallelLinear(nn.Module):
         copy_checked(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.packed_weight
         if self.tp_size == 1:
+            if packed is not None:
+                return packed_linear(x, packed, self.bias)
             return F.linear(x, self.weight, self.bias)
         from engine.distributed.parallel_state import tensor_model_parallel_all_reduce
 
-        out = F.linear(x, self.weight)
+        out = F.linear(x, self.weight) if packed is None else packed_linear(x, packed, None)
         if self.reduce_results:
             out = tensor_model_parallel_all_reduce(out)
         return out if self.bias is None else out + self.bias

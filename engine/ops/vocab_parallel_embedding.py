@@ -6,7 +6,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.ops.linear import _expect_dim, _new_param, copy_checked, tp_world_size_and_rank
+from engine.ops.linear import (
+    _expect_dim,
+    _new_param,
+    copy_checked,
+    packed_linear,
+    tp_world_size_and_rank,
+)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -57,6 +63,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(num_embeddings, embedding_dim, prefix)
         self.bias = _new_param(self.num_embeddings_per_partition,
                                loader=self.weight_loader) if bias else None
+        self.packed_weight: torch.Tensor | None = None  # see linear.pack_linear_weights
 
     def tie_weights(self, embedding: VocabParallelEmbedding) -> None:
         """Use `embedding`'s weight as this head's weight."""
@@ -64,7 +71,10 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[n, H] hidden states -> [n, vocab] logits (gathered from every rank)."""
-        logits = F.linear(hidden_states, self.weight, self.bias)
+        if self.packed_weight is not None:
+            logits = packed_linear(hidden_states, self.packed_weight, self.bias)
+        else:
+            logits = F.linear(hidden_states, self.weight, self.bias)
         if self.tp_size > 1:
             from engine.distributed.parallel_state import tensor_model_parallel_all_gather
 

@@ -35,6 +35,12 @@ class ModelRunner:
         from engine.model_loader import load_model
 
         self.model = load_model(self.config)
+        from engine.platforms import current_platform
+
+        if current_platform.is_cpu():
+            from engine.ops.linear import pack_linear_weights
+
+            pack_linear_weights(self.model)
         if self.is_generative:
             from engine.sample import Sampler
             from engine.sample._logits_processor import build_logits_processors

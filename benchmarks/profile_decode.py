@@ -1,0 +1,76 @@
+"""Where a decode step's time goes: the engine under torch's profiler.
+
+    python benchmarks/profile_decode.py                       # bf16, one sequence
+    python benchmarks/profile_decode.py --dtype float32 --batch 32 --context 256
+
+Builds (once, cached in --model-dir) the random-weight Llama of SmolLM-135M's shape
+that `bench_vs_vllm.py` uses, starts `--batch` requests with `--context`-token
+prompts, lets them decode a few tokens to warm up, then profiles `--steps` engine
+steps (one new token per sequence each) and prints the operators by self CPU time
+and the per-step wall time. Python-side cost shows as the gap between the step's
+wall time and the operators' total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--model-dir", type=Path, default=Path("/tmp/engine-smol-135m"))
+    ap.add_argument("--rows", type=int, default=25)
+    args = ap.parse_args()
+
+    import bench_generate
+    import torch
+    from bench_vs_vllm import SMOL
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (args.model_dir / "config.json").exists():
+        args.model_dir.mkdir(parents=True, exist_ok=True)
+        bench_generate.build_model(args.model_dir, 0, SMOL)
+    from engine import LLM, SamplingParams
+
+    llm = LLM(args.model_dir, dtype=args.dtype, kv_cache_memory=1 << 30)
+    engine = llm.llm_engine
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, SMOL["vocab_size"]) for _ in range(args.context)]
+               for _ in range(args.batch)]
+    params = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
+    for p in prompts:
+        engine.add_request(p, params)
+    for _ in range(5):  # prefill, then a few decode steps
+        engine.step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    plain = (time.perf_counter() - start) / args.steps
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        profiled = (time.perf_counter() - start) / args.steps
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    print(f"{args.dtype}, batch {args.batch}, context {args.context}, threads "
+          f"{torch.get_num_threads()}: {plain * 1000:.2f} ms/step "
+          f"({profiled * 1000:.2f} ms under the profiler)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
