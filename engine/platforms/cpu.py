@@ -37,7 +37,6 @@ class CpuPlatform(Platform):
     _enum = PlatformEnum.CPU
     device_name = "cpu"
     device_type = "cpu"
-    dispatch_key = "CPU"
     supported_dtypes = ("float32", "bfloat16", "float16")
 
     @classmethod

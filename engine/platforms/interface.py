@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import enum
 import os
-import random
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from engine.attention.layer import AttentionSelectorConfig
     from engine.config import EngineConfig
     from engine.sampling_params import SamplingParams
 
@@ -46,11 +46,8 @@ class Platform:
     device_name: str = "unspecified"
     # torch device string ("cpu", "cuda", or a PrivateUse1 name such as "npu")
     device_type: str = "cpu"
-    # torch dispatch key custom ops are registered under ("CPU", "CUDA", "PrivateUse1")
-    dispatch_key: str = "CPU"
-    # torch.compile backend for small helper graphs
-    simple_compile_backend: str = "inductor"
-    # dtypes the device computes in; the first one is the default for dtype="auto"
+    # dtypes the device computes in: `check_and_update_config` refuses any other
+    # explicit `dtype`, naming these
     supported_dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
     # -- identity ---------------------------------------------------------
@@ -79,11 +76,18 @@ class Platform:
         """Adjust the engine config for this platform; runs early, in the process
         that builds the engine, before workers start.
 
-        The base implementation sets the device, the distributed backend (when the
-        user chose none) and, when `worker_cls` is "auto", the default
-        `engine.worker.Worker`. Subclasses usually call `super()` and then set
-        their own worker class.
+        The base implementation refuses an explicit `dtype` outside
+        `supported_dtypes` (ValueError naming the platform and the valid choices),
+        sets the device, the distributed backend (when the user chose none) and,
+        when `worker_cls` is "auto", the default `engine.worker.Worker`.
+        Subclasses usually call `super()` and then set their own worker class.
         """
+        dtype = config.model_config.dtype
+        if dtype != "auto" and not cls.supports_dtype(dtype):
+            raise ValueError(
+                f"dtype {dtype!r} is not supported on platform {cls.device_name!r} "
+                f"({cls.__qualname__}). Valid options are: auto, {', '.join(cls.supported_dtypes)}"
+            )
         config.device_config.device = cls.device_type
         parallel = config.parallel_config
         if parallel.distributed_backend is None:
@@ -92,7 +96,8 @@ class Platform:
             parallel.worker_cls = DEFAULT_WORKER_CLS
 
     @classmethod
-    def get_attn_backend_cls(cls, selected_backend: str | None, attn_selector_config: Any) -> str:
+    def get_attn_backend_cls(cls, selected_backend: str | None,
+                             attn_selector_config: AttentionSelectorConfig) -> str:
         """Qualified class name of the attention backend to use.
 
         `selected_backend` is the user's choice (`LLM(attention_backend=...)`,
@@ -116,8 +121,8 @@ class Platform:
 
     @classmethod
     def import_kernels(cls) -> None:
-        """Import the platform's compiled ops. Called once in every engine process
-        (through `current_platform`) before the model loads."""
+        """Import the platform's compiled ops. Called once in every process that
+        builds a worker (whatever its class), before the worker is constructed."""
 
     # -- device -----------------------------------------------------------
 
@@ -146,41 +151,11 @@ class Platform:
         """(free, total) memory of the device in bytes."""
         raise NotImplementedError(f"{cls.__name__}.mem_get_info is not implemented")
 
-    @classmethod
-    def synchronize(cls) -> None:
-        """Wait for queued device work (no-op for synchronous devices)."""
-
-    @classmethod
-    def empty_cache(cls) -> None:
-        """Return cached device memory to the device (no-op by default)."""
-
-    @classmethod
-    def is_pin_memory_available(cls) -> bool:
-        return False
-
-    # -- execution --------------------------------------------------------
-
-    @classmethod
-    def seed_everything(cls, seed: int | None = None) -> None:
-        """Seed Python, numpy and torch (and the device generators)."""
-        if seed is None:
-            return
-        import numpy as np
-        import torch
-
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-
-    @classmethod
-    def inference_mode(cls):
-        """A context manager/decorator the model runs under."""
-        import torch
-
-        return torch.inference_mode()
+    # -- dtypes -----------------------------------------------------------
 
     @classmethod
     def supports_dtype(cls, dtype: str) -> bool:
+        """Whether the device computes in `dtype` (a torch dtype name, "float16")."""
         return dtype in cls.supported_dtypes
 
     @classmethod
