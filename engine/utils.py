@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import random
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from registry._qualname import resolve_qualname
 
@@ -28,3 +35,75 @@ def set_random_seed(seed: int) -> None:
 # the project's one qualified-name resolver (torch-free, shared with the plugin
 # registry): "pkg.mod.Cls", "pkg.mod.Outer.Inner" and "pkg.mod:Outer.Inner" all work
 resolve_obj_by_qualname = resolve_qualname
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_deprecation_logger = logging.getLogger("engine.deprecation")
+
+
+def _calling_plugin(depth: int) -> str | None:
+    """The plugin whose code made the call `depth` frames up: the running plugin
+    when the registry is calling one, else the plugin loaded from the caller's
+    package; None for user code."""
+    import registry
+    from registry._running import plugin_of_module
+
+    running = registry.current_plugin()
+    if running is not None:
+        return running.name
+    try:
+        module = sys._getframe(depth + 1).f_globals.get("__name__")
+    except ValueError:  # not that many frames
+        return None
+    owner = plugin_of_module(module)
+    return owner.name if owner is not None else None
+
+
+def deprecated(*, since: str, instead: str | None = None) -> Callable[[_F], _F]:
+    """Mark a public function or class as deprecated since engine version `since`
+    (`instead`: what to use now).
+
+    Each call (for a class: each instantiation) logs one WARNING per calling plugin
+    (or once for user code), naming the deprecated name, the version, the
+    replacement and the caller; a ``DeprecationWarning`` is issued on every call.
+    How long a deprecated name lives is in docs/compatibility.md.
+    """
+
+    def decorate(obj: _F) -> _F:
+        name = f"{obj.__module__}.{obj.__qualname__}"
+        advice = f"; use {instead} instead" if instead else ""
+        warned: set[str | None] = set()
+        lock = threading.Lock()
+
+        def warn() -> None:
+            caller = _calling_plugin(2)  # frames: warn <- wrapper <- the caller
+            message = (f"{name} is deprecated since engine {since}{advice} (called by "
+                       f"{'plugin ' + repr(caller) if caller else 'user code'})")
+            warnings.warn(message, DeprecationWarning, stacklevel=3)
+            with lock:
+                if caller in warned:
+                    return
+                warned.add(caller)
+            _deprecation_logger.warning("%s", message)
+
+        if isinstance(obj, type):
+            original_init = obj.__init__
+
+            @functools.wraps(original_init)
+            def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+                warn()
+                original_init(self, *args, **kwargs)
+
+            obj.__init__ = __init__  # type: ignore[misc]
+            obj.__deprecated__ = f"deprecated since engine {since}{advice}"  # type: ignore[attr-defined]
+            return obj
+
+        @functools.wraps(obj)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            warn()
+            return obj(*args, **kwargs)
+
+        wrapper.__deprecated__ = f"deprecated since engine {since}{advice}"  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

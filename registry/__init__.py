@@ -29,13 +29,14 @@ from typing import TYPE_CHECKING, Any
 from registry._env import add_plugin_dirs, plugin_dirs, strict_mode
 from registry._errors import ManifestError, PluginLoadError, RegistryError
 from registry._groups import (
+    API_ROUTE_PLUGINS,
+    API_VERSIONS,
     GENERAL_PLUGINS,
     GROUP_ALIASES,
     GROUPS,
     IO_PROCESSOR_PLUGINS,
-    PLATFORM_PLUGINS,
-    API_ROUTE_PLUGINS,
     LOGITS_PROCESSOR_PLUGINS,
+    PLATFORM_PLUGINS,
     STAT_LOGGER_PLUGINS,
     resolve_group,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "API_ROUTE_PLUGINS",
     "GROUPS",
     "GROUP_ALIASES",
+    "API_VERSIONS",
     "resolve_group",
     "PluginRecord",
     "LoadEvent",

@@ -12,7 +12,7 @@ from time import perf_counter
 
 from registry._env import PluginFilter, autoload, config_dir, plugin_dirs, plugin_filter, strict_mode
 from registry._errors import PluginLoadError
-from registry._groups import resolve_group
+from registry._groups import api_problem, resolve_group
 from registry._records import SOURCE_RANK, PluginRecord, record_discovery, record_event
 from registry._sources import Problem, Scan, plugin_manager
 from registry._state import read_disabled, state_path, state_stamp
@@ -88,6 +88,10 @@ def _decide(found: list[PluginRecord], scan: Scan) -> list[tuple[PluginRecord, s
             record = replace(record, enabled=False, disabled_by=verdict[0],
                              disabled_reason=verdict[1])
             outcome = "filtered"
+        elif (api := api_problem(record.group, record.api, record.describe())) and api[0]:
+            record = replace(record, enabled=False, disabled_reason=api[1], disabled_by="api")
+            scan.problems.append(Problem(logging.WARNING, f"skipping: {api[1]}", "", record))
+            outcome = "incompatible"
         elif record.requires_engine and not admits(record.requires_engine):
             reason = f"requires engine {record.requires_engine}, this is engine {__version__}"
             record = replace(record, enabled=False, disabled_reason=reason,
@@ -96,6 +100,8 @@ def _decide(found: list[PluginRecord], scan: Scan) -> list[tuple[PluginRecord, s
                 Problem(logging.WARNING, f"skipping {record.describe()}: {reason}", "", record)
             )
             outcome = "incompatible"
+        if api and not api[0] and record.enabled:  # older, still supported: loads, warned
+            scan.problems.append(Problem(logging.WARNING, api[1], "", record))
         decided.append((record, outcome))
     decided = _apply_precedence(decided, scan)
     if flt.allow:

@@ -19,6 +19,14 @@ GROUP_ALIASES: dict[str, str] = {
     "api_route": API_ROUTE_PLUGINS,
 }
 GROUPS: tuple[str, ...] = tuple(GROUP_ALIASES.values())
+
+# The interface version of each group (what a plugin of that group is called with
+# and must return); a plugin states the one it was written for with `api = N` in
+# its manifest or `engine_api = N` on its loaded object. A version is bumped on an
+# incompatible change; the previous one stays supported (loaded with a
+# deprecation WARNING) for at least one minor release (docs/compatibility.md).
+API_VERSIONS: dict[str, int] = {alias: 1 for alias in GROUP_ALIASES}
+OLDEST_API_VERSIONS: dict[str, int] = {alias: 1 for alias in GROUP_ALIASES}
 _ALIAS_OF = {full: alias for alias, full in GROUP_ALIASES.items()}
 # every accepted spelling -> full name
 FULL_GROUP_NAME: dict[str, str] = {**GROUP_ALIASES, **{full: full for full in GROUPS}}
@@ -48,3 +56,32 @@ def resolve_group(name_or_alias: str) -> str:
 def group_alias(group: str) -> str:
     """The short alias of a full group name (``engine.platform_plugins`` -> ``platform``)."""
     return _ALIAS_OF.get(group, group)
+
+
+def api_problem(group: str, declared: object, who: str) -> tuple[bool, str] | None:
+    """Check a plugin's declared interface version against its group's.
+
+    Returns None when it is the current one (or none was declared), ``(True,
+    message)`` when the plugin must be refused (newer than this engine, older than
+    the oldest it supports, or not an integer), ``(False, message)`` for an older
+    supported version (load it, with a deprecation WARNING). `who` names the plugin.
+    """
+    if declared is None:
+        return None
+    alias = group_alias(group)
+    current, oldest = API_VERSIONS[alias], OLDEST_API_VERSIONS[alias]
+    if isinstance(declared, bool) or not isinstance(declared, int):
+        return True, f"{who} states api version {declared!r}; expected an integer"
+    if declared == current:
+        return None
+    span = f"{oldest}" if oldest == current else f"{oldest} to {current}"
+    if declared > current:
+        return True, (f"{who} is written for {alias} interface version {declared}, newer than "
+                      f"this engine's {current} (it supports {span}); upgrade the engine or "
+                      "use an older release of the plugin")
+    if declared < oldest:
+        return True, (f"{who} is written for {alias} interface version {declared}, older than "
+                      f"this engine supports ({span}); upgrade the plugin")
+    return False, (f"{who} is written for {alias} interface version {declared}; this engine's "
+                   f"is {current} and version {declared} is deprecated: upgrade the plugin "
+                   "before support for it is removed")

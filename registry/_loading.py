@@ -13,7 +13,7 @@ from typing import Any
 from registry._discovery import discover
 from registry._env import strict_mode
 from registry._errors import PluginLoadError
-from registry._groups import GENERAL_PLUGINS, resolve_group
+from registry._groups import GENERAL_PLUGINS, api_problem, resolve_group
 from registry._records import PluginRecord, record_event
 from registry._qualname import resolve_qualname  # noqa: F401  (public via registry)
 from registry._running import call_as, note_loaded, process_ending_name
@@ -68,6 +68,15 @@ def import_plugin(record: PluginRecord) -> Any:
         raise PluginLoadError(
             f"{record.describe()}: its value {record.value!r} is {ending}, which would end "
             "the engine's process; refusing to load it", record)
+    declared = getattr(value, "engine_api", None)
+    if record.api is None and declared is not None:
+        api = api_problem(record.group, declared, record.describe())
+        if api is not None:
+            if api[0]:
+                raise PluginLoadError(api[1], record)
+            if strict_mode():
+                raise PluginLoadError(api[1], record)
+            logger.warning("%s", api[1])
     return value
 
 
