@@ -2,6 +2,14 @@
 
     python benchmarks/bench_structured.py             # 5 alternating rounds
     python benchmarks/bench_structured.py --rounds 3 --max-tokens 64
+    python benchmarks/bench_structured.py --libraries   # llguidance vs outlines-core setup
+
+`--libraries` times what each grammar library needs before the first constrained
+token, on the default model's tokenizer and this file's schema: llguidance's
+tokenizer view plus one grammar compile and matcher, and (when `outlines_core` is
+importable, e.g. ``pip install --target DIR outlines-core`` and PYTHONPATH=DIR)
+outlines-core's regex-from-schema plus its token index. It also times
+llguidance's mask for each token of a 128-token valid output.
 
 The embedded default model (vocab 4096), float32. Each round runs, for batch
 sizes 1 and 16, the same prompts unconstrained (ignore_eos, exactly
@@ -58,12 +66,93 @@ def _run(llm, batch: int, max_tokens: int, constrained: bool, round_no: int) -> 
     return wall, sum(len(o.outputs[0].token_ids) for o in outs)
 
 
+def _byte_vocabulary(model: str) -> dict[bytes, list[int]]:
+    """token bytes -> ids of a byte-level BPE tokenizer.json (special tokens left out)."""
+    from tokenizers import Tokenizer
+
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    tok = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))
+    special = {t.content for t in tok.get_added_tokens_decoder().values()}
+    vocab: dict[bytes, list[int]] = {}
+    for text, token_id in tok.get_vocab().items():
+        if text not in special and all(c in chars for c in text):
+            vocab.setdefault(bytes(chars[c] for c in text), []).append(token_id)
+    return vocab
+
+
+def libraries(model: str, vocab_size: int, eos: int) -> None:
+    """Setup cost of llguidance and outlines-core for SCHEMA, and llguidance's
+    per-token mask time."""
+    import llguidance
+    import torch
+
+    from engine.sampling_params import StructuredOutputsParams
+    from engine.structured_outputs import compile_grammar
+    from engine.structured_processor import _ll_tokenizer
+
+    start = time.perf_counter()
+    ll_tok = _ll_tokenizer(model, vocab_size)
+    view = time.perf_counter() - start
+    start = time.perf_counter()
+    matcher = llguidance.LLMatcher(ll_tok, compile_grammar(StructuredOutputsParams(json=SCHEMA)))
+    compiled = time.perf_counter() - start
+    print(f"llguidance {llguidance.__version__}: tokenizer view {view * 1e3:.0f} ms, "
+          f"grammar + matcher {compiled * 1e3:.1f} ms")
+    words = (ll_tok.vocab_size + 31) // 32
+    mask = torch.empty(words, dtype=torch.int32)
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(128):
+        start = time.perf_counter()
+        matcher.unsafe_compute_mask_ptr(mask.data_ptr(), words * 4)
+        times.append(time.perf_counter() - start)
+        bits = [(int(mask[w]) >> j) & 1 for w in range(words) for j in range(32)]
+        allowed = [i for i, b in enumerate(bits[:vocab_size]) if b and i != eos]
+        if not allowed:
+            break
+        pick = allowed[int(torch.randint(len(allowed), (1,), generator=generator))]
+        matcher.consume_token(pick)
+    print(f"llguidance mask: median {statistics.median(times) * 1e6:.0f} us/token, "
+          f"max {max(times) * 1e6:.0f} us over {len(times)} tokens")
+    try:
+        from outlines_core import Index, Vocabulary
+        from outlines_core.json_schema import build_regex_from_schema
+    except ImportError:
+        print("outlines-core: not importable (install it with --target and add it to "
+              "PYTHONPATH to compare)")
+        return
+    import json
+
+    vocabulary = Vocabulary(eos, _byte_vocabulary(model))
+    start = time.perf_counter()
+    Index(build_regex_from_schema(json.dumps(SCHEMA)), vocabulary)
+    print(f"outlines-core: regex + index {(time.perf_counter() - start) * 1e3:.0f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--libraries", action="store_true",
+                        help="only compare the grammar libraries' setup and mask costs")
     args = parser.parse_args()
+    if args.libraries:
+        from engine.engine_args import default_model_dir
+        from engine.tokenizer import load_tokenizer
+
+        model = str(default_model_dir())
+        tokenizer = load_tokenizer(model)
+        libraries(model, tokenizer.vocab_size, tokenizer.eos_token_id)
+        return
 
     import torch
 
