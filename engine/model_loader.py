@@ -1,11 +1,22 @@
-"""Build a model from a Hugging Face-format folder and load its weights.
+"""Build a model and load its weights, through a pluggable load format.
 
-``load_model(config)``: ``config.json``'s ``architectures`` pick the class through
-`ModelRegistry`; the class is built under the engine config (so its layers see the
-attention backend and custom-op choices), on the platform's device and dtype, then
-filled from ``*.safetensors`` (single or sharded with
-``model.safetensors.index.json``), memory-mapped. Every failure names the file and,
-where there is one, the tensor.
+``load_model(config)``: the model's config (``config.json``, or a GGUF file's
+metadata) names the architecture, whose class comes from `ModelRegistry`; the
+class is built under the engine config (so its layers see the attention backend
+and custom-op choices), on the platform's device and dtype, then filled from the
+weights of ``config.model_config.load_format``:
+
+- ``"safetensors"``: ``*.safetensors`` (single or sharded with
+  ``model.safetensors.index.json``), memory-mapped;
+- ``"pt"``: torch files (``*.bin``, ``*.pt``, ``*.pth``, or a
+  ``pytorch_model.bin.index.json``), loaded with ``weights_only=True``;
+- ``"gguf"``: a ``.gguf`` file, or a folder holding exactly one: config,
+  tokenizer and dequantized weights all come from it (`engine.gguf`);
+- ``"auto"`` (default): the first of those that the path holds;
+- any format added with `register_model_loader(format, cls_or_"module:Class")`,
+  a `ModelLoader` subclass.
+
+Every failure names the file and, where there is one, the tensor.
 """
 
 from __future__ import annotations
@@ -13,7 +24,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +45,21 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.b
            "float16": torch.float16, "half": torch.float16}
 
 
-def load_hf_config(model_dir: str | Path) -> dict[str, Any]:
-    """The parsed ``config.json`` of `model_dir`. Raises FileNotFoundError when the
-    folder or file is missing, ValueError naming the file when it is not a JSON
-    object."""
+def load_hf_config(model: str | Path, load_format: str = "auto") -> dict[str, Any]:
+    """The model's config as a ``config.json`` dict: the folder's ``config.json``,
+    or the metadata of a GGUF model (see `get_model_loader`). Raises
+    FileNotFoundError when the path or its config is missing, ValueError naming
+    the file when it cannot be read, or for an unknown `load_format`."""
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"model {str(model)!r} does not exist")
+    return get_model_loader(load_format, path).load_config(path)
+
+
+def read_config_json(model_dir: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of the folder `model_dir`. Raises
+    FileNotFoundError when the folder or file is missing, ValueError naming the
+    file when it is not a JSON object."""
     path = Path(model_dir) / CONFIG_FILE
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"model folder {str(model_dir)!r} does not exist")
@@ -133,34 +156,229 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def load_model(config: EngineConfig) -> nn.Module:
-    """Build and load the model of ``config.model_config.model`` (fills in
-    ``model_config.hf_config`` when empty). Returns it in eval mode on
-    ``config.device_config.device``.
+# ---------------------------------------------------------------------- formats
 
-    Raises FileNotFoundError for a missing folder / config.json / weights file;
-    ValueError for an unknown architecture (``... are not supported ...``), an
-    unreadable file, a missing or unexpected tensor, or a shape mismatch."""
+
+class ModelLoader:
+    """A load format: where a model's config and weights come from.
+
+    Subclass it and register it with `register_model_loader(format, cls)`. The
+    engine builds it with no arguments and calls `load_config(path)` (in the
+    process that builds the engine) and `iter_weights(path, hf_config)` (in each
+    worker); `can_load(path)` lets ``load_format="auto"`` pick it.
+    """
+
+    def can_load(self, path: Path) -> bool:
+        """True when `path` holds a model in this format; False by default (the
+        format is then only used when named)."""
+        return False
+
+    def load_config(self, path: Path) -> dict[str, Any]:
+        """The model's ``config.json`` dict; by default the folder's ``config.json``."""
+        return read_config_json(path)
+
+    def iter_weights(self, path: Path, hf_config: dict[str, Any]) -> Iterable[tuple[str, torch.Tensor]]:
+        """``(Hugging Face tensor name, tensor)`` for every weight of the model."""
+        raise NotImplementedError(f"{type(self).__qualname__}.iter_weights")
+
+
+class SafetensorsLoader(ModelLoader):
+    """``*.safetensors`` files, memory-mapped (sharded with an index or not)."""
+
+    def can_load(self, path: Path) -> bool:
+        return path.is_dir() and ((path / INDEX_FILE).is_file() or any(path.glob("*.safetensors")))
+
+    def iter_weights(self, path: Path, hf_config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+        return _WeightStream(weight_files(path))  # iterable; remembers the file being read
+
+
+PT_INDEX_FILE = "pytorch_model.bin.index.json"
+_PT_PATTERNS = ("*.bin", "*.pt", "*.pth")
+
+
+class PtLoader(ModelLoader):
+    """Torch files (``pytorch_model.bin``, shards named by
+    ``pytorch_model.bin.index.json``, ``*.pt``), read with ``weights_only=True``
+    so a file cannot run code."""
+
+    def can_load(self, path: Path) -> bool:
+        return path.is_dir() and bool(self._files(path, strict=False))
+
+    @staticmethod
+    def _files(path: Path, strict: bool = True) -> list[Path]:
+        index = path / PT_INDEX_FILE
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+                    AttributeError) as e:
+                raise ValueError(f"{index}: not a weight index (needs 'weight_map'): {e}") from None
+            return [path / n for n in names]
+        files = sorted({f for pattern in _PT_PATTERNS for f in path.glob(pattern)})
+        if not files and strict:
+            raise FileNotFoundError(f"{path}: no torch weight files ({', '.join(_PT_PATTERNS)})")
+        return files
+
+    def iter_weights(self, path: Path, hf_config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+        for file in self._files(path):
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: missing; it is named in {path / PT_INDEX_FILE}")
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise ValueError(f"{file}: cannot load with torch.load(weights_only=True): {e}") from None
+            if not isinstance(state, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+            ):
+                raise ValueError(f"{file}: expected a dict of tensor name -> tensor (a state dict)")
+            yield from state.items()
+
+
+class GGUFLoader(ModelLoader):
+    """A ``.gguf`` file, or a folder holding exactly one (see `engine.gguf`)."""
+
+    def can_load(self, path: Path) -> bool:
+        from engine.gguf import find_gguf_file
+
+        return find_gguf_file(path) is not None
+
+    def _file(self, path: Path) -> Path:
+        from engine.gguf import find_gguf_file
+
+        file = find_gguf_file(path)
+        if file is None:
+            raise FileNotFoundError(f"{path}: not a .gguf file nor a folder holding one")
+        return file
+
+    def load_config(self, path: Path) -> dict[str, Any]:
+        from engine.gguf import GGUFFile
+
+        return GGUFFile(self._file(path)).hf_config()
+
+    def iter_weights(self, path: Path, hf_config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+        from engine.gguf import GGUFFile
+
+        return GGUFFile(self._file(path)).weights(hf_config)
+
+
+_QUALNAME = re.compile(r"^[A-Za-z_][\w.]*[:.][A-Za-z_][\w.]*$")
+# format -> ModelLoader subclass or "module:Class"; built-ins first ("auto" tries them in order)
+_BUILTIN_LOADERS: dict[str, type[ModelLoader]] = {
+    "safetensors": SafetensorsLoader,
+    "gguf": GGUFLoader,
+    "pt": PtLoader,
+}
+_LOADERS: dict[str, type[ModelLoader] | str] = dict(_BUILTIN_LOADERS)
+
+
+def register_model_loader(load_format: str, loader: type[ModelLoader] | str) -> None:
+    """Add (or replace) the load format `load_format`: a `ModelLoader` subclass
+    or a lazy ``"module:Class"`` name, imported when first used. Call it from a
+    general plugin, or in your script before building the engine (worker
+    processes get it too). Raises ValueError for a bad name or value."""
+    if not isinstance(load_format, str) or not load_format or load_format == "auto":
+        raise ValueError(f"load format must be a non-empty name other than 'auto', not {load_format!r}")
+    if isinstance(loader, str):
+        if not _QUALNAME.match(loader):
+            raise ValueError(f"model loader for {load_format!r} must be a ModelLoader subclass or "
+                             f"a 'module:Class' string, not {loader!r}")
+    elif not (isinstance(loader, type) and issubclass(loader, ModelLoader)):
+        raise ValueError(f"model loader for {load_format!r} must be a ModelLoader subclass or a "
+                         f"'module:Class' string, not {loader!r}")
+    if load_format in _LOADERS and _LOADERS[load_format] is not loader:
+        logger.info("load format %r: %r replaces %r", load_format, loader, _LOADERS[load_format])
+    _LOADERS[load_format] = loader
+
+
+def get_model_loader(load_format: str, path: str | Path) -> ModelLoader:
+    """The loader of `load_format` for `path` (``"auto"``: the first format,
+    built-ins first, whose loader `can_load` the path). Raises ValueError naming
+    the valid formats for an unknown one, or naming the path when ``"auto"``
+    finds none."""
+    path = Path(path)
+    if load_format == "auto":
+        for name in _LOADERS:
+            loader = _instantiate(name)
+            if loader.can_load(path):
+                return loader
+        raise FileNotFoundError(
+            f"{path}: holds no model weights in a known format ({', '.join(_LOADERS)}); "
+            "a model is a folder with config.json and *.safetensors, or a .gguf file"
+        )
+    if load_format not in _LOADERS:
+        raise ValueError(f"load_format {load_format!r} is not registered. Valid options are: "
+                         f"auto, {', '.join(_LOADERS)}")
+    return _instantiate(load_format)
+
+
+def _instantiate(load_format: str) -> ModelLoader:
+    entry = _LOADERS[load_format]
+    if isinstance(entry, str):
+        from engine.utils import resolve_obj_by_qualname
+
+        try:
+            cls = resolve_obj_by_qualname(entry)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ValueError(f"load format {load_format!r}: cannot import {entry!r}: {e}") from None
+        if not (isinstance(cls, type) and issubclass(cls, ModelLoader)):
+            raise ValueError(f"load format {load_format!r}: {entry!r} is not a ModelLoader subclass")
+        entry = cls
+    return entry()
+
+
+def loader_registrations_for_workers() -> dict[str, str]:
+    """The load formats registered in this process beyond the built-ins, as
+    ``{format: "module:Class"}`` a worker process can replay with
+    `apply_loader_registrations`. Raises ValueError naming a class the workers
+    cannot import, and the fix."""
+    from engine.models.registry import worker_importable_name
+
+    exported = {}
+    for name, entry in _LOADERS.items():
+        if _BUILTIN_LOADERS.get(name) is entry:
+            continue
+        exported[name] = entry if isinstance(entry, str) else worker_importable_name(
+            entry, f"model loader {name!r}")
+    return exported
+
+
+def apply_loader_registrations(registrations: dict[str, str]) -> None:
+    """Register the formats `loader_registrations_for_workers` exported."""
+    for name, value in registrations.items():
+        _LOADERS[name] = value
+
+
+def load_model(config: EngineConfig) -> nn.Module:
+    """Build and load the model of ``config.model_config.model`` in
+    ``config.model_config.load_format`` (fills in ``model_config.hf_config``
+    when empty). Returns it in eval mode on ``config.device_config.device``.
+
+    Raises FileNotFoundError for a missing folder / config / weights file;
+    ValueError for an unknown architecture (``... are not supported ...``) or
+    load format, an unreadable file, a missing or unexpected tensor, or a shape
+    mismatch."""
     from engine.models import ModelRegistry
 
     model_config = config.model_config
-    model_dir = Path(model_config.model)
+    path = Path(model_config.model)
+    loader = get_model_loader(model_config.load_format, path)
     if not model_config.hf_config:
-        model_config.hf_config = load_hf_config(model_dir)
+        model_config.hf_config = loader.load_config(path)
     architectures = model_config.hf_config.get("architectures") or []
     if not architectures:
-        raise ValueError(f"{model_dir / CONFIG_FILE}: no 'architectures' entry names the model class")
+        raise ValueError(f"{path}: the model's config has no 'architectures' entry naming its class")
     model_cls, arch = ModelRegistry.load_model_cls(architectures)
-    files = weight_files(model_dir)
     dtype = resolve_dtype(config)
     device = torch.device(config.device_config.device)
     logger.info("building %s (%s) in %s on %s", arch, model_cls.__qualname__, dtype, device)
     with set_current_engine_config(config), _default_dtype(dtype), device:
         model = model_cls(config=config, prefix="")
-    stream = _WeightStream(files)
+    weights = loader.iter_weights(path, model_config.hf_config)
     try:
-        model.load_weights(iter(stream))
+        model.load_weights(iter(weights))
     except ValueError as e:
-        where = model_dir if stream.finished or stream.current is None else stream.current
+        current = getattr(weights, "current", None)
+        finished = getattr(weights, "finished", True)
+        where = path if finished or current is None else current
         raise ValueError(f"{where}: {e}") from None
     return model.requires_grad_(False).eval()
