@@ -298,11 +298,83 @@ def _check_logger_calls(ctx: KitContext, name: str) -> None:
 
 
 def _check_logger_engine_run(ctx: KitContext, name: str) -> None:
-    from engine.testing._e2e import run_engine
-
     try:
         _logger_cls(ctx, name)
     except Exception as exc:
         raise CheckSkipped(f"the value is not a stat logger class ({exc})") from None
+    _check_engine_run(ctx, name, "stat_logger")
+
+
+# ---------------------------------------------------------------------------
+# logits processors
+
+
+def logits_processor_checks(ctx: KitContext, name: str) -> list[Check]:
+    prefix = f"logits_processor/{name}::"
+    return [
+        Check(prefix + "is_subclass", lambda: _processor_cls(ctx, name) and None,
+              "the value is an engine.sample.LogitsProcessor subclass"),
+        Check(prefix + "batch_steps", lambda: _check_logits_steps(ctx, name),
+              "update_state/apply over a batch that grows, stays and shrinks"),
+        Check(prefix + "engine_run", lambda: _check_engine_run(ctx, name, "logits_processor"),
+              "an engine with the plugin installed runs without an error (strict mode)"),
+    ]
+
+
+def _processor_cls(ctx: KitContext, name: str) -> type:
+    from engine.sample import LogitsProcessor
+
+    value = _load(ctx, "logits_processor", name)
+    if not (isinstance(value, type) and issubclass(value, LogitsProcessor)):
+        raise CheckFailed(f"the value {value!r} is not a subclass of "
+                          "engine.sample.LogitsProcessor")
+    return value
+
+
+def _check_logits_steps(ctx: KitContext, name: str) -> None:
+    import torch
+
+    from engine.sample import AddedRequest, BatchUpdate
+    from engine.sampling_params import SamplingParams
+    from engine.testing._platform import kit_engine_config
+
+    try:
+        cls = _processor_cls(ctx, name)
+    except Exception as exc:
+        raise CheckSkipped(f"the value is not a logits processor class ({exc})") from None
+    processor = cls(kit_engine_config(), torch.device("cpu"))
+    vocab = 64
+    gen = torch.Generator().manual_seed(7)
+    outputs = [[], [5], [9, 9]]
+    added = tuple(AddedRequest(i, SamplingParams(), [3, 4, 5 + i], outputs[i]) for i in range(3))
+    steps = [("3 requests added", BatchUpdate(3, added=added)),
+             ("no change", None),
+             ("row 1 removed, row 2 moved to 1", BatchUpdate(2, removed=(1,), moved=((2, 1),)))]
+    invariant = bool(processor.is_argmax_invariant())
+    for label, update in steps:
+        rows = update.batch_size if update is not None else 3
+        logits = torch.randn(rows, vocab, generator=gen)
+        before = logits.argmax(-1)
+        processor.update_state(update)
+        out = processor.apply(logits)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (rows, vocab):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise CheckFailed(f"after {label}: apply returned {shape}, expected ({rows}, {vocab})")
+        if bool(torch.isnan(out).any()):
+            raise CheckFailed(f"after {label}: apply returned NaN logits")
+        if invariant and not torch.equal(out.argmax(-1), before):
+            raise CheckFailed(f"after {label}: is_argmax_invariant() is True but apply "
+                              "changed the greedy token")
+        for row in outputs:
+            row.append(11)  # the engine appends each sampled token to the live lists
+
+
+def _check_engine_run(ctx: KitContext, name: str, group: str) -> None:
+    from engine.testing._e2e import run_engine
+
+    try:
+        _load(ctx, group, name)
+    except Exception as exc:
+        raise CheckSkipped(f"the plugin did not load ({exc})") from None
     ctx.memo(("engine_run", "cpu", "stats"),
              lambda: run_engine("cpu", log_stats=True, strict=True))

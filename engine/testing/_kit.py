@@ -19,6 +19,7 @@ def _builders() -> dict[str, Callable[[KitContext, str], list[Check]]]:
             "general": _contracts.general_checks,
             "io_processor": _contracts.io_processor_checks,
             "stat_logger": _contracts.stat_logger_checks,
+            "logits_processor": _contracts.logits_processor_checks,
             "platform": _platform.platform_checks,
         })
     return _BUILDERS
