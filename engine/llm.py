@@ -206,12 +206,13 @@ class LLM:
     # ------------------------------------------------------------------ embed
 
     def embed(self, texts: str | Sequence[str]) -> list[EmbeddingRequestOutput]:
-        """Embed each text with the model's pooling (``.outputs.embedding``)."""
+        """Embed each text with the model's pooling (``.outputs.embedding``).
+        Raises ValueError naming the input for text that is not valid Unicode."""
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
-        tokenizer = self.llm_engine.tokenizer
-        token_ids = tokenizer.encode_batch(texts, max_length=self._embed_max_length())
+        # cut to the model's embedding length, as sentence-transformers does
+        token_ids = self.llm_engine.embedding_token_ids(texts)
         vectors = self.llm_engine.embed(token_ids) if texts else []
         return [
             EmbeddingRequestOutput(
@@ -220,15 +221,6 @@ class LLM:
             )
             for i, (text, ids, vec) in enumerate(zip(texts, token_ids, vectors, strict=True))
         ]
-
-    def _embed_max_length(self) -> int:
-        from engine.pooling import load_pooling_config
-
-        pooling = load_pooling_config(self.config.model_config.model)
-        limit = self.config.model_config.max_model_len
-        if pooling.max_seq_length is not None:
-            limit = min(limit, pooling.max_seq_length)
-        return limit
 
     # ------------------------------------------------------------------ encode
 
