@@ -1,6 +1,7 @@
-"""Checks of the custom ops a platform replaces: each op built as a model builds
-it (so the replacement class and the platform's dispatch are the engine's own)
-against the same op's ``forward_native``, per dtype."""
+"""Checks of the custom ops a platform changes (a ``register_oot`` replacement, or
+an op's ``forward_<platform>``): each op built as a model builds it (so the
+replacement class and the platform's dispatch are the engine's own) against the
+same op's ``forward_native``, per dtype."""
 
 from __future__ import annotations
 
@@ -53,23 +54,33 @@ OP_CASES: dict[str, OpCase] = {
 }
 
 
+_PLATFORM_FORWARD = {"CPU": "forward_cpu", "CUDA": "forward_cuda", "OOT": "forward_oot"}
+
+
 def replaced_ops(ctx: KitContext, name: str) -> list[str]:
-    """Names of the in-tree ops replaced (``register_oot``) once the platform is
-    set up, in registration order."""
+    """Names of the in-tree ops whose forward differs from ``forward_native`` on
+    this platform once it is set up: replaced with ``register_oot``, or with the
+    platform's ``forward_<platform>`` overridden; in registration order."""
     from engine.testing._platform import activate
 
     def compute() -> list[str]:
         from engine.ops import CustomOp
 
-        activate(ctx, name)
-        return [op for op in CustomOp.op_registry if op in CustomOp.op_registry_oot]
+        cls = activate(ctx, name)
+        method = _PLATFORM_FORWARD.get(cls._enum.name, "forward_native")
+        found = []
+        for op, in_tree in CustomOp.op_registry.items():
+            built = CustomOp.op_registry_oot.get(op, in_tree)
+            if built is not in_tree or getattr(built, method) is not getattr(CustomOp, method):
+                found.append(op)
+        return found
 
     return ctx.memo(("replaced_ops", name), compute)
 
 
 def op_checks(ctx: KitContext, name: str, prefix: str) -> list[Check]:
-    """One check per replaced op and dtype; a single failing check when the
-    platform cannot be set up to find out which ops it replaces."""
+    """One check per op the platform changes (see `replaced_ops`) and dtype; a
+    single skipped check when the platform cannot be set up to find out."""
     from engine.testing._platform import OP_TOLERANCE
 
     try:
@@ -109,7 +120,7 @@ def check_op(ctx: KitContext, name: str, op_name: str, dtype_name: str) -> None:
     gen = torch.Generator().manual_seed(99)
     with set_current_engine_config(kit_engine_config()):
         op, calls = case(dtype, cls.device_for_rank(0), gen)
-    replacement = CustomOp.op_registry_oot[op_name]
+    replacement = CustomOp.op_registry_oot.get(op_name, CustomOp.op_registry[op_name])
     if not isinstance(op, replacement):
         raise CheckFailed(f"building {CustomOp.op_registry[op_name].__name__} gave "
                           f"{type(op).__qualname__}, not the registered replacement "
