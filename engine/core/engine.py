@@ -290,9 +290,6 @@ class LLMEngine:
         from engine.platforms import current_platform
 
         current_platform.validate_request(token_ids, params)  # ValueError: refused, not queued
-        from engine.platforms import current_platform
-
-        current_platform.validate_request(token_ids, params)  # ValueError: refused, not queued
         max_model_len = self.config.model_config.max_model_len
         room = max(1, max_model_len - len(token_ids))
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -330,19 +327,21 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         """Stop a request now; its sequences free their blocks (an unknown or
         finished id is ignored)."""
-        self._finish_request(request_id, SequenceStatus.FINISHED_ABORTED)
-        if self.stat_loggers is not None:
+        if self._finish_request(request_id, SequenceStatus.FINISHED_ABORTED) and (
+                self.stat_loggers is not None):
             # the gauges must not keep counting a request that is gone
             self._record_stats(self.scheduler, {}, {})
 
-    def _finish_request(self, request_id: str, status: SequenceStatus) -> None:
+    def _finish_request(self, request_id: str, status: SequenceStatus) -> bool:
+        """End a request's sequences (their blocks are freed); False when unknown."""
         req = self.requests.pop(request_id, None)
         if req is None:
-            return
+            return False
         for seq in req.seqs:
             self.scheduler.finish_sequence(seq, status)
         if self.stat_loggers is not None:
             self._request_stats.on_finished(request_id, "abort", time.monotonic())
+        return True
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
