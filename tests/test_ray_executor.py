@@ -1,0 +1,170 @@
+"""distributed_executor_backend="ray" on a real two-node Ray cluster on loopback
+(ray.cluster_utils.Cluster: two raylets of one CPU each, started and stopped by
+this module): one rank per node, a model architecture and a plugin setting that
+only a plugin dir provides, a killed actor, and nothing left behind."""
+
+from __future__ import annotations
+
+import os
+
+# every Ray address on 127.0.0.1: by default Ray swaps loopback for the machine's
+# outward address; this switch (read when ray is imported) keeps it local
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+from test_executor_multiproc import wait_dead  # noqa: E402
+
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.executor.ray_executor import RayExecutor, RayWorkerError  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+TESTS_DIR = str(Path(__file__).resolve().parent)
+PROMPTS = ["def main():", "import os\nimport sys", "class Foo(object):"]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+PLUGIN_MODULE = textwrap.dedent("""
+    import pydantic
+
+    from engine.models.llama import LlamaForCausalLM
+
+
+    class DistSettings(pydantic.BaseModel):
+        tag: str = "unset"
+
+
+    class DistLlamaForCausalLM(LlamaForCausalLM):
+        pass
+
+
+    def register():
+        from engine import ModelRegistry
+
+        ModelRegistry.register_model("DistLlamaForCausalLM", "dist_models:DistLlamaForCausalLM")
+
+
+    register.engine_config_model = DistSettings
+""")
+PLUGIN_MANIFEST = textwrap.dedent("""
+    schema-version = 1
+    [package]
+    name = "dist-models"
+    path = "src"
+    [[plugin]]
+    group = "general"
+    name = "dist_models"
+    value = "dist_models:register"
+""")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Two Ray nodes of one CPU each on 127.0.0.1, this process connected as the
+    driver; stopped after the module."""
+    node = dict(num_cpus=1, object_store_memory=80 * 2**20, node_ip_address="127.0.0.1")
+    cluster = Cluster(initialize_head=True, connect=True,
+                      head_node_args=dict(node, include_dashboard=False))
+    try:
+        cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def plugin_model(tmp_path_factory, make_hf_model) -> tuple[Path, Path]:
+    """(a plugin dir registering DistLlamaForCausalLM, a tiny Llama under that name)."""
+    root = tmp_path_factory.mktemp("ray-plugins")
+    plugin_dir = root / "plugins"
+    (plugin_dir / "src").mkdir(parents=True)
+    (plugin_dir / "src" / "dist_models.py").write_text(PLUGIN_MODULE)
+    (plugin_dir / "dist-models.toml").write_text(PLUGIN_MANIFEST)
+    model = root / "model"
+    shutil.copytree(make_hf_model("llama"), model)
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = ["DistLlamaForCausalLM"]
+    (model / "config.json").write_text(json.dumps(config))
+    return plugin_dir, model
+
+
+@pytest.fixture(scope="module")
+def tp1_tokens(make_hf_model) -> list[list[int]]:
+    llm = LLM(str(make_hf_model("llama")), dtype="float32", kv_cache_memory=8 * 2**20)
+    try:
+        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    finally:
+        llm.shutdown()
+
+
+def where_and_settings(worker) -> dict:
+    """Run in each rank's actor: where it is and what plugin setting it sees."""
+    import registry
+
+    context = ray.get_runtime_context()
+    return {"node_id": context.get_node_id(), "pid": os.getpid(),
+            "tag": registry.get_plugin_config("dist_models").tag,
+            "model_class": type(worker.model_runner.model).__name__}
+
+
+def test_tp2_one_rank_per_node_matches_tp1_with_plugin_model_and_setting(
+        ray_cluster, plugin_model, tp1_tokens, monkeypatch):
+    plugin_dir, model = plugin_model
+    monkeypatch.setenv("PYTHONPATH", TESTS_DIR)  # the actors import this module's functions
+    llm = LLM(str(model), tensor_parallel_size=2, distributed_executor_backend="ray",
+              plugin_dirs=[plugin_dir], plugin_config={"dist_models": {"tag": "from-driver"}},
+              dtype="float32", kv_cache_memory=8 * 2**20)
+    executor = llm.llm_engine.executor
+    try:
+        assert isinstance(executor, RayExecutor)
+        ranks = executor.collective_rpc(where_and_settings)
+        tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    finally:
+        llm.shutdown()
+    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert len(nodes) == 2
+    assert {r["node_id"] for r in ranks} == nodes  # one rank on each node
+    assert [r["tag"] for r in ranks] == ["from-driver", "from-driver"]
+    assert [r["model_class"] for r in ranks] == ["DistLlamaForCausalLM"] * 2
+    assert tokens == tp1_tokens
+    # shutdown leaves no actor and no placement group behind
+    assert wait_dead([r["pid"] for r in ranks]) == []
+    assert {pg["state"] for pg in ray.util.placement_group_table().values()} <= {"REMOVED"}
+    assert ray.available_resources().get("CPU") == 2.0
+
+
+def test_killed_actor_mid_generation_fails_naming_rank_and_node(ray_cluster, make_hf_model):
+    llm = LLM(str(make_hf_model("llama")), tensor_parallel_size=2,
+              distributed_executor_backend="ray", dtype="float32", kv_cache_memory=8 * 2**20)
+    executor = llm.llm_engine.executor
+    pids = executor.actor_pids
+    stream = llm.generate_stream(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=500,
+                                                            ignore_eos=True))
+    seen = 0
+    with pytest.raises(RayWorkerError, match=r"rank 1 \(Ray actor on node 127\.0\.0\.1") as info:
+        for _ in stream:
+            seen += 1
+            if seen == 3:
+                os.kill(pids[1], signal.SIGKILL)
+    assert 3 <= seen < 500
+    assert info.value.rank == 1 and info.value.node == "127.0.0.1"
+    assert wait_dead(pids) == []  # rank 0, stuck in a collective, was killed too
+    with pytest.raises(RuntimeError, match="Ray workers are gone"):
+        executor.collective_rpc("check_health")
+    llm.shutdown()  # idempotent after a failure
+
+
+def test_without_ray_installed_asking_for_it_says_what_to_install(make_hf_model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'engine\[ray\]'"):
+        LLM(str(make_hf_model("llama")), distributed_executor_backend="ray")
