@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -93,8 +94,10 @@ class Side:
         self.name = name
         cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--model-dir", str(model),
                "--dtype", dtype]
+        # its own process group: closing the side also ends the processes it started
+        # (vLLM's engine core)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env, cwd=str(ROOT))
+                                     text=True, env=env, cwd=str(ROOT), start_new_session=True)
         self.ready = self._read()
 
     def _read(self) -> dict:
@@ -116,6 +119,10 @@ class Side:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        try:  # whatever the worker left behind in its group
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _reply(payload: dict) -> None:
@@ -193,8 +200,7 @@ def measure_pair(sides: dict[str, Side], prompts, out_lens, rounds: int, decode_
             runs[name]["tok_s"].append(tokens / res["seconds"])
             one = min(side.ask(prompts=[decode_prompt], out_lens=[1])["seconds"]
                       for _ in range(2))
-            many = min(side.ask(prompts=[decode_prompt], out_lens=[DECODE_TOKENS])["seconds"]
-                       for _ in range(2))
+            many = side.ask(prompts=[decode_prompt], out_lens=[DECODE_TOKENS])["seconds"]
             runs[name]["decode_ms"].append((many - one) / (DECODE_TOKENS - 1) * 1000)
             runs[name]["ttft_ms"].append(min(
                 side.ask(prompts=[ttft_prompt], out_lens=[1])["seconds"] for _ in range(2)) * 1000)

@@ -87,13 +87,28 @@ class RotaryEmbedding(CustomOp):
         self.register_buffer(
             "cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False
         )
+        # (positions, dtype, cos, sin) of the last call: every layer of a step
+        # passes the same positions, so the lookup is done once per step
+        self._last_cos_sin: tuple | None = None
 
     def forward_native(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin_cache.index_select(0, positions).to(query.dtype).chunk(2, dim=-1)
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [T, 1, rotary_dim / 2]
+        cos, sin = self._cos_sin(positions, query.dtype)
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+    def _cos_sin(self, positions: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, 1, rotary_dim / 2] of `positions`, reused while equal
+        positions come back in the same dtype."""
+        last = self._last_cos_sin
+        if (last is not None and last[1] == dtype and last[0].shape == positions.shape
+                and torch.equal(last[0], positions)):
+            return last[2], last[3]
+        cos, sin = self.cos_sin_cache.index_select(0, positions).to(dtype).chunk(2, dim=-1)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        self._last_cos_sin = (positions.clone(), dtype, cos, sin)
+        return cos, sin
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         shape = x.shape

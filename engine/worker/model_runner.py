@@ -73,6 +73,8 @@ class ModelRunner:
             if not seq_ids:  # only prompt chunks this step: nothing to sample
                 return ModelRunnerOutput()
             logits = self.model.compute_logits(hidden.index_select(0, logits_rows))
+            # the sampler works in float32 (an argmax over bf16 logits is also ~2x slower)
+            logits = logits.float()
             if not self.is_driver:
                 return ModelRunnerOutput()
             states = [self.states[i] for i in seq_ids]

@@ -65,6 +65,9 @@ class _StepPlan:
     # [2, blocks of the largest bucket, block_size, Hkv, D]: every bucket and
     # every layer of the step gathers into it
     scratch: torch.Tensor | None
+    # one decode bucket holding every row of the step in order: its result is the
+    # output as it is (no row gather or scatter)
+    whole_step: bool = False
 
 
 def split_by_length(lengths: list[int], cost_per_bucket: float) -> list[int]:
@@ -143,7 +146,9 @@ def _plan(md: AttentionMetadata, kv_cache: torch.Tensor) -> _StepPlan:
     buckets = _decode_buckets(md, decode, bytes_per_token)
     largest = max(b.block_ids.numel() for b in buckets)
     scratch = kv_cache.new_empty((2, largest, block_size, num_kv_heads, head_size))
-    return _StepPlan(decode=buckets, prefills=prefills, scratch=scratch)
+    whole_step = (not prefills and len(buckets) == 1
+                  and buckets[0].rows.tolist() == list(range(md.num_seqs)))
+    return _StepPlan(decode=buckets, prefills=prefills, scratch=scratch, whole_step=whole_step)
 
 
 class TorchSDPAImpl(AttentionImpl):
@@ -159,6 +164,9 @@ class TorchSDPAImpl(AttentionImpl):
         if kv_cache.numel() > 0:
             write_kv_cache(kv_cache, k, v, attn_metadata.slot_mapping)
 
+        if plan.whole_step:
+            out = self._decode(q, kv_cache, plan.decode[0], plan.scratch)
+            return out.view(-1, self.num_heads * self.head_size)
         out = torch.empty_like(q)
         for bucket in plan.decode:
             out.index_copy_(0, bucket.rows,
