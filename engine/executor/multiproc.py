@@ -96,16 +96,12 @@ def _build_worker(config: Any, rank: int, init_method: str,
 
     torch.set_num_threads(1)
     import registry
-    from engine.models import ModelRegistry
+    from engine.models.registry import apply_worker_registrations
 
     # general plugins first: they may register what the worker class needs
     registry.load_general_plugins()
-    from engine.model_loader import apply_loader_registrations
-
     # then what the user's script registered before building the engine
-    registrations = model_registrations or {}
-    ModelRegistry.apply_registrations(registrations.get("models", {}))
-    apply_loader_registrations(registrations.get("loaders", {}))
+    apply_worker_registrations(model_registrations)
     return build_worker(config, rank=rank, distributed_init_method=init_method)
 
 
@@ -225,15 +221,12 @@ class MultiprocExecutor(ExecutorBase):
         self._failure: str | None = None
         # stops the workers on shutdown(), garbage collection or interpreter exit
         self._finalizer = weakref.finalize(self, _stop_workers, self._handles)
-        from engine.models import ModelRegistry
+        from engine.models.registry import registrations_for_workers
 
         # registrations made in the user's script reach every worker; a class the
         # workers could not import fails here, naming it, before anything starts
-        ModelRegistry.check_reachable(config.model_config.hf_config.get("architectures") or [])
-        from engine.model_loader import loader_registrations_for_workers
-
-        registrations = {"models": ModelRegistry.registrations_for_workers(),
-                         "loaders": loader_registrations_for_workers()}
+        registrations = registrations_for_workers(
+            config.model_config.hf_config.get("architectures"))
         ctx = multiprocessing.get_context("spawn")
         for rank in range(world_size):
             parent_conn, child_conn = ctx.Pipe(duplex=True)

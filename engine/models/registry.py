@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -208,3 +209,28 @@ def worker_importable_name(cls: type, what: str) -> str:
 
 
 ModelRegistry = _ModelRegistry()
+
+
+def registrations_for_workers(architectures: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """What this process registered that worker processes must replay before
+    building the model: model architectures and load formats. Executors that
+    start workers pass it along and call `apply_worker_registrations` there.
+
+    Raises ValueError naming the class and the fix when one of `architectures`
+    (the model's) resolves to a class the workers cannot import.
+    """
+    from engine.model_loader import loader_registrations_for_workers
+
+    ModelRegistry.check_reachable(list(architectures or []))
+    return {"models": ModelRegistry.registrations_for_workers(),
+            "loaders": loader_registrations_for_workers()}
+
+
+def apply_worker_registrations(registrations: dict[str, dict[str, Any]] | None) -> None:
+    """Replay `registrations_for_workers()` in a worker process (after its
+    general plugins ran)."""
+    from engine.model_loader import apply_loader_registrations
+
+    registrations = registrations or {}
+    ModelRegistry.apply_registrations(registrations.get("models", {}))
+    apply_loader_registrations(registrations.get("loaders", {}))
