@@ -285,6 +285,11 @@ def register_model_loader(load_format: str, loader: type[ModelLoader] | str) -> 
     elif not (isinstance(loader, type) and issubclass(loader, ModelLoader)):
         raise ValueError(f"model loader for {load_format!r} must be a ModelLoader subclass or a "
                          f"'module:Class' string, not {loader!r}")
+    if _LOADERS.get(load_format) is not loader:
+        import registry
+
+        module = loader.partition(":")[0] if isinstance(loader, str) else loader.__module__
+        registry.record_effect("model_loader", load_format, module=module)
     if load_format in _LOADERS and _LOADERS[load_format] is not loader:
         logger.info("load format %r: %r replaces %r", load_format, loader, _LOADERS[load_format])
     _LOADERS[load_format] = loader

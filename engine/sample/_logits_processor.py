@@ -181,10 +181,11 @@ def build_logits_processors(config: Any, device: torch.device) -> list[tuple[str
     entries: list[tuple[str, Any]] = [
         ("structured_outputs", "engine.structured_processor:StructuredOutputsLogitsProcessor")
     ]
-    entries += [
-        (name, value)
-        for name, value in registry.load_plugins_by_group(registry.LOGITS_PROCESSOR_PLUGINS).items()
-    ]
+    plugins = registry.load_plugins_by_group(registry.LOGITS_PROCESSOR_PLUGINS)
+    for name, value in plugins.items():  # who runs in every batch: recorded as an effect
+        registry.record_effect("logits_processor", name, plugin=name,
+                               group=registry.LOGITS_PROCESSOR_PLUGINS)
+    entries += list(plugins.items())
     entries += [(processor_name(e), e) for e in getattr(config, "logits_processors", None) or ()]
     built = []
     for name, entry in entries:
