@@ -70,8 +70,10 @@ def broken_target(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def broken_run(broken_target) -> subprocess.CompletedProcess:
-    """One full kit run on the broken platform, shared by the assertions below."""
-    return engine_cli("plugins", "test", "acme", "--group", "platform", target=broken_target)
+    """One kit run on the broken platform (all but the end-to-end engine runs, which
+    the passing example covers), shared by the assertions below."""
+    return engine_cli("plugins", "test", "acme", "--group", "platform", "-k", "not greedy",
+                      target=broken_target)
 
 
 # ---------------------------------------------------------------------------
@@ -118,15 +120,9 @@ def test_every_example_plugin_passes_the_kit(example, name):
     results = json.loads(proc.stdout)
     assert results and all(r["outcome"] in ("passed", "skipped") for r in results), results
     assert any(r["outcome"] == "passed" for r in results)
-
-
-def test_example_model_plugin_checks_its_architecture():
-    proc = engine_cli("--plugin-dir", str(EXAMPLES / "my-model-plugin"),
-                      "plugins", "test", "my_model", "-k", "model_architectures", "--json")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (result,) = json.loads(proc.stdout)
-    assert result["check"] == "general/my_model::model_architectures"
-    assert result["outcome"] == "passed", result
+    if name == "my_model":  # the architecture it registers was found and checked
+        outcomes = {r["check"]: r["outcome"] for r in results}
+        assert outcomes["general/my_model::model_architectures"] == "passed", results
 
 
 # ---------------------------------------------------------------------------
@@ -150,8 +146,7 @@ def test_broken_platform_fails_and_names_each_broken_part(broken_run):
     assert "vs gloo" in failed["communicator[all_reduce]"]
     assert "communicator[all_gather]" not in failed and "communicator[send_recv]" not in failed
     # what is not broken is not blamed
-    allowed = re.compile(r"attention\[|custom_op\[rms_norm-|"
-                         r"communicator\[(all_reduce|reduce_scatter)\]|greedy_vs_cpu")
+    allowed = re.compile(r"attention\[|custom_op\[rms_norm-|communicator\[(all_reduce|reduce_scatter)\]")
     assert all(allowed.match(c) for c in failed), failed
     assert re.search(r"acme: \d+ passed, \d+ failed", lines[-1]), lines[-1]
 
