@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -23,8 +24,11 @@ def run_test_command(args: argparse.Namespace) -> int:
             print(result.line(), flush=True)
 
     start = time.perf_counter()
+    # with --json, stdout is the JSON document alone: what plugin code prints goes to stderr
+    redirect = contextlib.redirect_stdout(sys.stderr) if quiet else contextlib.nullcontext()
     try:
-        results = run_plugin_checks(args.name, args.group, args.keyword, on_result=show)
+        with redirect:
+            results = run_plugin_checks(args.name, args.group, args.keyword, on_result=show)
     except (LookupError, ValueError) as exc:
         print(f"engine plugins test: {exc}", file=sys.stderr)
         return 2
