@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from registry._env import add_plugin_dirs, plugin_dirs, strict_mode
+from registry._env import add_plugin_dirs, named_in_plugins_env, plugin_dirs, strict_mode
 from registry._errors import ManifestError, PluginLoadError, RegistryError
 from registry._groups import (
     API_ROUTE_PLUGINS,
@@ -87,6 +87,7 @@ __all__ = [
     "load_general_plugins",
     "add_plugin_dirs",
     "plugin_dirs",
+    "named_in_plugins_env",
     "strict_mode",
     "RegistryError",
     "ManifestError",

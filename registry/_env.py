@@ -100,6 +100,15 @@ def plugin_filter() -> PluginFilter:
     return PluginFilter(True, frozenset(allow), frozenset(deny), tuple(problems))
 
 
+def named_in_plugins_env(group: str, name: str) -> bool:
+    """Whether a positive ``ENGINE_PLUGINS`` entry (``name`` or ``group:name``) names
+    plugin `name` of `group` (alias or full name) and no negative entry denies it:
+    the opt-in that off-by-default plugins (``api_route``) need."""
+    parsed = plugin_filter()
+    full = resolve_group(group)
+    return parsed.allows(full, name) and not parsed.denies(full, name)
+
+
 def allow_list() -> set[str] | None:
     """The names of ``ENGINE_PLUGINS``' positive entries, or None when it is not an
     allow-list (unset, or only negative entries)."""

@@ -117,3 +117,15 @@ def test_builtins_cannot_be_disabled(env):
     assert proc.returncode == 2
     assert "plugin 'cpu' is built in, and builtin plugins cannot be disabled" in proc.stderr
     assert states(env)[("platform", "cpu", "builtin")]["enabled"] is True
+
+
+def test_named_in_plugins_env_is_the_opt_in_for_off_by_default_plugins(monkeypatch):
+    import registry
+
+    monkeypatch.setenv("ENGINE_PLUGINS", "api_route:dash, stats, -stats")
+    assert registry.named_in_plugins_env("api_route", "dash")
+    assert registry.named_in_plugins_env("engine.api_route_plugins", "dash")
+    assert not registry.named_in_plugins_env("general", "dash")
+    assert not registry.named_in_plugins_env("api_route", "stats")  # a deny wins
+    monkeypatch.setenv("ENGINE_PLUGINS", "-dash")
+    assert not registry.named_in_plugins_env("api_route", "dash")
