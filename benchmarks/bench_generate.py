@@ -27,6 +27,7 @@ each counts), and also times the engine's own statistics bookkeeping directly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -92,6 +93,16 @@ def workload(n: int, prompt_range: tuple[int, int], output_range: tuple[int, int
                for _ in range(n)]
     outputs = [rng.randint(*output_range) for _ in range(n)]
     return prompts, outputs
+
+
+@contextlib.contextmanager
+def generation_workload(seed: int, n_req: int, p_rng, o_rng):
+    """The random Llama in a temporary folder and the request workload:
+    yields (folder, prompt token lists, requested output lengths)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        build_model(folder, seed)
+        yield (folder, *workload(n_req, p_rng, o_rng, seed))
 
 
 # ---------------------------------------------------------------------- engine
@@ -459,10 +470,7 @@ def main() -> int:
 def profile_main(args, n_req: int, p_rng, o_rng) -> int:
     from engine import LLM
 
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        build_model(folder, args.seed)
-        prompts, out_lens = workload(n_req, p_rng, o_rng, args.seed)
+    with generation_workload(args.seed, n_req, p_rng, o_rng) as (folder, prompts, out_lens):
         llm = LLM(folder, kv_cache_memory=256 * 2**20, seed=args.seed, dtype=args.dtype)
         engine_throughput(llm, prompts[:4], [4] * 4)  # warm-up
         rows = profile_engine(llm, prompts, out_lens)
@@ -476,10 +484,7 @@ def profile_main(args, n_req: int, p_rng, o_rng) -> int:
 
 
 def stats_overhead_main(args, n_req: int, p_rng, o_rng) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        build_model(folder, args.seed)
-        prompts, out_lens = workload(n_req, p_rng, o_rng, args.seed)
+    with generation_workload(args.seed, n_req, p_rng, o_rng) as (folder, prompts, out_lens):
         results = stats_overhead(folder, prompts, out_lens, args.rounds, args.seed)
     results["threads"] = torch.get_num_threads()
     results["load_average"] = os.getloadavg()
