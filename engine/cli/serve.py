@@ -36,6 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
                         "they are aborted (default: 10)")
     p.add_argument("--disable-log-stats", action="store_true",
                    help="no stat loggers (and no engine metrics on /metrics)")
+    p.add_argument("--enable-route-plugin", action="append", default=[], metavar="NAME",
+                   help="mount the api_route plugin NAME under /plugins/NAME/ (repeatable); "
+                        "route plugins are off unless named here or in ENGINE_PLUGINS")
     EngineArgs.add_cli_args(p.add_argument_group("engine options"))
     p.set_defaults(func=run)
 
@@ -72,6 +75,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         model_name=name, model_aliases=aliases, api_key=api_key,
         max_request_bytes=args.max_request_bytes, host=args.host, port=args.port,
         shutdown_timeout=args.shutdown_timeout, engine_args=engine_args,
+        route_plugins=tuple(args.enable_route_plugin),
     )
 
 

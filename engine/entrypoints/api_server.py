@@ -30,6 +30,7 @@ from engine.entrypoints import serving
 from engine.entrypoints.async_engine import AsyncEngine, EngineUnavailableError
 from engine.entrypoints.errors import APIError, json_response, validation_error
 from engine.entrypoints.middleware import APIKeyMiddleware, BodyLimitMiddleware
+from engine.entrypoints.route_plugins import mount_route_plugins
 from engine.entrypoints.routes import include_builtin_routes
 
 logger = logging.getLogger("engine.serve")
@@ -49,6 +50,7 @@ class ServerSettings:
     port: int = 8000
     shutdown_timeout: float = 10.0  # seconds in-flight requests get on SIGTERM
     engine_args: EngineArgs = field(default_factory=EngineArgs)  # the engine to serve
+    route_plugins: tuple[str, ...] = ()  # --enable-route-plugin names
 
 
 class ServerState:
@@ -121,6 +123,7 @@ def build_app(settings: ServerSettings) -> FastAPI:
     app.state.engine = state.engine  # what route plugins program against
     _add_error_handlers(app)
     include_builtin_routes(app)
+    mount_route_plugins(app, settings.route_plugins)  # after the built-ins: clashes are refused
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)  # outermost
