@@ -219,11 +219,16 @@ def get_plugin_config(name: str) -> Any:
 def check_plugin_configs() -> None:
     """Validate, at engine start, the settings of every enabled plugin that declares
     a model in its manifest or was given values; values for a name no plugin has
-    are an error too (a typo must not pass silently). Raises PluginConfigError
-    listing every problem."""
+    are an error too (a typo must not pass silently). Also puts the merged values
+    (engine.toml included) in ``ENGINE_PLUGIN_CONFIG`` for the processes the engine
+    starts. Raises PluginConfigError listing every problem."""
     from registry._discovery import current_discovery
 
     given = raw_plugin_config()
+    if given:
+        # every layer in the environment: processes started from here (workers, Ray
+        # actors on other machines without this engine.toml) see the same values
+        os.environ[ENV] = json.dumps(given)
     records = current_discovery().records
     known = {r.name for r in records}
     problems = [f"plugin {name} config: (settings): no plugin named {name!r} is discovered"
