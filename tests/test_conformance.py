@@ -136,7 +136,7 @@ def test_broken_platform_fails_and_names_each_broken_part(broken_run):
     failed = {m.group(1): m.group(2) for line in lines
               if (m := re.match(r"FAILED platform/acme::(\S+): (.+)", line))}
     # the wrong softmax scale: attention differs from NAIVE, in every scenario
-    for step in ("prefill", "chunked_prefill", "decode"):
+    for step in ("prefill", "chunked_prefill", "prefix_hit", "decode"):
         assert f"attention[float32-bs16-gqa-{step}]" in failed, lines
     assert "vs NAIVE" in failed["attention[float32-bs8-mha-prefill]"]
     assert "max |diff|" in failed["attention[float32-bs8-mha-prefill]"]

@@ -28,7 +28,7 @@ ATTENTION_HEADS = {"mha": (4, 4), "gqa": (8, 2)}
 HEAD_SIZE = 64
 # a scale other than 1/sqrt(head_size): models set their own (query_pre_attn_scalar, ...)
 ATTENTION_SCALE = 0.8 / HEAD_SIZE**0.5
-ATTENTION_STEPS = ("prefill", "chunked_prefill", "decode")
+ATTENTION_STEPS = ("prefill", "chunked_prefill", "prefix_hit", "decode")
 REQUIRED_CLASSMETHODS = ("check_and_update_config", "get_attn_backend_cls",
                          "get_device_communicator_cls", "import_kernels")
 
@@ -270,6 +270,11 @@ def check_communicator_cls(ctx: KitContext, name: str) -> None:
 # attention vs NAIVE
 
 
+# sequence -> (the sequence whose first blocks it starts with, how many): a prefix-cache
+# hit, where two sequences' block tables share blocks
+_SHARED_PREFIX = {"e": ("c", 2)}
+
+
 def _plan(block_size: int) -> list[list[tuple[str, int]]]:
     """The steps of the scenario: per step, (sequence, new tokens). Lengths are
     chosen around block boundaries: one token, exactly one block, a bit over two."""
@@ -277,7 +282,8 @@ def _plan(block_size: int) -> list[list[tuple[str, int]]]:
     return [
         [("a", 13), ("b", 1), ("c", 2 * bs + 3), ("d", bs)],  # prefill
         [("a", 7), ("c", bs + 1), ("b", 1)],  # chunked prefill over cached context (+ a decode)
-        [("a", 1), ("b", 1), ("c", 1), ("d", 1)],  # decode, mixed context lengths
+        [("e", 5), ("a", 1)],  # a new prompt whose first two blocks are c's (+ a decode)
+        [("a", 1), ("b", 1), ("c", 1), ("d", 1), ("e", 1)],  # decode, mixed context lengths
     ]
 
 
@@ -310,25 +316,29 @@ def run_attention_scenario(ctx: KitContext, name: str, dtype_name: str, block_si
         num_heads, HEAD_SIZE, ATTENTION_SCALE, num_kv_heads)
 
     plan = _plan(block_size)
-    max_len = {}
+    # tokens already in the cache when a sequence first appears (its shared prefix)
+    start = {seq: blocks * block_size for seq, (_, blocks) in _SHARED_PREFIX.items()}
+    max_len = dict(start)
     for step in plan:
         for seq, n in step:
             max_len[seq] = max_len.get(seq, 0) + n
     # blocks handed out in a shuffled order so that block tables are not the identity
     gen = torch.Generator().manual_seed(1234)
-    needed = sum(-(-n // block_size) for n in max_len.values())
-    num_blocks = needed + 3
+    own = {seq: -(-n // block_size) - start.get(seq, 0) // block_size
+           for seq, n in max_len.items()}
+    num_blocks = sum(own.values()) + 3
     order = torch.randperm(num_blocks - 1, generator=gen).add(1).tolist()  # block 0 unused
     tables = {}
-    for seq, n in max_len.items():
-        count = -(-n // block_size)
+    for seq, count in own.items():
         tables[seq], order = order[:count], order[count:]
+    for seq, (owner, blocks) in _SHARED_PREFIX.items():
+        tables[seq] = tables[owner][:blocks] + tables[seq]
 
     shape = layer.backend.get_kv_cache_shape(num_blocks, block_size, num_kv_heads, HEAD_SIZE)
     layer.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
     ref_cache = torch.zeros((2, num_blocks, block_size, num_kv_heads, HEAD_SIZE), dtype=dtype)
 
-    lengths = dict.fromkeys(max_len, 0)
+    lengths = {seq: start.get(seq, 0) for seq in max_len}
     results: dict[str, str | None] = {}
     for step_name, step in zip(ATTENTION_STEPS, plan, strict=True):
         query_lens, seq_lens, block_tables, slots = [], [], [], []
