@@ -107,6 +107,9 @@ class StructuredOutputsLogitsProcessor(LogitsProcessor):
                 continue
             row.matcher.unsafe_compute_mask_ptr(mask_row.data_ptr(), words * 4)
         allowed = _unpack_bits(bitmask, logits.shape[1])
+        if len(rows) == 1:
+            logits[rows[0]].masked_fill_(~allowed[0].to(logits.device), float("-inf"))
+            return logits
         index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
         sub = logits.index_select(0, index)
         sub.masked_fill_(~allowed.to(logits.device), float("-inf"))
@@ -119,15 +122,16 @@ def _bit(j: int) -> int:
     return (1 << j) - (1 << 32) if j == 31 else 1 << j
 
 
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
 def _unpack_bits(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
     """[rows, words] int32 bitmask (bit j of word w: token 32*w + j) -> [rows, vocab]
     bool; tokens past the bitmask (logits wider than the grammar's vocabulary)
     are not allowed."""
-    import numpy as np
-
-    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
-    allowed = torch.from_numpy(bits[:, :vocab].astype(bool))
-    if allowed.shape[1] < vocab:
-        pad = torch.zeros((allowed.shape[0], vocab - allowed.shape[1]), dtype=torch.bool)
-        allowed = torch.cat([allowed, pad], dim=1)
-    return allowed
+    rows = bitmask.shape[0]
+    allowed = ((bitmask.unsqueeze(-1) >> _SHIFTS) & 1).view(rows, -1).bool()
+    if allowed.shape[1] >= vocab:
+        return allowed[:, :vocab]
+    pad = torch.zeros((rows, vocab - allowed.shape[1]), dtype=torch.bool)
+    return torch.cat([allowed, pad], dim=1)
