@@ -39,6 +39,12 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
     p.add_argument("--enable-route-plugin", action="append", default=[], metavar="NAME",
                    help="mount the api_route plugin NAME under /plugins/NAME/ (repeatable); "
                         "route plugins are off unless named here or in ENGINE_PLUGINS")
+    p.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
+                   help="engine replicas, each with its own workers; each request goes to "
+                        "the replica with the fewest in flight (default: 1)")
+    p.add_argument("--data-parallel-backend", choices=("mp", "ray"), default=None,
+                   help="what runs each replica's workers: 'mp' (this machine) or 'ray' "
+                        "(Ray actors; default: --distributed-executor-backend)")
     EngineArgs.add_cli_args(p.add_argument_group("engine options"))
     p.set_defaults(func=run)
 
@@ -65,6 +71,8 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
     api_key = _api_key(args.api_key)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.data_parallel_size < 1:
+        raise ValueError(f"--data-parallel-size must be >= 1, got {args.data_parallel_size}")
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     engine_args = EngineArgs.from_cli_args(args, log_stats=not args.disable_log_stats)
@@ -75,6 +83,8 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         model_name=name, model_aliases=aliases, api_key=api_key,
         max_request_bytes=args.max_request_bytes, host=args.host, port=args.port,
         shutdown_timeout=args.shutdown_timeout, engine_args=engine_args,
+        data_parallel_size=args.data_parallel_size,
+        data_parallel_backend=args.data_parallel_backend,
         route_plugins=tuple(args.enable_route_plugin),
     )
 

@@ -50,6 +50,9 @@ class ServerSettings:
     port: int = 8000
     shutdown_timeout: float = 10.0  # seconds in-flight requests get on SIGTERM
     engine_args: EngineArgs = field(default_factory=EngineArgs)  # the engine to serve
+    data_parallel_size: int = 1  # engine replicas behind this server
+    # what runs each replica's workers, "mp" or "ray" (None: engine_args' own backend)
+    data_parallel_backend: str | None = None
     route_plugins: tuple[str, ...] = ()  # --enable-route-plugin names
 
 
@@ -109,7 +112,13 @@ def build_app(settings: ServerSettings) -> FastAPI:
     ``settings.engine_args``.
     The engine starts with the app (lifespan); routes answer 503 until it is ready."""
     state = ServerState(settings)
-    state.engine = AsyncEngine(build_llm(settings, state))
+    if settings.data_parallel_size > 1:
+        from engine.entrypoints.data_parallel import DataParallelEngine
+
+        state.engine = DataParallelEngine.from_settings(
+            settings, lambda replica_settings: build_llm(replica_settings, state))
+    else:
+        state.engine = AsyncEngine(build_llm(settings, state))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

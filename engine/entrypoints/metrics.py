@@ -10,6 +10,10 @@ def render_metrics(engine: Any) -> tuple[bytes, str]:
     runs with stats on) followed by the server's own gauges."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+    from engine.entrypoints.data_parallel import DataParallelEngine, render_data_parallel_metrics
+
+    if isinstance(engine, DataParallelEngine):  # one labelled set of series per replica
+        return render_data_parallel_metrics(engine)
     parts = []
     llm_engine = getattr(engine.llm, "llm_engine", None)
     stat_loggers = getattr(llm_engine, "stat_loggers", None)
