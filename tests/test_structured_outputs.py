@@ -134,3 +134,27 @@ def test_bad_params_name_the_field(kwargs, field):
         StructuredOutputsParams(**kwargs)
     with pytest.raises(ValueError, match="structured_outputs"):
         SamplingParams(structured_outputs={"json": {}})
+
+
+def test_preempted_constrained_requests_resume_their_grammar(make_hf_model):
+    """A KV cache too small for the batch preempts requests; a resumed request's
+    matcher replays the tokens it already has, so finished outputs still validate."""
+    from engine import LLM
+
+    llm = LLM(str(make_hf_model("llama")), dtype="float32", kv_cache_memory=2**17,
+              block_size=16, max_num_seqs=8)
+    try:
+        # about 60 tokens each: 8 of them do not fit in the 256-token cache together
+        schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
+                  "minItems": 30, "maxItems": 30}
+        params = [SamplingParams(temperature=1.0, seed=s, max_tokens=150,
+                                 structured_outputs=StructuredOutputsParams(json=schema))
+                  for s in range(8)]
+        outs = llm.generate([f"# request {i}\n" for i in range(8)], params)
+        assert llm.llm_engine.num_preemptions > 0
+    finally:
+        llm.shutdown()
+    finished = [o.outputs[0] for o in outs if o.outputs[0].finish_reason == "stop"]
+    assert len(finished) == 8
+    for completion in finished:
+        jsonschema.validate(json.loads(completion.text), schema)
