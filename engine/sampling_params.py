@@ -111,6 +111,9 @@ class SamplingParams:
     `extra_args`: a dict of per-request arguments that logits processors read
     (each processor documents its keys); the engine itself ignores it.
 
+    `structured_outputs`: a `StructuredOutputsParams` constraining the output to
+    a JSON schema, regex, choice or grammar (None: unconstrained).
+
     Raises:
         ValueError: a field has a bad type or value; the message names the field
             and what is allowed.
