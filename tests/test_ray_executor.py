@@ -11,17 +11,22 @@ import os
 # outward address; this switch (read when ray is imported) keeps it local
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
+import asyncio  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import httpx  # noqa: E402
+import openai  # noqa: E402
 import pytest  # noqa: E402
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 from test_executor_multiproc import wait_dead  # noqa: E402
+from test_serve import Server  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.executor.ray_executor import RayExecutor, RayWorkerError  # noqa: E402
@@ -99,10 +104,10 @@ def plugin_model(tmp_path_factory, make_hf_model) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def tp1_tokens(make_hf_model) -> list[list[int]]:
+def tp1_outputs(make_hf_model) -> list:
     llm = LLM(str(make_hf_model("llama")), dtype="float32", kv_cache_memory=8 * 2**20)
     try:
-        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        return [o.outputs[0] for o in llm.generate(PROMPTS, GREEDY)]
     finally:
         llm.shutdown()
 
@@ -118,7 +123,7 @@ def where_and_settings(worker) -> dict:
 
 
 def test_tp2_one_rank_per_node_matches_tp1_with_plugin_model_and_setting(
-        ray_cluster, plugin_model, tp1_tokens, monkeypatch):
+        ray_cluster, plugin_model, tp1_outputs, monkeypatch):
     plugin_dir, model = plugin_model
     monkeypatch.setenv("PYTHONPATH", TESTS_DIR)  # the actors import this module's functions
     llm = LLM(str(model), tensor_parallel_size=2, distributed_executor_backend="ray",
@@ -136,7 +141,7 @@ def test_tp2_one_rank_per_node_matches_tp1_with_plugin_model_and_setting(
     assert {r["node_id"] for r in ranks} == nodes  # one rank on each node
     assert [r["tag"] for r in ranks] == ["from-driver", "from-driver"]
     assert [r["model_class"] for r in ranks] == ["DistLlamaForCausalLM"] * 2
-    assert tokens == tp1_tokens
+    assert tokens == [o.token_ids for o in tp1_outputs]
     # shutdown leaves no actor and no placement group behind
     assert wait_dead([r["pid"] for r in ranks]) == []
     assert {pg["state"] for pg in ray.util.placement_group_table().values()} <= {"REMOVED"}
@@ -168,3 +173,40 @@ def test_without_ray_installed_asking_for_it_says_what_to_install(make_hf_model,
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with pytest.raises(ImportError, match=r"pip install 'engine\[ray\]'"):
         LLM(str(make_hf_model("llama")), distributed_executor_backend="ray")
+
+
+def test_data_parallel_serving_over_ray_puts_a_replica_on_each_node(
+        ray_cluster, make_hf_model, tp1_outputs, tmp_path, monkeypatch):
+    """engine serve --data-parallel-size 2 --data-parallel-backend ray joins the
+    cluster (RAY_ADDRESS): each replica's worker is an actor, one per node."""
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster.address)
+    srv = Server(["--model", str(make_hf_model("llama")), "--dtype", "float32",
+                  "--served-model-name", "tiny", "--kv-cache-memory", str(8 * 2**20),
+                  "--data-parallel-size", "2", "--data-parallel-backend", "ray"],
+                 tmp_path / "config", tmp_path / "server.log")
+    try:
+        srv.wait_ready(timeout=300)
+        assert ray.available_resources().get("CPU", 0.0) == 0.0  # one actor per node
+        client = openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="unused",
+                                    max_retries=0, timeout=120)
+
+        async def main() -> list[str]:
+            try:
+                responses = await asyncio.gather(*(client.completions.create(
+                    model="tiny", prompt=p, max_tokens=10, temperature=0.0,
+                    extra_body={"ignore_eos": True}) for p in PROMPTS))
+            finally:
+                await client.close()
+            return [r.choices[0].text for r in responses]
+
+        assert asyncio.run(main()) == [o.text for o in tp1_outputs]
+        metrics = httpx.get(f"{srv.url}/metrics", timeout=10).text
+        assert 'engine_server_data_parallel_requests_routed_total{engine="0"}' in metrics
+        assert 'engine_server_data_parallel_requests_routed_total{engine="1"}' in metrics
+    finally:
+        assert srv.stop() == 0, srv.output()
+    # the server's replicas left the cluster as they found it
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0.0) < 2.0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU") == 2.0

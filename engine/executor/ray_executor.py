@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -193,13 +194,48 @@ class _RankActor:
         return f"node {self.ip}, node id {self.node_id[:12]}, pid {self.pid}"
 
 
+# Ray connections of this process: several executors (data-parallel replicas)
+# share one, and the last to stop leaves a Ray instance an executor started
+_ray_lock = threading.Lock()
+_ray_users = 0
+_ray_started_here = False
+
+
+def _join_ray(ray: Any, world_size: int) -> None:
+    """Connect to ``RAY_ADDRESS``, or start a private local Ray instance, unless
+    this process is connected already (then that connection is used)."""
+    global _ray_users, _ray_started_here
+    with _ray_lock:
+        if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS") or None
+            if address is None:
+                # a CPU per rank even on small machines
+                ray.init(address="local", num_cpus=max(os.cpu_count() or 1, world_size),
+                         include_dashboard=False, log_to_driver=True)
+            else:
+                ray.init(address=address, log_to_driver=True)
+            _ray_started_here = True
+        _ray_users += 1
+
+
+def _leave_ray(ray: Any) -> None:
+    global _ray_users, _ray_started_here
+    with _ray_lock:
+        _ray_users -= 1
+        if _ray_users == 0 and _ray_started_here:
+            _ray_started_here = False
+            if ray.is_initialized():
+                ray.shutdown()
+
+
 def _stop_actors(ray: Any, actors: list[_RankActor], pg_holder: list[Any],
-                 owns_ray: bool, graceful: bool) -> None:
+                 graceful: bool) -> None:
     """Shut the workers down (politely when `graceful`), kill every actor, remove
-    the placement group, and leave Ray when this executor started it."""
+    the placement group, and leave Ray (see `_leave_ray`)."""
     if not ray.is_initialized():
         actors.clear()
         pg_holder.clear()
+        _leave_ray(ray)
         return
     if graceful and actors:
         refs = [a.actor.shutdown_worker.remote() for a in actors]
@@ -218,8 +254,7 @@ def _stop_actors(ray: Any, actors: list[_RankActor], pg_holder: list[Any],
         except Exception:
             pass
     pg_holder.clear()
-    if owns_ray:
-        ray.shutdown()
+    _leave_ray(ray)
 
 
 class RayExecutor(ExecutorBase):
@@ -232,21 +267,12 @@ class RayExecutor(ExecutorBase):
         config = self.config
         world_size = config.parallel_config.tensor_parallel_size
         self.world_size = world_size
-        self._owns_ray = False
-        if not ray.is_initialized():
-            address = os.environ.get("RAY_ADDRESS") or None
-            if address is None:
-                # a private local cluster, with a CPU per rank even on small machines
-                ray.init(address="local", num_cpus=max(os.cpu_count() or 1, world_size),
-                         include_dashboard=False, log_to_driver=True)
-            else:
-                ray.init(address=address, log_to_driver=True)
-            self._owns_ray = True
+        _join_ray(ray, world_size)
         self._actors: list[_RankActor] = []
         self._pg: list[Any] = []
         self._failure: str | None = None
         self._finalizer = weakref.finalize(self, _stop_actors, ray, self._actors, self._pg,
-                                           self._owns_ray, False)
+                                           False)
         try:
             self._start_actors()
         except BaseException:
@@ -432,7 +458,7 @@ class RayExecutor(ExecutorBase):
         if self._finalizer.alive and self._failure is None:
             # a healthy executor lets each worker release what it holds first
             self._finalizer.detach()
-            _stop_actors(self._ray, self._actors, self._pg, self._owns_ray, True)
+            _stop_actors(self._ray, self._actors, self._pg, True)
         else:
             self._finalizer()
 
