@@ -53,6 +53,7 @@ __all__ = [
 
 
 def pytest_addoption(parser: Any) -> None:
+    """Register ``--engine-plugin NAME`` and ``--engine-plugin-group G``."""
     group = parser.getgroup("engine", "engine plugin conformance kit")
     group.addoption("--engine-plugin", action="append", default=[], metavar="NAME",
                     help="run the engine's conformance checks of plugin NAME (repeatable) "
@@ -73,6 +74,7 @@ def pytest_collection(session: Any) -> bool | None:
 
 
 def pytest_sessionfinish(session: Any) -> None:
+    """Undo the kit's changes to this process (the current platform, the environment)."""
     ctx = getattr(session.config, "_engine_kit_context", None)
     if ctx is not None:
         ctx.close()

@@ -27,6 +27,7 @@ TOLERANCE = 1e-5  # float32 sums of two values: rounding only
 
 
 def communicator_checks(ctx: KitContext, name: str, prefix: str) -> list[Check]:
+    """One check per collective of the platform's device communicator."""
     return [Check(f"{prefix}communicator[{c}]",
                   lambda c=c: check_collective(ctx, name, c),
                   f"the device communicator's {c} over {WORLD_SIZE} ranks vs gloo")
@@ -34,6 +35,7 @@ def communicator_checks(ctx: KitContext, name: str, prefix: str) -> list[Check]:
 
 
 def check_collective(ctx: KitContext, name: str, collective: str) -> None:
+    """Fail when either rank saw `collective` differ from gloo (or never got to it)."""
     from engine.testing._platform import platform_cls
 
     platform_cls(ctx, name)  # skipped when the detector failed

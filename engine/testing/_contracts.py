@@ -36,6 +36,7 @@ def _loaded(ctx: KitContext, group: str, name: str) -> Any:
 
 
 def general_checks(ctx: KitContext, name: str) -> list[Check]:
+    """The checks of general plugin `name`."""
     prefix = f"general/{name}::"
     return [
         Check(prefix + "loads", lambda: _check_general_loads(ctx, name),
@@ -121,6 +122,7 @@ def _check_model_archs(ctx: KitContext, name: str) -> None:
 
 
 def io_processor_checks(ctx: KitContext, name: str) -> list[Check]:
+    """The checks of IO-processor plugin `name`."""
     prefix = f"io_processor/{name}::"
     return [
         Check(prefix + "builds", lambda: _processor(ctx, name) and None,
@@ -218,6 +220,7 @@ def _check_io_signatures(ctx: KitContext, name: str) -> None:
 
 
 def stat_logger_checks(ctx: KitContext, name: str) -> list[Check]:
+    """The checks of stat-logger plugin `name`."""
     prefix = f"stat_logger/{name}::"
     return [
         Check(prefix + "is_subclass", lambda: _logger_cls(ctx, name) and None,
@@ -310,6 +313,7 @@ def _check_logger_engine_run(ctx: KitContext, name: str) -> None:
 
 
 def logits_processor_checks(ctx: KitContext, name: str) -> list[Check]:
+    """The checks of logits-processor plugin `name`."""
     prefix = f"logits_processor/{name}::"
     return [
         Check(prefix + "is_subclass", lambda: _processor_cls(ctx, name) and None,

@@ -57,6 +57,7 @@ class CheckResult:
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
+        """The result as one object of `engine plugins test --json`."""
         return {"check": self.id, "outcome": self.outcome, "message": self.message,
                 "seconds": round(self.seconds, 3)}
 
@@ -199,6 +200,7 @@ class KitContext:
         os.environ[name] = value
 
     def on_close(self, func: Callable[[], None]) -> None:
+        """Call `func` at `close` (before the environment is restored)."""
         self._closers.append(func)
 
     def close(self) -> None:

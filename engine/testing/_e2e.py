@@ -42,6 +42,7 @@ def run_engine(platform: str, *, log_stats: bool = False, strict: bool = False) 
 
 
 def check_greedy_vs_cpu(ctx: KitContext, name: str) -> None:
+    """Fail when the plugin platform's greedy tokens differ from the cpu platform's."""
     from engine.testing._platform import platform_cls
 
     platform_cls(ctx, name)

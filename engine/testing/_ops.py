@@ -103,6 +103,8 @@ def _flatten(out: Any) -> list[Any]:
 
 
 def check_op(ctx: KitContext, name: str, op_name: str, dtype_name: str) -> None:
+    """Fail when op `op_name`, built and dispatched on the platform, differs from its
+    own ``forward_native`` beyond the dtype's tolerance."""
     import torch
 
     from engine.config import set_current_engine_config

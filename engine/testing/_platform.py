@@ -153,6 +153,7 @@ def activate(ctx: KitContext, name: str) -> type:
 
 
 def check_class_attributes(ctx: KitContext, name: str) -> None:
+    """``_enum``, ``device_type`` and ``device_name`` are declared and sensible."""
     import torch
 
     from engine.platforms import PlatformEnum
@@ -175,6 +176,7 @@ def check_class_attributes(ctx: KitContext, name: str) -> None:
 
 
 def check_classmethods(ctx: KitContext, name: str) -> None:
+    """The methods the engine calls on the class are classmethods."""
     cls = platform_cls(ctx, name)
     wrong = [m for m in REQUIRED_CLASSMETHODS
              if not isinstance(inspect.getattr_static(cls, m, None), classmethod)]
@@ -195,6 +197,7 @@ def kit_engine_config(block_size: int = 16, attention_backend: str | None = None
 
 
 def check_config_hook(ctx: KitContext, name: str) -> None:
+    """``check_and_update_config`` fills in worker_cls, the device and the backend."""
     import registry
     from engine.worker import WorkerBase
 
@@ -218,6 +221,7 @@ def check_config_hook(ctx: KitContext, name: str) -> None:
 
 
 def check_import_kernels(ctx: KitContext, name: str) -> None:
+    """``import_kernels`` runs through the engine, and again."""
     cls = activate(ctx, name)  # imports them once, through current_platform
     cls.import_kernels()  # a second call (a re-entrant plugin) must not fail
 
@@ -232,6 +236,7 @@ def _selector(dtype: Any = None, block_size: int = 16) -> Any:
 
 
 def check_attn_backend_cls(ctx: KitContext, name: str) -> None:
+    """The platform's backend is an AttentionBackend; an explicit NAIVE is honoured."""
     import registry
     from engine.attention import AttentionBackend, AttentionBackendEnum
 
@@ -253,6 +258,7 @@ def check_attn_backend_cls(ctx: KitContext, name: str) -> None:
 
 
 def check_communicator_cls(ctx: KitContext, name: str) -> None:
+    """The communicator named is a DeviceCommunicatorBase subclass."""
     import registry
     from engine.distributed import DeviceCommunicatorBase
 
@@ -387,6 +393,7 @@ def _compare_attention(got: Any, expected: Any, query_lens: list[int], seq_lens:
 
 def check_attention_step(ctx: KitContext, name: str, key: tuple[str, int, str],
                          step: str) -> None:
+    """Fail when one step of the attention scenario differs from NAIVE."""
     dtype_name, block_size, heads = key
     cls = platform_cls(ctx, name)
     if not cls.supports_dtype(dtype_name):

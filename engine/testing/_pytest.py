@@ -18,17 +18,20 @@ class KitCheckItem(pytest.Item):
         self.check = check
 
     def runtest(self) -> None:
+        """Run the check; a skipped check is a pytest skip."""
         try:
             self.check.func()
         except CheckSkipped as exc:
             pytest.skip(str(exc))
 
     def repr_failure(self, excinfo: Any, style: Any = None) -> str:
+        """A check's failure is its one line, not a traceback."""
         if isinstance(excinfo.value, CheckFailed):
             return str(excinfo.value)
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self) -> tuple[str, int | None, str]:
+        """Where the item comes from, for reports."""
         return "engine-conformance", None, self.check.id
 
 
@@ -36,6 +39,7 @@ class KitCollector(pytest.Collector):
     """The checks of one plugin."""
 
     def collect(self) -> list[pytest.Item]:
+        """Nothing: its items are made by `collect_session`."""
         return []
 
 
