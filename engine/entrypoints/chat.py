@@ -8,7 +8,7 @@ import datetime
 import functools
 import json
 import re
-from typing import Any
+from typing import Any, NoReturn
 
 
 class ChatTemplateError(ValueError):
@@ -176,7 +176,7 @@ def _compile(template: str) -> Any:
 
     _BoundedEnvironment = _bounded_environment_class()  # noqa: N806
 
-    def raise_exception(message: str) -> None:
+    def raise_exception(message: str) -> NoReturn:
         raise TemplateError(message)
 
     def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,

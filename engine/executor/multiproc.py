@@ -26,7 +26,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, NoReturn
 
 from engine.executor import ExecutorBase, build_worker
 
@@ -328,7 +328,7 @@ class MultiprocExecutor(ExecutorBase):
         except (EOFError, OSError):
             return None
 
-    def _died(self, h: _WorkerHandle, what: str) -> None:
+    def _died(self, h: _WorkerHandle, what: str) -> NoReturn:
         h.process.join(1.0)
         code = h.process.exitcode
         message = (
@@ -343,7 +343,8 @@ class MultiprocExecutor(ExecutorBase):
         self._fail(message)
         raise WorkerProcessError(message, rank=h.rank, exit_code=code)
 
-    def _raise_remote(self, what: str, h: _WorkerHandle, payload: bytes | None, text: str):
+    def _raise_remote(self, what: str, h: _WorkerHandle, payload: bytes | None,
+                      text: str) -> NoReturn:
         if what == "startup":
             h.process.join(2.0)  # it exits on its own right after reporting
             self._fail(f"worker rank {h.rank} failed to start")

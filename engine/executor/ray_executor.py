@@ -28,7 +28,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from engine.executor import ExecutorBase, build_worker
 from engine.executor.multiproc import WorkerProcessError
@@ -404,7 +404,7 @@ class RayExecutor(ExecutorBase):
             self._raise_remote(what, *errors[min(errors)])
         return results
 
-    def _died(self, a: _RankActor, what: str, exc: BaseException) -> None:
+    def _died(self, a: _RankActor, what: str, exc: BaseException) -> NoReturn:
         cause = str(exc).strip().splitlines()
         message = (
             f"engine worker rank {a.rank} (Ray actor on {a.where}) died during {what!r}; "
@@ -413,7 +413,7 @@ class RayExecutor(ExecutorBase):
         self._fail(message)
         raise RayWorkerError(message, rank=a.rank, node=a.ip) from exc
 
-    def _raise_remote(self, what: str, a: _RankActor, exc: BaseException) -> None:
+    def _raise_remote(self, what: str, a: _RankActor, exc: BaseException) -> NoReturn:
         from ray.exceptions import RayTaskError
 
         text = str(exc)

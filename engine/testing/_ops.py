@@ -6,7 +6,7 @@ same op's ``forward_native``, per dtype."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from engine.testing._core import Check, CheckFailed, CheckSkipped, KitContext
 
@@ -88,7 +88,7 @@ def op_checks(ctx: KitContext, name: str, prefix: str) -> list[Check]:
     except (CheckFailed, CheckSkipped) as exc:
         problem = exc
 
-        def fail() -> None:
+        def fail() -> NoReturn:
             raise CheckSkipped(f"cannot tell which ops the platform replaces: {problem}")
 
         return [Check(prefix + "custom_ops", fail, "custom ops vs forward_native")]
