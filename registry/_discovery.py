@@ -22,7 +22,8 @@ from registry._versions import admits
 logger = logging.getLogger("registry")
 
 # the environment that decides what discovery finds; a change means a new scan
-_ENV_KEYS = ("ENGINE_PLUGIN_DIRS", "ENGINE_PLUGINS", "ENGINE_CONFIG_DIR", "ENGINE_PLUGINS_AUTOLOAD")
+_ENV_KEYS = ("ENGINE_PLUGIN_DIRS", "ENGINE_PLUGINS", "ENGINE_CONFIG_DIR", "ENGINE_PLUGINS_AUTOLOAD",
+             "ENGINE_STRICT_PLUGINS")
 
 
 @dataclass(frozen=True)
@@ -170,13 +171,15 @@ def _scan() -> Discovery:
          record.disabled_reason if outcome not in ("discovered", "disabled") else None)
         for (record, outcome), original in zip(decided, found, strict=True)
     ])
+    strict = strict_mode()  # then the problems are raised by `discover`, not logged
     for problem in scan.problems:
         if problem.record is None and problem.outcome:
             record_event(
                 None, problem.outcome, error=problem.message,
                 source=problem.source, origin=problem.origin,
             )
-        logger.log(problem.level, problem.message)
+        if not strict:
+            logger.log(problem.level, problem.message)
     records = tuple(record for record, _ in decided)
     seconds = perf_counter() - start
     logger.info("discovered %d plugins (%d enabled) in %.1f ms", len(records),
@@ -198,7 +201,8 @@ def _scan_without_gc() -> Discovery:
 
 def current_discovery() -> Discovery:
     """The cached discovery for the current environment, scanning when it changed.
-    Problems are logged once per scan; nothing here raises."""
+    Problems are logged once per scan (in strict mode `discover` raises them
+    instead, and callers of this function report them); nothing here raises."""
     global _cache
     key = (*(os.environ.get(name) for name in _ENV_KEYS), state_stamp())
     with _lock:
@@ -210,10 +214,11 @@ def current_discovery() -> Discovery:
 def raise_if_strict(problems: tuple[Problem, ...] | list[Problem]) -> None:
     """In strict mode, turn logged plugin problems into a PluginLoadError."""
     if problems and strict_mode():
-        lines = "\n".join(f"  {p.message}" for p in problems)
+        # one line however many problems: the CLI prints it as is
+        more = f" (and {len(problems) - 1} more: see `engine plugins doctor`)" if len(problems) > 1 else ""
         raise PluginLoadError(
-            f"strict plugin mode (ENGINE_STRICT_PLUGINS=1 / --strict-plugins): "
-            f"{len(problems)} plugin problem(s):\n{lines}",
+            f"{problems[0].message}{more} [strict plugin mode: ENGINE_STRICT_PLUGINS=1 / "
+            "--strict-plugins]",
             problems[0].record,
         )
 

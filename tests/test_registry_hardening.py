@@ -5,6 +5,7 @@ Each runs in a real child process through the public API or the CLI."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -226,3 +227,36 @@ def test_nested_too_deeply_reports_the_real_position(plugin_dir):
     proc = run_cli("plugins", "validate", str(path), env=subprocess_env())
     assert proc.returncode == 1
     assert proc.stdout.strip() == f"{path}:2:5: arrays or tables nested too deeply"
+
+
+def test_engine_generate_survives_a_general_plugin_calling_sys_exit(plugin_dir):
+    _exiting_plugins(plugin_dir)
+    proc = run_cli("--plugin-dir", str(plugin_dir), "generate", "--prompt", "hi",
+                   "--max-tokens", "2", "--json", env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout.strip().splitlines()[-1])[0]["token_ids"]) == 2
+    assert "plugin 'a_exits' (engine.general_plugins) from plugin-dir" in proc.stderr
+    assert "tried to end the process (SystemExit: 3)" in proc.stderr
+
+
+def test_platform_detector_calling_sys_exit_is_a_reported_problem(plugin_dir):
+    write_module(plugin_dir, "exiting_platform", "import sys\ndef detect():\n    sys.exit(5)\n")
+    write_manifest(plugin_dir, "plat.toml",
+                   [{"group": "platform", "name": "quitter", "value": "exiting_platform:detect"}],
+                   package='path = "."')
+    proc = run_cli("--plugin-dir", str(plugin_dir), "plugins", "doctor", env=subprocess_env())
+    assert proc.returncode == 1, proc.stderr  # a problem found, not the plugin's exit code 5
+    assert "platform plugin 'quitter'" in proc.stdout
+    assert "tried to end the process (SystemExit: 5)" in proc.stdout
+    assert "would choose 'cpu'" in proc.stdout
+
+
+def test_strict_discovery_problem_is_one_line_in_the_cli(plugin_dir):
+    (plugin_dir / "bad.toml").write_text("schema-version = 1\n[[plugin]]\n")
+    proc = run_cli("--strict-plugins", "--plugin-dir", str(plugin_dir), "generate",
+                   "--prompt", "hi", "--max-tokens", "1", env=subprocess_env())
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"engine: plugin error: {plugin_dir / 'bad.toml'}: plugin[0].group:")
+    assert lines[0].endswith("[strict plugin mode: ENGINE_STRICT_PLUGINS=1 / --strict-plugins]")

@@ -121,7 +121,11 @@ def run_list(args: argparse.Namespace) -> int:
             rows.append([group_alias(r.group), r.name, r.source, "yes" if r.enabled else "no",
                          r.value, r.origin, note])
         print(_table(rows))
-    return 1 if discovery.problems and strict_mode() else 0
+    if discovery.problems and strict_mode():
+        for problem in discovery.problems:  # strict mode raises instead of logging: say them
+            print(f"engine plugins list: {problem.message}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # ---------------------------------------------------------------------------
