@@ -75,6 +75,10 @@ def pytest_collection(session: Any) -> bool | None:
 
 def pytest_sessionfinish(session: Any) -> None:
     """Undo the kit's changes to this process (the current platform, the environment)."""
-    ctx = getattr(session.config, "_engine_kit_context", None)
+    if not session.config.getoption("engine_plugin"):
+        return
+    from engine.testing._pytest import CONTEXT_KEY
+
+    ctx = session.config.stash.get(CONTEXT_KEY, None)
     if ctx is not None:
         ctx.close()

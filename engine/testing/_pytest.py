@@ -9,6 +9,9 @@ import pytest
 from engine.testing._core import Check, CheckFailed, CheckSkipped, KitContext
 from engine.testing._kit import collect_checks
 
+#: the run's shared state, kept on the pytest config until the session ends
+CONTEXT_KEY = pytest.StashKey[KitContext]()
+
 
 class KitCheckItem(pytest.Item):
     """One conformance check as a test item."""
@@ -48,7 +51,7 @@ def collect_session(session: Any, names: list[str], group: str | None) -> None:
     usual hooks (-k, -m, deselection) see them."""
     config = session.config
     ctx = KitContext()
-    config._engine_kit_context = ctx
+    config.stash[CONTEXT_KEY] = ctx
     hook = config.hook
     items: list[pytest.Item] = []
     for name in names:
