@@ -29,7 +29,11 @@ def plugin_groups(name: str, group: str | None = None) -> list[str]:
     """The group aliases under which an enabled plugin called `name` is found
     (only `group` when given). Raises LookupError saying what exists instead."""
     import registry
-    from registry._groups import group_alias
+
+    alias_of = {full: alias for alias, full in registry.GROUP_ALIASES.items()}
+
+    def group_alias(full_name: str) -> str:
+        return alias_of.get(full_name, full_name)
 
     full = registry.resolve_group(group) if group else None
     records = [r for r in registry.discover(full) if r.name == name]
