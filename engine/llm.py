@@ -5,11 +5,15 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.config import EngineConfig
 from engine.engine_args import EngineArgs, default_model_dir, engine_args_signature
 from engine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.sampling_params import SamplingParams
+    from engine.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
 
@@ -66,7 +70,7 @@ class LLM:
     def config(self) -> EngineConfig:
         return self.llm_engine.config
 
-    def get_tokenizer(self) -> Any:
+    def get_tokenizer(self) -> Tokenizer:
         """The model's `engine.tokenizer.Tokenizer`."""
         return self.llm_engine.tokenizer
 
@@ -75,7 +79,7 @@ class LLM:
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
-        sampling_params: Any = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Complete every prompt; returns one `RequestOutput` per prompt, in order.
@@ -107,7 +111,8 @@ class LLM:
                 engine.abort_request(request_id)
             raise
 
-    def generate_stream(self, prompt: Prompt, sampling_params: Any = None) -> Iterator[RequestOutput]:
+    def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None
+                        ) -> Iterator[RequestOutput]:
         """Generate for one prompt, yielding a `RequestOutput` snapshot after every
         step that added tokens (``outputs[i].text_delta`` is the new text; the last
         snapshot has ``finished`` set). Closing the iterator aborts the request."""
@@ -148,7 +153,8 @@ class LLM:
         return [results[i] for i in ids]
 
     @staticmethod
-    def _params_list(sampling_params: Any, count: int) -> list[Any]:
+    def _params_list(sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+                     count: int) -> list[SamplingParams]:
         from engine.sampling_params import SamplingParams
 
         if sampling_params is None:
@@ -168,7 +174,7 @@ class LLM:
     def chat(
         self,
         messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
-        sampling_params: Any = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         use_tqdm: bool = False,
