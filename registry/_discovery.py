@@ -82,6 +82,8 @@ def _decide(found: list[PluginRecord], scan: Scan) -> list[tuple[PluginRecord, s
     for record in found:
         outcome = "discovered"
         verdict = None if not record.enabled else _filter_verdict(record, flt, auto, disabled)
+        api = None if record.api is None else api_problem(record.group, record.api,
+                                                          record.describe())
         if not record.enabled:
             record = replace(record, disabled_by="manifest")
             outcome = "disabled"
@@ -89,7 +91,7 @@ def _decide(found: list[PluginRecord], scan: Scan) -> list[tuple[PluginRecord, s
             record = replace(record, enabled=False, disabled_by=verdict[0],
                              disabled_reason=verdict[1])
             outcome = "filtered"
-        elif (api := api_problem(record.group, record.api, record.describe())) and api[0]:
+        elif api is not None and api[0]:
             record = replace(record, enabled=False, disabled_reason=api[1], disabled_by="api")
             scan.problems.append(Problem(logging.WARNING, f"skipping: {api[1]}", "", record))
             outcome = "incompatible"
@@ -101,7 +103,7 @@ def _decide(found: list[PluginRecord], scan: Scan) -> list[tuple[PluginRecord, s
                 Problem(logging.WARNING, f"skipping {record.describe()}: {reason}", "", record)
             )
             outcome = "incompatible"
-        if api and not api[0] and record.enabled:  # older, still supported: loads, warned
+        if api is not None and not api[0] and record.enabled:  # older, supported: warned
             scan.problems.append(Problem(logging.WARNING, api[1], "", record))
         decided.append((record, outcome))
     decided = _apply_precedence(decided, scan)

@@ -260,3 +260,14 @@ def test_strict_discovery_problem_is_one_line_in_the_cli(plugin_dir):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"engine: plugin error: {plugin_dir / 'bad.toml'}: plugin[0].group:")
     assert lines[0].endswith("[strict plugin mode: ENGINE_STRICT_PLUGINS=1 / --strict-plugins]")
+
+
+def test_doctor_reports_a_general_plugin_that_raises_when_called(plugin_dir):
+    write_module(plugin_dir, "raising_plugin", "def boom():\n    raise RuntimeError('kaput')\n")
+    write_manifest(plugin_dir, "boom.toml",
+                   [{"group": "general", "name": "boom", "value": "raising_plugin:boom"}],
+                   package='path = "."')
+    proc = run_cli("--plugin-dir", str(plugin_dir), "plugins", "doctor", env=subprocess_env())
+    assert proc.returncode == 1
+    assert (f"general plugin 'boom' (plugin-dir {plugin_dir / 'boom.toml'}) raised when called: "
+            "RuntimeError: kaput") in proc.stdout

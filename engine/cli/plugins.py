@@ -521,6 +521,10 @@ def _doctor_effects(report: _Report) -> list[dict[str, Any]]:
         registry.load_general_plugins()
     except Exception as exc:  # strict mode: the failure is the report
         report.problem(f"general plugins: {exc}")
+    for event in registry.load_trace():
+        if event.outcome == "call-failed" and event.pid == os.getpid():
+            report.problem(f"general plugin {event.name!r} ({event.source} {event.origin}) "
+                           f"raised when called: {event.error}")
     effects = registry.effects()
     for effect in effects:
         replaced = f" (replaces {effect['replaced']}'s)" if effect["replaced"] else ""
