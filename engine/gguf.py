@@ -230,45 +230,79 @@ class GGUFFile:
         )
 
     def _byte_level_bpe(self, tokens: list[str], types: list[int]) -> Any:
-        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
         merges = [tuple(m.split(" ", 1)) for m in self.get("tokenizer.ggml.merges") or []]
         vocab = {tok: i for i, tok in enumerate(tokens)}
         backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        split = _PRE_TOKENIZER_SPLITS.get(str(self.get("tokenizer.ggml.pre", "")))
+        if split is None:  # GPT-2's own split, inside ByteLevel
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        else:  # the split the vocabulary's merges were learned with
+            backend.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ])
         backend.decoder = decoders.ByteLevel()
         _add_special_tokens(backend, tokens, types, AddedToken)
         return backend
 
     def _sentencepiece_bpe(self, tokens: list[str], types: list[int]) -> Any:
         """A SentencePiece BPE vocabulary (``▁`` for spaces, ``<0xNN>`` byte
-        fallback): merges ranked by the file's scores."""
-        from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+        fallback). Without merges in the file, every split of a piece into two
+        pieces is a merge, ranked by the piece's score (higher first)."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-        scores = self.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
         vocab = {tok: i for i, tok in enumerate(tokens)}
-        merges = []
-        for piece, score in zip(tokens, scores, strict=False):
-            for split in range(1, len(piece)):
-                left, right = piece[:split], piece[split:]
-                if left in vocab and right in vocab:
-                    merges.append((score, vocab[left], vocab[right], left, right))
-        merges.sort(key=lambda m: (-m[0], m[1], m[2]))
+        merges = [tuple(m.split(" ", 1)) for m in self.get("tokenizer.ggml.merges") or []]
+        if not merges:
+            scores = self.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+            merges = _merges_from_scores(tokens, scores, vocab)
         unk = self.get("tokenizer.ggml.unknown_token_id")
         backend = Tokenizer(models.BPE(
-            vocab=vocab, merges=[(m[3], m[4]) for m in merges],
-            unk_token=tokens[int(unk)] if unk is not None else None,
+            vocab=vocab, merges=merges, unk_token=tokens[int(unk)] if unk is not None else None,
             byte_fallback=True, fuse_unk=True,
         ))
-        backend.normalizer = normalizers.Sequence(
-            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
-        )
-        backend.decoder = decoders.Sequence([
-            decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-            decoders.Strip(" ", 1, 0),
-        ])
+        add_space = self.get("tokenizer.ggml.add_space_prefix", True)
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="first" if add_space else "never", split=False)
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if add_space:
+            steps.append(decoders.Strip(" ", 1, 0))
+        backend.decoder = decoders.Sequence(steps)
         _add_special_tokens(backend, tokens, types, AddedToken)
         return backend
+
+
+# tokenizer.ggml.pre -> the regex a byte-level vocabulary splits text with before
+# its merges apply (the patterns of the original models' tokenizer.json files)
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_TOKENIZER_SPLITS = {
+    "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """BPE merges implied by a scored vocabulary: each piece's two-piece splits,
+    best score first; ties go to the longer left, then longer right part, then
+    the order of the pieces and their parts' ids."""
+    candidates = []
+    for piece, score in zip(tokens, scores, strict=False):
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))
+                  if piece[:k] in vocab and piece[k:] in vocab]
+        splits.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        candidates += [(left, right, score) for left, right in splits]
+    candidates.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # stable
+    return [(left, right) for left, right, _ in candidates]
 
 
 def _add_special_tokens(backend: Any, tokens: list[str], types: list[int], added_token: Any) -> None:

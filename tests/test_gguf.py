@@ -56,14 +56,40 @@ def _random_k_quant(shape: tuple[int, int], qtype: str, rng: np.random.Generator
     return blocks.reshape(rows, -1)
 
 
+def sentencepiece_vocab(tokenizer_dir: Path, size: int = 700) -> dict:
+    """A SentencePiece-style scored vocabulary (<unk>, <s>, </s>, 256 byte
+    pieces, then "▁"-spelled pieces), trained offline on the tokenizer fixture's
+    text, as llama.cpp writes one: no merges, a score per piece."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    from conftest import _training_text
+
+    trainer = SentencePieceBPETokenizer(add_prefix_space=True)
+    trainer.train_from_iterator(_training_text(200_000), vocab_size=size, show_progress=False)
+    learned = sorted(trainer.get_vocab().items(), key=lambda item: item[1])
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [gguf.TokenType.UNKNOWN] + [gguf.TokenType.CONTROL] * 2 + [gguf.TokenType.BYTE] * 256
+    seen = set(tokens)
+    for piece, _ in learned:
+        if piece not in seen:
+            seen.add(piece)
+            tokens.append(piece)
+            types.append(gguf.TokenType.NORMAL)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(tokens) - 259)]
+    return {"model": "llama", "tokens": tokens, "types": types, "scores": scores,
+            "bos": 1, "eos": 2, "unk": 0}
+
+
 def write_gguf(model_dir: Path, out: Path, qtype: str = "F32", *, chat_template: str | None = None,
-               seed: int = 0) -> Path:
-    """Write the Hugging Face-format Llama `model_dir` as one GGUF file: config,
-    byte-level BPE tokenizer, and the 2-D weights in `qtype` (norms stay F32)."""
+               seed: int = 0, arch: str = "llama", vocab: dict | None = None,
+               pre: str = "default") -> Path:
+    """Write the Hugging Face-format Llama (or Qwen2, `arch="qwen2"`) `model_dir`
+    as one GGUF file: config, byte-level BPE tokenizer, and the 2-D weights in
+    `qtype` (norms and biases stay F32)."""
     cfg = json.loads((model_dir / "config.json").read_text())
     tok = json.loads((model_dir / "tokenizer.json").read_text())
     state = load_file(str(model_dir / "model.safetensors"))
-    w = gguf.GGUFWriter(str(out), "llama")
+    w = gguf.GGUFWriter(str(out), arch)
     w.add_name("tiny-random-llama")
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -75,23 +101,32 @@ def write_gguf(model_dir: Path, out: Path, qtype: str = "F32", *, chat_template:
     w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
     w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
     w.add_vocab_size(cfg["vocab_size"])
-    vocab = tok["model"]["vocab"]
-    tokens = [""] * len(vocab)
-    for text, i in vocab.items():
-        tokens[i] = text
-    types = [gguf.TokenType.NORMAL] * len(tokens)
-    for added in tok["added_tokens"]:
-        if added["special"]:
-            types[added["id"]] = gguf.TokenType.CONTROL
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
-    w.add_bos_token_id(cfg["bos_token_id"])
-    w.add_eos_token_id(cfg["eos_token_id"])
-    w.add_pad_token_id(cfg["pad_token_id"])
-    w.add_add_bos_token(False)
+    if vocab is None:
+        tokens = [""] * len(tok["model"]["vocab"])
+        for text, i in tok["model"]["vocab"].items():
+            tokens[i] = text
+        types = [gguf.TokenType.NORMAL] * len(tokens)
+        for added in tok["added_tokens"]:
+            if added["special"]:
+                types[added["id"]] = gguf.TokenType.CONTROL
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+        w.add_bos_token_id(cfg["bos_token_id"])
+        w.add_eos_token_id(cfg["eos_token_id"])
+        w.add_pad_token_id(cfg["pad_token_id"])
+        w.add_add_bos_token(False)
+    else:
+        w.add_tokenizer_model(vocab["model"])
+        w.add_token_list(vocab["tokens"])
+        w.add_token_types(vocab["types"])
+        w.add_token_scores(vocab["scores"])
+        w.add_bos_token_id(vocab["bos"])
+        w.add_eos_token_id(vocab["eos"])
+        w.add_unk_token_id(vocab["unk"])
+        w.add_add_bos_token(True)
     if chat_template is not None:
         w.add_chat_template(chat_template)
     kind = getattr(gguf.GGMLQuantizationType, qtype)
@@ -101,11 +136,12 @@ def write_gguf(model_dir: Path, out: Path, qtype: str = "F32", *, chat_template:
             gguf_name = _GLOBAL[name]
         else:
             _, _, layer, rest = name.split(".", 3)
-            gguf_name = f"blk.{layer}.{_LAYER[rest.rsplit('.', 1)[0]]}.weight"
+            part, suffix = rest.rsplit(".", 1)
+            gguf_name = f"blk.{layer}.{_LAYER[part]}.{suffix}"
         values = tensor.float().numpy()
-        if ".attn_q." in gguf_name:
+        if arch == "llama" and ".attn_q." in gguf_name:  # only llama's converter reorders rows
             values = _llama_cpp_permute(values, cfg["num_attention_heads"])
-        elif ".attn_k." in gguf_name:
+        elif arch == "llama" and ".attn_k." in gguf_name:
             values = _llama_cpp_permute(values, cfg["num_key_value_heads"])
         if values.ndim == 1 or qtype == "F32":
             w.add_tensor(gguf_name, values.astype(np.float32))
@@ -169,6 +205,13 @@ def test_k_quant_blocks_equal_transformers_gguf_loading(k_quant_llama, tmp_path,
     assert engine_greedy(path, PROMPT_IDS, MAX_TOKENS) == expected
 
 
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_qwen2_gguf_equals_transformers(make_hf_model, tmp_path, qtype):
+    path = write_gguf(make_hf_model("qwen2"), tmp_path / f"qwen2-{qtype}.gguf", qtype, arch="qwen2")
+    expected = transformers_greedy(path, PROMPT_IDS, MAX_TOKENS)
+    assert engine_greedy(path, PROMPT_IDS, MAX_TOKENS) == expected
+
+
 def test_tokenizer_and_chat_template_come_from_the_file(small_llama, tmp_path):
     path = write_gguf(small_llama, tmp_path / "chat.gguf", "Q8_0", chat_template=CHAT_TEMPLATE)
     reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
@@ -185,6 +228,40 @@ def test_tokenizer_and_chat_template_come_from_the_file(small_llama, tmp_path):
         assert rendered == "<s>user: hello there</s>\n<s>assistant:"
         out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
         assert len(out[0].outputs[0].token_ids) == 3
+
+
+TEXTS = ["def add(a, b):\n    return a + b", "  two leading spaces, then\ttabs\n\n",
+         "Zahlen 1234567 und Ünïcödé ✓ 你好", "it's we'll they'd", "x"]
+
+
+def test_a_sentencepiece_vocabulary_tokenizes_as_transformers_does(
+    make_hf_model, tokenizer_dir, tmp_path
+):
+    vocab = sentencepiece_vocab(tokenizer_dir)
+    model = make_hf_model("llama", vocab_size=len(vocab["tokens"]), bos_token_id=1,
+                          eos_token_id=2, pad_token_id=0)
+    path = write_gguf(model, tmp_path / "spm.gguf", "Q8_0", vocab=vocab)
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    with LLM(str(path), dtype="float32", kv_cache_memory=1 << 22) as llm:
+        tok = llm.get_tokenizer()
+        for text in TEXTS:
+            ids = reference.encode(text)
+            assert tok.encode(text) == ids, text
+            assert ids[0] == 1 and any(3 <= i < 259 for i in tok.encode("你"))  # BOS, byte fallback
+            assert tok.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+        out = llm.generate([PROMPT_IDS], SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
+                                                        ignore_eos=True))
+    assert out[0].outputs[0].token_ids == transformers_greedy(path, PROMPT_IDS, MAX_TOKENS)
+
+
+def test_a_byte_level_vocabulary_splits_text_as_its_pre_tokenizer_says(small_llama, tmp_path):
+    path = write_gguf(small_llama, tmp_path / "llama3-split.gguf", "Q8_0", pre="llama-bpe")
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    with LLM(str(path), dtype="float32", kv_cache_memory=1 << 22) as llm:
+        tok = llm.get_tokenizer()
+        for text in TEXTS:
+            assert tok.encode(text, add_special_tokens=False) == reference.encode(
+                text, add_special_tokens=False), text
 
 
 def test_a_folder_with_one_gguf_file_is_a_model_and_two_are_refused(small_llama, tmp_path):
