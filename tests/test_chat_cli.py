@@ -181,3 +181,30 @@ def test_default_model_error_says_what_to_pass():
                           capture_output=True, text=True, timeout=120, env=subprocess_env())
     assert proc.returncode == 1 and proc.stdout == ""
     assert "no chat template" in proc.stderr and "--model" in proc.stderr
+
+
+def test_too_long_message_is_an_error_and_clear_starts_over(chatml_model, tmp_path):
+    history = tmp_path / "history.json"
+    tmux = Tmux(_chat_command(chatml_model, history, "--max-model-len", "64",
+                              "--max-tokens", "4", "--temperature", "0"),
+                subprocess_env(), ROOT)
+    try:
+        tmux.wait_for(lambda s: _prompt_count(s) >= 1, "the first prompt")
+        tmux.send("word " * 80, "Enter")
+        tmux.wait_for(lambda s: "engine chat: error:" in s and _prompt_count(s) >= 2,
+                      "the error and a new prompt")
+        tmux.send("hi", "Enter")
+        messages = _wait_history(history, 2)
+        tmux.wait_for(lambda s: _prompt_count(s) >= 3, "the third prompt")
+        tmux.send("/clear", "Enter")
+        tmux.wait_for(lambda s: "(conversation cleared)" in s, "the clear")
+        tmux.send("again", "Enter")
+        tmux.wait_for(lambda s: _prompt_count(s) >= 5, "the fifth prompt")
+        cleared = _wait_history(history, 2)
+        tmux.send("/exit", "Enter")
+        screen = tmux.wait_for(lambda s: "EXIT=" in s, "the exit")
+    finally:
+        tmux.close()
+    assert "EXIT=0" in screen and "Traceback" not in screen
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["hi"]
+    assert [m["content"] for m in cleared if m["role"] == "user"] == ["again"]

@@ -1,8 +1,9 @@
 """`engine chat`: talk to a chat model in the terminal (see docs/chat.md).
 
 Interactive when stdin is a terminal: replies stream as they are generated, the
-conversation is kept across turns, ``/exit`` (or Ctrl-D) ends the session and
-Ctrl-C stops the current reply without ending it. When stdin is not a terminal,
+conversation is kept across turns, ``/exit`` (or Ctrl-D) ends the session,
+``/clear`` forgets the conversation and Ctrl-C stops the current reply without
+ending it. When stdin is not a terminal,
 the whole input is one user message and the reply is printed.
 """
 
@@ -19,6 +20,7 @@ from engine.engine_args import EngineArgs
 
 PROMPT = ">>> "
 EXIT_COMMANDS = ("/exit", "/quit")
+CLEAR_COMMAND = "/clear"  # forget the conversation (the system message stays)
 
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
@@ -139,7 +141,8 @@ class ChatSession:
             import readline  # noqa: F401 - line editing and history for input()
         except ImportError:  # pragma: no cover - not on every platform
             pass
-        print("engine chat: /exit or Ctrl-D to quit, Ctrl-C stops a reply", file=sys.stderr)
+        print("engine chat: /exit or Ctrl-D to quit, Ctrl-C stops a reply, /clear starts over",
+              file=sys.stderr)
         while True:
             try:
                 line = input(PROMPT)
@@ -153,8 +156,17 @@ class ChatSession:
                 return 0
             if not line.strip():
                 continue
+            if line.strip() == CLEAR_COMMAND:
+                self.messages = [m for m in self.messages if m["role"] == "system"]
+                print("(conversation cleared)")
+                continue
             self.messages.append({"role": "user", "content": line})
-            reply, stopped = self._stream_reply()
+            try:
+                reply, stopped = self._stream_reply()
+            except ValueError as exc:  # e.g. the conversation outgrew the context
+                self.messages.pop()
+                print(f"engine chat: error: {exc} (/clear starts over)", file=sys.stderr)
+                continue
             self.messages.append({"role": "assistant", "content": reply})
             self._save()
             print("\n[stopped]" if stopped else "")
