@@ -151,6 +151,14 @@ class SamplingParams:
                 "SamplingParams.structured_outputs must be a StructuredOutputsParams or None, "
                 f"got {type(self.structured_outputs).__name__}"
             )
+        if self.structured_outputs is not None:
+            # each would let a request end "stop" before its constraint is complete
+            # (or, for min_tokens, forbid the end-of-sequence the grammar requires)
+            for name, value in (("stop", self.stop), ("stop_token_ids", self.stop_token_ids),
+                                ("min_tokens", self.min_tokens)):
+                if value:
+                    raise ValueError(f"SamplingParams.{name} cannot be combined with "
+                                     f"structured_outputs, got {value!r}")
 
     # ------------------------------------------------------------------ checks
 

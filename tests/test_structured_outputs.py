@@ -136,6 +136,14 @@ def test_bad_params_name_the_field(kwargs, field):
         SamplingParams(structured_outputs={"json": {}})
 
 
+@pytest.mark.parametrize("field, value", [("stop", ["}"]), ("stop_token_ids", [5]),
+                                          ("min_tokens", 3)])
+def test_settings_that_would_break_the_guarantee_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field} cannot be combined"):
+        SamplingParams(max_tokens=10, structured_outputs=StructuredOutputsParams(regex="a+"),
+                       **{field: value})
+
+
 def test_preempted_constrained_requests_resume_their_grammar(make_hf_model):
     """A KV cache too small for the batch preempts requests; a resumed request's
     matcher replays the tokens it already has, so finished outputs still validate."""
