@@ -66,10 +66,10 @@ class LogitsProcessor:
     - ``apply(logits)`` with the float32 logits ``[batch_size, vocab]`` of the
       step; return the processed logits (in place or a new tensor of that shape).
 
-    `is_argmax_invariant` returning True promises that `apply` never changes
-    which token has the highest logit (for instance, it only lowers tokens that
-    are not the maximum, or only rescales): the engine then skips the processor
-    for all-greedy batches.
+    `is_argmax_invariant` returning True promises that `apply` would not change
+    which token has the highest logit in this step's batch (for instance, no
+    request in it uses the processor): the engine then skips the processor for
+    all-greedy batches. It is asked every step, after `update_state`.
 
     An exception from any method fails the requests of that step, with an error
     that names the processor; the engine keeps serving the others.
@@ -80,7 +80,7 @@ class LogitsProcessor:
         self.device = device
 
     def is_argmax_invariant(self) -> bool:
-        """True when `apply` never changes the greedy choice; False by default."""
+        """True when `apply` leaves this step's greedy choices alone; False by default."""
         return False
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
