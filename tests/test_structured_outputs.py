@@ -60,7 +60,7 @@ def _constrained(seed: int, **kwargs) -> SamplingParams:
 
 def test_every_finished_json_output_validates(llm):
     params, expected = [], []
-    for i, schema in enumerate(SCHEMAS):
+    for schema in SCHEMAS:
         for seed in range(4):
             params.append(_constrained(seed, json=schema))
             expected.append(schema)
