@@ -14,6 +14,12 @@ from engine.attention.backends.naive import NaiveAttentionImpl
 from engine.attention.backends.torch_sdpa import TorchSDPAImpl, split_by_length
 
 
+@pytest.fixture(autouse=True)
+def _bucket_path(monkeypatch):
+    """These tests check the bucket path: keep the compiled decode kernel out."""
+    monkeypatch.setattr(torch_sdpa, "_use_kernel", lambda kv_cache: False)
+
+
 def _cost(lengths, ends, per_bucket):
     starts = [0, *ends[:-1]]
     return sum((e - s) * lengths[e - 1] + per_bucket for s, e in zip(starts, ends, strict=True))

@@ -68,6 +68,9 @@ class _StepPlan:
     # one decode bucket holding every row of the step in order: its result is the
     # output as it is (no row gather or scatter)
     whole_step: bool = False
+    # [n] the decoding sequences, when the compiled paged-attention kernel computes
+    # them (engine.kernels); then `decode` is empty
+    kernel_decode: torch.Tensor | None = None
 
 
 def split_by_length(lengths: list[int], cost_per_bucket: float) -> list[int]:
@@ -122,6 +125,16 @@ def _decode_buckets(md: AttentionMetadata, decode: list[int],
     return buckets
 
 
+def _use_kernel(kv_cache: torch.Tensor) -> bool:
+    """Whether decode rows go to ``engine_kernels::paged_decode_attention``: a CPU
+    cache in float32 or bfloat16 and the compiled kernels loaded."""
+    if kv_cache.device.type != "cpu" or kv_cache.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    from engine.kernels import kernels_available
+
+    return kernels_available()
+
+
 def _plan(md: AttentionMetadata, kv_cache: torch.Tensor) -> _StepPlan:
     has_cache = kv_cache.numel() > 0
     starts = md.query_start_loc.tolist()
@@ -141,6 +154,9 @@ def _plan(md: AttentionMetadata, kv_cache: torch.Tensor) -> _StepPlan:
             prefills.append(_Prefill(rows, block_ids, seq_len, mask))
     if not decode:
         return _StepPlan(decode=[], prefills=prefills, scratch=None)
+    if _use_kernel(kv_cache):
+        index = torch.tensor(decode, dtype=torch.int64, device=kv_cache.device)
+        return _StepPlan(decode=[], prefills=prefills, scratch=None, kernel_decode=index)
     _, _, block_size, num_kv_heads, head_size = kv_cache.shape
     bytes_per_token = 2 * num_kv_heads * head_size * kv_cache.element_size()
     buckets = _decode_buckets(md, decode, bytes_per_token)
@@ -168,6 +184,11 @@ class TorchSDPAImpl(AttentionImpl):
             out = self._decode(q, kv_cache, plan.decode[0], plan.scratch)
             return out.view(-1, self.num_heads * self.head_size)
         out = torch.empty_like(q)
+        if plan.kernel_decode is not None:
+            md = attn_metadata
+            torch.ops.engine_kernels.paged_decode_attention(
+                out, q, kv_cache, md.block_tables, md.seq_lens_tensor, md.query_start_loc,
+                plan.kernel_decode, self.scale)
         for bucket in plan.decode:
             out.index_copy_(0, bucket.rows,
                             self._decode(q.index_select(0, bucket.rows), kv_cache, bucket,

@@ -1,0 +1,159 @@
+"""Compiled CPU kernels (C++ ops registered with torch.library), built once per
+machine and cached.
+
+The ops live under ``torch.ops.engine_kernels``: ``paged_decode_attention``
+(decode attention reading K/V through the block table, see paged_attention.cpp).
+Nothing here is needed for correctness: callers check `kernels_available()` and
+fall back to plain PyTorch.
+
+Building takes a minute or two (a C++ compiler and ninja), so it never happens on
+the path of a first `engine generate`: ``ENGINE_CPU_KERNELS`` chooses
+
+- ``auto`` (default): load the library when it is already built; when not, start
+  one low-priority build in the background, for the next engine to use;
+- ``build``: build now (blocking) when missing, then load;
+- ``0``: never use them.
+
+``python -m engine.kernels build`` builds in the foreground. The library lands
+in ``$ENGINE_KERNEL_CACHE`` (default ``~/.cache/engine/kernels``), under a key
+made of the sources, the torch version and the CPU, so any change rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("paged_attention.cpp",)
+LIBRARY_NAME = "engine_kernels"
+MODE_ENV = "ENGINE_CPU_KERNELS"
+CACHE_ENV = "ENGINE_KERNEL_CACHE"
+# a build lock older than this is left over from a killed build
+STALE_LOCK_SECONDS = 1800
+
+_loaded: bool | None = None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def library_dir() -> Path:
+    """The folder of this build's library (keyed by sources, torch, Python, CPU)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    digest.update(f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}".encode())
+    digest.update(_cpu_flags().encode())
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "engine" / "kernels")
+    return root / digest.hexdigest()[:16]
+
+
+def library_path() -> Path:
+    return library_dir() / f"{LIBRARY_NAME}.so"
+
+
+def build() -> Path:
+    """Compile the kernels into `library_path()` (blocking) and return it."""
+    from torch.utils import cpp_extension
+
+    target = library_path()
+    work = target.parent / f"build-{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        cpp_extension.load(
+            name=LIBRARY_NAME,
+            sources=[str(Path(__file__).parent / name) for name in SOURCES],
+            build_directory=str(work),
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only"],
+            is_python_module=False,
+            verbose=False,
+        )
+        os.replace(work / f"{LIBRARY_NAME}.so", target)  # atomic: readers see all or nothing
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _start_background_build() -> None:
+    lock = library_dir() / "building.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if time.time() - lock.stat().st_mtime < STALE_LOCK_SECONDS:
+            return  # another process is building it
+        lock.unlink()
+    except FileNotFoundError:
+        pass
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    log = open(lock.parent / "build.log", "ab")  # noqa: SIM115 - handed to the child
+    # niced, in its own session: it outlives this engine and yields the CPU to it
+    cmd = [sys.executable, "-m", "engine.kernels", "build", "--unlock", str(lock)]
+    subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                     start_new_session=True, preexec_fn=lambda: os.nice(19))
+    log.close()
+    logger.info("building the engine's CPU kernels in the background (log: %s)",
+                lock.parent / "build.log")
+
+
+def kernels_available() -> bool:
+    """Whether ``torch.ops.engine_kernels`` is loaded in this process (loading the
+    cached library, or building it, as ``ENGINE_CPU_KERNELS`` says)."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    mode = os.environ.get(MODE_ENV, "auto").strip().lower()
+    if mode in ("0", "off", "false", "no"):
+        _loaded = False
+        return False
+    try:
+        path = library_path()
+        if not path.exists():
+            if mode == "build":
+                build()
+            else:
+                _start_background_build()
+                _loaded = False
+                return False
+        import torch
+
+        torch.ops.load_library(str(path))
+        _loaded = True
+    except Exception as e:  # a kernel problem must never stop the engine
+        logger.warning("CPU kernels unavailable, using plain PyTorch: %s", e)
+        _loaded = False
+    return _loaded
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.kernels build``: build the kernels now."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] != "build":
+        print("usage: python -m engine.kernels build", file=sys.stderr)
+        return 2
+    try:
+        print(build())
+    finally:
+        if "--unlock" in args:
+            Path(args[args.index("--unlock") + 1]).unlink(missing_ok=True)
+    return 0
