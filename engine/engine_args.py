@@ -80,7 +80,9 @@ class EngineArgs:
         "the IO-processor plugin `encode` and POST /pooling use (default: the "
         "'io_processor_plugin' key of the model's config.json)", metavar="NAME"))
     dtype: str = field(default="auto", metadata=_help(
-        "weights and activations dtype; 'auto' is the platform's choice for the model",
+        "weights and activations dtype; 'auto': a float32 model runs in bfloat16 on a CPU "
+        "with native bf16 (AMX or AVX512-BF16), else float32; other checkpoint dtypes are "
+        "kept. Use float32 for results equal to transformers in float32",
         choices=DTYPES))
     seed: int = field(default=0, metadata=_help(
         "seeds the global generators (unseeded sampling, weight init)", metavar="S"))
