@@ -187,8 +187,11 @@ def k_quant_llama(make_hf_model) -> Path:
     return make_hf_model("llama", hidden_size=256, intermediate_size=512)
 
 
-# every type the gguf writer can quantize to
-@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+# every type the gguf writer can quantize to (the rarer ones in the slow set)
+@pytest.mark.parametrize("qtype", [
+    "F32", "Q8_0", "Q4_0",
+    *(pytest.param(q, marks=pytest.mark.slow) for q in ("F16", "BF16", "Q4_1", "Q5_0", "Q5_1")),
+])
 def test_greedy_equals_transformers_gguf_loading(small_llama, tmp_path, qtype):
     path = write_gguf(small_llama, tmp_path / f"tiny-{qtype}.gguf", qtype)
     expected = transformers_greedy(path, PROMPT_IDS, MAX_TOKENS)
@@ -196,7 +199,9 @@ def test_greedy_equals_transformers_gguf_loading(small_llama, tmp_path, qtype):
 
 
 # K-quant blocks the writer cannot produce from floats: random well-formed blocks
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", [
+    "Q4_K", *(pytest.param(q, marks=pytest.mark.slow) for q in ("Q5_K", "Q6_K")),
+])
 def test_k_quant_blocks_equal_transformers_gguf_loading(k_quant_llama, tmp_path, qtype):
     path = write_gguf(k_quant_llama, tmp_path / f"tiny-{qtype}.gguf", qtype)
     reader = gguf.GGUFReader(str(path))
@@ -205,7 +210,7 @@ def test_k_quant_blocks_equal_transformers_gguf_loading(k_quant_llama, tmp_path,
     assert engine_greedy(path, PROMPT_IDS, MAX_TOKENS) == expected
 
 
-@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q8_0", pytest.param("F32", marks=pytest.mark.slow)])
 def test_qwen2_gguf_equals_transformers(make_hf_model, tmp_path, qtype):
     path = write_gguf(make_hf_model("qwen2"), tmp_path / f"qwen2-{qtype}.gguf", qtype, arch="qwen2")
     expected = transformers_greedy(path, PROMPT_IDS, MAX_TOKENS)
