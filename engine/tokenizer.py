@@ -159,6 +159,7 @@ class Tokenizer:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         tokenize: bool = True,
+        max_chars: int | None = None,
         **template_kwargs: Any,
     ) -> list[int] | str:
         """The prompt of one conversation, rendered as transformers'
@@ -171,7 +172,8 @@ class Tokenizer:
 
         Returns the token ids, or the text when `tokenize` is False. Raises
         `engine.entrypoints.chat.ChatTemplateError` (a ValueError) when there is
-        no template or the template rejects the messages.
+        no template, the template rejects the messages, or it builds more than
+        `max_chars` characters (default: `render_chat`'s bound).
         """
         from engine.entrypoints.chat import ChatTemplateError, render_chat
 
@@ -183,6 +185,8 @@ class Tokenizer:
                 "model, or pass a Jinja template (LLM.chat(chat_template=...), "
                 "engine chat --chat-template FILE)"
             )
+        if max_chars is not None:
+            template_kwargs["max_chars"] = max_chars
         text = render_chat(
             template, list(messages),
             add_generation_prompt=add_generation_prompt,

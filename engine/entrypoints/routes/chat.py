@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from engine.entrypoints import serving, streaming
-from engine.entrypoints.chat import ChatTemplateError, render_chat
+from engine.entrypoints.chat import ChatTemplateError
 from engine.entrypoints.compat import refuse_unsupported
 from engine.entrypoints.errors import APIError
 from engine.entrypoints.generation import generate
@@ -56,22 +56,22 @@ def chat_prompt(llm_engine: Any, body: ChatCompletionRequest) -> Any:
             item["name"] = message.name
         messages.append(item)
     tokenizer = llm_engine.tokenizer
-    # the same special tokens `Tokenizer.apply_chat_template` (LLM.chat) shows a template
-    special = tokenizer.special_tokens_map
-    extra = {k: v for k, v in (body.chat_template_kwargs or {}).items()
-             if k not in ("messages", "add_generation_prompt", *special)}
+    if not (body.chat_template or tokenizer.chat_template):
+        raise APIError(400, "this model has no chat template (tokenizer_config.json "
+                            "'chat_template' or chat_template.jinja); use /v1/completions, or "
+                            "pass 'chat_template' in the request", param="messages")
+    reserved = ("messages", "add_generation_prompt", "max_chars", *tokenizer.special_tokens_map)
+    extra = {k: v for k, v in (body.chat_template_kwargs or {}).items() if k not in reserved}
     try:
-        text = render_chat(body.chat_template or tokenizer.chat_template, messages,
-                           add_generation_prompt=body.add_generation_prompt,
-                           special_tokens=special, max_chars=llm_engine.max_prompt_chars,
-                           **extra)
+        # rendered as LLM.chat renders it, bounded by what fits in the context
+        text = tokenizer.apply_chat_template(
+            messages, chat_template=body.chat_template, tokenize=False,
+            add_generation_prompt=body.add_generation_prompt,
+            max_chars=llm_engine.max_prompt_chars, **extra)
     except ChatTemplateError as exc:
         raise APIError(400, str(exc), param="messages") from None
-    # the template already wrote the special tokens it wants
-    if len(text) > llm_engine.max_prompt_chars:
-        raise APIError(400, f"messages: the rendered prompt has {len(text)} characters, "
-                            "more than fit in the model's context", param="messages")
     try:
+        # the template already wrote the special tokens it wants
         token_ids = tokenizer.encode(text, add_special_tokens=False)
         return llm_engine.tokenize_prompt(token_ids)
     except ValueError as exc:
