@@ -1,7 +1,9 @@
-"""`engine plugins ...`: list, validate, diagnose plugins and print the manifest schema.
+"""`engine plugins ...`: list, validate, diagnose, disable/enable and test plugins,
+and print the manifest schema.
 
 Nothing here imports torch at module level; `list`, `validate` (without --import)
-and `schema` never import plugin code at all.
+and `schema` never import plugin code (`list --json` imports only the settings
+model a manifest names with `config =`, to show the validated settings).
 """
 
 from __future__ import annotations
