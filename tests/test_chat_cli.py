@@ -208,3 +208,32 @@ def test_too_long_message_is_an_error_and_clear_starts_over(chatml_model, tmp_pa
     assert "EXIT=0" in screen and "Traceback" not in screen
     assert [m["content"] for m in messages if m["role"] == "user"] == ["hi"]
     assert [m["content"] for m in cleared if m["role"] == "user"] == ["again"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_tensor_parallel_workers_alive(chatml_model, tmp_path):
+    """The terminal sends Ctrl-C to the whole process group, workers included:
+    they ignore it, so the next turn still runs on both ranks."""
+    history = tmp_path / "history.json"
+    tmux = Tmux(_chat_command(chatml_model, history, "--tensor-parallel-size", "2",
+                              "--max-tokens", "16000", "--ignore-eos"),
+                subprocess_env(), ROOT)
+    try:
+        tmux.wait_for(lambda s: _prompt_count(s) >= 1, "the first prompt", timeout=180)
+        tmux.send("write forever", "Enter")
+        tmux.wait_for(lambda s: len(s.split("write forever", 1)[-1].strip()) > 40,
+                      "streamed reply text")
+        tmux.send("C-c")
+        tmux.wait_for(lambda s: "[stopped]" in s and _prompt_count(s) >= 2, "the stop")
+        tmux.send("again", "Enter")
+        tmux.wait_for(lambda s: len(s.split(">>> again", 1)[-1].strip()) > 40,
+                      "the second reply streaming")
+        tmux.send("C-c")
+        tmux.wait_for(lambda s: s.count("[stopped]") >= 2 and _prompt_count(s) >= 3,
+                      "the second stop")
+        tmux.send("/exit", "Enter")
+        screen = tmux.wait_for(lambda s: "EXIT=" in s, "the exit")
+    finally:
+        tmux.close()
+    assert "EXIT=0" in screen and "died" not in screen and "Traceback" not in screen
+    assert len(_history(history)) == 4

@@ -148,6 +148,9 @@ def _serve(worker: Any, conn: Connection) -> None:
 def _worker_main(config: Any, rank: int, init_method: str, conn: Connection,
                  model_registrations: dict[str, Any] | None = None) -> None:
     """Entry point of a worker process."""
+    # Ctrl-C in a terminal reaches the whole process group: the driver decides what
+    # it means (`engine chat` stops a reply), and stops the workers itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         worker = _build_worker(config, rank, init_method, model_registrations)
     except BaseException as exc:
