@@ -302,13 +302,18 @@ def get_model_loader(load_format: str, path: str | Path) -> ModelLoader:
     finds none."""
     path = Path(path)
     if load_format == "auto":
+        if not path.exists():
+            raise FileNotFoundError(f"model {str(path)!r} does not exist")
         for name in _LOADERS:
             loader = _instantiate(name)
             if loader.can_load(path):
                 return loader
+        if path.is_dir():
+            read_config_json(path)  # a missing or broken config.json is the first thing to say
         raise FileNotFoundError(
-            f"{path}: holds no model weights in a known format ({', '.join(_LOADERS)}); "
-            "a model is a folder with config.json and *.safetensors, or a .gguf file"
+            f"{path}: no *.safetensors weight files, nor weights in another known format "
+            f"({', '.join(_LOADERS)}); a model is a folder with config.json and "
+            "*.safetensors, or a .gguf file"
         )
     if load_format not in _LOADERS:
         raise ValueError(f"load_format {load_format!r} is not registered. Valid options are: "

@@ -121,5 +121,9 @@ def test_register_model_loader_checks_its_arguments(tmp_path):
         pass
 
     register_model_loader("nothing", Nothing)
-    with pytest.raises(FileNotFoundError, match=r"holds no model weights in a known format"):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"no \*.safetensors weight files, nor weights in "
+                                                r"another known format \(safetensors, gguf, pt, nothing\)"):
         get_model_loader("auto", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"model '.*nowhere' does not exist"):
+        get_model_loader("auto", tmp_path / "nowhere")
