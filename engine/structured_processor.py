@@ -105,6 +105,8 @@ class StructuredOutputsLogitsProcessor(LogitsProcessor):
                                          self._vocab_size).eos_tokens:
                     mask_row[eos // 32] |= _bit(eos % 32)
                 continue
+            # row by row: llguidance's thread pool (LLExecutor) measured slower on a
+            # busy 2-core machine (docs/benchmarks.md, "Structured outputs")
             row.matcher.unsafe_compute_mask_ptr(mask_row.data_ptr(), words * 4)
         allowed = _unpack_bits(bitmask, logits.shape[1])
         if len(rows) == 1:
