@@ -7,6 +7,7 @@ A processor that raises fails only its step's requests."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -223,15 +224,39 @@ def test_entry_point_plugins_apply_in_every_worker(
 
 # ------------------------------------------------------------------ HTTP
 
+EXPLODING_MODULE = """
+from engine.sample import LogitsProcessor, apply_batch_update
+
+
+class Exploding(LogitsProcessor):
+    def __init__(self, config, device):
+        super().__init__(config, device)
+        self.rows = {}
+
+    def is_argmax_invariant(self):
+        return not any(self.rows.values())
+
+    def update_state(self, batch_update):
+        apply_batch_update(self.rows, batch_update,
+                           lambda added: (added.params.extra_args or {}).get("explode"))
+
+    def apply(self, logits):
+        if any(self.rows.values()):
+            raise RuntimeError("asked to explode")
+        return logits
+"""
+
 
 def test_http_extra_args_reach_the_plugins(
     installed_example, llama_dir, hf_model, banned, tmp_path, monkeypatch
 ):
     from test_serve import Server
 
-    monkeypatch.setenv("PYTHONPATH", str(installed_example))
-    server = Server(["--model", str(llama_dir), "--dtype", "float32", "--served-model-name", "tiny"], tmp_path / "config",
-                    tmp_path / "server.log")
+    (tmp_path / "exploding_lp.py").write_text(EXPLODING_MODULE)
+    monkeypatch.setenv("PYTHONPATH", f"{installed_example}{os.pathsep}{tmp_path}")
+    server = Server(["--model", str(llama_dir), "--dtype", "float32", "--served-model-name", "tiny",
+                     "--logits-processors", "exploding_lp:Exploding"],
+                    tmp_path / "config", tmp_path / "server.log")
     try:
         server.wait_ready()
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
@@ -245,8 +270,17 @@ def test_http_extra_args_reach_the_plugins(
                                             temperature=0, extra_body={"extra_args": extra})
             assert out.choices[0].text == tokenizer.decode(
                 [t for t in expected if t != 1], skip_special_tokens=True)
-        bad = client.completions.with_raw_response
         with pytest.raises(openai.BadRequestError):
-            bad.create(model="tiny", prompt="x", max_tokens=2, extra_body={"extra_args": [1, 2]})
+            client.completions.create(model="tiny", prompt="x", max_tokens=2,
+                                      extra_body={"extra_args": [1, 2]})
+        # a processor that raises fails that request (500 naming it); the server goes on
+        with pytest.raises(openai.InternalServerError, match=r"logits processor 'exploding_lp:Exploding' "
+                                                              r"failed: RuntimeError: asked to explode"):
+            client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=4,
+                                      extra_body={"extra_args": {"explode": True}})
+        out = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=MAX_TOKENS,
+                                        temperature=0)
+        assert out.choices[0].text == tokenizer.decode(
+            [t for t in hf_greedy(hf_model, PROMPTS[2]) if t != 1], skip_special_tokens=True)
     finally:
         server.stop()
