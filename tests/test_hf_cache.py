@@ -130,3 +130,20 @@ def test_cli_generate_by_name_and_missing_name(cache):
          "--prompt", "x"], capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 1
     assert "hf download nobody/missing" in bad.stderr
+
+
+def test_serve_by_name(cache, tmp_path):
+    import httpx
+    from test_openai_surface import Server
+
+    server = Server("tiny-org/tiny-llama", tmp_path / "serve.log",
+                    extra=("--revision", "dev"), served_name=None)
+    try:
+        models = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]
+        assert models[0]["id"] == "tiny-org/tiny-llama"
+        assert models[0]["root"].endswith(COMMIT_B)
+        reply = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+            "model": "tiny-org/tiny-llama", "prompt": "x", "max_tokens": 2}).json()
+        assert reply["usage"]["completion_tokens"] >= 1
+    finally:
+        server.stop()

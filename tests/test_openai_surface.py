@@ -38,11 +38,13 @@ SCHEMA = {"type": "object",
 class Server:
     """`engine serve --port 0` in a subprocess; the port is read from its ready line."""
 
-    def __init__(self, model: Path, log: Path) -> None:
+    def __init__(self, model: Path | str, log: Path, extra: tuple[str, ...] = (),
+                 served_name: str | None = NAME) -> None:
         self.log = log
         args = [sys.executable, "-m", "engine", "serve", "--model", str(model), "--port", "0",
-                "--dtype", "float32", "--served-model-name", NAME, "--kv-cache-memory",
-                str(2**24)]
+                "--dtype", "float32", "--kv-cache-memory", str(2**24), *extra]
+        if served_name is not None:
+            args += ["--served-model-name", served_name]
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                          env=subprocess_env(OMP_NUM_THREADS="1"))
