@@ -158,6 +158,11 @@ def test_json_object_and_structured_outputs_in_the_body(client):
         model=NAME, messages=MESSAGES, max_completion_tokens=10,
         extra_body={"structured_outputs": {"choice": ["red", "green"]}})
     assert choice.choices[0].message.content in ("red", "green")
+    streamed = client.chat.completions.create(
+        model=NAME, messages=MESSAGES, max_completion_tokens=10, stream=True,
+        extra_body={"structured_outputs": {"choice": ["crimson red", "sea green"]}})
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text in ("crimson red", "sea green")
 
 
 def test_structured_output_errors_name_the_field(client):
