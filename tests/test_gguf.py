@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import subprocess_env
 from safetensors.torch import load_file
 
-from conftest import subprocess_env
 from engine import LLM, SamplingParams
 
 CHAT_TEMPLATE = (
@@ -60,9 +60,8 @@ def sentencepiece_vocab(tokenizer_dir: Path, size: int = 700) -> dict:
     """A SentencePiece-style scored vocabulary (<unk>, <s>, </s>, 256 byte
     pieces, then "▁"-spelled pieces), trained offline on the tokenizer fixture's
     text, as llama.cpp writes one: no merges, a score per piece."""
-    from tokenizers import SentencePieceBPETokenizer
-
     from conftest import _training_text
+    from tokenizers import SentencePieceBPETokenizer
 
     trainer = SentencePieceBPETokenizer(add_prefix_space=True)
     trainer.train_from_iterator(_training_text(200_000), vocab_size=size, show_progress=False)

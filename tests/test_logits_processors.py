@@ -193,16 +193,16 @@ from engine import LLM, SamplingParams
 
 prompts, banned, tp = json.loads(sys.argv[1])
 params = [
-    SamplingParams(temperature=0, max_tokens=%d, extra_args={"banned_token_ids": banned}),
-    SamplingParams(temperature=0, max_tokens=%d, extra_args={"no_repeat_ngram_size": 2}),
-    SamplingParams(temperature=0, max_tokens=%d),
+    SamplingParams(temperature=0, max_tokens=MAX_TOKENS, extra_args={"banned_token_ids": banned}),
+    SamplingParams(temperature=0, max_tokens=MAX_TOKENS, extra_args={"no_repeat_ngram_size": 2}),
+    SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
 ]
 if __name__ == "__main__":
     with LLM(sys.argv[2], dtype="float32", kv_cache_memory=1 << 22, tensor_parallel_size=tp) as llm:
         outs = llm.generate(prompts, params)
     sources = {r.name: r.source for r in registry.discover("logits_processor") if r.enabled}
     print(json.dumps({"tokens": [o.outputs[0].token_ids for o in outs], "sources": sources}))
-""" % (MAX_TOKENS, MAX_TOKENS, MAX_TOKENS)
+""".replace("MAX_TOKENS", str(MAX_TOKENS))
 
 
 @pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.slow)])

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import registry
 
+import registry
 from engine.entrypoints.api_server import ServerSettings, build_app
 from engine.entrypoints.route_plugins import RoutePluginError, mount_route_plugins, served_routes
 

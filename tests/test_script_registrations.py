@@ -52,17 +52,18 @@ class RenamedSafetensors(SafetensorsLoader):
 
 def main():
     how, model = sys.argv[1], sys.argv[2]
-    ModelRegistry.register_model("%(arch)s", MarkedLlama if how == "class" else "marked_model:MarkedLlama")
+    ModelRegistry.register_model("ARCH", MarkedLlama if how == "class" else "marked_model:MarkedLlama")
     register_model_loader("renamed", RenamedSafetensors)
     with LLM(model, dtype="float32", tensor_parallel_size=2, kv_cache_memory=1 << 22,
              load_format="renamed") as llm:
-        out = llm.generate([%(prompt)s], SamplingParams(temperature=0, max_tokens=%(max_tokens)d, ignore_eos=True))
+        out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
     print(json.dumps({"tokens": out[0].outputs[0].token_ids, "pid": os.getpid()}))
 
 
 if __name__ == "__main__":
     main()
-''' % {"arch": ARCH, "prompt": PROMPT, "max_tokens": MAX_TOKENS}
+'''.replace("ARCH", ARCH).replace("[PROMPT]", str([PROMPT])).replace(
+    "MAX_TOKENS", str(MAX_TOKENS))
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +112,12 @@ INTERACTIVE = MARKED_MODEL + '''
 import sys
 from engine import LLM, ModelRegistry
 
-ModelRegistry.register_model("%s", MarkedLlama)
+ModelRegistry.register_model("ARCH", MarkedLlama)
 try:
     LLM(sys.argv[1], tensor_parallel_size=2)
 except ValueError as exc:
     print(exc)
-''' % ARCH
+'''.replace("ARCH", ARCH)
 
 
 def test_a_class_from_python_c_is_refused_with_its_name_and_the_fix(marked_model, tmp_path):
@@ -138,12 +139,12 @@ from engine import LLM, ModelRegistry
 
 if __name__ == "__main__":
 ''' + "\n".join("    " + line for line in MARKED_MODEL.splitlines()) + '''
-    ModelRegistry.register_model("%s", MarkedLlama)
+    ModelRegistry.register_model("ARCH", MarkedLlama)
     try:
         LLM(sys.argv[1], tensor_parallel_size=2)
     except ImportError as exc:  # re-raised from the worker that could not import it
         print(exc)
-''' % ARCH
+'''.replace("ARCH", ARCH)
 
 
 @pytest.mark.slow

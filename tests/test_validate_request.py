@@ -77,14 +77,14 @@ import strict_platform  # importable once the registry put the plugin's folder o
 result = {"platform": current_platform.device_name}
 ok = SamplingParams(temperature=0, max_tokens=4)
 try:
-    llm.generate([[5, 6, 7], [5, %d, 7]], ok)
+    llm.generate([[5, 6, 7], [5, REFUSED_ID, 7]], ok)
 except ValueError as exc:
     result["error"] = str(exc)
 result["queued_after_refusal"] = llm.llm_engine.has_unfinished_requests()
 result["tokens"] = llm.generate([[5, 6, 7]], ok)[0].outputs[0].token_ids
 result["seen"] = strict_platform.SEEN
 print(json.dumps(result))
-""" % REFUSED_ID
+""".replace("REFUSED_ID", str(REFUSED_ID))
 
 
 def test_offline_refusal_is_a_value_error_and_nothing_is_queued(strict_config_dir, make_hf_model):

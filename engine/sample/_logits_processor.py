@@ -182,7 +182,7 @@ def build_logits_processors(config: Any, device: torch.device) -> list[tuple[str
         ("structured_outputs", "engine.structured_processor:StructuredOutputsLogitsProcessor")
     ]
     plugins = registry.load_plugins_by_group(registry.LOGITS_PROCESSOR_PLUGINS)
-    for name, value in plugins.items():  # who runs in every batch: recorded as an effect
+    for name in plugins:  # who runs in every batch: recorded as an effect
         registry.record_effect("logits_processor", name, plugin=name,
                                group=registry.LOGITS_PROCESSOR_PLUGINS)
     entries += list(plugins.items())

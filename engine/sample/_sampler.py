@@ -174,7 +174,7 @@ def _batch_update(
 ) -> BatchUpdate | None:
     """The removals, swaps and additions that turn the row order `previous`
     into `states` (a state object is one request); None when they are equal."""
-    if len(previous) == len(states) and all(a is b for a, b in zip(previous, states)):
+    if len(previous) == len(states) and all(a is b for a, b in zip(previous, states, strict=True)):
         return None
     target = {id(s): i for i, s in enumerate(states)}
     removed = tuple(i for i, s in enumerate(previous) if id(s) not in target)
