@@ -15,6 +15,7 @@ import asyncio  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
 import time  # noqa: E402
@@ -24,6 +25,7 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 import pytest  # noqa: E402
 import ray  # noqa: E402
+from conftest import subprocess_env  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 from test_executor_multiproc import wait_dead  # noqa: E402
 from test_serve import Server  # noqa: E402
@@ -146,6 +148,47 @@ def test_tp2_one_rank_per_node_matches_tp1_with_plugin_model_and_setting(
     assert wait_dead([r["pid"] for r in ranks]) == []
     assert {pg["state"] for pg in ray.util.placement_group_table().values()} <= {"REMOVED"}
     assert ray.available_resources().get("CPU") == 2.0
+
+
+SCRIPT_MODEL = textwrap.dedent("""
+    import json, sys
+    from engine import LLM, ModelRegistry, SamplingParams
+    from engine.models.llama import LlamaForCausalLM
+
+
+    class ScriptLlamaForCausalLM(LlamaForCausalLM):
+        \"\"\"Defined in the script's __main__: the actors get it by value.\"\"\"
+
+
+    if __name__ == "__main__":
+        ModelRegistry.register_model("ScriptLlamaForCausalLM", ScriptLlamaForCausalLM)
+        llm = LLM(sys.argv[1], tensor_parallel_size=2, distributed_executor_backend="ray",
+                  dtype="float32", kv_cache_memory=8 * 2**20)
+        outs = llm.generate(json.loads(sys.argv[2]),
+                            SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+        names = llm.llm_engine.executor.collective_rpc(
+            lambda worker: type(worker.model_runner.model).__qualname__)
+        print(json.dumps({"tokens": [o.outputs[0].token_ids for o in outs], "classes": names}))
+        llm.shutdown()
+""")
+
+
+def test_a_model_class_registered_in_the_script_reaches_every_actor(
+        ray_cluster, make_hf_model, tp1_outputs, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(make_hf_model("llama"), model)
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = ["ScriptLlamaForCausalLM"]
+    (model / "config.json").write_text(json.dumps(config))
+    script = tmp_path / "script_model.py"
+    script.write_text(SCRIPT_MODEL)
+    proc = subprocess.run([sys.executable, str(script), str(model), json.dumps(PROMPTS)],
+                          env=subprocess_env(RAY_ADDRESS=ray_cluster.address),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["classes"] == ["ScriptLlamaForCausalLM"] * 2
+    assert result["tokens"] == [o.token_ids for o in tp1_outputs]
 
 
 def test_killed_actor_mid_generation_fails_naming_rank_and_node(ray_cluster, make_hf_model):
