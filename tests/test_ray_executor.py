@@ -13,6 +13,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import asyncio  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -23,10 +24,12 @@ from pathlib import Path  # noqa: E402
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
+import psutil  # noqa: E402
 import pytest  # noqa: E402
 import ray  # noqa: E402
 from conftest import subprocess_env  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
+from test_dp_serving import stream_events  # noqa: E402
 from test_executor_multiproc import wait_dead  # noqa: E402
 from test_serve import Server  # noqa: E402
 
@@ -218,10 +221,13 @@ def test_without_ray_installed_asking_for_it_says_what_to_install(make_hf_model,
         LLM(str(make_hf_model("llama")), distributed_executor_backend="ray")
 
 
-def test_data_parallel_serving_over_ray_puts_a_replica_on_each_node(
+def test_data_parallel_serving_over_ray_spreads_and_survives_a_dead_replica(
         ray_cluster, make_hf_model, tp1_outputs, tmp_path, monkeypatch):
     """engine serve --data-parallel-size 2 --data-parallel-backend ray joins the
-    cluster (RAY_ADDRESS): each replica's worker is an actor, one per node."""
+    cluster (RAY_ADDRESS): each replica's worker is an actor, one per node, and
+    outputs equal one engine's. Killing one replica's actor ends the request it
+    runs with an error naming that replica; the other replica's request completes;
+    /health answers 503 naming the replica; new requests are still served."""
     monkeypatch.setenv("RAY_ADDRESS", ray_cluster.address)
     srv = Server(["--model", str(make_hf_model("llama")), "--dtype", "float32",
                   "--served-model-name", "tiny", "--kv-cache-memory", str(8 * 2**20),
@@ -233,7 +239,7 @@ def test_data_parallel_serving_over_ray_puts_a_replica_on_each_node(
         client = openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="unused",
                                     max_retries=0, timeout=120)
 
-        async def main() -> list[str]:
+        async def complete_all() -> list[str]:
             try:
                 responses = await asyncio.gather(*(client.completions.create(
                     model="tiny", prompt=p, max_tokens=10, temperature=0.0,
@@ -242,10 +248,39 @@ def test_data_parallel_serving_over_ray_puts_a_replica_on_each_node(
                 await client.close()
             return [r.choices[0].text for r in responses]
 
-        assert asyncio.run(main()) == [o.text for o in tp1_outputs]
+        assert asyncio.run(complete_all()) == [o.text for o in tp1_outputs]
         metrics = httpx.get(f"{srv.url}/metrics", timeout=10).text
         assert 'engine_server_data_parallel_requests_routed_total{engine="0"}' in metrics
         assert 'engine_server_data_parallel_requests_routed_total{engine="1"}' in metrics
+
+        actors = [p for p in psutil.Process().children(recursive=True)
+                  if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::RayWorkerWrapper")]
+        assert len(actors) == 2, actors
+        body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 800, "ignore_eos": True,
+                "temperature": 0, "stream": True}
+
+        async def two_streams_one_killed() -> list[list[str]]:
+            started = [asyncio.Event(), asyncio.Event()]
+            tasks = [asyncio.ensure_future(stream_events(srv.url, body, e)) for e in started]
+            await asyncio.gather(*(e.wait() for e in started))  # one on each replica
+            actors[0].send_signal(signal.SIGKILL)
+            return await asyncio.gather(*tasks)
+
+        streams = asyncio.run(two_streams_one_killed())
+        assert all(events[-1] == "data: [DONE]" for events in streams)
+        finals = [json.loads(events[-2].removeprefix("data: ")) for events in streams]
+        failed = [f["error"]["message"] for f in finals if "error" in f]
+        assert len(failed) == 1, finals
+        named = re.search(r"data-parallel replica (\d)", failed[0])
+        assert named and "rank 0" in failed[0], failed[0]
+        assert [f["choices"][0]["finish_reason"] for f in finals if "error" not in f] == ["length"]
+        response = httpx.get(f"{srv.url}/health", timeout=30)
+        assert response.status_code == 503, response.text
+        assert f"data-parallel replica {named.group(1)}" in response.json()["error"]
+        again = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0,
+                              timeout=120).completions.create(model="tiny", prompt="import",
+                                                              max_tokens=4)
+        assert again.choices[0].text
     finally:
         assert srv.stop() == 0, srv.output()
     # the server's replicas left the cluster as they found it
