@@ -7,9 +7,7 @@ The file is small JSON: ``{"disabled": [{"group": "engine.general_plugins" | nul
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 
 from registry._env import config_dir
 
@@ -37,6 +35,8 @@ def read_disabled() -> frozenset[tuple[str | None, str]]:
     path = state_path()
     try:
         with open(path, encoding="utf-8") as f:
+            import json  # only when there is a state file: discovery stays lean without one
+
             document = json.load(f)
     except FileNotFoundError:
         return frozenset()
@@ -56,6 +56,9 @@ def read_disabled() -> frozenset[tuple[str | None, str]]:
 
 def write_disabled(pairs: set[tuple[str | None, str]]) -> str:
     """Replace the persisted set atomically; returns the file's path."""
+    import json
+    import tempfile
+
     path = state_path()
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     rows = [{"group": g, "name": n} for g, n in sorted(pairs, key=lambda p: (p[1], p[0] or ""))]
