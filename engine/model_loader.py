@@ -304,10 +304,15 @@ def get_model_loader(load_format: str, path: str | Path) -> ModelLoader:
     if load_format == "auto":
         if not path.exists():
             raise FileNotFoundError(f"model {str(path)!r} does not exist")
-        for name in _LOADERS:
-            loader = _instantiate(name)
-            if loader.can_load(path):
-                return loader
+        for attempt in range(2):
+            for name in list(_LOADERS):
+                loader = _instantiate(name)
+                if loader.can_load(path):
+                    return loader
+            if attempt == 0:
+                import registry
+
+                registry.load_general_plugins()  # formats plugins register (once per process)
         if path.is_dir():
             read_config_json(path)  # a missing or broken config.json is the first thing to say
         raise FileNotFoundError(
@@ -315,6 +320,10 @@ def get_model_loader(load_format: str, path: str | Path) -> ModelLoader:
             f"({', '.join(_LOADERS)}); a model is a folder with config.json and "
             "*.safetensors, or a .gguf file"
         )
+    if load_format not in _LOADERS:
+        import registry
+
+        registry.load_general_plugins()  # where plugins register their formats (once per process)
     if load_format not in _LOADERS:
         raise ValueError(f"load_format {load_format!r} is not registered. Valid options are: "
                          f"auto, {', '.join(_LOADERS)}")

@@ -127,3 +127,50 @@ def test_register_model_loader_checks_its_arguments(tmp_path):
         get_model_loader("auto", tmp_path)
     with pytest.raises(FileNotFoundError, match=r"model '.*nowhere' does not exist"):
         get_model_loader("auto", tmp_path / "nowhere")
+
+
+PLUGIN_SIDE = """
+import json, sys
+from engine import LLM, SamplingParams
+
+if __name__ == "__main__":
+    model, tp = sys.argv[1], int(sys.argv[2])
+    with LLM(model, dtype="float32", kv_cache_memory=1 << 22, tensor_parallel_size=tp) as llm:
+        out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    print(json.dumps(out[0].outputs[0].token_ids))
+""".replace("PROMPT", str(PROMPT))
+
+
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_format_registered_by_a_general_plugin_is_found_by_auto_in_every_worker(
+    llama, reference, tmp_path, tp
+):
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    from conftest import subprocess_env
+
+    plugin = tmp_path / "npz-plugin"
+    plugin.mkdir()
+    (plugin / "npz_loader.py").write_text(textwrap.dedent(LOADER_MODULE) + textwrap.dedent("""
+        def register():
+            from engine.model_loader import register_model_loader
+            register_model_loader("npz", "npz_loader:NpzLoader")
+    """))
+    (plugin / "pyproject.toml").write_text(
+        '[project]\nname = "npz-plugin"\nversion = "0.1"\n\n'
+        '[project.entry-points."engine.general_plugins"]\nnpz = "npz_loader:register"\n')
+    folder = _without_weights(llama, tmp_path / "npz")
+    np.savez(folder / "weights.npz",
+             **{k: v.numpy() for k, v in load_file(str(llama / "model.safetensors")).items()})
+    script = tmp_path / "run.py"
+    script.write_text(PLUGIN_SIDE)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(folder), str(tp)],
+        env=subprocess_env(ENGINE_PLUGIN_DIRS=str(plugin), OMP_NUM_THREADS="1"),
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == reference
