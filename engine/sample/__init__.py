@@ -7,7 +7,8 @@ batch-independent draws).
 `LogitsProcessor` is the base class of batch-level logits processors (plugin
 group ``logits_processor``, or ``LLM(logits_processors=[...])``); the engine
 keeps them informed of the batch with `BatchUpdate`s and runs them before the
-sampler.
+sampler. A worker with its own model runner builds its sampler as
+``Sampler(build_logits_processors(config, device))`` on the rank that samples.
 """
 
 from engine.sample._logits_processor import (
@@ -16,6 +17,7 @@ from engine.sample._logits_processor import (
     LogitsProcessor,
     LogitsProcessorError,
     apply_batch_update,
+    build_logits_processors,
 )
 from engine.sample._sampler import Sampler, SamplerOutput
 from engine.sample._state import SamplingState
@@ -29,4 +31,5 @@ __all__ = [
     "SamplerOutput",
     "SamplingState",
     "apply_batch_update",
+    "build_logits_processors",
 ]
