@@ -42,8 +42,7 @@ class ModelRunner:
 
             pack_linear_weights(self.model)
         if self.is_generative:
-            from engine.sample import Sampler
-            from engine.sample._logits_processor import build_logits_processors
+            from engine.sample import Sampler, build_logits_processors
 
             # only the driver samples, so only it runs the logits processors
             processors = build_logits_processors(self.config, self.device) if self.is_driver else []
