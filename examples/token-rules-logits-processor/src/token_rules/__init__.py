@@ -5,8 +5,8 @@
 - ``no_repeat_ngram``: ``extra_args={"no_repeat_ngram_size": n}`` — a token that
   would repeat an n-gram already in the prompt or output is never sampled.
 
-Requests without the key are left alone, and a batch with none of them costs
-one dict lookup per step.
+Requests without the key are left alone; while no request in the batch uses a
+processor it reports itself argmax-invariant, so all-greedy batches skip it.
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ class BanTokensLogitsProcessor(LogitsProcessor):
         super().__init__(config, device)
         self.banned: dict[int, list[int]] = {}  # batch row -> banned ids
 
+    def is_argmax_invariant(self) -> bool:
+        # asked every step: while no request in the batch bans anything, greedy
+        # batches skip this processor (and the sampler's copy of the logits)
+        return not self.banned
+
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         apply_batch_update(self.banned, batch_update, self._entry)
 
@@ -61,6 +66,9 @@ class NoRepeatNgramLogitsProcessor(LogitsProcessor):
         super().__init__(config, device)
         # batch row -> (n, prompt ids, live output ids)
         self.rows: dict[int, tuple[int, Sequence[int], list[int]]] = {}
+
+    def is_argmax_invariant(self) -> bool:
+        return not self.rows
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         apply_batch_update(self.rows, batch_update, self._entry)
