@@ -55,13 +55,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model: str | None, port: int, log: Path) -> subprocess.Popen:
+def start_server(model: str | None, port: int, log: Path,
+                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env.pop("ENGINE_API_KEY", None)
     args = [sys.executable, "-m", "engine", "serve", "--port", str(port)]
     if model is not None:
         args += ["--model", model]
+    args += extra
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
@@ -198,10 +200,18 @@ class Soak:
 
 
 async def soak(url: str, vocab: int, max_model_len: int, duration: float, concurrency: int,
-               seed: int) -> Soak:
+               seed: int, pid: int | None = None) -> Soak:
     run = Soak(url, vocab, max_model_len, seed)
     deadline = time.monotonic() + duration
-    await asyncio.gather(*(run.worker(deadline) for _ in range(concurrency)))
+    run.rss_timeline = []  # (seconds since the start, MiB), sampled every tenth of the run
+
+    async def sample() -> None:
+        start = time.monotonic()
+        while pid is not None and time.monotonic() < deadline:
+            run.rss_timeline.append((round(time.monotonic() - start), round(rss_mib(pid))))
+            await asyncio.sleep(duration / 10)
+
+    await asyncio.gather(sample(), *(run.worker(deadline) for _ in range(concurrency)))
     return run
 
 
@@ -222,6 +232,8 @@ def main() -> int:
                         help="clients sending requests at once (default: 16)")
     parser.add_argument("--model", default=None, metavar="DIR",
                         help="model folder (default: the embedded model)")
+    parser.add_argument("--dtype", default=None,
+                        help="passed to engine serve (default: its own, 'auto')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
@@ -230,7 +242,8 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"soak_serve_{port}.log"
     note(f"starting engine serve on {url} (log: {log})")
-    proc = start_server(args.model, port, log)
+    proc = start_server(args.model, port, log,
+                        ("--dtype", args.dtype) if args.dtype is not None else ())
     try:
         card = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
         config = json.loads((Path(card["root"]) / "config.json").read_text())
@@ -241,7 +254,7 @@ def main() -> int:
         note(f"soaking for {args.duration:g} s with {args.concurrency} clients")
         started = time.monotonic()
         run = asyncio.run(soak(url, vocab, max_model_len, args.duration, args.concurrency,
-                               args.seed))
+                               args.seed, proc.pid))
         elapsed = time.monotonic() - started
         alive = proc.poll() is None
         health = wait_idle(url) if alive else {}
@@ -270,6 +283,7 @@ def main() -> int:
         "by_status": dict(sorted(by_status.items())),
         "by_kind": {f"{k} -> {o}": c for (k, o), c in sorted(run.counts.items())},
         "rss_start_mib": round(rss_start, 1), "rss_end_mib": round(rss_end, 1),
+        "rss_timeline_mib": run.rss_timeline,
         "server_alive": alive, "exit_code": proc.returncode,
         "kv_cache_usage_end": health.get("kv_cache_usage"),
         "unfinished_end": health.get("num_unfinished_requests"),
@@ -284,7 +298,9 @@ def main() -> int:
         print("by status: " + ", ".join(f"{k} {v}" for k, v in result["by_status"].items()))
         for key, count in result["by_kind"].items():
             print(f"  {count:6d}  {key}")
-        print(f"server RSS: {rss_start:.0f} MiB at the start, {rss_end:.0f} MiB at the end")
+        print(f"server RSS: {rss_start:.0f} MiB at the start, {rss_end:.0f} MiB at the end; "
+              "during the run (s: MiB): "
+              + ", ".join(f"{t}: {m}" for t, m in run.rss_timeline))
         print(f"at the end: kv_cache_usage {health.get('kv_cache_usage')}, unfinished "
               f"{health.get('num_unfinished_requests')}, aborted in total "
               f"{health.get('num_aborted_requests')}; server exit code {proc.returncode}")

@@ -107,3 +107,10 @@ def deprecated(*, since: str, instead: str | None = None) -> Callable[[_F], _F]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to `limit` characters with "..." (for error messages
+    that quote what a user sent)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

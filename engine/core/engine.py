@@ -21,6 +21,7 @@ from engine.config import EngineConfig
 from engine.core.scheduler import ModelRunnerOutput, Scheduler
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.outputs import CompletionOutput, RequestOutput
+from engine.utils import short_repr
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +59,6 @@ def _check_text(text: str) -> None:
             f"the text is not valid Unicode: {exc.reason} at character {exc.start} "
             f"({text[exc.start:exc.end]!r})"
         ) from None
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # the seeds a request's generators accept: torch's 64-bit range
@@ -253,8 +249,8 @@ class LLMEngine:
                 token_id = -1
             if not 0 <= token_id < vocab:
                 raise ValueError(
-                    f"token id {_short(t)} at position {i} is not in the model's vocabulary "
-                    f"(0..{vocab - 1})"
+                    f"token id {short_repr(t, 40)} at position {i} is not in the model's "
+                    f"vocabulary (0..{vocab - 1})"
                 )
             token_ids.append(token_id)
         return token_ids

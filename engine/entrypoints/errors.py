@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from engine.utils import short_repr
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -67,7 +69,7 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
     if kind == "missing":
         return APIError(400, f"{param}: this field is required", param=param)
     if "input" in first and kind != "value_error":
-        message += f" (got {_short(first['input'])})"
+        message += f" (got {short_repr(first['input'])})"
     return APIError(400, f"{param}: {message}", param=param)
 
 
@@ -76,8 +78,3 @@ def _dotted(loc: list[Any]) -> str:
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from engine.utils import short_repr
+
 Prompt = str | list[int]  # text, or token ids
 
 
@@ -34,17 +36,13 @@ def prompt_list(value: Any, field: str) -> list[Prompt]:
             return [list(p) for p in value]
     raise ValueError(
         f"{field} must be a string, a list of strings, a list of token ids or a list of "
-        f"token-id lists (none empty), got {_short(value)}"
+        f"token-id lists (none empty), got {short_repr(value)}"
     )
 
 
 def _is_token(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _stop_list(value: Any) -> list[str] | None:
@@ -54,7 +52,7 @@ def _stop_list(value: Any) -> list[str] | None:
         return [value]
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
         return value
-    raise ValueError(f"must be a string, a list of strings or null, got {_short(value)}")
+    raise ValueError(f"must be a string, a list of strings or null, got {short_repr(value)}")
 
 
 class StreamOptions(_Body):
