@@ -132,6 +132,22 @@ def test_llm_logits_processors_equal_transformers_per_request(
     assert alone == expected
 
 
+def test_bad_extra_args_refuse_only_that_request_before_it_is_queued(llama_dir, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE / "src"))
+    with LLM(str(llama_dir), dtype="float32", kv_cache_memory=1 << 22, logits_processors=[
+        "token_rules:BanTokensLogitsProcessor", "token_rules:NoRepeatNgramLogitsProcessor",
+    ]) as llm:
+        good = SamplingParams(temperature=0, max_tokens=4)
+        with pytest.raises(ValueError, match=r"prompt 1: logits processor "
+                                             r"'token_rules:BanTokensLogitsProcessor': "
+                                             r"extra_args\['banned_token_ids'\] must be a list"):
+            llm.generate(PROMPTS[:2], [good, SamplingParams(extra_args={"banned_token_ids": "7"})])
+        with pytest.raises(ValueError, match=r"no_repeat_ngram_size'\] must be an integer >= 1"):
+            llm.generate(PROMPTS[0], SamplingParams(extra_args={"no_repeat_ngram_size": 0}))
+        assert not llm.llm_engine.has_unfinished_requests()
+        assert len(llm.generate(PROMPTS[0], good)[0].outputs[0].token_ids) == 4
+
+
 def test_a_bad_logits_processor_entry_is_named(llama_dir):
     with pytest.raises(ValueError, match=r"'os:getcwd' is not a subclass of engine.sample.LogitsProcessor"):
         LLM(str(llama_dir), logits_processors=["os:getcwd"])
@@ -273,6 +289,10 @@ def test_http_extra_args_reach_the_plugins(
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="tiny", prompt="x", max_tokens=2,
                                       extra_body={"extra_args": [1, 2]})
+        with pytest.raises(openai.BadRequestError, match=r"logits processor 'ban_tokens': "
+                                                         r"extra_args\['banned_token_ids'\]"):
+            client.completions.create(model="tiny", prompt="x", max_tokens=2,
+                                      extra_body={"extra_args": {"banned_token_ids": [-1]}})
         # a processor that raises fails that request (500 naming it); the server goes on
         with pytest.raises(openai.InternalServerError, match=r"logits processor 'exploding_lp:Exploding' "
                                                               r"failed: RuntimeError: asked to explode"):

@@ -284,8 +284,10 @@ class LLMEngine:
         tokenized = self.tokenize_prompt(prompt)
         text, token_ids = tokenized.text, tokenized.token_ids
         from engine.platforms import current_platform
+        from engine.sample._logits_processor import validate_params_for_processors
 
         current_platform.validate_request(token_ids, params)  # ValueError: refused, not queued
+        validate_params_for_processors(self._logits_processor_classes, params)
         max_model_len = self.config.model_config.max_model_len
         room = max(1, max_model_len - len(token_ids))
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -319,6 +321,13 @@ class LLMEngine:
         if self.stat_loggers is not None:
             self._request_stats.on_request_added(request_id, req.arrival_time, len(token_ids))
         return request_id
+
+    @functools.cached_property
+    def _logits_processor_classes(self) -> list[tuple[str, type]]:
+        """The processors' classes, whose `validate_params` checks each request."""
+        from engine.sample import logits_processor_classes
+
+        return logits_processor_classes(self.config)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now; its sequences free their blocks (an unknown or

@@ -18,6 +18,7 @@ from engine.sample._logits_processor import (
     LogitsProcessorError,
     apply_batch_update,
     build_logits_processors,
+    logits_processor_classes,
 )
 from engine.sample._sampler import Sampler, SamplerOutput
 from engine.sample._state import SamplingState
@@ -32,4 +33,5 @@ __all__ = [
     "SamplingState",
     "apply_batch_update",
     "build_logits_processors",
+    "logits_processor_classes",
 ]

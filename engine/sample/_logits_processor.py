@@ -59,6 +59,9 @@ class LogitsProcessor:
 
     Subclasses override `apply` and usually `update_state`; the engine calls:
 
+    - ``validate_params(params)`` (a classmethod) for every request before it is
+      queued: a ValueError refuses that request alone;
+
     - ``__init__(config, device)`` once per engine, in the worker that samples
       (`config` is the `engine.config.EngineConfig`, `device` the logits' device);
     - ``update_state(batch_update)`` before each `apply`, with None when the
@@ -78,6 +81,13 @@ class LogitsProcessor:
     def __init__(self, config: Any, device: torch.device) -> None:
         self.config = config
         self.device = device
+
+    @classmethod
+    def validate_params(cls, params: SamplingParams) -> None:
+        """Refuse a request whose ``params.extra_args`` this processor cannot use:
+        raise ValueError saying what is wrong. Called for every request before it
+        is queued, in the process that builds the engine, so one request's bad
+        arguments never fail the other requests of a step. Accepts by default."""
 
     def is_argmax_invariant(self) -> bool:
         """True when `apply` leaves this step's greedy choices alone; False by default."""
@@ -170,11 +180,11 @@ def resolve_logits_processor(entry: type | str, what: str) -> type[LogitsProcess
     return cls
 
 
-def build_logits_processors(config: Any, device: torch.device) -> list[tuple[str, LogitsProcessor]]:
-    """One instance of every logits processor of an engine: the enabled
-    ``logits_processor`` plugins (by plugin name), then ``config.logits_processors``
-    (by qualified name). Raises ValueError naming the one that is not a
-    `LogitsProcessor` or whose constructor raised."""
+def logits_processor_classes(config: Any) -> list[tuple[str, type[LogitsProcessor]]]:
+    """Every logits processor class of an engine, by the name errors use: the
+    built-in structured-outputs mask, the enabled ``logits_processor`` plugins (by
+    plugin name), then ``config.logits_processors`` (by qualified name). Raises
+    ValueError naming an entry that is not a `LogitsProcessor` subclass."""
     import registry
 
     # built in: structured outputs' token mask (idle unless a request asks for it)
@@ -187,9 +197,16 @@ def build_logits_processors(config: Any, device: torch.device) -> list[tuple[str
                                group=registry.LOGITS_PROCESSOR_PLUGINS)
     entries += list(plugins.items())
     entries += [(processor_name(e), e) for e in getattr(config, "logits_processors", None) or ()]
+    return [(name, resolve_logits_processor(entry, f"logits processor {name!r}"))
+            for name, entry in entries]
+
+
+def build_logits_processors(config: Any, device: torch.device) -> list[tuple[str, LogitsProcessor]]:
+    """One instance of every logits processor of an engine (see
+    `logits_processor_classes`). Raises ValueError naming the one that is not a
+    `LogitsProcessor` or whose constructor raised."""
     built = []
-    for name, entry in entries:
-        cls = resolve_logits_processor(entry, f"logits processor {name!r}")
+    for name, cls in logits_processor_classes(config):
         try:
             built.append((name, cls(config, device)))
         except Exception as exc:
@@ -197,3 +214,19 @@ def build_logits_processors(config: Any, device: torch.device) -> list[tuple[str
                 f"logits processor {name!r} could not be built: {type(exc).__name__}: {exc}"
             ) from exc
     return built
+
+
+def validate_params_for_processors(
+    classes: Sequence[tuple[str, type[LogitsProcessor]]], params: SamplingParams
+) -> None:
+    """Run every processor's `LogitsProcessor.validate_params` on one request's
+    params; raise ValueError naming the processor that refuses them."""
+    for name, cls in classes:
+        try:
+            cls.validate_params(params)
+        except ValueError as exc:
+            raise ValueError(f"logits processor {name!r}: {exc}") from None
+        except Exception as exc:
+            raise ValueError(
+                f"logits processor {name!r}: validate_params raised {type(exc).__name__}: {exc}"
+            ) from None

@@ -36,6 +36,13 @@ class BanTokensLogitsProcessor(LogitsProcessor):
         super().__init__(config, device)
         self.banned: dict[int, list[int]] = {}  # batch row -> banned ids
 
+    @classmethod
+    def validate_params(cls, params) -> None:
+        """A malformed list refuses the request before it is queued."""
+        extra = params.extra_args or {}
+        if "banned_token_ids" in extra:
+            _int_list(extra["banned_token_ids"], "banned_token_ids")
+
     def is_argmax_invariant(self) -> bool:
         # asked every step: while no request in the batch bans anything, greedy
         # batches skip this processor (and the sampler's copy of the logits)
@@ -73,13 +80,17 @@ class NoRepeatNgramLogitsProcessor(LogitsProcessor):
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         apply_batch_update(self.rows, batch_update, self._entry)
 
+    @classmethod
+    def validate_params(cls, params) -> None:
+        n = (params.extra_args or {}).get("no_repeat_ngram_size")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ValueError(f"extra_args['no_repeat_ngram_size'] must be an integer >= 1, got {n!r}")
+
     @staticmethod
     def _entry(added: AddedRequest) -> tuple[int, Sequence[int], list[int]] | None:
         n = (added.params.extra_args or {}).get("no_repeat_ngram_size")
         if n is None:
             return None
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"extra_args['no_repeat_ngram_size'] must be an integer >= 1, got {n!r}")
         return n, added.prompt_token_ids, added.output_token_ids
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
