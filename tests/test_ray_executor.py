@@ -131,6 +131,10 @@ def test_tp2_one_rank_per_node_matches_tp1_with_plugin_model_and_setting(
         ray_cluster, plugin_model, tp1_outputs, monkeypatch):
     plugin_dir, model = plugin_model
     monkeypatch.setenv("PYTHONPATH", TESTS_DIR)  # the actors import this module's functions
+    # LLM(plugin_dirs=, plugin_config=) write these into os.environ; set them here too
+    # so that they are removed again after this test (later module fixtures see them)
+    monkeypatch.setenv("ENGINE_PLUGIN_DIRS", str(plugin_dir))
+    monkeypatch.setenv("ENGINE_PLUGIN_CONFIG", json.dumps({"dist_models": {"tag": "from-driver"}}))
     llm = LLM(str(model), tensor_parallel_size=2, distributed_executor_backend="ray",
               plugin_dirs=[plugin_dir], plugin_config={"dist_models": {"tag": "from-driver"}},
               dtype="float32", kv_cache_memory=8 * 2**20)
