@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 
 import httpx
 import openai
 import pytest
+from conftest import subprocess_env
 from test_serve import Server
 
 PROMPTS = ["def parse(self, text):", "import os\nimport sys\n", "class Config:\n    ",
@@ -113,3 +116,12 @@ def test_sequential_requests_alternate_between_replicas(dp_server, dp1_texts):
         assert response.choices[0].text == expected
     after = metric_values(dp_server, routed)
     assert {e: after[e] - before.get(e, 0.0) for e in after} == {"0": 2.0, "1": 2.0}
+
+
+def test_data_parallel_with_a_launcher_backend_is_refused_before_binding(llama_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine", "serve", "--model", str(llama_dir), "--port", "0",
+         "--data-parallel-size", "2", "--distributed-executor-backend", "external_launcher"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "--data-parallel-backend mp or ray" in proc.stderr, proc.stderr

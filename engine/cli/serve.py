@@ -76,6 +76,10 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     engine_args = EngineArgs.from_cli_args(args, log_stats=not args.disable_log_stats)
+    replica_backend = args.data_parallel_backend or engine_args.distributed_executor_backend
+    if args.data_parallel_size > 1 and replica_backend not in ("mp", "ray"):
+        raise ValueError(f"--data-parallel-size runs each replica's workers with "
+                         f"--data-parallel-backend mp or ray, not {replica_backend!r}")
     model_dir = str(engine_args.model_dir())
     name = args.served_model_name or args.model or "default"
     aliases = tuple({model_dir, os.path.abspath(model_dir)} - {name})
