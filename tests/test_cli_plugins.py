@@ -190,3 +190,29 @@ def test_schema_command_prints_the_published_schema():
     proc = run_cli("plugins", "schema", env=subprocess_env())
     assert proc.returncode == 0
     assert json.loads(proc.stdout) == json.loads((REPO / "docs" / "manifest.schema.json").read_text())
+
+
+def test_list_says_route_plugins_are_mounted_only_by_name(isolated_engine_env, tmp_path):
+    """An enabled api_route plugin is not served until named: the NOTE column and
+    the JSON ``note`` say so, and say it differently once ENGINE_PLUGINS names it."""
+    pdir = tmp_path / "routes"
+    write_manifest(pdir, "routes.toml",
+                   [{"group": "api_route", "name": "my_routes",
+                     "value": "no_such_mod:router", "description": "extra endpoints"}])
+    env = subprocess_env(ENGINE_PLUGIN_DIRS=str(pdir))
+    proc = run_cli("plugins", "list", "--group", "api_route", env=env)
+    assert proc.returncode == 0, proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if "my_routes" in line)
+    assert row.split()[:4] == ["api_route", "my_routes", "plugin-dir", "yes"]
+    assert row.endswith("mounted only when enabled by name (--enable-route-plugin / "
+                        "ENGINE_PLUGINS); extra endpoints")
+    rows = list_json("plugins", "list", "--json", env=env)
+    route = next(r for r in rows if r["name"] == "my_routes")
+    assert route["enabled"] is True and route["group"] == "engine.api_route_plugins"
+    assert route["note"].startswith("mounted only when enabled by name")
+    # other groups' notes are their description (or why they are disabled)
+    assert all(r["note"] == (r["disabled_reason"] or r["description"])
+               for r in rows if r["group"] != "engine.api_route_plugins")
+    named = subprocess_env(ENGINE_PLUGIN_DIRS=str(pdir), ENGINE_PLUGINS="api_route:my_routes")
+    rows = list_json("plugins", "list", "--group", "api_route", "--json", env=named)
+    assert rows[0]["note"] == "mounted by engine serve (named in ENGINE_PLUGINS); extra endpoints"

@@ -102,6 +102,7 @@ def run_list(args: argparse.Namespace) -> int:
     from registry._discovery import current_discovery
     from registry._env import strict_mode
     from registry._groups import group_alias, resolve_group
+    from registry._listing import plugin_note
 
     try:
         group = resolve_group(args.group) if args.group else None
@@ -119,9 +120,8 @@ def run_list(args: argparse.Namespace) -> int:
     else:
         rows = [["GROUP", "NAME", "SOURCE", "ENABLED", "VALUE", "ORIGIN", "NOTE"]]
         for r in records:
-            note = r.disabled_reason or r.description
             rows.append([group_alias(r.group), r.name, r.source, "yes" if r.enabled else "no",
-                         r.value, r.origin, note])
+                         r.value, r.origin, plugin_note(r)])
         print(_table(rows))
     if discovery.problems and strict_mode():
         for problem in discovery.problems:  # strict mode raises instead of logging: say them
