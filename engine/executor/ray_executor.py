@@ -213,7 +213,13 @@ def _join_ray(ray: Any, world_size: int) -> None:
                 ray.init(address="local", num_cpus=max(os.cpu_count() or 1, world_size),
                          include_dashboard=False, log_to_driver=True)
             else:
-                ray.init(address=address, log_to_driver=True)
+                try:
+                    ray.init(address=address, log_to_driver=True)
+                except (ConnectionError, RuntimeError, ValueError) as exc:
+                    raise ConnectionError(
+                        f"cannot join the Ray cluster at RAY_ADDRESS={address!r}: {exc}. Start "
+                        "one with `ray start --head`, or unset RAY_ADDRESS for a local one"
+                    ) from exc
             _ray_started_here = True
         _ray_users += 1
 
