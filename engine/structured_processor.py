@@ -56,6 +56,22 @@ class StructuredOutputsLogitsProcessor(LogitsProcessor):
         self._vocab_size = int(vocab) if vocab else 0  # 0: the tokenizer's size
         self._bitmask: torch.Tensor | None = None
 
+    @classmethod
+    def validate_params(cls, params: Any) -> None:
+        """Compile the request's grammar again before it is queued:
+        `StructuredOutputsParams` checks itself when built, but a dataclass can be
+        changed afterwards, and a grammar that fails at the step would stop every
+        request of that step. Raises ValueError naming the field."""
+        from engine.sampling_params import StructuredOutputsParams
+
+        structured = getattr(params, "structured_outputs", None)
+        if structured is None:
+            return
+        if not isinstance(structured, StructuredOutputsParams):
+            raise ValueError("SamplingParams.structured_outputs must be a "
+                             f"StructuredOutputsParams or None, got {type(structured).__name__}")
+        structured.__post_init__()  # every check of construction, the compile included
+
     def is_argmax_invariant(self) -> bool:
         # true while no request in the batch is constrained: all-greedy batches
         # then skip the processor (and the sampler's copy of the logits)

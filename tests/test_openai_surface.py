@@ -172,6 +172,13 @@ def test_structured_output_errors_name_the_field(client):
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"extra_body": {"structured_outputs": {"regex": "(("}}}, "structured_outputs.regex"),
         ({"extra_body": {"structured_outputs": {"yaml": "a"}}}, "structured_outputs.yaml"),
+        ({"response_format": {"type": "json_schema",
+                              "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+         "response_format.json_schema.schema"),
+        ({"extra_body": {"structured_outputs": {"json": {"$ref": "#/nowhere"}}}},
+         "structured_outputs.json"),
+        ({"extra_body": {"structured_outputs": {"grammar": "start: undefined_rule"}}},
+         "structured_outputs.grammar"),
     ]
     for kwargs, param in cases:
         with pytest.raises(openai.BadRequestError) as exc:

@@ -136,6 +136,30 @@ def test_bad_params_name_the_field(kwargs, field):
         SamplingParams(structured_outputs={"json": {}})
 
 
+@pytest.mark.parametrize("field, bad", [
+    ("json", {"type": "nonsense"}),
+    ("regex", "a{5,2}"),
+    ("grammar", "start: undefined_rule"),
+])
+def test_params_broken_after_construction_are_refused_at_request_time(llm, field, bad):
+    """StructuredOutputsParams checks itself when built; one changed afterwards is
+    checked again (the structured-outputs processor's validate_params) when the
+    request is made: ValueError naming the prompt and the field, nothing queued,
+    and the other prompts of the engine still served."""
+    good = _constrained(0, regex="[a-z]{2,4}")
+    broken = _constrained(1, regex="[a-z]{2,4}")
+    broken.structured_outputs.regex = None
+    setattr(broken.structured_outputs, field, bad)
+    with pytest.raises(ValueError, match=rf"prompt 1: .*StructuredOutputsParams\.{field}"):
+        llm.generate(["x = ", "y = "], [good, broken])
+    assert not llm.llm_engine.requests
+    broken.structured_outputs.json_object = True  # two fields at once: also refused
+    with pytest.raises(ValueError, match="prompt 0: .*exactly one"):
+        llm.generate(["y = "], broken)
+    out = llm.generate(["x = "], good)[0].outputs[0]
+    assert out.finish_reason != "stop" or re.fullmatch("[a-z]{2,4}", out.text)
+
+
 @pytest.mark.parametrize("field, value", [("stop", ["}"]), ("stop_token_ids", [5]),
                                           ("min_tokens", 3)])
 def test_settings_that_would_break_the_guarantee_are_refused(field, value):
