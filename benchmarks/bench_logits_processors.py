@@ -150,9 +150,19 @@ def main() -> int:
         site = install_example(tmp)
         engines = build_engines(model, site, args.seed)
         prompts, sides = workload(args.seed, args.prompts, args.max_tokens)
-        for side in SIDES:  # warm-up, and a check that the active side really bans
+        for side in SIDES:  # warm-up
             key, params = sides[side]
             engines[key].generate(prompts[:4], params)
+        # the active side really runs the processors: no banned id in its outputs,
+        # and no output token completes a trigram seen before it
+        key, active = sides["active"]
+        banned = set(active.extra_args["banned_token_ids"])
+        for out in engines[key].generate(prompts, active):
+            ids = list(out.prompt_token_ids) + list(out.outputs[0].token_ids)
+            assert not banned & set(out.outputs[0].token_ids), "ban_tokens did not apply"
+            for k in range(len(out.prompt_token_ids), len(ids)):
+                earlier = {tuple(ids[i:i + 3]) for i in range(k - 2)}
+                assert tuple(ids[k - 2:k + 1]) not in earlier, "no_repeat_ngram did not apply"
         times: dict[str, list[float]] = {side: [] for side in SIDES}
         cpu: dict[str, list[float]] = {side: [] for side in SIDES}
         for r in range(args.rounds):
