@@ -173,6 +173,16 @@ def test_a_template_that_builds_a_huge_string_is_refused_without_the_memory(serv
     _assert_serving(server)
 
 
+def test_a_template_that_loops_for_hours_is_stopped(server):
+    template = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                "{% endfor %}{{ messages[0]['content'] }}")
+    response = _post(server, "/v1/chat/completions",
+                     {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                      "chat_template": template})
+    _assert_400(response, "messages", "loops more than")
+    _assert_serving(server)
+
+
 def test_a_prompt_far_past_the_context_is_refused_without_tokenizing_it(server):
     # 15 MB: under the body limit, far over what 1024 tokens can hold
     response = _post(server, "/v1/completions", {"prompt": "word " * 3_000_000,

@@ -8,6 +8,7 @@ import datetime
 import functools
 import json
 import re
+from collections import abc
 from typing import Any, NoReturn
 
 
@@ -48,6 +49,7 @@ def render_chat(
     except jinja2.TemplateError as exc:
         raise ChatTemplateError(f"the chat template does not compile: {exc}") from exc
     token = _LIMIT.set(max_chars)
+    loops = _LOOP_BUDGET.set([MAX_RANGE_ITERATIONS])
     try:
         pieces: list[str] = []
         size = 0
@@ -73,6 +75,7 @@ def render_chat(
             f"the chat template failed: {type(exc).__name__}: {exc}") from None
     finally:
         _LIMIT.reset(token)
+        _LOOP_BUDGET.reset(loops)
 
 
 class _TooLarge(Exception):
@@ -82,6 +85,41 @@ class _TooLarge(Exception):
 # the size bound of the render running in this thread (templates are cached and shared)
 _LIMIT: contextvars.ContextVar[int] = contextvars.ContextVar("chat_template_limit",
                                                              default=DEFAULT_MAX_CHARS)
+
+
+# iterations over range() one render may make in all (nested loops multiply)
+MAX_RANGE_ITERATIONS = 1_000_000
+# the iterations left to the render running in this thread, as a one-item list
+_LOOP_BUDGET: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "chat_template_loop_budget", default=None)
+
+
+class _CountedRange(abc.Sequence):
+    """The template's ``range``: a range whose iterations draw on the render's
+    budget, so nested loops cannot keep a thread busy for hours."""
+
+    def __init__(self, inner: range) -> None:
+        self._inner = inner
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._inner[index]
+
+    def __iter__(self) -> Any:
+        budget = _LOOP_BUDGET.get() or [MAX_RANGE_ITERATIONS]
+        for item in self._inner:
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise _TooLarge(f"the template loops more than {MAX_RANGE_ITERATIONS} times")
+            yield item
+
+
+def _counted_range(*args: int) -> _CountedRange:
+    from jinja2.sandbox import safe_range
+
+    return _CountedRange(safe_range(*args))
 
 
 def _check_size(value: Any) -> Any:
@@ -196,4 +234,5 @@ def _compile(template: str) -> Any:
         env.filters[name] = _bounded_filter(name, env.filters[name])
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
+    env.globals["range"] = _counted_range
     return env.from_string(template)
