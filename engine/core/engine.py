@@ -61,6 +61,11 @@ def _check_text(text: str) -> None:
         ) from None
 
 
+def _too_long(num_tokens: int, limit: int) -> ValueError:
+    return ValueError(f"the prompt has {num_tokens} tokens, more than the model's context "
+                      f"length max_model_len={limit}")
+
+
 # the seeds a request's generators accept: torch's 64-bit range
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
@@ -229,14 +234,13 @@ class LLMEngine:
             _check_text(prompt)
             text, token_ids = prompt, self.tokenizer.encode(prompt)
         else:
+            if len(prompt) > limit:  # before looking at a million ids one by one
+                raise _too_long(len(prompt), limit)
             text, token_ids = None, self._checked_ids(prompt)
         if not token_ids:
             raise ValueError("the prompt is empty: at least one token is needed")
         if len(token_ids) > limit:
-            raise ValueError(
-                f"the prompt has {len(token_ids)} tokens, more than the model's context "
-                f"length max_model_len={limit}"
-            )
+            raise _too_long(len(token_ids), limit)
         return TokenizedPrompt(text, token_ids)
 
     def _checked_ids(self, prompt: abc.Sequence[int]) -> list[int]:
