@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import engine  # noqa: E402,F401 - before torch: it sets the OpenMP wait policy
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -47,23 +49,23 @@ def main() -> int:
     from engine import LLM, SamplingParams
 
     llm = LLM(args.model_dir, dtype=args.dtype, kv_cache_memory=1 << 30)
-    engine = llm.llm_engine
+    llm_engine = llm.llm_engine
     rng = random.Random(0)
     prompts = [[rng.randrange(3, SMOL["vocab_size"]) for _ in range(args.context)]
                for _ in range(args.batch)]
     params = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
     for p in prompts:
-        engine.add_request(p, params)
+        llm_engine.add_request(p, params)
     for _ in range(5):  # prefill, then a few decode steps
-        engine.step()
+        llm_engine.step()
     start = time.perf_counter()
     for _ in range(args.steps):
-        engine.step()
+        llm_engine.step()
     plain = (time.perf_counter() - start) / args.steps
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for _ in range(args.steps):
-            engine.step()
+            llm_engine.step()
         profiled = (time.perf_counter() - start) / args.steps
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     print(f"{args.dtype}, batch {args.batch}, context {args.context}, threads "

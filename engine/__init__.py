@@ -7,9 +7,19 @@ resolves no platform. The public names below are loaded on first use.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 from registry._version import __version__
+
+# OpenMP threads that wait for work by sleeping, not spinning: on a CPU shared with
+# other processes a spinning thread takes the core its straggling partner needs, and
+# a decode step (hundreds of parallel regions) ran ~10x slower (docs/benchmarks.md,
+# "vs vLLM"). Read once, when torch loads its OpenMP runtime: so only before torch is
+# imported, and never over the user's own setting.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # public name -> module that defines it (imported lazily, see __getattr__)
 _LAZY = {
