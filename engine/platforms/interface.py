@@ -176,7 +176,6 @@ class Platform:
             return config_dtype
         return cls.preferred_dtype()
 
-
     # -- requests ---------------------------------------------------------
 
     @classmethod
