@@ -29,22 +29,25 @@ def chatml_model(make_hf_model, tokenizer_dir, tmp_path_factory):
 
 
 class Tmux:
-    """One detached tmux session running a command; stopped on close."""
+    """One detached tmux session running a command, on a tmux server of its own
+    (its own socket): a shared server that exits as the previous test's last session
+    closes makes the next `new-session` fail with "server exited unexpectedly"."""
 
     def __init__(self, command: str, env: dict[str, str], cwd: Path) -> None:
         self.name = f"engine-chat-{uuid.uuid4().hex[:8]}"
+        self.tmux = ["tmux", "-L", self.name]
         exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()
                            if k.startswith(("ENGINE_", "HF_", "PYTHONPATH", "TOKENIZERS",
                                             "TRANSFORMERS", "PATH", "HOME")))
         script = f"cd {shlex.quote(str(cwd))} && env {exports} {command}; echo EXIT=$?; sleep 60"
-        subprocess.run(["tmux", "new-session", "-d", "-s", self.name, "-x", "200", "-y", "50",
+        subprocess.run([*self.tmux, "new-session", "-d", "-s", self.name, "-x", "200", "-y", "50",
                         "bash", "-c", script], check=True, timeout=10)
 
     def send(self, *keys: str) -> None:
-        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True, timeout=10)
+        subprocess.run([*self.tmux, "send-keys", "-t", self.name, *keys], check=True, timeout=10)
 
     def screen(self) -> str:
-        return subprocess.run(["tmux", "capture-pane", "-p", "-J", "-S", "-200", "-t",
+        return subprocess.run([*self.tmux, "capture-pane", "-p", "-J", "-S", "-200", "-t",
                                self.name], capture_output=True, text=True, timeout=10).stdout
 
     def wait_for(self, predicate, what: str, timeout: float = 90.0) -> str:
@@ -57,8 +60,7 @@ class Tmux:
         raise AssertionError(f"timed out waiting for {what}; screen:\n{self.screen()}")
 
     def close(self) -> None:
-        subprocess.run(["tmux", "kill-session", "-t", self.name], timeout=10,
-                       capture_output=True)
+        subprocess.run([*self.tmux, "kill-server"], timeout=10, capture_output=True)
 
 
 def _chat_command(model: Path, history: Path, *extra: str) -> str:
