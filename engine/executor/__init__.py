@@ -104,6 +104,26 @@ def build_worker(config: Any, rank: int = 0, distributed_init_method: str | None
     )
 
 
+def call_worker(worker: Any, method: str | Callable[..., Any], args: tuple,
+                kwargs: dict[str, Any]) -> Any:
+    """``worker.method(*args, **kwargs)``, or ``method(worker, *args, **kwargs)``
+    for a function: how every executor runs a `collective_rpc` call on a worker.
+    Raises NotImplementedError naming the worker class when it has no `method`."""
+    if callable(method):
+        return method(worker, *args, **kwargs)
+    fn = getattr(worker, method, None)
+    if fn is None:
+        raise NotImplementedError(
+            f"worker class {type(worker).__qualname__} has no method {method!r}"
+        )
+    return fn(*args, **kwargs)
+
+
+def rpc_name(method: str | Callable[..., Any]) -> str:
+    """The name of a `collective_rpc` call, for error messages."""
+    return method if isinstance(method, str) else getattr(method, "__name__", repr(method))
+
+
 class UniProcExecutor(ExecutorBase):
     """The single worker lives in this process: calls are plain method calls."""
 
@@ -119,15 +139,7 @@ class UniProcExecutor(ExecutorBase):
     ) -> list[Any]:
         if self._shut_down:
             raise RuntimeError("the executor was shut down")
-        kwargs = kwargs or {}
-        if callable(method):
-            return [method(self.worker, *args, **kwargs)]
-        fn = getattr(self.worker, method, None)
-        if fn is None:
-            raise NotImplementedError(
-                f"worker class {type(self.worker).__qualname__} has no method {method!r}"
-            )
-        return [fn(*args, **kwargs)]
+        return [call_worker(self.worker, method, args, kwargs or {})]
 
     def execute_model(self, scheduler_output: Any) -> Any:
         return self.worker.execute_model(scheduler_output)
@@ -138,4 +150,5 @@ class UniProcExecutor(ExecutorBase):
             self.worker.shutdown()
 
 
-__all__ = ["DISTRIBUTED_EXECUTOR_BACKENDS", "ExecutorBase", "UniProcExecutor", "build_worker"]
+__all__ = ["DISTRIBUTED_EXECUTOR_BACKENDS", "ExecutorBase", "UniProcExecutor", "build_worker",
+           "call_worker", "rpc_name"]

@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from engine.executor import ExecutorBase, build_worker
+from engine.executor import ExecutorBase, build_worker, call_worker, rpc_name
 
 logger = logging.getLogger("engine.executor")
 
@@ -83,19 +83,10 @@ class ExternalLauncherExecutor(ExecutorBase):
         if self._shut_down:
             raise RuntimeError("the executor was shut down")
         kwargs = kwargs or {}
-        name = method if isinstance(method, str) else getattr(method, "__name__", repr(method))
+        name = rpc_name(method)
         error: BaseException | None = None
         try:
-            if callable(method):
-                result = method(self.worker, *args, **kwargs)
-            else:
-                fn = getattr(self.worker, method, None)
-                if fn is None:
-                    raise NotImplementedError(
-                        f"worker class {type(self.worker).__qualname__} has no method {method!r}"
-                    )
-                result = fn(*args, **kwargs)
-            outcome = (True, result)
+            outcome = (True, call_worker(self.worker, method, args, kwargs))
         except Exception as exc:
             error = exc
             outcome = (False, traceback.format_exc())

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, NoReturn
 
-from engine.executor import ExecutorBase, build_worker
+from engine.executor import ExecutorBase, build_worker, call_worker, rpc_name
 
 logger = logging.getLogger("engine.executor")
 
@@ -131,15 +131,7 @@ def _serve(worker: Any, conn: Connection) -> None:
             conn.send(("ok", None))
             return
         try:
-            if callable(method):
-                result = method(worker, *args, **kwargs)
-            else:
-                fn = getattr(worker, method, None)
-                if fn is None:
-                    raise NotImplementedError(
-                        f"worker class {type(worker).__qualname__} has no method {method!r}"
-                    )
-                result = fn(*args, **kwargs)
+            result = call_worker(worker, method, args, kwargs)
             conn.send(("ok", result if reply else None))
         except Exception as exc:
             _send_error(conn, exc)
@@ -272,7 +264,7 @@ class MultiprocExecutor(ExecutorBase):
     def _rpc(self, method: str | Callable[..., Any], args: tuple, kwargs: dict[str, Any],
              reply_rank: int | None) -> list[Any]:
         self._ensure_running()
-        name = method if isinstance(method, str) else getattr(method, "__name__", repr(method))
+        name = rpc_name(method)
         for h in self._handles:
             reply = reply_rank is None or h.rank == reply_rank
             try:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from engine.executor import ExecutorBase, build_worker
+from engine.executor import ExecutorBase, build_worker, call_worker, rpc_name
 from engine.executor.multiproc import WorkerProcessError
 
 logger = logging.getLogger("engine.executor")
@@ -158,15 +158,7 @@ class RayWorkerWrapper:
                 reply: bool) -> Any:
         """``worker.method(*args, **kwargs)`` (or ``method(worker, ...)`` for a
         function); the result when `reply`, else None."""
-        if callable(method):
-            result = method(self.worker, *args, **kwargs)
-        else:
-            fn = getattr(self.worker, method, None)
-            if fn is None:
-                raise NotImplementedError(
-                    f"worker class {type(self.worker).__qualname__} has no method {method!r}"
-                )
-            result = fn(*args, **kwargs)
+        result = call_worker(self.worker, method, args, kwargs)
         return result if reply else None
 
     def shutdown_worker(self) -> None:
@@ -366,7 +358,7 @@ class RayExecutor(ExecutorBase):
     def _rpc(self, method: str | Callable[..., Any], args: tuple, kwargs: dict[str, Any],
              reply_rank: int | None) -> list[Any]:
         self._ensure_running()
-        name = method if isinstance(method, str) else getattr(method, "__name__", repr(method))
+        name = rpc_name(method)
         refs = [(a, a.actor.execute.remote(method, args, kwargs,
                                            reply_rank is None or a.rank == reply_rank))
                 for a in self._actors]
