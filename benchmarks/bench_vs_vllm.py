@@ -151,7 +151,7 @@ def run_worker(side: str, model_dir: str, dtype: str) -> int:
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
 
-        llm = LLM(model=model_dir, dtype=dtype, seed=0, max_model_len=2048)
+        llm = LLM(model=model_dir, dtype=dtype, seed=0)
 
         def generate(prompts, out_lens):
             params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
