@@ -78,17 +78,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model: Path, port: int) -> subprocess.Popen:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--model", str(model),
-                             "--port", str(port), "--dtype", "float32"], env=env)
+def start_server(model: str | Path | None, port: int, extra: tuple[str, ...] = (),
+                 log: Path | None = None) -> subprocess.Popen:
+    """`engine serve` on 127.0.0.1:`port` in a subprocess running this checkout,
+    returned once `/health` answers 200 (SystemExit after 300 s or when it dies).
+    `model` None is the default model; `extra` are more CLI flags; with `log`, the
+    server's output goes there and is quoted if it dies."""
     import httpx
 
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env.pop("ENGINE_API_KEY", None)
+    args = [sys.executable, "-m", "engine", "serve", "--port", str(port)]
+    if model is not None:
+        args += ["--model", str(model)]
+    args += list(extra)
+    if log is None:
+        proc = subprocess.Popen(args, env=env)
+    else:
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
+            output = f":\n{log.read_text()}" if log is not None else ""
+            raise SystemExit(f"the server exited with {proc.returncode}{output}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc
@@ -192,7 +206,7 @@ def main() -> int:
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = start_server(model, port)
+        proc = start_server(model, port, ("--dtype", "float32"))
         try:
             from engine.llm import LLM
 

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from bench_serve import start_server  # the one way the benchmarks start a server
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -53,31 +54,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def start_server(model: str | None, port: int, log: Path,
-                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    env.pop("ENGINE_API_KEY", None)
-    args = [sys.executable, "-m", "engine", "serve", "--port", str(port)]
-    if model is not None:
-        args += ["--model", model]
-    args += extra
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not become ready in 300 s")
 
 
 def rss_mib(pid: int) -> float:
@@ -242,8 +218,8 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"soak_serve_{port}.log"
     note(f"starting engine serve on {url} (log: {log})")
-    proc = start_server(args.model, port, log,
-                        ("--dtype", args.dtype) if args.dtype is not None else ())
+    proc = start_server(args.model, port,
+                        ("--dtype", args.dtype) if args.dtype is not None else (), log)
     try:
         card = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
         config = json.loads((Path(card["root"]) / "config.json").read_text())
