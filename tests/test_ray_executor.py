@@ -160,6 +160,7 @@ def test_tp2_one_rank_per_node_matches_tp1_with_plugin_model_and_setting(
 SCRIPT_MODEL = textwrap.dedent("""
     import json, sys
     from engine import LLM, ModelRegistry, SamplingParams
+    from engine.model_loader import SafetensorsLoader, register_model_loader
     from engine.models.llama import LlamaForCausalLM
 
 
@@ -167,10 +168,15 @@ SCRIPT_MODEL = textwrap.dedent("""
         \"\"\"Defined in the script's __main__: the actors get it by value.\"\"\"
 
 
+    class ScriptSafetensors(SafetensorsLoader):
+        \"\"\"A load format defined in the script: the actors get it by value too.\"\"\"
+
+
     if __name__ == "__main__":
         ModelRegistry.register_model("ScriptLlamaForCausalLM", ScriptLlamaForCausalLM)
+        register_model_loader("script-safetensors", ScriptSafetensors)
         llm = LLM(sys.argv[1], tensor_parallel_size=2, distributed_executor_backend="ray",
-                  dtype="float32", kv_cache_memory=8 * 2**20)
+                  dtype="float32", kv_cache_memory=8 * 2**20, load_format="script-safetensors")
         outs = llm.generate(json.loads(sys.argv[2]),
                             SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
         names = llm.llm_engine.executor.collective_rpc(
@@ -180,7 +186,7 @@ SCRIPT_MODEL = textwrap.dedent("""
 """)
 
 
-def test_a_model_class_registered_in_the_script_reaches_every_actor(
+def test_a_model_class_and_load_format_registered_in_the_script_reach_every_actor(
         ray_cluster, make_hf_model, tp1_outputs, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(make_hf_model("llama"), model)

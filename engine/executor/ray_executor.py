@@ -10,8 +10,8 @@ RPC arguments and rank 0's sampled tokens travel through Ray.
 
 Each actor gets the driver's ``ENGINE_*`` variables (plugin dirs, plugin
 settings, platform choice), runs the general plugins, and replays the driver's
-`ModelRegistry` registrations before it builds its worker, so a model registered
-in the user's script, or by a plugin, is known to every rank.
+model and load-format registrations before it builds its worker, so a model or
+load format registered in the user's script, or by a plugin, is known to every rank.
 
 A dead actor (killed, crashed, node lost) fails the engine at once with
 `RayWorkerError` naming the rank and the node; the other actors are killed and
@@ -76,31 +76,6 @@ def forwarded_env() -> dict[str, str]:
             if k.startswith("ENGINE_") or k in _FORWARDED_ENV}
 
 
-def model_registrations() -> dict[str, Any]:
-    """The driver's `ModelRegistry` registrations as each rank replays them
-    (`ModelRegistry.registrations_for_workers`), except that a class defined in
-    the user's script travels as the class itself: in a Ray actor ``__main__`` is
-    Ray's worker program, so Ray pickles such a class by value instead."""
-    from engine.models import ModelRegistry
-
-    registrations: dict[str, Any] = ModelRegistry.registrations_for_workers()
-    for arch, value in registrations.items():
-        if isinstance(value, str) and value.startswith("__main__:"):
-            registrations[arch] = ModelRegistry.resolve(arch)
-    return registrations
-
-
-def apply_model_registrations(registrations: dict[str, Any]) -> None:
-    """Replay `model_registrations()` of the driver in this actor."""
-    from engine.models import ModelRegistry
-
-    ModelRegistry.apply_registrations(
-        {arch: value for arch, value in registrations.items() if not isinstance(value, type)})
-    for arch, value in registrations.items():
-        if isinstance(value, type):
-            ModelRegistry.register_model(arch, value)
-
-
 # --------------------------------------------------------------------------
 # actor side
 
@@ -132,11 +107,13 @@ class RayWorkerWrapper:
 
     def init_worker(self, config: Any, rank: int, local_rank: int, init_method: str,
                     registrations: dict[str, Any]) -> None:
-        """Load the general plugins, replay the driver's model registrations, then
+        """Load the general plugins, replay the driver's model and load-format
+        registrations (`engine.models.registry.registrations_for_workers`), then
         build the worker of `config.parallel_config.worker_cls` for `rank`."""
         import torch
 
         import registry
+        from engine.models.registry import apply_worker_registrations
 
         torch.set_num_threads(1)
         missing = [d for d in registry.plugin_dirs() if not os.path.isdir(d)]
@@ -149,7 +126,7 @@ class RayWorkerWrapper:
         # general plugins first (they may register what the worker class needs),
         # then what the user's script registered before building the engine
         registry.load_general_plugins()
-        apply_model_registrations(registrations)
+        apply_worker_registrations(registrations)
         self.rank = rank
         self.worker = build_worker(config, rank=rank, local_rank=local_rank,
                                    distributed_init_method=init_method)
@@ -326,12 +303,13 @@ class RayExecutor(ExecutorBase):
         # the rank among the actors of its node; with one accelerator per actor
         # Ray makes it device 0 of that actor
         seen: dict[str, int] = {}
-        from engine.models import ModelRegistry
+        from engine.models.registry import registrations_for_workers
 
-        # a class no rank could import fails here, naming it, before anything starts
-        ModelRegistry.check_reachable(
-            self.config.model_config.hf_config.get("architectures") or [])
-        registrations = ray.put(model_registrations())
+        # a class no rank could import fails here, naming it, before anything
+        # starts; one from the user's script travels by value (an actor's
+        # __main__ is Ray's program, not the script)
+        registrations = ray.put(registrations_for_workers(
+            self.config.model_config.hf_config.get("architectures"), script_classes_by_value=True))
         refs = []
         for a in self._actors:
             local_rank = seen.get(a.node_id, 0)

@@ -113,9 +113,10 @@ class _ModelRegistry:
                     exported[arch] = _Unreachable(str(exc))
         return exported
 
-    def apply_registrations(self, registrations: dict[str, str | _Unreachable]) -> None:
+    def apply_registrations(self, registrations: dict[str, str | type | _Unreachable]) -> None:
         """Replay `registrations_for_workers()` of the parent process here (a
-        worker process, after its general plugins ran)."""
+        worker process, after its general plugins ran); a class passed by value
+        is registered as it is."""
         for arch, value in registrations.items():
             current = self._models.get(arch)
             if isinstance(value, _Unreachable):
@@ -211,19 +212,34 @@ def worker_importable_name(cls: type, what: str) -> str:
 ModelRegistry = _ModelRegistry()
 
 
-def registrations_for_workers(architectures: list[str] | None = None) -> dict[str, dict[str, Any]]:
+def registrations_for_workers(architectures: list[str] | None = None, *,
+                              script_classes_by_value: bool = False) -> dict[str, dict[str, Any]]:
     """What this process registered that worker processes must replay before
     building the model: model architectures and load formats. Executors that
     start workers pass it along and call `apply_worker_registrations` there.
+
+    With `script_classes_by_value`, a class registered in the user's script
+    (``"__main__:Class"``) travels as the class itself: for workers that do not
+    re-import the script as ``__main__`` but receive classes pickled by value
+    (Ray actors, whose ``__main__`` is Ray's own program).
 
     Raises ValueError naming the class and the fix when one of `architectures`
     (the model's) resolves to a class the workers cannot import.
     """
     from engine.model_loader import loader_registrations_for_workers
+    from engine.utils import resolve_obj_by_qualname
 
     ModelRegistry.check_reachable(list(architectures or []))
-    return {"models": ModelRegistry.registrations_for_workers(),
-            "loaders": loader_registrations_for_workers()}
+    models: dict[str, Any] = ModelRegistry.registrations_for_workers()
+    loaders: dict[str, Any] = loader_registrations_for_workers()
+    if script_classes_by_value:
+        for arch, value in models.items():
+            if isinstance(value, str) and value.startswith("__main__:"):
+                models[arch] = ModelRegistry.resolve(arch)
+        for name, value in loaders.items():
+            if value.startswith("__main__:"):
+                loaders[name] = resolve_obj_by_qualname(value)
+    return {"models": models, "loaders": loaders}
 
 
 def apply_worker_registrations(registrations: dict[str, dict[str, Any]] | None) -> None:
