@@ -41,23 +41,18 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-FULL = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
-            num_attention_heads=8, num_key_value_heads=2, vocab_size=8192,
-            max_position_embeddings=1024)
+# the engine-core benchmark's random Llama (benchmarks/bench_generate.py), and a smaller one
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_generate import MODEL as FULL  # noqa: E402
+from bench_generate import build_model as _build_model  # noqa: E402
+from bench_generate import note  # noqa: E402
+
 QUICK = dict(FULL, hidden_size=256, intermediate_size=512, num_hidden_layers=4)
 
 
-def note(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def build_model(folder: Path, shape: dict, seed: int = 0) -> int:
-    """The engine-core benchmark's random Llama (benchmarks/bench_generate.py) in
-    the given shape; returns the parameter count."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_generate import build_model as build
-
-    return build(folder, seed, shape)
+    """The random Llama in the given shape; returns the parameter count."""
+    return _build_model(folder, seed, shape)
 
 
 def workload(n: int, vocab_size: int, prompt_range: tuple[int, int],
