@@ -45,6 +45,19 @@ def isolated_engine_env(tmp_path_factory, monkeypatch):
     return config_dir
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests (the machine is shared; one thread
+    keeps runs steady), restored afterwards. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for a child process running the engine or its CLI: the current
     one (already isolated by the autouse fixture) plus `extra`; the repo root is

@@ -30,14 +30,7 @@ PROMPTS = ["import ", "def fibonacci(n):", "class Stack:\n    def __init__(self)
 MAX_TOKENS = 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _few_threads():
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ MAX_TOKENS = 24
 KIB = 1024
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
