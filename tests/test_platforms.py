@@ -1,5 +1,5 @@
 """Platforms: the base class contract, the built-in CPU/CUDA platforms, and
-resolution (SPEC section 6) with real platform plugin packages pip-installed into
+resolution (docs/reference.md, "Platform interface") with real platform plugin packages pip-installed into
 a temporary target and run in a subprocess."""
 
 from __future__ import annotations
