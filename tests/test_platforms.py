@@ -1,6 +1,6 @@
 """Platforms: the base class contract, the built-in CPU/CUDA platforms, and
-resolution (docs/reference.md, "Platform interface") with real platform plugin packages pip-installed into
-a temporary target and run in a subprocess."""
+resolution (docs/reference.md, "Platform interface") with real platform plugin
+packages pip-installed into a temporary target and run in a subprocess."""
 
 from __future__ import annotations
 
