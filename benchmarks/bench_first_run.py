@@ -79,13 +79,17 @@ def import_breakdown(env: dict[str, str]) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--omp-threads", type=int, default=None,
+                    help="OMP_NUM_THREADS for every process (default: torch's own choice)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as config_dir:
-        # a private config dir: no user plugins; one thread as in the other benchmarks
+        # a private config dir: no user plugins
         env = dict(os.environ, ENGINE_CONFIG_DIR=config_dir, HF_HUB_OFFLINE="1",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                             os.environ.get("PYTHONPATH")])))
+        if args.omp_threads is not None:
+            env["OMP_NUM_THREADS"] = str(args.omp_threads)
         load_start = os.getloadavg()
         names = list(COMMANDS)
         times: dict[str, list[float]] = {name: [] for name in names}
@@ -109,7 +113,8 @@ def main() -> int:
         print(json.dumps(result, indent=2))
         return 0
     hf_median = result["median_s"]["transformers"]
-    print(f"cold runs, {args.rounds} rounds, {NEW_TOKENS} new tokens:")
+    threads = args.omp_threads if args.omp_threads is not None else "default"
+    print(f"cold runs, {args.rounds} rounds, {NEW_TOKENS} new tokens, OMP threads {threads}:")
     for n in names:
         print(f"  {n:13s} median {result['median_s'][n]:5.2f} s, fastest "
               f"{result['fastest_s'][n]:5.2f} s, median vs transformers "
