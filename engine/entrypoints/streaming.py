@@ -3,15 +3,15 @@
 `batches` merges the snapshots of a request's streams (one per prompt); the two
 builders turn them into ``text_completion`` chunks (`completion_chunks`) and
 ``chat.completion.chunk`` chunks (`chat_chunks`). Each builder owns its choice
-format; what they share (which choices have new text, when a choice is done) is
-`_ChoiceCursor` and `_changed_choices`.
+format; what they share (which choices have new text, when a choice is done,
+the chunk around the choices and the usage chunk) is `_chunks`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from engine.entrypoints.async_engine import RequestStream
@@ -133,55 +133,67 @@ class _StreamState:
         return usage([self.last[i] for i in sorted(self.last)])
 
 
-async def completion_chunks(streams: list[RequestStream], *, model: str, n: int,
-                            logprobs: int | None, texts: TokenTexts,
-                            include_usage: bool) -> AsyncIterator[dict]:
-    """The ``text_completion`` chunks of a streamed completion."""
-    base = {"id": new_id("cmpl"), "object": OBJECT_COMPLETION, "created": int(time.time()),
-            "model": model}
+async def _chunks(streams: list[RequestStream], base: dict[str, Any], n: int, *,
+                  emit_first: bool, include_usage: bool,
+                  choice: Callable[[int, Any, str, _ChoiceCursor], dict[str, Any]]
+                  ) -> AsyncIterator[dict]:
+    """`base` with the choices that changed in each batch of snapshots, then (with
+    `include_usage`) the usage chunk. ``choice(index, completion, new text,
+    cursor)`` builds a choice in the response's format from the cursor as it was
+    before this batch; the finish reason is added here."""
     state = _StreamState(n)
     async for batch in batches(streams):
         choices = []
-        for key, c, text, cursor in state.changed_choices(batch, emit_first=False):
-            choice: dict[str, Any] = {"index": key, "text": text, "logprobs": None}
-            new_tokens = c.token_ids[cursor.tokens:]
-            if logprobs is not None and new_tokens:
-                entries = (c.logprobs or [])[cursor.tokens:]
-                choice["logprobs"] = completion_logprobs(texts, new_tokens, entries, logprobs,
-                                                         cursor.text_offset)
-                cursor.text_offset += sum(len(t) for t in choice["logprobs"]["tokens"])
-            choice["finish_reason"] = c.finish_reason
+        for key, c, text, cursor in state.changed_choices(batch, emit_first=emit_first):
+            built = choice(key, c, text, cursor)
+            built["finish_reason"] = c.finish_reason
             state.advance(cursor, c)
-            choices.append(choice)
+            choices.append(built)
         if choices:
             yield {**base, "choices": choices}
     if include_usage:
         yield {**base, "choices": [], "usage": state.usage()}
 
 
-async def chat_chunks(streams: list[RequestStream], *, model: str, n: int,
-                      top_logprobs: int | None, texts: TokenTexts,
+def completion_chunks(streams: list[RequestStream], *, model: str, n: int,
+                      logprobs: int | None, texts: TokenTexts,
                       include_usage: bool) -> AsyncIterator[dict]:
+    """The ``text_completion`` chunks of a streamed completion."""
+    base = {"id": new_id("cmpl"), "object": OBJECT_COMPLETION, "created": int(time.time()),
+            "model": model}
+
+    def choice(key: int, c: Any, text: str, cursor: _ChoiceCursor) -> dict[str, Any]:
+        built: dict[str, Any] = {"index": key, "text": text, "logprobs": None}
+        new_tokens = c.token_ids[cursor.tokens:]
+        if logprobs is not None and new_tokens:
+            entries = (c.logprobs or [])[cursor.tokens:]
+            built["logprobs"] = completion_logprobs(texts, new_tokens, entries, logprobs,
+                                                    cursor.text_offset)
+            cursor.text_offset += sum(len(t) for t in built["logprobs"]["tokens"])
+        return built
+
+    return _chunks(streams, base, n, emit_first=False, include_usage=include_usage,
+                   choice=choice)
+
+
+def chat_chunks(streams: list[RequestStream], *, model: str, n: int,
+                top_logprobs: int | None, texts: TokenTexts,
+                include_usage: bool) -> AsyncIterator[dict]:
     """The ``chat.completion.chunk`` chunks of a streamed chat completion: each
     choice's first chunk carries the assistant role."""
     base = {"id": new_id("chatcmpl"), "object": OBJECT_CHAT_CHUNK, "created": int(time.time()),
             "model": model}
-    state = _StreamState(n)
-    async for batch in batches(streams):
-        choices = []
-        for key, c, text, cursor in state.changed_choices(batch, emit_first=True):
-            delta: dict[str, Any] = {"content": text} if text else {}
-            if not cursor.started:
-                delta = {"role": "assistant", "content": text}
-            choice: dict[str, Any] = {"index": key, "delta": delta, "logprobs": None}
-            new_tokens = c.token_ids[cursor.tokens:]
-            if top_logprobs is not None and new_tokens:
-                entries = (c.logprobs or [])[cursor.tokens:]
-                choice["logprobs"] = chat_logprobs(texts, new_tokens, entries, top_logprobs)
-            choice["finish_reason"] = c.finish_reason
-            state.advance(cursor, c)
-            choices.append(choice)
-        if choices:
-            yield {**base, "choices": choices}
-    if include_usage:
-        yield {**base, "choices": [], "usage": state.usage()}
+
+    def choice(key: int, c: Any, text: str, cursor: _ChoiceCursor) -> dict[str, Any]:
+        delta: dict[str, Any] = {"content": text} if text else {}
+        if not cursor.started:
+            delta = {"role": "assistant", "content": text}
+        built: dict[str, Any] = {"index": key, "delta": delta, "logprobs": None}
+        new_tokens = c.token_ids[cursor.tokens:]
+        if top_logprobs is not None and new_tokens:
+            entries = (c.logprobs or [])[cursor.tokens:]
+            built["logprobs"] = chat_logprobs(texts, new_tokens, entries, top_logprobs)
+        return built
+
+    return _chunks(streams, base, n, emit_first=True, include_usage=include_usage,
+                   choice=choice)
