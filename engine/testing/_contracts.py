@@ -7,7 +7,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from engine.testing._core import Check, CheckFailed, CheckSkipped, KitContext
+from engine.testing._core import Check, CheckFailed, CheckSkipped, KitContext, needs
 
 
 def _load(ctx: KitContext, group: str, name: str) -> Any:
@@ -25,10 +25,7 @@ def _load(ctx: KitContext, group: str, name: str) -> Any:
 
 
 def _loaded(ctx: KitContext, group: str, name: str) -> Any:
-    try:
-        return _load(ctx, group, name)
-    except Exception as exc:
-        raise CheckSkipped(f"the plugin did not load ({exc})") from None
+    return needs("the plugin did not load", _load, ctx, group, name)
 
 
 # ---------------------------------------------------------------------------
@@ -91,10 +88,7 @@ def _check_model_archs(ctx: KitContext, name: str) -> None:
 
     from engine import ModelRegistry
 
-    try:
-        _general_calls(ctx, name)
-    except Exception as exc:
-        raise CheckSkipped(f"the plugin did not run ({exc})") from None
+    needs("the plugin did not run", _general_calls, ctx, name)
     archs = ctx.memo(("archs", name), list)
     if not archs:
         raise CheckSkipped("it registers no model architecture (or they were registered "
@@ -155,10 +149,7 @@ def _processor(ctx: KitContext, name: str) -> Any:
 
 
 def _built(ctx: KitContext, name: str) -> Any:
-    try:
-        return _processor(ctx, name)
-    except Exception as exc:
-        raise CheckSkipped(f"the processor was not built ({exc})") from None
+    return needs("the processor was not built", _processor, ctx, name)
 
 
 def _check_merge(ctx: KitContext, name: str) -> None:
@@ -248,10 +239,7 @@ def _logger_cls(ctx: KitContext, name: str) -> type:
 def _logger_instance(ctx: KitContext, name: str, engine_index: int = 0) -> Any:
     from engine.testing._platform import kit_engine_config
 
-    try:
-        cls = _logger_cls(ctx, name)
-    except Exception as exc:
-        raise CheckSkipped(f"the value is not a stat logger class ({exc})") from None
+    cls = needs("the value is not a stat logger class", _logger_cls, ctx, name)
     return ctx.memo(("stat_logger", name, engine_index),
                     lambda: cls(kit_engine_config(), engine_index))
 
@@ -301,10 +289,7 @@ def _check_logger_calls(ctx: KitContext, name: str) -> None:
 
 
 def _check_logger_engine_run(ctx: KitContext, name: str) -> None:
-    try:
-        _logger_cls(ctx, name)
-    except Exception as exc:
-        raise CheckSkipped(f"the value is not a stat logger class ({exc})") from None
+    needs("the value is not a stat logger class", _logger_cls, ctx, name)
     _check_engine_run(ctx, name, "stat_logger")
 
 
@@ -342,10 +327,7 @@ def _check_logits_steps(ctx: KitContext, name: str) -> None:
     from engine.sampling_params import SamplingParams
     from engine.testing._platform import kit_engine_config
 
-    try:
-        cls = _processor_cls(ctx, name)
-    except Exception as exc:
-        raise CheckSkipped(f"the value is not a logits processor class ({exc})") from None
+    cls = needs("the value is not a logits processor class", _processor_cls, ctx, name)
     processor = cls(kit_engine_config(), torch.device("cpu"))
     vocab = 64
     gen = torch.Generator().manual_seed(7)
@@ -376,9 +358,6 @@ def _check_logits_steps(ctx: KitContext, name: str) -> None:
 def _check_engine_run(ctx: KitContext, name: str, group: str) -> None:
     from engine.testing._e2e import run_engine
 
-    try:
-        _load(ctx, group, name)
-    except Exception as exc:
-        raise CheckSkipped(f"the plugin did not load ({exc})") from None
+    _loaded(ctx, group, name)
     ctx.memo(("engine_run", "cpu", "stats"),
              lambda: run_engine("cpu", log_stats=True, strict=True))

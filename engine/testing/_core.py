@@ -92,6 +92,16 @@ def run_check(check: Check) -> CheckResult:
     return CheckResult(check.id, outcome, message, time.perf_counter() - start)
 
 
+def needs(missing: str, func: Callable[..., Any], *args: Any) -> Any:
+    """``func(*args)``, the thing a check depends on; when it raises, the check is
+    skipped: CheckSkipped ``"<missing> (<the error>)"`` (the check that owns
+    `func` reports the failure itself)."""
+    try:
+        return func(*args)
+    except Exception as exc:
+        raise CheckSkipped(f"{missing} ({exc})") from None
+
+
 # ---------------------------------------------------------------------------
 # -k EXPR: the keyword expressions pytest users know
 

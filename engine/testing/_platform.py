@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from engine.testing._core import Check, CheckFailed, CheckSkipped, KitContext
+from engine.testing._core import Check, CheckFailed, CheckSkipped, KitContext, needs
 
 # (absolute, relative) tolerance per dtype: |plugin - reference| <= atol + rtol * |reference|.
 # Stated per dtype because a device kernel may accumulate in the working dtype where the
@@ -113,10 +113,7 @@ def detect(ctx: KitContext, name: str) -> type:
 
 def platform_cls(ctx: KitContext, name: str) -> type:
     """The plugin's Platform subclass, or CheckSkipped when the detector failed."""
-    try:
-        return detect(ctx, name)
-    except Exception as exc:
-        raise CheckSkipped(f"the detector check failed ({exc})") from None
+    return needs("the detector check failed", detect, ctx, name)
 
 
 def activate(ctx: KitContext, name: str) -> type:
