@@ -3,9 +3,9 @@
 Manifests are tiny and nearly always written in a small subset of TOML: bare
 keys, ``[table]`` / ``[[array-of-tables]]`` headers, and plain strings,
 integers and booleans. `parse_toml` reads that subset with one regular
-expression per line (several times faster than the full parser, which matters
-with hundreds of manifests) and hands everything else, errors included, to the
-standard parser. The fast path either returns exactly what `tomllib` would, or
+expression per line (faster than the full parser, which matters with hundreds of
+manifests: docs/benchmarks.md, "Registry discovery") and hands everything else,
+errors included, to the standard parser. The fast path either returns exactly what `tomllib` would, or
 declines; the test suite checks that property on generated documents.
 """
 

@@ -8,7 +8,7 @@ Random rows are sampled by inverse CDF: one uniform number per row and step,
 drawn from the row's own generator when the request is seeded, so a seeded
 request's tokens do not depend on the rest of the batch. Top-k, top-p and min-p
 become one logit threshold per row (values-only sort; CPU sorts go through
-numpy, which is many times faster than torch's sort-with-indices there).
+numpy, faster there than torch's sort-with-indices).
 """
 
 from __future__ import annotations
