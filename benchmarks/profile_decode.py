@@ -3,8 +3,8 @@
     python benchmarks/profile_decode.py                       # bf16, one sequence
     python benchmarks/profile_decode.py --dtype float32 --batch 32 --context 256
 
-Builds (once, cached in --model-dir) the random-weight Llama of SmolLM-135M's shape
-that `bench_vs_vllm.py` uses, starts `--batch` requests with `--context`-token
+Builds (once, cached in --model-dir) one of `bench_vs_vllm.py`'s random-weight
+Llamas (`--model smol`: SmolLM-135M's shape; `bench`: the 26M one), starts `--batch` requests with `--context`-token
 prompts, lets them decode a few tokens to warm up, then profiles `--steps` engine
 steps (one new token per sequence each) and prints the operators by self CPU time
 and the per-step wall time. Python-side cost shows as the gap between the step's
@@ -33,7 +33,10 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--model-dir", type=Path, default=Path("/tmp/engine-smol-135m"))
+    ap.add_argument("--model", choices=("smol", "bench"), default="smol",
+                    help="smol: SmolLM-135M's shape; bench: bench_generate.py's 26M Llama")
+    ap.add_argument("--model-dir", type=Path, help="where the model is cached "
+                    "(default: /tmp/engine-profile-<model>)")
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
 
@@ -43,15 +46,17 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    shape = SMOL if args.model == "smol" else bench_generate.MODEL
+    args.model_dir = args.model_dir or Path(f"/tmp/engine-profile-{args.model}")
     if not (args.model_dir / "config.json").exists():
         args.model_dir.mkdir(parents=True, exist_ok=True)
-        bench_generate.build_model(args.model_dir, 0, SMOL)
+        bench_generate.build_model(args.model_dir, 0, shape)
     from engine import LLM, SamplingParams
 
     llm = LLM(args.model_dir, dtype=args.dtype, kv_cache_memory=1 << 30)
     llm_engine = llm.llm_engine
     rng = random.Random(0)
-    prompts = [[rng.randrange(3, SMOL["vocab_size"]) for _ in range(args.context)]
+    prompts = [[rng.randrange(3, shape["vocab_size"]) for _ in range(args.context)]
                for _ in range(args.batch)]
     params = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
     for p in prompts:
