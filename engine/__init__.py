@@ -15,8 +15,8 @@ from registry._version import __version__
 
 # OpenMP threads that wait for work by sleeping, not spinning: on a CPU shared with
 # other processes a spinning thread takes the core its straggling partner needs, and
-# a decode step (hundreds of parallel regions) ran ~10x slower (docs/benchmarks.md,
-# "vs vLLM"). Read once, when torch loads its OpenMP runtime: so only before torch is
+# a decode step is hundreds of parallel regions (docs/benchmarks.md, "Against vLLM's
+# CPU build"). Read once, when torch loads its OpenMP runtime: so only before torch is
 # imported, and never over the user's own setting.
 if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -53,7 +53,7 @@ def onednn_packing_supported(weight: torch.Tensor) -> bool:
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """`weight` [out, in] reordered once into oneDNN's blocked layout: eager
     ``F.linear`` in bf16 repacks the weight on every call, which made a one-row
-    bf16 matmul slower than float32 (docs/benchmarks.md, "vs vLLM")."""
+    bf16 matmul slower than float32 (docs/benchmarks.md, "Against vLLM's CPU build")."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 

@@ -72,7 +72,7 @@ class ModelRunner:
             if not seq_ids:  # only prompt chunks this step: nothing to sample
                 return ModelRunnerOutput()
             logits = self.model.compute_logits(hidden.index_select(0, logits_rows))
-            # the sampler works in float32 (an argmax over bf16 logits is also ~2x slower)
+            # the sampler works in float32 (an argmax over bf16 logits is also slower)
             logits = logits.float()
             if not self.is_driver:
                 return ModelRunnerOutput()
