@@ -15,6 +15,8 @@ from engine.attention.backends import torch_sdpa
 from engine.attention.backends.naive import NaiveAttentionImpl
 from engine.attention.backends.torch_sdpa import TorchSDPAImpl
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def compiled():
@@ -70,7 +72,6 @@ def test_greedy_float32_through_the_kernel_equals_transformers(compiled, make_hf
 
     from engine import LLM, SamplingParams
 
-    torch.set_num_threads(1)
     model_dir = make_hf_model("llama")
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 1024) for _ in range(n)] for n in (3, 40, 17)]

@@ -31,12 +31,7 @@ PROMPTS = ["import ", "def fibonacci(n):", "class Stack:\n    def", "for i in ra
            "# read a file\nwith open(", "return self."]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize(("native", "checkpoint", "expected"), [
