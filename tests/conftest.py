@@ -35,14 +35,40 @@ _ENGINE_ENV = (
 )
 
 
+def _restore_environ(saved: dict[str, str]) -> None:
+    """Put os.environ back as `saved` had it. The engine itself writes settings
+    there for its workers (``LLM(plugin_dirs=...)`` sets ENGINE_PLUGIN_DIRS,
+    ``LLM(plugin_config=...)`` ENGINE_PLUGIN_CONFIG), which monkeypatch does not
+    undo when the variable was absent before the test."""
+    if dict(os.environ) == saved:
+        return
+    plugin_dirs_changed = os.environ.get("ENGINE_PLUGIN_DIRS") != saved.get("ENGINE_PLUGIN_DIRS")
+    os.environ.clear()
+    os.environ.update(saved)
+    discovery = sys.modules.get("registry._discovery")
+    if plugin_dirs_changed and discovery is not None:
+        discovery.clear_cache()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def environ_restored_after_module():
+    """What a module's fixtures wrote into the environment ends with the module."""
+    saved = dict(os.environ)
+    yield
+    _restore_environ(saved)
+
+
 @pytest.fixture(autouse=True)
 def isolated_engine_env(tmp_path_factory, monkeypatch):
-    """A fresh config dir and no engine settings from the outside world."""
+    """A fresh config dir and no engine settings from the outside world; whatever
+    the test writes into the environment is gone after it."""
+    saved = dict(os.environ)
     config_dir = tmp_path_factory.mktemp("engine-config")
     monkeypatch.setenv("ENGINE_CONFIG_DIR", str(config_dir))
     for name in _ENGINE_ENV:
         monkeypatch.delenv(name, raising=False)
-    return config_dir
+    yield config_dir
+    _restore_environ(saved)
 
 
 @pytest.fixture(scope="module")
