@@ -7,8 +7,8 @@ import random
 
 import pytest
 import torch
+from attention_steps import random_attention_step
 
-from engine.attention import AttentionMetadata
 from engine.attention.backends import torch_sdpa
 from engine.attention.backends.naive import NaiveAttentionImpl
 from engine.attention.backends.torch_sdpa import TorchSDPAImpl, split_by_length
@@ -50,29 +50,12 @@ def test_split_by_length_is_optimal(seed):
     assert _cost(lengths, ends, per_bucket) == _brute_force(lengths, per_bucket)
 
 
-def _step(query_lens, seq_lens, block_size=4, kv_heads=2, heads=4, head_size=8, seed=0):
-    """Metadata over shuffled cache blocks, a filled cache and the step's q/k/v."""
-    gen = torch.Generator().manual_seed(seed)
-    num_blocks = sum(-(-s // block_size) for s in seq_lens) + 1
-    free = list(range(1, num_blocks))
-    random.Random(seed).shuffle(free)
-    tables = [[free.pop() for _ in range(-(-s // block_size))] for s in seq_lens]
-    slots = [table[p // block_size] * block_size + p % block_size
-             for q, s, table in zip(query_lens, seq_lens, tables, strict=True)
-             for p in range(s - q, s)]
-    md = AttentionMetadata.build(query_lens, seq_lens, tables, slots, block_size)
-    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_size, generator=gen)
-    tokens = sum(query_lens)
-    qkv = [torch.randn(tokens, n * head_size, generator=gen) for n in (heads, kv_heads, kv_heads)]
-    return md, cache, qkv
-
-
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
 def test_decode_in_several_buckets_matches_naive(monkeypatch, kv_heads):
     monkeypatch.setattr(torch_sdpa, "BUCKET_COST_BYTES", 64)  # cut at every length
     seq_lens = [37, 2, 15, 15, 60, 1, 9, 33]
     query_lens = [1, 1, 1, 1, 6, 1, 9, 1]  # a chunk after cached context, a fresh prompt
-    md, cache, (q, k, v) = _step(query_lens, seq_lens, kv_heads=kv_heads)
+    md, cache, (q, k, v) = random_attention_step(query_lens, seq_lens, kv_heads=kv_heads)
     sdpa = TorchSDPAImpl(4, 8, 0.3, kv_heads)
     out = sdpa.forward(None, q, k, v, cache.clone(), md)
     assert len(md.backend_state["TORCH_SDPA"].decode) > 3
@@ -85,7 +68,7 @@ def test_decode_in_several_buckets_matches_naive(monkeypatch, kv_heads):
 
 def test_all_decode_step_in_one_bucket_matches_naive():
     seq_lens = [3, 17, 16, 1, 8]
-    md, cache, (q, k, v) = _step([1] * 5, seq_lens, seed=3)
+    md, cache, (q, k, v) = random_attention_step([1] * 5, seq_lens, seed=3)
     out = TorchSDPAImpl(4, 8, 0.3, 2).forward(None, q, k, v, cache.clone(), md)
     assert len(md.backend_state["TORCH_SDPA"].decode) == 1
     ref = NaiveAttentionImpl(4, 8, 0.3, 2).forward(None, q, k, v, cache.clone(), md)

@@ -8,9 +8,9 @@ import random
 
 import pytest
 import torch
+from attention_steps import random_attention_step
 
 import engine.kernels as kernels
-from engine.attention import AttentionMetadata
 from engine.attention.backends import torch_sdpa
 from engine.attention.backends.naive import NaiveAttentionImpl
 from engine.attention.backends.torch_sdpa import TorchSDPAImpl
@@ -33,30 +33,13 @@ def compiled():
     kernels._loaded = saved
 
 
-def _step(query_lens, seq_lens, dtype, block_size=4, kv_heads=2, heads=6, head_size=8, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    num_blocks = sum(-(-s // block_size) for s in seq_lens) + 1
-    free = list(range(1, num_blocks))
-    random.Random(seed).shuffle(free)
-    tables = [[free.pop() for _ in range(-(-s // block_size))] for s in seq_lens]
-    slots = [table[p // block_size] * block_size + p % block_size
-             for q, s, table in zip(query_lens, seq_lens, tables, strict=True)
-             for p in range(s - q, s)]
-    md = AttentionMetadata.build(query_lens, seq_lens, tables, slots, block_size)
-    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_size, generator=gen).to(dtype)
-    tokens = sum(query_lens)
-    qkv = [torch.randn(tokens, n * head_size, generator=gen).to(dtype)
-           for n in (heads, kv_heads, kv_heads)]
-    return md, cache, qkv
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("kv_heads", [1, 2, 6])
 def test_paged_decode_kernel_matches_naive(compiled, dtype, tol, kv_heads):
     seq_lens = [37, 2, 15, 15, 60, 1, 9, 33]
     query_lens = [1, 1, 1, 1, 6, 1, 9, 1]  # decode rows next to a chunk and a fresh prompt
-    md, cache, (q, k, v) = _step(query_lens, seq_lens, dtype, kv_heads=kv_heads)
+    md, cache, (q, k, v) = random_attention_step(query_lens, seq_lens, dtype, kv_heads=kv_heads, heads=6)
     assert torch_sdpa._use_kernel(cache)
     out = TorchSDPAImpl(6, 8, 0.3, kv_heads).forward(None, q, k, v, cache.clone(), md)
     plan = md.backend_state["TORCH_SDPA"]
