@@ -146,7 +146,9 @@ def run_worker(side: str, model_dir: str, dtype: str) -> int:
 
         worker = getattr(llm.llm_engine.executor, "worker", None)
         actual_dtype = str(worker.model_runner.dtype) if worker is not None else dtype
-        extra = {"cpu_kernels": kernels_available()}
+        # how its OpenMP threads wait: `import engine` chooses from the load average
+        omp_wait = os.environ.get("OMP_WAIT_POLICY") or f"spin {os.environ.get('GOMP_SPINCOUNT')}"
+        extra = {"cpu_kernels": kernels_available(), "omp_wait": omp_wait}
     else:
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
@@ -300,7 +302,8 @@ def print_summary(model: str, dtype: str, s: dict) -> None:
     load = ", ".join(f"{x:.1f}" for x in s["load"][0]) + " -> " + ", ".join(
         f"{x:.1f}" for x in s["load"][1])
     print(f"\n{model} ({s['params_m']:.1f}M params), {dtype}, {s['requests']} requests, "
-          f"{s['output_tokens']} output tokens; load average {load}")
+          f"{s['output_tokens']} output tokens; load average {load}; "
+          f"engine OpenMP wait: {s['workers']['engine'].get('omp_wait')}")
     rows = (("throughput, tok/s", "tok_s", "{:.1f}"), ("decode, ms/token", "decode_ms", "{:.2f}"),
             ("TTFT (256-token prompt), ms", "ttft_ms", "{:.1f}"))
     for label, key, fmt in rows:

@@ -13,13 +13,32 @@ from typing import TYPE_CHECKING, Any
 
 from registry._version import __version__
 
-# OpenMP threads that wait for work by sleeping, not spinning: on a CPU shared with
-# other processes a spinning thread takes the core its straggling partner needs, and
-# a decode step is hundreds of parallel regions (docs/benchmarks.md, "Against vLLM's
-# CPU build"). Read once, when torch loads its OpenMP runtime: so only before torch is
-# imported, and never over the user's own setting.
-if "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How OpenMP threads wait for work between parallel regions (a decode step is
+# hundreds of them). On an idle machine they should spin briefly: waking a sleeping
+# thread costs tens of microseconds per region, a third of a bf16 decode step here.
+# On a machine whose cores are all busy they must sleep: a thread spinning on the
+# core its descheduled partner needs made decoding up to 10x slower. libgomp reads
+# its settings once, when torch loads it, so the choice is made here, from the load
+# average at import time, only before torch is imported and never over the user's
+# own OMP_WAIT_POLICY or GOMP_SPINCOUNT (docs/benchmarks.md, "OpenMP waiting").
+SPIN_COUNT = "20000"  # ~tens of microseconds: covers the gaps inside one step
+
+
+def _choose_omp_wait() -> None:
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    try:
+        cpus = len(os.sched_getaffinity(0))
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not Linux: leave the runtime's default
+        return
+    if busy < cpus:
+        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+    else:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
+_choose_omp_wait()
 
 # public name -> module that defines it (imported lazily, see __getattr__)
 _LAZY = {

@@ -50,6 +50,71 @@ def test_paged_decode_kernel_matches_naive(compiled, dtype, tol, kv_heads):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(("head_size", "block_size"), [(64, 16), (128, 4), (80, 16), (24, 16)])
+def test_paged_decode_kernel_vector_paths(compiled, dtype, tol, head_size, block_size):
+    """Head sizes that take the 16-lane vector code (64, 128, 80) and one that takes
+    the scalar path (24); contexts that end inside a block and span several."""
+    seq_lens = [1, 17, 33, 200, 16, 5]
+    md, cache, (q, k, v) = random_attention_step(
+        [1] * len(seq_lens), seq_lens, dtype, block_size=block_size, kv_heads=3, heads=9,
+        head_size=head_size, seed=head_size)
+    assert torch_sdpa._use_kernel(cache)
+    scale = head_size**-0.5
+    out = TorchSDPAImpl(9, head_size, scale, 3).forward(None, q, k, v, cache.clone(), md)
+    ref = NaiveAttentionImpl(9, head_size, scale, 3).forward(
+        None, q.float(), k.float(), v.float(), cache.float(), md)
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [576, 37])  # 37: rows that end in a scalar tail
+def test_fused_ops_match_forward_native(compiled, dtype, hidden):
+    """The C++ RMSNorm (with and without the residual add), SiLU-and-mul and RoPE
+    give `forward_native`'s result: bitwise in bfloat16 (same roundings), within
+    float32 reassociation in float32."""
+    from engine.kernels import usable_for
+    from engine.ops import RMSNorm, RotaryEmbedding, SiluAndMul
+
+    assert usable_for(torch.zeros(1, dtype=dtype))  # forward_cpu takes the C++ path
+    gen = torch.Generator().manual_seed(hidden)
+
+    def randn(*shape):
+        return (torch.randn(*shape, generator=gen) * 3).to(dtype)
+
+    def same(a, b):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        if dtype == torch.bfloat16:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
+
+    norm = RMSNorm(hidden, 1e-5).to(dtype)
+    norm.weight.data.copy_(randn(hidden))
+    x, residual = randn(19, hidden), randn(19, hidden)
+    same(norm.forward_cpu(x), norm.forward_native(x))
+    (out, res), (ref, ref_res) = norm.forward_cpu(x, residual), norm.forward_native(x, residual)
+    same(out, ref)
+    assert torch.equal(res, ref_res)  # one rounding of one add either way
+    assert norm.forward_cpu(x.view(1, 19, hidden)).shape == (1, 19, hidden)
+
+    act = SiluAndMul()
+    x = randn(19, 2 * hidden)
+    same(act.forward_cpu(x), act.forward_native(x))
+
+    positions = torch.randint(0, 500, (19,), generator=gen)
+    for head_size, rotary_dim in ((64, 64), (64, 32), (40, 40)):
+        rope = RotaryEmbedding(head_size, rotary_dim, 512, 10000.0)
+        qkv = randn(19, 7 * head_size)
+        q, k, _ = qkv.split([4 * head_size, 2 * head_size, head_size], dim=-1)  # strided rows
+        got = rope.forward_cpu(positions, q, k)
+        rope._last_cos_sin = None
+        for a, b in zip(got, rope.forward_native(positions, q, k), strict=True):
+            same(a, b)
+
+
+@pytest.mark.slow
 def test_greedy_float32_through_the_kernel_equals_transformers(compiled, make_hf_model):
     import transformers
 

@@ -2,7 +2,10 @@
 machine and cached.
 
 The ops live under ``torch.ops.engine_kernels``: ``paged_decode_attention``
-(decode attention reading K/V through the block table, see paged_attention.cpp).
+(decode attention reading K/V through the block table, see paged_attention.cpp)
+and the decoder layer's fused element-wise ops ``rms_norm``,
+``fused_add_rms_norm``, ``silu_and_mul`` and ``rotary_embedding``
+(fused_ops.cpp), which the in-tree `CustomOp`s run from ``forward_cpu``.
 Nothing here is needed for correctness: callers check `kernels_available()` and
 fall back to plain PyTorch.
 
@@ -30,10 +33,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("paged_attention.cpp",)
+SOURCES = ("paged_attention.cpp", "fused_ops.cpp")
+HEADERS = ("vec.h",)
 LIBRARY_NAME = "engine_kernels"
 MODE_ENV = "ENGINE_CPU_KERNELS"
 CACHE_ENV = "ENGINE_KERNEL_CACHE"
@@ -58,7 +66,7 @@ def library_dir() -> Path:
     import torch
 
     digest = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         digest.update((Path(__file__).parent / name).read_bytes())
     digest.update(f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}".encode())
     digest.update(_cpu_flags().encode())
@@ -82,7 +90,12 @@ def build() -> Path:
             name=LIBRARY_NAME,
             sources=[str(Path(__file__).parent / name) for name in SOURCES],
             build_directory=str(work),
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only"],
+            # -fopenmp: at::parallel_for is inline OpenMP code; without the flag
+            # it runs on one thread. The library then needs libgomp.so.1, which
+            # resolves to the copy torch has already loaded (one thread pool).
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only",
+                          "-mprefer-vector-width=512", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )
@@ -143,6 +156,20 @@ def kernels_available() -> bool:
         logger.warning("CPU kernels unavailable, using plain PyTorch: %s", e)
         _loaded = False
     return _loaded
+
+
+_KERNEL_DTYPES = ("float32", "bfloat16")
+
+
+def usable_for(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled ops can take `tensors`: all on the CPU, all float32
+    or all bfloat16, and the kernels loaded (`kernels_available`)."""
+    first = tensors[0]
+    if first.device.type != "cpu" or str(first.dtype).removeprefix("torch.") not in _KERNEL_DTYPES:
+        return False
+    if any(t.dtype != first.dtype or t.device.type != "cpu" for t in tensors[1:]):
+        return False
+    return kernels_available()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,37 +20,111 @@
 #include <cstring>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
-// D values of a cache or query row as float32 (bf16: the high half of a float,
-// written as shifts so the compiler vectorises it)
-inline void to_float(const float* src, float* dst, int64_t n) {
-  std::memcpy(dst, src, n * sizeof(float));
-}
-inline void to_float(const at::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
-  for (int64_t d = 0; d < n; ++d) out[d] = static_cast<uint32_t>(bits[d]) << 16;
+using namespace engine_kernels;
+
+// Scalar reference path, for head sizes that are not a multiple of 16.
+template <typename scalar_t>
+void decode_item_scalar(const scalar_t* q_row, scalar_t* o_row, const scalar_t* k_base,
+                        const scalar_t* v_base, const int64_t* table, int64_t len,
+                        int64_t block_size, int64_t cache_stride, int64_t token_stride,
+                        int64_t G, int64_t D, float scale, float* scores) {
+  for (int64_t g = 0; g < G; ++g) {
+    const scalar_t* q = q_row + g * D;
+    float* sg = scores + g * len;
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < len; ++t) {
+      const scalar_t* k = k_base + table[t / block_size] * cache_stride +
+                          (t % block_size) * token_stride;
+      float dot = 0.f;
+      for (int64_t d = 0; d < D; ++d) dot += load1(q + d) * load1(k + d);
+      sg[t] = dot * scale;
+      mx = sg[t] > mx ? sg[t] : mx;
+    }
+    float sum = 0.f;
+    for (int64_t t = 0; t < len; ++t) {
+      sg[t] = exp_approx(sg[t] - mx);
+      sum += sg[t];
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      float acc = 0.f;
+      for (int64_t t = 0; t < len; ++t) {
+        const scalar_t* v = v_base + table[t / block_size] * cache_stride +
+                            (t % block_size) * token_stride;
+        acc += sg[t] * load1(v + d);
+      }
+      store1(o_row + g * D + d, acc / sum);
+    }
+  }
 }
 
-// exp(x) for x <= 0 (softmax after subtracting the max), within ~2 ulp: Cody-Waite
-// range reduction and Cephes' polynomial, written so that the loop vectorises
-// (std::exp stays a scalar call here)
-inline float exp_nonpositive(float x) {
-  x = x < -87.f ? -87.f : x;
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+// One (sequence, KV head) pair: its G query heads against its context, with the
+// head size a multiple of 16 (NC chunks of 16 lanes). `qbuf` holds G * D floats,
+// `scores` G * len.
+template <typename scalar_t, int NC>
+void decode_item(const scalar_t* q_row, scalar_t* o_row, const scalar_t* k_base,
+                 const scalar_t* v_base, const int64_t* table, int64_t len, int64_t block_size,
+                 int64_t cache_stride, int64_t token_stride, int64_t G, float scale,
+                 float* qbuf, float* scores) {
+  constexpr int64_t D = NC * kLanes;
+  for (int64_t g = 0; g < G; ++g)
+    for (int c = 0; c < NC; ++c) store(qbuf + g * D + c * kLanes, load(q_row + g * D + c * kLanes) * scale);
+  // scores[g * len + t] = (scale q_g) . k_t, one K row read once for every head of the group
+  for (int64_t b = 0; b * block_size < len; ++b) {
+    const scalar_t* block = k_base + table[b] * cache_stride;
+    const int64_t t0 = b * block_size, t_end = std::min(len, t0 + block_size);
+    for (int64_t t = t0; t < t_end; ++t) {
+      const scalar_t* k = block + (t - t0) * token_stride;
+      vf kc[NC];
+      for (int c = 0; c < NC; ++c) kc[c] = load(k + c * kLanes);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qbuf + g * D;
+        vf acc = load(qg) * kc[0];
+        for (int c = 1; c < NC; ++c) acc += load(qg + c * kLanes) * kc[c];
+        scores[g * len + t] = hsum(acc);
+      }
+    }
+  }
+  // softmax per head (the 1/sum is applied to the output)
+  const int64_t vec_end = len - len % kLanes;
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = scores + g * len;
+    float mx = -INFINITY;
+    if (vec_end) {
+      vf m = load(sg);
+      for (int64_t t = kLanes; t < vec_end; t += kLanes) m = vmax(m, load(sg + t));
+      mx = hmax(m);
+    }
+    for (int64_t t = vec_end; t < len; ++t) mx = sg[t] > mx ? sg[t] : mx;
+    vf vsum = splat(0.f);
+    for (int64_t t = 0; t < vec_end; t += kLanes) {
+      vf e = exp_approx(load(sg + t) - mx);
+      store(sg + t, e);
+      vsum += e;
+    }
+    float sum = hsum(vsum);
+    for (int64_t t = vec_end; t < len; ++t) {
+      sg[t] = exp_approx(sg[t] - mx);
+      sum += sg[t];
+    }
+    // out_g = sum_t p_t v_t / sum, accumulated in registers
+    vf acc[NC];
+    for (int c = 0; c < NC; ++c) acc[c] = splat(0.f);
+    for (int64_t b = 0; b * block_size < len; ++b) {
+      const scalar_t* block = v_base + table[b] * cache_stride;
+      const int64_t t0 = b * block_size, t_end = std::min(len, t0 + block_size);
+      for (int64_t t = t0; t < t_end; ++t) {
+        const scalar_t* v = block + (t - t0) * token_stride;
+        const vf p = splat(sg[t]);
+        for (int c = 0; c < NC; ++c) acc[c] += p * load(v + c * kLanes);
+      }
+    }
+    const float inv = 1.f / sum;
+    for (int c = 0; c < NC; ++c) store(o_row + g * D + c * kLanes, acc[c] * inv);
+  }
 }
 
 template <typename scalar_t>
@@ -75,60 +149,37 @@ void decode_kernel(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
   const int64_t* seqs = decode_seqs.data_ptr<int64_t>();
   const int64_t q_row_stride = query.stride(0), o_row_stride = out.stride(0);
   const float fscale = static_cast<float>(scale);
+  int64_t longest = 1;
+  for (int64_t i = 0; i < n; ++i) longest = std::max(longest, lens[seqs[i]]);
 
   at::parallel_for(0, n * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(G * D), acc(G * D), row(D), scores;
+    std::vector<float> qbuf(G * D), scores(G * longest);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t i = item / Hkv, kvh = item % Hkv;
       const int64_t s = seqs[i];
-      const int64_t len = lens[s];
       const int64_t qrow = starts[s];
+      const scalar_t* q_row = q_ptr + qrow * q_row_stride + kvh * G * D;
+      scalar_t* o_row = o_ptr + qrow * o_row_stride + kvh * G * D;
+      const scalar_t* k = k_base + kvh * D;
+      const scalar_t* v = v_base + kvh * D;
       const int64_t* table = tables + s * max_blocks;
-      for (int64_t g = 0; g < G; ++g) {
-        const scalar_t* src = q_ptr + qrow * q_row_stride + (kvh * G + g) * D;
-        to_float(src, q.data() + g * D, D);
-        for (int64_t d = 0; d < D; ++d) q[g * D + d] *= fscale;
+#define ENGINE_DECODE_CASE(nc)                                                               \
+  case nc:                                                                                   \
+    decode_item<scalar_t, nc>(q_row, o_row, k, v, table, lens[s], block_size, cache_stride, \
+                              token_stride, G, fscale, qbuf.data(), scores.data());          \
+    break;
+      switch (D % kLanes ? 0 : D / kLanes) {
+        ENGINE_DECODE_CASE(2)
+        ENGINE_DECODE_CASE(4)
+        ENGINE_DECODE_CASE(5)
+        ENGINE_DECODE_CASE(6)
+        ENGINE_DECODE_CASE(8)
+        ENGINE_DECODE_CASE(16)
+        default:
+          decode_item_scalar(q_row, o_row, k, v, table, lens[s], block_size, cache_stride,
+                             token_stride, G, D, fscale, scores.data());
       }
-      scores.resize(G * len);
-      // scores[g * len + t] = q_g . k_t
-      for (int64_t t = 0; t < len; ++t) {
-        const scalar_t* k = k_base + table[t / block_size] * cache_stride +
-                            (t % block_size) * token_stride + kvh * D;
-        to_float(k, row.data(), D);
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = q.data() + g * D;
-          float dot = 0.f;
-          for (int64_t d = 0; d < D; ++d) dot += qg[d] * row[d];
-          scores[g * len + t] = dot;
-        }
-      }
-      std::vector<float> inv_sum(G);
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * len;
-        float mx = sg[0];
-        for (int64_t t = 1; t < len; ++t) mx = sg[t] > mx ? sg[t] : mx;
-        float sum = 0.f;
-        for (int64_t t = 0; t < len; ++t) {
-          sg[t] = exp_nonpositive(sg[t] - mx);
-          sum += sg[t];
-        }
-        inv_sum[g] = 1.f / sum;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const scalar_t* v = v_base + table[t / block_size] * cache_stride +
-                            (t % block_size) * token_stride + kvh * D;
-        to_float(v, row.data(), D);
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = scores[g * len + t];
-          float* a = acc.data() + g * D;
-          for (int64_t d = 0; d < D; ++d) a[d] += p * row[d];
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        scalar_t* dst = o_ptr + qrow * o_row_stride + (kvh * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[g * D + d] * inv_sum[g]);
-      }
+#undef ENGINE_DECODE_CASE
     }
   });
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.kernels import usable_for
 from engine.ops.custom_op import CustomOp
 
 
@@ -16,3 +17,12 @@ class SiluAndMul(CustomOp):
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
+
+    def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        """One pass in C++ (engine.kernels) where it is loaded; else `forward_native`."""
+        if x.dim() < 1 or x.shape[-1] % 2 or not usable_for(x):
+            return self.forward_native(x)
+        rows = x.reshape(-1, x.shape[-1])
+        out = rows.new_empty((rows.shape[0], rows.shape[1] // 2))
+        torch.ops.engine_kernels.silu_and_mul(out, rows)
+        return out.view(*x.shape[:-1], x.shape[-1] // 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from engine.kernels import usable_for
 from engine.ops.custom_op import CustomOp
 
 
@@ -32,6 +33,24 @@ class RMSNorm(CustomOp):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         out = self.weight * h.to(dtype)
         return out if residual is None else (out, residual)
+
+    def forward_cpu(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One pass in C++ (engine.kernels) where it is loaded; else `forward_native`."""
+        tensors = (x, self.weight) if residual is None else (x, residual, self.weight)
+        if x.dim() < 1 or not usable_for(*tensors):
+            return self.forward_native(x, residual)
+        rows = x.reshape(-1, self.hidden_size)
+        out = torch.empty_like(rows)
+        if residual is None:
+            torch.ops.engine_kernels.rms_norm(out, rows, self.weight, self.variance_epsilon)
+            return out.view(x.shape)
+        new_residual = torch.empty_like(rows)
+        torch.ops.engine_kernels.fused_add_rms_norm(
+            out, new_residual, rows, residual.reshape(-1, self.hidden_size), self.weight,
+            self.variance_epsilon)
+        return out.view(x.shape), new_residual.view(x.shape)
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.variance_epsilon}"

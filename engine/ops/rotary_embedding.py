@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from engine.kernels import usable_for
 from engine.ops.custom_op import CustomOp
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -96,6 +97,22 @@ class RotaryEmbedding(CustomOp):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self._cos_sin(positions, query.dtype)
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+    def forward_cpu(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass over q and k in C++ (engine.kernels) where it is loaded; else
+        `forward_native`. Returns new contiguous tensors of the input shapes."""
+        if (positions.dim() != 1 or positions.dtype != torch.int64 or self.rotary_dim % 2
+                or self.cos_sin_cache.dtype != torch.float32 or not usable_for(query, key)):
+            return self.forward_native(positions, query, key)
+        tokens = positions.shape[0]
+        q = query.reshape(tokens, -1)
+        k = key.reshape(tokens, -1)
+        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+        torch.ops.engine_kernels.rotary_embedding(
+            q_out, k_out, positions, q, k, self.cos_sin_cache, self.head_size)
+        return q_out.view(query.shape), k_out.view(key.shape)
 
     def _cos_sin(self, positions: torch.Tensor,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,143 @@
+// Small SIMD helpers shared by the engine's CPU kernels, written with GCC/Clang
+// vector extensions: 16 float32 lanes per `vf`. On an AVX-512 CPU (the library is
+// built with -march=native) one `vf` is one register; elsewhere the compiler
+// splits it into the widest registers the CPU has, so every kernel stays portable.
+//
+// bfloat16 is handled as the top half of a float32: widening is a shift, and
+// narrowing rounds to nearest-even (NaN stays NaN), the same result as
+// torch's float32 -> bfloat16 conversion.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace engine_kernels {
+
+typedef float vf __attribute__((vector_size(64)));      // 16 x float32
+typedef uint32_t vu __attribute__((vector_size(64)));   // 16 x uint32
+typedef int32_t vi __attribute__((vector_size(64)));    // 16 x int32
+typedef uint16_t vh __attribute__((vector_size(32)));   // 16 x bfloat16 bits
+
+constexpr int64_t kLanes = 16;
+
+inline vf splat(float x) { return vf{} + x; }
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline vf load(const c10::BFloat16* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof(h));
+  vu u = __builtin_convertvector(h, vu) << 16;
+  vf v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline void store(c10::BFloat16* p, vf v) {
+  vu u;
+  std::memcpy(&u, &v, sizeof(u));
+  vu rounded = (u + (((u >> 16) & 1u) + 0x7fffu)) >> 16;
+  // NaN (exponent all ones, mantissa non-zero): a quiet NaN, never rounded to inf
+  vi is_nan = (u & 0x7fffffffu) > 0x7f800000u;
+  rounded = (vu)((vi)rounded & ~is_nan) | ((vu)is_nan & 0x7fc0u);
+  vh h = __builtin_convertvector(rounded, vh);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+// scalar versions, for the tails of rows that are not a multiple of 16
+inline float load1(const float* p) { return *p; }
+inline float load1(const c10::BFloat16* p) { return static_cast<float>(*p); }
+inline void store1(float* p, float x) { *p = x; }
+inline void store1(c10::BFloat16* p, float x) { *p = c10::BFloat16(x); }
+
+// round a float32 to the nearest bfloat16 and back (what a bfloat16 op's result holds)
+inline vf round_bf16(vf v) {
+  c10::BFloat16 tmp[kLanes];
+  store(tmp, v);
+  return load(tmp);
+}
+
+// lane i <- lane i ^ step: the butterfly of a tree reduction
+template <int step>
+inline vf swap_lanes(vf v) {
+  const vi idx = {0 ^ step, 1 ^ step, 2 ^ step, 3 ^ step, 4 ^ step, 5 ^ step, 6 ^ step, 7 ^ step,
+                  8 ^ step, 9 ^ step, 10 ^ step, 11 ^ step, 12 ^ step, 13 ^ step, 14 ^ step,
+                  15 ^ step};
+#if defined(__clang__)
+  (void)idx;
+  return __builtin_shufflevector(v, v, 0 ^ step, 1 ^ step, 2 ^ step, 3 ^ step, 4 ^ step,
+                                 5 ^ step, 6 ^ step, 7 ^ step, 8 ^ step, 9 ^ step, 10 ^ step,
+                                 11 ^ step, 12 ^ step, 13 ^ step, 14 ^ step, 15 ^ step);
+#else
+  return __builtin_shuffle(v, idx);
+#endif
+}
+
+// sum of the 16 lanes, as a tree (4 shuffles and 4 adds)
+inline float hsum(vf v) {
+  v += swap_lanes<8>(v);
+  v += swap_lanes<4>(v);
+  v += swap_lanes<2>(v);
+  v += swap_lanes<1>(v);
+  return v[0];
+}
+
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+inline float hmax(vf v) {
+  v = vmax(v, swap_lanes<8>(v));
+  v = vmax(v, swap_lanes<4>(v));
+  v = vmax(v, swap_lanes<2>(v));
+  v = vmax(v, swap_lanes<1>(v));
+  return v[0];
+}
+
+// exp(x) within ~2 ulp over the float range (Cody-Waite range reduction, then
+// Cephes' polynomial), branch-free so that loops over it vectorise
+inline float exp_approx(float x) {
+  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  const float k = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline vf exp_approx(vf x) {
+  x = x < splat(-87.f) ? splat(-87.f) : x;
+  x = x > splat(88.f) ? splat(88.f) : x;
+  const vf y = x * 1.44269504088896341f + 0.5f;
+  vi k = __builtin_convertvector(y, vi);  // truncation; floor below
+  k += (vi)(__builtin_convertvector(k, vf) > y);  // true is -1
+  const vf kf = __builtin_convertvector(k, vf);
+  const vf r = (x - kf * 0.693359375f) - kf * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const vi bits = (k + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+}  // namespace engine_kernels
