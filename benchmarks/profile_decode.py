@@ -38,6 +38,9 @@ def main() -> int:
     ap.add_argument("--model-dir", type=Path, help="where the model is cached "
                     "(default: /tmp/engine-profile-<model>)")
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--workload", action="store_true",
+                    help="profile bench_vs_vllm.py's whole batched workload for --model "
+                         "(prefills, chunked prefills and decodes) instead of decode steps")
     args = ap.parse_args()
 
     import bench_generate
@@ -55,6 +58,8 @@ def main() -> int:
 
     llm = LLM(args.model_dir, dtype=args.dtype, kv_cache_memory=1 << 30)
     llm_engine = llm.llm_engine
+    if args.workload:
+        return profile_workload(args, llm, shape)
     rng = random.Random(0)
     prompts = [[rng.randrange(3, shape["vocab_size"]) for _ in range(args.context)]
                for _ in range(args.batch)]
@@ -76,6 +81,60 @@ def main() -> int:
     print(f"{args.dtype}, batch {args.batch}, context {args.context}, threads "
           f"{torch.get_num_threads()}: {plain * 1000:.2f} ms/step "
           f"({profiled * 1000:.2f} ms under the profiler)")
+    return 0
+
+
+def profile_workload(args, llm, shape) -> int:
+    """bench_vs_vllm's throughput workload, once to warm up, then once timed step by
+    step (prefill-holding steps apart from decode-only ones), then under the profiler."""
+    import torch
+    from bench_vs_vllm import WORKLOADS, workload
+
+    from engine import SamplingParams
+
+    _, n, prompt_range, output_range = WORKLOADS[args.model]
+    prompts, out_lens = workload(n, prompt_range, output_range, shape["vocab_size"], 0)
+    llm_engine = llm.llm_engine
+
+    scheduler = llm_engine.scheduler
+    schedule = scheduler.schedule
+    last: dict = {}
+
+    def recording_schedule(*a, **kw):  # remember each step's shape
+        out = schedule(*a, **kw)
+        last["prefill"] = out.num_batched_tokens > len(out.scheduled)
+        return out
+
+    scheduler.schedule = recording_schedule
+
+    def run(timed: bool):
+        for prompt, out_len in zip(prompts, out_lens, strict=True):
+            llm_engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=out_len,
+                                                          ignore_eos=True))
+        kinds = {"with prefill": [0, 0.0], "decode only": [0, 0.0]}
+        while llm_engine.has_unfinished_requests():
+            start = time.perf_counter()
+            llm_engine.step()
+            if timed:
+                kind = kinds["with prefill" if last.get("prefill") else "decode only"]
+                kind[0] += 1
+                kind[1] += time.perf_counter() - start
+        return kinds
+
+    start = time.perf_counter()
+    run(False)
+    print(f"first (cold) run: {time.perf_counter() - start:.2f} s")
+    start = time.perf_counter()
+    kinds = run(True)
+    total = time.perf_counter() - start
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run(False)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    print(f"{args.dtype}, {args.model} workload ({n} requests, {sum(out_lens)} output tokens): "
+          f"{total:.2f} s, {sum(out_lens) / total:.1f} tok/s")
+    for name, (steps, seconds) in kinds.items():
+        print(f"  {name:13s} {steps:4d} steps, {seconds:6.2f} s, "
+              f"{seconds / max(steps, 1) * 1000:7.2f} ms/step")
     return 0
 
 

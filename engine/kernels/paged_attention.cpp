@@ -13,6 +13,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -61,70 +62,99 @@ void decode_item_scalar(const scalar_t* q_row, scalar_t* o_row, const scalar_t* 
   }
 }
 
-// One (sequence, KV head) pair: its G query heads against its context, with the
-// head size a multiple of 16 (NC chunks of 16 lanes). `qbuf` holds G * D floats,
-// `scores` G * len.
+// Prefetch one token row of the next cache block while this block is computed
+// (blocks are scattered: the hardware prefetcher cannot guess the next one), a row
+// per token so that few requests are in flight at once.
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t bytes) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+}
+
+// One sequence, every head: its query row against its whole context, reading each
+// cache block once and in order (a block is [block_size, Hkv, D], contiguous), for
+// head sizes that are a multiple of 16 (NC chunks of 16 lanes). Buffers:
+// `qbuf` H * D floats, `acc` H * D floats, `scores` H * len floats.
 template <typename scalar_t, int NC>
-void decode_item(const scalar_t* q_row, scalar_t* o_row, const scalar_t* k_base,
-                 const scalar_t* v_base, const int64_t* table, int64_t len, int64_t block_size,
-                 int64_t cache_stride, int64_t token_stride, int64_t G, float scale,
-                 float* qbuf, float* scores) {
+void decode_seq(const scalar_t* q_row, scalar_t* o_row, const scalar_t* k_base,
+                const scalar_t* v_base, const int64_t* table, int64_t len, int64_t block_size,
+                int64_t cache_stride, int64_t token_stride, int64_t Hkv, int64_t G, float scale,
+                float* qbuf, float* acc, float* scores) {
   constexpr int64_t D = NC * kLanes;
-  for (int64_t g = 0; g < G; ++g)
-    for (int c = 0; c < NC; ++c) store(qbuf + g * D + c * kLanes, load(q_row + g * D + c * kLanes) * scale);
-  // scores[g * len + t] = (scale q_g) . k_t, one K row read once for every head of the group
-  for (int64_t b = 0; b * block_size < len; ++b) {
+  const int64_t H = Hkv * G;
+  const int64_t num_blocks = (len + block_size - 1) / block_size;
+  const int64_t row_bytes = token_stride * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t h = 0; h < H; ++h)
+    for (int c = 0; c < NC; ++c) store(qbuf + h * D + c * kLanes, load(q_row + h * D + c * kLanes) * scale);
+  // scores[h * len + t] = (scale q_h) . k_t
+  for (int64_t b = 0; b < num_blocks; ++b) {
     const scalar_t* block = k_base + table[b] * cache_stride;
+    const scalar_t* next = k_base + table[b + 1 < num_blocks ? b + 1 : b] * cache_stride;
     const int64_t t0 = b * block_size, t_end = std::min(len, t0 + block_size);
     for (int64_t t = t0; t < t_end; ++t) {
-      const scalar_t* k = block + (t - t0) * token_stride;
-      vf kc[NC];
-      for (int c = 0; c < NC; ++c) kc[c] = load(k + c * kLanes);
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = qbuf + g * D;
-        vf acc = load(qg) * kc[0];
-        for (int c = 1; c < NC; ++c) acc += load(qg + c * kLanes) * kc[c];
-        scores[g * len + t] = hsum(acc);
+      const scalar_t* row = block + (t - t0) * token_stride;
+      prefetch_row(next + (t - t0) * token_stride, row_bytes);
+      for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+        vf kc[NC];
+        for (int c = 0; c < NC; ++c) kc[c] = load(row + kvh * D + c * kLanes);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = kvh * G + g;
+          const float* qh = qbuf + h * D;
+          vf a = load(qh) * kc[0];
+          for (int c = 1; c < NC; ++c) a += load(qh + c * kLanes) * kc[c];
+          scores[h * len + t] = hsum(a);
+        }
       }
     }
   }
-  // softmax per head (the 1/sum is applied to the output)
+  // softmax per head; scores become probabilities times the head's sum
   const int64_t vec_end = len - len % kLanes;
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = scores + g * len;
+  for (int64_t h = 0; h < H; ++h) {
+    float* sh = scores + h * len;
     float mx = -INFINITY;
     if (vec_end) {
-      vf m = load(sg);
-      for (int64_t t = kLanes; t < vec_end; t += kLanes) m = vmax(m, load(sg + t));
+      vf m = load(sh);
+      for (int64_t t = kLanes; t < vec_end; t += kLanes) m = vmax(m, load(sh + t));
       mx = hmax(m);
     }
-    for (int64_t t = vec_end; t < len; ++t) mx = sg[t] > mx ? sg[t] : mx;
+    for (int64_t t = vec_end; t < len; ++t) mx = sh[t] > mx ? sh[t] : mx;
     vf vsum = splat(0.f);
     for (int64_t t = 0; t < vec_end; t += kLanes) {
-      vf e = exp_approx(load(sg + t) - mx);
-      store(sg + t, e);
+      vf e = exp_approx(load(sh + t) - mx);
+      store(sh + t, e);
       vsum += e;
     }
     float sum = hsum(vsum);
     for (int64_t t = vec_end; t < len; ++t) {
-      sg[t] = exp_approx(sg[t] - mx);
-      sum += sg[t];
-    }
-    // out_g = sum_t p_t v_t / sum, accumulated in registers
-    vf acc[NC];
-    for (int c = 0; c < NC; ++c) acc[c] = splat(0.f);
-    for (int64_t b = 0; b * block_size < len; ++b) {
-      const scalar_t* block = v_base + table[b] * cache_stride;
-      const int64_t t0 = b * block_size, t_end = std::min(len, t0 + block_size);
-      for (int64_t t = t0; t < t_end; ++t) {
-        const scalar_t* v = block + (t - t0) * token_stride;
-        const vf p = splat(sg[t]);
-        for (int c = 0; c < NC; ++c) acc[c] += p * load(v + c * kLanes);
-      }
+      sh[t] = exp_approx(sh[t] - mx);
+      sum += sh[t];
     }
     const float inv = 1.f / sum;
-    for (int c = 0; c < NC; ++c) store(o_row + g * D + c * kLanes, acc[c] * inv);
+    for (int64_t t = 0; t < len; ++t) sh[t] *= inv;
+    for (int c = 0; c < NC; ++c) store(acc + h * D + c * kLanes, splat(0.f));
   }
+  // acc_h += p_{h,t} v_t, one V row read once for every head
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const scalar_t* block = v_base + table[b] * cache_stride;
+    const scalar_t* next = v_base + table[b + 1 < num_blocks ? b + 1 : b] * cache_stride;
+    const int64_t t0 = b * block_size, t_end = std::min(len, t0 + block_size);
+    for (int64_t t = t0; t < t_end; ++t) {
+      const scalar_t* row = block + (t - t0) * token_stride;
+      prefetch_row(next + (t - t0) * token_stride, row_bytes);
+      for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+        vf vc[NC];
+        for (int c = 0; c < NC; ++c) vc[c] = load(row + kvh * D + c * kLanes);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = kvh * G + g;
+          const vf p = splat(scores[h * len + t]);
+          float* ah = acc + h * D;
+          for (int c = 0; c < NC; ++c) store(ah + c * kLanes, load(ah + c * kLanes) + p * vc[c]);
+        }
+      }
+    }
+  }
+  for (int64_t h = 0; h < H; ++h)
+    for (int c = 0; c < NC; ++c) store(o_row + h * D + c * kLanes, load(acc + h * D + c * kLanes));
 }
 
 template <typename scalar_t>
@@ -152,10 +182,19 @@ void decode_kernel(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
   int64_t longest = 1;
   for (int64_t i = 0; i < n; ++i) longest = std::max(longest, lens[seqs[i]]);
 
-  at::parallel_for(0, n * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qbuf(G * D), scores(G * longest);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t i = item / Hkv, kvh = item % Hkv;
+  const bool vector_path = D % kLanes == 0 && D / kLanes <= 16;
+  // vector path: one task per sequence, all heads (each cache block read once, in
+  // order); scalar path: one task per (sequence, KV head). Contexts differ in
+  // length, so tasks are handed out dynamically.
+  const int64_t tasks = vector_path ? n : n * Hkv;
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks)));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> qbuf(H * D), acc(H * D), scores(H * longest);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t i = vector_path ? task : task / Hkv;
+      const int64_t kvh = vector_path ? 0 : task % Hkv;
       const int64_t s = seqs[i];
       const int64_t qrow = starts[s];
       const scalar_t* q_row = q_ptr + qrow * q_row_stride + kvh * G * D;
@@ -163,17 +202,27 @@ void decode_kernel(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
       const scalar_t* k = k_base + kvh * D;
       const scalar_t* v = v_base + kvh * D;
       const int64_t* table = tables + s * max_blocks;
-#define ENGINE_DECODE_CASE(nc)                                                               \
-  case nc:                                                                                   \
-    decode_item<scalar_t, nc>(q_row, o_row, k, v, table, lens[s], block_size, cache_stride, \
-                              token_stride, G, fscale, qbuf.data(), scores.data());          \
+#define ENGINE_DECODE_CASE(nc)                                                                   \
+  case nc:                                                                                       \
+    decode_seq<scalar_t, nc>(q_row, o_row, k, v, table, lens[s], block_size, cache_stride,      \
+                             token_stride, Hkv, G, fscale, qbuf.data(), acc.data(), scores.data()); \
     break;
-      switch (D % kLanes ? 0 : D / kLanes) {
+      switch (vector_path ? D / kLanes : 0) {
+        ENGINE_DECODE_CASE(1)
         ENGINE_DECODE_CASE(2)
+        ENGINE_DECODE_CASE(3)
         ENGINE_DECODE_CASE(4)
         ENGINE_DECODE_CASE(5)
         ENGINE_DECODE_CASE(6)
+        ENGINE_DECODE_CASE(7)
         ENGINE_DECODE_CASE(8)
+        ENGINE_DECODE_CASE(9)
+        ENGINE_DECODE_CASE(10)
+        ENGINE_DECODE_CASE(11)
+        ENGINE_DECODE_CASE(12)
+        ENGINE_DECODE_CASE(13)
+        ENGINE_DECODE_CASE(14)
+        ENGINE_DECODE_CASE(15)
         ENGINE_DECODE_CASE(16)
         default:
           decode_item_scalar(q_row, o_row, k, v, table, lens[s], block_size, cache_stride,
@@ -181,7 +230,7 @@ void decode_kernel(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
       }
 #undef ENGINE_DECODE_CASE
     }
-  });
+  }
 }
 
 void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& kv_cache,
