@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from attention_steps import random_attention_step
 
 import engine.kernels as kernels
@@ -112,6 +113,36 @@ def test_fused_ops_match_forward_native(compiled, dtype, hidden):
         rope._last_cos_sin = None
         for a, b in zip(got, rope.forward_native(positions, q, k), strict=True):
             same(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("n", "k"), [(64, 576), (37, 70), (5, 33)])  # tails in N and in K
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_gemv_matches_linear(compiled, n, k, with_bias):
+    """The few-row bf16 linear kernel against F.linear computed in float32, for
+    every row count it takes, and `packed_linear` choosing it up to GEMV_MAX_ROWS."""
+    from engine.ops.linear import GEMV_MAX_ROWS, pack_weight, packed_linear
+
+    gen = torch.Generator().manual_seed(n * k)
+    weight = torch.randn(n, k, generator=gen).bfloat16()
+    bias = torch.randn(n, generator=gen).bfloat16() if with_bias else None
+    for rows in range(1, 9):
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        out = torch.empty(rows, n, dtype=torch.bfloat16)
+        torch.ops.engine_kernels.bf16_gemv(out, x, weight, bias)
+        ref = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=1e-2)
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+        torch.ops.engine_kernels.bf16_gemv(torch.empty(9, n, dtype=torch.bfloat16),
+                                           torch.zeros(9, k, dtype=torch.bfloat16), weight, None)
+    packed = pack_weight(weight)
+    x = torch.randn(GEMV_MAX_ROWS, k, generator=gen).bfloat16()
+    via_kernel = packed_linear(x, packed, bias, weight)
+    direct = torch.empty(GEMV_MAX_ROWS, n, dtype=torch.bfloat16)
+    torch.ops.engine_kernels.bf16_gemv(direct, x, weight, bias)
+    assert torch.equal(via_kernel, direct)  # the kernel's own result, not oneDNN's
+    onednn = packed_linear(x, packed, bias)
+    torch.testing.assert_close(via_kernel.float(), onednn.float(), atol=2e-2, rtol=1e-2)
 
 
 @pytest.mark.slow

@@ -57,9 +57,26 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
-    """``x W^T + b`` with W prepacked by `pack_weight`; same result as F.linear."""
+# at most this many rows go to the engine's bf16 GEMV kernel instead of oneDNN:
+# reading the weight once is all the work there, and the kernel streams it faster
+# (docs/benchmarks.md, "Against vLLM's CPU build"); more rows favour oneDNN's AMX path
+GEMV_MAX_ROWS = 4
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                  weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T + b`` with W prepacked by `pack_weight`; same result as F.linear up
+    to float32 summation order. Given the plain `weight` too, a call with at most
+    `GEMV_MAX_ROWS` rows runs the compiled GEMV kernel (engine.kernels) on it."""
+    if weight is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.shape[0]:
+        from engine.kernels import usable_for
+
+        operands = (x, weight) if bias is None else (x, weight, bias)
+        if (x.dtype == torch.bfloat16 and usable_for(*operands) and x.is_contiguous()
+                and weight.is_contiguous()):
+            out = x.new_empty((x.shape[0], weight.shape[0]))
+            torch.ops.engine_kernels.bf16_gemv(out, x, weight, bias)
+            return out
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
@@ -117,7 +134,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_weight is not None:
-            out = packed_linear(x, self.packed_weight, self.bias)
+            out = packed_linear(x, self.packed_weight, self.bias, self.weight)
         else:
             out = F.linear(x, self.weight, self.bias)
         if self.gather_output and self.tp_size > 1:
@@ -240,11 +257,12 @@ class RowParallelLinear(nn.Module):
         packed = self.packed_weight
         if self.tp_size == 1:
             if packed is not None:
-                return packed_linear(x, packed, self.bias)
+                return packed_linear(x, packed, self.bias, self.weight)
             return F.linear(x, self.weight, self.bias)
         from engine.distributed.parallel_state import tensor_model_parallel_all_reduce
 
-        out = F.linear(x, self.weight) if packed is None else packed_linear(x, packed, None)
+        out = (F.linear(x, self.weight) if packed is None
+               else packed_linear(x, packed, None, self.weight))
         if self.reduce_results:
             out = tensor_model_parallel_all_reduce(out)
         return out if self.bias is None else out + self.bias

@@ -72,7 +72,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[n, H] hidden states -> [n, vocab] logits (gathered from every rank)."""
         if self.packed_weight is not None:
-            logits = packed_linear(hidden_states, self.packed_weight, self.bias)
+            logits = packed_linear(hidden_states, self.packed_weight, self.bias, self.weight)
         else:
             logits = F.linear(hidden_states, self.weight, self.bias)
         if self.tp_size > 1:
