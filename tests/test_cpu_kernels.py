@@ -146,6 +146,24 @@ def test_bf16_gemv_matches_linear(compiled, n, k, with_bias):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_rows_matches_torch(compiled, dtype):
+    """Ties give the first index, NaN counts as the largest (its first position),
+    rows of -inf give 0, short rows take the scalar tail only."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 1000, generator=gen)
+    x[1, 10] = x[1, 900] = 99.0
+    x[2, 500] = x[2, 20] = float("nan")
+    x[3] = -float("inf")
+    x[4, 999] = 99.0  # in the last, partial, vector
+    for t in (x.to(dtype), x[:, :7].contiguous().to(dtype)):
+        got = torch.ops.engine_kernels.argmax_rows(t)
+        assert torch.equal(got, t.argmax(dim=-1))
+    assert torch.ops.engine_kernels.argmax_rows(x.to(dtype))[:5].tolist() == [
+        x[0].argmax().item(), 10, 20, 0, 999]
+
+
+@pytest.mark.slow
 def test_greedy_float32_through_the_kernel_equals_transformers(compiled, make_hf_model):
     import transformers
 

@@ -158,18 +158,27 @@ def kernels_available() -> bool:
     return _loaded
 
 
-_KERNEL_DTYPES = ("float32", "bfloat16")
+_kernel_dtypes: tuple = ()  # (torch.float32, torch.bfloat16) once torch is imported
 
 
 def usable_for(*tensors: torch.Tensor) -> bool:
     """Whether the compiled ops can take `tensors`: all on the CPU, all float32
-    or all bfloat16, and the kernels loaded (`kernels_available`)."""
-    first = tensors[0]
-    if first.device.type != "cpu" or str(first.dtype).removeprefix("torch.") not in _KERNEL_DTYPES:
+    or all bfloat16, and the kernels loaded (`kernels_available`). Called on
+    every op of every step: kept to a few attribute reads."""
+    global _kernel_dtypes
+    if not (_loaded or (_loaded is None and kernels_available())):
         return False
-    if any(t.dtype != first.dtype or t.device.type != "cpu" for t in tensors[1:]):
+    if not _kernel_dtypes:
+        import torch
+
+        _kernel_dtypes = (torch.float32, torch.bfloat16)
+    dtype = tensors[0].dtype
+    if dtype not in _kernel_dtypes:
         return False
-    return kernels_available()
+    for t in tensors:
+        if t.dtype is not dtype or not t.is_cpu:
+            return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@
 // engine_kernels::silu_and_mul(out, x)          out = silu(x[:, :d]) * x[:, d:]
 // engine_kernels::rotary_embedding(q_out, k_out, positions, q, k, cos_sin_cache, head_size)
 //     neox-style RoPE over the first cos_sin_cache.size(1) features of each head
+// engine_kernels::argmax_rows(x) -> int64 [rows]   torch.argmax(x, dim=-1), same ties and NaN
 //
 // Rows are the first dimension; the last dimension must be contiguous. The
 // arithmetic is float32 with the results rounded where the eager op's
@@ -253,6 +254,60 @@ void rotary_embedding(at::Tensor q_out, at::Tensor k_out, const at::Tensor& posi
     }));
 }
 
+// ------------------------------------------------------------------------ argmax
+
+// index of each row's largest value, the first one on ties; a NaN counts as the
+// largest (torch.argmax's rule), so a row with NaN gives its first NaN
+template <typename scalar_t>
+void argmax_rows_impl(int64_t* out, const scalar_t* x, int64_t rows, int64_t n) {
+  const int64_t vec_end = n - n % kLanes;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = x + r * n;
+      float best = -INFINITY;
+      bool nan = false;
+      if (vec_end) {
+        vf m = load(row);
+        vi has_nan = (vi)(m != m);
+        for (int64_t i = kLanes; i < vec_end; i += kLanes) {
+          const vf v = load(row + i);
+          m = vmax(m, v);
+          has_nan |= (vi)(v != v);
+        }
+        for (int i = 0; i < kLanes; ++i) nan |= has_nan[i] != 0;
+        best = hmax(m);
+      }
+      for (int64_t i = vec_end; i < n; ++i) {
+        const float v = load1(row + i);
+        nan |= v != v;
+        best = v > best ? v : best;
+      }
+      int64_t index = 0;
+      for (int64_t i = 0; i < n; ++i) {  // the first position holding it
+        const float v = load1(row + i);
+        if (nan ? v != v : v == best) {
+          index = i;
+          break;
+        }
+      }
+      out[r] = index;
+    }
+  });
+}
+
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) > 0, "x must be a contiguous [rows, n], n > 0");
+  at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  AT_DISPATCH_SWITCH(x.scalar_type(), "argmax_rows",
+    AT_DISPATCH_CASE(at::kFloat, [&] {
+      argmax_rows_impl<scalar_t>(out.data_ptr<int64_t>(), x.data_ptr<scalar_t>(), x.size(0), x.size(1));
+    })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] {
+      argmax_rows_impl<scalar_t>(out.data_ptr<int64_t>(), x.data_ptr<scalar_t>(), x.size(0), x.size(1));
+    }));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(engine_kernels, m) {
@@ -262,6 +317,7 @@ TORCH_LIBRARY_FRAGMENT(engine_kernels, m) {
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
   m.def("rotary_embedding(Tensor(a!) q_out, Tensor(b!) k_out, Tensor positions, Tensor q, "
         "Tensor k, Tensor cos_sin_cache, int head_size) -> ()");
+  m.def("argmax_rows(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(engine_kernels, CPU, m) {
@@ -269,4 +325,5 @@ TORCH_LIBRARY_IMPL(engine_kernels, CPU, m) {
   m.impl("fused_add_rms_norm", &fused_add_rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rotary_embedding", &rotary_embedding);
+  m.impl("argmax_rows", &argmax_rows);
 }

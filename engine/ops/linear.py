@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.kernels import usable_for
+
 
 def tp_world_size_and_rank() -> tuple[int, int]:
     """(world size, rank) of the tensor-parallel group; (1, 0) when not initialised."""
@@ -68,12 +70,10 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     """``x W^T + b`` with W prepacked by `pack_weight`; same result as F.linear up
     to float32 summation order. Given the plain `weight` too, a call with at most
     `GEMV_MAX_ROWS` rows runs the compiled GEMV kernel (engine.kernels) on it."""
-    if weight is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.shape[0]:
-        from engine.kernels import usable_for
-
+    if (weight is not None and x.dtype == torch.bfloat16 and x.dim() == 2
+            and 0 < x.shape[0] <= GEMV_MAX_ROWS):
         operands = (x, weight) if bias is None else (x, weight, bias)
-        if (x.dtype == torch.bfloat16 and usable_for(*operands) and x.is_contiguous()
-                and weight.is_contiguous()):
+        if usable_for(*operands) and x.is_contiguous() and weight.is_contiguous():
             out = x.new_empty((x.shape[0], weight.shape[0]))
             torch.ops.engine_kernels.bf16_gemv(out, x, weight, bias)
             return out

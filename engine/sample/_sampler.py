@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.kernels import usable_for
 from engine.sample._logits_processor import (
     AddedRequest,
     BatchUpdate,
@@ -85,13 +86,13 @@ class Sampler:
             return SamplerOutput([])
         plain_greedy = all(_plain_greedy(s) for s in states)
         if plain_greedy and (pipeline is None or pipeline.argmax_invariant):
-            return SamplerOutput(logits.argmax(dim=-1).tolist())
+            return SamplerOutput(_argmax(logits).tolist())
 
         x = self._copy_to_workspace(logits)
         if pipeline is not None:
             pipeline.apply(x, greedy_only=plain_greedy)
         if plain_greedy:
-            return SamplerOutput(x.argmax(dim=-1).tolist())
+            return SamplerOutput(_argmax(x).tolist())
         _apply_penalties_and_blocks(x, states)
         num_seqs = len(states)
         token_ids = torch.empty(num_seqs, dtype=torch.int64, device=x.device)
@@ -101,7 +102,7 @@ class Sampler:
         if greedy:
             index = _index(greedy, x.device)
             sub = x if len(greedy) == num_seqs else x[index]
-            token_ids[index] = sub.argmax(dim=-1)
+            token_ids[index] = _argmax(sub)
             logprob_rows.update(_log_softmax_rows(sub, greedy, states))
         if random:
             index = _index(random, x.device)
@@ -120,6 +121,15 @@ class Sampler:
         x = ws[:needed].view(logits.shape)
         x.copy_(logits)
         return x
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` of [rows, vocab] logits: the compiled row kernel
+    (engine.kernels; same ties and NaN rule, one pass over the row, vectorised)
+    where it is loaded, else torch's."""
+    if x.dim() == 2 and x.shape[1] and x.is_contiguous() and usable_for(x):
+        return torch.ops.engine_kernels.argmax_rows(x)
+    return x.argmax(dim=-1)
 
 
 class _ProcessorPipeline:
