@@ -145,6 +145,49 @@ def test_bf16_gemv_matches_linear(compiled, n, k, with_bias):
     torch.testing.assert_close(via_kernel.float(), onednn.float(), atol=2e-2, rtol=1e-2)
 
 
+def _cpu_has_amx() -> bool:
+    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    return "amx_bf16" in flags and "amx_tile" in flags
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (960, 576), (576, 1536)])
+def test_amx_linear_matches_linear(compiled, n, k):
+    """The AMX kernel against F.linear in float32 for 1-32 rows (one tile of rows
+    and two), with a bias, and packed_linear routing by row count: GEMV up to
+    GEMV_FIRST_ROWS, AMX up to AMX_MAX_ROWS, oneDNN above."""
+    from engine.ops.linear import (AMX_MAX_ROWS, GEMV_FIRST_ROWS, pack_weight,
+                                   pack_weight_for_amx, packed_linear)
+
+    gen = torch.Generator().manual_seed(n + k)
+    weight = torch.randn(n, k, generator=gen).bfloat16()
+    bias = torch.randn(n, generator=gen).bfloat16()
+    amx = pack_weight_for_amx(weight)
+    assert torch.ops.engine_kernels.amx_supported() == _cpu_has_amx()
+    if not _cpu_has_amx():
+        assert amx is None
+        return
+    assert pack_weight_for_amx(weight[:, :20].contiguous()) is None  # in not a multiple of 32
+    packed = pack_weight(weight)
+    for rows in (1, 2, 3, 15, 16, 17, 31, 32):
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        out = torch.empty(rows, n, dtype=torch.bfloat16)
+        torch.ops.engine_kernels.amx_linear(out, x, amx, bias)
+        ref = F.linear(x.float(), weight.float(), bias.float())
+        torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=1e-2)
+        routed = packed_linear(x, packed, bias, weight, amx)
+        if rows > GEMV_FIRST_ROWS:
+            assert torch.equal(routed, out)  # the AMX kernel's own result
+        torch.testing.assert_close(routed.float(), ref, atol=3e-2, rtol=1e-2)
+    x = torch.randn(AMX_MAX_ROWS + 1, k, generator=gen).bfloat16()
+    torch.testing.assert_close(packed_linear(x, packed, bias, weight, amx).float(),
+                               F.linear(x.float(), weight.float(), bias.float()),
+                               atol=3e-2, rtol=1e-2)
+    with pytest.raises(RuntimeError, match="1 to 32 rows"):
+        torch.ops.engine_kernels.amx_linear(torch.empty(33, n, dtype=torch.bfloat16), x, amx,
+                                            None)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_argmax_rows_matches_torch(compiled, dtype):

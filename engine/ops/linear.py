@@ -59,24 +59,47 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
-# at most this many rows go to the engine's bf16 GEMV kernel instead of oneDNN:
-# reading the weight once is all the work there, and the kernel streams it faster
-# (docs/benchmarks.md, "Against vLLM's CPU build"); more rows favour oneDNN's AMX path
+# Few-row bf16 products (decode steps) read each weight once and do little else,
+# so they go to the engine's compiled kernels (engine.kernels), which stream the
+# weight faster than oneDNN's general kernel (docs/benchmarks.md, "Against vLLM's
+# CPU build"): up to GEMV_MAX_ROWS rows the GEMV kernel on the plain weight, up to
+# AMX_MAX_ROWS the AMX kernel on a copy packed in tile order; more rows (prompt
+# chunks) stay on oneDNN, whose blocking suits compute-bound sizes.
 GEMV_MAX_ROWS = 4
+GEMV_FIRST_ROWS = 2  # with an AMX copy, the GEMV kernel still wins up to here
+AMX_MAX_ROWS = 32
+
+
+def pack_weight_for_amx(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` [out, in] repacked for the AMX kernel, or None where it does not
+    apply (not bf16, kernels not loaded, no AMX, out not a multiple of 16 or in
+    not a multiple of 32)."""
+    if (weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.shape[0] % 16
+            or weight.shape[1] % 32 or not usable_for(weight)
+            or not torch.ops.engine_kernels.amx_supported()):
+        return None
+    return torch.ops.engine_kernels.amx_pack_weight(weight.detach())
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-                  weight: torch.Tensor | None = None) -> torch.Tensor:
+                  weight: torch.Tensor | None = None,
+                  amx_packed: torch.Tensor | None = None) -> torch.Tensor:
     """``x W^T + b`` with W prepacked by `pack_weight`; same result as F.linear up
-    to float32 summation order. Given the plain `weight` too, a call with at most
-    `GEMV_MAX_ROWS` rows runs the compiled GEMV kernel (engine.kernels) on it."""
-    if (weight is not None and x.dtype == torch.bfloat16 and x.dim() == 2
-            and 0 < x.shape[0] <= GEMV_MAX_ROWS):
+    to float32 summation order. Given the plain `weight` (and its `amx_packed`
+    copy), few-row calls run the compiled kernels instead (see GEMV_MAX_ROWS)."""
+    rows = x.shape[0] if x.dim() == 2 else 0
+    if 0 < rows <= AMX_MAX_ROWS and weight is not None and x.dtype == torch.bfloat16:
         operands = (x, weight) if bias is None else (x, weight, bias)
-        if usable_for(*operands) and x.is_contiguous() and weight.is_contiguous():
-            out = x.new_empty((x.shape[0], weight.shape[0]))
-            torch.ops.engine_kernels.bf16_gemv(out, x, weight, bias)
-            return out
+        if usable_for(*operands) and x.is_contiguous():
+            gemv_rows = GEMV_FIRST_ROWS if amx_packed is not None else GEMV_MAX_ROWS
+            if rows <= gemv_rows and weight.is_contiguous():
+                out = x.new_empty((rows, weight.shape[0]))
+                torch.ops.engine_kernels.bf16_gemv(out, x, weight, bias)
+                return out
+            if amx_packed is not None:
+                out = x.new_empty((rows, weight.shape[0]))
+                torch.ops.engine_kernels.amx_linear(out, x, amx_packed, bias)
+                return out
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
@@ -89,6 +112,7 @@ def pack_linear_weights(model: nn.Module) -> int:
     for module in model.modules():
         if hasattr(module, "packed_weight") and onednn_packing_supported(module.weight):
             module.packed_weight = pack_weight(module.weight)
+            module.amx_weight = pack_weight_for_amx(module.weight)
             packed += 1
     return packed
 
@@ -126,6 +150,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _new_param(self.output_size_per_partition, loader=self.weight_loader) \
             if bias else None
         self.packed_weight: torch.Tensor | None = None  # see pack_linear_weights
+        self.amx_weight: torch.Tensor | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         size = param.shape[0]
@@ -134,7 +159,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_weight is not None:
-            out = packed_linear(x, self.packed_weight, self.bias, self.weight)
+            out = packed_linear(x, self.packed_weight, self.bias, self.weight, self.amx_weight)
         else:
             out = F.linear(x, self.weight, self.bias)
         if self.gather_output and self.tp_size > 1:
@@ -245,6 +270,7 @@ class RowParallelLinear(nn.Module):
                                  loader=self.weight_loader)
         self.bias = _new_param(output_size, loader=self.weight_loader) if bias else None
         self.packed_weight: torch.Tensor | None = None  # see pack_linear_weights
+        self.amx_weight: torch.Tensor | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         if param.dim() == 2:  # the weight; a bias is replicated
@@ -257,12 +283,12 @@ class RowParallelLinear(nn.Module):
         packed = self.packed_weight
         if self.tp_size == 1:
             if packed is not None:
-                return packed_linear(x, packed, self.bias, self.weight)
+                return packed_linear(x, packed, self.bias, self.weight, self.amx_weight)
             return F.linear(x, self.weight, self.bias)
         from engine.distributed.parallel_state import tensor_model_parallel_all_reduce
 
         out = (F.linear(x, self.weight) if packed is None
-               else packed_linear(x, packed, None, self.weight))
+               else packed_linear(x, packed, None, self.weight, self.amx_weight))
         if self.reduce_results:
             out = tensor_model_parallel_all_reduce(out)
         return out if self.bias is None else out + self.bias

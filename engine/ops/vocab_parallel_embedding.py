@@ -64,6 +64,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.bias = _new_param(self.num_embeddings_per_partition,
                                loader=self.weight_loader) if bias else None
         self.packed_weight: torch.Tensor | None = None  # see linear.pack_linear_weights
+        self.amx_weight: torch.Tensor | None = None
 
     def tie_weights(self, embedding: VocabParallelEmbedding) -> None:
         """Use `embedding`'s weight as this head's weight."""
@@ -72,7 +73,8 @@ class ParallelLMHead(VocabParallelEmbedding):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[n, H] hidden states -> [n, vocab] logits (gathered from every rank)."""
         if self.packed_weight is not None:
-            logits = packed_linear(hidden_states, self.packed_weight, self.bias, self.weight)
+            logits = packed_linear(hidden_states, self.packed_weight, self.bias, self.weight,
+                                   self.amx_weight)
         else:
             logits = F.linear(hidden_states, self.weight, self.bias)
         if self.tp_size > 1:

@@ -71,9 +71,9 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, attn_metadata)
             if not seq_ids:  # only prompt chunks this step: nothing to sample
                 return ModelRunnerOutput()
+            # in the model's dtype: the sampler copies them to float32 when it needs
+            # more than an argmax (which is exact in any dtype)
             logits = self.model.compute_logits(hidden.index_select(0, logits_rows))
-            # the sampler works in float32 (an argmax over bf16 logits is also slower)
-            logits = logits.float()
             if not self.is_driver:
                 return ModelRunnerOutput()
             states = [self.states[i] for i in seq_ids]
