@@ -190,6 +190,26 @@ def test_amx_linear_matches_linear(compiled, n, k):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_cache_kernel_matches_index_copy(compiled, dtype):
+    """The compiled cache write puts every row where the two index_copy_ calls do,
+    from strided views of a fused qkv tensor, and refuses a slot outside the cache."""
+    gen = torch.Generator().manual_seed(1)
+    cache = torch.randn(2, 6, 4, 3, 8, generator=gen).to(dtype)
+    qkv = torch.randn(5, (6 + 3 + 3) * 8, generator=gen).to(dtype)
+    k = qkv[:, 48:72].view(5, 3, 8)
+    v = qkv[:, 72:].view(5, 3, 8)
+    slots = torch.tensor([23, 0, 7, 12, 5])
+    expected = cache.clone()
+    expected[0].view(-1, 3, 8).index_copy_(0, slots, k)
+    expected[1].view(-1, 3, 8).index_copy_(0, slots, v)
+    torch.ops.engine_kernels.write_kv_cache(cache, k, v, slots)
+    assert torch.equal(cache, expected)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.engine_kernels.write_kv_cache(cache, k, v, torch.tensor([0, 1, 2, 3, 24]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_argmax_rows_matches_torch(compiled, dtype):
     """Ties give the first index, NaN counts as the largest (its first position),
     rows of -inf give 0, short rows take the scalar tail only."""

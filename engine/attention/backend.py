@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine.kernels import usable_for
+
 if TYPE_CHECKING:
     from engine.attention.metadata import AttentionMetadata
 
@@ -68,9 +70,20 @@ class AttentionBackend(ABC):
 # helpers for the built-in layout
 
 
+def _rows_contiguous(x: torch.Tensor) -> bool:
+    return x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
+
+
 def write_kv_cache(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
-    """Store the step's key/value rows [T, Hkv, D] at their slots."""
+    """Store the step's key/value rows [T, Hkv, D] at their slots (one compiled
+    copy loop where engine.kernels is loaded, else two ``index_copy_``)."""
+    if (key.dim() == 3 and value.dim() == 3 and kv_cache.is_contiguous()
+            and _rows_contiguous(key) and _rows_contiguous(value)
+            and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+            and usable_for(kv_cache, key, value)):
+        torch.ops.engine_kernels.write_kv_cache(kv_cache, key, value, slot_mapping)
+        return
     num_kv_heads, head_size = kv_cache.shape[-2:]
     kv_cache[0].view(-1, num_kv_heads, head_size).index_copy_(0, slot_mapping, key)
     kv_cache[1].view(-1, num_kv_heads, head_size).index_copy_(0, slot_mapping, value)

@@ -9,6 +9,7 @@
 // engine_kernels::rotary_embedding(q_out, k_out, positions, q, k, cos_sin_cache, head_size)
 //     neox-style RoPE over the first cos_sin_cache.size(1) features of each head
 // engine_kernels::argmax_rows(x) -> int64 [rows]   torch.argmax(x, dim=-1), same ties and NaN
+// engine_kernels::write_kv_cache(kv_cache, key, value, slot_mapping)   both index_copy_s in one
 //
 // Rows are the first dimension; the last dimension must be contiguous. The
 // arithmetic is float32 with the results rounded where the eager op's
@@ -20,6 +21,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "vec.h"
 
@@ -53,7 +55,8 @@ void rms_norm_rows(scalar_t* out, int64_t out_stride, scalar_t* res_out, int64_t
                    const scalar_t* x, int64_t x_stride, const scalar_t* res, int64_t res_stride,
                    const scalar_t* w, int64_t rows, int64_t H, float eps) {
   const int64_t vec_end = H - H % kLanes;
-  at::parallel_for(0, rows, grain(H), [&](int64_t begin, int64_t end) {
+  // light on memory and arithmetic: two threads only pay off for larger batches
+  at::parallel_for(0, rows, 2 * grain(H), [&](int64_t begin, int64_t end) {
     std::vector<float> h(H);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* xr = x + r * x_stride;
@@ -254,6 +257,44 @@ void rotary_embedding(at::Tensor q_out, at::Tensor k_out, const at::Tensor& posi
     }));
 }
 
+// ------------------------------------------------------------------------ KV cache write
+
+// kv_cache [2, blocks, block_size, Hkv, D]: row slot_mapping[t] of the flattened
+// key (then value) cache <- key[t] (value[t]); rows [Hkv, D] contiguous inside
+void write_kv_cache(at::Tensor kv_cache, const at::Tensor& key, const at::Tensor& value,
+                    const at::Tensor& slot_mapping) {
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
+              "kv_cache must be a contiguous [2, blocks, block_size, Hkv, D]");
+  const int64_t Hkv = kv_cache.size(3), D = kv_cache.size(4);
+  const int64_t slots = kv_cache.size(1) * kv_cache.size(2);
+  const int64_t T = slot_mapping.size(0);
+  for (const at::Tensor* t : {&key, &value}) {
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == T && t->size(1) == Hkv && t->size(2) == D &&
+                    t->stride(2) == 1 && t->stride(1) == D,
+                "key/value must be [T, Hkv, D] with contiguous [Hkv, D] rows");
+    TORCH_CHECK(t->scalar_type() == kv_cache.scalar_type(), "key/value dtype differs from the cache");
+  }
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
+              "slot_mapping must be a contiguous int64 [T]");
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, "slot ", slot[t], " outside the cache (", slots, " slots)");
+  const int64_t row_bytes = Hkv * D * kv_cache.element_size();
+  char* k_cache = static_cast<char*>(kv_cache.data_ptr());
+  char* v_cache = k_cache + slots * row_bytes;
+  const char* k = static_cast<const char*>(key.data_ptr());
+  const char* v = static_cast<const char*>(value.data_ptr());
+  const int64_t k_stride = key.stride(0) * key.element_size();
+  const int64_t v_stride = value.stride(0) * value.element_size();
+  at::parallel_for(0, T, std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(row_bytes, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      std::memcpy(k_cache + slot[t] * row_bytes, k + t * k_stride, row_bytes);
+      std::memcpy(v_cache + slot[t] * row_bytes, v + t * v_stride, row_bytes);
+    }
+  });
+}
+
 // ------------------------------------------------------------------------ argmax
 
 // index of each row's largest value, the first one on ties; a NaN counts as the
@@ -318,6 +359,7 @@ TORCH_LIBRARY_FRAGMENT(engine_kernels, m) {
   m.def("rotary_embedding(Tensor(a!) q_out, Tensor(b!) k_out, Tensor positions, Tensor q, "
         "Tensor k, Tensor cos_sin_cache, int head_size) -> ()");
   m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("write_kv_cache(Tensor(a!) kv_cache, Tensor key, Tensor value, Tensor slot_mapping) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(engine_kernels, CPU, m) {
@@ -326,4 +368,5 @@ TORCH_LIBRARY_IMPL(engine_kernels, CPU, m) {
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rotary_embedding", &rotary_embedding);
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("write_kv_cache", &write_kv_cache);
 }
