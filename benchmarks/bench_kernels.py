@@ -1,0 +1,138 @@
+"""The engine's compiled CPU kernels against what they replace, per call.
+
+    python benchmarks/bench_kernels.py                # bf16, two threads
+    python benchmarks/bench_kernels.py --threads 1
+
+- paged decode attention (`engine_kernels::paged_decode_attention`) on 32
+  sequences of 210 tokens (smol's 9 heads, 3 KV heads, head size 64), against the
+  SDPA path it replaced (gather the blocks, pad, one call);
+- linear layers of smol's shapes at 1, 4 and 32 rows: the GEMV and AMX kernels
+  against oneDNN with a prepacked weight (what the engine used before). Each shape
+  cycles through 30 distinct weights, so every call reads its weight from DRAM as
+  a decode step does;
+- the greedy sampler's argmax over 32 x 49,152 logits against torch's.
+
+Times are the mean over the repetitions, after a warm-up; the machine's load is
+printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import engine  # noqa: E402,F401 - before torch: it chooses the OpenMP wait
+
+SHAPES = {"qkv": (960, 576), "o_proj": (576, 576), "gate_up": (3072, 576),
+          "down": (576, 1536), "lm_head": (49152, 576)}
+
+
+def timed(fn, reps: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps
+
+
+def attention(torch) -> None:
+    from attention_steps import random_attention_step
+
+    from engine.attention.backends import torch_sdpa
+    from engine.attention.backends.torch_sdpa import TorchSDPAImpl
+
+    seq_lens = [210] * 32
+    md, cache, (q, k, v) = random_attention_step([1] * 32, seq_lens, torch.bfloat16,
+                                                 block_size=16, kv_heads=3, heads=9, head_size=64)
+    impl = TorchSDPAImpl(9, 64, 0.125, 3)
+
+    def run(use_kernel: bool):
+        def call():
+            md.backend_state.clear()
+            torch_sdpa._use_kernel = (lambda _c: use_kernel) if not use_kernel else original
+            impl.forward(None, q, k, v, cache, md)
+        return call
+
+    original = torch_sdpa._use_kernel
+    try:
+        sdpa = timed(run(False), 50)
+        kernel = timed(run(True), 50)
+    finally:
+        torch_sdpa._use_kernel = original
+    print(f"decode attention, 32 x 210 tokens, bf16: SDPA path {sdpa * 1e3:.3f} ms, "
+          f"kernel {kernel * 1e3:.3f} ms ({sdpa / kernel:.1f}x)")
+
+
+def linears(torch) -> None:
+    from engine.ops.linear import pack_weight, pack_weight_for_amx
+
+    amx_ok = bool(torch.ops.engine_kernels.amx_supported())
+    for rows in (1, 4, 32):
+        for name, (n, k) in SHAPES.items():
+            count = 30 if name != "lm_head" else 2
+            weights = [torch.randn(n, k).bfloat16() for _ in range(count)]
+            onednn = [pack_weight(w) for w in weights]
+            amx = [pack_weight_for_amx(w) for w in weights] if amx_ok else []
+            x = torch.randn(rows, k).bfloat16()
+            out = torch.empty(rows, n, dtype=torch.bfloat16)
+
+            def each(fn, packed):
+                def call():
+                    for p in packed:
+                        fn(p)
+                return call
+
+            base = timed(each(lambda p: torch.ops.mkldnn._linear_pointwise(
+                x, p, None, "none", [], ""), onednn), 3) / count
+            line = f"linear {name:8s} {n:5d}x{k:4d}, {rows:2d} rows: oneDNN {base * 1e6:7.1f} us"
+            if rows <= 8:
+                t = timed(each(lambda w: torch.ops.engine_kernels.bf16_gemv(out, x, w, None),
+                               weights), 3) / count
+                line += f", GEMV {t * 1e6:7.1f} us ({base / t:.2f}x)"
+            if amx:
+                t = timed(each(lambda p: torch.ops.engine_kernels.amx_linear(out, x, p, None),
+                               amx), 3) / count
+                line += f", AMX {t * 1e6:7.1f} us ({base / t:.2f}x, {n * k * 2 / t / 1e9:.1f} GB/s)"
+            print(line)
+
+
+def argmax(torch) -> None:
+    logits = torch.randn(32, 49152)
+    plain = timed(lambda: logits.argmax(dim=-1), 50)
+    kernel = timed(lambda: torch.ops.engine_kernels.argmax_rows(logits), 50)
+    print(f"argmax 32 x 49152 float32: torch {plain * 1e3:.3f} ms, kernel {kernel * 1e3:.3f} ms")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = ap.parse_args()
+    import torch
+
+    from engine.kernels import kernels_available
+
+    os.environ.setdefault("ENGINE_CPU_KERNELS", "build")
+    if not kernels_available():
+        print("the compiled kernels are unavailable (ENGINE_CPU_KERNELS=0?)", file=sys.stderr)
+        return 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}, "
+          f"OpenMP wait: {os.environ.get('OMP_WAIT_POLICY') or 'spin ' + str(os.environ.get('GOMP_SPINCOUNT'))}")
+    attention(torch)
+    linears(torch)
+    argmax(torch)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
