@@ -89,16 +89,16 @@ def linears(torch) -> None:
                         fn(p)
                 return call
 
-            base = timed(each(lambda p: torch.ops.mkldnn._linear_pointwise(
+            base = timed(each(lambda p, x=x: torch.ops.mkldnn._linear_pointwise(
                 x, p, None, "none", [], ""), onednn), 3) / count
             line = f"linear {name:8s} {n:5d}x{k:4d}, {rows:2d} rows: oneDNN {base * 1e6:7.1f} us"
             if rows <= 8:
-                t = timed(each(lambda w: torch.ops.engine_kernels.bf16_gemv(out, x, w, None),
-                               weights), 3) / count
+                t = timed(each(lambda w, x=x, out=out: torch.ops.engine_kernels.bf16_gemv(
+                    out, x, w, None), weights), 3) / count
                 line += f", GEMV {t * 1e6:7.1f} us ({base / t:.2f}x)"
             if amx:
-                t = timed(each(lambda p: torch.ops.engine_kernels.amx_linear(out, x, p, None),
-                               amx), 3) / count
+                t = timed(each(lambda p, x=x, out=out: torch.ops.engine_kernels.amx_linear(
+                    out, x, p, None), amx), 3) / count
                 line += f", AMX {t * 1e6:7.1f} us ({base / t:.2f}x, {n * k * 2 / t / 1e9:.1f} GB/s)"
             print(line)
 

@@ -156,8 +156,13 @@ def test_amx_linear_matches_linear(compiled, n, k):
     """The AMX kernel against F.linear in float32 for 1-32 rows (one tile of rows
     and two), with a bias, and packed_linear routing by row count: GEMV up to
     GEMV_FIRST_ROWS, AMX up to AMX_MAX_ROWS, oneDNN above."""
-    from engine.ops.linear import (AMX_MAX_ROWS, GEMV_FIRST_ROWS, pack_weight,
-                                   pack_weight_for_amx, packed_linear)
+    from engine.ops.linear import (
+        AMX_MAX_ROWS,
+        GEMV_FIRST_ROWS,
+        pack_weight,
+        pack_weight_for_amx,
+        packed_linear,
+    )
 
     gen = torch.Generator().manual_seed(n + k)
     weight = torch.randn(n, k, generator=gen).bfloat16()

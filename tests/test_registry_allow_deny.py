@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 from conftest import subprocess_env
-from plugin_fixtures.helpers import install_test_plugins, run_cli, run_python, write_manifest, write_module
+from plugin_fixtures.helpers import (
+    install_test_plugins,
+    run_cli,
+    run_python,
+    write_manifest,
+    write_module,
+)
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,9 @@ from __future__ import annotations
 import sys
 
 import pytest
-import registry
 from plugin_fixtures.helpers import write_module
+
+import registry
 
 
 @pytest.fixture
