@@ -21,7 +21,7 @@ from registry._version import __version__
 # slower. libgomp reads its settings once, when torch loads it, so the choice is
 # made here, only before torch is imported and never over the user's own
 # OMP_WAIT_POLICY or GOMP_SPINCOUNT (docs/benchmarks.md, "OpenMP waiting").
-SPIN_COUNT = "20000"  # ~tens of microseconds: covers the gaps inside one step
+_SPIN_COUNT = "20000"  # ~tens of microseconds: covers the gaps inside one step
 
 
 def _cores_are_busy() -> bool | None:
@@ -47,7 +47,7 @@ def _choose_omp_wait() -> None:
     if busy:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     else:
-        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+        os.environ["GOMP_SPINCOUNT"] = _SPIN_COUNT
 
 
 _choose_omp_wait()
