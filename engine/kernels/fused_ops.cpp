@@ -39,6 +39,12 @@ inline float as_dtype1(float x) { return x; }
 template <>
 inline float as_dtype1<c10::BFloat16>(float x) { return static_cast<float>(c10::BFloat16(x)); }
 
+// run `body` with scalar_t = float or c10::BFloat16, as `dtype` says
+#define ENGINE_DISPATCH_F32_BF16(dtype, name, body)                          \
+  AT_DISPATCH_SWITCH(dtype, name,                                            \
+                     AT_DISPATCH_CASE(at::kFloat, body)                      \
+                     AT_DISPATCH_CASE(at::kBFloat16, body))
+
 // rows per task so that a task holds at least ~16k elements
 inline int64_t grain(int64_t row_len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1)); }
 
@@ -107,21 +113,13 @@ void rms_norm_impl(at::Tensor& out, at::Tensor* res_out, const at::Tensor& x,
     TORCH_CHECK(res->scalar_type() == x.scalar_type() && res_out->scalar_type() == x.scalar_type(),
                 "residual dtypes differ from x");
   }
-  AT_DISPATCH_SWITCH(x.scalar_type(), "rms_norm",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
+  ENGINE_DISPATCH_F32_BF16(x.scalar_type(), "rms_norm", [&] {
       rms_norm_rows<scalar_t>(out.data_ptr<scalar_t>(), out.stride(0),
                               res ? res_out->data_ptr<scalar_t>() : nullptr, res ? res_out->stride(0) : 0,
                               x.data_ptr<scalar_t>(), x.stride(0),
                               res ? res->data_ptr<scalar_t>() : nullptr, res ? res->stride(0) : 0,
                               weight.data_ptr<scalar_t>(), rows, H, static_cast<float>(eps));
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      rms_norm_rows<scalar_t>(out.data_ptr<scalar_t>(), out.stride(0),
-                              res ? res_out->data_ptr<scalar_t>() : nullptr, res ? res_out->stride(0) : 0,
-                              x.data_ptr<scalar_t>(), x.stride(0),
-                              res ? res->data_ptr<scalar_t>() : nullptr, res ? res->stride(0) : 0,
-                              weight.data_ptr<scalar_t>(), rows, H, static_cast<float>(eps));
-    }));
+    });
 }
 
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -164,15 +162,10 @@ void silu_and_mul(at::Tensor out, const at::Tensor& x) {
   check_rows(x, "x", rows, 2 * d);
   check_rows(out, "out", rows, d);
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), "out and x dtypes differ");
-  AT_DISPATCH_SWITCH(x.scalar_type(), "silu_and_mul",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
+  ENGINE_DISPATCH_F32_BF16(x.scalar_type(), "silu_and_mul", [&] {
       silu_and_mul_rows<scalar_t>(out.data_ptr<scalar_t>(), out.stride(0), x.data_ptr<scalar_t>(),
                                   x.stride(0), rows, d);
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      silu_and_mul_rows<scalar_t>(out.data_ptr<scalar_t>(), out.stride(0), x.data_ptr<scalar_t>(),
-                                  x.stride(0), rows, d);
-    }));
+    });
 }
 
 // ------------------------------------------------------------------------ RoPE
@@ -248,13 +241,9 @@ void rotary_embedding(at::Tensor q_out, at::Tensor k_out, const at::Tensor& posi
               "cos_sin_cache must be a contiguous float32 [positions, rotary_dim]");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && q_out.scalar_type() == q.scalar_type() &&
                   k_out.scalar_type() == q.scalar_type(), "q, k and outputs dtypes differ");
-  AT_DISPATCH_SWITCH(q.scalar_type(), "rotary_embedding",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
+  ENGINE_DISPATCH_F32_BF16(q.scalar_type(), "rotary_embedding", [&] {
       rope_rows<scalar_t>(q_out, k_out, positions, q, k, cos_sin_cache, head_size);
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      rope_rows<scalar_t>(q_out, k_out, positions, q, k, cos_sin_cache, head_size);
-    }));
+    });
 }
 
 // ------------------------------------------------------------------------ KV cache write
@@ -339,13 +328,9 @@ void argmax_rows_impl(int64_t* out, const scalar_t* x, int64_t rows, int64_t n) 
 at::Tensor argmax_rows(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) > 0, "x must be a contiguous [rows, n], n > 0");
   at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
-  AT_DISPATCH_SWITCH(x.scalar_type(), "argmax_rows",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
+  ENGINE_DISPATCH_F32_BF16(x.scalar_type(), "argmax_rows", [&] {
       argmax_rows_impl<scalar_t>(out.data_ptr<int64_t>(), x.data_ptr<scalar_t>(), x.size(0), x.size(1));
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      argmax_rows_impl<scalar_t>(out.data_ptr<int64_t>(), x.data_ptr<scalar_t>(), x.size(0), x.size(1));
-    }));
+    });
   return out;
 }
 
