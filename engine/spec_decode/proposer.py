@@ -1,0 +1,75 @@
+"""`Proposer`: the interface of a speculative-decoding proposer plugin.
+
+A proposer guesses the next few tokens of each sequence cheaply; the target model
+then checks all of them in one forward pass (`engine.spec_decode.verify`). The
+model runner of the sampling rank owns one proposer and calls, in order:
+`load` (after the target model is loaded), `initialize_cache` (after the target's
+KV cache is sized), then after each step `propose` for the sequences that may
+take drafts, and `remove` for the sequences that finished.
+
+Proposals are checked as if the proposer had put all its probability on them,
+which keeps sampling exact whatever the proposer does (even a random one), as
+long as its guess does not look at the target's random draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from engine.config import EngineConfig
+    from engine.spec_decode.config import SpeculativeConfig
+
+
+@dataclass
+class DraftTokenIds:
+    """Proposals for the next step: ``draft_token_ids[i]`` guesses the tokens that
+    follow sequence ``seq_ids[i]``'s last one (an empty list: no guess)."""
+
+    seq_ids: list[int]
+    draft_token_ids: list[list[int]]
+
+
+class Proposer:
+    """Base of every proposer (plugin group ``spec_proposer``).
+
+    Built as ``cls(spec_config, engine_config, device)`` on the rank that
+    samples. `propose` is the one method a subclass must provide.
+    """
+
+    def __init__(self, spec_config: SpeculativeConfig, engine_config: EngineConfig,
+                 device: torch.device) -> None:
+        self.spec_config = spec_config
+        self.engine_config = engine_config
+        self.device = device
+        self.num_speculative_tokens = spec_config.num_speculative_tokens
+
+    @classmethod
+    def check_config(cls, spec_config: SpeculativeConfig, engine_config: EngineConfig) -> None:
+        """Raise ValueError, at the engine's start, for settings this proposer
+        cannot serve. Accepts everything by default."""
+
+    def load(self, target_model: Any) -> None:
+        """Load what the proposer needs (a draft model); called once after the
+        target model is loaded. Nothing by default."""
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        """Called once the target's KV cache holds ``num_blocks`` blocks (a draft
+        model sizes its own cache from it). Nothing by default."""
+
+    def propose(self, seq_ids: Sequence[int],
+                token_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Guess up to ``num_speculative_tokens`` tokens to follow each sequence.
+
+        ``token_ids[i]`` is sequence ``seq_ids[i]``'s prompt and output so far.
+        Returns one list per sequence, possibly empty (no guess: the sequence
+        decodes as without speculation, at no extra cost)."""
+        raise NotImplementedError(f"proposer {type(self).__qualname__} does not implement "
+                                  "propose()")
+
+    def remove(self, seq_ids: Sequence[int]) -> None:
+        """Forget finished sequences (free their draft cache). Nothing by default."""

@@ -1,0 +1,224 @@
+"""Speculative decoding: the output is the one plain decoding gives.
+
+Greedy output with drafts (n-gram and draft-model proposers) must equal greedy
+output without them token for token, whatever the engine does around them
+(batches, chunked prefill, prefix-cache hits, preemption under a tiny KV cache,
+TP=2, stop strings and max_tokens inside an accepted run). Sampled output must
+keep the target's distribution, checked with a total-variation bound on a small
+support. Every test also checks that drafts were proposed and kept, so a proposer
+that never proposes cannot pass.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import textwrap
+
+import pytest
+
+from engine import LLM, SamplingParams
+
+KIB = 1024
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
+         "prompt_lookup_max": 3}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    """Token-id prompts (ids 3..1023) that repeat themselves, so n-grams match."""
+    rng = random.Random(seed)
+    out = []
+    for n in lengths:
+        motif = [rng.randrange(3, 1024) for _ in range(max(2, n // 3))]
+        out.append((motif * 4)[:n])
+    return out
+
+
+def _spec_counts(llm: LLM):
+    return llm.llm_engine.scheduler.spec_stats
+
+
+@pytest.fixture(scope="module")
+def llama_dir(make_hf_model):
+    return make_hf_model("llama")
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+
+
+def _greedy(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def plain(llama_dir):
+    with LLM(llama_dir, dtype="float32", kv_cache_memory=4 * 1024 * KIB) as llm:
+        yield llm
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ngram_greedy_equals_plain_decoding(llama_dir, dtype):
+    prompts = _prompts([5, 17, 40, 64, 9])
+    with LLM(llama_dir, dtype=dtype, kv_cache_memory=4 * 1024 * KIB) as llm:
+        expected = _greedy(llm, prompts)
+    with LLM(llama_dir, dtype=dtype, kv_cache_memory=4 * 1024 * KIB,
+             speculative_config=NGRAM) as llm:
+        assert _greedy(llm, prompts) == expected
+        counts = _spec_counts(llm)
+        assert counts.num_draft_tokens > 0 and counts.num_accepted_tokens > 0
+
+
+def test_ngram_with_chunked_prefill_prefix_hits_and_preemption(llama_dir, plain):
+    prompts = _prompts([70, 33, 50, 21, 64, 45], seed=1)
+    # the same prompts twice: the second round starts from prefix-cache hits
+    prompts = prompts + [list(p) for p in prompts]
+    expected = _greedy(plain, prompts)
+    # 10 blocks of 16 tokens for 12 sequences of up to 102 tokens: preemptions,
+    # and a step budget of 24 tokens: chunked prefills next to drafted decodes
+    with LLM(llama_dir, dtype="float32", kv_cache_memory=10 * 16 * 2 * 2 * 2 * 32 * 4,
+             max_num_batched_tokens=24, block_size=16, speculative_config=NGRAM) as llm:
+        assert _greedy(llm, prompts) == expected
+        assert llm.llm_engine.num_preemptions > 0
+        assert _spec_counts(llm).num_accepted_tokens > 0
+        assert llm.llm_engine.scheduler.kv_cache.usage == 0.0  # every block came back
+
+
+def test_stop_conditions_inside_an_accepted_run(llama_dir, plain):
+    prompts = _prompts([30, 24], seed=2)
+    base = plain.generate(prompts, GREEDY, use_tqdm=False)
+    # stop on a token and on a text the plain run produces in the middle of its output
+    stop_token = base[0].outputs[0].token_ids[13]
+    stop_text = base[1].outputs[0].text[20:24]
+    cases = [
+        SamplingParams(temperature=0.0, max_tokens=11, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=32, stop_token_ids=[stop_token]),
+        SamplingParams(temperature=0.0, max_tokens=32, stop=[stop_text]),
+        SamplingParams(temperature=0.0, max_tokens=32, stop=[stop_text],
+                       include_stop_str_in_output=True),
+    ]
+    expected = [[(c.token_ids, c.text, c.finish_reason, c.stop_reason)
+                 for o in plain.generate(prompts, p, use_tqdm=False) for c in o.outputs]
+                for p in cases]
+    with LLM(llama_dir, dtype="float32", kv_cache_memory=4 * 1024 * KIB,
+             speculative_config=NGRAM) as llm:
+        got = [[(c.token_ids, c.text, c.finish_reason, c.stop_reason)
+                for o in llm.generate(prompts, p, use_tqdm=False) for c in o.outputs]
+               for p in cases]
+        assert _spec_counts(llm).num_accepted_tokens > 0
+    assert got == expected
+
+
+def test_draft_model_greedy_equals_plain_decoding(llama_dir, make_hf_model, plain):
+    prompts = _prompts([12, 40, 25], seed=3)
+    expected = _greedy(plain, prompts)
+    # a different (random) draft model: few drafts kept, the output unchanged
+    other = make_hf_model("llama", seed=7, num_hidden_layers=1)
+    with LLM(llama_dir, dtype="float32", kv_cache_memory=4 * 1024 * KIB,
+             speculative_config={"model": str(other), "num_speculative_tokens": 3}) as llm:
+        assert _greedy(llm, prompts) == expected
+        assert _spec_counts(llm).num_draft_tokens > 0
+    # the target as its own draft: every draft is kept
+    with LLM(llama_dir, dtype="bfloat16", kv_cache_memory=4 * 1024 * KIB,
+             speculative_config={"model": str(llama_dir), "num_speculative_tokens": 3}) as llm:
+        with LLM(llama_dir, dtype="bfloat16", kv_cache_memory=4 * 1024 * KIB) as ref:
+            assert _greedy(llm, prompts) == _greedy(ref, prompts)
+        counts = _spec_counts(llm)
+        assert counts.num_accepted_tokens == counts.num_draft_tokens > 0
+
+
+def test_seeded_sampling_with_drafts_is_deterministic(llama_dir):
+    prompts = _prompts([20, 31], seed=4)
+    params = SamplingParams(temperature=0.8, top_k=20, max_tokens=24, seed=123,
+                            ignore_eos=True)
+    runs = []
+    for _ in range(2):
+        with LLM(llama_dir, dtype="float32", kv_cache_memory=4 * 1024 * KIB,
+                 speculative_config=NGRAM) as llm:
+            runs.append(_greedy(llm, prompts, params))
+            assert _spec_counts(llm).num_draft_tokens > 0
+    assert runs[0] == runs[1]
+
+
+def _joint_counts(llm: LLM, prompt: list[int], num: int) -> collections.Counter:
+    params = SamplingParams(temperature=1.0, top_k=3, max_tokens=3, n=num, ignore_eos=True)
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    return collections.Counter(tuple(c.token_ids[1:]) for c in out.outputs)
+
+
+def _total_variation(a: collections.Counter, b: collections.Counter) -> float:
+    na, nb = sum(a.values()), sum(b.values())
+    return 0.5 * sum(abs(a[k] / na - b[k] / nb) for k in set(a) | set(b))
+
+
+def test_rejection_sampling_keeps_the_target_distribution(make_hf_model):
+    # a 16-token vocabulary and a flat model (small weights): top-3 sampling spreads
+    # over 3 tokens per position; the model is its own draft model, so each draft
+    # is the target's likeliest token and is refused about half the time: both
+    # branches of the rejection step run often
+    model = make_hf_model("llama", seed=11, vocab_size=16, initializer_range=0.05)
+    spec = {"model": str(model), "num_speculative_tokens": 2}
+    ids = list(range(16))
+    random.Random(5).shuffle(ids)
+    prompt = ids + ids[::-1]
+    num = 3000
+    with LLM(model, dtype="float32", kv_cache_memory=32 * 1024 * KIB, max_num_seqs=512,
+             seed=1) as llm:
+        expected = _joint_counts(llm, prompt, num)
+        noise = _joint_counts(llm, prompt, num)  # the plain run against itself: the noise floor
+    with LLM(model, dtype="float32", kv_cache_memory=32 * 1024 * KIB, max_num_seqs=512,
+             seed=2, speculative_config=spec) as llm:
+        got = _joint_counts(llm, prompt, num)
+        counts = _spec_counts(llm)
+    assert counts.num_draft_tokens > 1000
+    assert 0.1 < counts.acceptance_rate < 0.9, counts  # both branches ran often
+    # 3000 draws over at most 9 outcomes: sampling noise stays under ~0.04
+    assert _total_variation(noise, expected) < 0.05
+    assert _total_variation(got, expected) < 0.05, (got, expected)
+
+
+def test_worker_without_take_draft_token_ids_fails_at_start(llama_dir, tmp_path, monkeypatch):
+    (tmp_path / "old_worker_mod.py").write_text(textwrap.dedent("""
+        from engine.worker import WorkerBase
+
+        class OldWorker(WorkerBase):
+            pass
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"method 'ngram'.*take_draft_token_ids.*OldWorker"):
+        LLM(llama_dir, dtype="float32", worker_cls="old_worker_mod.OldWorker",
+            speculative_config=NGRAM)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"num_speculative_tokens": 2}, "needs \"method\""),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3,
+      "prompt_lookup_max": 2}, "prompt_lookup_min"),
+    ({"method": "nope", "num_speculative_tokens": 2}, "'nope' is not an available spec_proposer"),
+    ("{not json", "not valid JSON"),
+])
+def test_bad_speculative_config_is_refused_by_name(llama_dir, bad, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(llama_dir, dtype="float32", speculative_config=bad)
+
+
+@pytest.mark.slow
+def test_ngram_greedy_equals_plain_decoding_with_tp2(llama_dir, plain):
+    prompts = _prompts([15, 40, 28], seed=6)
+    expected = _greedy(plain, prompts)
+    with LLM(llama_dir, dtype="float32", tensor_parallel_size=2, kv_cache_memory=4 * 1024 * KIB,
+             speculative_config=NGRAM) as llm:
+        assert _greedy(llm, prompts) == expected
+        assert _spec_counts(llm).num_accepted_tokens > 0
+
+
+def test_ngram_lookup_prefers_a_full_continuation():
+    from engine.spec_decode.ngram import find_ngram_continuation
+
+    assert find_ngram_continuation([1, 2, 3, 9, 1, 2], 1, 2, 3) == [3, 9, 1]
+    assert find_ngram_continuation([5, 6, 7], 1, 3, 2) == []  # nothing repeats
+    # a period-1 run: the latest match overlaps the suffix, an earlier one has room
+    assert find_ngram_continuation([4, 4, 4, 4, 4], 1, 2, 2) == [4, 4]
+    assert find_ngram_continuation([1, 2, 1, 2, 1], 2, 2, 4) == [2, 1]
