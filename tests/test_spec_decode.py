@@ -12,10 +12,15 @@ that never proposes cannot pass.
 from __future__ import annotations
 
 import collections
+import json
 import random
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 from engine import LLM, SamplingParams
 
@@ -222,3 +227,55 @@ def test_ngram_lookup_prefers_a_full_continuation():
     # a period-1 run: the latest match overlaps the suffix, an earlier one has room
     assert find_ngram_continuation([4, 4, 4, 4, 4], 1, 2, 2) == [4, 4]
     assert find_ngram_continuation([1, 2, 1, 2, 1], 2, 2, 4) == [2, 1]
+
+
+# ------------------------------------------------------------------ a third-party proposer
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "repeat-proposer"
+
+ENGINE_SIDE = """
+import json, sys
+from engine import LLM, SamplingParams
+
+prompts = json.loads(sys.argv[2])
+params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+with LLM(sys.argv[1], dtype="float32", kv_cache_memory=1 << 22) as llm:
+    plain = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+spec = {"method": "repeat_last", "num_speculative_tokens": 3}
+with LLM(sys.argv[1], dtype="float32", kv_cache_memory=1 << 22, speculative_config=spec) as llm:
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    counts = llm.llm_engine.scheduler.spec_stats
+print(json.dumps({"equal": got == plain, "drafted": counts.num_draft_tokens,
+                  "accepted": counts.num_accepted_tokens}))
+"""
+
+
+@pytest.fixture(scope="module")
+def installed_proposer(tmp_path_factory) -> Path:
+    """The example proposer package pip-installed (real entry points) into a folder."""
+    target = tmp_path_factory.mktemp("repeat-proposer-site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--no-index", "--target", str(target), str(EXAMPLE)],
+        check=True, capture_output=True, timeout=300,
+    )
+    return target
+
+
+def test_third_party_proposer_loads_through_the_registry(installed_proposer, llama_dir,
+                                                          tmp_path):
+    env = subprocess_env(PYTHONPATH=str(installed_proposer), OMP_NUM_THREADS="1")
+    listing = subprocess.run([sys.executable, "-m", "engine", "plugins", "list"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    assert any(line.split()[:3] == ["spec_proposer", "repeat_last", "entry-point"]
+               for line in listing.stdout.splitlines()), listing.stdout
+    script = tmp_path / "engine_side.py"
+    script.write_text(ENGINE_SIDE)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(llama_dir), json.dumps(_prompts([12, 30], seed=8))],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["equal"] and report["accepted"] > 0, report
