@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import random
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def _prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
 
 
 def _spec_counts(llm: LLM):
-    return llm.llm_engine.scheduler.spec_stats
+    return llm.llm_engine.spec_decoding_stats
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +245,7 @@ with LLM(sys.argv[1], dtype="float32", kv_cache_memory=1 << 22) as llm:
 spec = {"method": "repeat_last", "num_speculative_tokens": 3}
 with LLM(sys.argv[1], dtype="float32", kv_cache_memory=1 << 22, speculative_config=spec) as llm:
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    counts = llm.llm_engine.scheduler.spec_stats
+    counts = llm.llm_engine.spec_decoding_stats
 print(json.dumps({"equal": got == plain, "drafted": counts.num_draft_tokens,
                   "accepted": counts.num_accepted_tokens}))
 """
@@ -279,3 +280,40 @@ def test_third_party_proposer_loads_through_the_registry(installed_proposer, lla
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["equal"] and report["accepted"] > 0, report
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def test_spec_decode_metrics_in_prometheus_and_the_log_line(llama_dir, caplog):
+    from prometheus_client import generate_latest
+
+    prompts = _prompts([20, 35], seed=9)
+    with LLM(llama_dir, dtype="float32", kv_cache_memory=4 * 1024 * KIB, log_stats=True,
+             speculative_config=NGRAM) as llm:
+        outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        text = generate_latest(llm.llm_engine.stat_loggers.prometheus_registry).decode()
+        totals = llm.llm_engine.spec_decoding_stats
+        with caplog.at_level(logging.INFO, logger="engine.metrics"):
+            llm.llm_engine.stat_loggers.log()
+
+    def value(metric: str, label: str = "") -> float:
+        lines = [ln for ln in text.splitlines() if ln.startswith(metric + "{") and label in ln]
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
+
+    assert totals.num_accepted_tokens > 0
+    assert value("engine_spec_decode_num_drafts_total") == totals.num_drafts
+    assert value("engine_spec_decode_num_draft_tokens_total") == totals.num_draft_tokens
+    assert value("engine_spec_decode_num_accepted_tokens_total") == totals.num_accepted_tokens
+    for position, n in enumerate(totals.accepted_per_position):
+        assert value("engine_spec_decode_num_accepted_tokens_per_pos_total",
+                     f'position="{position}"') == n
+    assert value("engine_spec_decode_num_accepted_tokens_per_pos_total") == (
+        totals.num_accepted_tokens)
+    # every generated token is counted once, kept drafts included
+    assert value("engine_generation_tokens_total") == sum(len(o.outputs[0].token_ids)
+                                                          for o in outs)
+    line = next(r.getMessage() for r in caplog.records if "Spec decode" in r.getMessage())
+    rate = 100 * totals.num_accepted_tokens / totals.num_draft_tokens
+    assert f"{totals.num_draft_tokens} drafted, {totals.num_accepted_tokens} accepted" in line
+    assert f"acceptance rate {rate:.1f}%" in line

@@ -571,6 +571,15 @@ class LLMEngine:
     # ------------------------------------------------------------------ stats, end
 
     @property
+    def spec_decoding_stats(self) -> Any:
+        """Speculative decoding since the start: an `engine.spec_decode.stats.
+        SpecDecodingCounts` (drafted and accepted tokens, accepted per position);
+        None when the engine does not speculate."""
+        if self.speculative_config is None or self.scheduler is None:
+            return None
+        return self.scheduler.spec_stats
+
+    @property
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions if self.scheduler is not None else 0
 

@@ -108,7 +108,8 @@ class Scheduler:
         self._stats_builder: Any = None  # engine.metrics SchedulerStatsBuilder, on first use
         # speculative decoding: drafts per sequence at most (0: off), and totals
         self.num_speculative_tokens = 0
-        self.spec_stats = SpecDecodingCounts()
+        self.spec_stats = SpecDecodingCounts()  # since the start
+        self._spec_step_stats = SpecDecodingCounts()  # since the last make_stats
 
     # ------------------------------------------------------------------ requests
 
@@ -304,6 +305,7 @@ class Scheduler:
         return self._stats_builder.build(
             len(self.running), len(self.waiting), self.kv_cache.usage, self.num_preemptions,
             self.prefix_cache_queried_tokens, self.prefix_cache_hit_tokens,
+            self._spec_step_stats.take() if self.num_speculative_tokens else None,
         )
 
     # ------------------------------------------------------------------ results
@@ -346,5 +348,6 @@ class Scheduler:
                 # blocks holding nothing else go back to the pool
                 self.kv_cache.trim(seq, seq.num_tokens)
                 self.spec_stats.record(num_drafts, kept)
+                self._spec_step_stats.record(num_drafts, kept)
             self.kv_cache.cache_full_blocks(seq)
         return results

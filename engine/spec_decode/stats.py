@@ -28,6 +28,17 @@ class SpecDecodingCounts:
         for j in range(num_accepted):
             self.accepted_per_position[j] += 1
 
+    def merge(self, other: SpecDecodingCounts) -> None:
+        """Add `other`'s counts to these."""
+        self.num_drafts += other.num_drafts
+        self.num_draft_tokens += other.num_draft_tokens
+        self.num_accepted_tokens += other.num_accepted_tokens
+        for j, n in enumerate(other.accepted_per_position):
+            if j < len(self.accepted_per_position):
+                self.accepted_per_position[j] += n
+            else:
+                self.accepted_per_position.append(n)
+
     def take(self) -> SpecDecodingCounts:
         """These counts, and zero them."""
         taken = SpecDecodingCounts(self.num_drafts, self.num_draft_tokens,
