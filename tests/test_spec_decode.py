@@ -317,3 +317,50 @@ def test_spec_decode_metrics_in_prometheus_and_the_log_line(llama_dir, caplog):
     rate = 100 * totals.num_accepted_tokens / totals.num_draft_tokens
     assert f"{totals.num_draft_tokens} drafted, {totals.num_accepted_tokens} accepted" in line
     assert f"acceptance rate {rate:.1f}%" in line
+
+
+# ------------------------------------------------------------------ CLI and server
+
+
+def test_generate_cli_with_speculative_config_equals_plain(llama_dir, plain):
+    prompt = "x = [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2"
+    expected = plain.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24,
+                                                       ignore_eos=True))[0].outputs[0]
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine", "generate", "--model", str(llama_dir), "--dtype",
+         "float32", "--prompt", prompt, "--temperature", "0", "--max-tokens", "24",
+         "--ignore-eos", "--json", "--speculative-config", json.dumps(NGRAM)],
+        capture_output=True, text=True, timeout=120, env=subprocess_env(OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)[0]["token_ids"] == expected.token_ids
+    bad = subprocess.run(
+        [sys.executable, "-m", "engine", "generate", "--model", str(llama_dir), "--prompt", "x",
+         "--speculative-config", '{"method": "ngram"}'],
+        capture_output=True, text=True, timeout=120, env=subprocess_env(OMP_NUM_THREADS="1"))
+    assert bad.returncode == 1 and "num_speculative_tokens" in bad.stderr
+
+
+def test_serve_with_speculative_config_answers_and_counts_drafts(llama_dir, plain, tmp_path):
+    import httpx
+    import openai
+    from test_serve import Server
+
+    prompt = "x = [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2"
+    expected = plain.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24,
+                                                       ignore_eos=True))[0].outputs[0]
+    server = Server(["--model", str(llama_dir), "--dtype", "float32", "--served-model-name",
+                     "tiny", "--speculative-config", json.dumps(NGRAM)],
+                    tmp_path / "config", tmp_path / "server.log")
+    try:
+        server.wait_ready()
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
+                               timeout=60)
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=24,
+                                        temperature=0, extra_body={"ignore_eos": True})
+        assert out.choices[0].text == expected.text
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    finally:
+        server.stop()
+    drafted = [ln for ln in metrics.splitlines()
+               if ln.startswith("engine_spec_decode_num_draft_tokens_total{")]
+    assert drafted and float(drafted[0].rsplit(" ", 1)[1]) > 0, metrics[-2000:]
