@@ -230,6 +230,28 @@ def test_ngram_lookup_prefers_a_full_continuation():
     assert find_ngram_continuation([1, 2, 1, 2, 1], 2, 2, 4) == [2, 1]
 
 
+def test_ngram_proposer_index_agrees_with_the_reference_lookup():
+    from engine.spec_decode import SpeculativeConfig, TokenView
+    from engine.spec_decode.ngram import NgramProposer, find_ngram_continuation
+
+    rng = random.Random(0)
+    for trial in range(300):
+        lo = rng.randint(1, 3)
+        hi = rng.randint(lo, 5)
+        k = rng.randint(1, 5)
+        spec = SpeculativeConfig.from_user({"method": "ngram", "num_speculative_tokens": k,
+                                            "prompt_lookup_min": lo, "prompt_lookup_max": hi})
+        proposer = NgramProposer(spec, None, "cpu")
+        prompt = [rng.randrange(4) for _ in range(rng.randint(1, 12))]
+        output: list[int] = []
+        for _ in range(6):  # a sequence growing by a few tokens per step
+            view = TokenView(prompt, output)
+            assert proposer.propose([trial], [view]) == [
+                find_ngram_continuation(prompt + output, lo, hi, k)]
+            output += [rng.randrange(4) for _ in range(rng.randint(1, 4))]
+        proposer.remove([trial])
+
+
 # ------------------------------------------------------------------ a third-party proposer
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "repeat-proposer"

@@ -9,6 +9,6 @@ is a token gained (docs/speculative-decoding.md).
 """
 
 from engine.spec_decode.config import SpeculativeConfig
-from engine.spec_decode.proposer import DraftTokenIds, Proposer
+from engine.spec_decode.proposer import DraftTokenIds, Proposer, TokenView
 
-__all__ = ["DraftTokenIds", "Proposer", "SpeculativeConfig"]
+__all__ = ["DraftTokenIds", "Proposer", "SpeculativeConfig", "TokenView"]

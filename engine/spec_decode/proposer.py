@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import overload
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,6 +33,45 @@ class DraftTokenIds:
 
     seq_ids: list[int]
     draft_token_ids: list[list[int]]
+
+
+class TokenView(Sequence[int]):
+    """A sequence's prompt and output as one read-only sequence of token ids,
+    without copying them (the proposer runs after every step)."""
+
+    __slots__ = ("_prompt", "_output")
+
+    def __init__(self, prompt: Sequence[int], output: Sequence[int]) -> None:
+        self._prompt = prompt
+        self._output = output
+
+    def __len__(self) -> int:
+        return len(self._prompt) + len(self._output)
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[int]: ...
+
+    def __getitem__(self, i: int | slice) -> int | list[int]:
+        n = len(self._prompt)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            if start >= stop:
+                return []
+            if start >= n:
+                return list(self._output[start - n : stop - n])
+            if stop <= n:
+                return list(self._prompt[start:stop])
+            return [*self._prompt[start:], *self._output[: stop - n]]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._prompt[i] if i < n else self._output[i - n]
 
 
 class Proposer:
@@ -65,7 +105,9 @@ class Proposer:
                 token_ids: Sequence[Sequence[int]]) -> list[list[int]]:
         """Guess up to ``num_speculative_tokens`` tokens to follow each sequence.
 
-        ``token_ids[i]`` is sequence ``seq_ids[i]``'s prompt and output so far.
+        ``token_ids[i]`` is sequence ``seq_ids[i]``'s prompt and output so far (a
+        read-only `TokenView`: index or slice it, ``list()`` it to copy; it only
+        ever grows between calls for one sequence).
         Returns one list per sequence, possibly empty (no guess: the sequence
         decodes as without speculation, at no extra cost)."""
         raise NotImplementedError(f"proposer {type(self).__qualname__} does not implement "

@@ -80,13 +80,13 @@ class ModelRunner:
         return drafts
 
     def _propose(self, seq_ids: list[int], states: list[Any]) -> None:
-        from engine.spec_decode import DraftTokenIds
+        from engine.spec_decode import DraftTokenIds, TokenView
 
         ids, tokens = [], []
         for seq_id, state in zip(seq_ids, states, strict=True):
             if self._may_draft(state):
                 ids.append(seq_id)
-                tokens.append([*state.prompt_token_ids, *state.output_token_ids])
+                tokens.append(TokenView(state.prompt_token_ids, state.output_token_ids))
         drafts = self.proposer.propose(ids, tokens) if ids else []
         self._draft_token_ids = DraftTokenIds(ids, [list(d) for d in drafts])
 
