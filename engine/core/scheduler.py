@@ -74,6 +74,10 @@ class ModelRunnerOutput:
     accepted_token_ids: list[list[int]] | None = None
 
 
+# the most steps a sequence whose drafts keep being refused waits between tries
+_MAX_SPEC_BACKOFF = 8
+
+
 class Scheduler:
     """Owns the waiting and running queues; the only place sequences change state."""
 
@@ -185,6 +189,9 @@ class Scheduler:
         """How many of ``seq``'s drafts fit this step: a decoding sequence only,
         within the step's budget and the tokens the sequence may still produce."""
         if not seq.spec_token_ids or seq.num_computed_tokens != seq.num_tokens - 1:
+            return 0
+        if seq.spec_wait:
+            seq.spec_wait -= 1
             return 0
         room = seq.max_tokens - seq.num_output_tokens - 1
         return max(0, min(len(seq.spec_token_ids), budget - 1, room))
@@ -348,6 +355,11 @@ class Scheduler:
                 # blocks holding nothing else go back to the pool
                 self.kv_cache.trim(seq, seq.num_tokens)
                 self.spec_stats.record(num_drafts, kept)
+                if kept:
+                    seq.spec_backoff = 0
+                else:
+                    seq.spec_backoff = min(2 * seq.spec_backoff or 1, _MAX_SPEC_BACKOFF)
+                    seq.spec_wait = seq.spec_backoff
                 self._spec_step_stats.record(num_drafts, kept)
             self.kv_cache.cache_full_blocks(seq)
         return results

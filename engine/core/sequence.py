@@ -72,6 +72,11 @@ class Sequence:
         self.stop_reason: int | str | None = None
         # speculative decoding: the proposer's guess of the next tokens, for the next step
         self.spec_token_ids: list[int] = []
+        # after a step whose drafts were all refused, this many steps go without
+        # drafts (doubling while refusals go on): guesses that keep failing cost a
+        # verification each, for nothing
+        self.spec_backoff = 0
+        self.spec_wait = 0
 
     def __repr__(self) -> str:
         return (

@@ -44,37 +44,42 @@ def find_ngram_continuation(tokens: Sequence[int], min_n: int, max_n: int,
 class _NgramIndex:
     """Where each n-gram of one sequence ended, for n in [min_n, max_n]."""
 
-    __slots__ = ("ends", "length")
+    __slots__ = ("ends", "length", "max_n", "tail")
 
     def __init__(self, min_n: int, max_n: int) -> None:
+        # longest first: the order lookups try them in
         self.ends: dict[int, dict[tuple[int, ...], list[int]]] = {
-            n: {} for n in range(min_n, max_n + 1)}
+            n: {} for n in range(max_n, min_n - 1, -1)}
+        self.max_n = max_n
         self.length = 0  # tokens indexed
+        self.tail: list[int] = []  # the last max_n of them
 
     def extend(self, tokens: Sequence[int]) -> None:
-        """Index the tokens past the ones already indexed."""
+        """Index the tokens past the ones already indexed (one slice of `tokens`)."""
         new_length = len(tokens)
-        if new_length <= self.length:
-            return
         start = self.length
+        if new_length <= start:
+            return
+        lo = max(0, start - self.max_n + 1)
+        window = tokens[lo:new_length]  # every new n-gram lies in it
         for n, table in self.ends.items():
-            lo = max(start, n - 1)
-            window = list(tokens[lo - n + 1 : new_length])
-            for i in range(len(window) - n + 1):
-                key = tuple(window[i : i + n])
+            # the n-grams ending at start + 1 .. new_length (and at n at least)
+            for end in range(max(start + 1, n), new_length + 1):
+                key = tuple(window[end - n - lo : end - lo])
                 ends = table.get(key)
                 if ends is None:
-                    table[key] = [lo + 1 + i]
+                    table[key] = [end]
                 else:
-                    ends.append(lo + 1 + i)
+                    ends.append(end)
         self.length = new_length
+        self.tail = window[-self.max_n:]
 
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:
-        length = self.length
-        for n in sorted(self.ends, reverse=True):
+        length, tail = self.length, self.tail
+        for n, table in self.ends.items():
             if n >= length:
                 continue
-            ends = self.ends[n].get(tuple(tokens[length - n : length]))
+            ends = table.get(tuple(tail[len(tail) - n:]))
             if ends is None:
                 continue
             end = _pick(ends, length, k)

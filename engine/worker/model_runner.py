@@ -34,6 +34,7 @@ class ModelRunner:
         self.proposer: Any = None
         self._draft_token_ids: Any = None  # engine.spec_decode.DraftTokenIds
         self._drafts_allowed = False  # no logits processor plugins that drafts would skip
+        self._draftable: dict[int, bool] = {}  # seq_id -> _may_draft, once per sequence
 
     def load_model(self) -> None:
         from engine.model_loader import load_model
@@ -84,21 +85,20 @@ class ModelRunner:
 
         ids, tokens = [], []
         for seq_id, state in zip(seq_ids, states, strict=True):
-            if self._may_draft(state):
+            if state.params.min_tokens <= len(state.output_token_ids) and self._draftable.get(
+                    seq_id, False):
                 ids.append(seq_id)
                 tokens.append(TokenView(state.prompt_token_ids, state.output_token_ids))
         drafts = self.proposer.propose(ids, tokens) if ids else []
         self._draft_token_ids = DraftTokenIds(ids, [list(d) for d in drafts])
 
-    def _may_draft(self, state: Any) -> bool:
-        """Whether a sequence's next tokens may be verified in one step: its sampling
-        must not depend on what the drafts change (penalties look at the output,
-        min_tokens at its length, structured outputs and logits processors at both),
-        and a kept draft has no log-probabilities to report."""
-        p = state.params
-        return (self._drafts_allowed and p.logprobs is None and not p.has_penalties
-                and p.structured_outputs is None
-                and len(state.output_token_ids) >= p.min_tokens)
+    def _may_draft(self, params: Any) -> bool:
+        """Whether a sequence's next tokens may be verified in one step (once it has
+        min_tokens tokens): its sampling must not depend on what the drafts change
+        (penalties look at the output, structured outputs and logits processors at
+        the text so far), and a kept draft has no log-probabilities to report."""
+        return (self._drafts_allowed and params.logprobs is None and not params.has_penalties
+                and params.structured_outputs is None)
 
     @property
     def is_generative(self) -> bool:
@@ -155,6 +155,8 @@ class ModelRunner:
             self.states.pop(seq_id, None)
         if self.proposer is not None and scheduler_output.finished_seq_ids:
             self.proposer.remove(scheduler_output.finished_seq_ids)
+            for seq_id in scheduler_output.finished_seq_ids:
+                self._draftable.pop(seq_id, None)
         for new in scheduler_output.new_seqs:
             self.states[new.seq_id] = SamplingState.create(
                 new.sampling_params,
@@ -163,6 +165,8 @@ class ModelRunner:
                 eos_token_ids=new.eos_token_ids,
                 device=self.device,
             )
+            if self.proposer is not None:
+                self._draftable[new.seq_id] = self._may_draft(new.sampling_params)
 
     def _prepare_inputs(self, scheduler_output: SchedulerOutput):
         from engine.attention import AttentionMetadata
