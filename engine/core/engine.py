@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from engine.config import EngineConfig
-from engine.core.scheduler import ModelRunnerOutput, Scheduler
+from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.outputs import CompletionOutput, RequestOutput
+from engine.step import ModelRunnerOutput
 from engine.utils import short_repr
 
 logger = logging.getLogger(__name__)
