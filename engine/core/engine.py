@@ -275,7 +275,7 @@ class LLMEngine:
         of range; requests already queued are unaffected.
         """
         scheduler = self._require_generate()
-        from engine.detokenizer import IncrementalDetokenizer
+        from engine.tokenizer import IncrementalDetokenizer
         from engine.sampling_params import SamplingParams
 
         params = SamplingParams() if params is None else params
@@ -507,7 +507,7 @@ class LLMEngine:
     def embed_max_length(self) -> int:
         """Tokens an embedding model reads: the context length, or the shorter
         ``max_seq_length`` of its sentence-transformers config."""
-        from engine.pooling import load_pooling_config
+        from engine.model_loader.pooling_config import load_pooling_config
 
         limit = self.config.model_config.max_model_len
         pooling = load_pooling_config(self.config.model_config.model)

@@ -24,7 +24,7 @@ from engine.ops import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from engine.pooling import PoolingConfig, load_pooling_config
+from engine.model_loader.pooling_config import PoolingConfig, load_pooling_config
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),

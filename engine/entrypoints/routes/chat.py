@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from engine.entrypoints import serving, streaming
-from engine.entrypoints.chat import ChatTemplateError
+from engine.tokenizer import ChatTemplateError
 from engine.entrypoints.compat import refuse_unsupported
 from engine.entrypoints.errors import APIError
 from engine.entrypoints.generation import generate
