@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.model_loader.pooling_config import POOLING_MODES
+from engine.model_loader.pooling_config import POOLING_MODES, PoolingConfig
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:

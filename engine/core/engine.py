@@ -275,8 +275,8 @@ class LLMEngine:
         of range; requests already queued are unaffected.
         """
         scheduler = self._require_generate()
-        from engine.tokenizer import IncrementalDetokenizer
         from engine.sampling_params import SamplingParams
+        from engine.tokenizer import IncrementalDetokenizer
 
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
