@@ -5,10 +5,12 @@ is a token gained (docs/speculative-decoding.md).
 `SpeculativeConfig` is what ``LLM(speculative_config={...})`` asks for;
 `Proposer` is the base of the ``spec_proposer`` plugin group (built in:
 ``ngram``, ``draft_model``); `engine.spec_decode.verify` checks a step's drafts;
-`DraftTokenIds` is what `WorkerBase.take_draft_token_ids` returns.
+`DraftTokenIds` (from `engine.step`) is what `WorkerBase.take_draft_token_ids`
+returns.
 """
 
 from engine.spec_decode.config import SpeculativeConfig
-from engine.spec_decode.proposer import DraftTokenIds, Proposer, TokenView
+from engine.spec_decode.proposer import Proposer, TokenView
+from engine.step import DraftTokenIds
 
 __all__ = ["DraftTokenIds", "Proposer", "SpeculativeConfig", "TokenView"]

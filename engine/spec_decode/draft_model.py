@@ -44,8 +44,8 @@ class DraftModelProposer(Proposer):
     def load(self, target_model: Any) -> None:
         """Load the draft model in the target's dtype; its vocabulary must be the
         target's (ValueError otherwise)."""
-        from engine.hf_cache import resolve_model
         from engine.model_loader import load_hf_config, load_model, resolve_dtype
+        from engine.model_loader.hf_cache import resolve_model
 
         target = self.engine_config
         path = resolve_model(self.spec_config.model, None)

@@ -15,7 +15,6 @@ long as its guess does not look at the target's random draws.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,15 +22,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from engine.config import EngineConfig
     from engine.spec_decode.config import SpeculativeConfig
-
-
-@dataclass
-class DraftTokenIds:
-    """Proposals for the next step: ``draft_token_ids[i]`` guesses the tokens that
-    follow sequence ``seq_ids[i]``'s last one (an empty list: no guess)."""
-
-    seq_ids: list[int]
-    draft_token_ids: list[list[int]]
 
 
 class TokenView(Sequence[int]):

@@ -20,10 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from engine.step import DraftTokenIds, ModelRunnerOutput, SchedulerOutput
+
 if TYPE_CHECKING:  # pragma: no cover
     from engine.config import EngineConfig
-    from engine.core.scheduler import ModelRunnerOutput, SchedulerOutput
-    from engine.spec_decode import DraftTokenIds
 
 
 @dataclass(frozen=True)
