@@ -210,6 +210,12 @@ def test_bad_speculative_config_is_refused_by_name(llama_dir, bad, message):
         LLM(llama_dir, dtype="float32", speculative_config=bad)
 
 
+def test_draft_model_with_tensor_parallelism_is_refused_at_start(llama_dir):
+    with pytest.raises(ValueError, match="draft model runs with tensor_parallel_size=1"):
+        LLM(llama_dir, dtype="float32", tensor_parallel_size=2,
+            speculative_config={"model": str(llama_dir), "num_speculative_tokens": 2})
+
+
 @pytest.mark.slow
 def test_ngram_greedy_equals_plain_decoding_with_tp2(llama_dir, plain):
     prompts = _prompts([15, 40, 28], seed=6)
