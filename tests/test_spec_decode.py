@@ -392,3 +392,66 @@ def test_serve_with_speculative_config_answers_and_counts_drafts(llama_dir, plai
     drafted = [ln for ln in metrics.splitlines()
                if ln.startswith("engine_spec_decode_num_draft_tokens_total{")]
     assert drafted and float(drafted[0].rsplit(" ", 1)[1]) > 0, metrics[-2000:]
+
+
+# ------------------------------------------------------------------ scheduler bookkeeping
+
+
+def test_refused_drafts_give_their_blocks_back_and_never_reach_the_prefix_cache():
+    from engine.config import CacheConfig, SchedulerConfig
+    from engine.core import Scheduler, Sequence
+    from engine.step import DraftTokenIds, ModelRunnerOutput
+
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), CacheConfig(block_size=4),
+                      num_blocks=16, max_model_len=64)
+    sched.num_speculative_tokens = 6
+    seq = Sequence("r", [10, 11, 12, 13, 14, 15], max_tokens=20)  # 6 prompt tokens
+    sched.add_sequence(seq)
+    out = sched.schedule()  # the prefill
+    sched.update_from_output(out, ModelRunnerOutput([seq.seq_id], [16]))
+    assert len(seq.block_table) == 2
+    sched.update_draft_token_ids(DraftTokenIds([seq.seq_id], [[17, 18, 19, 20, 21, 22]]))
+    out = sched.schedule()
+    (item,) = out.scheduled
+    assert item.token_ids == [16, 17, 18, 19, 20, 21, 22] and item.num_draft_tokens == 6
+    assert out.num_batched_tokens == 7
+    assert len(seq.block_table) == 4  # slots for positions 6..12
+    free_before = sched.kv_cache.num_free_blocks
+    # the target keeps the first draft, refuses the second and samples 30 instead
+    sched.update_from_output(out, ModelRunnerOutput([seq.seq_id], [30],
+                                                    accepted_token_ids=[[17]]))
+    assert seq.token_ids == [10, 11, 12, 13, 14, 15, 16, 17, 30]
+    assert seq.num_computed_tokens == 8  # up to 17; 30 is computed by the next step
+    # 9 tokens need 3 blocks: the 4th, reserved for refused drafts only, is free again
+    assert len(seq.block_table) == 3
+    assert sched.kv_cache.num_free_blocks == free_before + 1
+    # only blocks whose every token is computed and kept are in the prefix cache
+    cached = {key[1] for key in sched.kv_cache.cached_blocks}
+    assert cached == {(10, 11, 12, 13), (14, 15, 16, 17)}
+    counts = sched.spec_stats
+    assert (counts.num_draft_tokens, counts.num_accepted_tokens) == (6, 1)
+    assert counts.accepted_per_position == [1, 0, 0, 0, 0, 0]
+    # a sequence whose guesses were all refused waits a step before the next ones
+    sched.update_draft_token_ids(DraftTokenIds([seq.seq_id], [[31, 32]]))
+    out = sched.schedule()
+    sched.update_from_output(out, ModelRunnerOutput([seq.seq_id], [40],
+                                                    accepted_token_ids=[[]]))
+    sched.update_draft_token_ids(DraftTokenIds([seq.seq_id], [[41]]))
+    assert sched.schedule().scheduled[0].num_draft_tokens == 0
+
+
+def test_drafts_never_run_past_max_tokens():
+    from engine.config import CacheConfig, SchedulerConfig
+    from engine.core import Scheduler, Sequence
+    from engine.step import DraftTokenIds, ModelRunnerOutput
+
+    sched = Scheduler(SchedulerConfig(), CacheConfig(block_size=4), num_blocks=16,
+                      max_model_len=64)
+    sched.num_speculative_tokens = 8
+    seq = Sequence("r", [10, 11, 12], max_tokens=4)
+    sched.add_sequence(seq)
+    out = sched.schedule()
+    sched.update_from_output(out, ModelRunnerOutput([seq.seq_id], [13]))
+    sched.update_draft_token_ids(DraftTokenIds([seq.seq_id], [[1, 2, 3, 4, 5, 6, 7, 8]]))
+    # one token out, three to go: two drafts and the token after them
+    assert sched.schedule().scheduled[0].num_draft_tokens == 2
