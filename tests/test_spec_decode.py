@@ -291,6 +291,7 @@ def installed_proposer(tmp_path_factory) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_third_party_proposer_loads_through_the_registry(installed_proposer, llama_dir,
                                                           tmp_path):
     env = subprocess_env(PYTHONPATH=str(installed_proposer), OMP_NUM_THREADS="1")
@@ -350,6 +351,7 @@ def test_spec_decode_metrics_in_prometheus_and_the_log_line(llama_dir, caplog):
 # ------------------------------------------------------------------ CLI and server
 
 
+@pytest.mark.slow
 def test_generate_cli_with_speculative_config_equals_plain(llama_dir, plain):
     prompt = "x = [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2"
     expected = plain.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24,
@@ -368,6 +370,7 @@ def test_generate_cli_with_speculative_config_equals_plain(llama_dir, plain):
     assert bad.returncode == 1 and "num_speculative_tokens" in bad.stderr
 
 
+@pytest.mark.slow
 def test_serve_with_speculative_config_answers_and_counts_drafts(llama_dir, plain, tmp_path):
     import httpx
     import openai
