@@ -189,3 +189,25 @@ def test_start_up_names_out_of_tree_plugins_and_v_shows_the_platform():
     lines = [line for line in proc.stderr.splitlines() if "out-of-tree plugins active" in line]
     assert len(lines) == 1 and "jsonl (stat_logger, plugin-dir" in lines[0], proc.stderr
     assert "platform 'cpu'" in proc.stderr
+
+
+# ------------------------------------------------------------------ item 7: examples
+
+
+def test_my_model_plugin_example_ships_a_model_to_try(tmp_path):
+    example = ROOT / "examples" / "my-model-plugin"
+    made = subprocess.run([sys.executable, str(example / "make_tiny_model.py"),
+                           str(tmp_path / "my-model")], capture_output=True, text=True,
+                          timeout=60, env=subprocess_env())
+    assert made.returncode == 0, made.stderr
+    config = json.loads((tmp_path / "my-model" / "config.json").read_text())
+    assert config["architectures"] == ["MyLlamaForCausalLM"]
+    greedy = ("--prompt", "def add(a, b):", "--max-tokens", "8", "--temperature", "0",
+              "--dtype", "float32")
+    mine = _engine("--plugin-dir", str(example), "generate", str(tmp_path / "my-model"),
+                   *greedy)
+    assert mine.returncode == 0, mine.stderr
+    default = _engine("generate", *greedy)
+    assert mine.stdout == default.stdout  # logit_scale 1.0: the default model's text
+    without = _engine("generate", str(tmp_path / "my-model"), *greedy)
+    assert without.returncode == 1 and "MyLlamaForCausalLM" in without.stderr
