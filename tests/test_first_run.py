@@ -211,3 +211,37 @@ def test_my_model_plugin_example_ships_a_model_to_try(tmp_path):
     assert mine.stdout == default.stdout  # logit_scale 1.0: the default model's text
     without = _engine("generate", str(tmp_path / "my-model"), *greedy)
     assert without.returncode == 1 and "MyLlamaForCausalLM" in without.stderr
+
+
+# ------------------------------------------------------------------ item 2: loading
+
+
+def test_a_gguf_file_is_parsed_once_and_read_as_the_gguf_package_reads_it(
+        make_hf_model, tmp_path):
+    import gguf
+    import numpy as np
+    import torch
+    from test_gguf import write_gguf
+
+    from engine import LLM
+    from engine.model_loader.gguf import GGUFFile, _open_cached
+    from engine.model_loader.gguf_reader import dequantize
+
+    path = write_gguf(make_hf_model("llama"), tmp_path / "tiny.gguf", "Q4_1",
+                      chat_template="{{ messages[0]['content'] }}")
+    _open_cached.cache_clear()
+    llm = LLM(str(path), dtype="float32", kv_cache_memory=1 << 22)
+    llm.shutdown()
+    info = _open_cached.cache_info()
+    assert info.misses == 1 and info.hits >= 2  # config, tokenizer and weights: one parse
+    # the same metadata and the same dequantized values as the gguf package's reader
+    ours, theirs = GGUFFile.open(path).reader, gguf.GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert ours.fields.keys() == fields.keys()
+    for key, value in fields.items():
+        assert ours.fields[key] == pytest.approx(value), key
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for mine, ref in zip(ours.tensors, theirs.tensors, strict=True):
+        expected = np.asarray(gguf.dequantize(ref.data, ref.tensor_type), dtype=np.float32)
+        got = dequantize(ours, mine)
+        assert torch.equal(got, torch.tensor(expected).reshape(got.shape)), mine.name
