@@ -139,13 +139,13 @@ class _WeightStream:
         self.finished = True
 
 
-def _progress_bar(total_bytes: int) -> Any:
+def _progress_bar(total_bytes: int, threshold: int = PROGRESS_BAR_BYTES) -> Any:
     """A "Loading weights" bar over `total_bytes`, shown on a terminal only (tqdm's
-    ``disable=None``) and only for weights big enough to take a moment."""
+    ``disable=None``) and only above `threshold` bytes, where loading takes a moment."""
     from tqdm import tqdm
 
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="Loading weights",
-                disable=None if total_bytes > PROGRESS_BAR_BYTES else True)
+                disable=None if total_bytes > threshold else True)
 
 
 @contextlib.contextmanager
@@ -253,7 +253,8 @@ class GGUFLoader(ModelLoader):
 
     def iter_weights(self, path: Path, hf_config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
         file = GGUFFile.open(self._file(path))
-        with _progress_bar(file.nbytes) as bar:
+        # dequantizing a byte costs several times reading one: a lower threshold
+        with _progress_bar(file.nbytes, PROGRESS_BAR_BYTES // 4) as bar:
             yield from file.weights(hf_config, progress=bar.update)
 
 
