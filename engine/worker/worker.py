@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 _ALIGN = 64  # bytes: a cache line, the widest vector load the CPU kernels do
 
 
-def zeroed_untouched(shape: tuple[int, ...], dtype: torch.dtype,
+def _zeroed_untouched(shape: tuple[int, ...], dtype: torch.dtype,
                      device: torch.device | None) -> torch.Tensor:
     """A zero tensor whose memory is not touched until it is written, on the CPU:
     `torch.zeros` writes every page (seconds, and resident memory, for a cache of
@@ -122,7 +122,7 @@ class Worker(WorkerBase):
                 num_blocks, block_size, layer.num_kv_heads, layer.head_size
             )
             # zeros, not empty: padded reads past a sequence's end must stay finite
-            caches.append(zeroed_untouched(shape, dtype, self.device))
+            caches.append(_zeroed_untouched(shape, dtype, self.device))
         bind_kv_cache(model, caches)
         self.config.cache_config.num_blocks = num_blocks
 
