@@ -6,7 +6,11 @@ empty completion explained."""
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
+import select
+import signal
 import subprocess
 import sys
 import time
@@ -245,3 +249,38 @@ def test_a_gguf_file_is_parsed_once_and_read_as_the_gguf_package_reads_it(
         expected = np.asarray(gguf.dequantize(ref.data, ref.tensor_type), dtype=np.float32)
         got = dequantize(ours, mine)
         assert torch.equal(got, torch.tensor(expected).reshape(got.shape)), mine.name
+
+
+def _on_a_terminal(*args: str, timeout: float = 180.0) -> str:
+    """What `engine ARGS` writes to a pseudo-terminal (stdout and stderr)."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI with the terminal as stdin, stdout and stderr
+        os.execvpe(sys.executable, [sys.executable, "-m", "engine", *args], subprocess_env())
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        if os.waitpid(pid, os.WNOHANG) == (0, 0):  # still running: the loop timed out
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    return out.decode(errors="replace")
+
+
+def test_loading_is_announced_on_a_terminal_and_not_when_piped():
+    args = ("generate", "--prompt", "x", "--max-tokens", "1")
+    assert "engine generate: loading the embedded default model ..." in _on_a_terminal(*args)
+    piped = _engine(*args)
+    assert piped.returncode == 0, piped.stderr
+    assert "loading" not in piped.stderr

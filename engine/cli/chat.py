@@ -18,6 +18,7 @@ from typing import Any
 
 from engine.cli.common import (
     add_model_argument,
+    announce_loading,
     announce_out_of_tree_plugins,
     resolve_model_argument,
 )
@@ -62,7 +63,6 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the engine, then chat until /exit (or answer stdin once)."""
-    from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
     try:
@@ -73,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
                                 ignore_eos=args.ignore_eos)
         engine_args = EngineArgs.from_cli_args(args)
         announce_out_of_tree_plugins("chat")
+        announce_loading("chat", args.model)
+        from engine.llm import LLM  # imports torch: after the line that says we are loading
+
         llm = LLM(**vars(engine_args))
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"engine chat: error: {exc}", file=sys.stderr)

@@ -35,6 +35,15 @@ def resolve_model_argument(args: argparse.Namespace, command: str) -> None:
     args.model = positional
 
 
+def announce_loading(command: str, model: str | None) -> None:
+    """On a terminal, one line saying the model is loading (importing torch and
+    loading weights take seconds); nothing when stderr is piped, where only the
+    start-up decisions are logged."""
+    if sys.stderr.isatty():
+        print(f"engine {command}: loading {model or 'the embedded default model'} ...",
+              file=sys.stderr, flush=True)
+
+
 def announce_out_of_tree_plugins(command: str) -> None:
     """One line on stderr naming the enabled plugins that are not built in (installed
     packages, config-dir manifests, plugin dirs), so a plugin installed for one

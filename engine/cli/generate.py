@@ -9,6 +9,7 @@ from typing import Any
 
 from engine.cli.common import (
     add_model_argument,
+    announce_loading,
     announce_out_of_tree_plugins,
     resolve_model_argument,
 )
@@ -46,7 +47,6 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
     try:
@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
         )
         engine_args = EngineArgs.from_cli_args(args, seed=0)
         announce_out_of_tree_plugins("generate")
+        announce_loading("generate", args.model)
+        from engine.llm import LLM  # imports torch: after the line that says we are loading
+
         llm = LLM(**vars(engine_args))
         outputs = llm.generate(args.prompt, params)
     except (ValueError, FileNotFoundError, OSError) as exc:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from engine.cli.common import (
     add_model_argument,
+    announce_loading,
     announce_out_of_tree_plugins,
     resolve_model_argument,
 )
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_model_argument(args, "serve")
         settings = _settings(args)
         announce_out_of_tree_plugins("serve")
+        announce_loading("serve", args.model)
         _load_plugins(args.io_processor_plugin)
         # a missing or broken model or a bad setting fails now, before binding (after
         # the plugins, which may add model architectures and load formats)
