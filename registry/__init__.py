@@ -117,12 +117,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from registry._discovery import discover
     from registry._listing import plugin_rows
     from registry._loading import load_general_plugins, load_plugins_by_group
-    from registry._manifest import (
-        Manifest,
-        load_manifest,
-        manifest_json_schema,
-        validate_manifest,
-    )
     from registry._qualname import resolve_qualname
     from registry._running import (
         PluginExit,
@@ -138,6 +132,12 @@ if TYPE_CHECKING:  # pragma: no cover
         add_plugin_config,
         check_plugin_configs,
         get_plugin_config,
+    )
+    from registry._manifest import (
+        Manifest,
+        load_manifest,
+        manifest_json_schema,
+        validate_manifest,
     )
 
 
