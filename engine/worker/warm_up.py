@@ -26,7 +26,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from engine.core.scheduler import NewSequenceData, ScheduledSequence, SchedulerOutput
+from engine.sampling_params import SamplingParams
+from engine.step import NewSequenceData, ScheduledSequence, SchedulerOutput
 
 # The largest prefill step of the warm-up. The step budget (max_num_batched_tokens)
 # can be 4096 or more; a larger step warms nothing new (oneDNN's primitives are
@@ -51,10 +52,8 @@ def decode_batch_sizes(max_num_seqs: int) -> list[int]:
     return sizes + [limit]
 
 
-def _params(i: int) -> Any:
+def _params(i: int) -> SamplingParams:
     """Row `i`'s sampling settings: every sampler path within a few rows."""
-    from engine.sampling_params import SamplingParams
-
     kinds = (
         dict(temperature=0.0),
         dict(temperature=0.8, top_p=0.9, top_k=40, seed=i),

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from engine.step import ModelRunnerOutput, SchedulerOutput
 from engine.worker.model_runner import ModelRunner
 from engine.worker.sleep import (
     OffloadedWeights,
@@ -118,7 +119,7 @@ class Worker(WorkerBase):
         if self.config.compilation_config.warm_up:
             self.model_runner.warm_up(self.config.cache_config.num_blocks or 0)
 
-    def execute_model(self, scheduler_output: Any) -> Any:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
 
     # -- sleep mode (docs/sleep-and-warm-up.md) --
