@@ -61,6 +61,10 @@ class CompilationConfig:
     custom_ops: list[str] = field(default_factory=lambda: ["all"])
     # run the step shapes of the first requests at start (engine.worker.warm_up)
     warm_up: bool = True
+    # torch.compile (engine.compilation): a graph_backend plugin name, None: eager
+    backend: str | None = None
+    dynamic: bool = True
+    cache_dir: str | None = None  # None: $ENGINE_COMPILE_CACHE or ~/.cache/engine/compile
 
 
 @dataclass

@@ -131,6 +131,10 @@ class EngineArgs:
     enable_sleep_mode: bool = field(default=False, metadata=_help(
         "allow LLM.sleep()/wake_up() (and the server's dev-mode /sleep, /wake_up): "
         "free the KV cache and weights while idle; the worker must implement them"))
+    compilation_config: dict[str, Any] | str | None = field(default=None, metadata=_help(
+        "torch.compile the model: a JSON object with 'backend' (a graph_backend plugin: "
+        "'inductor', 'eager', ...), 'dynamic' (default true), 'cache_dir' (default "
+        "~/.cache/engine/compile); default: no compilation", metavar="JSON"))
 
     # ------------------------------------------------------------------ CLI
 
@@ -230,11 +234,20 @@ class EngineArgs:
                 distributed_executor_backend=self.distributed_executor_backend,
             ),
             compilation_config=CompilationConfig(custom_ops=self.custom_ops or ["all"],
-                                                 warm_up=not self.skip_warm_up),
+                                                 warm_up=not self.skip_warm_up,
+                                                 **self._checked_compilation_config()),
             attention_backend=self.attention_backend,
             log_stats=self.log_stats,
             logits_processors=self._checked_logits_processors(),
         )
+
+    def _checked_compilation_config(self) -> dict[str, Any]:
+        from engine.compilation import parse_compilation_config, resolve_graph_backend
+
+        checked = parse_compilation_config(self.compilation_config)
+        if checked.get("backend") is not None:
+            resolve_graph_backend(checked["backend"])  # an unknown name fails now, listing them
+        return checked
 
     def _checked_logits_processors(self) -> list[Any]:
         from engine.models.registry import worker_importable_name

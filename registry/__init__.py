@@ -30,6 +30,7 @@ from registry._env import add_plugin_dirs, named_in_plugins_env, plugin_dirs, st
 from registry._errors import ManifestError, PluginLoadError, RegistryError
 from registry._groups import (
     API_ROUTE_PLUGINS,
+    GRAPH_BACKEND_PLUGINS,
     API_VERSIONS,
     GENERAL_PLUGINS,
     GROUP_ALIASES,
@@ -75,6 +76,7 @@ __all__ = [
     "STAT_LOGGER_PLUGINS",
     "LOGITS_PROCESSOR_PLUGINS",
     "API_ROUTE_PLUGINS",
+    "GRAPH_BACKEND_PLUGINS",
     "GROUPS",
     "GROUP_ALIASES",
     "API_VERSIONS",

@@ -38,6 +38,10 @@ class ModelRunner:
 
         self.model = load_model(self.config)
         self.pack_weights()
+        if self.config.compilation_config.backend is not None:
+            from engine.compilation import compile_model
+
+            compile_model(self.model, self.config.compilation_config)
         if self.is_generative:
             from engine.sample import Sampler, build_logits_processors
 
