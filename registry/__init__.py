@@ -30,9 +30,9 @@ from registry._env import add_plugin_dirs, named_in_plugins_env, plugin_dirs, st
 from registry._errors import ManifestError, PluginLoadError, RegistryError
 from registry._groups import (
     API_ROUTE_PLUGINS,
-    GRAPH_BACKEND_PLUGINS,
     API_VERSIONS,
     GENERAL_PLUGINS,
+    GRAPH_BACKEND_PLUGINS,
     GROUP_ALIASES,
     GROUPS,
     IO_PROCESSOR_PLUGINS,
