@@ -86,6 +86,7 @@ def test_worker_without_sleep_fails_at_start_naming_the_method(make_hf_model):
 RSS_CHILD = """
 import json, sys
 from engine import LLM, SamplingParams
+from engine.attention import get_attention_layers
 
 def rss():
     with open("/proc/self/status") as f:
@@ -97,8 +98,12 @@ llm = LLM(sys.argv[1], dtype="float32", enable_sleep_mode=True, kv_cache_memory=
           max_num_seqs=8)
 params = SamplingParams(max_tokens=8, temperature=0.0)
 prompts = ["def add(a, b):", "class Foo:"]
-report = {"weights": sum(p.numel() * p.element_size()
-                         for p in llm.llm_engine.executor.worker.model_runner.model.parameters()),
+model = llm.llm_engine.executor.worker.model_runner.model
+# the cache's pages are resident once written: write them all, so that the whole
+# KV cache is the resident part that sleep must give back
+for layer in get_attention_layers(model):
+    layer.kv_cache.fill_(0.0)
+report = {"weights": sum(p.numel() * p.element_size() for p in model.parameters()),
           "kv": llm.config.cache_config.num_blocks
                 * llm.llm_engine.executor.collective_rpc("get_kv_cache_spec")[0].page_size_bytes,
           "outputs": [[o.outputs[0].token_ids for o in llm.generate(prompts, params)]]}

@@ -17,8 +17,8 @@ to `MAX_DECODE_BATCH` or ``max_num_seqs``).
 It leaves nothing behind: the steps never reach the scheduler (no KV block is
 allocated, the prefix cache and the statistics never see them), their
 sequences have negative ids (never a request's) and are dropped at the end, and
-the cache blocks they write hold finite values that no request reads before
-writing (as after any finished request).
+the few cache blocks they write (all sequences share the first ones) hold finite
+values that no request reads before writing (as after any finished request).
 """
 
 from __future__ import annotations
@@ -64,20 +64,17 @@ def _params(i: int) -> SamplingParams:
 
 
 class _Blocks:
-    """Hands out cache blocks round-robin: every warm-up sequence gets its own
-    while there are enough, and shares (harmlessly: the values are never read
-    as anyone's context) when there are not."""
+    """Block tables for the warm-up's sequences: every one starts at block 0, so
+    the warm-up writes (and makes resident: the cache's pages are only touched
+    when written) no more blocks than its longest sequence needs. Sharing is
+    harmless: the values are never read as any request's context."""
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.next = 0
 
     def table(self, num_tokens: int) -> list[int]:
-        n = -(-num_tokens // self.block_size)
-        table = [(self.next + i) % self.num_blocks for i in range(n)]
-        self.next = (self.next + n) % self.num_blocks
-        return table
+        return [i % self.num_blocks for i in range(-(-num_tokens // self.block_size))]
 
 
 def warm_up_steps(config: Any, num_blocks: int, vocab_size: int) -> Iterator[SchedulerOutput]:
