@@ -128,10 +128,11 @@ def test_resident_memory_drops_by_the_weights_and_the_kv_cache(make_hf_model):
     first, *after = report["outputs"]
     assert after == [first, first]
     assert report["weights"] > 100 << 20 and report["kv"] >= 40 << 20
-    # level 1: the KV cache is freed and the weights go to a file
+    # level 1: the (fully written) KV cache is freed and the weights go to a file
     assert report["drop_1"] >= report["kv"] + 0.95 * report["weights"], report
-    # level 2: at least the weights' size (the KV cache goes too)
-    assert report["drop_2"] >= report["weights"] + 0.95 * report["kv"], report
+    # level 2: at least the weights' size (and the KV cache's resident part: after
+    # the wake-up its pages are untouched again, but for the few the requests wrote)
+    assert report["drop_2"] >= report["weights"], report
 
 
 @pytest.mark.slow
