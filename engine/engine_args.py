@@ -137,6 +137,10 @@ class EngineArgs:
         "torch.compile the model: a JSON object with 'backend' (a graph_backend plugin: "
         "'inductor', 'eager', ...), 'dynamic' (default true), 'cache_dir' (default "
         "~/.cache/engine/compile); default: no compilation", metavar="JSON"))
+    # speculative decoding (docs/speculative-decoding.md)
+    speculative_config: dict[str, Any] | str | None = field(default=None, metadata=_help(
+        "speculative decoding, as JSON: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' "
+        "or '{\"model\": DRAFT_DIR, \"num_speculative_tokens\": 4}'", metavar="JSON"))
 
     # ------------------------------------------------------------------ CLI
 
@@ -243,6 +247,7 @@ class EngineArgs:
             attention_backend=self.attention_backend,
             log_stats=self.log_stats,
             logits_processors=self._checked_logits_processors(),
+            speculative_config=self._checked_speculative_config(),
         )
 
     def _checked_compilation_config(self) -> dict[str, Any]:
@@ -252,6 +257,13 @@ class EngineArgs:
         if checked.get("backend") is not None:
             resolve_graph_backend(checked["backend"])  # an unknown name fails now, listing them
         return checked
+
+    def _checked_speculative_config(self) -> Any:
+        if self.speculative_config is None:
+            return None
+        from engine.spec_decode import SpeculativeConfig
+
+        return SpeculativeConfig.from_user(self.speculative_config)
 
     def _checked_logits_processors(self) -> list[Any]:
         from engine.models.registry import worker_importable_name

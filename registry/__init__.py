@@ -38,6 +38,7 @@ from registry._groups import (
     IO_PROCESSOR_PLUGINS,
     LOGITS_PROCESSOR_PLUGINS,
     PLATFORM_PLUGINS,
+    SPEC_PROPOSER_PLUGINS,
     STAT_LOGGER_PLUGINS,
     resolve_group,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "LOGITS_PROCESSOR_PLUGINS",
     "API_ROUTE_PLUGINS",
     "GRAPH_BACKEND_PLUGINS",
+    "SPEC_PROPOSER_PLUGINS",
     "GROUPS",
     "GROUP_ALIASES",
     "API_VERSIONS",

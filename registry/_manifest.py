@@ -52,6 +52,7 @@ GroupName = Literal[
     "logits_processor",
     "api_route",
     "graph_backend",
+    "spec_proposer",
     "engine.general_plugins",
     "engine.platform_plugins",
     "engine.io_processor_plugins",
@@ -59,6 +60,7 @@ GroupName = Literal[
     "engine.logits_processor_plugins",
     "engine.api_route_plugins",
     "engine.graph_backend_plugins",
+    "engine.spec_proposer_plugins",
 ]
 
 

@@ -132,6 +132,7 @@ class Worker(WorkerBase):
             caches.append(_zeroed_untouched(shape, dtype, self.device))
         bind_kv_cache(model, caches)
         self.config.cache_config.num_blocks = num_blocks
+        self.model_runner.initialize_proposer_cache(num_blocks)
 
     def compile_or_warm_up_model(self) -> None:
         """Run the step shapes the first requests will hit (`engine.worker.warm_up`),
@@ -177,6 +178,9 @@ class Worker(WorkerBase):
         num_blocks = self.config.cache_config.num_blocks
         if num_blocks:
             self.initialize_cache(num_blocks)
+    def take_draft_token_ids(self) -> Any:
+        """The proposals the last step made for the next one (rank 0)."""
+        return self.model_runner.take_draft_token_ids()
 
     def embed(self, token_id_lists: list[list[int]]) -> list[list[float]]:
         return self.model_runner.embed(token_id_lists)

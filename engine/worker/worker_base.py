@@ -6,7 +6,8 @@ rank=r, local_rank=r, distributed_init_method=...)`` (after the platform's
 `import_kernels` and the global seed) and then calls, in order: `init_device`,
 `load_model`, `get_supported_tasks`, `get_kv_cache_spec`,
 `determine_available_memory`, `initialize_cache`, `compile_or_warm_up_model`,
-then `execute_model` once per step (`embed` for embedding models),
+then `execute_model` once per step (`embed` for embedding models;
+`take_draft_token_ids` after it with speculative decoding),
 `check_health` when the server asks, `sleep` / `wake_up` when the user asks
 (sleep mode), and `shutdown` at the end.
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from engine.step import ModelRunnerOutput, SchedulerOutput
+from engine.step import DraftTokenIds, ModelRunnerOutput, SchedulerOutput
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.config import EngineConfig
@@ -110,6 +111,13 @@ class WorkerBase:
     def wake_up(self) -> None:
         """Undo `sleep`: weights back and an empty KV cache of the same size."""
         raise self._missing("wake_up")
+
+    def take_draft_token_ids(self) -> DraftTokenIds | None:
+        """Speculative decoding: the proposals made during the last `execute_model`
+        for the next step (rank 0; other ranks return None). The engine calls it
+        after every step when ``speculative_config`` is set; a worker without it
+        makes such an engine fail at start-up."""
+        raise self._missing("take_draft_token_ids")
 
     def check_health(self) -> None:
         """Raise when this worker can no longer serve; healthy by default."""
