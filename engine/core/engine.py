@@ -101,6 +101,11 @@ class RequestFailedError(RuntimeError):
         self.request_ids = request_ids
 
 
+class EngineSleepingError(RuntimeError):
+    """A request arrived while the engine sleeps (`LLMEngine.sleep`): nothing
+    was queued; `wake_up` first."""
+
+
 @dataclass
 class _Request:
     request_id: str
@@ -176,6 +181,9 @@ class LLMEngine:
         config = self.config
         ex = self.executor
         ex.collective_rpc("init_device")
+        self.sleep_level = 0  # sleep mode: 0 awake, else the level slept at
+        if config.model_config.enable_sleep_mode:
+            self._check_sleep_support()
         ex.collective_rpc("load_model")
         self.supported_tasks: tuple[str, ...] = tuple(ex.collective_rpc("get_supported_tasks")[0])
         spec = ex.collective_rpc("get_kv_cache_spec")[0]
@@ -190,6 +198,17 @@ class LLMEngine:
                 self.num_blocks * spec.page_size_bytes / 2**30, why)
         ex.collective_rpc("compile_or_warm_up_model")
         config.cache_config.num_blocks = self.num_blocks
+
+    def _check_sleep_support(self) -> None:
+        from engine.worker.worker_base import unimplemented_methods
+
+        for rank, missing in enumerate(self.executor.collective_rpc(
+                unimplemented_methods, (("sleep", "wake_up"),))):
+            if missing:
+                raise NotImplementedError(
+                    f"enable_sleep_mode=True needs the worker's sleep() and wake_up(); the "
+                    f"worker class {self.config.parallel_config.worker_cls} (rank {rank}) does "
+                    f"not implement {', '.join(m + '()' for m in missing)}")
 
     def _num_blocks(self, spec: Any, available: int) -> tuple[int, str]:
         """How many KV-cache blocks to allocate, and why: `available` bytes (what
@@ -315,6 +334,7 @@ class LLMEngine:
         of range; requests already queued are unaffected.
         """
         scheduler = self._require_generate()
+        self._check_awake()
         from engine.sampling_params import SamplingParams
         from engine.tokenizer import IncrementalDetokenizer
 
@@ -555,6 +575,7 @@ class LLMEngine:
                 f"the model {self.config.model_config.model!r} is not an embedding model "
                 f"(it serves: {', '.join(self.supported_tasks)})"
             )
+        self._check_awake()
         token_id_lists = [self._checked_ids(ids) for ids in token_id_lists]
         return self.executor.collective_rpc("embed", (token_id_lists,))[0]
 
@@ -600,6 +621,48 @@ class LLMEngine:
             except ValueError as exc:
                 raise ValueError(f"input {i}: {exc}") from None
         return out
+
+    # ------------------------------------------------------------------ sleep mode
+
+    @property
+    def is_sleeping(self) -> bool:
+        """True between `sleep` and `wake_up`."""
+        return self.sleep_level > 0
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the KV cache and the weights on every rank while idle (level 1:
+        the weights go to a file and come back from it; level 2: they are
+        discarded and reloaded from the checkpoint). The prefix cache is
+        emptied. Requests are refused with `EngineSleepingError` until
+        `wake_up`. Sleeping again only deepens the level.
+
+        Raises ValueError when the engine was built without
+        ``enable_sleep_mode=True``, for a level other than 1 or 2, or while
+        requests are unfinished (finish or abort them first).
+        """
+        if not self.config.model_config.enable_sleep_mode:
+            raise ValueError("sleep mode is off: build the engine with enable_sleep_mode=True")
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
+        if self.requests:
+            raise ValueError(f"cannot sleep with {len(self.requests)} unfinished request(s); "
+                             "finish or abort them first")
+        if self.scheduler is not None:
+            self.scheduler.kv_cache.reset_prefix_cache()  # the blocks' contents go away
+        self.executor.collective_rpc("sleep", (level,))
+        self.sleep_level = max(self.sleep_level, level)
+
+    def wake_up(self) -> None:
+        """Bring the weights and an empty KV cache back on every rank (no-op
+        when awake); the next request is served as before `sleep`."""
+        if self.sleep_level:
+            self.executor.collective_rpc("wake_up")
+            self.sleep_level = 0
+
+    def _check_awake(self) -> None:
+        if self.sleep_level:
+            raise EngineSleepingError(
+                f"the engine is sleeping (level {self.sleep_level}); call wake_up() first")
 
     # ------------------------------------------------------------------ stats, end
 
