@@ -118,6 +118,14 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def first_line(message: str, limit: int = 500) -> str:
+    """The first line of `message`, at most `limit` characters: what reaches a
+    client of an error whose full text (a native backtrace, a parser dump)
+    belongs in the server log."""
+    line = message.strip().split("\n", 1)[0].strip()
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def read_json_file(path: Path, expect: type[dict] | type[list] = dict) -> Any:
     """The JSON value in the file `path`: an object (`expect` dict, the default)
     or an array (`expect` list), the one way model, tokenizer and pooling files
