@@ -534,3 +534,10 @@ def test_serve_module_imports_no_torch():
 
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def test_options_on_a_protected_route_needs_the_key(server):
+    # without the key a client learns nothing of the route, not even its methods
+    response = httpx.request("OPTIONS", f"{server.url}/v1/completions", timeout=30)
+    assert response.status_code == 401, response.text
+    assert "allow" not in response.headers
