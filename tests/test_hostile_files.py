@@ -5,6 +5,8 @@ until memory ran out)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -82,3 +84,46 @@ def test_an_intact_file_still_loads(gguf_file):
     from engine.model_loader.gguf import GGUFFile
 
     assert GGUFFile(gguf_file).hf_config()["num_attention_heads"] >= 1
+
+
+@pytest.mark.parametrize("field,value", [
+    ("num_hidden_layers", 100_000),
+    ("vocab_size", 10**12),
+    ("hidden_size", 10**6),
+    ("max_position_embeddings", 2**40),
+])
+def test_a_config_that_does_not_match_its_checkpoint_or_memory_fails_naming_the_field(
+        make_hf_model, tmp_path, field, value):
+    from engine import LLM
+
+    folder = tmp_path / "model"
+    shutil.copytree(make_hf_model("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config[field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=field) as info:
+        LLM(str(folder), dtype="float32", kv_cache_memory=2**22)
+    message = str(info.value)
+    assert "config.json" in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("kind", ["not-json", "folder", "symlink-to-text"])
+def test_plugins_disable_with_a_broken_state_file_says_what_is_wrong(tmp_path, kind):
+    state = tmp_path / "plugin-state.json"
+    if kind == "not-json":
+        state.write_text("{not json")
+    elif kind == "folder":
+        state.mkdir()
+    else:
+        (tmp_path / "notes.txt").write_text("hello")
+        state.symlink_to(tmp_path / "notes.txt")
+    proc = subprocess.run([sys.executable, "-m", "engine", "plugins", "disable", "foo"],
+                          env=subprocess_env(ENGINE_CONFIG_DIR=str(tmp_path)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    line = [x for x in proc.stderr.splitlines() if x.startswith("engine plugins disable:")]
+    assert len(line) == 1 and str(state) in line[0], proc.stderr
+    expected = {"not-json": "cannot read", "folder": "a folder",
+                "symlink-to-text": "a symbolic link to"}[kind]
+    assert expected in line[0], line[0]
