@@ -127,3 +127,21 @@ def test_plugins_disable_with_a_broken_state_file_says_what_is_wrong(tmp_path, k
     expected = {"not-json": "cannot read", "folder": "a folder",
                 "symlink-to-text": "a symbolic link to"}[kind]
     assert expected in line[0], line[0]
+
+
+def test_an_environment_too_large_for_a_worker_is_named_not_blamed_on_main(make_hf_model):
+    # plugin settings travel to spawned workers in one environment variable;
+    # past Linux's 128 KiB per variable the worker cannot even start
+    code = ("import os, sys\n"
+            "os.environ['ENGINE_PLUGIN_CONFIG_PROBE'] = 'x' * 140_000\n"
+            "from engine import LLM\n"
+            "try:\n"
+            f"    LLM({str(make_hf_model('llama'))!r}, tensor_parallel_size=2, "
+            "dtype='float32', kv_cache_memory=2**22)\n"
+            "except Exception as exc:\n"
+            "    print(exc); sys.exit(3)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "ENGINE_PLUGIN_CONFIG_PROBE" in proc.stdout and "131072" in proc.stdout, proc.stdout
+    assert "__main__" not in proc.stdout, proc.stdout
