@@ -37,6 +37,7 @@ from registry._groups import (
     IO_PROCESSOR_PLUGINS,
     LOGITS_PROCESSOR_PLUGINS,
     PLATFORM_PLUGINS,
+    SPEC_PROPOSER_PLUGINS,
     STAT_LOGGER_PLUGINS,
     resolve_group,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "STAT_LOGGER_PLUGINS",
     "LOGITS_PROCESSOR_PLUGINS",
     "API_ROUTE_PLUGINS",
+    "SPEC_PROPOSER_PLUGINS",
     "GROUPS",
     "GROUP_ALIASES",
     "API_VERSIONS",
