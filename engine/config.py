@@ -39,6 +39,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 4096  # token budget per step
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0  # 0: only the step budget chunks prompts
+    # what one request may ask for: top log-probabilities per token, samples
+    max_logprobs: int = 20
+    max_n: int = 128
 
 
 @dataclass

@@ -111,6 +111,11 @@ class EngineArgs:
     long_prefill_token_threshold: int = field(default=0, metadata=_help(
         "prompt tokens one request may prefill per step (0: only the step budget)",
         metavar="N"))
+    max_logprobs: int = field(default=20, metadata=_help(
+        "most log-probabilities one request may ask for per token (logprobs, "
+        "top_logprobs)", metavar="N"))
+    max_n: int = field(default=128, metadata=_help(
+        "most samples one request may ask for (n)", metavar="N"))
     custom_ops: list[str] | None = field(default=None, metadata=_help(
         "custom-op toggles: 'all', 'none', '+name', '-name' (default: all)",
         nargs="+", metavar="OP"))
@@ -194,10 +199,12 @@ class EngineArgs:
         from engine.core.engine import resolve_max_model_len
         from engine.model_loader import load_hf_config
 
-        for name in ("tensor_parallel_size", "block_size", "max_num_seqs"):
+        for name in ("tensor_parallel_size", "block_size", "max_num_seqs", "max_n"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.distributed_executor_backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
@@ -236,6 +243,7 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 long_prefill_token_threshold=self.long_prefill_token_threshold,
+                max_logprobs=self.max_logprobs, max_n=self.max_n,
             ),
             parallel_config=ParallelConfig(
                 tensor_parallel_size=self.tensor_parallel_size, worker_cls=self.worker_cls,

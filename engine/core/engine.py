@@ -14,7 +14,7 @@ import logging
 import operator
 import time
 from collections import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from engine.config import EngineConfig
@@ -22,7 +22,8 @@ from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.step import ModelRunnerOutput
-from engine.utils import STARTUP_LOGGER, short_repr
+from engine.structured_outputs.grammar import checked_matcher, ll_tokenizer
+from engine.utils import STARTUP_LOGGER, first_line, short_repr
 
 logger = logging.getLogger(__name__)
 startup_logger = logging.getLogger(STARTUP_LOGGER)
@@ -96,7 +97,10 @@ class RequestFailedError(RuntimeError):
     original exception, whose type and message this one repeats."""
 
     def __init__(self, request_ids: list[str], cause: BaseException) -> None:
-        super().__init__(f"the engine step failed ({type(cause).__name__}: {cause}); "
+        # one line: a native library's panic carries its backtrace in the message,
+        # which belongs in the server log (`_fail_step` logs it), not in a response
+        super().__init__(f"the engine step failed ({type(cause).__name__}: "
+                         f"{first_line(str(cause))}); "
                          f"its {len(request_ids)} request(s) were stopped")
         self.request_ids = request_ids
 
@@ -116,6 +120,10 @@ class _Request:
     detokenizers: list[Any]
     logprobs: list[list[dict[int, float]] | None]
     arrival_time: float = 0.0
+    # structured outputs: one llguidance matcher per sequence, advanced by each
+    # sampled token (None: unconstrained); errors[i] says why sequence i failed
+    matchers: list[Any] | None = None
+    errors: list[str | None] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -346,6 +354,7 @@ class LLMEngine:
                 f"SamplingParams.seed must be in [-2**63, 2**64 - n] (n={params.n}), "
                 f"got {params.seed}"
             )
+        self.check_limits(params)
         tokenized = self.tokenize_prompt(prompt)
         text, token_ids = tokenized.text, tokenized.token_ids
         from engine.platforms import current_platform
@@ -353,6 +362,7 @@ class LLMEngine:
 
         current_platform.validate_request(token_ids, params)  # ValueError: refused, not queued
         validate_params_for_processors(self._logits_processor_classes, params)
+        matcher = self.check_structured_outputs(params)
         max_model_len = self.config.model_config.max_model_len
         room = max(1, max_model_len - len(token_ids))
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -379,6 +389,8 @@ class LLMEngine:
             ],
             logprobs=[[] if params.logprobs is not None else None for _ in seqs],
             arrival_time=time.monotonic(),
+            matchers=None if matcher is None else [matcher.deep_copy() for _ in seqs],
+            errors=[None] * len(seqs),
         )
         for seq in seqs:
             scheduler.add_sequence(seq)
@@ -386,6 +398,42 @@ class LLMEngine:
         if self.stat_loggers is not None:
             self._request_stats.on_request_added(request_id, req.arrival_time, len(token_ids))
         return request_id
+
+    def check_limits(self, params: Any) -> None:
+        """Check what one request asks for against the engine's limits: ``n`` <=
+        ``max_n``, ``logprobs`` <= ``max_logprobs``, ``stop_token_ids`` in the
+        vocabulary. Safe from any thread. Raises ValueError naming the field."""
+        limits = self.config.scheduler_config
+        for name, value, limit, setting in (
+                ("n", params.n, limits.max_n, "max_n"),
+                ("logprobs", params.logprobs, limits.max_logprobs, "max_logprobs")):
+            if value is not None and value > limit:
+                raise ValueError(f"SamplingParams.{name} must be <= {limit} (the engine's "
+                                 f"{setting}), got {value}")
+        vocab = self.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"SamplingParams.stop_token_ids must be token ids of the "
+                             f"vocabulary (0..{vocab - 1}), got {short_repr(bad[0], 40)}")
+
+    def check_structured_outputs(self, params: Any) -> Any:
+        """Check that the engine can enforce ``params.structured_outputs`` (its
+        grammar compiles and a matcher over this model's tokenizer survives its
+        first tokens; cached per grammar). Returns that matcher, or None for an
+        unconstrained request. Safe from any thread: the server calls it off the
+        event loop before `add_request`, which calls it again (a cache hit).
+
+        Raises ValueError naming the field (``StructuredOutputsParams.choice
+        cannot be enforced: ...``).
+        """
+        structured = getattr(params, "structured_outputs", None)
+        if structured is None:
+            return None
+        hf_config = self.config.model_config.hf_config
+        vocab = hf_config.get("vocab_size") or (hf_config.get("text_config") or {}).get(
+            "vocab_size")  # as the worker's processor reads it: the same matcher
+        tokenizer = ll_tokenizer(self.config.model_config.model, int(vocab or 0))
+        return checked_matcher(structured, tokenizer)
 
     @functools.cached_property
     def _logits_processor_classes(self) -> list[tuple[str, type]]:
@@ -532,7 +580,14 @@ class LLMEngine:
             req.logprobs[seq.index].append(logprobs)
         decision = req.detokenizers[seq.index].add(token_id)
         status = None
-        if decision is not None:
+        if req.matchers is not None and not req.matchers[seq.index].consume_token(token_id):
+            # the constraint failed midway (an llguidance limit): the worker forced
+            # end-of-sequence, which must not read as a "stop" that matches
+            req.errors[seq.index] = ("structured outputs: the constraint could not be "
+                                     "enforced: " + first_line(req.matchers[seq.index].get_error()))
+            logger.warning("request %s: %s", req.request_id, req.errors[seq.index])
+            status = SequenceStatus.FINISHED_ERROR
+        elif decision is not None:
             status = (SequenceStatus.FINISHED_LENGTH if decision.finish_reason == "length"
                       else SequenceStatus.FINISHED_STOPPED)
             seq.stop_reason = decision.stop_reason
@@ -554,6 +609,7 @@ class LLMEngine:
                     stop_reason=seq.stop_reason,
                     logprobs=list(req.logprobs[i]) if req.logprobs[i] is not None else None,
                     text_delta=detok.take_delta(),
+                    error=req.errors[i] if req.errors else None,
                 )
             )
         return RequestOutput(

@@ -32,6 +32,7 @@ from engine.entrypoints.errors import APIError, json_response, validation_error
 from engine.entrypoints.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from engine.entrypoints.route_plugins import mount_route_plugins
 from engine.entrypoints.routes import include_builtin_routes
+from engine.utils import first_line
 
 logger = logging.getLogger("engine.serve")
 
@@ -188,7 +189,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error in %s %s", request.method, request.url.path)
-        return json_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+        # the traceback went to the log; the client gets one line
+        return json_response(APIError(500, f"internal error: {type(exc).__name__}: "
+                                           f"{first_line(str(exc))}"))
 
 
 # ------------------------------------------------------------------ running
