@@ -177,6 +177,9 @@ def _join_ray(ray: Any, world_size: int) -> None:
     global _ray_users, _ray_started_here
     with _ray_lock:
         if not ray.is_initialized():
+            # Ray's native fatal-signal handler would take SIGTERM from this process
+            # (a server's graceful shutdown) and end it with an abort
+            os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
             address = os.environ.get("RAY_ADDRESS") or None
             if address is None:
                 # a CPU per rank even on small machines
