@@ -17,6 +17,10 @@ the path of a first `engine generate`: ``ENGINE_CPU_KERNELS`` chooses
 - ``build``: build now (blocking) when missing, then load;
 - ``0``: never use them.
 
+``ENGINE_KERNEL_PATH=portable`` makes the kernels that choose an instruction-set
+path at run time (the float32 GEMV, the prefill attention) take their portable
+code, whatever the CPU has.
+
 ``python -m engine.kernels build`` builds in the foreground. The library lands
 in ``$ENGINE_KERNEL_CACHE`` (default ``~/.cache/engine/kernels``), under a key
 made of the sources, the torch version and the CPU, so any change rebuilds.
@@ -40,10 +44,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp", "amx_linear.cpp")
+SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp", "amx_linear.cpp",
+           "fp32_gemv.cpp")
 HEADERS = ("vec.h",)
 LIBRARY_NAME = "engine_kernels"
 MODE_ENV = "ENGINE_CPU_KERNELS"
+# "portable": the kernels that pick a path from the CPU's flags take their
+# portable (vector-extension) code instead, so that it runs, and is tested, anywhere
+PATH_ENV = "ENGINE_KERNEL_PATH"
 CACHE_ENV = "ENGINE_KERNEL_CACHE"
 # a build lock older than this is left over from a killed build
 STALE_LOCK_SECONDS = 1800
@@ -179,6 +187,11 @@ def usable_for(*tensors: torch.Tensor) -> bool:
         if t.dtype is not dtype or not t.is_cpu:
             return False
     return True
+
+
+def portable_forced() -> bool:
+    """Whether ``ENGINE_KERNEL_PATH=portable`` asks for the portable kernel paths."""
+    return os.environ.get(PATH_ENV, "").strip().lower() == "portable"
 
 
 def main(argv: list[str] | None = None) -> int:

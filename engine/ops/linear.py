@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.kernels import usable_for
+from engine.kernels import portable_forced, usable_for
 
 
 def tp_world_size_and_rank() -> tuple[int, int]:
@@ -103,6 +103,28 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+# float32 products of up to this many rows (decode steps) go to the compiled
+# float32 GEMV kernel, which streams the weight as stored; more rows (prompt
+# chunks) stay on torch's BLAS.
+FP32_GEMV_MAX_ROWS = 32
+
+
+def plain_linear(x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T + b`` on an unpacked weight: F.linear, except that float32
+    decode-sized products (up to FP32_GEMV_MAX_ROWS rows) run the compiled
+    float32 GEMV kernel when it is loaded. The kernel sums in another order than
+    BLAS (float32 reassociation); ``ENGINE_CPU_KERNELS=0`` keeps F.linear."""
+    if (x.dtype == torch.float32 and x.dim() == 2 and 0 < x.shape[0] <= FP32_GEMV_MAX_ROWS
+            and weight.dim() == 2):
+        operands = (x, weight) if bias is None else (x, weight, bias)
+        if usable_for(*operands) and x.is_contiguous() and weight.is_contiguous():
+            out = x.new_empty((x.shape[0], weight.shape[0]))
+            torch.ops.engine_kernels.fp32_gemv(out, x, weight, bias, portable_forced())
+            return out
+    return F.linear(x, weight, bias)
+
+
 def pack_linear_weights(model: nn.Module) -> int:
     """Prepack, for oneDNN, the weight of every linear layer and LM head of `model`
     that `onednn_packing_supported` accepts (the float weights stay, for anything
@@ -161,7 +183,7 @@ class ColumnParallelLinear(nn.Module):
         if self.packed_weight is not None:
             out = packed_linear(x, self.packed_weight, self.bias, self.weight, self.amx_weight)
         else:
-            out = F.linear(x, self.weight, self.bias)
+            out = plain_linear(x, self.weight, self.bias)
         if self.gather_output and self.tp_size > 1:
             from engine.distributed.parallel_state import tensor_model_parallel_all_gather
 
@@ -284,10 +306,10 @@ class RowParallelLinear(nn.Module):
         if self.tp_size == 1:
             if packed is not None:
                 return packed_linear(x, packed, self.bias, self.weight, self.amx_weight)
-            return F.linear(x, self.weight, self.bias)
+            return plain_linear(x, self.weight, self.bias)
         from engine.distributed.parallel_state import tensor_model_parallel_all_reduce
 
-        out = (F.linear(x, self.weight) if packed is None
+        out = (plain_linear(x, self.weight) if packed is None
                else packed_linear(x, packed, None, self.weight, self.amx_weight))
         if self.reduce_results:
             out = tensor_model_parallel_all_reduce(out)
