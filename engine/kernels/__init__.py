@@ -18,8 +18,7 @@ the path of a first `engine generate`: ``ENGINE_CPU_KERNELS`` chooses
 - ``0``: never use them.
 
 ``ENGINE_KERNEL_PATH=portable`` makes the kernels that choose an instruction-set
-path at run time (the float32 GEMV, the prefill attention) take their portable
-code, whatever the CPU has.
+path at run time (the float32 GEMV) take their portable code, whatever the CPU has.
 
 ``python -m engine.kernels build`` builds in the foreground. The library lands
 in ``$ENGINE_KERNEL_CACHE`` (default ``~/.cache/engine/kernels``), under a key
@@ -45,7 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp", "amx_linear.cpp",
-           "fp32_gemv.cpp")
+           "fp32_gemv.cpp", "prefill_attention.cpp")
 HEADERS = ("vec.h",)
 LIBRARY_NAME = "engine_kernels"
 MODE_ENV = "ENGINE_CPU_KERNELS"
