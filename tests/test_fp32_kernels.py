@@ -155,3 +155,30 @@ def test_reference_path_greedy_float32_equals_transformers(make_hf_model, monkey
             ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                               max_new_tokens=24, min_new_tokens=24, pad_token_id=2)
         assert list(out.outputs[0].token_ids) == ref[0, len(prompt):].tolist()
+
+
+def test_float32_prompt_chunks_use_packed_onednn_only_with_the_kernels(compiled, monkeypatch):
+    """With the kernels, a float32 weight is packed for oneDNN: prompt-sized
+    products run oneDNN (within float32 reassociation of F.linear), decode-sized
+    ones the GEMV kernel. With ``ENGINE_CPU_KERNELS=0`` nothing float32 is packed."""
+    from engine.ops.linear import (
+        FP32_GEMV_MAX_ROWS,
+        onednn_packing_supported,
+        pack_weight,
+        packed_linear,
+    )
+
+    gen = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen)
+    assert onednn_packing_supported(weight)
+    packed = pack_weight(weight)
+    x = torch.randn(FP32_GEMV_MAX_ROWS + 40, 64, generator=gen)
+    got = packed_linear(x, packed, bias, weight)
+    torch.testing.assert_close(got, F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+    direct = torch.empty(5, 96)
+    torch.ops.engine_kernels.fp32_gemv(direct, x[:5].contiguous(), weight, bias, False)
+    assert torch.equal(packed_linear(x[:5].contiguous(), packed, bias, weight), direct)
+    monkeypatch.setenv(kernels.MODE_ENV, "0")
+    monkeypatch.setattr(kernels, "_loaded", None)
+    assert not onednn_packing_supported(weight)
+    assert onednn_packing_supported(weight.bfloat16()) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
