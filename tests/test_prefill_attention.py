@@ -37,8 +37,10 @@ def compiled():
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_size", "block_size"),
                          [(4, 2, 16, 4), (9, 3, 64, 16), (6, 6, 32, 5), (2, 1, 80, 16)])
-def test_prefill_kernel_matches_naive(compiled, dtype, tol, heads, kv_heads, head_size,
-                                      block_size):
+def test_prefill_kernel_matches_naive(compiled, monkeypatch, dtype, tol, heads, kv_heads,
+                                      head_size, block_size):
+    # bf16 prefills are routed to SDPA (PREFILL_KERNEL_DTYPES): here to the kernel
+    monkeypatch.setattr(torch_sdpa, "PREFILL_KERNEL_DTYPES", (torch.float32, torch.bfloat16))
     # whole prompts (1 of 1 ... 40 of 40: over two 16-token tiles), chunks and prefix
     # hits (6 of 37, 17 of 100), decode rows (1 of n) in between
     query_lens = [40, 1, 6, 17, 2, 1, 33, 5]
@@ -87,9 +89,12 @@ def test_prefill_kernel_refuses_bad_input(compiled):
            md.seq_lens_tensor, md.query_start_loc, torch.tensor([0]), 0.25)
 
 
-def test_head_sizes_off_the_vector_width_keep_sdpa(compiled):
-    md, cache, (q, k, v) = random_attention_step([5, 1], [9, 4], torch.float32, head_size=8)
-    TorchSDPAImpl(4, 8, 0.3, 2).forward(None, q, k, v, cache, md)
+@pytest.mark.parametrize(("dtype", "head_size"), [(torch.float32, 8), (torch.float32, 144),
+                                                 (torch.bfloat16, 16)])
+def test_prefills_the_kernel_does_not_take_stay_on_sdpa(compiled, dtype, head_size):
+    """Head sizes off the 16-lane width or above 128, and bf16 (slower than SDPA's)."""
+    md, cache, (q, k, v) = random_attention_step([5, 1], [9, 4], dtype, head_size=head_size)
+    TorchSDPAImpl(4, head_size, 0.3, 2).forward(None, q, k, v, cache, md)
     plan = md.backend_state["TORCH_SDPA"]
     assert plan.kernel_prefill is None and len(plan.prefills) == 1
     assert torch_sdpa._use_kernel(cache)

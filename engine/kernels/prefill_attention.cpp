@@ -14,8 +14,10 @@
 // G * kTileQ query rows (the heads sharing that KV head) go over the cache 16 keys
 // at a time, only as far as the tile's last position (causal). Each 16-key chunk
 // is converted to float32 once, K transposed, so that a row's 16 scores are D
-// vector FMAs and its value update D / 16 per key; softmax is online (running max
-// and sum), so nothing grows with the context. float32 accumulation in any dtype.
+// vector FMAs and its value update D / 16 per key, a few rows at a time (their
+// chains independent, their accumulators in registers); softmax is online
+// (running max and sum), so nothing grows with the context. float32 accumulation
+// in any dtype. Head sizes: multiples of 16 up to 128.
 // GCC/Clang vector extensions (vec.h): one code path, AVX-512 registers where the
 // CPU has them, narrower ones elsewhere.
 #include <torch/library.h>
@@ -41,27 +43,38 @@ struct Task {
   int64_t seq, kv_head, first;  // `first`: the tile's first query token (0-based in the chunk)
 };
 
-template <typename scalar_t>
+// rows handled together: their scores are independent FMA chains, and their
+// value accumulators (RB x DV vectors) stay in registers
+template <int DV>
+constexpr int rows_per_pass() { return DV <= 2 ? 8 : (DV <= 4 ? 4 : 2); }
+
+template <typename scalar_t, int DV>
 void prefill_tile(const Task& t, const scalar_t* q_ptr, int64_t q_row_stride, scalar_t* o_ptr,
                   int64_t o_row_stride, const scalar_t* k_base, const scalar_t* v_base,
                   const int64_t* table, int64_t seq_len, int64_t q_start, int64_t q_len,
                   int64_t block_size, int64_t cache_stride, int64_t token_stride, int64_t G,
-                  int64_t D, float scale, float* qf, float* acc, float* kt, float* vbuf,
-                  float* m_run, float* l_run) {
+                  float scale, float* qf, float* acc, float* kt, float* vbuf, float* m_run,
+                  float* l_run) {
+  constexpr int64_t D = DV * kLanes;
+  constexpr int RB = rows_per_pass<DV>();
   const int64_t nq = std::min(kTileQ, q_len - t.first);
   const int64_t rows = nq * G;
   const int64_t pos0 = seq_len - q_len + t.first;  // position of the tile's first token
   const int64_t last = pos0 + nq - 1;               // the furthest key any row needs
-  const int64_t dv = D / kLanes;
   // the tile's queries in float32, pre-scaled; row r = token r / G, head r % G
   for (int64_t j = 0; j < nq; ++j) {
     const scalar_t* src = q_ptr + (q_start + t.first + j) * q_row_stride + t.kv_head * G * D;
     for (int64_t h = 0; h < G; ++h)
-      for (int64_t d = 0; d < D; ++d) qf[(j * G + h) * D + d] = load1(src + h * D + d) * scale;
+      for (int64_t x = 0; x < DV; ++x)
+        store(qf + (j * G + h) * D + x * kLanes, load(src + h * D + x * kLanes) * scale);
   }
-  std::fill(acc, acc + rows * D, 0.f);
-  std::fill(m_run, m_run + rows, -std::numeric_limits<float>::infinity());
-  std::fill(l_run, l_run + rows, 0.f);
+  // rows past `rows` (up to a pass of RB) are computed and thrown away: keep them finite
+  std::fill(qf + rows * D, qf + (rows + RB) * D, 0.f);
+  std::fill(acc, acc + (rows + RB) * D, 0.f);
+  std::fill(m_run, m_run + rows + RB, -std::numeric_limits<float>::infinity());
+  std::fill(l_run, l_run + rows + RB, 0.f);
+  const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const vf minus_inf = splat(-std::numeric_limits<float>::infinity());
 
   for (int64_t key0 = 0; key0 <= last; key0 += kLanes) {
     const int64_t nk = std::min(kLanes, last + 1 - key0);
@@ -72,42 +85,64 @@ void prefill_tile(const Task& t, const scalar_t* q_ptr, int64_t q_row_stride, sc
       const scalar_t* kr = k_base + off;
       const scalar_t* vr = v_base + off;
       for (int64_t d = 0; d < D; ++d) kt[d * kLanes + c] = load1(kr + d);
-      for (int64_t x = 0; x < dv; ++x) store(vbuf + c * D + x * kLanes, load(vr + x * kLanes));
+      for (int64_t x = 0; x < DV; ++x) store(vbuf + c * D + x * kLanes, load(vr + x * kLanes));
     }
     for (int64_t c = nk; c < kLanes; ++c)
       for (int64_t d = 0; d < D; ++d) kt[d * kLanes + c] = 0.f;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t pos = pos0 + r / G;
-      if (pos < key0) continue;  // every key of the chunk is in this row's future
-      const float* qr = qf + r * D;
-      vf s = splat(0.f);
-      for (int64_t d = 0; d < D; ++d) s += qr[d] * load(kt + d * kLanes);
-      // causal and chunk-end mask: keys at positions > pos
-      const int64_t visible = std::min(nk, pos - key0 + 1);
-      vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-      s = lane < (vi)(vi{} + static_cast<int32_t>(visible)) ? s
-                                                              : splat(-std::numeric_limits<float>::infinity());
-      const float mx = std::max(m_run[r], hmax(s));
-      const float corr = std::exp(m_run[r] - mx);  // 0 on the first chunk (exp(-inf))
-      const vf p = lane < (vi)(vi{} + static_cast<int32_t>(visible)) ? exp_approx(s - mx)
-                                                                      : splat(0.f);
-      float pv[kLanes];
-      store(pv, p);
-      l_run[r] = l_run[r] * corr + hsum(p);
-      m_run[r] = mx;
-      float* ar = acc + r * D;
-      for (int64_t x = 0; x < dv; ++x) {
-        vf a = load(ar + x * kLanes) * corr;
-        for (int64_t c = 0; c < visible; ++c) a += pv[c] * load(vbuf + c * D + x * kLanes);
-        store(ar + x * kLanes, a);
+    // rows are in position order: the first rows may see none of this chunk
+    int64_t r_begin = (std::max<int64_t>(key0 - pos0, 0)) * G;
+    for (int64_t r0 = r_begin; r0 < rows; r0 += RB) {
+      vf s[RB], s2[RB];
+      for (int i = 0; i < RB; ++i) s[i] = s2[i] = splat(0.f);
+      const float* q0 = qf + r0 * D;
+      for (int64_t d = 0; d < D; d += 2) {
+        const vf k0 = load(kt + d * kLanes), k1 = load(kt + (d + 1) * kLanes);
+        for (int i = 0; i < RB; ++i) {
+          s[i] += q0[i * D + d] * k0;
+          s2[i] += q0[i * D + d + 1] * k1;
+        }
       }
+      float pv[RB][kLanes];
+      float corr[RB];
+      for (int i = 0; i < RB; ++i) {
+        const int64_t r = r0 + i;
+        const int64_t pos = pos0 + r / G;
+        // causal and chunk-end mask: keys at positions > pos (none visible: p = 0)
+        const int64_t visible = std::max<int64_t>(0, std::min(nk, pos - key0 + 1));
+        const auto keep = lane < (vi)(vi{} + static_cast<int32_t>(visible));
+        const vf sc = keep ? s[i] + s2[i] : minus_inf;
+        if (visible == 0 || r >= rows) {
+          store(pv[i], splat(0.f));
+          corr[i] = 1.f;
+          continue;
+        }
+        const float mx = std::max(m_run[r], hmax(sc));
+        corr[i] = std::exp(m_run[r] - mx);  // 0 on the first chunk (exp(-inf))
+        const vf p = keep ? exp_approx(sc - mx) : splat(0.f);
+        store(pv[i], p);
+        l_run[r] = l_run[r] * corr[i] + hsum(p);
+        m_run[r] = mx;
+      }
+      vf a[RB][DV];
+      for (int i = 0; i < RB; ++i)
+        for (int x = 0; x < DV; ++x) a[i][x] = load(acc + (r0 + i) * D + x * kLanes) * corr[i];
+      for (int64_t c = 0; c < nk; ++c) {
+        vf v[DV];
+        for (int x = 0; x < DV; ++x) v[x] = load(vbuf + c * D + x * kLanes);
+        for (int i = 0; i < RB; ++i) {
+          const float pc = pv[i][c];
+          for (int x = 0; x < DV; ++x) a[i][x] += pc * v[x];
+        }
+      }
+      for (int i = 0; i < RB; ++i)
+        for (int x = 0; x < DV; ++x) store(acc + (r0 + i) * D + x * kLanes, a[i][x]);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t j = r / G, h = r % G;
     scalar_t* dst = o_ptr + (q_start + t.first + j) * o_row_stride + (t.kv_head * G + h) * D;
     const vf inv = splat(1.f / l_run[r]);
-    for (int64_t x = 0; x < dv; ++x) store(dst + x * kLanes, load(acc + r * D + x * kLanes) * inv);
+    for (int64_t x = 0; x < DV; ++x) store(dst + x * kLanes, load(acc + r * D + x * kLanes) * inv);
   }
 }
 
@@ -156,18 +191,34 @@ void prefill_kernel(at::Tensor& out, const at::Tensor& query, const at::Tensor& 
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n)));
 #pragma omp parallel num_threads(threads)
   {
-    const int64_t rows = kTileQ * G;
+    const int64_t rows = kTileQ * G + 8;  // + the most rows a pass computes past the end
     std::vector<float> qf(rows * D), acc(rows * D), kt(D * kLanes), vbuf(kLanes * D),
         m_run(rows), l_run(rows);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n; ++i) {
       const Task& t = tasks[i];
       const int64_t s = t.seq;
-      prefill_tile<scalar_t>(t, q_ptr, query.stride(0), o_ptr, out.stride(0), k_base + t.kv_head * D,
-                             v_base + t.kv_head * D, tables + s * max_blocks, lens[s], starts[s],
-                             starts[s + 1] - starts[s], block_size, cache_stride, token_stride, G, D,
-                             fscale, qf.data(), acc.data(), kt.data(), vbuf.data(), m_run.data(),
-                             l_run.data());
+#define ENGINE_PREFILL_CASE(dv)                                                                  \
+  case dv:                                                                                       \
+    prefill_tile<scalar_t, dv>(t, q_ptr, query.stride(0), o_ptr, out.stride(0),                  \
+                               k_base + t.kv_head * D, v_base + t.kv_head * D,                   \
+                               tables + s * max_blocks, lens[s], starts[s],                      \
+                               starts[s + 1] - starts[s], block_size, cache_stride,              \
+                               token_stride, G, fscale, qf.data(), acc.data(), kt.data(),        \
+                               vbuf.data(), m_run.data(), l_run.data());                         \
+    break;
+      switch (D / kLanes) {
+        ENGINE_PREFILL_CASE(1)
+        ENGINE_PREFILL_CASE(2)
+        ENGINE_PREFILL_CASE(3)
+        ENGINE_PREFILL_CASE(4)
+        ENGINE_PREFILL_CASE(5)
+        ENGINE_PREFILL_CASE(6)
+        ENGINE_PREFILL_CASE(7)
+        ENGINE_PREFILL_CASE(8)
+        default: break;  // refused by the caller
+      }
+#undef ENGINE_PREFILL_CASE
     }
   }
 }
@@ -180,9 +231,10 @@ void paged_prefill_attention(at::Tensor out, const at::Tensor& query, const at::
               "paged_prefill_attention: query/out must be [T, H, D]");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2,
               "paged_prefill_attention: kv_cache must be [2, N, B, Hkv, D]");
-  TORCH_CHECK(kv_cache.size(4) == query.size(2) && query.size(2) % kLanes == 0,
+  TORCH_CHECK(kv_cache.size(4) == query.size(2) && query.size(2) % kLanes == 0 &&
+                  query.size(2) <= 8 * kLanes,
               "paged_prefill_attention: head size must match the cache and be a multiple of ",
-              kLanes);
+              kLanes, " up to ", 8 * kLanes);
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1 && kv_cache.is_contiguous() &&
                   query.stride(1) == query.size(2) && out.stride(1) == out.size(2),
               "paged_prefill_attention: head rows must be contiguous");

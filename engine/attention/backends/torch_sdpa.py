@@ -10,9 +10,9 @@ that are real. The query heads that share a KV head are folded into the
 query-length axis, so grouped-query attention needs no copy of K/V.
 
 With the compiled kernels (engine.kernels) loaded, decode rows go to the paged
-decode kernel and every prefill of the step (whole prompts, chunks, prompts after
-prefix-cache hits) to one call of the paged prefill kernel, both reading K/V from
-the cache in place. Without them, prefills run one SDPA call per sequence: 4-D
+decode kernel and, for a float32 cache (PREFILL_KERNEL_DTYPES), every prefill of
+the step (whole prompts, chunks, prompts after prefix-cache hits) to one call of
+the paged prefill kernel, both reading K/V from the cache in place. Without them, prefills run one SDPA call per sequence: 4-D
 inputs reach the fused CPU kernel, and a prompt with no cached context skips the cache read entirely
 (``is_causal``). Measured on 2 CPU cores, that beats one call with a block-causal
 mask over all prefill tokens, whose cost grows with the square of the step's total
@@ -41,6 +41,13 @@ from engine.attention.metadata import AttentionMetadata
 # attention took the same time for any value from 32 KiB to 1 MiB; the top of that
 # range keeps the buckets few.
 BUCKET_COST_BYTES = 512 * 1024
+
+
+# The cache dtypes whose prefills go to the compiled paged prefill kernel. Its
+# bfloat16 path is correct (tested) but slower here than SDPA's bf16 kernel,
+# which uses the CPU's bf16 matrix instructions: bfloat16 prefills stay on SDPA
+# (docs/benchmarks.md, "Fresh prompts").
+PREFILL_KERNEL_DTYPES: tuple[torch.dtype, ...] = (torch.float32,)
 
 
 @dataclass
@@ -146,7 +153,8 @@ def _plan(md: AttentionMetadata, kv_cache: torch.Tensor) -> _StepPlan:
     starts = md.query_start_loc.tolist()
     decode = [i for i, q in enumerate(md.query_lens) if q == 1] if has_cache else []
     kernel_prefill = None
-    if has_cache and kv_cache.shape[-1] % 16 == 0 and _use_kernel(kv_cache):
+    if (has_cache and kv_cache.dtype in PREFILL_KERNEL_DTYPES and kv_cache.shape[-1] % 16 == 0
+            and kv_cache.shape[-1] <= 128 and _use_kernel(kv_cache)):
         # every prefill, whole or chunk or after a prefix hit, in one call that reads
         # the cache where the step's keys were just written
         rows = [i for i, q in enumerate(md.query_lens) if q > 1]
