@@ -1,7 +1,8 @@
 """The float32 decode kernel (engine_kernels::fp32_gemv) on every path this CPU
 runs: the AVX-512 one where the CPU has it, and the portable vector-extension
 one, forced with ``ENGINE_KERNEL_PATH=portable`` (or the op's `portable`
-argument) so that it is tested on every machine.
+argument) so that it is tested on every machine; the same for the bf16 GEMV's
+portable path (its AVX512-BF16 and AMX paths: tests/test_cpu_kernels.py).
 
 The kernel sums in another order than BLAS, so float32 greedy output through it
 is not promised to equal transformers token for token (the reference path,
@@ -182,3 +183,32 @@ def test_float32_prompt_chunks_use_packed_onednn_only_with_the_kernels(compiled,
     monkeypatch.setattr(kernels, "_loaded", None)
     assert not onednn_packing_supported(weight)
     assert onednn_packing_supported(weight.bfloat16()) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_bf16_gemv_native_path_follows_the_cpu_flags(compiled):
+    expected = "avx512_bf16" if "avx512_bf16" in _cpu_flags() else "portable"
+    assert torch.ops.engine_kernels.bf16_gemv_path() == expected
+
+
+@pytest.mark.parametrize(("n", "k"), [(64, 576), (37, 70)])
+def test_bf16_gemv_portable_path_matches_linear(compiled, monkeypatch, n, k):
+    """The bf16 GEMV's portable code on any CPU (the op's `portable` argument), and
+    `packed_linear` taking it, AMX aside, under ENGINE_KERNEL_PATH=portable."""
+    from engine.ops.linear import GEMV_MAX_ROWS, pack_weight, pack_weight_for_amx, packed_linear
+
+    gen = torch.Generator().manual_seed(n + k)
+    weight = torch.randn(n, k, generator=gen).bfloat16()
+    bias = torch.randn(n, generator=gen).bfloat16()
+    for rows in range(1, 9):
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        out = torch.empty(rows, n, dtype=torch.bfloat16)
+        torch.ops.engine_kernels.bf16_gemv(out, x, weight, bias, True)
+        ref = F.linear(x.float(), weight.float(), bias.float())
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=1e-2)
+    monkeypatch.setenv(kernels.PATH_ENV, "portable")
+    packed = pack_weight(weight)
+    amx = pack_weight_for_amx(weight) if n % 16 == 0 and k % 32 == 0 else None
+    x = torch.randn(GEMV_MAX_ROWS, k, generator=gen).bfloat16()
+    direct = torch.empty(GEMV_MAX_ROWS, n, dtype=torch.bfloat16)
+    torch.ops.engine_kernels.bf16_gemv(direct, x, weight, bias, True)
+    assert torch.equal(packed_linear(x, packed, bias, weight, amx), direct)

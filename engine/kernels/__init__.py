@@ -18,7 +18,9 @@ the path of a first `engine generate`: ``ENGINE_CPU_KERNELS`` chooses
 - ``0``: never use them.
 
 ``ENGINE_KERNEL_PATH=portable`` makes the kernels that choose an instruction-set
-path at run time (the float32 GEMV) take their portable code, whatever the CPU has.
+path (the float32 and bfloat16 GEMVs) take their portable vector-extension code,
+and the AMX kernel stand aside, whatever the CPU has: the fallback runs, and is
+tested, on every machine.
 
 ``python -m engine.kernels build`` builds in the foreground. The library lands
 in ``$ENGINE_KERNEL_CACHE`` (default ``~/.cache/engine/kernels``), under a key

@@ -122,12 +122,15 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     if 0 < rows <= AMX_MAX_ROWS and weight is not None and x.dtype == torch.bfloat16:
         operands = (x, weight) if bias is None else (x, weight, bias)
         if usable_for(*operands) and x.is_contiguous():
-            gemv_rows = GEMV_FIRST_ROWS if amx_packed is not None else GEMV_MAX_ROWS
+            # ENGINE_KERNEL_PATH=portable: the GEMV kernel's portable code, no AMX
+            portable = portable_forced()
+            amx = amx_packed is not None and not portable
+            gemv_rows = GEMV_FIRST_ROWS if amx else GEMV_MAX_ROWS
             if rows <= gemv_rows and weight.is_contiguous():
                 out = x.new_empty((rows, weight.shape[0]))
-                torch.ops.engine_kernels.bf16_gemv(out, x, weight, bias)
+                torch.ops.engine_kernels.bf16_gemv(out, x, weight, bias, portable)
                 return out
-            if amx_packed is not None:
+            if amx:
                 out = x.new_empty((rows, weight.shape[0]))
                 torch.ops.engine_kernels.amx_linear(out, x, amx_packed, bias)
                 return out
