@@ -261,7 +261,7 @@ def measure_pair(sides: dict[str, Side], prompt_lens, out_lens, rounds: int,
             side = sides[name]
             note(f"  round {r + 1}: {name}")
 
-            def throughput(batch: list[list[int]]) -> float:
+            def throughput(batch: list[list[int]], side: Side = side, name: str = name) -> float:
                 res = side.ask(prompts=batch, out_lens=out_lens)
                 if res["tokens"] != tokens:
                     raise RuntimeError(f"{name} produced {res['tokens']} tokens, "
