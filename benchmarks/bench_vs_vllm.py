@@ -278,6 +278,9 @@ def measure_pair(sides: dict[str, Side], prompt_lens, out_lens, rounds: int,
                 runs[name]["tok_s_cached"].append(throughput(prompts))
                 runs[name]["ttft_cached_ms"].append(
                     side.ask(prompts=ttft_prompts[:1], out_lens=[1])["seconds"] * 1000)
+            # each round as it ends: a long run cut short still leaves its figures
+            note(f"  round {r + 1}: {name}: " + ", ".join(
+                f"{metric} {values[-1]:.2f}" for metric, values in runs[name].items()))
     return runs
 
 
