@@ -126,6 +126,21 @@ class EngineArgs:
     logits_processors: tuple[Any, ...] = field(default=(), metadata=_help(
         "extra LogitsProcessor classes (or 'pkg.mod:Cls' names) run after the "
         "logits_processor plugins", nargs="+", metavar="QUALNAME"))
+    # -- warm-up, sleep mode, compilation (docs/sleep-and-warm-up.md) --
+    skip_warm_up: bool = field(default=False, metadata=_help(
+        "start without running the first requests' step shapes once (the first "
+        "requests then pay first-time costs); one-shot `engine generate`/`embed` skip it"))
+    enable_sleep_mode: bool = field(default=False, metadata=_help(
+        "allow LLM.sleep()/wake_up() (and the server's dev-mode /sleep, /wake_up): "
+        "free the KV cache and weights while idle; the worker must implement them"))
+    compilation_config: dict[str, Any] | str | None = field(default=None, metadata=_help(
+        "torch.compile the model: a JSON object with 'backend' (a graph_backend plugin: "
+        "'inductor', 'eager', ...), 'dynamic' (default true), 'cache_dir' (default "
+        "~/.cache/engine/compile); default: no compilation", metavar="JSON"))
+    # speculative decoding (docs/speculative-decoding.md)
+    speculative_config: dict[str, Any] | str | None = field(default=None, metadata=_help(
+        "speculative decoding, as JSON: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' "
+        "or '{\"model\": DRAFT_DIR, \"num_speculative_tokens\": 4}'", metavar="JSON"))
 
     # ------------------------------------------------------------------ CLI
 
@@ -210,6 +225,7 @@ class EngineArgs:
                 model=str(model_dir), dtype=self.dtype, seed=self.seed,
                 max_model_len=max_model_len, hf_config=hf_config,
                 io_processor_plugin=self.io_processor_plugin, load_format=self.load_format,
+                enable_sleep_mode=self.enable_sleep_mode,
             ),
             cache_config=CacheConfig(
                 block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
@@ -225,11 +241,29 @@ class EngineArgs:
                 tensor_parallel_size=self.tensor_parallel_size, worker_cls=self.worker_cls,
                 distributed_executor_backend=self.distributed_executor_backend,
             ),
-            compilation_config=CompilationConfig(custom_ops=self.custom_ops or ["all"]),
+            compilation_config=CompilationConfig(custom_ops=self.custom_ops or ["all"],
+                                                 warm_up=not self.skip_warm_up,
+                                                 **self._checked_compilation_config()),
             attention_backend=self.attention_backend,
             log_stats=self.log_stats,
             logits_processors=self._checked_logits_processors(),
+            speculative_config=self._checked_speculative_config(),
         )
+
+    def _checked_compilation_config(self) -> dict[str, Any]:
+        from engine.compilation import parse_compilation_config, resolve_graph_backend
+
+        checked = parse_compilation_config(self.compilation_config)
+        if checked.get("backend") is not None:
+            resolve_graph_backend(checked["backend"])  # an unknown name fails now, listing them
+        return checked
+
+    def _checked_speculative_config(self) -> Any:
+        if self.speculative_config is None:
+            return None
+        from engine.spec_decode import SpeculativeConfig
+
+        return SpeculativeConfig.from_user(self.speculative_config)
 
     def _checked_logits_processors(self) -> list[Any]:
         from engine.models.registry import worker_importable_name

@@ -52,6 +52,11 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
     p.add_argument("--data-parallel-backend", choices=("mp", "ray"), default=None,
                    help="what runs each replica's workers: 'mp' (this machine) or 'ray' "
                         "(Ray actors; default: --distributed-executor-backend)")
+    p.add_argument("--enable-dev-mode", action="store_true",
+                   default=os.environ.get("ENGINE_SERVER_DEV_MODE", "") == "1",
+                   help="add the development routes POST /sleep, POST /wake_up and GET "
+                        "/is_sleeping (sleep mode needs --enable-sleep-mode; default: "
+                        "$ENGINE_SERVER_DEV_MODE=1)")
     EngineArgs.add_cli_args(p.add_argument_group("engine options"), exclude=("seed",))
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="sampling seed for requests that send no 'seed' of their own: the "
@@ -103,7 +108,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         shutdown_timeout=args.shutdown_timeout, engine_args=engine_args,
         data_parallel_size=args.data_parallel_size,
         data_parallel_backend=args.data_parallel_backend,
-        route_plugins=tuple(args.enable_route_plugin),
+        route_plugins=tuple(args.enable_route_plugin), dev_mode=args.enable_dev_mode,
     )
 
 
