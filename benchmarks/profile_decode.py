@@ -1,7 +1,9 @@
-"""Where a decode step's time goes: the engine under torch's profiler.
+"""Where a decode step's (or a prompt's) time goes: the engine under torch's profiler.
 
     python benchmarks/profile_decode.py                       # bf16, one sequence
     python benchmarks/profile_decode.py --dtype float32 --batch 32 --context 256
+    python benchmarks/profile_decode.py --prefill --context 256   # TTFT of fresh prompts
+    python benchmarks/profile_decode.py --workload            # bench_vs_vllm's workload
 
 Builds (once, cached in --model-dir) one of `bench_vs_vllm.py`'s random-weight
 Llamas (`--model smol`: SmolLM-135M's shape; `bench`: the 26M one), starts `--batch` requests with `--context`-token
@@ -41,6 +43,9 @@ def main() -> int:
     ap.add_argument("--workload", action="store_true",
                     help="profile bench_vs_vllm.py's whole batched workload for --model "
                          "(prefills, chunked prefills and decodes) instead of decode steps")
+    ap.add_argument("--prefill", action="store_true",
+                    help="profile the prefill of fresh --context-token prompts (one request "
+                         "at a time, 1 output token: what TTFT measures)")
     args = ap.parse_args()
 
     import bench_generate
@@ -60,6 +65,8 @@ def main() -> int:
     llm_engine = llm.llm_engine
     if args.workload:
         return profile_workload(args, llm, shape)
+    if args.prefill:
+        return profile_prefill(args, llm, shape)
     rng = random.Random(0)
     prompts = [[rng.randrange(3, shape["vocab_size"]) for _ in range(args.context)]
                for _ in range(args.batch)]
@@ -84,16 +91,46 @@ def main() -> int:
     return 0
 
 
-def profile_workload(args, llm, shape) -> int:
-    """bench_vs_vllm's throughput workload, once to warm up, then once timed step by
-    step (prefill-holding steps apart from decode-only ones), then under the profiler."""
+def profile_prefill(args, llm, shape) -> int:
+    """Fresh --context-token prompts, one request at a time with 1 output token (no
+    prefix-cache hit): a few to warm up, --steps timed, then --steps profiled."""
     import torch
-    from bench_vs_vllm import WORKLOADS, workload
+    from bench_vs_vllm import FreshPrompts
+
+    from engine import SamplingParams
+
+    fresh = FreshPrompts(shape["vocab_size"], 0)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+
+    def one() -> float:
+        start = time.perf_counter()
+        llm.generate(fresh(args.context), params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    for _ in range(3):
+        one()
+    times = sorted(one() for _ in range(args.steps))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            one()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    print(f"{args.dtype}, fresh {args.context}-token prompt, threads {torch.get_num_threads()}: "
+          f"TTFT best {times[0] * 1000:.1f} ms, median {times[len(times) // 2] * 1000:.1f} ms")
+    return 0
+
+
+def profile_workload(args, llm, shape) -> int:
+    """bench_vs_vllm's throughput workload with fresh prompts: once to warm up,
+    then once timed step by step (prefill-holding steps apart from decode-only
+    ones), then under the profiler."""
+    import torch
+    from bench_vs_vllm import WORKLOADS, FreshPrompts, request_lengths
 
     from engine import SamplingParams
 
     _, n, prompt_range, output_range = WORKLOADS[args.model]
-    prompts, out_lens = workload(n, prompt_range, output_range, shape["vocab_size"], 0)
+    prompt_lens, out_lens = request_lengths(n, prompt_range, output_range, 0)
+    fresh = FreshPrompts(shape["vocab_size"], 0)
     llm_engine = llm.llm_engine
 
     scheduler = llm_engine.scheduler
@@ -108,7 +145,8 @@ def profile_workload(args, llm, shape) -> int:
     scheduler.schedule = recording_schedule
 
     def run(timed: bool):
-        for prompt, out_len in zip(prompts, out_lens, strict=True):
+        # fresh prompts every run: a repeated prompt would be a prefix-cache hit
+        for prompt, out_len in zip(fresh(*prompt_lens), out_lens, strict=True):
             llm_engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=out_len,
                                                           ignore_eos=True))
         kinds = {"with prefill": [0, 0.0], "decode only": [0, 0.0]}

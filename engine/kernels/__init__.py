@@ -17,6 +17,11 @@ the path of a first `engine generate`: ``ENGINE_CPU_KERNELS`` chooses
 - ``build``: build now (blocking) when missing, then load;
 - ``0``: never use them.
 
+``ENGINE_KERNEL_PATH=portable`` makes the kernels that choose an instruction-set
+path (the float32 and bfloat16 GEMVs) take their portable vector-extension code,
+and the AMX kernel stand aside, whatever the CPU has: the fallback runs, and is
+tested, on every machine.
+
 ``engine kernels build`` (or ``python -m engine.kernels build``) builds in the
 foreground. The library lands
 in ``$ENGINE_KERNEL_CACHE`` (default ``~/.cache/engine/kernels``), under a key
@@ -44,10 +49,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 startup_logger = logging.getLogger(STARTUP_LOGGER)
 
-SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp", "amx_linear.cpp")
+SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp", "amx_linear.cpp",
+           "fp32_gemv.cpp", "prefill_attention.cpp")
 HEADERS = ("vec.h",)
 LIBRARY_NAME = "engine_kernels"
 MODE_ENV = "ENGINE_CPU_KERNELS"
+# "portable": the kernels that pick a path from the CPU's flags take their
+# portable (vector-extension) code instead, so that it runs, and is tested, anywhere
+PATH_ENV = "ENGINE_KERNEL_PATH"
 CACHE_ENV = "ENGINE_KERNEL_CACHE"
 # a build lock older than this is left over from a killed build
 STALE_LOCK_SECONDS = 1800
@@ -186,6 +195,11 @@ def usable_for(*tensors: torch.Tensor) -> bool:
         if t.dtype is not dtype or not t.is_cpu:
             return False
     return True
+
+
+def portable_forced() -> bool:
+    """Whether ``ENGINE_KERNEL_PATH=portable`` asks for the portable kernel paths."""
+    return os.environ.get(PATH_ENV, "").strip().lower() == "portable"
 
 
 def main(argv: list[str] | None = None) -> int:

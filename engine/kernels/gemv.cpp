@@ -7,7 +7,8 @@
 // engine_kernels::bf16_gemv(out [M, N], x [M, K], weight [N, K], bias [N] or None)
 //     out = x @ weight.T + bias, float32 accumulation, rounded once to bfloat16
 // M is at most 8. On CPUs with AVX512-BF16 each instruction multiplies 32 pairs
-// (vdpbf16ps); elsewhere the 16-lane float code of vec.h does the same sum.
+// (vdpbf16ps); elsewhere, or with `portable` (bool, default false), the 16-lane
+// float code of vec.h does the same sum. bf16_gemv_path() names the default path.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -15,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -33,8 +35,8 @@ constexpr int64_t kAhead = 4;  // tasks between a row's prefetch and its use
 #if defined(__AVX512BF16__)
 // dot products of R weight rows with M input rows: out[m * R + r]
 template <int M, int R>
-inline void dot_rows(const c10::BFloat16* const* w, const c10::BFloat16* x, int64_t K,
-                     float* out, const char* ahead) {
+inline void dot_rows_avx512bf16(const c10::BFloat16* const* w, const c10::BFloat16* x, int64_t K,
+                                float* out, const char* ahead) {
   __m512 acc[M][R];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
@@ -63,10 +65,13 @@ inline void dot_rows(const c10::BFloat16* const* w, const c10::BFloat16* x, int6
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) out[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
-#else
+#endif
+
+// the portable path (vec.h's vector extensions): CPUs without AVX512-BF16, and
+// any CPU when the caller forces it (`portable`), so that it is tested everywhere
 template <int M, int R>
-inline void dot_rows(const c10::BFloat16* const* w, const c10::BFloat16* x, int64_t K,
-                     float* out, const char* ahead) {
+inline void dot_rows_portable(const c10::BFloat16* const* w, const c10::BFloat16* x, int64_t K,
+                              float* out, const char* ahead) {
   vf acc[M][R];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = splat(0.f);
@@ -88,9 +93,20 @@ inline void dot_rows(const c10::BFloat16* const* w, const c10::BFloat16* x, int6
       out[m * R + r] = s;
     }
 }
-#endif
 
-template <int M>
+template <bool Fast, int M, int R>
+inline void dot_rows(const c10::BFloat16* const* w, const c10::BFloat16* x, int64_t K,
+                     float* out, const char* ahead) {
+#if defined(__AVX512BF16__)
+  if constexpr (Fast) {
+    dot_rows_avx512bf16<M, R>(w, x, K, out, ahead);
+    return;
+  }
+#endif
+  dot_rows_portable<M, R>(w, x, K, out, ahead);
+}
+
+template <bool Fast, int M>
 void gemv_rows(c10::BFloat16* out, const c10::BFloat16* x, const c10::BFloat16* weight,
                const c10::BFloat16* bias, int64_t N, int64_t K) {
   const int64_t groups = (N + kRowsPerTask - 1) / kRowsPerTask;
@@ -105,7 +121,7 @@ void gemv_rows(c10::BFloat16* out, const c10::BFloat16* x, const c10::BFloat16* 
       for (int r = 0; r < kRowsPerTask; ++r) w[r] = weight + (n0 + r) * K;
       // prefetch kAhead tasks ahead (clamped to the matrix)
       const int64_t ahead_row = std::min(n0 + kAhead * kRowsPerTask, N - kRowsPerTask);
-      dot_rows<M, kRowsPerTask>(w, x, K, dots,
+      dot_rows<Fast, M, kRowsPerTask>(w, x, K, dots,
                                 reinterpret_cast<const char*>(weight + ahead_row * K));
       for (int m = 0; m < M; ++m)
         for (int r = 0; r < kRowsPerTask; ++r) {
@@ -116,7 +132,7 @@ void gemv_rows(c10::BFloat16* out, const c10::BFloat16* x, const c10::BFloat16* 
     } else {
       for (int64_t n = n0; n < N; ++n) {
         const c10::BFloat16* w[1] = {weight + n * K};
-        dot_rows<M, 1>(w, x, K, dots, reinterpret_cast<const char*>(w[0]));
+        dot_rows<Fast, M, 1>(w, x, K, dots, reinterpret_cast<const char*>(w[0]));
         for (int m = 0; m < M; ++m) {
           float v = dots[m];
           if (bias) v += static_cast<float>(bias[n]);
@@ -127,8 +143,23 @@ void gemv_rows(c10::BFloat16* out, const c10::BFloat16* x, const c10::BFloat16* 
   }
 }
 
+template <bool Fast>
+void gemv_dispatch(c10::BFloat16* o, const c10::BFloat16* xp, const c10::BFloat16* w,
+                   const c10::BFloat16* b, int64_t M, int64_t N, int64_t K) {
+  switch (M) {
+    case 1: gemv_rows<Fast, 1>(o, xp, w, b, N, K); break;
+    case 2: gemv_rows<Fast, 2>(o, xp, w, b, N, K); break;
+    case 3: gemv_rows<Fast, 3>(o, xp, w, b, N, K); break;
+    case 4: gemv_rows<Fast, 4>(o, xp, w, b, N, K); break;
+    case 5: gemv_rows<Fast, 5>(o, xp, w, b, N, K); break;
+    case 6: gemv_rows<Fast, 6>(o, xp, w, b, N, K); break;
+    case 7: gemv_rows<Fast, 7>(o, xp, w, b, N, K); break;
+    default: gemv_rows<Fast, 8>(o, xp, w, b, N, K); break;
+  }
+}
+
 void bf16_gemv(at::Tensor out, const at::Tensor& x, const at::Tensor& weight,
-               const c10::optional<at::Tensor>& bias) {
+               const c10::optional<at::Tensor>& bias, bool portable) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && out.dim() == 2, "x, weight and out must be 2-D");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(weight.size(1) == K, "weight must be [N, ", K, "], got ", weight.sizes());
@@ -147,24 +178,32 @@ void bf16_gemv(at::Tensor out, const at::Tensor& x, const at::Tensor& weight,
   auto* o = out.data_ptr<c10::BFloat16>();
   const auto* xp = x.data_ptr<c10::BFloat16>();
   const auto* w = weight.data_ptr<c10::BFloat16>();
-  switch (M) {
-    case 1: gemv_rows<1>(o, xp, w, b, N, K); break;
-    case 2: gemv_rows<2>(o, xp, w, b, N, K); break;
-    case 3: gemv_rows<3>(o, xp, w, b, N, K); break;
-    case 4: gemv_rows<4>(o, xp, w, b, N, K); break;
-    case 5: gemv_rows<5>(o, xp, w, b, N, K); break;
-    case 6: gemv_rows<6>(o, xp, w, b, N, K); break;
-    case 7: gemv_rows<7>(o, xp, w, b, N, K); break;
-    default: gemv_rows<8>(o, xp, w, b, N, K); break;
-  }
+  if (portable)
+    gemv_dispatch<false>(o, xp, w, b, M, N, K);
+  else
+    gemv_dispatch<true>(o, xp, w, b, M, N, K);
+}
+
+std::string bf16_gemv_path() {
+#if defined(__AVX512BF16__)
+  return "avx512_bf16";
+#else
+  return "portable";
+#endif
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(engine_kernels, m) {
-  m.def("bf16_gemv(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias) -> ()");
+  m.def("bf16_gemv(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias, "
+        "bool portable=False) -> ()");
+  m.def("bf16_gemv_path() -> str");
 }
 
 TORCH_LIBRARY_IMPL(engine_kernels, CPU, m) {
   m.impl("bf16_gemv", &bf16_gemv);
+}
+
+TORCH_LIBRARY_IMPL(engine_kernels, CompositeExplicitAutograd, m) {
+  m.impl("bf16_gemv_path", &bf16_gemv_path);
 }

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.kernels import usable_for
+from engine.kernels import portable_forced, usable_for
 from engine.utils import shape_bucket
 
 
@@ -46,11 +46,17 @@ def copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
 
 
 def onednn_packing_supported(weight: torch.Tensor) -> bool:
-    """Whether `weight` can be prepacked for oneDNN's bf16 matmul: a CPU bfloat16
-    tensor on a torch built with oneDNN (mkldnn) bf16 support."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether `weight` is prepacked for oneDNN's matmul: a CPU bfloat16 tensor on
+    a torch built with oneDNN (mkldnn) bf16 support, or a CPU float32 tensor while
+    the compiled kernels are in use. float32 prompt chunks then run oneDNN on the
+    packed weight (about twice torch's BLAS on prompt-sized products, and not
+    bound to one vendor's library), which sums in another order than BLAS: with
+    ``ENGINE_CPU_KERNELS=0`` (the reference path) float32 stays on F.linear."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return weight.dtype == torch.float32 and usable_for(weight)
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -82,22 +88,50 @@ def pack_weight_for_amx(weight: torch.Tensor) -> torch.Tensor | None:
     return torch.ops.engine_kernels.amx_pack_weight(weight.detach())
 
 
+# float32 products of up to this many rows (decode steps) go to the compiled
+# float32 GEMV kernel, which streams the weight as stored; more rows (prompt
+# chunks) go to oneDNN on the packed weight (onednn_packing_supported).
+FP32_GEMV_MAX_ROWS = 32
+
+
+def plain_linear(x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T + b`` on an unpacked weight: F.linear, except that float32
+    decode-sized products (up to FP32_GEMV_MAX_ROWS rows) run the compiled
+    float32 GEMV kernel when it is loaded. The kernel sums in another order than
+    BLAS (float32 reassociation); ``ENGINE_CPU_KERNELS=0`` keeps F.linear."""
+    if (x.dtype == torch.float32 and x.dim() == 2 and 0 < x.shape[0] <= FP32_GEMV_MAX_ROWS
+            and weight.dim() == 2):
+        operands = (x, weight) if bias is None else (x, weight, bias)
+        if usable_for(*operands) and x.is_contiguous() and weight.is_contiguous():
+            out = x.new_empty((x.shape[0], weight.shape[0]))
+            torch.ops.engine_kernels.fp32_gemv(out, x, weight, bias, portable_forced())
+            return out
+    return F.linear(x, weight, bias)
+
+
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
                   weight: torch.Tensor | None = None,
                   amx_packed: torch.Tensor | None = None) -> torch.Tensor:
     """``x W^T + b`` with W prepacked by `pack_weight`; same result as F.linear up
     to float32 summation order. Given the plain `weight` (and its `amx_packed`
-    copy), few-row calls run the compiled kernels instead (see GEMV_MAX_ROWS)."""
+    copy), few-row calls run the compiled kernels instead (see GEMV_MAX_ROWS,
+    FP32_GEMV_MAX_ROWS)."""
     rows = x.shape[0] if x.dim() == 2 else 0
+    if 0 < rows <= FP32_GEMV_MAX_ROWS and weight is not None and x.dtype == torch.float32:
+        return plain_linear(x, weight, bias)
     if 0 < rows <= AMX_MAX_ROWS and weight is not None and x.dtype == torch.bfloat16:
         operands = (x, weight) if bias is None else (x, weight, bias)
         if usable_for(*operands) and x.is_contiguous():
-            gemv_rows = GEMV_FIRST_ROWS if amx_packed is not None else GEMV_MAX_ROWS
+            # ENGINE_KERNEL_PATH=portable: the GEMV kernel's portable code, no AMX
+            portable = portable_forced()
+            amx = amx_packed is not None and not portable
+            gemv_rows = GEMV_FIRST_ROWS if amx else GEMV_MAX_ROWS
             if rows <= gemv_rows and weight.is_contiguous():
                 out = x.new_empty((rows, weight.shape[0]))
-                torch.ops.engine_kernels.bf16_gemv(out, x, weight, bias)
+                torch.ops.engine_kernels.bf16_gemv(out, x, weight, bias, portable)
                 return out
-            if amx_packed is not None:
+            if amx:
                 out = x.new_empty((rows, weight.shape[0]))
                 torch.ops.engine_kernels.amx_linear(out, x, amx_packed, bias)
                 return out
@@ -172,7 +206,7 @@ class ColumnParallelLinear(nn.Module):
         if self.packed_weight is not None:
             out = packed_linear(x, self.packed_weight, self.bias, self.weight, self.amx_weight)
         else:
-            out = F.linear(x, self.weight, self.bias)
+            out = plain_linear(x, self.weight, self.bias)
         if self.gather_output and self.tp_size > 1:
             from engine.distributed.parallel_state import tensor_model_parallel_all_gather
 
@@ -295,10 +329,10 @@ class RowParallelLinear(nn.Module):
         if self.tp_size == 1:
             if packed is not None:
                 return packed_linear(x, packed, self.bias, self.weight, self.amx_weight)
-            return F.linear(x, self.weight, self.bias)
+            return plain_linear(x, self.weight, self.bias)
         from engine.distributed.parallel_state import tensor_model_parallel_all_reduce
 
-        out = (F.linear(x, self.weight) if packed is None
+        out = (plain_linear(x, self.weight) if packed is None
                else packed_linear(x, packed, None, self.weight, self.amx_weight))
         if self.reduce_results:
             out = tensor_model_parallel_all_reduce(out)

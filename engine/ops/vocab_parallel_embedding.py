@@ -11,6 +11,7 @@ from engine.ops.linear import (
     _new_param,
     copy_checked,
     packed_linear,
+    plain_linear,
     tp_world_size_and_rank,
 )
 
@@ -76,7 +77,7 @@ class ParallelLMHead(VocabParallelEmbedding):
             logits = packed_linear(hidden_states, self.packed_weight, self.bias, self.weight,
                                    self.amx_weight)
         else:
-            logits = F.linear(hidden_states, self.weight, self.bias)
+            logits = plain_linear(hidden_states, self.weight, self.bias)
         if self.tp_size > 1:
             from engine.distributed.parallel_state import tensor_model_parallel_all_gather
 

@@ -198,7 +198,13 @@ class ModelRunner:
             table = item.block_table
             input_ids.extend(item.token_ids)
             positions.extend(range(start, start + n))
-            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            # one range per cache block, not a Python step per prompt token
+            p, end = start, start + n
+            while p < end:
+                take = min(bs - p % bs, end - p)
+                base = table[p // bs] * bs + p % bs
+                slot_mapping.extend(range(base, base + take))
+                p += take
             if item.num_draft_tokens:
                 # a verified position j is attended as its own decoding sequence of
                 # start + j + 1 tokens: the path (and the numerics) of plain decoding

@@ -9,8 +9,11 @@ tokens in one batch, one bucket padded to the longest copies about twice the key
 that are real. The query heads that share a KV head are folded into the
 query-length axis, so grouped-query attention needs no copy of K/V.
 
-Prefills (whole prompts or chunks) run one call per sequence: 4-D inputs reach the
-fused CPU kernel, and a prompt with no cached context skips the cache read entirely
+With the compiled kernels (engine.kernels) loaded, decode rows go to the paged
+decode kernel and, for a float32 cache (PREFILL_KERNEL_DTYPES), every prefill of
+the step (whole prompts, chunks, prompts after prefix-cache hits) to one call of
+the paged prefill kernel, both reading K/V from the cache in place. Without them, prefills run one SDPA call per sequence: 4-D
+inputs reach the fused CPU kernel, and a prompt with no cached context skips the cache read entirely
 (``is_causal``). Measured on 2 CPU cores, that beats one call with a block-causal
 mask over all prefill tokens, whose cost grows with the square of the step's total
 tokens.
@@ -39,6 +42,13 @@ from engine.utils import shape_bucket
 # attention took the same time for any value from 32 KiB to 1 MiB; the top of that
 # range keeps the buckets few.
 BUCKET_COST_BYTES = 512 * 1024
+
+
+# The cache dtypes whose prefills go to the compiled paged prefill kernel. Its
+# bfloat16 path is correct (tested) but slower here than SDPA's bf16 kernel,
+# which uses the CPU's bf16 matrix instructions: bfloat16 prefills stay on SDPA
+# (docs/benchmarks.md, "Fresh prompts").
+PREFILL_KERNEL_DTYPES: tuple[torch.dtype, ...] = (torch.float32,)
 
 
 @dataclass
@@ -72,6 +82,9 @@ class _StepPlan:
     # [n] the decoding sequences, when the compiled paged-attention kernel computes
     # them (engine.kernels); then `decode` is empty
     kernel_decode: torch.Tensor | None = None
+    # [n] the prefilling sequences (prompts, chunks, prefix hits), when the compiled
+    # prefill kernel computes them from the cache; then `prefills` is empty
+    kernel_prefill: torch.Tensor | None = None
 
 
 def split_by_length(lengths: list[int], cost_per_bucket: float) -> list[int]:
@@ -140,6 +153,17 @@ def _plan(md: AttentionMetadata, kv_cache: torch.Tensor) -> _StepPlan:
     has_cache = kv_cache.numel() > 0
     starts = md.query_start_loc.tolist()
     decode = [i for i, q in enumerate(md.query_lens) if q == 1] if has_cache else []
+    kernel_prefill = None
+    if (has_cache and kv_cache.dtype in PREFILL_KERNEL_DTYPES and kv_cache.shape[-1] % 16 == 0
+            and kv_cache.shape[-1] <= 128 and _use_kernel(kv_cache)):
+        # every prefill, whole or chunk or after a prefix hit, in one call that reads
+        # the cache where the step's keys were just written
+        rows = [i for i, q in enumerate(md.query_lens) if q > 1]
+        if rows:
+            kernel_prefill = torch.tensor(rows, dtype=torch.int64, device=kv_cache.device)
+        plan = _plan_decode(md, kv_cache, decode, [])
+        plan.kernel_prefill = kernel_prefill
+        return plan
     prefills = []
     for i, (q_len, seq_len) in enumerate(zip(md.query_lens, md.seq_lens, strict=True)):
         if has_cache and q_len == 1:
@@ -153,6 +177,11 @@ def _plan(md: AttentionMetadata, kv_cache: torch.Tensor) -> _StepPlan:
             block_ids = md.block_tables[i, : -(-seq_len // md.block_size)]
             mask = causal_mask(q_len, seq_len, block_ids.device)
             prefills.append(_Prefill(rows, block_ids, seq_len, mask))
+    return _plan_decode(md, kv_cache, decode, prefills)
+
+
+def _plan_decode(md: AttentionMetadata, kv_cache: torch.Tensor, decode: list[int],
+                 prefills: list[_Prefill]) -> _StepPlan:
     if not decode:
         return _StepPlan(decode=[], prefills=prefills, scratch=None)
     if _use_kernel(kv_cache):
@@ -190,6 +219,11 @@ class TorchSDPAImpl(AttentionImpl):
             torch.ops.engine_kernels.paged_decode_attention(
                 out, q, kv_cache, md.block_tables, md.seq_lens_tensor, md.query_start_loc,
                 plan.kernel_decode, self.scale)
+        if plan.kernel_prefill is not None:
+            md = attn_metadata
+            torch.ops.engine_kernels.paged_prefill_attention(
+                out, q, kv_cache, md.block_tables, md.seq_lens_tensor, md.query_start_loc,
+                plan.kernel_prefill, self.scale)
         for bucket in plan.decode:
             out.index_copy_(0, bucket.rows,
                             self._decode(q.index_select(0, bucket.rows), kv_cache, bucket,

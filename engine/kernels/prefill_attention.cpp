@@ -1,0 +1,274 @@
+// Prefill attention straight from the paged KV cache: whole prompts, prompt
+// chunks (chunked prefill) and prompts whose first blocks were prefix-cache hits
+// are all the same case here, because the step's own keys and values are written
+// to the cache before attention runs. Causal, grouped-query.
+//
+// engine_kernels::paged_prefill_attention(out [T, H, D], query [T, H, D], kv_cache
+//     [2, num_blocks, block_size, Hkv, D], block_tables [S, max_blocks] int64,
+//     seq_lens [S] int64, query_start_loc [S + 1] int64, seqs [n] int64, scale)
+// For each sequence s in `seqs`, its query rows query_start_loc[s] ..
+// query_start_loc[s + 1] are the LAST tokens of its seq_lens[s]-token context;
+// query row j (at position p) attends to context positions 0..p.
+//
+// One task per (sequence, KV head, tile of kTileQ query tokens): the tile's
+// G * kTileQ query rows (the heads sharing that KV head) go over the cache 16 keys
+// at a time, only as far as the tile's last position (causal). Each 16-key chunk
+// is converted to float32 once, K transposed, so that a row's 16 scores are D
+// vector FMAs and its value update D / 16 per key, a few rows at a time (their
+// chains independent, their accumulators in registers); softmax is online
+// (running max and sum), so nothing grows with the context. float32 accumulation
+// in any dtype. Head sizes: multiples of 16 up to 128.
+// GCC/Clang vector extensions (vec.h): one code path, AVX-512 registers where the
+// CPU has them, narrower ones elsewhere.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "vec.h"
+
+namespace {
+
+using namespace engine_kernels;
+
+constexpr int64_t kTileQ = 16;  // query tokens per task
+
+struct Task {
+  int64_t seq, kv_head, first;  // `first`: the tile's first query token (0-based in the chunk)
+};
+
+// rows handled together: their scores are independent FMA chains, and their
+// value accumulators (RB x DV vectors) stay in registers
+template <int DV>
+constexpr int rows_per_pass() { return DV <= 2 ? 8 : (DV <= 4 ? 4 : 2); }
+
+template <typename scalar_t, int DV>
+void prefill_tile(const Task& t, const scalar_t* q_ptr, int64_t q_row_stride, scalar_t* o_ptr,
+                  int64_t o_row_stride, const scalar_t* k_base, const scalar_t* v_base,
+                  const int64_t* table, int64_t seq_len, int64_t q_start, int64_t q_len,
+                  int64_t block_size, int64_t cache_stride, int64_t token_stride, int64_t G,
+                  float scale, float* qf, float* acc, float* kt, float* vbuf, float* m_run,
+                  float* l_run) {
+  constexpr int64_t D = DV * kLanes;
+  constexpr int RB = rows_per_pass<DV>();
+  const int64_t nq = std::min(kTileQ, q_len - t.first);
+  const int64_t rows = nq * G;
+  const int64_t pos0 = seq_len - q_len + t.first;  // position of the tile's first token
+  const int64_t last = pos0 + nq - 1;               // the furthest key any row needs
+  // the tile's queries in float32, pre-scaled; row r = token r / G, head r % G
+  for (int64_t j = 0; j < nq; ++j) {
+    const scalar_t* src = q_ptr + (q_start + t.first + j) * q_row_stride + t.kv_head * G * D;
+    for (int64_t h = 0; h < G; ++h)
+      for (int64_t x = 0; x < DV; ++x)
+        store(qf + (j * G + h) * D + x * kLanes, load(src + h * D + x * kLanes) * scale);
+  }
+  // rows past `rows` (up to a pass of RB) are computed and thrown away: keep them finite
+  std::fill(qf + rows * D, qf + (rows + RB) * D, 0.f);
+  std::fill(acc, acc + (rows + RB) * D, 0.f);
+  std::fill(m_run, m_run + rows + RB, -std::numeric_limits<float>::infinity());
+  std::fill(l_run, l_run + rows + RB, 0.f);
+  const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const vf minus_inf = splat(-std::numeric_limits<float>::infinity());
+
+  for (int64_t key0 = 0; key0 <= last; key0 += kLanes) {
+    const int64_t nk = std::min(kLanes, last + 1 - key0);
+    // the chunk's keys (transposed: kt[d * 16 + key]) and values, in float32
+    for (int64_t c = 0; c < nk; ++c) {
+      const int64_t pos = key0 + c;
+      const int64_t off = table[pos / block_size] * cache_stride + (pos % block_size) * token_stride;
+      const scalar_t* kr = k_base + off;
+      const scalar_t* vr = v_base + off;
+      for (int64_t d = 0; d < D; ++d) kt[d * kLanes + c] = load1(kr + d);
+      for (int64_t x = 0; x < DV; ++x) store(vbuf + c * D + x * kLanes, load(vr + x * kLanes));
+    }
+    for (int64_t c = nk; c < kLanes; ++c)
+      for (int64_t d = 0; d < D; ++d) kt[d * kLanes + c] = 0.f;
+    // rows are in position order: the first rows may see none of this chunk
+    int64_t r_begin = (std::max<int64_t>(key0 - pos0, 0)) * G;
+    for (int64_t r0 = r_begin; r0 < rows; r0 += RB) {
+      vf s[RB], s2[RB];
+      for (int i = 0; i < RB; ++i) s[i] = s2[i] = splat(0.f);
+      const float* q0 = qf + r0 * D;
+      for (int64_t d = 0; d < D; d += 2) {
+        const vf k0 = load(kt + d * kLanes), k1 = load(kt + (d + 1) * kLanes);
+        for (int i = 0; i < RB; ++i) {
+          s[i] += q0[i * D + d] * k0;
+          s2[i] += q0[i * D + d + 1] * k1;
+        }
+      }
+      float pv[RB][kLanes];
+      float corr[RB];
+      for (int i = 0; i < RB; ++i) {
+        const int64_t r = r0 + i;
+        const int64_t pos = pos0 + r / G;
+        // causal and chunk-end mask: keys at positions > pos (none visible: p = 0)
+        const int64_t visible = std::max<int64_t>(0, std::min(nk, pos - key0 + 1));
+        const auto keep = lane < (vi)(vi{} + static_cast<int32_t>(visible));
+        const vf sc = keep ? s[i] + s2[i] : minus_inf;
+        if (visible == 0 || r >= rows) {
+          store(pv[i], splat(0.f));
+          corr[i] = 1.f;
+          continue;
+        }
+        const float mx = std::max(m_run[r], hmax(sc));
+        corr[i] = std::exp(m_run[r] - mx);  // 0 on the first chunk (exp(-inf))
+        const vf p = keep ? exp_approx(sc - mx) : splat(0.f);
+        store(pv[i], p);
+        l_run[r] = l_run[r] * corr[i] + hsum(p);
+        m_run[r] = mx;
+      }
+      vf a[RB][DV];
+      for (int i = 0; i < RB; ++i)
+        for (int x = 0; x < DV; ++x) a[i][x] = load(acc + (r0 + i) * D + x * kLanes) * corr[i];
+      for (int64_t c = 0; c < nk; ++c) {
+        vf v[DV];
+        for (int x = 0; x < DV; ++x) v[x] = load(vbuf + c * D + x * kLanes);
+        for (int i = 0; i < RB; ++i) {
+          const float pc = pv[i][c];
+          for (int x = 0; x < DV; ++x) a[i][x] += pc * v[x];
+        }
+      }
+      for (int i = 0; i < RB; ++i)
+        for (int x = 0; x < DV; ++x) store(acc + (r0 + i) * D + x * kLanes, a[i][x]);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t j = r / G, h = r % G;
+    scalar_t* dst = o_ptr + (q_start + t.first + j) * o_row_stride + (t.kv_head * G + h) * D;
+    const vf inv = splat(1.f / l_run[r]);
+    for (int64_t x = 0; x < DV; ++x) store(dst + x * kLanes, load(acc + r * D + x * kLanes) * inv);
+  }
+}
+
+template <typename scalar_t>
+void prefill_kernel(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
+                    const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                    const at::Tensor& query_start_loc, const at::Tensor& seqs, double scale) {
+  const int64_t H = query.size(1), D = query.size(2);
+  const int64_t block_size = kv_cache.size(2), Hkv = kv_cache.size(3), G = H / Hkv;
+  const int64_t cache_stride = kv_cache.stride(1), token_stride = kv_cache.stride(2);
+  const auto* q_ptr = query.data_ptr<scalar_t>();
+  auto* o_ptr = out.data_ptr<scalar_t>();
+  const auto* k_base = kv_cache.data_ptr<scalar_t>();
+  const scalar_t* v_base = k_base + kv_cache.stride(0);
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t max_blocks = block_tables.size(1);
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t* starts = query_start_loc.data_ptr<int64_t>();
+  const int64_t* ids = seqs.data_ptr<int64_t>();
+  const int64_t num_blocks = kv_cache.size(1);
+
+  std::vector<Task> tasks;
+  for (int64_t i = 0; i < seqs.numel(); ++i) {
+    const int64_t s = ids[i];
+    TORCH_CHECK(s >= 0 && s < seq_lens.numel(), "paged_prefill_attention: sequence ", s,
+                " out of range");
+    const int64_t q_len = starts[s + 1] - starts[s];
+    TORCH_CHECK(q_len >= 1 && q_len <= lens[s], "paged_prefill_attention: sequence ", s,
+                " has ", q_len, " query rows for a context of ", lens[s]);
+    TORCH_CHECK((lens[s] + block_size - 1) / block_size <= max_blocks,
+                "paged_prefill_attention: sequence ", s, " has more tokens than its block table");
+    for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; ++b)
+      TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < num_blocks,
+                  "paged_prefill_attention: block id outside the cache");
+    // the longest tiles first: dynamic scheduling then ends evenly
+    for (int64_t first = 0; first < q_len; first += kTileQ)
+      for (int64_t g = 0; g < Hkv; ++g) tasks.push_back({s, g, first});
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& b) {
+    return lens[a.seq] - (starts[a.seq + 1] - starts[a.seq]) + a.first >
+           lens[b.seq] - (starts[b.seq + 1] - starts[b.seq]) + b.first;
+  });
+  const int64_t n = static_cast<int64_t>(tasks.size());
+  if (n == 0) return;
+  const float fscale = static_cast<float>(scale);
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n)));
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t rows = kTileQ * G + 8;  // + the most rows a pass computes past the end
+    std::vector<float> qf(rows * D), acc(rows * D), kt(D * kLanes), vbuf(kLanes * D),
+        m_run(rows), l_run(rows);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n; ++i) {
+      const Task& t = tasks[i];
+      const int64_t s = t.seq;
+#define ENGINE_PREFILL_CASE(dv)                                                                  \
+  case dv:                                                                                       \
+    prefill_tile<scalar_t, dv>(t, q_ptr, query.stride(0), o_ptr, out.stride(0),                  \
+                               k_base + t.kv_head * D, v_base + t.kv_head * D,                   \
+                               tables + s * max_blocks, lens[s], starts[s],                      \
+                               starts[s + 1] - starts[s], block_size, cache_stride,              \
+                               token_stride, G, fscale, qf.data(), acc.data(), kt.data(),        \
+                               vbuf.data(), m_run.data(), l_run.data());                         \
+    break;
+      switch (D / kLanes) {
+        ENGINE_PREFILL_CASE(1)
+        ENGINE_PREFILL_CASE(2)
+        ENGINE_PREFILL_CASE(3)
+        ENGINE_PREFILL_CASE(4)
+        ENGINE_PREFILL_CASE(5)
+        ENGINE_PREFILL_CASE(6)
+        ENGINE_PREFILL_CASE(7)
+        ENGINE_PREFILL_CASE(8)
+        default: break;  // refused by the caller
+      }
+#undef ENGINE_PREFILL_CASE
+    }
+  }
+}
+
+void paged_prefill_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& kv_cache,
+                             const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                             const at::Tensor& query_start_loc, const at::Tensor& seqs,
+                             double scale) {
+  TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes(),
+              "paged_prefill_attention: query/out must be [T, H, D]");
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2,
+              "paged_prefill_attention: kv_cache must be [2, N, B, Hkv, D]");
+  TORCH_CHECK(kv_cache.size(4) == query.size(2) && query.size(2) % kLanes == 0 &&
+                  query.size(2) <= 8 * kLanes,
+              "paged_prefill_attention: head size must match the cache and be a multiple of ",
+              kLanes, " up to ", 8 * kLanes);
+  TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1 && kv_cache.is_contiguous() &&
+                  query.stride(1) == query.size(2) && out.stride(1) == out.size(2),
+              "paged_prefill_attention: head rows must be contiguous");
+  TORCH_CHECK(query.size(1) % kv_cache.size(3) == 0,
+              "paged_prefill_attention: query heads must be a multiple of KV heads");
+  TORCH_CHECK(query.scalar_type() == kv_cache.scalar_type() &&
+                  out.scalar_type() == query.scalar_type(),
+              "paged_prefill_attention: query, out and kv_cache dtypes differ");
+  TORCH_CHECK(query_start_loc.numel() == seq_lens.numel() + 1 &&
+                  block_tables.size(0) == seq_lens.numel(),
+              "paged_prefill_attention: one block table, length and query start per sequence");
+  for (const at::Tensor* t : {&block_tables, &seq_lens, &query_start_loc, &seqs}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(),
+                "paged_prefill_attention: index tensors must be contiguous int64");
+  }
+  if (query.scalar_type() == at::kFloat) {
+    prefill_kernel<float>(out, query, kv_cache, block_tables, seq_lens, query_start_loc, seqs,
+                          scale);
+  } else if (query.scalar_type() == at::kBFloat16) {
+    prefill_kernel<at::BFloat16>(out, query, kv_cache, block_tables, seq_lens, query_start_loc,
+                                 seqs, scale);
+  } else {
+    TORCH_CHECK(false, "paged_prefill_attention: float32 or bfloat16 only");
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(engine_kernels, m) {
+  m.def("paged_prefill_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, "
+        "Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, Tensor seqs, "
+        "float scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(engine_kernels, CPU, m) {
+  m.impl("paged_prefill_attention", &paged_prefill_attention);
+}

@@ -1,0 +1,214 @@
+"""The float32 decode kernel (engine_kernels::fp32_gemv) on every path this CPU
+runs: the AVX-512 one where the CPU has it, and the portable vector-extension
+one, forced with ``ENGINE_KERNEL_PATH=portable`` (or the op's `portable`
+argument) so that it is tested on every machine; the same for the bf16 GEMV's
+portable path (its AVX512-BF16 and AMX paths: tests/test_cpu_kernels.py).
+
+The kernel sums in another order than BLAS, so float32 greedy output through it
+is not promised to equal transformers token for token (the reference path,
+``ENGINE_CPU_KERNELS=0``, is: tests/test_models_llama.py). What is promised, and
+asserted here: teacher-forced top-1 agreement with transformers of at least
+TOP1_AGREEMENT, and log-probabilities within LOGPROB_ATOL."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine.kernels as kernels
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TOP1_AGREEMENT = 0.995
+LOGPROB_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """The kernels loaded in this process (built first when missing)."""
+    saved = kernels._loaded
+    if not kernels.library_path().exists():
+        kernels.build()
+    kernels._loaded = None
+    mp = pytest.MonkeyPatch()
+    mp.setenv(kernels.MODE_ENV, "build")
+    assert kernels.kernels_available()
+    yield
+    mp.undo()
+    kernels._loaded = saved
+
+
+def _cpu_flags() -> set[str]:
+    return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+
+
+def test_native_path_follows_the_cpu_flags(compiled):
+    expected = "avx512" if "avx512f" in _cpu_flags() else "portable"
+    assert torch.ops.engine_kernels.fp32_gemv_path() == expected
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize(("n", "k"), [(96, 576), (37, 70), (5, 33), (16, 16)])  # tails in N, K
+def test_fp32_gemv_matches_linear(compiled, portable, n, k):
+    """Every row count 1-32 (chunks of 6 input rows and every remainder), with and
+    without a bias, against F.linear in float64."""
+    gen = torch.Generator().manual_seed(n * k)
+    weight = torch.randn(n, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    for rows in range(1, 33):
+        x = torch.randn(rows, k, generator=gen)
+        for b in (None, bias):
+            out = torch.full((rows, n), float("nan"))
+            torch.ops.engine_kernels.fp32_gemv(out, x, weight, b, portable)
+            ref = F.linear(x.double(), weight.double(), None if b is None else b.double())
+            torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="1 to 32 rows"):
+        torch.ops.engine_kernels.fp32_gemv(torch.empty(33, n), torch.zeros(33, k), weight, None,
+                                           portable)
+    with pytest.raises(RuntimeError, match="float32 tensors only"):
+        torch.ops.engine_kernels.fp32_gemv(torch.empty(1, n), torch.zeros(1, k).double(),
+                                           weight, None, portable)
+
+
+@pytest.mark.parametrize("path", ["auto", "portable"])
+def test_plain_linear_routes_float32_rows(compiled, monkeypatch, path):
+    """`plain_linear` hands 1-32 float32 rows to the kernel on the path
+    ENGINE_KERNEL_PATH names, and more rows (prompt chunks) to F.linear."""
+    from engine.ops.linear import FP32_GEMV_MAX_ROWS, plain_linear
+
+    monkeypatch.setenv(kernels.PATH_ENV, path)
+    gen = torch.Generator().manual_seed(7)
+    weight, bias = torch.randn(48, 80, generator=gen), torch.randn(48, generator=gen)
+    for rows in (1, 7, FP32_GEMV_MAX_ROWS):
+        x = torch.randn(rows, 80, generator=gen)
+        direct = torch.empty(rows, 48)
+        torch.ops.engine_kernels.fp32_gemv(direct, x, weight, bias, path == "portable")
+        assert torch.equal(plain_linear(x, weight, bias), direct)  # the kernel's own result
+    x = torch.randn(FP32_GEMV_MAX_ROWS + 1, 80, generator=gen)
+    assert torch.equal(plain_linear(x, weight, bias), F.linear(x, weight, bias))
+    assert torch.equal(plain_linear(x[:3].double(), weight.double()),
+                       F.linear(x[:3].double(), weight.double()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["auto", "portable"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fp32_fast_path_teacher_forced_agrees_with_transformers(compiled, make_hf_model,
+                                                                 monkeypatch, path, arch):
+    """Teacher forcing: for every position of a few random sequences, the engine
+    predicts one token after the true prefix; with at most 32 tokens per step
+    (``max_num_batched_tokens=32``) every linear layer and the LM head run the
+    float32 kernel. Its top-1 agrees with transformers' argmax at that position
+    at least TOP1_AGREEMENT of the time and its log-probability of its token is
+    within LOGPROB_ATOL of transformers'."""
+    import transformers
+
+    from engine import LLM, SamplingParams
+
+    monkeypatch.setenv(kernels.PATH_ENV, path)
+    model_dir = make_hf_model(arch)
+    rng = random.Random(11)
+    sequences = [[rng.randrange(3, 1024) for _ in range(64)] for _ in range(4)]
+    starts = range(4, 64)
+    prompts = [seq[:t] for seq in sequences for t in starts]
+    llm = LLM(model_dir, dtype="float32", kv_cache_memory=1 << 24, max_num_batched_tokens=32)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True,
+                                                logprobs=1))
+    llm.shutdown()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ref = torch.log_softmax(hf(torch.tensor(sequences)).logits.double(), dim=-1)
+    agree, worst = 0, 0.0
+    for i, out in enumerate(outs):
+        seq, t = divmod(i, len(starts))
+        pos = starts[t] - 1  # the logits that predict token starts[t]
+        token = out.outputs[0].token_ids[0]
+        agree += token == int(ref[seq, pos].argmax())
+        worst = max(worst, abs(out.outputs[0].logprobs[0][token] - float(ref[seq, pos, token])))
+    assert agree / len(outs) >= TOP1_AGREEMENT, f"top-1 agreement {agree}/{len(outs)}"
+    assert worst <= LOGPROB_ATOL, f"largest log-probability difference {worst:.2e}"
+
+
+@pytest.mark.slow
+def test_reference_path_greedy_float32_equals_transformers(make_hf_model, monkeypatch):
+    """``ENGINE_CPU_KERNELS=0``: no compiled kernel at all, greedy float32 tokens
+    equal transformers' token for token."""
+    import transformers
+
+    from engine import LLM, SamplingParams
+
+    monkeypatch.setenv(kernels.MODE_ENV, "0")
+    monkeypatch.setattr(kernels, "_loaded", None)
+    model_dir = make_hf_model("llama")
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 1024) for _ in range(n)] for n in (3, 40, 17)]
+    llm = LLM(model_dir, dtype="float32", kv_cache_memory=1 << 22)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    llm.shutdown()
+    assert kernels.kernels_available() is False
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for prompt, out in zip(prompts, outs, strict=True):
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                              max_new_tokens=24, min_new_tokens=24, pad_token_id=2)
+        assert list(out.outputs[0].token_ids) == ref[0, len(prompt):].tolist()
+
+
+def test_float32_prompt_chunks_use_packed_onednn_only_with_the_kernels(compiled, monkeypatch):
+    """With the kernels, a float32 weight is packed for oneDNN: prompt-sized
+    products run oneDNN (within float32 reassociation of F.linear), decode-sized
+    ones the GEMV kernel. With ``ENGINE_CPU_KERNELS=0`` nothing float32 is packed."""
+    from engine.ops.linear import (
+        FP32_GEMV_MAX_ROWS,
+        onednn_packing_supported,
+        pack_weight,
+        packed_linear,
+    )
+
+    gen = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen)
+    assert onednn_packing_supported(weight)
+    packed = pack_weight(weight)
+    x = torch.randn(FP32_GEMV_MAX_ROWS + 40, 64, generator=gen)
+    got = packed_linear(x, packed, bias, weight)
+    torch.testing.assert_close(got, F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+    direct = torch.empty(5, 96)
+    torch.ops.engine_kernels.fp32_gemv(direct, x[:5].contiguous(), weight, bias, False)
+    assert torch.equal(packed_linear(x[:5].contiguous(), packed, bias, weight), direct)
+    monkeypatch.setenv(kernels.MODE_ENV, "0")
+    monkeypatch.setattr(kernels, "_loaded", None)
+    assert not onednn_packing_supported(weight)
+    assert onednn_packing_supported(weight.bfloat16()) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_bf16_gemv_native_path_follows_the_cpu_flags(compiled):
+    expected = "avx512_bf16" if "avx512_bf16" in _cpu_flags() else "portable"
+    assert torch.ops.engine_kernels.bf16_gemv_path() == expected
+
+
+@pytest.mark.parametrize(("n", "k"), [(64, 576), (37, 70)])
+def test_bf16_gemv_portable_path_matches_linear(compiled, monkeypatch, n, k):
+    """The bf16 GEMV's portable code on any CPU (the op's `portable` argument), and
+    `packed_linear` taking it, AMX aside, under ENGINE_KERNEL_PATH=portable."""
+    from engine.ops.linear import GEMV_MAX_ROWS, pack_weight, pack_weight_for_amx, packed_linear
+
+    gen = torch.Generator().manual_seed(n + k)
+    weight = torch.randn(n, k, generator=gen).bfloat16()
+    bias = torch.randn(n, generator=gen).bfloat16()
+    for rows in range(1, 9):
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        out = torch.empty(rows, n, dtype=torch.bfloat16)
+        torch.ops.engine_kernels.bf16_gemv(out, x, weight, bias, True)
+        ref = F.linear(x.float(), weight.float(), bias.float())
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=1e-2)
+    monkeypatch.setenv(kernels.PATH_ENV, "portable")
+    packed = pack_weight(weight)
+    amx = pack_weight_for_amx(weight) if n % 16 == 0 and k % 32 == 0 else None
+    x = torch.randn(GEMV_MAX_ROWS, k, generator=gen).bfloat16()
+    direct = torch.empty(GEMV_MAX_ROWS, n, dtype=torch.bfloat16)
+    torch.ops.engine_kernels.bf16_gemv(direct, x, weight, bias, True)
+    assert torch.equal(packed_linear(x, packed, bias, weight, amx), direct)
