@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from registry._qualname import resolve_qualname
+import registry
 
 
 def set_random_seed(seed: int) -> None:
@@ -34,7 +34,7 @@ def set_random_seed(seed: int) -> None:
 
 # the project's one qualified-name resolver (torch-free, shared with the plugin
 # registry): "pkg.mod.Cls", "pkg.mod.Outer.Inner" and "pkg.mod:Outer.Inner" all work
-resolve_obj_by_qualname = resolve_qualname
+resolve_obj_by_qualname = registry.resolve_qualname
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -45,9 +45,6 @@ def _calling_plugin(depth: int) -> str | None:
     """The plugin whose code made the call `depth` frames up: the running plugin
     when the registry is calling one, else the plugin loaded from the caller's
     package; None for user code."""
-    import registry
-    from registry._running import plugin_of_module
-
     running = registry.current_plugin()
     if running is not None:
         return running.name
@@ -55,7 +52,7 @@ def _calling_plugin(depth: int) -> str | None:
         module = sys._getframe(depth + 1).f_globals.get("__name__")
     except ValueError:  # not that many frames
         return None
-    owner = plugin_of_module(module)
+    owner = registry.plugin_of_module(module)
     return owner.name if owner is not None else None
 
 

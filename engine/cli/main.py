@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 
-from registry._version import __version__
+import registry
 
 SUBCOMMAND_MODULES = ("plugins", "generate", "chat", "embed", "serve")
 
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="An LLM inference engine whose every extension point is a plugin.",
         parents=[_global_options(top_level=True)],
     )
-    parser.add_argument("--version", action="version", version=f"engine {__version__}")
+    parser.add_argument("--version", action="version", version=f"engine {registry.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub_parents = [_global_options(top_level=False)]
     for name in SUBCOMMAND_MODULES:
@@ -117,10 +117,8 @@ def apply_global_options(args: argparse.Namespace) -> None:
     if args.strict_plugins:
         os.environ["ENGINE_STRICT_PLUGINS"] = "1"
     if args.plugin_settings:
-        from registry._settings import add_plugin_config, parse_cli_setting
-
         for setting in args.plugin_settings:
-            add_plugin_config(parse_cli_setting(setting))
+            registry.add_plugin_config(registry.parse_plugin_setting(setting))
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(
         level=level,
@@ -141,11 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         apply_global_options(args)
     except ValueError as exc:  # a malformed --plugin-config
         parser.error(str(exc))
-    from registry._errors import RegistryError
-
     try:
         return int(args.func(args) or 0)
-    except RegistryError as exc:
+    except registry.RegistryError as exc:
         # strict plugin mode and refused plugins: the message names the plugin and
         # its origin; a traceback would only bury it (-vv shows it)
         if args.verbose >= 2:
