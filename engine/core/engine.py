@@ -111,7 +111,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         import registry
-        from engine.executor import ExecutorBase
+        from engine.executor import executor_class
         from engine.platforms import current_platform
         from engine.tokenizer import load_tokenizer
 
@@ -124,7 +124,7 @@ class LLMEngine:
         )
         current_platform.check_and_update_config(config)
         self.tokenizer = load_tokenizer(model_config.model)
-        self.executor = ExecutorBase.get_class(config)(config)
+        self.executor = executor_class(config)(config)
         try:
             self._init_workers()
         except BaseException:

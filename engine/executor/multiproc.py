@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, NoReturn
 
-from engine.executor import ExecutorBase, build_worker, call_worker, rpc_name
+from engine.executor.abstract import ExecutorBase, build_worker, call_worker, rpc_name
 
 logger = logging.getLogger("engine.executor")
 

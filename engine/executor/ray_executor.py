@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from engine.executor import ExecutorBase, build_worker, call_worker, rpc_name
+from engine.executor.abstract import ExecutorBase, build_worker, call_worker, rpc_name
 from engine.executor.multiproc import WorkerProcessError
 
 logger = logging.getLogger("engine.executor")
