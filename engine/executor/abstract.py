@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from engine.step import ModelRunnerOutput, SchedulerOutput
+
 # the values of ``distributed_executor_backend``
 DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray", "external_launcher")
 
@@ -31,7 +33,7 @@ class ExecutorBase:
         results in rank order."""
         raise NotImplementedError(f"{type(self).__qualname__}.collective_rpc")
 
-    def execute_model(self, scheduler_output: Any) -> Any:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step on every rank; returns rank 0's `ModelRunnerOutput`."""
         return self.collective_rpc("execute_model", (scheduler_output,))[0]
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.executor.abstract import ExecutorBase, build_worker, call_worker
+from engine.step import ModelRunnerOutput, SchedulerOutput
 
 
 class UniProcExecutor(ExecutorBase):
@@ -25,7 +26,7 @@ class UniProcExecutor(ExecutorBase):
             raise RuntimeError("the executor was shut down")
         return [call_worker(self.worker, method, args, kwargs or {})]
 
-    def execute_model(self, scheduler_output: Any) -> Any:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
 
     def shutdown(self) -> None:
