@@ -228,8 +228,8 @@ class EngineArgs:
         )
 
     def _checked_logits_processors(self) -> list[Any]:
-        from engine.models.registry import worker_importable_name
         from engine.sample._logits_processor import processor_name, resolve_logits_processor
+        from engine.utils import worker_importable_name
 
         checked = []
         for entry in self.logits_processors or ():

@@ -128,3 +128,30 @@ def read_json_file(path: Path, expect: type[dict] | type[list] = dict) -> Any:
         kind = "a JSON object" if expect is dict else "a JSON array"
         raise ValueError(f"{path}: expected {kind}, found {type(data).__name__}")
     return data
+
+
+def worker_importable_name(cls: type, what: str) -> str:
+    """``"module:Qualname"`` under which a spawned worker process imports `cls`.
+
+    Raises ValueError naming `what`, the class and the fix when workers cannot
+    import it: a class defined inside a function, or in ``__main__`` when the
+    main program is not a file a worker can re-import (``python -c``, a REPL,
+    a notebook).
+    """
+    module, qualname = cls.__module__, cls.__qualname__
+    fix = (f"move {qualname} into a module on sys.path (for example my_models.py) and "
+           f"pass 'my_models:{qualname.split('.')[-1]}'")
+    if "<locals>" in qualname:
+        raise ValueError(
+            f"{what}: class {module}.{qualname} is defined inside a function, so the "
+            f"engine's worker processes cannot import it; {fix}"
+        )
+    if module == "__main__":
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        if not main_file or not str(main_file).endswith(".py"):
+            raise ValueError(
+                f"{what}: class {qualname} is defined in __main__ of an interactive "
+                "session or `python -c`, which the engine's worker processes cannot "
+                f"re-import; {fix}"
+            )
+    return f"{module}:{qualname}"

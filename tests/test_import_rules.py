@@ -17,10 +17,10 @@ SKIP_DIRS = {".git", "build", "dist", "__pycache__", ".venv", "node_modules"}
 WHITE_BOX = ("tests/test_registry*.py", "benchmarks/bench_registry.py")
 
 
-def python_files(root: Path) -> Iterator[Path]:
-    """Every .py file under `root`, outside build and VCS folders."""
-    for path in sorted(root.rglob("*.py")):
-        if not SKIP_DIRS & set(path.relative_to(REPO).parts):
+def python_files(folder: Path) -> Iterator[Path]:
+    """Every .py file under `folder`, outside build and VCS folders."""
+    for path in sorted(folder.rglob("*.py")):
+        if not SKIP_DIRS & set(path.relative_to(folder).parts):
             yield path
 
 
@@ -80,3 +80,91 @@ def test_registry_imports_nothing_from_engine():
                  for line, name in imports(path)
                  if name == "engine" or name.startswith("engine.")]
     assert not offenders, "registry/ must not import engine:\n" + "\n".join(offenders)
+
+
+# ---------------------------------------------------------------------------
+# the import graph of engine/ and registry/
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path = REPO, packages: tuple[str, ...] = ("engine", "registry")
+                 ) -> dict[str, set[str]]:
+    """module -> the project modules it imports, anywhere in the file (an import of
+    ``a.b.c`` where ``c`` is a name, not a module, is an edge to ``a.b``)."""
+    files = {_module_name(p, root): p for top in packages for p in python_files(root / top)}
+
+    def module_of(name: str) -> str | None:
+        parts = name.split(".")
+        while parts and ".".join(parts) not in files:
+            parts.pop()
+        return ".".join(parts) or None
+
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        targets = {module_of(name) for _, name in imports(path, root)}
+        graph[module] = {t for t in targets if t is not None and t != module}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's
+    algorithm, iterative), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_no_import_circle_among_engine_and_registry_modules():
+    found = circles(import_graph())
+    assert not found, (
+        "import circles (imports inside functions count): move what both sides need "
+        "into a module of its own\n" + "\n".join(" <-> ".join(c) for c in found))
+
+
+def test_the_circle_check_finds_a_circle_through_a_function_level_import(tmp_path):
+    pkg = tmp_path / "engine"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from engine.b import thing\n")
+    (pkg / "b.py").write_text("def thing():\n    from engine import a\n")
+    (pkg / "c.py").write_text("import engine.a\n")
+    assert circles(import_graph(tmp_path, ("engine",))) == [["engine.a", "engine.b"]]

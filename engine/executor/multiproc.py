@@ -97,7 +97,7 @@ def _build_worker(config: Any, rank: int, init_method: str,
 
     torch.set_num_threads(1)
     import registry
-    from engine.models.registry import apply_worker_registrations
+    from engine.executor.registrations import apply_worker_registrations
 
     # general plugins first: they may register what the worker class needs
     registry.load_general_plugins()
@@ -217,7 +217,7 @@ class MultiprocExecutor(ExecutorBase):
         self._failure: str | None = None
         # stops the workers on shutdown(), garbage collection or interpreter exit
         self._finalizer = weakref.finalize(self, _stop_workers, self._handles)
-        from engine.models.registry import registrations_for_workers
+        from engine.executor.registrations import registrations_for_workers
 
         # registrations made in the user's script reach every worker; a class the
         # workers could not import fails here, naming it, before anything starts

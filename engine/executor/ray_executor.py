@@ -109,12 +109,12 @@ class RayWorkerWrapper:
     def init_worker(self, config: Any, rank: int, local_rank: int, init_method: str,
                     registrations: dict[str, Any]) -> None:
         """Load the general plugins, replay the driver's model and load-format
-        registrations (`engine.models.registry.registrations_for_workers`), then
+        registrations (`engine.executor.registrations.registrations_for_workers`), then
         build the worker of `config.parallel_config.worker_cls` for `rank`."""
         import torch
 
         import registry
-        from engine.models.registry import apply_worker_registrations
+        from engine.executor.registrations import apply_worker_registrations
 
         torch.set_num_threads(1)
         missing = [d for d in registry.plugin_dirs() if not os.path.isdir(d)]
@@ -304,7 +304,7 @@ class RayExecutor(ExecutorBase):
         # the rank among the actors of its node; with one accelerator per actor
         # Ray makes it device 0 of that actor
         seen: dict[str, int] = {}
-        from engine.models.registry import registrations_for_workers
+        from engine.executor.registrations import registrations_for_workers
 
         # a class no rank could import fails here, naming it, before anything
         # starts; one from the user's script travels by value (an actor's
