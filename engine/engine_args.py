@@ -228,7 +228,7 @@ class EngineArgs:
         )
 
     def _checked_logits_processors(self) -> list[Any]:
-        from engine.sample._logits_processor import processor_name, resolve_logits_processor
+        from engine.sample.logits_processor import processor_name, resolve_logits_processor
         from engine.utils import worker_importable_name
 
         checked = []

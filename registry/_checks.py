@@ -51,6 +51,7 @@ def _trust_problems(path: str) -> list[str]:
         if reason:
             problems.append(f"{path}: refused: {reason}; manifests run code, so fix the "
                             "permissions")
+    sys_path: str | None
     if os.path.basename(path) == PYPROJECT:
         sys_path = project_code_path(path)
     else:

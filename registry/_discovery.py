@@ -192,10 +192,10 @@ def _scan() -> Discovery:
         if not strict:
             logger.log(problem.level, problem.message)
     records = tuple(record for record, _ in decided)
-    seconds = perf_counter() - start
+    took = perf_counter() - start
     logger.info("discovered %d plugins (%d enabled) in %.1f ms", len(records),
-                sum(r.enabled for r in records), seconds * 1000)
-    return Discovery(records, tuple(scan.problems), seconds)
+                sum(r.enabled for r in records), took * 1000)
+    return Discovery(records, tuple(scan.problems), took)
 
 
 def _scan_without_gc() -> Discovery:

@@ -174,7 +174,8 @@ def _record(name: str) -> PluginRecord | None:
     candidates = [r for r in current_discovery().records if r.name == name]
     enabled = [r for r in candidates if r.enabled]
     with_model = [r for r in enabled if r.config_model]
-    return (with_model or enabled or candidates or [None])[0]
+    best = with_model or enabled or candidates
+    return best[0] if best else None
 
 
 _cache: dict[tuple[str, str], Any] = {}

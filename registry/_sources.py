@@ -68,6 +68,7 @@ class SourceSpec:
     def registry_find_plugins(self, scan: Scan) -> list[PluginRecord]:
         """Return the plugins this source provides, in a stable order. Problems
         (bad manifests, unsafe folders) go to ``scan.problem``; never raise."""
+        return []  # a specification: pluggy calls the sources' implementations
 
 
 # ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import importlib
 import logging
 import os
 import sys
+from typing import Any
 
 import registry
 
@@ -29,7 +30,7 @@ SUBCOMMAND_MODULES = ("plugins", "generate", "chat", "embed", "serve")
 def _global_options(top_level: bool) -> argparse.ArgumentParser:
     """Global options; below the subcommand they default to SUPPRESS so they never
     overwrite what was given above it."""
-    suppress = {} if top_level else {"default": argparse.SUPPRESS}
+    suppress: dict[str, Any] = {} if top_level else {"default": argparse.SUPPRESS}
     suffix = "" if top_level else "_sub"
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("global options")

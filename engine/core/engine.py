@@ -289,7 +289,7 @@ class LLMEngine:
         tokenized = self.tokenize_prompt(prompt)
         text, token_ids = tokenized.text, tokenized.token_ids
         from engine.platforms import current_platform
-        from engine.sample._logits_processor import validate_params_for_processors
+        from engine.sample.logits_processor import validate_params_for_processors
 
         current_platform.validate_request(token_ids, params)  # ValueError: refused, not queued
         validate_params_for_processors(self._logits_processor_classes, params)

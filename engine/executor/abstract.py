@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from engine.config import EngineConfig
 from engine.step import ModelRunnerOutput, SchedulerOutput
 
 # the values of ``distributed_executor_backend``
@@ -15,7 +16,7 @@ DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray", "external_launcher")
 class ExecutorBase:
     """Runs one worker per rank and calls methods on all of them."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self._init_executor()
 
@@ -45,7 +46,7 @@ class ExecutorBase:
         """Stop the workers; idempotent."""
 
 
-def build_worker(config: Any, rank: int = 0, distributed_init_method: str | None = None,
+def build_worker(config: EngineConfig, rank: int = 0, distributed_init_method: str | None = None,
                  local_rank: int | None = None) -> Any:
     """The worker of ``config.parallel_config.worker_cls`` (a qualified name) for
     ``rank``; ``local_rank`` (the rank's index on its machine) defaults to ``rank``.
@@ -85,6 +86,15 @@ def call_worker(worker: Any, method: str | Callable[..., Any], args: tuple,
             f"worker class {type(worker).__qualname__} has no method {method!r}"
         )
     return fn(*args, **kwargs)
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)``: Python 3.10 has no ``add_note``, so there the note is
+    kept in ``__notes__`` the same way (where 3.11's traceback would print it)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:  # Python 3.10
+        exc.__notes__ = [*getattr(exc, "__notes__", ()), note]  # type: ignore[attr-defined]
 
 
 def rpc_name(method: str | Callable[..., Any]) -> str:

@@ -30,7 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from engine.executor.abstract import ExecutorBase, build_worker, call_worker, rpc_name
+from engine.config import EngineConfig
+from engine.executor.abstract import ExecutorBase, add_note, build_worker, call_worker, rpc_name
 from engine.executor.multiproc import WorkerProcessError
 from engine.step import ModelRunnerOutput, SchedulerOutput
 
@@ -106,7 +107,7 @@ class RayWorkerWrapper:
             s.bind(("", 0))
             return s.getsockname()[1]
 
-    def init_worker(self, config: Any, rank: int, local_rank: int, init_method: str,
+    def init_worker(self, config: EngineConfig, rank: int, local_rank: int, init_method: str,
                     registrations: dict[str, Any]) -> None:
         """Load the general plugins, replay the driver's model and load-format
         registrations (`engine.executor.registrations.registrations_for_workers`), then
@@ -405,8 +406,8 @@ class RayExecutor(ExecutorBase):
 
         if not isinstance(cause, Exception):
             cause = RuntimeError(f"worker rank {a.rank} raised in {what!r}")
-        cause.add_note(f"(raised in engine worker rank {a.rank}, Ray actor on {a.where}, "
-                       f"during {what!r})")
+        add_note(cause, f"(raised in engine worker rank {a.rank}, Ray actor on {a.where}, "
+                        f"during {what!r})")
         raise cause from _RemoteTraceback(text)
 
     # -- lifecycle --------------------------------------------------------
@@ -438,11 +439,6 @@ class RayExecutor(ExecutorBase):
             _stop_actors(self._ray, self._actors, self._pg, True)
         else:
             self._finalizer()
-
-    @property
-    def actor_nodes(self) -> list[str | None]:
-        """The node address of each rank's actor, in rank order."""
-        return [a.ip for a in self._actors]
 
     @property
     def actor_pids(self) -> list[int | None]:

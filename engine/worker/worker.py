@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 
+from engine.config import EngineConfig
 from engine.step import ModelRunnerOutput, SchedulerOutput
 from engine.worker.model_runner import ModelRunner
 from engine.worker.worker_base import KVCacheSpec, WorkerBase
@@ -21,7 +21,7 @@ class Worker(WorkerBase):
     sizing, warm-up) and keep the rest.
     """
 
-    def __init__(self, config: Any, rank: int = 0, local_rank: int = 0,
+    def __init__(self, config: EngineConfig, rank: int = 0, local_rank: int = 0,
                  distributed_init_method: str | None = None) -> None:
         super().__init__(config, rank, local_rank, distributed_init_method)
         self.device: torch.device | None = None
