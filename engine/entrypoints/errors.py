@@ -56,7 +56,7 @@ def json_response(error: APIError) -> Any:
 def validation_error(errors: list[dict[str, Any]]) -> APIError:
     """A 400 from FastAPI/pydantic request-validation errors, naming the first bad
     field (``messages[0].role``)."""
-    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+    first: dict[str, Any] = errors[0] if errors else {"msg": "invalid request", "loc": ()}
     loc = [part for part in first.get("loc", ()) if part != "body"]
     kind = first.get("type", "")
     if kind == "json_invalid":

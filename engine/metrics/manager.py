@@ -167,7 +167,7 @@ def _plugin_factories() -> list[tuple[str, StatLoggerFactory, bool]]:
         for record in registry.discover(registry.STAT_LOGGER_PLUGINS)
         if record.enabled
     }
-    factories = []
+    factories: list[tuple[str, StatLoggerFactory, bool]] = []
     for name in sorted(plugins):
         value = plugins[name]
         origin = origins.get(name, "unknown origin")
