@@ -22,9 +22,19 @@ from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.step import ModelRunnerOutput
-from engine.utils import short_repr
+from engine.utils import STARTUP_LOGGER, short_repr
 
 logger = logging.getLogger(__name__)
+startup_logger = logging.getLogger(STARTUP_LOGGER)
+
+# With no kv_cache_memory given, the cache holds this many sequences at the full
+# context length (more shorter ones share it: blocks are taken as tokens arrive),
+# like llama.cpp's server slots; vLLM instead takes a fixed share of the device.
+# A small-context model gets at least DEFAULT_MIN_CACHE_BYTES, so it still runs
+# many sequences at once. A bigger cache costs memory a small model never uses
+# (docs/first-run.md).
+DEFAULT_FULL_LENGTH_SEQS = 4
+DEFAULT_MIN_CACHE_BYTES = 512 * 2**20
 
 # config.json keys that give a model's context length, most specific first
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
@@ -164,17 +174,24 @@ class LLMEngine:
         self.num_blocks = 0
         if spec is not None:
             available = min(ex.collective_rpc("determine_available_memory"))
-            self.num_blocks = self._num_blocks(spec, available)
+            self.num_blocks, why = self._num_blocks(spec, available)
             ex.collective_rpc("initialize_cache", (self.num_blocks,))
-            logger.info(
-                "KV cache: %d blocks of %d tokens (%.1f MiB)",
-                self.num_blocks, spec.block_size,
-                self.num_blocks * spec.page_size_bytes / 2**20,
-            )
+            startup_logger.info(
+                "KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s)",
+                self.num_blocks, spec.block_size, self.num_blocks * spec.block_size,
+                self.num_blocks * spec.page_size_bytes / 2**30, why)
         ex.collective_rpc("compile_or_warm_up_model")
         config.cache_config.num_blocks = self.num_blocks
 
-    def _num_blocks(self, spec: Any, available: int) -> int:
+    def _num_blocks(self, spec: Any, available: int) -> tuple[int, str]:
+        """How many KV-cache blocks to allocate, and why: `available` bytes (what
+        kv_cache_memory says, else the memory fraction) cap it; never more than
+        every running sequence at full length uses; with no kv_cache_memory given,
+        `DEFAULT_FULL_LENGTH_SEQS` sequences at full length or
+        `DEFAULT_MIN_CACHE_BYTES`, whichever is more."""
+        cache = self.config.cache_config
+        max_model_len = self.config.model_config.max_model_len
+        max_num_seqs = self.config.scheduler_config.max_num_seqs
         num_blocks = available // spec.page_size_bytes
         if num_blocks < 1:
             raise ValueError(
@@ -182,9 +199,24 @@ class LLMEngine:
                 f"({spec.page_size_bytes} bytes: {spec.block_size} tokens x {spec.num_layers} "
                 "layers); raise kv_cache_memory"
             )
-        # more than every running sequence at full length is never used
-        per_seq = -(-self.config.model_config.max_model_len // spec.block_size)
-        return min(num_blocks, per_seq * self.config.scheduler_config.max_num_seqs)
+        per_seq = -(-max_model_len // spec.block_size)
+        wanted = per_seq * max_num_seqs
+        reason = f"room for max_num_seqs={max_num_seqs} sequences of max_model_len={max_model_len}"
+        if cache.kv_cache_memory is not None:
+            source = f"kv_cache_memory={cache.kv_cache_memory}"
+        else:
+            source = f"kv_cache_memory_fraction={cache.kv_cache_memory_fraction:g} of memory"
+            seqs = min(max_num_seqs, DEFAULT_FULL_LENGTH_SEQS)
+            floor = DEFAULT_MIN_CACHE_BYTES // spec.page_size_bytes
+            if max(per_seq * seqs, floor) < wanted:
+                wanted = max(per_seq * seqs, floor)
+                reason = (f"room for {seqs} sequences of max_model_len={max_model_len}"
+                          if per_seq * seqs >= floor else
+                          f"the {DEFAULT_MIN_CACHE_BYTES // 2**20} MiB default minimum")
+        per_token = f"{spec.page_size_bytes // spec.block_size} bytes/token"
+        if num_blocks <= wanted:
+            return num_blocks, f"{source}, {per_token}; kv_cache_memory=SIZE to change"
+        return wanted, f"{reason}, {per_token}; kv_cache_memory=SIZE to change"
 
     # ------------------------------------------------------------------ requests
 
