@@ -126,6 +126,10 @@ class EngineArgs:
     logits_processors: tuple[Any, ...] = field(default=(), metadata=_help(
         "extra LogitsProcessor classes (or 'pkg.mod:Cls' names) run after the "
         "logits_processor plugins", nargs="+", metavar="QUALNAME"))
+    # speculative decoding (docs/speculative-decoding.md)
+    speculative_config: dict[str, Any] | str | None = field(default=None, metadata=_help(
+        "speculative decoding, as JSON: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' "
+        "or '{\"model\": DRAFT_DIR, \"num_speculative_tokens\": 4}'", metavar="JSON"))
 
     # ------------------------------------------------------------------ CLI
 
@@ -229,7 +233,15 @@ class EngineArgs:
             attention_backend=self.attention_backend,
             log_stats=self.log_stats,
             logits_processors=self._checked_logits_processors(),
+            speculative_config=self._checked_speculative_config(),
         )
+
+    def _checked_speculative_config(self) -> Any:
+        if self.speculative_config is None:
+            return None
+        from engine.spec_decode import SpeculativeConfig
+
+        return SpeculativeConfig.from_user(self.speculative_config)
 
     def _checked_logits_processors(self) -> list[Any]:
         from engine.sample.logits_processor import processor_name, resolve_logits_processor

@@ -134,6 +134,11 @@ class LLMEngine:
             model_config.hf_config, model_config.max_model_len
         )
         current_platform.check_and_update_config(config)
+        self.speculative_config = config.speculative_config
+        if self.speculative_config is not None:
+            from engine.spec_decode.selection import check_speculative_support
+
+            check_speculative_support(config)
         self.tokenizer = load_tokenizer(model_config.model)
         self.executor = executor_class(config)(config)
         try:
@@ -150,6 +155,9 @@ class LLMEngine:
                 model_config.max_model_len,
             )
             self.scheduler.eos_token_ids = sorted(self.tokenizer.eos_token_ids)
+            if self.speculative_config is not None:
+                self.scheduler.num_speculative_tokens = (
+                    self.speculative_config.num_speculative_tokens)
         self.requests: dict[str, _Request] = {}
         self._request_ids = itertools.count()
         self.stat_loggers: Any = None  # engine.metrics.StatLoggerManager when log_stats
@@ -433,13 +441,25 @@ class LLMEngine:
 
     def _run_step(self, scheduler: Scheduler, scheduler_output: Any) -> list[RequestOutput]:
         runner_output: ModelRunnerOutput = self.executor.execute_model(scheduler_output)
+        if self.speculative_config is not None:  # the proposals for the next step
+            scheduler.update_draft_token_ids(
+                self.executor.collective_rpc("take_draft_token_ids")[0])
         touched: dict[str, _Request] = {}
         new_tokens: dict[str, int] = {}  # per request, only counted when stats are on
-        for seq, token_id, logprobs in scheduler.update_from_output(
-            scheduler_output, runner_output
-        ):
+        results = scheduler.update_from_output(scheduler_output, runner_output)
+        # a speculative step gives a sequence several tokens: each is checked against
+        # the stop conditions as if it came alone, and those after a stop are dropped
+        pending: dict[int, int] = {}
+        for seq, _, _ in results:
+            pending[seq.seq_id] = pending.get(seq.seq_id, 0) + 1
+        for seq, token_id, logprobs in results:
+            pending[seq.seq_id] -= 1
+            if seq.is_finished:
+                continue
             req = self.requests[seq.request_id]
-            self._process_token(req, seq, token_id, logprobs)
+            self._process_token(req, seq, token_id, logprobs, pending[seq.seq_id])
+            if seq.is_finished:
+                seq.drop_last_tokens(pending[seq.seq_id])
             touched[req.request_id] = req
             if self.stat_loggers is not None:
                 new_tokens[req.request_id] = new_tokens.get(req.request_id, 0) + 1
@@ -483,8 +503,11 @@ class LLMEngine:
         self.stat_loggers.record(scheduler.make_stats(), tracker.take_iteration_stats(now))
 
     def _process_token(
-        self, req: _Request, seq: Sequence, token_id: int, logprobs: dict[int, float] | None
+        self, req: _Request, seq: Sequence, token_id: int, logprobs: dict[int, float] | None,
+        num_later: int = 0,
     ) -> None:
+        """Record one new token (``num_later`` more of the same step follow it in
+        ``seq``) and finish ``seq`` when it stops there."""
         if req.logprobs[seq.index] is not None and logprobs is not None:
             req.logprobs[seq.index].append(logprobs)
         decision = req.detokenizers[seq.index].add(token_id)
@@ -493,7 +516,7 @@ class LLMEngine:
             status = (SequenceStatus.FINISHED_LENGTH if decision.finish_reason == "length"
                       else SequenceStatus.FINISHED_STOPPED)
             seq.stop_reason = decision.stop_reason
-        elif seq.num_output_tokens >= seq.max_tokens:
+        elif seq.num_output_tokens - num_later >= seq.max_tokens:
             status = SequenceStatus.FINISHED_LENGTH  # the context is full
         if status is not None:
             self.scheduler.finish_sequence(seq, status)
@@ -579,6 +602,15 @@ class LLMEngine:
         return out
 
     # ------------------------------------------------------------------ stats, end
+
+    @property
+    def spec_decoding_stats(self) -> Any:
+        """Speculative decoding since the start: an `engine.spec_decode.stats.
+        SpecDecodingCounts` (drafted and accepted tokens, accepted per position);
+        None when the engine does not speculate."""
+        if self.speculative_config is None or self.scheduler is None:
+            return None
+        return self.scheduler.spec_stats
 
     @property
     def num_preemptions(self) -> int:

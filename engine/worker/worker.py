@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -125,12 +126,17 @@ class Worker(WorkerBase):
             caches.append(_zeroed_untouched(shape, dtype, self.device))
         bind_kv_cache(model, caches)
         self.config.cache_config.num_blocks = num_blocks
+        self.model_runner.initialize_proposer_cache(num_blocks)
 
     def compile_or_warm_up_model(self) -> None:
         """Nothing to compile for eager PyTorch; the first step warms up itself."""
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
+
+    def take_draft_token_ids(self) -> Any:
+        """The proposals the last step made for the next one (rank 0)."""
+        return self.model_runner.take_draft_token_ids()
 
     def embed(self, token_id_lists: list[list[int]]) -> list[list[float]]:
         return self.model_runner.embed(token_id_lists)

@@ -6,7 +6,8 @@ rank=r, local_rank=r, distributed_init_method=...)`` (after the platform's
 `import_kernels` and the global seed) and then calls, in order: `init_device`,
 `load_model`, `get_supported_tasks`, `get_kv_cache_spec`,
 `determine_available_memory`, `initialize_cache`, `compile_or_warm_up_model`,
-then `execute_model` once per step (`embed` for embedding models),
+then `execute_model` once per step (`embed` for embedding models;
+`take_draft_token_ids` after it with speculative decoding),
 `check_health` when the server asks, and `shutdown` at the end.
 
 Every method here is one the engine calls; a required one the subclass does not
@@ -19,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from engine.step import ModelRunnerOutput, SchedulerOutput
+from engine.step import DraftTokenIds, ModelRunnerOutput, SchedulerOutput
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.config import EngineConfig
@@ -98,6 +99,13 @@ class WorkerBase:
     def embed(self, token_id_lists: list[list[int]]) -> list[list[float]]:
         """Pooled embeddings of a batch of token-id lists (embedding models)."""
         raise self._missing("embed")
+
+    def take_draft_token_ids(self) -> DraftTokenIds | None:
+        """Speculative decoding: the proposals made during the last `execute_model`
+        for the next step (rank 0; other ranks return None). The engine calls it
+        after every step when ``speculative_config`` is set; a worker without it
+        makes such an engine fail at start-up."""
+        raise self._missing("take_draft_token_ids")
 
     def check_health(self) -> None:
         """Raise when this worker can no longer serve; healthy by default."""
