@@ -79,7 +79,6 @@ def build_engines(folder: Path, site: Path, seed: int) -> dict[str, object]:
     """The engine without the plugins, then (the package on sys.path) the one with them."""
     import registry
     from engine import LLM
-    from registry._discovery import clear_cache
 
     def make():
         return LLM(str(folder), dtype="float32", seed=seed, kv_cache_memory=2**26)
@@ -88,7 +87,7 @@ def build_engines(folder: Path, site: Path, seed: int) -> dict[str, object]:
     assert not PLUGINS & processor_names(none), "the plugins are already installed here"
     sys.path.insert(0, str(site))
     importlib.invalidate_caches()
-    clear_cache()
+    registry.clear_discovery_cache()
     plugins = make()
     found = processor_names(plugins)
     assert PLUGINS <= found, f"plugins not found: {sorted(found)}"

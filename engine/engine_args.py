@@ -274,8 +274,8 @@ class EngineArgs:
         return SpeculativeConfig.from_user(self.speculative_config)
 
     def _checked_logits_processors(self) -> list[Any]:
-        from engine.models.registry import worker_importable_name
-        from engine.sample._logits_processor import processor_name, resolve_logits_processor
+        from engine.sample.logits_processor import processor_name, resolve_logits_processor
+        from engine.utils import worker_importable_name
 
         checked = []
         for entry in self.logits_processors or ():
@@ -316,7 +316,7 @@ def parse_memory_size(text: str, what: str = "size") -> int:
     naming `what` for anything else."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
     unit = match.group(2).lower() if match else None
-    if unit not in _SIZE_UNITS:
+    if match is None or unit not in _SIZE_UNITS:
         raise ValueError(f"{what + ': ' if what else ''}{text!r} is not a size; give bytes "
                          "or a number with a unit: 512MiB, 1GiB, 2GB")
     return int(float(match.group(1)) * _SIZE_UNITS[unit])

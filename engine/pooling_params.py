@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 POOLING_TASKS = ("embed",)
 
@@ -47,6 +48,6 @@ class PoolingParams:
                 embedding = [x / norm for x in embedding]
         return list(embedding)
 
-    def replace(self, **changes: object) -> PoolingParams:
+    def replace(self, **changes: Any) -> PoolingParams:
         """A copy with `changes` applied (validated again)."""
         return dataclasses.replace(self, **changes)

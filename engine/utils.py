@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from registry._qualname import resolve_qualname
+import registry
 
 # Start-up decisions a user should see once (KV-cache size, a kernel build starting,
 # active out-of-tree plugins): logged at INFO on this logger, which the `engine` CLI
@@ -41,7 +41,7 @@ def set_random_seed(seed: int) -> None:
 
 # the project's one qualified-name resolver (torch-free, shared with the plugin
 # registry): "pkg.mod.Cls", "pkg.mod.Outer.Inner" and "pkg.mod:Outer.Inner" all work
-resolve_obj_by_qualname = resolve_qualname
+resolve_obj_by_qualname = registry.resolve_qualname
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -52,9 +52,6 @@ def _calling_plugin(depth: int) -> str | None:
     """The plugin whose code made the call `depth` frames up: the running plugin
     when the registry is calling one, else the plugin loaded from the caller's
     package; None for user code."""
-    import registry
-    from registry._running import plugin_of_module
-
     running = registry.current_plugin()
     if running is not None:
         return running.name
@@ -62,7 +59,7 @@ def _calling_plugin(depth: int) -> str | None:
         module = sys._getframe(depth + 1).f_globals.get("__name__")
     except ValueError:  # not that many frames
         return None
-    owner = plugin_of_module(module)
+    owner = registry.plugin_of_module(module)
     return owner.name if owner is not None else None
 
 
@@ -153,3 +150,30 @@ def read_json_file(path: Path, expect: type[dict] | type[list] = dict) -> Any:
         kind = "a JSON object" if expect is dict else "a JSON array"
         raise ValueError(f"{path}: expected {kind}, found {type(data).__name__}")
     return data
+
+
+def worker_importable_name(cls: type, what: str) -> str:
+    """``"module:Qualname"`` under which a spawned worker process imports `cls`.
+
+    Raises ValueError naming `what`, the class and the fix when workers cannot
+    import it: a class defined inside a function, or in ``__main__`` when the
+    main program is not a file a worker can re-import (``python -c``, a REPL,
+    a notebook).
+    """
+    module, qualname = cls.__module__, cls.__qualname__
+    fix = (f"move {qualname} into a module on sys.path (for example my_models.py) and "
+           f"pass 'my_models:{qualname.split('.')[-1]}'")
+    if "<locals>" in qualname:
+        raise ValueError(
+            f"{what}: class {module}.{qualname} is defined inside a function, so the "
+            f"engine's worker processes cannot import it; {fix}"
+        )
+    if module == "__main__":
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        if not main_file or not str(main_file).endswith(".py"):
+            raise ValueError(
+                f"{what}: class {qualname} is defined in __main__ of an interactive "
+                "session or `python -c`, which the engine's worker processes cannot "
+                f"re-import; {fix}"
+            )
+    return f"{module}:{qualname}"

@@ -10,11 +10,18 @@ import threading
 from dataclasses import dataclass, replace
 from time import perf_counter
 
-from registry._env import PluginFilter, autoload, config_dir, plugin_dirs, plugin_filter, strict_mode
+from registry._env import (
+    PluginFilter,
+    autoload,
+    config_dir,
+    plugin_dirs,
+    plugin_filter,
+    strict_mode,
+)
 from registry._errors import PluginLoadError
 from registry._groups import api_problem, resolve_group
 from registry._records import SOURCE_RANK, PluginRecord, record_discovery, record_event
-from registry._sources import Problem, Scan, plugin_manager
+from registry._sources import DiscoveryProblem, Scan, plugin_manager
 from registry._state import read_disabled, state_path, state_stamp
 from registry._version import __version__
 from registry._versions import admits
@@ -28,10 +35,12 @@ _ENV_KEYS = ("ENGINE_PLUGIN_DIRS", "ENGINE_PLUGINS", "ENGINE_CONFIG_DIR", "ENGIN
 
 @dataclass(frozen=True)
 class Discovery:
-    """The outcome of one discovery pass."""
+    """The outcome of one discovery pass: every record found (disabled ones
+    included, in load order), the problems it met (bad manifests, unsafe folders,
+    conflicts, unknown names in ``ENGINE_PLUGINS``), and how long it took."""
 
     records: tuple[PluginRecord, ...]
-    problems: tuple[Problem, ...]
+    problems: tuple[DiscoveryProblem, ...]
     seconds: float
 
 
@@ -77,7 +86,7 @@ def _decide(found: list[PluginRecord], scan: Scan) -> list[tuple[PluginRecord, s
         scan.problem(logging.ERROR, f"{exc} (ignoring it)", "invalid", "config-dir", state_path())
         disabled = frozenset()
     for message in flt.problems:
-        scan.problems.append(Problem(logging.WARNING, message, "missing"))
+        scan.problems.append(DiscoveryProblem(logging.WARNING, message, "missing"))
     decided: list[tuple[PluginRecord, str]] = []
     for record in found:
         outcome = "discovered"
@@ -93,18 +102,18 @@ def _decide(found: list[PluginRecord], scan: Scan) -> list[tuple[PluginRecord, s
             outcome = "filtered"
         elif api is not None and api[0]:
             record = replace(record, enabled=False, disabled_reason=api[1], disabled_by="api")
-            scan.problems.append(Problem(logging.WARNING, f"skipping: {api[1]}", "", record))
+            scan.problems.append(DiscoveryProblem(logging.WARNING, f"skipping: {api[1]}", "", record))
             outcome = "incompatible"
         elif record.requires_engine and not admits(record.requires_engine):
             reason = f"requires engine {record.requires_engine}, this is engine {__version__}"
             record = replace(record, enabled=False, disabled_reason=reason,
                              disabled_by="requires-engine")
             scan.problems.append(
-                Problem(logging.WARNING, f"skipping {record.describe()}: {reason}", "", record)
+                DiscoveryProblem(logging.WARNING, f"skipping {record.describe()}: {reason}", "", record)
             )
             outcome = "incompatible"
         if api is not None and not api[0] and record.enabled:  # older, supported: warned
-            scan.problems.append(Problem(logging.WARNING, api[1], "", record))
+            scan.problems.append(DiscoveryProblem(logging.WARNING, api[1], "", record))
         decided.append((record, outcome))
     decided = _apply_precedence(decided, scan)
     if flt.allow:
@@ -117,7 +126,7 @@ def _decide(found: list[PluginRecord], scan: Scan) -> list[tuple[PluginRecord, s
                 continue
             label = name if group is None else f"{group}:{name}"
             scan.problems.append(
-                Problem(
+                DiscoveryProblem(
                     logging.WARNING,
                     f"ENGINE_PLUGINS names {label!r}, but no plugin source provides a plugin "
                     f"of that name (known: {listing or 'none'})",
@@ -146,7 +155,7 @@ def _apply_precedence(
             assert winner is not None
             reason = f"shadowed by {winner.source} {winner.origin}"
             scan.problems.append(
-                Problem(
+                DiscoveryProblem(
                     logging.WARNING,
                     f"plugin {record.name!r} ({record.group}) is provided twice: "
                     f"{winner.source} {winner.origin} wins over {record.source} "
@@ -183,10 +192,10 @@ def _scan() -> Discovery:
         if not strict:
             logger.log(problem.level, problem.message)
     records = tuple(record for record, _ in decided)
-    seconds = perf_counter() - start
+    took = perf_counter() - start
     logger.info("discovered %d plugins (%d enabled) in %.1f ms", len(records),
-                sum(r.enabled for r in records), seconds * 1000)
-    return Discovery(records, tuple(scan.problems), seconds)
+                sum(r.enabled for r in records), took * 1000)
+    return Discovery(records, tuple(scan.problems), took)
 
 
 def _scan_without_gc() -> Discovery:
@@ -213,7 +222,7 @@ def current_discovery() -> Discovery:
         return _cache[1]
 
 
-def raise_if_strict(problems: tuple[Problem, ...] | list[Problem]) -> None:
+def raise_if_strict(problems: tuple[DiscoveryProblem, ...] | list[DiscoveryProblem]) -> None:
     """In strict mode, turn logged plugin problems into a PluginLoadError."""
     if problems and strict_mode():
         # one line however many problems: the CLI prints it as is

@@ -109,13 +109,11 @@ def named_in_plugins_env(group: str, name: str) -> bool:
     return parsed.allows(full, name) and not parsed.denies(full, name)
 
 
-def allow_list() -> set[str] | None:
-    """The names of ``ENGINE_PLUGINS``' positive entries, or None when it is not an
-    allow-list (unset, or only negative entries)."""
-    parsed = plugin_filter()
-    if not parsed.is_allow_list:
-        return None
-    return {name for _, name in parsed.allow}
+def denied_in_plugins_env(group: str, name: str) -> bool:
+    """Whether a negative ``ENGINE_PLUGINS`` entry (``-name`` or ``-group:name``)
+    denies plugin `name` of `group` (alias or full name): a deny always wins, even
+    over an explicit opt-in such as ``engine serve --enable-route-plugin``."""
+    return plugin_filter().denies(resolve_group(group), name)
 
 
 def add_plugin_dirs(dirs: list[str] | tuple[str, ...]) -> None:
@@ -124,6 +122,15 @@ def add_plugin_dirs(dirs: list[str] | tuple[str, ...]) -> None:
     new = [os.path.abspath(os.fspath(d)) for d in dirs]
     merged = list(dict.fromkeys(new + plugin_dirs()))
     os.environ["ENGINE_PLUGIN_DIRS"] = os.pathsep.join(merged)
+    clear_discovery_cache()
+
+
+def clear_discovery_cache() -> None:
+    """Forget the cached discovery: the next `discover` scans again (needed only
+    after a change discovery cannot see, such as a new file in a plugin dir; a
+    change of its environment variables or of the plugin state is seen anyway)."""
+    # without a discovery module loaded there is nothing to forget: importing it
+    # here would cost what `import registry` avoids
     discovery = sys.modules.get("registry._discovery")
     if discovery is not None:
         discovery.clear_cache()

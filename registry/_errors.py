@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from registry._records import PluginRecord
 
 
 class RegistryError(Exception):
@@ -30,6 +30,6 @@ class PluginLoadError(RegistryError):
     ``plugin`` is the offending PluginRecord when one is known, else None.
     """
 
-    def __init__(self, message: str, plugin: Any = None) -> None:
+    def __init__(self, message: str, plugin: PluginRecord | None = None) -> None:
         self.plugin = plugin
         super().__init__(message)

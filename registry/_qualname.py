@@ -6,9 +6,10 @@ resolution, workers, attention backends and device communicators all turn
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 
-def resolve_qualname(qualname: str) -> object:
+def resolve_qualname(qualname: str) -> Any:
     """Import and return the object a qualified name points at: ``"pkg.mod.Cls"``
     (the longest importable module prefix, then attributes, so nested classes such
     as ``"pkg.mod.Outer.Inner"`` work too) or ``"pkg.mod:Outer.Inner"``.

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from registry._env import strict_mode
 from registry._errors import PluginLoadError
+from registry._records import PluginRecord
 
 logger = logging.getLogger("registry")
 
@@ -58,7 +59,7 @@ def current_plugin() -> RunningPlugin | None:
 
 
 @contextlib.contextmanager
-def running(plugin: Any) -> Iterator[None]:
+def running(plugin: PluginRecord | RunningPlugin) -> Iterator[None]:
     """Mark `plugin` (a PluginRecord or RunningPlugin) as running for the block."""
     if not isinstance(plugin, RunningPlugin):
         plugin = RunningPlugin(plugin.name, plugin.group, plugin.source, plugin.origin)
@@ -74,7 +75,8 @@ class PluginExit(RuntimeError):
     the engine was running its code; the engine turned that into this error."""
 
 
-def call_as(plugin: Any, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+def call_as(plugin: PluginRecord | RunningPlugin, func: Callable[..., T], *args: Any,
+            **kwargs: Any) -> T:
     """Call `func` (plugin code) with `plugin` (a PluginRecord or RunningPlugin)
     marked as running.
 
@@ -186,7 +188,7 @@ if hasattr(os, "register_at_fork"):
 _PACKAGES: dict[str, RunningPlugin] = {}  # top-level package -> the plugin loaded from it
 
 
-def note_loaded(record: Any) -> None:
+def note_loaded(record: PluginRecord) -> None:
     """Remember which top-level package a (non-builtin) plugin's value lives in, so
     that code of that package registering something later, outside any plugin call
     (a platform's worker hook, say), is still attributed to the plugin."""
@@ -204,8 +206,9 @@ def plugin_of_module(module: str | None) -> RunningPlugin | None:
     return _PACKAGES.get(module.partition(".")[0])
 
 
-def record_effect(kind: str, target: str, *, plugin: Any = None, group: str | None = None,
-                  module: str | None = None) -> Effect:
+def record_effect(kind: str, target: str, *,
+                  plugin: str | PluginRecord | RunningPlugin | None = None,
+                  group: str | None = None, module: str | None = None) -> Effect:
     """Record that the running plugin (or `plugin`: a name, with its `group`, or a
     PluginRecord or RunningPlugin; default: `current_plugin()`, else the plugin
     loaded from `module`'s package, else user code) registered `target` as a `kind`.

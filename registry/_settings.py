@@ -23,6 +23,7 @@ from typing import Any
 
 from registry._env import config_dir
 from registry._errors import RegistryError
+from registry._records import PluginRecord
 
 ENV = "ENGINE_PLUGIN_CONFIG"
 CONFIG_FILE = "engine.toml"
@@ -103,7 +104,7 @@ def add_plugin_config(values: dict[str, dict[str, Any]]) -> None:
     clear_cache()
 
 
-def parse_cli_setting(text: str) -> dict[str, dict[str, Any]]:
+def parse_plugin_setting(text: str) -> dict[str, dict[str, Any]]:
     """``NAME.KEY=VALUE`` -> ``{"NAME": {"KEY": VALUE}}``. The last dot before ``=``
     separates NAME (which may itself contain dots) from KEY; VALUE is parsed as JSON
     when it parses, else kept as a string. Raises ValueError for another shape."""
@@ -122,7 +123,7 @@ def parse_cli_setting(text: str) -> dict[str, dict[str, Any]]:
 # models
 
 
-def model_of(record: Any) -> Any:
+def model_of(record: PluginRecord) -> Any:
     """The settings model plugin `record` declares (manifest ``config``, imported
     from the plugin's folder; else the ``engine_config_model`` attribute of its
     loaded object), or None. Raises whatever importing it raises."""
@@ -167,13 +168,14 @@ def redacted(settings: Any) -> dict[str, Any]:
     return settings.model_dump(mode="json")
 
 
-def _record(name: str) -> Any:
+def _record(name: str) -> PluginRecord | None:
     from registry._discovery import current_discovery
 
     candidates = [r for r in current_discovery().records if r.name == name]
     enabled = [r for r in candidates if r.enabled]
     with_model = [r for r in enabled if r.config_model]
-    return (with_model or enabled or candidates or [None])[0]
+    best = with_model or enabled or candidates
+    return best[0] if best else None
 
 
 _cache: dict[tuple[str, str], Any] = {}
@@ -246,7 +248,7 @@ def check_plugin_configs() -> None:
         raise PluginConfigError(problems)
 
 
-def describe_config(record: Any, given: dict[str, dict[str, Any]]) -> Any:
+def describe_config(record: PluginRecord, given: dict[str, dict[str, Any]]) -> Any:
     """What `engine plugins list --json` shows under ``config`` without importing
     plugin code beyond a manifest-declared settings model: the validated values
     with secrets masked; ``{"error": ...}`` when they do not validate; the given

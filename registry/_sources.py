@@ -27,8 +27,11 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 @dataclass
-class Problem:
-    """Something discovery logs (at `level`) and strict mode turns into an error."""
+class DiscoveryProblem:
+    """Something discovery logs (at `level`, a logging level) and strict mode turns
+    into an error: `message` says what; `outcome` is the load-trace outcome it was
+    recorded as (empty: none); `record` the plugin it concerns, when one is known,
+    else `source` and `origin` say where it was met."""
 
     level: int
     message: str
@@ -45,12 +48,12 @@ class Scan:
 
     plugin_dirs: list[str]
     config_dir: str
-    problems: list[Problem] = field(default_factory=list)
+    problems: list[DiscoveryProblem] = field(default_factory=list)
     seconds: dict[int, float] = field(default_factory=dict)  # id(record) -> discovery time
     folder_reasons: dict[str, str | None] = field(default_factory=dict)  # trust, per folder
 
     def problem(self, level: int, message: str, outcome: str, source: str, origin: str) -> None:
-        self.problems.append(Problem(level, message, outcome, None, source, origin))
+        self.problems.append(DiscoveryProblem(level, message, outcome, None, source, origin))
 
     def timed(self, records: list[PluginRecord], seconds: float) -> list[PluginRecord]:
         for record in records:
@@ -65,6 +68,7 @@ class SourceSpec:
     def registry_find_plugins(self, scan: Scan) -> list[PluginRecord]:
         """Return the plugins this source provides, in a stable order. Problems
         (bad manifests, unsafe folders) go to ``scan.problem``; never raise."""
+        return []  # a specification: pluggy calls the sources' implementations
 
 
 # ---------------------------------------------------------------------------
@@ -137,13 +141,29 @@ def trust_problems(path: str, sys_path: str | None,
     return problems
 
 
-def _records_from_manifest(path: str, manifest: Manifest, source: str) -> list[PluginRecord]:
+def manifest_code_path(path: str, manifest: Manifest) -> str | None:
+    """The folder a manifest's plugin code is imported from: its ``[package] path``,
+    relative to the manifest's folder; None when it names none (nothing is put on
+    ``sys.path``)."""
     package = manifest.package
-    sys_path = requires = None
-    if package is not None:
-        requires = package.requires_engine
-        if package.path is not None:
-            sys_path = os.path.normpath(os.path.join(os.path.dirname(path), package.path))
+    if package is None or package.path is None:
+        return None
+    return os.path.normpath(os.path.join(os.path.dirname(path), package.path))
+
+
+def project_code_path(pyproject: str) -> str:
+    """The folder a plugin project's code is imported from: its ``src`` folder when
+    it has one (the src layout), else the project's own folder."""
+    folder = os.path.dirname(os.path.abspath(pyproject))
+    src = os.path.join(folder, "src")
+    return src if os.path.isdir(src) else folder
+
+
+def records_from_manifest(path: str, manifest: Manifest, source: str) -> list[PluginRecord]:
+    """One PluginRecord per ``[[plugin]]`` table of the validated `manifest` at `path`."""
+    package = manifest.package
+    requires = package.requires_engine if package is not None else None
+    sys_path = manifest_code_path(path, manifest)
     return [
         PluginRecord(
             group=FULL_GROUP_NAME[entry.group],
@@ -163,6 +183,18 @@ def _records_from_manifest(path: str, manifest: Manifest, source: str) -> list[P
     ]
 
 
+def records_from_project(path: str, groups: dict[str, dict[str, str]],
+                         source: str = "plugin-dir") -> list[PluginRecord]:
+    """One PluginRecord per entry point of a plugin project's ``pyproject.toml`` at
+    `path` (`groups`: what `load_pyproject_entry_points` read from it)."""
+    sys_path = project_code_path(path)
+    return [
+        PluginRecord(group, name, value, source, path, path=sys_path)
+        for group, table in groups.items()
+        for name, value in table.items()
+    ]
+
+
 def read_manifest_records(path: str, source: str, scan: Scan, check_owner: bool) -> list[PluginRecord]:
     """The plugins of one manifest; a bad or unsafe manifest becomes an ERROR problem."""
     start = perf_counter()
@@ -175,7 +207,7 @@ def read_manifest_records(path: str, source: str, scan: Scan, check_owner: bool)
     except _Unsafe as exc:
         scan.problem(logging.ERROR, str(exc), "refused", source, path)
         return []
-    records = _records_from_manifest(path, manifest, source)
+    records = records_from_manifest(path, manifest, source)
     if check_owner:
         problems = trust_problems(path, records[0].path, scan.folder_reasons)
         for problem in problems:
@@ -274,11 +306,9 @@ class PluginDirSource:
         if not os.path.isfile(path):
             return []
         start = perf_counter()
-        src = os.path.join(folder, "src")
-        sys_path = src if os.path.isdir(src) else folder
         try:
             groups = load_pyproject_entry_points(path, _read_manifest_bytes(path, check_owner=True))
-            refused = trust_problems(path, sys_path, scan.folder_reasons)
+            refused = trust_problems(path, project_code_path(path), scan.folder_reasons)
             if refused:
                 raise _Unsafe("\n".join(refused))
         except ManifestError as exc:
@@ -289,12 +319,7 @@ class PluginDirSource:
             for line in str(exc).splitlines():
                 scan.problem(logging.ERROR, line, "refused", "plugin-dir", path)
             return []
-        records = [
-            PluginRecord(group, name, value, "plugin-dir", path, path=sys_path)
-            for group, table in groups.items()
-            for name, value in table.items()
-        ]
-        return scan.timed(records, perf_counter() - start)
+        return scan.timed(records_from_project(path, groups), perf_counter() - start)
 
 
 class EntryPointSource:

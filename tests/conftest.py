@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+import registry
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -45,9 +47,8 @@ def _restore_environ(saved: dict[str, str]) -> None:
     plugin_dirs_changed = os.environ.get("ENGINE_PLUGIN_DIRS") != saved.get("ENGINE_PLUGIN_DIRS")
     os.environ.clear()
     os.environ.update(saved)
-    discovery = sys.modules.get("registry._discovery")
-    if plugin_dirs_changed and discovery is not None:
-        discovery.clear_cache()
+    if plugin_dirs_changed:
+        registry.clear_discovery_cache()
 
 
 @pytest.fixture(autouse=True, scope="module")

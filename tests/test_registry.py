@@ -16,17 +16,17 @@ import pytest
 from plugin_fixtures.helpers import REPO, write_manifest, write_module
 
 import registry
-from registry import _discovery, _loading
+from registry import _loading
 
 
 @pytest.fixture(autouse=True)
 def fresh_registry(monkeypatch):
     """No discovery cache, general plugins not yet run, sys.path restored afterwards."""
-    _discovery.clear_cache()
+    registry.clear_discovery_cache()
     monkeypatch.setattr(_loading, "_general_done_pid", None)
     monkeypatch.setattr(sys, "path", list(sys.path))
     yield
-    _discovery.clear_cache()
+    registry.clear_discovery_cache()
 
 
 def unique(prefix: str = "plug") -> str:

@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
 from engine.attention.backend import AttentionBackend
 from engine.attention.metadata import AttentionMetadata
+from engine.attention.selector import AttentionSelectorConfig
 from engine.config import get_current_engine_config
-
-
-@dataclass(frozen=True)
-class AttentionSelectorConfig:
-    """What a platform may look at when it picks an attention backend."""
-
-    head_size: int
-    num_heads: int
-    num_kv_heads: int
-    dtype: torch.dtype
-    block_size: int
+from engine.platforms import current_platform
+from engine.utils import resolve_obj_by_qualname
 
 
 def select_backend(selector: AttentionSelectorConfig) -> type[AttentionBackend]:
     """The backend class the current platform chooses for the current engine
     config's ``attention_backend`` (None: the platform's default)."""
-    from engine.platforms import current_platform
-    from engine.utils import resolve_obj_by_qualname
-
     config = get_current_engine_config()
     selected = config.attention_backend if config is not None else None
     path = current_platform.get_attn_backend_cls(selected, selector)

@@ -20,9 +20,10 @@ import importlib
 import logging
 import os
 import sys
+from typing import Any
 
+import registry
 from engine.utils import STARTUP_LOGGER
-from registry._version import __version__
 
 SUBCOMMAND_MODULES = ("plugins", "generate", "chat", "embed", "serve", "kernels")
 
@@ -30,7 +31,7 @@ SUBCOMMAND_MODULES = ("plugins", "generate", "chat", "embed", "serve", "kernels"
 def _global_options(top_level: bool) -> argparse.ArgumentParser:
     """Global options; below the subcommand they default to SUPPRESS so they never
     overwrite what was given above it."""
-    suppress = {} if top_level else {"default": argparse.SUPPRESS}
+    suppress: dict[str, Any] = {} if top_level else {"default": argparse.SUPPRESS}
     suffix = "" if top_level else "_sub"
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("global options")
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="An LLM inference engine whose every extension point is a plugin.",
         parents=[_global_options(top_level=True)],
     )
-    parser.add_argument("--version", action="version", version=f"engine {__version__}")
+    parser.add_argument("--version", action="version", version=f"engine {registry.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub_parents = [_global_options(top_level=False)]
     for name in SUBCOMMAND_MODULES:
@@ -118,10 +119,8 @@ def apply_global_options(args: argparse.Namespace) -> None:
     if args.strict_plugins:
         os.environ["ENGINE_STRICT_PLUGINS"] = "1"
     if args.plugin_settings:
-        from registry._settings import add_plugin_config, parse_cli_setting
-
         for setting in args.plugin_settings:
-            add_plugin_config(parse_cli_setting(setting))
+            registry.add_plugin_config(registry.parse_plugin_setting(setting))
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(
         level=level,
@@ -151,11 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         apply_global_options(args)
     except ValueError as exc:  # a malformed --plugin-config
         parser.error(str(exc))
-    from registry._errors import RegistryError
-
     try:
         return int(args.func(args) or 0)
-    except RegistryError as exc:
+    except registry.RegistryError as exc:
         # strict plugin mode and refused plugins: the message names the plugin and
         # its origin; a traceback would only bury it (-vv shows it)
         if args.verbose >= 2:

@@ -135,7 +135,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         import registry
-        from engine.executor import ExecutorBase
+        from engine.executor import executor_class
         from engine.platforms import current_platform
         from engine.tokenizer import load_tokenizer
 
@@ -153,7 +153,7 @@ class LLMEngine:
 
             check_speculative_support(config)
         self.tokenizer = load_tokenizer(model_config.model)
-        self.executor = ExecutorBase.get_class(config)(config)
+        self.executor = executor_class(config)(config)
         try:
             self._init_workers()
         except BaseException:
@@ -358,7 +358,7 @@ class LLMEngine:
         tokenized = self.tokenize_prompt(prompt)
         text, token_ids = tokenized.text, tokenized.token_ids
         from engine.platforms import current_platform
-        from engine.sample._logits_processor import validate_params_for_processors
+        from engine.sample.logits_processor import validate_params_for_processors
 
         current_platform.validate_request(token_ids, params)  # ValueError: refused, not queued
         validate_params_for_processors(self._logits_processor_classes, params)

@@ -294,7 +294,7 @@ class Scheduler:
         append the sampled tokens. Returns ``(sequence, token_id, logprobs)`` per
         sampled token; the caller decides which sequences stop."""
         by_id = {seq.seq_id: seq for seq in self.running}
-        results = []
+        results: list[tuple[Sequence, int, dict[int, float] | None]] = []
         logprobs = runner_output.logprobs
         accepted_lists = runner_output.accepted_token_ids
         num_accepted: dict[int, int] = {}

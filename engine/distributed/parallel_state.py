@@ -29,10 +29,6 @@ class GroupCoordinator:
         self.communicator = communicator
         self.name = name
 
-    @property
-    def is_first_rank(self) -> bool:
-        return self.rank == 0
-
     def all_reduce(self, input_: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return input_

@@ -19,7 +19,7 @@ UNSUPPORTED = {
              "reasoning_effort", "echo"),
     "completions": ("logit_bias",),
 }
-_NOTHING = (None, [], {}, "none", False)
+_NOTHING: tuple[object, ...] = (None, [], {}, "none", False)
 
 
 async def refuse_unsupported(request: Request, route: str) -> None:

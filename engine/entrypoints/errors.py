@@ -61,7 +61,7 @@ def validation_error(errors: list[dict[str, Any]], content_type: str | None = No
     """A 400 from FastAPI/pydantic request-validation errors, naming the first bad
     field (``messages[0].role``), or the request's `content_type` when that is why
     the body was not read as JSON."""
-    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+    first: dict[str, Any] = errors[0] if errors else {"msg": "invalid request", "loc": ()}
     loc = [part for part in first.get("loc", ()) if part != "body"]
     kind = first.get("type", "")
     if kind == "json_invalid":

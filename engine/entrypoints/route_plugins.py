@@ -38,7 +38,6 @@ def selected_route_plugins(enabled: Sequence[str] = ()) -> list[Any]:
     not denied. Raises RoutePluginError for a name in `enabled` that no source
     provides."""
     import registry
-    from registry._env import plugin_filter
 
     group = registry.API_ROUTE_PLUGINS
     records = registry.discover(group)
@@ -49,11 +48,11 @@ def selected_route_plugins(enabled: Sequence[str] = ()) -> list[Any]:
             f"--enable-route-plugin {', '.join(missing)}: no api_route plugin of that name "
             f"(discovered: {', '.join(sorted(known)) or 'none'})"
         )
-    flt = plugin_filter()
     chosen = []
     for record in records:
-        named = record.name in enabled or flt.allows(group, record.name)
-        if not named or flt.denies(group, record.name):
+        if registry.denied_in_plugins_env(group, record.name):
+            continue
+        if not (record.name in enabled or registry.named_in_plugins_env(group, record.name)):
             continue
         # --enable-route-plugin also admits a plugin that an allow-list of other
         # names left out; any other reason to disable it (its manifest, `engine
@@ -94,17 +93,16 @@ def mount_route_plugins(app: FastAPI, enabled: Sequence[str] = ()) -> list[str]:
 
 
 def _router_of(record: Any) -> APIRouter:
-    from registry._loading import import_plugin
-    from registry._running import call_as
+    import registry
 
     if not _NAME.match(record.name):
         raise RoutePluginError(f"its name {record.name!r} cannot be a URL path segment")
-    value = import_plugin(record)
+    value = registry.import_plugin(record)
     router = value
     if not isinstance(value, APIRouter):
         if not callable(value):
             raise RoutePluginError(f"its value {record.value!r} is neither an APIRouter nor callable")
-        router = call_as(record, value)
+        router = registry.call_as(record, value)
     if not isinstance(router, APIRouter):
         raise RoutePluginError(
             f"its value {record.value!r} returned {type(router).__name__}, not a fastapi.APIRouter"

@@ -24,7 +24,8 @@ def structured_outputs_from(body: Any) -> Any:
 
     response_format = getattr(body, "response_format", None)
     structured = getattr(body, "structured_outputs", None)
-    kwargs, field = None, None
+    kwargs: dict[str, Any] | None = None
+    field = ""
     if response_format is not None:
         kwargs, field = _from_response_format(response_format), "response_format"
     if structured is not None:

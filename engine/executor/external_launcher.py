@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from engine.executor import ExecutorBase, build_worker, call_worker, rpc_name
+from engine.executor.abstract import ExecutorBase, build_worker, call_worker, rpc_name
 from engine.step import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger("engine.executor")

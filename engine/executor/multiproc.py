@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, NoReturn
 
-from engine.executor import ExecutorBase, build_worker, call_worker, rpc_name
+from engine.config import EngineConfig
+from engine.executor.abstract import ExecutorBase, add_note, build_worker, call_worker, rpc_name
 from engine.step import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger("engine.executor")
@@ -105,13 +106,13 @@ def _describe_exit(code: int | None) -> str:
 # worker process side
 
 
-def _build_worker(config: Any, rank: int, init_method: str,
+def _build_worker(config: EngineConfig, rank: int, init_method: str,
                   model_registrations: dict[str, dict[str, Any]] | None = None) -> Any:
     import torch
 
     torch.set_num_threads(1)
     import registry
-    from engine.models.registry import apply_worker_registrations
+    from engine.executor.registrations import apply_worker_registrations
 
     # general plugins first: they may register what the worker class needs
     registry.load_general_plugins()
@@ -152,7 +153,7 @@ def _serve(worker: Any, conn: Connection) -> None:
             _send_error(conn, exc)
 
 
-def _worker_main(config: Any, rank: int, init_method: str, conn: Connection,
+def _worker_main(config: EngineConfig, rank: int, init_method: str, conn: Connection,
                  model_registrations: dict[str, Any] | None = None) -> None:
     """Entry point of a worker process."""
     # Ctrl-C in a terminal reaches the whole process group: the driver decides what
@@ -231,7 +232,7 @@ class MultiprocExecutor(ExecutorBase):
         self._failure: str | None = None
         # stops the workers on shutdown(), garbage collection or interpreter exit
         self._finalizer = weakref.finalize(self, _stop_workers, self._handles)
-        from engine.models.registry import registrations_for_workers
+        from engine.executor.registrations import registrations_for_workers
 
         # registrations made in the user's script reach every worker; a class the
         # workers could not import fails here, naming it, before anything starts
@@ -375,7 +376,7 @@ class MultiprocExecutor(ExecutorBase):
         exc: BaseException | None = pickle.loads(payload) if payload is not None else None
         if not isinstance(exc, Exception):
             exc = RuntimeError(f"worker rank {h.rank} raised in {what!r}")
-        exc.add_note(f"(raised in engine worker process rank {h.rank} during {what!r})")
+        add_note(exc, f"(raised in engine worker process rank {h.rank} during {what!r})")
         raise exc from _RemoteTraceback(text)
 
     # -- lifecycle --------------------------------------------------------

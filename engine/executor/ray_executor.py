@@ -30,7 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from engine.executor import ExecutorBase, build_worker, call_worker, rpc_name
+from engine.config import EngineConfig
+from engine.executor.abstract import ExecutorBase, add_note, build_worker, call_worker, rpc_name
 from engine.executor.multiproc import WorkerProcessError
 from engine.step import ModelRunnerOutput, SchedulerOutput
 
@@ -106,15 +107,15 @@ class RayWorkerWrapper:
             s.bind(("", 0))
             return s.getsockname()[1]
 
-    def init_worker(self, config: Any, rank: int, local_rank: int, init_method: str,
+    def init_worker(self, config: EngineConfig, rank: int, local_rank: int, init_method: str,
                     registrations: dict[str, Any]) -> None:
         """Load the general plugins, replay the driver's model and load-format
-        registrations (`engine.models.registry.registrations_for_workers`), then
+        registrations (`engine.executor.registrations.registrations_for_workers`), then
         build the worker of `config.parallel_config.worker_cls` for `rank`."""
         import torch
 
         import registry
-        from engine.models.registry import apply_worker_registrations
+        from engine.executor.registrations import apply_worker_registrations
 
         torch.set_num_threads(1)
         missing = [d for d in registry.plugin_dirs() if not os.path.isdir(d)]
@@ -307,7 +308,7 @@ class RayExecutor(ExecutorBase):
         # the rank among the actors of its node; with one accelerator per actor
         # Ray makes it device 0 of that actor
         seen: dict[str, int] = {}
-        from engine.models.registry import registrations_for_workers
+        from engine.executor.registrations import registrations_for_workers
 
         # a class no rank could import fails here, naming it, before anything
         # starts; one from the user's script travels by value (an actor's
@@ -408,8 +409,8 @@ class RayExecutor(ExecutorBase):
 
         if not isinstance(cause, Exception):
             cause = RuntimeError(f"worker rank {a.rank} raised in {what!r}")
-        cause.add_note(f"(raised in engine worker rank {a.rank}, Ray actor on {a.where}, "
-                       f"during {what!r})")
+        add_note(cause, f"(raised in engine worker rank {a.rank}, Ray actor on {a.where}, "
+                        f"during {what!r})")
         raise cause from _RemoteTraceback(text)
 
     # -- lifecycle --------------------------------------------------------
@@ -441,11 +442,6 @@ class RayExecutor(ExecutorBase):
             _stop_actors(self._ray, self._actors, self._pg, True)
         else:
             self._finalizer()
-
-    @property
-    def actor_nodes(self) -> list[str | None]:
-        """The node address of each rank's actor, in rank order."""
-        return [a.ip for a in self._actors]
 
     @property
     def actor_pids(self) -> list[int | None]:

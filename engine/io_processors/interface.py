@@ -6,6 +6,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from typing import Any
 
+from engine.config import EngineConfig
 from engine.pooling_params import PoolingParams
 
 
@@ -33,7 +34,7 @@ class IOProcessor(ABC):
     #: the plugin name it was selected by; set by `get_io_processor`
     plugin_name: str | None = None
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         """`config` is the engine's `EngineConfig`."""
         self.config = config
 

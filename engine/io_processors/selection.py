@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from engine.config import EngineConfig
 from engine.io_processors.interface import IOProcessor
 
 CONFIG_KEY = "io_processor_plugin"
 
 
-def io_processor_plugin_name(config: Any, plugin_name: str | None = None) -> tuple[str, str] | None:
+def io_processor_plugin_name(config: EngineConfig, plugin_name: str | None = None) -> tuple[str, str] | None:
     """The plugin name an engine should use and where it came from, or None.
 
     Order: `plugin_name` (the caller's explicit choice), then
@@ -36,7 +37,7 @@ def io_processor_plugin_name(config: Any, plugin_name: str | None = None) -> tup
     return value, where
 
 
-def get_io_processor(config: Any, plugin_name: str | None = None) -> IOProcessor | None:
+def get_io_processor(config: EngineConfig, plugin_name: str | None = None) -> IOProcessor | None:
     """Build the IO processor an engine with `config` should use, or None when no
     plugin is named (see `io_processor_plugin_name` for the order).
 

@@ -14,13 +14,14 @@ import weakref
 from abc import ABC, abstractmethod
 from typing import Any
 
+from engine.config import EngineConfig
 from engine.metrics.stats import IterationStats, SchedulerStats
 from engine.spec_decode.stats import SpecDecodingCounts
 
 logger = logging.getLogger("engine.metrics")
 
 
-def _model_name(config: Any) -> str:
+def _model_name(config: EngineConfig) -> str:
     """The name the model is served under: `served_model_name`, else the model path."""
     model_config = getattr(config, "model_config", None)
     name = getattr(model_config, "served_model_name", None) or getattr(model_config, "model", None)
@@ -34,7 +35,7 @@ class StatLoggerBase(ABC):
     A stat-logger plugin's entry-point value is the subclass itself.
     """
 
-    def __init__(self, config: Any, engine_index: int = 0) -> None:
+    def __init__(self, config: EngineConfig, engine_index: int = 0) -> None:
         """`config` is the engine's `EngineConfig`; `engine_index` says which engine
         (data-parallel rank) this instance receives statistics for."""
         self.config = config
@@ -64,7 +65,7 @@ class LoggingStatLogger(StatLoggerBase):
     requests, KV-cache usage and the prefix-cache hit rate since the previous line.
     Consecutive idle lines are written only once."""
 
-    def __init__(self, config: Any, engine_index: int = 0) -> None:
+    def __init__(self, config: EngineConfig, engine_index: int = 0) -> None:
         super().__init__(config, engine_index)
         self._last_log_time = time.monotonic()
         self._last_scheduler_stats = SchedulerStats()
@@ -268,7 +269,7 @@ class PrometheusStatLogger(StatLoggerBase):
     ``engine_request_generation_tokens``.
     """
 
-    def __init__(self, config: Any, engine_index: int = 0, registry: Any = None) -> None:
+    def __init__(self, config: EngineConfig, engine_index: int = 0, registry: Any = None) -> None:
         super().__init__(config, engine_index)
         if registry is None:
             from prometheus_client import CollectorRegistry

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from engine.config import EngineConfig
 from engine.metrics.loggers import LoggingStatLogger, PrometheusStatLogger, StatLoggerBase
 from engine.metrics.stats import IterationStats, SchedulerStats
 
@@ -112,7 +113,7 @@ class StatLoggerManager:
 
 
 def build_stat_loggers(
-    config: Any,
+    config: EngineConfig,
     engine_indices: Iterable[int] = (0,),
     custom: Sequence[StatLoggerFactory] | None = None,
     log_interval: float | None = None,
@@ -166,7 +167,7 @@ def _plugin_factories() -> list[tuple[str, StatLoggerFactory, bool]]:
         for record in registry.discover(registry.STAT_LOGGER_PLUGINS)
         if record.enabled
     }
-    factories = []
+    factories: list[tuple[str, StatLoggerFactory, bool]] = []
     for name in sorted(plugins):
         value = plugins[name]
         origin = origins.get(name, "unknown origin")
@@ -185,7 +186,7 @@ def _construct(
     label: str,
     factory: StatLoggerFactory,
     isolated: bool,
-    config: Any,
+    config: EngineConfig,
     index: int,
     prometheus_registry: Any,
 ) -> StatLoggerBase | None:

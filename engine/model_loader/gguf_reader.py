@@ -177,7 +177,8 @@ def dequantize(reader: GGUFReader, tensor: TensorInfo) -> Any:
     _, block, block_bytes = GGML_TYPES.get(tensor.type_id, ("", 1, 1))
     try:
         qtype = GGMLQuantizationType(tensor.type_id)
-        values = gguf_dequantize(raw.reshape(-1, tensor.shape[0] // block * block_bytes), qtype)
+        dequantized = gguf_dequantize(raw.reshape(-1, tensor.shape[0] // block * block_bytes),
+                                      qtype)
     except (NotImplementedError, ValueError):
         raise NotImplementedError(name) from None
-    return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
+    return torch.from_numpy(np.array(dequantized, dtype=np.float32).reshape(shape))

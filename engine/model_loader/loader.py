@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from engine.config import EngineConfig, set_current_engine_config
 from engine.model_loader.gguf import GGUFFile, find_gguf_file
-from engine.utils import read_json_file
+from engine.utils import read_json_file, worker_importable_name
 
 logger = logging.getLogger(__name__)
 
@@ -430,8 +430,6 @@ def loader_registrations_for_workers() -> dict[str, str]:
     ``{format: "module:Class"}`` a worker process can replay with
     `apply_loader_registrations`. Raises ValueError naming a class the workers
     cannot import, and the fix."""
-    from engine.models.registry import worker_importable_name
-
     exported = {}
     for name, entry in _LOADERS.items():
         if _BUILTIN_LOADERS.get(name) is entry:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 import logging
 import re
-import sys
 from dataclasses import dataclass
-from typing import Any
+
+from engine.utils import worker_importable_name
 
 logger = logging.getLogger(__name__)
 
@@ -182,71 +182,4 @@ def _describe(entry: type | _LazyModel | _Unreachable) -> str:
     return f"{entry.__module__}.{entry.__qualname__}"
 
 
-def worker_importable_name(cls: type, what: str) -> str:
-    """``"module:Qualname"`` under which a spawned worker process imports `cls`.
-
-    Raises ValueError naming `what`, the class and the fix when workers cannot
-    import it: a class defined inside a function, or in ``__main__`` when the
-    main program is not a file a worker can re-import (``python -c``, a REPL,
-    a notebook).
-    """
-    module, qualname = cls.__module__, cls.__qualname__
-    fix = (f"move {qualname} into a module on sys.path (for example my_models.py) and "
-           f"pass 'my_models:{qualname.split('.')[-1]}'")
-    if "<locals>" in qualname:
-        raise ValueError(
-            f"{what}: class {module}.{qualname} is defined inside a function, so the "
-            f"engine's worker processes cannot import it; {fix}"
-        )
-    if module == "__main__":
-        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-        if not main_file or not str(main_file).endswith(".py"):
-            raise ValueError(
-                f"{what}: class {qualname} is defined in __main__ of an interactive "
-                "session or `python -c`, which the engine's worker processes cannot "
-                f"re-import; {fix}"
-            )
-    return f"{module}:{qualname}"
-
-
 ModelRegistry = _ModelRegistry()
-
-
-def registrations_for_workers(architectures: list[str] | None = None, *,
-                              script_classes_by_value: bool = False) -> dict[str, dict[str, Any]]:
-    """What this process registered that worker processes must replay before
-    building the model: model architectures and load formats. Executors that
-    start workers pass it along and call `apply_worker_registrations` there.
-
-    With `script_classes_by_value`, a class registered in the user's script
-    (``"__main__:Class"``) travels as the class itself: for workers that do not
-    re-import the script as ``__main__`` but receive classes pickled by value
-    (Ray actors, whose ``__main__`` is Ray's own program).
-
-    Raises ValueError naming the class and the fix when one of `architectures`
-    (the model's) resolves to a class the workers cannot import.
-    """
-    from engine.model_loader import loader_registrations_for_workers
-    from engine.utils import resolve_obj_by_qualname
-
-    ModelRegistry.check_reachable(list(architectures or []))
-    models: dict[str, Any] = ModelRegistry.registrations_for_workers()
-    loaders: dict[str, Any] = loader_registrations_for_workers()
-    if script_classes_by_value:
-        for arch, value in models.items():
-            if isinstance(value, str) and value.startswith("__main__:"):
-                models[arch] = ModelRegistry.resolve(arch)
-        for name, value in loaders.items():
-            if value.startswith("__main__:"):
-                loaders[name] = resolve_obj_by_qualname(value)
-    return {"models": models, "loaders": loaders}
-
-
-def apply_worker_registrations(registrations: dict[str, dict[str, Any]] | None) -> None:
-    """Replay `registrations_for_workers()` in a worker process (after its
-    general plugins ran)."""
-    from engine.model_loader import apply_loader_registrations
-
-    registrations = registrations or {}
-    ModelRegistry.apply_registrations(registrations.get("models", {}))
-    apply_loader_registrations(registrations.get("loaders", {}))

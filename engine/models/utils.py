@@ -46,7 +46,7 @@ def load_stacked_weights(
         param = params.get(name)
         if param is None:
             raise ValueError(f"unexpected tensor {ckpt_name!r}: the model has no parameter {name!r}")
-        loader = getattr(param, "weight_loader", default_weight_loader)
+        loader: Callable[..., None] = getattr(param, "weight_loader", default_weight_loader)
         try:
             if shard_id is None:
                 loader(param, tensor)

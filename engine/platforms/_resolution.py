@@ -131,8 +131,9 @@ class _Resolver:
         return name, answer
 
     def by_detection(self) -> tuple[str, str] | None:
-        answers = {name: self.ask(name, required=False) for name in self.detectors}
-        oot = [n for n, a in answers.items() if a is not None and n not in BUILTIN_PLATFORMS]
+        asked = {name: self.ask(name, required=False) for name in self.detectors}
+        answers = {name: answer for name, answer in asked.items() if answer is not None}
+        oot = [n for n in answers if n not in BUILTIN_PLATFORMS]
         if len(oot) > 1:
             names = ", ".join(self.describe(n) for n in oot)
             self.fail(

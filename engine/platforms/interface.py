@@ -9,18 +9,16 @@ module stays cheap.
 from __future__ import annotations
 
 import enum
-import os
 from typing import TYPE_CHECKING
+
+from engine.attention.selector import AttentionSelectorConfig, attention_backend_path
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from engine.attention.layer import AttentionSelectorConfig
     from engine.config import EngineConfig
     from engine.sampling_params import SamplingParams
 
-DEFAULT_ATTENTION_BACKEND = "TORCH_SDPA"
-ATTENTION_BACKEND_ENV = "ENGINE_ATTENTION_BACKEND"
 DEFAULT_WORKER_CLS = "engine.worker.Worker"
 DEFAULT_DEVICE_COMMUNICATOR_CLS = "engine.distributed.DeviceCommunicatorBase"
 
@@ -187,13 +185,3 @@ class Platform:
         request never reaches the scheduler; `LLM.generate` raises the ValueError,
         the HTTP server answers 400 with its message). Accepts everything by
         default."""
-
-
-def attention_backend_path(selected_backend: str | None) -> str:
-    """Resolve a backend name (user's, else `ENGINE_ATTENTION_BACKEND`, else
-    TORCH_SDPA) to the backend's qualified class name."""
-    from engine.attention import AttentionBackendEnum
-
-    name = selected_backend or os.environ.get(ATTENTION_BACKEND_ENV) or DEFAULT_ATTENTION_BACKEND
-    # an unknown name raises ValueError listing the valid ones
-    return AttentionBackendEnum[name.strip()].get_path()

@@ -11,7 +11,9 @@ sampler. A worker with its own model runner builds its sampler as
 ``Sampler(build_logits_processors(config, device))`` on the rank that samples.
 """
 
-from engine.sample._logits_processor import (
+from engine.sample._sampler import Sampler, SamplerOutput
+from engine.sample._state import SamplingState
+from engine.sample.logits_processor import (
     AddedRequest,
     BatchUpdate,
     LogitsProcessor,
@@ -20,8 +22,6 @@ from engine.sample._logits_processor import (
     build_logits_processors,
     logits_processor_classes,
 )
-from engine.sample._sampler import Sampler, SamplerOutput
-from engine.sample._state import SamplingState
 
 __all__ = [
     "AddedRequest",

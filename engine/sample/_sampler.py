@@ -20,14 +20,14 @@ from dataclasses import dataclass
 import torch
 
 from engine.kernels import usable_for
-from engine.sample._logits_processor import (
+from engine.sample._penalties import apply_penalties
+from engine.sample._state import SamplingState
+from engine.sample.logits_processor import (
     AddedRequest,
     BatchUpdate,
     LogitsProcessor,
     LogitsProcessorError,
 )
-from engine.sample._penalties import apply_penalties
-from engine.sample._state import SamplingState
 from engine.sampling_params import SamplingParams
 
 # Up to this k, top-k alone uses torch.topk instead of a full sort.

@@ -52,7 +52,7 @@ class _NgramIndex:
             n: {} for n in range(max_n, min_n - 1, -1)}
         self.max_n = max_n
         self.length = 0  # tokens indexed
-        self.tail: list[int] = []  # the last max_n of them
+        self.tail: Sequence[int] = []  # the last max_n of them
 
     def extend(self, tokens: Sequence[int]) -> None:
         """Index the tokens past the ones already indexed (one slice of `tokens`)."""

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from engine.sample._logits_processor import (
+from engine.config import EngineConfig
+from engine.sample.logits_processor import (
     AddedRequest,
     BatchUpdate,
     LogitsProcessor,
@@ -34,7 +35,7 @@ class StructuredOutputsLogitsProcessor(LogitsProcessor):
     """Masks the logits of requests with ``SamplingParams.structured_outputs`` to
     the tokens their grammar allows next; rows without it are left alone."""
 
-    def __init__(self, config: Any, device: torch.device) -> None:
+    def __init__(self, config: EngineConfig, device: torch.device) -> None:
         super().__init__(config, device)
         self._rows: dict[int, _Row] = {}
         hf_config = config.model_config.hf_config

@@ -36,7 +36,7 @@ def communicator_checks(ctx: KitContext, name: str, prefix: str) -> list[Check]:
 
 def check_collective(ctx: KitContext, name: str, collective: str) -> None:
     """Fail when either rank saw `collective` differ from gloo (or never got to it)."""
-    from engine.testing._platform import platform_cls
+    from engine.testing._setup import platform_cls
 
     platform_cls(ctx, name)  # skipped when the detector failed
     ranks = ctx.memo(("communicator", name), lambda: run_ranks(name))

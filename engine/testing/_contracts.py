@@ -135,7 +135,7 @@ def io_processor_checks(ctx: KitContext, name: str) -> list[Check]:
 def _processor(ctx: KitContext, name: str) -> Any:
     def compute() -> Any:
         from engine.io_processors import IOProcessor, get_io_processor
-        from engine.testing._platform import kit_engine_config
+        from engine.testing._setup import kit_engine_config
 
         try:
             processor = get_io_processor(kit_engine_config(), name)
@@ -237,7 +237,7 @@ def _logger_cls(ctx: KitContext, name: str) -> type:
 
 
 def _logger_instance(ctx: KitContext, name: str, engine_index: int = 0) -> Any:
-    from engine.testing._platform import kit_engine_config
+    from engine.testing._setup import kit_engine_config
 
     cls = needs("the value is not a stat logger class", _logger_cls, ctx, name)
     return ctx.memo(("stat_logger", name, engine_index),
@@ -325,7 +325,7 @@ def _check_logits_steps(ctx: KitContext, name: str) -> None:
 
     from engine.sample import AddedRequest, BatchUpdate
     from engine.sampling_params import SamplingParams
-    from engine.testing._platform import kit_engine_config
+    from engine.testing._setup import kit_engine_config
 
     cls = needs("the value is not a logits processor class", _processor_cls, ctx, name)
     processor = cls(kit_engine_config(), torch.device("cpu"))

@@ -43,7 +43,7 @@ def run_engine(platform: str, *, log_stats: bool = False, strict: bool = False) 
 
 def check_greedy_vs_cpu(ctx: KitContext, name: str) -> None:
     """Fail when the plugin platform's greedy tokens differ from the cpu platform's."""
-    from engine.testing._platform import platform_cls
+    from engine.testing._setup import platform_cls
 
     cls = platform_cls(ctx, name)
     if not cls.supports_dtype("float32"):

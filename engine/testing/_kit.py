@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import registry
 from engine.testing._core import Check, CheckFailed, CheckResult, KitContext, run_check, select
+from registry import group_alias
 
 # group alias -> builder of its checks; the order is the order groups run in (general
 # plugins first: the kit calls them itself before the platform checks load them all)
@@ -28,13 +30,6 @@ def _builders() -> dict[str, Callable[[KitContext, str], list[Check]]]:
 def plugin_groups(name: str, group: str | None = None) -> list[str]:
     """The group aliases under which an enabled plugin called `name` is found
     (only `group` when given). Raises LookupError saying what exists instead."""
-    import registry
-
-    alias_of = {full: alias for alias, full in registry.GROUP_ALIASES.items()}
-
-    def group_alias(full_name: str) -> str:
-        return alias_of.get(full_name, full_name)
-
     full = registry.resolve_group(group) if group else None
     records = [r for r in registry.discover(full) if r.name == name]
     enabled = [r for r in records if r.enabled]
@@ -52,8 +47,6 @@ def plugin_groups(name: str, group: str | None = None) -> list[str]:
 
 def _generic_checks(ctx: KitContext, alias: str, name: str) -> list[Check]:
     def loads() -> None:
-        import registry
-
         if name not in registry.load_plugins_by_group(alias):
             raise CheckFailed(f"{alias} plugin {name!r} did not import (see the log above)")
 

@@ -61,7 +61,7 @@ def replaced_ops(ctx: KitContext, name: str) -> list[str]:
     """Names of the in-tree ops whose forward differs from ``forward_native`` on
     this platform once it is set up: replaced with ``register_oot``, or with the
     platform's ``forward_<platform>`` overridden; in registration order."""
-    from engine.testing._platform import activate
+    from engine.testing._setup import activate
 
     def compute() -> list[str]:
         from engine.ops import CustomOp
@@ -81,7 +81,7 @@ def replaced_ops(ctx: KitContext, name: str) -> list[str]:
 def op_checks(ctx: KitContext, name: str, prefix: str) -> list[Check]:
     """One check per op the platform changes (see `replaced_ops`) and dtype; a
     single skipped check when the platform cannot be set up to find out."""
-    from engine.testing._platform import OP_TOLERANCE
+    from engine.testing._setup import OP_TOLERANCE
 
     try:
         ops = replaced_ops(ctx, name)
@@ -109,7 +109,7 @@ def check_op(ctx: KitContext, name: str, op_name: str, dtype_name: str) -> None:
 
     from engine.config import set_current_engine_config
     from engine.ops import CustomOp
-    from engine.testing._platform import OP_TOLERANCE, activate, kit_engine_config
+    from engine.testing._setup import OP_TOLERANCE, activate, kit_engine_config
 
     cls = activate(ctx, name)
     if not cls.supports_dtype(dtype_name):

@@ -16,13 +16,14 @@ from typing import Any
 
 import torch
 
+from engine.config import EngineConfig
 from engine.step import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, config: Any, device: torch.device, is_driver: bool = True) -> None:
+    def __init__(self, config: EngineConfig, device: torch.device, is_driver: bool = True) -> None:
         self.config = config
         self.device = device
         # only the driver rank's tokens are used: the others skip sampling

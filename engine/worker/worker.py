@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.config import EngineConfig
 from engine.step import ModelRunnerOutput, SchedulerOutput
 from engine.worker.model_runner import ModelRunner
 from engine.worker.sleep import (
@@ -47,7 +48,7 @@ class Worker(WorkerBase):
     sizing, warm-up) and keep the rest.
     """
 
-    def __init__(self, config: Any, rank: int = 0, local_rank: int = 0,
+    def __init__(self, config: EngineConfig, rank: int = 0, local_rank: int = 0,
                  distributed_init_method: str | None = None) -> None:
         super().__init__(config, rank, local_rank, distributed_init_method)
         self.device: torch.device | None = None

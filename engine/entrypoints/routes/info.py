@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from engine.entrypoints.async_engine import EngineUnavailableError
+from engine.entrypoints.plugin_listing import plugin_rows
 
 router = APIRouter()
 
@@ -68,10 +69,8 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/v1/plugins")
 async def plugins() -> Response:
-    import registry
-
     # the rows of `engine plugins list --json`, plus each plugin's effects here
-    return JSONResponse(registry.plugin_rows(with_effects=True))
+    return JSONResponse(plugin_rows(with_effects=True))
 
 
 @router.get("/v1/models")

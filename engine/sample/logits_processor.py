@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 
 
@@ -78,7 +79,7 @@ class LogitsProcessor:
     that names the processor; the engine keeps serving the others.
     """
 
-    def __init__(self, config: Any, device: torch.device) -> None:
+    def __init__(self, config: EngineConfig, device: torch.device) -> None:
         self.config = config
         self.device = device
 
@@ -180,7 +181,7 @@ def resolve_logits_processor(entry: type | str, what: str) -> type[LogitsProcess
     return cls
 
 
-def logits_processor_classes(config: Any) -> list[tuple[str, type[LogitsProcessor]]]:
+def logits_processor_classes(config: EngineConfig) -> list[tuple[str, type[LogitsProcessor]]]:
     """Every logits processor class of an engine, by the name errors use: the
     built-in structured-outputs mask, the enabled ``logits_processor`` plugins (by
     plugin name), then ``config.logits_processors`` (by qualified name). Raises
@@ -201,7 +202,7 @@ def logits_processor_classes(config: Any) -> list[tuple[str, type[LogitsProcesso
             for name, entry in entries]
 
 
-def build_logits_processors(config: Any, device: torch.device) -> list[tuple[str, LogitsProcessor]]:
+def build_logits_processors(config: EngineConfig, device: torch.device) -> list[tuple[str, LogitsProcessor]]:
     """One instance of every logits processor of an engine (see
     `logits_processor_classes`). Raises ValueError naming the one that is not a
     `LogitsProcessor` or whose constructor raised."""
