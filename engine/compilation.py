@@ -112,7 +112,8 @@ def compile_model(model: Any, config: Any) -> None:
     make = resolve_graph_backend(config.backend)
     backend = make(config)
     for layer in get_attention_layers(model):
-        layer.forward = torch._dynamo.disable(layer.forward, recursive=True)
+        layer.forward = torch._dynamo.disable(  # type: ignore[method-assign]
+            layer.forward, recursive=True)
     model.compile(backend=backend, dynamic=config.dynamic)
     logger.info("model compiled lazily with graph backend %r (torch.compile backend %r)",
                 config.backend, backend)

@@ -266,7 +266,7 @@ def _require_int(name: str, value: object, minimum: int | None, note: str = "",
 
 def _require_number(name: str, value: object, allowed: str, ok) -> None:
     # NaN fails every range; infinity (JSON's 1e309) is no setting either
-    if not _is_number(value) or not math.isfinite(value):
+    if not _is_number(value) or not math.isfinite(value):  # type: ignore[arg-type]
         raise ValueError(f"SamplingParams.{name} must be a number {allowed}, got {value!r}")
     if not ok(value):
         raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")

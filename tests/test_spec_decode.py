@@ -169,11 +169,11 @@ def test_rejection_sampling_keeps_the_target_distribution(make_hf_model):
     random.Random(5).shuffle(ids)
     prompt = ids + ids[::-1]
     num = 3000
-    with LLM(model, dtype="float32", kv_cache_memory=32 * 1024 * KIB, max_num_seqs=512,
+    with LLM(model, dtype="float32", kv_cache_memory=32 * 1024 * KIB, max_num_seqs=512, max_n=num,
              seed=1) as llm:
         expected = _joint_counts(llm, prompt, num)
         noise = _joint_counts(llm, prompt, num)  # the plain run against itself: the noise floor
-    with LLM(model, dtype="float32", kv_cache_memory=32 * 1024 * KIB, max_num_seqs=512,
+    with LLM(model, dtype="float32", kv_cache_memory=32 * 1024 * KIB, max_num_seqs=512, max_n=num,
              seed=2, speculative_config=spec) as llm:
         got = _joint_counts(llm, prompt, num)
         counts = _spec_counts(llm)

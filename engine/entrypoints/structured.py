@@ -48,7 +48,7 @@ def structured_error(exc: ValueError, field: str, is_json: bool | None = None) -
     named = re.match(rf"{field}\.(\w+)", message)
     if field == "response_format":
         if is_json is None:
-            is_json = bool(named) and named.group(1) == "json"
+            is_json = named is not None and named.group(1) == "json"
         param = "response_format.json_schema.schema" if is_json else field
     else:
         param = f"{field}.{named.group(1)}" if named else field

@@ -77,7 +77,9 @@ def _tensors(model: nn.Module):
 
 def _set(module: nn.Module, name: str, kind: str, tensor: torch.Tensor) -> None:
     if kind == "parameter":
-        module._parameters[name].data = tensor
+        param = module._parameters[name]
+        assert param is not None  # _tensors yields only the parameters that are set
+        param.data = tensor
     elif kind == "buffer":
         module._buffers[name] = tensor
     else:
@@ -132,7 +134,7 @@ def restore_weights(offloaded: OffloadedWeights) -> None:
             offset, nbytes = offloaded.entries[slot.key]
             buf = torch.empty(nbytes, dtype=torch.uint8)
             offloaded.file.seek(offset)
-            if offloaded.file.readinto(memoryview(buf.numpy())) != nbytes:
+            if offloaded.file.readinto(buf.numpy().data) != nbytes:  # type: ignore[attr-defined]
                 raise OSError("the sleep-mode weight file is shorter than what was written")
             t = restored[slot.key] = buf.view(slot.dtype).view(slot.shape).to(slot.device)
         _set(slot.module, slot.name, slot.kind, t)

@@ -54,7 +54,7 @@ def decode_batch_sizes(max_num_seqs: int) -> list[int]:
 
 def _params(i: int) -> SamplingParams:
     """Row `i`'s sampling settings: every sampler path within a few rows."""
-    kinds = (
+    kinds: tuple[dict[str, Any], ...] = (
         dict(temperature=0.0),
         dict(temperature=0.8, top_p=0.9, top_k=40, seed=i),
         dict(temperature=1.0, min_p=0.05, repetition_penalty=1.1, presence_penalty=0.5),
