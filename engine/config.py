@@ -72,6 +72,7 @@ class EngineConfig:
     log_stats: bool = False
     # extra LogitsProcessor classes or "pkg.mod:Cls" names, after the plugins
     logits_processors: list[Any] = field(default_factory=list)
+    lora_config: Any = None  # engine.lora.LoRAConfig when enable_lora, else None
 
 
 _current_config: EngineConfig | None = None

@@ -124,6 +124,15 @@ class EngineArgs:
     logits_processors: tuple[Any, ...] = field(default=(), metadata=_help(
         "extra LogitsProcessor classes (or 'pkg.mod:Cls' names) run after the "
         "logits_processor plugins", nargs="+", metavar="QUALNAME"))
+    # LoRA (engine.lora, docs/lora.md)
+    enable_lora: bool = field(default=False, metadata=_help(
+        "serve LoRA adapters (PEFT format) next to the base model"))
+    max_loras: int = field(default=1, metadata=_help(
+        "LoRA adapters active at once (one step mixes at most this many)", metavar="N"))
+    max_lora_rank: int = field(default=16, metadata=_help(
+        "the largest LoRA rank an adapter may have", metavar="R"))
+    max_cpu_loras: int | None = field(default=None, metadata=_help(
+        "LoRA adapters kept loaded in host memory (default: max_loras)", metavar="N"))
 
     # ------------------------------------------------------------------ CLI
 
@@ -225,7 +234,16 @@ class EngineArgs:
             attention_backend=self.attention_backend,
             log_stats=self.log_stats,
             logits_processors=self._checked_logits_processors(),
+            lora_config=self._lora_config(),
         )
+
+    def _lora_config(self) -> Any:
+        if not self.enable_lora:
+            return None
+        from engine.lora import LoRAConfig
+
+        return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+                          max_cpu_loras=self.max_cpu_loras)
 
     def _checked_logits_processors(self) -> list[Any]:
         from engine.models.registry import worker_importable_name

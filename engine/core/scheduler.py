@@ -32,6 +32,7 @@ class NewSequenceData:
     sampling_params: Any
     seed_offset: int  # the sample's index within its request: n samples, n streams
     eos_token_ids: list[int] = field(default_factory=list)  # blocked until min_tokens
+    lora_request: Any = None  # engine.lora.LoRARequest; None: the base model
 
 
 @dataclass
@@ -99,6 +100,8 @@ class Scheduler:
         self.prefix_cache_queried_tokens = 0
         self.prefix_cache_hit_tokens = 0
         self._stats_builder: Any = None  # engine.metrics SchedulerStatsBuilder, on first use
+        self.max_loras: int | None = None  # LoRA: adapters one step may mix (None: off)
+        self.pinned_loras: set[int] = set()  # LoRA: ids that hold a slot for good
 
     # ------------------------------------------------------------------ requests
 
@@ -194,7 +197,7 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
-            if self._waits_for_parent(seq):
+            if self._waits_for_parent(seq) or self._lora_slots_full(seq):
                 deferred.append(self.waiting.popleft())
                 continue
             computed_blocks, num_cached = self.kv_cache.get_computed_blocks(seq)
@@ -227,6 +230,15 @@ class Scheduler:
             and parent.num_computed_tokens < parent.num_prompt_tokens
         )
 
+    def _lora_slots_full(self, seq: Sequence) -> bool:
+        """LoRA: `seq`'s adapter would be one more than a step may mix."""
+        lora = seq.lora_request
+        if lora is None or self.max_loras is None:
+            return False
+        running = {s.lora_request.int_id for s in self.running if s.lora_request is not None}
+        running |= self.pinned_loras
+        return lora.int_id not in running and len(running) >= self.max_loras
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv_cache.free(seq)
@@ -243,7 +255,7 @@ class Scheduler:
             out.new_seqs.append(
                 NewSequenceData(
                     seq.seq_id, seq.prompt_token_ids, seq.sampling_params, seq.index,
-                    self.eos_token_ids,
+                    self.eos_token_ids, seq.lora_request,
                 )
             )
         out.scheduled.append(

@@ -52,6 +52,7 @@ class Sequence:
         index: int = 0,
         parent: Sequence | None = None,
         arrival_time: float | None = None,
+        lora_request: Any = None,
     ) -> None:
         self.seq_id = next(_seq_ids)
         self.request_id = request_id
@@ -70,6 +71,7 @@ class Sequence:
         self.block_hashes: list[int] = []  # chain hashes of the cached full blocks
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
+        self.lora_request = lora_request  # engine.lora.LoRARequest, None: the base model
 
     def __repr__(self) -> str:
         return (

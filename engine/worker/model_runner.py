@@ -30,6 +30,7 @@ class ModelRunner:
         self.model: torch.nn.Module | None = None
         self.sampler: Any = None
         self.states: dict[int, Any] = {}  # seq_id -> SamplingState
+        self.lora: Any = None  # engine.lora.LoRAModelManager when LoRA is enabled
 
     def load_model(self) -> None:
         from engine.model_loader import load_model
@@ -47,6 +48,17 @@ class ModelRunner:
             # only the driver samples, so only it runs the logits processors
             processors = build_logits_processors(self.config, self.device) if self.is_driver else []
             self.sampler = Sampler(processors)
+        if getattr(self.config, "lora_config", None) is not None and self.is_generative:
+            from engine.lora.manager import LoRAModelManager
+
+            self.lora = LoRAModelManager(self.model, self.config.lora_config, self.device,
+                                         self.dtype)
+
+    def lora_manager(self) -> Any:
+        """The LoRA manager; ValueError when LoRA is not enabled."""
+        if self.lora is None:
+            raise ValueError("LoRA is not enabled: start the engine with enable_lora=True")
+        return self.lora
 
     @property
     def is_generative(self) -> bool:
@@ -62,6 +74,8 @@ class ModelRunner:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(scheduler_output)
+        if self.lora is not None:  # every rank: which rows run which adapter
+            self.lora.begin_step(scheduler_output)
         if scheduler_output.is_empty:
             return ModelRunnerOutput()
         with torch.inference_mode():

@@ -7,7 +7,8 @@ rank=r, local_rank=r, distributed_init_method=...)`` (after the platform's
 `load_model`, `get_supported_tasks`, `get_kv_cache_spec`,
 `determine_available_memory`, `initialize_cache`, `compile_or_warm_up_model`,
 then `execute_model` once per step (`embed` for embedding models),
-`check_health` when the server asks, and `shutdown` at the end.
+`check_health` when the server asks, and `shutdown` at the end; with
+``enable_lora``, also `add_lora` / `remove_lora` / `list_loras` / `pin_lora`.
 
 Every method here is one the engine calls; a required one the subclass does not
 provide raises `NotImplementedError` naming it and the class, so a missing piece
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     from engine.config import EngineConfig
     from engine.core.scheduler import ModelRunnerOutput, SchedulerOutput
+    from engine.lora import LoRARequest
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,26 @@ class WorkerBase:
     def embed(self, token_id_lists: list[list[int]]) -> list[list[float]]:
         """Pooled embeddings of a batch of token-id lists (embedding models)."""
         raise self._missing("embed")
+
+    # LoRA (engine.lora): called on every rank when enable_lora is set; a worker
+    # that leaves them to this class makes enable_lora=True fail at start-up
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load (read, check, shard) an adapter; False when already loaded.
+        Raises ValueError naming the adapter and field for one it cannot serve."""
+        raise self._missing("add_lora")
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Unload an adapter; False when it was not loaded."""
+        raise self._missing("remove_lora")
+
+    def list_loras(self) -> set[int]:
+        """Ids of the adapters loaded on this rank."""
+        raise self._missing("list_loras")
+
+    def pin_lora(self, lora_id: int) -> bool:
+        """Keep a loaded adapter resident (never evicted) until removed."""
+        raise self._missing("pin_lora")
 
     def check_health(self) -> None:
         """Raise when this worker can no longer serve; healthy by default."""
