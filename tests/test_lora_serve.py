@@ -40,7 +40,9 @@ def server(llama_dir, adapter_dirs, tmp_path_factory):
                   "--enable-lora", "--max-loras", "3", "--max-lora-rank", "16",
                   "--lora-modules", f"attn={adapter_dirs['attn']}",
                   f'{{"name": "mlp", "path": "{adapter_dirs["mlp"]}"}}',
-                  "--allow-runtime-lora-updating"],
+                  "--allow-runtime-lora-updating",
+                  # the built-in resolver serves the other sub-folders by name
+                  "--plugin-config", f"lora_folder.dir={adapter_dirs['all'].parent}"],
                  tmp_path_factory.mktemp("cfg"), tmp_path_factory.mktemp("log") / "server.log")
     try:
         srv.wait_ready()
@@ -95,14 +97,29 @@ def test_models_lists_adapters_with_parent(server, adapter_dirs):
     assert cards["attn"].parent == "base" and cards["attn"].root == str(adapter_dirs["attn"])
 
 
+def test_resolver_plugin_finds_an_unknown_adapter_by_folder_name(server, offline):
+    async def run():
+        client = _client(server)
+        text = await _stream(client, "all")  # not in --lora-modules: lora_folder finds it
+        with pytest.raises(openai.NotFoundError):
+            await client.completions.create(model="nothing-here", prompt=PROMPT, max_tokens=2)
+        with pytest.raises(openai.NotFoundError):  # never a path outside the folder
+            await client.completions.create(model="../attn", prompt=PROMPT, max_tokens=2)
+        return text, [m.id for m in (await client.models.list()).data]
+
+    text, models = asyncio.run(run())
+    assert text == offline["all"]
+    assert "all" in models
+
+
 def test_load_and_unload_at_run_time(server, adapter_dirs, offline, tmp_path):
     url, auth = server.url, {"Authorization": f"Bearer {API_KEY}"}
-    body = {"lora_name": "all", "lora_path": str(adapter_dirs["all"])}
+    body = {"lora_name": "all-2", "lora_path": str(adapter_dirs["all"])}
     assert httpx.post(f"{url}/v1/load_lora_adapter", json=body).status_code == 401
     response = httpx.post(f"{url}/v1/load_lora_adapter", json=body, headers=auth)
     assert response.status_code == 200, response.text
     again = httpx.post(f"{url}/v1/load_lora_adapter", json=body, headers=auth)
-    assert again.status_code == 400 and "'all'" in again.json()["error"]["message"]
+    assert again.status_code == 400 and "'all-2'" in again.json()["error"]["message"]
 
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -110,7 +127,7 @@ def test_load_and_unload_at_run_time(server, adapter_dirs, offline, tmp_path):
 
     async def run():
         client = _client(server)
-        running = asyncio.ensure_future(_stream(client, "all"))
+        running = asyncio.ensure_future(_stream(client, "all-2"))
         response = await asyncio.to_thread(
             httpx.post, f"{url}/v1/load_lora_adapter", headers=auth,
             json={"lora_name": "bad", "lora_path": str(bad)})
@@ -123,15 +140,29 @@ def test_load_and_unload_at_run_time(server, adapter_dirs, offline, tmp_path):
     assert "'bad'" in error["message"] and "max_lora_rank=16" in error["message"]
     assert error["param"] == "lora_path"
 
-    response = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "all"},
+    response = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "all-2"},
                           headers=auth)
     assert response.status_code == 200, response.text
 
     async def gone():
         with pytest.raises(openai.NotFoundError):
-            await _client(server).completions.create(model="all", prompt=PROMPT, max_tokens=2)
+            await _client(server).completions.create(model="all-2", prompt=PROMPT,
+                                                     max_tokens=2)
 
     asyncio.run(gone())
-    missing = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "all"},
+    missing = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "all-2"},
                          headers=auth)
     assert missing.status_code == 404
+
+
+def test_a_broken_resolver_never_stops_the_others(adapter_dirs, caplog):
+    from engine.lora.resolver import LoRAFolderResolver, LoRAResolvers
+
+    def broken(base: str, name: str) -> str:
+        raise RuntimeError("resolver bug")
+
+    resolvers = LoRAResolvers([("a_broken", broken),
+                               ("folder", LoRAFolderResolver(adapter_dirs["mlp"].parent).resolve)])
+    assert resolvers.resolve("base", "mlp") == str(adapter_dirs["mlp"])
+    assert "a_broken" in caplog.text and "resolver bug" in caplog.text
+    assert resolvers.resolve("base", "nope") is None

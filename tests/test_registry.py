@@ -70,6 +70,7 @@ def test_builtin_manifest_declares_exactly_the_builtin_plugins():
         (registry.PLATFORM_PLUGINS, "cpu", "engine.platforms:cpu_platform_plugin"),
         (registry.PLATFORM_PLUGINS, "cuda", "engine.platforms:cuda_platform_plugin"),
         (registry.GENERAL_PLUGINS, "builtin_models", "engine.models:register_builtin_models"),
+        (registry.LORA_RESOLVER_PLUGINS, "lora_folder", "engine.lora.resolver:LoRAFolderResolver"),
     }
 
 
@@ -140,7 +141,7 @@ BAD_MANIFESTS = {
          "(engine.general_plugins), platform (engine.platform_plugins), io_processor "
          "(engine.io_processor_plugins), stat_logger (engine.stat_logger_plugins), "
          "logits_processor (engine.logits_processor_plugins), api_route "
-         "(engine.api_route_plugins)"],
+         "(engine.api_route_plugins), lora_resolver (engine.lora_resolver_plugins)"],
     ),
     "duplicate": (
         'schema-version = 1\n[[plugin]]\ngroup = "general"\nname = "a"\nvalue = "m"\n'

@@ -70,9 +70,11 @@ class ServerState:
         self.on_failure: Callable[[], None] | None = None  # set by run_server
         self.loras: Any = None  # engine.lora.serving.ServerLoRAs with --enable-lora
         if settings.engine_args.enable_lora:
+            from engine.lora.resolver import LoRAResolvers
             from engine.lora.serving import ServerLoRAs
 
-            self.loras = ServerLoRAs(settings.model_name, settings.lora_modules)
+            self.loras = ServerLoRAs(settings.model_name, settings.lora_modules,
+                                     LoRAResolvers.from_plugins())
 
     def admit(self, model: str | None, task: str | None = None) -> None:
         """Check a request before any work: the engine is ready (503), `model`

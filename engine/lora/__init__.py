@@ -4,10 +4,35 @@
 turns the machinery on (`LoRAConfig`); each request may name its adapter and
 one step mixes requests of several adapters and of the base model. See
 docs/lora.md.
+
+The names load on first use: `engine plugins list` imports
+`engine.lora.resolver` (the built-in resolver's settings) and must not pay for
+torch, which the adapter code imports.
 """
 
-from engine.lora.adapter import LoRAAdapterError
-from engine.lora.config import LoRAConfig
-from engine.lora.request import LoRARequest
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY = {
+    "LoRAAdapterError": "engine.lora.adapter",
+    "LoRAConfig": "engine.lora.config",
+    "LoRARequest": "engine.lora.request",
+}
 
 __all__ = ["LoRAAdapterError", "LoRAConfig", "LoRARequest"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.lora.adapter import LoRAAdapterError
+    from engine.lora.config import LoRAConfig
+    from engine.lora.request import LoRARequest
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine.lora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
