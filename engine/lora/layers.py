@@ -52,6 +52,15 @@ class LoRALayer:
         self.step = step
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        stacked = self.step.stacked
+        if stacked is not None:
+            entry = stacked.get(self.name)
+            if entry is not None:
+                a_all, b_all, counts = entry
+                h = x @ a_all  # every adapter's A for every row: one matmul
+                h.mul_(self.step.mask(counts))  # keep each row's own adapter's columns
+                out.addmm_(h, b_all)
+            return out
         for weights, rows in self.step.groups:
             pair = weights.get(self.name)
             if pair is None:
@@ -66,11 +75,50 @@ class LoRALayer:
 
 
 class StepBatch:
-    """The current step's adapters and their rows: ``[(weights, rows)]`` where
-    rows is a slice (one contiguous run) or an index tensor."""
+    """The current step's adapters and their rows.
+
+    One adapter: ``groups`` holds ``[(weights, rows)]`` (rows a slice or an index
+    tensor) and each layer runs one pair of matmuls on those rows. Several:
+    `stacked` holds, per layer, every adapter's A side by side and B stacked
+    (``a_all [in, sum R]``, ``b_all [sum R, out]``, the ranks), and each row keeps
+    only its own adapter's columns of ``x @ a_all`` (a 0/1 mask; base-model rows
+    keep none): three operations per layer whatever the number of adapters, as
+    the per-adapter calls, not their arithmetic, are what costs on small ranks.
+    """
 
     def __init__(self) -> None:
         self.groups: list[tuple[dict[str, LayerWeights], slice | torch.Tensor]] = []
+        self.stacked: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] | None = None
+        self.onehot: torch.Tensor | None = None  # [T, adapters]: which adapter each row runs
+        self._masks: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def set_groups(self, groups: list, stacked: dict | None, onehot: torch.Tensor | None) -> None:
+        self.groups, self.stacked, self.onehot = groups, stacked, onehot
+        self._masks = {}
+
+    def mask(self, counts: tuple[int, ...]) -> torch.Tensor:
+        """[T, sum(counts)]: row t keeps the columns of its adapter (one layout per
+        distinct set of ranks, shared by the layers that have it)."""
+        mask = self._masks.get(counts)
+        if mask is None:
+            repeats = torch.tensor(counts, device=self.onehot.device)
+            mask = self._masks[counts] = self.onehot.repeat_interleave(repeats, dim=1)
+        return mask
+
+
+def stack_adapters(adapters: list[dict[str, LayerWeights]]
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]:
+    """Per layer, the adapters' A matrices side by side and their B matrices
+    stacked (an adapter that leaves the layer alone contributes rank 0)."""
+    stacked = {}
+    for name in {n for weights in adapters for n in weights}:
+        pairs = [weights.get(name) for weights in adapters]
+        present = [p for p in pairs if p is not None]
+        a_all = torch.cat([a for a, _ in present], dim=1)
+        b_all = torch.cat([b for _, b in present], dim=0)
+        counts = tuple(0 if p is None else p[0].shape[1] for p in pairs)
+        stacked[name] = (a_all, b_all, counts)
+    return stacked
 
 
 class LoRATargets:

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from engine.lora.adapter import read_adapter
 from engine.lora.config import LoRAConfig
-from engine.lora.layers import LayerWeights, LoRATargets, StepBatch
+from engine.lora.layers import LayerWeights, LoRATargets, StepBatch, stack_adapters
 from engine.lora.request import LoRARequest
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,9 @@ class LoRAModelManager:
         self.active: OrderedDict[int, dict[str, LayerWeights]] = OrderedDict()
         self.pinned: set[int] = set()
         self.seq_loras: dict[int, LoRARequest] = {}  # live sequence -> its adapter
+        # adapters of a step (sorted ids) -> their stacked weights; cleared whenever
+        # the active adapters change
+        self._stacks: dict[tuple[int, ...], dict] = {}
 
     # ------------------------------------------------------------------ adapters
 
@@ -66,6 +69,7 @@ class LoRAModelManager:
         self.pinned.discard(int_id)
         found = self.cpu.pop(int_id, None) is not None
         found = self.active.pop(int_id, None) is not None or found
+        self._stacks.clear()
         self.requests.pop(int_id, None)
         return found
 
@@ -106,6 +110,7 @@ class LoRAModelManager:
         weights = {name: (a.to(self.device, self.dtype), b.to(self.device, self.dtype))
                    for name, (a, b) in self.cpu[request.int_id].items()}
         self.active[request.int_id] = weights
+        self._stacks.clear()
         self.cpu.move_to_end(request.int_id)
         return weights
 
@@ -135,15 +140,30 @@ class LoRAModelManager:
                     spans.append((row, row + n))
             row += n
         in_step = set(runs)
-        groups = []
-        for int_id, spans in runs.items():
-            weights = self._activate(requests[int_id], in_step)
-            if len(spans) == 1:
-                rows: slice | torch.Tensor = slice(*spans[0])
-            else:
-                rows = torch.cat([torch.arange(s, e) for s, e in spans]).to(self.device)
-            groups.append((weights, rows))
-        self.step.groups = groups
+        order = sorted(runs)
+        weights = [self._activate(requests[int_id], in_step) for int_id in order]
+        if len(order) <= 1:
+            groups = []
+            for int_id, adapter in zip(order, weights, strict=True):
+                spans = runs[int_id]
+                if len(spans) == 1:
+                    rows: slice | torch.Tensor = slice(*spans[0])
+                else:
+                    rows = torch.cat([torch.arange(s, e) for s, e in spans]).to(self.device)
+                groups.append((adapter, rows))
+            self.step.set_groups(groups, None, None)
+            return
+        key = tuple(order)
+        stacked = self._stacks.get(key)
+        if stacked is None:
+            if len(self._stacks) >= self.config.max_loras:  # a few recent mixes suffice
+                self._stacks.clear()
+            stacked = self._stacks[key] = stack_adapters(weights)
+        onehot = torch.zeros(row, len(order), dtype=self.dtype)
+        for column, int_id in enumerate(order):
+            for start, end in runs[int_id]:
+                onehot[start:end, column] = 1
+        self.step.set_groups([], stacked, onehot.to(self.device))
 
     def end_step(self) -> None:
-        self.step.groups = []
+        self.step.set_groups([], None, None)
