@@ -13,8 +13,8 @@ mix: one `LLM(enable_lora=True, max_loras=4)` in this process (dtype --dtype).
 Each round generates the same kind of batch twice, once with every request on
 the base model and once with the requests spread round-robin over the 4
 adapters (so every step mixes all 4), the order flipping every round; each side
-gets fresh prompts every round (--requests requests, prompts 32-128 tokens,
-32-64 output tokens, greedy, ignore_eos). Throughput is output tokens / wall
+gets fresh prompts every round (--requests requests, prompts --prompt-range
+tokens (32-128), --output-range output tokens (32-64), greedy, ignore_eos). Throughput is output tokens / wall
 time; the ratio LoRA / base is taken per round and reported as the median with
 the range.
 
@@ -77,11 +77,12 @@ def make_adapters(model_dir: Path, folder: Path, names: list[str], rank: int = 1
     return paths
 
 
-def workload(n: int, seed: int) -> tuple[list[list[int]], list[int]]:
+def workload(n: int, seed: int, prompt_range: tuple[int, int] = (32, 128),
+             output_range: tuple[int, int] = (32, 64)) -> tuple[list[list[int]], list[int]]:
     rng = random.Random(seed)
-    prompts = [[rng.randrange(3, SMOL["vocab_size"]) for _ in range(rng.randint(32, 128))]
+    prompts = [[rng.randrange(3, SMOL["vocab_size"]) for _ in range(rng.randint(*prompt_range))]
                for _ in range(n)]
-    return prompts, [rng.randint(32, 64) for _ in range(n)]
+    return prompts, [rng.randint(*output_range) for _ in range(n)]
 
 
 def mix(model_dir: Path, adapter_dirs: list[Path], args: argparse.Namespace) -> None:
@@ -92,8 +93,8 @@ def mix(model_dir: Path, adapter_dirs: list[Path], args: argparse.Namespace) -> 
               kv_cache_memory=2 << 30, enable_prefix_caching=False)
     note(f"dtype {llm.config.model_config.dtype}")
 
-    def run(side: str, seed: int) -> float:
-        prompts, outs = workload(args.requests, seed)
+    def run(side: str, seed: int, n: int = args.requests) -> float:
+        prompts, outs = workload(n, seed, args.prompt_range, args.output_range)
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in outs]
         chosen = [loras[i % 4] if side == "lora" else None for i in range(len(prompts))]
         start = time.perf_counter()
@@ -103,8 +104,8 @@ def mix(model_dir: Path, adapter_dirs: list[Path], args: argparse.Namespace) -> 
         assert produced == sum(outs)
         return produced / elapsed
 
-    run("base", 999)  # warm-up: both paths once
-    run("lora", 998)
+    run("base", 999, 4)  # warm-up: both paths once
+    run("lora", 998, 4)
     ratios, rows = [], []
     for r in range(args.rounds):
         order = ("base", "lora") if r % 2 == 0 else ("lora", "base")
@@ -114,7 +115,8 @@ def mix(model_dir: Path, adapter_dirs: list[Path], args: argparse.Namespace) -> 
         note(f"round {r}: base {tps['base']:.1f} tok/s, 4 adapters {tps['lora']:.1f} tok/s, "
              f"ratio {ratios[-1]:.2f} (order {'/'.join(order)})")
     llm.shutdown()
-    print(f"mix: {args.requests} requests, 4 rank-16 adapters round-robin vs base model: "
+    print(f"mix: {args.requests} requests (prompts {args.prompt_range}, outputs "
+          f"{args.output_range} tokens), 4 rank-16 adapters round-robin vs base model: "
           f"ratio {statistics.median(ratios):.2f}x (rounds: "
           + ", ".join(f"{x:.2f}" for x in ratios)
           + f"); base {max(r['base'] for r in rows):.1f} tok/s best, "
@@ -160,6 +162,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--adds", type=int, default=5)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--prompt-range", type=int, nargs=2, default=(32, 128), metavar=("MIN", "MAX"))
+    ap.add_argument("--output-range", type=int, nargs=2, default=(32, 64), metavar=("MIN", "MAX"))
     args = ap.parse_args()
     note(f"load average at start: {load_average()}")
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -242,3 +242,18 @@ def test_lora_request_without_enable_lora(llama_dir, adapters):
     with LLM(llama_dir, dtype="float32", kv_cache_memory=512 * KIB) as plain:
         with pytest.raises(ValueError, match="enable_lora=True"):
             plain.generate([[5, 6, 7]], GREEDY, lora_request=adapters["attn"])
+
+
+def test_metrics_label_requests_by_adapter(llama_dir, adapters):
+    """vLLM's lora_requests_info: the running adapters' names in a label."""
+    from prometheus_client import generate_latest
+
+    with LLM(llama_dir, dtype="float32", kv_cache_memory=512 * KIB, enable_lora=True,
+             max_loras=2, max_lora_rank=16, log_stats=True) as llm:
+        registry = llm.llm_engine.stat_loggers.prometheus_registry
+        stream = llm.generate_stream([5, 6, 7], GREEDY, lora_request=adapters["mlp"])
+        next(stream)  # running now
+        text = generate_latest(registry).decode()
+        stream.close()
+    line = next(x for x in text.splitlines() if x.startswith("engine_lora_requests_info{"))
+    assert 'max_lora="2"' in line and 'running_lora_adapters="mlp"' in line, line

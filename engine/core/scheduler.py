@@ -28,6 +28,14 @@ from engine.step import (
 )
 
 
+def _count_loras(seqs: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for seq in seqs:
+        if seq.lora_request is not None:
+            counts[seq.lora_request.name] = counts.get(seq.lora_request.name, 0) + 1
+    return counts
+
+
 class Scheduler:
     """Owns the waiting and running queues; the only place sequences change state."""
 
@@ -236,10 +244,14 @@ class Scheduler:
             from engine.metrics.stats import SchedulerStatsBuilder
 
             self._stats_builder = SchedulerStatsBuilder()
-        return self._stats_builder.build(
+        stats = self._stats_builder.build(
             len(self.running), len(self.waiting), self.kv_cache.usage, self.num_preemptions,
             self.prefix_cache_queried_tokens, self.prefix_cache_hit_tokens,
         )
+        if self.max_loras is not None:  # LoRA: requests per adapter
+            stats.running_lora_adapters = _count_loras(self.running)
+            stats.waiting_lora_adapters = _count_loras(self.waiting)
+        return stats
 
     # ------------------------------------------------------------------ results
 

@@ -68,6 +68,9 @@ class SchedulerStats:
     kv_cache_usage: float = 0.0  # fraction of KV blocks in use, 0..1
     prefix_cache_stats: PrefixCacheStats = field(default_factory=PrefixCacheStats)
     num_preemptions: int = 0  # preemptions during this step
+    # LoRA: requests per adapter name, running and waiting (empty without adapters)
+    running_lora_adapters: dict[str, int] = field(default_factory=dict)
+    waiting_lora_adapters: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
