@@ -72,6 +72,8 @@ class EngineConfig:
     log_stats: bool = False
     # extra LogitsProcessor classes or "pkg.mod:Cls" names, after the plugins
     logits_processors: list[Any] = field(default_factory=list)
+    # speculative decoding: an engine.spec_decode.SpeculativeConfig, None when off
+    speculative_config: Any = None
     lora_config: Any = None  # engine.lora.LoRAConfig when enable_lora, else None
 
 

@@ -7,6 +7,12 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from engine.cli.common import (
+    add_model_argument,
+    announce_loading,
+    announce_out_of_tree_plugins,
+    resolve_model_argument,
+)
 from engine.engine_args import EngineArgs
 
 if TYPE_CHECKING:
@@ -22,9 +28,10 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
         description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, "
                     "/v1/embeddings, /v1/models, /pooling, /health, /metrics, /v1/plugins.",
     )
+    add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--api-key", metavar="KEY", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $ENGINE_API_KEY)")
     p.add_argument("--served-model-name", metavar="NAME", default=None,
@@ -51,14 +58,21 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
     p.add_argument("--allow-runtime-lora-updating", action="store_true",
                    help="mount POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
                         "(with --enable-lora; behind --api-key like every route)")
-    EngineArgs.add_cli_args(p.add_argument_group("engine options"))
+    EngineArgs.add_cli_args(p.add_argument_group("engine options"), exclude=("seed",))
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="sampling seed for requests that send no 'seed' of their own: the "
+                        "server started with the same seed answers the same requests in the "
+                        "same order the same way (default 0)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the plugins, check the model and settings, then serve until stopped."""
     try:
+        resolve_model_argument(args, "serve")
         settings = _settings(args)
+        announce_out_of_tree_plugins("serve")
+        announce_loading("serve", args.model)
         _load_plugins(args.io_processor_plugin)
         # a missing or broken model or a bad setting fails now, before binding (after
         # the plugins, which may add model architectures and load formats)

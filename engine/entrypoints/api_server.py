@@ -186,7 +186,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
-        return json_response(validation_error(list(exc.errors())))
+        return json_response(validation_error(list(exc.errors()),
+                                              request.headers.get("content-type")))
 
     @app.exception_handler(EngineUnavailableError)
     async def unavailable(request: Request, exc: EngineUnavailableError) -> Response:

@@ -30,6 +30,11 @@ class ModelRunner:
         self.model: torch.nn.Module | None = None
         self.sampler: Any = None
         self.states: dict[int, Any] = {}  # seq_id -> SamplingState
+        # speculative decoding (driver only): the proposer, and its latest guesses
+        self.proposer: Any = None
+        self._draft_token_ids: Any = None  # engine.spec_decode.DraftTokenIds
+        self._drafts_allowed = False  # no logits processor plugins that drafts would skip
+        self._draftable: dict[int, bool] = {}  # seq_id -> _may_draft, once per sequence
         self.lora: Any = None  # engine.lora.LoRAModelManager when LoRA is enabled
 
     def load_model(self) -> None:
@@ -48,6 +53,8 @@ class ModelRunner:
             # only the driver samples, so only it runs the logits processors
             processors = build_logits_processors(self.config, self.device) if self.is_driver else []
             self.sampler = Sampler(processors)
+            if self.config.speculative_config is not None and self.is_driver:
+                self._load_proposer([name for name, _ in processors])
         if getattr(self.config, "lora_config", None) is not None and self.is_generative:
             from engine.lora.manager import LoRAModelManager
 
@@ -59,6 +66,51 @@ class ModelRunner:
         if self.lora is None:
             raise ValueError("LoRA is not enabled: start the engine with enable_lora=True")
         return self.lora
+
+    # ------------------------------------------------------------------ speculative decoding
+
+    def _load_proposer(self, processor_names: list[str]) -> None:
+        from engine.spec_decode.selection import proposer_class
+
+        spec = self.config.speculative_config
+        self.proposer = proposer_class(spec)(spec, self.config, self.device)
+        self.proposer.load(self.model)
+        # verified rows skip the logits processors: only the built-in structured-
+        # outputs one is known to leave requests without structured outputs alone
+        self._drafts_allowed = all(n == "structured_outputs" for n in processor_names)
+        if not self._drafts_allowed:
+            logger.warning("speculative decoding is off: logits processor plugins are enabled "
+                           "(%s), and drafted tokens would skip them", ", ".join(processor_names))
+
+    def initialize_proposer_cache(self, num_blocks: int) -> None:
+        """Tell the proposer the size of the target's KV cache (see `Proposer`)."""
+        if self.proposer is not None:
+            self.proposer.initialize_cache(num_blocks)
+
+    def take_draft_token_ids(self) -> Any:
+        """The proposals of the last step (`engine.spec_decode.DraftTokenIds`), once."""
+        drafts, self._draft_token_ids = self._draft_token_ids, None
+        return drafts
+
+    def _propose(self, seq_ids: list[int], states: list[Any]) -> None:
+        from engine.spec_decode import DraftTokenIds, TokenView
+
+        ids, tokens = [], []
+        for seq_id, state in zip(seq_ids, states, strict=True):
+            if state.params.min_tokens <= len(state.output_token_ids) and self._draftable.get(
+                    seq_id, False):
+                ids.append(seq_id)
+                tokens.append(TokenView(state.prompt_token_ids, state.output_token_ids))
+        drafts = self.proposer.propose(ids, tokens) if ids else []
+        self._draft_token_ids = DraftTokenIds(ids, [list(d) for d in drafts])
+
+    def _may_draft(self, params: Any) -> bool:
+        """Whether a sequence's next tokens may be verified in one step (once it has
+        min_tokens tokens): its sampling must not depend on what the drafts change
+        (penalties look at the output, structured outputs and logits processors at
+        the text so far), and a kept draft has no log-probabilities to report."""
+        return (self._drafts_allowed and params.logprobs is None and not params.has_penalties
+                and params.structured_outputs is None)
 
     @property
     def is_generative(self) -> bool:
@@ -79,9 +131,8 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return ModelRunnerOutput()
         with torch.inference_mode():
-            input_ids, positions, attn_metadata, logits_rows, seq_ids = self._prepare_inputs(
-                scheduler_output
-            )
+            input_ids, positions, attn_metadata, logits_rows, seq_ids, drafts = (
+                self._prepare_inputs(scheduler_output))
             hidden = self.model(input_ids, positions, attn_metadata)
             if not seq_ids:  # only prompt chunks this step: nothing to sample
                 return ModelRunnerOutput()
@@ -91,11 +142,23 @@ class ModelRunner:
             if not self.is_driver:
                 return ModelRunnerOutput()
             states = [self.states[i] for i in seq_ids]
-            sampled = self.sampler(logits, states)
+            accepted = None
+            if any(drafts):
+                from engine.spec_decode.verify import sample_with_drafts
+
+                sampled = sample_with_drafts(self.sampler, logits, states, drafts)
+                accepted = sampled.accepted
+                for state, kept in zip(states, accepted, strict=True):
+                    state.output_token_ids.extend(kept)
+            else:
+                sampled = self.sampler(logits, states)
         token_ids = list(sampled.token_ids)
         for state, token_id in zip(states, token_ids, strict=True):
             state.output_token_ids.append(token_id)
-        return ModelRunnerOutput(seq_ids, token_ids, sampled.logprobs)
+        if self.proposer is not None:
+            self._propose(seq_ids, states)
+        return ModelRunnerOutput(seq_ids, token_ids, sampled.logprobs,
+                                 accepted_token_ids=accepted)
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         from engine.sample import SamplingState
@@ -104,6 +167,10 @@ class ModelRunner:
             return
         for seq_id in scheduler_output.finished_seq_ids:
             self.states.pop(seq_id, None)
+        if self.proposer is not None and scheduler_output.finished_seq_ids:
+            self.proposer.remove(scheduler_output.finished_seq_ids)
+            for seq_id in scheduler_output.finished_seq_ids:
+                self._draftable.pop(seq_id, None)
         for new in scheduler_output.new_seqs:
             self.states[new.seq_id] = SamplingState.create(
                 new.sampling_params,
@@ -112,6 +179,8 @@ class ModelRunner:
                 eos_token_ids=new.eos_token_ids,
                 device=self.device,
             )
+            if self.proposer is not None:
+                self._draftable[new.seq_id] = self._may_draft(new.sampling_params)
 
     def _prepare_inputs(self, scheduler_output: SchedulerOutput):
         from engine.attention import AttentionMetadata
@@ -125,18 +194,29 @@ class ModelRunner:
         block_tables: list[list[int]] = []
         logits_rows: list[int] = []
         seq_ids: list[int] = []
+        drafts: list[list[int]] = []  # per sampled sequence: the drafts to verify
         for item in scheduler_output.scheduled:
             start, n = item.num_computed_tokens, len(item.token_ids)
             table = item.block_table
             input_ids.extend(item.token_ids)
             positions.extend(range(start, start + n))
             slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            query_lens.append(n)
-            seq_lens.append(start + n)
-            block_tables.append(table)
+            if item.num_draft_tokens:
+                # a verified position j is attended as its own decoding sequence of
+                # start + j + 1 tokens: the path (and the numerics) of plain decoding
+                query_lens.extend([1] * n)
+                seq_lens.extend(range(start + 1, start + n + 1))
+                block_tables.extend([table] * n)
+            else:
+                query_lens.append(n)
+                seq_lens.append(start + n)
+                block_tables.append(table)
             if item.sample:
-                logits_rows.append(len(input_ids) - 1)
+                # a drafted sequence needs the logits after each draft, and before the first
+                k = item.num_draft_tokens
+                logits_rows.extend(range(len(input_ids) - 1 - k, len(input_ids)))
                 seq_ids.append(item.seq_id)
+                drafts.append(item.token_ids[n - k:] if k else [])
         device = self.device
         attn_metadata = AttentionMetadata.build(
             query_lens, seq_lens, block_tables, slot_mapping, bs, device
@@ -147,6 +227,7 @@ class ModelRunner:
             attn_metadata,
             torch.tensor(logits_rows, dtype=torch.int64, device=device),
             seq_ids,
+            drafts,
         )
 
     # ------------------------------------------------------------------ embeddings

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.step import ModelRunnerOutput, SchedulerOutput
@@ -12,6 +14,24 @@ from engine.worker.model_runner import ModelRunner
 from engine.worker.worker_base import KVCacheSpec, WorkerBase
 
 logger = logging.getLogger(__name__)
+
+
+_ALIGN = 64  # bytes: a cache line, the widest vector load the CPU kernels do
+
+
+def _zeroed_untouched(shape: tuple[int, ...], dtype: torch.dtype,
+                     device: torch.device | None) -> torch.Tensor:
+    """A zero tensor whose memory is not touched until it is written, on the CPU:
+    `torch.zeros` writes every page (seconds, and resident memory, for a cache of
+    gigabytes), while calloc hands back fresh zero pages from the kernel that
+    become resident one by one as the cache fills. NumPy allocates with calloc.
+    Other devices: `torch.zeros`."""
+    if device is not None and device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    raw = torch.from_numpy(np.zeros(nbytes + _ALIGN, dtype=np.uint8))
+    offset = -raw.data_ptr() % _ALIGN
+    return raw[offset:offset + nbytes].view(dtype).view(shape)
 
 
 class Worker(WorkerBase):
@@ -102,15 +122,20 @@ class Worker(WorkerBase):
                 num_blocks, block_size, layer.num_kv_heads, layer.head_size
             )
             # zeros, not empty: padded reads past a sequence's end must stay finite
-            caches.append(torch.zeros(shape, dtype=dtype, device=self.device))
+            caches.append(_zeroed_untouched(shape, dtype, self.device))
         bind_kv_cache(model, caches)
         self.config.cache_config.num_blocks = num_blocks
+        self.model_runner.initialize_proposer_cache(num_blocks)
 
     def compile_or_warm_up_model(self) -> None:
         """Nothing to compile for eager PyTorch; the first step warms up itself."""
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
+
+    def take_draft_token_ids(self) -> Any:
+        """The proposals the last step made for the next one (rank 0)."""
+        return self.model_runner.take_draft_token_ids()
 
     def embed(self, token_id_lists: list[list[int]]) -> list[list[float]]:
         return self.model_runner.embed(token_id_lists)

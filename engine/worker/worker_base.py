@@ -6,7 +6,8 @@ rank=r, local_rank=r, distributed_init_method=...)`` (after the platform's
 `import_kernels` and the global seed) and then calls, in order: `init_device`,
 `load_model`, `get_supported_tasks`, `get_kv_cache_spec`,
 `determine_available_memory`, `initialize_cache`, `compile_or_warm_up_model`,
-then `execute_model` once per step (`embed` for embedding models),
+then `execute_model` once per step (`embed` for embedding models;
+`take_draft_token_ids` after it with speculative decoding),
 `check_health` when the server asks, and `shutdown` at the end; with
 ``enable_lora``, also `add_lora` / `remove_lora` / `list_loras` / `pin_lora`.
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from engine.lora.request import LoRARequest
-from engine.step import ModelRunnerOutput, SchedulerOutput
+from engine.step import DraftTokenIds, ModelRunnerOutput, SchedulerOutput
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.config import EngineConfig
@@ -100,6 +101,13 @@ class WorkerBase:
     def embed(self, token_id_lists: list[list[int]]) -> list[list[float]]:
         """Pooled embeddings of a batch of token-id lists (embedding models)."""
         raise self._missing("embed")
+
+    def take_draft_token_ids(self) -> DraftTokenIds | None:
+        """Speculative decoding: the proposals made during the last `execute_model`
+        for the next step (rank 0; other ranks return None). The engine calls it
+        after every step when ``speculative_config`` is set; a worker without it
+        makes such an engine fail at start-up."""
+        raise self._missing("take_draft_token_ids")
 
     # LoRA (engine.lora): called on every rank when enable_lora is set; a worker
     # that leaves them to this class makes enable_lora=True fail at start-up
