@@ -74,7 +74,7 @@ def test_platform_worker_without_pin_lora_fails_at_start(nolora, make_hf_model):
     for lora in ("off", "on"):
         proc = subprocess.run(
             [sys.executable, "-c", SCRIPT, str(model), lora], capture_output=True, text=True,
-            timeout=180, env=subprocess_env(ENGINE_PLUGIN_DIRS=str(nolora)))
+            timeout=300, env=subprocess_env(ENGINE_PLUGIN_DIRS=str(nolora)))
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[lora] = proc.stdout.strip().splitlines()[-1]
     assert results["off"] == "generated 2"  # the worker itself serves
