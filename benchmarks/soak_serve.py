@@ -100,8 +100,11 @@ class Soak:
         ]
         self.weights = [w for _, w, _ in self.kinds]
 
+    max_prompt_len = 96  # --max-prompt-len: longer, varied prompts give new shapes
+
     def prompt(self) -> list[int]:
-        return [self.rng.randrange(3, self.vocab) for _ in range(self.rng.randint(8, 96))]
+        longest = max(8, min(self.max_prompt_len, self.max_model_len - 480))
+        return [self.rng.randrange(3, self.vocab) for _ in range(self.rng.randint(8, longest))]
 
     async def post(self, client: httpx.AsyncClient, path: str, body: dict | bytes) -> str:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -166,8 +169,9 @@ class Soak:
 
 
 async def soak(url: str, vocab: int, max_model_len: int, duration: float, concurrency: int,
-               seed: int, pid: int | None = None) -> Soak:
+               seed: int, pid: int | None = None, max_prompt_len: int = 96) -> Soak:
     run = Soak(url, vocab, max_model_len, seed)
+    run.max_prompt_len = max_prompt_len
     deadline = time.monotonic() + duration
     run.rss_timeline = []  # (seconds since the start, MiB), sampled every tenth of the run
 
@@ -201,6 +205,10 @@ def main() -> int:
     parser.add_argument("--dtype", default=None,
                         help="passed to engine serve (default: its own, 'auto')")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-prompt-len", type=int, default=96, metavar="N",
+                        help="valid prompts are 8..N tokens (default 96; capped so that "
+                             "prompt and output fit the context); a large N varies the "
+                             "prompt shapes (the bf16 memory soak)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
 
@@ -220,7 +228,7 @@ def main() -> int:
         note(f"soaking for {args.duration:g} s with {args.concurrency} clients")
         started = time.monotonic()
         run = asyncio.run(soak(url, vocab, max_model_len, args.duration, args.concurrency,
-                               args.seed, proc.pid))
+                               args.seed, proc.pid, args.max_prompt_len))
         elapsed = time.monotonic() - started
         alive = proc.poll() is None
         health = wait_idle(url) if alive else {}
@@ -242,6 +250,9 @@ def main() -> int:
                 or (kind.startswith("valid") and outcome != "200")
                 or (kind.startswith("invalid") and outcome != "400")]
     idle = health.get("kv_cache_usage") == 0.0 and health.get("num_unfinished_requests") == 0
+    # RSS once warmed up (the first sample at or after 60 s): growth from there on
+    # is what a long-running server would keep adding
+    warm = next((m for t, m in run.rss_timeline if t >= 60), None)
     result = {
         "duration_s": round(elapsed, 1), "concurrency": args.concurrency,
         "requests": sum(run.counts.values()), "valid_requests_served": served,
@@ -249,6 +260,9 @@ def main() -> int:
         "by_status": dict(sorted(by_status.items())),
         "by_kind": {f"{k} -> {o}": c for (k, o), c in sorted(run.counts.items())},
         "rss_start_mib": round(rss_start, 1), "rss_end_mib": round(rss_end, 1),
+        "rss_after_first_minute_mib": warm,
+        "rss_growth_after_first_minute_pct": (round(100 * (rss_end - warm) / warm, 1)
+                                              if warm else None),
         "rss_timeline_mib": run.rss_timeline,
         "server_alive": alive, "exit_code": proc.returncode,
         "kv_cache_usage_end": health.get("kv_cache_usage"),
@@ -267,6 +281,9 @@ def main() -> int:
         print(f"server RSS: {rss_start:.0f} MiB at the start, {rss_end:.0f} MiB at the end; "
               "during the run (s: MiB): "
               + ", ".join(f"{t}: {m}" for t, m in run.rss_timeline))
+        if warm:
+            print(f"server RSS after the first minute {warm} MiB, at the end {rss_end:.0f} "
+                  f"MiB: {result['rss_growth_after_first_minute_pct']:+.1f}%")
         print(f"at the end: kv_cache_usage {health.get('kv_cache_usage')}, unfinished "
               f"{health.get('num_unfinished_requests')}, aborted in total "
               f"{health.get('num_aborted_requests')}; server exit code {proc.returncode}")

@@ -21,6 +21,7 @@ class ModelConfig:
     hf_config: dict[str, Any] = field(default_factory=dict)  # parsed config.json
     io_processor_plugin: str | None = None
     load_format: str = "auto"  # a registered model loader (engine.model_loader)
+    enable_sleep_mode: bool = False  # LLM.sleep / wake_up (docs/sleep-and-warm-up.md)
 
 
 @dataclass
@@ -38,6 +39,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 4096  # token budget per step
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0  # 0: only the step budget chunks prompts
+    # what one request may ask for: top log-probabilities per token, samples
+    max_logprobs: int = 20
+    max_n: int = 128
 
 
 @dataclass
@@ -58,6 +62,12 @@ class DeviceConfig:
 class CompilationConfig:
     # "all" (default), "none", or a list of "+name" / "-name" toggles
     custom_ops: list[str] = field(default_factory=lambda: ["all"])
+    # run the step shapes of the first requests at start (engine.worker.warm_up)
+    warm_up: bool = True
+    # torch.compile (engine.compilation): a graph_backend plugin name, None: eager
+    backend: str | None = None
+    dynamic: bool = True
+    cache_dir: str | None = None  # None: $ENGINE_COMPILE_CACHE or ~/.cache/engine/compile
 
 
 @dataclass

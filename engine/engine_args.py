@@ -111,6 +111,11 @@ class EngineArgs:
     long_prefill_token_threshold: int = field(default=0, metadata=_help(
         "prompt tokens one request may prefill per step (0: only the step budget)",
         metavar="N"))
+    max_logprobs: int = field(default=20, metadata=_help(
+        "most log-probabilities one request may ask for per token (logprobs, "
+        "top_logprobs)", metavar="N"))
+    max_n: int = field(default=128, metadata=_help(
+        "most samples one request may ask for (n)", metavar="N"))
     custom_ops: list[str] | None = field(default=None, metadata=_help(
         "custom-op toggles: 'all', 'none', '+name', '-name' (default: all)",
         nargs="+", metavar="OP"))
@@ -126,6 +131,17 @@ class EngineArgs:
     logits_processors: tuple[Any, ...] = field(default=(), metadata=_help(
         "extra LogitsProcessor classes (or 'pkg.mod:Cls' names) run after the "
         "logits_processor plugins", nargs="+", metavar="QUALNAME"))
+    # -- warm-up, sleep mode, compilation (docs/sleep-and-warm-up.md) --
+    skip_warm_up: bool = field(default=False, metadata=_help(
+        "start without running the first requests' step shapes once (the first "
+        "requests then pay first-time costs); one-shot `engine generate`/`embed` skip it"))
+    enable_sleep_mode: bool = field(default=False, metadata=_help(
+        "allow LLM.sleep()/wake_up() (and the server's dev-mode /sleep, /wake_up): "
+        "free the KV cache and weights while idle; the worker must implement them"))
+    compilation_config: dict[str, Any] | str | None = field(default=None, metadata=_help(
+        "torch.compile the model: a JSON object with 'backend' (a graph_backend plugin: "
+        "'inductor', 'eager', ...), 'dynamic' (default true), 'cache_dir' (default "
+        "~/.cache/engine/compile); default: no compilation", metavar="JSON"))
     # speculative decoding (docs/speculative-decoding.md)
     speculative_config: dict[str, Any] | str | None = field(default=None, metadata=_help(
         "speculative decoding, as JSON: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' "
@@ -192,10 +208,12 @@ class EngineArgs:
         from engine.core.engine import resolve_max_model_len
         from engine.model_loader import load_hf_config
 
-        for name in ("tensor_parallel_size", "block_size", "max_num_seqs"):
+        for name in ("tensor_parallel_size", "block_size", "max_num_seqs", "max_n"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.distributed_executor_backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
@@ -223,6 +241,7 @@ class EngineArgs:
                 model=str(model_dir), dtype=self.dtype, seed=self.seed,
                 max_model_len=max_model_len, hf_config=hf_config,
                 io_processor_plugin=self.io_processor_plugin, load_format=self.load_format,
+                enable_sleep_mode=self.enable_sleep_mode,
             ),
             cache_config=CacheConfig(
                 block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
@@ -233,18 +252,29 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 long_prefill_token_threshold=self.long_prefill_token_threshold,
+                max_logprobs=self.max_logprobs, max_n=self.max_n,
             ),
             parallel_config=ParallelConfig(
                 tensor_parallel_size=self.tensor_parallel_size, worker_cls=self.worker_cls,
                 distributed_executor_backend=self.distributed_executor_backend,
             ),
-            compilation_config=CompilationConfig(custom_ops=self.custom_ops or ["all"]),
+            compilation_config=CompilationConfig(custom_ops=self.custom_ops or ["all"],
+                                                 warm_up=not self.skip_warm_up,
+                                                 **self._checked_compilation_config()),
             attention_backend=self.attention_backend,
             log_stats=self.log_stats,
             logits_processors=self._checked_logits_processors(),
             speculative_config=self._checked_speculative_config(),
             lora_config=self._lora_config(),
         )
+
+    def _checked_compilation_config(self) -> dict[str, Any]:
+        from engine.compilation import parse_compilation_config, resolve_graph_backend
+
+        checked = parse_compilation_config(self.compilation_config)
+        if checked.get("backend") is not None:
+            resolve_graph_backend(checked["backend"])  # an unknown name fails now, listing them
+        return checked
 
     def _checked_speculative_config(self) -> Any:
         if self.speculative_config is None:

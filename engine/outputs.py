@@ -12,10 +12,11 @@ class CompletionOutput:
     index: int  # which sample, 0..n-1
     text: str  # the text so far (the whole completion once finished)
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None  # the stop string or token id that ended it
     logprobs: list[dict[int, float]] | None = None  # per generated token, when asked for
     text_delta: str = ""  # text added since the previous snapshot (streaming)
+    error: str | None = None  # why it ended with finish_reason "error"
 
     @property
     def finished(self) -> bool:

@@ -7,12 +7,16 @@ params (in the CLI, in an HTTP handler) stays cheap.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
 
 # Below this a temperature is treated as 0: dividing logits by it would overflow.
 _GREEDY_TEMPERATURE = 1e-5
+# Token counts past this are no context any model has; a larger max_tokens is a
+# mistake (or a probe), answered as one rather than silently cut to the context.
+_MAX_TOKENS = 2**31 - 1
 
 
 def _is_int(value: object) -> bool:
@@ -176,8 +180,9 @@ class SamplingParams:
         if self.seed is not None:
             _require_int("seed", self.seed, minimum=None, note=" or None")
         if self.max_tokens is not None:
-            _require_int("max_tokens", self.max_tokens, minimum=1, note=" or None")
-        _require_int("min_tokens", self.min_tokens, minimum=0)
+            _require_int("max_tokens", self.max_tokens, minimum=1, note=" or None",
+                         maximum=_MAX_TOKENS)
+        _require_int("min_tokens", self.min_tokens, minimum=0, maximum=_MAX_TOKENS)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"SamplingParams.min_tokens must be <= max_tokens ({self.max_tokens}), "
@@ -249,15 +254,19 @@ class SamplingParams:
         )
 
 
-def _require_int(name: str, value: object, minimum: int | None, note: str = "") -> None:
+def _require_int(name: str, value: object, minimum: int | None, note: str = "",
+                 maximum: int | None = None) -> None:
     if not _is_int(value):
         raise ValueError(f"SamplingParams.{name} must be an integer{note}, got {value!r}")
     if minimum is not None and value < minimum:  # type: ignore[operator]
         raise ValueError(f"SamplingParams.{name} must be >= {minimum}{note}, got {value!r}")
+    if maximum is not None and value > maximum:  # type: ignore[operator]
+        raise ValueError(f"SamplingParams.{name} must be <= {maximum}{note}, got {value!r}")
 
 
 def _require_number(name: str, value: object, allowed: str, ok) -> None:
-    if not _is_number(value) or value != value:  # NaN fails every range
+    # NaN fails every range; infinity (JSON's 1e309) is no setting either
+    if not _is_number(value) or not math.isfinite(value):
         raise ValueError(f"SamplingParams.{name} must be a number {allowed}, got {value!r}")
     if not ok(value):
         raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")

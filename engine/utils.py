@@ -123,6 +123,23 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def first_line(message: str, limit: int = 500) -> str:
+    """The first line of `message`, at most `limit` characters: what reaches a
+    client of an error whose full text (a native backtrace, a parser dump)
+    belongs in the server log."""
+    line = message.strip().split("\n", 1)[0].strip()
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def shape_bucket(rows: int) -> int:
+    """`rows` rounded up to one of 8 steps per power of two (at most 1/8 more):
+    the lengths oneDNN and torch's bf16 CPU kernels see for prompt chunks. Those
+    build and keep a kernel per shape, so unpadded, every new prompt length
+    grows memory; from 33 to 4096 rows there are 56 buckets."""
+    step = 1 << max(0, rows.bit_length() - 4)
+    return -(-rows // step) * step
+
+
 def read_json_file(path: Path, expect: type[dict] | type[list] = dict) -> Any:
     """The JSON value in the file `path`: an object (`expect` dict, the default)
     or an array (`expect` list), the one way model, tokenizer and pooling files

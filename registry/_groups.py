@@ -8,6 +8,7 @@ IO_PROCESSOR_PLUGINS = "engine.io_processor_plugins"
 STAT_LOGGER_PLUGINS = "engine.stat_logger_plugins"
 LOGITS_PROCESSOR_PLUGINS = "engine.logits_processor_plugins"
 API_ROUTE_PLUGINS = "engine.api_route_plugins"
+GRAPH_BACKEND_PLUGINS = "engine.graph_backend_plugins"
 SPEC_PROPOSER_PLUGINS = "engine.spec_proposer_plugins"
 LORA_RESOLVER_PLUGINS = "engine.lora_resolver_plugins"
 
@@ -19,6 +20,7 @@ GROUP_ALIASES: dict[str, str] = {
     "stat_logger": STAT_LOGGER_PLUGINS,
     "logits_processor": LOGITS_PROCESSOR_PLUGINS,
     "api_route": API_ROUTE_PLUGINS,
+    "graph_backend": GRAPH_BACKEND_PLUGINS,
     "spec_proposer": SPEC_PROPOSER_PLUGINS,
     "lora_resolver": LORA_RESOLVER_PLUGINS,
 }

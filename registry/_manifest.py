@@ -51,6 +51,7 @@ GroupName = Literal[
     "stat_logger",
     "logits_processor",
     "api_route",
+    "graph_backend",
     "spec_proposer",
     "lora_resolver",
     "engine.general_plugins",
@@ -59,6 +60,7 @@ GroupName = Literal[
     "engine.stat_logger_plugins",
     "engine.logits_processor_plugins",
     "engine.api_route_plugins",
+    "engine.graph_backend_plugins",
     "engine.spec_proposer_plugins",
     "engine.lora_resolver_plugins",
 ]

@@ -147,3 +147,19 @@ def test_serve_by_name(cache, tmp_path):
         assert reply["usage"]["completion_tokens"] >= 1
     finally:
         server.stop()
+
+
+def test_a_symlink_loop_or_dangling_link_is_named_not_sent_to_the_hub(tmp_path, monkeypatch,
+                                                                     cache):
+    # "org/name"-shaped, so that before the check it read as a model to download
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org").mkdir()
+    loop_a, loop_b = tmp_path / "org" / "a", tmp_path / "org" / "b"
+    loop_a.symlink_to(loop_b)
+    loop_b.symlink_to(loop_a)
+    dangling = tmp_path / "org" / "gone"
+    dangling.symlink_to(tmp_path / "nothing-here")
+    for link, reason in (("org/a", "loops"), ("org/gone", "points to nothing")):
+        with pytest.raises(ValueError, match=f"symbolic link that {reason}") as info:
+            resolve_model(link)
+        assert "hf download" not in str(info.value)

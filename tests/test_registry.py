@@ -70,6 +70,8 @@ def test_builtin_manifest_declares_exactly_the_builtin_plugins():
         (registry.PLATFORM_PLUGINS, "cpu", "engine.platforms:cpu_platform_plugin"),
         (registry.PLATFORM_PLUGINS, "cuda", "engine.platforms:cuda_platform_plugin"),
         (registry.GENERAL_PLUGINS, "builtin_models", "engine.models:register_builtin_models"),
+        (registry.GRAPH_BACKEND_PLUGINS, "inductor", "engine.compilation:inductor_backend"),
+        (registry.GRAPH_BACKEND_PLUGINS, "eager", "engine.compilation:eager_backend"),
         (registry.SPEC_PROPOSER_PLUGINS, "ngram", "engine.spec_decode.ngram:NgramProposer"),
         (registry.SPEC_PROPOSER_PLUGINS, "draft_model",
          "engine.spec_decode.draft_model:DraftModelProposer"),
@@ -144,8 +146,9 @@ BAD_MANIFESTS = {
          "(engine.general_plugins), platform (engine.platform_plugins), io_processor "
          "(engine.io_processor_plugins), stat_logger (engine.stat_logger_plugins), "
          "logits_processor (engine.logits_processor_plugins), api_route "
-         "(engine.api_route_plugins), spec_proposer (engine.spec_proposer_plugins), "
-         "lora_resolver (engine.lora_resolver_plugins)"],
+         "(engine.api_route_plugins), graph_backend (engine.graph_backend_plugins), "
+         "spec_proposer (engine.spec_proposer_plugins), lora_resolver "
+         "(engine.lora_resolver_plugins)"],
     ),
     "duplicate": (
         'schema-version = 1\n[[plugin]]\ngroup = "general"\nname = "a"\nvalue = "m"\n'

@@ -195,3 +195,37 @@ def test_stats_count_each_step_once():
     assert 0 < stats.kv_cache_usage <= 1
     again = sched.make_stats()
     assert again.prefix_cache_stats.queries == 0 and again.num_preemptions == 0
+
+
+def test_a_many_sample_request_cannot_starve_a_later_one_token_request():
+    # request "big" asks for 16 samples with 4 slots; "small" (one token) arrives
+    # while big holds every slot: it must get the first slot that frees, not wait
+    # for big's other 12 samples
+    sched = _scheduler(max_num_seqs=4, budget=64)
+    parent = Sequence("big", list(range(100, 103)), max_tokens=8)
+    big = [parent] + [Sequence("big", list(range(100, 103)), max_tokens=8, index=i,
+                               parent=parent) for i in range(1, 16)]
+    for seq in big:
+        sched.add_sequence(seq)
+    for _ in range(3):
+        _step(sched)
+    assert len(sched.running) == 4
+    small = Sequence("small", [5, 6, 7], max_tokens=1)
+    sched.add_sequence(small)
+    steps = 0
+    while not small.is_finished:
+        _step(sched)
+        steps += 1
+        assert steps <= 10, "the one-token request waited behind the 16-sample one"
+    _run_to_end(sched)
+    assert all(s.status is SequenceStatus.FINISHED_LENGTH for s in big)
+
+
+def test_fair_share_leaves_slots_to_a_lone_request():
+    # with no other request waiting, one request fills every slot
+    sched = _scheduler(max_num_seqs=4, budget=64, prefix=False)
+    seqs = [Sequence("only", [1, 2, 3], max_tokens=2, index=i) for i in range(6)]
+    for seq in seqs:
+        sched.add_sequence(seq)
+    first = _step(sched)
+    assert len(first.scheduled) == 4

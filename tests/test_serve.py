@@ -364,6 +364,13 @@ def test_json_body_without_json_content_type_names_the_header(server):
     assert "application/x-www-form-urlencoded" in message
 
 
+def test_options_on_a_protected_route_needs_the_key(server):
+    # without the key a client learns nothing of the route, not even its methods
+    response = httpx.request("OPTIONS", f"{server.url}/v1/completions", timeout=30)
+    assert response.status_code == 401, response.text
+    assert "allow" not in response.headers
+
+
 def test_openai_client_maps_the_error_statuses(server):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong",
@@ -545,4 +552,3 @@ def test_serve_module_imports_no_torch():
 
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-

@@ -43,7 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
                    help="print a JSON array: prompt, text, token_ids, finish_reason")
     # --seed above is the per-request sampling seed; the engine's global seed keeps its default
     EngineArgs.add_cli_args(p.add_argument_group("engine options"), exclude=("seed",))
-    p.set_defaults(func=run)
+    # one-shot: a warm-up would only add its own steps to the one batch this run makes
+    p.set_defaults(func=run, skip_warm_up=True)
 
 
 def run(args: argparse.Namespace) -> int:

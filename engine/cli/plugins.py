@@ -163,9 +163,12 @@ def run_disable(args: argparse.Namespace) -> int:
     if target is None:
         return 2
     group, matches = target
-    disabled = set(read_disabled())
-    disabled.add((group, args.name))
-    path = write_disabled(disabled)
+    try:
+        disabled = set(read_disabled())
+        disabled.add((group, args.name))
+        path = write_disabled(disabled)
+    except (OSError, ValueError) as exc:
+        return _state_file_error("disable", exc)
     where = f" ({group})" if group else ""
     print(f"disabled plugin {args.name!r}{where}; saved in {path}")
     if not matches:
@@ -173,6 +176,20 @@ def run_disable(args: argparse.Namespace) -> int:
     elif any(r.source == "builtin" for r in matches):
         print("note: its builtin namesake is not affected (builtins cannot be disabled)")
     return 0
+
+
+def _state_file_error(action: str, exc: Exception) -> int:
+    """One line about a plugin-state file that cannot be read or replaced (not
+    JSON, a folder, a link to something else), and exit code 1."""
+    from registry._state import state_path
+
+    path = state_path()
+    kind = (f"a symbolic link to {os.readlink(path)!r}; " if os.path.islink(path) else
+            "a folder, not a file; " if os.path.isdir(path) else "")
+    message = str(exc) if str(exc).startswith(path) else f"{path}: {exc}"
+    print(f"engine plugins {action}: error: {message} ({kind}fix or remove the file: it "
+          "only lists the plugins disabled with `engine plugins disable`)", file=sys.stderr)
+    return 1
 
 
 def run_enable(args: argparse.Namespace) -> int:
@@ -183,11 +200,14 @@ def run_enable(args: argparse.Namespace) -> int:
     if target is None:
         return 2
     group, _ = target
-    disabled = set(read_disabled())
-    before = len(disabled)
-    disabled = {(g, n) for g, n in disabled
-                if not (n == args.name and (group is None or g == group))}
-    path = write_disabled(disabled)
+    try:
+        disabled = set(read_disabled())
+        before = len(disabled)
+        disabled = {(g, n) for g, n in disabled
+                    if not (n == args.name and (group is None or g == group))}
+        path = write_disabled(disabled)
+    except (OSError, ValueError) as exc:
+        return _state_file_error("enable", exc)
     if len(disabled) == before:
         print(f"plugin {args.name!r} was not disabled")
     else:

@@ -52,6 +52,11 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
     p.add_argument("--data-parallel-backend", choices=("mp", "ray"), default=None,
                    help="what runs each replica's workers: 'mp' (this machine) or 'ray' "
                         "(Ray actors; default: --distributed-executor-backend)")
+    p.add_argument("--enable-dev-mode", action="store_true",
+                   default=os.environ.get("ENGINE_SERVER_DEV_MODE", "") == "1",
+                   help="add the development routes POST /sleep, POST /wake_up and GET "
+                        "/is_sleeping (sleep mode needs --enable-sleep-mode; default: "
+                        "$ENGINE_SERVER_DEV_MODE=1)")
     p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
                    help="LoRA adapters to serve (with --enable-lora): NAME=PATH or a JSON "
                         "object with 'name' and 'path'; a request's 'model' picks one")
@@ -109,7 +114,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         shutdown_timeout=args.shutdown_timeout, engine_args=engine_args,
         data_parallel_size=args.data_parallel_size,
         data_parallel_backend=args.data_parallel_backend,
-        route_plugins=tuple(args.enable_route_plugin),
+        route_plugins=tuple(args.enable_route_plugin), dev_mode=args.enable_dev_mode,
         lora_modules=_lora_modules(args, engine_args.enable_lora),
         allow_runtime_lora_updating=args.allow_runtime_lora_updating,
     )

@@ -14,7 +14,7 @@ import logging
 import operator
 import time
 from collections import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from engine.config import EngineConfig
@@ -22,7 +22,8 @@ from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.step import ModelRunnerOutput
-from engine.utils import STARTUP_LOGGER, short_repr
+from engine.structured_outputs.grammar import checked_matcher, ll_tokenizer
+from engine.utils import STARTUP_LOGGER, first_line, short_repr
 
 logger = logging.getLogger(__name__)
 startup_logger = logging.getLogger(STARTUP_LOGGER)
@@ -96,9 +97,17 @@ class RequestFailedError(RuntimeError):
     original exception, whose type and message this one repeats."""
 
     def __init__(self, request_ids: list[str], cause: BaseException) -> None:
-        super().__init__(f"the engine step failed ({type(cause).__name__}: {cause}); "
+        # one line: a native library's panic carries its backtrace in the message,
+        # which belongs in the server log (`_fail_step` logs it), not in a response
+        super().__init__(f"the engine step failed ({type(cause).__name__}: "
+                         f"{first_line(str(cause))}); "
                          f"its {len(request_ids)} request(s) were stopped")
         self.request_ids = request_ids
+
+
+class EngineSleepingError(RuntimeError):
+    """A request arrived while the engine sleeps (`LLMEngine.sleep`): nothing
+    was queued; `wake_up` first."""
 
 
 @dataclass
@@ -111,6 +120,10 @@ class _Request:
     detokenizers: list[Any]
     logprobs: list[list[dict[int, float]] | None]
     arrival_time: float = 0.0
+    # structured outputs: one llguidance matcher per sequence, advanced by each
+    # sampled token (None: unconstrained); errors[i] says why sequence i failed
+    matchers: list[Any] | None = None
+    errors: list[str | None] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -192,6 +205,9 @@ class LLMEngine:
         config = self.config
         ex = self.executor
         ex.collective_rpc("init_device")
+        self.sleep_level = 0  # sleep mode: 0 awake, else the level slept at
+        if config.model_config.enable_sleep_mode:
+            self._check_sleep_support()
         ex.collective_rpc("load_model")
         self.supported_tasks: tuple[str, ...] = tuple(ex.collective_rpc("get_supported_tasks")[0])
         spec = ex.collective_rpc("get_kv_cache_spec")[0]
@@ -206,6 +222,17 @@ class LLMEngine:
                 self.num_blocks * spec.page_size_bytes / 2**30, why)
         ex.collective_rpc("compile_or_warm_up_model")
         config.cache_config.num_blocks = self.num_blocks
+
+    def _check_sleep_support(self) -> None:
+        from engine.worker.worker_base import unimplemented_methods
+
+        for rank, missing in enumerate(self.executor.collective_rpc(
+                unimplemented_methods, (("sleep", "wake_up"),))):
+            if missing:
+                raise NotImplementedError(
+                    f"enable_sleep_mode=True needs the worker's sleep() and wake_up(); the "
+                    f"worker class {self.config.parallel_config.worker_cls} (rank {rank}) does "
+                    f"not implement {', '.join(m + '()' for m in missing)}")
 
     def _num_blocks(self, spec: Any, available: int) -> tuple[int, str]:
         """How many KV-cache blocks to allocate, and why: `available` bytes (what
@@ -334,6 +361,7 @@ class LLMEngine:
         of range; requests already queued are unaffected.
         """
         scheduler = self._require_generate()
+        self._check_awake()
         from engine.sampling_params import SamplingParams
         from engine.tokenizer import IncrementalDetokenizer
 
@@ -345,6 +373,7 @@ class LLMEngine:
                 f"SamplingParams.seed must be in [-2**63, 2**64 - n] (n={params.n}), "
                 f"got {params.seed}"
             )
+        self.check_limits(params)
         tokenized = self.tokenize_prompt(prompt)
         text, token_ids = tokenized.text, tokenized.token_ids
         from engine.platforms import current_platform
@@ -352,6 +381,7 @@ class LLMEngine:
 
         current_platform.validate_request(token_ids, params)  # ValueError: refused, not queued
         validate_params_for_processors(self._logits_processor_classes, params)
+        matcher = self.check_structured_outputs(params)
         max_model_len = self.config.model_config.max_model_len
         room = max(1, max_model_len - len(token_ids))
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -380,6 +410,8 @@ class LLMEngine:
             ],
             logprobs=[[] if params.logprobs is not None else None for _ in seqs],
             arrival_time=time.monotonic(),
+            matchers=None if matcher is None else [matcher.deep_copy() for _ in seqs],
+            errors=[None] * len(seqs),
         )
         for seq in seqs:
             scheduler.add_sequence(seq)
@@ -387,6 +419,42 @@ class LLMEngine:
         if self.stat_loggers is not None:
             self._request_stats.on_request_added(request_id, req.arrival_time, len(token_ids))
         return request_id
+
+    def check_limits(self, params: Any) -> None:
+        """Check what one request asks for against the engine's limits: ``n`` <=
+        ``max_n``, ``logprobs`` <= ``max_logprobs``, ``stop_token_ids`` in the
+        vocabulary. Safe from any thread. Raises ValueError naming the field."""
+        limits = self.config.scheduler_config
+        for name, value, limit, setting in (
+                ("n", params.n, limits.max_n, "max_n"),
+                ("logprobs", params.logprobs, limits.max_logprobs, "max_logprobs")):
+            if value is not None and value > limit:
+                raise ValueError(f"SamplingParams.{name} must be <= {limit} (the engine's "
+                                 f"{setting}), got {value}")
+        vocab = self.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"SamplingParams.stop_token_ids must be token ids of the "
+                             f"vocabulary (0..{vocab - 1}), got {short_repr(bad[0], 40)}")
+
+    def check_structured_outputs(self, params: Any) -> Any:
+        """Check that the engine can enforce ``params.structured_outputs`` (its
+        grammar compiles and a matcher over this model's tokenizer survives its
+        first tokens; cached per grammar). Returns that matcher, or None for an
+        unconstrained request. Safe from any thread: the server calls it off the
+        event loop before `add_request`, which calls it again (a cache hit).
+
+        Raises ValueError naming the field (``StructuredOutputsParams.choice
+        cannot be enforced: ...``).
+        """
+        structured = getattr(params, "structured_outputs", None)
+        if structured is None:
+            return None
+        hf_config = self.config.model_config.hf_config
+        vocab = hf_config.get("vocab_size") or (hf_config.get("text_config") or {}).get(
+            "vocab_size")  # as the worker's processor reads it: the same matcher
+        tokenizer = ll_tokenizer(self.config.model_config.model, int(vocab or 0))
+        return checked_matcher(structured, tokenizer)
 
     @functools.cached_property
     def _logits_processor_classes(self) -> list[tuple[str, type]]:
@@ -568,7 +636,14 @@ class LLMEngine:
             req.logprobs[seq.index].append(logprobs)
         decision = req.detokenizers[seq.index].add(token_id)
         status = None
-        if decision is not None:
+        if req.matchers is not None and not req.matchers[seq.index].consume_token(token_id):
+            # the constraint failed midway (an llguidance limit): the worker forced
+            # end-of-sequence, which must not read as a "stop" that matches
+            req.errors[seq.index] = ("structured outputs: the constraint could not be "
+                                     "enforced: " + first_line(req.matchers[seq.index].get_error()))
+            logger.warning("request %s: %s", req.request_id, req.errors[seq.index])
+            status = SequenceStatus.FINISHED_ERROR
+        elif decision is not None:
             status = (SequenceStatus.FINISHED_LENGTH if decision.finish_reason == "length"
                       else SequenceStatus.FINISHED_STOPPED)
             seq.stop_reason = decision.stop_reason
@@ -590,6 +665,7 @@ class LLMEngine:
                     stop_reason=seq.stop_reason,
                     logprobs=list(req.logprobs[i]) if req.logprobs[i] is not None else None,
                     text_delta=detok.take_delta(),
+                    error=req.errors[i] if req.errors else None,
                 )
             )
         return RequestOutput(
@@ -611,6 +687,7 @@ class LLMEngine:
                 f"the model {self.config.model_config.model!r} is not an embedding model "
                 f"(it serves: {', '.join(self.supported_tasks)})"
             )
+        self._check_awake()
         token_id_lists = [self._checked_ids(ids) for ids in token_id_lists]
         return self.executor.collective_rpc("embed", (token_id_lists,))[0]
 
@@ -656,6 +733,48 @@ class LLMEngine:
             except ValueError as exc:
                 raise ValueError(f"input {i}: {exc}") from None
         return out
+
+    # ------------------------------------------------------------------ sleep mode
+
+    @property
+    def is_sleeping(self) -> bool:
+        """True between `sleep` and `wake_up`."""
+        return self.sleep_level > 0
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the KV cache and the weights on every rank while idle (level 1:
+        the weights go to a file and come back from it; level 2: they are
+        discarded and reloaded from the checkpoint). The prefix cache is
+        emptied. Requests are refused with `EngineSleepingError` until
+        `wake_up`. Sleeping again only deepens the level.
+
+        Raises ValueError when the engine was built without
+        ``enable_sleep_mode=True``, for a level other than 1 or 2, or while
+        requests are unfinished (finish or abort them first).
+        """
+        if not self.config.model_config.enable_sleep_mode:
+            raise ValueError("sleep mode is off: build the engine with enable_sleep_mode=True")
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
+        if self.requests:
+            raise ValueError(f"cannot sleep with {len(self.requests)} unfinished request(s); "
+                             "finish or abort them first")
+        if self.scheduler is not None:
+            self.scheduler.kv_cache.reset_prefix_cache()  # the blocks' contents go away
+        self.executor.collective_rpc("sleep", (level,))
+        self.sleep_level = max(self.sleep_level, level)
+
+    def wake_up(self) -> None:
+        """Bring the weights and an empty KV cache back on every rank (no-op
+        when awake); the next request is served as before `sleep`."""
+        if self.sleep_level:
+            self.executor.collective_rpc("wake_up")
+            self.sleep_level = 0
+
+    def _check_awake(self) -> None:
+        if self.sleep_level:
+            raise EngineSleepingError(
+                f"the engine is sleeping (level {self.sleep_level}); call wake_up() first")
 
     # ------------------------------------------------------------------ stats, end
 

@@ -3,10 +3,14 @@
 Each step gets a token budget (``max_num_batched_tokens``). Running sequences
 go first (decodes, and the next chunk of prompts being prefilled in chunks),
 oldest first; then waiting sequences are admitted in arrival order while the
-budget, ``max_num_seqs`` and free KV blocks allow. When a running sequence
-needs a block and none is free, the newest running sequence is preempted: its
-blocks are freed and it goes back to the front of the waiting queue to be
-recomputed later (prefix caching usually makes that cheap).
+budget, ``max_num_seqs`` and free KV blocks allow, except that a request
+holding its fair share of the running slots (``max_num_seqs`` over the
+requests with sequences in either queue) lets other requests' sequences go
+first: a request's ``n`` samples cannot keep a one-token request waiting.
+When a running sequence needs a block and none is free, the newest running
+sequence is preempted: its blocks are freed and it goes back to the front of
+the waiting queue to be recomputed later (prefix caching usually makes that
+cheap).
 
 What the scheduler sends to the workers (`engine.step.SchedulerOutput`) is plain
 data: lists and ints, picklable, so a worker may live in another process.
@@ -14,7 +18,7 @@ data: lists and ints, picklable, so a worker may live in another process.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 from engine.config import CacheConfig, SchedulerConfig
@@ -195,13 +199,21 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput) -> None:
         budget = self.config.max_num_batched_tokens
         deferred: list[Sequence] = []
+        # fairness across requests: sequences per request, running and waiting
+        running_per_request = Counter(seq.request_id for seq in self.running)
+        waiting_per_request = Counter(seq.request_id for seq in self.waiting)
+        num_waiting = len(self.waiting)
+        fair_share = max(1, self.config.max_num_seqs
+                         // max(1, len(running_per_request | waiting_per_request)))
         while (
             self.waiting
             and out.num_batched_tokens < budget
             and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
-            if self._waits_for_parent(seq) or self._lora_slots_full(seq):
+            if self._waits_for_parent(seq) or self._lora_slots_full(seq) or (
+                    running_per_request[seq.request_id] >= fair_share
+                    and num_waiting > waiting_per_request[seq.request_id]):
                 deferred.append(self.waiting.popleft())
                 continue
             computed_blocks, num_cached = self.kv_cache.get_computed_blocks(seq)
@@ -220,6 +232,9 @@ class Scheduler:
             self.prefix_cache_hit_tokens += num_cached
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            running_per_request[seq.request_id] += 1
+            waiting_per_request[seq.request_id] -= 1
+            num_waiting -= 1
             self._add_to_output(out, seq, num_new)
         self.waiting.extendleft(reversed(deferred))
 

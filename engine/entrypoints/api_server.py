@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from engine.core.engine import RequestFailedError
+from engine.core.engine import EngineSleepingError, RequestFailedError
 from engine.engine_args import EngineArgs
 from engine.entrypoints import serving
 from engine.entrypoints.async_engine import AsyncEngine, EngineUnavailableError
@@ -32,6 +32,7 @@ from engine.entrypoints.errors import APIError, json_response, validation_error
 from engine.entrypoints.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from engine.entrypoints.route_plugins import mount_route_plugins
 from engine.entrypoints.routes import include_builtin_routes
+from engine.utils import first_line
 
 logger = logging.getLogger("engine.serve")
 
@@ -54,6 +55,7 @@ class ServerSettings:
     # what runs each replica's workers, "mp" or "ray" (None: engine_args' own backend)
     data_parallel_backend: str | None = None
     route_plugins: tuple[str, ...] = ()  # --enable-route-plugin names
+    dev_mode: bool = False  # --enable-dev-mode: /sleep, /wake_up, /is_sleeping
     lora_modules: tuple[tuple[str, str], ...] = ()  # --lora-modules (name, path)
     allow_runtime_lora_updating: bool = False  # mounts /v1/load_lora_adapter and unload
 
@@ -156,6 +158,10 @@ def build_app(settings: ServerSettings) -> FastAPI:
     app.state.engine = state.engine  # what route plugins program against
     _add_error_handlers(app)
     include_builtin_routes(app)
+    if settings.dev_mode:
+        from engine.entrypoints.routes.dev import router as dev_router
+
+        app.include_router(dev_router)
     if settings.allow_runtime_lora_updating:
         from engine.entrypoints.routes.lora import router as lora_router
 
@@ -193,6 +199,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def unavailable(request: Request, exc: EngineUnavailableError) -> Response:
         return json_response(APIError(503, str(exc), code=f"engine_{exc.state}"))
 
+    @app.exception_handler(EngineSleepingError)
+    async def sleeping(request: Request, exc: EngineSleepingError) -> Response:
+        return json_response(APIError(503, f"{exc} (POST /wake_up)", code="engine_sleeping"))
+
     @app.exception_handler(RequestFailedError)
     async def request_failed(request: Request, exc: RequestFailedError) -> Response:
         return json_response(APIError(500, str(exc), code="request_failed"))
@@ -207,7 +217,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error in %s %s", request.method, request.url.path)
-        return json_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+        # the traceback went to the log; the client gets one line
+        return json_response(APIError(500, f"internal error: {type(exc).__name__}: "
+                                           f"{first_line(str(exc))}"))
 
 
 # ------------------------------------------------------------------ running

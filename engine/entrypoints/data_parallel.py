@@ -8,7 +8,8 @@ cluster). Each replica is an `AsyncEngine` with its own step thread;
 sending each request to the ready replica with the fewest requests in flight.
 
 When a replica fails after start (a worker died), its in-flight requests end
-with an error naming the replica, ``/health`` answers 503 naming it, and new
+with an error naming the replica, ``/health`` answers 200 with status
+"degraded" naming it (a load balancer keeps the server while it serves), and new
 requests go to the replicas still serving; the server exits only when no
 replica is left. `/metrics` labels every series with ``engine="i"``.
 """
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.entrypoints.async_engine import AsyncEngine, EngineUnavailableError
+from engine.utils import first_line
 
 logger = logging.getLogger("engine.serve")
 
@@ -186,6 +188,18 @@ class DataParallelEngine:
         return None
 
     @property
+    def failed_replicas(self) -> dict[int, str]:
+        """Replica index -> its error (one line), for the replicas that failed
+        while others may still serve (`/health` reports them as "degraded")."""
+        return {i: first_line(f"{type(r.error).__name__}: {r.error}")
+                for i, r in enumerate(self.replicas) if r.state == "failed"}
+
+    @property
+    def num_serving(self) -> int:
+        """Replicas ready to take requests now."""
+        return len(self._serving())
+
+    @property
     def failure_context(self) -> str | None:
         for i, r in enumerate(self.replicas):
             if r.state == "failed" and r.failure_context is not None:
@@ -245,6 +259,10 @@ class DataParallelEngine:
             return await self.replicas[index].call(fn)
         finally:
             self.in_flight[index] -= 1
+
+    async def call_all(self, fn: Callable[[Any], Any]) -> list[Any]:
+        """Run ``fn(llm)`` on every replica (sleep mode); results in replica order."""
+        return [await replica.call(fn) for replica in self.replicas]
 
     def abort(self, request_id: str) -> None:
         """Abort `request_id` wherever it runs (unknown ids are ignored)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from engine.utils import short_repr
+from engine.utils import first_line, short_repr
 
 _TYPES = {
     400: "invalid_request_error",
@@ -23,6 +23,10 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
                  code: str | None = None, type: str | None = None) -> None:
+        if status >= 500:
+            # a server-side failure's text can carry a native backtrace or a remote
+            # traceback: the log has it, the client gets its first line
+            message = first_line(message)
         super().__init__(message)
         self.status = status
         self.message = message

@@ -26,7 +26,9 @@ class APIKeyMiddleware:
         self._key = api_key.encode()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+        # OPTIONS too needs the key: without it a client learns nothing of a
+        # protected route, not even which methods it takes
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"")

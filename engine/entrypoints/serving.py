@@ -17,6 +17,7 @@ from typing import Any
 from engine.entrypoints.async_engine import AsyncEngine
 from engine.entrypoints.errors import APIError
 from engine.entrypoints.protocol import ChatCompletionRequest, CompletionRequest
+from engine.entrypoints.structured import structured_error, structured_outputs_from
 
 OBJECT_COMPLETION = "text_completion"
 OBJECT_CHAT = "chat.completion"
@@ -30,11 +31,53 @@ def new_id(prefix: str) -> str:
 # --------------------------------------------------------------------- requests
 
 
-def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
-                    logprobs: int | None) -> Any:
+# Seconds a request's constraint may take to compile and check before it is a
+# 400 (`MAX_SOURCE_BYTES` keeps real schemas far below it).
+STRUCTURED_CHECK_TIMEOUT = 30.0
+
+
+async def sampling_params(engine: AsyncEngine, body: CompletionRequest | ChatCompletionRequest,
+                          max_tokens: int | None, logprobs: int | None) -> Any:
     """The `SamplingParams` of a completion or chat request (400 naming the field
-    for a bad value)."""
-    from engine.entrypoints.structured import structured_outputs_from
+    for a bad value). Built in a worker thread, bounded by
+    `STRUCTURED_CHECK_TIMEOUT`: compiling a structured-outputs constraint and
+    checking that the engine can enforce it (`LLMEngine.check_structured_outputs`)
+    may take a while, and the event loop keeps answering meanwhile."""
+
+    def build() -> Any:
+        params = _sampling_params(body, max_tokens, logprobs)
+        try:
+            engine.engine.check_limits(params)
+        except ValueError as exc:
+            raise APIError.bad_value(exc) from None
+        try:
+            engine.engine.check_structured_outputs(params)
+        except ValueError as exc:
+            raise _structured_error(exc, body) from None
+        return params
+
+    task = asyncio.ensure_future(asyncio.to_thread(build))
+    done, _ = await asyncio.wait({task}, timeout=STRUCTURED_CHECK_TIMEOUT)
+    if not done:
+        # the thread cannot be stopped; it finishes on its own and is ignored
+        task.add_done_callback(lambda t: t.exception())
+        raise APIError(400, f"the request's structured-outputs constraint did not compile "
+                            f"within {STRUCTURED_CHECK_TIMEOUT:g} s",
+                       param=_structured_field(body))
+    return task.result()
+
+
+def _structured_field(body: Any) -> str:
+    return "structured_outputs" if getattr(body, "structured_outputs", None) is not None \
+        else "response_format"
+
+
+def _structured_error(exc: ValueError, body: Any) -> APIError:
+    return structured_error(exc, _structured_field(body))
+
+
+def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
+                     logprobs: int | None) -> Any:
     from engine.sampling_params import SamplingParams
 
     settings: dict[str, Any] = dict(
@@ -126,7 +169,7 @@ def completion_response(finals: list[Any], model: str, n: int, logprobs: int | N
                 "index": i * n + c.index, "text": c.text,
                 "logprobs": (completion_logprobs(texts, c.token_ids, c.logprobs or [], logprobs)
                              if logprobs is not None else None),
-                "finish_reason": c.finish_reason,
+                "finish_reason": c.finish_reason, **choice_error(c),
             })
     return {"id": new_id("cmpl"), "object": OBJECT_COMPLETION, "created": int(time.time()),
             "model": model, "choices": choices, "usage": usage(finals)}
@@ -140,10 +183,17 @@ def chat_response(final: Any, model: str, top_logprobs: int | None, texts: Token
             "message": {"role": "assistant", "content": c.text},
             "logprobs": (chat_logprobs(texts, c.token_ids, c.logprobs or [], top_logprobs)
                          if top_logprobs is not None else None),
-            "finish_reason": c.finish_reason,
+            "finish_reason": c.finish_reason, **choice_error(c),
         })
     return {"id": new_id("chatcmpl"), "object": OBJECT_CHAT, "created": int(time.time()),
             "model": model, "choices": choices, "usage": usage([final])}
+
+
+def choice_error(c: Any) -> dict:
+    """``{"error": {...}}`` for a choice that ended with finish_reason "error"."""
+    if c.error is None:
+        return {}
+    return {"error": {"message": c.error, "type": "server_error", "code": "generation_failed"}}
 
 
 # --------------------------------------------------------------------- embeddings

@@ -20,6 +20,7 @@ from engine.entrypoints.serving import (
     OBJECT_COMPLETION,
     TokenTexts,
     chat_logprobs,
+    choice_error,
     completion_logprobs,
     new_id,
     usage,
@@ -147,6 +148,7 @@ async def _chunks(streams: list[RequestStream], base: dict[str, Any], n: int, *,
         for key, c, text, cursor in state.changed_choices(batch, emit_first=emit_first):
             built = choice(key, c, text, cursor)
             built["finish_reason"] = c.finish_reason
+            built.update(choice_error(c))
             state.advance(cursor, c)
             choices.append(built)
         if choices:

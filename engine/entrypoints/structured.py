@@ -37,13 +37,21 @@ def structured_outputs_from(body: Any) -> Any:
     try:
         return StructuredOutputsParams(**kwargs)
     except ValueError as exc:
-        message = str(exc).replace("StructuredOutputsParams", field)
-        named = re.match(rf"{field}\.(\w+)", message)
-        if field == "response_format":
-            param = "response_format.json_schema.schema" if "json" in kwargs else field
-        else:
-            param = f"{field}.{named.group(1)}" if named else field
-        raise APIError(400, message, param=param) from None
+        raise structured_error(exc, field, "json" in kwargs) from None
+
+
+def structured_error(exc: ValueError, field: str, is_json: bool | None = None) -> APIError:
+    """The 400 of a `StructuredOutputsParams` ValueError, its message and param
+    naming `field` (``response_format`` or ``structured_outputs``)."""
+    message = str(exc).replace("StructuredOutputsParams", field)
+    named = re.match(rf"{field}\.(\w+)", message)
+    if field == "response_format":
+        if is_json is None:
+            is_json = bool(named) and named.group(1) == "json"
+        param = "response_format.json_schema.schema" if is_json else field
+    else:
+        param = f"{field}.{named.group(1)}" if named else field
+    return APIError(400, message, param=param)
 
 
 def _from_response_format(value: Any) -> dict[str, Any] | None:

@@ -76,6 +76,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Linux's MAX_ARG_STRLEN: the longest "NAME=value" string one exec takes; a spawned
+# worker inherits the environment (plugin settings travel in ENGINE_PLUGIN_CONFIG)
+_MAX_ENV_STRING = 32 * 4096
+
+
+def _oversized_environment() -> tuple[str, int] | None:
+    """(name, bytes) of an environment variable too long for a new process, or None."""
+    for name, value in os.environ.items():
+        size = len(name.encode()) + 1 + len(value.encode()) + 1
+        if size > _MAX_ENV_STRING:
+            return name, size
+    return None
+
+
 def _describe_exit(code: int | None) -> str:
     if code is None:
         return "exit code unknown"
@@ -331,7 +345,17 @@ class MultiprocExecutor(ExecutorBase):
             f"engine worker process rank {h.rank} (pid {h.process.pid}) died with "
             f"{_describe_exit(code)} during {what!r}; the other workers were shut down"
         )
-        if what == "startup":
+        oversized = _oversized_environment() if what == "startup" else None
+        if oversized is not None:
+            name, size = oversized
+            message += (
+                f". The environment variable {name} is {size} bytes, over Linux's limit "
+                f"of {_MAX_ENV_STRING} bytes for one variable, so the worker could not be "
+                "started" + (": pass smaller plugin settings (large data in a file, "
+                             "its path in the settings)" if name == "ENGINE_PLUGIN_CONFIG"
+                             else "")
+            )
+        elif what == "startup":
             message += (
                 ". Its own error is on stderr above. Worker processes are spawned: a "
                 "script that builds the engine must do so under `if __name__ == '__main__':`"

@@ -20,6 +20,8 @@ projections of ``llama`` models for its rotary layout; they are put back here.
 from __future__ import annotations
 
 import functools
+import mmap
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,12 @@ _CONFIG_KEYS = {
     "rope.freq_base": "rope_theta",
     "vocab_size": "vocab_size",
 }
+
+# config.json keys that must be positive integers (a head count of 0 would divide
+# by zero further on)
+_POSITIVE_KEYS = {"max_position_embeddings", "hidden_size", "intermediate_size",
+                  "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "vocab_size"}
 
 # GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
 _LAYER_TENSORS = {
@@ -89,6 +97,7 @@ class GGUFFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        check_gguf_header(self.path)  # before the gguf package trusts its lengths
         try:
             self.reader = GGUFReader(self.path)
         except OSError:
@@ -134,6 +143,10 @@ class GGUFFile:
                        "intermediate_size"):
             if needed not in config:
                 raise ValueError(f"{self.path}: metadata key '{arch}.{_key_of(needed)}' is missing")
+        for name, value in config.items():
+            if name in _POSITIVE_KEYS and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{self.path}: metadata key '{arch}.{_key_of(name)}' must be "
+                                 f"an integer >= 1, got {value!r}")
         config.setdefault("num_key_value_heads", config["num_attention_heads"])
         config.setdefault("rms_norm_eps", 1e-5)
         config.setdefault("max_position_embeddings", 2048)
@@ -199,6 +212,71 @@ class GGUFFile:
 @functools.lru_cache(maxsize=1)
 def _open_cached(path: str, mtime_ns: int, size: int) -> GGUFFile:
     return GGUFFile(path)
+
+
+# GGUF metadata value types -> size in bytes (8: string, 9: array, sized apart)
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def check_gguf_header(path: Path) -> None:
+    """Walk the metadata of a GGUF file and check every length it claims (key
+    and string lengths, array counts, the key and tensor counts) against the
+    bytes the file has. The gguf package's reader loops over an array's claimed
+    count before checking it (a ``token_type`` array claiming 2**62 entries
+    would run until memory is gone); this fails at once instead.
+
+    Raises ValueError naming the file and the metadata key."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        if size < 24:
+            return  # too short to hold a header: the reader says so
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data[:4] != b"GGUF":
+                return  # not GGUF: the reader says so
+            order = "<" if struct.unpack_from("<I", data, 4)[0] < 65536 else ">"
+            _walk_metadata(data, order, size, path)
+
+
+def _walk_metadata(data: Any, order: str, size: int, path: Path) -> None:
+    n_tensors, n_kv = struct.unpack_from(order + "QQ", data, 8)
+    offset = 24
+    what = "the header"
+
+    def need(count: int, unit: int, claim: str) -> None:
+        if count * unit > size - offset:
+            raise ValueError(f"{path}: {what} claims {claim} {count}, more than the file's "
+                             f"{size} bytes can hold (a corrupt or truncated GGUF file)")
+
+    need(n_kv, 12, "a metadata key count of")  # a key: its length (8) and type (4)
+    need(n_tensors, 24, "a tensor count of")
+    for _ in range(n_kv):
+        need(1, 8, "a key")
+        (length,) = struct.unpack_from(order + "Q", data, offset)
+        offset += 8
+        need(length, 1, "a key length of")
+        what = f"metadata key {bytes(data[offset:offset + length]).decode(errors='replace')!r}"
+        offset += length
+        need(1, 4, "a value type")
+        (kind,) = struct.unpack_from(order + "I", data, offset)
+        offset += 4
+        count = 1
+        if kind == _ARRAY:
+            need(1, 12, "an array header")
+            kind, count = struct.unpack_from(order + "IQ", data, offset)
+            offset += 12
+        if kind in _SCALAR_SIZES:
+            need(count, _SCALAR_SIZES[kind], "an array length of")
+            offset += count * _SCALAR_SIZES[kind]
+        elif kind == _STRING:
+            need(count, 8, "an array length of")
+            for _ in range(count):
+                (length,) = struct.unpack_from(order + "Q", data, offset)
+                offset += 8
+                need(length, 1, "a string length of")
+                offset += length
+        else:
+            return  # nested arrays or an unknown type: the reader says what is wrong
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:

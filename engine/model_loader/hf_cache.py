@@ -10,6 +10,7 @@ No torch import here: the CLI resolves names before it loads the engine.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -54,6 +55,18 @@ def resolve_model(model: str | os.PathLike[str], revision: str | None = None) ->
         ValueError: `revision` was given with a folder.
     """
     path = Path(os.fspath(model)).expanduser()
+    if path.is_symlink() and not path.exists():
+        # a link that leads nowhere (a loop, a missing target) is a path the user
+        # meant, not a model name to download
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:
+            raise ValueError(f"model {str(model)!r} is a symbolic link that loops "
+                             "(it never reaches a file or folder)") from None
+        except OSError as exc:
+            reason = "loops" if exc.errno == errno.ELOOP else "points to nothing"
+            raise ValueError(f"model {str(model)!r} is a symbolic link that {reason} "
+                             f"({os.readlink(path)!r})") from None
     if path.is_dir() or path.is_file():  # a file: a single-file model (.gguf)
         if revision is not None:
             raise ValueError(

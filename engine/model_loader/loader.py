@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -192,6 +193,88 @@ class SafetensorsLoader(ModelLoader):
 
     def iter_weights(self, path: Path, hf_config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
         return _WeightStream(weight_files(path))  # iterable; remembers the file being read
+
+
+# config.json sizes checked against a Hugging Face-layout checkpoint before the
+# model is built: (field, tensor, dimension of that tensor)
+_CHECKED_SHAPES = (("vocab_size", "model.embed_tokens.weight", 0),
+                   ("hidden_size", "model.embed_tokens.weight", 1))
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def check_config_against_checkpoint(path: Path, hf_config: dict[str, Any]) -> None:
+    """Check ``config.json``'s layer count, vocabulary and hidden sizes against
+    the tensors a safetensors checkpoint holds (read from the file headers:
+    nothing is loaded), so that a config that does not match fails before the
+    model is built (``num_hidden_layers: 100000`` would otherwise allocate all
+    those layers first). Checkpoints without Hugging Face's Llama-style names
+    are left to the model's own loading. Raises ValueError naming the file and
+    the field."""
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    layers: set[int] = set()
+    for file in weight_files(path):
+        if not file.is_file():
+            return  # the loader names the missing file
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for name in handle.keys():
+                    match = _LAYER.match(name)
+                    if match:
+                        layers.add(int(match.group(1)))
+                    elif name == "model.embed_tokens.weight":
+                        shapes[name] = list(handle.get_slice(name).get_shape())
+        except Exception:
+            return  # an unreadable file: the loader says what is wrong with it
+    config_file = path / CONFIG_FILE
+    expected = hf_config.get("num_hidden_layers")
+    if layers and isinstance(expected, int) and expected != max(layers) + 1:
+        raise ValueError(f"{config_file}: num_hidden_layers is {expected}, but the checkpoint "
+                         f"holds {max(layers) + 1} layers (model.layers.0 .. {max(layers)})")
+    for field, tensor, dim in _CHECKED_SHAPES:
+        value = hf_config.get(field)
+        shape = shapes.get(tensor)
+        if shape is not None and isinstance(value, int) and len(shape) > dim \
+                and shape[dim] != value:
+            raise ValueError(f"{config_file}: {field} is {value}, but the checkpoint's "
+                             f"{tensor} has {shape[dim]} (shape {shape})")
+
+
+def check_config_fits_memory(path: Path, hf_config: dict[str, Any], max_model_len: int | None,
+                             dtype: torch.dtype) -> None:
+    """Estimate what building the model allocates from its config (embeddings,
+    decoder layers, the rotary table of `max_model_len` positions) and raise
+    ValueError naming the file and the field that dominates when it is more
+    than the machine's memory, before anything is allocated (a ``vocab_size``
+    of 10**12 would otherwise end in an allocator traceback)."""
+    def number(name: str, default: int = 0) -> int:
+        value = hf_config.get(name, default)
+        return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+    hidden, vocab = number("hidden_size"), number("vocab_size")
+    layers, inter = number("num_hidden_layers"), number("intermediate_size", 4 * hidden)
+    heads = max(1, number("num_attention_heads", 1))
+    head_dim = number("head_dim") or hidden // heads
+    positions = max_model_len or number("max_position_embeddings")
+    size = torch.tensor([], dtype=dtype).element_size()
+    untied = 1 if hf_config.get("tie_word_embeddings") else 2
+    parts = {
+        "vocab_size": vocab * hidden * size * untied,
+        "num_hidden_layers": layers * (4 * hidden * hidden + 3 * hidden * inter) * size,
+        "max_position_embeddings": positions * head_dim * 4,  # float32 cos and sin
+    }
+    total = sum(parts.values())
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if total > memory:
+        field = max(parts, key=parts.__getitem__)
+        what = {"vocab_size": f"vocab_size {vocab} x hidden_size {hidden}",
+                "num_hidden_layers": f"num_hidden_layers {layers} of hidden_size {hidden}",
+                "max_position_embeddings": f"a context of {positions} positions (pass a "
+                                           "smaller max_model_len)"}[field]
+        raise ValueError(f"{path / CONFIG_FILE}: {field}: building this model needs about "
+                         f"{total / 2**30:.1f} GiB ({what}), more than this machine's "
+                         f"{memory / 2**30:.1f} GiB of memory")
 
 
 PT_INDEX_FILE = "pytorch_model.bin.index.json"
@@ -385,6 +468,9 @@ def load_model(config: EngineConfig) -> nn.Module:
         raise ValueError(f"{path}: the model's config has no 'architectures' entry naming its class")
     model_cls, arch = ModelRegistry.load_model_cls(architectures)
     dtype = resolve_dtype(config)
+    if isinstance(loader, SafetensorsLoader):
+        check_config_against_checkpoint(path, model_config.hf_config)
+    check_config_fits_memory(path, model_config.hf_config, model_config.max_model_len, dtype)
     device = torch.device(config.device_config.device)
     logger.info("building %s (%s) in %s on %s", arch, model_cls.__qualname__, dtype, device)
     with set_current_engine_config(config), _default_dtype(dtype), device:

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.kernels import usable_for
+from engine.utils import shape_bucket
 
 
 def tp_world_size_and_rank() -> tuple[int, int]:
@@ -100,6 +101,16 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
                 out = x.new_empty((rows, weight.shape[0]))
                 torch.ops.engine_kernels.amx_linear(out, x, amx_packed, bias)
                 return out
+    if rows > AMX_MAX_ROWS:
+        # oneDNN builds and caches a primitive per input shape (kept until its
+        # cache's capacity): padded to a bucket, prompt chunks of any length share
+        # a few dozen shapes, so memory stays flat however varied the prompts
+        bucket = shape_bucket(rows)
+        if bucket != rows:
+            padded = x.new_zeros((bucket, x.shape[1]))
+            padded[:rows] = x
+            return torch.ops.mkldnn._linear_pointwise(padded, packed, bias, "none", [],
+                                                      "")[:rows]
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 

@@ -13,58 +13,154 @@ on every platform.
 This module stays torch-free (`SamplingParams` compiles the grammar with it
 to reject a bad schema when the request is made).
 
+A constraint is checked twice before a request is queued: `compile_grammar`
+(the text compiles, within `MAX_SOURCE_BYTES`) when the params are built, and
+`checked_matcher` (a matcher over the model's tokenizer builds and survives its
+first tokens: llguidance's internal limits, a schema no value satisfies) when
+the engine takes the request. Both are cached, so the worker and the engine
+compile a grammar once. The engine advances its own copy of the matcher with
+every sampled token, so a constraint that still fails midway ends the request
+with ``finish_reason "error"``, never a "stop" with text that does not match.
 When the grammar is complete only end-of-sequence is allowed, so a request that
 finishes with ``finish_reason == "stop"`` (by EOS) always matches its constraint.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
-__all__ = ["compile_grammar"]
+from engine.utils import first_line
+
+__all__ = ["MAX_SOURCE_BYTES", "checked_matcher", "compile_grammar", "ll_tokenizer"]
 
 # JSON without free whitespace: a model cannot pad its answer forever, and the
 # output is the compact form every JSON parser reads.
 _JSON_OPTIONS = {"whitespace_flexible": False}
+
+# The largest schema / regex / choice list / grammar text compiled: bounds the
+# time a request's compile takes (llguidance's own limits bound what it builds).
+MAX_SOURCE_BYTES = 1 << 20
+
+# Tokens `checked_matcher` feeds a new matcher: llguidance meets most of its
+# limits (items per row, lexer states) within the first few tokens.
+_PROBE_TOKENS = 4
 
 
 def compile_grammar(params: Any) -> str:
     """The llguidance grammar (a string) of a `StructuredOutputsParams`.
 
     Raises ValueError naming the field when the schema, regex or grammar does
-    not compile.
+    not compile or its text is larger than `MAX_SOURCE_BYTES`.
     """
+    field, source = _source(params)
+    if len(source.encode()) > MAX_SOURCE_BYTES:
+        raise ValueError(f"StructuredOutputsParams.{field} is {len(source.encode())} bytes; "
+                         f"at most {MAX_SOURCE_BYTES} are compiled")
+    return _compile(field, source)
+
+
+def _source(params: Any) -> tuple[str, str]:
+    """(field, text) of the one constraint `params` holds."""
+    if params.json is not None:
+        return "json", params.json if isinstance(params.json, str) else json.dumps(params.json)
+    if params.json_object:
+        return "json_object", '{"type": "object"}'
+    if params.regex is not None:
+        return "regex", params.regex
+    if params.choice is not None:
+        return "choice", json.dumps(params.choice)
+    return "grammar", params.grammar
+
+
+@functools.lru_cache(maxsize=64)
+def _compile(field: str, source: str) -> str:
     from llguidance import LLMatcher
     from llguidance.gbnf_to_lark import any_to_lark
 
-    field, grammar = _grammar_source(params)
-    if field == "grammar":
-        try:
-            grammar = LLMatcher.grammar_from_lark(any_to_lark(grammar))
-        except Exception as exc:  # the GBNF converter raises plain exceptions
-            raise ValueError(f"StructuredOutputsParams.grammar: {exc}") from None
+    try:
+        if field in ("json", "json_object"):
+            grammar = LLMatcher.grammar_from_json_schema(source, defaults=_JSON_OPTIONS)
+        elif field == "regex":
+            grammar = LLMatcher.grammar_from_regex(source)
+        elif field == "choice":
+            # one lexeme of alternatives: the lexer matches them as one regex, so a
+            # long list stays under the parser's limit of items per row
+            alternatives = " | ".join(json.dumps(c) for c in json.loads(source))
+            grammar = LLMatcher.grammar_from_lark(f"start: CHOICE\nCHOICE: {alternatives}")
+        else:
+            grammar = LLMatcher.grammar_from_lark(any_to_lark(source))
+    except Exception as exc:  # the converters raise ValueError or plain exceptions
+        raise ValueError(f"StructuredOutputsParams.{field}: {first_line(str(exc))}") from None
     is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
-        raise ValueError(f"StructuredOutputsParams.{field} does not compile: {messages[0]}")
+        raise ValueError(f"StructuredOutputsParams.{field} does not compile: "
+                         f"{first_line(messages[0])}")
     return grammar
 
 
-def _grammar_source(params: Any) -> tuple[str, str]:
+@functools.lru_cache(maxsize=4)
+def ll_tokenizer(model: str, vocab_size: int) -> Any:
+    """llguidance's view of the model's tokenizer (building it scans the whole
+    vocabulary once, so it is cached per model); `vocab_size` 0: the tokenizer's."""
+    from llguidance import LLTokenizer
+
+    from engine.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    return LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size or None,
+                       eos_token=sorted(tokenizer.eos_token_ids))
+
+
+def checked_matcher(params: Any, tokenizer: Any) -> Any:
+    """A fresh ``LLMatcher`` for `params` over `tokenizer` (an `ll_tokenizer`),
+    after checking that one can enforce the constraint: it builds, and it
+    allows a token (not only end-of-sequence before the constraint is met) for
+    each of its first tokens, following the lowest allowed token id.
+
+    Raises ValueError naming the field and llguidance's reason (one line).
+    """
+    field, _ = _source(params)
+    return _template(field, compile_grammar(params), tokenizer).deep_copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _template(field: str, grammar: str, tokenizer: Any) -> Any:
     from llguidance import LLMatcher
 
-    if params.json is not None:
-        schema = params.json if isinstance(params.json, str) else json.dumps(params.json)
-        try:
-            return "json", LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
-        except ValueError as exc:
-            raise ValueError(f"StructuredOutputsParams.json: {exc}") from None
-    if params.json_object:
-        return "json_object", LLMatcher.grammar_from_json_schema(
-            '{"type": "object"}', defaults=_JSON_OPTIONS)
-    if params.regex is not None:
-        return "regex", LLMatcher.grammar_from_regex(params.regex)
-    if params.choice is not None:
-        lark = "start: " + " | ".join(json.dumps(c) for c in params.choice)
-        return "choice", LLMatcher.grammar_from_lark(lark)
-    return "grammar", params.grammar
+    matcher = LLMatcher(tokenizer, grammar, log_level=0)
+    probe = matcher.deep_copy()
+    eos = set(tokenizer.eos_tokens)
+    for _ in range(_PROBE_TOKENS):
+        if probe.is_error() or probe.is_stopped():
+            break
+        allowed = _allowed(probe.compute_bitmask())
+        if probe.is_error():
+            break
+        choices = [t for t in allowed if t not in eos]
+        if not choices:
+            if not probe.is_accepting():
+                raise ValueError(f"StructuredOutputsParams.{field} cannot be enforced: no "
+                                 "token can continue it")
+            break
+        probe.consume_token(choices[0])
+    for m in (matcher, probe):
+        if m.is_error():
+            raise ValueError(f"StructuredOutputsParams.{field} cannot be enforced: "
+                             f"{first_line(m.get_error())}")
+    return matcher
+
+
+def _allowed(bitmask: bytes) -> list[int]:
+    """Token ids set in a little-endian bitmask, in order (stops at the first 64:
+    the probe only needs the smallest)."""
+    out: list[int] = []
+    for i, byte in enumerate(bitmask):
+        while byte:
+            low = byte & -byte
+            out.append(i * 8 + low.bit_length() - 1)
+            byte ^= low
+            if len(out) == 64:
+                return out
+    return out

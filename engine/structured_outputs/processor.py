@@ -3,7 +3,6 @@ applied through the logits-processor path (see `engine.structured_outputs.gramma
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -16,24 +15,12 @@ from engine.sample._logits_processor import (
     LogitsProcessor,
     apply_batch_update,
 )
-from engine.structured_outputs.grammar import compile_grammar
+from engine.structured_outputs.grammar import compile_grammar, ll_tokenizer
+from engine.utils import first_line
 
 __all__ = ["StructuredOutputsLogitsProcessor"]
 
 _log = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=4)
-def _ll_tokenizer(model: str, vocab_size: int) -> Any:
-    """llguidance's view of the model's tokenizer (building it scans the whole
-    vocabulary once, so it is cached per model)."""
-    from llguidance import LLTokenizer
-
-    from engine.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(model)
-    return LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size or None,
-                       eos_token=sorted(tokenizer.eos_token_ids))
 
 
 @dataclass
@@ -86,15 +73,16 @@ class StructuredOutputsLogitsProcessor(LogitsProcessor):
             return None
         from llguidance import LLMatcher
 
-        tokenizer = _ll_tokenizer(self.config.model_config.model, self._vocab_size)
+        tokenizer = ll_tokenizer(self.config.model_config.model, self._vocab_size)
+        # the engine checked the constraint before queueing the request; should the
+        # matcher still fail, `apply` ends this request alone (and the engine, which
+        # follows the same grammar, reports it): raising here would fail the step
         matcher = LLMatcher(tokenizer, compile_grammar(params), log_level=0)
-        if matcher.is_error():
-            raise ValueError(f"structured outputs: {matcher.get_error()}")
         # a request added again (after preemption) already has output tokens
         return _Row(matcher, added.output_token_ids)
 
     def _ll_vocab_size(self) -> int:
-        return _ll_tokenizer(self.config.model_config.model, self._vocab_size).vocab_size
+        return ll_tokenizer(self.config.model_config.model, self._vocab_size).vocab_size
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self._rows:
@@ -112,12 +100,13 @@ class StructuredOutputsLogitsProcessor(LogitsProcessor):
                 row.consumed += len(new)
             mask_row = bitmask[k]
             if row.matcher.is_error():
-                # cannot happen for tokens drawn under the mask; end the request
-                # rather than fail every request of the step
+                # an llguidance limit met midway: end the request rather than fail
+                # every request of the step; the engine's own matcher rejects the
+                # end-of-sequence too, so the request finishes "error", not "stop"
                 _log.warning("structured outputs: %s; ending the request",
-                             row.matcher.get_error())
+                             first_line(row.matcher.get_error()))
                 mask_row.zero_()
-                for eos in _ll_tokenizer(self.config.model_config.model,
+                for eos in ll_tokenizer(self.config.model_config.model,
                                          self._vocab_size).eos_tokens:
                     mask_row[eos // 32] |= _bit(eos % 32)
                 continue

@@ -11,6 +11,7 @@ to the step after it finishes.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ class ModelRunner:
         self.model: torch.nn.Module | None = None
         self.sampler: Any = None
         self.states: dict[int, Any] = {}  # seq_id -> SamplingState
+        self.has_logits_processors = False
         # speculative decoding (driver only): the proposer, and its latest guesses
         self.proposer: Any = None
         self._draft_token_ids: Any = None  # engine.spec_decode.DraftTokenIds
@@ -41,18 +43,18 @@ class ModelRunner:
         from engine.model_loader import load_model
 
         self.model = load_model(self.config)
-        from engine.platforms import current_platform
+        self.pack_weights()
+        if self.config.compilation_config.backend is not None:
+            from engine.compilation import compile_model
 
-        if current_platform.is_cpu():
-            from engine.ops.linear import pack_linear_weights
-
-            pack_linear_weights(self.model)
+            compile_model(self.model, self.config.compilation_config)
         if self.is_generative:
             from engine.sample import Sampler, build_logits_processors
 
             # only the driver samples, so only it runs the logits processors
             processors = build_logits_processors(self.config, self.device) if self.is_driver else []
             self.sampler = Sampler(processors)
+            self.has_logits_processors = bool(processors)
             if self.config.speculative_config is not None and self.is_driver:
                 self._load_proposer([name for name, _ in processors])
         if getattr(self.config, "lora_config", None) is not None and self.is_generative:
@@ -66,6 +68,16 @@ class ModelRunner:
         if self.lora is None:
             raise ValueError("LoRA is not enabled: start the engine with enable_lora=True")
         return self.lora
+
+    def pack_weights(self) -> None:
+        """Prepack the linear weights for the platform's kernels (after loading,
+        and after a sleep-mode wake-up, which drops the packed copies)."""
+        from engine.platforms import current_platform
+
+        if current_platform.is_cpu():
+            from engine.ops.linear import pack_linear_weights
+
+            pack_linear_weights(self.model)
 
     # ------------------------------------------------------------------ speculative decoding
 
@@ -229,6 +241,41 @@ class ModelRunner:
             seq_ids,
             drafts,
         )
+
+    # ------------------------------------------------------------------ warm-up
+
+    def warm_up(self, num_blocks: int) -> None:
+        """Run the steps of `engine.worker.warm_up` (generative models, on a KV
+        cache of `num_blocks` blocks) or one small embedding batch, and leave no
+        sequence state behind."""
+        if not self.is_generative:
+            self.embed([[3] * 8, [4] * 24])
+            return
+        if num_blocks < 1:
+            return
+        from engine.sample import Sampler
+        from engine.worker.warm_up import warm_up_steps
+
+        vocab = int(self.config.model_config.hf_config.get("vocab_size") or 2)
+        sampler = self.sampler
+        if self.has_logits_processors:
+            # processors are told of every request; the warm-up's are none of theirs
+            self.sampler = Sampler()
+        devices = [] if self.device.type == "cpu" else [self.device]
+        start = time.perf_counter()
+        # the unseeded sampling row draws from the global generator: give it back
+        # as it was, so requests sample as they would without the warm-up
+        with torch.random.fork_rng(devices, device_type=self.device.type):
+            try:
+                steps = 0
+                for step in warm_up_steps(self.config, num_blocks, vocab):
+                    self.execute_model(step)
+                    steps += 1
+            finally:
+                self.sampler = sampler
+                self.states = {i: s for i, s in self.states.items() if i >= 0}
+                self._draft_token_ids = None  # proposals for the warm-up's sequences
+        logger.info("warm-up: %d steps in %.2f s", steps, time.perf_counter() - start)
 
     # ------------------------------------------------------------------ embeddings
 

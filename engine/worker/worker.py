@@ -11,6 +11,12 @@ import torch
 
 from engine.step import ModelRunnerOutput, SchedulerOutput
 from engine.worker.model_runner import ModelRunner
+from engine.worker.sleep import (
+    OffloadedWeights,
+    offload_weights,
+    release_freed_memory,
+    restore_weights,
+)
 from engine.worker.worker_base import KVCacheSpec, WorkerBase
 
 logger = logging.getLogger(__name__)
@@ -46,6 +52,7 @@ class Worker(WorkerBase):
         super().__init__(config, rank, local_rank, distributed_init_method)
         self.device: torch.device | None = None
         self.model_runner: ModelRunner | None = None
+        self._asleep: OffloadedWeights | None = None  # sleep mode: what sleep() emptied
 
     def init_device(self) -> None:
         from engine.distributed import parallel_state
@@ -128,11 +135,49 @@ class Worker(WorkerBase):
         self.model_runner.initialize_proposer_cache(num_blocks)
 
     def compile_or_warm_up_model(self) -> None:
-        """Nothing to compile for eager PyTorch; the first step warms up itself."""
+        """Run the step shapes the first requests will hit (`engine.worker.warm_up`),
+        unless ``compilation_config.warm_up`` is off."""
+        if self.config.compilation_config.warm_up:
+            self.model_runner.warm_up(self.config.cache_config.num_blocks or 0)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
 
+    # -- sleep mode (docs/sleep-and-warm-up.md) --
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the KV cache and the weights: level 1 keeps the weights' bytes in
+        an unlinked temporary file, level 2 discards them (`wake_up` reloads the
+        checkpoint). A deeper sleep while asleep drops the kept file."""
+        if self._asleep is not None:
+            if level >= 2:
+                self._asleep.close()
+            return
+        from engine.attention import bind_kv_cache, get_attention_layers
+
+        model = self.model_runner.model
+        layers = get_attention_layers(model)
+        if layers:
+            empty = torch.empty(0, dtype=self.model_runner.dtype, device=self.device)
+            bind_kv_cache(model, [empty] * len(layers))
+        self._asleep = offload_weights(model, keep=level < 2)
+        release_freed_memory(self.device)
+
+    def wake_up(self) -> None:
+        """Bring back the weights (from the sleep file, or the checkpoint after
+        level 2) and a zeroed KV cache of the same size (no-op when awake)."""
+        asleep = self._asleep
+        if asleep is None:
+            return
+        if asleep.file is not None:
+            restore_weights(asleep)
+            self.model_runner.pack_weights()
+        else:
+            self.model_runner.load_model()
+        self._asleep = None
+        num_blocks = self.config.cache_config.num_blocks
+        if num_blocks:
+            self.initialize_cache(num_blocks)
     def take_draft_token_ids(self) -> Any:
         """The proposals the last step made for the next one (rank 0)."""
         return self.model_runner.take_draft_token_ids()

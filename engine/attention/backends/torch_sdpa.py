@@ -31,6 +31,7 @@ from engine.attention.backend import (
     write_kv_cache,
 )
 from engine.attention.metadata import AttentionMetadata
+from engine.utils import shape_bucket
 
 # The fixed cost of one decode bucket (two gathers, the SDPA call, the scatter back),
 # as bytes of K/V it would pay for: a bucket is worth cutting off when it saves more
@@ -216,6 +217,14 @@ class TorchSDPAImpl(AttentionImpl):
         if p.block_ids is not None:
             k, v = gather_blocks(kv_cache, p.block_ids)  # the whole context, block-padded
             k, v = k[: p.seq_len], v[: p.seq_len]
+        length = q.shape[0]
+        if p.mask is None and q.dtype != torch.float32 and shape_bucket(length) != length:
+            # torch's reduced-precision CPU attention keeps a kernel per length (see
+            # shape_bucket): pad to a bucket; under the causal mask the real rows never
+            # see the padding, which sits after them
+            pad = shape_bucket(length) - length
+            q, k, v = (torch.cat([t, t.new_zeros((pad, *t.shape[1:]))]) for t in (q, k, v))
+            return self._prefill(q, k, v, kv_cache, p)[:length]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
             v.transpose(0, 1).unsqueeze(0), attn_mask=p.mask, is_causal=p.mask is None,

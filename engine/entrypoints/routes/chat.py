@@ -19,6 +19,9 @@ from engine.tokenizer import ChatTemplateError
 
 router = APIRouter()
 
+# OpenAI's bound for chat; the engine's max_logprobs may be lower
+CHAT_MAX_TOP_LOGPROBS = 20
+
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -27,9 +30,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     await refuse_unsupported(request, "chat")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    if body.top_logprobs is not None and body.top_logprobs > CHAT_MAX_TOP_LOGPROBS:
+        raise APIError(400, f"top_logprobs must be <= {CHAT_MAX_TOP_LOGPROBS}, got "
+                            f"{body.top_logprobs}", param="top_logprobs")
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
-    params = serving.sampling_params(body, max_tokens, top_logprobs)
+    params = await serving.sampling_params(state.engine, body, max_tokens, top_logprobs)
     prompt = await asyncio.to_thread(chat_prompt, state.engine.engine, body)
     name = state.served_name(body.model)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -32,7 +32,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         if bad:
             what = "echo with logprobs" if name == "echo" else name
             raise APIError(400, f"{what} is not supported by this server", param=name)
-    params = serving.sampling_params(body, body.max_tokens, body.logprobs)
+    params = await serving.sampling_params(state.engine, body, body.max_tokens, body.logprobs)
     name = state.served_name(body.model)
     lora = state.lora_request(body.model)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -19,6 +19,8 @@ HEALTH_CHECK_TIMEOUT_S = 5.0
 
 @router.get("/health")
 async def health(request: Request) -> Response:
+    """200 ``ready``; 200 ``degraded`` naming the failed replicas while a
+    data-parallel server still serves from the others; 503 otherwise."""
     engine = request.app.state.server.engine
     if engine.ready:
         try:
@@ -26,16 +28,34 @@ async def health(request: Request) -> Response:
         except (asyncio.TimeoutError, EngineUnavailableError):
             pass  # a long step: the step loop itself notices a dead worker
         except Exception as exc:  # noqa: BLE001 - a dead worker: the engine has failed
-            return JSONResponse({"status": "failed", "error": str(exc)}, status_code=503)
+            if not _failed_replicas(engine):
+                return JSONResponse({"status": "failed", "error": str(exc)}, status_code=503)
+    failed_replicas = _failed_replicas(engine)
+    if failed_replicas:
+        return JSONResponse({"status": "degraded", "failed_replicas": failed_replicas,
+                             **_stats(engine)})
     body: dict[str, Any] = {"status": engine.state}
     if engine.ready:
-        body.update(kv_cache_usage=engine.kv_cache_usage,
-                    num_unfinished_requests=engine.num_unfinished_requests,
-                    num_aborted_requests=engine.num_aborted)
+        body.update(_stats(engine))
         return JSONResponse(body)
     if engine.error is not None:
         body["error"] = str(engine.error)
     return JSONResponse(body, status_code=503)
+
+
+def _stats(engine: Any) -> dict[str, Any]:
+    return {"kv_cache_usage": engine.kv_cache_usage,
+            "num_unfinished_requests": engine.num_unfinished_requests,
+            "num_aborted_requests": engine.num_aborted}
+
+
+def _failed_replicas(engine: Any) -> list[dict[str, Any]]:
+    """The failed replicas of a data-parallel engine that still serves from
+    others (``[{"replica": i, "error": ...}]``); empty otherwise."""
+    failed = getattr(engine, "failed_replicas", None)  # data parallel only
+    if not failed or not engine.num_serving:
+        return []
+    return [{"replica": i, "error": error} for i, error in sorted(failed.items())]
 
 
 @router.get("/metrics")

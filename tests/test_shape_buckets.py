@@ -1,0 +1,54 @@
+"""Prompt chunks in reduced precision run at bucketed lengths (oneDNN and torch's
+bf16 CPU attention keep a kernel per shape: unbucketed, every new prompt length
+grew a bf16 server's memory; benchmarks/bf16_shape_memory.py measures it), and
+the padding changes no result."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.ops.linear import AMX_MAX_ROWS, onednn_packing_supported, pack_weight, packed_linear
+from engine.utils import shape_bucket
+
+
+def test_buckets_cover_every_length_with_little_padding_and_few_shapes():
+    for rows in range(1, 5000):
+        bucket = shape_bucket(rows)
+        assert rows <= bucket <= rows + max(1, rows // 8), rows
+        assert shape_bucket(bucket) == bucket
+    assert len({shape_bucket(r) for r in range(AMX_MAX_ROWS + 1, 4097)}) == 56
+
+
+def test_a_bucketed_bf16_prompt_chunk_matches_the_plain_product():
+    torch.manual_seed(0)
+    weight = torch.randn(96, 64).to(torch.bfloat16)
+    bias = torch.randn(96).to(torch.bfloat16)
+    if not onednn_packing_supported(weight):
+        return  # no oneDNN bf16 here: packed_linear is never called
+    packed = pack_weight(weight)
+    for rows in (33, 37, 100, 130):  # padded to 36, 40, 104, 136
+        x = torch.randn(rows, 64).to(torch.bfloat16)
+        out = packed_linear(x, packed, bias)
+        assert out.shape == (rows, 96)
+        expected = F.linear(x.float(), weight.float(), bias.float())
+        torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.02)
+
+
+def test_a_bucketed_bf16_causal_prefill_matches_the_unpadded_one():
+    from engine.attention.backends.torch_sdpa import TorchSDPAImpl, _Prefill
+
+    torch.manual_seed(0)
+    heads, kv_heads, dim, length = 4, 2, 16, 37
+    impl = TorchSDPAImpl(heads, dim, dim ** -0.5, kv_heads)
+    q = torch.randn(length, heads, dim).to(torch.bfloat16)
+    k = torch.randn(length, kv_heads, dim).to(torch.bfloat16)
+    v = torch.randn(length, kv_heads, dim).to(torch.bfloat16)
+    plan = _Prefill(slice(0, length), None, length, None)
+    out = impl._prefill(q, k, v, torch.empty(0), plan)
+    assert out.shape == (length, heads, dim)
+    expected = F.scaled_dot_product_attention(
+        q.float().transpose(0, 1), k.float().repeat_interleave(2, 1).transpose(0, 1),
+        v.float().repeat_interleave(2, 1).transpose(0, 1), is_causal=True,
+        scale=dim ** -0.5).transpose(0, 1)
+    torch.testing.assert_close(out.float(), expected, atol=0.03, rtol=0.03)
