@@ -18,6 +18,7 @@ choose_openmp_wait_policy()
 # public name -> module that defines it (imported lazily, see __getattr__)
 _LAZY = {
     "LLM": "engine.llm",
+    "LoRARequest": "engine.lora",
     "SamplingParams": "engine.sampling_params",
     "StructuredOutputsParams": "engine.sampling_params",
     "RequestOutput": "engine.outputs",
@@ -30,6 +31,7 @@ _LAZY = {
 __all__ = [
     "__version__",
     "LLM",
+    "LoRARequest",
     "SamplingParams",
     "StructuredOutputsParams",
     "RequestOutput",
@@ -41,6 +43,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.llm import LLM
+    from engine.lora import LoRARequest
     from engine.models.registry import ModelRegistry
     from engine.outputs import CompletionOutput, EmbeddingRequestOutput, RequestOutput
     from engine.sampling_params import SamplingParams, StructuredOutputsParams

@@ -84,6 +84,7 @@ class EngineConfig:
     logits_processors: list[Any] = field(default_factory=list)
     # speculative decoding: an engine.spec_decode.SpeculativeConfig, None when off
     speculative_config: Any = None
+    lora_config: Any = None  # engine.lora.LoRAConfig when enable_lora, else None
 
 
 _current_config: EngineConfig | None = None

@@ -146,6 +146,15 @@ class EngineArgs:
     speculative_config: dict[str, Any] | str | None = field(default=None, metadata=_help(
         "speculative decoding, as JSON: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' "
         "or '{\"model\": DRAFT_DIR, \"num_speculative_tokens\": 4}'", metavar="JSON"))
+    # LoRA (engine.lora, docs/lora.md)
+    enable_lora: bool = field(default=False, metadata=_help(
+        "serve LoRA adapters (PEFT format) next to the base model"))
+    max_loras: int = field(default=1, metadata=_help(
+        "LoRA adapters active at once (one step mixes at most this many)", metavar="N"))
+    max_lora_rank: int = field(default=16, metadata=_help(
+        "the largest LoRA rank an adapter may have", metavar="R"))
+    max_cpu_loras: int | None = field(default=None, metadata=_help(
+        "LoRA adapters kept loaded in host memory (default: max_loras)", metavar="N"))
 
     # ------------------------------------------------------------------ CLI
 
@@ -256,6 +265,7 @@ class EngineArgs:
             log_stats=self.log_stats,
             logits_processors=self._checked_logits_processors(),
             speculative_config=self._checked_speculative_config(),
+            lora_config=self._lora_config(),
         )
 
     def _checked_compilation_config(self) -> dict[str, Any]:
@@ -272,6 +282,14 @@ class EngineArgs:
         from engine.spec_decode import SpeculativeConfig
 
         return SpeculativeConfig.from_user(self.speculative_config)
+
+    def _lora_config(self) -> Any:
+        if not self.enable_lora:
+            return None
+        from engine.lora import LoRAConfig
+
+        return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+                          max_cpu_loras=self.max_cpu_loras)
 
     def _checked_logits_processors(self) -> list[Any]:
         from engine.sample.logits_processor import processor_name, resolve_logits_processor

@@ -12,6 +12,7 @@ from engine.engine_args import EngineArgs, default_model_dir, engine_args_signat
 from engine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 
 if TYPE_CHECKING:  # pragma: no cover
+    from engine.lora import LoRARequest
     from engine.sampling_params import SamplingParams
     from engine.tokenizer import Tokenizer
 
@@ -81,6 +82,7 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Complete every prompt; returns one `RequestOutput` per prompt, in order.
 
@@ -90,6 +92,8 @@ class LLM:
             sampling_params: one `SamplingParams` for all prompts, a list with one
                 per prompt, or None for the defaults.
             use_tqdm: show a progress bar.
+            lora_request: a `LoRARequest` for all prompts, a list with one (or
+                None: the base model) per prompt, or None (needs enable_lora).
 
         Raises ValueError naming the prompt's index when a prompt is unusable
         (empty, longer than the context, too big for the KV cache); nothing of
@@ -97,12 +101,13 @@ class LLM:
         """
         prompts = _as_prompt_list(prompts)
         params_list = self._params_list(sampling_params, len(prompts))
+        loras = _lora_list(lora_request, len(prompts))
         engine = self.llm_engine
         ids: list[str] = []
         try:
             for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
                 try:
-                    ids.append(engine.add_request(prompt, params))
+                    ids.append(engine.add_request(prompt, params, lora_request=loras[i]))
                 except ValueError as exc:
                     raise ValueError(f"prompt {i}: {exc}") from None
             return self._run(ids, use_tqdm)
@@ -111,14 +116,15 @@ class LLM:
                 engine.abort_request(request_id)
             raise
 
-    def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None
-                        ) -> Iterator[RequestOutput]:
+    def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                        lora_request: LoRARequest | None = None) -> Iterator[RequestOutput]:
         """Generate for one prompt, yielding a `RequestOutput` snapshot after every
         step that added tokens (``outputs[i].text_delta`` is the new text; the last
         snapshot has ``finished`` set). Closing the iterator aborts the request."""
         engine = self.llm_engine
         params = self._params_list(sampling_params, 1)[0]
-        request_id = engine.add_request(_as_prompt_list(prompt)[0], params)
+        request_id = engine.add_request(_as_prompt_list(prompt)[0], params,
+                                        lora_request=lora_request)
         done = False
         try:
             while not done:
@@ -179,6 +185,7 @@ class LLM:
         add_generation_prompt: bool = True,
         use_tqdm: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Reply to one conversation or a batch of them.
 
@@ -189,6 +196,7 @@ class LLM:
             chat_template: a Jinja template to use instead of the model's own.
             add_generation_prompt: end the prompt with the assistant's header.
             chat_template_kwargs: extra variables the template sees.
+            lora_request: as for `generate`.
 
         The prompt is rendered as transformers' ``apply_chat_template`` renders it
         (`engine.tokenizer.Tokenizer.apply_chat_template`); ``.prompt`` of each
@@ -204,7 +212,8 @@ class LLM:
             for conversation in conversations
         ]
         prompt_ids = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
-        outputs = self.generate(prompt_ids, sampling_params, use_tqdm=use_tqdm)
+        outputs = self.generate(prompt_ids, sampling_params, use_tqdm=use_tqdm,
+                                lora_request=lora_request)
         for out, text in zip(outputs, texts, strict=True):
             out.prompt = text
         return outputs
@@ -290,6 +299,17 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _lora_list(lora_request: Any, count: int) -> list[Any]:
+    """One adapter (or None) per prompt, from one for all or a list of them."""
+    if lora_request is None or not isinstance(lora_request, Sequence):
+        return [lora_request] * count
+    loras = list(lora_request)
+    if len(loras) != count:
+        raise ValueError(f"lora_request has {len(loras)} entries for {count} prompts; "
+                         "give one for all or one per prompt")
+    return loras
 
 
 def _as_conversations(messages: Any) -> list[list[dict[str, Any]]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.lora.request import LoRARequest
 from engine.sampling_params import SamplingParams
 
 __all__ = ["DraftTokenIds", "ModelRunnerOutput", "NewSequenceData", "ScheduledSequence",
@@ -26,6 +27,7 @@ class NewSequenceData:
     sampling_params: SamplingParams
     seed_offset: int  # the sample's index within its request: n samples, n streams
     eos_token_ids: list[int] = field(default_factory=list)  # blocked until min_tokens
+    lora_request: LoRARequest | None = None  # the sequence's adapter; None: the base model
 
 
 @dataclass

@@ -10,6 +10,7 @@ LOGITS_PROCESSOR_PLUGINS = "engine.logits_processor_plugins"
 API_ROUTE_PLUGINS = "engine.api_route_plugins"
 GRAPH_BACKEND_PLUGINS = "engine.graph_backend_plugins"
 SPEC_PROPOSER_PLUGINS = "engine.spec_proposer_plugins"
+LORA_RESOLVER_PLUGINS = "engine.lora_resolver_plugins"
 
 # alias -> full entry-point group name, in the order the groups are listed everywhere
 GROUP_ALIASES: dict[str, str] = {
@@ -21,6 +22,7 @@ GROUP_ALIASES: dict[str, str] = {
     "api_route": API_ROUTE_PLUGINS,
     "graph_backend": GRAPH_BACKEND_PLUGINS,
     "spec_proposer": SPEC_PROPOSER_PLUGINS,
+    "lora_resolver": LORA_RESOLVER_PLUGINS,
 }
 GROUPS: tuple[str, ...] = tuple(GROUP_ALIASES.values())
 

@@ -53,6 +53,7 @@ GroupName = Literal[
     "api_route",
     "graph_backend",
     "spec_proposer",
+    "lora_resolver",
     "engine.general_plugins",
     "engine.platform_plugins",
     "engine.io_processor_plugins",
@@ -61,6 +62,7 @@ GroupName = Literal[
     "engine.api_route_plugins",
     "engine.graph_backend_plugins",
     "engine.spec_proposer_plugins",
+    "engine.lora_resolver_plugins",
 ]
 
 

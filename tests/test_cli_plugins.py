@@ -132,7 +132,8 @@ def test_validate_reports_one_line_per_problem(tmp_path):
         "(engine.io_processor_plugins), stat_logger (engine.stat_logger_plugins), "
         "logits_processor (engine.logits_processor_plugins), api_route "
         "(engine.api_route_plugins), graph_backend (engine.graph_backend_plugins), "
-        "spec_proposer (engine.spec_proposer_plugins)",
+        "spec_proposer (engine.spec_proposer_plugins), lora_resolver "
+        "(engine.lora_resolver_plugins)",
         f"{schema}: plugin[1].value: invalid value 'bad value': expected 'module' or "
         "'module:attr' (dotted Python identifiers, e.g. 'acme_npu.plugin:register')",
         f"{tmp_path / 'missing.toml'}: no such file or folder",

@@ -75,6 +75,7 @@ def test_builtin_manifest_declares_exactly_the_builtin_plugins():
         (registry.SPEC_PROPOSER_PLUGINS, "ngram", "engine.spec_decode.ngram:NgramProposer"),
         (registry.SPEC_PROPOSER_PLUGINS, "draft_model",
          "engine.spec_decode.draft_model:DraftModelProposer"),
+        (registry.LORA_RESOLVER_PLUGINS, "lora_folder", "engine.lora.resolver:LoRAFolderResolver"),
     }
 
 
@@ -146,7 +147,8 @@ BAD_MANIFESTS = {
          "(engine.io_processor_plugins), stat_logger (engine.stat_logger_plugins), "
          "logits_processor (engine.logits_processor_plugins), api_route "
          "(engine.api_route_plugins), graph_backend (engine.graph_backend_plugins), "
-         "spec_proposer (engine.spec_proposer_plugins)"],
+         "spec_proposer (engine.spec_proposer_plugins), lora_resolver "
+         "(engine.lora_resolver_plugins)"],
     ),
     "duplicate": (
         'schema-version = 1\n[[plugin]]\ngroup = "general"\nname = "a"\nvalue = "m"\n'

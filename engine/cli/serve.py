@@ -57,6 +57,12 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
                    help="add the development routes POST /sleep, POST /wake_up and GET "
                         "/is_sleeping (sleep mode needs --enable-sleep-mode; default: "
                         "$ENGINE_SERVER_DEV_MODE=1)")
+    p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                   help="LoRA adapters to serve (with --enable-lora): NAME=PATH or a JSON "
+                        "object with 'name' and 'path'; a request's 'model' picks one")
+    p.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   help="mount POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
+                        "(with --enable-lora; behind --api-key like every route)")
     EngineArgs.add_cli_args(p.add_argument_group("engine options"), exclude=("seed",))
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="sampling seed for requests that send no 'seed' of their own: the "
@@ -109,7 +115,18 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         data_parallel_size=args.data_parallel_size,
         data_parallel_backend=args.data_parallel_backend,
         route_plugins=tuple(args.enable_route_plugin), dev_mode=args.enable_dev_mode,
+        lora_modules=_lora_modules(args, engine_args.enable_lora),
+        allow_runtime_lora_updating=args.allow_runtime_lora_updating,
     )
+
+
+def _lora_modules(args: argparse.Namespace, enable_lora: bool) -> tuple[tuple[str, str], ...]:
+    if (args.lora_modules or args.allow_runtime_lora_updating) and not enable_lora:
+        flag = "--lora-modules" if args.lora_modules else "--allow-runtime-lora-updating"
+        raise ValueError(f"{flag} needs --enable-lora")
+    from engine.lora.serving import parse_lora_module
+
+    return tuple(parse_lora_module(text) for text in args.lora_modules)
 
 
 def _api_key(flag: str | None) -> str | None:

@@ -171,11 +171,27 @@ class LLMEngine:
             if self.speculative_config is not None:
                 self.scheduler.num_speculative_tokens = (
                     self.speculative_config.num_speculative_tokens)
+        self.loras: Any = None  # engine.lora.engine_side.EngineLoRAs when enable_lora
+        if config.lora_config is not None:
+            self._init_loras()
         self.requests: dict[str, _Request] = {}
         self._request_ids = itertools.count()
         self.stat_loggers: Any = None  # engine.metrics.StatLoggerManager when log_stats
         if config.log_stats:
             self._init_stats()
+
+    def _init_loras(self) -> None:
+        from engine.lora.engine_side import EngineLoRAs
+
+        loras = EngineLoRAs(self.executor, self.config.lora_config)
+        try:
+            loras.check_workers(self.config.parallel_config.worker_cls)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        self.loras = loras
+        if self.scheduler is not None:
+            self.scheduler.max_loras = self.config.lora_config.max_loras
 
     def _init_stats(self) -> None:
         from engine.metrics import RequestStatsTracker, build_stat_loggers
@@ -332,9 +348,12 @@ class LLMEngine:
         prompt: str | abc.Sequence[int] | TokenizedPrompt,
         params: Any = None,
         request_id: str | None = None,
+        lora_request: Any = None,
     ) -> str:
         """Queue a prompt (text, token ids, or a `TokenizedPrompt`) for generation
-        and return its id.
+        and return its id. `lora_request` (an `engine.LoRARequest`) runs it with
+        that adapter, loading it first (ValueError naming the adapter and field
+        when it cannot be served).
 
         Raises ValueError for this request alone (nothing is queued) when the
         prompt is empty, holds ids outside the vocabulary, is longer than the
@@ -370,11 +389,13 @@ class LLMEngine:
         request_id = str(next(self._request_ids)) if request_id is None else request_id
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if lora_request is not None:
+            lora_request = self._lora_engine().ensure(lora_request)
         seqs: list[Sequence] = []
         for i in range(params.n):
             seqs.append(
                 Sequence(request_id, token_ids, max_tokens, params, index=i,
-                         parent=seqs[0] if seqs else None)
+                         parent=seqs[0] if seqs else None, lora_request=lora_request)
             )
         req = _Request(
             request_id=request_id,
@@ -441,6 +462,41 @@ class LLMEngine:
         from engine.sample import logits_processor_classes
 
         return logits_processor_classes(self.config)
+
+    # ------------------------------------------------------------------ LoRA
+
+    def _lora_engine(self) -> Any:
+        if self.loras is None:
+            raise ValueError("a LoRA adapter was requested but LoRA is not enabled: start "
+                             "the engine with enable_lora=True (--enable-lora)")
+        return self.loras
+
+    def add_lora(self, lora_request: Any) -> bool:
+        """Load an adapter on every rank now (requests naming it load it
+        themselves otherwise); False when it already was. Raises ValueError
+        naming the adapter and field for one that cannot be served."""
+        loras = self._lora_engine()
+        known = lora_request.int_id in loras.by_id
+        loras.ensure(lora_request)
+        return not known
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Unload an adapter from every rank; False when it was not loaded."""
+        removed = self._lora_engine().remove(lora_id)
+        if self.scheduler is not None:
+            self.scheduler.pinned_loras.discard(lora_id)
+        return removed
+
+    def list_loras(self) -> list[Any]:
+        """The `LoRARequest` of every adapter loaded."""
+        return list(self._lora_engine().by_id.values())
+
+    def pin_lora(self, lora_id: int) -> bool:
+        """Keep a loaded adapter resident until it is removed."""
+        pinned = self._lora_engine().pin(lora_id)
+        if self.scheduler is not None:
+            self.scheduler.pinned_loras.add(lora_id)
+        return pinned
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now; its sequences free their blocks (an unknown or

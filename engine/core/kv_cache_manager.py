@@ -6,7 +6,8 @@ the worker. This module only does the bookkeeping: which blocks a sequence owns
 
 Prefix caching: once every token of a block is computed, the block is keyed by
 ``(parent_hash, block_tokens)`` where ``parent_hash`` is the hash of the previous
-block's key, so a key names the whole prefix up to and including the block. A
+block's key, so a key names the whole prefix up to and including the block (the
+first block's parent is the LoRA adapter's salt, None for the base model). A
 later sequence whose prompt starts with the same tokens takes those blocks
 instead of recomputing them. Freed blocks keep their key and stay findable until
 they are evicted, least recently freed first.
@@ -19,6 +20,14 @@ from collections import OrderedDict
 from engine.core.sequence import Sequence
 
 BlockKey = tuple[int | None, tuple[int, ...]]
+
+
+def root_hash(seq: Sequence) -> int | None:
+    """The "parent" of a sequence's first block: None for the base model, the
+    adapter's salt for a LoRA request, so blocks never cross adapters (the same
+    tokens give other K/V under another adapter)."""
+    lora = seq.lora_request
+    return None if lora is None else lora.cache_salt
 
 
 class KVCacheBlock:
@@ -74,7 +83,7 @@ class KVCacheManager:
         bs = self.block_size
         tokens = seq.token_ids
         hits: list[KVCacheBlock] = []
-        parent_hash: int | None = None
+        parent_hash = root_hash(seq)
         for i in range((len(tokens) - 1) // bs):
             key = (parent_hash, tuple(tokens[i * bs : (i + 1) * bs]))
             block = self.cached_blocks.get(key)
@@ -121,7 +130,7 @@ class KVCacheManager:
         bs = self.block_size
         num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
         for i in range(len(seq.block_hashes), num_full):
-            parent_hash = seq.block_hashes[i - 1] if i else None
+            parent_hash = seq.block_hashes[i - 1] if i else root_hash(seq)
             key = (parent_hash, tuple(seq.token_ids[i * bs : (i + 1) * bs]))
             if key not in self.cached_blocks:
                 # another sequence may have computed the same block in the same step;

@@ -37,6 +37,14 @@ from engine.step import (
 _MAX_SPEC_BACKOFF = 8
 
 
+def _count_loras(seqs: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for seq in seqs:
+        if seq.lora_request is not None:
+            counts[seq.lora_request.name] = counts.get(seq.lora_request.name, 0) + 1
+    return counts
+
+
 class Scheduler:
     """Owns the waiting and running queues; the only place sequences change state."""
 
@@ -73,6 +81,8 @@ class Scheduler:
         self.num_speculative_tokens = 0
         self.spec_stats = SpecDecodingCounts()  # since the start
         self._spec_step_stats = SpecDecodingCounts()  # since the last make_stats
+        self.max_loras: int | None = None  # LoRA: adapters one step may mix (None: off)
+        self.pinned_loras: set[int] = set()  # LoRA: ids that hold a slot for good
 
     # ------------------------------------------------------------------ requests
 
@@ -201,7 +211,7 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
-            if self._waits_for_parent(seq) or (
+            if self._waits_for_parent(seq) or self._lora_slots_full(seq) or (
                     running_per_request[seq.request_id] >= fair_share
                     and num_waiting > waiting_per_request[seq.request_id]):
                 deferred.append(self.waiting.popleft())
@@ -239,6 +249,15 @@ class Scheduler:
             and parent.num_computed_tokens < parent.num_prompt_tokens
         )
 
+    def _lora_slots_full(self, seq: Sequence) -> bool:
+        """LoRA: `seq`'s adapter would be one more than a step may mix."""
+        lora = seq.lora_request
+        if lora is None or self.max_loras is None:
+            return False
+        running = {s.lora_request.int_id for s in self.running if s.lora_request is not None}
+        running |= self.pinned_loras
+        return lora.int_id not in running and len(running) >= self.max_loras
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv_cache.free(seq)
@@ -257,7 +276,7 @@ class Scheduler:
             out.new_seqs.append(
                 NewSequenceData(
                     seq.seq_id, seq.prompt_token_ids, seq.sampling_params, seq.index,
-                    self.eos_token_ids,
+                    self.eos_token_ids, seq.lora_request,
                 )
             )
         out.scheduled.append(
@@ -279,11 +298,15 @@ class Scheduler:
             from engine.metrics.stats import SchedulerStatsBuilder
 
             self._stats_builder = SchedulerStatsBuilder()
-        return self._stats_builder.build(
+        stats = self._stats_builder.build(
             len(self.running), len(self.waiting), self.kv_cache.usage, self.num_preemptions,
             self.prefix_cache_queried_tokens, self.prefix_cache_hit_tokens,
             self._spec_step_stats.take() if self.num_speculative_tokens else None,
         )
+        if self.max_loras is not None:  # LoRA: requests per adapter
+            stats.running_lora_adapters = _count_loras(self.running)
+            stats.waiting_lora_adapters = _count_loras(self.waiting)
+        return stats
 
     # ------------------------------------------------------------------ results
 

@@ -52,6 +52,7 @@ class Sequence:
         index: int = 0,
         parent: Sequence | None = None,
         arrival_time: float | None = None,
+        lora_request: Any = None,
     ) -> None:
         self.seq_id = next(_seq_ids)
         self.request_id = request_id
@@ -77,6 +78,7 @@ class Sequence:
         # verification each, for nothing
         self.spec_backoff = 0
         self.spec_wait = 0
+        self.lora_request = lora_request  # engine.lora.LoRARequest, None: the base model
 
     def __repr__(self) -> str:
         return (

@@ -56,6 +56,8 @@ class ServerSettings:
     data_parallel_backend: str | None = None
     route_plugins: tuple[str, ...] = ()  # --enable-route-plugin names
     dev_mode: bool = False  # --enable-dev-mode: /sleep, /wake_up, /is_sleeping
+    lora_modules: tuple[tuple[str, str], ...] = ()  # --lora-modules (name, path)
+    allow_runtime_lora_updating: bool = False  # mounts /v1/load_lora_adapter and unload
 
 
 class ServerState:
@@ -68,6 +70,13 @@ class ServerState:
         self.token_texts: serving.TokenTexts | None = None
         self.created = int(time.time())
         self.on_failure: Callable[[], None] | None = None  # set by run_server
+        self.loras: Any = None  # engine.lora.serving.ServerLoRAs with --enable-lora
+        if settings.engine_args.enable_lora:
+            from engine.lora.resolver import LoRAResolvers
+            from engine.lora.serving import ServerLoRAs
+
+            self.loras = ServerLoRAs(settings.model_name, settings.lora_modules,
+                                     LoRAResolvers.from_plugins())
 
     def admit(self, model: str | None, task: str | None = None) -> None:
         """Check a request before any work: the engine is ready (503), `model`
@@ -81,8 +90,20 @@ class ServerState:
     def check_model(self, name: str | None) -> None:
         if name is None or name == self.settings.model_name or name in self.settings.model_aliases:
             return
+        if self.lora_request(name) is not None:
+            return
         raise APIError(404, f"the model {name!r} does not exist; this server serves "
                             f"{self.settings.model_name!r}", param="model", code="model_not_found")
+
+    def lora_request(self, name: str | None) -> Any:
+        """The LoRA adapter a request's ``model`` names (None: the base model)."""
+        if self.loras is None or name is None:
+            return None
+        return self.loras.lookup(name)
+
+    def served_name(self, name: str | None) -> str:
+        """The ``model`` a response carries: the adapter's name, or the base model's."""
+        return name if self.lora_request(name) is not None else self.settings.model_name
 
     def require_task(self, task: str) -> None:
         """400 naming the model when it does not serve `task` ("generate", "embed")."""
@@ -101,6 +122,9 @@ def build_llm(settings: ServerSettings, state: ServerState) -> Callable[[], Any]
         from engine.llm import LLM
 
         llm = LLM(**vars(settings.engine_args))
+        if state.loras is not None:  # --lora-modules: a bad adapter fails the start
+            for lora in state.loras.by_name.values():
+                llm.llm_engine.add_lora(lora)
         state.token_texts = serving.TokenTexts(llm.get_tokenizer())
         # the one --io-processor-plugin names, else the model's config.json's
         state.io_processor = llm.io_processor
@@ -138,6 +162,10 @@ def build_app(settings: ServerSettings) -> FastAPI:
         from engine.entrypoints.routes.dev import router as dev_router
 
         app.include_router(dev_router)
+    if settings.allow_runtime_lora_updating:
+        from engine.entrypoints.routes.lora import router as lora_router
+
+        app.include_router(lora_router)
     mount_route_plugins(app, settings.route_plugins)  # after the built-ins: clashes are refused
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.api_key:

@@ -164,7 +164,8 @@ class AsyncEngine:
     # ------------------------------------------------------------ requests
 
     async def add_request(self, prompt: str | list[int], params: Any,
-                          request_id: str | None = None) -> RequestStream:
+                          request_id: str | None = None,
+                          lora_request: Any = None) -> RequestStream:
         """Queue a generation request; returns its `RequestStream`.
 
         Raises ValueError (the engine's message) when the request cannot be
@@ -175,7 +176,7 @@ class AsyncEngine:
         outputs: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = outputs
         try:
-            await self.call(lambda llm: self._add(llm, prompt, params, request_id))
+            await self.call(lambda llm: self._add(llm, prompt, params, request_id, lora_request))
         except BaseException:
             # also on cancellation: the add may still run, and must be undone
             self._queues.pop(request_id, None)
@@ -252,8 +253,9 @@ class AsyncEngine:
         self._commands.put((fn, future))
         self._wakeup.set()
 
-    def _add(self, llm: Any, prompt: Any, params: Any, request_id: str) -> None:
-        llm.llm_engine.add_request(prompt, params, request_id)
+    def _add(self, llm: Any, prompt: Any, params: Any, request_id: str,
+             lora_request: Any = None) -> None:
+        llm.llm_engine.add_request(prompt, params, request_id, lora_request=lora_request)
         self._live.add(request_id)
 
     def _abort(self, llm: Any, request_id: str) -> None:

@@ -235,14 +235,16 @@ class DataParallelEngine:
         self.in_flight[replica] -= 1
 
     async def add_request(self, prompt: str | list[int], params: Any,
-                          request_id: str | None = None) -> _ReplicaStream:
+                          request_id: str | None = None,
+                          lora_request: Any = None) -> _ReplicaStream:
         """Queue a generation request on the least busy replica; returns its stream
         (see `AsyncEngine.add_request`)."""
         index = self._pick()
         self.routed[index] += 1
         self.in_flight[index] += 1
         try:
-            stream = await self.replicas[index].add_request(prompt, params, request_id)
+            stream = await self.replicas[index].add_request(prompt, params, request_id,
+                                                            lora_request)
         except BaseException:
             self.in_flight[index] -= 1
             raise

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from engine.entrypoints.async_engine import AsyncEngine, EngineUnavailableError, RequestStream
 from engine.entrypoints.errors import APIError
 from engine.entrypoints.streaming import final_outputs
+from engine.lora import LoRAAdapterError
 
 if TYPE_CHECKING:
     from engine.core.engine import TokenizedPrompt
@@ -32,6 +33,7 @@ async def generate(
     stream: bool,
     chunks: Callable[[list[RequestStream]], AsyncIterator[dict]],
     respond: Callable[[list[Any]], dict],
+    lora_request: Any = None,
 ) -> Response:
     """Serve one generation request.
 
@@ -40,9 +42,10 @@ async def generate(
         field: the body field the prompts came from, named in a 400.
         stream: answer with server-sent events built by ``chunks(streams)``;
             otherwise with ``respond(final outputs)`` as JSON.
+        lora_request: the `engine.LoRARequest` every prompt runs with (None: the base model).
     """
     tokenized = await tokenize(engine, prompts, field)
-    streams = await add_requests(engine, tokenized, params, field)
+    streams = await add_requests(engine, tokenized, params, field, lora_request)
     if stream:
         return sse(chunks(streams))
 
@@ -70,14 +73,17 @@ async def tokenize(engine: AsyncEngine, prompts: list[Any], field: str) -> list[
 
 
 async def add_requests(engine: AsyncEngine, prompts: list[Any], params: Any,
-                       field: str) -> list[RequestStream]:
+                       field: str, lora_request: Any = None) -> list[RequestStream]:
     """Queue one request per prompt; on any failure abort those already queued
     and answer 400 naming the field (a sampling setting, else the prompt)."""
     streams: list[RequestStream] = []
     try:
         for i, prompt in enumerate(prompts):
             try:
-                streams.append(await engine.add_request(prompt, params))
+                streams.append(await engine.add_request(prompt, params,
+                                                        lora_request=lora_request))
+            except LoRAAdapterError as exc:  # the adapter, not the prompt
+                raise APIError(400, str(exc), param="model") from None
             except ValueError as exc:
                 raise _prompt_error(exc, field, i, len(prompts)) from None
     except BaseException:

@@ -217,6 +217,12 @@ class _PrometheusMetrics:
             "engine_cache_config_info", "KV-cache configuration (value is always 1).",
             ("block_size", "num_blocks"),
         )
+        # vLLM's lora_requests_info: the labels carry the adapters, the value the time
+        self.lora_requests_info = Gauge(
+            "engine_lora_requests_info",
+            "LoRA adapters of the running and waiting requests (value: the time of the "
+            "snapshot).", [*_LABELS, "max_lora", "waiting_lora_adapters",
+                           "running_lora_adapters"], registry=registry)
         self.time_to_first_token = histogram(
             "engine_time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS
         )
@@ -263,7 +269,9 @@ class PrometheusStatLogger(StatLoggerBase):
     ``engine_spec_decode_num_accepted_tokens``,
     ``engine_spec_decode_num_accepted_tokens_per_pos{position}``. Gauges:
     ``engine_num_requests_running``, ``engine_num_requests_waiting``,
-    ``engine_kv_cache_usage_perc`` (0..1), ``engine_cache_config_info``. Histograms:
+    ``engine_kv_cache_usage_perc`` (0..1), ``engine_cache_config_info``,
+    ``engine_lora_requests_info{max_lora, waiting_lora_adapters, running_lora_adapters}``
+    (with LoRA; the adapter names comma-separated, as vLLM labels them). Histograms:
     ``engine_time_to_first_token_seconds``, ``engine_inter_token_latency_seconds``,
     ``engine_e2e_request_latency_seconds``, ``engine_request_prompt_tokens``,
     ``engine_request_generation_tokens``.
@@ -298,6 +306,9 @@ class PrometheusStatLogger(StatLoggerBase):
         self._spec_draft_tokens = m.spec_decode_num_draft_tokens.labels(*labels)
         self._spec_accepted = m.spec_decode_num_accepted_tokens.labels(*labels)
         self._spec_per_pos: list[Any] = []  # children by position, bound on first use
+        lora = getattr(config, "lora_config", None)
+        self._max_lora = str(lora.max_loras) if lora is not None else None
+        self._lora_labels: tuple[str, ...] | None = None  # the current info child
         self._success: dict[str, Any] = {}
         for reason in _FINISH_REASONS:  # present as 0 before the first request finishes
             self._success_counter(reason)
@@ -329,6 +340,8 @@ class PrometheusStatLogger(StatLoggerBase):
             spec = scheduler_stats.spec_decoding_stats
             if spec is not None and spec.num_drafts:
                 self._record_spec(spec)
+            if self._max_lora is not None:
+                self._record_loras(scheduler_stats)
         if iteration_stats is None:
             return
         if iteration_stats.num_prompt_tokens:
@@ -355,6 +368,16 @@ class PrometheusStatLogger(StatLoggerBase):
         for child, n in zip(self._spec_per_pos, spec.accepted_per_position, strict=False):
             if n:
                 child.inc(n)
+
+    def _record_loras(self, stats: SchedulerStats) -> None:
+        labels = (*self._labels, self._max_lora, ",".join(sorted(stats.waiting_lora_adapters)),
+                  ",".join(sorted(stats.running_lora_adapters)))
+        info = self._metrics.lora_requests_info
+        if labels != self._lora_labels:  # one series at a time: the current adapters
+            if self._lora_labels is not None:
+                info.remove(*self._lora_labels)
+            self._lora_labels = labels
+        info.labels(*labels).set(time.time())
 
     def log_engine_initialized(self) -> None:
         cache = getattr(self.config, "cache_config", None)

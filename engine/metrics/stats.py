@@ -72,6 +72,9 @@ class SchedulerStats:
     num_preemptions: int = 0  # preemptions during this step
     # speculative decoding during this step; None when the engine does not speculate
     spec_decoding_stats: SpecDecodingCounts | None = None
+    # LoRA: requests per adapter name, running and waiting (empty without adapters)
+    running_lora_adapters: dict[str, int] = field(default_factory=dict)
+    waiting_lora_adapters: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

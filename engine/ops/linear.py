@@ -9,7 +9,7 @@ raises ValueError when the checkpoint shape does not fit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -196,6 +196,8 @@ class ColumnParallelLinear(nn.Module):
             if bias else None
         self.packed_weight: torch.Tensor | None = None  # see pack_linear_weights
         self.amx_weight: torch.Tensor | None = None
+        # LoRA: ``lora(x, out) -> out`` adds the step's adapter deltas (engine.lora)
+        self.lora: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         size = param.shape[0]
@@ -207,6 +209,8 @@ class ColumnParallelLinear(nn.Module):
             out = packed_linear(x, self.packed_weight, self.bias, self.weight, self.amx_weight)
         else:
             out = plain_linear(x, self.weight, self.bias)
+        if self.lora is not None:
+            out = self.lora(x, out)
         if self.gather_output and self.tp_size > 1:
             from engine.distributed.parallel_state import tensor_model_parallel_all_gather
 
@@ -316,6 +320,8 @@ class RowParallelLinear(nn.Module):
         self.bias = _new_param(output_size, loader=self.weight_loader) if bias else None
         self.packed_weight: torch.Tensor | None = None  # see pack_linear_weights
         self.amx_weight: torch.Tensor | None = None
+        # LoRA: adds the step's adapter deltas to this rank's partial output (engine.lora)
+        self.lora: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         if param.dim() == 2:  # the weight; a bias is replicated
@@ -328,12 +334,16 @@ class RowParallelLinear(nn.Module):
         packed = self.packed_weight
         if self.tp_size == 1:
             if packed is not None:
-                return packed_linear(x, packed, self.bias, self.weight, self.amx_weight)
-            return plain_linear(x, self.weight, self.bias)
+                out = packed_linear(x, packed, self.bias, self.weight, self.amx_weight)
+            else:
+                out = plain_linear(x, self.weight, self.bias)
+            return out if self.lora is None else self.lora(x, out)
         from engine.distributed.parallel_state import tensor_model_parallel_all_reduce
 
         out = (plain_linear(x, self.weight) if packed is None
                else packed_linear(x, packed, None, self.weight, self.amx_weight))
+        if self.lora is not None:  # the ranks' partial deltas add up in the all-reduce
+            out = self.lora(x, out)
         if self.reduce_results:
             out = tensor_model_parallel_all_reduce(out)
         return out if self.bias is None else out + self.bias

@@ -38,6 +38,7 @@ class ModelRunner:
         self._draft_token_ids: Any = None  # engine.spec_decode.DraftTokenIds
         self._drafts_allowed = False  # no logits processor plugins that drafts would skip
         self._draftable: dict[int, bool] = {}  # seq_id -> _may_draft, once per sequence
+        self.lora: Any = None  # engine.lora.LoRAModelManager when LoRA is enabled
 
     def load_model(self) -> None:
         from engine.model_loader import load_model
@@ -57,6 +58,17 @@ class ModelRunner:
             self.has_logits_processors = bool(processors)
             if self.config.speculative_config is not None and self.is_driver:
                 self._load_proposer([name for name, _ in processors])
+        if getattr(self.config, "lora_config", None) is not None and self.is_generative:
+            from engine.lora.manager import LoRAModelManager
+
+            self.lora = LoRAModelManager(self.model, self.config.lora_config, self.device,
+                                         self.dtype)
+
+    def lora_manager(self) -> Any:
+        """The LoRA manager; ValueError when LoRA is not enabled."""
+        if self.lora is None:
+            raise ValueError("LoRA is not enabled: start the engine with enable_lora=True")
+        return self.lora
 
     def pack_weights(self) -> None:
         """Prepack the linear weights for the platform's kernels (after loading,
@@ -127,6 +139,8 @@ class ModelRunner:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(scheduler_output)
+        if self.lora is not None:  # every rank: which rows run which adapter
+            self.lora.begin_step(scheduler_output)
         if scheduler_output.is_empty:
             return ModelRunnerOutput()
         with torch.inference_mode():

@@ -186,5 +186,19 @@ class Worker(WorkerBase):
     def embed(self, token_id_lists: list[list[int]]) -> list[list[float]]:
         return self.model_runner.embed(token_id_lists)
 
+    # LoRA: the model runner's engine.lora.LoRAModelManager does the work
+
+    def add_lora(self, lora_request: Any) -> bool:
+        return self.model_runner.lora_manager().add(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.model_runner.lora_manager().remove(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return set(self.model_runner.lora_manager().list())
+
+    def pin_lora(self, lora_id: int) -> bool:
+        return self.model_runner.lora_manager().pin(lora_id)
+
     def shutdown(self) -> None:
         self.model_runner = None

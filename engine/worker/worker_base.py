@@ -9,7 +9,8 @@ rank=r, local_rank=r, distributed_init_method=...)`` (after the platform's
 then `execute_model` once per step (`embed` for embedding models;
 `take_draft_token_ids` after it with speculative decoding),
 `check_health` when the server asks, `sleep` / `wake_up` when the user asks
-(sleep mode), and `shutdown` at the end.
+(sleep mode), and `shutdown` at the end; with ``enable_lora``, also
+`add_lora` / `remove_lora` / `list_loras` / `pin_lora`.
 
 Every method here is one the engine calls; a required one the subclass does not
 provide raises `NotImplementedError` naming it and the class, so a missing piece
@@ -21,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from engine.lora.request import LoRARequest
 from engine.step import DraftTokenIds, ModelRunnerOutput, SchedulerOutput
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -118,6 +120,26 @@ class WorkerBase:
         after every step when ``speculative_config`` is set; a worker without it
         makes such an engine fail at start-up."""
         raise self._missing("take_draft_token_ids")
+
+    # LoRA (engine.lora): called on every rank when enable_lora is set; a worker
+    # that leaves them to this class makes enable_lora=True fail at start-up
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load (read, check, shard) an adapter; False when already loaded.
+        Raises ValueError naming the adapter and field for one it cannot serve."""
+        raise self._missing("add_lora")
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Unload an adapter; False when it was not loaded."""
+        raise self._missing("remove_lora")
+
+    def list_loras(self) -> set[int]:
+        """Ids of the adapters loaded on this rank."""
+        raise self._missing("list_loras")
+
+    def pin_lora(self, lora_id: int) -> bool:
+        """Keep a loaded adapter resident (never evicted) until removed."""
+        raise self._missing("pin_lora")
 
     def check_health(self) -> None:
         """Raise when this worker can no longer serve; healthy by default."""

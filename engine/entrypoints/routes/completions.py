@@ -33,7 +33,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             what = "echo with logprobs" if name == "echo" else name
             raise APIError(400, f"{what} is not supported by this server", param=name)
     params = await serving.sampling_params(state.engine, body, body.max_tokens, body.logprobs)
-    name = state.settings.model_name
+    name = state.served_name(body.model)
+    lora = state.lora_request(body.model)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     chunks = partial(streaming.completion_chunks, model=name, n=body.n,
                      logprobs=body.logprobs, texts=state.token_texts,
@@ -47,10 +48,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         echoed = prompt_texts(body.prompt, state.engine.engine.tokenizer)
         return await generate(
             request, state.engine, body.prompt, params, field="prompt", stream=body.stream,
+            lora_request=lora,
             chunks=lambda streams: echo_chunks(chunks(streams), echoed, body.n),
             respond=lambda finals: echo_response(respond(finals), echoed, body.n),
         )
     return await generate(
         request, state.engine, body.prompt, params, field="prompt", stream=body.stream,
-        chunks=chunks, respond=respond,
+        chunks=chunks, respond=respond, lora_request=lora,
     )

@@ -81,4 +81,5 @@ async def models(request: Request) -> Response:
     card = {"id": state.settings.model_name, "object": "model", "created": state.created,
             "owned_by": "engine", "root": model_config.model,
             "max_model_len": model_config.max_model_len}
-    return JSONResponse({"object": "list", "data": [card]})
+    cards = [card] + (state.loras.model_cards(state.created) if state.loras else [])
+    return JSONResponse({"object": "list", "data": cards})
