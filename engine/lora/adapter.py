@@ -78,7 +78,7 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 # adapter_config.json fields whose non-default values change what the layer
 # computes in ways this engine does not implement; refused by name
-_UNSUPPORTED = (
+_UNSUPPORTED: tuple[tuple[str, tuple[object, ...], str], ...] = (
     ("use_dora", (None, False), "DoRA adapters are not supported"),
     ("fan_in_fan_out", (None, False), "fan_in_fan_out adapters (Conv1D layers) are not supported"),
     ("bias", (None, "none"), "adapters that train biases are not supported"),

@@ -101,6 +101,7 @@ class StepBatch:
         distinct set of ranks, shared by the layers that have it)."""
         mask = self._masks.get(counts)
         if mask is None:
+            assert self.onehot is not None, "set_groups gives several adapters their one-hot rows"
             repeats = torch.tensor(counts, device=self.onehot.device)
             mask = self._masks[counts] = self.onehot.repeat_interleave(repeats, dim=1)
         return mask
@@ -163,6 +164,7 @@ class LoRATargets:
                 if isinstance(layer, RowParallelLinear):
                     bound[layer_name] = _bind_row(layer, parts)
                 else:
+                    assert isinstance(layer, ColumnParallelLinear)
                     bound[layer_name] = _bind_column(layer, parts)
             except _Mismatch as exc:
                 raise adapter.error(
@@ -202,8 +204,8 @@ def _bind_column(layer: ColumnParallelLinear,
         try:  # the base layer's loader picks and places this rank's rows of the part
             if part.shard_id is None:
                 layer.weight_loader(b, scaled)
-            else:
-                layer.weight_loader(b, scaled, part.shard_id)
+            else:  # a merged layer (qkv, gate_up): its loader takes the part's shard id
+                layer.weight_loader(b, scaled, part.shard_id)  # type: ignore[call-arg]
         except ValueError as exc:
             raise _Mismatch(module.name, f"lora_B: {exc}") from None
         a_rows.append(module.lora_a.float())

@@ -61,7 +61,7 @@ class LoRAModelManager:
         weights = self.targets.bind(read_adapter(request, self.config.max_lora_rank))
         self.cpu[request.int_id] = weights
         self.requests[request.int_id] = request
-        self._evict(self.cpu, self.config.max_cpu_loras, keep=())
+        self._evict(self.cpu, self.config.max_cpu_loras or self.config.max_loras, keep=())
         return True
 
     def remove(self, int_id: int) -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +68,8 @@ class LoRAFolderResolver(LoRAResolver):
 class LoRAResolvers:
     """The enabled resolver plugins, built once (the server holds one)."""
 
-    def __init__(self, resolvers: list[tuple[str, Callable[[str, str], Any]]]) -> None:
-        self.resolvers = resolvers
+    def __init__(self, resolvers: Sequence[tuple[str, Callable[[str, str], Any]]]) -> None:
+        self.resolvers = list(resolvers)
 
     @classmethod
     def from_plugins(cls) -> LoRAResolvers:

@@ -308,7 +308,7 @@ class PrometheusStatLogger(StatLoggerBase):
         self._spec_per_pos: list[Any] = []  # children by position, bound on first use
         lora = getattr(config, "lora_config", None)
         self._max_lora = str(lora.max_loras) if lora is not None else None
-        self._lora_labels: tuple[str, ...] | None = None  # the current info child
+        self._lora_labels: tuple[str | None, ...] | None = None  # the current info child
         self._success: dict[str, Any] = {}
         for reason in _FINISH_REASONS:  # present as 0 before the first request finishes
             self._success_counter(reason)

@@ -199,7 +199,7 @@ class ColumnParallelLinear(nn.Module):
         # LoRA: ``lora(x, out) -> out`` adds the step's adapter deltas (engine.lora)
         self.lora: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
         size = param.shape[0]
         _expect_dim(loaded, 0, size * self.tp_size)
         copy_checked(param, loaded.narrow(0, self.tp_rank * size, size))
@@ -237,7 +237,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         sizes = [divide(s, self.tp_size, "output size") for s in self.output_sizes]
         return sum(sizes[:shard_id]), sizes[shard_id]
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor,
                       shard_id: int | None = None) -> None:
         if shard_id is None:
             for i, part in enumerate(loaded.split(self.output_sizes, dim=0)):
@@ -285,7 +285,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             return q + kv, kv, kv_rank
         raise ValueError(f"QKV shard id must be 'q', 'k' or 'v', not {shard_id!r}")
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor,
                       shard_id: str | None = None) -> None:
         if shard_id is None:
             sizes = [self.total_num_heads * self.head_size,
@@ -323,7 +323,7 @@ class RowParallelLinear(nn.Module):
         # LoRA: adds the step's adapter deltas to this rank's partial output (engine.lora)
         self.lora: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
         if param.dim() == 2:  # the weight; a bias is replicated
             size = param.shape[1]
             _expect_dim(loaded, 1, size * self.tp_size)
