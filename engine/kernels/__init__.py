@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp", "amx_linear.cpp")
+SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp", "amx_linear.cpp", "ggml_quant.cpp")
 HEADERS = ("vec.h",)
 LIBRARY_NAME = "engine_kernels"
 MODE_ENV = "ENGINE_CPU_KERNELS"
