@@ -21,6 +21,8 @@ class ModelConfig:
     hf_config: dict[str, Any] = field(default_factory=dict)  # parsed config.json
     io_processor_plugin: str | None = None
     load_format: str = "auto"  # a registered model loader (engine.model_loader)
+    # a quantization plugin's name, "none", or None: GGUF blocks stay as they are
+    quantization: str | None = None
 
 
 @dataclass

@@ -16,7 +16,7 @@ projections of ``llama`` models for its rotary layout; they are put back here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -157,10 +157,16 @@ class GGUFFile:
                 return t
         raise ValueError(f"{self.path}: no tensor {name!r}")
 
-    def weights(self, config: dict[str, Any] | None = None) -> Iterator[tuple[str, Any]]:
+    def weights(self, config: dict[str, Any] | None = None,
+                keep_quantized: Callable[[str], Any] | None = None) -> Iterator[tuple[str, Any]]:
         """``(Hugging Face name, float32 torch tensor)`` for every tensor,
         dequantized; raises ValueError naming a tensor of an unknown name or a
-        type that cannot be dequantized."""
+        type that cannot be dequantized.
+
+        `keep_quantized(type name)` may return a quantization method
+        (`engine.quantization.QuantizationMethod`) for a tensor type: 2-D
+        tensors of that type then come as the method's `QuantizedTensor`, their
+        blocks copied out of the file as they are (rows in Hugging Face order)."""
         import numpy as np
         import torch
         from gguf import dequantize
@@ -175,6 +181,17 @@ class GGUFFile:
                 if tensor.name.startswith("rope_freqs"):
                     continue  # llama.cpp's precomputed rope factors: the engine computes its own
                 raise ValueError(f"{self.path}: tensor {tensor.name!r} has no Hugging Face name")
+            # GGUF lists dimensions fastest first: reverse them for row-major
+            shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+            method = keep_quantized(tensor.tensor_type.name) if keep_quantized else None
+            if method is not None and len(shape) == 2 and method.supports(shape):
+                blocks = np.array(tensor.data, dtype=np.uint8).reshape(shape[0], -1)  # a copy
+                if permuted and ".attn_q." in tensor.name:
+                    blocks = _unpermute_rows(blocks, heads)
+                elif permuted and ".attn_k." in tensor.name:
+                    blocks = _unpermute_rows(blocks, kv_heads)
+                yield hf_name, method.from_gguf(torch.from_numpy(np.ascontiguousarray(blocks)), shape)
+                continue
             try:
                 values = dequantize(tensor.data, tensor.tensor_type)
             except NotImplementedError:
@@ -182,8 +199,6 @@ class GGUFFile:
                     f"{self.path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, "
                     "which the gguf package cannot dequantize"
                 ) from None
-            # GGUF lists dimensions fastest first: reverse them for row-major
-            shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
             values = np.array(values, dtype=np.float32).reshape(shape)  # a writable copy
             if permuted and ".attn_q." in tensor.name:
                 values = _unpermute_rows(values, heads)

@@ -37,6 +37,7 @@ from registry._groups import (
     IO_PROCESSOR_PLUGINS,
     LOGITS_PROCESSOR_PLUGINS,
     PLATFORM_PLUGINS,
+    QUANTIZATION_PLUGINS,
     STAT_LOGGER_PLUGINS,
     resolve_group,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "STAT_LOGGER_PLUGINS",
     "LOGITS_PROCESSOR_PLUGINS",
     "API_ROUTE_PLUGINS",
+    "QUANTIZATION_PLUGINS",
     "GROUPS",
     "GROUP_ALIASES",
     "API_VERSIONS",
@@ -115,6 +117,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from registry._discovery import discover
     from registry._listing import plugin_rows
     from registry._loading import load_general_plugins, load_plugins_by_group
+    from registry._manifest import (
+        Manifest,
+        load_manifest,
+        manifest_json_schema,
+        validate_manifest,
+    )
     from registry._qualname import resolve_qualname
     from registry._running import (
         PluginExit,
@@ -130,12 +138,6 @@ if TYPE_CHECKING:  # pragma: no cover
         add_plugin_config,
         check_plugin_configs,
         get_plugin_config,
-    )
-    from registry._manifest import (
-        Manifest,
-        load_manifest,
-        manifest_json_schema,
-        validate_manifest,
     )
 
 

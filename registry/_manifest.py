@@ -51,12 +51,14 @@ GroupName = Literal[
     "stat_logger",
     "logits_processor",
     "api_route",
+    "quantization",
     "engine.general_plugins",
     "engine.platform_plugins",
     "engine.io_processor_plugins",
     "engine.stat_logger_plugins",
     "engine.logits_processor_plugins",
     "engine.api_route_plugins",
+    "engine.quantization_plugins",
 ]
 
 

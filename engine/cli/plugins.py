@@ -306,8 +306,15 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def _check_shape(group: str, value: object) -> str | None:
-    from registry._groups import API_ROUTE_PLUGINS, LOGITS_PROCESSOR_PLUGINS, STAT_LOGGER_PLUGINS
+    from registry._groups import (
+        API_ROUTE_PLUGINS,
+        LOGITS_PROCESSOR_PLUGINS,
+        QUANTIZATION_PLUGINS,
+        STAT_LOGGER_PLUGINS,
+    )
 
+    if group == QUANTIZATION_PLUGINS:
+        return None if isinstance(value, type) else "value should be a QuantizationMethod subclass"
     if group == STAT_LOGGER_PLUGINS:
         return None if isinstance(value, type) else "value should be a StatLoggerBase subclass"
     if group == LOGITS_PROCESSOR_PLUGINS:

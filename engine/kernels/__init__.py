@@ -61,6 +61,12 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as ``/proc/cpuinfo`` lists them (empty elsewhere)."""
+    line = _cpu_flags()
+    return set(line.partition(":")[2].split()) if line.startswith("flags") else set()
+
+
 def library_dir() -> Path:
     """The folder of this build's library (keyed by sources, torch, Python, CPU)."""
     import torch
