@@ -10,14 +10,7 @@ import threading
 from dataclasses import dataclass, replace
 from time import perf_counter
 
-from registry._env import (
-    PluginFilter,
-    autoload,
-    config_dir,
-    plugin_dirs,
-    plugin_filter,
-    strict_mode,
-)
+from registry._env import PluginFilter, autoload, config_dir, plugin_dirs, plugin_filter, strict_mode
 from registry._errors import PluginLoadError
 from registry._groups import api_problem, resolve_group
 from registry._records import SOURCE_RANK, PluginRecord, record_discovery, record_event

@@ -14,8 +14,8 @@ from registry._discovery import discover
 from registry._env import strict_mode
 from registry._errors import PluginLoadError
 from registry._groups import GENERAL_PLUGINS, api_problem, resolve_group
-from registry._qualname import resolve_qualname  # noqa: F401  (public via registry)
 from registry._records import PluginRecord, record_event
+from registry._qualname import resolve_qualname  # noqa: F401  (public via registry)
 from registry._running import call_as, note_loaded, process_ending_name
 
 logger = logging.getLogger("registry")
