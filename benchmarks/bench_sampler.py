@@ -28,10 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from engine.detokenizer import IncrementalDetokenizer  # noqa: E402
 from engine.sample import Sampler, SamplingState  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
-from engine.tokenizer import Tokenizer  # noqa: E402
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer  # noqa: E402
 
 
 def timed(fn, repeat: int) -> float:

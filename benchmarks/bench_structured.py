@@ -70,7 +70,7 @@ def _processor_time(llm, batch: int, max_tokens: int) -> tuple[float, int]:
     """Seconds spent in the structured-outputs processor (grammar compile, token
     consumption, masks) over one constrained batch, and the tokens produced: the
     overhead measured directly, unlike wall-time ratios on a busy machine."""
-    from engine.structured_processor import StructuredOutputsLogitsProcessor as P
+    from engine.structured_outputs.processor import StructuredOutputsLogitsProcessor as P
 
     spent = [0.0]
 
@@ -122,7 +122,7 @@ def libraries(model: str, vocab_size: int, eos: int) -> None:
 
     from engine.sampling_params import StructuredOutputsParams
     from engine.structured_outputs import compile_grammar
-    from engine.structured_processor import _ll_tokenizer
+    from engine.structured_outputs.processor import _ll_tokenizer
 
     start = time.perf_counter()
     ll_tok = _ll_tokenizer(model, vocab_size)
@@ -185,7 +185,7 @@ def main() -> None:
     from engine import LLM
     from engine.sampling_params import StructuredOutputsParams
     from engine.structured_outputs import compile_grammar
-    from engine.structured_processor import _ll_tokenizer
+    from engine.structured_outputs.processor import _ll_tokenizer
 
     torch.set_num_threads(1)
     llm = LLM(dtype="float32", kv_cache_memory=2**26)

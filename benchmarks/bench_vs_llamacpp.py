@@ -137,7 +137,7 @@ def engine_generator(path: str, kv_tokens: int | None):
 
     kwargs = {}
     if kv_tokens is not None:  # the same KV capacity as llama.cpp's n_ctx (bf16, like its f16)
-        from engine.gguf import GGUFFile
+        from engine.model_loader.gguf import GGUFFile
 
         cfg = GGUFFile(path).hf_config()
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]

@@ -168,13 +168,13 @@ class EngineArgs:
 
     def model_dir(self) -> Path:
         """The model's folder: `model` itself, its snapshot in the local Hugging Face
-        cache (`engine.hf_cache.resolve_model`), or the embedded default model when
+        cache (`engine.model_loader.hf_cache.resolve_model`), or the embedded default model when
         `model` is None."""
         if self.model is None:
             if self.revision is not None:
                 raise ValueError("revision needs a model name (model='org/name')")
             return default_model_dir()
-        from engine.hf_cache import resolve_model
+        from engine.model_loader.hf_cache import resolve_model
 
         return resolve_model(self.model, self.revision)
 

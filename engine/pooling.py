@@ -1,91 +1,11 @@
-"""Sentence embeddings from an encoder: pooling config, pooling and `embed`.
-
-A sentence-transformers folder's own files decide, as sentence-transformers does:
-``modules.json`` lists the modules (a ``Normalize`` module means L2-normalise),
-the Pooling module's ``config.json`` picks the pooling mode, and
-``sentence_bert_config.json`` the maximum sequence length. A plain encoder folder
-gets mean pooling without normalisation.
-"""
+"""Sentence embeddings from an encoder: pooling and `embed`, as the model
+folder's pooling config (`engine.model_loader.pooling_config`) says."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
 import torch
 
-POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "lasttoken")
-# sentence-transformers' Pooling config keys -> our mode names
-_MODE_KEYS = {
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
-    "pooling_mode_lasttoken": "lasttoken",
-}
-
-
-@dataclass
-class PoolingConfig:
-    mode: str = "mean"
-    normalize: bool = False
-    max_seq_length: int | None = None
-    do_lower_case: bool = False
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read it as JSON: {e}") from None
-
-
-def load_pooling_config(model_dir: str | Path) -> PoolingConfig:
-    """The pooling settings of `model_dir`. Raises ValueError naming the file when
-    one of the sentence-transformers files is unreadable or asks for something
-    unsupported."""
-    model_dir = Path(model_dir)
-    config = PoolingConfig()
-    pooling_dir = model_dir / "1_Pooling"
-    modules_file = model_dir / "modules.json"
-    if modules_file.is_file():
-        modules = _read_json(modules_file)
-        if not isinstance(modules, list):
-            raise ValueError(f"{modules_file}: expected a JSON list of modules")
-        for module in modules:
-            kind = str(module.get("type", ""))
-            if kind.endswith(".Pooling"):
-                pooling_dir = model_dir / module.get("path", "")
-            elif kind.endswith(".Normalize"):
-                config.normalize = True
-    pooling_file = pooling_dir / "config.json"
-    if pooling_dir != model_dir and pooling_file.is_file():
-        config.mode = _pooling_mode(pooling_file, _read_json(pooling_file))
-    st_file = model_dir / "sentence_bert_config.json"
-    if st_file.is_file():
-        st = _read_json(st_file)
-        if st.get("max_seq_length") is not None:
-            config.max_seq_length = int(st["max_seq_length"])
-        config.do_lower_case = bool(st.get("do_lower_case", False))
-    return config
-
-
-def _pooling_mode(path: Path, pooling: dict[str, Any]) -> str:
-    if "pooling_mode" in pooling:  # newer single-key form
-        mode = {"mean_tokens": "mean", "cls_token": "cls", "max_tokens": "max",
-                "mean_sqrt_len_tokens": "mean_sqrt_len"}.get(pooling["pooling_mode"],
-                                                              pooling["pooling_mode"])
-        modes = [mode]
-    else:
-        modes = [mode for key, mode in _MODE_KEYS.items() if pooling.get(key)]
-    if len(modes) != 1 or modes[0] not in POOLING_MODES:
-        raise ValueError(
-            f"{path}: exactly one supported pooling mode must be on, found {modes or 'none'}. "
-            f"Valid options are: {', '.join(POOLING_MODES)}"
-        )
-    return modes[0]
+from engine.model_loader.pooling_config import POOLING_MODES, PoolingConfig
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:

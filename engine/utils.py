@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import random
 import sys
 import threading
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from registry._qualname import resolve_qualname
@@ -114,3 +116,18 @@ def short_repr(value: Any, limit: int = 60) -> str:
     that quote what a user sent)."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_json_file(path: Path, expect: type[dict] | type[list] = dict) -> Any:
+    """The JSON value in the file `path`: an object (`expect` dict, the default)
+    or an array (`expect` list), the one way model, tokenizer and pooling files
+    are read. Raises ValueError naming the file when it cannot be read, is not
+    JSON, or holds another kind of value."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read it as JSON: {e}") from None
+    if not isinstance(data, expect):
+        kind = "a JSON object" if expect is dict else "a JSON array"
+        raise ValueError(f"{path}: expected {kind}, found {type(data).__name__}")
+    return data

@@ -46,6 +46,22 @@ class Tmux:
     def send(self, *keys: str) -> None:
         subprocess.run([*self.tmux, "send-keys", "-t", self.name, *keys], check=True, timeout=10)
 
+    def enter(self, line: str) -> None:
+        """Type `line` and press Enter, once the typed text is on the screen: keys typed
+        while the program sets up its terminal can be flushed (a loaded machine makes
+        that window wide), so the line is typed again until it shows."""
+        shown = line.strip()[-30:]
+        for _ in range(10):
+            before = self.screen().count(shown)
+            self.send("C-u", line)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if self.screen().count(shown) > before:
+                    self.send("Enter")
+                    return
+                time.sleep(0.1)
+        raise AssertionError(f"the typed line never appeared; screen:\n{self.screen()}")
+
     def screen(self) -> str:
         return subprocess.run([*self.tmux, "capture-pane", "-p", "-J", "-S", "-200", "-t",
                                self.name], capture_output=True, text=True, timeout=10).stdout
@@ -99,13 +115,13 @@ def test_two_turns_keep_the_history(chatml_model, tmp_path):
                 subprocess_env(), ROOT)
     try:
         tmux.wait_for(lambda s: _prompt_count(s) >= 1, "the first prompt")
-        tmux.send("hello there", "Enter")
+        tmux.enter("hello there")
         first = _wait_history(history, 3)  # system, user, assistant
         tmux.wait_for(lambda s: _prompt_count(s) >= 2, "the second prompt")
-        tmux.send("and then?", "Enter")
+        tmux.enter("and then?")
         messages = _wait_history(history, 5)
         tmux.wait_for(lambda s: _prompt_count(s) >= 3, "the third prompt")
-        tmux.send("/exit", "Enter")
+        tmux.enter("/exit")
         screen = tmux.wait_for(lambda s: "EXIT=" in s, "the exit")
     finally:
         tmux.close()
@@ -134,7 +150,7 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(chatml_model, tmp_path):
                 subprocess_env(), ROOT)
     try:
         tmux.wait_for(lambda s: _prompt_count(s) >= 1, "the first prompt")
-        tmux.send("write forever", "Enter")
+        tmux.enter("write forever")
         # the reply is streaming: text has appeared after the typed line
         tmux.wait_for(lambda s: len(s.split("write forever", 1)[-1].strip()) > 40,
                       "streamed reply text")
@@ -142,14 +158,14 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(chatml_model, tmp_path):
         tmux.wait_for(lambda s: "[stopped]" in s and _prompt_count(s) >= 2,
                       "the stopped reply and a new prompt")
         first = _wait_history(history, 2)
-        tmux.send("again", "Enter")
+        tmux.enter("again")
         tmux.wait_for(lambda s: len(s.split(">>> again", 1)[-1].strip()) > 40,
                       "the second reply streaming")
         tmux.send("C-c")
         tmux.wait_for(lambda s: s.count("[stopped]") >= 2 and _prompt_count(s) >= 3,
                       "the second stop")
         messages = _wait_history(history, 4)
-        tmux.send("/exit", "Enter")
+        tmux.enter("/exit")
         screen = tmux.wait_for(lambda s: "EXIT=" in s, "the exit")
     finally:
         tmux.close()
@@ -192,18 +208,18 @@ def test_too_long_message_is_an_error_and_clear_starts_over(chatml_model, tmp_pa
                 subprocess_env(), ROOT)
     try:
         tmux.wait_for(lambda s: _prompt_count(s) >= 1, "the first prompt")
-        tmux.send("word " * 80, "Enter")
+        tmux.enter("word " * 80)
         tmux.wait_for(lambda s: "engine chat: error:" in s and _prompt_count(s) >= 2,
                       "the error and a new prompt")
-        tmux.send("hi", "Enter")
+        tmux.enter("hi")
         messages = _wait_history(history, 2)
         tmux.wait_for(lambda s: _prompt_count(s) >= 3, "the third prompt")
-        tmux.send("/clear", "Enter")
+        tmux.enter("/clear")
         tmux.wait_for(lambda s: "(conversation cleared)" in s, "the clear")
-        tmux.send("again", "Enter")
+        tmux.enter("again")
         tmux.wait_for(lambda s: _prompt_count(s) >= 5, "the fifth prompt")
         cleared = _wait_history(history, 2)
-        tmux.send("/exit", "Enter")
+        tmux.enter("/exit")
         screen = tmux.wait_for(lambda s: "EXIT=" in s, "the exit")
     finally:
         tmux.close()
@@ -222,18 +238,18 @@ def test_ctrl_c_keeps_tensor_parallel_workers_alive(chatml_model, tmp_path):
                 subprocess_env(), ROOT)
     try:
         tmux.wait_for(lambda s: _prompt_count(s) >= 1, "the first prompt", timeout=180)
-        tmux.send("write forever", "Enter")
+        tmux.enter("write forever")
         tmux.wait_for(lambda s: len(s.split("write forever", 1)[-1].strip()) > 40,
                       "streamed reply text")
         tmux.send("C-c")
         tmux.wait_for(lambda s: "[stopped]" in s and _prompt_count(s) >= 2, "the stop")
-        tmux.send("again", "Enter")
+        tmux.enter("again")
         tmux.wait_for(lambda s: len(s.split(">>> again", 1)[-1].strip()) > 40,
                       "the second reply streaming")
         tmux.send("C-c")
         tmux.wait_for(lambda s: s.count("[stopped]") >= 2 and _prompt_count(s) >= 3,
                       "the second stop")
-        tmux.send("/exit", "Enter")
+        tmux.enter("/exit")
         screen = tmux.wait_for(lambda s: "EXIT=" in s, "the exit")
     finally:
         tmux.close()

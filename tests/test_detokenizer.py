@@ -8,9 +8,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.detokenizer import DetokenizerUpdate, IncrementalDetokenizer, StopDecision, check_stop
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.tokenizer.detokenizer import (
+    DetokenizerUpdate,
+    IncrementalDetokenizer,
+    StopDecision,
+    check_stop,
+)
 
 EOS = 1
 

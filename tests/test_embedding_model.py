@@ -9,8 +9,9 @@ import torch
 
 from engine.config import EngineConfig, ModelConfig
 from engine.model_loader import load_model
+from engine.model_loader.pooling_config import PoolingConfig, load_pooling_config
 from engine.models import register_builtin_models
-from engine.pooling import PoolingConfig, load_pooling_config, pool, truncate
+from engine.pooling import pool, truncate
 
 TEXTS = [
     "A man is eating food.",

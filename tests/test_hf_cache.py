@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import subprocess_env
 
-from engine.hf_cache import ModelNotCachedError, hub_cache_dir, resolve_model
+from engine.model_loader.hf_cache import ModelNotCachedError, hub_cache_dir, resolve_model
 
 COMMIT_A = "a" * 8 + "1234567890abcdef1234567890abcdef"
 COMMIT_B = "b" * 8 + "1234567890abcdef1234567890abcdef"

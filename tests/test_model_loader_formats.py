@@ -41,9 +41,9 @@ def _without_weights(src: Path, dest: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _own_loader_table(monkeypatch):
     """Formats a test registers are gone after it."""
-    from engine import model_loader
+    from engine.model_loader import loader
 
-    monkeypatch.setattr(model_loader, "_LOADERS", dict(model_loader._LOADERS))
+    monkeypatch.setattr(loader, "_LOADERS", dict(loader._LOADERS))
 
 
 @pytest.fixture(scope="module")

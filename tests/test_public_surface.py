@@ -32,6 +32,8 @@ SURFACE: dict[str, list[str] | None] = {
     "engine.attention.registry": ["AttentionBackendEnum", "register_backend"],
     "engine.model_loader": ["register_model_loader"],
     "engine.engine_args": ["EngineArgs"],
+    "engine.step": None,
+    "engine.worker": ["WorkerBase", "KVCacheSpec"],
     "engine.utils": ["deprecated", "set_random_seed"],
 }
 

@@ -2,14 +2,14 @@
 scheduler and the engine loop that ties them to an executor."""
 
 from engine.core.kv_cache_manager import KVCacheBlock, KVCacheManager
-from engine.core.scheduler import (
+from engine.core.scheduler import Scheduler
+from engine.core.sequence import Sequence, SequenceStatus
+from engine.step import (
     ModelRunnerOutput,
     NewSequenceData,
     ScheduledSequence,
-    Scheduler,
     SchedulerOutput,
 )
-from engine.core.sequence import Sequence, SequenceStatus
 
 __all__ = [
     "KVCacheBlock",

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from engine.config import EngineConfig
-from engine.core.scheduler import ModelRunnerOutput, Scheduler
+from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.outputs import CompletionOutput, RequestOutput
+from engine.step import ModelRunnerOutput
 from engine.utils import short_repr
 
 logger = logging.getLogger(__name__)
@@ -274,8 +275,8 @@ class LLMEngine:
         of range; requests already queued are unaffected.
         """
         scheduler = self._require_generate()
-        from engine.detokenizer import IncrementalDetokenizer
         from engine.sampling_params import SamplingParams
+        from engine.tokenizer import IncrementalDetokenizer
 
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
@@ -511,7 +512,7 @@ class LLMEngine:
     def embed_max_length(self) -> int:
         """Tokens an embedding model reads: the context length, or the shorter
         ``max_seq_length`` of its sentence-transformers config."""
-        from engine.pooling import load_pooling_config
+        from engine.model_loader.pooling_config import load_pooling_config
 
         limit = self.config.model_config.max_model_len
         pooling = load_pooling_config(self.config.model_config.model)

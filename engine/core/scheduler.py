@@ -8,63 +8,24 @@ needs a block and none is free, the newest running sequence is preempted: its
 blocks are freed and it goes back to the front of the waiting queue to be
 recomputed later (prefix caching usually makes that cheap).
 
-What the scheduler sends to the workers (`SchedulerOutput`) is plain data:
-lists and ints, picklable, so a worker may live in another process.
+What the scheduler sends to the workers (`engine.step.SchedulerOutput`) is plain
+data: lists and ints, picklable, so a worker may live in another process.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from engine.config import CacheConfig, SchedulerConfig
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.sequence import Sequence, SequenceStatus
-
-
-@dataclass
-class NewSequenceData:
-    """What a worker keeps about a sequence it sees for the first time."""
-
-    seq_id: int
-    prompt_token_ids: list[int]
-    sampling_params: Any
-    seed_offset: int  # the sample's index within its request: n samples, n streams
-    eos_token_ids: list[int] = field(default_factory=list)  # blocked until min_tokens
-
-
-@dataclass
-class ScheduledSequence:
-    """One sequence's share of a step."""
-
-    seq_id: int
-    token_ids: list[int]  # the tokens to compute in this step
-    num_computed_tokens: int  # position of the first of them
-    block_table: list[int]
-    sample: bool  # the step reaches the sequence's end: sample its next token
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledSequence] = field(default_factory=list)
-    new_seqs: list[NewSequenceData] = field(default_factory=list)
-    finished_seq_ids: list[int] = field(default_factory=list)  # workers drop their state
-    num_batched_tokens: int = 0
-    num_preempted: int = 0
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
-
-@dataclass
-class ModelRunnerOutput:
-    """Sampled tokens, in the order of the scheduled sequences that asked for one."""
-
-    seq_ids: list[int] = field(default_factory=list)
-    sampled_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, float] | None] | None = None
+from engine.step import (
+    ModelRunnerOutput,
+    NewSequenceData,
+    ScheduledSequence,
+    SchedulerOutput,
+)
 
 
 class Scheduler:

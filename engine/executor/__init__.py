@@ -11,6 +11,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from engine.step import ModelRunnerOutput, SchedulerOutput
+
 logger = logging.getLogger(__name__)
 
 # the values of ``distributed_executor_backend``
@@ -65,7 +67,7 @@ class ExecutorBase:
         results in rank order."""
         raise NotImplementedError(f"{type(self).__qualname__}.collective_rpc")
 
-    def execute_model(self, scheduler_output: Any) -> Any:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step on every rank; returns rank 0's `ModelRunnerOutput`."""
         return self.collective_rpc("execute_model", (scheduler_output,))[0]
 
@@ -141,7 +143,7 @@ class UniProcExecutor(ExecutorBase):
             raise RuntimeError("the executor was shut down")
         return [call_worker(self.worker, method, args, kwargs or {})]
 
-    def execute_model(self, scheduler_output: Any) -> Any:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
 
     def shutdown(self) -> None:

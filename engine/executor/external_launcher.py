@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.executor import ExecutorBase, build_worker, call_worker, rpc_name
+from engine.step import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger("engine.executor")
 
@@ -106,7 +107,7 @@ class ExternalLauncherExecutor(ExecutorBase):
                 raise RuntimeError(f"engine rank {rank} raised during {name!r}:\n{value}")
         return [value for _, value in outcomes]
 
-    def execute_model(self, scheduler_output: Any) -> Any:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run this rank's share of the step; every rank returns rank 0's sampled
         output (broadcast from rank 0)."""
         if self._shut_down:

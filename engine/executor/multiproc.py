@@ -29,6 +29,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, NoReturn
 
 from engine.executor import ExecutorBase, build_worker, call_worker, rpc_name
+from engine.step import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger("engine.executor")
 
@@ -256,7 +257,7 @@ class MultiprocExecutor(ExecutorBase):
         """
         return self._rpc(method, args, kwargs or {}, reply_rank=None)
 
-    def execute_model(self, scheduler_output: Any) -> Any:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step on every rank; rank 0's output is returned (the others'
         outputs are not sent back)."""
         return self._rpc("execute_model", (scheduler_output,), {}, reply_rank=0)[0]

@@ -32,6 +32,7 @@ from typing import Any, NoReturn
 
 from engine.executor import ExecutorBase, build_worker, call_worker, rpc_name
 from engine.executor.multiproc import WorkerProcessError
+from engine.step import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger("engine.executor")
 
@@ -329,7 +330,7 @@ class RayExecutor(ExecutorBase):
         re-raised here; a dead actor raises `RayWorkerError` and stops the executor."""
         return self._rpc(method, args, kwargs or {}, reply_rank=None)
 
-    def execute_model(self, scheduler_output: Any) -> Any:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step on every rank; only rank 0's output comes back."""
         return self._rpc("execute_model", (scheduler_output,), {}, reply_rank=0)[0]
 

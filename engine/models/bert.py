@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.config import EngineConfig
+from engine.model_loader.pooling_config import PoolingConfig, load_pooling_config
 from engine.models.utils import load_stacked_weights
 from engine.ops import (
     ColumnParallelLinear,
@@ -24,7 +25,6 @@ from engine.ops import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from engine.pooling import PoolingConfig, load_pooling_config
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),

@@ -189,7 +189,7 @@ def logits_processor_classes(config: Any) -> list[tuple[str, type[LogitsProcesso
 
     # built in: structured outputs' token mask (idle unless a request asks for it)
     entries: list[tuple[str, Any]] = [
-        ("structured_outputs", "engine.structured_processor:StructuredOutputsLogitsProcessor")
+        ("structured_outputs", "engine.structured_outputs.processor:StructuredOutputsLogitsProcessor")
     ]
     plugins = registry.load_plugins_by_group(registry.LOGITS_PROCESSOR_PLUGINS)
     for name in plugins:  # who runs in every batch: recorded as an effect

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from engine.core.scheduler import ModelRunnerOutput, SchedulerOutput
+from engine.step import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from engine.step import ModelRunnerOutput, SchedulerOutput
 from engine.worker.model_runner import ModelRunner
 from engine.worker.worker_base import KVCacheSpec, WorkerBase
 
@@ -108,7 +109,7 @@ class Worker(WorkerBase):
     def compile_or_warm_up_model(self) -> None:
         """Nothing to compile for eager PyTorch; the first step warms up itself."""
 
-    def execute_model(self, scheduler_output: Any) -> Any:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
 
     def embed(self, token_id_lists: list[list[int]]) -> list[list[float]]:

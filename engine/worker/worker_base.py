@@ -19,9 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from engine.step import ModelRunnerOutput, SchedulerOutput
+
 if TYPE_CHECKING:  # pragma: no cover
     from engine.config import EngineConfig
-    from engine.core.scheduler import ModelRunnerOutput, SchedulerOutput
 
 
 @dataclass(frozen=True)

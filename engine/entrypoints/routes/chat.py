@@ -11,11 +11,11 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from engine.entrypoints import serving, streaming
-from engine.entrypoints.chat import ChatTemplateError
 from engine.entrypoints.compat import refuse_unsupported
 from engine.entrypoints.errors import APIError
 from engine.entrypoints.generation import generate
 from engine.entrypoints.protocol import ChatCompletionRequest
+from engine.tokenizer import ChatTemplateError
 
 router = APIRouter()
 

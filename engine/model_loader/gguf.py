@@ -1,11 +1,12 @@
-"""GGUF files as whole models: config, tokenizer and dequantized weights.
+"""GGUF files as whole models: config and dequantized weights.
 
 A ``.gguf`` file (llama.cpp's format) carries everything a model folder does:
 the hyper-parameters as ``{arch}.*`` metadata keys, the tokenizer as
 ``tokenizer.ggml.*`` keys (with its chat template), and the tensors, often
-block-quantized. This module turns each into what the engine uses elsewhere:
-a ``config.json``-style dict, an `engine.tokenizer.Tokenizer`, and a stream of
-``(Hugging Face tensor name, float tensor)`` pairs. Dequantization is the
+block-quantized. This module reads the file and turns the hyper-parameters and
+tensors into what the engine uses elsewhere: a ``config.json``-style dict and a
+stream of ``(Hugging Face tensor name, float tensor)`` pairs (the tokenizer is
+built from the same file by `engine.tokenizer.gguf`). Dequantization is the
 `gguf` package's (every type it supports: F32, F16, BF16, Q4_0, Q4_1, Q5_0,
 Q5_1, Q8_0, Q2_K to Q6_K, ...).
 
@@ -59,11 +60,6 @@ _GLOBAL_TENSORS = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-
-# tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
-_TOKEN_CONTROL = 3
-_TOKEN_USER_DEFINED = 4
-
 
 def find_gguf_file(path: str | Path) -> Path | None:
     """The GGUF file `path` stands for: `path` itself when it is a ``.gguf``
@@ -205,131 +201,6 @@ class GGUFFile:
             elif permuted and ".attn_k." in tensor.name:
                 values = _unpermute_rows(values, kv_heads)
             yield hf_name, torch.from_numpy(values)
-
-    # ------------------------------------------------------------------ tokenizer
-
-    def tokenizer(self) -> Any:
-        """The file's tokenizer as an `engine.tokenizer.Tokenizer`, with the chat
-        template, special tokens and BOS setting the file records."""
-        from engine.tokenizer import Tokenizer
-
-        kind = self.get("tokenizer.ggml.model")
-        tokens = self.get("tokenizer.ggml.tokens")
-        if not tokens:
-            raise ValueError(f"{self.path}: no tokenizer (tokenizer.ggml.tokens is missing)")
-        types = self.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        if kind == "gpt2":
-            backend = self._byte_level_bpe(tokens, types)
-        elif kind == "llama":
-            backend = self._sentencepiece_bpe(tokens, types)
-        else:
-            raise ValueError(
-                f"{self.path}: tokenizer model {kind!r} is not supported (supported: gpt2, llama)"
-            )
-
-        def text(key: str) -> str | None:
-            value = self.get(f"tokenizer.ggml.{key}")
-            return tokens[int(value)] if value is not None and 0 <= int(value) < len(tokens) else None
-
-        special = {"bos": text("bos_token_id"), "eos": text("eos_token_id"),
-                   "pad": text("padding_token_id"), "unk": text("unknown_token_id")}
-        template = self.get("tokenizer.chat_template")
-        return Tokenizer(
-            backend,
-            special_tokens=special,
-            add_bos_token=self.get("tokenizer.ggml.add_bos_token"),
-            add_eos_token=self.get("tokenizer.ggml.add_eos_token"),
-            chat_template=template if isinstance(template, str) else None,
-            model_max_length=self.get(f"{self.architecture}.context_length"),
-            name_or_path=str(self.path),
-        )
-
-    def _byte_level_bpe(self, tokens: list[str], types: list[int]) -> Any:
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
-        merges = [tuple(m.split(" ", 1)) for m in self.get("tokenizer.ggml.merges") or []]
-        vocab = {tok: i for i, tok in enumerate(tokens)}
-        backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-        split = _PRE_TOKENIZER_SPLITS.get(str(self.get("tokenizer.ggml.pre", "")))
-        if split is None:  # GPT-2's own split, inside ByteLevel
-            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        else:  # the split the vocabulary's merges were learned with
-            backend.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ])
-        backend.decoder = decoders.ByteLevel()
-        _add_special_tokens(backend, tokens, types, AddedToken)
-        return backend
-
-    def _sentencepiece_bpe(self, tokens: list[str], types: list[int]) -> Any:
-        """A SentencePiece BPE vocabulary (``▁`` for spaces, ``<0xNN>`` byte
-        fallback). Without merges in the file, every split of a piece into two
-        pieces is a merge, ranked by the piece's score (higher first)."""
-        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-        vocab = {tok: i for i, tok in enumerate(tokens)}
-        merges = [tuple(m.split(" ", 1)) for m in self.get("tokenizer.ggml.merges") or []]
-        if not merges:
-            scores = self.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-            merges = _merges_from_scores(tokens, scores, vocab)
-        unk = self.get("tokenizer.ggml.unknown_token_id")
-        backend = Tokenizer(models.BPE(
-            vocab=vocab, merges=merges, unk_token=tokens[int(unk)] if unk is not None else None,
-            byte_fallback=True, fuse_unk=True,
-        ))
-        add_space = self.get("tokenizer.ggml.add_space_prefix", True)
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement="▁", prepend_scheme="first" if add_space else "never", split=False)
-        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-        if add_space:
-            steps.append(decoders.Strip(" ", 1, 0))
-        backend.decoder = decoders.Sequence(steps)
-        _add_special_tokens(backend, tokens, types, AddedToken)
-        return backend
-
-
-# tokenizer.ggml.pre -> the regex a byte-level vocabulary splits text with before
-# its merges apply (the patterns of the original models' tokenizer.json files)
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_PRE_TOKENIZER_SPLITS = {
-    "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
-    "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
-}
-
-
-def _merges_from_scores(tokens: list[str], scores: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """BPE merges implied by a scored vocabulary: each piece's two-piece splits,
-    best score first; ties go to the longer left, then longer right part, then
-    the order of the pieces and their parts' ids."""
-    candidates = []
-    for piece, score in zip(tokens, scores, strict=False):
-        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))
-                  if piece[:k] in vocab and piece[k:] in vocab]
-        splits.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
-        candidates += [(left, right, score) for left, right in splits]
-    candidates.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # stable
-    return [(left, right) for left, right, _ in candidates]
-
-
-def _add_special_tokens(backend: Any, tokens: list[str], types: list[int], added_token: Any) -> None:
-    special = [added_token(tokens[i], special=True, normalized=False)
-               for i, kind in enumerate(types) if kind == _TOKEN_CONTROL]
-    user = [added_token(tokens[i], special=False, normalized=False)
-            for i, kind in enumerate(types) if kind == _TOKEN_USER_DEFINED]
-    if special:
-        backend.add_special_tokens(special)
-    if user:
-        backend.add_tokens(user)
-
 
 def hf_tensor_name(gguf_name: str) -> str | None:
     """The Hugging Face name of a GGUF tensor (``blk.3.attn_q.weight`` ->

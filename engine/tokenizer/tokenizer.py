@@ -1,6 +1,6 @@
 """Text <-> token ids for a Hugging Face-format model folder.
 
-`load_tokenizer(model_dir)` reads `tokenizer.json` with the `tokenizers`
+`hf_tokenizer(model_dir)` reads `tokenizer.json` with the `tokenizers`
 library and the special tokens, EOS ids and chat template from the JSON files
 that sit beside it (`tokenizer_config.json`, `special_tokens_map.json`,
 `generation_config.json`, `config.json`, `chat_template.jinja`).
@@ -8,12 +8,16 @@ that sit beside it (`tokenizer_config.json`, `special_tokens_map.json`,
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Tokenizer", "load_tokenizer"]
+from engine.tokenizer.chat_template import ChatTemplateError, render_chat
+from engine.utils import read_json_file
+
+__all__ = ["Tokenizer", "hf_tokenizer"]
+
+TOKENIZER_FILE = "tokenizer.json"
 
 _SPECIAL_NAMES = ("bos", "eos", "pad", "unk", "sep", "cls", "mask")
 
@@ -171,12 +175,10 @@ class Tokenizer:
         without adding special tokens: the template writes the ones it wants.
 
         Returns the token ids, or the text when `tokenize` is False. Raises
-        `engine.entrypoints.chat.ChatTemplateError` (a ValueError) when there is
+        `engine.tokenizer.ChatTemplateError` (a ValueError) when there is
         no template, the template rejects the messages, or it builds more than
         `max_chars` characters (default: `render_chat`'s bound).
         """
-        from engine.entrypoints.chat import ChatTemplateError, render_chat
-
         template = chat_template or self.chat_template
         if not template:
             raise ChatTemplateError(
@@ -243,9 +245,8 @@ class Tokenizer:
 # ------------------------------------------------------------------ loading
 
 
-def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    """Load the tokenizer of a Hugging Face-format model folder (or of a GGUF
-    model: a ``.gguf`` file, or a folder with one and no ``tokenizer.json``).
+def hf_tokenizer(model_dir: str | Path) -> Tokenizer:
+    """Load the tokenizer of a Hugging Face-format model folder.
 
     Reads `tokenizer.json` (required) and, when present, `tokenizer_config.json`,
     `special_tokens_map.json`, `generation_config.json`, `config.json` (EOS ids,
@@ -259,13 +260,8 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     from tokenizers import Tokenizer as Backend
 
     folder = Path(model_dir)
-    path = folder / "tokenizer.json"
+    path = folder / TOKENIZER_FILE
     if not path.is_file():
-        from engine.gguf import GGUFFile, find_gguf_file
-
-        gguf_file = find_gguf_file(folder)
-        if gguf_file is not None:  # a GGUF model carries its own tokenizer
-            return GGUFFile(gguf_file).tokenizer()
         raise FileNotFoundError(
             f"{path}: no tokenizer.json; a model folder needs one (save it with "
             "`tokenizer.save_pretrained(folder)` or `tokenizers.Tokenizer.save`)"
@@ -301,15 +297,8 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    """The JSON object in `path`; {} when the (optional) file is absent."""
+    return read_json_file(path) if path.is_file() else {}
 
 
 def _token_text(value: Any) -> str | None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.sampling_params import SamplingParams
-    from engine.tokenizer import Tokenizer
+    from engine.tokenizer.tokenizer import Tokenizer
 
 __all__ = ["DetokenizerUpdate", "IncrementalDetokenizer", "StopDecision", "check_stop"]
 

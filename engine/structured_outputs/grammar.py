@@ -6,8 +6,9 @@ request gets an ``LLMatcher`` compiled from its `StructuredOutputsParams`; befor
 every sampling step the matcher is advanced by the tokens sampled since the
 previous step and writes the bitmask of allowed next tokens, and every other
 token's logit becomes -inf. The mask is applied by
-`engine.structured_processor.StructuredOutputsLogitsProcessor`, an ordinary `engine.sample.LogitsProcessor`,
-so it runs wherever the sampler runs, on every platform.
+`engine.structured_outputs.processor.StructuredOutputsLogitsProcessor`, an
+ordinary `engine.sample.LogitsProcessor`, so it runs wherever the sampler runs,
+on every platform.
 
 This module stays torch-free (`SamplingParams` compiles the grammar with it
 to reject a bad schema when the request is made).

@@ -1,5 +1,5 @@
 """`StructuredOutputsLogitsProcessor`: the token mask of structured outputs,
-applied through the logits-processor path (see `engine.structured_outputs`)."""
+applied through the logits-processor path (see `engine.structured_outputs.grammar`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from engine.sample._logits_processor import (
     LogitsProcessor,
     apply_batch_update,
 )
-from engine.structured_outputs import compile_grammar
+from engine.structured_outputs.grammar import compile_grammar
 
 __all__ = ["StructuredOutputsLogitsProcessor"]
 

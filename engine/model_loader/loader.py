@@ -11,7 +11,7 @@ weights of ``config.model_config.load_format``:
 - ``"pt"``: torch files (``*.bin``, ``*.pt``, ``*.pth``, or a
   ``pytorch_model.bin.index.json``), loaded with ``weights_only=True``;
 - ``"gguf"``: a ``.gguf`` file, or a folder holding exactly one: config,
-  tokenizer and dequantized weights all come from it (`engine.gguf`);
+  tokenizer and dequantized weights all come from it (`engine.model_loader.gguf`);
 - ``"auto"`` (default): the first of those that the path holds;
 - any format added with `register_model_loader(format, cls_or_"module:Class")`,
   a `ModelLoader` subclass.
@@ -33,12 +33,15 @@ import torch
 import torch.nn as nn
 
 from engine.config import EngineConfig, set_current_engine_config
+from engine.model_loader.gguf import GGUFFile, find_gguf_file
 from engine.quantization import (
     NO_QUANTIZATION,
     finish_quantized_layers,
     get_quantization_method,
+    gguf_method,
     quantize_model,
 )
+from engine.utils import read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +74,7 @@ def read_config_json(model_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"model folder {str(model_dir)!r} does not exist")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; a model folder needs a config.json")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read it as JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(config).__name__}")
-    return config
+    return read_json_file(path)
 
 
 def resolve_dtype(config: EngineConfig) -> torch.dtype:
@@ -241,24 +238,18 @@ class PtLoader(ModelLoader):
 
 
 class GGUFLoader(ModelLoader):
-    """A ``.gguf`` file, or a folder holding exactly one (see `engine.gguf`)."""
+    """A ``.gguf`` file, or a folder holding exactly one (see `engine.model_loader.gguf`)."""
 
     def can_load(self, path: Path) -> bool:
-        from engine.gguf import find_gguf_file
-
         return find_gguf_file(path) is not None
 
     def _file(self, path: Path) -> Path:
-        from engine.gguf import find_gguf_file
-
         file = find_gguf_file(path)
         if file is None:
             raise FileNotFoundError(f"{path}: not a .gguf file nor a folder holding one")
         return file
 
     def load_config(self, path: Path) -> dict[str, Any]:
-        from engine.gguf import GGUFFile
-
         return GGUFFile(self._file(path)).hf_config()
 
     def iter_weights(self, path: Path, hf_config: dict[str, Any],
@@ -266,9 +257,6 @@ class GGUFLoader(ModelLoader):
         """The file's tensors; those of a type a quantization method serves stay
         in their blocks (`engine.quantization`): any such type when
         `quantization` is None, only the named method's, none for ``"none"``."""
-        from engine.gguf import GGUFFile
-        from engine.quantization import NO_QUANTIZATION, get_quantization_method, gguf_method
-
         if quantization is None:
             keep = gguf_method
         elif quantization == NO_QUANTIZATION:
