@@ -131,7 +131,14 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def engine_generator(path: str, kv_tokens: int | None):
+def _rss_now_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def engine_generator(path: str, kv_tokens: int | None, quantization: str | None = None):
     sys.path.insert(0, str(ROOT))
     from engine import LLM, SamplingParams
 
@@ -143,7 +150,7 @@ def engine_generator(path: str, kv_tokens: int | None):
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2
         kwargs["kv_cache_memory"] = kv_tokens * per_token
-    llm = LLM(path, seed=0, **kwargs)
+    llm = LLM(path, seed=0, quantization=quantization, **kwargs)
 
     def generate(prompts, out_lens, batched=True):
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
@@ -180,12 +187,16 @@ def llamacpp_generator(path: str, kv_tokens: int | None):
 
 
 def run_worker(side: str, path: str, kv_tokens: int | None, rss_only: bool) -> int:
-    make = engine_generator if side == "engine" else llamacpp_generator
-    generate, info = make(path, kv_tokens)
+    if side == "engine":
+        generate, info = engine_generator(path, kv_tokens)
+    elif side == "engine-dequantized":  # the engine before this change: weights widened at load
+        generate, info = engine_generator(path, kv_tokens, quantization="none")
+    else:
+        generate, info = llamacpp_generator(path, kv_tokens)
     if rss_only:
         rng = random.Random(7)
         generate([[rng.randrange(10, 40000) for _ in range(256)]], [64])
-        _reply({"peak_rss_mib": _peak_rss_mib(), **info})
+        _reply({"peak_rss_mib": _peak_rss_mib(), "rss_mib": _rss_now_mib(), **info})
         return 0
     _reply({"ready": True, "peak_rss_mib": _peak_rss_mib(), **info})
     for line in sys.stdin:
@@ -285,38 +296,42 @@ def rss_of(side: str, python: str, path: Path, env: dict) -> dict:
     return json.loads(line[len(RESULT_PREFIX):])
 
 
-def summarise(runs: dict, rss: dict) -> dict:
-    e, lc = runs["engine"], runs["llama.cpp"]
+def summarise(runs: dict, rss: dict, peer: str) -> dict:
+    e, lc = runs["engine"], runs[peer]
     return {
-        "decode_ms": {"engine": min(e["decode_ms"]), "llama.cpp": min(lc["decode_ms"]),
+        "decode_ms": {"engine": min(e["decode_ms"]), peer: min(lc["decode_ms"]),
                       "engine_runs": e["decode_ms"], "llama_runs": lc["decode_ms"]},
-        "ttft_ms": {"engine": min(e["ttft_ms"]), "llama.cpp": min(lc["ttft_ms"]),
+        "ttft_ms": {"engine": min(e["ttft_ms"]), peer: min(lc["ttft_ms"]),
                     "engine_runs": e["ttft_ms"], "llama_runs": lc["ttft_ms"]},
-        "serial_tok_s": {"engine": max(e["serial_tok_s"]), "llama.cpp": max(lc["serial_tok_s"]),
+        "serial_tok_s": {"engine": max(e["serial_tok_s"]), peer: max(lc["serial_tok_s"]),
                          "engine_runs": e["serial_tok_s"], "llama_runs": lc["serial_tok_s"]},
         "batched_tok_s": {"engine": max(e["batched_tok_s"]), "engine_runs": e["batched_tok_s"]},
         "peak_rss_mib": {"engine": rss["engine"]["peak_rss_mib"],
-                         "llama.cpp": rss["llama.cpp"]["peak_rss_mib"]},
+                         peer: rss[peer]["peak_rss_mib"]},
+        "rss_after_mib": {"engine": rss["engine"]["rss_mib"], peer: rss[peer]["rss_mib"]},
     }
 
 
-def print_summary(name: str, s: dict) -> None:
+def print_summary(name: str, s: dict, peer: str) -> None:
     d, t, se, b, m = (s[k] for k in ("decode_ms", "ttft_ms", "serial_tok_s", "batched_tok_s",
                                       "peak_rss_mib"))
     rng = lambda runs: f"{min(runs):.1f}-{max(runs):.1f}"  # noqa: E731
     print(f"\n{name}")
-    print("| measure | engine | llama.cpp | engine / llama.cpp | per-round range (engine; llama.cpp) |")
+    print(f"| measure | engine | {peer} | engine / {peer} | per-round range (engine; {peer}) |")
     print("|---|---:|---:|---:|---|")
-    print(f"| decode, ms/token (best) | {d['engine']:.2f} | {d['llama.cpp']:.2f} | "
-          f"{d['engine'] / d['llama.cpp']:.2f}x | {rng(d['engine_runs'])}; {rng(d['llama_runs'])} |")
-    print(f"| TTFT, fresh {TTFT_PROMPT}-token prompt, ms | {t['engine']:.0f} | {t['llama.cpp']:.0f} | "
-          f"{t['engine'] / t['llama.cpp']:.2f}x | {rng(t['engine_runs'])}; {rng(t['llama_runs'])} |")
-    print(f"| serial throughput, tok/s | {se['engine']:.1f} | {se['llama.cpp']:.1f} | "
-          f"{se['engine'] / se['llama.cpp']:.2f}x | {rng(se['engine_runs'])}; {rng(se['llama_runs'])} |")
-    print(f"| batched throughput (engine) vs llama.cpp serial, tok/s | {b['engine']:.1f} | "
-          f"{se['llama.cpp']:.1f} | {b['engine'] / se['llama.cpp']:.2f}x | {rng(b['engine_runs'])} |")
-    print(f"| peak RSS, MiB ({RSS_CTX}-token KV) | {m['engine']:.0f} | {m['llama.cpp']:.0f} | "
-          f"{m['engine'] / m['llama.cpp']:.2f}x | |")
+    print(f"| decode, ms/token (best) | {d['engine']:.2f} | {d[peer]:.2f} | "
+          f"{d['engine'] / d[peer]:.2f}x | {rng(d['engine_runs'])}; {rng(d['llama_runs'])} |")
+    print(f"| TTFT, fresh {TTFT_PROMPT}-token prompt, ms | {t['engine']:.0f} | {t[peer]:.0f} | "
+          f"{t['engine'] / t[peer]:.2f}x | {rng(t['engine_runs'])}; {rng(t['llama_runs'])} |")
+    print(f"| serial throughput, tok/s | {se['engine']:.1f} | {se[peer]:.1f} | "
+          f"{se['engine'] / se[peer]:.2f}x | {rng(se['engine_runs'])}; {rng(se['llama_runs'])} |")
+    print(f"| batched throughput (engine) vs {peer} serial, tok/s | {b['engine']:.1f} | "
+          f"{se[peer]:.1f} | {b['engine'] / se[peer]:.2f}x | {rng(b['engine_runs'])} |")
+    print(f"| peak RSS, MiB ({RSS_CTX}-token KV) | {m['engine']:.0f} | {m[peer]:.0f} | "
+          f"{m['engine'] / m[peer]:.2f}x | |")
+    a = s["rss_after_mib"]
+    print(f"| RSS after the request, MiB | {a['engine']:.0f} | {a[peer]:.0f} | "
+          f"{a['engine'] / a[peer]:.2f}x | |")
 
 
 def main() -> int:
@@ -327,9 +342,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per side")
     ap.add_argument("--requests", type=int, default=32, help="requests of the throughput runs")
     ap.add_argument("--llamacpp-venv", type=Path, default=DEFAULT_VENV)
+    ap.add_argument("--peer", choices=("llama.cpp", "engine-dequantized"), default="llama.cpp",
+                    help="the other side: llama.cpp, or this engine with quantization='none' "
+                         "(every weight widened at load, the engine's behaviour before)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--worker", choices=("engine", "llama.cpp"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("engine", "engine-dequantized", "llama.cpp"),
+                    help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--kv-tokens", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--rss-only", action="store_true", help=argparse.SUPPRESS)
@@ -346,14 +365,17 @@ def main() -> int:
     if args.write_q8_0:
         note(f"writing {args.write_q8_0} (Q8_0 copy of {files[0].name})")
         files.append(write_q8_0(files[0], args.write_q8_0))
-    llama_python = ensure_llamacpp_venv(args.llamacpp_venv)
+    peer = args.peer
+    peer_python = (str(ensure_llamacpp_venv(args.llamacpp_venv)) if peer == "llama.cpp"
+                   else sys.executable)
     subprocess.run([sys.executable, "-m", "engine.kernels", "build"], check=True, cwd=str(ROOT),
                    capture_output=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", ENGINE_CPU_KERNELS="build")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    pythons = {"engine": sys.executable, "llama.cpp": str(llama_python)}
-    results = {"cpu": cpu, "load_before": os.getloadavg(), "rounds": args.rounds, "files": {}}
+    pythons = {"engine": sys.executable, peer: peer_python}
+    results = {"cpu": cpu, "peer": peer, "load_before": os.getloadavg(), "rounds": args.rounds,
+               "files": {}}
     for path in files:
         note(f"{path.name}: peak RSS, one fresh process per side")
         rss = {side: rss_of(side, py, path, env) for side, py in pythons.items()}
@@ -370,12 +392,12 @@ def main() -> int:
                 side.ask(prompts=[prompts.one(16)], out_lens=[4])
             load_start = os.getloadavg()
             runs = measure(sides, prompts, args.rounds, args.requests)
-            summary = summarise(runs, rss)
+            summary = summarise(runs, rss, peer)
             summary.update(load=[load_start, os.getloadavg()],
                            workers={k: s.ready for k, s in sides.items()})
             results["files"][path.name] = summary
             print_summary(f"{path.name} (load average {load_start[0]:.1f} -> "
-                          f"{os.getloadavg()[0]:.1f})", summary)
+                          f"{os.getloadavg()[0]:.1f})", summary, peer)
         finally:
             for side in sides.values():
                 side.close()

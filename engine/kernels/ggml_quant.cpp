@@ -26,13 +26,16 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
+#include "vec.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -71,7 +74,11 @@ Format format_of(int64_t type) {
 inline float half_at(const uint8_t* p) {
   uint16_t bits;
   std::memcpy(&bits, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(bits);  // one instruction; read once or twice per 32 weights
+#else
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+#endif
 }
 
 // the 6-bit scale and min of sub-block j of a Q4_K/Q5_K super-block (12 packed bytes)
@@ -390,6 +397,32 @@ void dot_vec(int64_t type, const uint8_t* row, const QuantizedRows& xq, int64_t 
     out[r] = _mm_cvtss_f32(s1) + offsets[r];
   }
 }
+
+// a row decoded to floats with the vector decoder: the prefill path dequantizes
+// every weight once per prompt chunk, so this runs over the whole model per chunk
+template <typename T>
+void dequantize_row_vec(int64_t type, const uint8_t* row, int64_t K, T* out) {
+  VecChunk ch;
+  alignas(64) float tmp[kChunk];
+  for (int64_t c = 0; c < K / kChunk; ++c) {
+    decode_vec(type, row, c, &ch);
+    const __m256 offset = _mm256_set1_ps(ch.offset);
+    const __m256 s0 = _mm256_permutevar8x32_ps(ch.scale, _mm256_setzero_si256());
+    const __m256 s1 = _mm256_permutevar8x32_ps(ch.scale, _mm256_set1_epi32(4));
+    const __m128i lo = _mm256_castsi256_si128(ch.q), hi = _mm256_extracti128_si256(ch.q, 1);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int p = 0; p < 4; ++p) {
+      // q < 128 in every format, so the bytes widen as signed
+      const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[p]));
+      _mm256_store_ps(tmp + 8 * p, _mm256_fmadd_ps(v, p < 2 ? s0 : s1, offset));
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      std::memcpy(out + c * kChunk, tmp, sizeof(tmp));
+    } else {
+      for (int h = 0; h < 2; ++h) engine_kernels::store(out + c * kChunk + 16 * h, engine_kernels::load(tmp + 16 * h));
+    }
+  }
+}
 #endif
 
 // out[m, n] for rows m0..m0+R of one weight row n, on `path`
@@ -473,13 +506,23 @@ void ggml_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& blocks, 
     TORCH_CHECK(false, "ggml_linear: float32 or bfloat16 activations only");
 }
 
+// the vector decoder where compiled in (AVX2), else the portable one
+template <typename T>
+void dequantize_row_best(int64_t type, const uint8_t* row, int64_t K, T* out) {
+#if defined(__AVX2__)
+  dequantize_row_vec(type, row, K, out);
+#else
+  dequantize_row(type, row, K, out);
+#endif
+}
+
 template <typename T>
 void dequantize_impl(at::Tensor& out, const at::Tensor& blocks, int64_t type) {
   const int64_t N = blocks.size(0), K = out.size(1), row_bytes = blocks.size(1);
   const uint8_t* w = blocks.data_ptr<uint8_t>();
   T* o = out.data_ptr<T>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) dequantize_row(type, w + n * row_bytes, K, o + n * K);
+    for (int64_t n = begin; n < end; ++n) dequantize_row_best(type, w + n * row_bytes, K, o + n * K);
   });
 }
 
@@ -512,9 +555,9 @@ void ggml_embedding(at::Tensor out, const at::Tensor& ids, const at::Tensor& blo
     for (int64_t t = begin; t < end; ++t) {
       const uint8_t* row = w + id[t] * row_bytes;
       if (out.scalar_type() == at::kFloat)
-        dequantize_row(type, row, K, out.data_ptr<float>() + t * K);
+        dequantize_row_best(type, row, K, out.data_ptr<float>() + t * K);
       else
-        dequantize_row(type, row, K, out.data_ptr<c10::BFloat16>() + t * K);
+        dequantize_row_best(type, row, K, out.data_ptr<c10::BFloat16>() + t * K);
     }
   });
 }

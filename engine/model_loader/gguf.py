@@ -181,7 +181,10 @@ class GGUFFile:
             shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
             method = keep_quantized(tensor.tensor_type.name) if keep_quantized else None
             if method is not None and len(shape) == 2 and method.supports(shape):
-                blocks = np.array(tensor.data, dtype=np.uint8).reshape(shape[0], -1)  # a copy
+                # read, not copied out of the reader's memory map: mapped pages would
+                # count in the process's resident memory next to the copy
+                blocks = np.fromfile(self.path, dtype=np.uint8, count=int(tensor.n_bytes),
+                                     offset=int(tensor.data_offset)).reshape(shape[0], -1)
                 if permuted and ".attn_q." in tensor.name:
                     blocks = _unpermute_rows(blocks, heads)
                 elif permuted and ".attn_k." in tensor.name:
