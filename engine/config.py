@@ -21,6 +21,7 @@ class ModelConfig:
     hf_config: dict[str, Any] = field(default_factory=dict)  # parsed config.json
     io_processor_plugin: str | None = None
     load_format: str = "auto"  # a registered model loader (engine.model_loader)
+    enable_sleep_mode: bool = False  # LLM.sleep / wake_up (docs/sleep-and-warm-up.md)
     # a quantization plugin's name, "none", or None: GGUF blocks stay as they are
     quantization: str | None = None
 
@@ -60,6 +61,12 @@ class DeviceConfig:
 class CompilationConfig:
     # "all" (default), "none", or a list of "+name" / "-name" toggles
     custom_ops: list[str] = field(default_factory=lambda: ["all"])
+    # run the step shapes of the first requests at start (engine.worker.warm_up)
+    warm_up: bool = True
+    # torch.compile (engine.compilation): a graph_backend plugin name, None: eager
+    backend: str | None = None
+    dynamic: bool = True
+    cache_dir: str | None = None  # None: $ENGINE_COMPILE_CACHE or ~/.cache/engine/compile
 
 
 @dataclass
@@ -74,6 +81,8 @@ class EngineConfig:
     log_stats: bool = False
     # extra LogitsProcessor classes or "pkg.mod:Cls" names, after the plugins
     logits_processors: list[Any] = field(default_factory=list)
+    # speculative decoding: an engine.spec_decode.SpeculativeConfig, None when off
+    speculative_config: Any = None
 
 
 _current_config: EngineConfig | None = None

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import inspect
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,9 +91,10 @@ class EngineArgs:
         "turn the stat loggers on", cli=False))
     block_size: int = field(default=16, metadata=_help(
         "tokens per KV-cache block", metavar="N"))
-    kv_cache_memory: int | None = field(default=None, metadata=_help(
-        "bytes for the KV cache (default: kv_cache_memory_fraction of memory)",
-        metavar="BYTES"))
+    kv_cache_memory: int | str | None = field(default=None, metadata=_help(
+        "size of the KV cache: bytes, or with a unit: 512MiB, 1GiB, 2GB (default: what "
+        "max_model_len x max_num_seqs can use, capped; see docs/first-run.md)",
+        metavar="SIZE", type=lambda text: _cli_memory_size(text)))
     kv_cache_memory_fraction: float = field(default=0.25, metadata=_help(
         "fraction of memory for the KV cache when kv_cache_memory is not set", metavar="F"))
     max_num_seqs: int = field(default=256, metadata=_help(
@@ -130,6 +132,21 @@ class EngineArgs:
     logits_processors: tuple[Any, ...] = field(default=(), metadata=_help(
         "extra LogitsProcessor classes (or 'pkg.mod:Cls' names) run after the "
         "logits_processor plugins", nargs="+", metavar="QUALNAME"))
+    # -- warm-up, sleep mode, compilation (docs/sleep-and-warm-up.md) --
+    skip_warm_up: bool = field(default=False, metadata=_help(
+        "start without running the first requests' step shapes once (the first "
+        "requests then pay first-time costs); one-shot `engine generate`/`embed` skip it"))
+    enable_sleep_mode: bool = field(default=False, metadata=_help(
+        "allow LLM.sleep()/wake_up() (and the server's dev-mode /sleep, /wake_up): "
+        "free the KV cache and weights while idle; the worker must implement them"))
+    compilation_config: dict[str, Any] | str | None = field(default=None, metadata=_help(
+        "torch.compile the model: a JSON object with 'backend' (a graph_backend plugin: "
+        "'inductor', 'eager', ...), 'dynamic' (default true), 'cache_dir' (default "
+        "~/.cache/engine/compile); default: no compilation", metavar="JSON"))
+    # speculative decoding (docs/speculative-decoding.md)
+    speculative_config: dict[str, Any] | str | None = field(default=None, metadata=_help(
+        "speculative decoding, as JSON: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' "
+        "or '{\"model\": DRAFT_DIR, \"num_speculative_tokens\": 4}'", metavar="JSON"))
 
     # ------------------------------------------------------------------ CLI
 
@@ -147,7 +164,7 @@ class EngineArgs:
             kw = dict(meta["argparse"])
             if isinstance(f.default, bool):
                 kw["action"] = argparse.BooleanOptionalAction
-            elif "nargs" not in kw and "choices" not in kw:
+            elif "nargs" not in kw and "choices" not in kw and "type" not in kw:
                 kw["type"] = _cli_type(f.default, f.type)
             default = f.default if f.default is not dataclasses.MISSING else None
             help_text = meta["help"]
@@ -194,6 +211,8 @@ class EngineArgs:
                 "distributed_executor_backend must be one of "
                 f"{', '.join(DISTRIBUTED_EXECUTOR_BACKENDS)}, got "
                 f"{self.distributed_executor_backend!r}")
+        if isinstance(self.kv_cache_memory, str):
+            self.kv_cache_memory = parse_memory_size(self.kv_cache_memory, "kv_cache_memory")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory!r}")
         if not 0 < self.kv_cache_memory_fraction <= 1:
@@ -212,6 +231,7 @@ class EngineArgs:
                 model=str(model_dir), dtype=self.dtype, seed=self.seed,
                 max_model_len=max_model_len, hf_config=hf_config,
                 io_processor_plugin=self.io_processor_plugin, load_format=self.load_format,
+                enable_sleep_mode=self.enable_sleep_mode,
                 quantization=self._checked_quantization(),
             ),
             cache_config=CacheConfig(
@@ -228,12 +248,29 @@ class EngineArgs:
                 tensor_parallel_size=self.tensor_parallel_size, worker_cls=self.worker_cls,
                 distributed_executor_backend=self.distributed_executor_backend,
             ),
-            compilation_config=CompilationConfig(custom_ops=self.custom_ops or ["all"]),
+            compilation_config=CompilationConfig(custom_ops=self.custom_ops or ["all"],
+                                                 warm_up=not self.skip_warm_up,
+                                                 **self._checked_compilation_config()),
             attention_backend=self.attention_backend,
             log_stats=self.log_stats,
             logits_processors=self._checked_logits_processors(),
+            speculative_config=self._checked_speculative_config(),
         )
 
+    def _checked_compilation_config(self) -> dict[str, Any]:
+        from engine.compilation import parse_compilation_config, resolve_graph_backend
+
+        checked = parse_compilation_config(self.compilation_config)
+        if checked.get("backend") is not None:
+            resolve_graph_backend(checked["backend"])  # an unknown name fails now, listing them
+        return checked
+
+    def _checked_speculative_config(self) -> Any:
+        if self.speculative_config is None:
+            return None
+        from engine.spec_decode import SpeculativeConfig
+
+        return SpeculativeConfig.from_user(self.speculative_config)
     def _checked_quantization(self) -> str | None:
         from engine.quantization import NO_QUANTIZATION, get_quantization_method
 
@@ -274,6 +311,30 @@ class EngineArgs:
             import registry
 
             registry.add_plugin_config(self.plugin_config)  # via the environment: workers see it
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
+               "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory_size(text: str, what: str = "size") -> int:
+    """Bytes from ``"1073741824"``, ``"512MiB"``, ``"1GiB"``, ``"2GB"`` or ``"1.5 GiB"``
+    (KB/MB/GB are powers of 1000, KiB/MiB/GiB powers of 1024). Raises ValueError
+    naming `what` for anything else."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if unit not in _SIZE_UNITS:
+        raise ValueError(f"{what + ': ' if what else ''}{text!r} is not a size; give bytes "
+                         "or a number with a unit: 512MiB, 1GiB, 2GB")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def _cli_memory_size(text: str) -> int:
+    try:
+        return parse_memory_size(text, "")
+    except ValueError as exc:  # argparse prints an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _cli_type(default: Any, annotation: Any) -> Any:

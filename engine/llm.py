@@ -262,6 +262,23 @@ class LLM:
 
         return process_request(self.io_processor, data, pool, pooling_params, request_id)
 
+    # ------------------------------------------------------------------ sleep mode
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the KV cache and the weights until `wake_up` (needs
+        ``enable_sleep_mode=True``): level 1 keeps the weights in a file, level
+        2 discards them (reloaded from the checkpoint). See
+        `engine.core.engine.LLMEngine.sleep` for what it raises."""
+        self.llm_engine.sleep(level)
+
+    def wake_up(self) -> None:
+        """Undo `sleep`; the next request gives the same output as before it."""
+        self.llm_engine.wake_up()
+
+    def is_sleeping(self) -> bool:
+        """True between `sleep` and `wake_up`."""
+        return self.llm_engine.is_sleeping
+
     # ------------------------------------------------------------------ end
 
     def shutdown(self) -> None:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
 
-__all__ = ["ModelRunnerOutput", "NewSequenceData", "ScheduledSequence", "SchedulerOutput"]
+__all__ = ["DraftTokenIds", "ModelRunnerOutput", "NewSequenceData", "ScheduledSequence",
+           "SchedulerOutput"]
 
 
 @dataclass
@@ -36,6 +37,8 @@ class ScheduledSequence:
     num_computed_tokens: int  # position of the first of them
     block_table: list[int]
     sample: bool  # the step reaches the sequence's end: sample its next token
+    # speculative decoding: the last `num_draft_tokens` of `token_ids` are drafts to verify
+    num_draft_tokens: int = 0
 
 
 @dataclass
@@ -61,3 +64,16 @@ class ModelRunnerOutput:
     seq_ids: list[int] = field(default_factory=list)
     sampled_token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float] | None] | None = None
+    # speculative decoding: per sampled sequence, the drafts it kept, which come
+    # before its sampled token (None: no drafts were scheduled)
+    accepted_token_ids: list[list[int]] | None = None
+
+
+@dataclass
+class DraftTokenIds:
+    """Speculative decoding: proposals for the next step, from
+    `WorkerBase.take_draft_token_ids`. ``draft_token_ids[i]`` guesses the tokens that
+    follow sequence ``seq_ids[i]``'s last one (an empty list: no guess)."""
+
+    seq_ids: list[int] = field(default_factory=list)
+    draft_token_ids: list[list[int]] = field(default_factory=list)

@@ -15,6 +15,11 @@ from typing import Any, TypeVar
 
 from registry._qualname import resolve_qualname
 
+# Start-up decisions a user should see once (KV-cache size, a kernel build starting,
+# active out-of-tree plugins): logged at INFO on this logger, which the `engine` CLI
+# shows at its default verbosity while other INFO records need -v.
+STARTUP_LOGGER = "engine.startup"
+
 
 def set_random_seed(seed: int) -> None:
     """Seed Python's, NumPy's (when installed) and torch's global generators.

@@ -32,12 +32,14 @@ from registry._groups import (
     API_ROUTE_PLUGINS,
     API_VERSIONS,
     GENERAL_PLUGINS,
+    GRAPH_BACKEND_PLUGINS,
     GROUP_ALIASES,
     GROUPS,
     IO_PROCESSOR_PLUGINS,
     LOGITS_PROCESSOR_PLUGINS,
     PLATFORM_PLUGINS,
     QUANTIZATION_PLUGINS,
+    SPEC_PROPOSER_PLUGINS,
     STAT_LOGGER_PLUGINS,
     resolve_group,
 )
@@ -76,6 +78,8 @@ __all__ = [
     "STAT_LOGGER_PLUGINS",
     "LOGITS_PROCESSOR_PLUGINS",
     "API_ROUTE_PLUGINS",
+    "GRAPH_BACKEND_PLUGINS",
+    "SPEC_PROPOSER_PLUGINS",
     "QUANTIZATION_PLUGINS",
     "GROUPS",
     "GROUP_ALIASES",
@@ -117,12 +121,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from registry._discovery import discover
     from registry._listing import plugin_rows
     from registry._loading import load_general_plugins, load_plugins_by_group
-    from registry._manifest import (
-        Manifest,
-        load_manifest,
-        manifest_json_schema,
-        validate_manifest,
-    )
     from registry._qualname import resolve_qualname
     from registry._running import (
         PluginExit,
@@ -138,6 +136,12 @@ if TYPE_CHECKING:  # pragma: no cover
         add_plugin_config,
         check_plugin_configs,
         get_plugin_config,
+    )
+    from registry._manifest import (
+        Manifest,
+        load_manifest,
+        manifest_json_schema,
+        validate_manifest,
     )
 
 

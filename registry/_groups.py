@@ -8,6 +8,8 @@ IO_PROCESSOR_PLUGINS = "engine.io_processor_plugins"
 STAT_LOGGER_PLUGINS = "engine.stat_logger_plugins"
 LOGITS_PROCESSOR_PLUGINS = "engine.logits_processor_plugins"
 API_ROUTE_PLUGINS = "engine.api_route_plugins"
+GRAPH_BACKEND_PLUGINS = "engine.graph_backend_plugins"
+SPEC_PROPOSER_PLUGINS = "engine.spec_proposer_plugins"
 QUANTIZATION_PLUGINS = "engine.quantization_plugins"
 
 # alias -> full entry-point group name, in the order the groups are listed everywhere
@@ -18,6 +20,8 @@ GROUP_ALIASES: dict[str, str] = {
     "stat_logger": STAT_LOGGER_PLUGINS,
     "logits_processor": LOGITS_PROCESSOR_PLUGINS,
     "api_route": API_ROUTE_PLUGINS,
+    "graph_backend": GRAPH_BACKEND_PLUGINS,
+    "spec_proposer": SPEC_PROPOSER_PLUGINS,
     "quantization": QUANTIZATION_PLUGINS,
 }
 GROUPS: tuple[str, ...] = tuple(GROUP_ALIASES.values())

@@ -51,6 +51,8 @@ GroupName = Literal[
     "stat_logger",
     "logits_processor",
     "api_route",
+    "graph_backend",
+    "spec_proposer",
     "quantization",
     "engine.general_plugins",
     "engine.platform_plugins",
@@ -58,6 +60,8 @@ GroupName = Literal[
     "engine.stat_logger_plugins",
     "engine.logits_processor_plugins",
     "engine.api_route_plugins",
+    "engine.graph_backend_plugins",
+    "engine.spec_proposer_plugins",
     "engine.quantization_plugins",
 ]
 

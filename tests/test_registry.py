@@ -70,6 +70,11 @@ def test_builtin_manifest_declares_exactly_the_builtin_plugins():
         (registry.PLATFORM_PLUGINS, "cpu", "engine.platforms:cpu_platform_plugin"),
         (registry.PLATFORM_PLUGINS, "cuda", "engine.platforms:cuda_platform_plugin"),
         (registry.GENERAL_PLUGINS, "builtin_models", "engine.models:register_builtin_models"),
+        (registry.GRAPH_BACKEND_PLUGINS, "inductor", "engine.compilation:inductor_backend"),
+        (registry.GRAPH_BACKEND_PLUGINS, "eager", "engine.compilation:eager_backend"),
+        (registry.SPEC_PROPOSER_PLUGINS, "ngram", "engine.spec_decode.ngram:NgramProposer"),
+        (registry.SPEC_PROPOSER_PLUGINS, "draft_model",
+         "engine.spec_decode.draft_model:DraftModelProposer"),
         *((registry.QUANTIZATION_PLUGINS, t.lower(), f"engine.quantization.ggml:{t}")
           for t in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")),
     }
@@ -142,7 +147,9 @@ BAD_MANIFESTS = {
          "(engine.general_plugins), platform (engine.platform_plugins), io_processor "
          "(engine.io_processor_plugins), stat_logger (engine.stat_logger_plugins), "
          "logits_processor (engine.logits_processor_plugins), api_route "
-         "(engine.api_route_plugins), quantization (engine.quantization_plugins)"],
+         "(engine.api_route_plugins), graph_backend (engine.graph_backend_plugins), "
+         "spec_proposer (engine.spec_proposer_plugins), quantization "
+         "(engine.quantization_plugins)"],
     ),
     "duplicate": (
         'schema-version = 1\n[[plugin]]\ngroup = "general"\nname = "a"\nvalue = "m"\n'

@@ -160,4 +160,5 @@ def test_wheel_ships_builtin_manifests_and_installed_copy_finds_them(tmp_path):
     assert lines[0].startswith(str(tmp_path / "installed"))
     expected = os.path.join(str(tmp_path / "installed"), "registry", "_builtin_manifests",
                             "builtin.toml")
-    assert sorted(lines[1:]) == sorted(f"{n} {expected}" for n in ("cpu", "cuda", "builtin_models"))
+    assert sorted(lines[1:]) == sorted(f"{n} {expected}" for n in ("cpu", "cuda", "builtin_models",
+                                                                  "ngram", "draft_model"))

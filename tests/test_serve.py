@@ -353,6 +353,17 @@ def test_bad_input_gets_the_right_status_and_the_server_keeps_serving(
     assert good.status_code == 200, good.text
 
 
+def test_json_body_without_json_content_type_names_the_header(server):
+    # what `curl -d '{...}'` sends: a JSON body labelled as a form
+    response = httpx.post(f"{server.url}/v1/completions", content=json.dumps(GOOD).encode(),
+                          headers={**AUTH, "Content-Type": "application/x-www-form-urlencoded"},
+                          timeout=30)
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert "Content-Type: application/json" in message
+    assert "application/x-www-form-urlencoded" in message
+
+
 def test_openai_client_maps_the_error_statuses(server):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong",
@@ -534,3 +545,4 @@ def test_serve_module_imports_no_torch():
 
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+

@@ -16,6 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine.cli.common import (
+    add_model_argument,
+    announce_loading,
+    announce_out_of_tree_plugins,
+    resolve_model_argument,
+)
 from engine.engine_args import EngineArgs
 
 PROMPT = ">>> "
@@ -33,6 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
                     "(/exit or Ctrl-D ends, Ctrl-C stops the current reply); otherwise stdin "
                     "is one user message and the reply is printed.",
     )
+    add_model_argument(p)
     p.add_argument("--system", metavar="TEXT", default=None,
                    help="a system message that starts the conversation")
     p.add_argument("--chat-template", metavar="FILE", default=None,
@@ -42,27 +49,34 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
     p.add_argument("--temperature", type=float, default=0.7, metavar="T",
                    help="sampling temperature; 0 means greedy (default 0.7)")
     p.add_argument("--top-p", type=float, default=0.95, metavar="P", help="default 0.95")
-    p.add_argument("--sampling-seed", type=int, default=None, metavar="S",
-                   help="seed the replies' sampling (default: unseeded)")
+    p.add_argument("--seed", "--sampling-seed", dest="sampling_seed", type=int, default=None,
+                   metavar="S", help="sampling seed: the same seed and conversation give the "
+                                     "same replies (default: none, replies vary)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="keep replying past end-of-sequence (until --max-tokens)")
     p.add_argument("--save-history", metavar="FILE", default=None,
                    help="after every turn, write the conversation to FILE as JSON")
-    EngineArgs.add_cli_args(p.add_argument_group("engine options"))
+    # --seed above is the replies' sampling seed; the engine's global seed keeps its default
+    EngineArgs.add_cli_args(p.add_argument_group("engine options"), exclude=("seed",))
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the engine, then chat until /exit (or answer stdin once)."""
-    from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
     try:
+        resolve_model_argument(args, "chat")
         template = _read_template(args.chat_template)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.sampling_seed,
                                 ignore_eos=args.ignore_eos)
-        llm = LLM(**vars(EngineArgs.from_cli_args(args)))
+        engine_args = EngineArgs.from_cli_args(args)
+        announce_out_of_tree_plugins("chat")
+        announce_loading("chat", args.model)
+        from engine.llm import LLM  # imports torch: after the line that says we are loading
+
+        llm = LLM(**vars(engine_args))
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"engine chat: error: {exc}", file=sys.stderr)
         return 1

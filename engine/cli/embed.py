@@ -19,7 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
     p.add_argument("texts", nargs="+", metavar="TEXT")
     p.add_argument("--json", action="store_true", help="print a JSON array: text, embedding")
     EngineArgs.add_cli_args(p.add_argument_group("engine options"))
-    p.set_defaults(func=run)
+    # one-shot: a warm-up would only add its own steps to the one batch this run makes
+    p.set_defaults(func=run, skip_warm_up=True)
 
 
 def run(args: argparse.Namespace) -> int:

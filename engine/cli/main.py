@@ -21,9 +21,10 @@ import logging
 import os
 import sys
 
+from engine.utils import STARTUP_LOGGER
 from registry._version import __version__
 
-SUBCOMMAND_MODULES = ("plugins", "generate", "chat", "embed", "serve")
+SUBCOMMAND_MODULES = ("plugins", "generate", "chat", "embed", "serve", "kernels")
 
 
 def _global_options(top_level: bool) -> argparse.ArgumentParser:
@@ -127,6 +128,15 @@ def apply_global_options(args: argparse.Namespace) -> None:
         stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # the start-up decisions (KV-cache size, a kernel build) show without -v, as
+    # plain lines
+    startup = logging.getLogger(STARTUP_LOGGER)
+    if not startup.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("engine: %(message)s"))
+        startup.addHandler(handler)
+    startup.setLevel(min(level, logging.INFO))
+    startup.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,12 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from engine.cli.common import (
+    add_model_argument,
+    announce_loading,
+    announce_out_of_tree_plugins,
+    resolve_model_argument,
+)
 from engine.engine_args import EngineArgs
 
 if TYPE_CHECKING:
@@ -22,9 +28,10 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
         description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, "
                     "/v1/embeddings, /v1/models, /pooling, /health, /metrics, /v1/plugins.",
     )
+    add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--api-key", metavar="KEY", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $ENGINE_API_KEY)")
     p.add_argument("--served-model-name", metavar="NAME", default=None,
@@ -45,14 +52,26 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
     p.add_argument("--data-parallel-backend", choices=("mp", "ray"), default=None,
                    help="what runs each replica's workers: 'mp' (this machine) or 'ray' "
                         "(Ray actors; default: --distributed-executor-backend)")
-    EngineArgs.add_cli_args(p.add_argument_group("engine options"))
+    p.add_argument("--enable-dev-mode", action="store_true",
+                   default=os.environ.get("ENGINE_SERVER_DEV_MODE", "") == "1",
+                   help="add the development routes POST /sleep, POST /wake_up and GET "
+                        "/is_sleeping (sleep mode needs --enable-sleep-mode; default: "
+                        "$ENGINE_SERVER_DEV_MODE=1)")
+    EngineArgs.add_cli_args(p.add_argument_group("engine options"), exclude=("seed",))
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="sampling seed for requests that send no 'seed' of their own: the "
+                        "server started with the same seed answers the same requests in the "
+                        "same order the same way (default 0)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the plugins, check the model and settings, then serve until stopped."""
     try:
+        resolve_model_argument(args, "serve")
         settings = _settings(args)
+        announce_out_of_tree_plugins("serve")
+        announce_loading("serve", args.model)
         _load_plugins(args.io_processor_plugin)
         # a missing or broken model or a bad setting fails now, before binding (after
         # the plugins, which may add model architectures and load formats)
@@ -89,7 +108,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         shutdown_timeout=args.shutdown_timeout, engine_args=engine_args,
         data_parallel_size=args.data_parallel_size,
         data_parallel_backend=args.data_parallel_backend,
-        route_plugins=tuple(args.enable_route_plugin),
+        route_plugins=tuple(args.enable_route_plugin), dev_mode=args.enable_dev_mode,
     )
 
 

@@ -22,9 +22,19 @@ from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.step import ModelRunnerOutput
-from engine.utils import short_repr
+from engine.utils import STARTUP_LOGGER, short_repr
 
 logger = logging.getLogger(__name__)
+startup_logger = logging.getLogger(STARTUP_LOGGER)
+
+# With no kv_cache_memory given, the cache holds this many sequences at the full
+# context length (more shorter ones share it: blocks are taken as tokens arrive),
+# like llama.cpp's server slots; vLLM instead takes a fixed share of the device.
+# A small-context model gets at least DEFAULT_MIN_CACHE_BYTES, so it still runs
+# many sequences at once. A bigger cache costs memory a small model never uses
+# (docs/first-run.md).
+DEFAULT_FULL_LENGTH_SEQS = 4
+DEFAULT_MIN_CACHE_BYTES = 512 * 2**20
 
 # config.json keys that give a model's context length, most specific first
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
@@ -91,6 +101,11 @@ class RequestFailedError(RuntimeError):
         self.request_ids = request_ids
 
 
+class EngineSleepingError(RuntimeError):
+    """A request arrived while the engine sleeps (`LLMEngine.sleep`): nothing
+    was queued; `wake_up` first."""
+
+
 @dataclass
 class _Request:
     request_id: str
@@ -124,6 +139,11 @@ class LLMEngine:
             model_config.hf_config, model_config.max_model_len
         )
         current_platform.check_and_update_config(config)
+        self.speculative_config = config.speculative_config
+        if self.speculative_config is not None:
+            from engine.spec_decode.selection import check_speculative_support
+
+            check_speculative_support(config)
         self.tokenizer = load_tokenizer(model_config.model)
         self.executor = ExecutorBase.get_class(config)(config)
         try:
@@ -140,6 +160,9 @@ class LLMEngine:
                 model_config.max_model_len,
             )
             self.scheduler.eos_token_ids = sorted(self.tokenizer.eos_token_ids)
+            if self.speculative_config is not None:
+                self.scheduler.num_speculative_tokens = (
+                    self.speculative_config.num_speculative_tokens)
         self.requests: dict[str, _Request] = {}
         self._request_ids = itertools.count()
         self.stat_loggers: Any = None  # engine.metrics.StatLoggerManager when log_stats
@@ -158,23 +181,44 @@ class LLMEngine:
         config = self.config
         ex = self.executor
         ex.collective_rpc("init_device")
+        self.sleep_level = 0  # sleep mode: 0 awake, else the level slept at
+        if config.model_config.enable_sleep_mode:
+            self._check_sleep_support()
         ex.collective_rpc("load_model")
         self.supported_tasks: tuple[str, ...] = tuple(ex.collective_rpc("get_supported_tasks")[0])
         spec = ex.collective_rpc("get_kv_cache_spec")[0]
         self.num_blocks = 0
         if spec is not None:
             available = min(ex.collective_rpc("determine_available_memory"))
-            self.num_blocks = self._num_blocks(spec, available)
+            self.num_blocks, why = self._num_blocks(spec, available)
             ex.collective_rpc("initialize_cache", (self.num_blocks,))
-            logger.info(
-                "KV cache: %d blocks of %d tokens (%.1f MiB)",
-                self.num_blocks, spec.block_size,
-                self.num_blocks * spec.page_size_bytes / 2**20,
-            )
+            startup_logger.info(
+                "KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s)",
+                self.num_blocks, spec.block_size, self.num_blocks * spec.block_size,
+                self.num_blocks * spec.page_size_bytes / 2**30, why)
         ex.collective_rpc("compile_or_warm_up_model")
         config.cache_config.num_blocks = self.num_blocks
 
-    def _num_blocks(self, spec: Any, available: int) -> int:
+    def _check_sleep_support(self) -> None:
+        from engine.worker.worker_base import unimplemented_methods
+
+        for rank, missing in enumerate(self.executor.collective_rpc(
+                unimplemented_methods, (("sleep", "wake_up"),))):
+            if missing:
+                raise NotImplementedError(
+                    f"enable_sleep_mode=True needs the worker's sleep() and wake_up(); the "
+                    f"worker class {self.config.parallel_config.worker_cls} (rank {rank}) does "
+                    f"not implement {', '.join(m + '()' for m in missing)}")
+
+    def _num_blocks(self, spec: Any, available: int) -> tuple[int, str]:
+        """How many KV-cache blocks to allocate, and why: `available` bytes (what
+        kv_cache_memory says, else the memory fraction) cap it; never more than
+        every running sequence at full length uses; with no kv_cache_memory given,
+        `DEFAULT_FULL_LENGTH_SEQS` sequences at full length or
+        `DEFAULT_MIN_CACHE_BYTES`, whichever is more."""
+        cache = self.config.cache_config
+        max_model_len = self.config.model_config.max_model_len
+        max_num_seqs = self.config.scheduler_config.max_num_seqs
         num_blocks = available // spec.page_size_bytes
         if num_blocks < 1:
             raise ValueError(
@@ -182,9 +226,24 @@ class LLMEngine:
                 f"({spec.page_size_bytes} bytes: {spec.block_size} tokens x {spec.num_layers} "
                 "layers); raise kv_cache_memory"
             )
-        # more than every running sequence at full length is never used
-        per_seq = -(-self.config.model_config.max_model_len // spec.block_size)
-        return min(num_blocks, per_seq * self.config.scheduler_config.max_num_seqs)
+        per_seq = -(-max_model_len // spec.block_size)
+        wanted = per_seq * max_num_seqs
+        reason = f"room for max_num_seqs={max_num_seqs} sequences of max_model_len={max_model_len}"
+        if cache.kv_cache_memory is not None:
+            source = f"kv_cache_memory={cache.kv_cache_memory}"
+        else:
+            source = f"kv_cache_memory_fraction={cache.kv_cache_memory_fraction:g} of memory"
+            seqs = min(max_num_seqs, DEFAULT_FULL_LENGTH_SEQS)
+            floor = DEFAULT_MIN_CACHE_BYTES // spec.page_size_bytes
+            if max(per_seq * seqs, floor) < wanted:
+                wanted = max(per_seq * seqs, floor)
+                reason = (f"room for {seqs} sequences of max_model_len={max_model_len}"
+                          if per_seq * seqs >= floor else
+                          f"the {DEFAULT_MIN_CACHE_BYTES // 2**20} MiB default minimum")
+        per_token = f"{spec.page_size_bytes // spec.block_size} bytes/token"
+        if num_blocks <= wanted:
+            return num_blocks, f"{source}, {per_token}; kv_cache_memory=SIZE to change"
+        return wanted, f"{reason}, {per_token}; kv_cache_memory=SIZE to change"
 
     # ------------------------------------------------------------------ requests
 
@@ -275,6 +334,7 @@ class LLMEngine:
         of range; requests already queued are unaffected.
         """
         scheduler = self._require_generate()
+        self._check_awake()
         from engine.sampling_params import SamplingParams
         from engine.tokenizer import IncrementalDetokenizer
 
@@ -406,13 +466,25 @@ class LLMEngine:
 
     def _run_step(self, scheduler: Scheduler, scheduler_output: Any) -> list[RequestOutput]:
         runner_output: ModelRunnerOutput = self.executor.execute_model(scheduler_output)
+        if self.speculative_config is not None:  # the proposals for the next step
+            scheduler.update_draft_token_ids(
+                self.executor.collective_rpc("take_draft_token_ids")[0])
         touched: dict[str, _Request] = {}
         new_tokens: dict[str, int] = {}  # per request, only counted when stats are on
-        for seq, token_id, logprobs in scheduler.update_from_output(
-            scheduler_output, runner_output
-        ):
+        results = scheduler.update_from_output(scheduler_output, runner_output)
+        # a speculative step gives a sequence several tokens: each is checked against
+        # the stop conditions as if it came alone, and those after a stop are dropped
+        pending: dict[int, int] = {}
+        for seq, _, _ in results:
+            pending[seq.seq_id] = pending.get(seq.seq_id, 0) + 1
+        for seq, token_id, logprobs in results:
+            pending[seq.seq_id] -= 1
+            if seq.is_finished:
+                continue
             req = self.requests[seq.request_id]
-            self._process_token(req, seq, token_id, logprobs)
+            self._process_token(req, seq, token_id, logprobs, pending[seq.seq_id])
+            if seq.is_finished:
+                seq.drop_last_tokens(pending[seq.seq_id])
             touched[req.request_id] = req
             if self.stat_loggers is not None:
                 new_tokens[req.request_id] = new_tokens.get(req.request_id, 0) + 1
@@ -456,8 +528,11 @@ class LLMEngine:
         self.stat_loggers.record(scheduler.make_stats(), tracker.take_iteration_stats(now))
 
     def _process_token(
-        self, req: _Request, seq: Sequence, token_id: int, logprobs: dict[int, float] | None
+        self, req: _Request, seq: Sequence, token_id: int, logprobs: dict[int, float] | None,
+        num_later: int = 0,
     ) -> None:
+        """Record one new token (``num_later`` more of the same step follow it in
+        ``seq``) and finish ``seq`` when it stops there."""
         if req.logprobs[seq.index] is not None and logprobs is not None:
             req.logprobs[seq.index].append(logprobs)
         decision = req.detokenizers[seq.index].add(token_id)
@@ -466,7 +541,7 @@ class LLMEngine:
             status = (SequenceStatus.FINISHED_LENGTH if decision.finish_reason == "length"
                       else SequenceStatus.FINISHED_STOPPED)
             seq.stop_reason = decision.stop_reason
-        elif seq.num_output_tokens >= seq.max_tokens:
+        elif seq.num_output_tokens - num_later >= seq.max_tokens:
             status = SequenceStatus.FINISHED_LENGTH  # the context is full
         if status is not None:
             self.scheduler.finish_sequence(seq, status)
@@ -505,6 +580,7 @@ class LLMEngine:
                 f"the model {self.config.model_config.model!r} is not an embedding model "
                 f"(it serves: {', '.join(self.supported_tasks)})"
             )
+        self._check_awake()
         token_id_lists = [self._checked_ids(ids) for ids in token_id_lists]
         return self.executor.collective_rpc("embed", (token_id_lists,))[0]
 
@@ -551,7 +627,58 @@ class LLMEngine:
                 raise ValueError(f"input {i}: {exc}") from None
         return out
 
+    # ------------------------------------------------------------------ sleep mode
+
+    @property
+    def is_sleeping(self) -> bool:
+        """True between `sleep` and `wake_up`."""
+        return self.sleep_level > 0
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the KV cache and the weights on every rank while idle (level 1:
+        the weights go to a file and come back from it; level 2: they are
+        discarded and reloaded from the checkpoint). The prefix cache is
+        emptied. Requests are refused with `EngineSleepingError` until
+        `wake_up`. Sleeping again only deepens the level.
+
+        Raises ValueError when the engine was built without
+        ``enable_sleep_mode=True``, for a level other than 1 or 2, or while
+        requests are unfinished (finish or abort them first).
+        """
+        if not self.config.model_config.enable_sleep_mode:
+            raise ValueError("sleep mode is off: build the engine with enable_sleep_mode=True")
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
+        if self.requests:
+            raise ValueError(f"cannot sleep with {len(self.requests)} unfinished request(s); "
+                             "finish or abort them first")
+        if self.scheduler is not None:
+            self.scheduler.kv_cache.reset_prefix_cache()  # the blocks' contents go away
+        self.executor.collective_rpc("sleep", (level,))
+        self.sleep_level = max(self.sleep_level, level)
+
+    def wake_up(self) -> None:
+        """Bring the weights and an empty KV cache back on every rank (no-op
+        when awake); the next request is served as before `sleep`."""
+        if self.sleep_level:
+            self.executor.collective_rpc("wake_up")
+            self.sleep_level = 0
+
+    def _check_awake(self) -> None:
+        if self.sleep_level:
+            raise EngineSleepingError(
+                f"the engine is sleeping (level {self.sleep_level}); call wake_up() first")
+
     # ------------------------------------------------------------------ stats, end
+
+    @property
+    def spec_decoding_stats(self) -> Any:
+        """Speculative decoding since the start: an `engine.spec_decode.stats.
+        SpecDecodingCounts` (drafted and accepted tokens, accepted per position);
+        None when the engine does not speculate."""
+        if self.speculative_config is None or self.scheduler is None:
+            return None
+        return self.scheduler.spec_stats
 
     @property
     def num_preemptions(self) -> int:

@@ -131,6 +131,18 @@ class KVCacheManager:
                 self.cached_blocks[key] = block
             seq.block_hashes.append(hash(key))
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the blocks of ``seq`` past the first ``num_tokens`` tokens
+        (those a speculative step reserved for drafts that were refused)."""
+        keep = max(self.num_blocks_for(num_tokens), len(seq.block_hashes))
+        while len(seq.block_table) > keep:
+            block = self.blocks[seq.block_table.pop()]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_blocks[block.block_id] = block
+                if block.key is None:
+                    self.free_blocks.move_to_end(block.block_id, last=False)
+
     def free(self, seq: Sequence) -> None:
         """Release every block of ``seq``. Cached blocks stay findable until evicted;
         the sequence's last blocks are queued for eviction before its first ones,

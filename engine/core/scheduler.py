@@ -20,12 +20,17 @@ from typing import Any
 from engine.config import CacheConfig, SchedulerConfig
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.sequence import Sequence, SequenceStatus
+from engine.spec_decode.stats import SpecDecodingCounts
 from engine.step import (
+    DraftTokenIds,
     ModelRunnerOutput,
     NewSequenceData,
     ScheduledSequence,
     SchedulerOutput,
 )
+
+# the most steps a sequence whose drafts keep being refused waits between tries
+_MAX_SPEC_BACKOFF = 8
 
 
 class Scheduler:
@@ -60,6 +65,10 @@ class Scheduler:
         self.prefix_cache_queried_tokens = 0
         self.prefix_cache_hit_tokens = 0
         self._stats_builder: Any = None  # engine.metrics SchedulerStatsBuilder, on first use
+        # speculative decoding: drafts per sequence at most (0: off), and totals
+        self.num_speculative_tokens = 0
+        self.spec_stats = SpecDecodingCounts()  # since the start
+        self._spec_step_stats = SpecDecodingCounts()  # since the last make_stats
 
     # ------------------------------------------------------------------ requests
 
@@ -121,6 +130,27 @@ class Scheduler:
         out.num_preempted = preempted
         return out
 
+    def update_draft_token_ids(self, drafts: DraftTokenIds | None) -> None:
+        """Keep the proposer's guesses for the next step (running sequences only)."""
+        if drafts is None:
+            return
+        by_id = {seq.seq_id: seq for seq in self.running}
+        for seq_id, tokens in zip(drafts.seq_ids, drafts.draft_token_ids, strict=True):
+            seq = by_id.get(seq_id)
+            if seq is not None:
+                seq.spec_token_ids = list(tokens[: self.num_speculative_tokens])
+
+    def _num_drafts(self, seq: Sequence, budget: int) -> int:
+        """How many of ``seq``'s drafts fit this step: a decoding sequence only,
+        within the step's budget and the tokens the sequence may still produce."""
+        if not seq.spec_token_ids or seq.num_computed_tokens != seq.num_tokens - 1:
+            return 0
+        if seq.spec_wait:
+            seq.spec_wait -= 1
+            return 0
+        room = seq.max_tokens - seq.num_output_tokens - 1
+        return max(0, min(len(seq.spec_token_ids), budget - 1, room))
+
     def _chunk(self, seq: Sequence, num_computed: int, budget: int) -> int:
         """How many of the tokens after ``num_computed`` to compute in this step."""
         num_new = seq.num_tokens - num_computed
@@ -134,6 +164,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and out.num_batched_tokens < budget:
             seq = self.running[i]
+            num_drafts = self._num_drafts(seq, budget - out.num_batched_tokens)
+            seq.spec_token_ids, drafts = [], seq.spec_token_ids[:num_drafts]
+            if drafts and self.kv_cache.allocate_slots(seq, 1 + num_drafts):
+                self._add_to_output(out, seq, 1, drafts)
+                i += 1
+                continue  # no room for the drafts: decode one token as usual
             num_new = self._chunk(seq, seq.num_computed_tokens, budget - out.num_batched_tokens)
             while not self.kv_cache.allocate_slots(seq, num_new):
                 victim = self.running[-1]
@@ -192,12 +228,14 @@ class Scheduler:
         self.running.remove(seq)
         self.kv_cache.free(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _add_to_output(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+    def _add_to_output(self, out: SchedulerOutput, seq: Sequence, num_new: int,
+                       drafts: list[int] | None = None) -> None:
         start = seq.num_computed_tokens
         if seq.seq_id not in self._seen:
             self._seen.add(seq.seq_id)
@@ -210,13 +248,14 @@ class Scheduler:
         out.scheduled.append(
             ScheduledSequence(
                 seq_id=seq.seq_id,
-                token_ids=seq.token_ids[start : start + num_new],
+                token_ids=seq.token_ids[start : start + num_new] + (drafts or []),
                 num_computed_tokens=start,
                 block_table=list(seq.block_table),
                 sample=start + num_new == seq.num_tokens,
+                num_draft_tokens=len(drafts or ()),
             )
         )
-        out.num_batched_tokens += num_new
+        out.num_batched_tokens += num_new + len(drafts or ())
 
     def make_stats(self) -> Any:
         """An `engine.metrics.SchedulerStats` snapshot; counters cover the time
@@ -228,6 +267,7 @@ class Scheduler:
         return self._stats_builder.build(
             len(self.running), len(self.waiting), self.kv_cache.usage, self.num_preemptions,
             self.prefix_cache_queried_tokens, self.prefix_cache_hit_tokens,
+            self._spec_step_stats.take() if self.num_speculative_tokens else None,
         )
 
     # ------------------------------------------------------------------ results
@@ -239,20 +279,42 @@ class Scheduler:
         append the sampled tokens. Returns ``(sequence, token_id, logprobs)`` per
         sampled token; the caller decides which sequences stop."""
         by_id = {seq.seq_id: seq for seq in self.running}
-        for item in scheduler_output.scheduled:
-            seq = by_id.get(item.seq_id)
-            if seq is None:  # finished (aborted) while the step ran
-                continue
-            seq.num_computed_tokens = item.num_computed_tokens + len(item.token_ids)
-            self.kv_cache.cache_full_blocks(seq)
         results = []
         logprobs = runner_output.logprobs
+        accepted_lists = runner_output.accepted_token_ids
+        num_accepted: dict[int, int] = {}
         for j, (seq_id, token_id) in enumerate(
             zip(runner_output.seq_ids, runner_output.sampled_token_ids, strict=True)
         ):
             seq = by_id.get(seq_id)
-            if seq is None:
+            if seq is None:  # finished (aborted) while the step ran
                 continue
+            accepted = accepted_lists[j] if accepted_lists is not None else ()
+            num_accepted[seq_id] = len(accepted)
+            for token in accepted:  # kept drafts: their logprobs are not computed
+                seq.append_token(token)
+                results.append((seq, token, None))
             seq.append_token(token_id)
             results.append((seq, token_id, logprobs[j] if logprobs is not None else None))
+        for item in scheduler_output.scheduled:
+            seq = by_id.get(item.seq_id)
+            if seq is None:
+                continue
+            num_drafts = item.num_draft_tokens
+            kept = num_accepted.get(item.seq_id, 0)
+            seq.num_computed_tokens = (item.num_computed_tokens + len(item.token_ids)
+                                       - num_drafts + kept)
+            if num_drafts:
+                # the refused drafts' slots hold K/V of the wrong tokens: they lie past
+                # num_computed_tokens (never cached, overwritten by the next step), and
+                # blocks holding nothing else go back to the pool
+                self.kv_cache.trim(seq, seq.num_tokens)
+                self.spec_stats.record(num_drafts, kept)
+                if kept:
+                    seq.spec_backoff = 0
+                else:
+                    seq.spec_backoff = min(2 * seq.spec_backoff or 1, _MAX_SPEC_BACKOFF)
+                    seq.spec_wait = seq.spec_backoff
+                self._spec_step_stats.record(num_drafts, kept)
+            self.kv_cache.cache_full_blocks(seq)
         return results

@@ -70,6 +70,13 @@ class Sequence:
         self.block_hashes: list[int] = []  # chain hashes of the cached full blocks
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
+        # speculative decoding: the proposer's guess of the next tokens, for the next step
+        self.spec_token_ids: list[int] = []
+        # after a step whose drafts were all refused, this many steps go without
+        # drafts (doubling while refusals go on): guesses that keep failing cost a
+        # verification each, for nothing
+        self.spec_backoff = 0
+        self.spec_wait = 0
 
     def __repr__(self) -> str:
         return (
@@ -100,3 +107,10 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def drop_last_tokens(self, n: int) -> None:
+        """Forget the last `n` tokens of a finished sequence: those a speculative
+        step produced after the one it stopped at."""
+        assert self.is_finished and 0 <= n <= self.num_output_tokens, (self, n)
+        if n:
+            del self.token_ids[-n:]

@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from engine.core.engine import RequestFailedError
+from engine.core.engine import EngineSleepingError, RequestFailedError
 from engine.engine_args import EngineArgs
 from engine.entrypoints import serving
 from engine.entrypoints.async_engine import AsyncEngine, EngineUnavailableError
@@ -54,6 +54,7 @@ class ServerSettings:
     # what runs each replica's workers, "mp" or "ray" (None: engine_args' own backend)
     data_parallel_backend: str | None = None
     route_plugins: tuple[str, ...] = ()  # --enable-route-plugin names
+    dev_mode: bool = False  # --enable-dev-mode: /sleep, /wake_up, /is_sleeping
 
 
 class ServerState:
@@ -132,6 +133,10 @@ def build_app(settings: ServerSettings) -> FastAPI:
     app.state.engine = state.engine  # what route plugins program against
     _add_error_handlers(app)
     include_builtin_routes(app)
+    if settings.dev_mode:
+        from engine.entrypoints.routes.dev import router as dev_router
+
+        app.include_router(dev_router)
     mount_route_plugins(app, settings.route_plugins)  # after the built-ins: clashes are refused
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.api_key:
@@ -158,11 +163,16 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
-        return json_response(validation_error(list(exc.errors())))
+        return json_response(validation_error(list(exc.errors()),
+                                              request.headers.get("content-type")))
 
     @app.exception_handler(EngineUnavailableError)
     async def unavailable(request: Request, exc: EngineUnavailableError) -> Response:
         return json_response(APIError(503, str(exc), code=f"engine_{exc.state}"))
+
+    @app.exception_handler(EngineSleepingError)
+    async def sleeping(request: Request, exc: EngineSleepingError) -> Response:
+        return json_response(APIError(503, f"{exc} (POST /wake_up)", code="engine_sleeping"))
 
     @app.exception_handler(RequestFailedError)
     async def request_failed(request: Request, exc: RequestFailedError) -> Response:

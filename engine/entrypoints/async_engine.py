@@ -224,6 +224,10 @@ class AsyncEngine:
         self._send(fn, future)
         return await asyncio.wrap_future(future)
 
+    async def call_all(self, fn: Callable[[Any], T]) -> list[T]:
+        """`call` on every replica (one here); results in replica order."""
+        return [await self.call(fn)]
+
     # ------------------------------------------------------------ introspection
 
     @property

@@ -244,6 +244,10 @@ class DataParallelEngine:
         finally:
             self.in_flight[index] -= 1
 
+    async def call_all(self, fn: Callable[[Any], Any]) -> list[Any]:
+        """Run ``fn(llm)`` on every replica (sleep mode); results in replica order."""
+        return [await replica.call(fn) for replica in self.replicas]
+
     def abort(self, request_id: str) -> None:
         """Abort `request_id` wherever it runs (unknown ids are ignored)."""
         for replica in self.replicas:

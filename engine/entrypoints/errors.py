@@ -53,9 +53,10 @@ def json_response(error: APIError) -> Any:
     return JSONResponse(error.payload(), status_code=error.status, headers=headers)
 
 
-def validation_error(errors: list[dict[str, Any]]) -> APIError:
+def validation_error(errors: list[dict[str, Any]], content_type: str | None = None) -> APIError:
     """A 400 from FastAPI/pydantic request-validation errors, naming the first bad
-    field (``messages[0].role``)."""
+    field (``messages[0].role``), or the request's `content_type` when that is why
+    the body was not read as JSON."""
     first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
     loc = [part for part in first.get("loc", ()) if part != "body"]
     kind = first.get("type", "")
@@ -63,6 +64,14 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
         detail = first.get("ctx", {}).get("error", first.get("msg", ""))
         return APIError(400, f"the request body is not valid JSON: {detail}")
     if not loc:
+        media_type = (content_type or "").split(";")[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            # FastAPI reads a body as JSON only when the header says so (curl -d
+            # sends application/x-www-form-urlencoded)
+            got = f"'Content-Type: {content_type}'" if content_type else "no Content-Type"
+            return APIError(400, f"the request body must be JSON sent with 'Content-Type: "
+                                 f"application/json' (got {got}; with curl add "
+                                 "-H 'Content-Type: application/json')")
         return APIError(400, "the request body must be a JSON object")
     param = _dotted(loc)
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")

@@ -17,7 +17,8 @@ the path of a first `engine generate`: ``ENGINE_CPU_KERNELS`` chooses
 - ``build``: build now (blocking) when missing, then load;
 - ``0``: never use them.
 
-``python -m engine.kernels build`` builds in the foreground. The library lands
+``engine kernels build`` (or ``python -m engine.kernels build``) builds in the
+foreground. The library lands
 in ``$ENGINE_KERNEL_CACHE`` (default ``~/.cache/engine/kernels``), under a key
 made of the sources, the torch version and the CPU, so any change rebuilds.
 """
@@ -35,10 +36,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engine.utils import STARTUP_LOGGER
+
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
+startup_logger = logging.getLogger(STARTUP_LOGGER)
 
 SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp", "amx_linear.cpp", "ggml_quant.cpp")
 HEADERS = ("vec.h",)
@@ -131,8 +135,11 @@ def _start_background_build() -> None:
     subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                      start_new_session=True, preexec_fn=lambda: os.nice(19))
     log.close()
-    logger.info("building the engine's CPU kernels in the background (log: %s)",
-                lock.parent / "build.log")
+    startup_logger.info(
+        "building the compiled CPU kernels in the background, at low priority (a minute or "
+        "two; log: %s); until they are built plain PyTorch runs, whose bfloat16 results "
+        "can differ in the last bits. `engine kernels build` builds them now",
+        lock.parent / "build.log")
 
 
 def kernels_available() -> bool:

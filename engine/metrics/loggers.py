@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from engine.metrics.stats import IterationStats, SchedulerStats
+from engine.spec_decode.stats import SpecDecodingCounts
 
 logger = logging.getLogger("engine.metrics")
 
@@ -76,6 +77,7 @@ class LoggingStatLogger(StatLoggerBase):
         self._prefix_queries = 0
         self._prefix_hits = 0
         self._num_preemptions = 0
+        self._spec = SpecDecodingCounts()
 
     def record(
         self,
@@ -88,6 +90,9 @@ class LoggingStatLogger(StatLoggerBase):
             self._prefix_queries += scheduler_stats.prefix_cache_stats.queries
             self._prefix_hits += scheduler_stats.prefix_cache_stats.hits
             self._num_preemptions += scheduler_stats.num_preemptions
+            spec = scheduler_stats.spec_decoding_stats
+            if spec is not None and spec.num_drafts:
+                self._spec.merge(spec)
         if iteration_stats is not None:
             self._num_prompt_tokens += iteration_stats.num_prompt_tokens
             self._num_generation_tokens += iteration_stats.num_generation_tokens
@@ -122,6 +127,15 @@ class LoggingStatLogger(StatLoggerBase):
         )
         if self._num_preemptions:
             line += f", Preemptions: {self._num_preemptions}"
+        spec = self._spec
+        if spec.num_drafts:
+            per_position = ", ".join(f"{n / spec.num_drafts:.2f}"
+                                     for n in spec.accepted_per_position)
+            line += (f", Spec decode: {spec.num_draft_tokens} drafted, "
+                     f"{spec.num_accepted_tokens} accepted tokens, acceptance rate "
+                     f"{spec.acceptance_rate * 100:.1f}%, mean acceptance length "
+                     f"{1 + spec.num_accepted_tokens / spec.num_drafts:.2f}, "
+                     f"per-position acceptance rate [{per_position}]")
         return line
 
     def log_engine_initialized(self) -> None:
@@ -187,6 +201,17 @@ class _PrometheusMetrics:
         self.kv_cache_usage = gauge(
             "engine_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = 100 percent)."
         )
+        # speculative decoding: vLLM's names (spec_decode_*)
+        self.spec_decode_num_drafts = counter(
+            "engine_spec_decode_num_drafts", "Sequences that carried draft tokens into a step.")
+        self.spec_decode_num_draft_tokens = counter(
+            "engine_spec_decode_num_draft_tokens", "Draft tokens verified.")
+        self.spec_decode_num_accepted_tokens = counter(
+            "engine_spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self.spec_decode_num_accepted_tokens_per_pos = counter(
+            "engine_spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by position in their sequence's run of drafts.",
+            ("position",))
         self.cache_config_info = gauge(
             "engine_cache_config_info", "KV-cache configuration (value is always 1).",
             ("block_size", "num_blocks"),
@@ -232,7 +257,10 @@ class PrometheusStatLogger(StatLoggerBase):
     ``prometheus_client.generate_latest(logger.registry)``. Counters (``*_total``):
     ``engine_prompt_tokens``, ``engine_generation_tokens``,
     ``engine_request_success{finished_reason}``, ``engine_num_preemptions``,
-    ``engine_prefix_cache_queries``, ``engine_prefix_cache_hits``. Gauges:
+    ``engine_prefix_cache_queries``, ``engine_prefix_cache_hits``; with speculative
+    decoding ``engine_spec_decode_num_drafts``, ``engine_spec_decode_num_draft_tokens``,
+    ``engine_spec_decode_num_accepted_tokens``,
+    ``engine_spec_decode_num_accepted_tokens_per_pos{position}``. Gauges:
     ``engine_num_requests_running``, ``engine_num_requests_waiting``,
     ``engine_kv_cache_usage_perc`` (0..1), ``engine_cache_config_info``. Histograms:
     ``engine_time_to_first_token_seconds``, ``engine_inter_token_latency_seconds``,
@@ -265,6 +293,10 @@ class PrometheusStatLogger(StatLoggerBase):
         self._e2e = m.e2e_request_latency.labels(*labels)
         self._req_prompt_tokens = m.request_prompt_tokens.labels(*labels)
         self._req_generation_tokens = m.request_generation_tokens.labels(*labels)
+        self._spec_drafts = m.spec_decode_num_drafts.labels(*labels)
+        self._spec_draft_tokens = m.spec_decode_num_draft_tokens.labels(*labels)
+        self._spec_accepted = m.spec_decode_num_accepted_tokens.labels(*labels)
+        self._spec_per_pos: list[Any] = []  # children by position, bound on first use
         self._success: dict[str, Any] = {}
         for reason in _FINISH_REASONS:  # present as 0 before the first request finishes
             self._success_counter(reason)
@@ -293,6 +325,9 @@ class PrometheusStatLogger(StatLoggerBase):
                 self._prefix_hits.inc(prefix.hits)
             if scheduler_stats.num_preemptions:
                 self._num_preemptions.inc(scheduler_stats.num_preemptions)
+            spec = scheduler_stats.spec_decoding_stats
+            if spec is not None and spec.num_drafts:
+                self._record_spec(spec)
         if iteration_stats is None:
             return
         if iteration_stats.num_prompt_tokens:
@@ -308,6 +343,17 @@ class PrometheusStatLogger(StatLoggerBase):
             self._e2e.observe(finished.e2e_latency)
             self._req_prompt_tokens.observe(finished.num_prompt_tokens)
             self._req_generation_tokens.observe(finished.num_generation_tokens)
+
+    def _record_spec(self, spec: SpecDecodingCounts) -> None:
+        self._spec_drafts.inc(spec.num_drafts)
+        self._spec_draft_tokens.inc(spec.num_draft_tokens)
+        self._spec_accepted.inc(spec.num_accepted_tokens)
+        per_pos = self._metrics.spec_decode_num_accepted_tokens_per_pos
+        while len(self._spec_per_pos) < len(spec.accepted_per_position):
+            self._spec_per_pos.append(per_pos.labels(*self._labels, str(len(self._spec_per_pos))))
+        for child, n in zip(self._spec_per_pos, spec.accepted_per_position, strict=False):
+            if n:
+                child.inc(n)
 
     def log_engine_initialized(self) -> None:
         cache = getattr(self.config, "cache_config", None)

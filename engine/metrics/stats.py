@@ -45,6 +45,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.spec_decode.stats import SpecDecodingCounts
+
 
 @dataclass(slots=True)
 class PrefixCacheStats:
@@ -68,6 +70,8 @@ class SchedulerStats:
     kv_cache_usage: float = 0.0  # fraction of KV blocks in use, 0..1
     prefix_cache_stats: PrefixCacheStats = field(default_factory=PrefixCacheStats)
     num_preemptions: int = 0  # preemptions during this step
+    # speculative decoding during this step; None when the engine does not speculate
+    spec_decoding_stats: SpecDecodingCounts | None = None
 
 
 @dataclass(slots=True)
@@ -185,8 +189,10 @@ class SchedulerStatsBuilder:
         total_preemptions: int,
         total_prefix_queries: int,
         total_prefix_hits: int,
+        spec_decoding_stats: SpecDecodingCounts | None = None,
     ) -> SchedulerStats:
-        """This step's stats, given the scheduler's queue lengths, KV usage and totals."""
+        """This step's stats, given the scheduler's queue lengths, KV usage and totals
+        (and this step's speculative-decoding counts, when the engine speculates)."""
         stats = SchedulerStats(
             num_running_reqs=num_running_reqs,
             num_waiting_reqs=num_waiting_reqs,
@@ -196,6 +202,7 @@ class SchedulerStatsBuilder:
                 hits=total_prefix_hits - self._hits,
             ),
             num_preemptions=total_preemptions - self._preemptions,
+            spec_decoding_stats=spec_decoding_stats,
         )
         self._preemptions = total_preemptions
         self._queries = total_prefix_queries

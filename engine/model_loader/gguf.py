@@ -6,9 +6,11 @@ the hyper-parameters as ``{arch}.*`` metadata keys, the tokenizer as
 block-quantized. This module reads the file and turns the hyper-parameters and
 tensors into what the engine uses elsewhere: a ``config.json``-style dict and a
 stream of ``(Hugging Face tensor name, float tensor)`` pairs (the tokenizer is
-built from the same file by `engine.tokenizer.gguf`). Dequantization is the
-`gguf` package's (every type it supports: F32, F16, BF16, Q4_0, Q4_1, Q5_0,
-Q5_1, Q8_0, Q2_K to Q6_K, ...).
+built from the same file by `engine.tokenizer.gguf`). The file is parsed once
+and memory-mapped (`engine.model_loader.gguf_reader`); a tensor is read and
+dequantized when the weights reach it (F32, F16, BF16, Q4_0, Q4_1 and Q8_0 in
+torch, every other type the `gguf` package supports through it: Q5_0, Q5_1,
+Q2_K to Q6_K, ...).
 
 Llama-family architectures only (``llama``, which also covers Mistral, and
 ``qwen2``). llama.cpp's converter reorders the rows of the query and key
@@ -17,9 +19,14 @@ projections of ``llama`` models for its rotary layout; they are put back here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from engine.model_loader.gguf_reader import GGUFReader, TensorInfo, dequantize
 
 GGUF_SUFFIX = ".gguf"
 
@@ -83,16 +90,12 @@ class GGUFFile:
     """One opened GGUF file: metadata by key, tensors by name."""
 
     def __init__(self, path: str | Path) -> None:
-        try:
-            from gguf import GGUFReader
-        except ImportError as exc:  # a dependency, but say so plainly if it is missing
-            raise ImportError(
-                f"{path}: reading GGUF files needs the 'gguf' package (pip install gguf)"
-            ) from exc
         self.path = Path(path)
         try:
-            self.reader = GGUFReader(str(self.path))
-        except Exception as exc:
+            self.reader = GGUFReader(self.path)
+        except OSError:
+            raise
+        except ValueError as exc:
             raise ValueError(f"{self.path}: not a readable GGUF file: {exc}") from None
         self.architecture = str(self.get("general.architecture", ""))
         if self.architecture not in _ARCHITECTURES:
@@ -101,12 +104,22 @@ class GGUFFile:
                 f"supported: {', '.join(sorted(_ARCHITECTURES))}"
             )
 
+    @classmethod
+    def open(cls, path: str | Path) -> GGUFFile:
+        """The file at `path`, parsed once: the engine asks for its config, its
+        tokenizer and its weights at different moments, and they all share the
+        parse (until the file changes)."""
+        stat = Path(path).stat()
+        return _open_cached(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
     def get(self, key: str, default: Any = None) -> Any:
         """The metadata value of `key` (str, number, bool, or a list of them)."""
-        field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        return field.contents()
+        return self.reader.fields.get(key, default)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data in the file."""
+        return sum(t.nbytes for t in self.reader.tensors)
 
     # ------------------------------------------------------------------ config
 
@@ -147,26 +160,24 @@ class GGUFFile:
     def _tensor_names(self) -> set[str]:
         return {t.name for t in self.reader.tensors}
 
-    def _tensor(self, name: str) -> Any:
+    def _tensor(self, name: str) -> TensorInfo:
         for t in self.reader.tensors:
             if t.name == name:
                 return t
         raise ValueError(f"{self.path}: no tensor {name!r}")
 
     def weights(self, config: dict[str, Any] | None = None,
+                progress: Callable[[int], None] | None = None,
                 keep_quantized: Callable[[str], Any] | None = None) -> Iterator[tuple[str, Any]]:
         """``(Hugging Face name, float32 torch tensor)`` for every tensor,
-        dequantized; raises ValueError naming a tensor of an unknown name or a
-        type that cannot be dequantized.
+        dequantized as it is reached (nothing is read before); `progress` gets each
+        tensor's size in the file. Raises ValueError naming a tensor of an unknown
+        name or a type that cannot be dequantized.
 
         `keep_quantized(type name)` may return a quantization method
         (`engine.quantization.QuantizationMethod`) for a tensor type: 2-D
         tensors of that type then come as the method's `QuantizedTensor`, their
-        blocks copied out of the file as they are (rows in Hugging Face order)."""
-        import numpy as np
-        import torch
-        from gguf import dequantize
-
+        blocks read from the file as they are (rows in Hugging Face order)."""
         config = config or self.hf_config()
         _, _, permuted = _ARCHITECTURES[self.architecture]
         heads = config["num_attention_heads"]
@@ -177,33 +188,49 @@ class GGUFFile:
                 if tensor.name.startswith("rope_freqs"):
                     continue  # llama.cpp's precomputed rope factors: the engine computes its own
                 raise ValueError(f"{self.path}: tensor {tensor.name!r} has no Hugging Face name")
-            # GGUF lists dimensions fastest first: reverse them for row-major
-            shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-            method = keep_quantized(tensor.tensor_type.name) if keep_quantized else None
+            method = keep_quantized(tensor.type_name) if keep_quantized else None
+            shape = tuple(int(d) for d in reversed(tensor.shape))
             if method is not None and len(shape) == 2 and method.supports(shape):
-                # read, not copied out of the reader's memory map: mapped pages would
-                # count in the process's resident memory next to the copy
-                blocks = np.fromfile(self.path, dtype=np.uint8, count=int(tensor.n_bytes),
-                                     offset=int(tensor.data_offset)).reshape(shape[0], -1)
-                if permuted and ".attn_q." in tensor.name:
-                    blocks = _unpermute_rows(blocks, heads)
-                elif permuted and ".attn_k." in tensor.name:
-                    blocks = _unpermute_rows(blocks, kv_heads)
-                yield hf_name, method.from_gguf(torch.from_numpy(np.ascontiguousarray(blocks)), shape)
+                yield hf_name, method.from_gguf(self._blocks(tensor, shape, heads, kv_heads), shape)
+                if progress is not None:
+                    progress(tensor.nbytes)
                 continue
             try:
-                values = dequantize(tensor.data, tensor.tensor_type)
+                values = dequantize(self.reader, tensor)
             except NotImplementedError:
                 raise ValueError(
-                    f"{self.path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, "
-                    "which the gguf package cannot dequantize"
+                    f"{self.path}: tensor {tensor.name!r} has type {tensor.type_name}, "
+                    "which cannot be dequantized"
                 ) from None
-            values = np.array(values, dtype=np.float32).reshape(shape)  # a writable copy
             if permuted and ".attn_q." in tensor.name:
                 values = _unpermute_rows(values, heads)
             elif permuted and ".attn_k." in tensor.name:
                 values = _unpermute_rows(values, kv_heads)
-            yield hf_name, torch.from_numpy(values)
+            if progress is not None:
+                progress(tensor.nbytes)
+            yield hf_name, values
+
+
+    def _blocks(self, tensor: Any, shape: tuple[int, ...], heads: int, kv_heads: int) -> Any:
+        """A quantized tensor's bytes as uint8 [rows, row bytes], rows unpermuted.
+        Read from the file, not copied out of the reader's memory map: mapped
+        pages would count in the process's resident memory next to the copy."""
+        import torch  # lazy: reading a GGUF file's config stays torch-free
+
+        blocks = torch.from_numpy(np.fromfile(self.path, dtype=np.uint8, count=int(tensor.nbytes),
+                                              offset=int(tensor.offset))).reshape(shape[0], -1)
+        _, _, permuted = _ARCHITECTURES[self.architecture]
+        if permuted and ".attn_q." in tensor.name:
+            blocks = _unpermute_rows(blocks, heads).contiguous()
+        elif permuted and ".attn_k." in tensor.name:
+            blocks = _unpermute_rows(blocks, kv_heads).contiguous()
+        return blocks
+
+
+@functools.lru_cache(maxsize=1)
+def _open_cached(path: str, mtime_ns: int, size: int) -> GGUFFile:
+    return GGUFFile(path)
+
 
 def hf_tensor_name(gguf_name: str) -> str | None:
     """The Hugging Face name of a GGUF tensor (``blk.3.attn_q.weight`` ->
@@ -223,7 +250,7 @@ def _unpermute_rows(weight: Any, heads: int) -> Any:
     """Undo llama.cpp's per-head row interleaving of a query/key projection."""
     rows = weight.shape[0]
     half = rows // heads // 2
-    return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return weight.reshape(heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
 def _key_of(config_key: str) -> str:

@@ -128,11 +128,8 @@ class _WeightStream:
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         from safetensors import safe_open
-        from tqdm import tqdm
 
-        total = sum(f.stat().st_size for f in self.files)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights",
-                  disable=None if total > PROGRESS_BAR_BYTES else True) as bar:
+        with _progress_bar(sum(f.stat().st_size for f in self.files)) as bar:
             for file in self.files:
                 self.current = file
                 try:
@@ -147,6 +144,15 @@ class _WeightStream:
                         bar.update(tensor.nbytes)
                         yield name, tensor
         self.finished = True
+
+
+def _progress_bar(total_bytes: int, threshold: int = PROGRESS_BAR_BYTES) -> Any:
+    """A "Loading weights" bar over `total_bytes`, shown on a terminal only (tqdm's
+    ``disable=None``) and only above `threshold` bytes, where loading takes a moment."""
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="Loading weights",
+                disable=None if total_bytes > threshold else True)
 
 
 @contextlib.contextmanager
@@ -250,7 +256,7 @@ class GGUFLoader(ModelLoader):
         return file
 
     def load_config(self, path: Path) -> dict[str, Any]:
-        return GGUFFile(self._file(path)).hf_config()
+        return GGUFFile.open(self._file(path)).hf_config()
 
     def iter_weights(self, path: Path, hf_config: dict[str, Any],
                      quantization: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -264,7 +270,10 @@ class GGUFLoader(ModelLoader):
         else:
             named = get_quantization_method(quantization)
             keep = lambda tensor_type: named if named.gguf_type == tensor_type else None  # noqa: E731
-        return GGUFFile(self._file(path)).weights(hf_config, keep_quantized=keep)
+        file = GGUFFile.open(self._file(path))
+        # dequantizing a byte costs several times reading one: a lower threshold
+        with _progress_bar(file.nbytes, PROGRESS_BAR_BYTES // 4) as bar:
+            yield from file.weights(hf_config, progress=bar.update, keep_quantized=keep)
 
 
 _QUALNAME = re.compile(r"^[A-Za-z_][\w.]*[:.][A-Za-z_][\w.]*$")

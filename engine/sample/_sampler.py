@@ -28,6 +28,7 @@ from engine.sample._logits_processor import (
 )
 from engine.sample._penalties import apply_penalties
 from engine.sample._state import SamplingState
+from engine.sampling_params import SamplingParams
 
 # Up to this k, top-k alone uses torch.topk instead of a full sort.
 _TOPK_DIRECT_LIMIT = 256
@@ -112,6 +113,40 @@ class Sampler:
 
         tokens = token_ids.tolist()
         return SamplerOutput(tokens, _logprobs(states, tokens, logprob_rows))
+
+    # ------------------------------------------------- speculative decoding
+
+    @staticmethod
+    def argmax(logits: torch.Tensor) -> torch.Tensor:
+        """The greedy token of each row of `logits` [rows, vocab], as plain
+        decoding picks it (same ties, any float dtype)."""
+        return _argmax(logits)
+
+    def target_probs(self, logits: torch.Tensor,
+                     states: Sequence[SamplingState]) -> torch.Tensor:
+        """The distribution each row of `logits` [len(states), vocab] would be
+        sampled from (penalties, temperature, top-k/top-p/min-p applied), as
+        float32 probabilities. A state may stand for several rows (one per
+        position of a speculated sequence); logits processors do not run here."""
+        if logits.dim() != 2 or logits.shape[0] != len(states):
+            raise ValueError(
+                f"logits of shape {tuple(logits.shape)} do not match {len(states)} sampling states"
+            )
+        x = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
+        _apply_penalties_and_blocks(x, states)
+        _apply_temperature_and_truncation(x, [s.params for s in states])
+        return x.softmax(dim=-1)
+
+    def draw(self, weights: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+        """One token per row of the unnormalized, non-negative `weights`
+        [len(states), vocab], by inverse CDF with each state's own generator
+        (seeded requests stay deterministic)."""
+        return _inverse_cdf(weights, _uniforms(states, weights.device))
+
+    def uniforms(self, states: Sequence[SamplingState], device: torch.device) -> torch.Tensor:
+        """One U[0, 1) number per state [len(states), 1], from its own generator
+        when it has one."""
+        return _uniforms(states, device)
 
     def _copy_to_workspace(self, logits: torch.Tensor) -> torch.Tensor:
         needed = logits.numel()
@@ -260,16 +295,20 @@ def _sample(
     tokens and, for rows that want them, the log-probs they were drawn from.
     """
     mine = [states[i] for i in rows]
-    params = [s.params for s in mine]
-    device = x.device
-    temperatures = [p.temperature for p in params]
-    if any(t != 1.0 for t in temperatures):
-        x.div_(torch.tensor(temperatures, device=device).unsqueeze(1))
-    _truncate_top_k_top_p(x, [p.top_k for p in params], [p.top_p for p in params])
-    _truncate_min_p(x, [p.min_p for p in params])
+    _apply_temperature_and_truncation(x, [s.params for s in mine])
     logprob_rows = _log_softmax_rows(x, rows, states)
     # softmax, not exp: this torch's CPU exp crawls on underflowing inputs
-    return _inverse_cdf(x.softmax(dim=-1), _uniforms(mine, device)), logprob_rows
+    return _inverse_cdf(x.softmax(dim=-1), _uniforms(mine, x.device)), logprob_rows
+
+
+def _apply_temperature_and_truncation(x: torch.Tensor, params: Sequence[SamplingParams]) -> None:
+    """Divide each row of `x` by its temperature, then mask what top-k, top-p and
+    min-p drop (in place)."""
+    temperatures = [p.temperature for p in params]
+    if any(t != 1.0 for t in temperatures):
+        x.div_(torch.tensor(temperatures, device=x.device).unsqueeze(1))
+    _truncate_top_k_top_p(x, [p.top_k for p in params], [p.top_p for p in params])
+    _truncate_min_p(x, [p.min_p for p in params])
 
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -26,5 +26,5 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
 
         gguf_file = find_gguf_file(folder)
         if gguf_file is not None:  # a GGUF model carries its own tokenizer
-            return gguf_tokenizer(GGUFFile(gguf_file))
+            return gguf_tokenizer(GGUFFile.open(gguf_file))
     return hf_tokenizer(folder)

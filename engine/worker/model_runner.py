@@ -11,6 +11,7 @@ to the step after it finishes.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -30,23 +31,86 @@ class ModelRunner:
         self.model: torch.nn.Module | None = None
         self.sampler: Any = None
         self.states: dict[int, Any] = {}  # seq_id -> SamplingState
+        self.has_logits_processors = False
+        # speculative decoding (driver only): the proposer, and its latest guesses
+        self.proposer: Any = None
+        self._draft_token_ids: Any = None  # engine.spec_decode.DraftTokenIds
+        self._drafts_allowed = False  # no logits processor plugins that drafts would skip
+        self._draftable: dict[int, bool] = {}  # seq_id -> _may_draft, once per sequence
 
     def load_model(self) -> None:
         from engine.model_loader import load_model
 
         self.model = load_model(self.config)
-        from engine.platforms import current_platform
+        self.pack_weights()
+        if self.config.compilation_config.backend is not None:
+            from engine.compilation import compile_model
 
-        if current_platform.is_cpu():
-            from engine.ops.linear import pack_linear_weights
-
-            pack_linear_weights(self.model)
+            compile_model(self.model, self.config.compilation_config)
         if self.is_generative:
             from engine.sample import Sampler, build_logits_processors
 
             # only the driver samples, so only it runs the logits processors
             processors = build_logits_processors(self.config, self.device) if self.is_driver else []
             self.sampler = Sampler(processors)
+            self.has_logits_processors = bool(processors)
+            if self.config.speculative_config is not None and self.is_driver:
+                self._load_proposer([name for name, _ in processors])
+
+    def pack_weights(self) -> None:
+        """Prepack the linear weights for the platform's kernels (after loading,
+        and after a sleep-mode wake-up, which drops the packed copies)."""
+        from engine.platforms import current_platform
+
+        if current_platform.is_cpu():
+            from engine.ops.linear import pack_linear_weights
+
+            pack_linear_weights(self.model)
+
+    # ------------------------------------------------------------------ speculative decoding
+
+    def _load_proposer(self, processor_names: list[str]) -> None:
+        from engine.spec_decode.selection import proposer_class
+
+        spec = self.config.speculative_config
+        self.proposer = proposer_class(spec)(spec, self.config, self.device)
+        self.proposer.load(self.model)
+        # verified rows skip the logits processors: only the built-in structured-
+        # outputs one is known to leave requests without structured outputs alone
+        self._drafts_allowed = all(n == "structured_outputs" for n in processor_names)
+        if not self._drafts_allowed:
+            logger.warning("speculative decoding is off: logits processor plugins are enabled "
+                           "(%s), and drafted tokens would skip them", ", ".join(processor_names))
+
+    def initialize_proposer_cache(self, num_blocks: int) -> None:
+        """Tell the proposer the size of the target's KV cache (see `Proposer`)."""
+        if self.proposer is not None:
+            self.proposer.initialize_cache(num_blocks)
+
+    def take_draft_token_ids(self) -> Any:
+        """The proposals of the last step (`engine.spec_decode.DraftTokenIds`), once."""
+        drafts, self._draft_token_ids = self._draft_token_ids, None
+        return drafts
+
+    def _propose(self, seq_ids: list[int], states: list[Any]) -> None:
+        from engine.spec_decode import DraftTokenIds, TokenView
+
+        ids, tokens = [], []
+        for seq_id, state in zip(seq_ids, states, strict=True):
+            if state.params.min_tokens <= len(state.output_token_ids) and self._draftable.get(
+                    seq_id, False):
+                ids.append(seq_id)
+                tokens.append(TokenView(state.prompt_token_ids, state.output_token_ids))
+        drafts = self.proposer.propose(ids, tokens) if ids else []
+        self._draft_token_ids = DraftTokenIds(ids, [list(d) for d in drafts])
+
+    def _may_draft(self, params: Any) -> bool:
+        """Whether a sequence's next tokens may be verified in one step (once it has
+        min_tokens tokens): its sampling must not depend on what the drafts change
+        (penalties look at the output, structured outputs and logits processors at
+        the text so far), and a kept draft has no log-probabilities to report."""
+        return (self._drafts_allowed and params.logprobs is None and not params.has_penalties
+                and params.structured_outputs is None)
 
     @property
     def is_generative(self) -> bool:
@@ -65,9 +129,8 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return ModelRunnerOutput()
         with torch.inference_mode():
-            input_ids, positions, attn_metadata, logits_rows, seq_ids = self._prepare_inputs(
-                scheduler_output
-            )
+            input_ids, positions, attn_metadata, logits_rows, seq_ids, drafts = (
+                self._prepare_inputs(scheduler_output))
             hidden = self.model(input_ids, positions, attn_metadata)
             if not seq_ids:  # only prompt chunks this step: nothing to sample
                 return ModelRunnerOutput()
@@ -77,11 +140,23 @@ class ModelRunner:
             if not self.is_driver:
                 return ModelRunnerOutput()
             states = [self.states[i] for i in seq_ids]
-            sampled = self.sampler(logits, states)
+            accepted = None
+            if any(drafts):
+                from engine.spec_decode.verify import sample_with_drafts
+
+                sampled = sample_with_drafts(self.sampler, logits, states, drafts)
+                accepted = sampled.accepted
+                for state, kept in zip(states, accepted, strict=True):
+                    state.output_token_ids.extend(kept)
+            else:
+                sampled = self.sampler(logits, states)
         token_ids = list(sampled.token_ids)
         for state, token_id in zip(states, token_ids, strict=True):
             state.output_token_ids.append(token_id)
-        return ModelRunnerOutput(seq_ids, token_ids, sampled.logprobs)
+        if self.proposer is not None:
+            self._propose(seq_ids, states)
+        return ModelRunnerOutput(seq_ids, token_ids, sampled.logprobs,
+                                 accepted_token_ids=accepted)
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         from engine.sample import SamplingState
@@ -90,6 +165,10 @@ class ModelRunner:
             return
         for seq_id in scheduler_output.finished_seq_ids:
             self.states.pop(seq_id, None)
+        if self.proposer is not None and scheduler_output.finished_seq_ids:
+            self.proposer.remove(scheduler_output.finished_seq_ids)
+            for seq_id in scheduler_output.finished_seq_ids:
+                self._draftable.pop(seq_id, None)
         for new in scheduler_output.new_seqs:
             self.states[new.seq_id] = SamplingState.create(
                 new.sampling_params,
@@ -98,6 +177,8 @@ class ModelRunner:
                 eos_token_ids=new.eos_token_ids,
                 device=self.device,
             )
+            if self.proposer is not None:
+                self._draftable[new.seq_id] = self._may_draft(new.sampling_params)
 
     def _prepare_inputs(self, scheduler_output: SchedulerOutput):
         from engine.attention import AttentionMetadata
@@ -111,18 +192,29 @@ class ModelRunner:
         block_tables: list[list[int]] = []
         logits_rows: list[int] = []
         seq_ids: list[int] = []
+        drafts: list[list[int]] = []  # per sampled sequence: the drafts to verify
         for item in scheduler_output.scheduled:
             start, n = item.num_computed_tokens, len(item.token_ids)
             table = item.block_table
             input_ids.extend(item.token_ids)
             positions.extend(range(start, start + n))
             slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            query_lens.append(n)
-            seq_lens.append(start + n)
-            block_tables.append(table)
+            if item.num_draft_tokens:
+                # a verified position j is attended as its own decoding sequence of
+                # start + j + 1 tokens: the path (and the numerics) of plain decoding
+                query_lens.extend([1] * n)
+                seq_lens.extend(range(start + 1, start + n + 1))
+                block_tables.extend([table] * n)
+            else:
+                query_lens.append(n)
+                seq_lens.append(start + n)
+                block_tables.append(table)
             if item.sample:
-                logits_rows.append(len(input_ids) - 1)
+                # a drafted sequence needs the logits after each draft, and before the first
+                k = item.num_draft_tokens
+                logits_rows.extend(range(len(input_ids) - 1 - k, len(input_ids)))
                 seq_ids.append(item.seq_id)
+                drafts.append(item.token_ids[n - k:] if k else [])
         device = self.device
         attn_metadata = AttentionMetadata.build(
             query_lens, seq_lens, block_tables, slot_mapping, bs, device
@@ -133,7 +225,43 @@ class ModelRunner:
             attn_metadata,
             torch.tensor(logits_rows, dtype=torch.int64, device=device),
             seq_ids,
+            drafts,
         )
+
+    # ------------------------------------------------------------------ warm-up
+
+    def warm_up(self, num_blocks: int) -> None:
+        """Run the steps of `engine.worker.warm_up` (generative models, on a KV
+        cache of `num_blocks` blocks) or one small embedding batch, and leave no
+        sequence state behind."""
+        if not self.is_generative:
+            self.embed([[3] * 8, [4] * 24])
+            return
+        if num_blocks < 1:
+            return
+        from engine.sample import Sampler
+        from engine.worker.warm_up import warm_up_steps
+
+        vocab = int(self.config.model_config.hf_config.get("vocab_size") or 2)
+        sampler = self.sampler
+        if self.has_logits_processors:
+            # processors are told of every request; the warm-up's are none of theirs
+            self.sampler = Sampler()
+        devices = [] if self.device.type == "cpu" else [self.device]
+        start = time.perf_counter()
+        # the unseeded sampling row draws from the global generator: give it back
+        # as it was, so requests sample as they would without the warm-up
+        with torch.random.fork_rng(devices, device_type=self.device.type):
+            try:
+                steps = 0
+                for step in warm_up_steps(self.config, num_blocks, vocab):
+                    self.execute_model(step)
+                    steps += 1
+            finally:
+                self.sampler = sampler
+                self.states = {i: s for i, s in self.states.items() if i >= 0}
+                self._draft_token_ids = None  # proposals for the warm-up's sequences
+        logger.info("warm-up: %d steps in %.2f s", steps, time.perf_counter() - start)
 
     # ------------------------------------------------------------------ embeddings
 

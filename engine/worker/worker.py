@@ -3,15 +3,41 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.step import ModelRunnerOutput, SchedulerOutput
 from engine.worker.model_runner import ModelRunner
+from engine.worker.sleep import (
+    OffloadedWeights,
+    offload_weights,
+    release_freed_memory,
+    restore_weights,
+)
 from engine.worker.worker_base import KVCacheSpec, WorkerBase
 
 logger = logging.getLogger(__name__)
+
+
+_ALIGN = 64  # bytes: a cache line, the widest vector load the CPU kernels do
+
+
+def _zeroed_untouched(shape: tuple[int, ...], dtype: torch.dtype,
+                     device: torch.device | None) -> torch.Tensor:
+    """A zero tensor whose memory is not touched until it is written, on the CPU:
+    `torch.zeros` writes every page (seconds, and resident memory, for a cache of
+    gigabytes), while calloc hands back fresh zero pages from the kernel that
+    become resident one by one as the cache fills. NumPy allocates with calloc.
+    Other devices: `torch.zeros`."""
+    if device is not None and device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    raw = torch.from_numpy(np.zeros(nbytes + _ALIGN, dtype=np.uint8))
+    offset = -raw.data_ptr() % _ALIGN
+    return raw[offset:offset + nbytes].view(dtype).view(shape)
 
 
 class Worker(WorkerBase):
@@ -26,6 +52,7 @@ class Worker(WorkerBase):
         super().__init__(config, rank, local_rank, distributed_init_method)
         self.device: torch.device | None = None
         self.model_runner: ModelRunner | None = None
+        self._asleep: OffloadedWeights | None = None  # sleep mode: what sleep() emptied
 
     def init_device(self) -> None:
         from engine.distributed import parallel_state
@@ -102,15 +129,58 @@ class Worker(WorkerBase):
                 num_blocks, block_size, layer.num_kv_heads, layer.head_size
             )
             # zeros, not empty: padded reads past a sequence's end must stay finite
-            caches.append(torch.zeros(shape, dtype=dtype, device=self.device))
+            caches.append(_zeroed_untouched(shape, dtype, self.device))
         bind_kv_cache(model, caches)
         self.config.cache_config.num_blocks = num_blocks
+        self.model_runner.initialize_proposer_cache(num_blocks)
 
     def compile_or_warm_up_model(self) -> None:
-        """Nothing to compile for eager PyTorch; the first step warms up itself."""
+        """Run the step shapes the first requests will hit (`engine.worker.warm_up`),
+        unless ``compilation_config.warm_up`` is off."""
+        if self.config.compilation_config.warm_up:
+            self.model_runner.warm_up(self.config.cache_config.num_blocks or 0)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
+
+    # -- sleep mode (docs/sleep-and-warm-up.md) --
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the KV cache and the weights: level 1 keeps the weights' bytes in
+        an unlinked temporary file, level 2 discards them (`wake_up` reloads the
+        checkpoint). A deeper sleep while asleep drops the kept file."""
+        if self._asleep is not None:
+            if level >= 2:
+                self._asleep.close()
+            return
+        from engine.attention import bind_kv_cache, get_attention_layers
+
+        model = self.model_runner.model
+        layers = get_attention_layers(model)
+        if layers:
+            empty = torch.empty(0, dtype=self.model_runner.dtype, device=self.device)
+            bind_kv_cache(model, [empty] * len(layers))
+        self._asleep = offload_weights(model, keep=level < 2)
+        release_freed_memory(self.device)
+
+    def wake_up(self) -> None:
+        """Bring back the weights (from the sleep file, or the checkpoint after
+        level 2) and a zeroed KV cache of the same size (no-op when awake)."""
+        asleep = self._asleep
+        if asleep is None:
+            return
+        if asleep.file is not None:
+            restore_weights(asleep)
+            self.model_runner.pack_weights()
+        else:
+            self.model_runner.load_model()
+        self._asleep = None
+        num_blocks = self.config.cache_config.num_blocks
+        if num_blocks:
+            self.initialize_cache(num_blocks)
+    def take_draft_token_ids(self) -> Any:
+        """The proposals the last step made for the next one (rank 0)."""
+        return self.model_runner.take_draft_token_ids()
 
     def embed(self, token_id_lists: list[list[int]]) -> list[list[float]]:
         return self.model_runner.embed(token_id_lists)

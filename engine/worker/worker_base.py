@@ -6,8 +6,10 @@ rank=r, local_rank=r, distributed_init_method=...)`` (after the platform's
 `import_kernels` and the global seed) and then calls, in order: `init_device`,
 `load_model`, `get_supported_tasks`, `get_kv_cache_spec`,
 `determine_available_memory`, `initialize_cache`, `compile_or_warm_up_model`,
-then `execute_model` once per step (`embed` for embedding models),
-`check_health` when the server asks, and `shutdown` at the end.
+then `execute_model` once per step (`embed` for embedding models;
+`take_draft_token_ids` after it with speculative decoding),
+`check_health` when the server asks, `sleep` / `wake_up` when the user asks
+(sleep mode), and `shutdown` at the end.
 
 Every method here is one the engine calls; a required one the subclass does not
 provide raises `NotImplementedError` naming it and the class, so a missing piece
@@ -19,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from engine.step import ModelRunnerOutput, SchedulerOutput
+from engine.step import DraftTokenIds, ModelRunnerOutput, SchedulerOutput
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.config import EngineConfig
@@ -99,8 +101,34 @@ class WorkerBase:
         """Pooled embeddings of a batch of token-id lists (embedding models)."""
         raise self._missing("embed")
 
+    def sleep(self, level: int = 1) -> None:
+        """Sleep mode: free the KV cache and the weights while the engine is idle
+        (level 1: keep the weights where `wake_up` finds them fast; level 2:
+        discard them, `wake_up` reloads the checkpoint). Needed by
+        ``enable_sleep_mode=True``, which checks for it at start-up."""
+        raise self._missing("sleep")
+
+    def wake_up(self) -> None:
+        """Undo `sleep`: weights back and an empty KV cache of the same size."""
+        raise self._missing("wake_up")
+
+    def take_draft_token_ids(self) -> DraftTokenIds | None:
+        """Speculative decoding: the proposals made during the last `execute_model`
+        for the next step (rank 0; other ranks return None). The engine calls it
+        after every step when ``speculative_config`` is set; a worker without it
+        makes such an engine fail at start-up."""
+        raise self._missing("take_draft_token_ids")
+
     def check_health(self) -> None:
         """Raise when this worker can no longer serve; healthy by default."""
 
     def shutdown(self) -> None:
         """Release what the worker holds; nothing by default."""
+
+
+def unimplemented_methods(worker: object, names: tuple[str, ...]) -> list[str]:
+    """The methods of `names` that `worker` lacks or leaves as `WorkerBase`'s
+    placeholder (picklable: the engine asks every rank through `collective_rpc`)."""
+    cls = type(worker)
+    return [n for n in names
+            if getattr(cls, n, None) is None or getattr(cls, n) is getattr(WorkerBase, n, None)]

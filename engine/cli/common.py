@@ -1,0 +1,64 @@
+"""What the commands that build an engine (`generate`, `chat`, `serve`) share: the
+model as a positional argument, and the start-up line naming out-of-tree plugins.
+
+Imported to build the parser: no torch here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import registry
+
+# the api_route group is off unless `engine serve --enable-route-plugin` names a
+# plugin, so an installed route plugin is not "active" at start-up
+_NOT_ACTIVE_BY_DEFAULT = ("engine.api_route_plugins",)
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """``engine CMD MODEL``: the model as an optional positional argument, as
+    ``vllm serve MODEL`` and ``ollama run MODEL`` take it (``--model`` stays)."""
+    parser.add_argument("model_positional", nargs="?", default=None, metavar="MODEL",
+                        help="model folder, GGUF file or cached 'org/name' (same as --model)")
+
+
+def resolve_model_argument(args: argparse.Namespace, command: str) -> None:
+    """Fold the positional MODEL into ``args.model``. Raises ValueError when both
+    are given and differ."""
+    positional = getattr(args, "model_positional", None)
+    if positional is None:
+        return
+    if args.model is not None and args.model != positional:
+        raise ValueError(f"the model is given twice, as MODEL ({positional!r}) and as "
+                         f"--model ({args.model!r}); give it once (engine {command} MODEL)")
+    args.model = positional
+
+
+def announce_loading(command: str, model: str | None) -> None:
+    """On a terminal, one line saying the model is loading (importing torch and
+    loading weights take seconds); nothing when stderr is piped, where only the
+    start-up decisions are logged."""
+    if sys.stderr.isatty():
+        print(f"engine {command}: loading {model or 'the embedded default model'} ...",
+              file=sys.stderr, flush=True)
+
+
+def announce_out_of_tree_plugins(command: str) -> None:
+    """One line on stderr naming the enabled plugins that are not built in (installed
+    packages, config-dir manifests, plugin dirs), so a plugin installed for one
+    experiment never acts silently on later commands. Nothing when there are none."""
+    active = [r for r in registry.discover()
+              if r.enabled and r.source != "builtin" and r.group not in _NOT_ACTIVE_BY_DEFAULT]
+    if not active:
+        return
+    names = "; ".join(_describe(r) for r in active)
+    print(f"engine {command}: out-of-tree plugins active: {names} "
+          "(ENGINE_PLUGINS=\"\" turns them off; engine plugins list shows all)",
+          file=sys.stderr, flush=True)
+
+
+def _describe(record: registry.PluginRecord) -> str:
+    alias = next((a for a, g in registry.GROUP_ALIASES.items() if g == record.group),
+                 record.group)
+    return f"{record.name} ({alias}, {record.source} {record.origin})"

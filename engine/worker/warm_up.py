@@ -1,0 +1,136 @@
+"""The warm-up steps: what `Worker.compile_or_warm_up_model` runs before the
+engine takes requests, so that no user request pays a first-time cost.
+
+A first step of a given kind pays for things a later one does not: the OpenMP
+thread pool and oneDNN's first primitives and AMX set-up, the first calls of
+the compiled kernels (GEMV up to a few decode rows, AMX up to
+`engine.ops.linear.AMX_MAX_ROWS`, paged decode attention), the attention
+backend's prefill paths (a whole prompt, and a chunk over a cached context),
+the sampler's paths (argmax; temperature with top-k/top-p/min-p and a seeded
+generator; penalties; log-probabilities on the float32 copy of the logits) and
+the allocator growing to the largest step. The warm-up runs a step of each
+kind as the scheduler would send it: one prefill step of up to
+`MAX_PREFILL_TOKENS` tokens, one step that mixes a prompt chunk over a cached
+context with decodes, then one decode step per batch bucket (1, 2, 4, ... up
+to `MAX_DECODE_BATCH` or ``max_num_seqs``).
+
+It leaves nothing behind: the steps never reach the scheduler (no KV block is
+allocated, the prefix cache and the statistics never see them), their
+sequences have negative ids (never a request's) and are dropped at the end, and
+the few cache blocks they write (all sequences share the first ones) hold finite
+values that no request reads before writing (as after any finished request).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from engine.sampling_params import SamplingParams
+from engine.step import NewSequenceData, ScheduledSequence, SchedulerOutput
+
+# The largest prefill step of the warm-up. The step budget (max_num_batched_tokens)
+# can be 4096 or more; a larger step warms nothing new (oneDNN's primitives are
+# per row count whatever the warm-up runs) and costs start-up time in proportion.
+MAX_PREFILL_TOKENS = 512
+# The largest decode bucket: past the compiled kernels' row limits (GEMV, AMX up
+# to engine.ops.linear.AMX_MAX_ROWS) every row count is one more oneDNN shape,
+# which the warm-up cannot cover for every count.
+MAX_DECODE_BATCH = 64
+# decode rows of one context: enough to span several cache blocks
+DECODE_CONTEXT_TOKENS = 48
+
+
+def decode_batch_sizes(max_num_seqs: int) -> list[int]:
+    """The decode batch buckets the warm-up runs: powers of two up to
+    ``min(max_num_seqs, MAX_DECODE_BATCH)``, and that limit itself."""
+    limit = min(max_num_seqs, MAX_DECODE_BATCH)
+    sizes, n = [], 1
+    while n < limit:
+        sizes.append(n)
+        n *= 2
+    return sizes + [limit]
+
+
+def _params(i: int) -> SamplingParams:
+    """Row `i`'s sampling settings: every sampler path within a few rows."""
+    kinds = (
+        dict(temperature=0.0),
+        dict(temperature=0.8, top_p=0.9, top_k=40, seed=i),
+        dict(temperature=1.0, min_p=0.05, repetition_penalty=1.1, presence_penalty=0.5),
+        dict(temperature=0.0, logprobs=2),
+    )
+    return SamplingParams(max_tokens=1, ignore_eos=True, **kinds[i % len(kinds)])
+
+
+class _Blocks:
+    """Block tables for the warm-up's sequences: every one starts at block 0, so
+    the warm-up writes (and makes resident: the cache's pages are only touched
+    when written) no more blocks than its longest sequence needs. Sharing is
+    harmless: the values are never read as any request's context."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    def table(self, num_tokens: int) -> list[int]:
+        return [i % self.num_blocks for i in range(-(-num_tokens // self.block_size))]
+
+
+def warm_up_steps(config: Any, num_blocks: int, vocab_size: int) -> Iterator[SchedulerOutput]:
+    """The warm-up's steps in order, for a KV cache of `num_blocks` blocks; the
+    last one only drops the warm-up sequences (``finished_seq_ids``)."""
+    max_len = config.model_config.max_model_len
+    budget = config.scheduler_config.max_num_batched_tokens
+    max_seqs = config.scheduler_config.max_num_seqs
+    blocks = _Blocks(num_blocks, config.cache_config.block_size)
+    seq_ids = iter(range(-1, -(1 << 62), -1))
+    live: list[int] = []
+
+    def token_ids(n: int, offset: int) -> list[int]:
+        return [(offset * 31 + j * 7 + 3) % vocab_size for j in range(n)]
+
+    def new_seq(prompt: list[int], row: int) -> tuple[int, NewSequenceData]:
+        seq_id = next(seq_ids)
+        live.append(seq_id)
+        return seq_id, NewSequenceData(seq_id, prompt, _params(row), seed_offset=0)
+
+    # 1. whole prompts, no cached context: the largest prefill step
+    total = max(1, min(budget, MAX_PREFILL_TOKENS, num_blocks * blocks.block_size))
+    per_seq = max(1, min(max_len - 1, total))
+    step = SchedulerOutput()
+    row = 0
+    while total > 0 and len(step.scheduled) < max_seqs:
+        n = min(per_seq, total)
+        prompt = token_ids(n, row)
+        seq_id, data = new_seq(prompt, row)
+        step.new_seqs.append(data)
+        step.scheduled.append(ScheduledSequence(seq_id, prompt, 0, blocks.table(n + 1), True))
+        total -= n
+        row += 1
+    step.num_batched_tokens = sum(len(s.token_ids) for s in step.scheduled)
+    yield step
+
+    # 2. a prompt chunk over a cached context, next to a decode
+    if max_len >= 3:
+        chunk = max(1, min(budget - 1, max_len - 2, 64) // 2)
+        prompt = token_ids(2 * chunk, row)
+        seq_id, data = new_seq(prompt, row)
+        table = blocks.table(2 * chunk + 1)
+        decode_id, decode_data = new_seq(token_ids(1, row + 1), row + 1)
+        yield SchedulerOutput(
+            scheduled=[ScheduledSequence(seq_id, prompt[chunk:], chunk, table, True),
+                       ScheduledSequence(decode_id, [5 % vocab_size], 1, blocks.table(2), True)],
+            new_seqs=[data, decode_data], num_batched_tokens=chunk + 1)
+
+    # 3. decode steps, one per batch bucket
+    context = max(1, min(DECODE_CONTEXT_TOKENS, max_len - 1))
+    for size in decode_batch_sizes(max_seqs):
+        step = SchedulerOutput(num_batched_tokens=size)
+        for i in range(size):
+            seq_id, data = new_seq(token_ids(context, i), i)
+            step.new_seqs.append(data)
+            step.scheduled.append(ScheduledSequence(
+                seq_id, [(i + 11) % vocab_size], context, blocks.table(context + 1), True))
+        yield step
+    yield SchedulerOutput(finished_seq_ids=live)

@@ -1,0 +1,286 @@
+"""A new user's first commands: the model as a positional argument, sizes with
+units, a KV cache sized to the model and allocated lazily, what the engine says at
+start-up (KV-cache decision, kernel build, out-of-tree plugins), help texts, and an
+empty completion explained."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from chat_models import VOCAB_SIZE, build_chat_model
+from conftest import subprocess_env
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _engine(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True,
+                          text=True, timeout=180, env=subprocess_env(**env))
+
+
+# ------------------------------------------------------------------ item 5: MODEL
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_model_is_accepted_as_a_positional_argument(command):
+    from engine.cli.common import resolve_model_argument
+    from engine.cli.main import build_parser
+
+    extra = ["--prompt", "x"] if command == "generate" else []
+    args = build_parser().parse_args([command, "some/model", *extra])
+    resolve_model_argument(args, command)
+    assert args.model == "some/model"
+    same = build_parser().parse_args([command, "some/model", "--model", "some/model", *extra])
+    resolve_model_argument(same, command)
+    assert same.model == "some/model"
+    both = build_parser().parse_args([command, "a/model", "--model", "b/model", *extra])
+    with pytest.raises(ValueError, match=r"given twice.*'a/model'.*--model \('b/model'\)"):
+        resolve_model_argument(both, command)
+
+
+def test_generate_with_a_positional_model_folder(make_hf_model):
+    model = str(make_hf_model("llama"))
+    proc = _engine("generate", model, "--prompt", "x = 1", "--max-tokens", "3",
+                   "--ignore-eos")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("x = 1")
+    clash = _engine("generate", model, "--model", str(ROOT), "--prompt", "x")
+    assert clash.returncode == 1 and "given twice" in clash.stderr
+
+
+# ------------------------------------------------------------------ item 6: flags
+
+
+def test_kv_cache_memory_takes_units():
+    from engine.cli.main import build_parser
+    from engine.engine_args import EngineArgs, parse_memory_size
+
+    assert parse_memory_size("1GiB") == 2**30
+    assert parse_memory_size("512MiB") == 512 * 2**20
+    assert parse_memory_size("2GB") == 2 * 10**9
+    assert parse_memory_size("4096") == 4096
+    with pytest.raises(ValueError, match="kv_cache_memory: '3 parsecs' is not a size"):
+        parse_memory_size("3 parsecs", "kv_cache_memory")
+    args = build_parser().parse_args(["serve", "--kv-cache-memory", "1GiB"])
+    assert args.kv_cache_memory == 2**30
+    config = EngineArgs(kv_cache_memory="512MiB").create_engine_config()
+    assert config.cache_config.kv_cache_memory == 512 * 2**20
+    bad = _engine("serve", "--kv-cache-memory", "lots")
+    assert bad.returncode == 2 and "'lots' is not a size" in bad.stderr
+
+
+def test_help_states_defaults_and_one_meaning_of_seed():
+    helps = {cmd: _engine(cmd, "--help").stdout for cmd in ("generate", "chat", "serve")}
+    flat = {cmd: " ".join(text.split()) for cmd, text in helps.items()}
+    assert "most tokens to generate per prompt (default 64)" in flat["generate"]
+    assert "(default: 8000)" in flat["serve"]
+    for cmd, text in flat.items():
+        options = text[text.index("options:"):]
+        # one --seed, not an engine one besides
+        assert len(re.findall(r"--seed S[ ,]", options)) == 1, cmd
+        seed_help = options[options.index("--seed S"):][:80]
+        assert "sampling seed" in seed_help, (cmd, seed_help)
+
+
+def test_generate_explains_an_empty_completion_of_a_chat_model(
+        make_hf_model, tokenizer_dir, tmp_path):
+    from engine import LLM, SamplingParams
+
+    base = make_hf_model("llama", vocab_size=VOCAB_SIZE)
+    model = build_chat_model("chatml", base, tokenizer_dir, tmp_path / "chat")
+    llm = LLM(str(model), dtype="float32", kv_cache_memory=1 << 22)
+    first = llm.generate(["What is 2+2?"], SamplingParams(temperature=0, max_tokens=1,
+                                                         ignore_eos=True))
+    llm.shutdown()
+    # make the greedy first token the end of sequence: the reply is empty at once
+    gen = json.loads((model / "generation_config.json").read_text())
+    gen["eos_token_id"] = first[0].outputs[0].token_ids[0]
+    (model / "generation_config.json").write_text(json.dumps(gen))
+    proc = _engine("generate", str(model), "--prompt", "What is 2+2?", "--temperature", "0",
+                   "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "What is 2+2?"
+    assert "the model ended at once" in proc.stderr
+    assert f"engine chat {model}" in proc.stderr
+
+
+# ------------------------------------------------------------------ item 3: KV cache
+
+
+def test_default_kv_cache_is_sized_to_the_model_and_said_in_one_line(make_hf_model):
+    from engine import LLM
+    from engine.core.engine import DEFAULT_FULL_LENGTH_SEQS, DEFAULT_MIN_CACHE_BYTES
+
+    # a long context: 4 sequences at full length are more than the minimum
+    model = make_hf_model("llama", max_position_embeddings=300_000)
+    llm = LLM(str(model), dtype="float32", max_model_len=300_000)
+    per_token = 2 * 2 * 2 * 16 * 4  # K and V x 2 layers x 2 KV heads x head 16 x float32
+    num_blocks = llm.llm_engine.num_blocks
+    assert num_blocks == DEFAULT_FULL_LENGTH_SEQS * 300_000 // 16
+    assert num_blocks * 16 * per_token > DEFAULT_MIN_CACHE_BYTES
+    llm.shutdown()
+    proc = _engine("generate", str(model), "--prompt", "x", "--max-tokens", "1",
+                   "--dtype", "float32", "--max-model-len", "8192")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "KV cache" in line]
+    expected_blocks = DEFAULT_MIN_CACHE_BYTES // (16 * per_token)
+    assert lines == [f"engine: KV cache: {expected_blocks} blocks x 16 tokens = "
+                     f"{expected_blocks * 16} tokens, 0.50 GiB (the 512 MiB default minimum, "
+                     f"{per_token} bytes/token; kv_cache_memory=SIZE to change)"]
+
+
+def test_kv_cache_pages_are_not_touched_until_used(make_hf_model):
+    # resident memory, not time: a 2 GiB cache must not make the process 2 GiB big
+    model = make_hf_model("llama", max_position_embeddings=300_000)
+    script = (
+        "import resource, sys\n"
+        "from engine import LLM\n"
+        "llm = LLM(sys.argv[1], dtype='float32', kv_cache_memory='2GiB')\n"
+        "llm.generate(['x'])\n"
+        "print(llm.llm_engine.num_blocks, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(model)], capture_output=True,
+                          text=True, timeout=180, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    num_blocks, max_rss_kib = map(int, proc.stdout.split())
+    assert num_blocks * 16 * 512 == 2 * 2**30  # the whole 2 GiB was allocated...
+    assert max_rss_kib < 2**20  # ...and the process never held 1 GiB
+
+
+# ------------------------------------------------------------------ item 4: kernels
+
+
+def test_engine_kernels_status_and_the_background_build_is_announced(tmp_path):
+    cache = tmp_path / "kernels"
+    status = _engine("kernels", "status", ENGINE_KERNEL_CACHE=str(cache))
+    assert status.returncode == 0, status.stderr
+    assert "not built (engine kernels build builds it)" in status.stdout
+    # a compiler that fails at once: the build starts, is announced, and ends quickly
+    proc = _engine("generate", "--prompt", "x", "--max-tokens", "1", "--dtype", "bfloat16",
+                   ENGINE_KERNEL_CACHE=str(cache), ENGINE_CPU_KERNELS="auto", CXX="false")
+    assert proc.returncode == 0, proc.stderr
+    announced = [line for line in proc.stderr.splitlines() if "in the background" in line]
+    assert len(announced) == 1 and "engine kernels build" in announced[0], proc.stderr
+    deadline = time.monotonic() + 120
+    while list(cache.glob("*/building.lock")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not list(cache.glob("*/building.lock")), "the background build never ended"
+    failed = _engine("kernels", "build", ENGINE_KERNEL_CACHE=str(cache), CXX="false")
+    assert failed.returncode == 1 and "the build failed" in failed.stderr
+
+
+# ------------------------------------------------------------------ item 8: plugins
+
+
+def test_start_up_names_out_of_tree_plugins_and_v_shows_the_platform():
+    plain = _engine("generate", "--prompt", "x", "--max-tokens", "1")
+    assert plain.returncode == 0, plain.stderr
+    assert "out-of-tree plugins" not in plain.stderr  # built-ins are not named
+    example = ROOT / "examples" / "jsonl-stat-logger"
+    proc = _engine("--plugin-dir", str(example), "generate", "-v", "--prompt", "x",
+                   "--max-tokens", "1")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "out-of-tree plugins active" in line]
+    assert len(lines) == 1 and "jsonl (stat_logger, plugin-dir" in lines[0], proc.stderr
+    assert "platform 'cpu'" in proc.stderr
+
+
+# ------------------------------------------------------------------ item 7: examples
+
+
+def test_my_model_plugin_example_ships_a_model_to_try(tmp_path):
+    example = ROOT / "examples" / "my-model-plugin"
+    made = subprocess.run([sys.executable, str(example / "make_tiny_model.py"),
+                           str(tmp_path / "my-model")], capture_output=True, text=True,
+                          timeout=60, env=subprocess_env())
+    assert made.returncode == 0, made.stderr
+    config = json.loads((tmp_path / "my-model" / "config.json").read_text())
+    assert config["architectures"] == ["MyLlamaForCausalLM"]
+    greedy = ("--prompt", "def add(a, b):", "--max-tokens", "8", "--temperature", "0",
+              "--dtype", "float32")
+    mine = _engine("--plugin-dir", str(example), "generate", str(tmp_path / "my-model"),
+                   *greedy)
+    assert mine.returncode == 0, mine.stderr
+    default = _engine("generate", *greedy)
+    assert mine.stdout == default.stdout  # logit_scale 1.0: the default model's text
+    without = _engine("generate", str(tmp_path / "my-model"), *greedy)
+    assert without.returncode == 1 and "MyLlamaForCausalLM" in without.stderr
+
+
+# ------------------------------------------------------------------ item 2: loading
+
+
+def test_a_gguf_file_is_parsed_once_and_read_as_the_gguf_package_reads_it(
+        make_hf_model, tmp_path):
+    import gguf
+    import numpy as np
+    import torch
+    from test_gguf import write_gguf
+
+    from engine import LLM
+    from engine.model_loader.gguf import GGUFFile, _open_cached
+    from engine.model_loader.gguf_reader import dequantize
+
+    path = write_gguf(make_hf_model("llama"), tmp_path / "tiny.gguf", "Q4_1",
+                      chat_template="{{ messages[0]['content'] }}")
+    _open_cached.cache_clear()
+    llm = LLM(str(path), dtype="float32", kv_cache_memory=1 << 22)
+    llm.shutdown()
+    info = _open_cached.cache_info()
+    assert info.misses == 1 and info.hits >= 2  # config, tokenizer and weights: one parse
+    # the same metadata and the same dequantized values as the gguf package's reader
+    ours, theirs = GGUFFile.open(path).reader, gguf.GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert ours.fields.keys() == fields.keys()
+    for key, value in fields.items():
+        assert ours.fields[key] == pytest.approx(value), key
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for mine, ref in zip(ours.tensors, theirs.tensors, strict=True):
+        expected = np.asarray(gguf.dequantize(ref.data, ref.tensor_type), dtype=np.float32)
+        got = dequantize(ours, mine)
+        assert torch.equal(got, torch.tensor(expected).reshape(got.shape)), mine.name
+
+
+def _on_a_terminal(*args: str, timeout: float = 180.0) -> str:
+    """What `engine ARGS` writes to a pseudo-terminal (stdout and stderr)."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI with the terminal as stdin, stdout and stderr
+        os.execvpe(sys.executable, [sys.executable, "-m", "engine", *args], subprocess_env())
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        if os.waitpid(pid, os.WNOHANG) == (0, 0):  # still running: the loop timed out
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    return out.decode(errors="replace")
+
+
+def test_loading_is_announced_on_a_terminal_and_not_when_piped():
+    args = ("generate", "--prompt", "x", "--max-tokens", "1")
+    assert "engine generate: loading the embedded default model ..." in _on_a_terminal(*args)
+    piped = _engine(*args)
+    assert piped.returncode == 0, piped.stderr
+    assert "loading" not in piped.stderr
