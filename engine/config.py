@@ -22,6 +22,8 @@ class ModelConfig:
     io_processor_plugin: str | None = None
     load_format: str = "auto"  # a registered model loader (engine.model_loader)
     enable_sleep_mode: bool = False  # LLM.sleep / wake_up (docs/sleep-and-warm-up.md)
+    # a quantization plugin's name, "none", or None: GGUF blocks stay as they are
+    quantization: str | None = None
 
 
 @dataclass

@@ -128,6 +128,12 @@ class EngineArgs:
     load_format: str = field(default="auto", metadata=_help(
         "how to read the weights: 'auto' (by what the path holds), 'safetensors', 'pt', "
         "'gguf' or a format a plugin registered", metavar="FORMAT"))
+    quantization: str | None = field(default=None, metadata=_help(
+        "store the linear layers, embedding and LM head quantized: a quantization plugin "
+        "('q8_0', 'q4_0', 'q4_1', 'q5_0', 'q5_1', 'q4_k', 'q5_k', 'q6_k', or a "
+        "third party's), quantizing float weights at load; 'none': all in floats. "
+        "Default: a GGUF file's blocks stay as they are, other checkpoints stay float "
+        "(docs/quantization.md)", metavar="METHOD"))
     logits_processors: tuple[Any, ...] = field(default=(), metadata=_help(
         "extra LogitsProcessor classes (or 'pkg.mod:Cls' names) run after the "
         "logits_processor plugins", nargs="+", metavar="QUALNAME"))
@@ -242,6 +248,7 @@ class EngineArgs:
                 max_model_len=max_model_len, hf_config=hf_config,
                 io_processor_plugin=self.io_processor_plugin, load_format=self.load_format,
                 enable_sleep_mode=self.enable_sleep_mode,
+                quantization=self._checked_quantization(),
             ),
             cache_config=CacheConfig(
                 block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
@@ -282,6 +289,15 @@ class EngineArgs:
         from engine.spec_decode import SpeculativeConfig
 
         return SpeculativeConfig.from_user(self.speculative_config)
+    def _checked_quantization(self) -> str | None:
+        from engine.quantization import NO_QUANTIZATION, get_quantization_method
+
+        if self.quantization in (None, NO_QUANTIZATION):
+            return self.quantization
+        if not isinstance(self.quantization, str):
+            raise ValueError(f"quantization must be a method name, got {self.quantization!r}")
+        get_quantization_method(self.quantization)  # an unknown name fails here, naming the valid ones
+        return self.quantization
 
     def _lora_config(self) -> Any:
         if not self.enable_lora:

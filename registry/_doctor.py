@@ -15,6 +15,7 @@ from registry._env import config_dir, plugin_dirs
 from registry._groups import (
     API_ROUTE_PLUGINS,
     LOGITS_PROCESSOR_PLUGINS,
+    QUANTIZATION_PLUGINS,
     STAT_LOGGER_PLUGINS,
     group_alias,
 )
@@ -77,6 +78,8 @@ class DoctorReport:
 
 def _check_shape(group: str, value: object) -> str | None:
     """What is wrong with a loaded plugin value's shape for its group, or None."""
+    if group == QUANTIZATION_PLUGINS:
+        return None if isinstance(value, type) else "value should be a QuantizationMethod subclass"
     if group == STAT_LOGGER_PLUGINS:
         return None if isinstance(value, type) else "value should be a StatLoggerBase subclass"
     if group == LOGITS_PROCESSOR_PLUGINS:

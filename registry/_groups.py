@@ -11,6 +11,7 @@ API_ROUTE_PLUGINS = "engine.api_route_plugins"
 GRAPH_BACKEND_PLUGINS = "engine.graph_backend_plugins"
 SPEC_PROPOSER_PLUGINS = "engine.spec_proposer_plugins"
 LORA_RESOLVER_PLUGINS = "engine.lora_resolver_plugins"
+QUANTIZATION_PLUGINS = "engine.quantization_plugins"
 
 # alias -> full entry-point group name, in the order the groups are listed everywhere
 GROUP_ALIASES: dict[str, str] = {
@@ -23,6 +24,7 @@ GROUP_ALIASES: dict[str, str] = {
     "graph_backend": GRAPH_BACKEND_PLUGINS,
     "spec_proposer": SPEC_PROPOSER_PLUGINS,
     "lora_resolver": LORA_RESOLVER_PLUGINS,
+    "quantization": QUANTIZATION_PLUGINS,
 }
 GROUPS: tuple[str, ...] = tuple(GROUP_ALIASES.values())
 

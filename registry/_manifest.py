@@ -54,6 +54,7 @@ GroupName = Literal[
     "graph_backend",
     "spec_proposer",
     "lora_resolver",
+    "quantization",
     "engine.general_plugins",
     "engine.platform_plugins",
     "engine.io_processor_plugins",
@@ -63,6 +64,7 @@ GroupName = Literal[
     "engine.graph_backend_plugins",
     "engine.spec_proposer_plugins",
     "engine.lora_resolver_plugins",
+    "engine.quantization_plugins",
 ]
 
 

@@ -133,7 +133,7 @@ def test_validate_reports_one_line_per_problem(tmp_path):
         "logits_processor (engine.logits_processor_plugins), api_route "
         "(engine.api_route_plugins), graph_backend (engine.graph_backend_plugins), "
         "spec_proposer (engine.spec_proposer_plugins), lora_resolver "
-        "(engine.lora_resolver_plugins)",
+        "(engine.lora_resolver_plugins), quantization (engine.quantization_plugins)",
         f"{schema}: plugin[1].value: invalid value 'bad value': expected 'module' or "
         "'module:attr' (dotted Python identifiers, e.g. 'acme_npu.plugin:register')",
         f"{tmp_path / 'missing.toml'}: no such file or folder",

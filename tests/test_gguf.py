@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -81,10 +82,12 @@ def sentencepiece_vocab(tokenizer_dir: Path, size: int = 700) -> dict:
 
 def write_gguf(model_dir: Path, out: Path, qtype: str = "F32", *, chat_template: str | None = None,
                seed: int = 0, arch: str = "llama", vocab: dict | None = None,
-               pre: str = "default") -> Path:
+               pre: str = "default", k_blocks: Callable[[np.ndarray], np.ndarray] | None = None
+               ) -> Path:
     """Write the Hugging Face-format Llama (or Qwen2, `arch="qwen2"`) `model_dir`
     as one GGUF file: config, byte-level BPE tokenizer, and the 2-D weights in
-    `qtype` (norms and biases stay F32)."""
+    `qtype` (norms and biases stay F32). K-quant blocks are random unless
+    `k_blocks` (float32 [N, K] -> uint8 blocks) quantizes the real weights."""
     cfg = json.loads((model_dir / "config.json").read_text())
     tok = json.loads((model_dir / "tokenizer.json").read_text())
     state = load_file(str(model_dir / "model.safetensors"))
@@ -147,7 +150,8 @@ def write_gguf(model_dir: Path, out: Path, qtype: str = "F32", *, chat_template:
         elif qtype == "F16":
             w.add_tensor(gguf_name, values.astype(np.float16))
         elif qtype in _K_BLOCKS:
-            blocks = _random_k_quant(values.shape, qtype, rng)
+            blocks = (k_blocks(values.astype(np.float32)) if k_blocks is not None
+                      else _random_k_quant(values.shape, qtype, rng))
             w.add_tensor(gguf_name, blocks, raw_shape=blocks.shape, raw_dtype=kind)
         else:
             quantized = gguf.quants.quantize(values, kind)

@@ -76,6 +76,8 @@ def test_builtin_manifest_declares_exactly_the_builtin_plugins():
         (registry.SPEC_PROPOSER_PLUGINS, "draft_model",
          "engine.spec_decode.draft_model:DraftModelProposer"),
         (registry.LORA_RESOLVER_PLUGINS, "lora_folder", "engine.lora.resolver:LoRAFolderResolver"),
+        *((registry.QUANTIZATION_PLUGINS, t.lower(), f"engine.quantization.ggml:{t}")
+          for t in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")),
     }
 
 
@@ -148,7 +150,7 @@ BAD_MANIFESTS = {
          "logits_processor (engine.logits_processor_plugins), api_route "
          "(engine.api_route_plugins), graph_backend (engine.graph_backend_plugins), "
          "spec_proposer (engine.spec_proposer_plugins), lora_resolver "
-         "(engine.lora_resolver_plugins)"],
+         "(engine.lora_resolver_plugins), quantization (engine.quantization_plugins)"],
     ),
     "duplicate": (
         'schema-version = 1\n[[plugin]]\ngroup = "general"\nname = "a"\nvalue = "m"\n'

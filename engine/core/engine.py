@@ -529,6 +529,11 @@ class LLMEngine:
         and for models without a KV cache)."""
         return self.scheduler.kv_cache.usage if self.scheduler is not None else 0.0
 
+    def quantized_layers(self) -> dict[str, list[str]]:
+        """Layer name -> the quantization methods its weight is stored with, in
+        rank 0's model (empty when every weight is float; docs/quantization.md)."""
+        return self.executor.collective_rpc(_quantized_layers_of_worker)[0]
+
     def check_health(self) -> None:
         """Raise when a worker (or its device) is gone: the executor's error,
         naming the rank. Cheap enough to call while idle."""
@@ -797,3 +802,9 @@ class LLMEngine:
         if stat_loggers is not None:
             stat_loggers.shutdown()
         self.executor.shutdown()
+
+
+def _quantized_layers_of_worker(worker: Any) -> dict[str, list[str]]:
+    from engine.quantization import quantized_layers  # lazy: importing this module stays torch-free
+
+    return quantized_layers(worker.model_runner.model)

@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 startup_logger = logging.getLogger(STARTUP_LOGGER)
 
 SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp", "amx_linear.cpp",
-           "fp32_gemv.cpp", "prefill_attention.cpp")
+           "fp32_gemv.cpp", "prefill_attention.cpp", "ggml_quant.cpp")
 HEADERS = ("vec.h",)
 LIBRARY_NAME = "engine_kernels"
 MODE_ENV = "ENGINE_CPU_KERNELS"
@@ -72,6 +72,12 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as ``/proc/cpuinfo`` lists them (empty elsewhere)."""
+    line = _cpu_flags()
+    return set(line.partition(":")[2].split()) if line.startswith("flags") else set()
 
 
 def library_dir() -> Path:

@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from engine.model_loader.gguf_reader import GGUFReader, TensorInfo, dequantize
 
 GGUF_SUFFIX = ".gguf"
@@ -178,11 +180,17 @@ class GGUFFile:
         raise ValueError(f"{self.path}: no tensor {name!r}")
 
     def weights(self, config: dict[str, Any] | None = None,
-                progress: Callable[[int], None] | None = None) -> Iterator[tuple[str, Any]]:
+                progress: Callable[[int], None] | None = None,
+                keep_quantized: Callable[[str], Any] | None = None) -> Iterator[tuple[str, Any]]:
         """``(Hugging Face name, float32 torch tensor)`` for every tensor,
         dequantized as it is reached (nothing is read before); `progress` gets each
         tensor's size in the file. Raises ValueError naming a tensor of an unknown
-        name or a type that cannot be dequantized."""
+        name or a type that cannot be dequantized.
+
+        `keep_quantized(type name)` may return a quantization method
+        (`engine.quantization.QuantizationMethod`) for a tensor type: 2-D
+        tensors of that type then come as the method's `QuantizedTensor`, their
+        blocks read from the file as they are (rows in Hugging Face order)."""
         config = config or self.hf_config()
         _, _, permuted = _ARCHITECTURES[self.architecture]
         heads = config["num_attention_heads"]
@@ -193,6 +201,13 @@ class GGUFFile:
                 if tensor.name.startswith("rope_freqs"):
                     continue  # llama.cpp's precomputed rope factors: the engine computes its own
                 raise ValueError(f"{self.path}: tensor {tensor.name!r} has no Hugging Face name")
+            method = keep_quantized(tensor.type_name) if keep_quantized else None
+            shape = tuple(int(d) for d in reversed(tensor.shape))
+            if method is not None and len(shape) == 2 and method.supports(shape):
+                yield hf_name, method.from_gguf(self._blocks(tensor, shape, heads, kv_heads), shape)
+                if progress is not None:
+                    progress(tensor.nbytes)
+                continue
             try:
                 values = dequantize(self.reader, tensor)
             except NotImplementedError:
@@ -207,6 +222,22 @@ class GGUFFile:
             if progress is not None:
                 progress(tensor.nbytes)
             yield hf_name, values
+
+
+    def _blocks(self, tensor: Any, shape: tuple[int, ...], heads: int, kv_heads: int) -> Any:
+        """A quantized tensor's bytes as uint8 [rows, row bytes], rows unpermuted.
+        Read from the file, not copied out of the reader's memory map: mapped
+        pages would count in the process's resident memory next to the copy."""
+        import torch  # lazy: reading a GGUF file's config stays torch-free
+
+        blocks = torch.from_numpy(np.fromfile(self.path, dtype=np.uint8, count=int(tensor.nbytes),
+                                              offset=int(tensor.offset))).reshape(shape[0], -1)
+        _, _, permuted = _ARCHITECTURES[self.architecture]
+        if permuted and ".attn_q." in tensor.name:
+            blocks = _unpermute_rows(blocks, heads).contiguous()
+        elif permuted and ".attn_k." in tensor.name:
+            blocks = _unpermute_rows(blocks, kv_heads).contiguous()
+        return blocks
 
 
 @functools.lru_cache(maxsize=1)

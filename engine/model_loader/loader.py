@@ -35,6 +35,13 @@ import torch.nn as nn
 
 from engine.config import EngineConfig, set_current_engine_config
 from engine.model_loader.gguf import GGUFFile, find_gguf_file
+from engine.quantization import (
+    NO_QUANTIZATION,
+    finish_quantized_layers,
+    get_quantization_method,
+    gguf_method,
+    quantize_model,
+)
 from engine.utils import read_json_file, worker_importable_name
 
 logger = logging.getLogger(__name__)
@@ -334,11 +341,22 @@ class GGUFLoader(ModelLoader):
     def load_config(self, path: Path) -> dict[str, Any]:
         return GGUFFile.open(self._file(path)).hf_config()
 
-    def iter_weights(self, path: Path, hf_config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_weights(self, path: Path, hf_config: dict[str, Any],
+                     quantization: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """The file's tensors; those of a type a quantization method serves stay
+        in their blocks (`engine.quantization`): any such type when
+        `quantization` is None, only the named method's, none for ``"none"``."""
+        if quantization is None:
+            keep = gguf_method
+        elif quantization == NO_QUANTIZATION:
+            keep = None
+        else:
+            named = get_quantization_method(quantization)
+            keep = lambda tensor_type: named if named.gguf_type == tensor_type else None  # noqa: E731
         file = GGUFFile.open(self._file(path))
         # dequantizing a byte costs several times reading one: a lower threshold
         with _progress_bar(file.nbytes, PROGRESS_BAR_BYTES // 4) as bar:
-            yield from file.weights(hf_config, progress=bar.update)
+            yield from file.weights(hf_config, progress=bar.update, keep_quantized=keep)
 
 
 _QUALNAME = re.compile(r"^[A-Za-z_][\w.]*[:.][A-Za-z_][\w.]*$")
@@ -425,6 +443,13 @@ def _instantiate(load_format: str) -> ModelLoader:
     return entry()
 
 
+def _format_name(loader: ModelLoader) -> str:
+    for name, entry in _LOADERS.items():
+        if entry is type(loader) or (isinstance(entry, str) and entry.endswith(type(loader).__qualname__)):
+            return name
+    return type(loader).__qualname__
+
+
 def loader_registrations_for_workers() -> dict[str, str]:
     """The load formats registered in this process beyond the built-ins, as
     ``{format: "module:Class"}`` a worker process can replay with
@@ -473,12 +498,28 @@ def load_model(config: EngineConfig) -> nn.Module:
     logger.info("building %s (%s) in %s on %s", arch, model_cls.__qualname__, dtype, device)
     with set_current_engine_config(config), _default_dtype(dtype), device:
         model = model_cls(config=config, prefix="")
-    weights = loader.iter_weights(path, model_config.hf_config)
+    quantization = model_config.quantization
+    if isinstance(loader, GGUFLoader):
+        weights = loader.iter_weights(path, model_config.hf_config, quantization)
+    else:
+        weights = loader.iter_weights(path, model_config.hf_config)
     try:
         model.load_weights(iter(weights))
+        finish_quantized_layers(model)
     except ValueError as e:
         current = getattr(weights, "current", None)
         finished = getattr(weights, "finished", True)
         where = path if finished or current is None else current
         raise ValueError(f"{where}: {e}") from None
+    if quantization not in (None, NO_QUANTIZATION):
+        method = get_quantization_method(quantization)
+        load_format = _format_name(loader)
+        if load_format not in method.checkpoint_formats:
+            raise ValueError(f"quantization {quantization!r} does not serve {load_format} "
+                             f"checkpoints (it serves: {', '.join(method.checkpoint_formats)})")
+        count = quantize_model(model, method)
+        if count == 0 and method.available():
+            raise ValueError(f"quantization {quantization!r} stored no layer of this model "
+                             "(its supports() refused every weight shape)")
+        logger.info("quantized %d layers with %s", count, quantization)
     return model.requires_grad_(False).eval()

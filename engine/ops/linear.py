@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.kernels import portable_forced, usable_for
+from engine.quantization import QuantizedTensor, QuantizedWeight, add_rows
 from engine.utils import shape_bucket
 
 
@@ -33,6 +34,17 @@ def divide(numerator: int, denominator: int, what: str = "size") -> int:
             f"{what} {numerator} is not divisible by the tensor parallel size {denominator}"
         )
     return numerator // denominator
+
+
+def load_rows(layer: nn.Module, param: torch.Tensor, offset: int, size: int,
+              loaded: torch.Tensor | QuantizedTensor) -> None:
+    """Fill rows ``offset .. offset + size`` of `layer`'s `param` from `loaded`: a
+    float tensor is copied (`copy_checked`); a quantized one (a GGUF file's
+    blocks) becomes those rows of the layer's quantized weight."""
+    if isinstance(loaded, QuantizedTensor):
+        add_rows(layer, param, offset, size, loaded)
+    else:
+        copy_checked(param.data.narrow(0, offset, size), loaded)
 
 
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
@@ -155,6 +167,8 @@ def pack_linear_weights(model: nn.Module) -> int:
     Returns the number of layers packed."""
     packed = 0
     for module in model.modules():
+        if getattr(module, "quant_weight", None) is not None:
+            continue  # its quantization method's kernels run it
         if hasattr(module, "packed_weight") and onednn_packing_supported(module.weight):
             module.packed_weight = pack_weight(module.weight)
             module.amx_weight = pack_weight_for_amx(module.weight)
@@ -198,14 +212,17 @@ class ColumnParallelLinear(nn.Module):
         self.amx_weight: torch.Tensor | None = None
         # LoRA: ``lora(x, out) -> out`` adds the step's adapter deltas (engine.lora)
         self.lora: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self.quant_weight: QuantizedWeight | None = None  # see engine.quantization
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
         size = param.shape[0]
         _expect_dim(loaded, 0, size * self.tp_size)
-        copy_checked(param, loaded.narrow(0, self.tp_rank * size, size))
+        load_rows(self, param, 0, size, loaded.narrow(0, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is not None:
+        if self.quant_weight is not None:
+            out = self.quant_weight.linear(x, self.bias)
+        elif self.packed_weight is not None:
             out = packed_linear(x, self.packed_weight, self.bias, self.weight, self.amx_weight)
         else:
             out = plain_linear(x, self.weight, self.bias)
@@ -245,8 +262,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             return
         offset, size = self._shard_range(shard_id)
         _expect_dim(loaded, 0, size * self.tp_size)
-        copy_checked(param.data.narrow(0, offset, size),
-                     loaded.narrow(0, self.tp_rank * size, size))
+        load_rows(self, param, offset, size, loaded.narrow(0, self.tp_rank * size, size))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -298,7 +314,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         offset, size, src_rank = self._shard_range(shard_id)
         total = self.total_num_heads if shard_id == "q" else self.total_num_kv_heads
         _expect_dim(loaded, 0, total * self.head_size)
-        copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, src_rank * size, size))
+        load_rows(self, param, offset, size, loaded.narrow(0, src_rank * size, size))
 
 
 class RowParallelLinear(nn.Module):
@@ -322,18 +338,21 @@ class RowParallelLinear(nn.Module):
         self.amx_weight: torch.Tensor | None = None
         # LoRA: adds the step's adapter deltas to this rank's partial output (engine.lora)
         self.lora: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self.quant_weight: QuantizedWeight | None = None  # see engine.quantization
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
         if param.dim() == 2:  # the weight; a bias is replicated
             size = param.shape[1]
             _expect_dim(loaded, 1, size * self.tp_size)
             loaded = loaded.narrow(1, self.tp_rank * size, size)
-        copy_checked(param, loaded)
+        load_rows(self, param, 0, param.shape[0], loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed_weight
         if self.tp_size == 1:
-            if packed is not None:
+            if self.quant_weight is not None:
+                out = self.quant_weight.linear(x, self.bias)
+            elif packed is not None:
                 out = packed_linear(x, packed, self.bias, self.weight, self.amx_weight)
             else:
                 out = plain_linear(x, self.weight, self.bias)

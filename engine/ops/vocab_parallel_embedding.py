@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from engine.ops.linear import (
     _expect_dim,
     _new_param,
-    copy_checked,
+    load_rows,
     packed_linear,
     plain_linear,
     tp_world_size_and_rank,
 )
+from engine.quantization import QuantizedWeight
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -32,15 +33,18 @@ class VocabParallelEmbedding(nn.Module):
         self.prefix = prefix
         self.weight = _new_param(self.num_embeddings_per_partition, embedding_dim,
                                  loader=self.weight_loader)
+        self.quant_weight: QuantizedWeight | None = None  # see engine.quantization
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         _expect_dim(loaded, 0, self.num_embeddings)
         rows = self.vocab_end - self.vocab_start
         if rows < param.shape[0]:
             param.data[rows:].zero_()
-        copy_checked(param.data[:rows], loaded.narrow(0, self.vocab_start, rows))
+        load_rows(self, param, 0, rows, loaded.narrow(0, self.vocab_start, rows))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.quant_weight is not None and self.tp_size == 1:
+            return self.quant_weight.embedding(input_ids, self.weight.dtype)
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
         from engine.distributed.parallel_state import tensor_model_parallel_all_reduce
@@ -73,7 +77,9 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[n, H] hidden states -> [n, vocab] logits (gathered from every rank)."""
-        if self.packed_weight is not None:
+        if self.quant_weight is not None:
+            logits = self.quant_weight.linear(hidden_states, self.bias)
+        elif self.packed_weight is not None:
             logits = packed_linear(hidden_states, self.packed_weight, self.bias, self.weight,
                                    self.amx_weight)
         else:

@@ -1,7 +1,7 @@
 """End-to-end engine runs for the kit, each in a fresh process (the platform is
 chosen once per process): greedy tokens on the default model.
 
-Run as ``python -m engine.testing._e2e [--log-stats]``; the platform comes from
+Run as ``python -m engine.testing._e2e [--log-stats] [--quantization NAME]``; the platform comes from
 ``ENGINE_PLATFORM``. Prints one JSON object: ``platform`` and ``tokens``.
 """
 
@@ -21,7 +21,8 @@ MAX_TOKENS = 8
 TIMEOUT_S = 300
 
 
-def run_engine(platform: str, *, log_stats: bool = False, strict: bool = False) -> dict[str, Any]:
+def run_engine(platform: str, *, log_stats: bool = False, strict: bool = False,
+               quantization: str | None = None) -> dict[str, Any]:
     """Run the engine in a child process on `platform`; its JSON report. Raises
     CheckFailed naming the platform and the child's last lines when it fails."""
     env = dict(os.environ, ENGINE_PLATFORM=platform, OMP_NUM_THREADS="1")
@@ -30,6 +31,8 @@ def run_engine(platform: str, *, log_stats: bool = False, strict: bool = False) 
     engine_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (engine_root, env.get("PYTHONPATH")) if p)
     command = [sys.executable, "-m", "engine.testing._e2e"] + (["--log-stats"] if log_stats else [])
+    if quantization is not None:
+        command += ["--quantization", quantization]
     try:
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -65,7 +68,9 @@ def _main(argv: list[str]) -> int:
     from engine import LLM, SamplingParams
     from engine.platforms import current_platform
 
-    llm = LLM(dtype="float32", kv_cache_memory=1 << 24, log_stats="--log-stats" in argv)
+    quantization = argv[argv.index("--quantization") + 1] if "--quantization" in argv else None
+    llm = LLM(dtype="float32", kv_cache_memory=1 << 24, log_stats="--log-stats" in argv,
+              quantization=quantization)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outputs = llm.generate(list(PROMPTS), params)
     report = {"platform": current_platform.device_name,

@@ -15,13 +15,14 @@ _BUILDERS: dict[str, Callable[[KitContext, str], list[Check]]] = {}
 
 def _builders() -> dict[str, Callable[[KitContext, str], list[Check]]]:
     if not _BUILDERS:
-        from engine.testing import _contracts, _platform
+        from engine.testing import _contracts, _platform, _quantization
 
         _BUILDERS.update({
             "general": _contracts.general_checks,
             "io_processor": _contracts.io_processor_checks,
             "stat_logger": _contracts.stat_logger_checks,
             "logits_processor": _contracts.logits_processor_checks,
+            "quantization": _quantization.quantization_checks,
             "platform": _platform.platform_checks,
         })
     return _BUILDERS

@@ -1,0 +1,593 @@
+// Linear layers and embeddings on GGUF block-quantized weights, read in place.
+//
+// A weight [N, K] stays as GGUF stores it: each row a run of blocks (32 values
+// for Q4_0 Q4_1 Q5_0 Q5_1 Q8_0, 256 for the K-quants Q4_K Q5_K Q6_K), rows packed
+// back to back in a uint8 tensor [N, row_bytes]. Every kernel here sees a block
+// as 32-value chunks: chunk c of a row decodes to 32 small integers q (at most
+// 8 bits), two scales (one per 16 values: Q6_K scales each 16) and an offset, so
+// that value i is scale[i / 16] * q[i] + offset. The weight is never widened in
+// memory; decode steps read each block once.
+//
+// engine_kernels::ggml_linear(out [M, N], x [M, K], blocks, type, bias [N] or None, path)
+//     out = x @ W.T + bias for a few rows (decode steps). path 0 ("float"): each
+//     chunk decoded to float32 and multiplied with x as it is (float32 and bf16
+//     activations; the result is the dequantize-then-matmul product up to
+//     summation order). path 1..3: x is quantized to int8 per 32-value chunk
+//     (scale = max |x| / 127) and each chunk is an integer dot product, as
+//     llama.cpp does: 1 "portable" (plain C++), 2 "avx2" (vpmaddubsw),
+//     3 "avx512_vnni" (vpdpbusd on 256-bit registers). Python picks the path
+//     from /proc/cpuinfo (engine/quantization/kernels.py).
+// engine_kernels::ggml_dequantize(out [N, K], blocks, type): float32 or bf16 out
+//     (prompt-sized products dequantize, then run a dense matmul)
+// engine_kernels::ggml_embedding(out [T, K], ids [T], blocks, type): the rows `ids`
+// engine_kernels::ggml_compiled_paths() -> int: bit p set when path p is built in
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include "vec.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// ggml type ids (the GGUF tensor_type field)
+enum GgmlType : int64_t {
+  kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14,
+};
+
+enum Path : int64_t { kFloat = 0, kPortable = 1, kAvx2 = 2, kVnni = 3 };
+
+constexpr int64_t kChunk = 32;
+constexpr int64_t kMaxRowsPerPass = 4;  // activation rows sharing one decoded weight chunk
+
+struct Format {
+  int64_t block_values;
+  int64_t block_bytes;
+};
+
+Format format_of(int64_t type) {
+  switch (type) {
+    case kQ4_0: return {32, 18};
+    case kQ4_1: return {32, 20};
+    case kQ5_0: return {32, 22};
+    case kQ5_1: return {32, 24};
+    case kQ8_0: return {32, 34};
+    case kQ4_K: return {256, 144};
+    case kQ5_K: return {256, 176};
+    case kQ6_K: return {256, 210};
+    default: TORCH_CHECK(false, "ggml type ", type, " is not supported by the quantized kernels");
+  }
+  return {0, 0};
+}
+
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(bits);  // one instruction; read once or twice per 32 weights
+#else
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+#endif
+}
+
+// the 6-bit scale and min of sub-block j of a Q4_K/Q5_K super-block (12 packed bytes)
+inline void k_scale_min(const uint8_t* s, int j, int* sc, int* m) {
+  if (j < 4) {
+    *sc = s[j] & 63;
+    *m = s[j + 4] & 63;
+  } else {
+    *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+    *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// One decoded 32-value chunk: value i = scale[i / 16] * q[i] + offset.
+struct Chunk {
+  int8_t q[kChunk];
+  float scale[2];
+  float offset;
+};
+
+// chunk c of the row starting at `row` (portable; the reference for every path)
+void decode_chunk(int64_t type, const uint8_t* row, int64_t c, Chunk* out) {
+  out->offset = 0.f;
+  switch (type) {
+    case kQ8_0: {
+      const uint8_t* b = row + c * 34;
+      out->scale[0] = out->scale[1] = half_at(b);
+      std::memcpy(out->q, b + 2, 32);
+      return;
+    }
+    case kQ4_0: case kQ4_1: {
+      const bool has_min = type == kQ4_1;
+      const uint8_t* b = row + c * (has_min ? 20 : 18);
+      const float d = half_at(b);
+      const uint8_t* qs = b + (has_min ? 4 : 2);
+      for (int i = 0; i < 16; ++i) {
+        out->q[i] = static_cast<int8_t>(qs[i] & 0xF);
+        out->q[i + 16] = static_cast<int8_t>(qs[i] >> 4);
+      }
+      out->scale[0] = out->scale[1] = d;
+      out->offset = has_min ? half_at(b + 2) : -8.f * d;
+      return;
+    }
+    case kQ5_0: case kQ5_1: {
+      const bool has_min = type == kQ5_1;
+      const uint8_t* b = row + c * (has_min ? 24 : 22);
+      const float d = half_at(b);
+      uint32_t qh;
+      std::memcpy(&qh, b + (has_min ? 4 : 2), 4);
+      const uint8_t* qs = b + (has_min ? 8 : 6);
+      for (int i = 0; i < 16; ++i) {
+        out->q[i] = static_cast<int8_t>((qs[i] & 0xF) | (((qh >> i) & 1) << 4));
+        out->q[i + 16] = static_cast<int8_t>((qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4));
+      }
+      out->scale[0] = out->scale[1] = d;
+      out->offset = has_min ? half_at(b + 2) : -16.f * d;
+      return;
+    }
+    case kQ4_K: case kQ5_K: {
+      const bool five = type == kQ5_K;
+      const uint8_t* b = row + (c / 8) * (five ? 176 : 144);
+      const int j = static_cast<int>(c % 8);
+      int sc, m;
+      k_scale_min(b + 4, j, &sc, &m);
+      const uint8_t* qs = b + (five ? 48 : 16) + (j / 2) * 32;
+      const int shift = (j % 2) * 4;
+      for (int i = 0; i < 32; ++i) {
+        int v = (qs[i] >> shift) & 0xF;
+        if (five) v |= ((b[16 + i] >> j) & 1) << 4;
+        out->q[i] = static_cast<int8_t>(v);
+      }
+      out->scale[0] = out->scale[1] = half_at(b) * sc;
+      out->offset = -half_at(b + 2) * m;
+      return;
+    }
+    case kQ6_K: {
+      const uint8_t* b = row + (c / 8) * 210;
+      const int half = static_cast<int>((c % 8) / 4), r = static_cast<int>(c % 4);
+      const uint8_t* ql = b + 64 * half + (r & 1) * 32;
+      const uint8_t* qh = b + 128 + 32 * half;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192) + 8 * half + 2 * r;
+      const int shift = (r / 2) * 4;
+      for (int i = 0; i < 32; ++i)
+        out->q[i] = static_cast<int8_t>((((ql[i] >> shift) & 0xF) | (((qh[i] >> (2 * r)) & 3) << 4)) - 32);
+      const float d = half_at(b + 208);
+      out->scale[0] = d * sc[0];
+      out->scale[1] = d * sc[1];
+      return;
+    }
+    default: TORCH_CHECK(false, "ggml type ", type, " is not supported by the quantized kernels");
+  }
+}
+
+template <typename T>
+void dequantize_row(int64_t type, const uint8_t* row, int64_t K, T* out) {
+  Chunk ch;
+  for (int64_t c = 0; c < K / kChunk; ++c) {
+    decode_chunk(type, row, c, &ch);
+    for (int i = 0; i < kChunk; ++i)
+      out[c * kChunk + i] = static_cast<T>(ch.scale[i / 16] * ch.q[i] + ch.offset);
+  }
+}
+
+// ---------------------------------------------------------------- activations
+
+// x quantized per 32-value chunk: q = round(x / d) with d = max|x| / 127; `sum`
+// is d * sum(q), which multiplies a chunk's offset
+struct QuantizedRows {
+  std::vector<int8_t> q;     // [M, K]
+  std::vector<float> d;      // [M, K / 32]
+  std::vector<float> sum;    // [M, K / 32]
+};
+
+template <typename T>
+void quantize_rows(const T* x, int64_t M, int64_t K, QuantizedRows* out) {
+  const int64_t chunks = K / kChunk;
+  out->q.resize(M * K);
+  out->d.resize(M * chunks);
+  out->sum.resize(M * chunks);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const T* xs = x + m * K + c * kChunk;
+      float v[kChunk], amax = 0.f;
+      for (int i = 0; i < kChunk; ++i) {
+        v[i] = static_cast<float>(xs[i]);
+        amax = std::max(amax, std::fabs(v[i]));
+      }
+      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+      int8_t* q = out->q.data() + m * K + c * kChunk;
+      int s = 0;
+      for (int i = 0; i < kChunk; ++i) {
+        q[i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
+        s += q[i];
+      }
+      out->d[m * chunks + c] = d;
+      out->sum[m * chunks + c] = d * static_cast<float>(s);
+    }
+}
+
+// ---------------------------------------------------------------- row dot products
+
+// rows [m0, m0 + R) of x against weight row `row`: float chunks (path 0)
+template <typename T, int R>
+void dot_float(int64_t type, const uint8_t* row, const T* x, int64_t K, float* out) {
+  float acc[R] = {};
+  Chunk ch;
+  float w[kChunk];
+  for (int64_t c = 0; c < K / kChunk; ++c) {
+    decode_chunk(type, row, c, &ch);
+    for (int i = 0; i < kChunk; ++i) w[i] = ch.scale[i / 16] * ch.q[i] + ch.offset;
+    for (int r = 0; r < R; ++r) {
+      const T* xs = x + r * K + c * kChunk;
+      float s = 0.f;
+      for (int i = 0; i < kChunk; ++i) s += w[i] * static_cast<float>(xs[i]);
+      acc[r] += s;
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = acc[r];
+}
+
+// int8 chunks, plain C++ (path 1)
+template <int R>
+void dot_portable(int64_t type, const uint8_t* row, const QuantizedRows& xq, int64_t m0,
+                  int64_t K, float* out) {
+  const int64_t chunks = K / kChunk;
+  float acc[R] = {};
+  Chunk ch;
+  for (int64_t c = 0; c < chunks; ++c) {
+    decode_chunk(type, row, c, &ch);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* qx = xq.q.data() + (m0 + r) * K + c * kChunk;
+      int32_t lo = 0, hi = 0;
+      for (int i = 0; i < 16; ++i) lo += ch.q[i] * qx[i];
+      for (int i = 16; i < 32; ++i) hi += ch.q[i] * qx[i];
+      const int64_t at = (m0 + r) * chunks + c;
+      acc[r] += xq.d[at] * (ch.scale[0] * lo + ch.scale[1] * hi) + ch.offset * xq.sum[at];
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = acc[r];
+}
+
+#if defined(__AVX2__)
+// A chunk as 32 bytes in one register. `is_signed`: q may be negative (Q8_0,
+// Q6_K) and goes through the sign trick; otherwise q is 0..31 and is the
+// unsigned operand itself. scale: 8 lanes, lanes 0-3 the first 16 values.
+struct VecChunk {
+  __m256i q;
+  __m256 scale;
+  float offset;
+  bool is_signed;
+};
+
+inline __m256i nibbles(const uint8_t* qs) {  // 16 bytes -> low nibbles then high nibbles
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
+}
+
+// 32 bits -> 32 bytes, 0x10 where the bit is set (the fifth bit of Q5_0/Q5_1)
+inline __m256i fifth_bits(uint32_t bits) {
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int>(bits)),
+      _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0));
+  const __m256i select = _mm256_set1_epi64x(0x8040201008040201LL);
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+  return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+
+inline void decode_vec(int64_t type, const uint8_t* row, int64_t c, VecChunk* out) {
+  out->is_signed = false;
+  out->offset = 0.f;
+  float s0, s1;
+  switch (type) {
+    case kQ8_0: {
+      const uint8_t* b = row + c * 34;
+      s0 = s1 = half_at(b);
+      out->q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+      out->is_signed = true;
+      break;
+    }
+    case kQ4_0: case kQ4_1: {
+      const bool has_min = type == kQ4_1;
+      const uint8_t* b = row + c * (has_min ? 20 : 18);
+      s0 = s1 = half_at(b);
+      out->q = nibbles(b + (has_min ? 4 : 2));
+      out->offset = has_min ? half_at(b + 2) : -8.f * s0;
+      break;
+    }
+    case kQ5_0: case kQ5_1: {
+      const bool has_min = type == kQ5_1;
+      const uint8_t* b = row + c * (has_min ? 24 : 22);
+      s0 = s1 = half_at(b);
+      uint32_t qh;
+      std::memcpy(&qh, b + (has_min ? 4 : 2), 4);
+      out->q = _mm256_or_si256(nibbles(b + (has_min ? 8 : 6)), fifth_bits(qh));
+      out->offset = has_min ? half_at(b + 2) : -16.f * s0;
+      break;
+    }
+    case kQ4_K: case kQ5_K: {
+      const bool five = type == kQ5_K;
+      const uint8_t* b = row + (c / 8) * (five ? 176 : 144);
+      const int j = static_cast<int>(c % 8);
+      int sc, m;
+      k_scale_min(b + 4, j, &sc, &m);
+      const __m256i bytes = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(b + (five ? 48 : 16) + (j / 2) * 32));
+      __m256i q = _mm256_and_si256(_mm256_srli_epi16(bytes, (j % 2) * 4), _mm256_set1_epi8(0x0F));
+      if (five) {
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+        const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j)),
+                                             _mm256_set1_epi8(1));
+        q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
+      }
+      out->q = q;
+      s0 = s1 = half_at(b) * sc;
+      out->offset = -half_at(b + 2) * m;
+      break;
+    }
+    case kQ6_K: {
+      const uint8_t* b = row + (c / 8) * 210;
+      const int half = static_cast<int>((c % 8) / 4), r = static_cast<int>(c % 4);
+      const __m256i ql = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(b + 64 * half + (r & 1) * 32));
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * half));
+      const __m256i lo = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128((r / 2) * 4)),
+                                          _mm256_set1_epi8(0x0F));
+      const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * r)),
+                                          _mm256_set1_epi8(3));
+      out->q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
+      out->is_signed = true;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192) + 8 * half + 2 * r;
+      const float d = half_at(b + 208);
+      s0 = d * sc[0];
+      s1 = d * sc[1];
+      break;
+    }
+    default: TORCH_CHECK(false, "ggml type ", type, " is not supported by the quantized kernels");
+  }
+  out->scale = _mm256_setr_m128(_mm_set1_ps(s0), _mm_set1_ps(s1));
+}
+
+// 8 int32 lanes: lane l holds the sum over bytes 4l..4l+3 of u[i] * s[i]
+template <bool kVnni>
+inline __m256i dot_u8_s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  if constexpr (kVnni) return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#endif
+  // u <= 128 and |s| <= 127: the pairwise 16-bit sums of vpmaddubsw cannot saturate
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+template <bool kVnni, int R>
+void dot_vec(int64_t type, const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t K,
+             float* out) {
+  const int64_t chunks = K / kChunk;
+  __m256 acc[R];
+  float offsets[R] = {};
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  VecChunk ch;
+  for (int64_t c = 0; c < chunks; ++c) {
+    decode_vec(type, row, c, &ch);
+    const __m256i u = ch.is_signed ? _mm256_sign_epi8(ch.q, ch.q) : ch.q;
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = (m0 + r) * chunks + c;
+      __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + (m0 + r) * K + c * kChunk));
+      if (ch.is_signed) qx = _mm256_sign_epi8(qx, ch.q);
+      const __m256 dots = _mm256_cvtepi32_ps(dot_u8_s8<kVnni>(u, qx));
+      acc[r] = _mm256_fmadd_ps(dots, _mm256_mul_ps(ch.scale, _mm256_set1_ps(xq.d[at])), acc[r]);
+      offsets[r] += ch.offset * xq.sum[at];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    const __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+    out[r] = _mm_cvtss_f32(s1) + offsets[r];
+  }
+}
+
+// a row decoded to floats with the vector decoder: the prefill path dequantizes
+// every weight once per prompt chunk, so this runs over the whole model per chunk
+template <typename T>
+void dequantize_row_vec(int64_t type, const uint8_t* row, int64_t K, T* out) {
+  VecChunk ch;
+  alignas(64) float tmp[kChunk];
+  for (int64_t c = 0; c < K / kChunk; ++c) {
+    decode_vec(type, row, c, &ch);
+    const __m256 offset = _mm256_set1_ps(ch.offset);
+    const __m256 s0 = _mm256_permutevar8x32_ps(ch.scale, _mm256_setzero_si256());
+    const __m256 s1 = _mm256_permutevar8x32_ps(ch.scale, _mm256_set1_epi32(4));
+    const __m128i lo = _mm256_castsi256_si128(ch.q), hi = _mm256_extracti128_si256(ch.q, 1);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int p = 0; p < 4; ++p) {
+      // q < 128 in every format, so the bytes widen as signed
+      const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[p]));
+      _mm256_store_ps(tmp + 8 * p, _mm256_fmadd_ps(v, p < 2 ? s0 : s1, offset));
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      std::memcpy(out + c * kChunk, tmp, sizeof(tmp));
+    } else {
+      for (int h = 0; h < 2; ++h) engine_kernels::store(out + c * kChunk + 16 * h, engine_kernels::load(tmp + 16 * h));
+    }
+  }
+}
+#endif
+
+// out[m, n] for rows m0..m0+R of one weight row n, on `path`
+template <typename T, int R>
+void dot_rows(int64_t path, int64_t type, const uint8_t* row, const T* x,
+              const QuantizedRows& xq, int64_t m0, int64_t K, float* out) {
+  switch (path) {
+#if defined(__AVX2__)
+    case kAvx2: dot_vec<false, R>(type, row, xq, m0, K, out); return;
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    case kVnni: dot_vec<true, R>(type, row, xq, m0, K, out); return;
+#endif
+#endif
+    case kPortable: dot_portable<R>(type, row, xq, m0, K, out); return;
+    default: dot_float<T, R>(type, row, x + m0 * K, K, out); return;
+  }
+}
+
+template <typename T>
+void linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& blocks, int64_t type,
+                 const c10::optional<at::Tensor>& bias, int64_t path) {
+  const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0);
+  const int64_t out_stride = out.stride(0);
+  const T* xp = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const uint8_t* w = blocks.data_ptr<uint8_t>();
+  const int64_t row_bytes = blocks.size(1);
+  const T* b = bias.has_value() && bias->defined() ? bias->data_ptr<T>() : nullptr;
+  QuantizedRows xq;
+  if (path != kFloat) quantize_rows(xp, M, K, &xq);
+  // weight rows split across threads: each streams one contiguous range
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    float dots[kMaxRowsPerPass];
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* row = w + n * row_bytes;
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsPerPass) {
+        const int64_t rows = std::min(kMaxRowsPerPass, M - m0);
+        switch (rows) {
+          case 1: dot_rows<T, 1>(path, type, row, xp, xq, m0, K, dots); break;
+          case 2: dot_rows<T, 2>(path, type, row, xp, xq, m0, K, dots); break;
+          case 3: dot_rows<T, 3>(path, type, row, xp, xq, m0, K, dots); break;
+          default: dot_rows<T, 4>(path, type, row, xp, xq, m0, K, dots); break;
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float v = dots[r];
+          if (b) v += static_cast<float>(b[n]);
+          op[(m0 + r) * out_stride + n] = static_cast<T>(v);
+        }
+      }
+    }
+  });
+}
+
+void check_blocks(const at::Tensor& blocks, int64_t type, int64_t K) {
+  const Format f = format_of(type);
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous(),
+              "blocks must be a contiguous uint8 [N, row_bytes]");
+  TORCH_CHECK(K % f.block_values == 0, "K = ", K, " is not a multiple of the block size ",
+              f.block_values);
+  TORCH_CHECK(blocks.size(1) == K / f.block_values * f.block_bytes, "blocks hold ",
+              blocks.size(1), " bytes per row; K = ", K, " needs ", K / f.block_values * f.block_bytes);
+}
+
+void ggml_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& blocks, int64_t type,
+                 const c10::optional<at::Tensor>& bias, int64_t path) {
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2, "x and out must be 2-D");
+  TORCH_CHECK(x.is_contiguous() && out.stride(1) == 1, "x must be contiguous, out rows dense");
+  TORCH_CHECK(x.scalar_type() == out.scalar_type(), "x and out must have one dtype");
+  check_blocks(blocks, type, x.size(1));
+  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == blocks.size(0), "out must be [",
+              x.size(0), ", ", blocks.size(0), "]");
+  if (bias.has_value() && bias->defined())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == blocks.size(0) && bias->is_contiguous() &&
+                    bias->scalar_type() == x.scalar_type(), "bias must be a contiguous [N] of x's dtype");
+  TORCH_CHECK(path >= kFloat && path <= kVnni, "path must be 0..3");
+  if (x.scalar_type() == at::kFloat)
+    linear_impl<float>(out, x, blocks, type, bias, path);
+  else if (x.scalar_type() == at::kBFloat16)
+    linear_impl<c10::BFloat16>(out, x, blocks, type, bias, path);
+  else
+    TORCH_CHECK(false, "ggml_linear: float32 or bfloat16 activations only");
+}
+
+// the vector decoder where compiled in (AVX2), else the portable one
+template <typename T>
+void dequantize_row_best(int64_t type, const uint8_t* row, int64_t K, T* out) {
+#if defined(__AVX2__)
+  dequantize_row_vec(type, row, K, out);
+#else
+  dequantize_row(type, row, K, out);
+#endif
+}
+
+template <typename T>
+void dequantize_impl(at::Tensor& out, const at::Tensor& blocks, int64_t type) {
+  const int64_t N = blocks.size(0), K = out.size(1), row_bytes = blocks.size(1);
+  const uint8_t* w = blocks.data_ptr<uint8_t>();
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) dequantize_row_best(type, w + n * row_bytes, K, o + n * K);
+  });
+}
+
+void ggml_dequantize(at::Tensor out, const at::Tensor& blocks, int64_t type) {
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == blocks.size(0),
+              "out must be a contiguous [N, K]");
+  check_blocks(blocks, type, out.size(1));
+  if (out.scalar_type() == at::kFloat)
+    dequantize_impl<float>(out, blocks, type);
+  else if (out.scalar_type() == at::kBFloat16)
+    dequantize_impl<c10::BFloat16>(out, blocks, type);
+  else
+    TORCH_CHECK(false, "ggml_dequantize: float32 or bfloat16 out only");
+}
+
+void ggml_embedding(at::Tensor out, const at::Tensor& ids, const at::Tensor& blocks, int64_t type) {
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous(),
+              "ids must be a contiguous int64 [T]");
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == ids.size(0),
+              "out must be a contiguous [T, K]");
+  check_blocks(blocks, type, out.size(1));
+  const int64_t N = blocks.size(0), K = out.size(1), row_bytes = blocks.size(1);
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t t = 0; t < ids.size(0); ++t)
+    TORCH_CHECK(id[t] >= 0 && id[t] < N, "token id ", id[t], " is outside the table of ", N, " rows");
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16,
+              "ggml_embedding: float32 or bfloat16 out only");
+  const uint8_t* w = blocks.data_ptr<uint8_t>();
+  at::parallel_for(0, ids.size(0), 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const uint8_t* row = w + id[t] * row_bytes;
+      if (out.scalar_type() == at::kFloat)
+        dequantize_row_best(type, row, K, out.data_ptr<float>() + t * K);
+      else
+        dequantize_row_best(type, row, K, out.data_ptr<c10::BFloat16>() + t * K);
+    }
+  });
+}
+
+int64_t ggml_compiled_paths() {
+  int64_t paths = (1 << kFloat) | (1 << kPortable);
+#if defined(__AVX2__)
+  paths |= 1 << kAvx2;
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  paths |= 1 << kVnni;
+#endif
+#endif
+  return paths;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(engine_kernels, m) {
+  m.def("ggml_linear(Tensor(a!) out, Tensor x, Tensor blocks, int type, Tensor? bias, int path) -> ()");
+  m.def("ggml_dequantize(Tensor(a!) out, Tensor blocks, int type) -> ()");
+  m.def("ggml_embedding(Tensor(a!) out, Tensor ids, Tensor blocks, int type) -> ()");
+  m.def("ggml_compiled_paths() -> int");
+}
+
+TORCH_LIBRARY_IMPL(engine_kernels, CPU, m) {
+  m.impl("ggml_linear", &ggml_linear);
+  m.impl("ggml_dequantize", &ggml_dequantize);
+  m.impl("ggml_embedding", &ggml_embedding);
+}
+
+TORCH_LIBRARY_IMPL(engine_kernels, CompositeExplicitAutograd, m) {
+  m.impl("ggml_compiled_paths", &ggml_compiled_paths);
+}

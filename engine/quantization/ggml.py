@@ -1,0 +1,205 @@
+"""The built-in quantization methods: llama.cpp's block formats (GGUF tensor types).
+
+Each method keeps a weight as GGUF stores it, ``{"blocks": uint8 [N, row_bytes]}``,
+and runs it with the compiled kernels of ``engine/kernels/ggml_quant.cpp``:
+
+- few rows (decode steps, small batches): ``ggml_linear`` reads every block once.
+  With bfloat16 activations each 32-value chunk of x is quantized to int8 and
+  multiplied with integer dot products, on the best path this CPU's
+  ``/proc/cpuinfo`` flags allow (`kernel_paths`); float32 activations take the
+  chunks as floats (the dequantize-then-matmul product up to summation order);
+- many rows (prompts): the weight is dequantized into the activation dtype and
+  multiplied by torch's dense matmul (compute-bound, where oneDNN is best).
+
+Quantizing at load (``quantization="q4_0"`` on a float checkpoint) uses the
+`gguf` package's quantizers for the 32-value types and `engine.quantization.kquants`
+for the K-quants.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import cpu_flags, kernels_available
+from engine.quantization.interface import QuantizationMethod, QuantizedTensor
+
+# (ggml type id, values per block, bytes per block)
+GGML_TYPES: dict[str, tuple[int, int, int]] = {
+    "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22), "Q5_1": (7, 32, 24),
+    "Q8_0": (8, 32, 34), "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176), "Q6_K": (14, 256, 210),
+}
+
+# kernel paths (engine/kernels/ggml_quant.cpp), best last, with the cpuinfo flags each needs
+PATHS = {"float": (0, ()), "portable": (1, ()), "avx2": (2, ("avx2",)),
+         "avx512_vnni": (3, ("avx2", "avx512_vnni", "avx512vl"))}
+PATH_ENV = "ENGINE_QUANT_KERNEL_PATH"
+# up to this many activation rows, the block kernel; more: dequantize, then a dense matmul
+MAX_KERNEL_ROWS = 16
+
+_paths: list[str] | None = None
+
+
+def kernel_paths() -> list[str]:
+    """The int8 kernel paths this process can run, best first: those compiled
+    into the kernels whose ``/proc/cpuinfo`` flags are all present, then
+    ``"portable"``. Empty when the kernels are not loaded."""
+    global _paths
+    if _paths is None:
+        if not kernels_available():
+            return []
+        compiled = torch.ops.engine_kernels.ggml_compiled_paths()
+        flags = cpu_flags()
+        _paths = [name for name, (bit, needs) in reversed(PATHS.items())
+                  if name != "float" and compiled >> bit & 1 and all(f in flags for f in needs)]
+    return _paths
+
+
+def kernel_path(dtype: torch.dtype) -> int:
+    """The kernel path for activations of `dtype`: ``ENGINE_QUANT_KERNEL_PATH``
+    when set, else float chunks for float32 and the best int8 path otherwise."""
+    forced = os.environ.get(PATH_ENV)
+    if forced:
+        if forced not in PATHS or (forced != "float" and forced not in kernel_paths()):
+            raise ValueError(f"{PATH_ENV}={forced!r} is not a kernel path this CPU runs; "
+                             f"valid: float, {', '.join(kernel_paths())}")
+        return PATHS[forced][0]
+    if dtype == torch.float32:
+        return PATHS["float"][0]
+    return PATHS[kernel_paths()[0]][0]
+
+
+class GGMLBlockMethod(QuantizationMethod):
+    """One GGUF block type, stored and multiplied in place (see the module doc)."""
+
+    checkpoint_formats: ClassVar[tuple[str, ...]] = ("gguf", "safetensors", "pt")
+    cpu_features: ClassVar[tuple[str, ...]] = ("avx2", "avx512_vnni", "avx512vl")
+
+    def __init__(self) -> None:
+        assert self.gguf_type is not None
+        self.type_id, self.block_values, self.block_bytes = GGML_TYPES[self.gguf_type]
+        if not self.name:
+            self.name = self.gguf_type.lower()
+
+    def supports(self, shape: Sequence[int]) -> bool:
+        return len(shape) == 2 and shape[1] % self.block_values == 0
+
+    def available(self) -> bool:
+        return bool(kernel_paths())
+
+    def row_bytes(self, cols: int) -> int:
+        return cols // self.block_values * self.block_bytes
+
+    def from_gguf(self, blocks: torch.Tensor, shape: Sequence[int]) -> QuantizedTensor:
+        rows, cols = shape
+        if not self.supports(shape) or tuple(blocks.shape) != (rows, self.row_bytes(cols)):
+            raise ValueError(f"{self.gguf_type} blocks of shape {list(blocks.shape)} do not "
+                             f"hold a [{rows}, {cols}] weight")
+        return QuantizedTensor(self, shape, {"blocks": blocks.contiguous()})
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
+        if not self.supports(weight.shape):
+            raise ValueError(f"{self.name}: a [{', '.join(map(str, weight.shape))}] weight does not "
+                             f"split into blocks of {self.block_values}")
+        values = weight.detach().float().cpu().numpy()
+        blocks = self._quantize_numpy(values)
+        return self.from_gguf(torch.from_numpy(np.ascontiguousarray(blocks)), weight.shape)
+
+    def _quantize_numpy(self, values: np.ndarray) -> np.ndarray:
+        import gguf
+
+        return gguf.quants.quantize(values, gguf.GGMLQuantizationType[str(self.gguf_type)])
+
+    def dequantize(self, weight: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out = torch.empty(tuple(weight.shape), dtype=dtype)
+        if dtype in (torch.float32, torch.bfloat16) and kernel_paths():
+            torch.ops.engine_kernels.ggml_dequantize(out, weight.tensors["blocks"], self.type_id)
+            return out
+        import gguf
+
+        values = gguf.dequantize(weight.tensors["blocks"].numpy(),
+                                 gguf.GGMLQuantizationType[str(self.gguf_type)])
+        return torch.from_numpy(np.ascontiguousarray(values)).reshape(weight.shape).to(dtype)
+
+    def linear(self, weight: QuantizedTensor, x: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] > MAX_KERNEL_ROWS or x.dtype not in (torch.float32, torch.bfloat16):
+            return F.linear(x, self.dequantize(weight, x.dtype), bias)
+        x2 = x2.contiguous()
+        out = x2.new_empty((x2.shape[0], weight.shape[0]))
+        path = kernel_path(x.dtype)
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        torch.ops.engine_kernels.ggml_linear(out, x2, weight.tensors["blocks"], self.type_id,
+                                             bias, path)
+        return out.reshape(*lead, weight.shape[0])
+
+    def embedding(self, weight: QuantizedTensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        flat = ids.reshape(-1).to(torch.long).contiguous()
+        out = torch.empty((flat.shape[0], weight.shape[1]), dtype=dtype)
+        torch.ops.engine_kernels.ggml_embedding(out, flat, weight.tensors["blocks"], self.type_id)
+        return out.reshape(*ids.shape, weight.shape[1])
+
+
+class Q8_0(GGMLBlockMethod):
+    """Q8_0: 32 int8 values and a float16 scale per block (8.5 bits a value)."""
+    gguf_type = "Q8_0"
+
+
+class Q4_0(GGMLBlockMethod):
+    """Q4_0: 32 4-bit values and a float16 scale per block (4.5 bits a value)."""
+    gguf_type = "Q4_0"
+
+
+class Q4_1(GGMLBlockMethod):
+    """Q4_1: 32 4-bit values, a float16 scale and minimum per block (5 bits a value)."""
+    gguf_type = "Q4_1"
+
+
+class Q5_0(GGMLBlockMethod):
+    """Q5_0: 32 5-bit values and a float16 scale per block (5.5 bits a value)."""
+    gguf_type = "Q5_0"
+
+
+class Q5_1(GGMLBlockMethod):
+    """Q5_1: 32 5-bit values, a float16 scale and minimum per block (6 bits a value)."""
+    gguf_type = "Q5_1"
+
+
+class Q4_K(GGMLBlockMethod):
+    """Q4_K: 256-value super-blocks of 4-bit values, 6-bit scales and minimums
+    per 32 (4.5 bits a value)."""
+    gguf_type = "Q4_K"
+
+    def _quantize_numpy(self, values: np.ndarray) -> np.ndarray:
+        from engine.quantization.kquants import quantize_q4_k
+
+        return quantize_q4_k(values)
+
+
+class Q5_K(GGMLBlockMethod):
+    """Q5_K: as Q4_K with a fifth bit per value (5.5 bits a value)."""
+    gguf_type = "Q5_K"
+
+    def _quantize_numpy(self, values: np.ndarray) -> np.ndarray:
+        from engine.quantization.kquants import quantize_q5_k
+
+        return quantize_q5_k(values)
+
+
+class Q6_K(GGMLBlockMethod):
+    """Q6_K: 256-value super-blocks of 6-bit values, an 8-bit scale per 16
+    (6.56 bits a value)."""
+    gguf_type = "Q6_K"
+
+    def _quantize_numpy(self, values: np.ndarray) -> np.ndarray:
+        from engine.quantization.kquants import quantize_q6_k
+
+        return quantize_q6_k(values)

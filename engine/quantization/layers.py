@@ -1,0 +1,199 @@
+"""Quantized weights inside the model's layers.
+
+A linear layer, embedding or LM head holds a `QuantizedWeight` in
+``layer.quant_weight`` once its checkpoint rows arrive quantized (a GGUF file's
+blocks, through the usual weight loaders: `add_rows`) or once `quantize_model`
+quantizes its float weight after loading. The float parameter is then released
+(it keeps its shape and dtype, for code that reads them, but holds one value).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol, cast
+
+import torch
+import torch.nn as nn
+
+from engine.quantization.interface import QuantizationMethod, QuantizedTensor, concat_rows
+
+logger = logging.getLogger(__name__)
+
+
+class QuantizedWeight:
+    """A layer's weight [N, K] as row ranges, each a `QuantizedTensor` (one
+    range unless the fused parts of a layer come in different types, e.g. a
+    GGUF file with a Q6_K value projection next to Q4_K query and key)."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.shape = shape
+        self.parts: list[tuple[int, QuantizedTensor]] = []
+
+    def add(self, offset: int, rows: QuantizedTensor) -> None:
+        """Rows ``offset .. offset + len(rows)`` of the weight."""
+        self.parts.append((offset, rows))
+
+    def finish(self, where: str) -> None:
+        """Check the ranges cover the weight once; merge neighbours of one method."""
+        self.parts.sort(key=lambda p: p[0])
+        at = 0
+        merged: list[tuple[int, list[QuantizedTensor]]] = []
+        for offset, rows in self.parts:
+            if offset != at or rows.shape[1] != self.shape[1]:
+                raise ValueError(f"{where}: quantized rows from {offset} do not continue the "
+                                 f"weight at row {at} (or have another width)")
+            if merged and merged[-1][1][0].method is rows.method:
+                merged[-1][1].append(rows)
+            else:
+                merged.append((offset, [rows]))
+            at += rows.shape[0]
+        if at != self.shape[0]:
+            raise ValueError(f"{where}: quantized rows cover {at} of the weight's {self.shape[0]} rows")
+        self.parts = [(offset, group[0] if len(group) == 1 else concat_rows(group))
+                      for offset, group in merged]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(rows.nbytes for _, rows in self.parts)
+
+    @property
+    def methods(self) -> list[str]:
+        return [rows.method.name for _, rows in self.parts]
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W.T + bias`` through each range's method."""
+        if len(self.parts) == 1:
+            rows = self.parts[0][1]
+            return rows.method.linear(rows, x, bias)
+        outs = []
+        for offset, rows in self.parts:
+            part_bias = None if bias is None else bias[offset:offset + rows.shape[0]]
+            outs.append(rows.method.linear(rows, x, part_bias))
+        return torch.cat(outs, dim=-1)
+
+    def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if len(self.parts) != 1:
+            raise ValueError("a quantized embedding table must be of one method")
+        rows = self.parts[0][1]
+        return rows.method.embedding(rows, ids, dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.cat([rows.method.dequantize(rows, dtype) for _, rows in self.parts])
+
+
+class QuantizableLayer(Protocol):
+    """What the quantized-weight code uses of a linear or embedding layer (the
+    layers of engine.ops carry these attributes)."""
+
+    quant_weight: QuantizedWeight | None
+    weight: torch.Tensor
+
+
+def add_rows(layer: QuantizableLayer, param: torch.Tensor, offset: int, size: int,
+             loaded: QuantizedTensor) -> None:
+    """Weight-loader step for a quantized checkpoint tensor: keep `loaded` as
+    rows ``offset .. offset + size`` of `layer`'s quantized weight. Raises
+    ValueError on a shape mismatch or for a quantized bias."""
+    if param.dim() != 2:
+        raise ValueError(f"a quantized checkpoint tensor cannot fill a {param.dim()}-D parameter")
+    if tuple(loaded.shape) != (size, param.shape[1]):
+        raise ValueError(f"shape mismatch: checkpoint tensor has shape {list(loaded.shape)}, "
+                         f"the model expects {[size, param.shape[1]]}")
+    qw = getattr(layer, "quant_weight", None)
+    if qw is None:
+        qw = layer.quant_weight = QuantizedWeight((param.shape[0], param.shape[1]))
+    qw.add(offset, loaded)
+
+
+def _release(layer: QuantizableLayer) -> None:
+    """Swap the float weight for one value broadcast to its shape."""
+    old = layer.weight
+    placeholder = torch.zeros((), dtype=old.dtype, device=old.device).expand(old.shape)
+    layer.weight = nn.Parameter(placeholder, requires_grad=False)
+
+
+def _quantizable(model: nn.Module) -> list[tuple[str, QuantizableLayer]]:
+    return [(name, cast(QuantizableLayer, m)) for name, m in model.named_modules()
+            if hasattr(m, "quant_weight")]
+
+
+def finish_quantized_layers(model: nn.Module) -> int:
+    """After loading: check every layer's quantized rows, release the float
+    weights they replace, and let a tied LM head share its embedding's
+    quantized table. When a method's kernels cannot run here, its layers are
+    dequantized into their float weights instead (with a warning). Returns the
+    number of quantized layers."""
+    layers = _quantizable(model)
+    by_weight = {id(m.weight): m for _, m in layers if m.quant_weight is not None}
+    count = 0
+    for name, layer in layers:
+        if layer.quant_weight is None:
+            source = by_weight.get(id(layer.weight))  # a head tied to a quantized embedding
+            if source is None or source is layer:
+                continue
+            layer.quant_weight = source.quant_weight
+            setattr(layer, "tied_quant_source", source)  # noqa: B010 (an attribute only tied heads get)
+            continue
+        layer.quant_weight.finish(name)
+    for name, layer in layers:
+        qw = layer.quant_weight
+        if qw is None or getattr(layer, "tied_quant_source", None) is not None:
+            continue
+        unavailable = [rows.method.name for _, rows in qw.parts if not rows.method.available()]
+        if unavailable:
+            logger.warning("%s: the kernels of %s cannot run here (compiled CPU kernels not "
+                           "loaded); dequantizing it", name, ", ".join(unavailable))
+            layer.weight.data.copy_(qw.dequantize(layer.weight.dtype))
+            layer.quant_weight = None
+            continue
+        _release(layer)
+        count += 1
+    for _, layer in layers:  # heads tied to an embedding that was dequantized after all
+        source = getattr(layer, "tied_quant_source", None)
+        if source is not None:
+            layer.quant_weight = source.quant_weight
+            layer.weight = source.weight
+    return count
+
+
+def quantize_model(model: nn.Module, method: QuantizationMethod) -> int:
+    """Quantize the float weight of every linear layer, embedding and LM head
+    of `model` that `method` supports (others stay float, logged). Returns the
+    number of layers quantized (0, with a warning, when the method's kernels
+    cannot run in this process: the model then stays float)."""
+    if not method.available():
+        logger.warning("quantization %r: its kernels cannot run here (compiled CPU kernels not "
+                       "loaded); the weights stay %s", method.name,
+                       next(model.parameters()).dtype)
+        return 0
+    count = 0
+    for name, layer in _quantizable(model):
+        if layer.quant_weight is not None:
+            continue
+        weight = layer.weight
+        if not method.supports(tuple(weight.shape)):
+            logger.info("%s: %s cannot store a %s weight; it stays %s", name, method.name,
+                        list(weight.shape), weight.dtype)
+            continue
+        try:
+            rows = method.quantize(weight.detach())
+        except Exception as exc:
+            raise ValueError(f"quantization method {method.name!r} failed on {name} "
+                             f"{list(weight.shape)}: {type(exc).__name__}: {exc}") from exc
+        qw = QuantizedWeight((weight.shape[0], weight.shape[1]))
+        qw.add(0, rows)
+        qw.finish(name)
+        layer.quant_weight = qw
+        tied = [m for _, m in _quantizable(model) if m is not layer and m.weight is weight]
+        _release(layer)
+        for other in tied:  # a head tied to this embedding: one table, one placeholder
+            other.weight = layer.weight
+            other.quant_weight = qw
+        count += 1
+    return count
+
+
+def quantized_layers(model: nn.Module) -> dict[str, list[str]]:
+    """Layer name -> the methods of its quantized weight, for every quantized layer."""
+    return {name: layer.quant_weight.methods for name, layer in _quantizable(model)
+            if layer.quant_weight is not None}

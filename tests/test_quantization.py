@@ -1,0 +1,303 @@
+"""Quantized weights: the GGUF block kernels against dequantize-then-matmul on
+every kernel path this CPU runs plus the portable one, GGUF files kept in their
+blocks, quality against the same model dequantized to float32 (teacher-forced
+greedy agreement) and against transformers' GGUF loading, quantizing a float
+checkpoint at load, and a third-party quantization plugin through the registry
+and the conformance kit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import subprocess_env
+from safetensors.torch import load_file, save_file
+from test_gguf import PROMPT_IDS, transformers_greedy, write_gguf
+
+from engine import LLM, SamplingParams, kernels
+from engine.quantization import get_quantization_method
+from engine.quantization.ggml import GGML_TYPES, PATHS, kernel_paths
+from engine.quantization.kquants import quantize_q4_k, quantize_q5_k, quantize_q6_k
+
+HERE = Path(__file__).resolve().parent
+TYPES = list(GGML_TYPES)
+K_QUANTIZERS = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
+# max |kernel - reference| / max |reference|: the float path only reorders float32
+# sums; the int8 paths quantize each 32-value chunk of x to int8 (about 0.5-1%)
+FLOAT_PATH_TOL = 1e-5
+INT8_PATH_TOL = 0.02
+# teacher-forced greedy agreement with the float32-dequantized model, per format,
+# over FORCED_TOKENS positions: the int8 kernels with float32 activations, so that
+# only the quantization differs (bfloat16 activations alone move a few tokens of
+# these random tiny models)
+AGREEMENT = {t: 0.98 for t in TYPES}
+FORCED_TOKENS = 100
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled():
+    """The compiled kernels loaded in this process (built first when missing)."""
+    saved = kernels._loaded
+    if not kernels.library_path().exists():
+        kernels.build()
+    kernels._loaded = None
+    mp = pytest.MonkeyPatch()
+    mp.setenv(kernels.MODE_ENV, "build")
+    assert kernels.kernels_available()
+    yield
+    mp.undo()
+    kernels._loaded = saved
+
+
+def _blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    values = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    if qtype in K_QUANTIZERS:
+        return K_QUANTIZERS[qtype](values)
+    return gguf.quants.quantize(values, getattr(gguf.GGMLQuantizationType, qtype))
+
+
+def _reference(qtype: str, blocks: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
+    values = gguf.dequantize(blocks, getattr(gguf.GGMLQuantizationType, qtype))
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
+
+
+def test_every_path_this_cpu_runs_is_found_from_cpuinfo():
+    flags = kernels.cpu_flags()
+    paths = kernel_paths()
+    assert paths[-1] == "portable"
+    assert ("avx2" in paths) == ("avx2" in flags)
+    assert ("avx512_vnni" in paths) == ({"avx512_vnni", "avx512vl", "avx2"} <= flags)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_dequantize_and_embedding_equal_the_gguf_package(qtype):
+    rows, cols = 24, 512
+    blocks = _blocks(qtype, rows, cols)
+    ref = _reference(qtype, blocks, (rows, cols))
+    method = get_quantization_method(qtype.lower())
+    stored = method.from_gguf(torch.from_numpy(blocks), (rows, cols))
+    assert stored.nbytes == blocks.nbytes  # the blocks, nothing widened
+    assert torch.equal(method.dequantize(stored), ref)
+    ids = torch.tensor([5, 0, 23, 5])
+    assert torch.equal(method.embedding(stored, ids, torch.float32), ref[ids])
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_linear_kernels_equal_dequantize_then_matmul_on_every_path(qtype):
+    rows, cols = 40, 768
+    blocks = _blocks(qtype, rows, cols, seed=1)
+    ref_w = _reference(qtype, blocks, (rows, cols))
+    wt = torch.from_numpy(blocks)
+    gen = torch.Generator().manual_seed(2)
+    bias = torch.randn(rows, generator=gen)
+    type_id = GGML_TYPES[qtype][0]
+    for path in ["float", *kernel_paths()]:  # the best path first ... "portable" last
+        tol = FLOAT_PATH_TOL if path == "float" else INT8_PATH_TOL
+        for m in (1, 3, 4, 7):
+            x = torch.randn(m, cols, generator=gen)
+            out = torch.empty(m, rows)
+            torch.ops.engine_kernels.ggml_linear(out, x, wt, type_id, bias, PATHS[path][0])
+            ref = x @ ref_w.T + bias
+            error = float((out - ref).abs().max() / ref.abs().max())
+            assert error <= tol, (path, m, error)
+
+
+def test_bf16_activations_take_the_best_int8_path(monkeypatch):
+    method = get_quantization_method("q4_1")
+    blocks = _blocks("Q4_1", 16, 256)
+    stored = method.from_gguf(torch.from_numpy(blocks), (16, 256))
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    ref = x.float() @ _reference("Q4_1", blocks, (16, 256)).T
+    best = method.linear(stored, x, None)
+    monkeypatch.setenv("ENGINE_QUANT_KERNEL_PATH", "portable")
+    portable = method.linear(stored, x, None)
+    for out in (best, portable):
+        assert out.dtype == torch.bfloat16
+        assert float((out.float() - ref).abs().max() / ref.abs().max()) <= INT8_PATH_TOL + 0.01
+    monkeypatch.setenv("ENGINE_QUANT_KERNEL_PATH", "sse9")
+    with pytest.raises(ValueError, match="ENGINE_QUANT_KERNEL_PATH='sse9'.*valid: float"):
+        method.linear(stored, x, None)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_writers_round_trip_through_the_gguf_reader(qtype):
+    values = np.random.default_rng(4).standard_normal((8, 512)).astype(np.float32)
+    back = _reference(qtype, K_QUANTIZERS[qtype](values), values.shape).numpy()
+    rel_rms = np.sqrt(((back - values) ** 2).mean() / (values ** 2).mean())
+    assert rel_rms < {"Q4_K": 0.1, "Q5_K": 0.05, "Q6_K": 0.03}[qtype]
+
+
+# ---------------------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="module")
+def k_llama(make_hf_model) -> Path:
+    """Rows of 256 values (the K-quant block), tied embeddings like SmolLM2."""
+    return make_hf_model("llama", hidden_size=256, intermediate_size=512,
+                         tie_word_embeddings=True)
+
+
+def _gguf(model: Path, folder: Path, qtype: str) -> Path:
+    return write_gguf(model, folder / f"tiny-{qtype}.gguf", qtype,
+                      k_blocks=K_QUANTIZERS.get(qtype))
+
+
+def _stored_methods(llm: LLM) -> dict[str, list[str]]:
+    return llm.llm_engine.quantized_layers()
+
+
+def _teacher_forced(llm: LLM, sequence: list[int], start: int) -> list[int]:
+    """The greedy next token after each prefix sequence[:i], i >= start."""
+    params = SamplingParams(temperature=0, max_tokens=1)
+    prompts = [sequence[:i] for i in range(start, len(sequence))]
+    return [o.outputs[0].token_ids[0] for o in llm.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("qtype", [
+    "Q8_0", "Q4_1", "Q4_K",
+    *(pytest.param(q, marks=pytest.mark.slow) for q in ("Q4_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")),
+])
+def test_gguf_stays_quantized_and_agrees_with_its_float32_dequantization(
+        k_llama, tmp_path, monkeypatch, qtype):
+    path = _gguf(k_llama, tmp_path, qtype)
+    with LLM(str(path), dtype="float32", quantization="none", kv_cache_memory=1 << 22) as ref:
+        params = SamplingParams(temperature=0, max_tokens=FORCED_TOKENS, ignore_eos=True)
+        continuation = ref.generate([PROMPT_IDS], params)[0].outputs[0].token_ids
+    sequence = PROMPT_IDS + list(continuation)
+    monkeypatch.setenv("ENGINE_QUANT_KERNEL_PATH", kernel_paths()[0])  # int8 activations
+    with LLM(str(path), dtype="float32", kv_cache_memory=1 << 22, max_num_seqs=4) as llm:
+        layers = _stored_methods(llm)
+        got = _teacher_forced(llm, sequence, len(PROMPT_IDS))
+    assert layers["model.embed_tokens"] == [qtype.lower()]  # the embedding, tied LM head too
+    assert layers["lm_head"] == [qtype.lower()]
+    assert layers["model.layers.0.self_attn.qkv_proj"] == [qtype.lower()]
+    assert len(layers) == 2 + 4 * 2  # qkv, o, gate_up, down per layer
+    expected = sequence[len(PROMPT_IDS):]
+    agree = sum(g == e for g, e in zip(got, expected, strict=True)) / len(expected)
+    assert agree >= AGREEMENT[qtype], (qtype, agree)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", pytest.param("Q4_K", marks=pytest.mark.slow)])
+def test_quantized_float32_path_equals_transformers_gguf_loading(k_llama, tmp_path, qtype):
+    path = _gguf(k_llama, tmp_path, qtype)
+    expected = transformers_greedy(path, PROMPT_IDS, 8)
+    with LLM(str(path), dtype="float32", kv_cache_memory=1 << 22) as llm:
+        assert _stored_methods(llm)["lm_head"] == [qtype.lower()]
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        assert llm.generate([PROMPT_IDS], params)[0].outputs[0].token_ids == expected
+
+
+def _dequantized_copy(model: Path, method_name: str, out: Path) -> Path:
+    """`model` with every 2-D weight replaced by dequantize(quantize(W)): the
+    float32 model a quantized-at-load engine stands for."""
+    method = get_quantization_method(method_name)
+    shutil.copytree(model, out)
+    state = load_file(str(model / "model.safetensors"))
+    state = {k: method.dequantize(method.quantize(v)) if v.dim() == 2 else v
+             for k, v in state.items()}
+    save_file(state, str(out / "model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("method", ["q8_0", pytest.param("q4_k", marks=pytest.mark.slow)])
+def test_quantize_a_float_checkpoint_at_load(k_llama, tmp_path, monkeypatch, method):
+    reference = _dequantized_copy(k_llama, method, tmp_path / "dequantized")
+    with LLM(str(reference), dtype="float32", kv_cache_memory=1 << 22) as ref:
+        params = SamplingParams(temperature=0, max_tokens=FORCED_TOKENS, ignore_eos=True)
+        sequence = PROMPT_IDS + list(ref.generate([PROMPT_IDS], params)[0].outputs[0].token_ids)
+    monkeypatch.setenv("ENGINE_QUANT_KERNEL_PATH", kernel_paths()[0])
+    with LLM(str(k_llama), dtype="float32", quantization=method, kv_cache_memory=1 << 22,
+             max_num_seqs=4) as llm:
+        layers = _stored_methods(llm)
+        got = _teacher_forced(llm, sequence, len(PROMPT_IDS))
+    assert set(map(tuple, layers.values())) == {(method,)} and len(layers) == 10
+    expected = sequence[len(PROMPT_IDS):]
+    assert sum(g == e for g, e in zip(got, expected, strict=True)) / len(expected) >= 0.98
+
+
+def test_an_unknown_quantization_names_the_valid_ones(small_llama_dir):
+    with pytest.raises(ValueError, match=r"quantization 'q3_z' is not a quantization plugin. "
+                                         r"Valid options are: none, .*q4_0.*q8_0"):
+        LLM(str(small_llama_dir), quantization="q3_z")
+
+
+@pytest.fixture(scope="module")
+def small_llama_dir(make_hf_model) -> Path:
+    return make_hf_model("llama")
+
+
+def test_cli_generate_takes_quantization_and_plugins_list_shows_the_builtins(k_llama):
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine", "generate", "--model", str(k_llama), "--prompt", "hi",
+         "--max-tokens", "3", "--temperature", "0", "--quantization", "q8_0", "--json"],
+        env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    listing = subprocess.run(
+        [sys.executable, "-m", "engine", "plugins", "list", "--group", "quantization", "--json"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    rows = json.loads(listing.stdout)
+    builtins = {r["name"] for r in rows if r["source"] == "builtin"}
+    assert builtins == {t.lower() for t in TYPES}
+
+
+# ---------------------------------------------------------------------------- third party
+
+
+@pytest.fixture(scope="module")
+def toy_site(tmp_path_factory) -> Path:
+    """The toy int8 quantization package, pip-installed into a --target folder."""
+    root = tmp_path_factory.mktemp("toy-quant")
+    source = root / "toy_quant_pkg"
+    shutil.copytree(HERE / "plugin_fixtures" / "toy_quant_pkg", source)
+    target = root / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+         "--no-build-isolation", "--disable-pip-version-check", "--target", str(target),
+         str(source)], check=True, capture_output=True, text=True)
+    return target
+
+
+SERVE_SCRIPT = """
+import json, sys
+from engine import LLM, SamplingParams
+with LLM(sys.argv[1], dtype="float32", quantization="toy_int8", kv_cache_memory=1 << 22) as llm:
+    layers = llm.llm_engine.quantized_layers()
+    out = llm.generate([[5, 17, 300, 42]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+print(json.dumps({"layers": layers, "tokens": out[0].outputs[0].token_ids}))
+"""
+
+
+def test_a_third_party_method_serves_a_model_and_passes_the_kit(toy_site, small_llama_dir):
+    env = subprocess_env(PYTHONPATH=str(toy_site), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", SERVE_SCRIPT, str(small_llama_dir)], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(map(tuple, report["layers"].values())) == {("toy_int8",)}
+    assert len(report["tokens"]) == 6
+    kit = subprocess.run([sys.executable, "-m", "engine", "plugins", "test", "toy_int8", "--json"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert kit.returncode == 0, kit.stdout + kit.stderr
+    outcomes = {r["check"]: r["outcome"] for r in json.loads(kit.stdout)}
+    assert outcomes == {f"quantization/toy_int8::{name}": "passed" for name in (
+        "is_subclass", "declarations", "round_trip", "linear_vs_dequantized",
+        "embedding_vs_dequantized", "engine_run")}
+
+
+def test_a_broken_third_party_method_fails_the_kit_naming_the_check(toy_site):
+    env = subprocess_env(PYTHONPATH=str(toy_site), OMP_NUM_THREADS="1")
+    kit = subprocess.run([sys.executable, "-m", "engine", "plugins", "test", "toy_int8_broken",
+                          "-k", "not engine_run"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert kit.returncode == 1, kit.stdout + kit.stderr
+    failed = [line for line in kit.stdout.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1, kit.stdout
+    assert failed[0].startswith("FAILED quantization/toy_int8_broken::linear_vs_dequantized: ")
+    assert "off the dequantized float32 reference" in failed[0]
