@@ -85,6 +85,24 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def compiled():
+    """The compiled CPU kernels loaded in this module's process (built first when
+    missing), whatever ENGINE_CPU_KERNELS said; the previous state restored after."""
+    import engine.kernels as kernels
+
+    saved = kernels._loaded
+    if not kernels.library_path().exists():
+        kernels.build()
+    kernels._loaded = None
+    mp = pytest.MonkeyPatch()
+    mp.setenv(kernels.MODE_ENV, "build")
+    assert kernels.kernels_available()
+    yield
+    mp.undo()
+    kernels._loaded = saved
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for a child process running the engine or its CLI: the current
     one (already isolated by the autouse fixture) plus `extra`; the repo root is

@@ -19,20 +19,6 @@ from engine.attention.backends.torch_sdpa import TorchSDPAImpl
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    """The kernels loaded in this process (built first when missing)."""
-    saved = kernels._loaded
-    if not kernels.library_path().exists():
-        kernels.build()
-    kernels._loaded = None
-    mp = pytest.MonkeyPatch()
-    mp.setenv(kernels.MODE_ENV, "build")
-    assert kernels.kernels_available()
-    yield
-    mp.undo()
-    kernels._loaded = saved
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

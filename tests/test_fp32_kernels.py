@@ -26,20 +26,6 @@ TOP1_AGREEMENT = 0.995
 LOGPROB_ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    """The kernels loaded in this process (built first when missing)."""
-    saved = kernels._loaded
-    if not kernels.library_path().exists():
-        kernels.build()
-    kernels._loaded = None
-    mp = pytest.MonkeyPatch()
-    mp.setenv(kernels.MODE_ENV, "build")
-    assert kernels.kernels_available()
-    yield
-    mp.undo()
-    kernels._loaded = saved
-
 
 def _cpu_flags() -> set[str]:
     return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())

@@ -37,23 +37,11 @@ INT8_PATH_TOL = 0.02
 # over FORCED_TOKENS positions: the int8 kernels with float32 activations, so that
 # only the quantization differs (bfloat16 activations alone move a few tokens of
 # these random tiny models)
+pytestmark = pytest.mark.usefixtures("compiled")  # every test here runs the kernels
+
 AGREEMENT = {t: 0.98 for t in TYPES}
 FORCED_TOKENS = 100
 
-
-@pytest.fixture(scope="module", autouse=True)
-def compiled():
-    """The compiled kernels loaded in this process (built first when missing)."""
-    saved = kernels._loaded
-    if not kernels.library_path().exists():
-        kernels.build()
-    kernels._loaded = None
-    mp = pytest.MonkeyPatch()
-    mp.setenv(kernels.MODE_ENV, "build")
-    assert kernels.kernels_available()
-    yield
-    mp.undo()
-    kernels._loaded = saved
 
 
 def _blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
