@@ -122,10 +122,10 @@ def libraries(model: str, vocab_size: int, eos: int) -> None:
 
     from engine.sampling_params import StructuredOutputsParams
     from engine.structured_outputs import compile_grammar
-    from engine.structured_outputs.processor import _ll_tokenizer
+    from engine.structured_outputs.processor import ll_tokenizer
 
     start = time.perf_counter()
-    ll_tok = _ll_tokenizer(model, vocab_size)
+    ll_tok = ll_tokenizer(model, vocab_size)
     view = time.perf_counter() - start
     start = time.perf_counter()
     matcher = llguidance.LLMatcher(ll_tok, compile_grammar(StructuredOutputsParams(json=SCHEMA)))
@@ -185,13 +185,13 @@ def main() -> None:
     from engine import LLM
     from engine.sampling_params import StructuredOutputsParams
     from engine.structured_outputs import compile_grammar
-    from engine.structured_outputs.processor import _ll_tokenizer
+    from engine.structured_outputs.processor import ll_tokenizer
 
     torch.set_num_threads(1)
     llm = LLM(dtype="float32", kv_cache_memory=2**26)
     model = llm.config.model_config.model
     start = time.perf_counter()
-    _ll_tokenizer(model, int(llm.config.model_config.hf_config["vocab_size"]))
+    ll_tokenizer(model, int(llm.config.model_config.hf_config["vocab_size"]))
     tokenizer_s = time.perf_counter() - start
     start = time.perf_counter()
     compile_grammar(StructuredOutputsParams(json=SCHEMA))

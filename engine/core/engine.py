@@ -22,7 +22,8 @@ from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.step import ModelRunnerOutput
-from engine.structured_outputs.grammar import checked_matcher, ll_tokenizer
+from engine.structured_outputs.grammar import checked_matcher
+from engine.structured_outputs.processor import ll_tokenizer
 from engine.utils import STARTUP_LOGGER, first_line, short_repr
 
 logger = logging.getLogger(__name__)

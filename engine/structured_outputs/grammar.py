@@ -33,7 +33,7 @@ from typing import Any
 
 from engine.utils import first_line
 
-__all__ = ["MAX_SOURCE_BYTES", "checked_matcher", "compile_grammar", "ll_tokenizer"]
+__all__ = ["MAX_SOURCE_BYTES", "checked_matcher", "compile_grammar"]
 
 # JSON without free whitespace: a model cannot pad its answer forever, and the
 # output is the compact form every JSON parser reads.
@@ -100,21 +100,8 @@ def _compile(field: str, source: str) -> str:
     return grammar
 
 
-@functools.lru_cache(maxsize=4)
-def ll_tokenizer(model: str, vocab_size: int) -> Any:
-    """llguidance's view of the model's tokenizer (building it scans the whole
-    vocabulary once, so it is cached per model); `vocab_size` 0: the tokenizer's."""
-    from llguidance import LLTokenizer
-
-    from engine.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(model)
-    return LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size or None,
-                       eos_token=sorted(tokenizer.eos_token_ids))
-
-
 def checked_matcher(params: Any, tokenizer: Any) -> Any:
-    """A fresh ``LLMatcher`` for `params` over `tokenizer` (an `ll_tokenizer`),
+    """A fresh ``LLMatcher`` for `params` over `tokenizer` (an `engine.structured_outputs.processor.ll_tokenizer`),
     after checking that one can enforce the constraint: it builds, and it
     allows a token (not only end-of-sequence before the constraint is met) for
     each of its first tokens, following the lowest allowed token id.

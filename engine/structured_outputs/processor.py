@@ -3,6 +3,7 @@ applied through the logits-processor path (see `engine.structured_outputs.gramma
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,8 @@ from engine.sample.logits_processor import (
     LogitsProcessor,
     apply_batch_update,
 )
-from engine.structured_outputs.grammar import compile_grammar, ll_tokenizer
+from engine.structured_outputs.grammar import compile_grammar
+from engine.tokenizer import load_tokenizer
 from engine.utils import first_line
 
 __all__ = ["StructuredOutputsLogitsProcessor"]
@@ -25,6 +27,18 @@ _log = logging.getLogger(__name__)
 
 
 @dataclass
+
+@functools.lru_cache(maxsize=4)
+def ll_tokenizer(model: str, vocab_size: int) -> Any:
+    """llguidance's view of the model's tokenizer (building it scans the whole
+    vocabulary once, so it is cached per model); `vocab_size` 0: the tokenizer's."""
+    from llguidance import LLTokenizer
+
+    tokenizer = load_tokenizer(model)
+    return LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size or None,
+                       eos_token=sorted(tokenizer.eos_token_ids))
+
+
 class _Row:
     matcher: Any
     output_token_ids: list[int]  # the engine's live list
