@@ -26,8 +26,6 @@ __all__ = ["StructuredOutputsLogitsProcessor"]
 _log = logging.getLogger(__name__)
 
 
-@dataclass
-
 @functools.lru_cache(maxsize=4)
 def ll_tokenizer(model: str, vocab_size: int) -> Any:
     """llguidance's view of the model's tokenizer (building it scans the whole
@@ -39,6 +37,7 @@ def ll_tokenizer(model: str, vocab_size: int) -> Any:
                        eos_token=sorted(tokenizer.eos_token_ids))
 
 
+@dataclass
 class _Row:
     matcher: Any
     output_token_ids: list[int]  # the engine's live list
