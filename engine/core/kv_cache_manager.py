@@ -166,6 +166,13 @@ class KVCacheManager:
         seq.block_table = []
         seq.block_hashes = []
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block key (blocks in use keep their data): sleep mode
+        calls it when the cache's contents go away."""
+        for block in self.cached_blocks.values():
+            block.key = None
+        self.cached_blocks.clear()
+
     # ------------------------------------------------------------------ internals
 
     def _take(self, block: KVCacheBlock) -> None:
