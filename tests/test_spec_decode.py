@@ -134,6 +134,21 @@ def test_draft_model_greedy_equals_plain_decoding(llama_dir, make_hf_model, plai
         assert counts.num_accepted_tokens == counts.num_draft_tokens > 0
 
 
+def test_draft_model_stops_drafting_at_the_end_of_the_context(make_hf_model):
+    # every draft is kept (the target drafts for itself), so drafting runs into the
+    # 64-token context: no draft position may pass it
+    short = make_hf_model("llama", max_position_embeddings=64)
+    prompts = _prompts([40, 57], seed=5)
+    params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    with LLM(short, dtype="float32", kv_cache_memory=4 * 1024 * KIB) as ref:
+        expected = _greedy(ref, prompts, params)
+    with LLM(short, dtype="float32", kv_cache_memory=4 * 1024 * KIB,
+             speculative_config={"model": str(short), "num_speculative_tokens": 4}) as llm:
+        assert _greedy(llm, prompts, params) == expected
+        assert _spec_counts(llm).num_accepted_tokens > 0
+    assert [len(p) + len(e) for p, e in zip(prompts, expected)] == [64, 64]
+
+
 def test_seeded_sampling_with_drafts_is_deterministic(llama_dir):
     prompts = _prompts([20, 31], seed=4)
     params = SamplingParams(temperature=0.8, top_k=20, max_tokens=24, seed=123,

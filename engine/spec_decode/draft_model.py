@@ -40,6 +40,7 @@ class DraftModelProposer(Proposer):
         self.kv_cache: KVCacheManager | None = None
         self.block_size = engine_config.cache_config.block_size
         self._seqs: dict[int, Sequence] = {}  # seq_id -> what the draft cache holds
+        self.max_positions: int | None = None  # the draft's context: no draft fed past it
 
     def load(self, target_model: Any) -> None:
         """Load the draft model in the target's dtype; its vocabulary must be the
@@ -57,6 +58,9 @@ class DraftModelProposer(Proposer):
                 f"{hf_config.get('vocab_size')}, the target model {target_vocab}: the draft "
                 "model must share the target's tokenizer")
         dtype = str(resolve_dtype(target)).removeprefix("torch.")
+        limits = [int(v) for v in (target.model_config.max_model_len,
+                                   hf_config.get("max_position_embeddings")) if v]
+        self.max_positions = min(limits) if limits else None
         config = dataclasses.replace(
             target,
             model_config=dataclasses.replace(target.model_config, model=str(path),
@@ -103,9 +107,15 @@ class DraftModelProposer(Proposer):
         seqs = [seq for _, seq in running]
         with torch.inference_mode():
             for step in range(k if seqs else 0):
-                if step:  # feed the previous draft back
+                if step:  # feed the previous draft back, at the next position
+                    limit = self.max_positions
+                    running = [(i, seq) for i, seq in running
+                               if limit is None or seq.num_tokens < limit]
+                    if not running:  # every sequence is at the end of the context
+                        break
                     for seq_id, seq in running:
                         seq.token_ids.append(drafts[seq_id][-1])
+                    seqs = [seq for _, seq in running]
                 for (seq_id, _), token in zip(running, self._forward(seqs), strict=True):
                     drafts[seq_id].append(token)
         return [drafts.get(seq_id, []) for seq_id in seq_ids]
