@@ -146,7 +146,7 @@ def test_draft_model_stops_drafting_at_the_end_of_the_context(make_hf_model):
              speculative_config={"model": str(short), "num_speculative_tokens": 4}) as llm:
         assert _greedy(llm, prompts, params) == expected
         assert _spec_counts(llm).num_accepted_tokens > 0
-    assert [len(p) + len(e) for p, e in zip(prompts, expected)] == [64, 64]
+    assert [len(p) + len(e) for p, e in zip(prompts, expected, strict=True)] == [64, 64]
 
 
 def test_seeded_sampling_with_drafts_is_deterministic(llama_dir):
