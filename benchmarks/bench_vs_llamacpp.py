@@ -37,16 +37,16 @@ import json
 import os
 import random
 import resource
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _peer_process import RESULT_PREFIX, Side, reply
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VENV = ROOT / ".venv-llamacpp"
 LLAMA_CPP_VERSION = "0.3.36"
-RESULT_PREFIX = "@@result "
 THREADS = 2
 N_CTX = 4096
 RSS_CTX = 2048
@@ -123,9 +123,6 @@ def write_q8_0(source: Path, out: Path) -> Path:
 
 # ---------------------------------------------------------------------- workers
 
-def _reply(payload: dict) -> None:
-    print(RESULT_PREFIX + json.dumps(payload), flush=True)
-
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -196,55 +193,19 @@ def run_worker(side: str, path: str, kv_tokens: int | None, rss_only: bool) -> i
     if rss_only:
         rng = random.Random(7)
         generate([[rng.randrange(10, 40000) for _ in range(256)]], [64])
-        _reply({"peak_rss_mib": _peak_rss_mib(), "rss_mib": _rss_now_mib(), **info})
+        reply({"peak_rss_mib": _peak_rss_mib(), "rss_mib": _rss_now_mib(), **info})
         return 0
-    _reply({"ready": True, "peak_rss_mib": _peak_rss_mib(), **info})
+    reply({"ready": True, "peak_rss_mib": _peak_rss_mib(), **info})
     for line in sys.stdin:
         cmd = json.loads(line)
         start = time.perf_counter()
         tokens = generate(cmd["prompts"], cmd["out_lens"], cmd.get("batched", False))
         elapsed = time.perf_counter() - start
-        _reply({"seconds": elapsed, "tokens": sum(len(t) for t in tokens),
+        reply({"seconds": elapsed, "tokens": sum(len(t) for t in tokens),
                 "peak_rss_mib": _peak_rss_mib()})
     return 0
 
 
-class Side:
-    """One measured side in its own process (see run_worker)."""
-
-    def __init__(self, name: str, python: str, path: Path, env: dict) -> None:
-        self.name = name
-        cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--path", str(path)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env, cwd=str(ROOT), start_new_session=True)
-        self.ready = self._read()
-
-    def _read(self) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith(RESULT_PREFIX):
-                return json.loads(line[len(RESULT_PREFIX):])
-        raise RuntimeError(f"{self.name} worker exited with code {self.proc.wait()}")
-
-    def ask(self, **command) -> dict:
-        self.proc.stdin.write(json.dumps(command) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-# ---------------------------------------------------------------------- the parent
 
 class Prompts:
     """Fresh random prompts: no two calls share a token prefix."""
@@ -334,6 +295,12 @@ def print_summary(name: str, s: dict, peer: str) -> None:
           f"{a['engine'] / a[peer]:.2f}x | |")
 
 
+def start_side(name: str, python: str, path: Path, env: dict) -> Side:
+    """One measured side in its own process (see run_worker)."""
+    cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--path", str(path)]
+    return Side(name, cmd, env, ROOT)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gguf", help="comma-separated GGUF files")
@@ -383,7 +350,7 @@ def main() -> int:
         sides: dict[str, Side] = {}
         try:
             for side, py in pythons.items():
-                sides[side] = Side(side, py, path, env)
+                sides[side] = start_side(side, py, path, env)
             import gguf
 
             vocab = len(gguf.GGUFReader(str(path)).fields["tokenizer.ggml.tokens"].data)

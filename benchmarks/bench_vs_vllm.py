@@ -42,16 +42,16 @@ import argparse
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _peer_process import Side, reply
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VENV = ROOT / ".venv-vllm"
-RESULT_PREFIX = "@@result "
 KV_CACHE_GIB = 2
 
 # SmolLM-135M's shape (tied embeddings: 134.5M parameters), random weights
@@ -98,47 +98,6 @@ def ensure_vllm_venv(venv: Path) -> Path:
 
 # ---------------------------------------------------------------------- workers
 
-class Side:
-    """One measured side in its own process: the model loaded once, then
-    commands (one JSON line each on stdin) answered with a result line."""
-
-    def __init__(self, name: str, python: str, model: Path, dtype: str, env: dict) -> None:
-        self.name = name
-        cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--model-dir", str(model),
-               "--dtype", dtype]
-        # its own process group: closing the side also ends the processes it started
-        # (vLLM's engine core)
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env, cwd=str(ROOT), start_new_session=True)
-        self.ready = self._read()
-
-    def _read(self) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith(RESULT_PREFIX):
-                return json.loads(line[len(RESULT_PREFIX):])
-        raise RuntimeError(f"{self.name} worker exited with code {self.proc.wait()}")
-
-    def ask(self, **command) -> dict:
-        self.proc.stdin.write(json.dumps(command) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        try:  # whatever the worker left behind in its group
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def _reply(payload: dict) -> None:
-    print(RESULT_PREFIX + json.dumps(payload), flush=True)
 
 
 def run_worker(side: str, model_dir: str, dtype: str) -> int:
@@ -178,7 +137,7 @@ def run_worker(side: str, model_dir: str, dtype: str) -> int:
 
     import torch
 
-    _reply({"ready": True, "torch_threads": torch.get_num_threads(), "dtype": actual_dtype,
+    reply({"ready": True, "torch_threads": torch.get_num_threads(), "dtype": actual_dtype,
             **extra})
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -186,7 +145,7 @@ def run_worker(side: str, model_dir: str, dtype: str) -> int:
         tokens = generate(cmd["prompts"], cmd["out_lens"])
         elapsed = time.perf_counter() - start
         produced = sum(len(t) for t in tokens)
-        _reply({"seconds": elapsed, "tokens": produced,
+        reply({"seconds": elapsed, "tokens": produced,
                 "first_tokens": [t[:8] for t in tokens[:4]]})
     return 0
 
@@ -299,6 +258,14 @@ def summarise(runs: dict) -> dict:
     return out
 
 
+def start_side(name: str, python: str, model: Path, dtype: str, env: dict) -> Side:
+    """One measured side in its own process: the model loaded once, then commands
+    answered (benchmarks/_peer_process.py)."""
+    cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--model-dir", str(model),
+           "--dtype", dtype]
+    return Side(name, cmd, env, ROOT)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="16 shorter requests, 2 rounds")
@@ -348,8 +315,8 @@ def main() -> int:
                 note(f"{model} ({params / 1e6:.1f}M), {dtype}: starting both sides")
                 sides = {}
                 try:
-                    sides["engine"] = Side("engine", sys.executable, folder, dtype, env)
-                    sides["vllm"] = Side("vllm", str(vllm_python), folder, dtype, env)
+                    sides["engine"] = start_side("engine", sys.executable, folder, dtype, env)
+                    sides["vllm"] = start_side("vllm", str(vllm_python), folder, dtype, env)
                     fresh = FreshPrompts(shape["vocab_size"], args.seed + 1)
                     # warm-up: a few requests on each side (vLLM compiles here), with
                     # prompts of their own

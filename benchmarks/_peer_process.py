@@ -1,0 +1,60 @@
+"""One measured side of a peer benchmark in its own process (bench_vs_vllm.py,
+bench_vs_llamacpp.py): the driver starts the script again in `--worker` mode under
+that side's Python, sends commands as JSON lines on stdin, and reads result lines.
+Only the standard library: the peers' virtual environments import it too."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+RESULT_PREFIX = "@@result "
+
+
+def reply(payload: dict) -> None:
+    """Worker side: one result line for the driver."""
+    print(RESULT_PREFIX + json.dumps(payload), flush=True)
+
+
+class Side:
+    """Driver side: the worker process `cmd`, its ready message in `ready`."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict, cwd: Path) -> None:
+        self.name = name
+        # its own process group: closing the side also ends the processes it started
+        # (vLLM's engine core)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env, cwd=str(cwd), start_new_session=True)
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(RESULT_PREFIX):
+                return json.loads(line[len(RESULT_PREFIX):])
+        raise RuntimeError(f"{self.name} worker exited with code {self.proc.wait()}")
+
+    def ask(self, **command) -> dict:
+        """Send one command; its result."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        """End the worker (stdin closed, then killed after 60 s) and its group."""
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        try:  # whatever the worker left behind in its group
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
