@@ -5,7 +5,8 @@ The ops live under ``torch.ops.engine_kernels``: ``paged_decode_attention``
 (decode attention reading K/V through the block table, see paged_attention.cpp)
 and the decoder layer's fused element-wise ops ``rms_norm``,
 ``fused_add_rms_norm``, ``silu_and_mul`` and ``rotary_embedding``
-(fused_ops.cpp), which the in-tree `CustomOp`s run from ``forward_cpu``.
+(fused_ops.cpp), which the in-tree `CustomOp`s run from ``forward_cpu``, and
+``lora_add`` (lora.cpp: every row's own LoRA adapter in one call per layer).
 Nothing here is needed for correctness: callers check `kernels_available()` and
 fall back to plain PyTorch.
 
@@ -18,7 +19,7 @@ the path of a first `engine generate`: ``ENGINE_CPU_KERNELS`` chooses
 - ``0``: never use them.
 
 ``ENGINE_KERNEL_PATH=portable`` makes the kernels that choose an instruction-set
-path (the float32 and bfloat16 GEMVs) take their portable vector-extension code,
+path (the float32 and bfloat16 GEMVs, the LoRA shrink) take their portable vector-extension code,
 and the AMX kernel stand aside, whatever the CPU has: the fallback runs, and is
 tested, on every machine.
 
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 startup_logger = logging.getLogger(STARTUP_LOGGER)
 
 SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp", "amx_linear.cpp",
-           "fp32_gemv.cpp", "prefill_attention.cpp", "ggml_quant.cpp")
+           "fp32_gemv.cpp", "prefill_attention.cpp", "ggml_quant.cpp", "lora.cpp")
 HEADERS = ("vec.h",)
 LIBRARY_NAME = "engine_kernels"
 MODE_ENV = "ENGINE_CPU_KERNELS"

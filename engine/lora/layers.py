@@ -2,16 +2,19 @@
 
 Each adaptable layer (`ColumnParallelLinear` and `RowParallelLinear`, fused ones
 included) gets a `LoRALayer` as its ``lora`` hook, which adds, to this rank's
-partial output, the LoRA delta of every adapter in the step for that adapter's
-rows of the batch: one pair of matmuls per adapter and layer, whatever the mix
-of adapters and base-model rows in the step.
+partial output, every row's own adapter delta. The active adapters sit in
+``max_loras`` slots: per layer, one `LayerSlots` holds every slot's A and B
+stacked, written when an adapter is activated, so a step only says which slot
+each row uses (-1: the base model) and each layer does one call over the whole
+batch (``engine_kernels::lora_add``, engine/kernels/lora.cpp; plain PyTorch, a
+pair of matmuls per adapter of the step and part, where the kernels cannot run).
 
-Fused layers hold one adapter as one pair too: the A matrices of the parts
-(q, k, v; gate, up) are stacked, and B is block-diagonal over the parts, each
-block placed and sharded exactly as the base layer places and shards that part
-(by calling the base layer's own weight loader). A row-parallel layer's A is
-split over the input features like the base weight; the partial deltas of the
-ranks then add up in the layer's own all-reduce.
+A fused layer (q, k, v; gate, up) has one part per checkpoint module: a part's
+A rows and B columns sit at its own offsets, B holding only the part's output
+columns (placed and sharded exactly as the base layer places and shards that
+part, by calling the base layer's own weight loader). A row-parallel layer's A
+is split over the input features like the base weight; the partial deltas of
+the ranks then add up in the layer's own all-reduce.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from engine.kernels import portable_forced, usable_for
 from engine.lora.adapter import (
     WEIGHTS_FILE,
     AdapterModule,
@@ -32,8 +36,19 @@ from engine.lora.adapter import (
 )
 from engine.ops.linear import ColumnParallelLinear, RowParallelLinear
 
-# one adapter's weights for one layer and rank: x [T, in] -> x @ a_t @ b_t [T, out]
-LayerWeights = tuple[torch.Tensor, torch.Tensor]  # a_t [in, R], b_t [R, out] (scaled)
+
+@dataclass
+class PartWeights:
+    """One part of one adapter for one layer, this rank's shard, float32 on the host."""
+
+    part: int  # which of the layer's parts (0 for an unfused layer)
+    a: torch.Tensor  # [r, in_per_rank]
+    b: torch.Tensor  # [r, columns], scaled
+    columns: tuple[int, int]  # the part's output columns in this rank's output
+
+
+# one adapter's weights: layer name -> its parts that the adapter adapts
+AdapterWeights = dict[str, list[PartWeights]]
 
 
 @dataclass
@@ -42,84 +57,96 @@ class _Part:
 
     layer_name: str  # our module, e.g. ``...qkv_proj``
     shard_id: Any  # the base layer loader's shard id; None for an unfused layer
+    index: int  # the part's index among the layer's parts
+
+
+class StepBatch:
+    """The current step's rows: which slot each row uses.
+
+    ``slots`` (int32 [T] on the host, -1 for base-model rows) is what the kernel
+    reads; ``groups`` (slot, rows as a slice or an index tensor on the model's
+    device) what the plain-PyTorch path loops over. None / empty: no adapter in
+    the step, and the hooks do nothing."""
+
+    def __init__(self) -> None:
+        self.slots: torch.Tensor | None = None
+        self.groups: list[tuple[int, slice | torch.Tensor]] = []
+
+    def set(self, slots: torch.Tensor | None, groups: list[tuple[int, slice | torch.Tensor]]
+            ) -> None:
+        self.slots, self.groups = slots, groups
+
+
+class LayerSlots:
+    """Every slot's A and B for one layer, in the model's device and dtype.
+
+    ``a [slots, parts * max_rank, in]``: part p of slot s in rows ``p * max_rank``
+    onwards; ``b [slots, max_rank, out]``: part p in its own output columns;
+    ``ranks [slots, parts]`` (int32, host): each part's rank in each slot, 0 where
+    the slot's adapter leaves the part alone (or the slot is free)."""
+
+    def __init__(self, num_slots: int, num_parts: int, max_rank: int, in_features: int,
+                 out_features: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.max_rank = max_rank
+        self.a = torch.zeros(num_slots, num_parts * max_rank, in_features, device=device,
+                             dtype=dtype)
+        self.b = torch.zeros(num_slots, max_rank, out_features, device=device, dtype=dtype)
+        self.ranks = torch.zeros(num_slots, num_parts, dtype=torch.int32)
+        self.spans = torch.zeros(num_parts, 2, dtype=torch.int32)  # each part's columns
+        self._ranks: list[list[int]] = self.ranks.tolist()  # read by the PyTorch path
+
+    def write(self, slot: int, parts: Sequence[PartWeights]) -> None:
+        """Put one adapter's parts (none: the slot is emptied) into `slot`."""
+        self.ranks[slot] = 0
+        self.b[slot].zero_()
+        for part in parts:
+            r = part.a.shape[0]
+            start = part.part * self.max_rank
+            self.a[slot, start:start + r] = part.a
+            self.b[slot, :r, part.columns[0]:part.columns[1]] = part.b
+            self.ranks[slot, part.part] = r
+            self.spans[part.part] = torch.tensor(part.columns, dtype=torch.int32)
+        self._ranks = self.ranks.tolist()
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor, step: StepBatch) -> torch.Tensor:
+        """``out[t] += x[t]``'s delta under the adapter of row t's slot, for every row."""
+        assert step.slots is not None
+        if x.dim() == 2 and usable_for(out, x, self.a, self.b):
+            torch.ops.engine_kernels.lora_add(out, x, self.a, self.b, self.ranks, self.spans,
+                                              step.slots, portable_forced())
+            return out
+        spans = self.spans.tolist()
+        for slot, rows in step.groups:
+            ranks = self._ranks[slot]
+            if not any(ranks):
+                continue
+            h = x[rows] @ self.a[slot].t()  # [n, parts * max_rank]
+            for part, r in enumerate(ranks):
+                if r == 0:
+                    continue
+                start, end = spans[part]
+                hp = h[:, part * self.max_rank:part * self.max_rank + r]
+                bp = self.b[slot, :r, start:end]
+                if isinstance(rows, slice):
+                    out[rows, start:end].addmm_(hp, bp)
+                else:
+                    out[:, start:end].index_add_(0, rows, hp @ bp)
+        return out
 
 
 class LoRALayer:
     """The ``lora`` hook of one linear layer: ``out += delta`` for the step's adapters."""
 
-    def __init__(self, name: str, step: StepBatch) -> None:
+    def __init__(self, name: str, step: StepBatch, num_parts: int) -> None:
         self.name = name
         self.step = step
+        self.num_parts = num_parts
+        self.slots: LayerSlots | None = None  # made when an adapter first adapts the layer
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        stacked = self.step.stacked
-        if stacked is not None:
-            entry = stacked.get(self.name)
-            if entry is not None:
-                a_all, b_all, counts = entry
-                h = x @ a_all  # every adapter's A for every row: one matmul
-                h.mul_(self.step.mask(counts))  # keep each row's own adapter's columns
-                out.addmm_(h, b_all)
+        if self.slots is None or self.step.slots is None:
             return out
-        for weights, rows in self.step.groups:
-            pair = weights.get(self.name)
-            if pair is None:
-                continue
-            a_t, b_t = pair
-            if isinstance(rows, slice):
-                view = out[rows]
-                view.addmm_(x[rows] @ a_t, b_t)
-            else:
-                out.index_add_(0, rows, (x.index_select(0, rows) @ a_t) @ b_t)
-        return out
-
-
-class StepBatch:
-    """The current step's adapters and their rows.
-
-    One adapter: ``groups`` holds ``[(weights, rows)]`` (rows a slice or an index
-    tensor) and each layer runs one pair of matmuls on those rows. Several:
-    `stacked` holds, per layer, every adapter's A side by side and B stacked
-    (``a_all [in, sum R]``, ``b_all [sum R, out]``, the ranks), and each row keeps
-    only its own adapter's columns of ``x @ a_all`` (a 0/1 mask; base-model rows
-    keep none): three operations per layer whatever the number of adapters, as
-    the per-adapter calls, not their arithmetic, are what costs on small ranks.
-    """
-
-    def __init__(self) -> None:
-        self.groups: list[tuple[dict[str, LayerWeights], slice | torch.Tensor]] = []
-        self.stacked: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] | None = None
-        self.onehot: torch.Tensor | None = None  # [T, adapters]: which adapter each row runs
-        self._masks: dict[tuple[int, ...], torch.Tensor] = {}
-
-    def set_groups(self, groups: list, stacked: dict | None, onehot: torch.Tensor | None) -> None:
-        self.groups, self.stacked, self.onehot = groups, stacked, onehot
-        self._masks = {}
-
-    def mask(self, counts: tuple[int, ...]) -> torch.Tensor:
-        """[T, sum(counts)]: row t keeps the columns of its adapter (one layout per
-        distinct set of ranks, shared by the layers that have it)."""
-        mask = self._masks.get(counts)
-        if mask is None:
-            assert self.onehot is not None, "set_groups gives several adapters their one-hot rows"
-            repeats = torch.tensor(counts, device=self.onehot.device)
-            mask = self._masks[counts] = self.onehot.repeat_interleave(repeats, dim=1)
-        return mask
-
-
-def stack_adapters(adapters: list[dict[str, LayerWeights]]
-                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]:
-    """Per layer, the adapters' A matrices side by side and their B matrices
-    stacked (an adapter that leaves the layer alone contributes rank 0)."""
-    stacked = {}
-    for name in {n for weights in adapters for n in weights}:
-        pairs = [weights.get(name) for weights in adapters]
-        present = [p for p in pairs if p is not None]
-        a_all = torch.cat([a for a, _ in present], dim=1)
-        b_all = torch.cat([b for _, b in present], dim=0)
-        counts = tuple(0 if p is None else p[0].shape[1] for p in pairs)
-        stacked[name] = (a_all, b_all, counts)
-    return stacked
+        return self.slots.apply(x, out, self.step)
 
 
 class LoRATargets:
@@ -127,22 +154,43 @@ class LoRATargets:
 
     def __init__(self, model: nn.Module, step: StepBatch) -> None:
         self.layers: dict[str, nn.Module] = {}
+        self.hooks: dict[str, LoRALayer] = {}
         self.parts: dict[str, _Part] = {}  # checkpoint module name -> where it lives
         stacked: Sequence[tuple[str, str, Any]] = getattr(model, "stacked_params", ())
         for name, module in model.named_modules():
             if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
                 continue
             self.layers[name] = module
-            module.lora = LoRALayer(name, step)
             dotted = f".{name}."
             fused = [(ours, ckpt, shard) for ours, ckpt, shard in stacked if ours in dotted]
             if not fused:
-                self.parts[name] = _Part(name, None)
-            for ours, ckpt_part, shard in fused:
-                self.parts[dotted.replace(ours, ckpt_part).strip(".")] = _Part(name, shard)
+                self.parts[name] = _Part(name, None, 0)
+            for index, (ours, ckpt_part, shard) in enumerate(fused):
+                self.parts[dotted.replace(ours, ckpt_part).strip(".")] = _Part(name, shard, index)
+            module.lora = self.hooks[name] = LoRALayer(name, step, max(1, len(fused)))
         self.short_names = sorted({n.rsplit(".", 1)[-1] for n in self.parts})
 
-    def bind(self, adapter: PeftAdapter) -> dict[str, LayerWeights]:
+    def write(self, slot: int, weights: AdapterWeights, num_slots: int, max_rank: int,
+              device: torch.device, dtype: torch.dtype) -> None:
+        """Put an adapter's weights into `slot` of every layer (emptying the slot in
+        the layers the adapter leaves alone); a layer's slots are allocated when an
+        adapter first adapts it."""
+        for name, hook in self.hooks.items():
+            parts = weights.get(name)
+            if hook.slots is None:
+                if not parts:
+                    continue
+                layer = self.layers[name]
+                if isinstance(layer, RowParallelLinear):
+                    shape = (layer.input_size_per_partition, layer.output_size)
+                else:
+                    assert isinstance(layer, ColumnParallelLinear)
+                    shape = (layer.input_size, layer.output_size_per_partition)
+                hook.slots = LayerSlots(num_slots, hook.num_parts, max_rank, *shape,
+                                        device=device, dtype=dtype)
+            hook.slots.write(slot, parts or ())
+
+    def bind(self, adapter: PeftAdapter) -> AdapterWeights:
         """This rank's weights of `adapter`, per layer, in float32 on the host.
         Raises `LoRAAdapterError` naming the adapter and the module or field when
         the adapter does not fit the model."""
@@ -162,10 +210,11 @@ class LoRATargets:
             layer = self.layers[layer_name]
             try:
                 if isinstance(layer, RowParallelLinear):
-                    bound[layer_name] = _bind_row(layer, parts)
+                    bound[layer_name] = [_bind_row(layer, part, module) for part, module in parts]
                 else:
                     assert isinstance(layer, ColumnParallelLinear)
-                    bound[layer_name] = _bind_column(layer, parts)
+                    bound[layer_name] = [_bind_column(layer, part, module)
+                                         for part, module in parts]
             except _Mismatch as exc:
                 raise adapter.error(
                     f"{WEIGHTS_FILE}: module {exc.module!r}: {exc}; the adapter was made for "
@@ -192,32 +241,30 @@ class _Mismatch(ValueError):
         self.module = module
 
 
-def _bind_column(layer: ColumnParallelLinear,
-                 parts: list[tuple[_Part, AdapterModule]]) -> LayerWeights:
-    a_rows, b_cols = [], []
-    for part, module in parts:
-        if module.lora_a.shape[1] != layer.input_size:
-            raise _Mismatch(module.name, f"lora_A takes {module.lora_a.shape[1]} input features, "
-                                         f"the model's layer {layer.input_size}")
-        b = torch.zeros(layer.output_size_per_partition, module.rank)
-        scaled = module.lora_b.float() * module.scaling
-        try:  # the base layer's loader picks and places this rank's rows of the part
-            if part.shard_id is None:
-                layer.weight_loader(b, scaled)
-            else:  # a merged layer (qkv, gate_up): its loader takes the part's shard id
-                layer.weight_loader(b, scaled, part.shard_id)  # type: ignore[call-arg]
-        except ValueError as exc:
-            raise _Mismatch(module.name, f"lora_B: {exc}") from None
-        a_rows.append(module.lora_a.float())
-        b_cols.append(b)
-    a = torch.cat(a_rows)  # [R, in]
-    b = torch.cat(b_cols, dim=1)  # [out_rank, R], block-diagonal over the parts
-    return a.t().contiguous(), b.t().contiguous()
+def _bind_column(layer: ColumnParallelLinear, part: _Part,
+                 module: AdapterModule) -> PartWeights:
+    if module.lora_a.shape[1] != layer.input_size:
+        raise _Mismatch(module.name, f"lora_A takes {module.lora_a.shape[1]} input features, "
+                                     f"the model's layer {layer.input_size}")
+    # the base layer's loader picks and places this rank's rows of the part; a
+    # column of ones next to B marks which output columns those are
+    scaled = module.lora_b.float() * module.scaling
+    marked = torch.cat([scaled, torch.ones(scaled.shape[0], 1)], dim=1)
+    placed = torch.zeros(layer.output_size_per_partition, module.rank + 1)
+    try:
+        if part.shard_id is None:
+            layer.weight_loader(placed, marked)
+        else:  # a merged layer (qkv, gate_up): its loader takes the part's shard id
+            layer.weight_loader(placed, marked, part.shard_id)  # type: ignore[call-arg]
+    except ValueError as exc:
+        raise _Mismatch(module.name, f"lora_B: {exc}") from None
+    rows = placed[:, -1].nonzero().flatten().tolist()
+    start, end = rows[0], rows[-1] + 1
+    return PartWeights(part.index, module.lora_a.float().contiguous(),
+                       placed[start:end, :-1].t().contiguous(), (start, end))
 
 
-def _bind_row(layer: RowParallelLinear,
-              parts: list[tuple[_Part, AdapterModule]]) -> LayerWeights:
-    (_, module), = parts
+def _bind_row(layer: RowParallelLinear, part: _Part, module: AdapterModule) -> PartWeights:
     if module.lora_b.shape[0] != layer.output_size:
         raise _Mismatch(module.name, f"lora_B gives {module.lora_b.shape[0]} output features, "
                                      f"the model's layer {layer.output_size}")
@@ -227,4 +274,4 @@ def _bind_row(layer: RowParallelLinear,
     except ValueError as exc:
         raise _Mismatch(module.name, f"lora_A: {exc}") from None
     b = module.lora_b.float() * module.scaling
-    return a.t().contiguous(), b.t().contiguous()
+    return PartWeights(part.index, a, b.t().contiguous(), (0, layer.output_size))

@@ -2,8 +2,9 @@
 per-step mapping of batch rows to adapters.
 
 Two LRU tiers: up to ``max_cpu_loras`` adapters read, checked and sharded for
-this rank in host memory (float32), and up to ``max_loras`` of them active: in
-the model's device and dtype, usable by a step. The scheduler never puts more
+this rank in host memory (float32), and up to ``max_loras`` of them active: each
+in a slot of every layer's stacked A/B (`LayerSlots`), in the model's device
+and dtype, usable by a step. The scheduler never puts more
 than ``max_loras`` adapters in one step; an adapter a step needs and that is not
 active takes the least recently used slot that no pinned adapter and no adapter
 of this step holds. A pinned adapter is never evicted from either tier.
@@ -20,7 +21,7 @@ import torch.nn as nn
 
 from engine.lora.adapter import read_adapter
 from engine.lora.config import LoRAConfig
-from engine.lora.layers import LayerWeights, LoRATargets, StepBatch, stack_adapters
+from engine.lora.layers import AdapterWeights, LoRATargets, StepBatch
 from engine.lora.request import LoRARequest
 
 logger = logging.getLogger(__name__)
@@ -37,13 +38,10 @@ class LoRAModelManager:
         self.step = StepBatch()
         self.targets = LoRATargets(model, self.step)
         self.requests: dict[int, LoRARequest] = {}  # every adapter cached or active
-        self.cpu: OrderedDict[int, dict[str, LayerWeights]] = OrderedDict()
-        self.active: OrderedDict[int, dict[str, LayerWeights]] = OrderedDict()
+        self.cpu: OrderedDict[int, AdapterWeights] = OrderedDict()
+        self.active: OrderedDict[int, int] = OrderedDict()  # adapter id -> its slot
         self.pinned: set[int] = set()
         self.seq_loras: dict[int, LoRARequest] = {}  # live sequence -> its adapter
-        # adapters of a step (sorted ids) -> their stacked weights; cleared whenever
-        # the active adapters change
-        self._stacks: dict[tuple[int, ...], dict] = {}
 
     # ------------------------------------------------------------------ adapters
 
@@ -68,9 +66,11 @@ class LoRAModelManager:
         """Forget an adapter (also unpins it); False when it was not loaded."""
         self.pinned.discard(int_id)
         found = self.cpu.pop(int_id, None) is not None
-        found = self.active.pop(int_id, None) is not None or found
-        self._stacks.clear()
+        slot = self.active.pop(int_id, None)
+        if slot is not None:
+            self._write_slot(slot, {})
         self.requests.pop(int_id, None)
+        return found or slot is not None
         return found
 
     def pin(self, int_id: int) -> bool:
@@ -96,23 +96,28 @@ class LoRAModelManager:
                 if tier is self.cpu and int_id not in self.active:
                     self.requests.pop(int_id, None)
 
-    def _activate(self, request: LoRARequest, in_step: set[int]) -> dict[str, LayerWeights]:
-        weights = self.active.get(request.int_id)
-        if weights is not None:
+    def _write_slot(self, slot: int, weights: AdapterWeights) -> None:
+        self.targets.write(slot, weights, self.config.max_loras, self.config.max_lora_rank,
+                           self.device, self.dtype)
+
+    def _activate(self, request: LoRARequest, in_step: set[int]) -> int:
+        """The slot of `request`'s adapter, writing it into a free or the least
+        recently used slot when it is not active."""
+        slot = self.active.get(request.int_id)
+        if slot is not None:
             self.active.move_to_end(request.int_id)
-            return weights
+            return slot
         if request.int_id not in self.cpu:  # evicted from the host cache since: read it again
             self.add(request)
         self._evict(self.active, self.config.max_loras - 1, keep=in_step)
         if len(self.active) >= self.config.max_loras:
             raise RuntimeError(f"no free LoRA slot for adapter {request.name!r}: all "
                                f"max_loras={self.config.max_loras} slots are pinned or in use")
-        weights = {name: (a.to(self.device, self.dtype), b.to(self.device, self.dtype))
-                   for name, (a, b) in self.cpu[request.int_id].items()}
-        self.active[request.int_id] = weights
-        self._stacks.clear()
+        slot = min(set(range(self.config.max_loras)) - set(self.active.values()))
+        self._write_slot(slot, self.cpu[request.int_id])
+        self.active[request.int_id] = slot
         self.cpu.move_to_end(request.int_id)
-        return weights
+        return slot
 
     # ------------------------------------------------------------------ a step
 
@@ -139,31 +144,23 @@ class LoRAModelManager:
                 else:
                     spans.append((row, row + n))
             row += n
-        in_step = set(runs)
-        order = sorted(runs)
-        weights = [self._activate(requests[int_id], in_step) for int_id in order]
-        if len(order) <= 1:
-            groups = []
-            for int_id, adapter in zip(order, weights, strict=True):
-                spans = runs[int_id]
-                if len(spans) == 1:
-                    rows: slice | torch.Tensor = slice(*spans[0])
-                else:
-                    rows = torch.cat([torch.arange(s, e) for s, e in spans]).to(self.device)
-                groups.append((adapter, rows))
-            self.step.set_groups(groups, None, None)
+        if not runs:
+            self.step.set(None, [])
             return
-        key = tuple(order)
-        stacked = self._stacks.get(key)
-        if stacked is None:
-            if len(self._stacks) >= self.config.max_loras:  # a few recent mixes suffice
-                self._stacks.clear()
-            stacked = self._stacks[key] = stack_adapters(weights)
-        onehot = torch.zeros(row, len(order), dtype=self.dtype)
-        for column, int_id in enumerate(order):
-            for start, end in runs[int_id]:
-                onehot[start:end, column] = 1
-        self.step.set_groups([], stacked, onehot.to(self.device))
+        in_step = set(runs)
+        slot_of = {int_id: self._activate(requests[int_id], in_step) for int_id in sorted(runs)}
+        marks = [-1] * row  # each row's slot, -1: the base model
+        groups: list[tuple[int, slice | torch.Tensor]] = []
+        for int_id, spans in runs.items():
+            slot = slot_of[int_id]
+            for start, end in spans:
+                marks[start:end] = [slot] * (end - start)
+            if len(spans) == 1:
+                groups.append((slot, slice(*spans[0])))
+            else:
+                groups.append((slot, torch.cat([torch.arange(s, e) for s, e in spans])
+                               .to(self.device)))
+        self.step.set(torch.tensor(marks, dtype=torch.int32), groups)
 
     def end_step(self) -> None:
-        self.step.set_groups([], None, None)
+        self.step.set(None, [])

@@ -11,7 +11,8 @@ Two ways to run it, with the same checks:
 A platform plugin is checked for its detector, its class, ``check_and_update_config``,
 its attention backend against ``NAIVE``, the custom ops it replaces against their
 ``forward_native``, its device communicator against gloo over two ranks, and greedy
-tokens of an engine run against the ``cpu`` platform's. General, IO-processor and
+tokens of an engine run against the ``cpu`` platform's (also with a LoRA adapter,
+where the platform's worker implements LoRA). General, IO-processor and
 stat-logger plugins are checked against their own contracts. See
 docs/writing-a-platform-plugin.md ("Conformance kit").
 

@@ -1,8 +1,10 @@
 """End-to-end engine runs for the kit, each in a fresh process (the platform is
 chosen once per process): greedy tokens on the default model.
 
-Run as ``python -m engine.testing._e2e [--log-stats] [--quantization NAME]``; the platform comes from
-``ENGINE_PLATFORM``. Prints one JSON object: ``platform`` and ``tokens``.
+Run as ``python -m engine.testing._e2e [--log-stats] [--quantization NAME] [--lora DIR]``;
+the platform comes from ``ENGINE_PLATFORM``. Prints one JSON object: ``platform``
+and ``tokens``. With ``--lora`` (the adapter folder), the prompts run twice in one
+batch, first with the adapter, then on the base model (engine.testing._lora).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ TIMEOUT_S = 300
 
 
 def run_engine(platform: str, *, log_stats: bool = False, strict: bool = False,
-               quantization: str | None = None) -> dict[str, Any]:
+               quantization: str | None = None, lora_path: str | None = None) -> dict[str, Any]:
     """Run the engine in a child process on `platform`; its JSON report. Raises
     CheckFailed naming the platform and the child's last lines when it fails."""
     env = dict(os.environ, ENGINE_PLATFORM=platform, OMP_NUM_THREADS="1")
@@ -33,6 +35,8 @@ def run_engine(platform: str, *, log_stats: bool = False, strict: bool = False,
     command = [sys.executable, "-m", "engine.testing._e2e"] + (["--log-stats"] if log_stats else [])
     if quantization is not None:
         command += ["--quantization", quantization]
+    if lora_path is not None:
+        command += ["--lora", lora_path]
     try:
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -65,14 +69,23 @@ def check_greedy_vs_cpu(ctx: KitContext, name: str) -> None:
 
 
 def _main(argv: list[str]) -> int:
-    from engine import LLM, SamplingParams
+    from engine import LLM, LoRARequest, SamplingParams
     from engine.platforms import current_platform
 
     quantization = argv[argv.index("--quantization") + 1] if "--quantization" in argv else None
+    lora_path = argv[argv.index("--lora") + 1] if "--lora" in argv else None
+    lora_args: dict[str, Any] = {}
+    if lora_path is not None:
+        lora_args = dict(enable_lora=True, max_loras=1, max_lora_rank=16)
     llm = LLM(dtype="float32", kv_cache_memory=1 << 24, log_stats="--log-stats" in argv,
-              quantization=quantization)
+              quantization=quantization, **lora_args)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    outputs = llm.generate(list(PROMPTS), params)
+    if lora_path is None:
+        outputs = llm.generate(list(PROMPTS), params)
+    else:  # the adapter's requests and the base model's in one batch
+        lora = LoRARequest("kit-adapter", 1, lora_path)
+        outputs = llm.generate(list(PROMPTS) * 2, params,
+                               lora_request=[lora] * len(PROMPTS) + [None] * len(PROMPTS))
     report = {"platform": current_platform.device_name,
               "tokens": [list(o.outputs[0].token_ids) for o in outputs]}
     llm.shutdown()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from engine.testing import _comm, _e2e, _ops
+from engine.testing import _comm, _e2e, _lora, _ops
 from engine.testing._core import Check, CheckFailed, CheckSkipped, KitContext
 from engine.testing._setup import activate, detect, kit_engine_config, platform_cls
 
@@ -66,6 +66,9 @@ def platform_checks(ctx: KitContext, name: str) -> list[Check]:
     checks += _comm.communicator_checks(ctx, name, prefix)
     checks.append(Check(prefix + "greedy_vs_cpu", lambda: _e2e.check_greedy_vs_cpu(ctx, name),
                         "greedy tokens on the default model equal the cpu platform's"))
+    checks.append(Check(prefix + "lora_vs_cpu", lambda: _lora.check_lora_vs_cpu(ctx, name),
+                        "a platform whose worker implements LoRA: greedy tokens of an adapter "
+                        "batched with the base model equal the cpu platform's"))
     return checks
 
 
