@@ -85,13 +85,26 @@ def workload(n: int, seed: int, prompt_range: tuple[int, int] = (32, 128),
     return prompts, [rng.randint(*output_range) for _ in range(n)]
 
 
+def lora_path(llm) -> str:
+    """Which code adds the adapters' deltas: the compiled kernel's path, or PyTorch."""
+    import torch
+
+    from engine.kernels import kernels_available, portable_forced
+
+    if not kernels_available():
+        return "plain PyTorch (compiled kernels not loaded)"
+    path = "portable" if portable_forced() else \
+        torch.ops.engine_kernels.lora_add_path(llm.config.model_config.dtype)
+    return f"engine_kernels::lora_add ({path})"
+
+
 def mix(model_dir: Path, adapter_dirs: list[Path], args: argparse.Namespace) -> None:
     from engine import LLM, LoRARequest, SamplingParams
 
     loras = [LoRARequest(p.name, i + 1, str(p)) for i, p in enumerate(adapter_dirs)]
     llm = LLM(model_dir, dtype=args.dtype, enable_lora=True, max_loras=4, max_lora_rank=16,
               kv_cache_memory=2 << 30, enable_prefix_caching=False)
-    note(f"dtype {llm.config.model_config.dtype}")
+    note(f"dtype {llm.config.model_config.dtype}, LoRA product: {lora_path(llm)}")
 
     def run(side: str, seed: int, n: int = args.requests) -> float:
         prompts, outs = workload(n, seed, args.prompt_range, args.output_range)

@@ -72,6 +72,7 @@ def _reference(x, a, b, ranks, spans, slots, out):
     (9, 70, [(0, 33), (33, 50), (50, 67)], 5),    # q/k/v-like parts, tails in K and N
     (40, 576, [(0, 96), (96, 200)], 16),          # gate/up-like, a prefill's row count
     (3, 16, [(0, 16)], 1),                        # rank 1, K of one vector
+    (77, 100, [(0, 130)], 7),                     # tiles of 1-4 rows of a slot, 64+64+2 columns
 ])
 def test_lora_add_matches_float64(compiled, portable, dtype, rows, k, spans, max_rank):
     x, a, b, ranks, spans_t, slots, out = _problem(dtype, rows, k, spans, max_rank, rows * k)

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -41,48 +42,70 @@ namespace {
 using namespace engine_kernels;
 using BF16 = c10::BFloat16;
 
-constexpr int kGroup = 4;  // A rows per pass over x's row: x is loaded once for all
+constexpr int kGroup = 4;  // A rows per pass over the input rows: each A vector loaded once
+constexpr int kTile = 4;   // rows of one slot done together: A and B loaded once for them
+constexpr int kChunks = 4;  // 16-column vectors per pass of the expand: independent sums
 
+// dot products of G rows of A (K apart) with M input rows (ldx apart): h[m * ldh + g]
 #if defined(__AVX512BF16__)
-template <int G>
-inline void shrink_fast(const BF16* x, const BF16* a, int64_t K, float* h) {
-  __m512 acc[G];
-  for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+template <int M, int G>
+inline void shrink_fast(const BF16* x, int64_t ldx, const BF16* a, int64_t K, float* h,
+                        int64_t ldh) {
+  __m512 acc[M][G];
+  for (int m = 0; m < M; ++m)
+    for (int g = 0; g < G; ++g) acc[m][g] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    const __m512i xv = _mm512_loadu_si512(x + k);
-    for (int g = 0; g < G; ++g)
-      acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)_mm512_loadu_si512(a + g * K + k),
-                                (__m512bh)xv);
+    __m512i av[G];
+    for (int g = 0; g < G; ++g) av[g] = _mm512_loadu_si512(a + g * K + k);
+    for (int m = 0; m < M; ++m) {
+      const __m512i xv = _mm512_loadu_si512(x + m * ldx + k);
+      for (int g = 0; g < G; ++g)
+        acc[m][g] = _mm512_dpbf16_ps(acc[m][g], (__m512bh)av[g], (__m512bh)xv);
+    }
   }
   if (k < K) {
     const __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
-    const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + k);
-    for (int g = 0; g < G; ++g)
-      acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)_mm512_maskz_loadu_epi16(mask, a + g * K + k),
-                                (__m512bh)xv);
+    __m512i av[G];
+    for (int g = 0; g < G; ++g) av[g] = _mm512_maskz_loadu_epi16(mask, a + g * K + k);
+    for (int m = 0; m < M; ++m) {
+      const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + m * ldx + k);
+      for (int g = 0; g < G; ++g)
+        acc[m][g] = _mm512_dpbf16_ps(acc[m][g], (__m512bh)av[g], (__m512bh)xv);
+    }
   }
-  for (int g = 0; g < G; ++g) h[g] = _mm512_reduce_add_ps(acc[g]);
+  for (int m = 0; m < M; ++m)
+    for (int g = 0; g < G; ++g) h[m * ldh + g] = _mm512_reduce_add_ps(acc[m][g]);
 }
 #endif
 
 #if defined(__AVX512F__)
-template <int G>
-inline void shrink_fast(const float* x, const float* a, int64_t K, float* h) {
-  __m512 acc[G];
-  for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+template <int M, int G>
+inline void shrink_fast(const float* x, int64_t ldx, const float* a, int64_t K, float* h,
+                        int64_t ldh) {
+  __m512 acc[M][G];
+  for (int m = 0; m < M; ++m)
+    for (int g = 0; g < G; ++g) acc[m][g] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + k);
-    for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(a + g * K + k), xv, acc[g]);
+    __m512 av[G];
+    for (int g = 0; g < G; ++g) av[g] = _mm512_loadu_ps(a + g * K + k);
+    for (int m = 0; m < M; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * ldx + k);
+      for (int g = 0; g < G; ++g) acc[m][g] = _mm512_fmadd_ps(av[g], xv, acc[m][g]);
+    }
   }
   if (k < K) {
     const __mmask16 mask = (__mmask16)((1u << (K - k)) - 1);
-    const __m512 xv = _mm512_maskz_loadu_ps(mask, x + k);
-    for (int g = 0; g < G; ++g)
-      acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + g * K + k), xv, acc[g]);
+    __m512 av[G];
+    for (int g = 0; g < G; ++g) av[g] = _mm512_maskz_loadu_ps(mask, a + g * K + k);
+    for (int m = 0; m < M; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * ldx + k);
+      for (int g = 0; g < G; ++g) acc[m][g] = _mm512_fmadd_ps(av[g], xv, acc[m][g]);
+    }
   }
-  for (int g = 0; g < G; ++g) h[g] = _mm512_reduce_add_ps(acc[g]);
+  for (int m = 0; m < M; ++m)
+    for (int g = 0; g < G; ++g) h[m * ldh + g] = _mm512_reduce_add_ps(acc[m][g]);
 }
 #endif
 
@@ -97,50 +120,96 @@ constexpr bool has_fast_path() {
   return false;
 }
 
-template <int G, typename T>
-inline void shrink_portable(const T* x, const T* a, int64_t K, float* h) {
-  vf acc[G];
-  for (int g = 0; g < G; ++g) acc[g] = splat(0.f);
+template <int M, int G, typename T>
+inline void shrink_portable(const T* x, int64_t ldx, const T* a, int64_t K, float* h,
+                            int64_t ldh) {
+  vf acc[M][G];
+  for (int m = 0; m < M; ++m)
+    for (int g = 0; g < G; ++g) acc[m][g] = splat(0.f);
   const int64_t vec_end = K - K % kLanes;
   for (int64_t k = 0; k < vec_end; k += kLanes) {
-    const vf xv = load(x + k);
-    for (int g = 0; g < G; ++g) acc[g] += load(a + g * K + k) * xv;
+    vf av[G];
+    for (int g = 0; g < G; ++g) av[g] = load(a + g * K + k);
+    for (int m = 0; m < M; ++m) {
+      const vf xv = load(x + m * ldx + k);
+      for (int g = 0; g < G; ++g) acc[m][g] += av[g] * xv;
+    }
   }
-  for (int g = 0; g < G; ++g) {
-    float s = hsum(acc[g]);
-    for (int64_t k = vec_end; k < K; ++k) s += load1(a + g * K + k) * load1(x + k);
-    h[g] = s;
-  }
+  for (int m = 0; m < M; ++m)
+    for (int g = 0; g < G; ++g) {
+      float s = hsum(acc[m][g]);
+      for (int64_t k = vec_end; k < K; ++k) s += load1(a + g * K + k) * load1(x + m * ldx + k);
+      h[m * ldh + g] = s;
+    }
 }
 
-// h[0 .. r) = x . a[j] for r consecutive rows a[j] of length K
-template <bool Fast, typename T>
-inline void shrink(const T* x, const T* a, int64_t r, int64_t K, float* h) {
+// h[m * ldh + j] = x[m] . a[j] for the M input rows and r consecutive rows a[j]
+template <bool Fast, int M, typename T>
+inline void shrink(const T* x, int64_t ldx, const T* a, int64_t r, int64_t K, float* h,
+                   int64_t ldh) {
   int64_t j = 0;
   if constexpr (Fast && has_fast_path<T>()) {
 #if defined(__AVX512F__)
-    for (; j + kGroup <= r; j += kGroup) shrink_fast<kGroup>(x, a + j * K, K, h + j);
-    for (; j < r; ++j) shrink_fast<1>(x, a + j * K, K, h + j);
+    for (; j + kGroup <= r; j += kGroup) shrink_fast<M, kGroup>(x, ldx, a + j * K, K, h + j, ldh);
+    for (; j < r; ++j) shrink_fast<M, 1>(x, ldx, a + j * K, K, h + j, ldh);
 #endif
   }
-  for (; j + kGroup <= r; j += kGroup) shrink_portable<kGroup>(x, a + j * K, K, h + j);
-  for (; j < r; ++j) shrink_portable<1>(x, a + j * K, K, h + j);
+  for (; j + kGroup <= r; j += kGroup) shrink_portable<M, kGroup>(x, ldx, a + j * K, K, h + j, ldh);
+  for (; j < r; ++j) shrink_portable<M, 1>(x, ldx, a + j * K, K, h + j, ldh);
 }
 
-// out[c0 .. c1) += sum_j h[j] * b[j][c0 .. c1), b's rows N apart; one rounding per element
-template <typename T>
-inline void expand(T* out, const float* h, const T* b, int64_t r, int64_t N, int64_t c0,
-                   int64_t c1) {
-  int64_t n = c0;
-  for (; n + kLanes <= c1; n += kLanes) {
-    vf acc = load(out + n);
-    for (int64_t j = 0; j < r; ++j) acc += splat(h[j]) * load(b + j * N + n);
-    store(out + n, acc);
+// out[m][n] += sum_j h[m * ldh + j] * b[j * N + n] over C 16-column vectors from n:
+// M x C independent sums, each B vector loaded once for the M rows
+template <int M, int C, typename T>
+inline void expand_block(T* const* out, const float* h, int64_t ldh, const T* b, int64_t r,
+                         int64_t N, int64_t n) {
+  vf acc[M][C];
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < C; ++c) acc[m][c] = load(out[m] + n + c * kLanes);
+  for (int64_t j = 0; j < r; ++j) {
+    vf bv[C];
+    for (int c = 0; c < C; ++c) bv[c] = load(b + j * N + n + c * kLanes);
+    for (int m = 0; m < M; ++m) {
+      const vf hv = splat(h[m * ldh + j]);
+      for (int c = 0; c < C; ++c) acc[m][c] += hv * bv[c];
+    }
   }
-  for (; n < c1; ++n) {
-    float acc = load1(out + n);
-    for (int64_t j = 0; j < r; ++j) acc += h[j] * load1(b + j * N + n);
-    store1(out + n, acc);
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < C; ++c) store(out[m] + n + c * kLanes, acc[m][c]);
+}
+
+// out[m][c0 .. c1) += h[m] @ b[0 .. r)[c0 .. c1) for the M rows; one rounding per element
+template <int M, typename T>
+inline void expand(T* const* out, const float* h, int64_t ldh, const T* b, int64_t r,
+                   int64_t N, int64_t c0, int64_t c1) {
+  int64_t n = c0;
+  for (; n + kChunks * kLanes <= c1; n += kChunks * kLanes)
+    expand_block<M, kChunks>(out, h, ldh, b, r, N, n);
+  for (; n + kLanes <= c1; n += kLanes) expand_block<M, 1>(out, h, ldh, b, r, N, n);
+  for (; n < c1; ++n)
+    for (int m = 0; m < M; ++m) {
+      float acc = load1(out[m] + n);
+      for (int64_t j = 0; j < r; ++j) acc += h[m * ldh + j] * load1(b + j * N + n);
+      store1(out[m] + n, acc);
+    }
+}
+
+// M rows of one slot: the input rows are gathered (by pointer) into a dense copy
+// so that the shrink reads them at one stride
+template <bool Fast, int M, typename T>
+void lora_tile(const int64_t* rows, T* out, int64_t out_stride, const T* x, int64_t x_stride,
+               const T* a, const T* b, const int32_t* ranks, const int32_t* spans, int64_t s,
+               int64_t P, int64_t R, int64_t K, int64_t N, T* xbuf, float* h) {
+  T* orow[M];
+  for (int m = 0; m < M; ++m) {
+    orow[m] = out + rows[m] * out_stride;
+    std::memcpy(xbuf + m * K, x + rows[m] * x_stride, K * sizeof(T));
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t r = ranks[s * P + p];
+    if (r == 0) continue;
+    shrink<Fast, M>(xbuf, K, a + (s * P * R + p * R) * K, r, K, h, R);
+    expand<M>(orow, h, R, b + s * R * N, r, N, spans[2 * p], spans[2 * p + 1]);
   }
 }
 
@@ -148,22 +217,38 @@ template <bool Fast, typename T>
 void lora_rows(T* out, int64_t out_stride, const T* x, int64_t x_stride, const T* a,
                const T* b, const int32_t* ranks, const int32_t* spans, const int32_t* slots,
                int64_t T_rows, int64_t S, int64_t P, int64_t R, int64_t K, int64_t N) {
-  // a row's work is at most P*R*K + R*N multiply-adds: a few rows per task, so that
-  // small decode batches do not pay for waking threads they cannot keep busy
-  const int64_t per_row = std::max<int64_t>(1, P * R * K + R * N);
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / per_row);
-  at::parallel_for(0, T_rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> h(R);
-    for (int64_t t = begin; t < end; ++t) {
-      const int32_t s = slots[t];
-      if (s < 0) continue;
-      const T* xt = x + t * x_stride;
-      T* ot = out + t * out_stride;
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t r = ranks[s * P + p];
-        if (r == 0) continue;
-        shrink<Fast>(xt, a + (s * P * R + p * R) * K, r, K, h.data());
-        expand(ot, h.data(), b + s * R * N, r, N, spans[2 * p], spans[2 * p + 1]);
+  // the rows of each slot together (base-model rows left out), cut into tiles of
+  // up to kTile rows of one slot
+  std::vector<int64_t> order;
+  struct Tile {
+    int64_t start, size, slot;  // rows order[start .. start + size), all of `slot`
+  };
+  std::vector<Tile> tiles;
+  order.reserve(T_rows);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t first = static_cast<int64_t>(order.size());
+    for (int64_t t = 0; t < T_rows; ++t)
+      if (slots[t] == s) order.push_back(t);
+    const int64_t last = static_cast<int64_t>(order.size());
+    for (int64_t i = first; i < last; i += kTile)
+      tiles.push_back({i, std::min<int64_t>(kTile, last - i), s});
+  }
+  // a tile's work is at most kTile * (P*R*K + R*N) multiply-adds: a few tiles per
+  // task, so that small batches do not pay for waking threads they cannot keep busy
+  const int64_t per_tile = std::max<int64_t>(1, kTile * (P * R * K + R * N));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 19) / per_tile);
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> xbuf(kTile * K);
+    std::vector<float> h(kTile * R);
+    for (int64_t i = begin; i < end; ++i) {
+      const Tile& tile = tiles[i];
+      const int64_t* rows = order.data() + tile.start;
+      const int64_t s = tile.slot;
+      switch (tile.size) {
+        case 1: lora_tile<Fast, 1>(rows, out, out_stride, x, x_stride, a, b, ranks, spans, s, P, R, K, N, xbuf.data(), h.data()); break;
+        case 2: lora_tile<Fast, 2>(rows, out, out_stride, x, x_stride, a, b, ranks, spans, s, P, R, K, N, xbuf.data(), h.data()); break;
+        case 3: lora_tile<Fast, 3>(rows, out, out_stride, x, x_stride, a, b, ranks, spans, s, P, R, K, N, xbuf.data(), h.data()); break;
+        default: lora_tile<Fast, 4>(rows, out, out_stride, x, x_stride, a, b, ranks, spans, s, P, R, K, N, xbuf.data(), h.data()); break;
       }
     }
   });
