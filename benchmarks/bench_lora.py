@@ -85,17 +85,19 @@ def workload(n: int, seed: int, prompt_range: tuple[int, int] = (32, 128),
     return prompts, [rng.randint(*output_range) for _ in range(n)]
 
 
-def lora_path(llm) -> str:
-    """Which code adds the adapters' deltas: the compiled kernel's path, or PyTorch."""
+def lora_path() -> str:
+    """Which code adds the adapters' deltas: the compiled kernel's paths, or PyTorch."""
     import torch
 
     from engine.kernels import kernels_available, portable_forced
 
     if not kernels_available():
         return "plain PyTorch (compiled kernels not loaded)"
-    path = "portable" if portable_forced() else \
-        torch.ops.engine_kernels.lora_add_path(llm.config.model_config.dtype)
-    return f"engine_kernels::lora_add ({path})"
+    if portable_forced():
+        return "engine_kernels::lora_add, portable path"
+    paths = {str(d).removeprefix("torch."): torch.ops.engine_kernels.lora_add_path(d)
+             for d in (torch.bfloat16, torch.float32)}
+    return "engine_kernels::lora_add, paths " + ", ".join(f"{d} {p}" for d, p in paths.items())
 
 
 def mix(model_dir: Path, adapter_dirs: list[Path], args: argparse.Namespace) -> None:
@@ -104,7 +106,7 @@ def mix(model_dir: Path, adapter_dirs: list[Path], args: argparse.Namespace) -> 
     loras = [LoRARequest(p.name, i + 1, str(p)) for i, p in enumerate(adapter_dirs)]
     llm = LLM(model_dir, dtype=args.dtype, enable_lora=True, max_loras=4, max_lora_rank=16,
               kv_cache_memory=2 << 30, enable_prefix_caching=False)
-    note(f"dtype {llm.config.model_config.dtype}, LoRA product: {lora_path(llm)}")
+    note(f"dtype {llm.config.model_config.dtype}, LoRA product: {lora_path()}")
 
     def run(side: str, seed: int, n: int = args.requests) -> float:
         prompts, outs = workload(n, seed, args.prompt_range, args.output_range)

@@ -66,7 +66,9 @@ def _reference(x, a, b, ranks, spans, slots, out):
 
 
 @pytest.mark.parametrize("portable", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("dtype", "b_dtype"), [(torch.float32, torch.float32),
+                                                (torch.bfloat16, torch.bfloat16),
+                                                (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize(("rows", "k", "spans", "max_rank"), [
     (1, 64, [(0, 64)], 16),                       # one row, one part
     (9, 70, [(0, 33), (33, 50), (50, 67)], 5),    # q/k/v-like parts, tails in K and N
@@ -74,8 +76,10 @@ def _reference(x, a, b, ranks, spans, slots, out):
     (3, 16, [(0, 16)], 1),                        # rank 1, K of one vector
     (77, 100, [(0, 130)], 7),                     # tiles of 1-4 rows of a slot, 64+64+2 columns
 ])
-def test_lora_add_matches_float64(compiled, portable, dtype, rows, k, spans, max_rank):
+def test_lora_add_matches_float64(compiled, portable, dtype, b_dtype, rows, k, spans,
+                                  max_rank):
     x, a, b, ranks, spans_t, slots, out = _problem(dtype, rows, k, spans, max_rank, rows * k)
+    b = b.to(b_dtype)  # a bfloat16 layer's B may be kept in float32
     before = out.clone()
     ref = _reference(x, a, b, ranks, spans_t, slots, out)
     torch.ops.engine_kernels.lora_add(out, x, a, b, ranks, spans_t, slots, portable)
@@ -101,6 +105,8 @@ def test_lora_add_rejects_bad_arguments(compiled):
         op(out, x, a, b, ranks, spans, slots.long())
     with pytest.raises(RuntimeError, match="share one dtype"):
         op(out, x, a.bfloat16(), b, ranks, spans, slots)
+    with pytest.raises(RuntimeError, match="b that one or float32"):
+        op(out.bfloat16(), x.bfloat16(), a.bfloat16(), b.double(), ranks, spans, slots)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -14,7 +14,8 @@
 //     out[t, c0:c1] += h @ b[s, :r, c0:c1]                  (expand)
 // h stays in float32; each out element is read, summed in float32 and rounded once.
 // Rows of the base model (slot -1) and parts an adapter leaves alone (rank 0) cost
-// nothing. x, a, b and out are all float32 or all bfloat16.
+// nothing. x, a and out are all float32 or all bfloat16; b is x's dtype or float32
+// (a bfloat16 layer's B kept in float32 spares the expand a widening per vector).
 //
 // Paths: the shrink (the dot products over K) runs on AVX512-BF16 (vdpbf16ps, 32
 // products per instruction) for bfloat16 and AVX-512F FMA intrinsics for float32,
@@ -160,8 +161,8 @@ inline void shrink(const T* x, int64_t ldx, const T* a, int64_t r, int64_t K, fl
 
 // out[m][n] += sum_j h[m * ldh + j] * b[j * N + n] over C 16-column vectors from n:
 // M x C independent sums, each B vector loaded once for the M rows
-template <int M, int C, typename T>
-inline void expand_block(T* const* out, const float* h, int64_t ldh, const T* b, int64_t r,
+template <int M, int C, typename T, typename TB>
+inline void expand_block(T* const* out, const float* h, int64_t ldh, const TB* b, int64_t r,
                          int64_t N, int64_t n) {
   vf acc[M][C];
   for (int m = 0; m < M; ++m)
@@ -179,8 +180,8 @@ inline void expand_block(T* const* out, const float* h, int64_t ldh, const T* b,
 }
 
 // out[m][c0 .. c1) += h[m] @ b[0 .. r)[c0 .. c1) for the M rows; one rounding per element
-template <int M, typename T>
-inline void expand(T* const* out, const float* h, int64_t ldh, const T* b, int64_t r,
+template <int M, typename T, typename TB>
+inline void expand(T* const* out, const float* h, int64_t ldh, const TB* b, int64_t r,
                    int64_t N, int64_t c0, int64_t c1) {
   int64_t n = c0;
   for (; n + kChunks * kLanes <= c1; n += kChunks * kLanes)
@@ -196,9 +197,9 @@ inline void expand(T* const* out, const float* h, int64_t ldh, const T* b, int64
 
 // M rows of one slot: the input rows are gathered (by pointer) into a dense copy
 // so that the shrink reads them at one stride
-template <bool Fast, int M, typename T>
+template <bool Fast, int M, typename T, typename TB>
 void lora_tile(const int64_t* rows, T* out, int64_t out_stride, const T* x, int64_t x_stride,
-               const T* a, const T* b, const int32_t* ranks, const int32_t* spans, int64_t s,
+               const T* a, const TB* b, const int32_t* ranks, const int32_t* spans, int64_t s,
                int64_t P, int64_t R, int64_t K, int64_t N, T* xbuf, float* h) {
   T* orow[M];
   for (int m = 0; m < M; ++m) {
@@ -213,9 +214,9 @@ void lora_tile(const int64_t* rows, T* out, int64_t out_stride, const T* x, int6
   }
 }
 
-template <bool Fast, typename T>
+template <bool Fast, typename T, typename TB>
 void lora_rows(T* out, int64_t out_stride, const T* x, int64_t x_stride, const T* a,
-               const T* b, const int32_t* ranks, const int32_t* spans, const int32_t* slots,
+               const TB* b, const int32_t* ranks, const int32_t* spans, const int32_t* slots,
                int64_t T_rows, int64_t S, int64_t P, int64_t R, int64_t K, int64_t N) {
   // the rows of each slot together (base-model rows left out), cut into tiles of
   // up to kTile rows of one slot
@@ -278,8 +279,9 @@ void lora_add(at::Tensor out, const at::Tensor& x, const at::Tensor& a, const at
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
               "lora_add: float32 or bfloat16 only, got ", dtype);
-  TORCH_CHECK(a.scalar_type() == dtype && b.scalar_type() == dtype && out.scalar_type() == dtype,
-              "lora_add: x, a, b and out must share one dtype");
+  TORCH_CHECK(a.scalar_type() == dtype && out.scalar_type() == dtype &&
+                  (b.scalar_type() == dtype || b.scalar_type() == at::kFloat),
+              "lora_add: x, a and out must share one dtype, b that one or float32");
   TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && x.stride(1) == 1 && out.stride(1) == 1,
               "lora_add: a and b contiguous, x and out with contiguous rows");
   const int32_t* rk = ranks.data_ptr<int32_t>();
@@ -292,23 +294,28 @@ void lora_add(at::Tensor out, const at::Tensor& x, const at::Tensor& a, const at
                 "lora_add: spans must lie in [0, ", N, "]");
   for (int64_t t = 0; t < T_rows; ++t)
     TORCH_CHECK(sl[t] >= -1 && sl[t] < S, "lora_add: slots must lie in [-1, ", S, ")");
-  AT_DISPATCH_SWITCH(dtype, "lora_add",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      if (portable)
-        lora_rows<false>(out.data_ptr<float>(), out.stride(0), x.data_ptr<float>(), x.stride(0),
-                         a.data_ptr<float>(), b.data_ptr<float>(), rk, sp, sl, T_rows, S, P, R, K, N);
-      else
-        lora_rows<true>(out.data_ptr<float>(), out.stride(0), x.data_ptr<float>(), x.stride(0),
-                        a.data_ptr<float>(), b.data_ptr<float>(), rk, sp, sl, T_rows, S, P, R, K, N);
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
+  if (dtype == at::kFloat) {
+    const float* bp = b.data_ptr<float>();
+    if (portable)
+      lora_rows<false>(out.data_ptr<float>(), out.stride(0), x.data_ptr<float>(), x.stride(0),
+                       a.data_ptr<float>(), bp, rk, sp, sl, T_rows, S, P, R, K, N);
+    else
+      lora_rows<true>(out.data_ptr<float>(), out.stride(0), x.data_ptr<float>(), x.stride(0),
+                      a.data_ptr<float>(), bp, rk, sp, sl, T_rows, S, P, R, K, N);
+  } else {
+    auto run = [&](auto* bp) {
       if (portable)
         lora_rows<false>(out.data_ptr<BF16>(), out.stride(0), x.data_ptr<BF16>(), x.stride(0),
-                         a.data_ptr<BF16>(), b.data_ptr<BF16>(), rk, sp, sl, T_rows, S, P, R, K, N);
+                         a.data_ptr<BF16>(), bp, rk, sp, sl, T_rows, S, P, R, K, N);
       else
         lora_rows<true>(out.data_ptr<BF16>(), out.stride(0), x.data_ptr<BF16>(), x.stride(0),
-                        a.data_ptr<BF16>(), b.data_ptr<BF16>(), rk, sp, sl, T_rows, S, P, R, K, N);
-    }));
+                        a.data_ptr<BF16>(), bp, rk, sp, sl, T_rows, S, P, R, K, N);
+    };
+    if (b.scalar_type() == at::kFloat)
+      run(b.data_ptr<float>());
+    else
+      run(b.data_ptr<BF16>());
+  }
 }
 
 std::string lora_add_path(at::ScalarType dtype) {

@@ -81,7 +81,8 @@ class LayerSlots:
     """Every slot's A and B for one layer, in the model's device and dtype.
 
     ``a [slots, parts * max_rank, in]``: part p of slot s in rows ``p * max_rank``
-    onwards; ``b [slots, max_rank, out]``: part p in its own output columns;
+    onwards; ``b [slots, max_rank, out]`` (float32 on the host): part p in its
+    own output columns;
     ``ranks [slots, parts]`` (int32, host): each part's rank in each slot, 0 where
     the slot's adapter leaves the part alone (or the slot is free)."""
 
@@ -90,7 +91,10 @@ class LayerSlots:
         self.max_rank = max_rank
         self.a = torch.zeros(num_slots, num_parts * max_rank, in_features, device=device,
                              dtype=dtype)
-        self.b = torch.zeros(num_slots, max_rank, out_features, device=device, dtype=dtype)
+        # on the host, a bfloat16 layer's B stays float32: the kernel's expand then
+        # multiplies without widening every B vector first (B is small: rank x out)
+        b_dtype = torch.float32 if device.type == "cpu" else dtype
+        self.b = torch.zeros(num_slots, max_rank, out_features, device=device, dtype=b_dtype)
         self.ranks = torch.zeros(num_slots, num_parts, dtype=torch.int32)
         self.spans = torch.zeros(num_parts, 2, dtype=torch.int32)  # each part's columns
         self._ranks: list[list[int]] = self.ranks.tolist()  # read by the PyTorch path
@@ -126,7 +130,7 @@ class LayerSlots:
                     continue
                 start, end = spans[part]
                 hp = h[:, part * self.max_rank:part * self.max_rank + r]
-                bp = self.b[slot, :r, start:end]
+                bp = self.b[slot, :r, start:end].to(h.dtype)
                 if isinstance(rows, slice):
                     out[rows, start:end].addmm_(hp, bp)
                 else:
