@@ -129,7 +129,10 @@ def test_layer_slots_kernel_paths_equal_plain_pytorch(compiled, monkeypatch, dty
              [(s, torch.tensor([t for t, r in enumerate(rows) if r == s])) for s in (0, 1, 2)])
     x = torch.randn(len(rows), k, generator=gen).to(dtype)
     base = torch.randn(len(rows), 72, generator=gen).to(dtype)
-    native = layer.apply(x, base.clone(), step)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        native = layer.apply(x, base.clone(), step)
+    ops = {event.name for event in prof.events()}
+    assert "engine_kernels::lora_add" in ops and "aten::mm" not in ops, ops  # the kernel ran
     monkeypatch.setenv(kernels.PATH_ENV, "portable")
     portable = layer.apply(x, base.clone(), step)
     monkeypatch.setattr(kernels, "_loaded", False)

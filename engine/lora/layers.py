@@ -115,7 +115,7 @@ class LayerSlots:
     def apply(self, x: torch.Tensor, out: torch.Tensor, step: StepBatch) -> torch.Tensor:
         """``out[t] += x[t]``'s delta under the adapter of row t's slot, for every row."""
         assert step.slots is not None
-        if x.dim() == 2 and usable_for(out, x, self.a, self.b):
+        if x.dim() == 2 and usable_for(out, x, self.a) and self.b.is_cpu:  # B: float32
             torch.ops.engine_kernels.lora_add(out, x, self.a, self.b, self.ranks, self.spans,
                                               step.slots, portable_forced())
             return out
