@@ -41,10 +41,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
+import engine  # noqa: E402,F401 - before torch (bench_generate imports it): the OpenMP wait policy
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import engine  # noqa: E402,F401 - before torch (bench_generate imports it): the OpenMP wait policy
 from bench_generate import build_model, note  # noqa: E402
 from bench_serve import free_port, start_server  # noqa: E402
 from bench_vs_vllm import SMOL  # noqa: E402
