@@ -232,7 +232,9 @@ async def serve_round(url: str, prompts: list[list[int]], outputs: list[int],
     return {"wall_s": wall, "tokens": tokens, "tok_per_s": tokens / wall,
             "ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": percentile(ttfts, 99),
             "itl_p50_s": statistics.median(itls) if itls else 0.0,
-            "itl_p99_s": percentile(itls, 99) if itls else 0.0}
+            "itl_p99_s": percentile(itls, 99) if itls else 0.0,
+            # how the first tokens spread out: the 0th, 10th, ..., 100th percentile
+            "ttft_deciles_s": [percentile(ttfts, q) if q else ttfts[0] for q in range(0, 101, 10)]}
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

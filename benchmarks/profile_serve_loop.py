@@ -171,6 +171,7 @@ def main() -> int:
     report = {"tok_per_s": round(result["tok_per_s"], 1),
               "ttft_ms_p50_p99": [round(result["ttft_p50_s"] * 1e3, 1),
                                   round(result["ttft_p99_s"] * 1e3, 1)],
+              "ttft_ms_deciles": [round(t * 1e3) for t in result["ttft_deciles_s"]],
               "itl_ms_p50_p99": [round(result["itl_p50_s"] * 1e3, 1),
                                  round(result["itl_p99_s"] * 1e3, 1)],
               **summarise(stats, start, end), "load_after": os.getloadavg()}
