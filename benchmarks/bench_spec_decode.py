@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
+NGRAM = {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_min": 2,
          "prompt_lookup_max": 4}
 
 
