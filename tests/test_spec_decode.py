@@ -134,6 +134,36 @@ def test_draft_model_greedy_equals_plain_decoding(llama_dir, make_hf_model, plai
         assert counts.num_accepted_tokens == counts.num_draft_tokens > 0
 
 
+def test_draft_model_drafts_fewer_tokens_while_its_guesses_fail(llama_dir, make_hf_model,
+                                                               monkeypatch):
+    """A draft forward per guess is paid whether the guess is kept or not: a draft
+    model that keeps guessing wrong makes fewer guesses (down to one per step)."""
+    from engine.spec_decode.draft_model import DraftModelProposer
+
+    calls = collections.Counter()
+    propose, forward = DraftModelProposer.propose, DraftModelProposer._forward
+
+    def counted_propose(self, *args):
+        calls["propose"] += 1
+        return propose(self, *args)
+
+    def counted_forward(self, seqs):
+        calls["forward"] += 1
+        return forward(self, seqs)
+
+    monkeypatch.setattr(DraftModelProposer, "propose", counted_propose)
+    monkeypatch.setattr(DraftModelProposer, "_forward", counted_forward)
+    other = make_hf_model("llama", seed=7, num_hidden_layers=1)  # random: it guesses wrong
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    with LLM(llama_dir, dtype="float32", kv_cache_memory=4 * 1024 * KIB,
+             speculative_config={"model": str(other), "num_speculative_tokens": 4}) as llm:
+        _greedy(llm, _prompts([30], seed=8), params)
+        counts = _spec_counts(llm)
+    assert counts.num_draft_tokens > 0 and counts.acceptance_rate < 0.5, counts
+    # four draft forwards per proposal without the adaptation
+    assert calls["forward"] < 2 * calls["propose"], calls
+
+
 def test_draft_model_stops_drafting_at_the_end_of_the_context(make_hf_model):
     # every draft is kept (the target drafts for itself), so drafting runs into the
     # 64-token context: no draft position may pass it
