@@ -50,9 +50,9 @@ async def generate(
             at the end of the context).
     """
     tokenized = await tokenize(engine, prompts, field)
-    if max_tokens_field is not None and params.max_tokens is not None:
-        check_room(tokenized, params.max_tokens, engine.engine.config.model_config.max_model_len,
-                   max_tokens_field, field)
+    max_model_len = engine.engine.config.model_config.max_model_len
+    if max_tokens_field is not None and max_model_len is not None:
+        check_room(tokenized, params.max_tokens, max_model_len, max_tokens_field, field)
     streams = await add_requests(engine, tokenized, params, field, lora_request)
     if stream:
         return sse(chunks(streams))
