@@ -62,7 +62,7 @@ def main() -> int:
     if profiler:
         profiler.enable()
     wall, cpu = time.perf_counter(), time.process_time()
-    import engine  # noqa: F401 - first, as `engine chat` does: it sets the OpenMP wait policy
+    import engine  # noqa: F401, I001 - first, as `engine chat` does: it sets the OpenMP wait policy
     import torch  # noqa: F401 - timed on its own: the floor of every start-up
 
     _phases.append(("import torch", time.perf_counter() - wall, time.process_time() - cpu))

@@ -260,10 +260,10 @@ def test_a_gguf_file_looks_up_its_quantization_plugins_once_per_tensor_type(
     answer is looked up once per type, not once per tensor (each look-up imports
     the quantization group's plugins again: thousands of imports for a 30-layer
     model). So a model with four times the layers costs no more look-ups."""
-    import registry
     import torch
     from test_gguf import write_gguf
 
+    import registry
     from engine.model_loader.gguf import GGUFFile
     from engine.model_loader.loader import GGUFLoader
 
