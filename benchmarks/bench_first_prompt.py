@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -126,13 +127,17 @@ def serve_rss(cmd: list[str], env: dict[str, str], port: int,
     import httpx
 
     base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    # its log to a file, not a pipe: a server that logs more than a pipe holds
+    # (llama.cpp's loader does) would block on the write
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[:3]} exited: {proc.stderr.read()[-3000:]}")
+                log.seek(0)
+                raise RuntimeError(f"{cmd[:3]} exited: {log.read()[-3000:]}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{cmd[:3]} not ready after {timeout} s")
             try:
@@ -160,6 +165,7 @@ def serve_rss(cmd: list[str], env: dict[str, str], port: int,
                 break
             except subprocess.TimeoutExpired:
                 continue
+        log.close()
 
 
 def _free_port() -> int:
