@@ -9,7 +9,10 @@ safetensors, tokenizer.json) is written from the GGUF file once, into --hf-dir, 
 both formats are measured. Each engine round runs the real CLI on a pseudo-terminal
 and stops the clock when ">>> " appears; each transformers round is a fresh process
 that imports transformers, loads model and tokenizer and prints the time. Also
-reported: the resident memory of `engine serve MODEL` once ready.
+reported: the resident memory of `engine serve MODEL` (GGUF file and HF folder) when
+ready and after one request; with --vllm-venv and --llamacpp-venv, the same for
+vLLM's and llama-cpp-python's servers (--rounds 0 measures only memory).
+`profile_first_prompt.py` shows where the time to the prompt goes.
 """
 
 from __future__ import annotations
