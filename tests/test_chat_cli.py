@@ -277,3 +277,17 @@ def test_chat_runs_one_sequence_and_sizes_its_cache_for_one(chatml_model):
     # 64 MiB holds more than one 512-token sequence (and less than 256 of them)
     kv_line = next(line for line in proc.stderr.splitlines() if "KV cache:" in line)
     assert "room for max_num_seqs=1 sequences of max_model_len=512" in kv_line, kv_line
+
+
+def test_the_start_up_profile_reaches_the_prompt_and_times_each_phase(chatml_model):
+    """benchmarks/profile_first_prompt.py runs the real `engine chat` up to its
+    prompt and prints a line per phase (so the numbers in docs/benchmarks.md can be
+    reproduced)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_first_prompt.py"), str(chatml_model),
+         "--dtype", "float32", "--kv-cache-memory", "16MiB"],
+        capture_output=True, text=True, timeout=180, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    phases = {line[:44].strip() for line in proc.stdout.splitlines()}
+    assert {"import torch", "Worker.load_model", "warm-up step of 1 tokens",
+            "ChatSession.check_template", "to the prompt (this process)"} <= phases, proc.stdout
