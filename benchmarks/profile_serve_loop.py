@@ -38,6 +38,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import engine  # noqa: E402,F401,I001 - before torch: it sets the OpenMP wait policy
+import bench_serve  # noqa: E402
+from bench_vs_vllm import SMOL, FreshPrompts, cpu_description  # noqa: E402
+
+from engine.cli.main import main as cli_main  # noqa: E402
+from engine.core.engine import LLMEngine  # noqa: E402
+from engine.entrypoints.async_engine import AsyncEngine  # noqa: E402
+
 STATS_PREFIX = "@@loop-stats "
 
 
@@ -50,10 +58,6 @@ def thread_cpu_s(native_id: int) -> float:
 def run_probed_server(argv: list[str]) -> int:
     """`engine serve argv` in this process, with the probes; the statistics of the
     busiest stretch (the measured round) are printed when the server stops."""
-    from engine.cli.main import main as cli_main
-    from engine.core.engine import LLMEngine
-    from engine.entrypoints.async_engine import AsyncEngine
-
     steps: list[tuple[float, float]] = []  # (start, seconds)
     lags: list[tuple[float, float]] = []  # (when, lag seconds)
     cpu: dict[str, list[tuple[float, float]]] = {"loop": [], "engine": []}
@@ -105,10 +109,8 @@ def summarise(stats: dict, start: float, end: float) -> dict:
            "step_ms_p50": round(statistics.median(steps) * 1e3, 2) if steps else None,
            "loop_lag_samples": len(lags)}
     if lags:
-        from bench_serve import percentile
-
         out.update(loop_lag_ms_p50=round(statistics.median(lags) * 1e3, 2),
-                   loop_lag_ms_p99=round(percentile(lags, 99) * 1e3, 2),
+                   loop_lag_ms_p99=round(bench_serve.percentile(lags, 99) * 1e3, 2),
                    loop_lag_ms_max=round(lags[-1] * 1e3, 2),
                    loop_lagged_s_total=round(sum(lags), 2))
     for name, samples in stats["cpu"].items():
@@ -129,9 +131,6 @@ def main() -> int:
     args = ap.parse_args()
     if args.server is not None:
         return run_probed_server(args.server)
-
-    import bench_serve
-    from bench_vs_vllm import SMOL, FreshPrompts, cpu_description
 
     print(f"CPU: {cpu_description()}; load average {os.getloadavg()}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
