@@ -7,7 +7,9 @@
 
 --vs-vllm: both servers run the same model folder (a random-weight Llama of
 SmolLM-135M's shape, bench_vs_vllm.py's "smol", unless --model), bfloat16 unless
---dtype, the same KV cache size and two OpenMP threads. Every round sends each
+--dtype, the same KV cache size and two OpenMP threads. Both servers stay up; the
+one not being measured is paused (SIGSTOP to its process group, SIGCONT after), so
+an idle server's polling takes no CPU from the other. Every round sends each
 server 64 fresh prompts (random token ids never sent before: no prefix-cache hit
 on either side), the two servers take turns and swap who goes first each round.
 Per side and round: output tokens/s, TTFT p50/p99 and inter-token latency (ITL)
@@ -305,8 +307,15 @@ def vs_vllm(args: argparse.Namespace) -> int:
             for r in range(rounds):
                 prompts = fresh(*lengths)  # both sides get this round's prompts, new to both
                 for side in (("engine", "vllm") if r % 2 == 0 else ("vllm", "engine")):
-                    result = asyncio.run(serve_round(f"http://127.0.0.1:{ports[side]}",
-                                                     prompts, outputs, names[side]))
+                    # the other server stopped (SIGSTOP to its process group) while this
+                    # one is measured: whatever an idle server polls cannot take CPU
+                    other = procs["vllm" if side == "engine" else "engine"]
+                    os.killpg(other.pid, signal.SIGSTOP)
+                    try:
+                        result = asyncio.run(serve_round(f"http://127.0.0.1:{ports[side]}",
+                                                         prompts, outputs, names[side]))
+                    finally:
+                        os.killpg(other.pid, signal.SIGCONT)
                     runs[side].append(result)
                     note(f"round {r + 1}: {side}: {result['tok_per_s']:.0f} tok/s, TTFT p50/p99 "
                          f"{result['ttft_p50_s'] * 1e3:.0f}/{result['ttft_p99_s'] * 1e3:.0f} ms, "
