@@ -62,7 +62,8 @@ def _missing_lora_methods(ctx: KitContext, name: str) -> list[str]:
     from engine.worker import WorkerBase
 
     config = kit_engine_config()
-    platform_cls(ctx, name).check_and_update_config(config)
+    cls: Any = platform_cls(ctx, name)
+    cls.check_and_update_config(config)
     try:
         worker = registry.resolve_qualname(config.parallel_config.worker_cls)
     except Exception as exc:
@@ -76,7 +77,7 @@ def check_lora_vs_cpu(ctx: KitContext, name: str) -> None:
     """Fail when the platform's greedy tokens with an adapter (mixed with the base
     model in one batch) differ from the cpu platform's; skipped when the
     platform's worker does not implement LoRA."""
-    cls = platform_cls(ctx, name)
+    cls: Any = platform_cls(ctx, name)
     missing = _missing_lora_methods(ctx, name)
     if missing:
         raise CheckSkipped(f"the platform's worker does not implement {', '.join(missing)}: "
