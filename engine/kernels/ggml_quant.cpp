@@ -287,11 +287,14 @@ inline __m256i fifth_bits(uint32_t bits) {
   return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
-inline void decode_vec(int64_t type, const uint8_t* row, int64_t c, VecChunk* out) {
+// `Type` is a compile-time constant: the switch folds away, so the hot loops
+// below carry no per-chunk branch on the format
+template <int64_t Type>
+inline void decode_vec(const uint8_t* row, int64_t c, VecChunk* out) {
   out->is_signed = false;
   out->offset = 0.f;
   float s0, s1;
-  switch (type) {
+  switch (Type) {
     case kQ8_0: {
       const uint8_t* b = row + c * 34;
       s0 = s1 = half_at(b);
@@ -300,7 +303,7 @@ inline void decode_vec(int64_t type, const uint8_t* row, int64_t c, VecChunk* ou
       break;
     }
     case kQ4_0: case kQ4_1: {
-      const bool has_min = type == kQ4_1;
+      const bool has_min = Type == kQ4_1;
       const uint8_t* b = row + c * (has_min ? 20 : 18);
       s0 = s1 = half_at(b);
       out->q = nibbles(b + (has_min ? 4 : 2));
@@ -308,7 +311,7 @@ inline void decode_vec(int64_t type, const uint8_t* row, int64_t c, VecChunk* ou
       break;
     }
     case kQ5_0: case kQ5_1: {
-      const bool has_min = type == kQ5_1;
+      const bool has_min = Type == kQ5_1;
       const uint8_t* b = row + c * (has_min ? 24 : 22);
       s0 = s1 = half_at(b);
       uint32_t qh;
@@ -318,7 +321,7 @@ inline void decode_vec(int64_t type, const uint8_t* row, int64_t c, VecChunk* ou
       break;
     }
     case kQ4_K: case kQ5_K: {
-      const bool five = type == kQ5_K;
+      const bool five = Type == kQ5_K;
       const uint8_t* b = row + (c / 8) * (five ? 176 : 144);
       const int j = static_cast<int>(c % 8);
       int sc, m;
@@ -355,10 +358,15 @@ inline void decode_vec(int64_t type, const uint8_t* row, int64_t c, VecChunk* ou
       s1 = d * sc[1];
       break;
     }
-    default: TORCH_CHECK(false, "ggml type ", type, " is not supported by the quantized kernels");
+    default: TORCH_CHECK(false, "ggml type ", Type, " is not supported by the quantized kernels");
   }
   out->scale = _mm256_setr_m128(_mm_set1_ps(s0), _mm_set1_ps(s1));
 }
+
+// formats with one scale per 32 values (the others scale each 16)
+constexpr bool one_scale(int64_t type) { return type != kQ6_K; }
+// formats whose values are signed (the others are 0..31 plus an offset)
+constexpr bool signed_values(int64_t type) { return type == kQ8_0 || type == kQ6_K; }
 
 // 8 int32 lanes: lane l holds the sum over bytes 4l..4l+3 of u[i] * s[i]
 template <bool kVnni>
@@ -370,42 +378,61 @@ inline __m256i dot_u8_s8(__m256i u, __m256i s) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-template <bool kVnni, int R>
-void dot_vec(int64_t type, const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t K,
-             float* out) {
+template <int64_t Type, bool kVnni, int R>
+inline void dot_chunk(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t K,
+                      int64_t c, __m256* acc, __m256* offsets) {
   const int64_t chunks = K / kChunk;
-  __m256 acc[R];
-  float offsets[R] = {};
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   VecChunk ch;
-  for (int64_t c = 0; c < chunks; ++c) {
-    decode_vec(type, row, c, &ch);
-    const __m256i u = ch.is_signed ? _mm256_sign_epi8(ch.q, ch.q) : ch.q;
-    for (int r = 0; r < R; ++r) {
-      const int64_t at = (m0 + r) * chunks + c;
-      __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + (m0 + r) * K + c * kChunk));
-      if (ch.is_signed) qx = _mm256_sign_epi8(qx, ch.q);
-      const __m256 dots = _mm256_cvtepi32_ps(dot_u8_s8<kVnni>(u, qx));
-      acc[r] = _mm256_fmadd_ps(dots, _mm256_mul_ps(ch.scale, _mm256_set1_ps(xq.d[at])), acc[r]);
-      offsets[r] += ch.offset * xq.sum[at];
-    }
-  }
+  decode_vec<Type>(row, c, &ch);
+  const __m256i u = signed_values(Type) ? _mm256_sign_epi8(ch.q, ch.q) : ch.q;
   for (int r = 0; r < R; ++r) {
-    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    const __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-    out[r] = _mm_cvtss_f32(s1) + offsets[r];
+    const int64_t at = (m0 + r) * chunks + c;
+    __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + (m0 + r) * K + c * kChunk));
+    if constexpr (signed_values(Type)) qx = _mm256_sign_epi8(qx, ch.q);
+    const __m256 dots = _mm256_cvtepi32_ps(dot_u8_s8<kVnni>(u, qx));
+    const __m256 dx = _mm256_set1_ps(xq.d[at]);
+    acc[r] = _mm256_fmadd_ps(dots, one_scale(Type) ? _mm256_mul_ps(_mm256_set1_ps(_mm256_cvtss_f32(ch.scale)), dx)
+                                                   : _mm256_mul_ps(ch.scale, dx), acc[r]);
+    // the offset times the chunk's sum of x, in lane 0 (lanes 1..7 stay 0)
+    if constexpr (!signed_values(Type))
+      offsets[r] = _mm256_fmadd_ps(_mm256_set_m128(_mm_setzero_ps(), _mm_set_ss(ch.offset)),
+                                   _mm256_set1_ps(xq.sum[at]), offsets[r]);
   }
+}
+
+inline float hsum(__m256 v) {
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+// two chunks a step into two sets of accumulators: the float adds of one chunk
+// do not wait for the previous chunk's
+template <int64_t Type, bool kVnni, int R>
+void dot_vec(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t K, float* out) {
+  const int64_t chunks = K / kChunk;
+  __m256 acc[2][R], offsets[2][R];
+  for (int h = 0; h < 2; ++h)
+    for (int r = 0; r < R; ++r) acc[h][r] = offsets[h][r] = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 2 <= chunks; c += 2) {
+    dot_chunk<Type, kVnni, R>(row, xq, m0, K, c, acc[0], offsets[0]);
+    dot_chunk<Type, kVnni, R>(row, xq, m0, K, c + 1, acc[1], offsets[1]);
+  }
+  if (c < chunks) dot_chunk<Type, kVnni, R>(row, xq, m0, K, c, acc[0], offsets[0]);
+  for (int r = 0; r < R; ++r)
+    out[r] = hsum(_mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]),
+                                _mm256_add_ps(offsets[0][r], offsets[1][r])));
 }
 
 // a row decoded to floats with the vector decoder: the prefill path dequantizes
 // every weight once per prompt chunk, so this runs over the whole model per chunk
-template <typename T>
-void dequantize_row_vec(int64_t type, const uint8_t* row, int64_t K, T* out) {
+template <int64_t Type, typename T>
+void dequantize_row_vec(const uint8_t* row, int64_t K, T* out) {
   VecChunk ch;
   alignas(64) float tmp[kChunk];
   for (int64_t c = 0; c < K / kChunk; ++c) {
-    decode_vec(type, row, c, &ch);
+    decode_vec<Type>(row, c, &ch);
     const __m256 offset = _mm256_set1_ps(ch.offset);
     const __m256 s0 = _mm256_permutevar8x32_ps(ch.scale, _mm256_setzero_si256());
     const __m256 s1 = _mm256_permutevar8x32_ps(ch.scale, _mm256_set1_epi32(4));
@@ -425,19 +452,63 @@ void dequantize_row_vec(int64_t type, const uint8_t* row, int64_t K, T* out) {
 }
 #endif
 
-// out[m, n] for rows m0..m0+R of one weight row n, on `path`
-template <typename T, int R>
-void dot_rows(int64_t path, int64_t type, const uint8_t* row, const T* x,
-              const QuantizedRows& xq, int64_t m0, int64_t K, float* out) {
-  switch (path) {
+// the dot products of rows m0..m0+R of x with one weight row: out[0..R)
+template <typename T>
+using RowKernel = void (*)(const uint8_t* row, const T* x, const QuantizedRows& xq, int64_t m0,
+                           int64_t K, float* out);
+
+// one kernel per rows-per-pass count (1..kMaxRowsPerPass), for one type and path
+template <typename T>
+struct RowKernels {
+  RowKernel<T> fn[kMaxRowsPerPass];
+};
+
+template <typename T, int64_t Type, int64_t P>
+RowKernels<T> kernels_for() {
+  RowKernels<T> k;
+  auto set = [&](auto rows) {
+    constexpr int R = decltype(rows)::value;
+    k.fn[R - 1] = [](const uint8_t* row, const T* x, const QuantizedRows& xq, int64_t m0,
+                     int64_t K, float* out) {
 #if defined(__AVX2__)
-    case kAvx2: dot_vec<false, R>(type, row, xq, m0, K, out); return;
+      if constexpr (P == kAvx2) return dot_vec<Type, false, R>(row, xq, m0, K, out);
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    case kVnni: dot_vec<true, R>(type, row, xq, m0, K, out); return;
+      if constexpr (P == kVnni) return dot_vec<Type, true, R>(row, xq, m0, K, out);
 #endif
 #endif
-    case kPortable: dot_portable<R>(type, row, xq, m0, K, out); return;
-    default: dot_float<T, R>(type, row, x + m0 * K, K, out); return;
+      if constexpr (P == kPortable) return dot_portable<R>(Type, row, xq, m0, K, out);
+      dot_float<T, R>(Type, row, x + m0 * K, K, out);
+    };
+  };
+  set(std::integral_constant<int, 1>{});
+  set(std::integral_constant<int, 2>{});
+  set(std::integral_constant<int, 3>{});
+  set(std::integral_constant<int, 4>{});
+  return k;
+}
+
+template <typename T, int64_t P>
+RowKernels<T> kernels_for_path(int64_t type) {
+  switch (type) {
+    case kQ4_0: return kernels_for<T, kQ4_0, P>();
+    case kQ4_1: return kernels_for<T, kQ4_1, P>();
+    case kQ5_0: return kernels_for<T, kQ5_0, P>();
+    case kQ5_1: return kernels_for<T, kQ5_1, P>();
+    case kQ8_0: return kernels_for<T, kQ8_0, P>();
+    case kQ4_K: return kernels_for<T, kQ4_K, P>();
+    case kQ5_K: return kernels_for<T, kQ5_K, P>();
+    case kQ6_K: return kernels_for<T, kQ6_K, P>();
+    default: TORCH_CHECK(false, "ggml type ", type, " is not supported by the quantized kernels");
+  }
+}
+
+template <typename T>
+RowKernels<T> row_kernels(int64_t path, int64_t type) {
+  switch (path) {
+    case kAvx2: return kernels_for_path<T, kAvx2>(type);
+    case kVnni: return kernels_for_path<T, kVnni>(type);
+    case kPortable: return kernels_for_path<T, kPortable>(type);
+    default: return kernels_for_path<T, kFloat>(type);
   }
 }
 
@@ -453,6 +524,7 @@ void linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& blocks,
   const T* b = bias.has_value() && bias->defined() ? bias->data_ptr<T>() : nullptr;
   QuantizedRows xq;
   if (path != kFloat) quantize_rows(xp, M, K, &xq);
+  const RowKernels<T> kernels = row_kernels<T>(path, type);
   // weight rows split across threads: each streams one contiguous range
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     float dots[kMaxRowsPerPass];
@@ -460,12 +532,7 @@ void linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& blocks,
       const uint8_t* row = w + n * row_bytes;
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsPerPass) {
         const int64_t rows = std::min(kMaxRowsPerPass, M - m0);
-        switch (rows) {
-          case 1: dot_rows<T, 1>(path, type, row, xp, xq, m0, K, dots); break;
-          case 2: dot_rows<T, 2>(path, type, row, xp, xq, m0, K, dots); break;
-          case 3: dot_rows<T, 3>(path, type, row, xp, xq, m0, K, dots); break;
-          default: dot_rows<T, 4>(path, type, row, xp, xq, m0, K, dots); break;
-        }
+        kernels.fn[rows - 1](row, xp, xq, m0, K, dots);
         for (int64_t r = 0; r < rows; ++r) {
           float v = dots[r];
           if (b) v += static_cast<float>(b[n]);
@@ -510,7 +577,17 @@ void ggml_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& blocks, 
 template <typename T>
 void dequantize_row_best(int64_t type, const uint8_t* row, int64_t K, T* out) {
 #if defined(__AVX2__)
-  dequantize_row_vec(type, row, K, out);
+  switch (type) {
+    case kQ4_0: return dequantize_row_vec<kQ4_0>(row, K, out);
+    case kQ4_1: return dequantize_row_vec<kQ4_1>(row, K, out);
+    case kQ5_0: return dequantize_row_vec<kQ5_0>(row, K, out);
+    case kQ5_1: return dequantize_row_vec<kQ5_1>(row, K, out);
+    case kQ8_0: return dequantize_row_vec<kQ8_0>(row, K, out);
+    case kQ4_K: return dequantize_row_vec<kQ4_K>(row, K, out);
+    case kQ5_K: return dequantize_row_vec<kQ5_K>(row, K, out);
+    case kQ6_K: return dequantize_row_vec<kQ6_K>(row, K, out);
+    default: TORCH_CHECK(false, "ggml type ", type, " is not supported by the quantized kernels");
+  }
 #else
   dequantize_row(type, row, K, out);
 #endif
