@@ -113,12 +113,14 @@ def main() -> int:
         dense = qw.dequantize(act)
         reps = 200
         timings = []
-        for fn in (lambda: qw.linear(x, None), lambda: F.linear(x, dense)):
-            for _ in range(10):
-                fn()
-            start = time.perf_counter()
-            for _ in range(reps):
-                fn()
+        for quantized in (True, False):
+            for i in range(10 + reps):
+                if i == 10:
+                    start = time.perf_counter()
+                if quantized:
+                    qw.linear(x, None)
+                else:
+                    F.linear(x, dense)
             timings.append((time.perf_counter() - start) / reps * 1e6)
         kernel_us += timings[0] * count
         print(f"{str(list(shape)):>14} {','.join(methods):>14} {count:5d} "

@@ -15,10 +15,13 @@
 //     summation order). path 1..3: x is quantized to int8 per 32-value chunk
 //     (scale = max |x| / 127) and each chunk is an integer dot product, as
 //     llama.cpp does: 1 "portable" (plain C++), 2 "avx2" (vpmaddubsw),
-//     3 "avx512_vnni" (vpdpbusd on 256-bit registers). Python picks the path
-//     from /proc/cpuinfo (engine/quantization/kernels.py).
+//     3 "avx512_vnni" (vpdpbusd: two blocks a step on 512-bit registers for the
+//     32-value formats, one on 256-bit registers for the K-quants). Python picks
+//     the path from /proc/cpuinfo (engine/quantization/ggml.py).
+// engine_kernels::ggml_matmul(out [M, N], x [M, K], blocks, type, bias, tile_bytes)
+//     out = x @ W.T + bias for many rows (prompts): tiles of about tile_bytes of
+//     W dequantized into one reused buffer, each multiplied by ATen's matmul
 // engine_kernels::ggml_dequantize(out [N, K], blocks, type): float32 or bf16 out
-//     (prompt-sized products dequantize, then run a dense matmul)
 // engine_kernels::ggml_embedding(out [T, K], ids [T], blocks, type): the rows `ids`
 // engine_kernels::ggml_compiled_paths() -> int: bit p set when path p is built in
 #include <torch/library.h>
@@ -425,10 +428,130 @@ void dot_vec(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t K,
                                 _mm256_add_ps(offsets[0][r], offsets[1][r])));
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define ENGINE_GGML_PAIRS 1
+// The 32-value formats with one scale per block, two blocks a step on 512-bit
+// registers: one vpdpbusd, one conversion and one multiply-add per 64 values.
+constexpr bool pairs_kernel(int64_t type) {
+  return type == kQ4_0 || type == kQ4_1 || type == kQ5_0 || type == kQ5_1 || type == kQ8_0;
+}
+
+// the 64 values of blocks b0 and b1 (one format) as bytes in value order
+template <int64_t Type>
+inline __m512i pair_values(const uint8_t* b0, const uint8_t* b1) {
+  if constexpr (Type == kQ8_0) {
+    return _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2))),
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2)), 1);
+  } else {
+    constexpr int qs_at = Type == kQ4_0 ? 2 : Type == kQ4_1 ? 4 : Type == kQ5_0 ? 6 : 8;
+    const __m256i y = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + qs_at))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + qs_at)), 1);
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(y, mask), hi = _mm256_and_si256(_mm256_srli_epi16(y, 4), mask);
+    // [b0 low nibbles, b1 low, b0 high, b1 high] -> b0's 32 values, then b1's
+    const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    __m512i v = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));
+    if constexpr (Type == kQ5_0 || Type == kQ5_1) {
+      constexpr int qh_at = Type == kQ5_0 ? 2 : 4;
+      uint32_t h0, h1;
+      std::memcpy(&h0, b0 + qh_at, 4);
+      std::memcpy(&h1, b1 + qh_at, 4);
+      const __mmask64 fifth = static_cast<__mmask64>(h0) | (static_cast<__mmask64>(h1) << 32);
+      v = _mm512_or_si512(v, _mm512_maskz_mov_epi8(fifth, _mm512_set1_epi8(0x10)));
+    }
+    return v;
+  }
+}
+
+// scale and offset of one block
+template <int64_t Type>
+inline void block_scale(const uint8_t* b, float* d, float* offset) {
+  *d = half_at(b);
+  if constexpr (Type == kQ4_1 || Type == kQ5_1) *offset = half_at(b + 2);
+  else if constexpr (Type == kQ4_0) *offset = -8.f * *d;
+  else if constexpr (Type == kQ5_0) *offset = -16.f * *d;
+  else *offset = 0.f;
+}
+
+template <int64_t Type, int R>
+void dot_pairs(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t K, float* out) {
+  constexpr int64_t bytes = Type == kQ4_0 ? 18 : Type == kQ4_1 ? 20 : Type == kQ5_0 ? 22
+                          : Type == kQ5_1 ? 24 : 34;
+  const int64_t chunks = K / kChunk;
+  __m512 acc[R];
+  float offsets[2][R] = {};
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 2 <= chunks; c += 2) {
+    const uint8_t* b0 = row + c * bytes;
+    const uint8_t* b1 = b0 + bytes;
+    const __m512i q = pair_values<Type>(b0, b1);
+    float d0, d1, o0, o1;
+    block_scale<Type>(b0, &d0, &o0);
+    block_scale<Type>(b1, &d1, &o1);
+    // Q8_0 values are signed: |q| is the unsigned operand and x takes q's sign
+    const __m512i u = Type == kQ8_0 ? _mm512_abs_epi8(q) : q;
+    const __mmask64 negative = Type == kQ8_0 ? _mm512_movepi8_mask(q) : 0;
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = (m0 + r) * chunks + c;
+      __m512i qx = _mm512_loadu_si512(xq.q.data() + (m0 + r) * K + c * kChunk);
+      if constexpr (Type == kQ8_0) qx = _mm512_mask_sub_epi8(qx, negative, _mm512_setzero_si512(), qx);
+      const __m512 dots = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, qx));
+      const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0 * xq.d[at]),
+                                                _mm512_set1_ps(d1 * xq.d[at + 1]));
+      acc[r] = _mm512_fmadd_ps(dots, scale, acc[r]);
+      if constexpr (Type != kQ8_0) {
+        offsets[0][r] += o0 * xq.sum[at];
+        offsets[1][r] += o1 * xq.sum[at + 1];
+      }
+    }
+  }
+  float tail[R] = {};
+  if (c < chunks) {  // an odd block count: the last block on 256-bit registers
+    __m256 acc1[R], off1[R];
+    for (int r = 0; r < R; ++r) acc1[r] = off1[r] = _mm256_setzero_ps();
+    dot_chunk<Type, true, R>(row, xq, m0, K, c, acc1, off1);
+    for (int r = 0; r < R; ++r) tail[r] = hsum(_mm256_add_ps(acc1[r], off1[r]));
+  }
+  for (int r = 0; r < R; ++r)
+    out[r] = _mm512_reduce_add_ps(acc[r]) + offsets[0][r] + offsets[1][r] + tail[r];
+}
+#endif
+
 // a row decoded to floats with the vector decoder: the prefill path dequantizes
 // every weight once per prompt chunk, so this runs over the whole model per chunk
 template <int64_t Type, typename T>
 void dequantize_row_vec(const uint8_t* row, int64_t K, T* out) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  // 16 values a register: widen, scale, offset, narrow in one pass
+  VecChunk c512;
+  for (int64_t c = 0; c < K / kChunk; ++c) {
+    decode_vec<Type>(row, c, &c512);
+    const __m512 offset = _mm512_set1_ps(c512.offset);
+    const __m512 s0 = _mm512_set1_ps(_mm256_cvtss_f32(c512.scale));
+    const __m512 s1 = _mm512_set1_ps(_mm_cvtss_f32(_mm256_extractf128_ps(c512.scale, 1)));
+    // q < 128 in every format, so the bytes widen as signed
+    const __m512 lo = _mm512_fmadd_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c512.q))), s0, offset);
+    const __m512 hi = _mm512_fmadd_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(c512.q, 1))), s1, offset);
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_storeu_ps(out + c * kChunk, lo);
+      _mm512_storeu_ps(out + c * kChunk + 16, hi);
+    } else {
+#if defined(__AVX512BF16__)
+      // round to nearest even, as torch's float32 -> bfloat16
+      _mm512_storeu_si512(out + c * kChunk, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+#else
+      engine_kernels::store(out + c * kChunk, reinterpret_cast<engine_kernels::vf>(lo));
+      engine_kernels::store(out + c * kChunk + 16, reinterpret_cast<engine_kernels::vf>(hi));
+#endif
+    }
+  }
+  return;
+#endif
   VecChunk ch;
   alignas(64) float tmp[kChunk];
   for (int64_t c = 0; c < K / kChunk; ++c) {
@@ -473,6 +596,9 @@ RowKernels<T> kernels_for() {
 #if defined(__AVX2__)
       if constexpr (P == kAvx2) return dot_vec<Type, false, R>(row, xq, m0, K, out);
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(ENGINE_GGML_PAIRS)
+      if constexpr (P == kVnni && pairs_kernel(Type)) return dot_pairs<Type, R>(row, xq, m0, K, out);
+#endif
       if constexpr (P == kVnni) return dot_vec<Type, true, R>(row, xq, m0, K, out);
 #endif
 #endif
@@ -615,6 +741,39 @@ void ggml_dequantize(at::Tensor out, const at::Tensor& blocks, int64_t type) {
     TORCH_CHECK(false, "ggml_dequantize: float32 or bfloat16 out only");
 }
 
+// out = x @ W.T + bias for many rows (prompts): the weight dequantized a tile of
+// rows at a time into one small buffer that stays in cache, each tile multiplied
+// by ATen's dense matmul straight into its columns of out. The whole float weight
+// is never allocated.
+void ggml_matmul(at::Tensor out, const at::Tensor& x, const at::Tensor& blocks, int64_t type,
+                 const c10::optional<at::Tensor>& bias, int64_t tile_bytes) {
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2, "x and out must be 2-D");
+  TORCH_CHECK(out.stride(1) == 1, "out rows must be dense");
+  TORCH_CHECK(x.scalar_type() == out.scalar_type(), "x and out must have one dtype");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "ggml_matmul: float32 or bfloat16 activations only");
+  const int64_t K = x.size(1), N = blocks.size(0);
+  check_blocks(blocks, type, K);
+  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == N, "out must be [", x.size(0), ", ", N, "]");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias)
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == x.scalar_type(),
+                "bias must be a [N] of x's dtype");
+  const int64_t rows = std::max<int64_t>(16, tile_bytes / (K * x.element_size()) / 16 * 16);
+  at::Tensor tile = at::empty({std::min(rows, N), K}, x.options());
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t n = std::min(rows, N - n0);
+    at::Tensor t = tile.narrow(0, 0, n);
+    at::Tensor part = blocks.narrow(0, n0, n);
+    ggml_dequantize(t, part, type);
+    at::Tensor o = out.narrow(1, n0, n);
+    if (has_bias)
+      at::addmm_out(o, bias->narrow(0, n0, n), x, t.t());  // bias added before rounding, as F.linear
+    else
+      at::mm_out(o, x, t.t());
+  }
+}
+
 void ggml_embedding(at::Tensor out, const at::Tensor& ids, const at::Tensor& blocks, int64_t type) {
   TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous(),
               "ids must be a contiguous int64 [T]");
@@ -655,6 +814,7 @@ int64_t ggml_compiled_paths() {
 TORCH_LIBRARY_FRAGMENT(engine_kernels, m) {
   m.def("ggml_linear(Tensor(a!) out, Tensor x, Tensor blocks, int type, Tensor? bias, int path) -> ()");
   m.def("ggml_dequantize(Tensor(a!) out, Tensor blocks, int type) -> ()");
+  m.def("ggml_matmul(Tensor(a!) out, Tensor x, Tensor blocks, int type, Tensor? bias, int tile_bytes) -> ()");
   m.def("ggml_embedding(Tensor(a!) out, Tensor ids, Tensor blocks, int type) -> ()");
   m.def("ggml_compiled_paths() -> int");
 }
@@ -662,6 +822,7 @@ TORCH_LIBRARY_FRAGMENT(engine_kernels, m) {
 TORCH_LIBRARY_IMPL(engine_kernels, CPU, m) {
   m.impl("ggml_linear", &ggml_linear);
   m.impl("ggml_dequantize", &ggml_dequantize);
+  m.impl("ggml_matmul", &ggml_matmul);
   m.impl("ggml_embedding", &ggml_embedding);
 }
 
