@@ -359,7 +359,10 @@ def main() -> int:
     peer = args.peer
     peer_python = (str(ensure_llamacpp_venv(args.llamacpp_venv)) if peer == "llama.cpp"
                    else sys.executable)
-    subprocess.run([sys.executable, "-m", "engine.kernels", "build"], check=True, cwd=str(ROOT),
+    # the compiled kernels, built only when this checkout's are not cached yet
+    # (``python -m engine.kernels build`` would rebuild them: minutes)
+    subprocess.run([sys.executable, "-c", "import engine.kernels as k; "
+                    "k.library_path().exists() or k.build()"], check=True, cwd=str(ROOT),
                    capture_output=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", ENGINE_CPU_KERNELS="build")
