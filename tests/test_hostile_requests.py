@@ -38,6 +38,16 @@ HOSTILE = [
      "top_logprobs"),
     ("n-100000", "completions", {"n": 100_000}, 400, "n"),
     ("max-tokens-2**63", "completions", {"max_tokens": 2**63}, 400, "max_tokens"),
+    # the context is 1024 tokens: a prompt of 2 and 1023 new ones do not fit (once
+    # silently cut to what fits); omitted, generation stops at the context's end
+    ("max-tokens-past-context", "completions", {"prompt": [5, 6], "max_tokens": 1023}, 400,
+     "max_tokens"),
+    ("max-tokens-fills-context", "completions", {"prompt": [5, 6], "max_tokens": 1022}, 200,
+     None),
+    ("max-tokens-past-context-2-prompts", "completions",
+     {"prompt": [[5], [5, 6, 7]], "max_tokens": 1022}, 400, "max_tokens"),
+    ("chat-max-completion-tokens-past-context", "chat", {"max_completion_tokens": 1024}, 400,
+     "max_completion_tokens"),
     ("stop-token-ids-10**30", "completions", {"stop_token_ids": [10**30]}, 400,
      "stop_token_ids"),
     ("stop-token-id-past-vocab", "completions", {"stop_token_ids": [1024]}, 400,

@@ -14,6 +14,7 @@ from conftest import subprocess_env
 
 from engine.config import CompilationConfig, EngineConfig, ModelConfig, set_current_engine_config
 from engine.ops import CustomOp, RMSNorm, RotaryEmbedding, SiluAndMul, rope_parameters_from_hf
+from engine.ops.rotary_embedding import INITIAL_TABLE_POSITIONS
 
 
 @pytest.fixture(autouse=True)
@@ -74,6 +75,36 @@ def test_rotary_embedding_matches_transformers(rope):
     out_q, out_k = ours(positions, q, k)
     torch.testing.assert_close(out_q, ref_q.transpose(1, 2).reshape(5, 64))
     torch.testing.assert_close(out_k, ref_k.transpose(1, 2).reshape(5, 32))
+
+
+def _neox_rope(x: torch.Tensor, positions: torch.Tensor, head_size: int,
+               base: float = 10000.0) -> torch.Tensor:
+    # RoPE written out from its definition, float32 angles as the op computes them
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2).float() / head_size))
+    angles = torch.outer(positions.float(), inv_freq).unsqueeze(1)
+    x = x.view(len(positions), -1, head_size)
+    x1, x2 = x.chunk(2, dim=-1)
+    out = torch.cat([x1 * angles.cos() - x2 * angles.sin(),
+                     x2 * angles.cos() + x1 * angles.sin()], dim=-1)
+    return out.reshape(len(positions), -1)
+
+
+@pytest.mark.parametrize("custom_ops", [["none"], ["all"]])
+def test_rotary_table_holds_only_the_positions_used_and_grows_for_later_ones(custom_ops):
+    # a 300k-position context: its whole table would be 300000 x 16 floats per model
+    with set_current_engine_config(_config(*custom_ops)):
+        op = RotaryEmbedding(16, 16, 300_000)
+    assert op.cos_sin_cache.shape[0] == INITIAL_TABLE_POSITIONS
+    q, k = torch.randn(4, 4 * 16), torch.randn(4, 2 * 16)
+    for positions, rows in ((torch.tensor([0, 1, 7, 4095]), INITIAL_TABLE_POSITIONS),
+                            (torch.tensor([5, 4096, 9000, 10_000]), 16_384),
+                            (torch.tensor([299_999, 3, 200_000, 0]), 300_000)):
+        out_q, out_k = op(positions, q, k)
+        assert op.cos_sin_cache.shape[0] == rows
+        torch.testing.assert_close(out_q, _neox_rope(q, positions, 16))
+        torch.testing.assert_close(out_k, _neox_rope(k, positions, 16))
+    with pytest.raises(IndexError, match="position 300000 .*max_position=300000"):
+        op(torch.tensor([300_000]), q[:1], k[:1])
 
 
 def test_unsupported_rope_type_names_the_valid_ones():

@@ -134,6 +134,36 @@ def test_draft_model_greedy_equals_plain_decoding(llama_dir, make_hf_model, plai
         assert counts.num_accepted_tokens == counts.num_draft_tokens > 0
 
 
+def test_draft_model_drafts_fewer_tokens_while_its_guesses_fail(llama_dir, make_hf_model,
+                                                               monkeypatch):
+    """A draft forward per guess is paid whether the guess is kept or not: a draft
+    model that keeps guessing wrong makes fewer guesses (down to one per step)."""
+    from engine.spec_decode.draft_model import DraftModelProposer
+
+    calls = collections.Counter()
+    propose, forward = DraftModelProposer.propose, DraftModelProposer._forward
+
+    def counted_propose(self, *args):
+        calls["propose"] += 1
+        return propose(self, *args)
+
+    def counted_forward(self, seqs):
+        calls["forward"] += 1
+        return forward(self, seqs)
+
+    monkeypatch.setattr(DraftModelProposer, "propose", counted_propose)
+    monkeypatch.setattr(DraftModelProposer, "_forward", counted_forward)
+    other = make_hf_model("llama", seed=7, num_hidden_layers=1)  # random: it guesses wrong
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    with LLM(llama_dir, dtype="float32", kv_cache_memory=4 * 1024 * KIB,
+             speculative_config={"model": str(other), "num_speculative_tokens": 4}) as llm:
+        _greedy(llm, _prompts([30], seed=8), params)
+        counts = _spec_counts(llm)
+    assert counts.num_draft_tokens > 0 and counts.acceptance_rate < 0.5, counts
+    # four draft forwards per proposal without the adaptation
+    assert calls["forward"] < 2 * calls["propose"], calls
+
+
 def test_draft_model_stops_drafting_at_the_end_of_the_context(make_hf_model):
     # every draft is kept (the target drafts for itself), so drafting runs into the
     # 64-token context: no draft position may pass it
@@ -449,15 +479,42 @@ def test_refused_drafts_give_their_blocks_back_and_never_reach_the_prefix_cache(
     counts = sched.spec_stats
     assert (counts.num_draft_tokens, counts.num_accepted_tokens) == (6, 1)
     assert counts.accepted_per_position == [1, 0, 0, 0, 0, 0]
-    # a sequence whose guesses were all refused waits a step before the next ones
-    sched.update_draft_token_ids(DraftTokenIds([seq.seq_id], [[31, 32]]))
+
+
+def test_draft_length_adapts_to_how_drafts_fare():
+    """Refusals halve the drafts a sequence may verify next, down to one and then
+    to waiting steps without drafts; kept drafts double the length back up to
+    num_speculative_tokens; a partial refusal keeps it."""
+    from engine.config import CacheConfig, SchedulerConfig
+    from engine.core import Scheduler, Sequence
+    from engine.step import DraftTokenIds, ModelRunnerOutput
+
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), CacheConfig(block_size=4),
+                      num_blocks=64, max_model_len=200)
+    sched.num_speculative_tokens = 8
+    seq = Sequence("r", [10, 11, 12], max_tokens=150)
+    sched.add_sequence(seq)
     out = sched.schedule()
-    sched.update_from_output(out, ModelRunnerOutput([seq.seq_id], [40],
-                                                    accepted_token_ids=[[]]))
-    sched.update_draft_token_ids(DraftTokenIds([seq.seq_id], [[41]]))
-    assert sched.schedule().scheduled[0].num_draft_tokens == 0
+    sched.update_from_output(out, ModelRunnerOutput([seq.seq_id], [5]))
 
+    def step(num_kept: int) -> int:
+        """One step with 8 proposed drafts of which the first `num_kept` are kept;
+        returns how many drafts it verified."""
+        sched.update_draft_token_ids(DraftTokenIds([seq.seq_id], [[7] * 8]))
+        out = sched.schedule()
+        (item,) = out.scheduled
+        n = item.num_draft_tokens
+        kept = [7] * min(num_kept, n)
+        sched.update_from_output(out, ModelRunnerOutput([seq.seq_id], [9],
+                                                        accepted_token_ids=[kept]))
+        return n
 
+    # all refused: 8, 4, 2, 1, then a wait of 1 step, 1, a wait of 2 steps, 1
+    assert [step(0) for _ in range(9)] == [8, 4, 2, 1, 0, 1, 0, 0, 1]
+    # the wait (now 4 steps) runs out, then kept drafts double the length back to 8
+    assert [step(8) for _ in range(8)] == [0, 0, 0, 0, 1, 2, 4, 8]
+    # a partial refusal keeps the length; a later full one halves it
+    assert [step(3) for _ in range(2)] + [step(0), step(0)] == [8, 8, 8, 4]
 def test_drafts_never_run_past_max_tokens():
     from engine.config import CacheConfig, SchedulerConfig
     from engine.core import Scheduler, Sequence

@@ -5,7 +5,9 @@ a GBNF grammar), in mixed batches, and unconstrained rows are left untouched."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import re
+import threading
 
 import jsonschema
 import pytest
@@ -190,3 +192,43 @@ def test_preempted_constrained_requests_resume_their_grammar(make_hf_model):
     assert len(finished) == 8
     for completion in finished:
         jsonschema.validate(json.loads(completion.text), schema)
+
+
+# -------------------------------------------------------- compile time limit
+
+
+@pytest.fixture
+def compile_time_limit():
+    from engine.structured_outputs import set_compile_time_limit
+
+    yield set_compile_time_limit
+    set_compile_time_limit(None)
+
+
+def _patterned_schema(properties: int, tag: str) -> dict:
+    # thousands of properties, each with its own pattern: seconds to compile
+    return {"type": "object", "properties": {
+        f"{tag}{i}": {"type": "string", "pattern": f"[a-z]{{1,9}}{i}"}
+        for i in range(properties)}}
+
+
+def test_a_compile_past_its_time_limit_is_killed_and_names_the_field(compile_time_limit):
+    compile_time_limit(0.1)
+    threads = threading.active_count()
+    with pytest.raises(ValueError, match=r"^StructuredOutputsParams\.json did not compile "
+                                         r"within 0\.1 s$"):
+        StructuredOutputsParams(json=_patterned_schema(3000, "slow"))
+    # nothing keeps compiling: no child process, no thread
+    assert multiprocessing.active_children() == []
+    assert threading.active_count() == threads
+
+
+def test_a_grammar_compiled_in_a_child_is_the_one_compiled_here(compile_time_limit):
+    from engine.structured_outputs.grammar import _compile_here, compile_grammar
+
+    compile_time_limit(60)
+    params = StructuredOutputsParams(json=_patterned_schema(3, "child"))
+    assert compile_grammar(params) == _compile_here("json", json.dumps(params.json))
+    with pytest.raises(ValueError, match=r"^StructuredOutputsParams\.regex"):
+        StructuredOutputsParams(regex="(unclosed")
+    assert multiprocessing.active_children() == []

@@ -11,8 +11,9 @@ names below are loaded on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from engine._lazy import lazy_exports
 
 # public name -> module that defines it (imported lazily, see __getattr__)
 _LAZY = {
@@ -46,15 +47,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from engine.attention.registry import AttentionBackendEnum, register_backend
     from engine.attention.selector import AttentionSelectorConfig
 
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'engine.attention' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))

@@ -27,6 +27,7 @@ from engine.engine_args import EngineArgs
 PROMPT = ">>> "
 EXIT_COMMANDS = ("/exit", "/quit")
 CLEAR_COMMAND = "/clear"  # forget the conversation (the system message stays)
+CHAT_MAX_NUM_SEQS = 1
 
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
@@ -56,8 +57,15 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
                    help="keep replying past end-of-sequence (until --max-tokens)")
     p.add_argument("--save-history", metavar="FILE", default=None,
                    help="after every turn, write the conversation to FILE as JSON")
+    engine_options = p.add_argument_group("engine options")
+    # one conversation is one sequence at a time: the warm-up then runs no decode
+    # batch it will never see, and the KV cache holds room for that one
+    engine_options.add_argument(
+        "--max-num-seqs", type=int, default=CHAT_MAX_NUM_SEQS, metavar="N",
+        help=f"sequences the engine runs at once (default {CHAT_MAX_NUM_SEQS}: a chat is "
+             "one conversation)")
     # --seed above is the replies' sampling seed; the engine's global seed keeps its default
-    EngineArgs.add_cli_args(p.add_argument_group("engine options"), exclude=("seed",))
+    EngineArgs.add_cli_args(engine_options, exclude=("seed", "max_num_seqs"))
     p.set_defaults(func=run)
 
 

@@ -163,7 +163,27 @@ class Scheduler:
             seq.spec_wait -= 1
             return 0
         room = seq.max_tokens - seq.num_output_tokens - 1
-        return max(0, min(len(seq.spec_token_ids), budget - 1, room))
+        limit = seq.spec_limit or self.num_speculative_tokens
+        return max(0, min(len(seq.spec_token_ids), budget - 1, room, limit))
+
+    def _adapt_drafts(self, seq: Sequence, num_drafts: int, kept: int) -> None:
+        """Size ``seq``'s next drafts from how its last ones fared. Every draft
+        costs a row of the verifying forward pass whether it is kept or not, so
+        the limit doubles (up to num_speculative_tokens) while all are kept,
+        halves while none is, and stays after a partial refusal (a copied text
+        that changed a word goes on being copied). Refused at a limit of 1, the
+        sequence waits a few steps without drafts (doubling, up to
+        _MAX_SPEC_BACKOFF)."""
+        limit = seq.spec_limit or self.num_speculative_tokens
+        if kept:
+            seq.spec_backoff = 0
+            if kept == num_drafts:
+                seq.spec_limit = min(self.num_speculative_tokens, 2 * limit)
+        elif limit > 1:
+            seq.spec_limit = limit // 2
+        else:
+            seq.spec_backoff = min(2 * seq.spec_backoff or 1, _MAX_SPEC_BACKOFF)
+            seq.spec_wait = seq.spec_backoff
 
     def _chunk(self, seq: Sequence, num_computed: int, budget: int) -> int:
         """How many of the tokens after ``num_computed`` to compute in this step."""
@@ -348,11 +368,7 @@ class Scheduler:
                 # blocks holding nothing else go back to the pool
                 self.kv_cache.trim(seq, seq.num_tokens)
                 self.spec_stats.record(num_drafts, kept)
-                if kept:
-                    seq.spec_backoff = 0
-                else:
-                    seq.spec_backoff = min(2 * seq.spec_backoff or 1, _MAX_SPEC_BACKOFF)
-                    seq.spec_wait = seq.spec_backoff
+                self._adapt_drafts(seq, num_drafts, kept)
                 self._spec_step_stats.record(num_drafts, kept)
             self.kv_cache.cache_full_blocks(seq)
         return results

@@ -73,9 +73,11 @@ class Sequence:
         self.stop_reason: int | str | None = None
         # speculative decoding: the proposer's guess of the next tokens, for the next step
         self.spec_token_ids: list[int] = []
-        # after a step whose drafts were all refused, this many steps go without
-        # drafts (doubling while refusals go on): guesses that keep failing cost a
-        # verification each, for nothing
+        # how many drafts the next step may verify (0: num_speculative_tokens, not
+        # yet adapted), and, after single drafts were refused, how many steps go
+        # without drafts (doubling while refusals go on): guesses that keep
+        # failing cost a verification each, for nothing (Scheduler._adapt_drafts)
+        self.spec_limit = 0
         self.spec_backoff = 0
         self.spec_wait = 0
         self.lora_request = lora_request  # engine.lora.LoRARequest, None: the base model

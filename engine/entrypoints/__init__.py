@@ -8,8 +8,7 @@ FastAPI app. Importing this package imports neither torch nor FastAPI.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from engine._lazy import lazy_exports
 
 _LAZY = {
     "AsyncEngine": "engine.entrypoints.async_engine",
@@ -22,11 +21,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'engine.entrypoints' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -32,6 +32,7 @@ from engine.entrypoints.errors import APIError, json_response, validation_error
 from engine.entrypoints.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from engine.entrypoints.route_plugins import mount_route_plugins
 from engine.entrypoints.routes import include_builtin_routes
+from engine.structured_outputs import set_compile_time_limit
 from engine.utils import first_line
 
 logger = logging.getLogger("engine.serve")
@@ -137,6 +138,8 @@ def build_app(settings: ServerSettings) -> FastAPI:
     """The FastAPI app over an `AsyncEngine` that builds an `LLM` from
     ``settings.engine_args``.
     The engine starts with the app (lifespan); routes answer 503 until it is ready."""
+    # a grammar compile past the request's limit is killed, not left running
+    set_compile_time_limit(serving.STRUCTURED_CHECK_TIMEOUT)
     state = ServerState(settings)
     if settings.data_parallel_size > 1:
         from engine.entrypoints.data_parallel import DataParallelEngine

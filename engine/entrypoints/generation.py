@@ -34,6 +34,7 @@ async def generate(
     chunks: Callable[[list[RequestStream]], AsyncIterator[dict]],
     respond: Callable[[list[Any]], dict],
     lora_request: Any = None,
+    max_tokens_field: str | None = None,
 ) -> Response:
     """Serve one generation request.
 
@@ -43,8 +44,15 @@ async def generate(
         stream: answer with server-sent events built by ``chunks(streams)``;
             otherwise with ``respond(final outputs)`` as JSON.
         lora_request: the `engine.LoRARequest` every prompt runs with (None: the base model).
+        max_tokens_field: the body field that set ``params.max_tokens``, when the
+            client set it: a prompt that leaves less room than that in the context
+            is a 400 naming it. None when the client left it out (generation stops
+            at the end of the context).
     """
     tokenized = await tokenize(engine, prompts, field)
+    max_model_len = engine.engine.config.model_config.max_model_len
+    if max_tokens_field is not None and max_model_len is not None:
+        check_room(tokenized, params.max_tokens, max_model_len, max_tokens_field, field)
     streams = await add_requests(engine, tokenized, params, field, lora_request)
     if stream:
         return sse(chunks(streams))
@@ -70,6 +78,21 @@ async def tokenize(engine: AsyncEngine, prompts: list[Any], field: str) -> list[
         return out
 
     return await asyncio.to_thread(run)
+
+
+def check_room(prompts: list[TokenizedPrompt], max_tokens: int, max_model_len: int,
+               max_tokens_field: str, field: str) -> None:
+    """400 naming `max_tokens_field` when a prompt and `max_tokens` new tokens
+    do not fit in the context: a client that asked for that many tokens gets an
+    error, not an answer silently cut at the context's end."""
+    for i, prompt in enumerate(prompts):
+        room = max_model_len - len(prompt.token_ids)
+        if max_tokens > room:
+            where = f"{field}[{i}]" if len(prompts) > 1 else field
+            raise APIError(400, f"{max_tokens_field}={max_tokens} does not fit: {where} has "
+                                f"{len(prompt.token_ids)} tokens and the context "
+                                f"max_model_len={max_model_len} leaves room for "
+                                f"{max(room, 0)} more", param=max_tokens_field)
 
 
 async def add_requests(engine: AsyncEngine, prompts: list[Any], params: Any,

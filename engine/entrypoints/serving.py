@@ -59,7 +59,9 @@ async def sampling_params(engine: AsyncEngine, body: CompletionRequest | ChatCom
     task = asyncio.ensure_future(asyncio.to_thread(build))
     done, _ = await asyncio.wait({task}, timeout=STRUCTURED_CHECK_TIMEOUT)
     if not done:
-        # the thread cannot be stopped; it finishes on its own and is ignored
+        # the thread finishes on its own and is ignored: the grammar compile it
+        # waits for runs in a child process killed at the same limit
+        # (structured_outputs.set_compile_time_limit)
         task.add_done_callback(lambda t: t.exception())
         raise APIError(400, f"the request's structured-outputs constraint did not compile "
                             f"within {STRUCTURED_CHECK_TIMEOUT:g} s",

@@ -12,8 +12,9 @@ torch, which the adapter code imports.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from engine._lazy import lazy_exports
 
 _LAZY = {
     "LoRAAdapterError": "engine.lora.adapter",
@@ -28,11 +29,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from engine.lora.config import LoRAConfig
     from engine.lora.request import LoRARequest
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'engine.lora' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

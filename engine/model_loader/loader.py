@@ -22,6 +22,7 @@ Every failure names the file and, where there is one, the tensor.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -347,7 +348,9 @@ class GGUFLoader(ModelLoader):
         in their blocks (`engine.quantization`): any such type when
         `quantization` is None, only the named method's, none for ``"none"``."""
         if quantization is None:
-            keep = gguf_method
+            # one plugin look-up per tensor type, not per tensor: each look-up imports
+            # the quantization group's plugins again
+            keep = functools.cache(gguf_method)
         elif quantization == NO_QUANTIZATION:
             keep = None
         else:

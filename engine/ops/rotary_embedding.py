@@ -12,6 +12,11 @@ from engine.ops.custom_op import CustomOp
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
+# Positions the cos/sin table holds at first. It doubles when a longer context
+# arrives, up to `max_position`: a model whose context is 300k positions would
+# otherwise hold ~150 MB of tables that only its longest requests touch.
+INITIAL_TABLE_POSITIONS = 4096
+
 
 def rope_parameters_from_hf(hf_config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """``(rope_theta, scaling)`` from a config.json dict, in both the transformers 5
@@ -65,8 +70,9 @@ class RotaryEmbedding(CustomOp):
     """Neox-style RoPE over the first `rotary_dim` features of each head.
 
     ``forward(positions [T], query [T, H*D] or [T, H, D], key [T, Hkv*D] or
-    [T, Hkv, D]) -> (query, key)`` of the same shapes. cos/sin for every position up
-    to `max_position` are computed once, in float32."""
+    [T, Hkv, D]) -> (query, key)`` of the same shapes. cos/sin are computed in
+    float32 for the first `INITIAL_TABLE_POSITIONS` positions (at most
+    `max_position`), and the table doubles when a later position needs it."""
 
     def __init__(
         self,
@@ -82,19 +88,48 @@ class RotaryEmbedding(CustomOp):
         self.max_position = max_position
         self.base = base
         self.rope_scaling = rope_scaling
-        inv_freq = _inv_freq(rotary_dim, base, rope_scaling)
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
-        # [max_position, rotary_dim]: cos half then sin half
-        self.register_buffer(
-            "cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False
-        )
+        self._inv_freq = _inv_freq(rotary_dim, base, rope_scaling)
+        # [positions held, rotary_dim]: cos half then sin half
+        self.register_buffer("cos_sin_cache",
+                             self._table(min(max_position, INITIAL_TABLE_POSITIONS)),
+                             persistent=False)
+        # the positions tensor last checked against the table: every layer of a
+        # step passes the same one (the model runner builds a new one per step),
+        # so the check costs one max() per step
+        self._covered: torch.Tensor | None = None
         # (positions, dtype, cos, sin) of the last call: every layer of a step
         # passes the same positions, so the lookup is done once per step
         self._last_cos_sin: tuple | None = None
 
+    def _table(self, num_positions: int) -> torch.Tensor:
+        """cos and sin [num_positions, rotary_dim] in float32 (each row depends
+        only on its position, so a longer table starts with the shorter one)."""
+        freqs = torch.outer(torch.arange(num_positions, dtype=torch.float32), self._inv_freq)
+        return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+    @torch.compiler.disable  # a data-dependent size: a graph break, next to attention's
+    def cover(self, positions: torch.Tensor) -> None:
+        """Grow the cos/sin table (doubling, at most to `max_position` rows) so it
+        holds every position in `positions`. Positions at or past `max_position`
+        raise IndexError: the engine never schedules past max_model_len."""
+        rows = self.cos_sin_cache.shape[0]
+        if positions is self._covered or positions.numel() == 0:
+            return
+        highest = int(positions.max())
+        if highest >= self.max_position:
+            raise IndexError(f"position {highest} is past the rotary table's "
+                             f"max_position={self.max_position}")
+        if highest >= rows:
+            grown = max(2 * rows, 1 << highest.bit_length())
+            table = self._table(min(grown, self.max_position))
+            self.cos_sin_cache = table.to(self.cos_sin_cache.device, self.cos_sin_cache.dtype)
+            self._last_cos_sin = None
+        self._covered = positions
+
     def forward_native(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.cover(positions)
         cos, sin = self._cos_sin(positions, query.dtype)
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
 
@@ -106,6 +141,7 @@ class RotaryEmbedding(CustomOp):
         if (positions.dim() != 1 or positions.dtype != torch.int64 or self.rotary_dim % 2
                 or self.cos_sin_cache.dtype != torch.float32 or not usable_for(query, key)):
             return self.forward_native(positions, query, key)
+        self.cover(positions)
         tokens = positions.shape[0]
         q = query.reshape(tokens, -1)
         k = key.reshape(tokens, -1)

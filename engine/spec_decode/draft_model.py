@@ -2,6 +2,11 @@
 next ``num_speculative_tokens`` tokens greedily, one forward per token, with its
 own paged KV cache.
 
+Every guess costs a draft forward, kept or not, so each sequence's number of
+guesses follows how its last ones fared, as the scheduler's limit does
+(`Scheduler._adapt_drafts`): halved when the first was wrong, doubled back (up
+to ``num_speculative_tokens``) when all were right.
+
 The draft cache is bookkept with the engine's own `KVCacheManager` (no prefix
 caching): each sequence keeps the tokens whose K/V the draft cache holds, and a
 proposal first recomputes what changed since (the target's token after a refused
@@ -41,6 +46,9 @@ class DraftModelProposer(Proposer):
         self.block_size = engine_config.cache_config.block_size
         self._seqs: dict[int, Sequence] = {}  # seq_id -> what the draft cache holds
         self.max_positions: int | None = None  # the draft's context: no draft fed past it
+        self._want: dict[int, int] = {}  # seq_id -> guesses to make next
+        # seq_id -> (the sequence's length when it was last proposed for, the guesses)
+        self._last: dict[int, tuple[int, list[int]]] = {}
 
     def load(self, target_model: Any) -> None:
         """Load the draft model in the target's dtype; its vocabulary must be the
@@ -88,37 +96,60 @@ class DraftModelProposer(Proposer):
 
     def remove(self, seq_ids: Seq[int]) -> None:
         for seq_id in seq_ids:
+            self._want.pop(seq_id, None)
+            self._last.pop(seq_id, None)
             seq = self._seqs.pop(seq_id, None)
             if seq is not None:
                 self.kv_cache.free(seq)
 
     def propose(self, seq_ids: Seq[int], token_ids: Seq[Seq[int]]) -> list[list[int]]:
-        k = self.num_speculative_tokens
         running: list[tuple[int, Sequence]] = []  # the sequences that got cache room
+        want: dict[int, int] = {}
         for seq_id, tokens in zip(seq_ids, token_ids, strict=True):
+            want[seq_id] = self._adapt(seq_id, tokens)
             seq = self._sync(seq_id, tokens)
             num_new = seq.num_tokens - seq.num_computed_tokens
-            # room for the catch-up tokens and the k - 1 drafts fed back
-            if self.kv_cache.allocate_slots(seq, num_new + k - 1):
+            # room for the catch-up tokens and the drafts fed back
+            if self.kv_cache.allocate_slots(seq, num_new + want[seq_id] - 1):
                 running.append((seq_id, seq))
             else:
                 self.remove([seq_id])
         drafts: dict[int, list[int]] = {seq_id: [] for seq_id, _ in running}
-        seqs = [seq for _, seq in running]
         with torch.inference_mode():
-            for step in range(k if seqs else 0):
+            for step in range(max(want.values(), default=0) if running else 0):
                 if step:  # feed the previous draft back, at the next position
                     limit = self.max_positions
-                    running = [(i, seq) for i, seq in running
-                               if limit is None or seq.num_tokens < limit]
-                    if not running:  # every sequence is at the end of the context
+                    running = [(i, seq) for i, seq in running if step < want[i]
+                               and (limit is None or seq.num_tokens < limit)]
+                    if not running:  # every sequence has its guesses or is at the end
                         break
                     for seq_id, seq in running:
                         seq.token_ids.append(drafts[seq_id][-1])
-                    seqs = [seq for _, seq in running]
+                seqs = [seq for _, seq in running]
                 for (seq_id, _), token in zip(running, self._forward(seqs), strict=True):
                     drafts[seq_id].append(token)
+        for seq_id, tokens in zip(seq_ids, token_ids, strict=True):
+            if seq_id in drafts:
+                self._last[seq_id] = (len(tokens), drafts[seq_id])
         return [drafts.get(seq_id, []) for seq_id in seq_ids]
+
+    def _adapt(self, seq_id: int, tokens: Seq[int]) -> int:
+        """How many guesses to make for a sequence, from how many of the last ones
+        the tokens that followed agree with."""
+        want = self._want.get(seq_id, self.num_speculative_tokens)
+        last = self._last.pop(seq_id, None)
+        if last is not None:
+            length, guesses = last
+            after = tokens[length : length + len(guesses)]
+            right = 0
+            while right < len(after) and after[right] == guesses[right]:
+                right += 1
+            if right == len(guesses):
+                want = min(self.num_speculative_tokens, 2 * want)
+            elif right == 0:
+                want = max(1, want // 2)
+        self._want[seq_id] = want
+        return want
 
     def _sync(self, seq_id: int, tokens: Seq[int]) -> Sequence:
         """The draft's record of a sequence, its computed tokens cut back to the

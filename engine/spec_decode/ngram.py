@@ -42,49 +42,48 @@ def find_ngram_continuation(tokens: Sequence[int], min_n: int, max_n: int,
 
 
 class _NgramIndex:
-    """Where each n-gram of one sequence ended, for n in [min_n, max_n]."""
+    """Where each n-gram of one sequence ended, for n in [min_n, max_n], and a
+    copy of the sequence's tokens (slicing a plain list is the cheapest read)."""
 
-    __slots__ = ("ends", "length", "max_n", "tail")
+    __slots__ = ("ends", "max_n", "tokens")
 
     def __init__(self, min_n: int, max_n: int) -> None:
         # longest first: the order lookups try them in
         self.ends: dict[int, dict[tuple[int, ...], list[int]]] = {
             n: {} for n in range(max_n, min_n - 1, -1)}
         self.max_n = max_n
-        self.length = 0  # tokens indexed
-        self.tail: Sequence[int] = []  # the last max_n of them
+        self.tokens: list[int] = []  # the tokens indexed
 
     def extend(self, tokens: Sequence[int]) -> None:
         """Index the tokens past the ones already indexed (one slice of `tokens`)."""
-        new_length = len(tokens)
-        start = self.length
-        if new_length <= start:
+        own = self.tokens
+        start = len(own)
+        if len(tokens) <= start:
             return
-        lo = max(0, start - self.max_n + 1)
-        window = tokens[lo:new_length]  # every new n-gram lies in it
+        own.extend(tokens[start:])
+        new_length = len(own)
         for n, table in self.ends.items():
             # the n-grams ending at start + 1 .. new_length (and at n at least)
             for end in range(max(start + 1, n), new_length + 1):
-                key = tuple(window[end - n - lo : end - lo])
+                key = tuple(own[end - n : end])
                 ends = table.get(key)
                 if ends is None:
                     table[key] = [end]
                 else:
                     ends.append(end)
-        self.length = new_length
-        self.tail = window[-self.max_n:]
 
-    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
-        length, tail = self.length, self.tail
+    def propose(self, k: int) -> list[int]:
+        own = self.tokens
+        length = len(own)
         for n, table in self.ends.items():
             if n >= length:
                 continue
-            ends = table.get(tuple(tail[len(tail) - n:]))
+            ends = table.get(tuple(own[length - n :]))
             if ends is None:
                 continue
             end = _pick(ends, length, k)
             if end is not None:
-                return list(tokens[end : end + k])
+                return own[end : end + k]
         return []
 
 
@@ -102,11 +101,11 @@ class NgramProposer(Proposer):
         out = []
         for seq_id, tokens in zip(seq_ids, token_ids, strict=True):
             index = self._indexes.get(seq_id)
-            if index is None or len(tokens) < index.length:  # new (or rewritten): start over
+            if index is None or len(tokens) < len(index.tokens):  # new (or rewritten): start over
                 index = self._indexes[seq_id] = _NgramIndex(cfg.prompt_lookup_min,
                                                             cfg.prompt_lookup_max)
             index.extend(tokens)
-            out.append(index.propose(tokens, k))
+            out.append(index.propose(k))
         return out
 
     def remove(self, seq_ids: Sequence[int]) -> None:

@@ -7,6 +7,6 @@ expression, a list of choices or a grammar.
   the logits-processor path (imports torch; not imported here).
 """
 
-from engine.structured_outputs.grammar import compile_grammar
+from engine.structured_outputs.grammar import compile_grammar, set_compile_time_limit
 
-__all__ = ["compile_grammar"]
+__all__ = ["compile_grammar", "set_compile_time_limit"]

@@ -18,7 +18,10 @@ A constraint is checked twice before a request is queued: `compile_grammar`
 `checked_matcher` (a matcher over the model's tokenizer builds and survives its
 first tokens: llguidance's internal limits, a schema no value satisfies) when
 the engine takes the request. Both are cached, so the worker and the engine
-compile a grammar once. The engine advances its own copy of the matcher with
+compile a grammar once. In the server (`set_compile_time_limit`), a grammar
+not in the cache compiles in a child process that is killed when it runs past
+the limit, so a compile that would run on leaves no thread or process behind.
+The engine advances its own copy of the matcher with
 every sampled token, so a constraint that still fails midway ends the request
 with ``finish_reason "error"``, never a "stop" with text that does not match.
 When the grammar is complete only end-of-sequence is allowed, so a request that
@@ -27,13 +30,16 @@ finishes with ``finish_reason == "stop"`` (by EOS) always matches its constraint
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
+import multiprocessing
+import threading
 from typing import Any
 
 from engine.utils import first_line
 
-__all__ = ["MAX_SOURCE_BYTES", "checked_matcher", "compile_grammar"]
+__all__ = ["MAX_SOURCE_BYTES", "checked_matcher", "compile_grammar", "set_compile_time_limit"]
 
 # JSON without free whitespace: a model cannot pad its answer forever, and the
 # output is the compact form every JSON parser reads.
@@ -42,6 +48,13 @@ _JSON_OPTIONS = {"whitespace_flexible": False}
 # The largest schema / regex / choice list / grammar text compiled: bounds the
 # time a request's compile takes (llguidance's own limits bound what it builds).
 MAX_SOURCE_BYTES = 1 << 20
+
+# Compiled grammars kept, by (field, source text).
+_CACHE_SIZE = 64
+
+# Seconds a compile may take in its child process (`set_compile_time_limit`);
+# None: compile in this process.
+_time_limit: float | None = None
 
 # Tokens `checked_matcher` feeds a new matcher: llguidance meets most of its
 # limits (items per row, lexer states) within the first few tokens.
@@ -74,8 +87,80 @@ def _source(params: Any) -> tuple[str, str]:
     return "grammar", params.grammar
 
 
-@functools.lru_cache(maxsize=64)
+def set_compile_time_limit(seconds: float | None) -> None:
+    """Compile each grammar not in the cache in a child process (start method
+    ``forkserver``), killed after `seconds`: a compile that would run longer is
+    a ValueError naming the field, and nothing keeps running. None (the
+    default) compiles in the calling process, unbounded: the offline API, whose
+    caller waits for its own request. The server sets it."""
+    global _time_limit
+    if seconds is not None:
+        # the children fork from a server that has imported only this module
+        multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
+    _time_limit = seconds
+
+
+_cache: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
+_cache_lock = threading.Lock()
+
+
 def _compile(field: str, source: str) -> str:
+    key = (field, source)
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    limit = _time_limit
+    if limit is None or multiprocessing.current_process().daemon:  # may have no children
+        grammar = _compile_here(field, source)
+    else:
+        grammar = _compile_in_child(field, source, limit)
+    with _cache_lock:
+        _cache[key] = grammar
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return grammar
+
+
+def _compile_in_child(field: str, source: str, limit: float) -> str:
+    """`_compile_here` in a child process, killed after `limit` seconds."""
+    context = multiprocessing.get_context("forkserver")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_compile_and_send, args=(send, field, source),
+                            name="grammar-compile", daemon=True)
+    child.start()
+    send.close()
+    try:
+        if not receive.poll(limit):
+            raise ValueError(f"StructuredOutputsParams.{field} did not compile within "
+                             f"{limit:g} s")
+        ok, value = receive.recv()
+    except EOFError:
+        child.join()
+        raise ValueError(f"StructuredOutputsParams.{field}: the compiling process exited "
+                         f"with code {child.exitcode}") from None
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+        receive.close()
+    if not ok:
+        raise ValueError(value)
+    return value
+
+
+def _compile_and_send(send: Any, field: str, source: str) -> None:
+    """The child process of `_compile_in_child`: sends (True, grammar) or
+    (False, the ValueError's message)."""
+    try:
+        send.send((True, _compile_here(field, source)))
+    except ValueError as exc:
+        send.send((False, str(exc)))
+    finally:
+        send.close()
+
+
+def _compile_here(field: str, source: str) -> str:
     from llguidance import LLMatcher
     from llguidance.gbnf_to_lark import any_to_lark
 

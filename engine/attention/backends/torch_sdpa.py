@@ -251,19 +251,33 @@ class TorchSDPAImpl(AttentionImpl):
         if p.block_ids is not None:
             k, v = gather_blocks(kv_cache, p.block_ids)  # the whole context, block-padded
             k, v = k[: p.seq_len], v[: p.seq_len]
-        length = q.shape[0]
-        if p.mask is None and q.dtype != torch.float32 and shape_bucket(length) != length:
-            # torch's reduced-precision CPU attention keeps a kernel per length (see
-            # shape_bucket): pad to a bucket; under the causal mask the real rows never
-            # see the padding, which sits after them
-            pad = shape_bucket(length) - length
-            q, k, v = (torch.cat([t, t.new_zeros((pad, *t.shape[1:]))]) for t in (q, k, v))
-            return self._prefill(q, k, v, kv_cache, p)[:length]
+        length, keys, mask = q.shape[0], k.shape[0], p.mask
+        if q.dtype != torch.float32 and (shape_bucket(length) != length
+                                         or shape_bucket(keys) != keys):
+            # torch's reduced-precision CPU attention keeps a kernel per shape (see
+            # shape_bucket): pad queries and keys to buckets. Plain causal, the padding
+            # sits after the real rows, which never see it; with a mask (a chunk, or a
+            # prompt after a prefix-cache hit) the padded keys are masked out and the
+            # padded query rows, dropped below, see key 0 only
+            q, k, v = _pad_rows(q, shape_bucket(length)), *(
+                _pad_rows(t, shape_bucket(keys)) for t in (k, v))
+            if mask is not None:
+                padded = mask.new_zeros((q.shape[0], k.shape[0]))
+                padded[:length, :keys] = mask
+                padded[length:, 0] = True
+                mask = padded
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-            v.transpose(0, 1).unsqueeze(0), attn_mask=p.mask, is_causal=p.mask is None,
+            v.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=mask is None,
             scale=self.scale, enable_gqa=self.num_queries_per_kv > 1)
-        return out.squeeze(0).transpose(0, 1)
+        return out.squeeze(0).transpose(0, 1)[:length]
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`x` [n, ...] with zero rows appended up to `rows`."""
+    if x.shape[0] == rows:
+        return x
+    return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])
 
 
 class TorchSDPABackend(AttentionBackend):

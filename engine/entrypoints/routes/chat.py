@@ -35,13 +35,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                             f"{body.top_logprobs}", param="top_logprobs")
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
+    max_tokens_field = ("max_completion_tokens" if body.max_completion_tokens
+                        else "max_tokens" if body.max_tokens is not None else None)
     params = await serving.sampling_params(state.engine, body, max_tokens, top_logprobs)
     prompt = await asyncio.to_thread(chat_prompt, state.engine.engine, body)
     name = state.served_name(body.model)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await generate(
         request, state.engine, [prompt], params, field="messages", stream=body.stream,
-        lora_request=state.lora_request(body.model),
+        lora_request=state.lora_request(body.model), max_tokens_field=max_tokens_field,
         chunks=partial(streaming.chat_chunks, model=name, n=body.n, top_logprobs=top_logprobs,
                        texts=state.token_texts, include_usage=include_usage),
         respond=lambda finals: serving.chat_response(finals[0], name, top_logprobs,

@@ -33,6 +33,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             what = "echo with logprobs" if name == "echo" else name
             raise APIError(400, f"{what} is not supported by this server", param=name)
     params = await serving.sampling_params(state.engine, body, body.max_tokens, body.logprobs)
+    # left out, max_tokens is the default 16, cut to what the context leaves
+    max_tokens_field = ("max_tokens" if "max_tokens" in body.model_fields_set
+                        and body.max_tokens is not None else None)
     name = state.served_name(body.model)
     lora = state.lora_request(body.model)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -48,11 +51,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         echoed = prompt_texts(body.prompt, state.engine.engine.tokenizer)
         return await generate(
             request, state.engine, body.prompt, params, field="prompt", stream=body.stream,
-            lora_request=lora,
+            lora_request=lora, max_tokens_field=max_tokens_field,
             chunks=lambda streams: echo_chunks(chunks(streams), echoed, body.n),
             respond=lambda finals: echo_response(respond(finals), echoed, body.n),
         )
     return await generate(
         request, state.engine, body.prompt, params, field="prompt", stream=body.stream,
-        chunks=chunks, respond=respond, lora_request=lora,
+        chunks=chunks, respond=respond, lora_request=lora, max_tokens_field=max_tokens_field,
     )
