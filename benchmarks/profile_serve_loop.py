@@ -1,0 +1,182 @@
+"""Does `engine serve`'s event loop wait on the model step? The server under 64
+concurrent streaming clients, with the time its asyncio loop is held up measured.
+
+    python benchmarks/profile_serve_loop.py --model /path/to/SmolLM2-135M --dtype bfloat16
+
+`engine serve` runs the engine's ``step()`` loop in a thread of the server process,
+so the event loop (HTTP, SSE formatting, delivery to 64 streams) and the step's own
+Python (scheduling, input preparation, sampling, detokenizing) take turns on one
+GIL. This script starts the real server (the `engine serve` command, in a child
+process) with three probes added, then sends it one round of bench_serve.py's
+workload (fresh prompts) from this process:
+
+- loop lag: a task that asks to sleep 1 ms and records how much later it woke up,
+  i.e. how long the loop could not run anything (its own callbacks or the GIL);
+- the engine thread's steps: count and wall time of each ``LLMEngine.step``;
+- CPU seconds of the event-loop thread and of the engine thread over the round,
+  read from /proc (how much of the wall time each one kept a core busy).
+
+A loop lag of the order of a step, and a loop thread near a full core, would say
+that moving the engine core into its own process pays; a lag far below the
+inter-token latency says it would not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import engine  # noqa: E402,F401,I001 - before torch: it sets the OpenMP wait policy
+import bench_serve  # noqa: E402
+from bench_vs_vllm import SMOL, FreshPrompts, cpu_description  # noqa: E402
+
+from engine.cli.main import main as cli_main  # noqa: E402
+from engine.core.engine import LLMEngine  # noqa: E402
+from engine.entrypoints.async_engine import AsyncEngine  # noqa: E402
+
+STATS_PREFIX = "@@loop-stats "
+
+
+def thread_cpu_s(native_id: int) -> float:
+    """User + system CPU seconds of one thread of this process."""
+    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_probed_server(argv: list[str]) -> int:
+    """`engine serve argv` in this process, with the probes; the statistics of the
+    busiest stretch (the measured round) are printed when the server stops."""
+    steps: list[tuple[float, float]] = []  # (start, seconds)
+    lags: list[tuple[float, float]] = []  # (when, lag seconds)
+    cpu: dict[str, list[tuple[float, float]]] = {"loop": [], "engine": []}
+    threads: dict[str, int] = {}
+    original_step = LLMEngine.step
+
+    def timed_step(self: LLMEngine):  # noqa: ANN202 - the same as LLMEngine.step's
+        start = time.perf_counter()
+        try:
+            return original_step(self)
+        finally:
+            steps.append((start, time.perf_counter() - start))
+
+    LLMEngine.step = timed_step
+    original_start = AsyncEngine.start
+
+    def start(self: AsyncEngine, on_state_change=None) -> None:  # noqa: ANN001
+        original_start(self, on_state_change)
+        threads["loop"] = threading.get_native_id()
+        threads["engine"] = self._thread.native_id
+        asyncio.get_running_loop().create_task(probe())
+
+    async def probe() -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            lags.append((now, now - before - 0.001))
+            if len(lags) % 50 == 0:  # CPU time samples, to cut out the measured round
+                for name, tid in threads.items():
+                    try:
+                        cpu[name].append((now, thread_cpu_s(tid)))
+                    except OSError:
+                        pass
+
+    AsyncEngine.start = start
+    try:
+        return cli_main(["serve", *argv])
+    finally:
+        print(STATS_PREFIX + json.dumps({"steps": steps, "lags": lags, "cpu": cpu}), flush=True)
+
+
+def summarise(stats: dict, start: float, end: float) -> dict:
+    """The probes' figures between `start` and `end` (this server's perf_counter)."""
+    steps = [s for t, s in stats["steps"] if start <= t <= end]
+    lags = sorted(lag for t, lag in stats["lags"] if start <= t <= end)
+    out = {"round_s": round(end - start, 2), "steps": len(steps),
+           "step_ms_mean": round(statistics.fmean(steps) * 1e3, 2) if steps else None,
+           "step_ms_p50": round(statistics.median(steps) * 1e3, 2) if steps else None,
+           "loop_lag_samples": len(lags)}
+    if lags:
+        out.update(loop_lag_ms_p50=round(statistics.median(lags) * 1e3, 2),
+                   loop_lag_ms_p99=round(bench_serve.percentile(lags, 99) * 1e3, 2),
+                   loop_lag_ms_max=round(lags[-1] * 1e3, 2),
+                   loop_lagged_s_total=round(sum(lags), 2))
+    for name, samples in stats["cpu"].items():
+        inside = [(t, c) for t, c in samples if start <= t <= end]
+        if len(inside) >= 2:
+            (t0, c0), (t1, c1) = inside[0], inside[-1]
+            out[f"{name}_thread_cpu_share"] = round((c1 - c0) / (t1 - t0), 2)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, help="model folder (default: a random SmolLM-135M-shape Llama)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--server", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.server is not None:
+        return run_probed_server(args.server)
+
+    print(f"CPU: {cpu_description()}; load average {os.getloadavg()}", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model is None:
+            model = Path(tmp, "smol")
+            model.mkdir()
+            bench_serve.build_model(model, SMOL, args.seed)
+        vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+        shapes, outputs = bench_serve.workload(args.requests, vocab, (32, 256), (64, 128),
+                                               args.seed)
+        fresh = FreshPrompts(vocab, args.seed + 1)
+        port = bench_serve.free_port()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+        log = Path(tmp, "server.log")
+        proc = bench_serve.launch_server(
+            [sys.executable, __file__, "--server", "--model", str(model), "--port", str(port),
+             "--dtype", args.dtype, "--seed", "0"], env, port, log)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            asyncio.run(bench_serve.serve_round(url, fresh(*[len(p) for p in shapes[:8]]),
+                                                [8] * 8))
+            # perf_counter is the same clock in both processes (CLOCK_MONOTONIC)
+            start = time.perf_counter()
+            result = asyncio.run(bench_serve.serve_round(url, fresh(*[len(p) for p in shapes]),
+                                                         outputs))
+            end = time.perf_counter()
+        finally:
+            bench_serve.stop_server(proc)
+        stats = None
+        for line in log.read_text().splitlines():
+            if line.startswith(STATS_PREFIX):
+                stats = json.loads(line[len(STATS_PREFIX):])
+        if stats is None:
+            raise SystemExit(f"the server printed no statistics:\n{log.read_text()[-3000:]}")
+    report = {"tok_per_s": round(result["tok_per_s"], 1),
+              "ttft_ms_p50_p99": [round(result["ttft_p50_s"] * 1e3, 1),
+                                  round(result["ttft_p99_s"] * 1e3, 1)],
+              "ttft_ms_deciles": [round(t * 1e3) for t in result["ttft_deciles_s"]],
+              "itl_ms_p50_p99": [round(result["itl_p50_s"] * 1e3, 1),
+                                 round(result["itl_p99_s"] * 1e3, 1)],
+              **summarise(stats, start, end), "load_after": os.getloadavg()}
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
