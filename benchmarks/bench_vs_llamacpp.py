@@ -20,10 +20,16 @@ prefixes). Both sides use two threads. Measurements, per round and side:
 - decode, ms/token: (time for 129 output tokens - time for 1) / 128, on a fresh
   32-token prompt each;
 - TTFT, ms: one fresh 256-token prompt, 1 output token;
-- serial throughput, output tokens/s: N requests (32-256 prompt tokens, 32-96
-  output tokens, greedy, EOS ignored) one after another;
-- batched throughput (engine only; llama-cpp-python runs one sequence): the same
-  N requests given at once.
+- serial throughput, output tokens/s: ``--serial-requests`` requests (32-256
+  prompt tokens, 32-96 output tokens, greedy, EOS ignored) one after another;
+- batched throughput (engine only; llama-cpp-python runs one sequence):
+  ``--requests`` such requests given at once.
+
+The llama.cpp worker reports its build's CPU features (``llama_print_system_info``),
+printed before the timings. On an AMX CPU, llama-cpp-python 0.3.36 built with
+``-DGGML_NATIVE=ON`` (AMX on) dies with SIGSEGV in ggml's AMX mul_mat on our Xeon
+VM, so there the peer is a native build without ggml's AMX path
+(``--llamacpp-venv``); the output says when llama.cpp's AMX path is off.
 
 Peak RSS is measured apart, in a fresh process per side: load, then one request
 of 256 + 64 tokens, with the same KV capacity on both sides (2048 tokens):
@@ -180,7 +186,21 @@ def llamacpp_generator(path: str, kv_tokens: int | None):
 
     import llama_cpp
 
-    return generate, {"llama_cpp_python": llama_cpp.__version__}
+    return generate, {"llama_cpp_python": llama_cpp.__version__,
+                      "system_info": llama_cpp.llama_print_system_info().decode().strip()}
+
+
+def describe_llamacpp(ready: dict) -> str:
+    """The llama.cpp build's CPU features, and whether its AMX path is on."""
+    info = ready.get("system_info", "")
+    amx = "AMX_INT8 = 1" in info
+    line = f"llama.cpp {ready.get('llama_cpp_python', '?')} CPU backend: {info}"
+    if not amx and "amx_int8" in cpu_description()["flags"]:
+        line += ("\nllama.cpp's AMX path is OFF in this build although the CPU has AMX: "
+                 "llama-cpp-python 0.3.36 built with -DGGML_NATIVE=ON (AMX on) dies with SIGSEGV "
+                 "in ggml's AMX mul_mat on this machine, so the peer is a native build without "
+                 "AMX (its AVX512-VNNI/BF16 paths)")
+    return line
 
 
 def run_worker(side: str, path: str, kv_tokens: int | None, rss_only: bool) -> int:
@@ -222,7 +242,8 @@ class Prompts:
                 [self.rng.randint(32, 96) for _ in range(n)])
 
 
-def measure(sides: dict[str, Side], prompts: Prompts, rounds: int, requests: int) -> dict:
+def measure(sides: dict[str, Side], prompts: Prompts, rounds: int, requests: int,
+            serial_requests: int) -> dict:
     runs = {s: {"decode_ms": [], "ttft_ms": [], "serial_tok_s": [], "batched_tok_s": []}
             for s in sides}
     names = list(sides)
@@ -232,7 +253,7 @@ def measure(sides: dict[str, Side], prompts: Prompts, rounds: int, requests: int
         # round and every call: neither side ever gets a cached prefix
         decode_one, decode_many = prompts.one(DECODE_PROMPT), prompts.one(DECODE_PROMPT)
         ttft = prompts.one(TTFT_PROMPT)
-        work, out_lens = prompts.workload(requests)
+        work, out_lens = prompts.workload(serial_requests)
         batch_work, batch_lens = prompts.workload(requests)
         for name in order:
             side = sides[name]
@@ -307,7 +328,10 @@ def main() -> int:
     ap.add_argument("--write-q8_0", type=Path, help="first write a Q8_0 copy of the first file here "
                                                      "and measure it too")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per side")
-    ap.add_argument("--requests", type=int, default=32, help="requests of the throughput runs")
+    ap.add_argument("--requests", type=int, default=32, help="requests of the batched run")
+    ap.add_argument("--serial-requests", type=int, default=12,
+                    help="requests of the serial run (one after another: a rate, so fewer "
+                         "requests keep a two-file, two-round run within minutes)")
     ap.add_argument("--llamacpp-venv", type=Path, default=DEFAULT_VENV)
     ap.add_argument("--peer", choices=("llama.cpp", "engine-dequantized"), default="llama.cpp",
                     help="the other side: llama.cpp, or this engine with quantization='none' "
@@ -335,7 +359,10 @@ def main() -> int:
     peer = args.peer
     peer_python = (str(ensure_llamacpp_venv(args.llamacpp_venv)) if peer == "llama.cpp"
                    else sys.executable)
-    subprocess.run([sys.executable, "-m", "engine.kernels", "build"], check=True, cwd=str(ROOT),
+    # the compiled kernels, built only when this checkout's are not cached yet
+    # (``python -m engine.kernels build`` would rebuild them: minutes)
+    subprocess.run([sys.executable, "-c", "import engine.kernels as k; "
+                    "k.library_path().exists() or k.build()"], check=True, cwd=str(ROOT),
                    capture_output=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", ENGINE_CPU_KERNELS="build")
@@ -357,8 +384,10 @@ def main() -> int:
             prompts = Prompts(vocab, args.seed)
             for side in sides.values():  # warm-up
                 side.ask(prompts=[prompts.one(16)], out_lens=[4])
+            if peer == "llama.cpp":
+                print(describe_llamacpp(sides[peer].ready))
             load_start = os.getloadavg()
-            runs = measure(sides, prompts, args.rounds, args.requests)
+            runs = measure(sides, prompts, args.rounds, args.requests, args.serial_requests)
             summary = summarise(runs, rss, peer)
             summary.update(load=[load_start, os.getloadavg()],
                            workers={k: s.ready for k, s in sides.items()})

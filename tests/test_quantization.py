@@ -73,13 +73,17 @@ def test_dequantize_and_embedding_equal_the_gguf_package(qtype):
     stored = method.from_gguf(torch.from_numpy(blocks), (rows, cols))
     assert stored.nbytes == blocks.nbytes  # the blocks, nothing widened
     assert torch.equal(method.dequantize(stored), ref)
+    assert torch.equal(method.dequantize(stored, torch.bfloat16), ref.to(torch.bfloat16))
     ids = torch.tensor([5, 0, 23, 5])
     assert torch.equal(method.embedding(stored, ids, torch.float32), ref[ids])
 
 
-@pytest.mark.parametrize("qtype", TYPES)
-def test_linear_kernels_equal_dequantize_then_matmul_on_every_path(qtype):
-    rows, cols = 40, 768
+# 800 = 25 blocks of 32: the avx512_vnni path's last, unpaired block (the K-quants'
+# rows are whole 256-value super-blocks)
+@pytest.mark.parametrize(("qtype", "cols"), [(t, c) for t in TYPES for c in (768, 800)
+                                             if c % GGML_TYPES[t][1] == 0])
+def test_linear_kernels_equal_dequantize_then_matmul_on_every_path(qtype, cols):
+    rows = 40
     blocks = _blocks(qtype, rows, cols, seed=1)
     ref_w = _reference(qtype, blocks, (rows, cols))
     wt = torch.from_numpy(blocks)
@@ -95,6 +99,29 @@ def test_linear_kernels_equal_dequantize_then_matmul_on_every_path(qtype):
             ref = x @ ref_w.T + bias
             error = float((out - ref).abs().max() / ref.abs().max())
             assert error <= tol, (path, m, error)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_sized_products_run_tile_by_tile_and_equal_dequantize_then_matmul(qtype, dtype):
+    # ggml_matmul: 40 weight rows in tiles of 16 (the last one partial), 33 rows of x
+    rows, cols, m = 40, 512, 33
+    blocks = _blocks(qtype, rows, cols, seed=3)
+    ref_w = _reference(qtype, blocks, (rows, cols)).to(dtype)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(m, cols, generator=gen).to(dtype)
+    bias = torch.randn(rows, generator=gen).to(dtype)
+    ref = torch.nn.functional.linear(x, ref_w, bias).float()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16 sums in another order
+    out = torch.empty(m, rows, dtype=dtype)
+    tile_bytes = 16 * cols * x.element_size()
+    torch.ops.engine_kernels.ggml_matmul(out, x, torch.from_numpy(blocks), GGML_TYPES[qtype][0],
+                                         bias, tile_bytes)
+    assert float((out.float() - ref).abs().max() / ref.abs().max()) <= tol
+    method = get_quantization_method(qtype.lower())  # more than MAX_KERNEL_ROWS rows: this op
+    stored = method.from_gguf(torch.from_numpy(blocks), (rows, cols))
+    through_method = method.linear(stored, x.reshape(3, 11, cols), bias).reshape(m, rows)
+    assert float((through_method.float() - ref).abs().max() / ref.abs().max()) <= tol
 
 
 def test_bf16_activations_take_the_best_int8_path(monkeypatch):

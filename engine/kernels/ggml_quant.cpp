@@ -15,10 +15,13 @@
 //     summation order). path 1..3: x is quantized to int8 per 32-value chunk
 //     (scale = max |x| / 127) and each chunk is an integer dot product, as
 //     llama.cpp does: 1 "portable" (plain C++), 2 "avx2" (vpmaddubsw),
-//     3 "avx512_vnni" (vpdpbusd on 256-bit registers). Python picks the path
-//     from /proc/cpuinfo (engine/quantization/kernels.py).
+//     3 "avx512_vnni" (vpdpbusd: two blocks a step on 512-bit registers for the
+//     32-value formats, one on 256-bit registers for the K-quants). Python picks
+//     the path from /proc/cpuinfo (engine/quantization/ggml.py).
+// engine_kernels::ggml_matmul(out [M, N], x [M, K], blocks, type, bias, tile_bytes)
+//     out = x @ W.T + bias for many rows (prompts): tiles of about tile_bytes of
+//     W dequantized into one reused buffer, each multiplied by ATen's matmul
 // engine_kernels::ggml_dequantize(out [N, K], blocks, type): float32 or bf16 out
-//     (prompt-sized products dequantize, then run a dense matmul)
 // engine_kernels::ggml_embedding(out [T, K], ids [T], blocks, type): the rows `ids`
 // engine_kernels::ggml_compiled_paths() -> int: bit p set when path p is built in
 #include <torch/library.h>
@@ -287,11 +290,14 @@ inline __m256i fifth_bits(uint32_t bits) {
   return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
-inline void decode_vec(int64_t type, const uint8_t* row, int64_t c, VecChunk* out) {
+// `Type` is a compile-time constant: the switch folds away, so the hot loops
+// below carry no per-chunk branch on the format
+template <int64_t Type>
+inline void decode_vec(const uint8_t* row, int64_t c, VecChunk* out) {
   out->is_signed = false;
   out->offset = 0.f;
   float s0, s1;
-  switch (type) {
+  switch (Type) {
     case kQ8_0: {
       const uint8_t* b = row + c * 34;
       s0 = s1 = half_at(b);
@@ -300,7 +306,7 @@ inline void decode_vec(int64_t type, const uint8_t* row, int64_t c, VecChunk* ou
       break;
     }
     case kQ4_0: case kQ4_1: {
-      const bool has_min = type == kQ4_1;
+      const bool has_min = Type == kQ4_1;
       const uint8_t* b = row + c * (has_min ? 20 : 18);
       s0 = s1 = half_at(b);
       out->q = nibbles(b + (has_min ? 4 : 2));
@@ -308,7 +314,7 @@ inline void decode_vec(int64_t type, const uint8_t* row, int64_t c, VecChunk* ou
       break;
     }
     case kQ5_0: case kQ5_1: {
-      const bool has_min = type == kQ5_1;
+      const bool has_min = Type == kQ5_1;
       const uint8_t* b = row + c * (has_min ? 24 : 22);
       s0 = s1 = half_at(b);
       uint32_t qh;
@@ -318,7 +324,7 @@ inline void decode_vec(int64_t type, const uint8_t* row, int64_t c, VecChunk* ou
       break;
     }
     case kQ4_K: case kQ5_K: {
-      const bool five = type == kQ5_K;
+      const bool five = Type == kQ5_K;
       const uint8_t* b = row + (c / 8) * (five ? 176 : 144);
       const int j = static_cast<int>(c % 8);
       int sc, m;
@@ -355,10 +361,15 @@ inline void decode_vec(int64_t type, const uint8_t* row, int64_t c, VecChunk* ou
       s1 = d * sc[1];
       break;
     }
-    default: TORCH_CHECK(false, "ggml type ", type, " is not supported by the quantized kernels");
+    default: TORCH_CHECK(false, "ggml type ", Type, " is not supported by the quantized kernels");
   }
   out->scale = _mm256_setr_m128(_mm_set1_ps(s0), _mm_set1_ps(s1));
 }
+
+// formats with one scale per 32 values (the others scale each 16)
+constexpr bool one_scale(int64_t type) { return type != kQ6_K; }
+// formats whose values are signed (the others are 0..31 plus an offset)
+constexpr bool signed_values(int64_t type) { return type == kQ8_0 || type == kQ6_K; }
 
 // 8 int32 lanes: lane l holds the sum over bytes 4l..4l+3 of u[i] * s[i]
 template <bool kVnni>
@@ -370,42 +381,181 @@ inline __m256i dot_u8_s8(__m256i u, __m256i s) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-template <bool kVnni, int R>
-void dot_vec(int64_t type, const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t K,
-             float* out) {
+template <int64_t Type, bool kVnni, int R>
+inline void dot_chunk(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t K,
+                      int64_t c, __m256* acc, __m256* offsets) {
   const int64_t chunks = K / kChunk;
-  __m256 acc[R];
-  float offsets[R] = {};
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   VecChunk ch;
-  for (int64_t c = 0; c < chunks; ++c) {
-    decode_vec(type, row, c, &ch);
-    const __m256i u = ch.is_signed ? _mm256_sign_epi8(ch.q, ch.q) : ch.q;
-    for (int r = 0; r < R; ++r) {
-      const int64_t at = (m0 + r) * chunks + c;
-      __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + (m0 + r) * K + c * kChunk));
-      if (ch.is_signed) qx = _mm256_sign_epi8(qx, ch.q);
-      const __m256 dots = _mm256_cvtepi32_ps(dot_u8_s8<kVnni>(u, qx));
-      acc[r] = _mm256_fmadd_ps(dots, _mm256_mul_ps(ch.scale, _mm256_set1_ps(xq.d[at])), acc[r]);
-      offsets[r] += ch.offset * xq.sum[at];
-    }
-  }
+  decode_vec<Type>(row, c, &ch);
+  const __m256i u = signed_values(Type) ? _mm256_sign_epi8(ch.q, ch.q) : ch.q;
   for (int r = 0; r < R; ++r) {
-    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    const __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-    out[r] = _mm_cvtss_f32(s1) + offsets[r];
+    const int64_t at = (m0 + r) * chunks + c;
+    __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + (m0 + r) * K + c * kChunk));
+    if constexpr (signed_values(Type)) qx = _mm256_sign_epi8(qx, ch.q);
+    const __m256 dots = _mm256_cvtepi32_ps(dot_u8_s8<kVnni>(u, qx));
+    const __m256 dx = _mm256_set1_ps(xq.d[at]);
+    acc[r] = _mm256_fmadd_ps(dots, one_scale(Type) ? _mm256_mul_ps(_mm256_set1_ps(_mm256_cvtss_f32(ch.scale)), dx)
+                                                   : _mm256_mul_ps(ch.scale, dx), acc[r]);
+    // the offset times the chunk's sum of x, in lane 0 (lanes 1..7 stay 0)
+    if constexpr (!signed_values(Type))
+      offsets[r] = _mm256_fmadd_ps(_mm256_set_m128(_mm_setzero_ps(), _mm_set_ss(ch.offset)),
+                                   _mm256_set1_ps(xq.sum[at]), offsets[r]);
   }
 }
 
+inline float hsum(__m256 v) {
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+// two chunks a step into two sets of accumulators: the float adds of one chunk
+// do not wait for the previous chunk's
+template <int64_t Type, bool kVnni, int R>
+void dot_vec(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t K, float* out) {
+  const int64_t chunks = K / kChunk;
+  __m256 acc[2][R], offsets[2][R];
+  for (int h = 0; h < 2; ++h)
+    for (int r = 0; r < R; ++r) acc[h][r] = offsets[h][r] = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 2 <= chunks; c += 2) {
+    dot_chunk<Type, kVnni, R>(row, xq, m0, K, c, acc[0], offsets[0]);
+    dot_chunk<Type, kVnni, R>(row, xq, m0, K, c + 1, acc[1], offsets[1]);
+  }
+  if (c < chunks) dot_chunk<Type, kVnni, R>(row, xq, m0, K, c, acc[0], offsets[0]);
+  for (int r = 0; r < R; ++r)
+    out[r] = hsum(_mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]),
+                                _mm256_add_ps(offsets[0][r], offsets[1][r])));
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define ENGINE_GGML_PAIRS 1
+// The 32-value formats with one scale per block, two blocks a step on 512-bit
+// registers: one vpdpbusd, one conversion and one multiply-add per 64 values.
+constexpr bool pairs_kernel(int64_t type) {
+  return type == kQ4_0 || type == kQ4_1 || type == kQ5_0 || type == kQ5_1 || type == kQ8_0;
+}
+
+// the 64 values of blocks b0 and b1 (one format) as bytes in value order
+template <int64_t Type>
+inline __m512i pair_values(const uint8_t* b0, const uint8_t* b1) {
+  if constexpr (Type == kQ8_0) {
+    return _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2))),
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2)), 1);
+  } else {
+    constexpr int qs_at = Type == kQ4_0 ? 2 : Type == kQ4_1 ? 4 : Type == kQ5_0 ? 6 : 8;
+    const __m256i y = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + qs_at))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + qs_at)), 1);
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(y, mask), hi = _mm256_and_si256(_mm256_srli_epi16(y, 4), mask);
+    // [b0 low nibbles, b1 low, b0 high, b1 high] -> b0's 32 values, then b1's
+    const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    __m512i v = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));
+    if constexpr (Type == kQ5_0 || Type == kQ5_1) {
+      constexpr int qh_at = Type == kQ5_0 ? 2 : 4;
+      uint32_t h0, h1;
+      std::memcpy(&h0, b0 + qh_at, 4);
+      std::memcpy(&h1, b1 + qh_at, 4);
+      const __mmask64 fifth = static_cast<__mmask64>(h0) | (static_cast<__mmask64>(h1) << 32);
+      v = _mm512_or_si512(v, _mm512_maskz_mov_epi8(fifth, _mm512_set1_epi8(0x10)));
+    }
+    return v;
+  }
+}
+
+// scale and offset of one block
+template <int64_t Type>
+inline void block_scale(const uint8_t* b, float* d, float* offset) {
+  *d = half_at(b);
+  if constexpr (Type == kQ4_1 || Type == kQ5_1) *offset = half_at(b + 2);
+  else if constexpr (Type == kQ4_0) *offset = -8.f * *d;
+  else if constexpr (Type == kQ5_0) *offset = -16.f * *d;
+  else *offset = 0.f;
+}
+
+template <int64_t Type, int R>
+void dot_pairs(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t K, float* out) {
+  constexpr int64_t bytes = Type == kQ4_0 ? 18 : Type == kQ4_1 ? 20 : Type == kQ5_0 ? 22
+                          : Type == kQ5_1 ? 24 : 34;
+  const int64_t chunks = K / kChunk;
+  __m512 acc[R];
+  float offsets[2][R] = {};
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 2 <= chunks; c += 2) {
+    const uint8_t* b0 = row + c * bytes;
+    const uint8_t* b1 = b0 + bytes;
+    const __m512i q = pair_values<Type>(b0, b1);
+    float d0, d1, o0, o1;
+    block_scale<Type>(b0, &d0, &o0);
+    block_scale<Type>(b1, &d1, &o1);
+    // Q8_0 values are signed: |q| is the unsigned operand and x takes q's sign
+    const __m512i u = Type == kQ8_0 ? _mm512_abs_epi8(q) : q;
+    const __mmask64 negative = Type == kQ8_0 ? _mm512_movepi8_mask(q) : 0;
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = (m0 + r) * chunks + c;
+      __m512i qx = _mm512_loadu_si512(xq.q.data() + (m0 + r) * K + c * kChunk);
+      if constexpr (Type == kQ8_0) qx = _mm512_mask_sub_epi8(qx, negative, _mm512_setzero_si512(), qx);
+      const __m512 dots = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, qx));
+      const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0 * xq.d[at]),
+                                                _mm512_set1_ps(d1 * xq.d[at + 1]));
+      acc[r] = _mm512_fmadd_ps(dots, scale, acc[r]);
+      if constexpr (Type != kQ8_0) {
+        offsets[0][r] += o0 * xq.sum[at];
+        offsets[1][r] += o1 * xq.sum[at + 1];
+      }
+    }
+  }
+  float tail[R] = {};
+  if (c < chunks) {  // an odd block count: the last block on 256-bit registers
+    __m256 acc1[R], off1[R];
+    for (int r = 0; r < R; ++r) acc1[r] = off1[r] = _mm256_setzero_ps();
+    dot_chunk<Type, true, R>(row, xq, m0, K, c, acc1, off1);
+    for (int r = 0; r < R; ++r) tail[r] = hsum(_mm256_add_ps(acc1[r], off1[r]));
+  }
+  for (int r = 0; r < R; ++r)
+    out[r] = _mm512_reduce_add_ps(acc[r]) + offsets[0][r] + offsets[1][r] + tail[r];
+}
+#endif
+
 // a row decoded to floats with the vector decoder: the prefill path dequantizes
 // every weight once per prompt chunk, so this runs over the whole model per chunk
-template <typename T>
-void dequantize_row_vec(int64_t type, const uint8_t* row, int64_t K, T* out) {
+template <int64_t Type, typename T>
+void dequantize_row_vec(const uint8_t* row, int64_t K, T* out) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  // 16 values a register: widen, scale, offset, narrow in one pass
+  VecChunk c512;
+  for (int64_t c = 0; c < K / kChunk; ++c) {
+    decode_vec<Type>(row, c, &c512);
+    const __m512 offset = _mm512_set1_ps(c512.offset);
+    const __m512 s0 = _mm512_set1_ps(_mm256_cvtss_f32(c512.scale));
+    const __m512 s1 = _mm512_set1_ps(_mm_cvtss_f32(_mm256_extractf128_ps(c512.scale, 1)));
+    // q < 128 in every format, so the bytes widen as signed
+    const __m512 lo = _mm512_fmadd_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c512.q))), s0, offset);
+    const __m512 hi = _mm512_fmadd_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(c512.q, 1))), s1, offset);
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_storeu_ps(out + c * kChunk, lo);
+      _mm512_storeu_ps(out + c * kChunk + 16, hi);
+    } else {
+#if defined(__AVX512BF16__)
+      // round to nearest even, as torch's float32 -> bfloat16
+      _mm512_storeu_si512(out + c * kChunk, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+#else
+      engine_kernels::store(out + c * kChunk, reinterpret_cast<engine_kernels::vf>(lo));
+      engine_kernels::store(out + c * kChunk + 16, reinterpret_cast<engine_kernels::vf>(hi));
+#endif
+    }
+  }
+  return;
+#endif
   VecChunk ch;
   alignas(64) float tmp[kChunk];
   for (int64_t c = 0; c < K / kChunk; ++c) {
-    decode_vec(type, row, c, &ch);
+    decode_vec<Type>(row, c, &ch);
     const __m256 offset = _mm256_set1_ps(ch.offset);
     const __m256 s0 = _mm256_permutevar8x32_ps(ch.scale, _mm256_setzero_si256());
     const __m256 s1 = _mm256_permutevar8x32_ps(ch.scale, _mm256_set1_epi32(4));
@@ -425,19 +575,66 @@ void dequantize_row_vec(int64_t type, const uint8_t* row, int64_t K, T* out) {
 }
 #endif
 
-// out[m, n] for rows m0..m0+R of one weight row n, on `path`
-template <typename T, int R>
-void dot_rows(int64_t path, int64_t type, const uint8_t* row, const T* x,
-              const QuantizedRows& xq, int64_t m0, int64_t K, float* out) {
-  switch (path) {
+// the dot products of rows m0..m0+R of x with one weight row: out[0..R)
+template <typename T>
+using RowKernel = void (*)(const uint8_t* row, const T* x, const QuantizedRows& xq, int64_t m0,
+                           int64_t K, float* out);
+
+// one kernel per rows-per-pass count (1..kMaxRowsPerPass), for one type and path
+template <typename T>
+struct RowKernels {
+  RowKernel<T> fn[kMaxRowsPerPass];
+};
+
+template <typename T, int64_t Type, int64_t P>
+RowKernels<T> kernels_for() {
+  RowKernels<T> k;
+  auto set = [&](auto rows) {
+    constexpr int R = decltype(rows)::value;
+    k.fn[R - 1] = [](const uint8_t* row, const T* x, const QuantizedRows& xq, int64_t m0,
+                     int64_t K, float* out) {
 #if defined(__AVX2__)
-    case kAvx2: dot_vec<false, R>(type, row, xq, m0, K, out); return;
+      if constexpr (P == kAvx2) return dot_vec<Type, false, R>(row, xq, m0, K, out);
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    case kVnni: dot_vec<true, R>(type, row, xq, m0, K, out); return;
+#if defined(ENGINE_GGML_PAIRS)
+      if constexpr (P == kVnni && pairs_kernel(Type)) return dot_pairs<Type, R>(row, xq, m0, K, out);
+#endif
+      if constexpr (P == kVnni) return dot_vec<Type, true, R>(row, xq, m0, K, out);
 #endif
 #endif
-    case kPortable: dot_portable<R>(type, row, xq, m0, K, out); return;
-    default: dot_float<T, R>(type, row, x + m0 * K, K, out); return;
+      if constexpr (P == kPortable) return dot_portable<R>(Type, row, xq, m0, K, out);
+      dot_float<T, R>(Type, row, x + m0 * K, K, out);
+    };
+  };
+  set(std::integral_constant<int, 1>{});
+  set(std::integral_constant<int, 2>{});
+  set(std::integral_constant<int, 3>{});
+  set(std::integral_constant<int, 4>{});
+  return k;
+}
+
+template <typename T, int64_t P>
+RowKernels<T> kernels_for_path(int64_t type) {
+  switch (type) {
+    case kQ4_0: return kernels_for<T, kQ4_0, P>();
+    case kQ4_1: return kernels_for<T, kQ4_1, P>();
+    case kQ5_0: return kernels_for<T, kQ5_0, P>();
+    case kQ5_1: return kernels_for<T, kQ5_1, P>();
+    case kQ8_0: return kernels_for<T, kQ8_0, P>();
+    case kQ4_K: return kernels_for<T, kQ4_K, P>();
+    case kQ5_K: return kernels_for<T, kQ5_K, P>();
+    case kQ6_K: return kernels_for<T, kQ6_K, P>();
+    default: TORCH_CHECK(false, "ggml type ", type, " is not supported by the quantized kernels");
+  }
+}
+
+template <typename T>
+RowKernels<T> row_kernels(int64_t path, int64_t type) {
+  switch (path) {
+    case kAvx2: return kernels_for_path<T, kAvx2>(type);
+    case kVnni: return kernels_for_path<T, kVnni>(type);
+    case kPortable: return kernels_for_path<T, kPortable>(type);
+    default: return kernels_for_path<T, kFloat>(type);
   }
 }
 
@@ -453,6 +650,7 @@ void linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& blocks,
   const T* b = bias.has_value() && bias->defined() ? bias->data_ptr<T>() : nullptr;
   QuantizedRows xq;
   if (path != kFloat) quantize_rows(xp, M, K, &xq);
+  const RowKernels<T> kernels = row_kernels<T>(path, type);
   // weight rows split across threads: each streams one contiguous range
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     float dots[kMaxRowsPerPass];
@@ -460,12 +658,7 @@ void linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& blocks,
       const uint8_t* row = w + n * row_bytes;
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsPerPass) {
         const int64_t rows = std::min(kMaxRowsPerPass, M - m0);
-        switch (rows) {
-          case 1: dot_rows<T, 1>(path, type, row, xp, xq, m0, K, dots); break;
-          case 2: dot_rows<T, 2>(path, type, row, xp, xq, m0, K, dots); break;
-          case 3: dot_rows<T, 3>(path, type, row, xp, xq, m0, K, dots); break;
-          default: dot_rows<T, 4>(path, type, row, xp, xq, m0, K, dots); break;
-        }
+        kernels.fn[rows - 1](row, xp, xq, m0, K, dots);
         for (int64_t r = 0; r < rows; ++r) {
           float v = dots[r];
           if (b) v += static_cast<float>(b[n]);
@@ -510,7 +703,17 @@ void ggml_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& blocks, 
 template <typename T>
 void dequantize_row_best(int64_t type, const uint8_t* row, int64_t K, T* out) {
 #if defined(__AVX2__)
-  dequantize_row_vec(type, row, K, out);
+  switch (type) {
+    case kQ4_0: return dequantize_row_vec<kQ4_0>(row, K, out);
+    case kQ4_1: return dequantize_row_vec<kQ4_1>(row, K, out);
+    case kQ5_0: return dequantize_row_vec<kQ5_0>(row, K, out);
+    case kQ5_1: return dequantize_row_vec<kQ5_1>(row, K, out);
+    case kQ8_0: return dequantize_row_vec<kQ8_0>(row, K, out);
+    case kQ4_K: return dequantize_row_vec<kQ4_K>(row, K, out);
+    case kQ5_K: return dequantize_row_vec<kQ5_K>(row, K, out);
+    case kQ6_K: return dequantize_row_vec<kQ6_K>(row, K, out);
+    default: TORCH_CHECK(false, "ggml type ", type, " is not supported by the quantized kernels");
+  }
 #else
   dequantize_row(type, row, K, out);
 #endif
@@ -536,6 +739,39 @@ void ggml_dequantize(at::Tensor out, const at::Tensor& blocks, int64_t type) {
     dequantize_impl<c10::BFloat16>(out, blocks, type);
   else
     TORCH_CHECK(false, "ggml_dequantize: float32 or bfloat16 out only");
+}
+
+// out = x @ W.T + bias for many rows (prompts): the weight dequantized a tile of
+// rows at a time into one small buffer that stays in cache, each tile multiplied
+// by ATen's dense matmul straight into its columns of out. The whole float weight
+// is never allocated.
+void ggml_matmul(at::Tensor out, const at::Tensor& x, const at::Tensor& blocks, int64_t type,
+                 const c10::optional<at::Tensor>& bias, int64_t tile_bytes) {
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2, "x and out must be 2-D");
+  TORCH_CHECK(out.stride(1) == 1, "out rows must be dense");
+  TORCH_CHECK(x.scalar_type() == out.scalar_type(), "x and out must have one dtype");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "ggml_matmul: float32 or bfloat16 activations only");
+  const int64_t K = x.size(1), N = blocks.size(0);
+  check_blocks(blocks, type, K);
+  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == N, "out must be [", x.size(0), ", ", N, "]");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias)
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == x.scalar_type(),
+                "bias must be a [N] of x's dtype");
+  const int64_t rows = std::max<int64_t>(16, tile_bytes / (K * x.element_size()) / 16 * 16);
+  at::Tensor tile = at::empty({std::min(rows, N), K}, x.options());
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t n = std::min(rows, N - n0);
+    at::Tensor t = tile.narrow(0, 0, n);
+    at::Tensor part = blocks.narrow(0, n0, n);
+    ggml_dequantize(t, part, type);
+    at::Tensor o = out.narrow(1, n0, n);
+    if (has_bias)
+      at::addmm_out(o, bias->narrow(0, n0, n), x, t.t());  // bias added before rounding, as F.linear
+    else
+      at::mm_out(o, x, t.t());
+  }
 }
 
 void ggml_embedding(at::Tensor out, const at::Tensor& ids, const at::Tensor& blocks, int64_t type) {
@@ -578,6 +814,7 @@ int64_t ggml_compiled_paths() {
 TORCH_LIBRARY_FRAGMENT(engine_kernels, m) {
   m.def("ggml_linear(Tensor(a!) out, Tensor x, Tensor blocks, int type, Tensor? bias, int path) -> ()");
   m.def("ggml_dequantize(Tensor(a!) out, Tensor blocks, int type) -> ()");
+  m.def("ggml_matmul(Tensor(a!) out, Tensor x, Tensor blocks, int type, Tensor? bias, int tile_bytes) -> ()");
   m.def("ggml_embedding(Tensor(a!) out, Tensor ids, Tensor blocks, int type) -> ()");
   m.def("ggml_compiled_paths() -> int");
 }
@@ -585,6 +822,7 @@ TORCH_LIBRARY_FRAGMENT(engine_kernels, m) {
 TORCH_LIBRARY_IMPL(engine_kernels, CPU, m) {
   m.impl("ggml_linear", &ggml_linear);
   m.impl("ggml_dequantize", &ggml_dequantize);
+  m.impl("ggml_matmul", &ggml_matmul);
   m.impl("ggml_embedding", &ggml_embedding);
 }
 

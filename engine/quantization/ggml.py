@@ -8,8 +8,10 @@ and runs it with the compiled kernels of ``engine/kernels/ggml_quant.cpp``:
   multiplied with integer dot products, on the best path this CPU's
   ``/proc/cpuinfo`` flags allow (`kernel_paths`); float32 activations take the
   chunks as floats (the dequantize-then-matmul product up to summation order);
-- many rows (prompts): the weight is dequantized into the activation dtype and
-  multiplied by torch's dense matmul (compute-bound, where oneDNN is best).
+- many rows (prompts): ``ggml_matmul`` dequantizes the weight a tile of rows
+  at a time (`PREFILL_TILE_BYTES`, so the tile stays in cache and the whole float
+  weight is never allocated) into the activation dtype, each tile multiplied by
+  torch's dense matmul (compute-bound, where oneDNN is best).
 
 Quantizing at load (``quantization="q4_0"`` on a float checkpoint) uses the
 `gguf` package's quantizers for the 32-value types and `engine.quantization.kquants`
@@ -41,6 +43,8 @@ PATHS = {"float": (0, ()), "portable": (1, ()), "avx2": (2, ("avx2",)),
 PATH_ENV = "ENGINE_QUANT_KERNEL_PATH"
 # up to this many activation rows, the block kernel; more: dequantize, then a dense matmul
 MAX_KERNEL_ROWS = 16
+# bytes of dequantized weight per tile of a prompt-sized product (fits a core's L2)
+PREFILL_TILE_BYTES = 1 << 20
 
 _paths: list[str] | None = None
 
@@ -130,15 +134,18 @@ class GGMLBlockMethod(QuantizationMethod):
                bias: torch.Tensor | None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] > MAX_KERNEL_ROWS or x.dtype not in (torch.float32, torch.bfloat16):
+        if x.dtype not in (torch.float32, torch.bfloat16):
             return F.linear(x, self.dequantize(weight, x.dtype), bias)
         x2 = x2.contiguous()
         out = x2.new_empty((x2.shape[0], weight.shape[0]))
-        path = kernel_path(x.dtype)
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        torch.ops.engine_kernels.ggml_linear(out, x2, weight.tensors["blocks"], self.type_id,
-                                             bias, path)
+        if x2.shape[0] > MAX_KERNEL_ROWS:
+            torch.ops.engine_kernels.ggml_matmul(out, x2, weight.tensors["blocks"], self.type_id,
+                                                 bias, PREFILL_TILE_BYTES)
+        else:
+            torch.ops.engine_kernels.ggml_linear(out, x2, weight.tensors["blocks"], self.type_id,
+                                                 bias, kernel_path(x.dtype))
         return out.reshape(*lead, weight.shape[0])
 
     def embedding(self, weight: QuantizedTensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
