@@ -108,12 +108,17 @@ def compile_model(model: Any, config: Any) -> None:
     import torch
 
     from engine.attention import get_attention_layers
+    from engine.ops.rotary_embedding import RotaryEmbedding
 
     make = resolve_graph_backend(config.backend)
     backend = make(config)
     for layer in get_attention_layers(model):
         layer.forward = torch._dynamo.disable(  # type: ignore[method-assign]
             layer.forward, recursive=True)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):  # grows its table to the step's positions
+            module.cover = torch._dynamo.disable(  # type: ignore[method-assign]
+                module.cover, recursive=True)
     model.compile(backend=backend, dynamic=config.dynamic)
     logger.info("model compiled lazily with graph backend %r (torch.compile backend %r)",
                 config.backend, backend)

@@ -315,3 +315,17 @@ def test_loading_is_announced_on_a_terminal_and_not_when_piped():
     piped = _engine(*args)
     assert piped.returncode == 0, piped.stderr
     assert "loading" not in piped.stderr
+
+
+def test_generating_never_imports_torchdynamo(tmp_path):
+    """TorchDynamo costs about a second to import: only ``compilation_config``
+    may pull it in, never a plain load and generate (a decorator such as
+    ``torch.compiler.disable`` on a model module imports it for everyone)."""
+    script = ("import sys, engine\n"
+              "from engine import LLM, SamplingParams\n"
+              "LLM().generate(['hello'], SamplingParams(max_tokens=2))\n"
+              "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo'))[:3])\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=180, env=subprocess_env(ENGINE_CONFIG_DIR=str(tmp_path)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -107,7 +107,9 @@ class RotaryEmbedding(CustomOp):
         freqs = torch.outer(torch.arange(num_positions, dtype=torch.float32), self._inv_freq)
         return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
 
-    @torch.compiler.disable  # a data-dependent size: a graph break, next to attention's
+    # a data-dependent size: under torch.compile a graph break, next to attention's
+    # (engine.compilation marks it; a decorator here would import TorchDynamo, ~1 s,
+    # in every process that never compiles)
     def cover(self, positions: torch.Tensor) -> None:
         """Grow the cos/sin table (doubling, at most to `max_position` rows) so it
         holds every position in `positions`. Positions at or past `max_position`
