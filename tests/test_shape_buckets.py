@@ -12,6 +12,16 @@ from engine.ops.linear import AMX_MAX_ROWS, onednn_packing_supported, pack_weigh
 from engine.utils import shape_bucket
 
 
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+    """Float32 attention of [tokens, heads, dim] q over grouped k/v: causal from
+    the first key when `mask` is None, else under `mask`."""
+    group = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(
+        q.float().transpose(0, 1), k.float().repeat_interleave(group, 1).transpose(0, 1),
+        v.float().repeat_interleave(group, 1).transpose(0, 1), attn_mask=mask,
+        is_causal=mask is None, scale=q.shape[-1] ** -0.5).transpose(0, 1)
+
 def test_buckets_cover_every_length_with_little_padding_and_few_shapes():
     for rows in range(1, 5000):
         bucket = shape_bucket(rows)
@@ -47,11 +57,7 @@ def test_a_bucketed_bf16_causal_prefill_matches_the_unpadded_one():
     plan = _Prefill(slice(0, length), None, length, None)
     out = impl._prefill(q, k, v, torch.empty(0), plan)
     assert out.shape == (length, heads, dim)
-    expected = F.scaled_dot_product_attention(
-        q.float().transpose(0, 1), k.float().repeat_interleave(2, 1).transpose(0, 1),
-        v.float().repeat_interleave(2, 1).transpose(0, 1), is_causal=True,
-        scale=dim ** -0.5).transpose(0, 1)
-    torch.testing.assert_close(out.float(), expected, atol=0.03, rtol=0.03)
+    torch.testing.assert_close(out.float(), _reference(q, k, v, None), atol=0.03, rtol=0.03)
 
 
 def test_a_bucketed_bf16_chunk_after_cached_context_matches_the_unpadded_one():
@@ -69,11 +75,7 @@ def test_a_bucketed_bf16_chunk_after_cached_context_matches_the_unpadded_one():
     mask = causal_mask(length, keys, q.device)
     out = impl._prefill(q, k, v, torch.empty(0), _Prefill(slice(0, length), None, keys, mask))
     assert out.shape == (length, heads, dim)
-    expected = F.scaled_dot_product_attention(
-        q.float().transpose(0, 1), k.float().repeat_interleave(2, 1).transpose(0, 1),
-        v.float().repeat_interleave(2, 1).transpose(0, 1), attn_mask=mask,
-        scale=dim ** -0.5).transpose(0, 1)
-    torch.testing.assert_close(out.float(), expected, atol=0.03, rtol=0.03)
+    torch.testing.assert_close(out.float(), _reference(q, k, v, mask), atol=0.03, rtol=0.03)
 
 
 def test_bf16_prompt_chunks_and_prefix_hits_reach_torch_attention_at_bucketed_shapes(
