@@ -16,11 +16,12 @@ graph break and the rest of the layer is compiled with dynamic shapes.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
+
+from engine.utils import json_object_setting
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +64,7 @@ def parse_compilation_config(value: dict[str, Any] | str | None) -> dict[str, An
     Raises ValueError naming the bad key or value."""
     if value is None or value == "":
         return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"compilation_config is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"compilation_config must be a JSON object, got {value!r}")
+    value = json_object_setting("compilation_config", value)
     unknown = sorted(set(value) - set(COMPILATION_KEYS))
     if unknown:
         raise ValueError(f"compilation_config has unknown key(s) {', '.join(unknown)}; "

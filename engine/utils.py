@@ -137,6 +137,20 @@ def shape_bucket(rows: int) -> int:
     return -(-rows // step) * step
 
 
+def json_object_setting(name: str, value: dict[str, Any] | str) -> dict[str, Any]:
+    """A setting given as a dict or as its JSON text (how the CLI passes it), as a
+    dict. Raises ValueError naming the setting `name` when the text is not JSON
+    or the value is not an object."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {short_repr(value)}")
+    return value
+
+
 def read_json_file(path: Path, expect: type[dict] | type[list] = dict) -> Any:
     """The JSON value in the file `path`: an object (`expect` dict, the default)
     or an array (`expect` list), the one way model, tokenizer and pooling files

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
+
+from engine.utils import json_object_setting
 
 # the proposer a config without "method" gets: a draft model when it names one
 DRAFT_MODEL_METHOD = "draft_model"
@@ -32,14 +33,7 @@ class SpeculativeConfig:
     def from_user(cls, value: dict[str, Any] | str) -> SpeculativeConfig:
         """Parse ``speculative_config`` (a dict, or its JSON text as the CLI gives
         it). Raises ValueError naming the bad key."""
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise ValueError(
-                f"speculative_config must be a dict (JSON object), got {type(value).__name__}")
+        value = json_object_setting("speculative_config", value)
         method = value.get("method")
         if method is None:
             if value.get("model") is None:
