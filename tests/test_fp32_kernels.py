@@ -17,6 +17,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from test_cpu_kernels import assert_greedy_float32_equals_transformers
 
 import engine.kernels as kernels
 
@@ -122,26 +123,10 @@ def test_fp32_fast_path_teacher_forced_agrees_with_transformers(compiled, make_h
 def test_reference_path_greedy_float32_equals_transformers(make_hf_model, monkeypatch):
     """``ENGINE_CPU_KERNELS=0``: no compiled kernel at all, greedy float32 tokens
     equal transformers' token for token."""
-    import transformers
-
-    from engine import LLM, SamplingParams
-
     monkeypatch.setenv(kernels.MODE_ENV, "0")
     monkeypatch.setattr(kernels, "_loaded", None)
-    model_dir = make_hf_model("llama")
-    rng = random.Random(5)
-    prompts = [[rng.randrange(3, 1024) for _ in range(n)] for n in (3, 40, 17)]
-    llm = LLM(model_dir, dtype="float32", kv_cache_memory=1 << 22)
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
-    llm.shutdown()
+    assert_greedy_float32_equals_transformers(make_hf_model("llama"))
     assert kernels.kernels_available() is False
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    for prompt, out in zip(prompts, outs, strict=True):
-        ids = torch.tensor([prompt])
-        with torch.inference_mode():
-            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                              max_new_tokens=24, min_new_tokens=24, pad_token_id=2)
-        assert list(out.outputs[0].token_ids) == ref[0, len(prompt):].tolist()
 
 
 def test_float32_prompt_chunks_use_packed_onednn_only_with_the_kernels(compiled, monkeypatch):
