@@ -360,6 +360,8 @@ class GGUFLoader(ModelLoader):
         # dequantizing a byte costs several times reading one: a lower threshold
         with _progress_bar(file.nbytes, PROGRESS_BAR_BYTES // 4) as bar:
             yield from file.weights(hf_config, progress=bar.update, keep_quantized=keep)
+        del file
+        GGUFFile.release_cached()  # config and tokenizer were read before the weights
 
 
 _QUALNAME = re.compile(r"^[A-Za-z_][\w.]*[:.][A-Za-z_][\w.]*$")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 from typing import Any
 
-import numpy as np
 import torch
 
 from engine.config import EngineConfig
@@ -23,22 +23,25 @@ from engine.worker.worker_base import KVCacheSpec, WorkerBase
 logger = logging.getLogger(__name__)
 
 
-_ALIGN = 64  # bytes: a cache line, the widest vector load the CPU kernels do
-
-
 def _zeroed_untouched(shape: tuple[int, ...], dtype: torch.dtype,
-                     device: torch.device | None) -> torch.Tensor:
+                      device: torch.device | None) -> torch.Tensor:
     """A zero tensor whose memory is not touched until it is written, on the CPU:
-    `torch.zeros` writes every page (seconds, and resident memory, for a cache of
-    gigabytes), while calloc hands back fresh zero pages from the kernel that
-    become resident one by one as the cache fills. NumPy allocates with calloc.
-    Other devices: `torch.zeros`."""
+    its own anonymous memory map, whose pages the kernel hands out zeroed and
+    makes resident one by one as the cache fills (`torch.zeros` writes every
+    page: seconds, and resident memory, for a cache of gigabytes; calloc does
+    too when glibc serves the request from freed heap memory, as it does below
+    its mmap threshold, which grows to 32 MiB as a process frees large blocks).
+    Page-aligned, so every vector load of the CPU kernels is aligned. Other
+    devices: `torch.zeros`."""
     if device is not None and device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    raw = torch.from_numpy(np.zeros(nbytes + _ALIGN, dtype=np.uint8))
-    offset = -raw.data_ptr() % _ALIGN
-    return raw[offset:offset + nbytes].view(dtype).view(shape)
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    # private: plain anonymous pages, copied on write in a forked child (a
+    # shared map would be shmem, counted apart and shared with the child)
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)  # keeps the map
 
 
 class Worker(WorkerBase):
@@ -74,6 +77,10 @@ class Worker(WorkerBase):
 
     def load_model(self) -> None:
         self.model_runner.load_model()
+        # loading frees as much as it keeps (bytes read, fused rows stacked, float
+        # parameters released for quantized ones); glibc keeps freed heap pages
+        # resident until trimmed
+        release_freed_memory(self.device, collect_garbage=False)
 
     def get_supported_tasks(self) -> tuple[str, ...]:
         """("generate",) for causal LMs, ("embed",) for pooling models."""
@@ -140,6 +147,9 @@ class Worker(WorkerBase):
         unless ``compilation_config.warm_up`` is off."""
         if self.config.compilation_config.warm_up:
             self.model_runner.warm_up(self.config.cache_config.num_blocks or 0)
+            # the warm-up's largest steps (a long prompt, the widest decode batch)
+            # leave freed activations and logits in the heap
+            release_freed_memory(self.device, collect_garbage=False)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
