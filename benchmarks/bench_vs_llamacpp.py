@@ -33,7 +33,11 @@ VM, so there the peer is a native build without ggml's AMX path
 
 Peak RSS is measured apart, in a fresh process per side: load, then one request
 of 256 + 64 tokens, with the same KV capacity on both sides (2048 tokens):
-``ru_maxrss``. The CPU model and flags are printed first.
+``ru_maxrss``. The engine is measured twice: with its defaults (256 sequences,
+4096-token steps, the model's context: what a user who passes nothing gets) and
+sized like llama.cpp's side (`LIKE_LLAMACPP`: one sequence, 512-token steps, a
+2048-token context). ``benchmarks/profile_memory.py`` says where the engine's
+memory goes. The CPU model and flags are printed first.
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ THREADS = 2
 N_CTX = 4096
 RSS_CTX = 2048
 DECODE_PROMPT, DECODE_TOKENS, TTFT_PROMPT = 32, 129, 256
+# what llama-cpp-python's Llama(n_ctx=2048, n_batch=512) serves: one sequence,
+# prompt steps of up to 512 tokens, a 2048-token context. The engine's defaults
+# (256 sequences, 4096-token steps, the model's whole context) size its warm-up
+# and its step buffers for batches; both are measured.
+LIKE_LLAMACPP = {"max_num_seqs": 1, "max_num_batched_tokens": 512, "max_model_len": RSS_CTX}
 
 
 def note(message: str) -> None:
@@ -141,18 +150,25 @@ def _rss_now_mib() -> float:
     return float("nan")
 
 
-def engine_generator(path: str, kv_tokens: int | None, quantization: str | None = None):
+def kv_cache_bytes(path: str, tokens: int) -> int:
+    """Bytes of a bf16 KV cache (llama.cpp's is f16: the same size) of `tokens`
+    tokens for the model in the GGUF file `path`."""
+    sys.path.insert(0, str(ROOT))
+    from engine.model_loader.gguf import GGUFFile
+
+    cfg = GGUFFile.open(path).hf_config()  # the parse the engine then reuses
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return tokens * 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2
+
+
+def engine_generator(path: str, kv_tokens: int | None, quantization: str | None = None,
+                     settings: dict | None = None):
     sys.path.insert(0, str(ROOT))
     from engine import LLM, SamplingParams
 
-    kwargs = {}
-    if kv_tokens is not None:  # the same KV capacity as llama.cpp's n_ctx (bf16, like its f16)
-        from engine.model_loader.gguf import GGUFFile
-
-        cfg = GGUFFile(path).hf_config()
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2
-        kwargs["kv_cache_memory"] = kv_tokens * per_token
+    kwargs = dict(settings or {})
+    if kv_tokens is not None:  # the same KV capacity as llama.cpp's n_ctx
+        kwargs["kv_cache_memory"] = kv_cache_bytes(path, kv_tokens)
     llm = LLM(path, seed=0, quantization=quantization, **kwargs)
 
     def generate(prompts, out_lens, batched=True):
@@ -206,6 +222,8 @@ def describe_llamacpp(ready: dict) -> str:
 def run_worker(side: str, path: str, kv_tokens: int | None, rss_only: bool) -> int:
     if side == "engine":
         generate, info = engine_generator(path, kv_tokens)
+    elif side == "engine-like-llamacpp":  # peak RSS only: llama.cpp's sizes, not the defaults
+        generate, info = engine_generator(path, kv_tokens, settings=LIKE_LLAMACPP)
     elif side == "engine-dequantized":  # the engine before this change: weights widened at load
         generate, info = engine_generator(path, kv_tokens, quantization="none")
     else:
@@ -291,6 +309,8 @@ def summarise(runs: dict, rss: dict, peer: str) -> dict:
         "peak_rss_mib": {"engine": rss["engine"]["peak_rss_mib"],
                          peer: rss[peer]["peak_rss_mib"]},
         "rss_after_mib": {"engine": rss["engine"]["rss_mib"], peer: rss[peer]["rss_mib"]},
+        "like_llamacpp_rss_mib": {"peak": rss["engine-like-llamacpp"]["peak_rss_mib"],
+                                  "after": rss["engine-like-llamacpp"]["rss_mib"]},
     }
 
 
@@ -314,6 +334,9 @@ def print_summary(name: str, s: dict, peer: str) -> None:
     a = s["rss_after_mib"]
     print(f"| RSS after the request, MiB | {a['engine']:.0f} | {a[peer]:.0f} | "
           f"{a['engine'] / a[peer]:.2f}x | |")
+    like = s["like_llamacpp_rss_mib"]
+    print(f"| peak RSS, MiB, engine sized like llama.cpp ({LIKE_LLAMACPP}) | {like['peak']:.0f} "
+          f"| {m[peer]:.0f} | {like['peak'] / m[peer]:.2f}x | |")
 
 
 def start_side(name: str, python: str, path: Path, env: dict) -> Side:
@@ -338,7 +361,8 @@ def main() -> int:
                          "(every weight widened at load, the engine's behaviour before)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--worker", choices=("engine", "engine-dequantized", "llama.cpp"),
+    ap.add_argument("--worker", choices=("engine", "engine-dequantized", "engine-like-llamacpp",
+                                         "llama.cpp"),
                     help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--kv-tokens", type=int, help=argparse.SUPPRESS)
@@ -373,6 +397,7 @@ def main() -> int:
     for path in files:
         note(f"{path.name}: peak RSS, one fresh process per side")
         rss = {side: rss_of(side, py, path, env) for side, py in pythons.items()}
+        rss["engine-like-llamacpp"] = rss_of("engine-like-llamacpp", sys.executable, path, env)
         note(f"{path.name}: starting both sides")
         sides: dict[str, Side] = {}
         try:

@@ -33,12 +33,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench_vs_llamacpp import LIKE_LLAMACPP, ROOT, kv_cache_bytes
+
 sys.path.insert(0, str(ROOT))
 
-# what llama-cpp-python's Llama(n_ctx=2048, n_batch=512) serves: one sequence,
-# prompt steps of up to 512 tokens, a 2048-token context
-LIKE_LLAMACPP = {"max_num_seqs": 1, "max_num_batched_tokens": 512, "max_model_len": 2048}
 _FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
 # modules worth knowing about when a GGUF run imports them
 _WATCHED = ("transformers", "jinja2", "pydantic", "safetensors", "gguf", "numpy", "tokenizers",
@@ -174,12 +172,7 @@ def main() -> int:
     instrument(stages)
     kwargs = {}
     if args.kv_tokens:
-        from engine.model_loader.gguf import GGUFFile
-
-        cfg = GGUFFile(args.gguf).hf_config()
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2
-        kwargs["kv_cache_memory"] = args.kv_tokens * per_token
+        kwargs["kv_cache_memory"] = kv_cache_bytes(args.gguf, args.kv_tokens)
     if args.like_llamacpp:
         kwargs.update(LIKE_LLAMACPP)
     llm = LLM(args.gguf, seed=0, quantization=args.quantization, **kwargs)
