@@ -339,6 +339,18 @@ def print_summary(name: str, s: dict, peer: str) -> None:
           f"| {m[peer]:.0f} | {like['peak'] / m[peer]:.2f}x | |")
 
 
+def print_rss(name: str, rss: dict, peer: str) -> None:
+    """The peak RSS rows alone (``--rss-only``)."""
+    base = rss[peer]["peak_rss_mib"]
+    print(f"\n{name}: peak RSS, MiB ({RSS_CTX}-token KV; after the request in brackets)")
+    print(f"| side | peak | / {peer} |")
+    print("|---|---:|---:|")
+    for side in ("engine", "engine-like-llamacpp", peer):
+        r = rss[side]
+        print(f"| {side} | {r['peak_rss_mib']:.0f} ({r['rss_mib']:.0f}) | "
+              f"{r['peak_rss_mib'] / base:.2f}x |")
+
+
 def start_side(name: str, python: str, path: Path, env: dict) -> Side:
     """One measured side in its own process (see run_worker)."""
     cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--path", str(path)]
@@ -366,7 +378,9 @@ def main() -> int:
                     help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--kv-tokens", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--rss-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rss-only", action="store_true",
+                    help="only the peak RSS rows (fresh processes, no timings: minutes, and "
+                         "independent of the machine's load)")
     args = ap.parse_args()
     if args.worker:
         return run_worker(args.worker, args.path, args.kv_tokens, args.rss_only)
@@ -398,6 +412,10 @@ def main() -> int:
         note(f"{path.name}: peak RSS, one fresh process per side")
         rss = {side: rss_of(side, py, path, env) for side, py in pythons.items()}
         rss["engine-like-llamacpp"] = rss_of("engine-like-llamacpp", sys.executable, path, env)
+        if args.rss_only:
+            results["files"][path.name] = {"rss": rss}
+            print_rss(path.name, rss, peer)
+            continue
         note(f"{path.name}: starting both sides")
         sides: dict[str, Side] = {}
         try:
