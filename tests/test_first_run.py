@@ -224,23 +224,29 @@ def test_my_model_plugin_example_ships_a_model_to_try(tmp_path):
 
 
 def test_a_gguf_file_is_parsed_once_and_read_as_the_gguf_package_reads_it(
-        make_hf_model, tmp_path):
+        make_hf_model, tmp_path, monkeypatch):
     import gguf
     import numpy as np
     import torch
     from test_gguf import write_gguf
 
     from engine import LLM
+    from engine.model_loader import gguf_reader
     from engine.model_loader.gguf import GGUFFile, _open_cached
     from engine.model_loader.gguf_reader import dequantize
 
     path = write_gguf(make_hf_model("llama"), tmp_path / "tiny.gguf", "Q4_1",
                       chat_template="{{ messages[0]['content'] }}")
     _open_cached.cache_clear()
+    parses = []
+    parse = gguf_reader.GGUFReader._parse
+    monkeypatch.setattr(gguf_reader.GGUFReader, "_parse",
+                        lambda self: parses.append(self.path) or parse(self))
     llm = LLM(str(path), dtype="float32", kv_cache_memory=1 << 22)
     llm.shutdown()
-    info = _open_cached.cache_info()
-    assert info.misses == 1 and info.hits >= 2  # config, tokenizer and weights: one parse
+    assert parses == [path]  # config, tokenizer and weights: one parse...
+    assert _open_cached.cache_info().currsize == 0  # ...dropped once the weights are read
+    monkeypatch.undo()
     # the same metadata and the same dequantized values as the gguf package's reader
     ours, theirs = GGUFFile.open(path).reader, gguf.GGUFReader(str(path))
     fields = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
