@@ -155,3 +155,39 @@ def test_release_freed_memory_hands_freed_heap_pages_back():
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["before_kb"] - report["after_kb"] > 64 << 10, report  # of the 96 MiB freed
 
+
+
+def test_prompt_sized_quantized_products_see_a_few_row_counts():
+    from engine.quantization import QuantizedWeight
+    from engine.quantization.ggml import Q8_0
+    from engine.utils import shape_bucket
+
+    class RowCounting(Q8_0):
+        """The built-in Q8_0, noting the row counts its linear is given."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[int] = []
+
+        def linear(self, weight, x, bias):
+            self.rows.append(x.shape[0])
+            return super().linear(weight, x, bias)
+
+    method = RowCounting()
+    gen = torch.Generator().manual_seed(0)
+    w, bias = torch.randn(48, 256, generator=gen), torch.randn(48, generator=gen)
+    qw = QuantizedWeight((48, 256))
+    qw.add(0, method.quantize(w))
+    qw.finish("w")
+    reference_w = qw.dequantize()
+    lengths = [1, 5, 16, 17, 37, 100, 257, 300]
+    for n in lengths:
+        x = torch.randn(n, 256, generator=gen)
+        out = qw.linear(x, bias)
+        ref = x @ reference_w.T + bias
+        assert out.shape == (n, 48)
+        assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5, n
+    # oneDNN keeps a kernel (and its packed-weight scratch) per row count: prompt
+    # lengths reach it as a few dozen buckets, decode-sized inputs as they are
+    assert method.rows == [n if n <= 16 else shape_bucket(n) for n in lengths]
+    assert method.rows[-3:] == [104, 288, 320]

@@ -16,8 +16,13 @@ import torch
 import torch.nn as nn
 
 from engine.quantization.interface import QuantizationMethod, QuantizedTensor, concat_rows
+from engine.utils import shape_bucket
 
 logger = logging.getLogger(__name__)
+
+# up to this many rows, no padding: decode steps and small batches run the
+# methods' own kernels, not a dense product per shape
+PAD_ABOVE_ROWS = 16
 
 
 class QuantizedWeight:
@@ -61,7 +66,19 @@ class QuantizedWeight:
         return [rows.method.name for _, rows in self.parts]
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``x @ W.T + bias`` through each range's method."""
+        """``x @ W.T + bias`` through each range's method. Prompt-sized inputs
+        (more than `PAD_ABOVE_ROWS` rows) reach the methods padded to a
+        `shape_bucket`: their dense products (oneDNN) build and keep a kernel,
+        with its packed-weight scratch, per row count, so unpadded, every new
+        prompt length grows the process (by MiBs, up to the caches' 1024 entries)."""
+        rows = x.shape[0] if x.dim() == 2 else 0
+        if rows > PAD_ABOVE_ROWS and shape_bucket(rows) != rows:
+            padded = x.new_zeros((shape_bucket(rows), x.shape[1]))
+            padded[:rows] = x
+            return self._linear(padded, bias)[:rows]
+        return self._linear(x, bias)
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if len(self.parts) == 1:
             rows = self.parts[0][1]
             return rows.method.linear(rows, x, bias)
