@@ -15,6 +15,10 @@ so a transient copy shows in the stage that made it). The process peak is the
 largest stage peak. The stages inside `LLM()` are marked by wrapping the engine
 functions that begin them (the script changes nothing they do).
 
+``--fresh-prompts N`` then sends N requests of fresh 32-256-token prompts and
+prints RSS every 20 (a process that keeps growing shows here, not in the peak
+of one request).
+
 ``--kv-tokens N`` (default 2048, llama.cpp's ``n_ctx`` in the comparison) sets
 ``kv_cache_memory`` to N tokens of bf16 K and V; ``--kv-tokens 0`` keeps the
 engine's default KV sizing (what a user who passes nothing gets). The run also
@@ -157,6 +161,9 @@ def main() -> int:
     ap.add_argument("--like-llamacpp", action="store_true",
                     help="one sequence, 512-token steps, a 2048-token context: what "
                          "llama-cpp-python's Llama(n_ctx=2048, n_batch=512) serves")
+    ap.add_argument("--fresh-prompts", type=int, default=0,
+                    help="then N requests of fresh 32-256-token prompts one after another, "
+                         "RSS every 20: whether the process keeps growing")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
 
@@ -182,6 +189,16 @@ def main() -> int:
     llm.generate([prompt], [SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)])
     stages.mark("first request (256 + 64 tokens)")
 
+    growth = [status()["VmRSS"]]
+    for i in range(args.fresh_prompts):
+        prompt = [rng.randrange(10, 40000) for _ in range(rng.randint(32, 256))]
+        llm.generate([prompt], [SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)])
+        if i % 20 == 19 or i == args.fresh_prompts - 1:
+            growth.append(status()["VmRSS"])
+    if args.fresh_prompts:
+        stages.mark(f"{args.fresh_prompts} fresh prompts")
+        print(f"RSS after 0, 20, 40, ... of {args.fresh_prompts} fresh prompts (32-256 tokens), "
+              f"MiB: {', '.join(f'{v:.0f}' for v in growth)}")
     peak = max(row["peak"] for row in stages.rows)
     worst = max(stages.rows, key=lambda row: row["peak"])
     config = llm.llm_engine.config
@@ -202,6 +219,7 @@ def main() -> int:
     print(f"watched modules imported: {', '.join(imported) or 'none'}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": stages.rows, "peak_mib": peak,
+                                               "fresh_prompts_rss_mib": growth,
                                                "settings": settings, "imported": imported},
                                               indent=1))
     return 0
