@@ -261,7 +261,7 @@ class ModelRunner:
         if num_blocks < 1:
             return
         from engine.sample import Sampler
-        from engine.worker.warm_up import warm_up_steps
+        from engine.worker.warm_up import warm_up_linear_buckets, warm_up_steps
 
         vocab = int(self.config.model_config.hf_config.get("vocab_size") or 2)
         sampler = self.sampler
@@ -282,7 +282,10 @@ class ModelRunner:
                 self.sampler = sampler
                 self.states = {i: s for i, s in self.states.items() if i >= 0}
                 self._draft_token_ids = None  # proposals for the warm-up's sequences
-        logger.info("warm-up: %d steps in %.2f s", steps, time.perf_counter() - start)
+        budget = self.config.scheduler_config.max_num_batched_tokens
+        buckets = warm_up_linear_buckets(self.model, budget)
+        logger.info("warm-up: %d steps and %d linear row buckets in %.2f s", steps, buckets,
+                    time.perf_counter() - start)
 
     # ------------------------------------------------------------------ embeddings
 

@@ -12,7 +12,12 @@ the allocator growing to the largest step. The warm-up runs a step of each
 kind as the scheduler would send it: one prefill step of up to
 `MAX_PREFILL_TOKENS` tokens, one step that mixes a prompt chunk over a cached
 context with decodes, then one decode step per batch bucket (1, 2, 4, ... up
-to `MAX_DECODE_BATCH` or ``max_num_seqs``).
+to `MAX_DECODE_BATCH` or ``max_num_seqs``). After the steps,
+`warm_up_linear_buckets` runs each distinct prepacked linear layer once at every
+prompt-step row bucket up to the step budget (`engine.utils.shape_bucket`):
+oneDNN builds a primitive per row count the first time it sees one, and a step
+larger than the warm-up's own (several prompts together) would otherwise pay
+for it in the first request that reaches that size.
 
 It leaves nothing behind: the steps never reach the scheduler (no KV block is
 allocated, the prefix cache and the statistics never see them), their
@@ -26,8 +31,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+from torch import nn
+
+from engine.ops.linear import (
+    AMX_MAX_ROWS,
+    ColumnParallelLinear,
+    RowParallelLinear,
+    packed_linear,
+)
 from engine.sampling_params import SamplingParams
 from engine.step import NewSequenceData, ScheduledSequence, SchedulerOutput
+from engine.utils import shape_bucket
 
 # The largest prefill step of the warm-up. The step budget (max_num_batched_tokens)
 # can be 4096 or more; a larger step warms nothing new (oneDNN's primitives are
@@ -39,6 +54,12 @@ MAX_PREFILL_TOKENS = 512
 MAX_DECODE_BATCH = 64
 # decode rows of one context: enough to span several cache blocks
 DECODE_CONTEXT_TOKENS = 48
+# The most multiply-adds (x2: FLOPs) `warm_up_linear_buckets` spends. Building a
+# oneDNN primitive costs about the same for any model, while running it grows with
+# the layer: a small model warms every bucket of a 4096-token budget well under
+# this, a large one (whose prompt steps take long enough that a first-time build
+# is lost in them) only its smaller buckets.
+LINEAR_BUCKET_FLOPS = 80e9
 
 
 def decode_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -134,3 +155,54 @@ def warm_up_steps(config: Any, num_blocks: int, vocab_size: int) -> Iterator[Sch
                 seq_id, [(i + 11) % vocab_size], context, blocks.table(context + 1), True))
         yield step
     yield SchedulerOutput(finished_seq_ids=live)
+
+
+def prefill_row_buckets(max_rows: int) -> list[int]:
+    """The row counts that prompt steps of more than `AMX_MAX_ROWS` and up to
+    `max_rows` rows reach oneDNN with (`shape_bucket` of each), ascending."""
+    return sorted({shape_bucket(rows) for rows in range(AMX_MAX_ROWS + 1, max_rows + 1)})
+
+
+def _linear_shapes(model: nn.Module) -> dict[tuple, tuple[torch.Tensor, torch.Tensor | None,
+                                                          torch.Tensor, torch.Tensor | None]]:
+    """One (packed weight, bias, weight, AMX copy) per distinct oneDNN call of the
+    model's prepacked linear layers, keyed by what oneDNN's primitive depends on
+    (weight shape, dtype, with or without a bias)."""
+    shapes: dict[tuple, tuple] = {}
+    for module in model.modules():
+        if not isinstance(module, ColumnParallelLinear | RowParallelLinear):
+            continue
+        packed = getattr(module, "packed_weight", None)
+        if packed is None or module.quant_weight is not None:
+            continue
+        bias = module.bias
+        if isinstance(module, RowParallelLinear) and module.tp_size > 1:
+            bias = None  # added after the all-reduce (RowParallelLinear.forward)
+        key = (tuple(module.weight.shape), module.weight.dtype, bias is not None)
+        shapes.setdefault(key, (packed, bias, module.weight, module.amx_weight))
+    return shapes
+
+
+def warm_up_linear_buckets(model: nn.Module, max_rows: int,
+                           flop_budget: float | None = None) -> int:
+    """Run each distinct prepacked linear layer of `model` once at every prompt-step
+    row bucket up to `max_rows` (`prefill_row_buckets`), smallest first, while the
+    products' FLOPs stay within `flop_budget` (default `LINEAR_BUCKET_FLOPS`).
+    Returns the number of buckets run."""
+    if flop_budget is None:
+        flop_budget = LINEAR_BUCKET_FLOPS
+    shapes = _linear_shapes(model)
+    if not shapes:
+        return 0
+    flops_per_row = 2 * sum(w.shape[0] * w.shape[1] for _, _, w, _ in shapes.values())
+    spent, done = 0.0, 0
+    with torch.inference_mode():
+        for rows in prefill_row_buckets(max_rows):
+            spent += flops_per_row * rows
+            if spent > flop_budget:
+                break
+            for packed, bias, weight, amx in shapes.values():
+                x = weight.new_zeros((rows, weight.shape[1]))
+                packed_linear(x, packed, bias, weight, amx)
+            done += 1
+    return done
