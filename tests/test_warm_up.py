@@ -21,6 +21,8 @@ from engine.worker.warm_up import (
     MAX_DECODE_BATCH,
     MAX_PREFILL_TOKENS,
     prefill_row_buckets,
+    prompt_length_buckets,
+    warm_up_attention,
     warm_up_linear_buckets,
     warm_up_steps,
 )
@@ -147,6 +149,41 @@ def test_linear_buckets_run_each_distinct_layer_shape_within_the_flop_budget(mak
         budget = flops_per_row * (everything[0] + everything[1])
         assert warm_up_linear_buckets(model, 1000, flop_budget=budget) == 2
         assert sorted({c[0] for c in calls}) == everything[:2]
+
+
+def test_prompt_length_buckets_are_the_lengths_sdpa_sees_for_fresh_prompts():
+    lengths = prompt_length_buckets(512)
+    assert lengths == sorted({shape_bucket(n) for n in range(2, 513)})
+    assert lengths[:3] == [2, 3, 4] and lengths[-1] == 512 and len(lengths) == 55
+
+
+def test_attention_warm_up_runs_each_distinct_layer_on_fresh_prompts_within_the_budget(
+        make_hf_model, monkeypatch):
+    """Through the backend's own forward, no KV cache (a prompt with no cached
+    context), one call per distinct layer shape and length, shortest first."""
+    with LLM(make_hf_model("llama"), dtype="bfloat16", skip_warm_up=True) as llm:
+        model = llm.llm_engine.executor.worker.model_runner.model
+        impl_cls = type(model.model.layers[0].self_attn.attn.impl)
+        calls = []
+        real = impl_cls.forward
+
+        def recorded(self, layer, query, key, value, kv_cache, md):
+            out = real(self, layer, query, key, value, kv_cache, md)
+            calls.append((md.query_lens, md.seq_lens, kv_cache.numel(), query.dtype,
+                          tuple(out.shape)))
+            return out
+
+        monkeypatch.setattr(impl_cls, "forward", recorded)
+        assert warm_up_attention(model, 300, torch.bfloat16, flop_budget=0) == 0 and not calls
+        lengths = prompt_length_buckets(300)
+        assert warm_up_attention(model, 300, torch.bfloat16,
+                                 flop_budget=float("inf")) == len(lengths)
+        # the model's two layers share a shape (4 heads of 16): one call per length
+        assert calls == [([n], [n], 0, torch.bfloat16, (n, 64)) for n in lengths]
+        calls.clear()
+        budget = 2 * 64 * (lengths[0] ** 2 + lengths[1] ** 2)
+        assert warm_up_attention(model, 300, torch.bfloat16, flop_budget=budget) == 2
+        assert [c[0] for c in calls] == [[lengths[0]], [lengths[1]]]
 
 
 _FIRST_BATCH = textwrap.dedent("""

@@ -17,7 +17,10 @@ to `MAX_DECODE_BATCH` or ``max_num_seqs``). After the steps,
 prompt-step row bucket up to the step budget (`engine.utils.shape_bucket`):
 oneDNN builds a primitive per row count the first time it sees one, and a step
 larger than the warm-up's own (several prompts together) would otherwise pay
-for it in the first request that reaches that size.
+for it in the first request that reaches that size. `warm_up_attention` then
+runs each distinct attention layer on one fresh prompt of every length bucket up
+to the longest prompt step: torch's reduced-precision SDPA kernel, which bfloat16
+prompts take, also builds its blocks per (bucketed) shape on first use.
 
 It leaves nothing behind: the steps never reach the scheduler (no KV block is
 allocated, the prefix cache and the statistics never see them), their
@@ -34,6 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.attention.layer import get_attention_layers
+from engine.attention.metadata import AttentionMetadata
 from engine.ops.linear import (
     AMX_MAX_ROWS,
     ColumnParallelLinear,
@@ -54,12 +59,15 @@ MAX_PREFILL_TOKENS = 512
 MAX_DECODE_BATCH = 64
 # decode rows of one context: enough to span several cache blocks
 DECODE_CONTEXT_TOKENS = 48
-# The most multiply-adds (x2: FLOPs) `warm_up_linear_buckets` spends. Building a
-# oneDNN primitive costs about the same for any model, while running it grows with
-# the layer: a small model warms every bucket of a 4096-token budget well under
-# this, a large one (whose prompt steps take long enough that a first-time build
-# is lost in them) only its smaller buckets.
-LINEAR_BUCKET_FLOPS = 80e9
+# The most FLOPs `warm_up_linear_buckets` spends. Building a oneDNN primitive
+# costs about the same for any model, while running it grows with the layer: the
+# embedded default model warms every bucket up to 2,048 rows within this, a large
+# model (whose prompt steps take long enough that a first-time build is lost in
+# them) only its smaller buckets.
+LINEAR_BUCKET_FLOPS = 40e9
+# The same for `warm_up_attention` (a causal prompt of n tokens: about 2 n^2 H D
+# FLOPs per distinct layer shape)
+ATTENTION_SHAPE_FLOPS = 10e9
 
 
 def decode_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -204,5 +212,45 @@ def warm_up_linear_buckets(model: nn.Module, max_rows: int,
             for packed, bias, weight, amx in shapes.values():
                 x = weight.new_zeros((rows, weight.shape[1]))
                 packed_linear(x, packed, bias, weight, amx)
+            done += 1
+    return done
+
+
+def prompt_length_buckets(max_len: int) -> list[int]:
+    """The lengths (`shape_bucket`) that fresh prompts of 2 to `max_len` tokens
+    reach a reduced-precision SDPA call with, ascending."""
+    return sorted({shape_bucket(n) for n in range(2, max_len + 1)})
+
+
+def warm_up_attention(model: nn.Module, max_len: int, dtype: torch.dtype,
+                      flop_budget: float | None = None) -> int:
+    """Run each distinct attention layer of `model` (backend, heads, head size)
+    on one fresh prompt of every length in `prompt_length_buckets(max_len)`,
+    shortest first, through its backend's `forward` with no KV cache (attention
+    within the step, the path of a prompt with no cached context), while the
+    FLOPs stay within `flop_budget` (default `ATTENTION_SHAPE_FLOPS`). Returns
+    the number of lengths run."""
+    if flop_budget is None:
+        flop_budget = ATTENTION_SHAPE_FLOPS
+    layers = {}
+    for layer in get_attention_layers(model):
+        key = (type(layer.impl), layer.num_heads, layer.head_size, layer.num_kv_heads)
+        layers.setdefault(key, layer)
+    if not layers:
+        return 0
+    flops_per_square = 2 * sum(a.num_heads * a.head_size for a in layers.values())
+    no_cache = torch.empty(0, dtype=dtype)
+    spent, done = 0.0, 0
+    with torch.inference_mode():
+        for n in prompt_length_buckets(max_len):
+            spent += flops_per_square * n * n
+            if spent > flop_budget:
+                break
+            md = AttentionMetadata.build([n], [n], [[0] * n], list(range(n)), block_size=1)
+            for layer in layers.values():
+                q = torch.zeros((n, layer.num_heads * layer.head_size), dtype=dtype)
+                kv = torch.zeros((n, layer.num_kv_heads * layer.head_size), dtype=dtype)
+                md.backend_state.clear()
+                layer.impl.forward(layer, q, kv, kv, no_cache, md)
             done += 1
     return done
