@@ -159,31 +159,39 @@ def test_prompt_length_buckets_are_the_lengths_sdpa_sees_for_fresh_prompts():
 
 def test_attention_warm_up_runs_each_distinct_layer_on_fresh_prompts_within_the_budget(
         make_hf_model, monkeypatch):
-    """Through the backend's own forward, no KV cache (a prompt with no cached
-    context), one call per distinct layer shape and length, shortest first."""
-    with LLM(make_hf_model("llama"), dtype="bfloat16", skip_warm_up=True) as llm:
+    """Through the backend's own forward on the layer's KV cache (a prompt with no
+    cached context), one call per distinct layer shape and length, shortest first,
+    never past the cache's blocks."""
+    with LLM(make_hf_model("llama"), dtype="bfloat16", skip_warm_up=True,
+             block_size=16) as llm:
         model = llm.llm_engine.executor.worker.model_runner.model
-        impl_cls = type(model.model.layers[0].self_attn.attn.impl)
+        layer = model.model.layers[0].self_attn.attn
+        impl_cls = type(layer.impl)
         calls = []
         real = impl_cls.forward
 
         def recorded(self, layer, query, key, value, kv_cache, md):
             out = real(self, layer, query, key, value, kv_cache, md)
-            calls.append((md.query_lens, md.seq_lens, kv_cache.numel(), query.dtype,
-                          tuple(out.shape)))
+            calls.append((md.query_lens, md.seq_lens, kv_cache is layer.kv_cache,
+                          md.block_tables.tolist(), query.dtype, tuple(out.shape)))
             return out
 
         monkeypatch.setattr(impl_cls, "forward", recorded)
-        assert warm_up_attention(model, 300, torch.bfloat16, flop_budget=0) == 0 and not calls
+        args = (model, 300, torch.bfloat16, 16, 64)
+        assert warm_up_attention(*args, flop_budget=0) == 0 and not calls
         lengths = prompt_length_buckets(300)
-        assert warm_up_attention(model, 300, torch.bfloat16,
-                                 flop_budget=float("inf")) == len(lengths)
+        assert warm_up_attention(*args, flop_budget=float("inf")) == len(lengths)
         # the model's two layers share a shape (4 heads of 16): one call per length
-        assert calls == [([n], [n], 0, torch.bfloat16, (n, 64)) for n in lengths]
+        assert calls == [([n], [n], True, [list(range(-(-n // 16)))], torch.bfloat16, (n, 64))
+                         for n in lengths]
         calls.clear()
         budget = 2 * 64 * (lengths[0] ** 2 + lengths[1] ** 2)
-        assert warm_up_attention(model, 300, torch.bfloat16, flop_budget=budget) == 2
+        assert warm_up_attention(*args, flop_budget=budget) == 2
         assert [c[0] for c in calls] == [[lengths[0]], [lengths[1]]]
+        # a cache of 5 blocks of 16 holds prompts of up to 80 tokens
+        calls.clear()
+        warm_up_attention(model, 300, torch.bfloat16, 16, 5, flop_budget=float("inf"))
+        assert max(c[0][0] for c in calls) == max(prompt_length_buckets(80))
 
 
 _FIRST_BATCH = textwrap.dedent("""

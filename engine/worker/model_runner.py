@@ -291,7 +291,8 @@ class ModelRunner:
         buckets = warm_up_linear_buckets(self.model, budget)
         buckets_done = time.perf_counter()
         lengths = warm_up_attention(
-            self.model, min(budget, self.config.model_config.max_model_len), self.dtype)
+            self.model, min(budget, self.config.model_config.max_model_len), self.dtype,
+            self.config.cache_config.block_size, num_blocks)
         end = time.perf_counter()
         logger.info("warm-up: %d steps (%.2f s), %d linear row buckets (%.2f s), %d prompt "
                     "lengths (%.2f s) in %.2f s", steps, steps_done - start, buckets,

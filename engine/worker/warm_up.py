@@ -222,14 +222,16 @@ def prompt_length_buckets(max_len: int) -> list[int]:
     return sorted({shape_bucket(n) for n in range(2, max_len + 1)})
 
 
-def warm_up_attention(model: nn.Module, max_len: int, dtype: torch.dtype,
-                      flop_budget: float | None = None) -> int:
+def warm_up_attention(model: nn.Module, max_len: int, dtype: torch.dtype, block_size: int,
+                      num_blocks: int, flop_budget: float | None = None) -> int:
     """Run each distinct attention layer of `model` (backend, heads, head size)
     on one fresh prompt of every length in `prompt_length_buckets(max_len)`,
-    shortest first, through its backend's `forward` with no KV cache (attention
-    within the step, the path of a prompt with no cached context), while the
-    FLOPs stay within `flop_budget` (default `ATTENTION_SHAPE_FLOPS`). Returns
-    the number of lengths run."""
+    shortest first, through its backend's `forward` on its own KV cache (blocks
+    0, 1, ... of `num_blocks` blocks of `block_size`, which no request reads
+    before writing), while the FLOPs stay within `flop_budget` (default
+    `ATTENTION_SHAPE_FLOPS`). That is the path of a prompt with no cached
+    context, whichever kernel the backend picks for it. Returns the number of
+    lengths run."""
     if flop_budget is None:
         flop_budget = ATTENTION_SHAPE_FLOPS
     layers = {}
@@ -239,18 +241,18 @@ def warm_up_attention(model: nn.Module, max_len: int, dtype: torch.dtype,
     if not layers:
         return 0
     flops_per_square = 2 * sum(a.num_heads * a.head_size for a in layers.values())
-    no_cache = torch.empty(0, dtype=dtype)
     spent, done = 0.0, 0
     with torch.inference_mode():
-        for n in prompt_length_buckets(max_len):
+        for n in prompt_length_buckets(min(max_len, num_blocks * block_size)):
             spent += flops_per_square * n * n
             if spent > flop_budget:
                 break
-            md = AttentionMetadata.build([n], [n], [[0] * n], list(range(n)), block_size=1)
+            table = list(range(-(-n // block_size)))
+            md = AttentionMetadata.build([n], [n], [table], list(range(n)), block_size)
             for layer in layers.values():
                 q = torch.zeros((n, layer.num_heads * layer.head_size), dtype=dtype)
                 kv = torch.zeros((n, layer.num_kv_heads * layer.head_size), dtype=dtype)
                 md.backend_state.clear()
-                layer.impl.forward(layer, q, kv, kv, no_cache, md)
+                layer.impl.forward(layer, q, kv, kv, layer.kv_cache, md)
             done += 1
     return done
