@@ -25,8 +25,9 @@ prompts take, also builds its blocks per (bucketed) shape on first use.
 It leaves nothing behind: the steps never reach the scheduler (no KV block is
 allocated, the prefix cache and the statistics never see them), their
 sequences have negative ids (never a request's) and are dropped at the end, and
-the few cache blocks they write (all sequences share the first ones) hold finite
-values that no request reads before writing (as after any finished request).
+the cache blocks they write (all sequences share the first ones; the attention
+stage writes blocks 0, 1, ... up to its longest prompt) hold finite values that
+no request reads before writing (as after any finished request).
 """
 
 from __future__ import annotations
