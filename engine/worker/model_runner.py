@@ -292,7 +292,7 @@ class ModelRunner:
         buckets_done = time.perf_counter()
         lengths = warm_up_attention(
             self.model, min(budget, self.config.model_config.max_model_len), self.dtype,
-            self.config.cache_config.block_size, num_blocks)
+            self.config.cache_config.block_size, num_blocks, device=self.device)
         end = time.perf_counter()
         logger.info("warm-up: %d steps (%.2f s), %d linear row buckets (%.2f s), %d prompt "
                     "lengths (%.2f s) in %.2f s", steps, steps_done - start, buckets,

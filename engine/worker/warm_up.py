@@ -224,15 +224,16 @@ def prompt_length_buckets(max_len: int) -> list[int]:
 
 
 def warm_up_attention(model: nn.Module, max_len: int, dtype: torch.dtype, block_size: int,
-                      num_blocks: int, flop_budget: float | None = None) -> int:
+                      num_blocks: int, flop_budget: float | None = None,
+                      device: torch.device | str = "cpu") -> int:
     """Run each distinct attention layer of `model` (backend, heads, head size)
     on one fresh prompt of every length in `prompt_length_buckets(max_len)`,
     shortest first, through its backend's `forward` on its own KV cache (blocks
     0, 1, ... of `num_blocks` blocks of `block_size`, which no request reads
     before writing), while the FLOPs stay within `flop_budget` (default
-    `ATTENTION_SHAPE_FLOPS`). That is the path of a prompt with no cached
-    context, whichever kernel the backend picks for it. Returns the number of
-    lengths run."""
+    `ATTENTION_SHAPE_FLOPS`), with inputs on `device`. That is the path of a
+    prompt with no cached context, whichever kernel the backend picks for it.
+    Returns the number of lengths run."""
     if flop_budget is None:
         flop_budget = ATTENTION_SHAPE_FLOPS
     layers = {}
@@ -249,10 +250,11 @@ def warm_up_attention(model: nn.Module, max_len: int, dtype: torch.dtype, block_
             if spent > flop_budget:
                 break
             table = list(range(-(-n // block_size)))
-            md = AttentionMetadata.build([n], [n], [table], list(range(n)), block_size)
+            md = AttentionMetadata.build([n], [n], [table], list(range(n)), block_size, device)
             for layer in layers.values():
-                q = torch.zeros((n, layer.num_heads * layer.head_size), dtype=dtype)
-                kv = torch.zeros((n, layer.num_kv_heads * layer.head_size), dtype=dtype)
+                q = torch.zeros((n, layer.num_heads * layer.head_size), dtype=dtype, device=device)
+                kv = torch.zeros((n, layer.num_kv_heads * layer.head_size), dtype=dtype,
+                                 device=device)
                 md.backend_state.clear()
                 layer.impl.forward(layer, q, kv, kv, layer.kv_cache, md)
             done += 1
