@@ -1,0 +1,105 @@
+"""The prompt path's fused SwiGLU: a gate_up projection made with
+``gated_activation=True`` keeps its gate and up halves packed apart for oneDNN, and
+for prompt-sized inputs computes ``silu(gate) * up`` inside the two matmuls
+(`engine.ops.linear.onednn_silu_and_mul`) instead of writing the [rows, 2 * d]
+projection and reading it back in `SiluAndMul`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.config import CompilationConfig, EngineConfig, ModelConfig, set_current_engine_config
+from engine.ops import MergedColumnParallelLinear, SiluAndMul
+from engine.ops.linear import AMX_MAX_ROWS, pack_linear_weights
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "compiled")
+
+IN, D = 64, 96
+# bfloat16: the fused path rounds the gate once (after SiLU) where the unfused one
+# rounds before and after it, and both round the product: within a few bf16 ulps
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+def _gated_layer(dtype: torch.dtype, bias: bool, seed: int = 0) -> MergedColumnParallelLinear:
+    gen = torch.Generator().manual_seed(seed)
+    layer = MergedColumnParallelLinear(IN, [D, D], bias=bias, gated_activation=True)
+    layer.weight.data = (torch.randn(2 * D, IN, generator=gen) / IN**0.5).to(dtype)
+    if bias:
+        layer.bias.data = torch.randn(2 * D, generator=gen).to(dtype)
+    assert pack_linear_weights(torch.nn.ModuleList([layer])) == 1
+    return layer
+
+
+def _reference(layer: MergedColumnParallelLinear, x: torch.Tensor) -> torch.Tensor:
+    """silu(x G^T + g) * (x U^T + u) in float64 from the layer's own (rounded) values."""
+    bias = None if layer.bias is None else layer.bias.double()
+    gate_up = F.linear(x.double(), layer.weight.double(), bias)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == dtype
+    err = (got.double() - want).abs().max().item()
+    assert err <= TOLERANCE[dtype] * max(1.0, want.abs().max().item()), f"max error {err}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [3, AMX_MAX_ROWS + 1, 100, 300])
+def test_gated_projection_equals_projection_then_silu_and_mul(dtype, bias, rows):
+    layer = _gated_layer(dtype, bias)
+    assert layer.packed_weight is None
+    assert layer.packed_gate is not None and layer.packed_up is not None
+    x = torch.randn(rows, IN, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    want = _reference(layer, x)
+    _assert_close(layer.silu_and_mul(x, SiluAndMul()), want, dtype)
+    # the projection alone (what LoRA and a replaced activation get): both halves
+    gate_up = layer(x)
+    assert gate_up.shape == (rows, 2 * D)
+    _assert_close(SiluAndMul()(gate_up), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_sized_inputs_run_no_separate_activation(dtype):
+    layer = _gated_layer(dtype, bias=False)
+    act = SiluAndMul()
+    ran = {}
+    for rows in (2, 200):
+        x = torch.randn(rows, IN).to(dtype)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            layer.silu_and_mul(x, act)
+        ran[rows] = {event.key for event in prof.key_averages()}
+    assert "engine_kernels::silu_and_mul" in ran[2]  # decode-sized: kernels, then SiLU-and-mul
+    assert "engine_kernels::silu_and_mul" not in ran[200]
+    assert "mkldnn::_linear_pointwise" in ran[200]
+
+
+def test_lora_and_a_disabled_activation_take_the_unfused_path():
+    layer = _gated_layer(torch.bfloat16, bias=False)
+    x = torch.randn(100, IN).to(torch.bfloat16)
+    want = _reference(layer, x)
+    # LoRA adds its delta to the projection's output: the fused path would lose it
+    layer.lora = lambda inp, out: out + 1.0
+    gate, up = F.linear(x.double(), layer.weight.double()).chunk(2, -1)
+    _assert_close(layer.silu_and_mul(x, SiluAndMul()), F.silu(gate + 1.0) * (up + 1.0),
+                  torch.bfloat16)
+    layer.lora = None
+    # custom_ops="-silu_and_mul": forward_native, which the fused path must not bypass
+    with set_current_engine_config(EngineConfig(
+            ModelConfig(model="unused"),
+            compilation_config=CompilationConfig(custom_ops=["-silu_and_mul"]))):
+        disabled = SiluAndMul()
+    assert not disabled.uses_cpu_forward() and SiluAndMul().uses_cpu_forward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = layer.silu_and_mul(x, disabled)
+    assert "aten::silu" in {event.key for event in prof.key_averages()}
+    _assert_close(got, want, torch.bfloat16)
+
+
+def test_gated_activation_needs_two_equal_halves():
+    with pytest.raises(ValueError, match="mlp.gate_up_proj: gated_activation needs two equal"):
+        MergedColumnParallelLinear(IN, [D, 2 * D], gated_activation=True,
+                                   prefix="mlp.gate_up_proj")
