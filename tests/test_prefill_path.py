@@ -1,8 +1,9 @@
-"""The prompt path's fused SwiGLU: a gate_up projection made with
-``gated_activation=True`` keeps its gate and up halves packed apart for oneDNN, and
-for prompt-sized inputs computes ``silu(gate) * up`` inside the two matmuls
-(`engine.ops.linear.onednn_silu_and_mul`) instead of writing the [rows, 2 * d]
-projection and reading it back in `SiluAndMul`."""
+"""The prompt path (docs/prefill.md): the fused SwiGLU, where a gate_up projection
+made with ``gated_activation=True`` keeps its gate and up halves packed apart for
+oneDNN and for prompt-sized inputs computes ``silu(gate) * up`` inside the two
+matmuls (`engine.ops.linear.onednn_silu_and_mul`) instead of writing the
+[rows, 2 * d] projection and reading it back in `SiluAndMul`; and the KV cache's
+memory on ordinary pages, so that a step's cache write never zeroes a huge page."""
 
 from __future__ import annotations
 
@@ -103,3 +104,38 @@ def test_gated_activation_needs_two_equal_halves():
     with pytest.raises(ValueError, match="mlp.gate_up_proj: gated_activation needs two equal"):
         MergedColumnParallelLinear(IN, [D, 2 * D], gated_activation=True,
                                    prefix="mlp.gate_up_proj")
+
+
+def _mapping_of(address: int) -> dict[str, str]:
+    """The /proc/self/smaps fields of the mapping that holds `address`."""
+    fields: dict[str, str] | None = None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(part, 16) for part in head.split("-"))
+            fields = {} if start <= address < end else None
+            if fields is not None:
+                found = fields
+        elif fields is not None:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return found
+
+
+def test_kv_cache_memory_is_untouched_and_not_huge_pages():
+    """The KV cache is filled a few blocks per step: a transparent huge page would
+    be zeroed (and compacted for) 2 MiB at a time inside a step's cache write,
+    so the cache's memory is advised to ordinary pages, and stays untouched
+    (not resident) until written."""
+    from engine.worker.worker import _zeroed_untouched
+
+    cache = _zeroed_untouched((2, 2048, 16, 3, 64), torch.bfloat16, None)  # 24 MiB
+    inside = cache.data_ptr() + (1 << 20)  # the allocation's first page may be shared
+    mapping = _mapping_of(inside)
+    assert "nh" in mapping["VmFlags"].split(), mapping["VmFlags"]
+    assert int(mapping["Rss"].split()[0]) < 1024  # kB: nothing written yet
+    cache[:, 100:300] = 1  # a few blocks written: only their pages become resident
+    mapping = _mapping_of(inside)
+    assert int(mapping["AnonHugePages"].split()[0]) == 0
+    assert int(mapping["Rss"].split()[0]) < 8 * 1024
+    assert cache[:, :100].abs().sum() == 0 and cache[0, 100:300].min() == 1
