@@ -7,6 +7,8 @@ memory on ordinary pages, so that a step's cache write never zeroes a huge page.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,3 +141,37 @@ def test_kv_cache_memory_is_untouched_and_not_huge_pages():
     assert int(mapping["AnonHugePages"].split()[0]) == 0
     assert int(mapping["Rss"].split()[0]) < 8 * 1024
     assert cache[:, :100].abs().sum() == 0 and cache[0, 100:300].min() == 1
+
+
+# Teacher-forced top-1 agreement of the engine's bf16 prompt steps with transformers
+# in bf16 on the trained default model (different kernels, so near-ties may flip;
+# the same bar as tests/test_dtype.py's greedy check)
+BF16_PROMPT_AGREEMENT = 0.95
+
+
+@pytest.mark.slow
+def test_bf16_prompt_steps_agree_with_transformers():
+    """Every prompt here is longer than AMX_MAX_ROWS tokens, so each layer's
+    gate/up runs the fused oneDNN path: the engine predicts the token after each
+    prefix of a real text, and its argmax agrees with transformers' at that
+    position at least BF16_PROMPT_AGREEMENT of the time."""
+    import transformers
+    from tokenizers import Tokenizer
+
+    from engine import LLM, SamplingParams
+
+    model_dir = Path(__file__).resolve().parent.parent / "engine" / "default_model"
+    text = (Path(__file__).resolve().parent.parent / "engine" / "ops" / "linear.py").read_text()
+    ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text).ids[:160]
+    starts = range(AMX_MAX_ROWS + 8, len(ids), 4)
+    llm = LLM(dtype="bfloat16", kv_cache_memory=1 << 24, enable_prefix_caching=False)
+    outs = llm.generate([ids[:t] for t in starts],
+                        SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    llm.shutdown()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir,
+                                                           dtype=torch.bfloat16).eval()
+    with torch.inference_mode():
+        ref = hf(torch.tensor([ids])).logits[0].argmax(-1).tolist()
+    agree = sum(out.outputs[0].token_ids[0] == ref[t - 1]
+                for t, out in zip(starts, outs, strict=True))
+    assert agree / len(outs) >= BF16_PROMPT_AGREEMENT, f"{agree}/{len(outs)} positions agree"
