@@ -170,8 +170,9 @@ def _bucket_rows(x: torch.Tensor) -> torch.Tensor:
     bucket = shape_bucket(rows)
     if rows <= AMX_MAX_ROWS or bucket == rows:
         return x
-    padded = x.new_zeros((bucket, x.shape[1]))
+    padded = x.new_empty((bucket, x.shape[1]))
     padded[:rows] = x
+    padded[rows:].zero_()  # one pass over the memory, not a zero fill and then a copy
     return padded
 
 
