@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import engine.kernels as kernels
 from engine.config import CompilationConfig, EngineConfig, ModelConfig, set_current_engine_config
 from engine.ops import MergedColumnParallelLinear, SiluAndMul
 from engine.ops.linear import AMX_MAX_ROWS, pack_linear_weights
@@ -51,8 +52,12 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [3, AMX_MAX_ROWS + 1, 100, 300])
-def test_gated_projection_equals_projection_then_silu_and_mul(dtype, bias, rows):
+# 3: the GEMV kernels; 20: the AMX kernel, or with the portable path oneDNN fused
+@pytest.mark.parametrize("rows", [3, 20, AMX_MAX_ROWS + 1, 100, 300])
+@pytest.mark.parametrize("path", ["auto", "portable"])
+def test_gated_projection_equals_projection_then_silu_and_mul(monkeypatch, dtype, bias, rows,
+                                                              path):
+    monkeypatch.setenv(kernels.PATH_ENV, path)
     layer = _gated_layer(dtype, bias)
     assert layer.packed_weight is None
     assert layer.packed_gate is not None and layer.packed_up is not None
