@@ -123,28 +123,35 @@ def test_prefill_row_buckets_are_every_shape_a_prompt_step_reaches_onednn_with()
 
 def test_linear_buckets_run_each_distinct_layer_shape_within_the_flop_budget(make_hf_model,
                                                                            monkeypatch):
-    """Every layer of a shape shares oneDNN's primitive: one call per distinct
-    (weight shape, dtype, bias) and bucket, smallest buckets first, no further than
-    the budget allows."""
+    """Every layer of a shape shares oneDNN's primitives: one call per distinct
+    (weight shape, dtype, bias, fused activation) and bucket, as a prompt step
+    makes it (the gate-up projection with SiLU-and-mul inside its matmuls),
+    smallest buckets first, no further than the budget allows."""
     with LLM(make_hf_model("llama"), dtype="bfloat16", skip_warm_up=True) as llm:
         model = llm.llm_engine.executor.worker.model_runner.model
         calls = []
-        real = warm_up.packed_linear
+        real_linear, real_gated = warm_up.packed_linear, warm_up.onednn_silu_and_mul
 
-        def recorded(x, packed, bias, weight, amx):
-            calls.append((x.shape[0], tuple(weight.shape), bias is not None))
-            return real(x, packed, bias, weight, amx)
+        def linear(x, packed, bias, weight, amx_packed):
+            calls.append((x.shape[0], tuple(weight.shape), "linear"))
+            return real_linear(x, packed, bias, weight, amx_packed)
 
-        monkeypatch.setattr(warm_up, "packed_linear", recorded)
+        def gated(x, gate, up, gate_bias, up_bias):
+            calls.append((x.shape[0], (gate.shape[0] + up.shape[0], x.shape[1]), "gated"))
+            return real_gated(x, gate, up, gate_bias, up_bias)
+
+        monkeypatch.setattr(warm_up, "packed_linear", linear)
+        monkeypatch.setattr(warm_up, "onednn_silu_and_mul", gated)
         assert warm_up_linear_buckets(model, 4096, flop_budget=0) == 0 and not calls
         everything = prefill_row_buckets(1000)
         assert warm_up_linear_buckets(model, 1000, flop_budget=float("inf")) == len(everything)
         # hidden 64, intermediate 128, 4 heads (2 KV) of 16: qkv, o, gate_up, down
-        shapes = {(128, 64), (64, 64), (256, 64), (64, 128)}
-        assert {c[1] for c in calls} == shapes and not any(c[2] for c in calls)
+        shapes = {((128, 64), "linear"), ((64, 64), "linear"), ((256, 64), "gated"),
+                  ((64, 128), "linear")}
+        assert {c[1:] for c in calls} == shapes
         assert len(calls) == len(shapes) * len(everything)
         assert sorted({c[0] for c in calls}) == everything
-        flops_per_row = 2 * sum(n * k for n, k in shapes)
+        flops_per_row = 2 * sum(n * k for (n, k), _ in shapes)
         calls.clear()
         budget = flops_per_row * (everything[0] + everything[1])
         assert warm_up_linear_buckets(model, 1000, flop_budget=budget) == 2

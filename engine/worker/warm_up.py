@@ -32,7 +32,8 @@ no request reads before writing (as after any finished request).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ from engine.ops.linear import (
     AMX_MAX_ROWS,
     ColumnParallelLinear,
     RowParallelLinear,
+    onednn_silu_and_mul,
     packed_linear,
 )
 from engine.sampling_params import SamplingParams
@@ -172,24 +174,43 @@ def prefill_row_buckets(max_rows: int) -> list[int]:
     return sorted({shape_bucket(rows) for rows in range(AMX_MAX_ROWS + 1, max_rows + 1)})
 
 
-def _linear_shapes(model: nn.Module) -> dict[tuple, tuple[torch.Tensor, torch.Tensor | None,
-                                                          torch.Tensor, torch.Tensor | None]]:
-    """One (packed weight, bias, weight, AMX copy) per distinct oneDNN call of the
-    model's prepacked linear layers, keyed by what oneDNN's primitive depends on
-    (weight shape, dtype, with or without a bias)."""
-    shapes: dict[tuple, tuple] = {}
+def _linear_products(model: nn.Module) -> dict[tuple, tuple[torch.Tensor,
+                                                            Callable[[torch.Tensor], Any]]]:
+    """One (weight, product) per distinct oneDNN call of the model's prepacked
+    linear layers as a prompt step runs them, keyed by what oneDNN's primitives
+    depend on (weight shape, dtype, bias, fused activation); `product(x)` runs
+    it on `x` [rows, in]. A gate-up projection packed in halves
+    (``gated_activation``) runs as prompt steps run it, with SiLU-and-mul inside
+    the two matmuls (`onednn_silu_and_mul`)."""
+    products: dict[tuple, tuple] = {}
     for module in model.modules():
         if not isinstance(module, ColumnParallelLinear | RowParallelLinear):
             continue
+        if module.quant_weight is not None:
+            continue  # its quantization method's kernels run it
+        weight, bias = module.weight, module.bias
+        gate, up = getattr(module, "packed_gate", None), getattr(module, "packed_up", None)
         packed = getattr(module, "packed_weight", None)
-        if packed is None or module.quant_weight is not None:
+        if gate is not None and up is not None:
+            biases = (None, None) if bias is None else bias.chunk(2)
+            product = partial(_silu_and_mul, gate=gate, up=up, biases=biases)
+            kind = "silu_and_mul"
+        elif packed is not None:
+            if isinstance(module, RowParallelLinear) and module.tp_size > 1:
+                bias = None  # added after the all-reduce (RowParallelLinear.forward)
+            product = partial(packed_linear, packed=packed, bias=bias, weight=weight,
+                              amx_packed=module.amx_weight)
+            kind = "linear"
+        else:
             continue
-        bias = module.bias
-        if isinstance(module, RowParallelLinear) and module.tp_size > 1:
-            bias = None  # added after the all-reduce (RowParallelLinear.forward)
-        key = (tuple(module.weight.shape), module.weight.dtype, bias is not None)
-        shapes.setdefault(key, (packed, bias, module.weight, module.amx_weight))
-    return shapes
+        key = (tuple(weight.shape), weight.dtype, bias is not None, kind)
+        products.setdefault(key, (weight, product))
+    return products
+
+
+def _silu_and_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                  biases: tuple[torch.Tensor | None, torch.Tensor | None]) -> torch.Tensor:
+    return onednn_silu_and_mul(x, gate, up, *biases)
 
 
 def warm_up_linear_buckets(model: nn.Module, max_rows: int,
@@ -200,19 +221,18 @@ def warm_up_linear_buckets(model: nn.Module, max_rows: int,
     Returns the number of buckets run."""
     if flop_budget is None:
         flop_budget = LINEAR_BUCKET_FLOPS
-    shapes = _linear_shapes(model)
-    if not shapes:
+    products = _linear_products(model)
+    if not products:
         return 0
-    flops_per_row = 2 * sum(w.shape[0] * w.shape[1] for _, _, w, _ in shapes.values())
+    flops_per_row = 2 * sum(w.shape[0] * w.shape[1] for w, _ in products.values())
     spent, done = 0.0, 0
     with torch.inference_mode():
         for rows in prefill_row_buckets(max_rows):
             spent += flops_per_row * rows
             if spent > flop_budget:
                 break
-            for packed, bias, weight, amx in shapes.values():
-                x = weight.new_zeros((rows, weight.shape[1]))
-                packed_linear(x, packed, bias, weight, amx)
+            for weight, product in products.values():
+                product(weight.new_zeros((rows, weight.shape[1])))
             done += 1
     return done
 
