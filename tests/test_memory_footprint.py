@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import subprocess_env
 from test_gguf import write_gguf
+from test_prefill_path import _mapping_of
 
 from engine import LLM
 from engine.model_loader import gguf as gguf_module
@@ -78,21 +79,6 @@ def test_a_gguf_model_holds_its_weights_at_their_quantized_size(tied_llama, tmp_
     assert file_bytes <= held["weights"] <= file_bytes + rotary + 4096, (held, file_bytes)
 
 
-def _mapping_of(address: int) -> dict[str, int]:
-    """The /proc/self/smaps entry holding `address`: its size and resident kB."""
-    entry: dict[str, int] | None = None
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                start, end = (int(x, 16) for x in head.split("-"))
-                entry = {"size_kb": (end - start) // 1024} if start <= address < end else None
-            elif entry is not None and head == "Rss:":
-                entry["rss_kb"] = int(line.split()[1])
-                return entry
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
 def test_the_kv_cache_is_resident_only_where_written(tied_llama, tmp_path):
     from engine.attention import get_attention_layers
 
@@ -105,14 +91,14 @@ def test_the_kv_cache_is_resident_only_where_written(tied_llama, tmp_path):
     with LLM(str(path), dtype="float32", kv_cache_memory=cache_bytes) as llm:  # warm-up on
         model = llm.llm_engine.executor.worker.model_runner.model
         caches = [layer.kv_cache for layer in get_attention_layers(model)]
-        maps = [_mapping_of(c.data_ptr()) for c in caches]
+        maps = [_mapping_of(c.data_ptr()) for c in caches]  # smaps fields, "N kB"
         per_layer = caches[0].numel() * caches[0].element_size()
         # zeros where the warm-up did not write (read after the maps were measured)
         assert all(int((c != 0).sum()) < c.numel() // 4 for c in caches)
     for m in maps:  # each layer's cache is its own map, resident only where written
-        assert m["size_kb"] * 1024 >= per_layer
+        assert int(m["Size"].split()[0]) * 1024 >= per_layer
         # the warm-up writes the few blocks its sequences share (far below 1/4)
-        assert m["rss_kb"] * 1024 < per_layer // 4, (m, per_layer)
+        assert int(m["Rss"].split()[0]) * 1024 < per_layer // 4, (m, per_layer)
 
 
 def test_the_gguf_parse_is_dropped_once_the_weights_are_read(tied_llama, tmp_path):
