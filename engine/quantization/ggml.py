@@ -1,7 +1,11 @@
 """The built-in quantization methods: llama.cpp's block formats (GGUF tensor types).
 
 Each method keeps a weight as GGUF stores it, ``{"blocks": uint8 [N, row_bytes]}``,
-and runs it with the compiled kernels of ``engine/kernels/ggml_quant.cpp``:
+and runs it with the compiled kernels of ``engine/kernels/ggml_quant.cpp``. Once a
+layer is loaded, the 32-value types (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0) are repacked
+(`GGMLBlockMethod.pack`) into ``{"interleaved": uint8 [N, row_bytes]}``: the same
+bytes with the blocks of 16 rows interleaved, the layout the decode kernel
+streams in order (its comment in ggml_quant.cpp, "interleaved groups"):
 
 - few rows (decode steps, small batches): ``ggml_linear`` reads every block once.
   With bfloat16 activations each 32-value chunk of x is quantized to int8 and
@@ -99,6 +103,23 @@ class GGMLBlockMethod(QuantizationMethod):
     def row_bytes(self, cols: int) -> int:
         return cols // self.block_values * self.block_bytes
 
+    @staticmethod
+    def _stored(weight: QuantizedTensor) -> tuple[torch.Tensor, bool]:
+        """The weight's bytes, and whether they are interleaved (`pack`)."""
+        if "interleaved" in weight.tensors:
+            return weight.tensors["interleaved"], True
+        return weight.tensors["blocks"], False
+
+    def pack(self, weight: QuantizedTensor) -> QuantizedTensor:
+        """The 32-value types' blocks interleaved by groups of 16 rows (same
+        size), when the kernels are loaded; other types as they are."""
+        if self.block_values != 32 or "blocks" not in weight.tensors or not kernel_paths():
+            return weight
+        blocks = weight.tensors["blocks"]
+        out = torch.empty_like(blocks)
+        torch.ops.engine_kernels.ggml_interleave(out, blocks, self.type_id)
+        return QuantizedTensor(self, weight.shape, {"interleaved": out})
+
     def from_gguf(self, blocks: torch.Tensor, shape: Sequence[int]) -> QuantizedTensor:
         rows, cols = shape
         if not self.supports(shape) or tuple(blocks.shape) != (rows, self.row_bytes(cols)):
@@ -120,10 +141,12 @@ class GGMLBlockMethod(QuantizationMethod):
         return gguf.quants.quantize(values, gguf.GGMLQuantizationType[str(self.gguf_type)])
 
     def dequantize(self, weight: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        out = torch.empty(tuple(weight.shape), dtype=dtype)
-        if dtype in (torch.float32, torch.bfloat16) and kernel_paths():
-            torch.ops.engine_kernels.ggml_dequantize(out, weight.tensors["blocks"], self.type_id)
-            return out
+        stored, interleaved = self._stored(weight)
+        if kernel_paths():  # the kernels write float32 or bfloat16
+            kernel_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+            out = torch.empty(tuple(weight.shape), dtype=kernel_dtype)
+            torch.ops.engine_kernels.ggml_dequantize(out, stored, self.type_id, interleaved)
+            return out.to(dtype)
         import gguf
 
         values = gguf.dequantize(weight.tensors["blocks"].numpy(),
@@ -140,18 +163,20 @@ class GGMLBlockMethod(QuantizationMethod):
         out = x2.new_empty((x2.shape[0], weight.shape[0]))
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
+        stored, interleaved = self._stored(weight)
         if x2.shape[0] > MAX_KERNEL_ROWS:
-            torch.ops.engine_kernels.ggml_matmul(out, x2, weight.tensors["blocks"], self.type_id,
-                                                 bias, PREFILL_TILE_BYTES)
+            torch.ops.engine_kernels.ggml_matmul(out, x2, stored, self.type_id, bias,
+                                                 PREFILL_TILE_BYTES, interleaved)
         else:
-            torch.ops.engine_kernels.ggml_linear(out, x2, weight.tensors["blocks"], self.type_id,
-                                                 bias, kernel_path(x.dtype))
+            torch.ops.engine_kernels.ggml_linear(out, x2, stored, self.type_id, bias,
+                                                 kernel_path(x.dtype), interleaved)
         return out.reshape(*lead, weight.shape[0])
 
     def embedding(self, weight: QuantizedTensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = ids.reshape(-1).to(torch.long).contiguous()
         out = torch.empty((flat.shape[0], weight.shape[1]), dtype=dtype)
-        torch.ops.engine_kernels.ggml_embedding(out, flat, weight.tensors["blocks"], self.type_id)
+        stored, interleaved = self._stored(weight)
+        torch.ops.engine_kernels.ggml_embedding(out, flat, stored, self.type_id, interleaved)
         return out.reshape(*ids.shape, weight.shape[1])
 
 
