@@ -278,16 +278,18 @@ inline uint32_t fifth_bits_from_column(uint32_t packed) {
 }
 
 // block `src` of a row into lane `lane` of the block column `col`, or back (`unpack`)
-template <bool kUnpack>
-void move_block(int64_t type, uint8_t* block, uint8_t* col, int lane) {
-  const BlockParts p = block_parts(type);
-  auto copy = [&](uint8_t* in_block, uint8_t* in_col, int64_t n) {
+// block `block` of a row into lane `lane` of the block column `col`, or back
+// (`kUnpack`); whole 4-byte runs at a time, since prompts unpack every row
+template <int64_t Type, bool kUnpack>
+inline void move_block(uint8_t* block, uint8_t* col, int lane) {
+  constexpr BlockParts p = block_parts(Type);
+  auto copy = [](uint8_t* in_block, uint8_t* in_col, int64_t n) {
     if (kUnpack) std::memcpy(in_block, in_col, n);
     else std::memcpy(in_col, in_block, n);
   };
   copy(block, col + 2 * lane, 2);
-  if (p.min_at >= 0) copy(block + p.min_at, col + p.col_min + 2 * lane, 2);
-  if (p.qh_at >= 0) {
+  if constexpr (p.min_at >= 0) copy(block + p.min_at, col + p.col_min + 2 * lane, 2);
+  if constexpr (p.qh_at >= 0) {
     uint32_t qh;
     if (kUnpack) {
       std::memcpy(&qh, col + p.col_qh + 4 * lane, 4);
@@ -299,14 +301,35 @@ void move_block(int64_t type, uint8_t* block, uint8_t* col, int lane) {
       std::memcpy(col + p.col_qh + 4 * lane, &qh, 4);
     }
   }
-  const uint8_t flip = type == kQ8_0 ? 0x80 : 0;
-  for (int j = 0; j < p.runs; ++j)
-    for (int k = 0; k < 4; ++k) {
-      uint8_t* b = block + p.qs_at + 4 * j + k;
-      uint8_t* c = col + p.col_qs + 64 * j + 4 * lane + k;
-      if (kUnpack) *b = *c ^ flip;
-      else *c = *b ^ flip;
-    }
+  constexpr uint32_t flip = Type == kQ8_0 ? 0x80808080u : 0u;
+  for (int j = 0; j < p.runs; ++j) {
+    uint8_t* b = block + p.qs_at + 4 * j;
+    uint8_t* c = col + p.col_qs + 64 * j + 4 * lane;
+    uint32_t run;
+    std::memcpy(&run, kUnpack ? c : b, 4);
+    run ^= flip;
+    std::memcpy(kUnpack ? b : c, &run, 4);
+  }
+}
+
+// every block of one row: the row's plain blocks <-> lane `lane` of its group
+template <int64_t Type, bool kUnpack>
+void move_row(uint8_t* row, uint8_t* group, int64_t row_bytes, int lane) {
+  constexpr int64_t bytes = block_parts(Type).bytes;
+  for (int64_t c = 0; c < row_bytes / bytes; ++c)
+    move_block<Type, kUnpack>(row + c * bytes, group + c * kGroup * bytes, lane);
+}
+
+template <bool kUnpack>
+void move_row(int64_t type, uint8_t* row, uint8_t* group, int64_t row_bytes, int lane) {
+  switch (type) {
+    case kQ4_0: return move_row<kQ4_0, kUnpack>(row, group, row_bytes, lane);
+    case kQ4_1: return move_row<kQ4_1, kUnpack>(row, group, row_bytes, lane);
+    case kQ5_0: return move_row<kQ5_0, kUnpack>(row, group, row_bytes, lane);
+    case kQ5_1: return move_row<kQ5_1, kUnpack>(row, group, row_bytes, lane);
+    case kQ8_0: return move_row<kQ8_0, kUnpack>(row, group, row_bytes, lane);
+    default: TORCH_CHECK(false, "ggml type ", type, " has no interleaved layout");
+  }
 }
 
 // Row n of a weight [N, row_bytes] as the file stores it: the row itself when
@@ -314,11 +337,8 @@ void move_block(int64_t type, uint8_t* block, uint8_t* col, int lane) {
 const uint8_t* file_row(const uint8_t* w, int64_t n, int64_t N, int64_t row_bytes, int64_t type,
                         bool interleaved, uint8_t* scratch) {
   if (!interleaved || n >= N / kGroup * kGroup) return w + n * row_bytes;
-  const int64_t bytes = block_parts(type).bytes;
-  const uint8_t* group = w + (n / kGroup) * kGroup * row_bytes;
-  for (int64_t c = 0; c < row_bytes / bytes; ++c)
-    move_block<true>(type, scratch + c * bytes, const_cast<uint8_t*>(group + c * kGroup * bytes),
-                     static_cast<int>(n % kGroup));
+  uint8_t* group = const_cast<uint8_t*>(w) + (n / kGroup) * kGroup * row_bytes;
+  move_row<true>(type, scratch, group, row_bytes, static_cast<int>(n % kGroup));
   return scratch;
 }
 
@@ -1035,13 +1055,11 @@ void ggml_interleave(at::Tensor out, const at::Tensor& blocks, int64_t type, boo
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, N / kGroup, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g)
-      for (int64_t l = 0; l < kGroup; ++l)
-        for (int64_t c = 0; c < row_bytes / bytes; ++c) {
-          const int64_t plain = (g * kGroup + l) * row_bytes + c * bytes;
-          uint8_t* col = (undo ? const_cast<uint8_t*>(src) : dst) + g * kGroup * row_bytes + c * kGroup * bytes;
-          if (undo) move_block<true>(type, dst + plain, col, static_cast<int>(l));
-          else move_block<false>(type, const_cast<uint8_t*>(src) + plain, col, static_cast<int>(l));
-        }
+      for (int64_t l = 0; l < kGroup; ++l) {
+        const int64_t plain = (g * kGroup + l) * row_bytes, group = g * kGroup * row_bytes;
+        if (undo) move_row<true>(type, dst + plain, const_cast<uint8_t*>(src) + group, row_bytes, l);
+        else move_row<false>(type, const_cast<uint8_t*>(src) + plain, dst + group, row_bytes, l);
+      }
   });
   std::memcpy(dst + whole * row_bytes, src + whole * row_bytes, (N - whole) * row_bytes);
 }
