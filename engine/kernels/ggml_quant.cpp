@@ -195,12 +195,40 @@ struct QuantizedRows {
   std::vector<float> sum;    // [M, K / 32]
 };
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// 16 values of x as float32
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+#endif
+
 template <typename T>
 void quantize_rows(const T* x, int64_t M, int64_t K, QuantizedRows* out) {
   const int64_t chunks = K / kChunk;
   out->q.resize(M * K);
   out->d.resize(M * chunks);
   out->sum.resize(M * chunks);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  // the same arithmetic as the loop below, 16 values a register (the rounding
+  // of _mm512_cvtps_epi32 is nearbyint's: to nearest, ties to even)
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const T* xs = x + m * K + c * kChunk;
+      const __m512 lo = load16(xs), hi = load16(xs + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+      const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inv)));
+      const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inv)));
+      int8_t* q = out->q.data() + m * K + c * kChunk;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qlo));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qhi));
+      out->d[m * chunks + c] = d;
+      out->sum[m * chunks + c] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
+    }
+  return;
+#endif
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < chunks; ++c) {
       const T* xs = x + m * K + c * kChunk;
@@ -999,8 +1027,11 @@ void ggml_matmul(at::Tensor out, const at::Tensor& x, const at::Tensor& blocks, 
   if (has_bias)
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == x.scalar_type(),
                 "bias must be a [N] of x's dtype");
-  // whole groups of an interleaved weight per tile (kGroup divides 16)
-  const int64_t rows = std::max<int64_t>(16, tile_bytes / (K * x.element_size()) / 16 * 16);
+  // tiles of equal size, whole groups of an interleaved weight each (kGroup
+  // divides 16): a remainder tile of a few rows would be a poor matmul
+  const int64_t most = std::max<int64_t>(16, tile_bytes / (K * x.element_size()) / 16 * 16);
+  const int64_t tiles = (N + most - 1) / most;
+  const int64_t rows = ((N + tiles - 1) / tiles + 15) / 16 * 16;
   at::Tensor tile = at::empty({std::min(rows, N), K}, x.options());
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t n = std::min(rows, N - n0);
