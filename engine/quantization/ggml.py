@@ -112,8 +112,11 @@ class GGMLBlockMethod(QuantizationMethod):
 
     def pack(self, weight: QuantizedTensor) -> QuantizedTensor:
         """The 32-value types' blocks interleaved by groups of 16 rows (same
-        size), when the kernels are loaded; other types as they are."""
-        if self.block_values != 32 or "blocks" not in weight.tensors or not kernel_paths():
+        size) where the CPU runs the avx512_vnni path, whose kernel reads that
+        layout; other types, and other CPUs, keep the blocks as they are (their
+        paths would rebuild each row as the file has it on every call)."""
+        if self.block_values != 32 or "blocks" not in weight.tensors \
+                or kernel_paths()[:1] != ["avx512_vnni"]:
             return weight
         blocks = weight.tensors["blocks"]
         out = torch.empty_like(blocks)
