@@ -115,7 +115,7 @@ def test_linear_kernels_equal_dequantize_then_matmul_on_every_path(qtype, cols, 
     bias = torch.randn(rows, generator=gen)
     for path in ["float", *kernel_paths()]:  # the best path first ... "portable" last
         tol = FLOAT_PATH_TOL if path == "float" else INT8_PATH_TOL
-        for m in (1, 3, 4, 7):
+        for m in (1, 3, 4, 7, 30):
             for dtype in (torch.float32, torch.bfloat16):
                 x = torch.randn(m, cols, generator=gen).to(dtype)
                 out = torch.empty(m, rows, dtype=dtype)
@@ -130,8 +130,9 @@ def test_linear_kernels_equal_dequantize_then_matmul_on_every_path(qtype, cols, 
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prompt_sized_products_run_tile_by_tile_and_equal_dequantize_then_matmul(qtype, dtype):
-    # ggml_matmul: 40 weight rows in tiles of 16 (the last one partial), 33 rows of x
-    rows, cols, m = 40, 512, 33
+    # ggml_matmul: 40 weight rows in tiles of 16 (the last one partial), 60 rows of x
+    # (more than MAX_INTERLEAVED_ROWS too)
+    rows, cols, m = 40, 512, 60
     blocks = _blocks(qtype, rows, cols, seed=3)
     ref_w = _reference(qtype, blocks, (rows, cols)).to(dtype)
     gen = torch.Generator().manual_seed(4)
@@ -146,7 +147,7 @@ def test_prompt_sized_products_run_tile_by_tile_and_equal_dequantize_then_matmul
     assert float((out.float() - ref).abs().max() / ref.abs().max()) <= tol
     method = get_quantization_method(qtype.lower())  # more than MAX_KERNEL_ROWS rows: this op
     stored = method.pack(method.from_gguf(torch.from_numpy(blocks), (rows, cols)))
-    through_method = method.linear(stored, x.reshape(3, 11, cols), bias).reshape(m, rows)
+    through_method = method.linear(stored, x.reshape(3, 20, cols), bias).reshape(m, rows)
     assert float((through_method.float() - ref).abs().max() / ref.abs().max()) <= tol
 
 

@@ -7,7 +7,8 @@ layer is loaded, the 32-value types (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0) are repacked
 bytes with the blocks of 16 rows interleaved, the layout the decode kernel
 streams in order (its comment in ggml_quant.cpp, "interleaved groups"):
 
-- few rows (decode steps, small batches): ``ggml_linear`` reads every block once.
+- few rows (decode steps, small batches: `MAX_KERNEL_ROWS`, `MAX_INTERLEAVED_ROWS`):
+  ``ggml_linear`` reads every block once.
   With bfloat16 activations each 32-value chunk of x is quantized to int8 and
   multiplied with integer dot products, on the best path this CPU's
   ``/proc/cpuinfo`` flags allow (`kernel_paths`); float32 activations take the
@@ -47,6 +48,9 @@ PATHS = {"float": (0, ()), "portable": (1, ()), "avx2": (2, ("avx2",)),
 PATH_ENV = "ENGINE_QUANT_KERNEL_PATH"
 # up to this many activation rows, the block kernel; more: dequantize, then a dense matmul
 MAX_KERNEL_ROWS = 16
+# the same for interleaved weights on the avx512_vnni path, whose kernel stays
+# ahead of dequantize-then-matmul to about 50 rows (benchmarks/bench_kernels.py --parts ggml)
+MAX_INTERLEAVED_ROWS = 48
 # bytes of dequantized weight per tile of a prompt-sized product (fits a core's L2)
 PREFILL_TILE_BYTES = 1 << 20
 
@@ -167,12 +171,15 @@ class GGMLBlockMethod(QuantizationMethod):
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
         stored, interleaved = self._stored(weight)
-        if x2.shape[0] > MAX_KERNEL_ROWS:
+        path = kernel_path(x.dtype)
+        most = MAX_INTERLEAVED_ROWS if interleaved and path == PATHS["avx512_vnni"][0] \
+            else MAX_KERNEL_ROWS
+        if x2.shape[0] > most:
             torch.ops.engine_kernels.ggml_matmul(out, x2, stored, self.type_id, bias,
                                                  PREFILL_TILE_BYTES, interleaved)
         else:
-            torch.ops.engine_kernels.ggml_linear(out, x2, stored, self.type_id, bias,
-                                                 kernel_path(x.dtype), interleaved)
+            torch.ops.engine_kernels.ggml_linear(out, x2, stored, self.type_id, bias, path,
+                                                 interleaved)
         return out.reshape(*lead, weight.shape[0])
 
     def embedding(self, weight: QuantizedTensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
