@@ -71,7 +71,8 @@ def test_dequantize_and_embedding_equal_the_gguf_package(qtype):
     ref = _reference(qtype, blocks, (rows, cols))
     method = get_quantization_method(qtype.lower())
     stored = method.from_gguf(torch.from_numpy(blocks), (rows, cols))
-    packed = method.pack(stored)  # 32-value types: one interleaved group, 8 rows as they are
+    packed = method.pack(method.from_gguf(torch.from_numpy(blocks.copy()), (rows, cols)))
+    # 32-value types: one interleaved group, 8 rows as they are
     assert ("interleaved" in packed.tensors) == (GGML_TYPES[qtype][1] == 32
                                                  and kernel_paths()[0] == "avx512_vnni")
     for weight in (stored, packed):
@@ -92,6 +93,11 @@ def test_interleaving_keeps_every_byte_and_undoes(qtype):
     assert not torch.equal(interleaved[:32], blocks[:32])
     assert torch.equal(interleaved[32:], blocks[32:])
     assert torch.equal(back, blocks)
+    in_place = blocks.clone()  # what `pack` does: no second copy of the weight
+    torch.ops.engine_kernels.ggml_interleave(in_place, in_place, type_id)
+    assert torch.equal(in_place, interleaved)
+    torch.ops.engine_kernels.ggml_interleave(in_place, in_place, type_id, True)
+    assert torch.equal(in_place, blocks)
     with pytest.raises(RuntimeError, match="no interleaved layout"):
         torch.ops.engine_kernels.ggml_interleave(back, blocks, GGML_TYPES["Q4_K"][0])
 

@@ -1072,7 +1072,9 @@ void ggml_embedding(at::Tensor out, const at::Tensor& ids, const at::Tensor& blo
   });
 }
 
-// `blocks` as the file stores them -> interleaved groups (or back, `undo`), same shape
+// `blocks` as the file stores them -> interleaved groups (or back, `undo`), same
+// shape; `out` may be `blocks` itself (a group at a time through a small copy),
+// so that repacking at load needs no second copy of the weight
 void ggml_interleave(at::Tensor out, const at::Tensor& blocks, int64_t type, bool undo) {
   TORCH_CHECK(interleavable(type), "ggml type ", type, " has no interleaved layout");
   const int64_t bytes = block_parts(type).bytes;
@@ -1080,19 +1082,21 @@ void ggml_interleave(at::Tensor out, const at::Tensor& blocks, int64_t type, boo
                   blocks.size(1) % bytes == 0, "blocks must be a contiguous uint8 [N, row_bytes]");
   TORCH_CHECK(out.sizes() == blocks.sizes() && out.scalar_type() == at::kByte && out.is_contiguous(),
               "out must be a contiguous uint8 tensor of the blocks' shape");
-  TORCH_CHECK(out.data_ptr() != blocks.data_ptr(), "out must not be the blocks themselves");
   const int64_t N = blocks.size(0), row_bytes = blocks.size(1), whole = N / kGroup * kGroup;
   const uint8_t* src = blocks.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, N / kGroup, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g)
+    std::vector<uint8_t> copy(kGroup * row_bytes);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t at = g * kGroup * row_bytes;
+      std::memcpy(copy.data(), src + at, copy.size());
       for (int64_t l = 0; l < kGroup; ++l) {
-        const int64_t plain = (g * kGroup + l) * row_bytes, group = g * kGroup * row_bytes;
-        if (undo) move_row<true>(type, dst + plain, const_cast<uint8_t*>(src) + group, row_bytes, l);
-        else move_row<false>(type, const_cast<uint8_t*>(src) + plain, dst + group, row_bytes, l);
+        if (undo) move_row<true>(type, dst + at + l * row_bytes, copy.data(), row_bytes, l);
+        else move_row<false>(type, copy.data() + l * row_bytes, dst + at, row_bytes, l);
       }
+    }
   });
-  std::memcpy(dst + whole * row_bytes, src + whole * row_bytes, (N - whole) * row_bytes);
+  if (dst != src) std::memcpy(dst + whole * row_bytes, src + whole * row_bytes, (N - whole) * row_bytes);
 }
 
 int64_t ggml_compiled_paths() {

@@ -48,8 +48,9 @@ PATHS = {"float": (0, ()), "portable": (1, ()), "avx2": (2, ("avx2",)),
 PATH_ENV = "ENGINE_QUANT_KERNEL_PATH"
 # up to this many activation rows, the block kernel; more: dequantize, then a dense matmul
 MAX_KERNEL_ROWS = 16
-# the same for interleaved weights on the avx512_vnni path, whose kernel stays
-# ahead of dequantize-then-matmul to about 50 rows (benchmarks/bench_kernels.py --parts ggml)
+# the same for interleaved weights and bfloat16 activations on the avx512_vnni path,
+# whose kernel stays ahead of dequantize-then-matmul to about 50 rows
+# (benchmarks/bench_kernels.py --parts ggml)
 MAX_INTERLEAVED_ROWS = 48
 # bytes of dequantized weight per tile of a prompt-sized product (fits a core's L2)
 PREFILL_TILE_BYTES = 1 << 20
@@ -115,17 +116,16 @@ class GGMLBlockMethod(QuantizationMethod):
         return weight.tensors["blocks"], False
 
     def pack(self, weight: QuantizedTensor) -> QuantizedTensor:
-        """The 32-value types' blocks interleaved by groups of 16 rows (same
-        size) where the CPU runs the avx512_vnni path, whose kernel reads that
+        """The 32-value types' blocks interleaved by groups of 16 rows, in
+        place (`weight` is spent), where the CPU runs the avx512_vnni path, whose kernel reads that
         layout; other types, and other CPUs, keep the blocks as they are (their
         paths would rebuild each row as the file has it on every call)."""
         if self.block_values != 32 or "blocks" not in weight.tensors \
                 or kernel_paths()[:1] != ["avx512_vnni"]:
             return weight
-        blocks = weight.tensors["blocks"]
-        out = torch.empty_like(blocks)
-        torch.ops.engine_kernels.ggml_interleave(out, blocks, self.type_id)
-        return QuantizedTensor(self, weight.shape, {"interleaved": out})
+        blocks = weight.tensors["blocks"]  # repacked in place: no second copy at load
+        torch.ops.engine_kernels.ggml_interleave(blocks, blocks, self.type_id)
+        return QuantizedTensor(self, weight.shape, {"interleaved": blocks})
 
     def from_gguf(self, blocks: torch.Tensor, shape: Sequence[int]) -> QuantizedTensor:
         rows, cols = shape
@@ -172,8 +172,10 @@ class GGMLBlockMethod(QuantizationMethod):
             bias = bias.to(x.dtype)
         stored, interleaved = self._stored(weight)
         path = kernel_path(x.dtype)
+        # bfloat16 only: float32 activations keep prompts of 17+ rows off the
+        # int8 path even where a test forces it for decode
         most = MAX_INTERLEAVED_ROWS if interleaved and path == PATHS["avx512_vnni"][0] \
-            else MAX_KERNEL_ROWS
+            and x.dtype == torch.bfloat16 else MAX_KERNEL_ROWS
         if x2.shape[0] > most:
             torch.ops.engine_kernels.ggml_matmul(out, x2, stored, self.type_id, bias,
                                                  PREFILL_TILE_BYTES, interleaved)

@@ -112,7 +112,9 @@ class QuantizationMethod:
         """`weight` (all the rows of one layer, of this method) in the layout
         its kernels read fastest, for `linear`, `dequantize` and `embedding`
         from then on. Called once per layer when loading is done; rows are no
-        longer sliced or stacked after it. By default `weight` as it is."""
+        longer sliced or stacked after it, and `weight` itself is not used
+        again (its tensors may be repacked in place). By default `weight` as
+        it is."""
         return weight
 
     def linear(self, weight: QuantizedTensor, x: torch.Tensor,
