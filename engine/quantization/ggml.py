@@ -46,6 +46,7 @@ GGML_TYPES: dict[str, tuple[int, int, int]] = {
 PATHS = {"float": (0, ()), "portable": (1, ()), "avx2": (2, ("avx2",)),
          "avx512_vnni": (3, ("avx2", "avx512_vnni", "avx512vl"))}
 PATH_ENV = "ENGINE_QUANT_KERNEL_PATH"
+_VNNI = PATHS["avx512_vnni"][0]
 # up to this many activation rows, the block kernel; more: dequantize, then a dense matmul
 MAX_KERNEL_ROWS = 16
 # the same for interleaved weights and bfloat16 activations on the avx512_vnni path,
@@ -162,11 +163,13 @@ class GGMLBlockMethod(QuantizationMethod):
 
     def linear(self, weight: QuantizedTensor, x: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
         if x.dtype not in (torch.float32, torch.bfloat16):
             return F.linear(x, self.dequantize(weight, x.dtype), bias)
-        x2 = x2.contiguous()
+        # a decode step makes a hundred of these calls: the model's x is already
+        # [T, K] and contiguous, so those steps skip the reshapes
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
         out = x2.new_empty((x2.shape[0], weight.shape[0]))
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
@@ -174,15 +177,15 @@ class GGMLBlockMethod(QuantizationMethod):
         path = kernel_path(x.dtype)
         # bfloat16 only: float32 activations keep prompts of 17+ rows off the
         # int8 path even where a test forces it for decode
-        most = MAX_INTERLEAVED_ROWS if interleaved and path == PATHS["avx512_vnni"][0] \
+        most = MAX_INTERLEAVED_ROWS if interleaved and path == _VNNI \
             and x.dtype == torch.bfloat16 else MAX_KERNEL_ROWS
         if x2.shape[0] > most:
-            torch.ops.engine_kernels.ggml_matmul(out, x2, stored, self.type_id, bias,
-                                                 PREFILL_TILE_BYTES, interleaved)
+            torch.ops.engine_kernels.ggml_matmul.default(out, x2, stored, self.type_id, bias,
+                                                         PREFILL_TILE_BYTES, interleaved)
         else:
-            torch.ops.engine_kernels.ggml_linear(out, x2, stored, self.type_id, bias, path,
-                                                 interleaved)
-        return out.reshape(*lead, weight.shape[0])
+            torch.ops.engine_kernels.ggml_linear.default(out, x2, stored, self.type_id, bias,
+                                                         path, interleaved)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], weight.shape[0])
 
     def embedding(self, weight: QuantizedTensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = ids.reshape(-1).to(torch.long).contiguous()
