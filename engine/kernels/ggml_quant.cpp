@@ -671,6 +671,35 @@ void dot_pairs(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t 
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
 #define ENGINE_GGML_GROUPS 1
+// block column `col` of a group: w[j] the values 4j..4j+3 of its 16 rows (unsigned
+// bytes, one row a 32-bit lane), each row's value = d * q + offset
+template <int64_t Type>
+inline void decode_column(const uint8_t* col, __m512i* w, __m512* d, __m512* offset) {
+  constexpr BlockParts p = block_parts(Type);
+  const __m512i nibble = _mm512_set1_epi8(0x0F), fifth = _mm512_set1_epi32(0x10101010);
+  if constexpr (Type == kQ8_0) {
+    for (int j = 0; j < 8; ++j) w[j] = _mm512_loadu_si512(col + p.col_qs + 64 * j);
+  } else {
+    for (int j = 0; j < 4; ++j) {
+      const __m512i b = _mm512_loadu_si512(col + p.col_qs + 64 * j);
+      w[j] = _mm512_and_si512(b, nibble);
+      w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+    }
+    if constexpr (p.col_qh >= 0) {
+      const __m512i qh = _mm512_loadu_si512(col + p.col_qh);
+      for (int j = 0; j < 8; ++j) {
+        const __m512i bits = j < 4 ? _mm512_slli_epi32(qh, 4 - j) : _mm512_srli_epi32(qh, j - 4);
+        w[j] = _mm512_or_si512(w[j], _mm512_and_si512(bits, fifth));
+      }
+    }
+  }
+  *d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(col)));
+  if constexpr (p.col_min >= 0)
+    *offset = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + p.col_min)));
+  else
+    *offset = _mm512_mul_ps(*d, _mm512_set1_ps(Type == kQ4_0 ? -8.f : Type == kQ5_0 ? -16.f : -128.f));
+}
+
 // R activation rows against one interleaved group of 16 weight rows (see
 // "interleaved groups"): out[r * 16 + l] = x row m0 + r . weight row l
 template <int64_t Type, int R>
@@ -678,34 +707,13 @@ void group_dot(const uint8_t* group, const QuantizedRows& xq, int64_t m0, int64_
   constexpr BlockParts p = block_parts(Type);
   constexpr int64_t column_bytes = kGroup * p.bytes;
   const int64_t chunks = K / kChunk;
-  const __m512i nibble = _mm512_set1_epi8(0x0F), fifth = _mm512_set1_epi32(0x10101010);
   __m512 acc[R], off[R];
   for (int r = 0; r < R; ++r) acc[r] = off[r] = _mm512_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
     const uint8_t* col = group + c * column_bytes;
     __m512i w[8];  // w[j]: values 4j..4j+3 of the 16 rows, unsigned
-    if constexpr (Type == kQ8_0) {
-      for (int j = 0; j < 8; ++j) w[j] = _mm512_loadu_si512(col + p.col_qs + 64 * j);
-    } else {
-      for (int j = 0; j < 4; ++j) {
-        const __m512i b = _mm512_loadu_si512(col + p.col_qs + 64 * j);
-        w[j] = _mm512_and_si512(b, nibble);
-        w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
-      }
-      if constexpr (p.col_qh >= 0) {
-        const __m512i qh = _mm512_loadu_si512(col + p.col_qh);
-        for (int j = 0; j < 8; ++j) {
-          const __m512i bits = j < 4 ? _mm512_slli_epi32(qh, 4 - j) : _mm512_srli_epi32(qh, j - 4);
-          w[j] = _mm512_or_si512(w[j], _mm512_and_si512(bits, fifth));
-        }
-      }
-    }
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(col)));
-    __m512 offset;  // value = d * q + offset
-    if constexpr (p.col_min >= 0)
-      offset = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + p.col_min)));
-    else
-      offset = _mm512_mul_ps(d, _mm512_set1_ps(Type == kQ4_0 ? -8.f : Type == kQ5_0 ? -16.f : -128.f));
+    __m512 d, offset;  // value = d * q + offset, per row
+    decode_column<Type>(col, w, &d, &offset);
     for (int r = 0; r < R; ++r) {
       const int8_t* xs = xq.q.data() + (m0 + r) * K + c * kChunk;
       int32_t x4[8];
@@ -725,6 +733,65 @@ void group_dot(const uint8_t* group, const QuantizedRows& xq, int64_t m0, int64_
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kGroup, _mm512_add_ps(acc[r], off[r]));
 }
+
+#if defined(__AVX512BF16__)
+#define ENGINE_GGML_GROUP_DEQUANTIZE 1
+// the 16 rows of one interleaved group as floats (out: row l at out + l * K):
+// each 16 bytes of a column's w[j] are 4 values of 4 rows, widened, scaled by
+// their rows' d and offset, and stored 4 values to a row (prompts dequantize
+// every weight this way, tile by tile)
+template <int64_t Type, typename T>
+void dequantize_group(const uint8_t* group, int64_t K, T* out) {
+  constexpr int64_t column_bytes = kGroup * block_parts(Type).bytes;
+  __m512i quarter_rows[4];  // lane i -> row 4q + i / 4
+  for (int q = 0; q < 4; ++q)
+    quarter_rows[q] = _mm512_add_epi32(_mm512_set1_epi32(4 * q),
+                                       _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8,
+                                                                           9, 10, 11, 12, 13, 14, 15), 2));
+  for (int64_t c = 0; c < K / kChunk; ++c) {
+    __m512i w[8];
+    __m512 d, offset;
+    decode_column<Type>(group + c * column_bytes, w, &d, &offset);
+    __m512 scale[4], shift[4];
+    for (int q = 0; q < 4; ++q) {
+      scale[q] = _mm512_permutexvar_ps(quarter_rows[q], d);
+      shift[q] = _mm512_permutexvar_ps(quarter_rows[q], offset);
+    }
+    for (int j = 0; j < 8; ++j)
+      for (int q = 0; q < 4; ++q) {
+        const __m512 v = _mm512_fmadd_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(w[j], q))), scale[q], shift[q]);
+        T* at = out + (4 * q) * K + c * kChunk + 4 * j;
+        if constexpr (std::is_same_v<T, float>) {
+          _mm_storeu_ps(at, _mm512_castps512_ps128(v));
+          _mm_storeu_ps(at + K, _mm512_extractf32x4_ps(v, 1));
+          _mm_storeu_ps(at + 2 * K, _mm512_extractf32x4_ps(v, 2));
+          _mm_storeu_ps(at + 3 * K, _mm512_extractf32x4_ps(v, 3));
+        } else {
+          // round to nearest even, as torch's float32 -> bfloat16
+          const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+          const __m128i lo = _mm256_castsi256_si128(h), hi = _mm256_extracti128_si256(h, 1);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(at), lo);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(at + K), _mm_unpackhi_epi64(lo, lo));
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(at + 2 * K), hi);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(at + 3 * K), _mm_unpackhi_epi64(hi, hi));
+        }
+      }
+  }
+}
+
+template <typename T>
+void dequantize_group(int64_t type, const uint8_t* group, int64_t K, T* out) {
+  switch (type) {
+    case kQ4_0: return dequantize_group<kQ4_0, T>(group, K, out);
+    case kQ4_1: return dequantize_group<kQ4_1, T>(group, K, out);
+    case kQ5_0: return dequantize_group<kQ5_0, T>(group, K, out);
+    case kQ5_1: return dequantize_group<kQ5_1, T>(group, K, out);
+    case kQ8_0: return dequantize_group<kQ8_0, T>(group, K, out);
+    default: TORCH_CHECK(false, "ggml type ", type, " has no interleaved layout");
+  }
+}
+#endif
 
 using GroupKernel = void (*)(const uint8_t* group, const QuantizedRows& xq, int64_t m0, int64_t K,
                              float* out);
@@ -989,6 +1056,17 @@ void dequantize_impl(at::Tensor& out, const at::Tensor& blocks, int64_t type, bo
   const int64_t N = blocks.size(0), K = out.size(1), row_bytes = blocks.size(1);
   const uint8_t* w = blocks.data_ptr<uint8_t>();
   T* o = out.data_ptr<T>();
+#if defined(ENGINE_GGML_GROUP_DEQUANTIZE)
+  if (interleaved) {  // whole groups at once, then the rows past the last one
+    const int64_t groups = N / kGroup;
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g)
+        dequantize_group(type, w + g * kGroup * row_bytes, K, o + g * kGroup * K);
+    });
+    for (int64_t n = groups * kGroup; n < N; ++n) dequantize_row_best(type, w + n * row_bytes, K, o + n * K);
+    return;
+  }
+#endif
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> scratch(interleaved ? row_bytes : 0);
     for (int64_t n = begin; n < end; ++n)
