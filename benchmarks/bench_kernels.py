@@ -216,7 +216,7 @@ def ggml_linears(torch) -> None:
                 x = torch.randn(rows, k).to(torch.bfloat16)
                 out = torch.empty(rows, n, dtype=torch.bfloat16)
 
-                def run(kind, layout):
+                def run(kind, layout, x=x, out=out, type_id=type_id, layouts=layouts):
                     interleave = layout == "interleaved"
                     for w in layouts[layout]:
                         if kind == "kernel":
