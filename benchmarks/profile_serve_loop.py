@@ -22,6 +22,14 @@ workload (fresh prompts) from this process:
 A loop lag of the order of a step, and a loop thread near a full core, would say
 that moving the engine core into its own process pays; a lag far below the
 inter-token latency says it would not.
+
+    python benchmarks/profile_serve_loop.py --model M --prefill-cost 1024,2048,4096
+
+does not start a server: it asks whether a big step is dearer per prompt token
+than a small one. In this process, one engine prefills the workload's 64 fresh
+prompts (all added at once, prefill steps only) with each step budget in turn,
+alternating the order every round, and prints wall and process CPU time per
+prompt token (CPU time is what the machine's other load changes least).
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ from engine.cli.main import main as cli_main  # noqa: E402
 from engine.core.engine import LLMEngine  # noqa: E402
 from engine.core.scheduler import Scheduler  # noqa: E402
 from engine.entrypoints.async_engine import AsyncEngine  # noqa: E402
+from engine.llm import LLM  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
 
 STATS_PREFIX = "@@loop-stats "
 
@@ -172,6 +182,48 @@ def summarise(stats: dict, start: float, end: float) -> dict:
     return out
 
 
+def prefill_cost(model: Path, dtype: str, budgets: list[int], rounds: int, requests: int,
+                 seed: int) -> dict:
+    """Wall and CPU ms per prompt token of prefilling `requests` fresh prompts at
+    once with each step budget (see the module docstring)."""
+    llm = LLM(str(model), dtype=dtype, kv_cache_memory="2GiB", seed=0)
+    eng = llm.llm_engine
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    shapes, _ = bench_serve.workload(requests, vocab, (32, 256), (64, 128), seed)
+    lengths = [len(p) for p in shapes]
+    fresh = FreshPrompts(vocab, seed + 1)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+
+    def prefill(budget: int) -> tuple[float, float, int]:
+        eng.scheduler.config.max_num_batched_tokens = budget
+        for i, prompt in enumerate(fresh(*lengths)):
+            eng.add_request(prompt, params, request_id=f"{budget}-{time.perf_counter()}-{i}")
+        wall = cpu = 0.0
+        steps = 0
+        while eng.has_unfinished_requests():  # max_tokens=1: every step is prefill
+            c0, w0 = time.process_time(), time.perf_counter()
+            eng.step()
+            wall += time.perf_counter() - w0
+            cpu += time.process_time() - c0
+            steps += 1
+        return wall, cpu, steps
+
+    prefill(min(budgets))  # warm-up
+    runs: dict[int, list[tuple[float, float, int]]] = {b: [] for b in budgets}
+    for r in range(rounds):
+        for budget in budgets if r % 2 == 0 else budgets[::-1]:
+            runs[budget].append(prefill(budget))
+    llm.shutdown()
+    tokens = sum(lengths)
+    return {"prompt_tokens": tokens,
+            "per_budget": {b: {"steps": runs[b][0][2],
+                               "wall_ms_per_token": [round(w / tokens * 1e3, 3)
+                                                     for w, _, _ in runs[b]],
+                               "cpu_ms_per_token": [round(c / tokens * 1e3, 3)
+                                                    for _, c, _ in runs[b]]}
+                           for b in budgets}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="model folder (default: a random SmolLM-135M-shape Llama)")
@@ -182,10 +234,23 @@ def main() -> int:
     ap.add_argument("--serve-args", default="",
                     help="more `engine serve` flags, one string: A/B runs of a setting, "
                          "e.g. '--scheduling-policy fcfs'")
+    ap.add_argument("--prefill-cost", metavar="BUDGETS",
+                    help="no server: per-token cost of prefilling the prompts with each "
+                         "step budget (comma-separated), in this process")
+    ap.add_argument("--rounds", type=int, default=3, help="--prefill-cost rounds")
     ap.add_argument("--server", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.server is not None:
         return run_probed_server(args.server)
+    if args.prefill_cost:
+        if args.model is None:
+            raise SystemExit("--prefill-cost needs --model")
+        budgets = [int(b) for b in args.prefill_cost.split(",")]
+        print(f"CPU: {cpu_description()}; load average {os.getloadavg()}", file=sys.stderr)
+        report = prefill_cost(args.model, args.dtype, budgets, args.rounds, args.requests,
+                              args.seed)
+        print(json.dumps({**report, "load_after": os.getloadavg()}, indent=1))
+        return 0
 
     print(f"CPU: {cpu_description()}; load average {os.getloadavg()}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
