@@ -69,6 +69,11 @@ def thread_cpu_s(native_id: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (pages the kernel handed it)."""
+    return int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
 def run_probed_server(argv: list[str]) -> int:
     """`engine serve argv` in this process, with the probes; the statistics of the
     busiest stretch (the measured round) are printed when the server stops."""
@@ -79,6 +84,7 @@ def run_probed_server(argv: list[str]) -> int:
     planned: list[tuple[int, int, int]] = []  # the last schedule() of this step
     lags: list[tuple[float, float]] = []  # (when, lag seconds)
     cpu: dict[str, list[tuple[float, float]]] = {"loop": [], "engine": []}
+    faults: list[tuple[float, int]] = []  # (when, the process's minor page faults so far)
     threads: dict[str, int] = {}
     original_step = LLMEngine.step
 
@@ -137,13 +143,15 @@ def run_probed_server(argv: list[str]) -> int:
                         cpu[name].append((now, thread_cpu_s(tid)))
                     except OSError:
                         pass
+                faults.append((now, minor_faults()))
 
     AsyncEngine.start = start
     try:
         return cli_main(["serve", *argv])
     finally:
         print(STATS_PREFIX + json.dumps({"steps": steps, "lags": lags, "cpu": cpu,
-                                         "composition": composition, "added": added}),
+                                         "composition": composition, "added": added,
+                                         "faults": faults}),
               flush=True)
 
 
@@ -174,6 +182,9 @@ def summarise(stats: dict, start: float, end: float) -> dict:
     out["steps_until_last_first_token"] = {
         "columns": ["start_ms", "wall_ms", "prompt_tokens", "decode_rows", "prompts_finished",
                     "end_ms"], "rows": table}
+    inside = [f for t, f in stats["faults"] if start <= t <= end]
+    if len(inside) >= 2:
+        out["server_minor_page_faults"] = inside[-1] - inside[0]
     for name, samples in stats["cpu"].items():
         inside = [(t, c) for t, c in samples if start <= t <= end]
         if len(inside) >= 2:
