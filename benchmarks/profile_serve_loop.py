@@ -29,7 +29,9 @@ does not start a server: it asks whether a big step is dearer per prompt token
 than a small one. In this process, one engine prefills the workload's 64 fresh
 prompts (all added at once, prefill steps only) with each step budget in turn,
 alternating the order every round, and prints wall and process CPU time per
-prompt token (CPU time is what the machine's other load changes least).
+prompt token (CPU time is what the machine's other load changes least) and the
+minor page faults of each round; ``--keep-freed-memory`` runs it with `engine
+serve`'s malloc settings (engine._malloc).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import engine  # noqa: E402,F401,I001 - before torch: it sets the OpenMP wait po
 import bench_serve  # noqa: E402
 from bench_vs_vllm import SMOL, FreshPrompts, cpu_description  # noqa: E402
 
+from engine._malloc import keep_freed_memory  # noqa: E402
 from engine.cli.main import main as cli_main  # noqa: E402
 from engine.core.engine import LLMEngine  # noqa: E402
 from engine.core.scheduler import Scheduler  # noqa: E402
@@ -205,22 +208,23 @@ def prefill_cost(model: Path, dtype: str, budgets: list[int], rounds: int, reque
     fresh = FreshPrompts(vocab, seed + 1)
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 
-    def prefill(budget: int) -> tuple[float, float, int]:
+    def prefill(budget: int) -> tuple[float, float, int, int]:
         eng.scheduler.config.max_num_batched_tokens = budget
         for i, prompt in enumerate(fresh(*lengths)):
             eng.add_request(prompt, params, request_id=f"{budget}-{time.perf_counter()}-{i}")
         wall = cpu = 0.0
         steps = 0
+        faults = minor_faults()
         while eng.has_unfinished_requests():  # max_tokens=1: every step is prefill
             c0, w0 = time.process_time(), time.perf_counter()
             eng.step()
             wall += time.perf_counter() - w0
             cpu += time.process_time() - c0
             steps += 1
-        return wall, cpu, steps
+        return wall, cpu, steps, minor_faults() - faults
 
     prefill(min(budgets))  # warm-up
-    runs: dict[int, list[tuple[float, float, int]]] = {b: [] for b in budgets}
+    runs: dict[int, list[tuple[float, float, int, int]]] = {b: [] for b in budgets}
     for r in range(rounds):
         for budget in budgets if r % 2 == 0 else budgets[::-1]:
             runs[budget].append(prefill(budget))
@@ -228,10 +232,11 @@ def prefill_cost(model: Path, dtype: str, budgets: list[int], rounds: int, reque
     tokens = sum(lengths)
     return {"prompt_tokens": tokens,
             "per_budget": {b: {"steps": runs[b][0][2],
-                               "wall_ms_per_token": [round(w / tokens * 1e3, 3)
-                                                     for w, _, _ in runs[b]],
-                               "cpu_ms_per_token": [round(c / tokens * 1e3, 3)
-                                                    for _, c, _ in runs[b]]}
+                               "wall_ms_per_token": [round(r[0] / tokens * 1e3, 3)
+                                                     for r in runs[b]],
+                               "cpu_ms_per_token": [round(r[1] / tokens * 1e3, 3)
+                                                    for r in runs[b]],
+                               "minor_page_faults": [r[3] for r in runs[b]]}
                            for b in budgets}}
 
 
@@ -249,6 +254,8 @@ def main() -> int:
                     help="no server: per-token cost of prefilling the prompts with each "
                          "step budget (comma-separated), in this process")
     ap.add_argument("--rounds", type=int, default=3, help="--prefill-cost rounds")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="--prefill-cost: with engine serve's malloc settings (engine._malloc)")
     ap.add_argument("--server", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.server is not None:
@@ -257,10 +264,13 @@ def main() -> int:
         if args.model is None:
             raise SystemExit("--prefill-cost needs --model")
         budgets = [int(b) for b in args.prefill_cost.split(",")]
+        if args.keep_freed_memory and not keep_freed_memory():
+            raise SystemExit("--keep-freed-memory: this C library refused the settings")
         print(f"CPU: {cpu_description()}; load average {os.getloadavg()}", file=sys.stderr)
         report = prefill_cost(args.model, args.dtype, budgets, args.rounds, args.requests,
                               args.seed)
-        print(json.dumps({**report, "load_after": os.getloadavg()}, indent=1))
+        print(json.dumps({**report, "keep_freed_memory": args.keep_freed_memory,
+                          "load_after": os.getloadavg()}, indent=1))
         return 0
 
     print(f"CPU: {cpu_description()}; load average {os.getloadavg()}", file=sys.stderr)
