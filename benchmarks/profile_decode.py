@@ -3,6 +3,8 @@
     python benchmarks/profile_decode.py                       # bf16, one sequence
     python benchmarks/profile_decode.py --dtype float32 --batch 32 --context 256
     python benchmarks/profile_decode.py --prefill --context 256   # TTFT of fresh prompts
+    python benchmarks/profile_decode.py --prefill --context 256 --batch 8   # 2,048-token steps
+    python benchmarks/profile_decode.py --prefill --context 256 --threads 1  # CPU time per op
     python benchmarks/profile_decode.py --workload            # bench_vs_vllm's workload
 
 Builds (once, cached in --model-dir) one of `bench_vs_vllm.py`'s random-weight
@@ -11,6 +13,12 @@ prompts, lets them decode a few tokens to warm up, then profiles `--steps` engin
 steps (one new token per sequence each) and prints the operators by self CPU time
 and the per-step wall time. Python-side cost shows as the gap between the step's
 wall time and the operators' total.
+
+With --prefill, each timed round is one step of --batch fresh --context-token
+prompts (1 output token each); the wall time and the process's CPU time per step
+are printed. On a loaded machine the CPU time moves less than the wall time, and
+with --threads 1 the operators' times in the table are CPU time too (a parallel
+region whose other thread is descheduled waits for it, which counts as wall time).
 """
 
 from __future__ import annotations
@@ -44,8 +52,8 @@ def main() -> int:
                     help="profile bench_vs_vllm.py's whole batched workload for --model "
                          "(prefills, chunked prefills and decodes) instead of decode steps")
     ap.add_argument("--prefill", action="store_true",
-                    help="profile the prefill of fresh --context-token prompts (one request "
-                         "at a time, 1 output token: what TTFT measures)")
+                    help="profile prefill steps of --batch fresh --context-token prompts "
+                         "(1 output token each; --batch 1 is what TTFT measures)")
     args = ap.parse_args()
 
     import bench_generate
@@ -61,7 +69,9 @@ def main() -> int:
         bench_generate.build_model(args.model_dir, 0, shape)
     from engine import LLM, SamplingParams
 
-    llm = LLM(args.model_dir, dtype=args.dtype, kv_cache_memory=1 << 30)
+    budget = {"max_num_batched_tokens": max(2048, args.batch * args.context)} \
+        if args.prefill else {}
+    llm = LLM(args.model_dir, dtype=args.dtype, kv_cache_memory=1 << 30, **budget)
     llm_engine = llm.llm_engine
     if args.workload:
         return profile_workload(args, llm, shape)
@@ -92,8 +102,9 @@ def main() -> int:
 
 
 def profile_prefill(args, llm, shape) -> int:
-    """Fresh --context-token prompts, one request at a time with 1 output token (no
-    prefix-cache hit): a few to warm up, --steps timed, then --steps profiled."""
+    """Steps of --batch fresh --context-token prompts with 1 output token each (no
+    prefix-cache hit): a few to warm up, --steps timed (wall and CPU time), then
+    --steps profiled. The engine is made with a token budget that holds the batch."""
     import torch
     from bench_vs_vllm import FreshPrompts
 
@@ -102,20 +113,27 @@ def profile_prefill(args, llm, shape) -> int:
     fresh = FreshPrompts(shape["vocab_size"], 0)
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 
-    def one() -> float:
-        start = time.perf_counter()
-        llm.generate(fresh(args.context), params, use_tqdm=False)
-        return time.perf_counter() - start
+    def one() -> tuple[float, float]:
+        prompts = fresh(*[args.context] * args.batch)
+        start, cpu = time.perf_counter(), time.process_time()
+        llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - start, time.process_time() - cpu
 
     for _ in range(3):
         one()
-    times = sorted(one() for _ in range(args.steps))
+    rounds = [one() for _ in range(args.steps)]
+    wall, cpu = sorted(r[0] for r in rounds), sorted(r[1] for r in rounds)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
             one()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
-    print(f"{args.dtype}, fresh {args.context}-token prompt, threads {torch.get_num_threads()}: "
-          f"TTFT best {times[0] * 1000:.1f} ms, median {times[len(times) // 2] * 1000:.1f} ms")
+    what = ("TTFT" if args.batch == 1
+            else f"{args.batch} x {args.context} = {args.batch * args.context}-token step")
+    mid = len(rounds) // 2
+    print(f"{args.dtype}, fresh {args.context}-token prompts, {what}, threads "
+          f"{torch.get_num_threads()}: wall best {wall[0] * 1000:.1f} ms, median "
+          f"{wall[mid] * 1000:.1f} ms; CPU time best {cpu[0] * 1000:.1f} ms, median "
+          f"{cpu[mid] * 1000:.1f} ms")
     return 0
 
 

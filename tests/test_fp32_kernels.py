@@ -81,16 +81,20 @@ def test_plain_linear_routes_float32_rows(compiled, monkeypatch, path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["auto", "portable"])
+@pytest.mark.parametrize(("path", "step_tokens"),
+                         [("auto", 32), ("portable", 32), ("auto", 2048)])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_fp32_fast_path_teacher_forced_agrees_with_transformers(compiled, make_hf_model,
-                                                                 monkeypatch, path, arch):
+                                                                 monkeypatch, path, arch,
+                                                                 step_tokens):
     """Teacher forcing: for every position of a few random sequences, the engine
-    predicts one token after the true prefix; with at most 32 tokens per step
+    predicts one token after the true prefix. With at most 32 tokens per step
     (``max_num_batched_tokens=32``) every linear layer and the LM head run the
-    float32 kernel. Its top-1 agrees with transformers' argmax at that position
-    at least TOP1_AGREEMENT of the time and its log-probability of its token is
-    within LOGPROB_ATOL of transformers'."""
+    float32 kernel; with 2048, steps hold many prompts and the prompt path runs
+    (oneDNN on packed weights, SiLU-and-mul inside the gate/up matmuls). Its top-1
+    agrees with transformers' argmax at that position at least TOP1_AGREEMENT of
+    the time and its log-probability of its token is within LOGPROB_ATOL of
+    transformers'."""
     import transformers
 
     from engine import LLM, SamplingParams
@@ -101,7 +105,8 @@ def test_fp32_fast_path_teacher_forced_agrees_with_transformers(compiled, make_h
     sequences = [[rng.randrange(3, 1024) for _ in range(64)] for _ in range(4)]
     starts = range(4, 64)
     prompts = [seq[:t] for seq in sequences for t in starts]
-    llm = LLM(model_dir, dtype="float32", kv_cache_memory=1 << 24, max_num_batched_tokens=32)
+    llm = LLM(model_dir, dtype="float32", kv_cache_memory=1 << 24,
+              max_num_batched_tokens=step_tokens)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True,
                                                 logprobs=1))
     llm.shutdown()

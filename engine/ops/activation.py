@@ -26,3 +26,9 @@ class SiluAndMul(CustomOp):
         out = rows.new_empty((rows.shape[0], rows.shape[1] // 2))
         torch.ops.engine_kernels.silu_and_mul(out, rows)
         return out.view(*x.shape[:-1], x.shape[-1] // 2)
+
+    def uses_cpu_forward(self) -> bool:
+        """Whether this op computes by `forward_cpu` of this class (not disabled, not
+        replaced by a subclass's method): then a gate_up projection may compute it
+        inside its matmuls instead (`MergedColumnParallelLinear.silu_and_mul`)."""
+        return getattr(self._forward_method, "__func__", None) is SiluAndMul.forward_cpu

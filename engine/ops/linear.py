@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.kernels import portable_forced, usable_for
+from engine.ops.activation import SiluAndMul
 from engine.quantization import QuantizedTensor, QuantizedWeight, add_rows
 from engine.utils import shape_bucket
 
@@ -129,10 +130,20 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     to float32 summation order. Given the plain `weight` (and its `amx_packed`
     copy), few-row calls run the compiled kernels instead (see GEMV_MAX_ROWS,
     FP32_GEMV_MAX_ROWS)."""
+    out = few_rows_linear(x, bias, weight, amx_packed)
+    return out if out is not None else onednn_linear(x, packed, bias)
+
+
+def few_rows_linear(x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor | None,
+                    amx_packed: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x W^T + b`` by the compiled kernels when `x` has few rows (a decode step)
+    and they apply; None when the product belongs to oneDNN (`onednn_linear`)."""
     rows = x.shape[0] if x.dim() == 2 else 0
-    if 0 < rows <= FP32_GEMV_MAX_ROWS and weight is not None and x.dtype == torch.float32:
+    if weight is None or not 0 < rows <= max(FP32_GEMV_MAX_ROWS, AMX_MAX_ROWS):
+        return None
+    if x.dtype == torch.float32 and rows <= FP32_GEMV_MAX_ROWS:
         return plain_linear(x, weight, bias)
-    if 0 < rows <= AMX_MAX_ROWS and weight is not None and x.dtype == torch.bfloat16:
+    if x.dtype == torch.bfloat16 and rows <= AMX_MAX_ROWS:
         operands = (x, weight) if bias is None else (x, weight, bias)
         if usable_for(*operands) and x.is_contiguous():
             # ENGINE_KERNEL_PATH=portable: the GEMV kernel's portable code, no AMX
@@ -147,30 +158,68 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
                 out = x.new_empty((rows, weight.shape[0]))
                 torch.ops.engine_kernels.amx_linear(out, x, amx_packed, bias)
                 return out
-    if rows > AMX_MAX_ROWS:
-        # oneDNN builds and caches a primitive per input shape (kept until its
-        # cache's capacity): padded to a bucket, prompt chunks of any length share
-        # a few dozen shapes, so memory stays flat however varied the prompts
-        bucket = shape_bucket(rows)
-        if bucket != rows:
-            padded = x.new_zeros((bucket, x.shape[1]))
-            padded[:rows] = x
-            return torch.ops.mkldnn._linear_pointwise(padded, packed, bias, "none", [],
-                                                      "")[:rows]
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return None
+
+
+def _bucket_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x` [rows, in] zero-padded to ``shape_bucket(rows)`` rows. oneDNN builds and
+    caches a primitive per input shape (kept until its cache's capacity): padded
+    to a bucket, prompt chunks of any length share a few dozen shapes, so memory
+    stays flat however varied the prompts."""
+    rows = x.shape[0]
+    bucket = shape_bucket(rows)
+    if rows <= AMX_MAX_ROWS or bucket == rows:
+        return x
+    padded = x.new_empty((bucket, x.shape[1]))
+    padded[:rows] = x
+    padded[rows:].zero_()  # one pass over the memory, not a zero fill and then a copy
+    return padded
+
+
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """``x W^T + b`` by oneDNN on the weight packed by `pack_weight`."""
+    if x.dim() != 2:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    rows = x.shape[0]
+    return torch.ops.mkldnn._linear_pointwise(_bucket_rows(x), packed, bias, "none", [],
+                                              "")[:rows]
+
+
+def onednn_silu_and_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                        gate_bias: torch.Tensor | None = None,
+                        up_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(x G^T + g) * (x U^T + u)`` for `x` [rows, in] with G and U packed by
+    `pack_weight`: two oneDNN matmuls, the first applying SiLU to its output as
+    it stores it, the second multiplying its output by the first's. No
+    [rows, 2 * d] intermediate is written and read back, and no third pass over
+    memory runs for the activation (what a fused gate_up projection followed by
+    `SiluAndMul` costs). The gate is rounded once, after SiLU, where the unfused
+    path rounds before and after it: bfloat16 results differ in the last bit."""
+    rows = x.shape[0]
+    x = _bucket_rows(x)
+    gated = torch.ops.mkldnn._linear_pointwise(x, gate, gate_bias, "swish", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, gated, up, up_bias, "mul")[:rows]
 
 
 def pack_linear_weights(model: nn.Module) -> int:
     """Prepack, for oneDNN, the weight of every linear layer and LM head of `model`
     that `onednn_packing_supported` accepts (the float weights stay, for anything
     that reads them). Called once after the weights are loaded, on the CPU.
+    A `MergedColumnParallelLinear` made with ``gated_activation=True`` gets its
+    gate and up halves packed apart (`MergedColumnParallelLinear.silu_and_mul`).
     Returns the number of layers packed."""
     packed = 0
     for module in model.modules():
         if getattr(module, "quant_weight", None) is not None:
             continue  # its quantization method's kernels run it
         if hasattr(module, "packed_weight") and onednn_packing_supported(module.weight):
-            module.packed_weight = pack_weight(module.weight)
+            if getattr(module, "gated_activation", False):
+                # instead of the whole weight, not as well: that would be a third copy
+                gate, up = module.weight.detach().chunk(2)
+                module.packed_gate, module.packed_up = pack_weight(gate), pack_weight(up)
+            else:
+                module.packed_weight = pack_weight(module.weight)
             module.amx_weight = pack_weight_for_amx(module.weight)
             packed += 1
     return packed
@@ -219,13 +268,15 @@ class ColumnParallelLinear(nn.Module):
         _expect_dim(loaded, 0, size * self.tp_size)
         load_rows(self, param, 0, size, loaded.narrow(0, self.tp_rank * size, size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_weight is not None:
-            out = self.quant_weight.linear(x, self.bias)
-        elif self.packed_weight is not None:
-            out = packed_linear(x, self.packed_weight, self.bias, self.weight, self.amx_weight)
-        else:
-            out = plain_linear(x, self.weight, self.bias)
+            return self.quant_weight.linear(x, self.bias)
+        if self.packed_weight is not None:
+            return packed_linear(x, self.packed_weight, self.bias, self.weight, self.amx_weight)
+        return plain_linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._matmul(x)
         if self.lora is not None:
             out = self.lora(x, out)
         if self.gather_output and self.tp_size > 1:
@@ -243,12 +294,31 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of the same input fused into one matmul
     (e.g. gate and up). Loaded per part: ``weight_loader(param, tensor, shard_id)``
     with `shard_id` the index into `output_sizes`; without a shard id the tensor is
-    the already-fused weight."""
+    the already-fused weight.
+
+    ``gated_activation=True`` (two equal parts, gate then up, feeding `SiluAndMul`):
+    `pack_linear_weights` packs the halves apart, and `silu_and_mul` computes the
+    activation of prompt-sized inputs inside the two matmuls."""
 
     def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = True,
-                 gather_output: bool = False, prefix: str = "") -> None:
+                 gather_output: bool = False, prefix: str = "",
+                 gated_activation: bool = False) -> None:
         self.output_sizes = list(output_sizes)
+        if gated_activation and (len(self.output_sizes) != 2
+                                 or self.output_sizes[0] != self.output_sizes[1]):
+            raise ValueError(f"{prefix or 'MergedColumnParallelLinear'}: gated_activation "
+                             f"needs two equal output sizes, got {self.output_sizes}")
         super().__init__(input_size, sum(output_sizes), bias, gather_output, prefix)
+        self.gated_activation = gated_activation
+        # the gate and up halves packed for oneDNN, in place of `packed_weight`
+        # (pack_linear_weights); plain attributes, so that sleep mode drops them
+        self.packed_gate: torch.Tensor | None = None
+        self.packed_up: torch.Tensor | None = None
+
+    def _packed_halves(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.packed_gate is None or self.packed_up is None or self.quant_weight is not None:
+            return None
+        return self.packed_gate, self.packed_up
 
     def _shard_range(self, shard_id: int) -> tuple[int, int]:
         sizes = [divide(s, self.tp_size, "output size") for s in self.output_sizes]
@@ -263,6 +333,37 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         offset, size = self._shard_range(shard_id)
         _expect_dim(loaded, 0, size * self.tp_size)
         load_rows(self, param, offset, size, loaded.narrow(0, self.tp_rank * size, size))
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        halves = self._packed_halves()
+        if halves is None:
+            return super()._matmul(x)
+        out = few_rows_linear(x, self.bias, self.weight, self.amx_weight)
+        if out is not None:
+            return out
+        biases = (None, None) if self.bias is None else self.bias.chunk(2)
+        return torch.cat([onednn_linear(x, w, b) for w, b in zip(halves, biases, strict=True)],
+                         dim=-1)
+
+    def silu_and_mul(self, x: torch.Tensor,
+                     activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``activation(self(x))``, for `activation` a SiLU-and-mul op. Where that
+        op runs `SiluAndMul.forward_cpu`, the halves are packed apart and `x`
+        [rows, in] has too many rows for the compiled few-row kernels (a prompt
+        chunk), `onednn_silu_and_mul` computes it inside the matmuls. Otherwise
+        (LoRA, quantized weights, gathering across ranks, a replaced or disabled
+        op) the projection runs, then `activation`."""
+        halves = self._packed_halves()
+        if (halves is None or not (isinstance(activation, SiluAndMul)
+                        and activation.uses_cpu_forward())
+                or self.lora is not None or x.dim() != 2
+                or (self.gather_output and self.tp_size > 1)):
+            return activation(self(x))
+        out = few_rows_linear(x, self.bias, self.weight, self.amx_weight)
+        if out is not None:
+            return activation(out)
+        biases = (None, None) if self.bias is None else self.bias.chunk(2)
+        return onednn_silu_and_mul(x, *halves, *biases)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
