@@ -7,6 +7,7 @@ sample gets token 7. That is all the scheduler sees of a model.
 from __future__ import annotations
 
 import pickle
+import random
 
 import pytest
 
@@ -289,3 +290,21 @@ def test_unknown_scheduling_policy_is_refused_by_name():
     with pytest.raises(ValueError, match="scheduling_policy must be one of fcfs, "
                                          "short-prompt-first, got 'lifo'"):
         _scheduler(policy="lifo")
+
+
+def test_short_prompt_first_keeps_each_group_sorted_and_stable():
+    rng = random.Random(0)
+    sched = _scheduler(num_blocks=4096, budget=8, policy="short-prompt-first", prefix=False)
+    first = [_seq(rng.randint(1, 40), first=1000 * i) for i in range(100)]
+    for seq in first:
+        sched.add_sequence(seq)
+    # sorted by prompt length; equal lengths in arrival order
+    assert list(sched.waiting) == sorted(first, key=lambda s: s.num_prompt_tokens)
+    _step(sched)
+    later = [_seq(rng.randint(1, 40), first=200_000 + 1000 * i) for i in range(50)]
+    for seq in later:
+        sched.add_sequence(seq)
+    waiting = list(sched.waiting)
+    # the later group stays behind the whole earlier one, sorted within itself
+    assert waiting[-50:] == sorted(later, key=lambda s: s.num_prompt_tokens)
+    assert set(waiting[:-50]) <= set(first)
