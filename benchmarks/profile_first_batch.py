@@ -8,12 +8,18 @@ fresh random prompts of the same lengths (greedy, a few tokens each) under the t
 profiler, and prints each batch's wall time and the operators whose self CPU time
 grew most from batch 2 to batch 1: what the warm-up leaves for the first request.
 `bench_first_batch.py` measures the ratio across fresh processes; this says why.
+With ``--no-profile`` it prints each batch's minor page faults instead (memory
+touched for the first time: steady on a loaded machine, where the profiler's
+times are not; the profiler's own buffers would count too). For the oneDNN
+primitives a batch creates, run it with ``ONEDNN_VERBOSE=2`` and count the
+``create:cache_miss`` lines between the batch markers.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import resource
 import sys
 import time
 from pathlib import Path
@@ -35,6 +41,8 @@ def main() -> int:
                     default=[16, 64, 128, 200, 256, 300, 350, 384])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--no-profile", action="store_true",
+                    help="no profiler: each batch's time and minor page faults only")
     args = ap.parse_args()
 
     llm = LLM(args.model, dtype=args.dtype) if args.model else LLM(dtype=args.dtype)
@@ -44,12 +52,23 @@ def main() -> int:
     for name, seed in (("batch 1", 1), ("batch 2", 2)):
         rng = random.Random(seed)
         prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in args.lengths]
+        print(f"=== {name}", flush=True)
+        if args.no_profile:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            elapsed = time.perf_counter() - start
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            print(f"{name}: {elapsed:.4f} s, {faults} minor page faults", flush=True)
+            continue
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
-            llm.generate(prompts, params)
+            llm.generate(prompts, params, use_tqdm=False)
             elapsed = time.perf_counter() - start
-        print(f"{name}: {elapsed:.4f} s")
+        print(f"{name}: {elapsed:.4f} s", flush=True)
         self_cpu[name] = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    if args.no_profile:
+        return 0
     first, second = self_cpu["batch 1"], self_cpu["batch 2"]
     growth = sorted(((first.get(k, 0.0) - second.get(k, 0.0), k) for k in set(first) | set(second)),
                     reverse=True)

@@ -3,12 +3,29 @@ first requests hit and leaves nothing behind."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
+import torch
+from conftest import subprocess_env
 
 from engine import LLM, SamplingParams
 from engine.cli.main import build_parser
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from engine.worker.warm_up import MAX_DECODE_BATCH, MAX_PREFILL_TOKENS, warm_up_steps
+from engine.ops.linear import AMX_MAX_ROWS
+from engine.utils import shape_bucket
+from engine.worker import warm_up
+from engine.worker.warm_up import (
+    MAX_DECODE_BATCH,
+    MAX_PREFILL_TOKENS,
+    prefill_row_buckets,
+    prompt_length_buckets,
+    warm_up_attention,
+    warm_up_linear_buckets,
+    warm_up_steps,
+)
 
 PROMPTS = ["def add(a, b):", "import os\nimport sys\n", "class Foo:\n    def"]
 
@@ -94,3 +111,127 @@ def test_warm_up_runs_in_each_dtype(make_hf_model, dtype, caplog):
     with LLM(make_hf_model("llama"), dtype=dtype) as llm:
         assert llm.generate(PROMPTS[0], SamplingParams(max_tokens=4))[0].outputs[0].token_ids
     assert any("warm-up:" in r.getMessage() for r in caplog.records)
+
+
+def test_prefill_row_buckets_are_every_shape_a_prompt_step_reaches_onednn_with():
+    buckets = prefill_row_buckets(4096)
+    assert buckets == sorted({shape_bucket(r) for r in range(AMX_MAX_ROWS + 1, 4097)})
+    assert buckets[0] > AMX_MAX_ROWS and buckets[-1] == 4096 and len(buckets) == 56
+    assert all(shape_bucket(b) == b for b in buckets)
+    assert prefill_row_buckets(AMX_MAX_ROWS) == []
+
+
+def test_linear_buckets_run_each_distinct_layer_shape_within_the_flop_budget(make_hf_model,
+                                                                           monkeypatch):
+    """Every layer of a shape shares oneDNN's primitives: one call per distinct
+    (weight shape, dtype, bias, fused activation) and bucket, as a prompt step
+    makes it (the gate-up projection with SiLU-and-mul inside its matmuls),
+    smallest buckets first, no further than the budget allows."""
+    with LLM(make_hf_model("llama"), dtype="bfloat16", skip_warm_up=True) as llm:
+        model = llm.llm_engine.executor.worker.model_runner.model
+        calls = []
+        real_linear, real_gated = warm_up.packed_linear, warm_up.onednn_silu_and_mul
+
+        def linear(x, packed, bias, weight, amx_packed):
+            calls.append((x.shape[0], tuple(weight.shape), "linear"))
+            return real_linear(x, packed, bias, weight, amx_packed)
+
+        def gated(x, gate, up, gate_bias, up_bias):
+            calls.append((x.shape[0], (gate.shape[0] + up.shape[0], x.shape[1]), "gated"))
+            return real_gated(x, gate, up, gate_bias, up_bias)
+
+        monkeypatch.setattr(warm_up, "packed_linear", linear)
+        monkeypatch.setattr(warm_up, "onednn_silu_and_mul", gated)
+        assert warm_up_linear_buckets(model, 4096, flop_budget=0) == 0 and not calls
+        everything = prefill_row_buckets(1000)
+        assert warm_up_linear_buckets(model, 1000, flop_budget=float("inf")) == len(everything)
+        # hidden 64, intermediate 128, 4 heads (2 KV) of 16: qkv, o, gate_up, down
+        shapes = {((128, 64), "linear"), ((64, 64), "linear"), ((256, 64), "gated"),
+                  ((64, 128), "linear")}
+        assert {c[1:] for c in calls} == shapes
+        assert len(calls) == len(shapes) * len(everything)
+        assert sorted({c[0] for c in calls}) == everything
+        flops_per_row = 2 * sum(n * k for (n, k), _ in shapes)
+        calls.clear()
+        budget = flops_per_row * (everything[0] + everything[1])
+        assert warm_up_linear_buckets(model, 1000, flop_budget=budget) == 2
+        assert sorted({c[0] for c in calls}) == everything[:2]
+
+
+def test_prompt_length_buckets_are_the_lengths_sdpa_sees_for_fresh_prompts():
+    lengths = prompt_length_buckets(512)
+    assert lengths == sorted({shape_bucket(n) for n in range(2, 513)})
+    assert lengths[:3] == [2, 3, 4] and lengths[-1] == 512 and len(lengths) == 55
+
+
+def test_attention_warm_up_runs_each_distinct_layer_on_fresh_prompts_within_the_budget(
+        make_hf_model, monkeypatch):
+    """Through the backend's own forward on the layer's KV cache (a prompt with no
+    cached context), one call per distinct layer shape and length, shortest first,
+    never past the cache's blocks."""
+    with LLM(make_hf_model("llama"), dtype="bfloat16", skip_warm_up=True,
+             block_size=16) as llm:
+        model = llm.llm_engine.executor.worker.model_runner.model
+        layer = model.model.layers[0].self_attn.attn
+        impl_cls = type(layer.impl)
+        calls = []
+        real = impl_cls.forward
+
+        def recorded(self, layer, query, key, value, kv_cache, md):
+            out = real(self, layer, query, key, value, kv_cache, md)
+            calls.append((md.query_lens, md.seq_lens, kv_cache is layer.kv_cache,
+                          md.block_tables.tolist(), query.dtype, tuple(out.shape)))
+            return out
+
+        monkeypatch.setattr(impl_cls, "forward", recorded)
+        args = (model, 300, torch.bfloat16, 16, 64)
+        assert warm_up_attention(*args, flop_budget=0) == 0 and not calls
+        lengths = prompt_length_buckets(300)
+        assert warm_up_attention(*args, flop_budget=float("inf")) == len(lengths)
+        # the model's two layers share a shape (4 heads of 16): one call per length
+        assert calls == [([n], [n], True, [list(range(-(-n // 16)))], torch.bfloat16, (n, 64))
+                         for n in lengths]
+        calls.clear()
+        budget = 2 * 64 * (lengths[0] ** 2 + lengths[1] ** 2)
+        assert warm_up_attention(*args, flop_budget=budget) == 2
+        assert [c[0] for c in calls] == [[lengths[0]], [lengths[1]]]
+        # a cache of 5 blocks of 16 holds prompts of up to 80 tokens
+        calls.clear()
+        warm_up_attention(model, 300, torch.bfloat16, 16, 5, flop_budget=float("inf"))
+        assert max(c[0][0] for c in calls) == max(prompt_length_buckets(80))
+
+
+_FIRST_BATCH = textwrap.dedent("""
+    import sys
+    from engine import LLM, SamplingParams
+    from engine.worker import warm_up
+    warm_up.LINEAR_BUCKET_FLOPS = float(sys.argv[2])
+    llm = LLM(sys.argv[1], dtype="bfloat16", max_num_batched_tokens=1024)
+    print("=== first batch", flush=True)
+    # one prompt step of 4 x 180 = 720 rows: larger than the warm-up's own steps
+    prompts = [[3 + (7 * i + j) % 1000 for j in range(180)] for i in range(4)]
+    llm.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))
+    print("=== done", flush=True)
+""")
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    reason="oneDNN runs bfloat16 linears only on CPUs with AVX512 (BF16)")
+@pytest.mark.parametrize(("flop_budget", "first_batch_builds"), [("1e12", False), ("0", True)])
+def test_first_batch_after_the_warm_up_builds_no_onednn_primitive(make_hf_model, tmp_path,
+                                                                 flop_budget,
+                                                                 first_batch_builds):
+    """oneDNN logs every primitive it creates (ONEDNN_VERBOSE=2): after the
+    warm-up, a first prompt step larger than any warm-up step creates none; with
+    the bucket warm-up given no budget, it does (what the first user paid)."""
+    script = tmp_path / "first_batch.py"
+    script.write_text(_FIRST_BATCH)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(make_hf_model("llama")), flop_budget],
+        env=subprocess_env(ONEDNN_VERBOSE="2", HF_HUB_OFFLINE="1"),
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first_batch = proc.stdout.split("=== first batch")[1].split("=== done")[0]
+    created = [line for line in first_batch.splitlines()
+               if "create:cache_miss" in line and ",inner_product," in line]
+    assert bool(created) == first_batch_builds, created[:4]

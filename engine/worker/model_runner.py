@@ -261,7 +261,11 @@ class ModelRunner:
         if num_blocks < 1:
             return
         from engine.sample import Sampler
-        from engine.worker.warm_up import warm_up_steps
+        from engine.worker.warm_up import (
+            warm_up_attention,
+            warm_up_linear_buckets,
+            warm_up_steps,
+        )
 
         vocab = int(self.config.model_config.hf_config.get("vocab_size") or 2)
         sampler = self.sampler
@@ -282,7 +286,17 @@ class ModelRunner:
                 self.sampler = sampler
                 self.states = {i: s for i, s in self.states.items() if i >= 0}
                 self._draft_token_ids = None  # proposals for the warm-up's sequences
-        logger.info("warm-up: %d steps in %.2f s", steps, time.perf_counter() - start)
+        steps_done = time.perf_counter()
+        budget = self.config.scheduler_config.max_num_batched_tokens
+        buckets = warm_up_linear_buckets(self.model, budget)
+        buckets_done = time.perf_counter()
+        lengths = warm_up_attention(
+            self.model, min(budget, self.config.model_config.max_model_len), self.dtype,
+            self.config.cache_config.block_size, num_blocks, device=self.device)
+        end = time.perf_counter()
+        logger.info("warm-up: %d steps (%.2f s), %d linear row buckets (%.2f s), %d prompt "
+                    "lengths (%.2f s) in %.2f s", steps, steps_done - start, buckets,
+                    buckets_done - steps_done, lengths, end - buckets_done, end - start)
 
     # ------------------------------------------------------------------ embeddings
 
