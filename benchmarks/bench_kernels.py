@@ -20,7 +20,15 @@
   kernel (native and portable paths, up to 32 rows) and oneDNN on a prepacked
   weight against F.linear (torch's BLAS), again cycling through distinct weights.
 
-``--parts`` picks some of them (attention, linears, argmax, prefill, fp32).
+- GGUF block-quantized linears (Q4_1, Q8_0) of smol's shapes at 1 to 96 rows,
+  bfloat16 activations, on the avx512_vnni path: the weight interleaved in groups
+  of 16 rows (what the engine stores) against the blocks as the file has them,
+  and the block kernel (`ggml_linear`) against dequantize-then-matmul
+  (`ggml_matmul`), the choice `MAX_INTERLEAVED_ROWS` makes; process CPU time per
+  call next to wall time (the machine is shared), again cycling through distinct
+  weights.
+
+``--parts`` picks some of them (attention, linears, argmax, prefill, fp32, ggml).
 
 Times are the mean over the repetitions, after a warm-up; the machine's load is
 printed with them.
@@ -191,11 +199,55 @@ def argmax(torch) -> None:
     print(f"argmax 32 x 49152 float32: torch {plain * 1e3:.3f} ms, kernel {kernel * 1e3:.3f} ms")
 
 
+def ggml_linears(torch) -> None:
+    import gguf
+    import numpy as np
+
+    from engine.quantization.ggml import GGML_TYPES, PATHS, PREFILL_TILE_BYTES, kernel_paths
+
+    if "avx512_vnni" not in kernel_paths():
+        print("ggml: this CPU has no avx512_vnni path; skipped")
+        return
+    ops = torch.ops.engine_kernels
+    vnni = PATHS["avx512_vnni"][0]
+    rng = np.random.default_rng(0)
+    for qtype in ("Q4_1", "Q8_0"):
+        type_id = GGML_TYPES[qtype][0]
+        for name, (n, k) in SHAPES.items():
+            count = 12 if name != "lm_head" else 1
+            values = rng.standard_normal((n, k)).astype(np.float32)
+            plain = torch.from_numpy(gguf.quants.quantize(values, gguf.GGMLQuantizationType[qtype]))
+            interleaved = torch.empty_like(plain)
+            ops.ggml_interleave(interleaved, plain, type_id)
+            layouts = {"file": [plain.clone() for _ in range(count)],
+                       "interleaved": [interleaved.clone() for _ in range(count)]}
+            for rows in (1, 4, 16, 32, 48, 64, 96) if name != "lm_head" else (1, 32):
+                x = torch.randn(rows, k).to(torch.bfloat16)
+                out = torch.empty(rows, n, dtype=torch.bfloat16)
+
+                def run(kind, layout, x=x, out=out, type_id=type_id, layouts=layouts):
+                    interleave = layout == "interleaved"
+                    for w in layouts[layout]:
+                        if kind == "kernel":
+                            ops.ggml_linear(out, x, w, type_id, None, vnni, interleave)
+                        else:
+                            ops.ggml_matmul(out, x, w, type_id, None, PREFILL_TILE_BYTES, interleave)
+
+                line = f"{qtype} {name:8s} {n:5d}x{k:4d}, {rows:3d} rows:"
+                sides = [("kernel", "interleaved"), ("kernel", "file"), ("tiles", "interleaved")]
+                for kind, layout in sides if rows <= 16 else sides[::2]:
+                    cpu = time.process_time()
+                    wall = timed(lambda kind=kind, layout=layout: run(kind, layout), 3) / count
+                    cpu = (time.process_time() - cpu) / (4 * count)
+                    line += f" {kind} {layout} {wall * 1e6:8.1f} us ({cpu * 1e6:.1f} CPU)"
+                print(line, flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--parts", default="attention,linears,argmax,prefill,fp32",
-                    help="comma-separated: attention, linears, argmax, prefill, fp32")
+                    help="comma-separated: attention, linears, argmax, prefill, fp32, ggml")
     args = ap.parse_args()
     import torch
 
@@ -211,7 +263,7 @@ def main() -> int:
     print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}, "
           f"OpenMP wait: {os.environ.get('OMP_WAIT_POLICY') or 'spin ' + str(os.environ.get('GOMP_SPINCOUNT'))}")
     parts = {"attention": attention, "linears": linears, "argmax": argmax,
-             "prefill": prefill, "fp32": fp32_linears}
+             "prefill": prefill, "fp32": fp32_linears, "ggml": ggml_linears}
     for part in args.parts.split(","):
         parts[part](torch)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")

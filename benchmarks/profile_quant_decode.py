@@ -16,7 +16,10 @@ Three views of one sequence decoding (fresh 32-token prompt, greedy):
    on decode at ``--dram-gbs``.
 
 With ``--peer-dequantized`` the same file loaded with ``quantization="none"`` is
-timed too, alternating with the quantized engine.
+timed too, alternating with the quantized engine; with ``--peer-file-layout`` the
+same file with its blocks as the file stores them (no `pack`: the layout before
+the interleaved groups). Each line gives wall and process CPU ms per step (CPU
+time moves less when other work shares the cores).
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ sys.path.insert(0, str(ROOT))
 import engine  # noqa: E402,F401 - before torch: it sets the OpenMP wait policy
 
 
-def decode_ms(llm, rng: random.Random, steps: int) -> float:
-    """ms per decode step of one sequence with a fresh 32-token prompt."""
+def decode_ms(llm, rng: random.Random, steps: int) -> tuple[float, float]:
+    """Wall and process CPU ms per decode step of one sequence with a fresh
+    32-token prompt."""
     from engine import SamplingParams
 
     llm_engine = llm.llm_engine
@@ -43,13 +47,14 @@ def decode_ms(llm, rng: random.Random, steps: int) -> float:
                                                   ignore_eos=True))
     for _ in range(4):  # prefill, then a few decode steps
         llm_engine.step()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         llm_engine.step()
     took = (time.perf_counter() - start) / steps
+    cpu_took = (time.process_time() - cpu) / steps
     while llm_engine.has_unfinished_requests():
         llm_engine.step()
-    return took * 1000
+    return took * 1000, cpu_took * 1000
 
 
 def main() -> int:
@@ -59,31 +64,46 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rows", type=int, default=20, help="profiler table rows")
     ap.add_argument("--dram-gbs", type=float, default=20.0, help="DRAM read bandwidth for the floor")
-    ap.add_argument("--peer-dequantized", action="store_true")
+    peers = ap.add_mutually_exclusive_group()
+    peers.add_argument("--peer-dequantized", action="store_true")
+    peers.add_argument("--peer-file-layout", action="store_true")
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
 
     import torch
     import torch.nn.functional as F
 
     from engine import LLM
+    from engine.quantization.ggml import GGMLBlockMethod
     from engine.quantization.layers import _quantizable
 
     rng = random.Random(0)
     llm = LLM(str(args.gguf), dtype=args.dtype, kv_cache_memory=1 << 28)
-    peer = LLM(str(args.gguf), dtype=args.dtype, quantization="none",
-               kv_cache_memory=1 << 28) if args.peer_dequantized else None
+    peer, peer_name = None, ""
+    if args.peer_dequantized:
+        peer, peer_name = LLM(str(args.gguf), dtype=args.dtype, quantization="none",
+                              kv_cache_memory=1 << 28), "dequantized"
+    elif args.peer_file_layout:
+        packing = GGMLBlockMethod.pack
+        GGMLBlockMethod.pack = lambda self, weight: weight  # the blocks as the file has them
+        try:
+            peer, peer_name = LLM(str(args.gguf), dtype=args.dtype,
+                                  kv_cache_memory=1 << 28), "file layout"
+        finally:
+            GGMLBlockMethod.pack = packing
     # the in-process executor runs the call here: the worker's model itself comes back
     model = llm.llm_engine.executor.collective_rpc(lambda worker: worker.model_runner.model)[0]
     layers = [(name, m) for name, m in _quantizable(model) if m.quant_weight is not None]
     act = next(p for p in model.parameters() if p.is_floating_point()).dtype
 
     # 1. the step
-    for _ in range(2):
-        q = decode_ms(llm, rng, args.steps)
-        line = f"quantized {q:.2f} ms/step"
+    for _ in range(args.rounds):
+        wall, cpu = decode_ms(llm, rng, args.steps)
+        line = f"quantized {wall:.2f} ms/step ({cpu:.2f} CPU)"
         if peer is not None:
-            line += f"   dequantized {decode_ms(peer, rng, args.steps):.2f} ms/step"
-        print(line)
+            wall, cpu = decode_ms(peer, rng, args.steps)
+            line += f"   {peer_name} {wall:.2f} ms/step ({cpu:.2f} CPU)"
+        print(line, flush=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         decode_ms(llm, rng, args.steps)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))

@@ -71,41 +71,74 @@ def test_dequantize_and_embedding_equal_the_gguf_package(qtype):
     ref = _reference(qtype, blocks, (rows, cols))
     method = get_quantization_method(qtype.lower())
     stored = method.from_gguf(torch.from_numpy(blocks), (rows, cols))
-    assert stored.nbytes == blocks.nbytes  # the blocks, nothing widened
-    assert torch.equal(method.dequantize(stored), ref)
-    assert torch.equal(method.dequantize(stored, torch.bfloat16), ref.to(torch.bfloat16))
-    ids = torch.tensor([5, 0, 23, 5])
-    assert torch.equal(method.embedding(stored, ids, torch.float32), ref[ids])
+    packed = method.pack(method.from_gguf(torch.from_numpy(blocks.copy()), (rows, cols)))
+    # 32-value types: one interleaved group, 8 rows as they are
+    assert ("interleaved" in packed.tensors) == (GGML_TYPES[qtype][1] == 32
+                                                 and kernel_paths()[0] == "avx512_vnni")
+    for weight in (stored, packed):
+        assert weight.nbytes == blocks.nbytes  # the blocks, nothing widened
+        assert torch.equal(method.dequantize(weight), ref)
+        assert torch.equal(method.dequantize(weight, torch.bfloat16), ref.to(torch.bfloat16))
+        ids = torch.tensor([5, 0, 23, 5, 16])
+        assert torch.equal(method.embedding(weight, ids, torch.float32), ref[ids])
+
+
+@pytest.mark.parametrize("qtype", [t for t in TYPES if GGML_TYPES[t][1] == 32])
+def test_interleaving_keeps_every_byte_and_undoes(qtype):
+    blocks = torch.from_numpy(_blocks(qtype, 40, 96))  # two groups of 16 and 8 rows as they are
+    type_id = GGML_TYPES[qtype][0]
+    interleaved, back = torch.empty_like(blocks), torch.empty_like(blocks)
+    torch.ops.engine_kernels.ggml_interleave(interleaved, blocks, type_id)
+    torch.ops.engine_kernels.ggml_interleave(back, interleaved, type_id, True)
+    assert not torch.equal(interleaved[:32], blocks[:32])
+    assert torch.equal(interleaved[32:], blocks[32:])
+    assert torch.equal(back, blocks)
+    in_place = blocks.clone()  # what `pack` does: no second copy of the weight
+    torch.ops.engine_kernels.ggml_interleave(in_place, in_place, type_id)
+    assert torch.equal(in_place, interleaved)
+    torch.ops.engine_kernels.ggml_interleave(in_place, in_place, type_id, True)
+    assert torch.equal(in_place, blocks)
+    with pytest.raises(RuntimeError, match="no interleaved layout"):
+        torch.ops.engine_kernels.ggml_interleave(back, blocks, GGML_TYPES["Q4_K"][0])
 
 
 # 800 = 25 blocks of 32: the avx512_vnni path's last, unpaired block (the K-quants'
-# rows are whole 256-value super-blocks)
-@pytest.mark.parametrize(("qtype", "cols"), [(t, c) for t in TYPES for c in (768, 800)
-                                             if c % GGML_TYPES[t][1] == 0])
-def test_linear_kernels_equal_dequantize_then_matmul_on_every_path(qtype, cols):
+# rows are whole 256-value super-blocks). "interleaved": the 32-value types as
+# `pack` stores them (40 rows: two groups of 16, 8 rows as the file has them)
+@pytest.mark.parametrize(("qtype", "cols", "interleaved"), [
+    (t, c, i) for t in TYPES for c in (768, 800) for i in (False, True)
+    if c % GGML_TYPES[t][1] == 0 and (not i or GGML_TYPES[t][1] == 32)])
+def test_linear_kernels_equal_dequantize_then_matmul_on_every_path(qtype, cols, interleaved):
     rows = 40
     blocks = _blocks(qtype, rows, cols, seed=1)
     ref_w = _reference(qtype, blocks, (rows, cols))
     wt = torch.from_numpy(blocks)
+    type_id = GGML_TYPES[qtype][0]
+    if interleaved:
+        wt = torch.empty_like(wt)
+        torch.ops.engine_kernels.ggml_interleave(wt, torch.from_numpy(blocks), type_id)
     gen = torch.Generator().manual_seed(2)
     bias = torch.randn(rows, generator=gen)
-    type_id = GGML_TYPES[qtype][0]
     for path in ["float", *kernel_paths()]:  # the best path first ... "portable" last
         tol = FLOAT_PATH_TOL if path == "float" else INT8_PATH_TOL
-        for m in (1, 3, 4, 7):
-            x = torch.randn(m, cols, generator=gen)
-            out = torch.empty(m, rows)
-            torch.ops.engine_kernels.ggml_linear(out, x, wt, type_id, bias, PATHS[path][0])
-            ref = x @ ref_w.T + bias
-            error = float((out - ref).abs().max() / ref.abs().max())
-            assert error <= tol, (path, m, error)
+        for m in (1, 3, 4, 7, 30):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(m, cols, generator=gen).to(dtype)
+                out = torch.empty(m, rows, dtype=dtype)
+                torch.ops.engine_kernels.ggml_linear(out, x, wt, type_id, bias.to(dtype),
+                                                     PATHS[path][0], interleaved)
+                ref = x.float() @ ref_w.T + bias.to(dtype).float()
+                error = float((out.float() - ref).abs().max() / ref.abs().max())
+                # bfloat16 out: its rounding (2^-8 relative) on top
+                assert error <= tol + (0.01 if dtype == torch.bfloat16 else 0), (path, m, dtype, error)
 
 
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prompt_sized_products_run_tile_by_tile_and_equal_dequantize_then_matmul(qtype, dtype):
-    # ggml_matmul: 40 weight rows in tiles of 16 (the last one partial), 33 rows of x
-    rows, cols, m = 40, 512, 33
+    # ggml_matmul: 40 weight rows in tiles of 16 (the last one partial), 60 rows of x
+    # (more than MAX_INTERLEAVED_ROWS too)
+    rows, cols, m = 40, 512, 60
     blocks = _blocks(qtype, rows, cols, seed=3)
     ref_w = _reference(qtype, blocks, (rows, cols)).to(dtype)
     gen = torch.Generator().manual_seed(4)
@@ -119,8 +152,8 @@ def test_prompt_sized_products_run_tile_by_tile_and_equal_dequantize_then_matmul
                                          bias, tile_bytes)
     assert float((out.float() - ref).abs().max() / ref.abs().max()) <= tol
     method = get_quantization_method(qtype.lower())  # more than MAX_KERNEL_ROWS rows: this op
-    stored = method.from_gguf(torch.from_numpy(blocks), (rows, cols))
-    through_method = method.linear(stored, x.reshape(3, 11, cols), bias).reshape(m, rows)
+    stored = method.pack(method.from_gguf(torch.from_numpy(blocks), (rows, cols)))
+    through_method = method.linear(stored, x.reshape(3, 20, cols), bias).reshape(m, rows)
     assert float((through_method.float() - ref).abs().max() / ref.abs().max()) <= tol
 
 

@@ -195,12 +195,40 @@ struct QuantizedRows {
   std::vector<float> sum;    // [M, K / 32]
 };
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// 16 values of x as float32
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+#endif
+
 template <typename T>
 void quantize_rows(const T* x, int64_t M, int64_t K, QuantizedRows* out) {
   const int64_t chunks = K / kChunk;
   out->q.resize(M * K);
   out->d.resize(M * chunks);
   out->sum.resize(M * chunks);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  // the same arithmetic as the loop below, 16 values a register (the rounding
+  // of _mm512_cvtps_epi32 is nearbyint's: to nearest, ties to even)
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const T* xs = x + m * K + c * kChunk;
+      const __m512 lo = load16(xs), hi = load16(xs + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+      const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inv)));
+      const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inv)));
+      int8_t* q = out->q.data() + m * K + c * kChunk;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qlo));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qhi));
+      out->d[m * chunks + c] = d;
+      out->sum[m * chunks + c] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
+    }
+  return;
+#endif
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < chunks; ++c) {
       const T* xs = x + m * K + c * kChunk;
@@ -219,6 +247,127 @@ void quantize_rows(const T* x, int64_t M, int64_t K, QuantizedRows* out) {
       out->d[m * chunks + c] = d;
       out->sum[m * chunks + c] = d * static_cast<float>(s);
     }
+}
+
+// ---------------------------------------------------------------- interleaved groups
+//
+// The 32-value formats (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0) repacked once at load into the
+// same number of bytes, in the order the decode kernel reads them. Rows go in
+// groups of kGroup; a group is stored block column by block column (block c of
+// its 16 rows together), and a block column as
+//   the 16 rows' float16 scales (32 bytes),
+//   their float16 minimums (Q4_1, Q5_1: 32 bytes),
+//   their fifth bits (Q5_0, Q5_1: a 32-bit word a row, bit 8k + r of it the fifth
+//     bit of value 4r + k, so that one shift and one mask put it in place),
+//   their values in 4-value runs: run j of row 0, of row 1, ... of row 15, then
+//     run j + 1 (64 bytes a run): for the 4-bit formats run j is the block's bytes
+//     4j..4j+3 (values 4j..4j+3 in the low nibbles, 16+4j.. in the high ones), for
+//     Q8_0 values 4j..4j+3 plus 128, so that they are unsigned.
+// A 64-byte load then holds 4 values of each of 16 rows: one vpdpbusd against 4
+// activation values broadcast gives the 16 rows' partial sums in its 16 lanes,
+// and the weight streams from memory strictly in order. Rows past the last whole
+// group stay as the file has them.
+constexpr int64_t kGroup = 16;
+
+constexpr bool interleavable(int64_t type) {
+  return type == kQ4_0 || type == kQ4_1 || type == kQ5_0 || type == kQ5_1 || type == kQ8_0;
+}
+
+// where the parts of one block sit: in the file's block, and in a block column
+struct BlockParts {
+  int64_t bytes;                    // of one block
+  int64_t min_at, qh_at, qs_at;     // in the file's block (-1: none)
+  int64_t col_min, col_qh, col_qs;  // in the block column (-1: none)
+  int runs;                         // 4-byte runs of values
+};
+
+constexpr BlockParts block_parts(int64_t type) {
+  switch (type) {
+    case kQ4_0: return {18, -1, -1, 2, -1, -1, 32, 4};
+    case kQ4_1: return {20, 2, -1, 4, 32, -1, 64, 4};
+    case kQ5_0: return {22, -1, 2, 6, -1, 32, 96, 4};
+    case kQ5_1: return {24, 2, 4, 8, 32, 64, 128, 4};
+    default: return {34, -1, -1, 2, -1, -1, 32, 8};  // Q8_0
+  }
+}
+
+inline uint32_t fifth_bits_to_column(uint32_t qh) {
+  uint32_t out = 0;
+  for (int r = 0; r < 8; ++r)
+    for (int k = 0; k < 4; ++k) out |= ((qh >> (4 * r + k)) & 1u) << (8 * k + r);
+  return out;
+}
+
+inline uint32_t fifth_bits_from_column(uint32_t packed) {
+  uint32_t out = 0;
+  for (int r = 0; r < 8; ++r)
+    for (int k = 0; k < 4; ++k) out |= ((packed >> (8 * k + r)) & 1u) << (4 * r + k);
+  return out;
+}
+
+// block `src` of a row into lane `lane` of the block column `col`, or back (`unpack`)
+// block `block` of a row into lane `lane` of the block column `col`, or back
+// (`kUnpack`); whole 4-byte runs at a time, since prompts unpack every row
+template <int64_t Type, bool kUnpack>
+inline void move_block(uint8_t* block, uint8_t* col, int lane) {
+  constexpr BlockParts p = block_parts(Type);
+  auto copy = [](uint8_t* in_block, uint8_t* in_col, int64_t n) {
+    if (kUnpack) std::memcpy(in_block, in_col, n);
+    else std::memcpy(in_col, in_block, n);
+  };
+  copy(block, col + 2 * lane, 2);
+  if constexpr (p.min_at >= 0) copy(block + p.min_at, col + p.col_min + 2 * lane, 2);
+  if constexpr (p.qh_at >= 0) {
+    uint32_t qh;
+    if (kUnpack) {
+      std::memcpy(&qh, col + p.col_qh + 4 * lane, 4);
+      qh = fifth_bits_from_column(qh);
+      std::memcpy(block + p.qh_at, &qh, 4);
+    } else {
+      std::memcpy(&qh, block + p.qh_at, 4);
+      qh = fifth_bits_to_column(qh);
+      std::memcpy(col + p.col_qh + 4 * lane, &qh, 4);
+    }
+  }
+  constexpr uint32_t flip = Type == kQ8_0 ? 0x80808080u : 0u;
+  for (int j = 0; j < p.runs; ++j) {
+    uint8_t* b = block + p.qs_at + 4 * j;
+    uint8_t* c = col + p.col_qs + 64 * j + 4 * lane;
+    uint32_t run;
+    std::memcpy(&run, kUnpack ? c : b, 4);
+    run ^= flip;
+    std::memcpy(kUnpack ? b : c, &run, 4);
+  }
+}
+
+// every block of one row: the row's plain blocks <-> lane `lane` of its group
+template <int64_t Type, bool kUnpack>
+void move_row(uint8_t* row, uint8_t* group, int64_t row_bytes, int lane) {
+  constexpr int64_t bytes = block_parts(Type).bytes;
+  for (int64_t c = 0; c < row_bytes / bytes; ++c)
+    move_block<Type, kUnpack>(row + c * bytes, group + c * kGroup * bytes, lane);
+}
+
+template <bool kUnpack>
+void move_row(int64_t type, uint8_t* row, uint8_t* group, int64_t row_bytes, int lane) {
+  switch (type) {
+    case kQ4_0: return move_row<kQ4_0, kUnpack>(row, group, row_bytes, lane);
+    case kQ4_1: return move_row<kQ4_1, kUnpack>(row, group, row_bytes, lane);
+    case kQ5_0: return move_row<kQ5_0, kUnpack>(row, group, row_bytes, lane);
+    case kQ5_1: return move_row<kQ5_1, kUnpack>(row, group, row_bytes, lane);
+    case kQ8_0: return move_row<kQ8_0, kUnpack>(row, group, row_bytes, lane);
+    default: TORCH_CHECK(false, "ggml type ", type, " has no interleaved layout");
+  }
+}
+
+// Row n of a weight [N, row_bytes] as the file stores it: the row itself when
+// it is not interleaved, else rebuilt into `scratch` (row_bytes)
+const uint8_t* file_row(const uint8_t* w, int64_t n, int64_t N, int64_t row_bytes, int64_t type,
+                        bool interleaved, uint8_t* scratch) {
+  if (!interleaved || n >= N / kGroup * kGroup) return w + n * row_bytes;
+  uint8_t* group = const_cast<uint8_t*>(w) + (n / kGroup) * kGroup * row_bytes;
+  move_row<true>(type, scratch, group, row_bytes, static_cast<int>(n % kGroup));
+  return scratch;
 }
 
 // ---------------------------------------------------------------- row dot products
@@ -520,6 +669,154 @@ void dot_pairs(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t 
 }
 #endif
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#define ENGINE_GGML_GROUPS 1
+// block column `col` of a group: w[j] the values 4j..4j+3 of its 16 rows (unsigned
+// bytes, one row a 32-bit lane), each row's value = d * q + offset
+template <int64_t Type>
+inline void decode_column(const uint8_t* col, __m512i* w, __m512* d, __m512* offset) {
+  constexpr BlockParts p = block_parts(Type);
+  const __m512i nibble = _mm512_set1_epi8(0x0F), fifth = _mm512_set1_epi32(0x10101010);
+  if constexpr (Type == kQ8_0) {
+    for (int j = 0; j < 8; ++j) w[j] = _mm512_loadu_si512(col + p.col_qs + 64 * j);
+  } else {
+    for (int j = 0; j < 4; ++j) {
+      const __m512i b = _mm512_loadu_si512(col + p.col_qs + 64 * j);
+      w[j] = _mm512_and_si512(b, nibble);
+      w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+    }
+    if constexpr (p.col_qh >= 0) {
+      const __m512i qh = _mm512_loadu_si512(col + p.col_qh);
+      for (int j = 0; j < 8; ++j) {
+        const __m512i bits = j < 4 ? _mm512_slli_epi32(qh, 4 - j) : _mm512_srli_epi32(qh, j - 4);
+        w[j] = _mm512_or_si512(w[j], _mm512_and_si512(bits, fifth));
+      }
+    }
+  }
+  *d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(col)));
+  if constexpr (p.col_min >= 0)
+    *offset = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + p.col_min)));
+  else
+    *offset = _mm512_mul_ps(*d, _mm512_set1_ps(Type == kQ4_0 ? -8.f : Type == kQ5_0 ? -16.f : -128.f));
+}
+
+// R activation rows against one interleaved group of 16 weight rows (see
+// "interleaved groups"): out[r * 16 + l] = x row m0 + r . weight row l
+template <int64_t Type, int R>
+void group_dot(const uint8_t* group, const QuantizedRows& xq, int64_t m0, int64_t K, float* out) {
+  constexpr BlockParts p = block_parts(Type);
+  constexpr int64_t column_bytes = kGroup * p.bytes;
+  const int64_t chunks = K / kChunk;
+  __m512 acc[R], off[R];
+  for (int r = 0; r < R; ++r) acc[r] = off[r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const uint8_t* col = group + c * column_bytes;
+    __m512i w[8];  // w[j]: values 4j..4j+3 of the 16 rows, unsigned
+    __m512 d, offset;  // value = d * q + offset, per row
+    decode_column<Type>(col, w, &d, &offset);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xs = xq.q.data() + (m0 + r) * K + c * kChunk;
+      int32_t x4[8];
+      std::memcpy(x4, xs, sizeof(x4));
+      // two chains of four: the second does not wait for the first
+      __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(x4[0]));
+      __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_set1_epi32(x4[1]));
+      for (int j = 2; j < 8; j += 2) {
+        s0 = _mm512_dpbusd_epi32(s0, w[j], _mm512_set1_epi32(x4[j]));
+        s1 = _mm512_dpbusd_epi32(s1, w[j + 1], _mm512_set1_epi32(x4[j + 1]));
+      }
+      const int64_t at = (m0 + r) * chunks + c;
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
+                               _mm512_mul_ps(d, _mm512_set1_ps(xq.d[at])), acc[r]);
+      off[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xq.sum[at]), off[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kGroup, _mm512_add_ps(acc[r], off[r]));
+}
+
+#if defined(__AVX512BF16__)
+#define ENGINE_GGML_GROUP_DEQUANTIZE 1
+// the 16 rows of one interleaved group as floats (out: row l at out + l * K):
+// each 16 bytes of a column's w[j] are 4 values of 4 rows, widened, scaled by
+// their rows' d and offset, and stored 4 values to a row (prompts dequantize
+// every weight this way, tile by tile)
+template <int64_t Type, typename T>
+void dequantize_group(const uint8_t* group, int64_t K, T* out) {
+  constexpr int64_t column_bytes = kGroup * block_parts(Type).bytes;
+  __m512i quarter_rows[4];  // lane i -> row 4q + i / 4
+  for (int q = 0; q < 4; ++q)
+    quarter_rows[q] = _mm512_add_epi32(_mm512_set1_epi32(4 * q),
+                                       _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8,
+                                                                           9, 10, 11, 12, 13, 14, 15), 2));
+  for (int64_t c = 0; c < K / kChunk; ++c) {
+    __m512i w[8];
+    __m512 d, offset;
+    decode_column<Type>(group + c * column_bytes, w, &d, &offset);
+    __m512 scale[4], shift[4];
+    for (int q = 0; q < 4; ++q) {
+      scale[q] = _mm512_permutexvar_ps(quarter_rows[q], d);
+      shift[q] = _mm512_permutexvar_ps(quarter_rows[q], offset);
+    }
+    for (int j = 0; j < 8; ++j)
+      for (int q = 0; q < 4; ++q) {
+        const __m512 v = _mm512_fmadd_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(w[j], q))), scale[q], shift[q]);
+        T* at = out + (4 * q) * K + c * kChunk + 4 * j;
+        if constexpr (std::is_same_v<T, float>) {
+          _mm_storeu_ps(at, _mm512_castps512_ps128(v));
+          _mm_storeu_ps(at + K, _mm512_extractf32x4_ps(v, 1));
+          _mm_storeu_ps(at + 2 * K, _mm512_extractf32x4_ps(v, 2));
+          _mm_storeu_ps(at + 3 * K, _mm512_extractf32x4_ps(v, 3));
+        } else {
+          // round to nearest even, as torch's float32 -> bfloat16
+          const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+          const __m128i lo = _mm256_castsi256_si128(h), hi = _mm256_extracti128_si256(h, 1);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(at), lo);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(at + K), _mm_unpackhi_epi64(lo, lo));
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(at + 2 * K), hi);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(at + 3 * K), _mm_unpackhi_epi64(hi, hi));
+        }
+      }
+  }
+}
+
+template <typename T>
+void dequantize_group(int64_t type, const uint8_t* group, int64_t K, T* out) {
+  switch (type) {
+    case kQ4_0: return dequantize_group<kQ4_0, T>(group, K, out);
+    case kQ4_1: return dequantize_group<kQ4_1, T>(group, K, out);
+    case kQ5_0: return dequantize_group<kQ5_0, T>(group, K, out);
+    case kQ5_1: return dequantize_group<kQ5_1, T>(group, K, out);
+    case kQ8_0: return dequantize_group<kQ8_0, T>(group, K, out);
+    default: TORCH_CHECK(false, "ggml type ", type, " has no interleaved layout");
+  }
+}
+#endif
+
+using GroupKernel = void (*)(const uint8_t* group, const QuantizedRows& xq, int64_t m0, int64_t K,
+                             float* out);
+
+template <int64_t Type>
+void group_kernels_for(GroupKernel* fn) {
+  fn[0] = group_dot<Type, 1>;
+  fn[1] = group_dot<Type, 2>;
+  fn[2] = group_dot<Type, 3>;
+  fn[3] = group_dot<Type, 4>;
+}
+
+// the group kernels of `type` by rows per pass (1..kMaxRowsPerPass)
+void group_kernels(int64_t type, GroupKernel* fn) {
+  switch (type) {
+    case kQ4_0: return group_kernels_for<kQ4_0>(fn);
+    case kQ4_1: return group_kernels_for<kQ4_1>(fn);
+    case kQ5_0: return group_kernels_for<kQ5_0>(fn);
+    case kQ5_1: return group_kernels_for<kQ5_1>(fn);
+    case kQ8_0: return group_kernels_for<kQ8_0>(fn);
+    default: TORCH_CHECK(false, "ggml type ", type, " has no interleaved layout");
+  }
+}
+#endif
+
 // a row decoded to floats with the vector decoder: the prefill path dequantizes
 // every weight once per prompt chunk, so this runs over the whole model per chunk
 template <int64_t Type, typename T>
@@ -639,8 +936,19 @@ RowKernels<T> row_kernels(int64_t path, int64_t type) {
 }
 
 template <typename T>
+void store_row_outputs(T* op, int64_t out_stride, int64_t m0, int64_t rows, int64_t n,
+                       int64_t width, const float* dots, int64_t dots_stride, const T* b) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t l = 0; l < width; ++l) {
+      float v = dots[r * dots_stride + l];
+      if (b) v += static_cast<float>(b[n + l]);
+      op[(m0 + r) * out_stride + n + l] = static_cast<T>(v);
+    }
+}
+
+template <typename T>
 void linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& blocks, int64_t type,
-                 const c10::optional<at::Tensor>& bias, int64_t path) {
+                 const c10::optional<at::Tensor>& bias, int64_t path, bool interleaved) {
   const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0);
   const int64_t out_stride = out.stride(0);
   const T* xp = x.data_ptr<T>();
@@ -648,29 +956,53 @@ void linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& blocks,
   const uint8_t* w = blocks.data_ptr<uint8_t>();
   const int64_t row_bytes = blocks.size(1);
   const T* b = bias.has_value() && bias->defined() ? bias->data_ptr<T>() : nullptr;
-  QuantizedRows xq;
+  // reused across calls (a decode step makes hundreds); a plain reference, so
+  // that the worker threads below read this thread's copy, not their own
+  thread_local QuantizedRows reused;
+  QuantizedRows& xq = reused;
   if (path != kFloat) quantize_rows(xp, M, K, &xq);
   const RowKernels<T> kernels = row_kernels<T>(path, type);
-  // weight rows split across threads: each streams one contiguous range
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+  const int64_t groups = interleaved ? N / kGroup : 0;
+#if defined(ENGINE_GGML_GROUPS)
+  const bool by_groups = groups > 0 && path == kVnni;
+#else
+  const bool by_groups = false;
+#endif
+#if defined(ENGINE_GGML_GROUPS)
+  if (by_groups) {
+    GroupKernel fn[kMaxRowsPerPass];
+    group_kernels(type, fn);
+    // whole groups split across threads: each streams one contiguous range
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      alignas(64) float dots[kMaxRowsPerPass * kGroup];
+      for (int64_t g = begin; g < end; ++g)
+        for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsPerPass) {
+          const int64_t rows = std::min(kMaxRowsPerPass, M - m0);
+          fn[rows - 1](w + g * kGroup * row_bytes, xq, m0, K, dots);
+          store_row_outputs(op, out_stride, m0, rows, g * kGroup, kGroup, dots, kGroup, b);
+        }
+    });
+  }
+#endif
+  const int64_t first_row = by_groups ? groups * kGroup : 0;
+  // other paths read an interleaved weight one row at a time, rebuilt as the file has it
+  at::parallel_for(first_row, N, 16, [&](int64_t begin, int64_t end) {
     float dots[kMaxRowsPerPass];
+    std::vector<uint8_t> scratch(interleaved ? row_bytes : 0);
     for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* row = w + n * row_bytes;
+      const uint8_t* row = file_row(w, n, N, row_bytes, type, interleaved, scratch.data());
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsPerPass) {
         const int64_t rows = std::min(kMaxRowsPerPass, M - m0);
         kernels.fn[rows - 1](row, xp, xq, m0, K, dots);
-        for (int64_t r = 0; r < rows; ++r) {
-          float v = dots[r];
-          if (b) v += static_cast<float>(b[n]);
-          op[(m0 + r) * out_stride + n] = static_cast<T>(v);
-        }
+        store_row_outputs(op, out_stride, m0, rows, n, 1, dots, 1, b);
       }
     }
   });
 }
 
-void check_blocks(const at::Tensor& blocks, int64_t type, int64_t K) {
+void check_blocks(const at::Tensor& blocks, int64_t type, int64_t K, bool interleaved = false) {
   const Format f = format_of(type);
+  TORCH_CHECK(!interleaved || interleavable(type), "ggml type ", type, " has no interleaved layout");
   TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous(),
               "blocks must be a contiguous uint8 [N, row_bytes]");
   TORCH_CHECK(K % f.block_values == 0, "K = ", K, " is not a multiple of the block size ",
@@ -680,11 +1012,11 @@ void check_blocks(const at::Tensor& blocks, int64_t type, int64_t K) {
 }
 
 void ggml_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& blocks, int64_t type,
-                 const c10::optional<at::Tensor>& bias, int64_t path) {
+                 const c10::optional<at::Tensor>& bias, int64_t path, bool interleaved) {
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2, "x and out must be 2-D");
   TORCH_CHECK(x.is_contiguous() && out.stride(1) == 1, "x must be contiguous, out rows dense");
   TORCH_CHECK(x.scalar_type() == out.scalar_type(), "x and out must have one dtype");
-  check_blocks(blocks, type, x.size(1));
+  check_blocks(blocks, type, x.size(1), interleaved);
   TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == blocks.size(0), "out must be [",
               x.size(0), ", ", blocks.size(0), "]");
   if (bias.has_value() && bias->defined())
@@ -692,9 +1024,9 @@ void ggml_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& blocks, 
                     bias->scalar_type() == x.scalar_type(), "bias must be a contiguous [N] of x's dtype");
   TORCH_CHECK(path >= kFloat && path <= kVnni, "path must be 0..3");
   if (x.scalar_type() == at::kFloat)
-    linear_impl<float>(out, x, blocks, type, bias, path);
+    linear_impl<float>(out, x, blocks, type, bias, path, interleaved);
   else if (x.scalar_type() == at::kBFloat16)
-    linear_impl<c10::BFloat16>(out, x, blocks, type, bias, path);
+    linear_impl<c10::BFloat16>(out, x, blocks, type, bias, path, interleaved);
   else
     TORCH_CHECK(false, "ggml_linear: float32 or bfloat16 activations only");
 }
@@ -720,23 +1052,37 @@ void dequantize_row_best(int64_t type, const uint8_t* row, int64_t K, T* out) {
 }
 
 template <typename T>
-void dequantize_impl(at::Tensor& out, const at::Tensor& blocks, int64_t type) {
+void dequantize_impl(at::Tensor& out, const at::Tensor& blocks, int64_t type, bool interleaved) {
   const int64_t N = blocks.size(0), K = out.size(1), row_bytes = blocks.size(1);
   const uint8_t* w = blocks.data_ptr<uint8_t>();
   T* o = out.data_ptr<T>();
+#if defined(ENGINE_GGML_GROUP_DEQUANTIZE)
+  if (interleaved) {  // whole groups at once, then the rows past the last one
+    const int64_t groups = N / kGroup;
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g)
+        dequantize_group(type, w + g * kGroup * row_bytes, K, o + g * kGroup * K);
+    });
+    for (int64_t n = groups * kGroup; n < N; ++n) dequantize_row_best(type, w + n * row_bytes, K, o + n * K);
+    return;
+  }
+#endif
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) dequantize_row_best(type, w + n * row_bytes, K, o + n * K);
+    std::vector<uint8_t> scratch(interleaved ? row_bytes : 0);
+    for (int64_t n = begin; n < end; ++n)
+      dequantize_row_best(type, file_row(w, n, N, row_bytes, type, interleaved, scratch.data()), K,
+                          o + n * K);
   });
 }
 
-void ggml_dequantize(at::Tensor out, const at::Tensor& blocks, int64_t type) {
+void ggml_dequantize(at::Tensor out, const at::Tensor& blocks, int64_t type, bool interleaved) {
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == blocks.size(0),
               "out must be a contiguous [N, K]");
-  check_blocks(blocks, type, out.size(1));
+  check_blocks(blocks, type, out.size(1), interleaved);
   if (out.scalar_type() == at::kFloat)
-    dequantize_impl<float>(out, blocks, type);
+    dequantize_impl<float>(out, blocks, type, interleaved);
   else if (out.scalar_type() == at::kBFloat16)
-    dequantize_impl<c10::BFloat16>(out, blocks, type);
+    dequantize_impl<c10::BFloat16>(out, blocks, type, interleaved);
   else
     TORCH_CHECK(false, "ggml_dequantize: float32 or bfloat16 out only");
 }
@@ -746,26 +1092,30 @@ void ggml_dequantize(at::Tensor out, const at::Tensor& blocks, int64_t type) {
 // by ATen's dense matmul straight into its columns of out. The whole float weight
 // is never allocated.
 void ggml_matmul(at::Tensor out, const at::Tensor& x, const at::Tensor& blocks, int64_t type,
-                 const c10::optional<at::Tensor>& bias, int64_t tile_bytes) {
+                 const c10::optional<at::Tensor>& bias, int64_t tile_bytes, bool interleaved) {
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2, "x and out must be 2-D");
   TORCH_CHECK(out.stride(1) == 1, "out rows must be dense");
   TORCH_CHECK(x.scalar_type() == out.scalar_type(), "x and out must have one dtype");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "ggml_matmul: float32 or bfloat16 activations only");
   const int64_t K = x.size(1), N = blocks.size(0);
-  check_blocks(blocks, type, K);
+  check_blocks(blocks, type, K, interleaved);
   TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == N, "out must be [", x.size(0), ", ", N, "]");
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias)
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == x.scalar_type(),
                 "bias must be a [N] of x's dtype");
-  const int64_t rows = std::max<int64_t>(16, tile_bytes / (K * x.element_size()) / 16 * 16);
+  // tiles of equal size, whole groups of an interleaved weight each (kGroup
+  // divides 16): a remainder tile of a few rows would be a poor matmul
+  const int64_t most = std::max<int64_t>(16, tile_bytes / (K * x.element_size()) / 16 * 16);
+  const int64_t tiles = (N + most - 1) / most;
+  const int64_t rows = ((N + tiles - 1) / tiles + 15) / 16 * 16;
   at::Tensor tile = at::empty({std::min(rows, N), K}, x.options());
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t n = std::min(rows, N - n0);
     at::Tensor t = tile.narrow(0, 0, n);
     at::Tensor part = blocks.narrow(0, n0, n);
-    ggml_dequantize(t, part, type);
+    ggml_dequantize(t, part, type, interleaved);
     at::Tensor o = out.narrow(1, n0, n);
     if (has_bias)
       at::addmm_out(o, bias->narrow(0, n0, n), x, t.t());  // bias added before rounding, as F.linear
@@ -774,12 +1124,13 @@ void ggml_matmul(at::Tensor out, const at::Tensor& x, const at::Tensor& blocks, 
   }
 }
 
-void ggml_embedding(at::Tensor out, const at::Tensor& ids, const at::Tensor& blocks, int64_t type) {
+void ggml_embedding(at::Tensor out, const at::Tensor& ids, const at::Tensor& blocks, int64_t type,
+                    bool interleaved) {
   TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous(),
               "ids must be a contiguous int64 [T]");
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == ids.size(0),
               "out must be a contiguous [T, K]");
-  check_blocks(blocks, type, out.size(1));
+  check_blocks(blocks, type, out.size(1), interleaved);
   const int64_t N = blocks.size(0), K = out.size(1), row_bytes = blocks.size(1);
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t t = 0; t < ids.size(0); ++t)
@@ -788,14 +1139,42 @@ void ggml_embedding(at::Tensor out, const at::Tensor& ids, const at::Tensor& blo
               "ggml_embedding: float32 or bfloat16 out only");
   const uint8_t* w = blocks.data_ptr<uint8_t>();
   at::parallel_for(0, ids.size(0), 8, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> scratch(interleaved ? row_bytes : 0);
     for (int64_t t = begin; t < end; ++t) {
-      const uint8_t* row = w + id[t] * row_bytes;
+      const uint8_t* row = file_row(w, id[t], N, row_bytes, type, interleaved, scratch.data());
       if (out.scalar_type() == at::kFloat)
         dequantize_row_best(type, row, K, out.data_ptr<float>() + t * K);
       else
         dequantize_row_best(type, row, K, out.data_ptr<c10::BFloat16>() + t * K);
     }
   });
+}
+
+// `blocks` as the file stores them -> interleaved groups (or back, `undo`), same
+// shape; `out` may be `blocks` itself (a group at a time through a small copy),
+// so that repacking at load needs no second copy of the weight
+void ggml_interleave(at::Tensor out, const at::Tensor& blocks, int64_t type, bool undo) {
+  TORCH_CHECK(interleavable(type), "ggml type ", type, " has no interleaved layout");
+  const int64_t bytes = block_parts(type).bytes;
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous() &&
+                  blocks.size(1) % bytes == 0, "blocks must be a contiguous uint8 [N, row_bytes]");
+  TORCH_CHECK(out.sizes() == blocks.sizes() && out.scalar_type() == at::kByte && out.is_contiguous(),
+              "out must be a contiguous uint8 tensor of the blocks' shape");
+  const int64_t N = blocks.size(0), row_bytes = blocks.size(1), whole = N / kGroup * kGroup;
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N / kGroup, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> copy(kGroup * row_bytes);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t at = g * kGroup * row_bytes;
+      std::memcpy(copy.data(), src + at, copy.size());
+      for (int64_t l = 0; l < kGroup; ++l) {
+        if (undo) move_row<true>(type, dst + at + l * row_bytes, copy.data(), row_bytes, l);
+        else move_row<false>(type, copy.data() + l * row_bytes, dst + at, row_bytes, l);
+      }
+    }
+  });
+  if (dst != src) std::memcpy(dst + whole * row_bytes, src + whole * row_bytes, (N - whole) * row_bytes);
 }
 
 int64_t ggml_compiled_paths() {
@@ -812,10 +1191,13 @@ int64_t ggml_compiled_paths() {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(engine_kernels, m) {
-  m.def("ggml_linear(Tensor(a!) out, Tensor x, Tensor blocks, int type, Tensor? bias, int path) -> ()");
-  m.def("ggml_dequantize(Tensor(a!) out, Tensor blocks, int type) -> ()");
-  m.def("ggml_matmul(Tensor(a!) out, Tensor x, Tensor blocks, int type, Tensor? bias, int tile_bytes) -> ()");
-  m.def("ggml_embedding(Tensor(a!) out, Tensor ids, Tensor blocks, int type) -> ()");
+  m.def("ggml_linear(Tensor(a!) out, Tensor x, Tensor blocks, int type, Tensor? bias, int path, "
+        "bool interleaved=False) -> ()");
+  m.def("ggml_dequantize(Tensor(a!) out, Tensor blocks, int type, bool interleaved=False) -> ()");
+  m.def("ggml_matmul(Tensor(a!) out, Tensor x, Tensor blocks, int type, Tensor? bias, int tile_bytes, "
+        "bool interleaved=False) -> ()");
+  m.def("ggml_embedding(Tensor(a!) out, Tensor ids, Tensor blocks, int type, bool interleaved=False) -> ()");
+  m.def("ggml_interleave(Tensor(a!) out, Tensor blocks, int type, bool undo=False) -> ()");
   m.def("ggml_compiled_paths() -> int");
 }
 
@@ -824,6 +1206,7 @@ TORCH_LIBRARY_IMPL(engine_kernels, CPU, m) {
   m.impl("ggml_dequantize", &ggml_dequantize);
   m.impl("ggml_matmul", &ggml_matmul);
   m.impl("ggml_embedding", &ggml_embedding);
+  m.impl("ggml_interleave", &ggml_interleave);
 }
 
 TORCH_LIBRARY_IMPL(engine_kernels, CompositeExplicitAutograd, m) {

@@ -1,9 +1,14 @@
 """The built-in quantization methods: llama.cpp's block formats (GGUF tensor types).
 
 Each method keeps a weight as GGUF stores it, ``{"blocks": uint8 [N, row_bytes]}``,
-and runs it with the compiled kernels of ``engine/kernels/ggml_quant.cpp``:
+and runs it with the compiled kernels of ``engine/kernels/ggml_quant.cpp``. Once a
+layer is loaded, the 32-value types (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0) are repacked
+(`GGMLBlockMethod.pack`) into ``{"interleaved": uint8 [N, row_bytes]}``: the same
+bytes with the blocks of 16 rows interleaved, the layout the decode kernel
+streams in order (its comment in ggml_quant.cpp, "interleaved groups"):
 
-- few rows (decode steps, small batches): ``ggml_linear`` reads every block once.
+- few rows (decode steps, small batches: `MAX_KERNEL_ROWS`, `MAX_INTERLEAVED_ROWS`):
+  ``ggml_linear`` reads every block once.
   With bfloat16 activations each 32-value chunk of x is quantized to int8 and
   multiplied with integer dot products, on the best path this CPU's
   ``/proc/cpuinfo`` flags allow (`kernel_paths`); float32 activations take the
@@ -41,8 +46,13 @@ GGML_TYPES: dict[str, tuple[int, int, int]] = {
 PATHS = {"float": (0, ()), "portable": (1, ()), "avx2": (2, ("avx2",)),
          "avx512_vnni": (3, ("avx2", "avx512_vnni", "avx512vl"))}
 PATH_ENV = "ENGINE_QUANT_KERNEL_PATH"
+_VNNI = PATHS["avx512_vnni"][0]
 # up to this many activation rows, the block kernel; more: dequantize, then a dense matmul
 MAX_KERNEL_ROWS = 16
+# the same for interleaved weights and bfloat16 activations on the avx512_vnni path,
+# whose kernel stays ahead of dequantize-then-matmul to about 50 rows
+# (benchmarks/bench_kernels.py --parts ggml)
+MAX_INTERLEAVED_ROWS = 48
 # bytes of dequantized weight per tile of a prompt-sized product (fits a core's L2)
 PREFILL_TILE_BYTES = 1 << 20
 
@@ -99,6 +109,25 @@ class GGMLBlockMethod(QuantizationMethod):
     def row_bytes(self, cols: int) -> int:
         return cols // self.block_values * self.block_bytes
 
+    @staticmethod
+    def _stored(weight: QuantizedTensor) -> tuple[torch.Tensor, bool]:
+        """The weight's bytes, and whether they are interleaved (`pack`)."""
+        if "interleaved" in weight.tensors:
+            return weight.tensors["interleaved"], True
+        return weight.tensors["blocks"], False
+
+    def pack(self, weight: QuantizedTensor) -> QuantizedTensor:
+        """The 32-value types' blocks interleaved by groups of 16 rows, in
+        place (`weight` is spent), where the CPU runs the avx512_vnni path, whose kernel reads that
+        layout; other types, and other CPUs, keep the blocks as they are (their
+        paths would rebuild each row as the file has it on every call)."""
+        if self.block_values != 32 or "blocks" not in weight.tensors \
+                or kernel_paths()[:1] != ["avx512_vnni"]:
+            return weight
+        blocks = weight.tensors["blocks"]  # repacked in place: no second copy at load
+        torch.ops.engine_kernels.ggml_interleave(blocks, blocks, self.type_id)
+        return QuantizedTensor(self, weight.shape, {"interleaved": blocks})
+
     def from_gguf(self, blocks: torch.Tensor, shape: Sequence[int]) -> QuantizedTensor:
         rows, cols = shape
         if not self.supports(shape) or tuple(blocks.shape) != (rows, self.row_bytes(cols)):
@@ -120,10 +149,12 @@ class GGMLBlockMethod(QuantizationMethod):
         return gguf.quants.quantize(values, gguf.GGMLQuantizationType[str(self.gguf_type)])
 
     def dequantize(self, weight: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        out = torch.empty(tuple(weight.shape), dtype=dtype)
-        if dtype in (torch.float32, torch.bfloat16) and kernel_paths():
-            torch.ops.engine_kernels.ggml_dequantize(out, weight.tensors["blocks"], self.type_id)
-            return out
+        stored, interleaved = self._stored(weight)
+        if kernel_paths():  # the kernels write float32 or bfloat16
+            kernel_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+            out = torch.empty(tuple(weight.shape), dtype=kernel_dtype)
+            torch.ops.engine_kernels.ggml_dequantize(out, stored, self.type_id, interleaved)
+            return out.to(dtype)
         import gguf
 
         values = gguf.dequantize(weight.tensors["blocks"].numpy(),
@@ -132,26 +163,35 @@ class GGMLBlockMethod(QuantizationMethod):
 
     def linear(self, weight: QuantizedTensor, x: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
         if x.dtype not in (torch.float32, torch.bfloat16):
             return F.linear(x, self.dequantize(weight, x.dtype), bias)
-        x2 = x2.contiguous()
+        # a decode step makes a hundred of these calls: the model's x is already
+        # [T, K] and contiguous, so those steps skip the reshapes
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
         out = x2.new_empty((x2.shape[0], weight.shape[0]))
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        if x2.shape[0] > MAX_KERNEL_ROWS:
-            torch.ops.engine_kernels.ggml_matmul(out, x2, weight.tensors["blocks"], self.type_id,
-                                                 bias, PREFILL_TILE_BYTES)
+        stored, interleaved = self._stored(weight)
+        path = kernel_path(x.dtype)
+        # bfloat16 only: float32 activations keep prompts of 17+ rows off the
+        # int8 path even where a test forces it for decode
+        most = MAX_INTERLEAVED_ROWS if interleaved and path == _VNNI \
+            and x.dtype == torch.bfloat16 else MAX_KERNEL_ROWS
+        if x2.shape[0] > most:
+            torch.ops.engine_kernels.ggml_matmul.default(out, x2, stored, self.type_id, bias,
+                                                         PREFILL_TILE_BYTES, interleaved)
         else:
-            torch.ops.engine_kernels.ggml_linear(out, x2, weight.tensors["blocks"], self.type_id,
-                                                 bias, kernel_path(x.dtype))
-        return out.reshape(*lead, weight.shape[0])
+            torch.ops.engine_kernels.ggml_linear.default(out, x2, stored, self.type_id, bias,
+                                                         path, interleaved)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], weight.shape[0])
 
     def embedding(self, weight: QuantizedTensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = ids.reshape(-1).to(torch.long).contiguous()
         out = torch.empty((flat.shape[0], weight.shape[1]), dtype=dtype)
-        torch.ops.engine_kernels.ggml_embedding(out, flat, weight.tensors["blocks"], self.type_id)
+        stored, interleaved = self._stored(weight)
+        torch.ops.engine_kernels.ggml_embedding(out, flat, stored, self.type_id, interleaved)
         return out.reshape(*ids.shape, weight.shape[1])
 
 

@@ -3,9 +3,10 @@
 A quantization method (a ``quantization`` plugin, see docs/quantization.md) owns
 three things: how a float weight [N, K] is stored (`QuantizationMethod.quantize`,
 or `QuantizationMethod.from_gguf` for blocks read from a GGUF file as they are),
-the kernel of a linear layer on that storage (`QuantizationMethod.linear`), and
-the way back to floats (`QuantizationMethod.dequantize`, the reference the
-conformance kit compares `linear` with). The engine calls nothing else.
+the kernel of a linear layer on that storage (`QuantizationMethod.linear`, after
+an optional repacking once at load, `QuantizationMethod.pack`), and the way back
+to floats (`QuantizationMethod.dequantize`, the reference the conformance kit
+compares `linear` with). The engine calls nothing else.
 """
 
 from __future__ import annotations
@@ -106,6 +107,15 @@ class QuantizationMethod:
         """The GGUF blocks of a weight of `shape` ([N, row_bytes] uint8, rows in
         the file's order) as stored by this method. Only for `gguf_type`."""
         raise NotImplementedError(f"{type(self).__qualname__}.from_gguf")
+
+    def pack(self, weight: QuantizedTensor) -> QuantizedTensor:
+        """`weight` (all the rows of one layer, of this method) in the layout
+        its kernels read fastest, for `linear`, `dequantize` and `embedding`
+        from then on. Called once per layer when loading is done; rows are no
+        longer sliced or stacked after it, and `weight` itself is not used
+        again (its tensors may be repacked in place). By default `weight` as
+        it is."""
+        return weight
 
     def linear(self, weight: QuantizedTensor, x: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:

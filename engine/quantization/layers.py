@@ -34,7 +34,8 @@ class QuantizedWeight:
         self.parts.append((offset, rows))
 
     def finish(self, where: str) -> None:
-        """Check the ranges cover the weight once; merge neighbours of one method."""
+        """Check the ranges cover the weight once; merge neighbours of one
+        method, and let each method pack its rows for its kernels."""
         self.parts.sort(key=lambda p: p[0])
         at = 0
         merged: list[tuple[int, list[QuantizedTensor]]] = []
@@ -49,8 +50,10 @@ class QuantizedWeight:
             at += rows.shape[0]
         if at != self.shape[0]:
             raise ValueError(f"{where}: quantized rows cover {at} of the weight's {self.shape[0]} rows")
-        self.parts = [(offset, group[0] if len(group) == 1 else concat_rows(group))
-                      for offset, group in merged]
+        self.parts = []
+        for offset, group in merged:
+            rows = group[0] if len(group) == 1 else concat_rows(group)
+            self.parts.append((offset, rows.method.pack(rows)))
 
     @property
     def nbytes(self) -> int:

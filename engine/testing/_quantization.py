@@ -93,7 +93,11 @@ def _quantized(ctx: KitContext, name: str) -> tuple[Any, Any]:
         if not isinstance(stored, QuantizedTensor) or tuple(stored.shape) != SHAPE:
             raise CheckFailed(f"quantize returned {stored!r}, expected a QuantizedTensor of "
                               f"shape {list(SHAPE)}")
-        return weight, stored
+        packed = method.pack(stored)  # as the engine stores a layer once it is loaded
+        if not isinstance(packed, QuantizedTensor) or tuple(packed.shape) != SHAPE:
+            raise CheckFailed(f"pack returned {packed!r}, expected a QuantizedTensor of "
+                              f"shape {list(SHAPE)}")
+        return weight, packed
 
     return ctx.memo(("quantized", name), build)
 
