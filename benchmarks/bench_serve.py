@@ -353,6 +353,14 @@ def print_vs_vllm(label: str, args: argparse.Namespace, cpu: str, runs: dict, to
                         "ratio_per_round": per_round}
         print(f"  {title:18s} engine {best_e:8.1f}  vLLM {best_v:8.1f}  engine/vLLM "
               f"{best_e / best_v:.2f}x  (per round {min(per_round):.2f}-{max(per_round):.2f})")
+    # issue 20's acceptance lines, on the best rounds and on every round
+    for title, key, goal, higher in (("throughput >= 1.0x vLLM", "tok_per_s", 1.0, True),
+                                     ("TTFT p99 <= 1.0x vLLM", "ttft_p99_s", 1.0, False)):
+        ratios = [summary[key]["ratio_best"], *summary[key]["ratio_per_round"]]
+        met = [r >= goal if higher else r <= goal for r in ratios]
+        verdict = "met" if all(met) else ("met on the best rounds only" if met[0] else "NOT met")
+        print(f"  acceptance: {title}: {verdict} (best {ratios[0]:.2f}x, per round "
+              + ", ".join(f"{r:.2f}x" for r in ratios[1:]) + ")")
     print(json.dumps({"cpu": cpu, "load_before_after": [load_before, load_after],
                       "metrics": summary}, indent=1))
 

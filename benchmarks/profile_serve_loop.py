@@ -14,11 +14,24 @@ workload (fresh prompts) from this process:
   i.e. how long the loop could not run anything (its own callbacks or the GIL);
 - the engine thread's steps: count and wall time of each ``LLMEngine.step``;
 - CPU seconds of the event-loop thread and of the engine thread over the round,
-  read from /proc (how much of the wall time each one kept a core busy).
+  read from /proc (how much of the wall time each one kept a core busy);
+- each step's composition: prompt tokens, decode rows, prompts it finishes (the
+  first tokens it hands out) and its wall time, and when requests were added to
+  the engine, so the TTFT deciles can be read against the steps that made them.
 
 A loop lag of the order of a step, and a loop thread near a full core, would say
 that moving the engine core into its own process pays; a lag far below the
 inter-token latency says it would not.
+
+    python benchmarks/profile_serve_loop.py --model M --prefill-cost 1024,2048,4096
+
+does not start a server: it asks whether a big step is dearer per prompt token
+than a small one. In this process, one engine prefills the workload's 64 fresh
+prompts (all added at once, prefill steps only) with each step budget in turn,
+alternating the order every round, and prints wall and process CPU time per
+prompt token (CPU time is what the machine's other load changes least) and the
+minor page faults of each round; ``--keep-freed-memory`` runs it with `engine
+serve`'s malloc settings (engine._malloc).
 """
 
 from __future__ import annotations
@@ -42,9 +55,13 @@ import engine  # noqa: E402,F401,I001 - before torch: it sets the OpenMP wait po
 import bench_serve  # noqa: E402
 from bench_vs_vllm import SMOL, FreshPrompts, cpu_description  # noqa: E402
 
+from engine._malloc import keep_freed_memory  # noqa: E402
 from engine.cli.main import main as cli_main  # noqa: E402
 from engine.core.engine import LLMEngine  # noqa: E402
+from engine.core.scheduler import Scheduler  # noqa: E402
 from engine.entrypoints.async_engine import AsyncEngine  # noqa: E402
+from engine.llm import LLM  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
 
 STATS_PREFIX = "@@loop-stats "
 
@@ -55,23 +72,60 @@ def thread_cpu_s(native_id: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (pages the kernel handed it)."""
+    return int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
 def run_probed_server(argv: list[str]) -> int:
     """`engine serve argv` in this process, with the probes; the statistics of the
     busiest stretch (the measured round) are printed when the server stops."""
     steps: list[tuple[float, float]] = []  # (start, seconds)
+    # per step: (start, seconds, prompt tokens, decode rows, prompts finished)
+    composition: list[tuple[float, float, int, int, int]] = []
+    added: list[float] = []  # when each request reached the engine
+    planned: list[tuple[int, int, int]] = []  # the last schedule() of this step
     lags: list[tuple[float, float]] = []  # (when, lag seconds)
     cpu: dict[str, list[tuple[float, float]]] = {"loop": [], "engine": []}
+    faults: list[tuple[float, int]] = []  # (when, the process's minor page faults so far)
     threads: dict[str, int] = {}
     original_step = LLMEngine.step
 
     def timed_step(self: LLMEngine):  # noqa: ANN202 - the same as LLMEngine.step's
         start = time.perf_counter()
+        planned.clear()
         try:
             return original_step(self)
         finally:
-            steps.append((start, time.perf_counter() - start))
+            took = time.perf_counter() - start
+            steps.append((start, took))
+            if planned:
+                composition.append((start, took, *planned[-1]))
 
     LLMEngine.step = timed_step
+    original_schedule = Scheduler.schedule
+
+    def schedule(self: Scheduler):  # noqa: ANN202 - the same as Scheduler.schedule's
+        out = original_schedule(self)
+        prompts = {seq.seq_id: seq.num_prompt_tokens for seq in self.running}
+        prompt_tokens = decode_rows = finished = 0
+        for item in out.scheduled:
+            if item.num_computed_tokens >= prompts.get(item.seq_id, 0):
+                decode_rows += 1
+            else:
+                prompt_tokens += len(item.token_ids)
+                finished += item.sample
+        planned.append((prompt_tokens, decode_rows, finished))
+        return out
+
+    Scheduler.schedule = schedule
+    original_add = LLMEngine.add_request
+
+    def add_request(self: LLMEngine, *args, **kwargs):  # noqa: ANN002,ANN003,ANN202
+        added.append(time.perf_counter())
+        return original_add(self, *args, **kwargs)
+
+    LLMEngine.add_request = add_request
     original_start = AsyncEngine.start
 
     def start(self: AsyncEngine, on_state_change=None) -> None:  # noqa: ANN001
@@ -92,12 +146,16 @@ def run_probed_server(argv: list[str]) -> int:
                         cpu[name].append((now, thread_cpu_s(tid)))
                     except OSError:
                         pass
+                faults.append((now, minor_faults()))
 
     AsyncEngine.start = start
     try:
         return cli_main(["serve", *argv])
     finally:
-        print(STATS_PREFIX + json.dumps({"steps": steps, "lags": lags, "cpu": cpu}), flush=True)
+        print(STATS_PREFIX + json.dumps({"steps": steps, "lags": lags, "cpu": cpu,
+                                         "composition": composition, "added": added,
+                                         "faults": faults}),
+              flush=True)
 
 
 def summarise(stats: dict, start: float, end: float) -> dict:
@@ -113,6 +171,23 @@ def summarise(stats: dict, start: float, end: float) -> dict:
                    loop_lag_ms_p99=round(bench_serve.percentile(lags, 99) * 1e3, 2),
                    loop_lag_ms_max=round(lags[-1] * 1e3, 2),
                    loop_lagged_s_total=round(sum(lags), 2))
+    added = [t for t in stats["added"] if start <= t <= end]
+    if added:
+        out["requests_added_ms_after_start_first_last"] = [round((added[0] - start) * 1e3, 1),
+                                                          round((added[-1] - start) * 1e3, 1)]
+    # the steps of the round up to the one that hands out the last first token
+    table = [[round((t - start) * 1e3), round(took * 1e3, 1), prompt_tokens, decode_rows,
+              finished, round((t + took - start) * 1e3)]
+             for t, took, prompt_tokens, decode_rows, finished in stats["composition"]
+             if start <= t <= end]
+    last_prefill = max((i for i, row in enumerate(table) if row[2]), default=-1)
+    table = table[:last_prefill + 1]
+    out["steps_until_last_first_token"] = {
+        "columns": ["start_ms", "wall_ms", "prompt_tokens", "decode_rows", "prompts_finished",
+                    "end_ms"], "rows": table}
+    inside = [f for t, f in stats["faults"] if start <= t <= end]
+    if len(inside) >= 2:
+        out["server_minor_page_faults"] = inside[-1] - inside[0]
     for name, samples in stats["cpu"].items():
         inside = [(t, c) for t, c in samples if start <= t <= end]
         if len(inside) >= 2:
@@ -121,16 +196,82 @@ def summarise(stats: dict, start: float, end: float) -> dict:
     return out
 
 
+def prefill_cost(model: Path, dtype: str, budgets: list[int], rounds: int, requests: int,
+                 seed: int) -> dict:
+    """Wall and CPU ms per prompt token of prefilling `requests` fresh prompts at
+    once with each step budget (see the module docstring)."""
+    llm = LLM(str(model), dtype=dtype, kv_cache_memory="2GiB", seed=0)
+    eng = llm.llm_engine
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    shapes, _ = bench_serve.workload(requests, vocab, (32, 256), (64, 128), seed)
+    lengths = [len(p) for p in shapes]
+    fresh = FreshPrompts(vocab, seed + 1)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+
+    def prefill(budget: int) -> tuple[float, float, int, int]:
+        eng.scheduler.config.max_num_batched_tokens = budget
+        for i, prompt in enumerate(fresh(*lengths)):
+            eng.add_request(prompt, params, request_id=f"{budget}-{time.perf_counter()}-{i}")
+        wall = cpu = 0.0
+        steps = 0
+        faults = minor_faults()
+        while eng.has_unfinished_requests():  # max_tokens=1: every step is prefill
+            c0, w0 = time.process_time(), time.perf_counter()
+            eng.step()
+            wall += time.perf_counter() - w0
+            cpu += time.process_time() - c0
+            steps += 1
+        return wall, cpu, steps, minor_faults() - faults
+
+    prefill(min(budgets))  # warm-up
+    runs: dict[int, list[tuple[float, float, int, int]]] = {b: [] for b in budgets}
+    for r in range(rounds):
+        for budget in budgets if r % 2 == 0 else budgets[::-1]:
+            runs[budget].append(prefill(budget))
+    llm.shutdown()
+    tokens = sum(lengths)
+    return {"prompt_tokens": tokens,
+            "per_budget": {b: {"steps": runs[b][0][2],
+                               "wall_ms_per_token": [round(r[0] / tokens * 1e3, 3)
+                                                     for r in runs[b]],
+                               "cpu_ms_per_token": [round(r[1] / tokens * 1e3, 3)
+                                                    for r in runs[b]],
+                               "minor_page_faults": [r[3] for r in runs[b]]}
+                           for b in budgets}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="model folder (default: a random SmolLM-135M-shape Llama)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dump", type=Path, help="write the probes' raw figures here (JSON)")
+    ap.add_argument("--serve-args", default="",
+                    help="more `engine serve` flags, one string: A/B runs of a setting, "
+                         "e.g. '--scheduling-policy fcfs'")
+    ap.add_argument("--prefill-cost", metavar="BUDGETS",
+                    help="no server: per-token cost of prefilling the prompts with each "
+                         "step budget (comma-separated), in this process")
+    ap.add_argument("--rounds", type=int, default=3, help="--prefill-cost rounds")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="--prefill-cost: with engine serve's malloc settings (engine._malloc)")
     ap.add_argument("--server", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.server is not None:
         return run_probed_server(args.server)
+    if args.prefill_cost:
+        if args.model is None:
+            raise SystemExit("--prefill-cost needs --model")
+        budgets = [int(b) for b in args.prefill_cost.split(",")]
+        if args.keep_freed_memory and not keep_freed_memory():
+            raise SystemExit("--keep-freed-memory: this C library refused the settings")
+        print(f"CPU: {cpu_description()}; load average {os.getloadavg()}", file=sys.stderr)
+        report = prefill_cost(args.model, args.dtype, budgets, args.rounds, args.requests,
+                              args.seed)
+        print(json.dumps({**report, "keep_freed_memory": args.keep_freed_memory,
+                          "load_after": os.getloadavg()}, indent=1))
+        return 0
 
     print(f"CPU: {cpu_description()}; load average {os.getloadavg()}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,7 +290,7 @@ def main() -> int:
         log = Path(tmp, "server.log")
         proc = bench_serve.launch_server(
             [sys.executable, __file__, "--server", "--model", str(model), "--port", str(port),
-             "--dtype", args.dtype, "--seed", "0"], env, port, log)
+             "--dtype", args.dtype, "--seed", "0", *args.serve_args.split()], env, port, log)
         try:
             url = f"http://127.0.0.1:{port}"
             asyncio.run(bench_serve.serve_round(url, fresh(*[len(p) for p in shapes[:8]]),
@@ -167,6 +308,8 @@ def main() -> int:
                 stats = json.loads(line[len(STATS_PREFIX):])
         if stats is None:
             raise SystemExit(f"the server printed no statistics:\n{log.read_text()[-3000:]}")
+        if args.dump is not None:
+            args.dump.write_text(json.dumps({"start": start, "end": end, **stats}))
     report = {"tok_per_s": round(result["tok_per_s"], 1),
               "ttft_ms_p50_p99": [round(result["ttft_p50_s"] * 1e3, 1),
                                   round(result["ttft_p99_s"] * 1e3, 1)],
@@ -174,7 +317,12 @@ def main() -> int:
               "itl_ms_p50_p99": [round(result["itl_p50_s"] * 1e3, 1),
                                  round(result["itl_p99_s"] * 1e3, 1)],
               **summarise(stats, start, end), "load_after": os.getloadavg()}
+    steps = report.pop("steps_until_last_first_token")
     print(json.dumps(report, indent=1))
+    print("steps until the last first token (ms from the round's start):")
+    print("  " + "  ".join(f"{c:>16s}" for c in steps["columns"]))
+    for row in steps["rows"]:
+        print("  " + "  ".join(f"{v:>16}" for v in row))
     return 0
 
 

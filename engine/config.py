@@ -35,12 +35,19 @@ class CacheConfig:
     num_blocks: int | None = None  # filled in when the cache is sized
 
 
+# how the scheduler orders waiting requests (engine.core.scheduler)
+SCHEDULING_POLICIES = ("fcfs", "short-prompt-first")
+
+
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096  # token budget per step
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0  # 0: only the step budget chunks prompts
+    # order of the waiting requests: "fcfs", or "short-prompt-first" within each
+    # group that arrived between two steps (engine.core.scheduler)
+    scheduling_policy: str = "fcfs"
     # what one request may ask for: top log-probabilities per token, samples
     max_logprobs: int = 20
     max_n: int = 128

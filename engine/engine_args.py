@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import (
+    SCHEDULING_POLICIES,
     CacheConfig,
     CompilationConfig,
     EngineConfig,
@@ -111,6 +112,11 @@ class EngineArgs:
     long_prefill_token_threshold: int = field(default=0, metadata=_help(
         "prompt tokens one request may prefill per step (0: only the step budget)",
         metavar="N"))
+    scheduling_policy: str = field(default="fcfs", metadata=_help(
+        "order of waiting requests: 'fcfs' (arrival order) or 'short-prompt-first' "
+        "(among the requests that arrived between the same two steps, shorter prompts "
+        "first: earlier first tokens when many arrive together). Default: fcfs; "
+        "engine serve: short-prompt-first", choices=SCHEDULING_POLICIES))
     max_logprobs: int = field(default=20, metadata=_help(
         "most log-probabilities one request may ask for per token (logprobs, "
         "top_logprobs)", metavar="N"))
@@ -222,6 +228,9 @@ class EngineArgs:
             raise ValueError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+                             f"got {self.scheduling_policy!r}")
         if self.distributed_executor_backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
             raise ValueError(
                 "distributed_executor_backend must be one of "
@@ -259,6 +268,7 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 long_prefill_token_threshold=self.long_prefill_token_threshold,
+                scheduling_policy=self.scheduling_policy,
                 max_logprobs=self.max_logprobs, max_n=self.max_n,
             ),
             parallel_config=ParallelConfig(

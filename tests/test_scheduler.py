@@ -7,6 +7,7 @@ sample gets token 7. That is all the scheduler sees of a model.
 from __future__ import annotations
 
 import pickle
+import random
 
 import pytest
 
@@ -15,10 +16,10 @@ from engine.core import ModelRunnerOutput, Scheduler, Sequence, SequenceStatus
 
 
 def _scheduler(num_blocks=64, block_size=4, budget=32, max_num_seqs=8, chunked=True,
-               prefix=True, max_model_len=256) -> Scheduler:
+               prefix=True, max_model_len=256, policy="fcfs") -> Scheduler:
     return Scheduler(
         SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                        enable_chunked_prefill=chunked),
+                        enable_chunked_prefill=chunked, scheduling_policy=policy),
         CacheConfig(block_size=block_size, enable_prefix_caching=prefix),
         num_blocks=num_blocks,
         max_model_len=max_model_len,
@@ -229,3 +230,81 @@ def test_fair_share_leaves_slots_to_a_lone_request():
         sched.add_sequence(seq)
     first = _step(sched)
     assert len(first.scheduled) == 4
+
+
+def _first_token_steps(sched: Scheduler, seqs: list[Sequence]) -> list[int]:
+    """The step (1, 2, ...) at which each of `seqs` got its first token."""
+    first: dict[int, int] = {}
+    for step, out in enumerate(_run_to_end(sched), 1):
+        for item in out.scheduled:
+            if item.sample:
+                first.setdefault(item.seq_id, step)
+    return [first[seq.seq_id] for seq in seqs]
+
+
+def test_short_prompt_first_hands_out_first_tokens_in_fewer_steps():
+    # prompts of 40, 8, 30, 6, 12 tokens arriving together, a budget of 32 per step
+    lengths = [40, 8, 30, 6, 12]
+    steps = {}
+    for policy in ("fcfs", "short-prompt-first"):
+        sched = _scheduler(num_blocks=128, budget=32, policy=policy, prefix=False)
+        seqs = [_seq(n, max_tokens=2, first=1000 * i) for i, n in enumerate(lengths)]
+        for seq in seqs:
+            sched.add_sequence(seq)
+        steps[policy] = _first_token_steps(sched, seqs)
+        assert all(seq.output_token_ids == [7, 7] for seq in seqs)
+    # fcfs: the 40-token prompt takes the whole first step, everyone waits behind it
+    assert steps["fcfs"] == [2, 2, 3, 3, 4]
+    # shortest first: 6 + 8 + 12 fit the first step; 30 and then 40 follow
+    assert steps["short-prompt-first"] == [4, 1, 2, 1, 1]
+    assert sum(steps["short-prompt-first"]) < sum(steps["fcfs"])
+
+
+def test_short_prompt_first_never_passes_an_earlier_arrival():
+    sched = _scheduler(num_blocks=128, budget=16, policy="short-prompt-first", prefix=False)
+    long_early = _seq(30, max_tokens=3)
+    sched.add_sequence(long_early)
+    _step(sched)  # long_early's first chunk
+    short_late = _seq(4, max_tokens=3, first=500)
+    long_late = _seq(20, max_tokens=3, first=900)
+    sched.add_sequence(long_late)
+    sched.add_sequence(short_late)  # after long_late, same group: goes before it
+    assert list(sched.waiting) == [short_late, long_late]
+    out = _step(sched)  # long_early (running) goes on first, then short_late
+    assert [item.seq_id for item in out.scheduled][:2] == [long_early.seq_id,
+                                                           short_late.seq_id]
+    # a preempted sequence at the front keeps its place before new arrivals
+    sched2 = _scheduler(num_blocks=128, budget=64, policy="short-prompt-first", prefix=False)
+    a = _seq(10, max_tokens=2)
+    sched2.add_sequence(a)
+    _step(sched2)
+    sched2._preempt(a)
+    b = _seq(3, max_tokens=2, first=300)
+    sched2.add_sequence(b)
+    assert list(sched2.waiting) == [a, b]
+    _run_to_end(sched2)
+    assert a.output_token_ids == [7, 7] and b.output_token_ids == [7, 7]
+
+
+def test_unknown_scheduling_policy_is_refused_by_name():
+    with pytest.raises(ValueError, match="scheduling_policy must be one of fcfs, "
+                                         "short-prompt-first, got 'lifo'"):
+        _scheduler(policy="lifo")
+
+
+def test_short_prompt_first_keeps_each_group_sorted_and_stable():
+    rng = random.Random(0)
+    sched = _scheduler(num_blocks=4096, budget=8, policy="short-prompt-first", prefix=False)
+    first = [_seq(rng.randint(1, 40), first=1000 * i) for i in range(100)]
+    for seq in first:
+        sched.add_sequence(seq)
+    # sorted by prompt length; equal lengths in arrival order
+    assert list(sched.waiting) == sorted(first, key=lambda s: s.num_prompt_tokens)
+    _step(sched)
+    later = [_seq(rng.randint(1, 40), first=200_000 + 1000 * i) for i in range(50)]
+    for seq in later:
+        sched.add_sequence(seq)
+    waiting = list(sched.waiting)
+    # the later group stays behind the whole earlier one, sorted within itself
+    assert waiting[-50:] == sorted(later, key=lambda s: s.num_prompt_tokens)
+    assert set(waiting[:-50]) <= set(first)

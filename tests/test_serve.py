@@ -543,6 +543,31 @@ def test_missing_io_processor_plugin_fails_before_binding(make_hf_model):
     assert "'nope'" in result.stderr and "not available" in result.stderr
 
 
+def test_serve_admits_short_prompts_first_and_offline_keeps_arrival_order(make_hf_model):
+    """Many clients sending at once is the server's case: its engine orders each
+    group of arrivals shortest prompt first (engine.core.scheduler); offline `LLM`
+    and `engine generate` keep arrival order unless asked."""
+    from engine.cli.main import build_parser
+    from engine.cli.serve import _settings
+    from engine.engine_args import EngineArgs
+
+    model = str(make_hf_model("llama"))
+    serve = _settings(build_parser().parse_args(["serve", "--model", model]))
+    assert serve.engine_args.scheduling_policy == "short-prompt-first"
+    config = serve.engine_args.create_engine_config()
+    assert config.scheduler_config.scheduling_policy == "short-prompt-first"
+    fcfs = _settings(build_parser().parse_args(
+        ["serve", "--model", model, "--scheduling-policy", "fcfs"]))
+    assert fcfs.engine_args.scheduling_policy == "fcfs"
+    generate = build_parser().parse_args(["generate", "--model", model, "--prompt", "hi"])
+    assert EngineArgs.from_cli_args(generate).scheduling_policy == "fcfs"
+    assert EngineArgs(model=model).create_engine_config(
+        ).scheduler_config.scheduling_policy == "fcfs"
+    with pytest.raises(ValueError, match="scheduling_policy must be one of fcfs, "
+                                         "short-prompt-first, got 'lifo'"):
+        EngineArgs(model=model, scheduling_policy="lifo").create_engine_config()
+
+
 def test_serve_module_imports_no_torch():
     code = ("import sys, engine.cli.serve, engine.entrypoints; "
             "print('torch' in sys.modules, 'fastapi' in sys.modules)")

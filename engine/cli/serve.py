@@ -64,6 +64,8 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
                    help="mount POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
                         "(with --enable-lora; behind --api-key like every route)")
     EngineArgs.add_cli_args(p.add_argument_group("engine options"), exclude=("seed",))
+    # many clients sending at once: short prompts get their first tokens first
+    p.set_defaults(scheduling_policy="short-prompt-first")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="sampling seed for requests that send no 'seed' of their own: the "
                         "server started with the same seed answers the same requests in the "

@@ -7,6 +7,12 @@ budget, ``max_num_seqs`` and free KV blocks allow, except that a request
 holding its fair share of the running slots (``max_num_seqs`` over the
 requests with sequences in either queue) lets other requests' sequences go
 first: a request's ``n`` samples cannot keep a one-token request waiting.
+With ``scheduling_policy="short-prompt-first"`` (`engine serve`'s default) the
+waiting requests that reached the engine between the same two steps are admitted
+shortest prompt first: when many prompts arrive together, the short ones get
+their first token in the first steps instead of waiting behind long ones, and no
+request is ever passed by one that arrived after the step it arrived before
+(``"fcfs"``: plain arrival order, offline `LLM`'s default).
 When a running sequence needs a block and none is free, the newest running
 sequence is preempted: its blocks are freed and it goes back to the front of
 the waiting queue to be recomputed later (prefix caching usually makes that
@@ -18,10 +24,11 @@ data: lists and ints, picklable, so a worker may live in another process.
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter, deque
 from typing import Any
 
-from engine.config import CacheConfig, SchedulerConfig
+from engine.config import SCHEDULING_POLICIES, CacheConfig, SchedulerConfig
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.sequence import Sequence, SequenceStatus
 from engine.spec_decode.stats import SpecDecodingCounts
@@ -63,7 +70,12 @@ class Scheduler:
                 f">= max_model_len ({max_model_len}) when chunked prefill is off, or a long "
                 "prompt could never be scheduled; raise it or enable chunked prefill"
             )
+        if scheduler_config.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(
+                f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got "
+                f"{scheduler_config.scheduling_policy!r}")
         self.config = scheduler_config
+        self.num_steps = 0  # schedule() calls: a waiting sequence's arrival group
         self.max_model_len = max_model_len
         self.kv_cache = KVCacheManager(
             num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
@@ -107,7 +119,21 @@ class Scheduler:
 
     def add_sequence(self, seq: Sequence) -> None:
         self.check_fits(seq.num_prompt_tokens, seq.max_tokens)
-        self.waiting.append(seq)
+        seq.arrival_step = self.num_steps
+        if self.config.scheduling_policy == "fcfs":
+            self.waiting.append(seq)
+            return
+        # short-prompt-first: before the longer prompts that arrived since the last
+        # step (never before an earlier arrival, a preempted or a deferred sequence).
+        # That group is the queue's tail (the others go to its front), kept sorted
+        # by prompt length: two binary searches, not a walk, as thousands may come
+        # at once
+        group = bisect.bisect_left(
+            self.waiting, True,
+            key=lambda s: s.arrival_step == seq.arrival_step and not s.num_preemptions)
+        at = bisect.bisect_right(self.waiting, seq.num_prompt_tokens, lo=group,
+                                 key=lambda s: s.num_prompt_tokens)
+        self.waiting.insert(at, seq)
 
     def finish_sequence(self, seq: Sequence, status: SequenceStatus) -> None:
         """Take ``seq`` out of the queues for good and free its blocks."""
@@ -135,6 +161,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's sequences and how many tokens of each to compute."""
+        self.num_steps += 1
         out = SchedulerOutput(finished_seq_ids=self._finished_ids)
         self._finished_ids = []
         budget = self.config.max_num_batched_tokens

@@ -64,6 +64,7 @@ class Sequence:
         # the request's first sample: its prefill fills the prefix cache for the rest
         self.parent = parent
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.arrival_step = 0  # the scheduler's step count when it was added
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first scheduling; -1: not yet
