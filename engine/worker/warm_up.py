@@ -192,7 +192,10 @@ def _linear_products(model: nn.Module) -> dict[tuple, tuple[torch.Tensor,
         gate, up = getattr(module, "packed_gate", None), getattr(module, "packed_up", None)
         packed = getattr(module, "packed_weight", None)
         if gate is not None and up is not None:
-            biases = (None, None) if bias is None else bias.chunk(2)
+            biases: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+            if bias is not None:
+                gate_bias, up_bias = bias.chunk(2)
+                biases = (gate_bias, up_bias)
             product = partial(_silu_and_mul, gate=gate, up=up, biases=biases)
             kind = "silu_and_mul"
         elif packed is not None:
@@ -256,7 +259,7 @@ def warm_up_attention(model: nn.Module, max_len: int, dtype: torch.dtype, block_
     Returns the number of lengths run."""
     if flop_budget is None:
         flop_budget = ATTENTION_SHAPE_FLOPS
-    layers = {}
+    layers: dict[tuple, Any] = {}
     for layer in get_attention_layers(model):
         key = (type(layer.impl), layer.num_heads, layer.head_size, layer.num_kv_heads)
         layers.setdefault(key, layer)
