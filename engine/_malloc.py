@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 
@@ -37,16 +38,33 @@ TOP_PAD = 64 * _MIB
 MMAP_THRESHOLD = 32 * _MIB
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    # find_library runs ldconfig: look the C library up once per process
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None)
+    except OSError:
+        return None
+
+
+def trim() -> bool:
+    """Give the freed pages of glibc's heaps back to the kernel (``malloc_trim``);
+    False where the C library has none (not glibc)."""
+    malloc_trim = getattr(_libc(), "malloc_trim", None)
+    if malloc_trim is None:
+        return False
+    malloc_trim(0)
+    return True
+
+
 def keep_freed_memory() -> bool:
     """Apply the settings above to this process's glibc malloc; False (and nothing
     changed) where the C library has no ``mallopt`` (musl, macOS) or refuses one,
     or when ``ENGINE_SERVER_KEEP_FREED_MEMORY=0``."""
     if os.environ.get("ENGINE_SERVER_KEEP_FREED_MEMORY", "1") == "0":
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int

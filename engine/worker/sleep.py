@@ -14,9 +14,6 @@ operating system, so that the process's resident memory really drops.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import gc
 import logging
 import tempfile
@@ -25,6 +22,8 @@ from typing import IO
 
 import torch
 import torch.nn as nn
+
+from engine import _malloc
 
 logger = logging.getLogger(__name__)
 
@@ -152,16 +151,4 @@ def release_freed_memory(device: torch.device | None = None, collect_garbage: bo
         gc.collect()
     if device is not None and device.type == "cuda":
         torch.cuda.empty_cache()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    # find_library runs ldconfig: look it up once per process
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        return None
+    _malloc.trim()
