@@ -158,6 +158,20 @@ def test_linear_buckets_run_each_distinct_layer_shape_within_the_flop_budget(mak
         assert sorted({c[0] for c in calls}) == everything[:2]
 
 
+def test_linear_buckets_stop_at_the_kv_cache_capacity(make_hf_model, caplog):
+    """A step never computes more tokens than the KV cache has slots for (each
+    writes its K and V), so the linear stage stops there below the step budget."""
+    caplog.set_level("INFO", logger="engine.worker.model_runner")
+    with LLM(make_hf_model("llama"), dtype="bfloat16", kv_cache_memory=1 << 18,
+             max_num_batched_tokens=4096) as llm:
+        engine = llm.llm_engine
+        capacity = engine.num_blocks * engine.config.cache_config.block_size
+    assert AMX_MAX_ROWS < capacity < 4096
+    line = next(r.getMessage() for r in caplog.records if "warm-up:" in r.getMessage())
+    run = int(line.split(" linear row buckets")[0].rsplit(" ", 1)[1])
+    assert run == len(prefill_row_buckets(capacity)), line
+
+
 def test_prompt_length_buckets_are_the_lengths_sdpa_sees_for_fresh_prompts():
     lengths = prompt_length_buckets(512)
     assert lengths == sorted({shape_bucket(n) for n in range(2, 513)})

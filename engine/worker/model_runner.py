@@ -287,7 +287,10 @@ class ModelRunner:
                 self.states = {i: s for i, s in self.states.items() if i >= 0}
                 self._draft_token_ids = None  # proposals for the warm-up's sequences
         steps_done = time.perf_counter()
-        budget = self.config.scheduler_config.max_num_batched_tokens
+        # a step computes at most the step budget, and never more tokens than the
+        # cache has slots for (each one writes its K and V)
+        budget = min(self.config.scheduler_config.max_num_batched_tokens,
+                     num_blocks * self.config.cache_config.block_size)
         buckets = warm_up_linear_buckets(self.model, budget)
         buckets_done = time.perf_counter()
         lengths = warm_up_attention(

@@ -14,7 +14,8 @@ kind as the scheduler would send it: one prefill step of up to
 context with decodes, then one decode step per batch bucket (1, 2, 4, ... up
 to `MAX_DECODE_BATCH` or ``max_num_seqs``). After the steps,
 `warm_up_linear_buckets` runs each distinct prepacked linear layer once at every
-prompt-step row bucket up to the step budget (`engine.utils.shape_bucket`):
+prompt-step row bucket up to the step budget or the cache's capacity, the smaller
+(`engine.utils.shape_bucket`):
 oneDNN builds a primitive per row count the first time it sees one, and a step
 larger than the warm-up's own (several prompts together) would otherwise pay
 for it in the first request that reaches that size. `warm_up_attention` then
