@@ -11,9 +11,12 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import registry
+
+if TYPE_CHECKING:  # annotations only: this module stays importable without torch
+    import torch
 
 # Start-up decisions a user should see once (KV-cache size, a kernel build starting,
 # active out-of-tree plugins): logged at INFO on this logger, which the `engine` CLI
@@ -135,6 +138,21 @@ def shape_bucket(rows: int) -> int:
     grows memory; from 33 to 4096 rows there are 56 buckets."""
     step = 1 << max(0, rows.bit_length() - 4)
     return -(-rows // step) * step
+
+
+def pad_rows_to_bucket(x: torch.Tensor, above: int = 0) -> torch.Tensor:
+    """`x` [rows, in] zero-padded to ``shape_bucket(rows)`` rows when it has more
+    than `above` rows (else `x` itself): the shapes a dense product (oneDNN) sees
+    for prompt chunks, so that it builds and keeps a few dozen kernels, not one per
+    prompt length. Callers slice the first `rows` rows of the result back."""
+    rows = x.shape[0]
+    bucket = shape_bucket(rows)
+    if rows <= above or bucket == rows:
+        return x
+    padded = x.new_empty((bucket, x.shape[1]))
+    padded[:rows] = x
+    padded[rows:].zero_()  # one pass over the memory, not a zero fill and then a copy
+    return padded
 
 
 def json_object_setting(name: str, value: dict[str, Any] | str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from engine.kernels import portable_forced, usable_for
 from engine.ops.activation import SiluAndMul
 from engine.quantization import QuantizedTensor, QuantizedWeight, add_rows
-from engine.utils import shape_bucket
+from engine.utils import pad_rows_to_bucket
 
 
 def tp_world_size_and_rank() -> tuple[int, int]:
@@ -161,28 +161,13 @@ def few_rows_linear(x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Te
     return None
 
 
-def _bucket_rows(x: torch.Tensor) -> torch.Tensor:
-    """`x` [rows, in] zero-padded to ``shape_bucket(rows)`` rows. oneDNN builds and
-    caches a primitive per input shape (kept until its cache's capacity): padded
-    to a bucket, prompt chunks of any length share a few dozen shapes, so memory
-    stays flat however varied the prompts."""
-    rows = x.shape[0]
-    bucket = shape_bucket(rows)
-    if rows <= AMX_MAX_ROWS or bucket == rows:
-        return x
-    padded = x.new_empty((bucket, x.shape[1]))
-    padded[:rows] = x
-    padded[rows:].zero_()  # one pass over the memory, not a zero fill and then a copy
-    return padded
-
-
 def onednn_linear(x: torch.Tensor, packed: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
     """``x W^T + b`` by oneDNN on the weight packed by `pack_weight`."""
     if x.dim() != 2:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     rows = x.shape[0]
-    return torch.ops.mkldnn._linear_pointwise(_bucket_rows(x), packed, bias, "none", [],
+    return torch.ops.mkldnn._linear_pointwise(pad_rows_to_bucket(x, AMX_MAX_ROWS), packed, bias, "none", [],
                                               "")[:rows]
 
 
@@ -197,7 +182,7 @@ def onednn_silu_and_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     `SiluAndMul` costs). The gate is rounded once, after SiLU, where the unfused
     path rounds before and after it: bfloat16 results differ in the last bit."""
     rows = x.shape[0]
-    x = _bucket_rows(x)
+    x = pad_rows_to_bucket(x, AMX_MAX_ROWS)
     gated = torch.ops.mkldnn._linear_pointwise(x, gate, gate_bias, "swish", [], "")
     return torch.ops.mkldnn._linear_pointwise.binary(x, gated, up, up_bias, "mul")[:rows]
 

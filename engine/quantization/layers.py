@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from engine.quantization.interface import QuantizationMethod, QuantizedTensor, concat_rows
-from engine.utils import shape_bucket
+from engine.utils import pad_rows_to_bucket
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +74,9 @@ class QuantizedWeight:
         `shape_bucket`: their dense products (oneDNN) build and keep a kernel,
         with its packed-weight scratch, per row count, so unpadded, every new
         prompt length grows the process (by MiBs, up to the caches' 1024 entries)."""
-        rows = x.shape[0] if x.dim() == 2 else 0
-        if rows > PAD_ABOVE_ROWS and shape_bucket(rows) != rows:
-            padded = x.new_zeros((shape_bucket(rows), x.shape[1]))
-            padded[:rows] = x
-            return self._linear(padded, bias)[:rows]
-        return self._linear(x, bias)
+        if x.dim() != 2:
+            return self._linear(x, bias)
+        return self._linear(pad_rows_to_bucket(x, PAD_ABOVE_ROWS), bias)[:x.shape[0]]
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if len(self.parts) == 1:
