@@ -257,6 +257,7 @@ class EngineArgs:
             budget = 4096 if self.enable_chunked_prefill else max(4096, max_model_len)
         if budget < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {budget}")
+        warm_up, warm_up_shapes = self._warm_up_extent()
         return EngineConfig(
             model_config=ModelConfig(
                 model=str(model_dir), dtype=self.dtype, seed=self.seed,
@@ -282,7 +283,7 @@ class EngineArgs:
                 distributed_executor_backend=self.distributed_executor_backend,
             ),
             compilation_config=CompilationConfig(custom_ops=self.custom_ops or ["all"],
-                                                 **self._warm_up_extent(),
+                                                 warm_up=warm_up, warm_up_shapes=warm_up_shapes,
                                                  **self._checked_compilation_config()),
             attention_backend=self.attention_backend,
             log_stats=self.log_stats,
@@ -291,15 +292,14 @@ class EngineArgs:
             lora_config=self._lora_config(),
         )
 
-    def _warm_up_extent(self) -> dict[str, bool]:
-        """`CompilationConfig`'s warm-up fields from `skip_warm_up` and
+    def _warm_up_extent(self) -> tuple[bool, bool]:
+        """`CompilationConfig`'s (warm_up, warm_up_shapes) from `skip_warm_up` and
         ``ENGINE_WARM_UP`` (`WARM_UP_EXTENTS`); `skip_warm_up` wins."""
         extent = os.environ.get(WARM_UP_ENV, "").strip().lower() or "full"
         if extent not in WARM_UP_EXTENTS:
             raise ValueError(f"{WARM_UP_ENV} must be one of {', '.join(WARM_UP_EXTENTS)}, "
                              f"got {os.environ[WARM_UP_ENV]!r}")
-        return {"warm_up": not self.skip_warm_up and extent != "off",
-                "warm_up_shapes": extent == "full"}
+        return not self.skip_warm_up and extent != "off", extent == "full"
 
     def _checked_compilation_config(self) -> dict[str, Any]:
         from engine.compilation import parse_compilation_config, resolve_graph_backend
