@@ -28,7 +28,15 @@
   call next to wall time (the machine is shared), again cycling through distinct
   weights.
 
-``--parts`` picks some of them (attention, linears, argmax, prefill, fp32, ggml).
+- paged decode attention alone (`--parts decode_attention`, not in the default set):
+  1, 8 and 32 rows of 128, 300 and 1,024 tokens (smol's heads), bf16 and float32,
+  the kernel's native and portable paths against SDPA over the gathered context
+  (what the engine runs without the kernels); caches cycled so that every call
+  reads its K/V from DRAM, as a decode step's layers do; CPU time per call and the
+  K/V bytes read per CPU second, sides alternating over three rounds.
+
+``--parts`` picks some of them (attention, linears, argmax, prefill, fp32, ggml,
+decode_attention).
 
 Times are the mean over the repetitions, after a warm-up; the machine's load is
 printed with them.
@@ -243,11 +251,69 @@ def ggml_linears(torch) -> None:
                 print(line, flush=True)
 
 
+def decode_attention(torch) -> None:
+    from attention_steps import random_attention_step
+
+    print(f"decode attention (9 heads, 3 KV heads, head size 64, blocks of 16, shuffled), "
+          f"bf16 path {op_path(torch)}; CPU ms per call [range over rounds], GB/s of K/V")
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows in (1, 8, 32):
+            for ctx in (128, 300, 1024):
+                kv_bytes = rows * ctx * 2 * 3 * 64 * (2 if dtype == torch.bfloat16 else 4)
+                count = max(2, -(-64_000_000 // kv_bytes))  # more than the L3 holds
+                sides = {"kernel": [], "portable": [], "sdpa": []}
+                if dtype != torch.bfloat16:
+                    del sides["portable"]
+                for rnd in range(3):
+                    steps = []
+                    for i in range(count):
+                        md, cache, (q, _, _) = random_attention_step(
+                            [1] * rows, [ctx] * rows, dtype, block_size=16, kv_heads=3,
+                            heads=9, head_size=64, seed=rnd * 1000 + i)
+                        steps.append((md, cache, q.view(rows, 9, 64), torch.empty(rows, 9, 64, dtype=dtype)))
+                    order = list(sides) if rnd % 2 == 0 else list(sides)[::-1]
+                    for side in order:
+                        _decode_call(torch, side, *steps[0])
+                        reps = max(1, 40 // count)
+                        cpu = time.process_time()
+                        for _ in range(reps):
+                            for step in steps:
+                                _decode_call(torch, side, *step)
+                        sides[side].append((time.process_time() - cpu) / (reps * count))
+                line = f"{str(dtype)[6:]:8s} rows {rows:2d} ctx {ctx:4d}:"
+                for side, times in sides.items():
+                    best = min(times)
+                    line += (f" {side} {best * 1e3:.3f} [{best * 1e3:.3f}-{max(times) * 1e3:.3f}]"
+                             f" {kv_bytes / best / 1e9:.1f} GB/s;")
+                print(line, flush=True)
+
+
+def op_path(torch) -> str:
+    return torch.ops.engine_kernels.paged_decode_attention_path()
+
+
+def _decode_call(torch, side: str, md, cache, q, out) -> None:
+    """One decode-attention call of `side` (kernel, portable or sdpa) on equal-length rows."""
+    rows, ctx = q.shape[0], md.seq_lens[0]
+    if side == "sdpa":
+        width = -(-ctx // 16)
+        blocks = md.block_tables[:, :width].reshape(-1)
+        k, v = (cache[i].index_select(0, blocks).view(rows, width * 16, 3, 64)[:, :ctx]
+                .transpose(1, 2) for i in (0, 1))
+        torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=0.125,
+                                                         enable_gqa=True)
+    else:
+        torch.ops.engine_kernels.paged_decode_attention(
+            out, q, cache, md.block_tables, md.seq_lens_tensor, md.query_start_loc,
+            torch.arange(rows), 0.125, side == "portable")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--parts", default="attention,linears,argmax,prefill,fp32",
-                    help="comma-separated: attention, linears, argmax, prefill, fp32, ggml")
+                    help="comma-separated: attention, linears, argmax, prefill, fp32, ggml, "
+                         "decode_attention")
     args = ap.parse_args()
     import torch
 
@@ -263,7 +329,8 @@ def main() -> int:
     print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}, "
           f"OpenMP wait: {os.environ.get('OMP_WAIT_POLICY') or 'spin ' + str(os.environ.get('GOMP_SPINCOUNT'))}")
     parts = {"attention": attention, "linears": linears, "argmax": argmax,
-             "prefill": prefill, "fp32": fp32_linears, "ggml": ggml_linears}
+             "prefill": prefill, "fp32": fp32_linears, "ggml": ggml_linears,
+             "decode_attention": decode_attention}
     for part in args.parts.split(","):
         parts[part](torch)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")

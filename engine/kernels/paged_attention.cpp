@@ -3,13 +3,23 @@
 // its block table (no gathered copy of the context).
 //
 // engine_kernels::paged_decode_attention(out, query, kv_cache, block_tables,
-//     seq_lens, query_start_loc, decode_seqs, scale)
+//     seq_lens, query_start_loc, decode_seqs, scale, portable=False)
 //   query, out:       [T, H, D]   the step's rows; only the decode rows are written
 //   kv_cache:         [2, num_blocks, block_size, Hkv, D]
 //   block_tables:     [S, max_blocks] int64, seq_lens [S] int64,
 //   query_start_loc:  [S + 1] int64 (sequence s's decode row is query_start_loc[s])
 //   decode_seqs:      [n] int64, the sequences to compute
-// Scores, softmax and the weighted sum are accumulated in float32.
+//   portable:         bfloat16 scores with vec.h's vector extensions even where
+//                     the CPU has AVX512-BF16 (so that path is tested everywhere)
+// engine_kernels::paged_decode_attention_path() -> str: the path a bfloat16 cache
+//   takes with portable=False here ("avx512_bf16" or "portable").
+//
+// A task is one (sequence, KV head) pair: its K and V rows are read once, 16
+// tokens at a time, for the whole group of query heads sharing that KV head,
+// with an online softmax; when there are fewer pairs than threads can share, long
+// contexts are split into pieces merged at the end. Head sizes that are not a
+// multiple of 16 take a scalar path. Scores, softmax and the weighted sum are
+// accumulated in float32.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,7 +29,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #include "vec.h"
 
@@ -63,109 +79,230 @@ void decode_item_scalar(const scalar_t* q_row, scalar_t* o_row, const scalar_t* 
 }
 
 // Prefetch one token row of the next cache block while this block is computed
-// (blocks are scattered: the hardware prefetcher cannot guess the next one), a row
-// per token so that few requests are in flight at once.
+// (blocks are scattered: the hardware prefetcher cannot guess the next one).
 template <typename scalar_t>
 inline void prefetch_row(const scalar_t* row, int64_t bytes) {
   const char* p = reinterpret_cast<const char*>(row);
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
 }
 
-// One sequence, every head: its query row against its whole context, reading each
-// cache block once and in order (a block is [block_size, Hkv, D], contiguous), for
-// head sizes that are a multiple of 16 (NC chunks of 16 lanes). Buffers:
-// `qbuf` H * D floats, `acc` H * D floats, `scores` H * len floats.
-template <typename scalar_t, int NC>
-void decode_seq(const scalar_t* q_row, scalar_t* o_row, const scalar_t* k_base,
-                const scalar_t* v_base, const int64_t* table, int64_t len, int64_t block_size,
-                int64_t cache_stride, int64_t token_stride, int64_t Hkv, int64_t G, float scale,
-                float* qbuf, float* acc, float* scores) {
-  constexpr int64_t D = NC * kLanes;
-  const int64_t H = Hkv * G;
-  const int64_t num_blocks = (len + block_size - 1) / block_size;
-  const int64_t row_bytes = token_stride * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t h = 0; h < H; ++h)
-    for (int c = 0; c < NC; ++c) store(qbuf + h * D + c * kLanes, load(q_row + h * D + c * kLanes) * scale);
-  // scores[h * len + t] = (scale q_h) . k_t
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    const scalar_t* block = k_base + table[b] * cache_stride;
-    const scalar_t* next = k_base + table[b + 1 < num_blocks ? b + 1 : b] * cache_stride;
-    const int64_t t0 = b * block_size, t_end = std::min(len, t0 + block_size);
-    for (int64_t t = t0; t < t_end; ++t) {
-      const scalar_t* row = block + (t - t0) * token_stride;
-      prefetch_row(next + (t - t0) * token_stride, row_bytes);
-      for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
-        vf kc[NC];
-        for (int c = 0; c < NC; ++c) kc[c] = load(row + kvh * D + c * kLanes);
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t h = kvh * G + g;
-          const float* qh = qbuf + h * D;
-          vf a = load(qh) * kc[0];
-          for (int c = 1; c < NC; ++c) a += load(qh + c * kLanes) * kc[c];
-          scores[h * len + t] = hsum(a);
+// Two vectors folded into one, each lane of the result the sum of two lanes of x
+// (lanes whose bit log2(s) is clear) or of y (set): one level of reducing 16 vectors
+// to the vector of their 16 sums, with two lane permutations and one add per pair
+// instead of a horizontal sum (four of each) per vector.
+template <int s>
+inline vf fold(vf x, vf y) {
+#define ENGINE_LO(L) (((L) % (2 * s) < s) ? (L) : (L) - s + 16)
+#define ENGINE_HI(L) (ENGINE_LO(L) + s)
+#if defined(__clang__)
+  const vf lo = __builtin_shufflevector(x, y, ENGINE_LO(0), ENGINE_LO(1), ENGINE_LO(2), ENGINE_LO(3),
+      ENGINE_LO(4), ENGINE_LO(5), ENGINE_LO(6), ENGINE_LO(7), ENGINE_LO(8), ENGINE_LO(9),
+      ENGINE_LO(10), ENGINE_LO(11), ENGINE_LO(12), ENGINE_LO(13), ENGINE_LO(14), ENGINE_LO(15));
+  const vf hi = __builtin_shufflevector(x, y, ENGINE_HI(0), ENGINE_HI(1), ENGINE_HI(2), ENGINE_HI(3),
+      ENGINE_HI(4), ENGINE_HI(5), ENGINE_HI(6), ENGINE_HI(7), ENGINE_HI(8), ENGINE_HI(9),
+      ENGINE_HI(10), ENGINE_HI(11), ENGINE_HI(12), ENGINE_HI(13), ENGINE_HI(14), ENGINE_HI(15));
+#else
+  const vi lo_idx = {ENGINE_LO(0), ENGINE_LO(1), ENGINE_LO(2), ENGINE_LO(3), ENGINE_LO(4),
+                     ENGINE_LO(5), ENGINE_LO(6), ENGINE_LO(7), ENGINE_LO(8), ENGINE_LO(9),
+                     ENGINE_LO(10), ENGINE_LO(11), ENGINE_LO(12), ENGINE_LO(13), ENGINE_LO(14),
+                     ENGINE_LO(15)};
+  const vi hi_idx = lo_idx + s;
+  const vf lo = __builtin_shuffle(x, y, lo_idx);
+  const vf hi = __builtin_shuffle(x, y, hi_idx);
+#endif
+#undef ENGINE_LO
+#undef ENGINE_HI
+  return lo + hi;
+}
+
+// r[j] = sum of the lanes of a[j], for 16 vectors stored in bit-reversed order
+// (a[bitrev4(j)] holds token j's vector): the four folding levels put the vector at
+// index i into lane bitrev4(i), so the stored order brings token j to lane j.
+__attribute__((always_inline)) inline vf reduce16(const vf* a) {
+  vf b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i) b[i] = fold<8>(a[2 * i], a[2 * i + 1]);
+  for (int i = 0; i < 4; ++i) c[i] = fold<4>(b[2 * i], b[2 * i + 1]);
+  for (int i = 0; i < 2; ++i) d[i] = fold<2>(c[2 * i], c[2 * i + 1]);
+  return fold<1>(d[0], d[1]);
+}
+
+constexpr int kBitrev4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+// query heads one task keeps in registers (a larger group is split into tiles)
+constexpr int64_t kMaxGroup = 8;
+// a context shorter than this is never split between threads
+constexpr int64_t kMinSplitTokens = 256;
+
+// One task: query heads [g0, g0 + G) of KV head kvh of one sequence, over its
+// context's tokens [t_begin, t_end): every K and V row of that KV head read once,
+// 16 tokens at a time, scored against the whole query group (the group's scaled
+// queries and output accumulators stay in registers), online softmax in float32.
+// The result is the unnormalised accumulator with its running max and sum, which
+// the caller normalises (or merges with the other pieces of a split context).
+// NC_T / G_T: the head size in 16-lane chunks and the group size, compile-time for
+// the common shapes (0: taken from nc / g at run time, for the rest). kDot: a
+// bfloat16 cache on an AVX512-BF16 CPU scores with vdpbf16ps straight from the
+// stored bfloat16 pairs (the query is bfloat16 too: the products are exact and
+// summed in float32; the scale is applied to the sums), no widening of K.
+template <typename scalar_t, int NC_T, int G_T, bool kDot>
+void decode_task(const scalar_t* q_rows, const scalar_t* k_base, const scalar_t* v_base,
+                 const int64_t* table, int64_t t_begin, int64_t t_end, int64_t block_size,
+                 int64_t cache_stride, int64_t token_stride, int nc_rt, int g_rt, float scale,
+                 float* acc_out, float* m_out, float* l_out) {
+  const int NC = NC_T > 0 ? NC_T : nc_rt;
+  const int G = G_T > 0 ? G_T : g_rt;
+  constexpr int NCA = NC_T > 0 ? NC_T : 16;
+  constexpr int GA = G_T > 0 ? G_T : static_cast<int>(kMaxGroup);
+  const int64_t D = NC * kLanes;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  vf q[GA][NCA], acc[GA][NCA];
+  float m[GA];
+  vf l[GA];  // per lane: the sums are added up once, at the end
+#if defined(__AVX512BF16__)
+  __m512i q2[GA][NCA / 2 > 0 ? NCA / 2 : 1];
+  if constexpr (kDot)
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < NC / 2; ++c) q2[g][c] = _mm512_loadu_si512(q_rows + g * D + c * 2 * kLanes);
+#endif
+  const vf score_scale = splat(kDot ? scale : 1.f);
+  for (int g = 0; g < G; ++g) {
+    for (int c = 0; c < NC; ++c) {
+      q[g][c] = load(q_rows + g * D + c * kLanes) * (kDot ? 1.f : scale);
+      acc[g][c] = splat(0.f);
+    }
+    m[g] = -INFINITY;
+    l[g] = splat(0.f);
+  }
+  vf part[GA][16];
+  alignas(64) float p[GA][16];
+  const scalar_t* k_rows[16];
+  const scalar_t* v_rows[16];
+  int64_t b = t_begin / block_size, off = t_begin % block_size;
+  const int64_t last_block = t_end > 0 ? (t_end - 1) / block_size : 0;
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += 16) {
+    const int count = static_cast<int>(std::min<int64_t>(16, t_end - t0));
+    // this chunk's rows; with each row, the same row of the next block prefetched
+    // (a few requests in flight at a time, not a whole block's at once)
+    for (int j = 0; j < count; ++j) {
+      const int64_t base = table[b] * cache_stride + off * token_stride;
+      k_rows[j] = k_base + base;
+      v_rows[j] = v_base + base;
+      if (b < last_block) {
+        const int64_t next = table[b + 1] * cache_stride + off * token_stride;
+        prefetch_row(k_base + next, row_bytes);
+        prefetch_row(v_base + next, row_bytes);
+      }
+      if (++off == block_size) {
+        off = 0;
+        ++b;
+      }
+    }
+    // scores: each K row loaded once for the whole group
+#if defined(__AVX512BF16__)
+    if constexpr (kDot) {
+      for (int j = 0; j < count; ++j) {
+        __m512i k[NCA / 2 > 0 ? NCA / 2 : 1];
+        for (int c = 0; c < NC / 2; ++c) k[c] = _mm512_loadu_si512(k_rows[j] + c * 2 * kLanes);
+        for (int g = 0; g < G; ++g) {
+          __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)q2[g][0], (__m512bh)k[0]);
+          for (int c = 1; c < NC / 2; ++c) a = _mm512_dpbf16_ps(a, (__m512bh)q2[g][c], (__m512bh)k[c]);
+          part[g][kBitrev4[j]] = (vf)a;
         }
+      }
+    } else
+#endif
+    for (int j = 0; j < count; ++j) {
+      vf k[NCA];
+      for (int c = 0; c < NC; ++c) k[c] = load(k_rows[j] + c * kLanes);
+      for (int g = 0; g < G; ++g) {
+        vf a = q[g][0] * k[0];
+        for (int c = 1; c < NC; ++c) a += q[g][c] * k[c];
+        part[g][kBitrev4[j]] = a;
+      }
+    }
+    for (int j = count; j < 16; ++j)
+      for (int g = 0; g < G; ++g) part[g][kBitrev4[j]] = splat(0.f);
+    vi lane;
+    for (int j = 0; j < 16; ++j) lane[j] = j;
+    const vi valid = lane < count;
+    for (int g = 0; g < G; ++g) {
+      vf s = reduce16(part[g]) * score_scale;
+      s = valid ? s : splat(-INFINITY);
+      const float m_new = std::max(m[g], hmax(s));
+      if (m_new > m[g]) {
+        // a new maximum: what was summed so far shrinks (to 0 on the first chunk);
+        // past the first chunks the maximum seldom moves, and this is skipped
+        const vf alpha = splat(exp_approx(m[g] - m_new));
+        for (int c = 0; c < NC; ++c) acc[g][c] *= alpha;
+        l[g] *= alpha;
+        m[g] = m_new;
+      }
+      vf e = exp_approx(s - m_new);
+      e = valid ? e : splat(0.f);
+      l[g] += e;
+      store(p[g], e);
+    }
+    // values: each V row loaded once, accumulated into every head of the group
+    for (int j = 0; j < count; ++j) {
+      vf v[NCA];
+      for (int c = 0; c < NC; ++c) v[c] = load(v_rows[j] + c * kLanes);
+      for (int g = 0; g < G; ++g) {
+        const vf pj = splat(p[g][j]);
+        for (int c = 0; c < NC; ++c) acc[g][c] += pj * v[c];
       }
     }
   }
-  // softmax per head; scores become probabilities times the head's sum
-  const int64_t vec_end = len - len % kLanes;
-  for (int64_t h = 0; h < H; ++h) {
-    float* sh = scores + h * len;
-    float mx = -INFINITY;
-    if (vec_end) {
-      vf m = load(sh);
-      for (int64_t t = kLanes; t < vec_end; t += kLanes) m = vmax(m, load(sh + t));
-      mx = hmax(m);
-    }
-    for (int64_t t = vec_end; t < len; ++t) mx = sh[t] > mx ? sh[t] : mx;
-    vf vsum = splat(0.f);
-    for (int64_t t = 0; t < vec_end; t += kLanes) {
-      vf e = exp_approx(load(sh + t) - mx);
-      store(sh + t, e);
-      vsum += e;
-    }
-    float sum = hsum(vsum);
-    for (int64_t t = vec_end; t < len; ++t) {
-      sh[t] = exp_approx(sh[t] - mx);
-      sum += sh[t];
-    }
-    const float inv = 1.f / sum;
-    for (int64_t t = 0; t < len; ++t) sh[t] *= inv;
-    for (int c = 0; c < NC; ++c) store(acc + h * D + c * kLanes, splat(0.f));
+  for (int g = 0; g < G; ++g) {
+    for (int c = 0; c < NC; ++c) store(acc_out + g * D + c * kLanes, acc[g][c]);
+    m_out[g] = m[g];
+    l_out[g] = hsum(l[g]);
   }
-  // acc_h += p_{h,t} v_t, one V row read once for every head
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    const scalar_t* block = v_base + table[b] * cache_stride;
-    const scalar_t* next = v_base + table[b + 1 < num_blocks ? b + 1 : b] * cache_stride;
-    const int64_t t0 = b * block_size, t_end = std::min(len, t0 + block_size);
-    for (int64_t t = t0; t < t_end; ++t) {
-      const scalar_t* row = block + (t - t0) * token_stride;
-      prefetch_row(next + (t - t0) * token_stride, row_bytes);
-      for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
-        vf vc[NC];
-        for (int c = 0; c < NC; ++c) vc[c] = load(row + kvh * D + c * kLanes);
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t h = kvh * G + g;
-          const vf p = splat(scores[h * len + t]);
-          float* ah = acc + h * D;
-          for (int c = 0; c < NC; ++c) store(ah + c * kLanes, load(ah + c * kLanes) + p * vc[c]);
-        }
-      }
-    }
+}
+
+// whether this build has the vdpbf16ps scoring (a bfloat16 cache, head sizes 64 and 128)
+constexpr bool kHaveDot =
+#if defined(__AVX512BF16__)
+    true;
+#else
+    false;
+#endif
+
+template <typename scalar_t>
+using DecodeTaskFn = void (*)(const scalar_t*, const scalar_t*, const scalar_t*, const int64_t*,
+                              int64_t, int64_t, int64_t, int64_t, int64_t, int, int, float,
+                              float*, float*, float*);
+
+// The task function for a head size of `nc` 16-lane chunks and a group tile of `g`
+// heads: compiled for each group size at head sizes 64 and 128 (with vdpbf16ps
+// scoring for a bfloat16 cache unless `portable`), at run time otherwise.
+template <typename scalar_t>
+DecodeTaskFn<scalar_t> pick_task(int nc, int g, bool portable) {
+  constexpr bool kDot = std::is_same_v<scalar_t, c10::BFloat16> && kHaveDot;
+  const bool dot = kDot && !portable;
+#define ENGINE_TASK_CASE(NC, G) \
+  case G: return dot ? &decode_task<scalar_t, NC, G, kDot> : &decode_task<scalar_t, NC, G, false>;
+#define ENGINE_TASK_CASES(NC)                                                             \
+  switch (g) {                                                                            \
+    ENGINE_TASK_CASE(NC, 1) ENGINE_TASK_CASE(NC, 2) ENGINE_TASK_CASE(NC, 3)               \
+    ENGINE_TASK_CASE(NC, 4) ENGINE_TASK_CASE(NC, 5) ENGINE_TASK_CASE(NC, 6)               \
+    ENGINE_TASK_CASE(NC, 7) ENGINE_TASK_CASE(NC, 8)                                       \
   }
-  for (int64_t h = 0; h < H; ++h)
-    for (int c = 0; c < NC; ++c) store(o_row + h * D + c * kLanes, load(acc + h * D + c * kLanes));
+  if (nc == 4) ENGINE_TASK_CASES(4)
+  if (nc == 8) ENGINE_TASK_CASES(8)
+#undef ENGINE_TASK_CASES
+#undef ENGINE_TASK_CASE
+  return &decode_task<scalar_t, 0, 0, false>;
 }
 
 template <typename scalar_t>
 void decode_kernel(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache,
                    const at::Tensor& block_tables, const at::Tensor& seq_lens,
                    const at::Tensor& query_start_loc, const at::Tensor& decode_seqs,
-                   double scale) {
+                   double scale, bool portable) {
   const int64_t H = query.size(1), D = query.size(2);
   const int64_t block_size = kv_cache.size(2), Hkv = kv_cache.size(3);
   const int64_t G = H / Hkv;
   const int64_t n = decode_seqs.size(0);
+  if (n == 0) return;
   const int64_t max_blocks = block_tables.size(1);
   const int64_t cache_stride = kv_cache.stride(1);  // one block
   const int64_t token_stride = kv_cache.stride(2);
@@ -181,54 +318,100 @@ void decode_kernel(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
   const float fscale = static_cast<float>(scale);
   int64_t longest = 1;
   for (int64_t i = 0; i < n; ++i) longest = std::max(longest, lens[seqs[i]]);
+  const int max_threads = std::max(1, at::get_num_threads());
 
-  const bool vector_path = D % kLanes == 0 && D / kLanes <= 16;
-  // vector path: one task per sequence, all heads (each cache block read once, in
-  // order); scalar path: one task per (sequence, KV head). Contexts differ in
-  // length, so tasks are handed out dynamically.
-  const int64_t tasks = vector_path ? n : n * Hkv;
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks)));
+  if (D % kLanes != 0 || D / kLanes > 16) {
+    // scalar path: one task per (sequence, KV head)
+    const int threads = static_cast<int>(std::min<int64_t>(max_threads, std::max<int64_t>(1, n * Hkv)));
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<float> scores(G * longest);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < n * Hkv; ++task) {
+        const int64_t s = seqs[task / Hkv], kvh = task % Hkv, qrow = starts[s];
+        decode_item_scalar(q_ptr + qrow * q_row_stride + kvh * G * D,
+                           o_ptr + qrow * o_row_stride + kvh * G * D, k_base + kvh * D,
+                           v_base + kvh * D, tables + s * max_blocks, lens[s], block_size,
+                           cache_stride, token_stride, G, D, fscale, scores.data());
+      }
+    }
+    return;
+  }
+
+  // tasks: (sequence, KV head, tile of at most kMaxGroup query heads, piece of the
+  // context). A context is split only when there are too few (sequence, head)
+  // pairs to keep every thread busy; the pieces' partial results are merged after.
+  const int64_t tiles = (G + kMaxGroup - 1) / kMaxGroup;
+  const int64_t tile = (G + tiles - 1) / tiles;
+  const int64_t pairs = n * Hkv * tiles;
+  int64_t pieces = 1;
+  if (max_threads > 1 && pairs < 4 * max_threads)
+    pieces = std::max<int64_t>(1, std::min((4 * max_threads + pairs - 1) / pairs,
+                                           longest / kMinSplitTokens));
+  // a piece is a whole number of 16-token chunks
+  const int64_t piece_len = ((longest + pieces - 1) / pieces + 15) / 16 * 16;
+  const int64_t tasks = pairs * pieces;
+  const int nc = static_cast<int>(D / kLanes);
+  // per task: the accumulators of its heads, then their maxima, then their sums
+  const int64_t task_floats = tile * (D + 2);
+  std::vector<float> partial(pieces > 1 ? tasks * task_floats : 0);
+  const int threads = static_cast<int>(std::min<int64_t>(max_threads, tasks));
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> qbuf(H * D), acc(H * D), scores(H * longest);
+    std::vector<float> own(pieces > 1 ? 0 : task_floats);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t i = vector_path ? task : task / Hkv;
-      const int64_t kvh = vector_path ? 0 : task % Hkv;
-      const int64_t s = seqs[i];
-      const int64_t qrow = starts[s];
-      const scalar_t* q_row = q_ptr + qrow * q_row_stride + kvh * G * D;
-      scalar_t* o_row = o_ptr + qrow * o_row_stride + kvh * G * D;
-      const scalar_t* k = k_base + kvh * D;
-      const scalar_t* v = v_base + kvh * D;
-      const int64_t* table = tables + s * max_blocks;
-#define ENGINE_DECODE_CASE(nc)                                                                   \
-  case nc:                                                                                       \
-    decode_seq<scalar_t, nc>(q_row, o_row, k, v, table, lens[s], block_size, cache_stride,      \
-                             token_stride, Hkv, G, fscale, qbuf.data(), acc.data(), scores.data()); \
-    break;
-      switch (vector_path ? D / kLanes : 0) {
-        ENGINE_DECODE_CASE(1)
-        ENGINE_DECODE_CASE(2)
-        ENGINE_DECODE_CASE(3)
-        ENGINE_DECODE_CASE(4)
-        ENGINE_DECODE_CASE(5)
-        ENGINE_DECODE_CASE(6)
-        ENGINE_DECODE_CASE(7)
-        ENGINE_DECODE_CASE(8)
-        ENGINE_DECODE_CASE(9)
-        ENGINE_DECODE_CASE(10)
-        ENGINE_DECODE_CASE(11)
-        ENGINE_DECODE_CASE(12)
-        ENGINE_DECODE_CASE(13)
-        ENGINE_DECODE_CASE(14)
-        ENGINE_DECODE_CASE(15)
-        ENGINE_DECODE_CASE(16)
-        default:
-          decode_item_scalar(q_row, o_row, k, v, table, lens[s], block_size, cache_stride,
-                             token_stride, G, D, fscale, scores.data());
+      const int64_t piece = task % pieces, pair = task / pieces;
+      const int64_t i = pair / (Hkv * tiles), kvh = pair / tiles % Hkv, ti = pair % tiles;
+      const int64_t s = seqs[i], len = lens[s];
+      const int64_t g0 = ti * tile, g = std::min(tile, G - g0);
+      const int64_t t_begin = std::min(len, piece * piece_len);
+      const int64_t t_end = std::min(len, t_begin + piece_len);
+      float* acc = pieces > 1 ? partial.data() + task * task_floats : own.data();
+      float* m = acc + tile * D;
+      float* l = m + tile;
+      const int64_t head = kvh * G + g0;
+      pick_task<scalar_t>(nc, static_cast<int>(g), portable)(
+          q_ptr + starts[s] * q_row_stride + head * D, k_base + kvh * D, v_base + kvh * D,
+          tables + s * max_blocks, t_begin, t_end, block_size, cache_stride, token_stride, nc,
+          static_cast<int>(g), fscale, acc, m, l);
+      if (pieces == 1) {
+        scalar_t* o = o_ptr + starts[s] * o_row_stride + head * D;
+        for (int64_t h = 0; h < g; ++h) {
+          const vf inv = splat(1.f / l[h]);
+          for (int c = 0; c < nc; ++c) store(o + h * D + c * kLanes, load(acc + h * D + c * kLanes) * inv);
+        }
       }
-#undef ENGINE_DECODE_CASE
+    }
+    if (pieces > 1) {
+      // merge the pieces of each (sequence, KV head, tile): rescale each to the
+      // largest maximum, sum, normalise (an empty piece has max -inf, sum 0)
+#pragma omp for schedule(static)
+      for (int64_t pair = 0; pair < pairs; ++pair) {
+        const int64_t i = pair / (Hkv * tiles), kvh = pair / tiles % Hkv, ti = pair % tiles;
+        const int64_t s = seqs[i];
+        const int64_t g0 = ti * tile, g = std::min(tile, G - g0);
+        scalar_t* o = o_ptr + starts[s] * o_row_stride + (kvh * G + g0) * D;
+        const float* first = partial.data() + pair * pieces * task_floats;
+        for (int64_t h = 0; h < g; ++h) {
+          float mx = -INFINITY;
+          for (int64_t p = 0; p < pieces; ++p) mx = std::max(mx, first[p * task_floats + tile * D + h]);
+          float sum = 0.f;
+          vf res[16];
+          for (int c = 0; c < nc; ++c) res[c] = splat(0.f);
+          for (int64_t p = 0; p < pieces; ++p) {
+            const float* piece_acc = first + p * task_floats;
+            const float lp = piece_acc[tile * D + tile + h];
+            if (lp == 0.f) continue;
+            const float w = exp_approx(piece_acc[tile * D + h] - mx);
+            sum += w * lp;
+            const vf vw = splat(w);
+            for (int c = 0; c < nc; ++c) res[c] += vw * load(piece_acc + h * D + c * kLanes);
+          }
+          const vf inv = splat(1.f / sum);
+          for (int c = 0; c < nc; ++c) store(o + h * D + c * kLanes, res[c] * inv);
+        }
+      }
     }
   }
 }
@@ -236,7 +419,7 @@ void decode_kernel(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
 void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& kv_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens,
                             const at::Tensor& query_start_loc, const at::Tensor& decode_seqs,
-                            double scale) {
+                            double scale, bool portable) {
   TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes(), "query/out must be [T, H, D]");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2, "kv_cache must be [2, N, B, Hkv, D]");
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1 && kv_cache.stride(4) == 1 &&
@@ -251,23 +434,32 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::T
   }
   if (query.scalar_type() == at::kFloat) {
     decode_kernel<float>(out, query, kv_cache, block_tables, seq_lens, query_start_loc,
-                         decode_seqs, scale);
+                         decode_seqs, scale, portable);
   } else if (query.scalar_type() == at::kBFloat16) {
     decode_kernel<at::BFloat16>(out, query, kv_cache, block_tables, seq_lens, query_start_loc,
-                                decode_seqs, scale);
+                                decode_seqs, scale, portable);
   } else {
     TORCH_CHECK(false, "paged_decode_attention: float32 or bfloat16 only");
   }
 }
+
+// the path a bfloat16 cache takes here with `portable=False` (float32 always takes
+// the vector-extension code)
+std::string paged_decode_attention_path() { return kHaveDot ? "avx512_bf16" : "portable"; }
 
 }  // namespace
 
 TORCH_LIBRARY(engine_kernels, m) {
   m.def("paged_decode_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, "
         "Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, Tensor decode_seqs, "
-        "float scale) -> ()");
+        "float scale, bool portable=False) -> ()");
+  m.def("paged_decode_attention_path() -> str");
 }
 
 TORCH_LIBRARY_IMPL(engine_kernels, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention);
+}
+
+TORCH_LIBRARY_IMPL(engine_kernels, CompositeExplicitAutograd, m) {
+  m.impl("paged_decode_attention_path", &paged_decode_attention_path);
 }

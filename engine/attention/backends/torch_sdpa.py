@@ -34,6 +34,7 @@ from engine.attention.backend import (
     write_kv_cache,
 )
 from engine.attention.metadata import AttentionMetadata
+from engine.kernels import portable_forced
 from engine.utils import shape_bucket
 
 # The fixed cost of one decode bucket (two gathers, the SDPA call, the scatter back),
@@ -218,7 +219,7 @@ class TorchSDPAImpl(AttentionImpl):
             md = attn_metadata
             torch.ops.engine_kernels.paged_decode_attention(
                 out, q, kv_cache, md.block_tables, md.seq_lens_tensor, md.query_start_loc,
-                plan.kernel_decode, self.scale)
+                plan.kernel_decode, self.scale, portable_forced())
         if plan.kernel_prefill is not None:
             md = attn_metadata
             torch.ops.engine_kernels.paged_prefill_attention(
