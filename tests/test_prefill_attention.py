@@ -105,7 +105,8 @@ BF16_TOL = 2e-2
                          [(9, 3, 64, 16, [40, 1, 6, 17, 2, 33], [40, 9, 37, 100, 2, 33]),
                           (4, 2, 32, 32, [256, 31], [256, 31]),
                           (8, 2, 128, 16, [64, 16], [300, 16]),
-                          (2, 1, 96, 48, [70, 5], [70, 700])])
+                          (2, 1, 96, 48, [70, 5], [70, 700]),
+                          (4, 1, 64, 16, [40, 3], [600, 1100])])
 def test_bf16_prefill_paths_match_float32_attention(compiled, path, heads, kv_heads, head_size,
                                                     block_size, query_lens, seq_lens):
     """The op itself, AMX and vector paths: whole prompts (one and several 16-token
@@ -132,6 +133,29 @@ def test_bf16_prefill_paths_match_float32_attention(compiled, path, heads, kv_he
     torch.testing.assert_close(out[rows].float(), ref[rows], atol=BF16_TOL, rtol=BF16_TOL)
     # rows of sequences not asked for are not written
     assert out[[r for r in range(len(q3)) if r not in rows]].isnan().all()
+
+
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_amx_path_rescales_when_later_keys_score_higher(compiled, head_size):
+    """Keys whose scores grow along a 700-token context: the running maximum moves
+    up step after step (and across the 512-key runs whose V is interleaved at once),
+    so the accumulated output is rescaled many times."""
+    if not _has_amx():
+        pytest.skip("this CPU has no AMX")
+    md, cache, (q, k, v) = random_attention_step([40], [700], torch.bfloat16, block_size=16,
+                                                 kv_heads=1, heads=2, head_size=head_size)
+    table = md.block_tables[0, :44]
+    growth = torch.linspace(0.1, 6.0, 44 * 16).view(44, 16, 1, 1)
+    cache[0, table] = (cache[0, table].float() * growth).bfloat16()
+    write_kv_cache(cache, k.view(-1, 1, head_size), v.view(-1, 1, head_size), md.slot_mapping)
+    q3 = q.view(-1, 2, head_size)
+    out = torch.empty_like(q3)
+    torch.ops.engine_kernels.paged_prefill_attention(
+        out, q3, cache, md.block_tables, md.seq_lens_tensor, md.query_start_loc,
+        torch.tensor([0]), head_size ** -0.5, True)
+    ref = NaiveAttentionImpl(2, head_size, head_size ** -0.5, 1).forward(
+        None, q.float(), k.float(), v.float(), cache.float(), md).view_as(q3)
+    torch.testing.assert_close(out.float(), ref, atol=BF16_TOL, rtol=BF16_TOL)
 
 
 def test_amx_path_ignores_stale_cache_contents(compiled):

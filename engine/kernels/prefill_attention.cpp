@@ -167,6 +167,7 @@ void prefill_tile(const Task& t, const scalar_t* q_ptr, int64_t q_row_stride, sc
 // context are read as zeros, so stale cache contents never reach the sums.
 
 constexpr int64_t kKeyStep = 32;  // keys per step: two score tiles, one P tile
+constexpr int64_t kKeyRun = 512;  // keys whose V is interleaved at once (resident path)
 
 // r[i] <- column i of the 16 x 16 matrix of 32-bit elements held in r
 inline void transpose16x16(__m512i r[16]) {
@@ -201,7 +202,7 @@ inline __m512 as_ps(vf v) { return reinterpret_cast<__m512>(v); }
 // one thread's buffers (tile operands are 64-byte rows)
 struct AmxScratch {
   AmxScratch(int64_t G, int64_t D)
-      : qt(G * D * kTileQ), vt(kKeyStep * D), acc(G * kTileQ * D), m(G * kTileQ),
+      : qt(G * D * kTileQ), vt(kKeyRun * D), acc(G * kTileQ * D), m(G * kTileQ),
         l(G * kTileQ) {}
   std::vector<c10::BFloat16> qt;  // [G][D / 32][16 pairs][16 queries x 2]: B tiles of Q^T
   std::vector<c10::BFloat16> vt;  // [D / 16][16 key pairs][16 dims x 2]: B tiles of V
@@ -213,9 +214,9 @@ struct AmxScratch {
 };
 
 void configure_prefill_tiles() {
-  // 0-1 scores^T (then 0-3 output accumulators), 4 and 6 A, 5 and 6 B: all 16 x 64 bytes
-  const int64_t rows[7] = {16, 16, 16, 16, 16, 16, 16};
-  configure_tiles(rows, 7);
+  // every tile 16 rows x 64 bytes; which holds what: see the two tile functions
+  const int64_t rows[8] = {16, 16, 16, 16, 16, 16, 16, 16};
+  configure_tiles(rows, 8);
 }
 
 void amx_prefill_tile(const Task& t, const c10::BFloat16* q_ptr, int64_t q_row_stride,
@@ -376,6 +377,224 @@ void amx_prefill_tile(const Task& t, const c10::BFloat16* q_ptr, int64_t q_row_s
     }
   }
 }
+
+// ---- heads of up to 64 dims: the output accumulators stay in tiles ----------------
+// Tiles 0 .. DT-1 hold one head's [16 queries, D] float32 output for a whole run of
+// keys, 4-5 the two score tiles, 6 the A operand (K, then P), 7 the B operand (Q^T,
+// then V). The softmax's reference maximum is updated lazily: only when a new score
+// exceeds it by more than kMaxSlack (log2 units) are the accumulators stored,
+// rescaled and reloaded, so the probabilities P = 2^(s - m) stay <= 2^kMaxSlack
+// (bf16 keeps its relative precision at any scale) and most steps never leave the
+// tiles. V is interleaved once per kKeyRun keys for all heads of the group.
+
+constexpr float kMaxSlack = 8.f;
+
+// 2^y (y >= -126 after the clamp; below, the result is the smallest normal): a
+// degree-5 polynomial on the fraction in [-0.5, 0.5] (relative error ~2e-6, far
+// below the bfloat16 rounding of P), the integer part through the exponent
+inline vf exp2_fast(vf y) {
+  const __m512 v = _mm512_max_ps(as_ps(y), _mm512_set1_ps(-126.f));
+  const __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(v, n);
+  __m512 p = _mm512_set1_ps(1.5403530e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return reinterpret_cast<vf>(_mm512_scalef_ps(p, n));
+}
+
+template <int DT>
+inline void acc_tiles_load(const float* acc, int64_t stride) {
+  _tile_loadd(0, acc, stride);
+  _tile_loadd(1, acc + 16, stride);
+  if constexpr (DT == 4) {
+    _tile_loadd(2, acc + 32, stride);
+    _tile_loadd(3, acc + 48, stride);
+  }
+}
+
+template <int DT>
+inline void acc_tiles_store(float* acc, int64_t stride) {
+  _tile_stored(0, acc, stride);
+  _tile_stored(1, acc + 16, stride);
+  if constexpr (DT == 4) {
+    _tile_stored(2, acc + 32, stride);
+    _tile_stored(3, acc + 48, stride);
+  }
+}
+
+template <int DT>
+void amx_prefill_tile_resident(const Task& t, const c10::BFloat16* q_ptr, int64_t q_row_stride,
+                               c10::BFloat16* o_ptr, int64_t o_row_stride,
+                               const c10::BFloat16* k_base, const c10::BFloat16* v_base,
+                               const int64_t* table, int64_t seq_len, int64_t q_start,
+                               int64_t q_len, int64_t block_size, int64_t cache_stride,
+                               int64_t token_stride, int64_t G, float scale, AmxScratch& w) {
+  constexpr int64_t D = DT * 16, DC = D / 32;
+  const int64_t nq = std::min(kTileQ, q_len - t.first);
+  const int64_t pos0 = seq_len - q_len + t.first;
+  const int64_t last = pos0 + nq - 1;
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t h = 0; h < G; ++h) {
+    const c10::BFloat16* qh = q_ptr + (q_start + t.first) * q_row_stride + (t.kv_head * G + h) * D;
+    for (int64_t c = 0; c < DC; ++c) {
+      __m512i r[16];
+      for (int64_t j = 0; j < 16; ++j)
+        r[j] = j < nq ? _mm512_loadu_si512(qh + j * q_row_stride + c * 32) : zero;
+      transpose16x16(r);
+      c10::BFloat16* dst = w.qt.data() + (h * DC + c) * 512;
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + j * 32, r[j]);
+    }
+  }
+  std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<float>::infinity());
+  std::fill(w.l.begin(), w.l.end(), 0.f);
+  alignas(64) static const uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                               37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                               11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo_idx = _mm512_load_si512(kLo);
+  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  alignas(64) static const uint16_t kPair[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                                 21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                                 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i pair_idx = _mm512_load_si512(kPair);
+  const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const vi qpos = lane + static_cast<int32_t>(pos0);
+  const vf minus_inf = splat(-std::numeric_limits<float>::infinity());
+  const float log2_scale = scale * 1.44269504088896341f;  // scores in log2 units
+  const int64_t ts_bytes = token_stride * 2;
+  const int64_t acc_stride = D * 4;
+  auto key_row = [&](const c10::BFloat16* base, int64_t pos) {
+    return base + table[pos / block_size] * cache_stride + (pos % block_size) * token_stride;
+  };
+
+  for (int64_t run0 = 0; run0 <= last; run0 += kKeyRun) {
+    const int64_t run1 = std::min(last + 1, run0 + kKeyRun);
+    // V of the run by key pairs: step i, tile x, row r holds (V[2r][16x + j], V[2r + 1][16x + j])
+    for (int64_t key0 = run0; key0 < run1; key0 += kKeyStep) {
+      const int64_t nk = std::min(kKeyStep, run1 - key0);
+      const c10::BFloat16* v0 = key_row(v_base, key0);
+      const c10::BFloat16* v1 = nk > 16 ? key_row(v_base, key0 + 16) : v0;
+      c10::BFloat16* vt = w.vt.data() + (key0 - run0) / kKeyStep * DT * 512;
+      for (int64_t r = 0; r < 16; ++r) {
+        const c10::BFloat16* run = r < 8 ? v0 + 2 * r * token_stride : v1 + (2 * r - 16) * token_stride;
+        const bool has_a = 2 * r < nk, has_b = 2 * r + 1 < nk;
+        for (int64_t c = 0; c < DC; ++c) {
+          const __m512i a = has_a ? _mm512_loadu_si512(run + c * 32) : zero;
+          const __m512i b = has_b ? _mm512_loadu_si512(run + token_stride + c * 32) : zero;
+          _mm512_storeu_si512(vt + ((2 * c) * 16 + r) * 32, _mm512_permutex2var_epi16(a, lo_idx, b));
+          _mm512_storeu_si512(vt + ((2 * c + 1) * 16 + r) * 32,
+                              _mm512_permutex2var_epi16(a, hi_idx, b));
+        }
+      }
+    }
+    for (int64_t h = 0; h < G; ++h) {
+      float* acc = w.acc.data() + h * kTileQ * D;
+      float* m_h = w.m.data() + h * kTileQ;
+      float* l_h = w.l.data() + h * kTileQ;
+      if (run0 == 0) {
+        _tile_zero(0);
+        _tile_zero(1);
+        if constexpr (DT == 4) {
+          _tile_zero(2);
+          _tile_zero(3);
+        }
+      } else {
+        acc_tiles_load<DT>(acc, acc_stride);
+      }
+      const c10::BFloat16* qt = w.qt.data() + h * DC * 512;
+      for (int64_t key0 = run0; key0 < run1; key0 += kKeyStep) {
+        const int64_t nk = std::min(kKeyStep, run1 - key0);
+        const bool two = nk > 16;
+        const c10::BFloat16* k0 = key_row(k_base, key0);
+        const c10::BFloat16* k1 = two ? key_row(k_base, key0 + 16) : k0;
+        _tile_zero(4);
+        _tile_zero(5);
+        for (int64_t c = 0; c < DC; ++c) {
+          _tile_loadd(7, qt + c * 512, 64);
+          _tile_loadd(6, k0 + c * 32, ts_bytes);
+          _tile_dpbf16ps(4, 6, 7);
+          if (two) {
+            _tile_loadd(6, k1 + c * 32, ts_bytes);
+            _tile_dpbf16ps(5, 6, 7);
+          }
+        }
+        _tile_stored(4, w.s, 64);
+        if (two) _tile_stored(5, w.s + 16 * kTileQ, 64);
+        const bool diagonal = key0 + nk - 1 > pos0;
+        vf m_blk = minus_inf;
+        for (int64_t k = 0; k < nk; ++k) {
+          vf x = load(w.s + k * kTileQ) * log2_scale;
+          if (diagonal) x = (qpos >= static_cast<int32_t>(key0 + k)) ? x : minus_inf;
+          store(w.s + k * kTileQ, x);
+          m_blk = vmax(m_blk, x);
+        }
+        vf m_ref = load(m_h);
+        const auto over = m_blk > m_ref + kMaxSlack;
+        bool rescale = false;
+        for (int i = 0; i < kLanes; ++i) rescale |= over[i] != 0;
+        if (rescale) {
+          // every query sees key 0 in the first step: the new reference is finite
+          const vf m_new = vmax(m_ref, m_blk);
+          const vf corr = exp2_fast(m_ref - m_new);
+          store(l_h, load(l_h) * corr);
+          store(m_h, m_new);
+          m_ref = m_new;
+          if (key0 > 0) {
+            store(w.corr, corr);
+            acc_tiles_store<DT>(acc, acc_stride);
+            for (int64_t q = 0; q < kTileQ; ++q)
+              for (int64_t x = 0; x < D; x += kLanes)
+                store(acc + q * D + x, load(acc + q * D + x) * w.corr[q]);
+            acc_tiles_load<DT>(acc, acc_stride);
+          }
+        }
+        vf sum = splat(0.f);
+        __m512i pairs[16];
+        for (int64_t r = 0; r < 16; ++r) {
+          vf pe = splat(0.f), po = splat(0.f);
+          if (2 * r < nk) {
+            const vf x = load(w.s + 2 * r * kTileQ);
+            pe = x > minus_inf ? exp2_fast(x - m_ref) : splat(0.f);
+          }
+          if (2 * r + 1 < nk) {
+            const vf x = load(w.s + (2 * r + 1) * kTileQ);
+            po = x > minus_inf ? exp2_fast(x - m_ref) : splat(0.f);
+          }
+          sum += pe + po;
+          pairs[r] = _mm512_permutexvar_epi16(
+              pair_idx, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(as_ps(po), as_ps(pe))));
+        }
+        store(l_h, load(l_h) + sum);
+        transpose16x16(pairs);
+        for (int q = 0; q < 16; ++q) _mm512_storeu_si512(w.p + q * kKeyStep, pairs[q]);
+        const c10::BFloat16* vt = w.vt.data() + (key0 - run0) / kKeyStep * DT * 512;
+        _tile_loadd(6, w.p, 64);
+        _tile_loadd(7, vt, 64);
+        _tile_dpbf16ps(0, 6, 7);
+        _tile_loadd(7, vt + 512, 64);
+        _tile_dpbf16ps(1, 6, 7);
+        if constexpr (DT == 4) {
+          _tile_loadd(7, vt + 2 * 512, 64);
+          _tile_dpbf16ps(2, 6, 7);
+          _tile_loadd(7, vt + 3 * 512, 64);
+          _tile_dpbf16ps(3, 6, 7);
+        }
+      }
+      acc_tiles_store<DT>(acc, acc_stride);
+    }
+  }
+  for (int64_t h = 0; h < G; ++h) {
+    const float* acc = w.acc.data() + h * kTileQ * D;
+    for (int64_t q = 0; q < nq; ++q) {
+      c10::BFloat16* dst = o_ptr + (q_start + t.first + q) * o_row_stride + (t.kv_head * G + h) * D;
+      const vf inv = splat(1.f / w.l[h * kTileQ + q]);
+      for (int64_t x = 0; x < D; x += kLanes) store(dst + x, load(acc + q * D + x) * inv);
+    }
+  }
+}
 #else
 #define ENGINE_PREFILL_AMX 0
 #endif
@@ -435,10 +654,23 @@ void prefill_kernel(at::Tensor& out, const at::Tensor& query, const at::Tensor& 
         for (int64_t i = 0; i < n; ++i) {
           const Task& t = tasks[i];
           const int64_t s = t.seq;
-          amx_prefill_tile(t, q_ptr, query.stride(0), o_ptr, out.stride(0),
-                           k_base + t.kv_head * D, v_base + t.kv_head * D,
-                           tables + s * max_blocks, lens[s], starts[s], starts[s + 1] - starts[s],
-                           block_size, cache_stride, token_stride, G, D, fscale, scratch);
+          const int64_t q_len = starts[s + 1] - starts[s];
+          const c10::BFloat16* kb = k_base + t.kv_head * D;
+          const c10::BFloat16* vb = v_base + t.kv_head * D;
+          if (D == 64)
+            amx_prefill_tile_resident<4>(t, q_ptr, query.stride(0), o_ptr, out.stride(0), kb, vb,
+                                         tables + s * max_blocks, lens[s], starts[s], q_len,
+                                         block_size, cache_stride, token_stride, G, fscale,
+                                         scratch);
+          else if (D == 32)
+            amx_prefill_tile_resident<2>(t, q_ptr, query.stride(0), o_ptr, out.stride(0), kb, vb,
+                                         tables + s * max_blocks, lens[s], starts[s], q_len,
+                                         block_size, cache_stride, token_stride, G, fscale,
+                                         scratch);
+          else
+            amx_prefill_tile(t, q_ptr, query.stride(0), o_ptr, out.stride(0), kb, vb,
+                             tables + s * max_blocks, lens[s], starts[s], q_len, block_size,
+                             cache_stride, token_stride, G, D, fscale, scratch);
         }
         _tile_release();
       }
