@@ -6,6 +6,7 @@
     python benchmarks/profile_decode.py --prefill --context 256 --batch 8   # 2,048-token steps
     python benchmarks/profile_decode.py --prefill --context 256 --threads 1  # CPU time per op
     python benchmarks/profile_decode.py --prefill --context 256 --threads 1 --by-layer
+    python benchmarks/profile_decode.py --prefill --context 256 --threads 1 --against-sdpa
     python benchmarks/profile_decode.py --workload            # bench_vs_vllm's workload
 
 Builds (once, cached in --model-dir) one of `bench_vs_vllm.py`'s random-weight
@@ -23,6 +24,9 @@ region whose other thread is descheduled waits for it, which counts as wall time
 --by-layer adds a table of CPU time per decoder layer: the whole layer, its
 attention block (q/k/v, rotary, cache write, attention, output projection), its
 MLP block (gate/up with SiLU, down) and the rest (the two residual-add + RMSNorms).
+--against-sdpa alternates, in the same process, rounds whose prefills take the
+compiled prefill kernel as the engine chooses with rounds forced onto SDPA (the
+path before the AMX kernel), and prints both sides' CPU time per round.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ def main() -> int:
                          "(prefills, chunked prefills and decodes) instead of decode steps")
     ap.add_argument("--by-layer", action="store_true",
                     help="also time each decoder layer's attention and MLP blocks")
+    ap.add_argument("--against-sdpa", action="store_true",
+                    help="with --prefill: alternate rounds with prefill attention on SDPA")
     ap.add_argument("--prefill", action="store_true",
                     help="profile prefill steps of --batch fresh --context-token prompts "
                          "(1 output token each; --batch 1 is what TTFT measures)")
@@ -127,6 +133,8 @@ def profile_prefill(args, llm, shape) -> int:
 
     for _ in range(3):
         one()
+    if args.against_sdpa:
+        return against_sdpa(args, one)
     rounds = [one() for _ in range(args.steps)]
     wall, cpu = sorted(r[0] for r in rounds), sorted(r[1] for r in rounds)
     hooks = label_layers(llm) if args.by_layer else []
@@ -146,6 +154,32 @@ def profile_prefill(args, llm, shape) -> int:
           f"{torch.get_num_threads()}: wall best {wall[0] * 1000:.1f} ms, median "
           f"{wall[mid] * 1000:.1f} ms; CPU time best {cpu[0] * 1000:.1f} ms, median "
           f"{cpu[mid] * 1000:.1f} ms")
+    return 0
+
+
+def against_sdpa(args, one) -> int:
+    """--steps rounds per side, alternating: prefill attention as the engine routes
+    it, then forced onto SDPA (no compiled prefill kernel); CPU time per round."""
+    from engine.attention.backends import torch_sdpa
+
+    routed = (torch_sdpa.prefill_on_amx, torch_sdpa.PREFILL_KERNEL_DTYPES)
+    sides: dict[str, list[float]] = {"engine": [], "SDPA": []}
+    try:
+        for _ in range(args.steps):
+            for side in sides:
+                if side == "SDPA":
+                    torch_sdpa.prefill_on_amx = lambda _cache: False
+                    torch_sdpa.PREFILL_KERNEL_DTYPES = ()
+                sides[side].append(one()[1])
+                torch_sdpa.prefill_on_amx, torch_sdpa.PREFILL_KERNEL_DTYPES = routed
+    finally:
+        torch_sdpa.prefill_on_amx, torch_sdpa.PREFILL_KERNEL_DTYPES = routed
+    for side, cpu in sides.items():
+        cpu.sort()
+        print(f"{side:6s}: CPU time per round best {cpu[0] * 1000:.1f} ms, median "
+              f"{cpu[len(cpu) // 2] * 1000:.1f} ms, range {cpu[0] * 1000:.1f}-"
+              f"{cpu[-1] * 1000:.1f} ms ({args.dtype}, fresh {args.context}-token prompts x "
+              f"{args.batch})")
     return 0
 
 
