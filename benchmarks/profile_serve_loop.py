@@ -298,12 +298,15 @@ class PhaseClock:
         setattr(owner, name, timed)
 
 
-def account(model: Path, dtype: str, rounds: int, seed: int) -> dict:
+def account(model: Path, dtype: str, rounds: int, seed: int, compile_backend: str | None = None,
+            ) -> dict:
     """bench_vs_vllm.py's smol throughput workload, in this process, with every
     step accounted for (see the module docstring)."""
     _, n, prompt_range, output_range = WORKLOADS["smol"]
     prompt_lens, out_lens = request_lengths(n, prompt_range, output_range, seed)
-    llm = LLM(str(model), dtype=dtype, kv_cache_memory="2GiB", seed=0)
+    compilation = {"backend": compile_backend} if compile_backend else None
+    llm = LLM(str(model), dtype=dtype, kv_cache_memory="2GiB", seed=0,
+              compilation_config=compilation)
     eng = llm.llm_engine
     runner = eng.executor.worker.model_runner
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
@@ -450,6 +453,8 @@ def main() -> int:
                     help="--account: SmolLM-135M's 30 layers at hidden size 64 (vocabulary 512), "
                          "where the kernels cost next to nothing: what is left is the per-step "
                          "and per-operator overhead (Python, dispatch, thread start-up)")
+    ap.add_argument("--compile", metavar="BACKEND",
+                    help="--account: with compilation_config={'backend': BACKEND} (inductor)")
     ap.add_argument("--server", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.server is not None:
@@ -466,7 +471,7 @@ def main() -> int:
                 model.mkdir()
                 bench_serve.build_model(model, {**SMOL, **NARROW} if args.narrow else SMOL,
                                         args.seed)
-            report = account(model, args.dtype, args.rounds, args.seed)
+            report = account(model, args.dtype, args.rounds, args.seed, args.compile)
         for r in report["rounds"]:
             steps = r.pop("steps")
             print("steps (start ms, prompt tokens, decode rows, wall ms, cpu ms):",
