@@ -14,8 +14,9 @@
 - prefill attention (`engine_kernels::paged_prefill_attention`) on a fresh
   256-token prompt, on a 64-token chunk after 192 cached tokens and on a step of 8
   fresh prompts of 16-384 tokens, against the SDPA path (one call per sequence,
-  the cached context gathered), float32 and bf16 (bf16 prefills are routed to the
-  kernel for its side: the engine keeps them on SDPA);
+  the cached context gathered), float32 and bf16 (bf16: the kernel's AMX path where
+  the CPU has AMX, as the engine runs it; elsewhere its portable path, routed to the
+  kernel for its side while the engine keeps such prefills on SDPA);
 - float32 linears of smol's shapes at 1, 4, 32 and 256 rows: the float32 GEMV
   kernel (native and portable paths, up to 32 rows) and oneDNN on a prepacked
   weight against F.linear (torch's BLAS), again cycling through distinct weights.

@@ -5,6 +5,8 @@
     python benchmarks/profile_decode.py --prefill --context 256   # TTFT of fresh prompts
     python benchmarks/profile_decode.py --prefill --context 256 --batch 8   # 2,048-token steps
     python benchmarks/profile_decode.py --prefill --context 256 --threads 1  # CPU time per op
+    python benchmarks/profile_decode.py --prefill --context 256 --threads 1 --by-layer
+    python benchmarks/profile_decode.py --prefill --context 256 --threads 1 --against-sdpa
     python benchmarks/profile_decode.py --workload            # bench_vs_vllm's workload
 
 Builds (once, cached in --model-dir) one of `bench_vs_vllm.py`'s random-weight
@@ -19,6 +21,12 @@ prompts (1 output token each); the wall time and the process's CPU time per step
 are printed. On a loaded machine the CPU time moves less than the wall time, and
 with --threads 1 the operators' times in the table are CPU time too (a parallel
 region whose other thread is descheduled waits for it, which counts as wall time).
+--by-layer adds a table of CPU time per decoder layer: the whole layer, its
+attention block (q/k/v, rotary, cache write, attention, output projection), its
+MLP block (gate/up with SiLU, down) and the rest (the two residual-add + RMSNorms).
+--against-sdpa alternates, in the same process, rounds whose prefills take the
+compiled prefill kernel as the engine chooses with rounds forced onto SDPA (the
+path before the AMX kernel), and prints both sides' CPU time per round.
 """
 
 from __future__ import annotations
@@ -51,6 +59,10 @@ def main() -> int:
     ap.add_argument("--workload", action="store_true",
                     help="profile bench_vs_vllm.py's whole batched workload for --model "
                          "(prefills, chunked prefills and decodes) instead of decode steps")
+    ap.add_argument("--by-layer", action="store_true",
+                    help="also time each decoder layer's attention and MLP blocks")
+    ap.add_argument("--against-sdpa", action="store_true",
+                    help="with --prefill: alternate rounds with prefill attention on SDPA")
     ap.add_argument("--prefill", action="store_true",
                     help="profile prefill steps of --batch fresh --context-token prompts "
                          "(1 output token each; --batch 1 is what TTFT measures)")
@@ -121,12 +133,20 @@ def profile_prefill(args, llm, shape) -> int:
 
     for _ in range(3):
         one()
+    if args.against_sdpa:
+        return against_sdpa(args, one)
     rounds = [one() for _ in range(args.steps)]
     wall, cpu = sorted(r[0] for r in rounds), sorted(r[1] for r in rounds)
+    hooks = label_layers(llm) if args.by_layer else []
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
             one()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    for hook in hooks:
+        hook.remove()
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    if args.by_layer:
+        print_layer_table(averages, args.steps)
     what = ("TTFT" if args.batch == 1
             else f"{args.batch} x {args.context} = {args.batch * args.context}-token step")
     mid = len(rounds) // 2
@@ -135,6 +155,73 @@ def profile_prefill(args, llm, shape) -> int:
           f"{wall[mid] * 1000:.1f} ms; CPU time best {cpu[0] * 1000:.1f} ms, median "
           f"{cpu[mid] * 1000:.1f} ms")
     return 0
+
+
+def against_sdpa(args, one) -> int:
+    """--steps rounds per side, alternating: prefill attention as the engine routes
+    it, then forced onto SDPA (no compiled prefill kernel); CPU time per round."""
+    from engine.attention.backends import torch_sdpa
+
+    routed = (torch_sdpa.prefill_on_amx, torch_sdpa.PREFILL_KERNEL_DTYPES)
+    sides: dict[str, list[float]] = {"engine": [], "SDPA": []}
+    try:
+        for _ in range(args.steps):
+            for side in sides:
+                if side == "SDPA":
+                    torch_sdpa.prefill_on_amx = lambda _cache: False
+                    torch_sdpa.PREFILL_KERNEL_DTYPES = ()
+                sides[side].append(one()[1])
+                torch_sdpa.prefill_on_amx, torch_sdpa.PREFILL_KERNEL_DTYPES = routed
+    finally:
+        torch_sdpa.prefill_on_amx, torch_sdpa.PREFILL_KERNEL_DTYPES = routed
+    for side, cpu in sides.items():
+        cpu.sort()
+        print(f"{side:6s}: CPU time per round best {cpu[0] * 1000:.1f} ms, median "
+              f"{cpu[len(cpu) // 2] * 1000:.1f} ms, range {cpu[0] * 1000:.1f}-"
+              f"{cpu[-1] * 1000:.1f} ms ({args.dtype}, fresh {args.context}-token prompts x "
+              f"{args.batch})")
+    return 0
+
+
+def label_layers(llm) -> list:
+    """Profiler ranges around each decoder layer's attention and MLP blocks (forward
+    hooks on the modules); returns the hook handles."""
+    import torch
+
+    model = llm.llm_engine.executor.worker.model_runner.model
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        for part, module in (("total", layer), ("attention", layer.self_attn),
+                             ("mlp", layer.mlp)):
+            ranges = []
+
+            def enter(_module, _args, name=f"layer {i:2d} {part}", ranges=ranges):
+                ranges.append(torch.autograd.profiler.record_function(name).__enter__())
+
+            def leave(_module, _args, _out, ranges=ranges):
+                ranges.pop().__exit__(None, None, None)
+
+            handles += [module.register_forward_pre_hook(enter),
+                        module.register_forward_hook(leave)]
+    return handles
+
+
+def print_layer_table(averages, steps: int) -> None:
+    """Per decoder layer, CPU time per step: the layer, its attention and MLP blocks,
+    and the rest of it (the norms)."""
+    ms = {e.key: e.cpu_time_total / steps / 1000 for e in averages
+          if e.key.startswith("layer ")}
+    layers = sorted({key.rsplit(" ", 1)[0] for key in ms})
+    print(f"{'':10s} {'layer ms':>9s} {'attention':>10s} {'mlp':>8s} {'norms':>8s}")
+    sums = [0.0] * 4
+    for name in layers:
+        total, attn, mlp = (ms.get(f"{name} {part}", 0.0) for part in ("total", "attention", "mlp"))
+        row = (total, attn, mlp, total - attn - mlp)
+        sums = [a + b for a, b in zip(sums, row, strict=True)]
+        print(f"{name:10s} " + " ".join(f"{v:{w}.3f}" for v, w in zip(row, (9, 10, 8, 8),
+                                                                        strict=True)))
+    print(f"{'all':10s} " + " ".join(f"{v:{w}.2f}" for v, w in zip(sums, (9, 10, 8, 8),
+                                                                   strict=True)))
 
 
 def profile_workload(args, llm, shape) -> int:

@@ -52,7 +52,7 @@ startup_logger = logging.getLogger(STARTUP_LOGGER)
 
 SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp", "amx_linear.cpp",
            "fp32_gemv.cpp", "prefill_attention.cpp", "ggml_quant.cpp", "lora.cpp")
-HEADERS = ("vec.h",)
+HEADERS = ("vec.h", "amx.h")
 LIBRARY_NAME = "engine_kernels"
 MODE_ENV = "ENGINE_CPU_KERNELS"
 # "portable": the kernels that pick a path from the CPU's flags take their

@@ -19,35 +19,19 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#define ENGINE_HAS_AMX 1
-#else
-#define ENGINE_HAS_AMX 0
-#endif
+#include "amx.h"
 
 namespace {
+
+using engine_kernels::amx_permitted;
+#if ENGINE_HAS_AMX
+using engine_kernels::configure_tiles;
+#endif
 
 constexpr int64_t kTileN = 16;   // outputs per tile
 constexpr int64_t kTileK = 32;   // bf16 inputs per tile row
 constexpr int64_t kMaxRows = 32; // two tiles of 16 rows
 constexpr int64_t kBlocksPerStep = 2;  // N tiles computed together
-
-bool amx_permitted() {
-#if ENGINE_HAS_AMX
-  // Linux hands out the AMX register state only on request (once per process)
-  static const bool ok = [] {
-    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023;
-    constexpr long XFEATURE_XTILEDATA = 18;
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
 
 bool amx_supported() { return amx_permitted(); }
 
@@ -66,25 +50,10 @@ at::Tensor amx_pack_weight(const at::Tensor& weight) {
 }
 
 #if ENGINE_HAS_AMX
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 // tiles: 0-3 C (rows 0-15 / 16-31 of N block 0, then of N block 1), 4-5 A, 6-7 B
 void configure(int64_t rows0, int64_t rows1) {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
   const int64_t rows[8] = {rows0, rows1, rows0, rows1, rows0, rows1, kTileK / 2, kTileK / 2};
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = static_cast<uint8_t>(rows[t] ? rows[t] : 1);
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
+  configure_tiles(rows, 8);
 }
 
 template <bool TWO_HALVES>

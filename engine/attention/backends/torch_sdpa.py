@@ -10,9 +10,11 @@ that are real. The query heads that share a KV head are folded into the
 query-length axis, so grouped-query attention needs no copy of K/V.
 
 With the compiled kernels (engine.kernels) loaded, decode rows go to the paged
-decode kernel and, for a float32 cache (PREFILL_KERNEL_DTYPES), every prefill of
-the step (whole prompts, chunks, prompts after prefix-cache hits) to one call of
-the paged prefill kernel, both reading K/V from the cache in place. Without them, prefills run one SDPA call per sequence: 4-D
+decode kernel and, for a float32 cache (PREFILL_KERNEL_DTYPES) or a bfloat16 one on
+a CPU with AMX (`prefill_on_amx`), every prefill of the step (whole prompts, chunks,
+prompts after prefix-cache hits) to one call of the paged prefill kernel, both
+reading K/V from the cache in place and writing the output rows where the output
+projection reads them. Without them, prefills run one SDPA call per sequence: 4-D
 inputs reach the fused CPU kernel, and a prompt with no cached context skips the cache read entirely
 (``is_causal``). Measured on 2 CPU cores, that beats one call with a block-causal
 mask over all prefill tokens, whose cost grows with the square of the step's total
@@ -46,9 +48,10 @@ BUCKET_COST_BYTES = 512 * 1024
 
 
 # The cache dtypes whose prefills go to the compiled paged prefill kernel. Its
-# bfloat16 path is correct (tested) but slower here than SDPA's bf16 kernel,
-# which uses the CPU's bf16 matrix instructions: bfloat16 prefills stay on SDPA
-# (docs/benchmarks.md, "Fresh prompts").
+# portable bfloat16 path is correct (tested) but slower than SDPA's bf16 kernel,
+# which uses the CPU's bf16 matrix instructions: bfloat16 prefills go to the kernel
+# only where it runs on AMX tiles (`prefill_on_amx`), and stay on SDPA elsewhere
+# (Zen 4, ENGINE_KERNEL_PATH=portable; docs/prefill.md).
 PREFILL_KERNEL_DTYPES: tuple[torch.dtype, ...] = (torch.float32,)
 
 
@@ -86,6 +89,8 @@ class _StepPlan:
     # [n] the prefilling sequences (prompts, chunks, prefix hits), when the compiled
     # prefill kernel computes them from the cache; then `prefills` is empty
     kernel_prefill: torch.Tensor | None = None
+    # the prefill kernel takes its AMX path (bfloat16 on a CPU with AMX)
+    prefill_amx: bool = False
 
 
 def split_by_length(lengths: list[int], cost_per_bucket: float) -> list[int]:
@@ -150,13 +155,26 @@ def _use_kernel(kv_cache: torch.Tensor) -> bool:
     return kernels_available()
 
 
+def prefill_on_amx(kv_cache: torch.Tensor) -> bool:
+    """Whether prefills over `kv_cache` run the prefill kernel's AMX path: a bfloat16
+    CPU cache, the compiled kernels loaded and built with AMX, Linux granting the
+    tile state, head size a multiple of 32 (up to 128), block size a multiple of 16,
+    and ENGINE_KERNEL_PATH not forcing the portable code."""
+    if (kv_cache.dtype != torch.bfloat16 or kv_cache.dim() != 5 or kv_cache.shape[-1] % 32
+            or kv_cache.shape[-1] > 128 or kv_cache.shape[2] % 16 or not _use_kernel(kv_cache)):
+        return False
+    return not portable_forced() and bool(torch.ops.engine_kernels.amx_supported())
+
+
 def _plan(md: AttentionMetadata, kv_cache: torch.Tensor) -> _StepPlan:
     has_cache = kv_cache.numel() > 0
     starts = md.query_start_loc.tolist()
     decode = [i for i, q in enumerate(md.query_lens) if q == 1] if has_cache else []
     kernel_prefill = None
-    if (has_cache and kv_cache.dtype in PREFILL_KERNEL_DTYPES and kv_cache.shape[-1] % 16 == 0
-            and kv_cache.shape[-1] <= 128 and _use_kernel(kv_cache)):
+    amx = has_cache and prefill_on_amx(kv_cache)
+    if amx or (has_cache and kv_cache.dtype in PREFILL_KERNEL_DTYPES
+               and kv_cache.shape[-1] % 16 == 0 and kv_cache.shape[-1] <= 128
+               and _use_kernel(kv_cache)):
         # every prefill, whole or chunk or after a prefix hit, in one call that reads
         # the cache where the step's keys were just written
         rows = [i for i, q in enumerate(md.query_lens) if q > 1]
@@ -164,6 +182,7 @@ def _plan(md: AttentionMetadata, kv_cache: torch.Tensor) -> _StepPlan:
             kernel_prefill = torch.tensor(rows, dtype=torch.int64, device=kv_cache.device)
         plan = _plan_decode(md, kv_cache, decode, [])
         plan.kernel_prefill = kernel_prefill
+        plan.prefill_amx = amx
         return plan
     prefills = []
     for i, (q_len, seq_len) in enumerate(zip(md.query_lens, md.seq_lens, strict=True)):
@@ -224,7 +243,7 @@ class TorchSDPAImpl(AttentionImpl):
             md = attn_metadata
             torch.ops.engine_kernels.paged_prefill_attention(
                 out, q, kv_cache, md.block_tables, md.seq_lens_tensor, md.query_start_loc,
-                plan.kernel_prefill, self.scale)
+                plan.kernel_prefill, self.scale, plan.prefill_amx)
         for bucket in plan.decode:
             out.index_copy_(0, bucket.rows,
                             self._decode(q.index_select(0, bucket.rows), kv_cache, bucket,
