@@ -2,8 +2,8 @@
 reference: softmax(scale q K^T) V over each sequence's context gathered through its
 block table. Every path this CPU runs is checked: the AVX512-BF16 scoring of a
 bfloat16 cache (where the CPU has it) and the portable vector-extension code
-(`portable=True`, what ENGINE_KERNEL_PATH=portable selects), at group sizes 1 to
-12 (a group above 8 query heads is split into tiles), head sizes with compiled
+(`portable=True`, what ENGINE_KERNEL_PATH=portable selects), at group sizes 1, 2,
+3, 6, 8 and 12 (a group above 8 query heads is split into tiles), head sizes with compiled
 shapes (64, 128), the run-time shape (80) and the scalar path (24), contexts
 that end inside a block and span many blocks of a shuffled cache, and contexts
 split between two threads."""
@@ -56,7 +56,7 @@ def paths(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_size"),
                          [(3, 3, 64), (9, 3, 64), (8, 1, 128), (12, 2, 64), (6, 2, 80),
-                          (4, 4, 128), (6, 3, 24)])
+                          (4, 4, 128), (6, 3, 24), (12, 1, 64)])
 def test_decode_kernel_matches_float64_reference(compiled, dtype, heads, kv_heads, head_size):
     seq_lens = [1, 15, 16, 17, 70, 33, 300, 2]
     md, cache, (q, _, _) = random_attention_step(
