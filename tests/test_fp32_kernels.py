@@ -204,6 +204,20 @@ def test_large_weights_get_a_huge_page_mapping(monkeypatch):
     assert "hg" not in (_mapping_flags(plain.data_ptr()) or [])
 
 
+def test_sleep_mode_restores_large_weights_in_huge_pages():
+    """Weights that sleep mode (level 1) wrote out come back into huge-page
+    mappings, with their values."""
+    from engine.ops import RowParallelLinear
+    from engine.worker.sleep import offload_weights, restore_weights
+
+    layer = RowParallelLinear(1536, 576, bias=False)
+    layer.weight.data.copy_(torch.randn(576, 1536, generator=torch.Generator().manual_seed(5)))
+    before = layer.weight.detach().clone()
+    restore_weights(offload_weights(layer, keep=True))
+    assert torch.equal(layer.weight, before)
+    assert "hg" in _mapping_flags(layer.weight.data_ptr())
+
+
 def test_bf16_gemv_native_path_follows_the_cpu_flags(compiled):
     expected = "avx512_bf16" if "avx512_bf16" in _cpu_flags() else "portable"
     assert torch.ops.engine_kernels.bf16_gemv_path() == expected
