@@ -32,6 +32,18 @@ alternating the order every round, and prints wall and process CPU time per
 prompt token (CPU time is what the machine's other load changes least) and the
 minor page faults of each round; ``--keep-freed-memory`` runs it with `engine
 serve`'s malloc settings (engine._malloc).
+
+    python benchmarks/profile_serve_loop.py --model M --account --dtype bfloat16
+
+does not start a server either: it runs bench_vs_vllm.py's throughput workload
+(32 requests given at once, fresh prompts every round) in this process with
+`LLM.generate`, and accounts for every step: its prompt tokens and decode rows,
+its wall and process CPU time, and that time split into the scheduler, input
+preparation, the model's forward (attention layers apart), the LM head, the
+sampler, detokenizing and stop checks, building the outputs, and the rest of the
+step's Python; the time between steps (the generate loop) is summed apart. Then
+the same decode batch is timed alone, to compare a decode step of the round with
+its isolated cost.
 """
 
 from __future__ import annotations
@@ -53,14 +65,18 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import engine  # noqa: E402,F401,I001 - before torch: it sets the OpenMP wait policy
 import bench_serve  # noqa: E402
-from bench_vs_vllm import SMOL, FreshPrompts, cpu_description  # noqa: E402
+from bench_vs_vllm import SMOL, WORKLOADS, FreshPrompts, cpu_description, request_lengths  # noqa: E402,E501
 
 from engine._malloc import keep_freed_memory  # noqa: E402
 from engine.cli.main import main as cli_main  # noqa: E402
 from engine.core.engine import LLMEngine  # noqa: E402
 from engine.core.scheduler import Scheduler  # noqa: E402
 from engine.entrypoints.async_engine import AsyncEngine  # noqa: E402
+from engine.kernels import kernels_available  # noqa: E402
 from engine.llm import LLM  # noqa: E402
+from engine.sample import Sampler  # noqa: E402
+from engine.worker.model_runner import ModelRunner  # noqa: E402
+from engine.attention.layer import Attention  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 STATS_PREFIX = "@@loop-stats "
@@ -240,6 +256,180 @@ def prefill_cost(model: Path, dtype: str, budgets: list[int], rounds: int, reque
                            for b in budgets}}
 
 
+# ---------------------------------------------------------------------- --account
+
+# --narrow: the same layers and operators, next to no arithmetic
+NARROW = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2,
+              num_key_value_heads=1, vocab_size=512)
+ACCOUNT_PHASES = ("schedule", "prepare", "forward", "attention", "lm_head", "sampler",
+                  "detokenize", "outputs")
+
+
+class PhaseClock:
+    """Self wall and process CPU time of nested phases within one step: a phase's
+    time excludes the phases called inside it (attention inside the forward), so
+    the phases and the step's remainder add up to the step."""
+
+    def __init__(self) -> None:
+        self.step: dict[str, list[float]] = {}  # phase -> [wall, cpu] of this step
+        self._stack: list[list[float]] = []  # per open phase: [child wall, child cpu]
+
+    def wrap(self, owner: object, name: str, phase: str) -> None:
+        """Replace ``owner.name`` (a class's method or an instance's callable) by a
+        timed call of it."""
+        inner = getattr(owner, name)
+        clock = self
+
+        def timed(*args, **kwargs):  # noqa: ANN002,ANN003,ANN202 - whatever inner takes
+            clock._stack.append([0.0, 0.0])
+            w0, c0 = time.perf_counter(), time.process_time()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+                child_wall, child_cpu = clock._stack.pop()
+                acc = clock.step.setdefault(phase, [0.0, 0.0])
+                acc[0] += wall - child_wall
+                acc[1] += cpu - child_cpu
+                if clock._stack:
+                    clock._stack[-1][0] += wall
+                    clock._stack[-1][1] += cpu
+
+        setattr(owner, name, timed)
+
+
+def account(model: Path, dtype: str, rounds: int, seed: int, compile_backend: str | None = None,
+            ) -> dict:
+    """bench_vs_vllm.py's smol throughput workload, in this process, with every
+    step accounted for (see the module docstring)."""
+    _, n, prompt_range, output_range = WORKLOADS["smol"]
+    prompt_lens, out_lens = request_lengths(n, prompt_range, output_range, seed)
+    compilation = {"backend": compile_backend} if compile_backend else None
+    llm = LLM(str(model), dtype=dtype, kv_cache_memory="2GiB", seed=0,
+              compilation_config=compilation)
+    eng = llm.llm_engine
+    runner = eng.executor.worker.model_runner
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    fresh = FreshPrompts(vocab, seed + 1)
+    clock = PhaseClock()
+    clock.wrap(Scheduler, "schedule", "schedule")
+    clock.wrap(Scheduler, "update_from_output", "schedule")
+    clock.wrap(ModelRunner, "_prepare_inputs", "prepare")
+    clock.wrap(ModelRunner, "_update_states", "prepare")
+    clock.wrap(runner.model, "forward", "forward")
+    clock.wrap(Attention, "forward", "attention")
+    clock.wrap(runner.model, "compute_logits", "lm_head")
+    clock.wrap(Sampler, "__call__", "sampler")
+    clock.wrap(LLMEngine, "_process_token", "detokenize")
+    clock.wrap(LLMEngine, "_make_output", "outputs")
+    steps: list[dict] = []
+    original_step = LLMEngine.step
+    planned: list[tuple[int, int]] = []
+
+    def schedule_rows(self: Scheduler, out) -> None:  # noqa: ANN001
+        prompts = {seq.seq_id: seq.num_prompt_tokens for seq in self.running}
+        prompt_tokens = decode_rows = 0
+        for item in out.scheduled:
+            if item.num_computed_tokens >= prompts.get(item.seq_id, 0):
+                decode_rows += 1
+            else:
+                prompt_tokens += len(item.token_ids)
+        planned.append((prompt_tokens, decode_rows))
+
+    timed_schedule = Scheduler.schedule
+
+    def schedule(self: Scheduler):  # noqa: ANN202 - the same as Scheduler.schedule's
+        out = timed_schedule(self)
+        schedule_rows(self, out)
+        return out
+
+    Scheduler.schedule = schedule
+
+    def step(self: LLMEngine):  # noqa: ANN202 - the same as LLMEngine.step's
+        clock.step = {}
+        planned.clear()
+        w0, c0 = time.perf_counter(), time.process_time()
+        try:
+            return original_step(self)
+        finally:
+            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+            prompt_tokens, decode_rows = planned[-1] if planned else (0, 0)
+            steps.append({"start": w0, "wall": wall, "cpu": cpu, "prompt_tokens": prompt_tokens,
+                          "decode_rows": decode_rows, "phases": clock.step})
+
+    LLMEngine.step = step
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in out_lens]
+    llm.generate(fresh(*prompt_lens[:4]), params[:4], use_tqdm=False)  # warm-up
+    report_rounds = []
+    for _ in range(rounds):
+        steps.clear()
+        prompts = fresh(*prompt_lens)
+        w0, c0 = time.perf_counter(), time.process_time()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        produced = sum(len(o.outputs[0].token_ids) for o in outs)
+        report_rounds.append(summarise_account(list(steps), wall, cpu, produced))
+    # the decode batches of the round alone: the same rows at about the same context,
+    # each step timed; compare with the round's decode-only steps
+    isolated = {}
+    for rows in sorted({32, 16, 8}):
+        batch = fresh(*sorted(prompt_lens)[:rows])
+        steps.clear()
+        llm.generate(batch, [SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)]
+                     * rows, use_tqdm=False)
+        decode = [s for s in steps if s["prompt_tokens"] == 0 and s["decode_rows"] == rows]
+        if decode:
+            isolated[rows] = {"steps": len(decode),
+                              "wall_ms_median": round(statistics.median(
+                                  s["wall"] for s in decode) * 1e3, 2),
+                              "cpu_ms_median": round(statistics.median(
+                                  s["cpu"] for s in decode) * 1e3, 2)}
+    # one fresh 256-token prompt alone (TTFT's step), to set the round's big prompt
+    # steps against: CPU ms per prompt token, best of three
+    one = []
+    for prompt in fresh(256, 256, 256):
+        c0 = time.process_time()
+        llm.generate([prompt], [SamplingParams(temperature=0.0, max_tokens=1)], use_tqdm=False)
+        one.append((time.process_time() - c0) / 256 * 1e3)
+    llm.shutdown()
+    return {"requests": n, "prompt_tokens": sum(prompt_lens), "output_tokens": sum(out_lens),
+            "one_256_token_prompt_cpu_ms_per_token": round(min(one), 3),
+            "cpu_kernels": kernels_available(), "rounds": report_rounds, "decode_alone": isolated}
+
+
+def summarise_account(steps: list[dict], wall: float, cpu: float, produced: int) -> dict:
+    """One round's account: totals per phase, per kind of step, and the steps."""
+
+    def totals(group: list[dict]) -> dict:
+        out = {"steps": len(group), "wall_s": round(sum(s["wall"] for s in group), 3),
+               "cpu_s": round(sum(s["cpu"] for s in group), 3)}
+        phases = {}
+        for phase in ACCOUNT_PHASES:
+            w = sum(s["phases"].get(phase, (0.0, 0.0))[0] for s in group)
+            c = sum(s["phases"].get(phase, (0.0, 0.0))[1] for s in group)
+            phases[phase] = [round(w, 3), round(c, 3)]
+        rest_w = out["wall_s"] - sum(v[0] for v in phases.values())
+        rest_c = out["cpu_s"] - sum(v[1] for v in phases.values())
+        phases["step_python_rest"] = [round(rest_w, 3), round(rest_c, 3)]
+        out["phases_wall_cpu_s"] = phases
+        return out
+
+    prefill = [s for s in steps if s["prompt_tokens"]]
+    decode = [s for s in steps if not s["prompt_tokens"]]
+    in_steps = sum(s["wall"] for s in steps)
+    per_token = [round(s["cpu"] / s["prompt_tokens"] * 1e3, 3) for s in prefill]
+    return {
+        "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "tok_per_s": round(produced / wall, 1),
+        "prompt_steps_cpu_ms_per_prompt_token": per_token,
+        "between_steps_wall_s": round(wall - in_steps, 3),
+        "all_steps": totals(steps), "steps_with_prompt_tokens": totals(prefill),
+        "decode_only_steps": totals(decode),
+        "steps": [[round((s["start"] - steps[0]["start"]) * 1e3), s["prompt_tokens"],
+                   s["decode_rows"], round(s["wall"] * 1e3, 1), round(s["cpu"] * 1e3, 1)]
+                  for s in steps],
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="model folder (default: a random SmolLM-135M-shape Llama)")
@@ -256,10 +446,40 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="--prefill-cost rounds")
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="--prefill-cost: with engine serve's malloc settings (engine._malloc)")
+    ap.add_argument("--account", action="store_true",
+                    help="no server: bench_vs_vllm.py's throughput workload in this process, "
+                         "every step's time accounted for")
+    ap.add_argument("--narrow", action="store_true",
+                    help="--account: SmolLM-135M's 30 layers at hidden size 64 (vocabulary 512), "
+                         "where the kernels cost next to nothing: what is left is the per-step "
+                         "and per-operator overhead (Python, dispatch, thread start-up)")
+    ap.add_argument("--compile", metavar="BACKEND",
+                    help="--account: with compilation_config={'backend': BACKEND} (inductor)")
     ap.add_argument("--server", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.server is not None:
         return run_probed_server(args.server)
+    if args.account:
+        # as bench_vs_vllm.py: the compiled kernels built now when missing, not in the
+        # background while the plain PyTorch path is measured
+        os.environ.setdefault("ENGINE_CPU_KERNELS", "build")
+        print(f"CPU: {cpu_description()}; load average {os.getloadavg()}", file=sys.stderr)
+        with tempfile.TemporaryDirectory() as tmp:
+            model = args.model
+            if model is None or args.narrow:
+                model = Path(tmp, "smol")
+                model.mkdir()
+                bench_serve.build_model(model, {**SMOL, **NARROW} if args.narrow else SMOL,
+                                        args.seed)
+            report = account(model, args.dtype, args.rounds, args.seed, args.compile)
+        for r in report["rounds"]:
+            steps = r.pop("steps")
+            print("steps (start ms, prompt tokens, decode rows, wall ms, cpu ms):",
+                  file=sys.stderr)
+            for row in steps:
+                print("  " + "  ".join(f"{v:>7}" for v in row), file=sys.stderr)
+        print(json.dumps({**report, "load_after": os.getloadavg()}, indent=1))
+        return 0
     if args.prefill_cost:
         if args.model is None:
             raise SystemExit("--prefill-cost needs --model")

@@ -73,6 +73,9 @@ class CompilationConfig:
     custom_ops: list[str] = field(default_factory=lambda: ["all"])
     # run the step shapes of the first requests at start (engine.worker.warm_up)
     warm_up: bool = True
+    # then every prompt-step row bucket and prompt length once (the shape stages;
+    # ENGINE_WARM_UP=steps leaves them to the first requests)
+    warm_up_shapes: bool = True
     # torch.compile (engine.compilation): a graph_backend plugin name, None: eager
     backend: str | None = None
     dynamic: bool = True

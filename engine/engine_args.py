@@ -50,6 +50,12 @@ def _help(text: str, *, flag: str | None = None, cli: bool = True, **argparse_kw
     return {"help": text, "flag": flag, "cli": cli, "argparse": argparse_kw}
 
 
+# How much of the warm-up runs (docs/sleep-and-warm-up.md): "full" (default) the
+# first requests' steps and the shape stages, "steps" the steps only (the first
+# large prompt steps build their kernels), "off" none, like `skip_warm_up`.
+WARM_UP_ENV = "ENGINE_WARM_UP"
+WARM_UP_EXTENTS = ("full", "steps", "off")
+
 @dataclass
 class EngineArgs:
     """The settings of one engine. Every field is also a keyword argument of `LLM`.
@@ -251,6 +257,7 @@ class EngineArgs:
             budget = 4096 if self.enable_chunked_prefill else max(4096, max_model_len)
         if budget < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {budget}")
+        warm_up, warm_up_shapes = self._warm_up_extent()
         return EngineConfig(
             model_config=ModelConfig(
                 model=str(model_dir), dtype=self.dtype, seed=self.seed,
@@ -276,7 +283,7 @@ class EngineArgs:
                 distributed_executor_backend=self.distributed_executor_backend,
             ),
             compilation_config=CompilationConfig(custom_ops=self.custom_ops or ["all"],
-                                                 warm_up=not self.skip_warm_up,
+                                                 warm_up=warm_up, warm_up_shapes=warm_up_shapes,
                                                  **self._checked_compilation_config()),
             attention_backend=self.attention_backend,
             log_stats=self.log_stats,
@@ -284,6 +291,15 @@ class EngineArgs:
             speculative_config=self._checked_speculative_config(),
             lora_config=self._lora_config(),
         )
+
+    def _warm_up_extent(self) -> tuple[bool, bool]:
+        """`CompilationConfig`'s (warm_up, warm_up_shapes) from `skip_warm_up` and
+        ``ENGINE_WARM_UP`` (`WARM_UP_EXTENTS`); `skip_warm_up` wins."""
+        extent = os.environ.get(WARM_UP_ENV, "").strip().lower() or "full"
+        if extent not in WARM_UP_EXTENTS:
+            raise ValueError(f"{WARM_UP_ENV} must be one of {', '.join(WARM_UP_EXTENTS)}, "
+                             f"got {os.environ[WARM_UP_ENV]!r}")
+        return not self.skip_warm_up and extent != "off", extent == "full"
 
     def _checked_compilation_config(self) -> dict[str, Any]:
         from engine.compilation import parse_compilation_config, resolve_graph_backend

@@ -34,6 +34,7 @@ _ENGINE_ENV = (
     "ENGINE_PLUGINS_AUTOLOAD",
     "ENGINE_PLUGIN_CONFIG",
     "ENGINE_PLUGIN_SLOW_IMPORT_SECONDS",
+    "ENGINE_WARM_UP",
 )
 
 
@@ -62,12 +63,16 @@ def environ_restored_after_module():
 @pytest.fixture(autouse=True)
 def isolated_engine_env(tmp_path_factory, monkeypatch):
     """A fresh config dir and no engine settings from the outside world; whatever
-    the test writes into the environment is gone after it."""
+    the test writes into the environment is gone after it. Engines start with the
+    warm-up's steps but not its shape stages (``ENGINE_WARM_UP=steps``): those build
+    oneDNN kernels for every prompt-step size, most of a second per engine on the
+    tiny test models, and tests/test_warm_up.py runs them."""
     saved = dict(os.environ)
     config_dir = tmp_path_factory.mktemp("engine-config")
     monkeypatch.setenv("ENGINE_CONFIG_DIR", str(config_dir))
     for name in _ENGINE_ENV:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ENGINE_WARM_UP", "steps")
     yield config_dir
     _restore_environ(saved)
 

@@ -14,6 +14,7 @@ from conftest import subprocess_env
 from engine import LLM, SamplingParams
 from engine.cli.main import build_parser
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.engine_args import EngineArgs
 from engine.ops.linear import AMX_MAX_ROWS
 from engine.utils import shape_bucket
 from engine.worker import warm_up
@@ -28,6 +29,43 @@ from engine.worker.warm_up import (
 )
 
 PROMPTS = ["def add(a, b):", "import os\nimport sys\n", "class Foo:\n    def"]
+
+
+@pytest.fixture(autouse=True)
+def full_warm_up(monkeypatch):
+    """This module checks the whole warm-up (the rest of the suite runs its steps only)."""
+    monkeypatch.setenv("ENGINE_WARM_UP", "full")
+
+
+@pytest.mark.parametrize("value, warm_up, shapes", [
+    ("full", True, True), ("", True, True), (" Steps ", True, False), ("off", False, False),
+])
+def test_engine_warm_up_sets_how_much_of_the_warm_up_runs(make_hf_model, monkeypatch, value,
+                                                          warm_up, shapes):
+    monkeypatch.setenv("ENGINE_WARM_UP", value)
+    config = EngineArgs(model=str(make_hf_model("llama"))).create_engine_config()
+    assert (config.compilation_config.warm_up, config.compilation_config.warm_up_shapes) == \
+        (warm_up, shapes)
+    skipped = EngineArgs(model=str(make_hf_model("llama")), skip_warm_up=True)
+    assert skipped.create_engine_config().compilation_config.warm_up is False
+
+
+def test_engine_warm_up_rejects_an_unknown_extent_naming_the_variable(make_hf_model,
+                                                                      monkeypatch):
+    monkeypatch.setenv("ENGINE_WARM_UP", "fast")
+    with pytest.raises(ValueError, match=r"ENGINE_WARM_UP must be one of full, steps, off, "
+                                         r"got 'fast'"):
+        EngineArgs(model=str(make_hf_model("llama"))).create_engine_config()
+
+
+def test_steps_only_warm_up_runs_the_steps_and_no_shape_stage(make_hf_model, monkeypatch,
+                                                             caplog):
+    monkeypatch.setenv("ENGINE_WARM_UP", "steps")
+    caplog.set_level("INFO", logger="engine.worker.model_runner")
+    with LLM(make_hf_model("llama"), dtype="bfloat16") as llm:
+        assert llm.generate(PROMPTS[0], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+    lines = [r.getMessage() for r in caplog.records if "warm-up:" in r.getMessage()]
+    assert len(lines) == 1 and "steps in" in lines[0] and "shape stages off" in lines[0], lines
 
 
 def _config(max_num_seqs: int = 256, budget: int = 4096, max_len: int = 1024) -> EngineConfig:

@@ -251,10 +251,12 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ warm-up
 
-    def warm_up(self, num_blocks: int) -> None:
+    def warm_up(self, num_blocks: int, shapes: bool = True) -> None:
         """Run the steps of `engine.worker.warm_up` (generative models, on a KV
-        cache of `num_blocks` blocks) or one small embedding batch, and leave no
-        sequence state behind."""
+        cache of `num_blocks` blocks) and, with `shapes`, its shape stages (every
+        prompt-step row bucket of the linear layers, every prompt length of the
+        attention layers), or one small embedding batch; leave no sequence state
+        behind."""
         if not self.is_generative:
             self.embed([[3] * 8, [4] * 24])
             return
@@ -287,6 +289,10 @@ class ModelRunner:
                 self.states = {i: s for i, s in self.states.items() if i >= 0}
                 self._draft_token_ids = None  # proposals for the warm-up's sequences
         steps_done = time.perf_counter()
+        if not shapes:
+            logger.info("warm-up: %d steps in %.2f s (shape stages off: ENGINE_WARM_UP=steps)",
+                        steps, steps_done - start)
+            return
         # a step computes at most the step budget, and never more tokens than the
         # cache has slots for (each one writes its K and V)
         budget = min(self.config.scheduler_config.max_num_batched_tokens,

@@ -162,7 +162,8 @@ class Worker(WorkerBase):
         """Run the step shapes the first requests will hit (`engine.worker.warm_up`),
         unless ``compilation_config.warm_up`` is off."""
         if self.config.compilation_config.warm_up:
-            self.model_runner.warm_up(self.config.cache_config.num_blocks or 0)
+            self.model_runner.warm_up(self.config.cache_config.num_blocks or 0,
+                                      shapes=self.config.compilation_config.warm_up_shapes)
             # the warm-up's largest steps (a long prompt, the widest decode batch)
             # leave freed activations and logits in the heap
             release_freed_memory(self.device, collect_garbage=False)
