@@ -175,10 +175,11 @@ def _mapping_flags(address: int) -> list[str] | None:
 
 
 def test_large_weights_get_a_huge_page_mapping(monkeypatch):
-    """A weight of a huge page or more (through the layers' parameter
+    """A float32 weight of a huge page or more (through the layers' parameter
     constructor) lies 2 MiB-aligned in a mapping advised for huge pages ("hg"),
-    which goes away with the tensor; smaller ones, and every one under
-    ENGINE_WEIGHT_HUGE_PAGES=0, are plain torch.empty memory."""
+    which goes away with the tensor; smaller ones, other dtypes unless
+    ENGINE_WEIGHT_HUGE_PAGES=1, and every one under ENGINE_WEIGHT_HUGE_PAGES=0,
+    are plain torch.empty memory."""
     import gc
 
     from engine.ops import ColumnParallelLinear
@@ -197,6 +198,9 @@ def test_large_weights_get_a_huge_page_mapping(monkeypatch):
     del layer, weight
     gc.collect()
     assert _mapping_flags(address) is None or "hg" not in _mapping_flags(address)
+    bf16 = empty_weight(2048, 1024, dtype=torch.bfloat16)  # float32 only, by default
+    assert bf16.dtype == torch.bfloat16 and "hg" not in (_mapping_flags(bf16.data_ptr()) or [])
+    monkeypatch.setenv(ENV, "1")
     bf16 = empty_weight(2048, 1024, dtype=torch.bfloat16)
     assert bf16.dtype == torch.bfloat16 and "hg" in _mapping_flags(bf16.data_ptr())
     monkeypatch.setenv(ENV, "0")
@@ -204,12 +208,14 @@ def test_large_weights_get_a_huge_page_mapping(monkeypatch):
     assert "hg" not in (_mapping_flags(plain.data_ptr()) or [])
 
 
-def test_sleep_mode_restores_large_weights_in_huge_pages():
+def test_sleep_mode_restores_large_weights_in_huge_pages(monkeypatch):
     """Weights that sleep mode (level 1) wrote out come back into huge-page
     mappings, with their values."""
     from engine.ops import RowParallelLinear
+    from engine.ops.weight_memory import ENV
     from engine.worker.sleep import offload_weights, restore_weights
 
+    monkeypatch.delenv(ENV, raising=False)
     layer = RowParallelLinear(1536, 576, bias=False)
     layer.weight.data.copy_(torch.randn(576, 1536, generator=torch.Generator().manual_seed(5)))
     before = layer.weight.detach().clone()

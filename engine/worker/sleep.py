@@ -134,7 +134,7 @@ def restore_weights(offloaded: OffloadedWeights) -> None:
         if t is None:
             offset, nbytes = offloaded.entries[slot.key]
             # large weights back in huge pages, as they were loaded (weight_memory)
-            buf = empty_weight(nbytes, dtype=torch.uint8)
+            buf = empty_weight(nbytes // slot.dtype.itemsize, dtype=slot.dtype).view(torch.uint8)
             offloaded.file.seek(offset)
             if offloaded.file.readinto(buf.numpy().data) != nbytes:  # type: ignore[attr-defined]
                 raise OSError("the sleep-mode weight file is shorter than what was written")
