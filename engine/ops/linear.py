@@ -165,6 +165,13 @@ def few_rows_linear(x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Te
 def onednn_linear(x: torch.Tensor, packed: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
     """``x W^T + b`` by oneDNN on the weight packed by `pack_weight`."""
+    if torch.compiler.is_compiling():
+        return torch.ops.engine_graph.onednn_linear(x, packed, bias)
+    return _onednn_linear(x, packed, bias)
+
+
+def _onednn_linear(x: torch.Tensor, packed: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
     if x.dim() != 2:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     rows = x.shape[0]
@@ -182,10 +189,45 @@ def onednn_silu_and_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     memory runs for the activation (what a fused gate_up projection followed by
     `SiluAndMul` costs). The gate is rounded once, after SiLU, where the unfused
     path rounds before and after it: bfloat16 results differ in the last bit."""
+    if torch.compiler.is_compiling():
+        return torch.ops.engine_graph.onednn_silu_and_mul(x, gate, up, gate_bias, up_bias)
+    return _onednn_silu_and_mul(x, gate, up, gate_bias, up_bias)
+
+
+def _onednn_silu_and_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                         gate_bias: torch.Tensor | None,
+                         up_bias: torch.Tensor | None) -> torch.Tensor:
     rows = x.shape[0]
     x = pad_rows_to_bucket(x, AMX_MAX_ROWS)
     gated = torch.ops.mkldnn._linear_pointwise(x, gate, gate_bias, "swish", [], "")
     return torch.ops.mkldnn._linear_pointwise.binary(x, gated, up, up_bias, "mul")[:rows]
+
+
+# Under torch.compile the oneDNN calls on packed weights are opaque ops of their
+# own: inductor lowers `mkldnn._linear_pointwise` itself only for a weight that is
+# a graph constant, which the packed copy kept on the module is not.
+@torch.library.custom_op("engine_graph::onednn_linear", mutates_args=())
+def _onednn_linear_op(x: torch.Tensor, packed: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    return _onednn_linear(x, packed, bias)
+
+
+@_onednn_linear_op.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+@torch.library.custom_op("engine_graph::onednn_silu_and_mul", mutates_args=())
+def _onednn_silu_and_mul_op(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                            gate_bias: torch.Tensor | None,
+                            up_bias: torch.Tensor | None) -> torch.Tensor:
+    return _onednn_silu_and_mul(x, gate, up, gate_bias, up_bias)
+
+
+@_onednn_silu_and_mul_op.register_fake
+def _(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_bias: torch.Tensor | None,
+      up_bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], gate.shape[0]))
 
 
 def pack_linear_weights(model: nn.Module) -> int:
