@@ -8,13 +8,21 @@
     python benchmarks/profile_decode.py --prefill --context 256 --threads 1 --by-layer
     python benchmarks/profile_decode.py --prefill --context 256 --threads 1 --against-sdpa
     python benchmarks/profile_decode.py --workload            # bench_vs_vllm's workload
+    python benchmarks/profile_decode.py --dtype float32 --breakdown --threads 1  # the floor,
+                                        # each GEMV kind's GB/s, the rest of the step
 
 Builds (once, cached in --model-dir) one of `bench_vs_vllm.py`'s random-weight
 Llamas (`--model smol`: SmolLM-135M's shape; `bench`: the 26M one), starts `--batch` requests with `--context`-token
 prompts, lets them decode a few tokens to warm up, then profiles `--steps` engine
 steps (one new token per sequence each) and prints the operators by self CPU time
-and the per-step wall time. Python-side cost shows as the gap between the step's
-wall time and the operators' total.
+and the per-step wall and CPU time. Python-side cost shows as the gap between the
+step's wall time and the operators' total. With --breakdown it first measures the
+floor (a plain streaming read of 512 MiB, on one thread and on --threads), then
+times each kind of linear layer of the loaded model (qkv, o, gate_up, down, the LM
+head) the way a decode step runs it, every layer's weight in turn, and prints each
+kind's time per step and the weight bytes it streams per second, then the profiled
+step's operators grouped (GEMVs, attention, norms, rotary, SiLU-and-mul, the
+rest) against the step's time: what is left is Python and the sampler's small ops.
 
 With --prefill, each timed round is one step of --batch fresh --context-token
 prompts (1 output token each); the wall time and the process's CPU time per step
@@ -32,6 +40,7 @@ path before the AMX kernel), and prints both sides' CPU time per round.
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import sys
 import time
@@ -63,6 +72,9 @@ def main() -> int:
                     help="also time each decoder layer's attention and MLP blocks")
     ap.add_argument("--against-sdpa", action="store_true",
                     help="with --prefill: alternate rounds with prefill attention on SDPA")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="decode: the streaming floor, each linear kind's GB/s and the "
+                         "step's time by operator group")
     ap.add_argument("--prefill", action="store_true",
                     help="profile prefill steps of --batch fresh --context-token prompts "
                          "(1 output token each; --batch 1 is what TTFT measures)")
@@ -97,20 +109,122 @@ def main() -> int:
         llm_engine.add_request(p, params)
     for _ in range(5):  # prefill, then a few decode steps
         llm_engine.step()
-    start = time.perf_counter()
+    if args.breakdown:
+        print_floor(torch.get_num_threads())
+    walls, cpus = [], []
     for _ in range(args.steps):
+        start, cpu = time.perf_counter(), time.process_time()
         llm_engine.step()
-    plain = (time.perf_counter() - start) / args.steps
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    walls.sort()
+    cpus.sort()
+    if args.breakdown:
+        linears = print_linear_kinds(llm, args.batch, args.steps)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for _ in range(args.steps):
             llm_engine.step()
         profiled = (time.perf_counter() - start) / args.steps
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
     print(f"{args.dtype}, batch {args.batch}, context {args.context}, threads "
-          f"{torch.get_num_threads()}: {plain * 1000:.2f} ms/step "
-          f"({profiled * 1000:.2f} ms under the profiler)")
+          f"{torch.get_num_threads()}: wall best {walls[0] * 1000:.2f} ms/step, median "
+          f"{walls[len(walls) // 2] * 1000:.2f}; CPU time best {cpus[0] * 1000:.2f}, median "
+          f"{cpus[len(cpus) // 2] * 1000:.2f} ({profiled * 1000:.2f} ms wall under the profiler)")
+    if args.breakdown:
+        print_groups(averages, args.steps, profiled, linears)
     return 0
+
+
+# operator groups of a decode step (profiler names, matched as substrings)
+GROUPS = {
+    "linear kernels (GEMV)": ("fp32_gemv", "bf16_gemv", "amx_linear", "_linear_pointwise",
+                              "aten::addmm", "aten::mm", "aten::linear"),
+    "attention": ("paged_decode_attention", "prefill_attention", "reshape_and_cache",
+                  "scaled_dot_product"),
+    "norms": ("rms_norm",),
+    "rotary": ("rotary_embedding",),
+    "SiLU-and-mul": ("silu_and_mul",),
+}
+
+
+def print_floor(threads: int) -> None:
+    """The machine's streaming read rate: torch.sum over 512 MiB in huge pages
+    (what the weights get, engine.ops.weight_memory), best of 5, on one thread
+    and on `threads`."""
+    import torch
+
+    from engine.ops.weight_memory import empty_weight
+
+    data = empty_weight(128 << 20, dtype=torch.float32).fill_(1.0)
+    for n in sorted({1, threads}):
+        torch.set_num_threads(n)
+        best = min(_timed(data.sum) for _ in range(5))
+        print(f"floor: streaming read of 512 MiB on {n} thread(s): "
+              f"{data.numel() * 4 / best / 1e9:.1f} GB/s")
+    torch.set_num_threads(threads)
+
+
+def _timed(fn) -> float:
+    """Seconds `fn` takes: CPU time with one torch thread (what a loaded machine
+    disturbs least), wall time with more (the threads' CPU times would add up)."""
+    import torch
+
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    start = clock()
+    fn()
+    return clock() - start
+
+
+def print_linear_kinds(llm, batch: int, rounds: int) -> float:
+    """Each kind of linear layer (qkv, o, gate_up, down, LM head) run alone, every
+    layer's module in turn on a [batch, in] input, the best of `rounds`: ms per
+    step and weight GB/s. Returns the sum, in seconds per step."""
+    import torch
+
+    model = llm.llm_engine.executor.worker.model_runner.model
+    kinds: dict[str, list] = {}
+    for name, module in model.named_modules():
+        kind = name.rpartition(".")[2]
+        if kind in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"):
+            kinds.setdefault(kind, []).append(module)
+    total = 0.0
+    with torch.inference_mode():
+        for kind, modules in kinds.items():
+            weight = modules[0].weight
+            x = torch.randn(batch, weight.shape[1], dtype=weight.dtype)
+            calls = [functools.partial(m.compute_logits if kind == "lm_head" else m, x)
+                     for m in modules]
+
+            def run(calls=calls) -> None:
+                for call in calls:
+                    call()
+
+            run()  # warm
+            best = min(_timed(run) for _ in range(rounds))
+            nbytes = sum(m.weight.numel() * m.weight.element_size() for m in modules)
+            total += best
+            print(f"{kind:13s} x{len(modules):3d} {tuple(weight.shape)!s:14s} "
+                  f"{best * 1000:7.2f} ms/step {nbytes / best / 1e9:6.1f} GB/s "
+                  f"({nbytes / 1e6:.0f} MB)")
+    print(f"{'linears':13s}      {'':14s} {total * 1000:7.2f} ms/step")
+    return total
+
+
+def print_groups(averages, steps: int, step_wall: float, linears: float) -> None:
+    """The profiled step's self CPU time by operator group, per step."""
+    groups = dict.fromkeys([*GROUPS, "other operators"], 0.0)
+    for event in averages:
+        group = next((g for g, names in GROUPS.items()
+                      if any(n in event.key for n in names)), "other operators")
+        groups[group] += event.self_cpu_time_total / 1e6 / steps
+    for group, seconds in groups.items():
+        print(f"{group:22s} {seconds * 1000:7.2f} ms/step")
+    rest = step_wall - sum(groups.values())
+    print(f"{'outside operators':22s} {rest * 1000:7.2f} ms/step (Python, scheduling; "
+          f"under the profiler)")
+    print(f"linear kinds timed alone: {linears * 1000:.2f} ms/step")
 
 
 def profile_prefill(args, llm, shape) -> int:

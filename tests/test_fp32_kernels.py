@@ -161,6 +161,69 @@ def test_float32_prompt_chunks_use_packed_onednn_only_with_the_kernels(compiled,
     assert onednn_packing_supported(weight.bfloat16()) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def _mapping_flags(address: int) -> list[str] | None:
+    """The VmFlags of the mapping of this process that holds `address` (None: unmapped)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(a, 16) for a in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    return None
+
+
+def test_large_weights_get_a_huge_page_mapping(monkeypatch):
+    """A float32 weight of a huge page or more (through the layers' parameter
+    constructor) lies 2 MiB-aligned in a mapping advised for huge pages ("hg"),
+    which goes away with the tensor; smaller ones, other dtypes unless
+    ENGINE_WEIGHT_HUGE_PAGES=1, and every one under ENGINE_WEIGHT_HUGE_PAGES=0,
+    are plain torch.empty memory."""
+    import gc
+
+    from engine.ops import ColumnParallelLinear
+    from engine.ops.weight_memory import ENV, HUGE_PAGE, empty_weight
+
+    monkeypatch.delenv(ENV, raising=False)
+    layer = ColumnParallelLinear(576, 3072, bias=True)  # 7 MB weight, 12 KB bias
+    weight = layer.weight
+    assert weight.shape == (3072, 576) and weight.dtype == torch.float32
+    assert weight.data_ptr() % HUGE_PAGE == 0
+    assert "hg" in _mapping_flags(weight.data_ptr())
+    assert "hg" not in (_mapping_flags(layer.bias.data_ptr()) or [])
+    weight.data.fill_(1.5)  # writable, the whole of it
+    assert float(weight.sum()) == 1.5 * weight.numel()
+    address = weight.data_ptr()
+    del layer, weight
+    gc.collect()
+    assert _mapping_flags(address) is None or "hg" not in _mapping_flags(address)
+    bf16 = empty_weight(2048, 1024, dtype=torch.bfloat16)  # float32 only, by default
+    assert bf16.dtype == torch.bfloat16 and "hg" not in (_mapping_flags(bf16.data_ptr()) or [])
+    monkeypatch.setenv(ENV, "1")
+    bf16 = empty_weight(2048, 1024, dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and "hg" in _mapping_flags(bf16.data_ptr())
+    monkeypatch.setenv(ENV, "0")
+    plain = empty_weight(1024, 1024)
+    assert "hg" not in (_mapping_flags(plain.data_ptr()) or [])
+
+
+def test_sleep_mode_restores_large_weights_in_huge_pages(monkeypatch):
+    """Weights that sleep mode (level 1) wrote out come back into huge-page
+    mappings, with their values."""
+    from engine.ops import RowParallelLinear
+    from engine.ops.weight_memory import ENV
+    from engine.worker.sleep import offload_weights, restore_weights
+
+    monkeypatch.delenv(ENV, raising=False)
+    layer = RowParallelLinear(1536, 576, bias=False)
+    layer.weight.data.copy_(torch.randn(576, 1536, generator=torch.Generator().manual_seed(5)))
+    before = layer.weight.detach().clone()
+    restore_weights(offload_weights(layer, keep=True))
+    assert torch.equal(layer.weight, before)
+    assert "hg" in _mapping_flags(layer.weight.data_ptr())
+
+
 def test_bf16_gemv_native_path_follows_the_cpu_flags(compiled):
     expected = "avx512_bf16" if "avx512_bf16" in _cpu_flags() else "portable"
     assert torch.ops.engine_kernels.bf16_gemv_path() == expected

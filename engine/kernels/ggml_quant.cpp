@@ -188,11 +188,14 @@ void dequantize_row(int64_t type, const uint8_t* row, int64_t K, T* out) {
 // ---------------------------------------------------------------- activations
 
 // x quantized per 32-value chunk: q = round(x / d) with d = max|x| / 127; `sum`
-// is d * sum(q), which multiplies a chunk's offset
+// is d * sum(q), which multiplies a chunk's offset, and `qsum` sum(q) itself (the
+// offset of Q8_0 Q4_0 Q5_0 is a whole multiple of the scale: their kernels take
+// it in integers)
 struct QuantizedRows {
-  std::vector<int8_t> q;     // [M, K]
-  std::vector<float> d;      // [M, K / 32]
-  std::vector<float> sum;    // [M, K / 32]
+  std::vector<int8_t> q;       // [M, K]
+  std::vector<float> d;        // [M, K / 32]
+  std::vector<float> sum;      // [M, K / 32]
+  std::vector<int32_t> qsum;   // [M, K / 32]
 };
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -210,6 +213,7 @@ void quantize_rows(const T* x, int64_t M, int64_t K, QuantizedRows* out) {
   out->q.resize(M * K);
   out->d.resize(M * chunks);
   out->sum.resize(M * chunks);
+  out->qsum.resize(M * chunks);
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   // the same arithmetic as the loop below, 16 values a register (the rounding
   // of _mm512_cvtps_epi32 is nearbyint's: to nearest, ties to even)
@@ -224,8 +228,10 @@ void quantize_rows(const T* x, int64_t M, int64_t K, QuantizedRows* out) {
       int8_t* q = out->q.data() + m * K + c * kChunk;
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qlo));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qhi));
+      const int32_t qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
       out->d[m * chunks + c] = d;
-      out->sum[m * chunks + c] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
+      out->sum[m * chunks + c] = d * static_cast<float>(qsum);
+      out->qsum[m * chunks + c] = qsum;
     }
   return;
 #endif
@@ -246,6 +252,7 @@ void quantize_rows(const T* x, int64_t M, int64_t K, QuantizedRows* out) {
       }
       out->d[m * chunks + c] = d;
       out->sum[m * chunks + c] = d * static_cast<float>(s);
+      out->qsum[m * chunks + c] = s;
     }
 }
 
@@ -700,35 +707,55 @@ inline void decode_column(const uint8_t* col, __m512i* w, __m512* d, __m512* off
     *offset = _mm512_mul_ps(*d, _mm512_set1_ps(Type == kQ4_0 ? -8.f : Type == kQ5_0 ? -16.f : -128.f));
 }
 
+// The offset of Q8_0 (stored +128), Q4_0 and Q5_0 as a whole number of scale
+// steps (0: the format's own float16 minimum, Q4_1 Q5_1)
+constexpr int32_t integer_offset(int64_t type) {
+  return type == kQ8_0 ? -128 : type == kQ4_0 ? -8 : type == kQ5_0 ? -16 : 0;
+}
+
+// How far ahead of the column being multiplied the group kernel asks for the
+// weight (software prefetch into L2): one core's hardware prefetchers alone keep
+// too few lines in flight to stream at the rate the memory delivers
+// (benchmarks/profile_quant_decode.py; docs/benchmarks.md)
+constexpr int64_t kPrefetchBytes = 2048;
+
 // R activation rows against one interleaved group of 16 weight rows (see
 // "interleaved groups"): out[r * 16 + l] = x row m0 + r . weight row l
 template <int64_t Type, int R>
 void group_dot(const uint8_t* group, const QuantizedRows& xq, int64_t m0, int64_t K, float* out) {
   constexpr BlockParts p = block_parts(Type);
   constexpr int64_t column_bytes = kGroup * p.bytes;
+  constexpr int32_t steps = integer_offset(Type);
   const int64_t chunks = K / kChunk;
   __m512 acc[R], off[R];
   for (int r = 0; r < R; ++r) acc[r] = off[r] = _mm512_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
     const uint8_t* col = group + c * column_bytes;
+    // the lines of the column kPrefetchBytes ahead (past the weight's end: a
+    // prefetch never faults)
+    for (int64_t line = 0; line < column_bytes; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(col) + kPrefetchBytes + line),
+                   _MM_HINT_T1);
     __m512i w[8];  // w[j]: values 4j..4j+3 of the 16 rows, unsigned
     __m512 d, offset;  // value = d * q + offset, per row
     decode_column<Type>(col, w, &d, &offset);
     for (int r = 0; r < R; ++r) {
       const int8_t* xs = xq.q.data() + (m0 + r) * K + c * kChunk;
+      const int64_t at = (m0 + r) * chunks + c;
       int32_t x4[8];
       std::memcpy(x4, xs, sizeof(x4));
-      // two chains of four: the second does not wait for the first
-      __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(x4[0]));
+      // two chains of four: the second does not wait for the first. An integer
+      // offset starts the first: offset * sum(q of x), exact
+      __m512i s0 = steps ? _mm512_set1_epi32(steps * xq.qsum[at]) : _mm512_setzero_si512();
+      s0 = _mm512_dpbusd_epi32(s0, w[0], _mm512_set1_epi32(x4[0]));
       __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_set1_epi32(x4[1]));
       for (int j = 2; j < 8; j += 2) {
         s0 = _mm512_dpbusd_epi32(s0, w[j], _mm512_set1_epi32(x4[j]));
         s1 = _mm512_dpbusd_epi32(s1, w[j + 1], _mm512_set1_epi32(x4[j + 1]));
       }
-      const int64_t at = (m0 + r) * chunks + c;
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
                                _mm512_mul_ps(d, _mm512_set1_ps(xq.d[at])), acc[r]);
-      off[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xq.sum[at]), off[r]);
+      if constexpr (!steps) off[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xq.sum[at]), off[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kGroup, _mm512_add_ps(acc[r], off[r]));
@@ -946,6 +973,32 @@ void store_row_outputs(T* op, int64_t out_stride, int64_t m0, int64_t rows, int6
     }
 }
 
+#if defined(ENGINE_GGML_GROUPS)
+// store_row_outputs for the 16 rows of one group, 16 lanes at a time (the LM
+// head alone has thousands of groups a step)
+template <typename T>
+void store_group_outputs(T* op, int64_t out_stride, int64_t m0, int64_t rows, int64_t n,
+                         const float* dots, const T* b) {
+  const __m512 bias = b ? load16(b + n) : _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 v = _mm512_add_ps(_mm512_loadu_ps(dots + r * kGroup), bias);
+    T* at = op + (m0 + r) * out_stride + n;
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_storeu_ps(at, v);
+    } else {
+#if defined(__AVX512BF16__)
+      // round to nearest even, as static_cast<c10::BFloat16>
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(at), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+#else
+      alignas(64) float tmp[kGroup];
+      _mm512_store_ps(tmp, v);
+      for (int64_t l = 0; l < kGroup; ++l) at[l] = static_cast<T>(tmp[l]);
+#endif
+    }
+  }
+}
+#endif
+
 template <typename T>
 void linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& blocks, int64_t type,
                  const c10::optional<at::Tensor>& bias, int64_t path, bool interleaved) {
@@ -979,7 +1032,7 @@ void linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& blocks,
         for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsPerPass) {
           const int64_t rows = std::min(kMaxRowsPerPass, M - m0);
           fn[rows - 1](w + g * kGroup * row_bytes, xq, m0, K, dots);
-          store_row_outputs(op, out_stride, m0, rows, g * kGroup, kGroup, dots, kGroup, b);
+          store_group_outputs(op, out_stride, m0, rows, g * kGroup, dots, b);
         }
     });
   }

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from engine.kernels import portable_forced, usable_for
 from engine.ops.activation import SiluAndMul
+from engine.ops.weight_memory import empty_weight
 from engine.quantization import QuantizedTensor, QuantizedWeight, add_rows
 from engine.utils import pad_rows_to_bucket
 
@@ -253,8 +254,9 @@ def pack_linear_weights(model: nn.Module) -> int:
 
 
 def _new_param(*shape: int, loader) -> nn.Parameter:
-    # torch.empty: the checkpoint overwrites it, so random init would be wasted time
-    param = nn.Parameter(torch.empty(*shape), requires_grad=False)
+    # uninitialised: the checkpoint overwrites it, so random init would be wasted
+    # time; large ones in huge pages (engine.ops.weight_memory)
+    param = nn.Parameter(empty_weight(*shape), requires_grad=False)
     param.weight_loader = loader
     return param
 

@@ -47,6 +47,7 @@ PATHS = {"float": (0, ()), "portable": (1, ()), "avx2": (2, ("avx2",)),
          "avx512_vnni": (3, ("avx2", "avx512_vnni", "avx512vl"))}
 PATH_ENV = "ENGINE_QUANT_KERNEL_PATH"
 _VNNI = PATHS["avx512_vnni"][0]
+_FLOAT = PATHS["float"][0]
 # up to this many activation rows, the block kernel; more: dequantize, then a dense matmul
 MAX_KERNEL_ROWS = 16
 # the same for interleaved weights and bfloat16 activations on the avx512_vnni path,
@@ -76,15 +77,17 @@ def kernel_paths() -> list[str]:
 
 def kernel_path(dtype: torch.dtype) -> int:
     """The kernel path for activations of `dtype`: ``ENGINE_QUANT_KERNEL_PATH``
-    when set, else float chunks for float32 and the best int8 path otherwise."""
+    when set, else float chunks for float32 and the best int8 path otherwise.
+    (Read on every call, so that a test can force a path between two calls: one
+    environment look-up, a decode step's hundred calls barely see it.)"""
     forced = os.environ.get(PATH_ENV)
     if forced:
         if forced not in PATHS or (forced != "float" and forced not in kernel_paths()):
             raise ValueError(f"{PATH_ENV}={forced!r} is not a kernel path this CPU runs; "
                              f"valid: float, {', '.join(kernel_paths())}")
         return PATHS[forced][0]
-    if dtype == torch.float32:
-        return PATHS["float"][0]
+    if dtype is torch.float32:
+        return _FLOAT
     return PATHS[kernel_paths()[0]][0]
 
 
@@ -163,29 +166,34 @@ class GGMLBlockMethod(QuantizationMethod):
 
     def linear(self, weight: QuantizedTensor, x: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
-        if x.dtype not in (torch.float32, torch.bfloat16):
-            return F.linear(x, self.dequantize(weight, x.dtype), bias)
-        # a decode step makes a hundred of these calls: the model's x is already
-        # [T, K] and contiguous, so those steps skip the reshapes
+        # a decode step makes a hundred of these calls, each a few microseconds of
+        # kernel on the small layers: the Python here is kept to what the call needs
+        # (the model's x is already [T, K] and contiguous: no reshapes)
+        dtype = x.dtype
+        if dtype is not torch.bfloat16 and dtype is not torch.float32:
+            return F.linear(x, self.dequantize(weight, dtype), bias)
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        out = x2.new_empty((x2.shape[0], weight.shape[0]))
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-        stored, interleaved = self._stored(weight)
-        path = kernel_path(x.dtype)
+        rows = x2.shape[0]
+        out = x2.new_empty((rows, weight.shape[0]))
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        stored = weight.tensors.get("interleaved")
+        interleaved = stored is not None
+        if stored is None:
+            stored = weight.tensors["blocks"]
+        path = kernel_path(dtype)
         # bfloat16 only: float32 activations keep prompts of 17+ rows off the
         # int8 path even where a test forces it for decode
-        most = MAX_INTERLEAVED_ROWS if interleaved and path == _VNNI \
-            and x.dtype == torch.bfloat16 else MAX_KERNEL_ROWS
-        if x2.shape[0] > most:
+        if rows > MAX_KERNEL_ROWS and not (rows <= MAX_INTERLEAVED_ROWS and interleaved
+                                           and path == _VNNI and dtype is torch.bfloat16):
             torch.ops.engine_kernels.ggml_matmul.default(out, x2, stored, self.type_id, bias,
                                                          PREFILL_TILE_BYTES, interleaved)
         else:
             torch.ops.engine_kernels.ggml_linear.default(out, x2, stored, self.type_id, bias,
                                                          path, interleaved)
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], weight.shape[0])
+        return out if x2 is x else out.reshape(*x.shape[:-1], weight.shape[0])
 
     def embedding(self, weight: QuantizedTensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = ids.reshape(-1).to(torch.long).contiguous()

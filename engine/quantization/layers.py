@@ -76,7 +76,9 @@ class QuantizedWeight:
         prompt length grows the process (by MiBs, up to the caches' 1024 entries)."""
         if x.dim() != 2:
             return self._linear(x, bias)
-        return self._linear(pad_rows_to_bucket(x, PAD_ABOVE_ROWS), bias)[:x.shape[0]]
+        padded = pad_rows_to_bucket(x, PAD_ABOVE_ROWS)
+        out = self._linear(padded, bias)
+        return out if padded is x else out[:x.shape[0]]  # decode steps: no slice
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if len(self.parts) == 1:

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from engine import _malloc
+from engine.ops.weight_memory import empty_weight
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,8 @@ def restore_weights(offloaded: OffloadedWeights) -> None:
         t = restored.get(slot.key)
         if t is None:
             offset, nbytes = offloaded.entries[slot.key]
-            buf = torch.empty(nbytes, dtype=torch.uint8)
+            # large weights back in huge pages, as they were loaded (weight_memory)
+            buf = empty_weight(nbytes // slot.dtype.itemsize, dtype=slot.dtype).view(torch.uint8)
             offloaded.file.seek(offset)
             if offloaded.file.readinto(buf.numpy().data) != nbytes:  # type: ignore[attr-defined]
                 raise OSError("the sleep-mode weight file is shorter than what was written")
