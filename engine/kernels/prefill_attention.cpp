@@ -213,6 +213,34 @@ struct AmxScratch {
   alignas(64) float corr[kTileQ];
 };
 
+// (a, b) 16-bit halves interleaved: lanes 0-15 of each (kLo; +16: lanes 16-31)
+alignas(64) const uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                      37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                      11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+// one bf16 pair per lane from (even row, odd row) converted together
+alignas(64) const uint16_t kPair[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                        21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                        11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
+// Q^T of the task's query tile, pair-interleaved, per head and 32-wide chunk, into
+// w.qt (rows past the tile's `nq` tokens: zeros): the B tiles of K.Q^T
+void stage_queries(const Task& t, const c10::BFloat16* q_ptr, int64_t q_row_stride,
+                   int64_t q_start, int64_t nq, int64_t G, int64_t D, AmxScratch& w) {
+  const int64_t DC = D / 32;
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t h = 0; h < G; ++h) {
+    const c10::BFloat16* qh = q_ptr + (q_start + t.first) * q_row_stride + (t.kv_head * G + h) * D;
+    for (int64_t c = 0; c < DC; ++c) {
+      __m512i r[16];
+      for (int64_t j = 0; j < 16; ++j)
+        r[j] = j < nq ? _mm512_loadu_si512(qh + j * q_row_stride + c * 32) : zero;
+      transpose16x16(r);
+      c10::BFloat16* dst = w.qt.data() + (h * DC + c) * 512;
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + j * 32, r[j]);
+    }
+  }
+}
+
 void configure_prefill_tiles() {
   // every tile 16 rows x 64 bytes; which holds what: see the two tile functions
   const int64_t rows[8] = {16, 16, 16, 16, 16, 16, 16, 16};
@@ -228,32 +256,13 @@ void amx_prefill_tile(const Task& t, const c10::BFloat16* q_ptr, int64_t q_row_s
   const int64_t pos0 = seq_len - q_len + t.first;
   const int64_t last = pos0 + nq - 1;
   const int64_t DC = D / 32;  // 32-wide chunks of a head
+  stage_queries(t, q_ptr, q_row_stride, q_start, nq, G, D, w);
   const __m512i zero = _mm512_setzero_si512();
-  // Q^T, pair-interleaved, per head and chunk (rows past the tile's tokens: zeros)
-  for (int64_t h = 0; h < G; ++h) {
-    const c10::BFloat16* qh = q_ptr + (q_start + t.first) * q_row_stride + (t.kv_head * G + h) * D;
-    for (int64_t c = 0; c < DC; ++c) {
-      __m512i r[16];
-      for (int64_t j = 0; j < 16; ++j)
-        r[j] = j < nq ? _mm512_loadu_si512(qh + j * q_row_stride + c * 32) : zero;
-      transpose16x16(r);
-      c10::BFloat16* dst = w.qt.data() + (h * DC + c) * 512;
-      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + j * 32, r[j]);
-    }
-  }
   std::fill(w.acc.begin(), w.acc.end(), 0.f);
   std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<float>::infinity());
   std::fill(w.l.begin(), w.l.end(), 0.f);
-  // (a, b) 16-bit halves interleaved: lanes 0-15 of each, then 16-31
-  alignas(64) static const uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
-                                               37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
-                                               11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   const __m512i lo_idx = _mm512_load_si512(kLo);
   const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
-  // one bf16 pair per lane from (even row, odd row) converted together
-  alignas(64) static const uint16_t kPair[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
-                                                 21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
-                                                 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i pair_idx = _mm512_load_si512(kPair);
   const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const vi qpos = lane + static_cast<int32_t>(pos0);
@@ -437,28 +446,12 @@ void amx_prefill_tile_resident(const Task& t, const c10::BFloat16* q_ptr, int64_
   const int64_t nq = std::min(kTileQ, q_len - t.first);
   const int64_t pos0 = seq_len - q_len + t.first;
   const int64_t last = pos0 + nq - 1;
+  stage_queries(t, q_ptr, q_row_stride, q_start, nq, G, D, w);
   const __m512i zero = _mm512_setzero_si512();
-  for (int64_t h = 0; h < G; ++h) {
-    const c10::BFloat16* qh = q_ptr + (q_start + t.first) * q_row_stride + (t.kv_head * G + h) * D;
-    for (int64_t c = 0; c < DC; ++c) {
-      __m512i r[16];
-      for (int64_t j = 0; j < 16; ++j)
-        r[j] = j < nq ? _mm512_loadu_si512(qh + j * q_row_stride + c * 32) : zero;
-      transpose16x16(r);
-      c10::BFloat16* dst = w.qt.data() + (h * DC + c) * 512;
-      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + j * 32, r[j]);
-    }
-  }
   std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<float>::infinity());
   std::fill(w.l.begin(), w.l.end(), 0.f);
-  alignas(64) static const uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
-                                               37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
-                                               11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   const __m512i lo_idx = _mm512_load_si512(kLo);
   const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
-  alignas(64) static const uint16_t kPair[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
-                                                 21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
-                                                 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i pair_idx = _mm512_load_si512(kPair);
   const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const vi qpos = lane + static_cast<int32_t>(pos0);
