@@ -36,8 +36,13 @@
   reads its K/V from DRAM, as a decode step's layers do; CPU time per call and the
   K/V bytes read per CPU second, sides alternating over three rounds.
 
+- the decode-attention kernel with its K/V cache in 4 KiB pages against 2 MiB
+  transparent huge pages (`--parts kv_pages`, not in the default set): 32 × 300,
+  8 × 1,024 and 32 × 1,024, bf16 and float32, alternating over six rounds, the
+  pages resident before timing.
+
 ``--parts`` picks some of them (attention, linears, argmax, prefill, fp32, ggml,
-decode_attention).
+decode_attention, kv_pages).
 
 Times are the mean over the repetitions, after a warm-up; the machine's load is
 printed with them.
@@ -289,6 +294,74 @@ def decode_attention(torch) -> None:
                 print(line, flush=True)
 
 
+def decode_attention_pages(torch) -> None:
+    """The decode-attention kernel with its K/V cache in 4 KiB pages (as the
+    engine's cache is: `_small_pages`) against the same bytes in 2 MiB
+    transparent huge pages, alternating in one process, the pages resident
+    before the clock starts: what the TLB costs the K/V stream."""
+    from attention_steps import random_attention_step
+
+    print(f"decode attention, K/V in 4 KiB against 2 MiB pages (bf16 path {op_path(torch)}); "
+          f"CPU ms per call [range over rounds], GB/s of K/V; THP "
+          f"{Path('/sys/kernel/mm/transparent_hugepage/enabled').read_text().strip()}")
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows, ctx in ((32, 300), (8, 1024), (32, 1024)):
+            kv_bytes = rows * ctx * 2 * 3 * 64 * dtype.itemsize
+            count = max(2, -(-64_000_000 // kv_bytes))
+            sides: dict[str, list[float]] = {"4k": [], "2m": []}
+            huge = {}
+            for rnd in range(6):
+                built = [random_attention_step([1] * rows, [ctx] * rows, dtype, block_size=16,
+                                               kv_heads=3, heads=9, head_size=64,
+                                               seed=rnd * 1000 + i) for i in range(count)]
+                steps = {}
+                for side in sides:
+                    before = _anon_huge_kb()
+                    steps[side] = [(md, _paged_copy(torch, cache, side == "2m"),
+                                    q.view(rows, 9, 64), torch.empty(rows, 9, 64, dtype=dtype))
+                                   for md, cache, (q, _, _) in built]
+                    huge[side] = _anon_huge_kb() - before
+                order = list(sides) if rnd % 2 == 0 else list(sides)[::-1]
+                for side in order:
+                    _decode_call(torch, "kernel", *steps[side][0])
+                    reps = max(1, 40 // count)
+                    cpu = time.process_time()
+                    for _ in range(reps):
+                        for step in steps[side]:
+                            _decode_call(torch, "kernel", *step)
+                    sides[side].append((time.process_time() - cpu) / (reps * count))
+                del steps, built
+            line = f"{str(dtype)[6:]:8s} rows {rows:2d} ctx {ctx:4d}:"
+            for side, times in sides.items():
+                best = min(times)
+                line += (f" {side} {best * 1e3:.3f} [{best * 1e3:.3f}-{max(times) * 1e3:.3f}]"
+                         f" {kv_bytes / best / 1e9:.1f} GB/s (huge pages {huge[side] >> 10} MiB);")
+            print(line + f" 4k/2m {min(sides['4k']) / min(sides['2m']):.2f}x", flush=True)
+
+
+def _paged_copy(torch, cache, huge: bool):
+    """`cache` copied into its own anonymous mapping, advised for 2 MiB pages
+    (`huge`) or 4 KiB ones, and so made resident."""
+    import mmap
+
+    region = mmap.mmap(-1, cache.nbytes + (2 << 20),
+                       flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_HUGEPAGE if huge else mmap.MADV_NOHUGEPAGE)
+    raw = torch.frombuffer(region, dtype=torch.uint8)
+    start = -raw.data_ptr() % (2 << 20)
+    out = raw[start:start + cache.nbytes].view(cache.dtype).view(cache.shape)
+    out.copy_(cache)
+    return out
+
+
+def _anon_huge_kb() -> int:
+    """This process's anonymous memory in transparent huge pages, KiB."""
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
 def op_path(torch) -> str:
     return torch.ops.engine_kernels.paged_decode_attention_path()
 
@@ -314,7 +387,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--parts", default="attention,linears,argmax,prefill,fp32",
                     help="comma-separated: attention, linears, argmax, prefill, fp32, ggml, "
-                         "decode_attention")
+                         "decode_attention, kv_pages")
     args = ap.parse_args()
     import torch
 
@@ -331,7 +404,7 @@ def main() -> int:
           f"OpenMP wait: {os.environ.get('OMP_WAIT_POLICY') or 'spin ' + str(os.environ.get('GOMP_SPINCOUNT'))}")
     parts = {"attention": attention, "linears": linears, "argmax": argmax,
              "prefill": prefill, "fp32": fp32_linears, "ggml": ggml_linears,
-             "decode_attention": decode_attention}
+             "decode_attention": decode_attention, "kv_pages": decode_attention_pages}
     for part in args.parts.split(","):
         parts[part](torch)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
