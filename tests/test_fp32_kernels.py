@@ -175,17 +175,18 @@ def _mapping_flags(address: int) -> list[str] | None:
 
 
 def test_large_weights_get_a_huge_page_mapping(monkeypatch):
-    """A float32 weight of a huge page or more (through the layers' parameter
-    constructor) lies 2 MiB-aligned in a mapping advised for huge pages ("hg"),
-    which goes away with the tensor; smaller ones, other dtypes unless
-    ENGINE_WEIGHT_HUGE_PAGES=1, and every one under ENGINE_WEIGHT_HUGE_PAGES=0,
-    are plain torch.empty memory."""
+    """With ENGINE_WEIGHT_HUGE_PAGES=1 a weight of a huge page or more (through the
+    layers' parameter constructor) lies 2 MiB-aligned in a mapping advised for huge
+    pages ("hg"), which goes away with the tensor; smaller ones, and every one with
+    the variable unset (the default) or 0, are plain torch.empty memory."""
     import gc
 
     from engine.ops import ColumnParallelLinear
     from engine.ops.weight_memory import ENV, HUGE_PAGE, empty_weight
 
     monkeypatch.delenv(ENV, raising=False)
+    assert "hg" not in (_mapping_flags(empty_weight(1024, 1024).data_ptr()) or [])
+    monkeypatch.setenv(ENV, "1")
     layer = ColumnParallelLinear(576, 3072, bias=True)  # 7 MB weight, 12 KB bias
     weight = layer.weight
     assert weight.shape == (3072, 576) and weight.dtype == torch.float32
@@ -198,9 +199,6 @@ def test_large_weights_get_a_huge_page_mapping(monkeypatch):
     del layer, weight
     gc.collect()
     assert _mapping_flags(address) is None or "hg" not in _mapping_flags(address)
-    bf16 = empty_weight(2048, 1024, dtype=torch.bfloat16)  # float32 only, by default
-    assert bf16.dtype == torch.bfloat16 and "hg" not in (_mapping_flags(bf16.data_ptr()) or [])
-    monkeypatch.setenv(ENV, "1")
     bf16 = empty_weight(2048, 1024, dtype=torch.bfloat16)
     assert bf16.dtype == torch.bfloat16 and "hg" in _mapping_flags(bf16.data_ptr())
     monkeypatch.setenv(ENV, "0")
@@ -215,7 +213,7 @@ def test_sleep_mode_restores_large_weights_in_huge_pages(monkeypatch):
     from engine.ops.weight_memory import ENV
     from engine.worker.sleep import offload_weights, restore_weights
 
-    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv(ENV, "1")
     layer = RowParallelLinear(1536, 576, bias=False)
     layer.weight.data.copy_(torch.randn(576, 1536, generator=torch.Generator().manual_seed(5)))
     before = layer.weight.detach().clone()

@@ -1,23 +1,21 @@
-"""Memory for model weights: large CPU weights in transparent huge pages.
+"""Memory for model weights: large CPU weights in transparent huge pages, on request.
 
 A decode step reads every weight once, in order, and is bound by that stream.
 With 4 KiB pages each page of weight is a TLB miss, and in a virtual machine a
-miss walks two page tables (the guest's and the host's): on the team's KVM
-guests the float32 GEMV kernel streamed weights in 4 KiB pages at about half
-the rate it reaches in 2 MiB pages (docs/fp32-decode.md). So `empty_weight`
-gives a float32 weight of at least one huge page its own anonymous mapping,
-aligned to 2 MiB and advised ``MADV_HUGEPAGE`` (which the kernel honours when
-``/sys/kernel/mm/transparent_hugepage/enabled`` is ``always`` or ``madvise``),
-before anything is written to it: no copy, and no extra resident memory (the
-alignment slack is never touched). Everything else, and every platform without
-``MADV_HUGEPAGE``, gets ``torch.empty``.
+miss walks two page tables (the guest's and the host's). With
+``ENGINE_WEIGHT_HUGE_PAGES=1``, `empty_weight` gives a weight of at least one huge
+page its own anonymous mapping, aligned to 2 MiB and advised ``MADV_HUGEPAGE``
+(which the kernel honours when ``/sys/kernel/mm/transparent_hugepage/enabled`` is
+``always`` or ``madvise``), before anything is written to it: no copy, and no
+extra resident memory (the alignment slack is never touched). Otherwise, and on
+every platform without ``MADV_HUGEPAGE``, it is ``torch.empty``.
 
-The price is paid at load: on the same guests a fresh huge page costs far more to
-fault in than 512 small ones (the host backs it anew), about 1.5 s of system time
-for 540 MB of float32 weights. That is worth it for float32, whose decode streams
-twice the bytes, and is not the default for the other dtypes, whose start-up
-(the default model's first run) it would slow: ``ENGINE_WEIGHT_HUGE_PAGES=1``
-puts every dtype's large weights in huge pages, ``0`` none.
+It is off by default because the evidence is mixed (docs/fp32-decode.md): on the
+team's KVM guests under heavy load the float32 GEMV kernel streamed weights in
+4 KiB pages at about half the rate of 2 MiB pages, but on the quiet machine whole
+float32 decode steps were within a few percent either way, while a fresh huge page
+costs far more to fault in than 512 small ones: loading 540 MB of float32 weights
+took 0.3-0.8 s longer.
 """
 
 from __future__ import annotations
@@ -34,27 +32,23 @@ _ADVICE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
 _FLAGS = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
 
 
-def huge_pages_enabled(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether `empty_weight` maps large weights of `dtype` in huge pages here:
-    the platform has ``MADV_HUGEPAGE``, and ``ENGINE_WEIGHT_HUGE_PAGES`` is 1, or
-    unset and `dtype` float32."""
+def huge_pages_enabled() -> bool:
+    """Whether `empty_weight` maps large weights in huge pages here: the platform
+    has ``MADV_HUGEPAGE`` and ``ENGINE_WEIGHT_HUGE_PAGES`` is 1."""
     if _ADVICE is None or not hasattr(mmap, "MAP_ANONYMOUS"):
         return False
-    mode = os.environ.get(ENV, "").strip().lower()
-    if mode in ("0", "off", "false", "no"):
-        return False
-    return mode in ("1", "on", "true", "yes") or dtype == torch.float32
+    return os.environ.get(ENV, "").strip().lower() in ("1", "on", "true", "yes")
 
 
 def empty_weight(*shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An uninitialised tensor of `shape` (default dtype and device unless given),
-    like ``torch.empty``; on the CPU, one of at least `HUGE_PAGE` bytes whose
-    dtype `huge_pages_enabled` accepts lies in its own 2 MiB-aligned mapping
-    advised for transparent huge pages (freed with the tensor)."""
+    like ``torch.empty``; on the CPU, when `huge_pages_enabled`, one of at least
+    `HUGE_PAGE` bytes lies in its own 2 MiB-aligned mapping advised for
+    transparent huge pages (freed with the tensor)."""
     dtype = dtype or torch.get_default_dtype()
     nbytes = math.prod(shape) * dtype.itemsize
     if (_ADVICE is None or nbytes < HUGE_PAGE or torch.get_default_device().type != "cpu"
-            or not huge_pages_enabled(dtype)):
+            or not huge_pages_enabled()):
         return torch.empty(*shape, dtype=dtype)
     # a private anonymous mapping: Python's default (shared) would be shmem,
     # which transparent huge pages leave alone on most systems
