@@ -36,13 +36,18 @@
   reads its K/V from DRAM, as a decode step's layers do; CPU time per call and the
   K/V bytes read per CPU second, sides alternating over three rounds.
 
+- paged decode attention with its K/V resident in the CPU caches (`--parts
+  decode_resident`, not in the default set): one bf16 step called again and again,
+  4 × 300 (in L2) and 32 × 300 (in L3), native and portable paths alternating over
+  eight rounds: the kernel's own instructions, without DRAM.
+
 - the decode-attention kernel with its K/V cache in 4 KiB pages against 2 MiB
   transparent huge pages (`--parts kv_pages`, not in the default set): 32 × 300,
   8 × 1,024 and 32 × 1,024, bf16 and float32, alternating over six rounds, the
   pages resident before timing.
 
 ``--parts`` picks some of them (attention, linears, argmax, prefill, fp32, ggml,
-decode_attention, kv_pages).
+decode_attention, decode_resident, kv_pages).
 
 Times are the mean over the repetitions, after a warm-up; the machine's load is
 printed with them.
@@ -294,6 +299,37 @@ def decode_attention(torch) -> None:
                 print(line, flush=True)
 
 
+def decode_attention_resident(torch) -> None:
+    """bf16 decode attention with the step's K/V resident in the CPU caches (the
+    same step called again and again): 4 rows x 300 tokens (0.9 MB, in L2) and
+    32 x 300 (7.4 MB, L3), kernel and portable alternating, 8 rounds of 200 calls."""
+    from attention_steps import random_attention_step
+
+    print(f"decode attention, K/V resident (bf16, 9 heads, 3 KV heads, head size 64), "
+          f"bf16 path {op_path(torch)}; CPU ms per call [range over rounds], GB/s of K/V")
+    for rows, ctx in ((4, 300), (32, 300)):
+        md, cache, (q, _, _) = random_attention_step(
+            [1] * rows, [ctx] * rows, torch.bfloat16, block_size=16, kv_heads=3, heads=9,
+            head_size=64, seed=1)
+        step = (md, cache, q.view(rows, 9, 64), torch.empty(rows, 9, 64, dtype=torch.bfloat16))
+        sides = {"kernel": [], "portable": []}
+        for rnd in range(8):
+            for side in (list(sides) if rnd % 2 == 0 else list(sides)[::-1]):
+                for _ in range(5):
+                    _decode_call(torch, side, *step)
+                cpu = time.process_time()
+                for _ in range(200):
+                    _decode_call(torch, side, *step)
+                sides[side].append((time.process_time() - cpu) / 200)
+        kv_bytes = rows * ctx * 2 * 3 * 64 * 2
+        line = f"bfloat16 rows {rows:2d} ctx {ctx:4d}:"
+        for side, times in sides.items():
+            best = min(times)
+            line += (f" {side} {best * 1e3:.3f} [{best * 1e3:.3f}-{max(times) * 1e3:.3f}]"
+                     f" {kv_bytes / best / 1e9:.1f} GB/s;")
+        print(line, flush=True)
+
+
 def decode_attention_pages(torch) -> None:
     """The decode-attention kernel with its K/V cache in 4 KiB pages (as the
     engine's cache is: `_small_pages`) against the same bytes in 2 MiB
@@ -387,7 +423,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--parts", default="attention,linears,argmax,prefill,fp32",
                     help="comma-separated: attention, linears, argmax, prefill, fp32, ggml, "
-                         "decode_attention, kv_pages")
+                         "decode_attention, decode_resident, kv_pages")
     args = ap.parse_args()
     import torch
 
@@ -404,7 +440,8 @@ def main() -> int:
           f"OpenMP wait: {os.environ.get('OMP_WAIT_POLICY') or 'spin ' + str(os.environ.get('GOMP_SPINCOUNT'))}")
     parts = {"attention": attention, "linears": linears, "argmax": argmax,
              "prefill": prefill, "fp32": fp32_linears, "ggml": ggml_linears,
-             "decode_attention": decode_attention, "kv_pages": decode_attention_pages}
+             "decode_attention": decode_attention, "decode_resident": decode_attention_resident,
+             "kv_pages": decode_attention_pages}
     for part in args.parts.split(","):
         parts[part](torch)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
