@@ -56,6 +56,7 @@ def _help(text: str, *, flag: str | None = None, cli: bool = True, **argparse_kw
 WARM_UP_ENV = "ENGINE_WARM_UP"
 WARM_UP_EXTENTS = ("full", "steps", "off")
 
+
 @dataclass
 class EngineArgs:
     """The settings of one engine. Every field is also a keyword argument of `LLM`.

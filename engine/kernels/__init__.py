@@ -19,9 +19,10 @@ the path of a first `engine generate`: ``ENGINE_CPU_KERNELS`` chooses
 - ``0``: never use them.
 
 ``ENGINE_KERNEL_PATH=portable`` makes the kernels that choose an instruction-set
-path (the float32 and bfloat16 GEMVs, the LoRA shrink) take their portable vector-extension code,
-and the AMX kernel stand aside, whatever the CPU has: the fallback runs, and is
-tested, on every machine.
+path (the float32 and bfloat16 GEMVs, the paged decode attention, the LoRA shrink)
+take their portable vector-extension code, and the AMX kernels (linear, prefill
+attention) stand aside, whatever the CPU has: the fallback runs, and is tested, on
+every machine.
 
 ``engine kernels build`` (or ``python -m engine.kernels build``) builds in the
 foreground. The library lands
