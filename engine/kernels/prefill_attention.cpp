@@ -213,6 +213,31 @@ struct AmxScratch {
   alignas(64) float corr[kTileQ];
 };
 
+// The probabilities of a step's keys from their scores (w.s, [key][query]; -inf:
+// masked), `prob(score)` each, as bf16 pairs of keys for the P.V tile (pairs[r]:
+// keys 2r and 2r + 1 of every query, lanes interleaved by `pair_idx`); returns
+// each query's sum of them
+template <typename Prob>
+inline vf probability_pairs(const AmxScratch& w, int64_t nk, vf minus_inf, __m512i pair_idx,
+                            __m512i pairs[16], Prob prob) {
+  vf sum = splat(0.f);
+  for (int64_t r = 0; r < 16; ++r) {
+    vf pe = splat(0.f), po = splat(0.f);
+    if (2 * r < nk) {
+      const vf x = load(w.s + 2 * r * kTileQ);
+      pe = x > minus_inf ? prob(x) : splat(0.f);
+    }
+    if (2 * r + 1 < nk) {
+      const vf x = load(w.s + (2 * r + 1) * kTileQ);
+      po = x > minus_inf ? prob(x) : splat(0.f);
+    }
+    sum += pe + po;
+    pairs[r] = _mm512_permutexvar_epi16(
+        pair_idx, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(as_ps(po), as_ps(pe))));
+  }
+  return sum;
+}
+
 // (a, b) 16-bit halves interleaved: lanes 0-15 of each (kLo; +16: lanes 16-31)
 alignas(64) const uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
                                       37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
@@ -322,22 +347,9 @@ void amx_prefill_tile(const Task& t, const c10::BFloat16* q_ptr, int64_t q_row_s
       }
       // every query sees key 0 in the first step, so m_new is finite from there on
       const vf corr = exp_approx(m_old - m_new);
-      vf sum = splat(0.f);
       __m512i pairs[16];
-      for (int64_t r = 0; r < 16; ++r) {
-        vf pe = splat(0.f), po = splat(0.f);
-        if (2 * r < nk) {
-          const vf x = load(w.s + 2 * r * kTileQ);
-          pe = x > minus_inf ? exp_approx(x - m_new) : splat(0.f);
-        }
-        if (2 * r + 1 < nk) {
-          const vf x = load(w.s + (2 * r + 1) * kTileQ);
-          po = x > minus_inf ? exp_approx(x - m_new) : splat(0.f);
-        }
-        sum += pe + po;
-        pairs[r] = _mm512_permutexvar_epi16(
-            pair_idx, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(as_ps(po), as_ps(pe))));
-      }
+      const vf sum = probability_pairs(w, nk, minus_inf, pair_idx, pairs,
+                                       [&](vf x) { return exp_approx(x - m_new); });
       store(l_h, load(l_h) * corr + sum);
       store(m_h, m_new);
       transpose16x16(pairs);  // row q: query q's 16 key pairs
@@ -544,22 +556,9 @@ void amx_prefill_tile_resident(const Task& t, const c10::BFloat16* q_ptr, int64_
             acc_tiles_load<DT>(acc, acc_stride);
           }
         }
-        vf sum = splat(0.f);
         __m512i pairs[16];
-        for (int64_t r = 0; r < 16; ++r) {
-          vf pe = splat(0.f), po = splat(0.f);
-          if (2 * r < nk) {
-            const vf x = load(w.s + 2 * r * kTileQ);
-            pe = x > minus_inf ? exp2_fast(x - m_ref) : splat(0.f);
-          }
-          if (2 * r + 1 < nk) {
-            const vf x = load(w.s + (2 * r + 1) * kTileQ);
-            po = x > minus_inf ? exp2_fast(x - m_ref) : splat(0.f);
-          }
-          sum += pe + po;
-          pairs[r] = _mm512_permutexvar_epi16(
-              pair_idx, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(as_ps(po), as_ps(pe))));
-        }
+        const vf sum = probability_pairs(w, nk, minus_inf, pair_idx, pairs,
+                                         [&](vf x) { return exp2_fast(x - m_ref); });
         store(l_h, load(l_h) + sum);
         transpose16x16(pairs);
         for (int q = 0; q < 16; ++q) _mm512_storeu_si512(w.p + q * kKeyStep, pairs[q]);
