@@ -291,12 +291,7 @@ def decode_attention(torch) -> None:
                             for step in steps:
                                 _decode_call(torch, side, *step)
                         sides[side].append((time.process_time() - cpu) / (reps * count))
-                line = f"{str(dtype)[6:]:8s} rows {rows:2d} ctx {ctx:4d}:"
-                for side, times in sides.items():
-                    best = min(times)
-                    line += (f" {side} {best * 1e3:.3f} [{best * 1e3:.3f}-{max(times) * 1e3:.3f}]"
-                             f" {kv_bytes / best / 1e9:.1f} GB/s;")
-                print(line, flush=True)
+                print(_sides_line(dtype, rows, ctx, sides, kv_bytes), flush=True)
 
 
 def decode_attention_resident(torch) -> None:
@@ -322,12 +317,7 @@ def decode_attention_resident(torch) -> None:
                     _decode_call(torch, side, *step)
                 sides[side].append((time.process_time() - cpu) / 200)
         kv_bytes = rows * ctx * 2 * 3 * 64 * 2
-        line = f"bfloat16 rows {rows:2d} ctx {ctx:4d}:"
-        for side, times in sides.items():
-            best = min(times)
-            line += (f" {side} {best * 1e3:.3f} [{best * 1e3:.3f}-{max(times) * 1e3:.3f}]"
-                     f" {kv_bytes / best / 1e9:.1f} GB/s;")
-        print(line, flush=True)
+        print(_sides_line(torch.bfloat16, rows, ctx, sides, kv_bytes), flush=True)
 
 
 def decode_attention_pages(torch) -> None:
@@ -367,12 +357,21 @@ def decode_attention_pages(torch) -> None:
                             _decode_call(torch, "kernel", *step)
                     sides[side].append((time.process_time() - cpu) / (reps * count))
                 del steps, built
-            line = f"{str(dtype)[6:]:8s} rows {rows:2d} ctx {ctx:4d}:"
-            for side, times in sides.items():
-                best = min(times)
-                line += (f" {side} {best * 1e3:.3f} [{best * 1e3:.3f}-{max(times) * 1e3:.3f}]"
-                         f" {kv_bytes / best / 1e9:.1f} GB/s (huge pages {huge[side] >> 10} MiB);")
-            print(line + f" 4k/2m {min(sides['4k']) / min(sides['2m']):.2f}x", flush=True)
+            notes = {side: f" (huge pages {huge[side] >> 10} MiB)" for side in sides}
+            print(_sides_line(dtype, rows, ctx, sides, kv_bytes, notes)
+                  + f" 4k/2m {min(sides['4k']) / min(sides['2m']):.2f}x", flush=True)
+
+
+def _sides_line(dtype, rows: int, ctx: int, sides: dict[str, list[float]], kv_bytes: int,
+                notes: dict[str, str] | None = None) -> str:
+    """One line of a decode-attention part: each side's best CPU ms per call, the
+    range over rounds and the K/V read rate at the best."""
+    line = f"{str(dtype)[6:]:8s} rows {rows:2d} ctx {ctx:4d}:"
+    for side, times in sides.items():
+        best = min(times)
+        line += (f" {side} {best * 1e3:.3f} [{best * 1e3:.3f}-{max(times) * 1e3:.3f}]"
+                 f" {kv_bytes / best / 1e9:.1f} GB/s{(notes or {}).get(side, '')};")
+    return line
 
 
 def _paged_copy(torch, cache, huge: bool):
