@@ -44,10 +44,17 @@ inline void store_out(c10::BFloat16* p, vf v) {
   const __m256bh h = _mm512_cvtneps_pbh(m);
   std::memcpy(p, &h, sizeof(h));
 }
+// the same rounding without leaving the registers (widening is a shift)
 inline vf round_out(vf v) {
-  c10::BFloat16 tmp[kLanes];
-  store_out(tmp, v);
-  return load(tmp);
+  __m512 m;
+  std::memcpy(&m, &v, sizeof(m));
+  const __m256bh h = _mm512_cvtneps_pbh(m);
+  __m256i bits;
+  std::memcpy(&bits, &h, sizeof(bits));
+  const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16);
+  vf out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
 }
 #else
 inline void store_out(c10::BFloat16* p, vf v) { store(p, v); }
