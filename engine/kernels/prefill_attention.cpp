@@ -11,9 +11,9 @@
 // query row j (at position p) attends to context positions 0..p.
 //
 // One task per (sequence, KV head, tile of kTileQ query tokens): the tile's
-// G * kTileQ query rows (the heads sharing that KV head) go over the cache 16 keys
-// at a time, only as far as the tile's last position (causal). Each 16-key chunk
-// is converted to float32 once, K transposed, so that a row's 16 scores are D
+// G * kTileQ query rows (the heads sharing that KV head) go over the cache 32 keys
+// at a time, only as far as the tile's last position (causal). Each 32-key step
+// is converted to float32 once, K transposed, so that a row's 32 scores are 2 D
 // vector FMAs and its value update D / 16 per key, a few rows at a time (their
 // chains independent, their accumulators in registers); softmax is online
 // (running max and sum), so nothing grows with the context. float32 accumulation
@@ -40,6 +40,9 @@ namespace {
 using namespace engine_kernels;
 
 constexpr int64_t kTileQ = 16;  // query tokens per task
+// keys per step of the vector path: two vectors of scores per row, so that the
+// softmax's reductions and the accumulators' rescale come once per 32 keys
+constexpr int64_t kVecKeys = 2 * kLanes;
 
 struct Task {
   int64_t seq, kv_head, first;  // `first`: the tile's first query token (0-based in the chunk)
@@ -78,51 +81,58 @@ void prefill_tile(const Task& t, const scalar_t* q_ptr, int64_t q_row_stride, sc
   const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const vf minus_inf = splat(-std::numeric_limits<float>::infinity());
 
-  for (int64_t key0 = 0; key0 <= last; key0 += kLanes) {
-    const int64_t nk = std::min(kLanes, last + 1 - key0);
-    // the chunk's keys (transposed: kt[d * 16 + key]) and values, in float32
+  for (int64_t key0 = 0; key0 <= last; key0 += kVecKeys) {
+    const int64_t nk = std::min(kVecKeys, last + 1 - key0);
+    // the step's keys (transposed: kt[d * kVecKeys + key]) and values, in float32
     for (int64_t c = 0; c < nk; ++c) {
       const int64_t pos = key0 + c;
       const int64_t off = table[pos / block_size] * cache_stride + (pos % block_size) * token_stride;
       const scalar_t* kr = k_base + off;
       const scalar_t* vr = v_base + off;
-      for (int64_t d = 0; d < D; ++d) kt[d * kLanes + c] = load1(kr + d);
+      for (int64_t d = 0; d < D; ++d) kt[d * kVecKeys + c] = load1(kr + d);
       for (int64_t x = 0; x < DV; ++x) store(vbuf + c * D + x * kLanes, load(vr + x * kLanes));
     }
-    for (int64_t c = nk; c < kLanes; ++c)
-      for (int64_t d = 0; d < D; ++d) kt[d * kLanes + c] = 0.f;
-    // rows are in position order: the first rows may see none of this chunk
+    for (int64_t c = nk; c < kVecKeys; ++c)
+      for (int64_t d = 0; d < D; ++d) kt[d * kVecKeys + c] = 0.f;
+    // rows are in position order: the first rows may see none of this step
     int64_t r_begin = (std::max<int64_t>(key0 - pos0, 0)) * G;
     for (int64_t r0 = r_begin; r0 < rows; r0 += RB) {
+      // scores of keys 0-15 (s) and 16-31 (s2) of the step: 2 * RB independent chains
       vf s[RB], s2[RB];
       for (int i = 0; i < RB; ++i) s[i] = s2[i] = splat(0.f);
       const float* q0 = qf + r0 * D;
-      for (int64_t d = 0; d < D; d += 2) {
-        const vf k0 = load(kt + d * kLanes), k1 = load(kt + (d + 1) * kLanes);
+      for (int64_t d = 0; d < D; ++d) {
+        const vf k0 = load(kt + d * kVecKeys), k1 = load(kt + d * kVecKeys + kLanes);
         for (int i = 0; i < RB; ++i) {
           s[i] += q0[i * D + d] * k0;
-          s2[i] += q0[i * D + d + 1] * k1;
+          s2[i] += q0[i * D + d] * k1;
         }
       }
-      float pv[RB][kLanes];
+      float pv[RB][kVecKeys];
       float corr[RB];
       for (int i = 0; i < RB; ++i) {
         const int64_t r = r0 + i;
         const int64_t pos = pos0 + r / G;
-        // causal and chunk-end mask: keys at positions > pos (none visible: p = 0)
+        // causal and step-end mask: keys at positions > pos (none visible: p = 0)
         const int64_t visible = std::max<int64_t>(0, std::min(nk, pos - key0 + 1));
         const auto keep = lane < (vi)(vi{} + static_cast<int32_t>(visible));
-        const vf sc = keep ? s[i] + s2[i] : minus_inf;
+        const auto keep2 = lane < (vi)(vi{} + static_cast<int32_t>(visible - kLanes));
         if (visible == 0 || r >= rows) {
           store(pv[i], splat(0.f));
+          store(pv[i] + kLanes, splat(0.f));
           corr[i] = 1.f;
           continue;
         }
-        const float mx = std::max(m_run[r], hmax(sc));
-        corr[i] = std::exp(m_run[r] - mx);  // 0 on the first chunk (exp(-inf))
+        const vf sc = keep ? s[i] : minus_inf, sc2 = keep2 ? s2[i] : minus_inf;
+        const float mx = std::max(m_run[r], hmax(vmax(sc, sc2)));
+        // 0 on the first step (the running maximum is -inf)
+        corr[i] = m_run[r] == -std::numeric_limits<float>::infinity()
+                      ? 0.f : exp_approx(m_run[r] - mx);
         const vf p = keep ? exp_approx(sc - mx) : splat(0.f);
+        const vf p2 = keep2 ? exp_approx(sc2 - mx) : splat(0.f);
         store(pv[i], p);
-        l_run[r] = l_run[r] * corr[i] + hsum(p);
+        store(pv[i] + kLanes, p2);
+        l_run[r] = l_run[r] * corr[i] + hsum(p + p2);
         m_run[r] = mx;
       }
       vf a[RB][DV];
@@ -673,7 +683,7 @@ void prefill_kernel(at::Tensor& out, const at::Tensor& query, const at::Tensor& 
 #pragma omp parallel num_threads(threads)
   {
     const int64_t rows = kTileQ * G + 8;  // + the most rows a pass computes past the end
-    std::vector<float> qf(rows * D), acc(rows * D), kt(D * kLanes), vbuf(kLanes * D),
+    std::vector<float> qf(rows * D), acc(rows * D), kt(D * kVecKeys), vbuf(kVecKeys * D),
         m_run(rows), l_run(rows);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n; ++i) {
