@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -204,22 +205,22 @@ void silu_and_mul(at::Tensor out, const at::Tensor& x) {
 
 // ------------------------------------------------------------------------ RoPE
 
-// one head: out[:half] = x1 cos - x2 sin, out[half:rot] = x2 cos + x1 sin, the rest copied;
-// cos and sin are rounded to the dtype first, as the eager op casts them
+// one head: out[:half] = x1 cos - x2 sin, out[half:rot] = x2 cos + x1 sin, the rest
+// copied; cos and sin as the eager op casts them (rounded to the dtype, see rope_rows)
 template <typename scalar_t>
 inline void rope_head(scalar_t* out, const scalar_t* x, const float* cos, const float* sin,
                       int64_t half, int64_t head_size) {
   int64_t i = 0;
   if (half % kLanes == 0) {
     for (; i < half; i += kLanes) {
-      const vf c = as_dtype<scalar_t>(load(cos + i)), s = as_dtype<scalar_t>(load(sin + i));
+      const vf c = load(cos + i), s = load(sin + i);
       const vf x1 = load(x + i), x2 = load(x + half + i);
       store_out(out + i, as_dtype<scalar_t>(x1 * c) - as_dtype<scalar_t>(x2 * s));
       store_out(out + half + i, as_dtype<scalar_t>(x2 * c) + as_dtype<scalar_t>(x1 * s));
     }
   }
   for (; i < half; ++i) {
-    const float c = as_dtype1<scalar_t>(cos[i]), s = as_dtype1<scalar_t>(sin[i]);
+    const float c = cos[i], s = sin[i];
     const float x1 = load1(x + i), x2 = load1(x + half + i);
     store1(out + i, as_dtype1<scalar_t>(x1 * c) - as_dtype1<scalar_t>(x2 * s));
     store1(out + half + i, as_dtype1<scalar_t>(x2 * c) + as_dtype1<scalar_t>(x1 * s));
@@ -244,8 +245,14 @@ void rope_rows(at::Tensor& q_out, at::Tensor& k_out, const at::Tensor& positions
     TORCH_CHECK(pos[t] >= 0 && pos[t] < max_pos, "position ", pos[t], " outside the RoPE cache (",
                 max_pos, " positions)");
   at::parallel_for(0, T, grain((Hq + Hk) * head_size), [&](int64_t begin, int64_t end) {
+    // the token's cos and sin rounded to the dtype once for all its heads
+    std::vector<float> rounded(rot);
     for (int64_t t = begin; t < end; ++t) {
-      const float* cos = cs + pos[t] * rot;
+      const float* row = cs + pos[t] * rot;
+      int64_t i = 0;
+      for (; i + kLanes <= rot; i += kLanes) store(rounded.data() + i, as_dtype<scalar_t>(load(row + i)));
+      for (; i < rot; ++i) rounded[i] = as_dtype1<scalar_t>(row[i]);
+      const float* cos = rounded.data();
       const float* sin = cos + half;
       for (int64_t h = 0; h < Hq; ++h)
         rope_head(qo + t * qos + h * head_size, qp + t * qs + h * head_size, cos, sin, half, head_size);
