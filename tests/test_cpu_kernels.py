@@ -138,13 +138,16 @@ def _cpu_has_amx() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("n", "k"), [(48, 64), (960, 576), (576, 1536)])
-def test_amx_linear_matches_linear(compiled, n, k):
+def test_amx_linear_matches_linear(compiled, monkeypatch, n, k):
     """The AMX kernel against F.linear in float32 for 1-32 rows (one tile of rows
-    and two), with a bias, and packed_linear routing by row count: GEMV up to
-    GEMV_FIRST_ROWS, AMX up to AMX_MAX_ROWS, oneDNN above."""
+    and two) and prompt-sized row counts (several 32-row blocks and a tail; K of
+    1,536 in several chunks), with a bias, and packed_linear routing by row count:
+    GEMV up to GEMV_FIRST_ROWS, AMX up to AMX_PROMPT_MAX_ROWS, oneDNN above and
+    under ENGINE_KERNEL_PATH=portable."""
     from engine.ops.linear import (
-        AMX_MAX_ROWS,
+        AMX_PROMPT_MAX_ROWS,
         GEMV_FIRST_ROWS,
+        onednn_linear,
         pack_weight,
         pack_weight_for_amx,
         packed_linear,
@@ -160,7 +163,7 @@ def test_amx_linear_matches_linear(compiled, n, k):
         return
     assert pack_weight_for_amx(weight[:, :20].contiguous()) is None  # in not a multiple of 32
     packed = pack_weight(weight)
-    for rows in (1, 2, 3, 15, 16, 17, 31, 32):
+    for rows in (1, 2, 3, 15, 16, 17, 31, 32, 33, 48, 64, 100, 300):
         x = torch.randn(rows, k, generator=gen).bfloat16()
         out = torch.empty(rows, n, dtype=torch.bfloat16)
         torch.ops.engine_kernels.amx_linear(out, x, amx, bias)
@@ -170,13 +173,45 @@ def test_amx_linear_matches_linear(compiled, n, k):
         if rows > GEMV_FIRST_ROWS:
             assert torch.equal(routed, out)  # the AMX kernel's own result
         torch.testing.assert_close(routed.float(), ref, atol=3e-2, rtol=1e-2)
-    x = torch.randn(AMX_MAX_ROWS + 1, k, generator=gen).bfloat16()
-    torch.testing.assert_close(packed_linear(x, packed, bias, weight, amx).float(),
-                               F.linear(x.float(), weight.float(), bias.float()),
-                               atol=3e-2, rtol=1e-2)
-    with pytest.raises(RuntimeError, match="1 to 32 rows"):
-        torch.ops.engine_kernels.amx_linear(torch.empty(33, n, dtype=torch.bfloat16), x, amx,
-                                            None)
+    x = torch.randn(AMX_PROMPT_MAX_ROWS + 1, k, generator=gen).bfloat16()
+    assert torch.equal(packed_linear(x, packed, bias, weight, amx), onednn_linear(x, packed, bias))
+    x = x[:100]
+    monkeypatch.setenv(kernels.PATH_ENV, "portable")
+    assert torch.equal(packed_linear(x, packed, bias, weight, amx), onednn_linear(x, packed, bias))
+    with pytest.raises(RuntimeError, match="packed does not match"):
+        torch.ops.engine_kernels.amx_linear(torch.empty(100, n, dtype=torch.bfloat16),
+                                            x[:, :32].contiguous(), amx, None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("i", "k"), [(48, 64), (1536, 576), (96, 1536)])
+def test_amx_silu_and_mul_matches_projection_then_silu_and_mul(compiled, i, k):
+    """The gated AMX kernel against the fused projection (F.linear, rounded to bf16)
+    followed by the SiLU-and-mul kernel: the same roundings, so equal up to the
+    matmul's float32 summation order (a last-bit difference where a sum lands
+    near a rounding boundary)."""
+    from engine.ops.linear import pack_weight_for_amx
+
+    gen = torch.Generator().manual_seed(i + k)
+    weight = (torch.randn(2 * i, k, generator=gen) / k**0.5).bfloat16()
+    bias = torch.randn(2 * i, generator=gen).bfloat16()
+    amx = pack_weight_for_amx(weight)
+    if not _cpu_has_amx():  # the prompt path then stays on oneDNN (test_prefill_path.py)
+        assert amx is None
+        return
+    for rows, b in ((5, None), (33, bias), (100, None), (256, bias)):
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        out = torch.empty(rows, i, dtype=torch.bfloat16)
+        torch.ops.engine_kernels.amx_silu_and_mul(out, x, amx, b)
+        want = torch.empty(rows, i, dtype=torch.bfloat16)
+        torch.ops.engine_kernels.silu_and_mul(want, F.linear(x, weight, b))
+        ulp = want.float().abs() * 2.0**-7 + 1e-30
+        off = (out.float() - want.float()).abs() > ulp
+        assert off.float().mean().item() < 1e-3, f"{off.sum().item()} values off by > 1 ulp"
+        torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=2e-2)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        torch.ops.engine_kernels.amx_silu_and_mul(torch.empty(5, i, dtype=torch.bfloat16),
+                                                  x[:5].contiguous(), amx, bias[:i])
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ memory on ordinary pages, so that a step's cache write never zeroes a huge page.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,8 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-# 3: the GEMV kernels; 20: the AMX kernel, or with the portable path oneDNN fused
+# 3: the GEMV kernels; 20: the AMX kernel; 33-300: the gated AMX kernel (bf16 on an
+# AMX CPU); with the portable path (and in float32) oneDNN fused
 @pytest.mark.parametrize("rows", [3, 20, AMX_MAX_ROWS + 1, 100, 300])
 @pytest.mark.parametrize("path", ["auto", "portable"])
 def test_gated_projection_equals_projection_then_silu_and_mul(monkeypatch, dtype, bias, rows,
@@ -82,7 +84,9 @@ def test_prompt_sized_inputs_run_no_separate_activation(dtype):
         ran[rows] = {event.key for event in prof.key_averages()}
     assert "engine_kernels::silu_and_mul" in ran[2]  # decode-sized: kernels, then SiLU-and-mul
     assert "engine_kernels::silu_and_mul" not in ran[200]
-    assert "mkldnn::_linear_pointwise" in ran[200]
+    # bf16 prompts on an AMX CPU: the gated AMX kernel; otherwise the fused oneDNN pair
+    amx = dtype == torch.bfloat16 and bool(torch.ops.engine_kernels.amx_supported())
+    assert ("engine_kernels::amx_silu_and_mul" if amx else "mkldnn::_linear_pointwise") in ran[200]
 
 
 def test_lora_and_a_disabled_activation_take_the_unfused_path():
@@ -180,3 +184,41 @@ def test_bf16_prompt_steps_agree_with_transformers():
     agree = sum(out.outputs[0].token_ids[0] == ref[t - 1]
                 for t, out in zip(starts, outs, strict=True))
     assert agree / len(outs) >= BF16_PROMPT_AGREEMENT, f"{agree}/{len(outs)} positions agree"
+
+
+@pytest.mark.slow
+def test_bf16_prompt_steps_on_amx_agree_with_onednn(make_hf_model, monkeypatch):
+    """A bf16 model's prompt steps (33-512 rows) run their linears on the AMX kernel
+    where the CPU has it (engine.ops.linear.AMX_PROMPT_MAX_ROWS), else on oneDNN.
+    Teacher forcing over 60 prompts of 4-33 tokens in steps of up to 256 tokens: the
+    AMX path's next token equals the oneDNN path's at least 99% of the time (both
+    round to bf16, in other summation orders, and the gate is rounded at another
+    point) and its log-probabilities are within 0.05."""
+    from engine import LLM, SamplingParams
+    from engine.ops import linear
+
+    rng = random.Random(5)
+    sequences = [[rng.randrange(3, 1024) for _ in range(64)] for _ in range(2)]
+    prompts = [seq[:t] for seq in sequences for t in range(4, 34)]
+    llm = LLM(make_hf_model("llama", hidden_size=128, intermediate_size=256), dtype="bfloat16",
+              kv_cache_memory=1 << 24, max_num_batched_tokens=256, enable_prefix_caching=False)
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logprobs=1)
+    amx = bool(torch.ops.engine_kernels.amx_supported())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        on_amx = llm.generate(prompts, params)
+    ran = {event.key for event in prof.key_averages()}
+    assert ("engine_kernels::amx_silu_and_mul" in ran) == amx
+    monkeypatch.setattr(linear, "AMX_PROMPT_MAX_ROWS", 0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        on_onednn = llm.generate(prompts, params)
+    assert "engine_kernels::amx_silu_and_mul" not in {e.key for e in prof.key_averages()}
+    llm.shutdown()
+    agree, worst = 0, 0.0
+    for a, b in zip(on_amx, on_onednn, strict=True):
+        token = b.outputs[0].token_ids[0]
+        agree += a.outputs[0].token_ids[0] == token
+        mine, theirs = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
+        if token in mine:
+            worst = max(worst, abs(mine[token] - theirs[token]))
+    assert agree / len(prompts) >= 0.99, f"top-1 agreement {agree}/{len(prompts)}"
+    assert worst <= 0.05, f"largest log-probability difference {worst:.3f}"

@@ -12,6 +12,9 @@
 
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace engine_kernels {
 
@@ -64,6 +67,36 @@ inline vf round_bf16(vf v) {
   store(tmp, v);
   return load(tmp);
 }
+
+// float32 -> bfloat16, round to nearest even. A CPU with AVX512-BF16 (Xeon since
+// Cooper Lake, AMD Zen 4) does it in one instruction, where the portable `store`
+// above takes about ten; the results are the same except that the instruction
+// flushes denormals (below 1.2e-38) to zero and keeps a NaN's sign and payload
+// where torch writes its canonical NaN.
+#if defined(__AVX512BF16__)
+inline void store_out(c10::BFloat16* p, vf v) {
+  __m512 m;
+  std::memcpy(&m, &v, sizeof(m));
+  const __m256bh h = _mm512_cvtneps_pbh(m);
+  std::memcpy(p, &h, sizeof(h));
+}
+// the same rounding without leaving the registers (widening is a shift)
+inline vf round_out(vf v) {
+  __m512 m;
+  std::memcpy(&m, &v, sizeof(m));
+  const __m256bh h = _mm512_cvtneps_pbh(m);
+  __m256i bits;
+  std::memcpy(&bits, &h, sizeof(bits));
+  const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16);
+  vf out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+#else
+inline void store_out(c10::BFloat16* p, vf v) { store(p, v); }
+inline vf round_out(vf v) { return round_bf16(v); }
+#endif
+inline void store_out(float* p, vf v) { store(p, v); }
 
 // lane i <- lane i ^ step: the butterfly of a tree reduction
 template <int step>

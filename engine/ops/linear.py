@@ -130,9 +130,48 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     """``x W^T + b`` with W prepacked by `pack_weight`; same result as F.linear up
     to float32 summation order. Given the plain `weight` (and its `amx_packed`
     copy), few-row calls run the compiled kernels instead (see GEMV_MAX_ROWS,
-    FP32_GEMV_MAX_ROWS)."""
+    FP32_GEMV_MAX_ROWS), and so do bf16 prompt chunks on AMX (AMX_PROMPT_MAX_ROWS)."""
     out = few_rows_linear(x, bias, weight, amx_packed)
+    if out is None:
+        out = amx_prompt_linear(x, bias, amx_packed)
     return out if out is not None else onednn_linear(x, packed, bias)
+
+
+# bf16 prompt chunks of more than AMX_MAX_ROWS and up to this many rows run the AMX
+# kernel on the tile-ordered copy too: it reads each weight from memory once per
+# call and prefetches ahead, where oneDNN's kernel stalls on a weight that the
+# layer before evicted (docs/prefill.md, "Time to first token"). Larger steps stay
+# on oneDNN. 0: never.
+AMX_PROMPT_MAX_ROWS = 512
+
+
+def _amx_prompt_rows(x: torch.Tensor, amx_packed: torch.Tensor | None) -> bool:
+    return (amx_packed is not None and x.dim() == 2 and x.dtype == torch.bfloat16
+            and AMX_MAX_ROWS < x.shape[0] <= AMX_PROMPT_MAX_ROWS and x.is_contiguous()
+            and not portable_forced())
+
+
+def amx_prompt_linear(x: torch.Tensor, bias: torch.Tensor | None,
+                      amx_packed: torch.Tensor | None) -> torch.Tensor | None:
+    """``x W^T + b`` by the AMX kernel for a prompt-sized bf16 `x`; None when the
+    product belongs to oneDNN."""
+    if not _amx_prompt_rows(x, amx_packed):
+        return None
+    out = x.new_empty((x.shape[0], amx_packed.shape[0] * 16))
+    torch.ops.engine_kernels.amx_linear(out, x, amx_packed, bias)
+    return out
+
+
+def amx_prompt_silu_and_mul(x: torch.Tensor, bias: torch.Tensor | None,
+                            amx_packed: torch.Tensor | None) -> torch.Tensor | None:
+    """``silu_and_mul(x [G; U]^T + b)`` by the AMX kernel for a prompt-sized bf16
+    `x` (the projection and the activation in one pass, rounded as the two ops
+    round); None when it belongs to oneDNN."""
+    if not _amx_prompt_rows(x, amx_packed):
+        return None
+    out = x.new_empty((x.shape[0], amx_packed.shape[0] * 8))
+    torch.ops.engine_kernels.amx_silu_and_mul(out, x, amx_packed, bias)
+    return out
 
 
 def few_rows_linear(x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor | None,
@@ -368,6 +407,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         if halves is None:
             return super()._matmul(x)
         out = few_rows_linear(x, self.bias, self.weight, self.amx_weight)
+        if out is None:
+            out = amx_prompt_linear(x, self.bias, self.amx_weight)
         if out is not None:
             return out
         biases = (None, None) if self.bias is None else self.bias.chunk(2)
@@ -391,6 +432,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         out = few_rows_linear(x, self.bias, self.weight, self.amx_weight)
         if out is not None:
             return activation(out)
+        out = amx_prompt_silu_and_mul(x, self.bias, self.amx_weight)
+        if out is not None:
+            return out
         biases = (None, None) if self.bias is None else self.bias.chunk(2)
         return onednn_silu_and_mul(x, *halves, *biases)
 
