@@ -174,6 +174,8 @@ void linear_steps(const c10::BFloat16* x, const c10::BFloat16* packed,
   constexpr int64_t kAccElems = kMaxRows * kTileN * kBlocksPerStep;  // one row block's C
   alignas(64) float cbuf[kAccElems];
   const int64_t full = M - M % kMaxRows, tail = M % kMaxRows;
+  // one block of rows (a decode step) has no panel to reuse: K in one go
+  const int64_t chunk = M > kMaxRows ? kKChunk : kt;
   for (int pass = 0; pass < 2; ++pass) {
     const int64_t m_begin = pass == 0 ? 0 : full, m_end = pass == 0 ? full : M;
     if (m_begin == m_end) continue;
@@ -192,8 +194,8 @@ void linear_steps(const c10::BFloat16* x, const c10::BFloat16* packed,
           GATED ? nullptr
                 : reinterpret_cast<const char*>(
                       packed + std::min(nb + kBlocksPerStep, blocks - 1) * block_elems);
-      for (int64_t k0 = 0; k0 < kt; k0 += kKChunk) {
-        const int64_t k1 = std::min(kt, k0 + kKChunk);
+      for (int64_t k0 = 0; k0 < kt; k0 += chunk) {
+        const int64_t k1 = std::min(kt, k0 + chunk);
         const bool last = k1 == kt;
         for (int64_t m0 = m_begin; m0 < m_end; m0 += kMaxRows) {
           const c10::BFloat16* xm = x + m0 * K;
@@ -259,7 +261,7 @@ void run_steps(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
     const int64_t s0 = steps * t / nt, s1 = steps * (t + 1) / nt;
     if (s0 < s1) {
       // accumulators between K chunks, per 32-row block (only when K has several)
-      std::vector<float> acc(K / kTileK > kKChunk
+      std::vector<float> acc(M > kMaxRows && K / kTileK > kKChunk
                                  ? (M + kMaxRows - 1) / kMaxRows * kMaxRows * kTileN * kBlocksPerStep
                                  : 0);
       linear_steps<GATED>(xp, pp, bias, op, M, N, K, blocks, s0, s1, gate_blocks, acc.data());
