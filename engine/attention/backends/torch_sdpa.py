@@ -23,6 +23,7 @@ tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -251,6 +252,38 @@ class TorchSDPAImpl(AttentionImpl):
         for p in plan.prefills:
             out[p.rows] = self._prefill(q[p.rows], k[p.rows], v[p.rows], kv_cache, p)
         return out.view(-1, self.num_heads * self.head_size)
+
+    def decode_fn(self, layer: torch.nn.Module) -> Callable[
+            [torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor | None] | None:
+        """`forward`'s path for a step whose rows all decode on the compiled paged
+        decode kernel (the step's plan, shared by every layer, says so): the cache
+        write and the kernel call, ``ENGINE_KERNEL_PATH`` read once. Any other
+        step returns None before touching anything."""
+        if type(self) is not TorchSDPAImpl:
+            return None
+        num_heads, num_kv_heads, head_size = self.num_heads, self.num_kv_heads, self.head_size
+        scale, portable = self.scale, portable_forced()
+        attend = torch.ops.engine_kernels.paged_decode_attention
+
+        def run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                md: AttentionMetadata) -> torch.Tensor | None:
+            kv_cache = layer.kv_cache
+            plan = md.backend_state.get("TORCH_SDPA")
+            if plan is None:
+                plan = md.backend_state["TORCH_SDPA"] = _plan(md, kv_cache)
+            index = plan.kernel_decode
+            if (index is None or plan.decode or plan.prefills or plan.kernel_prefill is not None
+                    or kv_cache.numel() == 0):
+                return None
+            tokens = query.shape[0]
+            write_kv_cache(kv_cache, key.view(tokens, num_kv_heads, head_size),
+                           value.view(tokens, num_kv_heads, head_size), md.slot_mapping)
+            out = query.new_empty((tokens, num_heads, head_size))
+            attend(out, query.view(tokens, num_heads, head_size), kv_cache, md.block_tables,
+                   md.seq_lens_tensor, md.query_start_loc, index, scale, portable)
+            return out.view(tokens, num_heads * head_size)
+
+        return run
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, bucket: _DecodeBucket,
                 scratch: torch.Tensor) -> torch.Tensor:
