@@ -1,0 +1,92 @@
+"""Decode steps with the decode program against the same steps through the modules.
+
+    python benchmarks/bench_decode_program.py                      # smol, bf16, 1 and 32 rows
+    python benchmarks/bench_decode_program.py --dtype float32 --batch 1
+    python benchmarks/bench_decode_program.py --model model.Q8_0.gguf --batch 1,4
+
+One engine, one process: `--batch` sequences with fresh prompts decode, and rounds
+of `--steps` engine steps alternate between ``ENGINE_DECODE_PROGRAM=1`` (the
+program, docs/decode-program.md) and ``=0`` (every layer through its modules),
+the first side swapping every round. Both sides run the same kernels on the same
+weights and caches, so the difference is the Python between the kernels. Prints
+each side's wall time per step for every round, the best-to-best ratio and the
+range of the per-round ratios, with the CPU model and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import engine  # noqa: E402,F401 - before torch: it sets the OpenMP wait policy
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smol",
+                    help="smol (SmolLM-135M's shape, built once), or a model folder or "
+                         "GGUF file")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch", default="1,32", help="comma-separated sequence counts")
+    ap.add_argument("--context", type=int, default=200, help="prompt tokens per sequence")
+    ap.add_argument("--steps", type=int, default=30, help="decode steps per round and side")
+    ap.add_argument("--rounds", type=int, default=4)
+    args = ap.parse_args()
+
+    import bench_generate
+    from bench_vs_vllm import SMOL, cpu_description
+
+    from engine import LLM, SamplingParams
+    from engine.ops.fast_path import PROGRAM_ENV
+
+    model = Path(args.model)
+    if args.model == "smol":
+        model = Path("/tmp/engine-profile-smol")  # shared with profile_decode.py
+        if not (model / "config.json").exists():
+            model.mkdir(parents=True, exist_ok=True)
+            bench_generate.build_model(model, 0, SMOL)
+    llm = LLM(str(model), dtype=args.dtype, kv_cache_memory=1 << 30)
+    engine_ = llm.llm_engine
+    vocab = llm.get_tokenizer().vocab_size
+    rng = random.Random(0)
+    print(f"{cpu_description()}; load average {os.getloadavg()[0]:.1f}")
+    for batch in (int(b) for b in args.batch.split(",")):
+        # enough tokens for every round: the sequences never finish mid-measurement
+        params = SamplingParams(temperature=0, ignore_eos=True,
+                                max_tokens=2 * args.rounds * args.steps + 8)
+        for _ in range(batch):
+            engine_.add_request([rng.randrange(3, vocab) for _ in range(args.context)], params)
+        for _ in range(3):  # the prompts, then the first decode steps
+            engine_.step()
+        sides: dict[str, list[float]] = {"program": [], "modules": []}
+        for r in range(args.rounds):
+            order = ("program", "modules") if r % 2 == 0 else ("modules", "program")
+            for side in order:
+                os.environ[PROGRAM_ENV] = "1" if side == "program" else "0"
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    engine_.step()
+                sides[side].append((time.perf_counter() - start) / args.steps * 1000)
+        os.environ.pop(PROGRAM_ENV)
+        while engine_.has_unfinished_requests():
+            engine_.step()
+        ratios = sorted(p / m for p, m in zip(sides["program"], sides["modules"], strict=True))
+        best = min(sides["program"]) / min(sides["modules"])
+        print(f"{args.dtype}, {batch} sequence(s), {args.context}-token prompts: program "
+              f"{' '.join(f'{t:.2f}' for t in sides['program'])} ms/step, modules "
+              f"{' '.join(f'{t:.2f}' for t in sides['modules'])} ms/step; best/best "
+              f"{best:.2f}x the modules' time (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
