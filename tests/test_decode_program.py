@@ -12,10 +12,14 @@ kernel's limit (where a fast form hands the product back to its layer), under
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 from test_gguf import write_gguf
 
 from engine import LLM, SamplingParams
@@ -93,6 +97,29 @@ def test_the_program_equals_the_modules_on_gguf_blocks(wide_llama, tmp_path, mon
         model, args = _capture_decode_step(llm, batch)
         through_modules, programmed = _both_ways(model, args, monkeypatch)
     assert torch.equal(through_modules, programmed)
+
+
+def test_without_the_kernels_the_program_runs_the_modules_forwards(make_hf_model):
+    """ENGINE_CPU_KERNELS=0 (or kernels not built yet), in a process that never
+    loaded them: no op has a fast form, the program calls each module's forward
+    (the reference path) and decodes what the modules decode."""
+    script = textwrap.dedent(f"""
+        import os
+        from engine import LLM, SamplingParams
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        tokens = []
+        for flag in ("1", "0"):
+            os.environ["{PROGRAM_ENV}"] = flag
+            with LLM({str(make_hf_model("llama"))!r}, dtype="float32",
+                     kv_cache_memory=1 << 22) as llm:
+                tokens.append([o.outputs[0].token_ids
+                               for o in llm.generate([[3, 4, 5], [9] * 20], params)])
+        assert tokens[0] == tokens[1], tokens
+        print("equal")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env=subprocess_env(ENGINE_CPU_KERNELS="0"))
+    assert result.returncode == 0 and "equal" in result.stdout, result.stderr[-3000:]
 
 
 def test_a_changed_kernel_path_rebuilds_the_program(make_hf_model, monkeypatch):

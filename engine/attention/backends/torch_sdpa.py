@@ -37,7 +37,7 @@ from engine.attention.backend import (
     write_kv_cache,
 )
 from engine.attention.metadata import AttentionMetadata
-from engine.kernels import portable_forced
+from engine.kernels import kernels_available, portable_forced
 from engine.utils import shape_bucket
 
 # The fixed cost of one decode bucket (two gathers, the SDPA call, the scatter back),
@@ -151,8 +151,6 @@ def _use_kernel(kv_cache: torch.Tensor) -> bool:
     cache in float32 or bfloat16 and the compiled kernels loaded."""
     if kv_cache.device.type != "cpu" or kv_cache.dtype not in (torch.float32, torch.bfloat16):
         return False
-    from engine.kernels import kernels_available
-
     return kernels_available()
 
 
@@ -259,7 +257,7 @@ class TorchSDPAImpl(AttentionImpl):
         decode kernel (the step's plan, shared by every layer, says so): the cache
         write and the kernel call, ``ENGINE_KERNEL_PATH`` read once. Any other
         step returns None before touching anything."""
-        if type(self) is not TorchSDPAImpl:
+        if type(self) is not TorchSDPAImpl or not kernels_available():
             return None
         num_heads, num_kv_heads, head_size = self.num_heads, self.num_kv_heads, self.head_size
         scale, portable = self.scale, portable_forced()
