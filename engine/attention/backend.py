@@ -43,14 +43,14 @@ class AttentionImpl(ABC):
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         """Attention output [T, num_heads * head_size]."""
 
-    def decode_fn(self, layer: torch.nn.Module) -> Callable[
+    def fast_fn(self, layer: torch.nn.Module) -> Callable[
             [torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor | None] | None:
-        """Optional: `forward` for a model's decode program (engine.ops.fast_path),
+        """Optional: `forward` for a model's fast path (engine.ops.fast_path),
         bound once to `layer`: ``run(query, key, value, attn_metadata)`` must return
         exactly what ``forward(layer, query, key, value, layer.kv_cache,
         attn_metadata)`` would, or None having changed nothing (then `forward`
         runs). Read ``layer.kv_cache`` at every call (caches are rebound without
-        rebuilding programs). By default None: `forward` is called."""
+        rebuilding fast paths). By default None: `forward` is called."""
         return None
 
 

@@ -61,11 +61,11 @@ class Attention(nn.Module):
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         return self.impl.forward(self, query, key, value, self.kv_cache, attn_metadata)
 
-    def decode_fn(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata],
+    def fast_fn(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata],
                                     torch.Tensor | None] | None:
-        """`forward` for a model's decode program (engine.ops.fast_path): the
-        backend's `AttentionImpl.decode_fn`, when it has one."""
-        return self.impl.decode_fn(self)
+        """`forward` for a model's fast path (engine.ops.fast_path): the
+        backend's `AttentionImpl.fast_fn`, when it has one."""
+        return self.impl.fast_fn(self)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, "

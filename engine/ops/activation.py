@@ -29,8 +29,8 @@ class SiluAndMul(CustomOp):
         torch.ops.engine_kernels.silu_and_mul(out, rows)
         return out.view(*x.shape[:-1], x.shape[-1] // 2)
 
-    def decode_fn(self, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """`forward_cpu`'s kernel call for a decode program (engine.ops.fast_path), on
+    def fast_fn(self, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """`forward_cpu`'s kernel call for a model's fast path (engine.ops.fast_path), on
         contiguous [T, 2 * d] rows of `dtype`; None where this op does not run
         `forward_cpu` or the kernels cannot take `dtype`."""
         if not self.uses_cpu_forward() or not usable_for(torch.empty(0, dtype=dtype)):

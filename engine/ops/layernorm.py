@@ -54,9 +54,9 @@ class RMSNorm(CustomOp):
             self.variance_epsilon)
         return out.view(x.shape), new_residual.view(x.shape)
 
-    def decode_fn(self, dtype: torch.dtype) -> Callable[
+    def fast_fn(self, dtype: torch.dtype) -> Callable[
             [torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]] | None:
-        """`forward_cpu`'s kernel calls for a decode program (engine.ops.fast_path):
+        """`forward_cpu`'s kernel calls for a model's fast path (engine.ops.fast_path):
         ``run(x, residual)`` on contiguous [T, hidden] rows of `dtype` returns
         ``(normalised, residual)`` (`x` itself as the residual when `residual` is
         None). None where this op does not run `forward_cpu` or the kernels cannot

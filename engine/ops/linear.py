@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from engine.kernels import portable_forced, usable_for
 from engine.ops.activation import SiluAndMul
-from engine.ops.fast_path import forget_programs
+from engine.ops.fast_path import forget_fast_paths
 from engine.ops.weight_memory import empty_weight
 from engine.quantization import QuantizedTensor, QuantizedWeight, add_rows
 from engine.utils import pad_rows_to_bucket
@@ -256,13 +256,13 @@ def pack_linear_weights(model: nn.Module) -> int:
                 module.packed_weight = pack_weight(module.weight)
             module.amx_weight = pack_weight_for_amx(module.weight)
             packed += 1
-    forget_programs(model)  # their fast forms hold the weights as they were
+    forget_fast_paths(model)  # their fast forms hold the weights as they were
     return packed
 
 
-def decode_linear_fn(layer: ColumnParallelLinear | RowParallelLinear,
+def fast_linear_fn(layer: ColumnParallelLinear | RowParallelLinear,
                      dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
-    """`layer`'s product for a decode program (engine.ops.fast_path): ``run(x)`` on
+    """`layer`'s product for a model's fast path (engine.ops.fast_path): ``run(x)`` on
     contiguous [T, in] rows of `dtype` returns what the layer's forward would, or
     None for a row count its kernel does not take (the caller then runs the
     layer). None when the layer has no fast form: a subclass of its own, LoRA,
@@ -273,7 +273,7 @@ def decode_linear_fn(layer: ColumnParallelLinear | RowParallelLinear,
         return None
     bias = layer.bias
     if layer.quant_weight is not None:
-        return layer.quant_weight.decode_fn(bias, dtype)
+        return layer.quant_weight.fast_fn(bias, dtype)
     weight, amx = layer.weight, layer.amx_weight
     packed = layer.packed_weight is not None or getattr(layer, "packed_gate", None) is not None
     # forward takes `few_rows_linear` on a packed weight, `plain_linear` on a
@@ -538,6 +538,6 @@ class RowParallelLinear(nn.Module):
                 f"out={self.output_size}, bias={self.bias is not None}")
 
 
-# the classes whose forward `decode_linear_fn` reproduces (a subclass may change it)
+# the classes whose forward `fast_linear_fn` reproduces (a subclass may change it)
 _FAST_LINEAR_CLASSES = (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
                         RowParallelLinear)

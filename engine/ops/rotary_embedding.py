@@ -153,9 +153,9 @@ class RotaryEmbedding(CustomOp):
             q_out, k_out, positions, q, k, self.cos_sin_cache, self.head_size)
         return q_out.view(query.shape), k_out.view(key.shape)
 
-    def decode_fn(self, dtype: torch.dtype) -> Callable[
+    def fast_fn(self, dtype: torch.dtype) -> Callable[
             [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
-        """`forward_cpu`'s kernel call for a decode program (engine.ops.fast_path):
+        """`forward_cpu`'s kernel call for a model's fast path (engine.ops.fast_path):
         ``run(positions, query, key)`` on [T, H*D] / [T, Hkv*D] rows of `dtype` (views
         into a fused q/k/v output are fine) returns new contiguous query and key
         tensors. The caller covers the step's positions once (`cover`) before the

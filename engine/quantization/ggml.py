@@ -195,7 +195,7 @@ class GGMLBlockMethod(QuantizationMethod):
                                                          path, interleaved)
         return out if x2 is x else out.reshape(*x.shape[:-1], weight.shape[0])
 
-    def decode_fn(self, weight: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype,
+    def fast_fn(self, weight: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype,
                   max_rows: int) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
         """`linear`'s block-kernel call with the storage, the kernel path
         (``ENGINE_QUANT_KERNEL_PATH`` read once) and the row limit decided here."""

@@ -123,10 +123,10 @@ class QuantizationMethod:
         in x's dtype."""
         raise NotImplementedError(f"{type(self).__qualname__}.linear")
 
-    def decode_fn(self, weight: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype,
+    def fast_fn(self, weight: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype,
                   max_rows: int) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
         """Optional: `linear` for decode steps, bound once to `weight` and `bias`
-        (a model's decode program, engine.ops.fast_path): ``run(x)`` on contiguous
+        (a model's fast path, engine.ops.fast_path): ``run(x)`` on contiguous
         [T, K] rows of `dtype` must return exactly what ``linear(weight, x, bias)``
         would, or None (then `linear` runs) — always None past `max_rows` rows.
         Worth it where `linear`'s own Python is a noticeable part of a small

@@ -91,15 +91,15 @@ class QuantizedWeight:
             outs.append(rows.method.linear(rows, x, part_bias))
         return torch.cat(outs, dim=-1)
 
-    def decode_fn(self, bias: torch.Tensor | None,
+    def fast_fn(self, bias: torch.Tensor | None,
                   dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
-        """`linear` for a decode program (engine.ops.fast_path): the method's own
-        `QuantizationMethod.decode_fn` for a weight of one range, taking rows up to
+        """`linear` for a model's fast path (engine.ops.fast_path): the method's own
+        `QuantizationMethod.fast_fn` for a weight of one range, taking rows up to
         `PAD_ABOVE_ROWS` (more are padded by `linear`); None otherwise."""
         if len(self.parts) != 1:
             return None
         rows = self.parts[0][1]
-        return rows.method.decode_fn(rows, bias, dtype, PAD_ABOVE_ROWS)
+        return rows.method.fast_fn(rows, bias, dtype, PAD_ABOVE_ROWS)
 
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if len(self.parts) != 1:

@@ -251,7 +251,7 @@ class TorchSDPAImpl(AttentionImpl):
             out[p.rows] = self._prefill(q[p.rows], k[p.rows], v[p.rows], kv_cache, p)
         return out.view(-1, self.num_heads * self.head_size)
 
-    def decode_fn(self, layer: torch.nn.Module) -> Callable[
+    def fast_fn(self, layer: torch.nn.Module) -> Callable[
             [torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor | None] | None:
         """`forward`'s path for a step whose rows all decode on the compiled paged
         decode kernel (the step's plan, shared by every layer, says so): the cache

@@ -1,12 +1,12 @@
-"""Decode steps with the decode program against the same steps through the modules.
+"""Decode steps on the fast path against the same steps through the modules.
 
-    python benchmarks/bench_decode_program.py                      # smol, bf16, 1 and 32 rows
-    python benchmarks/bench_decode_program.py --dtype float32 --batch 1
-    python benchmarks/bench_decode_program.py --model model.Q8_0.gguf --batch 1,4
+    python benchmarks/bench_fast_path.py                           # smol, bf16, 1 and 32 rows
+    python benchmarks/bench_fast_path.py --dtype float32 --batch 1
+    python benchmarks/bench_fast_path.py --model model.Q8_0.gguf --batch 1,4
 
 One engine, one process: `--batch` sequences with fresh prompts decode, and rounds
-of `--steps` engine steps alternate between ``ENGINE_DECODE_PROGRAM=1`` (the
-program, docs/decode-program.md) and ``=0`` (every layer through its modules),
+of `--steps` engine steps alternate between ``ENGINE_FAST_PATH=1`` (the fast
+path, docs/fast-path.md) and ``=0`` (every layer through its modules),
 the first side swapping every round. Both sides run the same kernels on the same
 weights and caches, so the difference is the Python between the kernels. Prints
 each side's wall time per step for every round, the best-to-best ratio and the
@@ -45,7 +45,7 @@ def main() -> int:
     from bench_vs_vllm import SMOL, cpu_description
 
     from engine import LLM, SamplingParams
-    from engine.ops.fast_path import PROGRAM_ENV
+    from engine.ops.fast_path import FAST_PATH_ENV
 
     model = Path(args.model)
     if args.model == "smol":
@@ -66,22 +66,22 @@ def main() -> int:
             engine_.add_request([rng.randrange(3, vocab) for _ in range(args.context)], params)
         for _ in range(3):  # the prompts, then the first decode steps
             engine_.step()
-        sides: dict[str, list[float]] = {"program": [], "modules": []}
+        sides: dict[str, list[float]] = {"fast path": [], "modules": []}
         for r in range(args.rounds):
-            order = ("program", "modules") if r % 2 == 0 else ("modules", "program")
+            order = ("fast path", "modules") if r % 2 == 0 else ("modules", "fast path")
             for side in order:
-                os.environ[PROGRAM_ENV] = "1" if side == "program" else "0"
+                os.environ[FAST_PATH_ENV] = "1" if side == "fast path" else "0"
                 start = time.perf_counter()
                 for _ in range(args.steps):
                     engine_.step()
                 sides[side].append((time.perf_counter() - start) / args.steps * 1000)
-        os.environ.pop(PROGRAM_ENV)
+        os.environ.pop(FAST_PATH_ENV)
         while engine_.has_unfinished_requests():
             engine_.step()
-        ratios = sorted(p / m for p, m in zip(sides["program"], sides["modules"], strict=True))
-        best = min(sides["program"]) / min(sides["modules"])
-        print(f"{args.dtype}, {batch} sequence(s), {args.context}-token prompts: program "
-              f"{' '.join(f'{t:.2f}' for t in sides['program'])} ms/step, modules "
+        ratios = sorted(f / m for f, m in zip(sides["fast path"], sides["modules"], strict=True))
+        best = min(sides["fast path"]) / min(sides["modules"])
+        print(f"{args.dtype}, {batch} sequence(s), {args.context}-token prompts: fast path "
+              f"{' '.join(f'{t:.2f}' for t in sides['fast path'])} ms/step, modules "
               f"{' '.join(f'{t:.2f}' for t in sides['modules'])} ms/step; best/best "
               f"{best:.2f}x the modules' time (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
