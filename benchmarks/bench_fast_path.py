@@ -1,14 +1,16 @@
-"""Decode steps on the fast path against the same steps through the modules.
+"""Steps on the fast path against the same steps through the modules.
 
     python benchmarks/bench_fast_path.py                           # smol, bf16, 1 and 32 rows
     python benchmarks/bench_fast_path.py --dtype float32 --batch 1
     python benchmarks/bench_fast_path.py --model model.Q8_0.gguf --batch 1,4
+    python benchmarks/bench_fast_path.py --batch "" --prompts --context 256   # prompt steps
 
 One engine, one process: `--batch` sequences with fresh prompts decode, and rounds
 of `--steps` engine steps alternate between ``ENGINE_FAST_PATH=1`` (the fast
 path, docs/fast-path.md) and ``=0`` (every layer through its modules),
-the first side swapping every round. Both sides run the same kernels on the same
-weights and caches, so the difference is the Python between the kernels. Prints
+the first side swapping every round; with --prompts, so do rounds of fresh
+prompts with one output token each (TTFT). Both sides run the same kernels on the
+same weights and caches, so the difference is the Python between the kernels. Prints
 each side's wall time per step for every round, the best-to-best ratio and the
 range of the per-round ratios, with the CPU model and the load average.
 """
@@ -39,6 +41,9 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=200, help="prompt tokens per sequence")
     ap.add_argument("--steps", type=int, default=30, help="decode steps per round and side")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--prompts", action="store_true",
+                    help="also time fresh --context-token prompts with one output token "
+                         "(what TTFT measures), --steps a round and side")
     args = ap.parse_args()
 
     import bench_generate
@@ -58,7 +63,32 @@ def main() -> int:
     vocab = llm.get_tokenizer().vocab_size
     rng = random.Random(0)
     print(f"{cpu_description()}; load average {os.getloadavg()[0]:.1f}")
-    for batch in (int(b) for b in args.batch.split(",")):
+
+    def alternate(measure) -> dict[str, list[float]]:
+        """`measure()` (ms) for --rounds rounds a side, the first side swapping."""
+        sides: dict[str, list[float]] = {"fast path": [], "modules": []}
+        for r in range(args.rounds):
+            for side in ("fast path", "modules") if r % 2 == 0 else ("modules", "fast path"):
+                os.environ[FAST_PATH_ENV] = "1" if side == "fast path" else "0"
+                sides[side].append(measure())
+        os.environ.pop(FAST_PATH_ENV)
+        return sides
+
+    def report(what: str, unit: str, sides: dict[str, list[float]]) -> None:
+        ratios = sorted(f / m for f, m in zip(sides["fast path"], sides["modules"], strict=True))
+        best = min(sides["fast path"]) / min(sides["modules"])
+        print(f"{args.dtype}, {what}: fast path "
+              f"{' '.join(f'{t:.2f}' for t in sides['fast path'])} {unit}, modules "
+              f"{' '.join(f'{t:.2f}' for t in sides['modules'])} {unit}; best/best "
+              f"{best:.2f}x the modules' time (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})")
+
+    def steps_ms() -> float:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine_.step()
+        return (time.perf_counter() - start) / args.steps * 1000
+
+    for batch in (int(b) for b in args.batch.split(",") if b):
         # enough tokens for every round: the sequences never finish mid-measurement
         params = SamplingParams(temperature=0, ignore_eos=True,
                                 max_tokens=2 * args.rounds * args.steps + 8)
@@ -66,24 +96,26 @@ def main() -> int:
             engine_.add_request([rng.randrange(3, vocab) for _ in range(args.context)], params)
         for _ in range(3):  # the prompts, then the first decode steps
             engine_.step()
-        sides: dict[str, list[float]] = {"fast path": [], "modules": []}
-        for r in range(args.rounds):
-            order = ("fast path", "modules") if r % 2 == 0 else ("modules", "fast path")
-            for side in order:
-                os.environ[FAST_PATH_ENV] = "1" if side == "fast path" else "0"
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    engine_.step()
-                sides[side].append((time.perf_counter() - start) / args.steps * 1000)
-        os.environ.pop(FAST_PATH_ENV)
+        sides = alternate(steps_ms)
         while engine_.has_unfinished_requests():
             engine_.step()
-        ratios = sorted(f / m for f, m in zip(sides["fast path"], sides["modules"], strict=True))
-        best = min(sides["fast path"]) / min(sides["modules"])
-        print(f"{args.dtype}, {batch} sequence(s), {args.context}-token prompts: fast path "
-              f"{' '.join(f'{t:.2f}' for t in sides['fast path'])} ms/step, modules "
-              f"{' '.join(f'{t:.2f}' for t in sides['modules'])} ms/step; best/best "
-              f"{best:.2f}x the modules' time (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})")
+        report(f"{batch} sequence(s) decoding after {args.context}-token prompts", "ms/step",
+               sides)
+    if args.prompts:
+        one_token = SamplingParams(temperature=0, max_tokens=1)
+
+        def prompts_ms() -> float:  # best of --steps fresh prompts, one at a time
+            best = float("inf")
+            for _ in range(args.steps):
+                prompt = [rng.randrange(3, vocab) for _ in range(args.context)]
+                start = time.perf_counter()
+                llm.generate([prompt], one_token, use_tqdm=False)
+                best = min(best, time.perf_counter() - start)
+            return best * 1000
+
+        prompts_ms()  # this length's first prompt (kernels for its shapes)
+        report(f"a fresh {args.context}-token prompt, 1 token (best of {args.steps})",
+               "ms", alternate(prompts_ms))
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     return 0
 
