@@ -4,6 +4,7 @@ and helpers every backend shares."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,6 +42,16 @@ class AttentionImpl(ABC):
                 value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         """Attention output [T, num_heads * head_size]."""
+
+    def fast_fn(self, layer: torch.nn.Module) -> Callable[
+            [torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor | None] | None:
+        """Optional: `forward` for a model's fast path (engine.ops.fast_path),
+        bound once to `layer`: ``run(query, key, value, attn_metadata)`` must return
+        exactly what ``forward(layer, query, key, value, layer.kv_cache,
+        attn_metadata)`` would, or None having changed nothing (then `forward`
+        runs). Read ``layer.kv_cache`` at every call (caches are rebound without
+        rebuilding fast paths). By default None: `forward` is called."""
+        return None
 
 
 class AttentionBackend(ABC):

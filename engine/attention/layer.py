@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 
@@ -58,6 +60,12 @@ class Attention(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         return self.impl.forward(self, query, key, value, self.kv_cache, attn_metadata)
+
+    def fast_fn(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata],
+                                    torch.Tensor | None] | None:
+        """`forward` for a model's fast path (engine.ops.fast_path): the
+        backend's `AttentionImpl.fast_fn`, when it has one."""
+        return self.impl.fast_fn(self)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, "

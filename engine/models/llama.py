@@ -9,7 +9,7 @@ stacks the checkpoint's separate tensors into them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from engine.attention import Attention, AttentionMetadata
 from engine.config import EngineConfig
 from engine.models.utils import load_stacked_weights
 from engine.ops import (
+    ColumnParallelLinear,
     MergedColumnParallelLinear,
     ParallelLMHead,
     QKVParallelLinear,
@@ -30,7 +31,8 @@ from engine.ops import (
     VocabParallelEmbedding,
     rope_parameters_from_hf,
 )
-from engine.ops.linear import divide, tp_world_size_and_rank
+from engine.ops.fast_path import fast_path_enabled, fast_path_key, hooks_present
+from engine.ops.linear import divide, fast_linear_fn, tp_world_size_and_rank
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +172,74 @@ class LlamaDecoderLayer(nn.Module):
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
+    def fast_fn(self, dtype: torch.dtype) -> _LayerFn:
+        """`forward` from its ops' fast forms (engine.ops.fast_path); an op without
+        one, or an input its fast form does not take, runs the op's own forward
+        (no module call: the model checks for hooks before it takes the fast path)."""
+        attn, mlp = self.self_attn, self.mlp
+        sizes = [attn.q_size, attn.kv_size, attn.kv_size]
+        norm_in = _norm_fn(self.input_layernorm, dtype)
+        norm_post = _norm_fn(self.post_attention_layernorm, dtype)
+        qkv = _linear_fn(attn.qkv_proj, dtype)
+        o_proj = _linear_fn(attn.o_proj, dtype)
+        down = _linear_fn(mlp.down_proj, dtype)
+        rotary = attn.rotary_emb.fast_fn(dtype) or attn.rotary_emb.forward
+        attend = attn.attn.fast_fn()
+        attn_forward = attn.attn.forward
+        gate_up, gate_up_module = fast_linear_fn(mlp.gate_up_proj, dtype), mlp.gate_up_proj
+        act = mlp.act_fn.fast_fn(dtype) or mlp.act_fn.forward
+        act_module = mlp.act_fn
+
+        def run(positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None,
+                md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+            x, residual = norm_in(hidden_states, residual)
+            q, k, v = qkv(x).split(sizes, dim=-1)
+            q, k = rotary(positions, q, k)
+            out = attend(q, k, v, md) if attend is not None else None
+            if out is None:
+                out = attn_forward(q, k, v, md)
+            x, residual = norm_post(o_proj(out), residual)
+            gated = gate_up(x) if gate_up is not None else None
+            # as LlamaMLP: the fused SiLU-and-mul path for what the few-row kernels
+            # do not take (prompt rows)
+            mlp_in = (act(gated) if gated is not None
+                      else gate_up_module.silu_and_mul(x, act_module))
+            return down(mlp_in), residual
+
+        return run
+
+
+def _norm_fn(norm: RMSNorm, dtype: torch.dtype) -> Callable[
+        [torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]:
+    """`norm`'s fast form, else its forward with the layer's residual convention."""
+    fast = norm.fast_fn(dtype)
+    if fast is not None:
+        return fast
+
+    def run(x: torch.Tensor,
+            residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return norm.forward(x), x
+        return norm.forward(x, residual)
+
+    return run
+
+
+def _linear_fn(layer: ColumnParallelLinear | RowParallelLinear,
+               dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`layer`'s fast form, falling back to its forward for the rows it does not take."""
+    fast = fast_linear_fn(layer, dtype)
+    forward = layer.forward
+    if fast is None:
+        return forward
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = fast(x)
+        return forward(x) if out is None else out
+
+    return run
+
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaArchConfig, max_position: int, prefix: str = "model") -> None:
@@ -183,15 +253,69 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(cfg, rotary_emb, prefix=f"{prefix}.layers.{i}")
             for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # the layers' fast path (engine.ops.fast_path): built at the first step
+        self.fast_path: _FastPath | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
         residual = None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual, attn_metadata)
+        fast = self._fast_path(positions, hidden_states.dtype)
+        if fast is None:
+            for layer in self.layers:
+                hidden_states, residual = layer(positions, hidden_states, residual, attn_metadata)
+        else:
+            layers, rotary = fast
+            rotary.cover(positions)  # once for every layer
+            for run in layers:
+                hidden_states, residual = run(positions, hidden_states, residual, attn_metadata)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
+
+    def _fast_path(self, positions: torch.Tensor, dtype: torch.dtype
+                   ) -> tuple[list[_LayerFn], RotaryEmbedding] | None:
+        """This step's fast path (the layers' fast forms and their shared rotary
+        op), built or rebuilt as needed; None when the step must run through the
+        modules (see engine.ops.fast_path)."""
+        if (positions.dtype != torch.int64 or positions.dim() != 1
+                or torch.compiler.is_compiling() or not fast_path_enabled()):
+            return None
+        fast, key = self.fast_path, (dtype, *fast_path_key())
+        if fast is None or fast.key != key:
+            fast = self.fast_path = _FastPath.build(self, dtype, key)
+        if fast.rotary is None or hooks_present(fast.modules):
+            return None
+        return fast.layers, fast.rotary
+
+
+_LayerFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, AttentionMetadata],
+                    tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class _FastPath:
+    """A `LlamaModel`'s decoder layers as fast forms (`LlamaDecoderLayer.fast_fn`);
+    ``rotary=None`` where the model's structure is not the one they reproduce (a
+    subclass's layers), and its steps run through the modules."""
+
+    key: tuple[Any, ...]  # the activations' dtype, then `fast_path_key()`
+    layers: list[_LayerFn]
+    modules: list[nn.Module]  # every module the layers' fast forms stand for
+    rotary: RotaryEmbedding | None  # shared by every layer
+
+    @classmethod
+    def build(cls, model: LlamaModel, dtype: torch.dtype, key: tuple[Any, ...]) -> _FastPath:
+        layers = [layer for layer in model.layers if isinstance(layer, LlamaDecoderLayer)]
+        rotary = layers[0].self_attn.rotary_emb if layers else None
+        expected = len(layers) == len(model.layers) and all(
+            type(layer) is LlamaDecoderLayer and type(layer.self_attn) is LlamaAttention
+            and type(layer.mlp) is LlamaMLP
+            and layer.self_attn.rotary_emb is rotary  # one `cover` for every layer
+            for layer in layers)
+        if not expected or rotary is None:
+            return cls(key, [], [], None)
+        modules = [m for layer in layers for m in layer.modules()]
+        return cls(key, [layer.fast_fn(dtype) for layer in layers], modules, rotary)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +28,21 @@ class SiluAndMul(CustomOp):
         out = rows.new_empty((rows.shape[0], rows.shape[1] // 2))
         torch.ops.engine_kernels.silu_and_mul(out, rows)
         return out.view(*x.shape[:-1], x.shape[-1] // 2)
+
+    def fast_fn(self, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """`forward_cpu`'s kernel call for a model's fast path (engine.ops.fast_path), on
+        contiguous [T, 2 * d] rows of `dtype`; None where this op does not run
+        `forward_cpu` or the kernels cannot take `dtype`."""
+        if not self.uses_cpu_forward() or not usable_for(torch.empty(0, dtype=dtype)):
+            return None
+        silu_and_mul = torch.ops.engine_kernels.silu_and_mul
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            out = x.new_empty((x.shape[0], x.shape[1] // 2))
+            silu_and_mul(out, x)
+            return out
+
+        return run
 
     def uses_cpu_forward(self) -> bool:
         """Whether this op computes by `forward_cpu` of this class (not disabled, not

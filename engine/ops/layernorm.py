@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 
@@ -51,6 +53,33 @@ class RMSNorm(CustomOp):
             out, new_residual, rows, residual.reshape(-1, self.hidden_size), self.weight,
             self.variance_epsilon)
         return out.view(x.shape), new_residual.view(x.shape)
+
+    def fast_fn(self, dtype: torch.dtype) -> Callable[
+            [torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]] | None:
+        """`forward_cpu`'s kernel calls for a model's fast path (engine.ops.fast_path):
+        ``run(x, residual)`` on contiguous [T, hidden] rows of `dtype` returns
+        ``(normalised, residual)`` (`x` itself as the residual when `residual` is
+        None). None where this op does not run `forward_cpu` or the kernels cannot
+        take its weight."""
+        weight = self.weight
+        if (getattr(self._forward_method, "__func__", None) is not RMSNorm.forward_cpu
+                or weight.dtype != dtype or not weight.is_contiguous() or not usable_for(weight)):
+            return None
+        eps = self.variance_epsilon
+        rms_norm = torch.ops.engine_kernels.rms_norm
+        fused_add_rms_norm = torch.ops.engine_kernels.fused_add_rms_norm
+
+        def run(x: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            out = torch.empty_like(x)
+            if residual is None:
+                rms_norm(out, x, weight, eps)
+                return out, x
+            new_residual = torch.empty_like(x)
+            fused_add_rms_norm(out, new_residual, x, residual, weight, eps)
+            return out, new_residual
+
+        return run
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.variance_epsilon}"

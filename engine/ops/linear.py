@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from engine.kernels import portable_forced, usable_for
 from engine.ops.activation import SiluAndMul
+from engine.ops.fast_path import forget_fast_paths
 from engine.ops.weight_memory import empty_weight
 from engine.quantization import QuantizedTensor, QuantizedWeight, add_rows
 from engine.utils import pad_rows_to_bucket
@@ -109,17 +110,19 @@ FP32_GEMV_MAX_ROWS = 32
 
 
 def plain_linear(x: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, portable: bool | None = None) -> torch.Tensor:
     """``x W^T + b`` on an unpacked weight: F.linear, except that float32
     decode-sized products (up to FP32_GEMV_MAX_ROWS rows) run the compiled
     float32 GEMV kernel when it is loaded. The kernel sums in another order than
-    BLAS (float32 reassociation); ``ENGINE_CPU_KERNELS=0`` keeps F.linear."""
+    BLAS (float32 reassociation); ``ENGINE_CPU_KERNELS=0`` keeps F.linear.
+    `portable` (default: `portable_forced`) selects the kernel's portable code."""
     if (x.dtype == torch.float32 and x.dim() == 2 and 0 < x.shape[0] <= FP32_GEMV_MAX_ROWS
             and weight.dim() == 2):
         operands = (x, weight) if bias is None else (x, weight, bias)
         if usable_for(*operands) and x.is_contiguous() and weight.is_contiguous():
             out = x.new_empty((x.shape[0], weight.shape[0]))
-            torch.ops.engine_kernels.fp32_gemv(out, x, weight, bias, portable_forced())
+            torch.ops.engine_kernels.fp32_gemv(
+                out, x, weight, bias, portable_forced() if portable is None else portable)
             return out
     return F.linear(x, weight, bias)
 
@@ -175,19 +178,22 @@ def amx_prompt_silu_and_mul(x: torch.Tensor, bias: torch.Tensor | None,
 
 
 def few_rows_linear(x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor | None,
-                    amx_packed: torch.Tensor | None = None) -> torch.Tensor | None:
+                    amx_packed: torch.Tensor | None = None,
+                    portable: bool | None = None) -> torch.Tensor | None:
     """``x W^T + b`` by the compiled kernels when `x` has few rows (a decode step)
-    and they apply; None when the product belongs to oneDNN (`onednn_linear`)."""
+    and they apply; None when the product belongs to oneDNN (`onednn_linear`).
+    `portable` (default: `portable_forced`) selects the kernels' portable code."""
     rows = x.shape[0] if x.dim() == 2 else 0
     if weight is None or not 0 < rows <= max(FP32_GEMV_MAX_ROWS, AMX_MAX_ROWS):
         return None
     if x.dtype == torch.float32 and rows <= FP32_GEMV_MAX_ROWS:
-        return plain_linear(x, weight, bias)
+        return plain_linear(x, weight, bias, portable)
     if x.dtype == torch.bfloat16 and rows <= AMX_MAX_ROWS:
         operands = (x, weight) if bias is None else (x, weight, bias)
         if usable_for(*operands) and x.is_contiguous():
             # ENGINE_KERNEL_PATH=portable: the GEMV kernel's portable code, no AMX
-            portable = portable_forced()
+            if portable is None:
+                portable = portable_forced()
             amx = amx_packed is not None and not portable
             gemv_rows = GEMV_FIRST_ROWS if amx else GEMV_MAX_ROWS
             if rows <= gemv_rows and weight.is_contiguous():
@@ -289,7 +295,37 @@ def pack_linear_weights(model: nn.Module) -> int:
                 module.packed_weight = pack_weight(module.weight)
             module.amx_weight = pack_weight_for_amx(module.weight)
             packed += 1
+    forget_fast_paths(model)  # their fast forms hold the weights as they were
     return packed
+
+
+def fast_linear_fn(layer: ColumnParallelLinear | RowParallelLinear,
+                     dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+    """`layer`'s product for a model's fast path (engine.ops.fast_path): ``run(x)`` on
+    contiguous [T, in] rows of `dtype` returns what the layer's forward would, or
+    None for a row count its kernel does not take (the caller then runs the
+    layer). None when the layer has no fast form: a subclass of its own, LoRA,
+    tensor parallelism, a quantization method without one, or a weight that
+    forward multiplies with F.linear."""
+    if (type(layer) not in _FAST_LINEAR_CLASSES or layer.lora is not None
+            or layer.tp_size != 1):
+        return None
+    bias = layer.bias
+    if layer.quant_weight is not None:
+        return layer.quant_weight.fast_fn(bias, dtype)
+    weight, amx = layer.weight, layer.amx_weight
+    packed = layer.packed_weight is not None or getattr(layer, "packed_gate", None) is not None
+    # forward takes `few_rows_linear` on a packed weight, `plain_linear` on a
+    # float32 one (the same GEMV kernel); a bfloat16 weight oneDNN could not pack
+    # stays on F.linear
+    if not (packed or dtype is torch.float32) or weight.dtype != dtype:
+        return None
+    portable = portable_forced()
+
+    def run(x: torch.Tensor) -> torch.Tensor | None:
+        return few_rows_linear(x, bias, weight, amx, portable)
+
+    return run
 
 
 def _new_param(*shape: int, loader) -> nn.Parameter:
@@ -544,3 +580,8 @@ class RowParallelLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.input_size_per_partition} (of {self.input_size}), "
                 f"out={self.output_size}, bias={self.bias is not None}")
+
+
+# the classes whose forward `fast_linear_fn` reproduces (a subclass may change it)
+_FAST_LINEAR_CLASSES = (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
+                        RowParallelLinear)

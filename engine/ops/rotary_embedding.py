@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -151,6 +152,30 @@ class RotaryEmbedding(CustomOp):
         torch.ops.engine_kernels.rotary_embedding(
             q_out, k_out, positions, q, k, self.cos_sin_cache, self.head_size)
         return q_out.view(query.shape), k_out.view(key.shape)
+
+    def fast_fn(self, dtype: torch.dtype) -> Callable[
+            [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+        """`forward_cpu`'s kernel call for a model's fast path (engine.ops.fast_path):
+        ``run(positions, query, key)`` on [T, H*D] / [T, Hkv*D] rows of `dtype` (views
+        into a fused q/k/v output are fine) returns new contiguous query and key
+        tensors. The caller covers the step's positions once (`cover`) before the
+        first layer. None where this op does not run `forward_cpu`'s kernel."""
+        if (getattr(self._forward_method, "__func__", None) is not RotaryEmbedding.forward_cpu
+                or self.rotary_dim % 2 or self.cos_sin_cache.dtype != torch.float32
+                or not usable_for(torch.empty(0, dtype=dtype))):
+            return None
+        rotary_embedding = torch.ops.engine_kernels.rotary_embedding
+        head_size = self.head_size
+
+        def run(positions: torch.Tensor, query: torch.Tensor,
+                key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            q_out = query.new_empty(query.shape)
+            k_out = key.new_empty(key.shape)
+            # the table is read at every call: `cover` may have grown it
+            rotary_embedding(q_out, k_out, positions, query, key, self.cos_sin_cache, head_size)
+            return q_out, k_out
+
+        return run
 
     def _cos_sin(self, positions: torch.Tensor,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ for the K-quants.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -194,6 +194,30 @@ class GGMLBlockMethod(QuantizationMethod):
             torch.ops.engine_kernels.ggml_linear.default(out, x2, stored, self.type_id, bias,
                                                          path, interleaved)
         return out if x2 is x else out.reshape(*x.shape[:-1], weight.shape[0])
+
+    def fast_fn(self, weight: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                  max_rows: int) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+        """`linear`'s block-kernel call with the storage, the kernel path
+        (``ENGINE_QUANT_KERNEL_PATH`` read once) and the row limit decided here."""
+        if (dtype is not torch.bfloat16 and dtype is not torch.float32) or not kernel_paths() \
+                or (bias is not None and bias.dtype != dtype):
+            return None
+        stored, interleaved = self._stored(weight)
+        path = kernel_path(dtype)
+        wide = interleaved and path == _VNNI and dtype is torch.bfloat16
+        limit = min(max_rows, MAX_INTERLEAVED_ROWS if wide else MAX_KERNEL_ROWS)
+        out_features, type_id = weight.shape[0], self.type_id
+        ggml_linear = torch.ops.engine_kernels.ggml_linear.default
+
+        def run(x: torch.Tensor) -> torch.Tensor | None:
+            rows = x.shape[0]
+            if rows > limit:
+                return None
+            out = x.new_empty((rows, out_features))
+            ggml_linear(out, x, stored, type_id, bias, path, interleaved)
+            return out
+
+        return run
 
     def embedding(self, weight: QuantizedTensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = ids.reshape(-1).to(torch.long).contiguous()

@@ -11,7 +11,7 @@ compares `linear` with). The engine calls nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
@@ -122,6 +122,16 @@ class QuantizationMethod:
         """``x @ W.T + bias`` for x [T, K] in the model's dtype; returns [T, N]
         in x's dtype."""
         raise NotImplementedError(f"{type(self).__qualname__}.linear")
+
+    def fast_fn(self, weight: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                  max_rows: int) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+        """Optional: `linear` for decode steps, bound once to `weight` and `bias`
+        (a model's fast path, engine.ops.fast_path): ``run(x)`` on contiguous
+        [T, K] rows of `dtype` must return exactly what ``linear(weight, x, bias)``
+        would, or None (then `linear` runs) — always None past `max_rows` rows.
+        Worth it where `linear`'s own Python is a noticeable part of a small
+        kernel call. By default None: `linear` is called."""
+        return None
 
     def dequantize(self, weight: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [N, K] that `weight` stands for."""

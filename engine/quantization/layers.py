@@ -10,6 +10,7 @@ quantizes its float weight after loading. The float parameter is then released
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Protocol, cast
 
 import torch
@@ -89,6 +90,16 @@ class QuantizedWeight:
             part_bias = None if bias is None else bias[offset:offset + rows.shape[0]]
             outs.append(rows.method.linear(rows, x, part_bias))
         return torch.cat(outs, dim=-1)
+
+    def fast_fn(self, bias: torch.Tensor | None,
+                  dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+        """`linear` for a model's fast path (engine.ops.fast_path): the method's own
+        `QuantizationMethod.fast_fn` for a weight of one range, taking rows up to
+        `PAD_ABOVE_ROWS` (more are padded by `linear`); None otherwise."""
+        if len(self.parts) != 1:
+            return None
+        rows = self.parts[0][1]
+        return rows.method.fast_fn(rows, bias, dtype, PAD_ABOVE_ROWS)
 
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if len(self.parts) != 1:

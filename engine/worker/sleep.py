@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from engine import _malloc
+from engine.ops.fast_path import forget_fast_paths
 from engine.ops.weight_memory import empty_weight
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ def offload_weights(model: nn.Module, keep: bool) -> OffloadedWeights:
     on a disk, not a tmpfs, or the memory only moves). Tensors that share
     memory (tied weights) are written once and share it again after
     `restore_weights`."""
+    forget_fast_paths(model)  # a fast path holds the weights it was built with
     out = OffloadedWeights(file=tempfile.TemporaryFile(prefix="engine-sleep-") if keep else None)
     seen: dict[tuple, int] = {}
     offset = 0

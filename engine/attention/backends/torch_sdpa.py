@@ -23,6 +23,7 @@ tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ from engine.attention.backend import (
     write_kv_cache,
 )
 from engine.attention.metadata import AttentionMetadata
-from engine.kernels import portable_forced
+from engine.kernels import kernels_available, portable_forced
 from engine.utils import shape_bucket
 
 # The fixed cost of one decode bucket (two gathers, the SDPA call, the scatter back),
@@ -150,8 +151,6 @@ def _use_kernel(kv_cache: torch.Tensor) -> bool:
     cache in float32 or bfloat16 and the compiled kernels loaded."""
     if kv_cache.device.type != "cpu" or kv_cache.dtype not in (torch.float32, torch.bfloat16):
         return False
-    from engine.kernels import kernels_available
-
     return kernels_available()
 
 
@@ -251,6 +250,38 @@ class TorchSDPAImpl(AttentionImpl):
         for p in plan.prefills:
             out[p.rows] = self._prefill(q[p.rows], k[p.rows], v[p.rows], kv_cache, p)
         return out.view(-1, self.num_heads * self.head_size)
+
+    def fast_fn(self, layer: torch.nn.Module) -> Callable[
+            [torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor | None] | None:
+        """`forward`'s path for a step whose rows all decode on the compiled paged
+        decode kernel (the step's plan, shared by every layer, says so): the cache
+        write and the kernel call, ``ENGINE_KERNEL_PATH`` read once. Any other
+        step returns None before touching anything."""
+        if type(self) is not TorchSDPAImpl or not kernels_available():
+            return None
+        num_heads, num_kv_heads, head_size = self.num_heads, self.num_kv_heads, self.head_size
+        scale, portable = self.scale, portable_forced()
+        attend = torch.ops.engine_kernels.paged_decode_attention
+
+        def run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                md: AttentionMetadata) -> torch.Tensor | None:
+            kv_cache = layer.kv_cache
+            plan = md.backend_state.get("TORCH_SDPA")
+            if plan is None:
+                plan = md.backend_state["TORCH_SDPA"] = _plan(md, kv_cache)
+            index = plan.kernel_decode
+            if (index is None or plan.decode or plan.prefills or plan.kernel_prefill is not None
+                    or kv_cache.numel() == 0):
+                return None
+            tokens = query.shape[0]
+            write_kv_cache(kv_cache, key.view(tokens, num_kv_heads, head_size),
+                           value.view(tokens, num_kv_heads, head_size), md.slot_mapping)
+            out = query.new_empty((tokens, num_heads, head_size))
+            attend(out, query.view(tokens, num_heads, head_size), kv_cache, md.block_tables,
+                   md.seq_lens_tensor, md.query_start_loc, index, scale, portable)
+            return out.view(tokens, num_heads * head_size)
+
+        return run
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, bucket: _DecodeBucket,
                 scratch: torch.Tensor) -> torch.Tensor:

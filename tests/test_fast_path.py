@@ -1,0 +1,219 @@
+"""Fast paths (engine.ops.fast_path): a model's steps run from its ops' fast forms,
+without module calls.
+
+Each comparison runs the model's forward twice on one real step of a real engine
+(its inputs captured as the model runner passes them), with ``ENGINE_FAST_PATH=0``
+(through the modules) and ``=1`` (the fast path): the hidden states must be equal
+bit for bit, on decode steps over every weight kind the fast forms take (bfloat16
+and float32 GEMV/AMX kernels, GGUF blocks), on row counts past each kernel's limit
+(where a fast form hands the product back to its layer), on prompt steps (whole
+prompts, a prefix-cache hit, prompts next to decoding rows), under
+``ENGINE_KERNEL_PATH=portable``, without the compiled kernels, and with a forward
+hook (which must still run)."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import subprocess_env
+from test_gguf import write_gguf
+
+from engine import LLM, SamplingParams
+from engine.ops.fast_path import FAST_PATH_ENV
+
+pytestmark = pytest.mark.usefixtures("compiled")  # the fast forms are the kernels' calls
+
+
+def _capture_decode_step(llm: LLM, batch: int) -> tuple[torch.nn.Module, tuple]:
+    """The model and the inputs of one decode step of `batch` sequences (fresh
+    prompts of different lengths, every prompt already computed)."""
+    engine = llm.llm_engine
+    rng = random.Random(batch)
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    for _ in range(batch):
+        engine.add_request([rng.randrange(3, 1000) for _ in range(rng.randrange(3, 40))], params)
+    for _ in range(3):  # the prompts (one step), then decode steps
+        engine.step()
+    model, args = _capture_step(llm)
+    assert args[2].max_query_len == 1, "not a decode step"
+    return model, args
+
+
+def _capture_step(llm: LLM) -> tuple[torch.nn.Module, tuple]:
+    """The model and the inputs of the engine's next step."""
+    model = llm.llm_engine.executor.worker.model_runner.model
+    captured: list[tuple] = []
+    handle = model.register_forward_pre_hook(lambda _module, args: captured.append(args))
+    llm.llm_engine.step()
+    handle.remove()
+    (args,) = captured
+    return model, args
+
+
+def _both_ways(model: torch.nn.Module, args: tuple,
+               monkeypatch: pytest.MonkeyPatch) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode():
+        monkeypatch.setenv(FAST_PATH_ENV, "0")
+        through_modules = model(*args)
+        monkeypatch.setenv(FAST_PATH_ENV, "1")
+        fast = model(*args)
+    return through_modules, fast
+
+
+@pytest.fixture(scope="module")
+def wide_llama(make_hf_model) -> Path:
+    """Rows of 256 values (GGUF K-quant blocks), tied embeddings like SmolLM2."""
+    return make_hf_model("llama", hidden_size=256, intermediate_size=512,
+                         tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize(("arch", "dtype", "batch"), [
+    ("llama", "float32", 1),  # the float32 GEMV
+    ("llama", "bfloat16", 2),  # the bf16 GEMV
+    ("llama", "bfloat16", 20),  # the AMX kernel (where the CPU has it), else oneDNN
+    ("llama", "float32", 40),  # past the float32 GEMV's rows: oneDNN, through the layer
+    ("qwen2", "bfloat16", 3),  # q/k/v biases
+])
+def test_decode_steps_equal_the_modules_bit_for_bit(make_hf_model, monkeypatch, arch, dtype,
+                                                    batch):
+    with LLM(make_hf_model(arch), dtype=dtype, kv_cache_memory=1 << 22,
+             enable_prefix_caching=False) as llm:
+        model, args = _capture_decode_step(llm, batch)
+        through_modules, fast = _both_ways(model, args, monkeypatch)
+        fast_path = model.model.fast_path
+    assert fast_path is not None and fast_path.rotary is not None and fast_path.layers  # it ran
+    assert torch.equal(through_modules, fast)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_prompt_steps_equal_the_modules_bit_for_bit(make_hf_model, monkeypatch, dtype):
+    """Whole fresh prompts in one step; then, next to those decoding, a prompt that
+    starts with one of theirs (a prefix-cache hit) and a fresh one."""
+    rng = random.Random(1)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    with LLM(make_hf_model("llama"), dtype=dtype, kv_cache_memory=1 << 22) as llm:
+        prompts = [[rng.randrange(3, 1000) for _ in range(n)] for n in (3, 70, 200)]
+        for prompt in prompts:
+            llm.llm_engine.add_request(prompt, params)
+        model, args = _capture_step(llm)
+        assert args[2].max_query_len == 200
+        whole = _both_ways(model, args, monkeypatch)
+        llm.llm_engine.step()
+        llm.llm_engine.add_request(prompts[2][:160] + [7, 8, 9], params)  # 10 cached blocks
+        llm.llm_engine.add_request([rng.randrange(3, 1000) for _ in range(50)], params)
+        model, args = _capture_step(llm)
+        assert 1 in args[2].query_lens and max(args[2].query_lens) == 50
+        mixed = _both_ways(model, args, monkeypatch)
+    assert torch.equal(*whole) and torch.equal(*mixed)
+
+
+@pytest.mark.parametrize(("qtype", "dtype", "batch"), [
+    ("Q8_0", "bfloat16", 2),  # interleaved blocks, int8 activations
+    ("Q4_1", "bfloat16", 20),  # past the block kernel's rows: padded, through the layer
+    ("Q4_K", "float32", 1),  # a K-quant, float activations
+])
+def test_decode_steps_equal_the_modules_on_gguf_blocks(wide_llama, tmp_path, monkeypatch,
+                                                       qtype, dtype, batch):
+    path = write_gguf(wide_llama, tmp_path / f"tiny-{qtype}.gguf", qtype)
+    with LLM(str(path), dtype=dtype, kv_cache_memory=1 << 22,
+             enable_prefix_caching=False) as llm:
+        assert llm.llm_engine.quantized_layers()["model.layers.0.mlp.down_proj"] == [qtype.lower()]
+        model, args = _capture_decode_step(llm, batch)
+        through_modules, fast = _both_ways(model, args, monkeypatch)
+    assert torch.equal(through_modules, fast)
+
+
+def test_without_the_kernels_the_fast_path_runs_the_modules_forwards(make_hf_model):
+    """ENGINE_CPU_KERNELS=0 (or kernels not built yet), in a process that never
+    loaded them: no op has a fast form, the fast path calls each module's forward
+    (the reference path) and decodes what the modules decode."""
+    script = textwrap.dedent(f"""
+        import os
+        from engine import LLM, SamplingParams
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        tokens = []
+        for flag in ("1", "0"):
+            os.environ["{FAST_PATH_ENV}"] = flag
+            with LLM({str(make_hf_model("llama"))!r}, dtype="float32",
+                     kv_cache_memory=1 << 22) as llm:
+                tokens.append([o.outputs[0].token_ids
+                               for o in llm.generate([[3, 4, 5], [9] * 20], params)])
+        assert tokens[0] == tokens[1], tokens
+        print("equal")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env=subprocess_env(ENGINE_CPU_KERNELS="0"))
+    assert result.returncode == 0 and "equal" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_changed_kernel_path_rebuilds_the_fast_path(make_hf_model, monkeypatch):
+    """ENGINE_KERNEL_PATH is read when a fast path is built: setting it between two
+    steps must reach the kernels as it reaches them through the modules."""
+    with LLM(make_hf_model("llama"), dtype="bfloat16", kv_cache_memory=1 << 22,
+             enable_prefix_caching=False) as llm:
+        model, args = _capture_decode_step(llm, 2)
+        _both_ways(model, args, monkeypatch)
+        before = model.model.fast_path
+        monkeypatch.setenv("ENGINE_KERNEL_PATH", "portable")
+        through_modules, fast = _both_ways(model, args, monkeypatch)
+        assert model.model.fast_path is not before
+        assert torch.equal(through_modules, fast)
+
+
+def test_a_forward_hook_still_runs_and_sees_the_same_step(make_hf_model, monkeypatch):
+    with LLM(make_hf_model("llama"), dtype="float32", kv_cache_memory=1 << 22,
+             enable_prefix_caching=False) as llm:
+        model, args = _capture_decode_step(llm, 2)
+        mlp = model.model.layers[1].mlp
+        seen: list[torch.Tensor] = []
+        handle = mlp.register_forward_hook(lambda _m, _a, out: seen.append(out.clone()))
+        try:
+            through_modules, fast = _both_ways(model, args, monkeypatch)
+        finally:
+            handle.remove()
+    assert len(seen) == 2  # a hook makes the step run through the modules, both times
+    assert torch.equal(seen[0], seen[1]) and torch.equal(through_modules, fast)
+
+
+def test_generation_is_the_same_with_and_without_the_fast_path(make_hf_model, monkeypatch):
+    """Whole requests, sampled and greedy, through `LLM.generate`."""
+    prompts = [[5, 17, 300, 41], [9] * 30, [600, 2, 77]]
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)]
+    runs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv(FAST_PATH_ENV, flag)
+        with LLM(make_hf_model("llama"), dtype="bfloat16", kv_cache_memory=1 << 22) as llm:
+            runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+    assert runs[0] == runs[1]
+
+
+def test_sleep_drops_the_fast_path_and_wake_up_builds_it_again(make_hf_model):
+    """The fast path holds the weights it was built with: sleep must drop it (or the
+    memory would stay), and the woken model decodes as before."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with LLM(make_hf_model("llama"), dtype="float32", enable_sleep_mode=True,
+             kv_cache_memory=1 << 22) as llm:
+        before = llm.generate([[3, 4, 5, 6]], params)[0].outputs[0].token_ids
+        model = llm.llm_engine.executor.worker.model_runner.model
+        assert model.model.fast_path is not None
+        llm.sleep(level=1)
+        assert model.model.fast_path is None
+        llm.wake_up()
+        after = llm.generate([[3, 4, 5, 6]], params)[0].outputs[0].token_ids
+        assert model.model.fast_path is not None
+    assert after == before
+
+
+def test_a_bad_value_names_the_variable(make_hf_model, monkeypatch):
+    monkeypatch.setenv(FAST_PATH_ENV, "yes")
+    with pytest.raises(ValueError, match=FAST_PATH_ENV):
+        with LLM(make_hf_model("llama"), dtype="float32", kv_cache_memory=1 << 22) as llm:
+            llm.generate([[3, 4, 5]], SamplingParams(max_tokens=3))
