@@ -19,8 +19,10 @@ It prints, per part, the wall time and the process's CPU time per call (median o
 - inside the forward, summed over the layers: the norms, q/k/v, rotary, the KV
   write, attention, the output projection, gate/up with SiLU-and-mul, down; what
   the parts leave of the forward is Python (module calls, views, slicing);
-- uninstrumented rounds (the same calls without the wrappers) so the wrappers'
-  own cost shows.
+- uninstrumented rounds (the same calls without the wrappers, on the model's fast
+  path where it has one: engine.ops.fast_path) so the wrappers' cost and the
+  modules' Python, which the instrumented rounds run (``ENGINE_FAST_PATH=0`` for
+  them), show.
 
 Then (unless --no-linears) each linear kind's achieved GFLOP/s in the model against
 the same modules called back to back in a tight loop and a plain oneDNN product of
@@ -246,6 +248,8 @@ def timed_call(llm, prompts, params) -> tuple[float, float, int]:
 
 
 def main() -> int:
+    if os.environ.get("ENGINE_FAST_PATH") == "0":
+        print("ENGINE_FAST_PATH=0: the uninstrumented rounds run the modules too")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--context", type=int, default=256)
@@ -261,6 +265,7 @@ def main() -> int:
     from bench_vs_vllm import KV_CACHE_GIB, SMOL, FreshPrompts
 
     from engine import LLM, SamplingParams
+    from engine.ops.fast_path import FAST_PATH_ENV
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -285,9 +290,15 @@ def main() -> int:
     plain = []
     for _ in range(args.rounds):  # alternate: uninstrumented, instrumented
         plain.append(timed_call(llm, fresh(args.context), params)[:2])
+        # the instrumented call runs the layers through their modules (the wrapped
+        # parts): the model's fast path would call its ops' kernels directly
+        os.environ[FAST_PATH_ENV] = "0"
         timers.enabled = True
-        llm.generate(fresh(args.context), params, use_tqdm=False)
-        timers.enabled = False
+        try:
+            llm.generate(fresh(args.context), params, use_tqdm=False)
+        finally:
+            timers.enabled = False
+            os.environ.pop(FAST_PATH_ENV)
         timers.end_call()
     print_breakdown(timers, plain)
     walls = sorted(p[0] for p in plain)
