@@ -83,12 +83,12 @@ void configure(int64_t rows0, int64_t rows1) {
 
 // C tiles of up to 32 rows of x (row stride K) against the weight blocks b0 and b1
 // over the k tiles [k0, k1): started from `from` (or zero), stored to `to`, both
-// [block][row][16] float32; `ahead` (or null): weight the next step reads,
-// prefetched meanwhile
+// [block][row][16] float32; `ahead0` and `ahead1` (or null): the two weight blocks
+// the next step reads, their k tiles prefetched meanwhile
 template <bool TWO_HALVES>
 inline void tile_products(const c10::BFloat16* x, int64_t K, const c10::BFloat16* b0,
                           const c10::BFloat16* b1, int64_t k0, int64_t k1, const float* from,
-                          float* to, const char* ahead) {
+                          float* to, const char* ahead0, const char* ahead1) {
   const int64_t x_stride = K * 2;  // bytes
   if (from) {
     _tile_loadd(0, from, 64);
@@ -106,9 +106,11 @@ inline void tile_products(const c10::BFloat16* x, int64_t K, const c10::BFloat16
     }
   }
   for (int64_t k = k0; k < k1; ++k) {
-    if (ahead)
-      for (int64_t line = 0; line < 2 * 1024 / 64; ++line)
-        _mm_prefetch(ahead + (k * 2 * 1024) + line * 64, _MM_HINT_T1);
+    if (ahead0)
+      for (int64_t line = 0; line < 1024 / 64; ++line) {
+        _mm_prefetch(ahead0 + k * 1024 + line * 64, _MM_HINT_T1);
+        _mm_prefetch(ahead1 + k * 1024 + line * 64, _MM_HINT_T1);
+      }
     // the second row half's A tile loads while the first half's products run
     _tile_loadd(6, b0 + k * kTileElems, 64);
     _tile_loadd(7, b1 + k * kTileElems, 64);
@@ -188,12 +190,12 @@ void linear_steps(const c10::BFloat16* x, const c10::BFloat16* packed,
       const c10::BFloat16* b0 = packed + nb * block_elems;
       const c10::BFloat16* b1 =
           GATED ? packed + (nb + gate_blocks) * block_elems : (pair ? b0 + block_elems : b0);
-      // the next step's weight, prefetched while the first rows compute (only the
-      // plain step's pair is contiguous; the gated step's halves are far apart)
-      const char* ahead =
-          GATED ? nullptr
-                : reinterpret_cast<const char*>(
-                      packed + std::min(nb + kBlocksPerStep, blocks - 1) * block_elems);
+      // the next step's two weight blocks, prefetched while the first rows compute
+      const int64_t next = GATED ? std::min(nb + 1, gate_blocks - 1)
+                                 : std::min(nb + kBlocksPerStep, blocks - 1);
+      const int64_t next1 = GATED ? next + gate_blocks : std::min(next + 1, blocks - 1);
+      const char* ahead0 = reinterpret_cast<const char*>(packed + next * block_elems);
+      const char* ahead1 = reinterpret_cast<const char*>(packed + next1 * block_elems);
       for (int64_t k0 = 0; k0 < kt; k0 += chunk) {
         const int64_t k1 = std::min(kt, k0 + chunk);
         const bool last = k1 == kt;
@@ -202,11 +204,13 @@ void linear_steps(const c10::BFloat16* x, const c10::BFloat16* packed,
           float* a = acc + (m0 / kMaxRows) * kAccElems;
           const float* from = k0 ? a : nullptr;
           float* to = last ? cbuf : a;
-          const char* pf = m0 == m_begin ? ahead : nullptr;
+          const bool first = m0 == m_begin;
+          const char* pf0 = first ? ahead0 : nullptr;
+          const char* pf1 = first ? ahead1 : nullptr;
           if (rows1)
-            tile_products<true>(xm, K, b0, b1, k0, k1, from, to, pf);
+            tile_products<true>(xm, K, b0, b1, k0, k1, from, to, pf0, pf1);
           else
-            tile_products<false>(xm, K, b0, b1, k0, k1, from, to, pf);
+            tile_products<false>(xm, K, b0, b1, k0, k1, from, to, pf0, pf1);
           if (last)
             store_rows<GATED>(cbuf, bias, out + m0 * N, std::min(kMaxRows, M - m0), N, nb,
                               pair, gate_blocks * kTileN);
