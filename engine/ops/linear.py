@@ -142,15 +142,20 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 # bf16 prompt chunks of more than AMX_MAX_ROWS and up to this many rows run the AMX
 # kernel on the tile-ordered copy too: it reads each weight from memory once per
-# call and prefetches ahead, where oneDNN's kernel stalls on a weight that the
-# layer before evicted (docs/prefill.md, "Time to first token"). Larger steps stay
-# on oneDNN. 0: never.
+# call, prefetching ahead, and splits the outputs between threads, where oneDNN's
+# kernel waits on weights the layer before evicted and its down projection does not
+# gain from a second thread (docs/prefill.md, "Time to first token, end to end").
+# The kernel reads x from L2 once per pair of output blocks, so x must fit there
+# beside the weight panel: at most AMX_PROMPT_MAX_X_BYTES of it (past that, e.g.
+# 512 x 1,536, oneDNN's blocking wins). Larger steps stay on oneDNN. 0: never.
 AMX_PROMPT_MAX_ROWS = 512
+AMX_PROMPT_MAX_X_BYTES = 768 << 10
 
 
 def _amx_prompt_rows(x: torch.Tensor, amx_packed: torch.Tensor | None) -> bool:
     return (amx_packed is not None and x.dim() == 2 and x.dtype == torch.bfloat16
-            and AMX_MAX_ROWS < x.shape[0] <= AMX_PROMPT_MAX_ROWS and x.is_contiguous()
+            and AMX_MAX_ROWS < x.shape[0] <= AMX_PROMPT_MAX_ROWS
+            and x.numel() * 2 <= AMX_PROMPT_MAX_X_BYTES and x.is_contiguous()
             and not portable_forced())
 
 
