@@ -8,10 +8,11 @@
 // Prompt-sized batches (more rows): each thread takes a range of output blocks and,
 // for each pair of them, runs every 32-row block of x against the pair's weight
 // panel (2 x K/32 tiles, 36 KiB for K = 576) while it sits in L1: the weight is
-// read from memory once per call, x (a few hundred KiB) from L2. oneDNN's kernel
-// on its own packed copy reads weight blocks again for each block of rows; with a
-// model's worth of distinct weights (none left in cache from the layer before) its
-// products ran 1.3-2x slower than the same product repeated on one weight.
+// read from memory once per call (the next pair's prefetched meanwhile), x (a few
+// hundred KiB) from L2, and the threads split the outputs. oneDNN's kernel, given a
+// model's worth of distinct weights (none left in cache from the layer before), ran
+// 1.3-2x slower than on one weight repeated, and its 256 x 1,536 -> 576 product
+// gained nothing from a second thread (docs/prefill.md, "Time to first token").
 //
 // engine_kernels::amx_pack_weight(weight [N, K]) -> packed [N / 16, K / 32, 16, 32]
 //     tile (n, k) row r holds, for the 16 outputs n*16+j, the pair
