@@ -31,9 +31,10 @@ the second time. Measurements (each round):
 Every table is printed with the CPU's model and the flags that choose kernel paths
 (AMX, AVX512-BF16, AVX512-VNNI, AVX-512, AVX2).
 
-Each side's turn starts SIDE_GAP_S after the other's last request: vLLM's OpenMP
-threads (pinned to the same cores) keep spinning after a request, and an engine
-request sent 0.2 s after one of vLLM's took 230 ms instead of 58-75 (docs/prefill.md).
+Each side's turn starts SIDE_GAP_S after the other's last request: vLLM keeps the
+cores busy for up to a second after a request (its pinned OpenMP threads spinning,
+most likely), and an engine request sent 0.2 s after one of vLLM's took 230 ms
+instead of 58-75 (docs/prefill.md).
 
 Both sides get the same KV cache size (2 GiB), two OpenMP threads (vLLM pins them
 to cores 0-1, as `VLLM_CPU_OMP_THREADS_BIND` requires), and the same weights, built
