@@ -46,8 +46,13 @@
   8 × 1,024 and 32 × 1,024, bf16 and float32, alternating over six rounds, the
   pages resident before timing.
 
+- the decode-attention kernel on the cache's layout against each KV head's rows of a
+  block stored together (`--parts kv_layout`, not in the default set): bf16, 32 x
+  300, the second layout simulated with one KV head per sequence (3x the
+  sequences), alternating over six rounds.
+
 ``--parts`` picks some of them (attention, linears, argmax, prefill, fp32, ggml,
-decode_attention, decode_resident, kv_pages).
+decode_attention, decode_resident, kv_pages, kv_layout).
 
 Times are the mean over the repetitions, after a warm-up; the machine's load is
 printed with them.
@@ -362,6 +367,39 @@ def decode_attention_pages(torch) -> None:
                   + f" 4k/2m {min(sides['4k']) / min(sides['2m']):.2f}x", flush=True)
 
 
+def decode_attention_layout(torch) -> None:
+    """The decode-attention kernel on today's cache layout (a token's KV heads side
+    by side: one head's rows of a block 16 x 128 bytes apart) against each KV head's
+    rows of a block together (2 KiB in a row), the same kernel: the second side is
+    3x the sequences with one KV head each, so every block holds one head's rows.
+    Same bytes, same arithmetic; caches cycled so that every call reads from DRAM."""
+    from attention_steps import random_attention_step
+
+    print("decode attention, bf16, 32 x 300: KV heads interleaved in a block against one "
+          "head's rows together; CPU ms per call [range over rounds], GB/s of K/V")
+    rows, ctx, dtype = 32, 300, torch.bfloat16
+    kv_bytes = rows * ctx * 2 * 3 * 64 * dtype.itemsize
+    count = max(2, -(-64_000_000 // kv_bytes))
+    shapes = {"interleaved": (rows, 3, 9), "head-contiguous": (3 * rows, 1, 3)}
+    steps = {}
+    for side, (n, kv_heads, heads) in shapes.items():
+        built = [random_attention_step([1] * n, [ctx] * n, dtype, block_size=16,
+                                       kv_heads=kv_heads, heads=heads, head_size=64, seed=i)
+                 for i in range(count)]
+        steps[side] = [(md, cache, q.view(n, heads, 64), torch.empty(n, heads, 64, dtype=dtype))
+                       for md, cache, (q, _, _) in built]
+    sides: dict[str, list[float]] = {side: [] for side in shapes}
+    for rnd in range(6):
+        for side in (list(sides) if rnd % 2 == 0 else list(sides)[::-1]):
+            cpu = time.process_time()
+            for md, cache, q, out in steps[side]:
+                torch.ops.engine_kernels.paged_decode_attention(
+                    out, q, cache, md.block_tables, md.seq_lens_tensor, md.query_start_loc,
+                    torch.arange(q.shape[0]), 0.125, False)
+            sides[side].append((time.process_time() - cpu) / count)
+    print(_sides_line(dtype, rows, ctx, sides, kv_bytes), flush=True)
+
+
 def _sides_line(dtype, rows: int, ctx: int, sides: dict[str, list[float]], kv_bytes: int,
                 notes: dict[str, str] | None = None) -> str:
     """One line of a decode-attention part: each side's best CPU ms per call, the
@@ -422,7 +460,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--parts", default="attention,linears,argmax,prefill,fp32",
                     help="comma-separated: attention, linears, argmax, prefill, fp32, ggml, "
-                         "decode_attention, decode_resident, kv_pages")
+                         "decode_attention, decode_resident, kv_pages, kv_layout")
     args = ap.parse_args()
     import torch
 
@@ -440,7 +478,7 @@ def main() -> int:
     parts = {"attention": attention, "linears": linears, "argmax": argmax,
              "prefill": prefill, "fp32": fp32_linears, "ggml": ggml_linears,
              "decode_attention": decode_attention, "decode_resident": decode_attention_resident,
-             "kv_pages": decode_attention_pages}
+             "kv_pages": decode_attention_pages, "kv_layout": decode_attention_layout}
     for part in args.parts.split(","):
         parts[part](torch)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
