@@ -77,6 +77,7 @@ from engine.llm import LLM  # noqa: E402
 from engine.sample import Sampler  # noqa: E402
 from engine.worker.model_runner import ModelRunner  # noqa: E402
 from engine.attention.layer import Attention  # noqa: E402
+from engine.ops.fast_path import forget_fast_paths  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 STATS_PREFIX = "@@loop-stats "
@@ -318,6 +319,21 @@ def account(model: Path, dtype: str, rounds: int, seed: int, compile_backend: st
     clock.wrap(ModelRunner, "_update_states", "prepare")
     clock.wrap(runner.model, "forward", "forward")
     clock.wrap(Attention, "forward", "attention")
+    # on the fast path (docs/fast-path.md) attention runs the function its
+    # `fast_fn` returned when the path was built (at the warm-up): time those too,
+    # and rebuild the path with them
+    built_fast_fn = Attention.fast_fn
+
+    def timed_fast_fn(self: Attention):  # noqa: ANN202 - what fast_fn returns
+        run = built_fast_fn(self)
+        if run is None:
+            return None
+        holder = argparse.Namespace(run=run)
+        clock.wrap(holder, "run", "attention")
+        return holder.run
+
+    Attention.fast_fn = timed_fast_fn  # type: ignore[method-assign]
+    forget_fast_paths(runner.model)
     clock.wrap(runner.model, "compute_logits", "lm_head")
     clock.wrap(Sampler, "__call__", "sampler")
     clock.wrap(LLMEngine, "_process_token", "detokenize")

@@ -79,3 +79,12 @@ def test_a_rounds_phases_and_remainder_add_up_to_its_steps(profile) -> None:
     rest = report["all_steps"]["phases_wall_cpu_s"]["step_python_rest"]
     assert rest[0] == pytest.approx(2.09 - (1.56 + 0.31 + 0.01 + 0.002 + 0.001 + 0.001), abs=2e-3)
     assert [row[1:3] for row in report["steps"]] == [[4096, 0], [0, 32], [0, 31]]
+
+
+def test_the_account_sees_attention_on_the_fast_path(profile, make_hf_model, compiled) -> None:
+    """The fast path (docs/fast-path.md) calls attention through the function its
+    `fast_fn` returned, not `Attention.forward`: the account must time that too,
+    or every decode step's attention is booked as the forward's own time."""
+    report = profile.account(make_hf_model("llama"), "float32", rounds=1, seed=0)
+    decode = report["rounds"][0]["decode_only_steps"]["phases_wall_cpu_s"]
+    assert decode["attention"][1] > 0, decode
