@@ -58,6 +58,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -328,7 +329,7 @@ def account(model: Path, dtype: str, rounds: int, seed: int, compile_backend: st
         run = built_fast_fn(self)
         if run is None:
             return None
-        holder = argparse.Namespace(run=run)
+        holder = SimpleNamespace(run=run)
         clock.wrap(holder, "run", "attention")
         return holder.run
 

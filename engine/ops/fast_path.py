@@ -41,7 +41,7 @@ from torch.nn.modules import module as _module
 
 FAST_PATH_ENV = "ENGINE_FAST_PATH"
 # the variables fast forms read once, when they are built
-_KEY_VARIABLES = (FAST_PATH_ENV, "ENGINE_KERNEL_PATH", "ENGINE_QUANT_KERNEL_PATH")
+_KEY_VARIABLES = ("ENGINE_KERNEL_PATH", "ENGINE_QUANT_KERNEL_PATH")
 
 
 def fast_path_enabled() -> bool:
