@@ -186,6 +186,78 @@ def test_amx_linear_matches_linear(compiled, monkeypatch, n, k):
                                             x[:, :32].contiguous(), amx, None)
 
 
+# amx_split_linear's stated accuracy: within this fraction of the largest |output|
+# of the float64 product (each operand keeps 16 of float32's 24 significant bits
+# and one of four cross terms is left out: ~2^-17 a product; measured 4-6e-6)
+SPLIT_REL_TOL = 3e-5
+
+
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (960, 576), (576, 1536)])
+def test_amx_split_linear_matches_float64(compiled, monkeypatch, n, k):
+    """float32 products on AMX as three bfloat16 tile products (amx_split_linear)
+    against the float64 product within SPLIT_REL_TOL, for one tile of rows, two,
+    several 32-row blocks with a tail, and (K = 1,536) more rows than one call
+    takes, which `packed_linear` slices without changing a bit; `packed_linear`
+    routing: the float32 GEMV up to FP32_GEMV_MAX_ROWS, the split kernel above,
+    F.linear under ENGINE_KERNEL_PATH=portable (no oneDNN copy is kept)."""
+    from engine.ops.linear import FP32_GEMV_MAX_ROWS, pack_weight_for_amx, packed_linear, plain_linear
+
+    gen = torch.Generator().manual_seed(n + k)
+    weight = torch.randn(n, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    amx = pack_weight_for_amx(weight)
+    if not _cpu_has_amx():  # float32 prompts then run oneDNN (test_fp32_kernels.py)
+        assert amx is None
+        return
+    assert amx.dtype == torch.bfloat16 and amx.shape == (n // 16, 2 * k // 32, 16, 32)
+    for rows, b in ((1, bias), (16, None), (32, bias), (33, bias), (100, None), (300, bias)):
+        x = torch.randn(rows, k, generator=gen)
+        out = torch.empty(rows, n)
+        torch.ops.engine_kernels.amx_split_linear(out, x, amx, b)
+        want = F.linear(x.double(), weight.double(), None if b is None else b.double())
+        err = (out.double() - want).abs().max().item()
+        assert err <= SPLIT_REL_TOL * want.abs().max().item(), f"{rows} rows: max error {err}"
+        routed = packed_linear(x, None, b, weight, amx)
+        if rows > FP32_GEMV_MAX_ROWS:
+            assert torch.equal(routed, out)
+        else:
+            assert torch.equal(routed, plain_linear(x, weight, b))
+    monkeypatch.setenv(kernels.PATH_ENV, "portable")
+    assert torch.equal(packed_linear(x, None, bias, weight, amx), F.linear(x, weight, bias))
+    with pytest.raises(RuntimeError, match="packed does not match"):
+        torch.ops.engine_kernels.amx_split_linear(torch.empty(40, n), x[:40, :32].contiguous(),
+                                                  amx, None)
+    with pytest.raises(RuntimeError, match="x and out must be Float"):
+        torch.ops.engine_kernels.amx_split_linear(torch.empty(40, n), x[:40].bfloat16(), amx,
+                                                  None)
+
+
+@pytest.mark.parametrize(("i", "k"), [(48, 64), (1536, 576)])
+def test_amx_split_silu_and_mul_matches_float64(compiled, i, k):
+    """The gated split kernel: silu(x G^T + g) * (x U^T + u) in float32 against
+    float64, within SPLIT_REL_TOL of the largest |output|."""
+    from engine.ops.linear import amx_prompt_silu_and_mul, pack_weight_for_amx
+
+    gen = torch.Generator().manual_seed(i + k)
+    weight = torch.randn(2 * i, k, generator=gen) / k**0.5
+    bias = torch.randn(2 * i, generator=gen)
+    amx = pack_weight_for_amx(weight)
+    if not _cpu_has_amx():
+        assert amx is None
+        return
+    for rows, b in ((5, None), (33, bias), (256, bias)):
+        x = torch.randn(rows, k, generator=gen)
+        out = torch.empty(rows, i)
+        torch.ops.engine_kernels.amx_split_silu_and_mul(out, x, amx, b)
+        gate, up = F.linear(x.double(), weight.double(),
+                            None if b is None else b.double()).chunk(2, dim=-1)
+        want = F.silu(gate) * up
+        err = (out.double() - want).abs().max().item()
+        assert err <= SPLIT_REL_TOL * want.abs().max().item(), f"{rows} rows: max error {err}"
+        if rows > 32:
+            assert torch.equal(amx_prompt_silu_and_mul(x, b, amx), out)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("i", "k"), [(48, 64), (1536, 576), (96, 1536)])
 def test_amx_silu_and_mul_matches_projection_then_silu_and_mul(compiled, i, k):

@@ -91,7 +91,9 @@ def test_fp32_fast_path_teacher_forced_agrees_with_transformers(compiled, make_h
     predicts one token after the true prefix. With at most 32 tokens per step
     (``max_num_batched_tokens=32``) every linear layer and the LM head run the
     float32 kernel; with 2048, steps hold many prompts and the prompt path runs
-    (oneDNN on packed weights, SiLU-and-mul inside the gate/up matmuls). Its top-1
+    (on an AMX CPU the split kernel, three bfloat16 tile products a float32 one;
+    elsewhere oneDNN on packed weights; SiLU-and-mul inside the gate/up
+    products). Its top-1
     agrees with transformers' argmax at that position at least TOP1_AGREEMENT of
     the time and its log-probability of its token is within LOGPROB_ATOL of
     transformers'."""
@@ -135,12 +137,15 @@ def test_reference_path_greedy_float32_equals_transformers(make_hf_model, monkey
 
 
 def test_float32_prompt_chunks_use_packed_onednn_only_with_the_kernels(compiled, monkeypatch):
-    """With the kernels, a float32 weight is packed for oneDNN: prompt-sized
+    """With the kernels, a float32 weight is packed for oneDNN (on a CPU without
+    AMX; with AMX it gets the split copy instead: test_cpu_kernels.py): prompt-sized
     products run oneDNN (within float32 reassociation of F.linear), decode-sized
     ones the GEMV kernel. With ``ENGINE_CPU_KERNELS=0`` nothing float32 is packed."""
+    from engine.ops import ColumnParallelLinear
     from engine.ops.linear import (
         FP32_GEMV_MAX_ROWS,
         onednn_packing_supported,
+        pack_linear_weights,
         pack_weight,
         packed_linear,
     )
@@ -148,6 +153,11 @@ def test_float32_prompt_chunks_use_packed_onednn_only_with_the_kernels(compiled,
     gen = torch.Generator().manual_seed(3)
     weight, bias = torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen)
     assert onednn_packing_supported(weight)
+    layer = ColumnParallelLinear(64, 96)
+    layer.weight.data, layer.bias.data = weight.clone(), bias.clone()
+    assert pack_linear_weights(torch.nn.ModuleList([layer])) == 1
+    amx = bool(torch.ops.engine_kernels.amx_supported())
+    assert (layer.amx_weight is not None) == amx and (layer.packed_weight is None) == amx
     packed = pack_weight(weight)
     x = torch.randn(FP32_GEMV_MAX_ROWS + 40, 64, generator=gen)
     got = packed_linear(x, packed, bias, weight)

@@ -54,7 +54,8 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
 # 3: the GEMV kernels; 20: the AMX kernel; 33-300: the gated AMX kernel (bf16 on an
-# AMX CPU); with the portable path (and in float32) oneDNN fused
+# AMX CPU; float32: its split form); with the portable path oneDNN fused (float32
+# on AMX: the projection by F.linear, then the activation)
 @pytest.mark.parametrize("rows", [3, 20, AMX_MAX_ROWS + 1, 100, 300])
 @pytest.mark.parametrize("path", ["auto", "portable"])
 def test_gated_projection_equals_projection_then_silu_and_mul(monkeypatch, dtype, bias, rows,
@@ -62,7 +63,11 @@ def test_gated_projection_equals_projection_then_silu_and_mul(monkeypatch, dtype
     monkeypatch.setenv(kernels.PATH_ENV, path)
     layer = _gated_layer(dtype, bias)
     assert layer.packed_weight is None
-    assert layer.packed_gate is not None and layer.packed_up is not None
+    if dtype == torch.float32 and torch.ops.engine_kernels.amx_supported():
+        # float32 on AMX: the split copy for amx_split_silu_and_mul, no oneDNN halves
+        assert layer.amx_weight is not None and layer.packed_gate is None
+    else:
+        assert layer.packed_gate is not None and layer.packed_up is not None
     x = torch.randn(rows, IN, generator=torch.Generator().manual_seed(rows)).to(dtype)
     want = _reference(layer, x)
     _assert_close(layer.silu_and_mul(x, SiluAndMul()), want, dtype)
@@ -84,9 +89,14 @@ def test_prompt_sized_inputs_run_no_separate_activation(dtype):
         ran[rows] = {event.key for event in prof.key_averages()}
     assert "engine_kernels::silu_and_mul" in ran[2]  # decode-sized: kernels, then SiLU-and-mul
     assert "engine_kernels::silu_and_mul" not in ran[200]
-    # bf16 prompts on an AMX CPU: the gated AMX kernel; otherwise the fused oneDNN pair
-    amx = dtype == torch.bfloat16 and bool(torch.ops.engine_kernels.amx_supported())
-    assert ("engine_kernels::amx_silu_and_mul" if amx else "mkldnn::_linear_pointwise") in ran[200]
+    # prompts on an AMX CPU: the gated AMX kernel (float32: its split form);
+    # otherwise the fused oneDNN pair
+    if torch.ops.engine_kernels.amx_supported():
+        fused = ("engine_kernels::amx_silu_and_mul" if dtype == torch.bfloat16
+                 else "engine_kernels::amx_split_silu_and_mul")
+    else:
+        fused = "mkldnn::_linear_pointwise"
+    assert fused in ran[200]
 
 
 def test_lora_and_a_disabled_activation_take_the_unfused_path():

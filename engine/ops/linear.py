@@ -94,13 +94,25 @@ AMX_MAX_ROWS = 32
 
 def pack_weight_for_amx(weight: torch.Tensor) -> torch.Tensor | None:
     """`weight` [out, in] repacked for the AMX kernel, or None where it does not
-    apply (not bf16, kernels not loaded, no AMX, out not a multiple of 16 or in
-    not a multiple of 32)."""
-    if (weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.shape[0] % 16
-            or weight.shape[1] % 32 or not usable_for(weight)
+    apply (not bf16 or float32, kernels not loaded, no AMX, out not a multiple
+    of 16 or in not a multiple of 32). A float32 weight is packed split
+    (`split_weight`), for `amx_split_linear`."""
+    if (weight.dtype not in (torch.bfloat16, torch.float32) or weight.dim() != 2
+            or weight.shape[0] % 16 or weight.shape[1] % 32 or not usable_for(weight)
             or not torch.ops.engine_kernels.amx_supported()):
         return None
+    if weight.dtype == torch.float32:
+        weight = split_weight(weight)
     return torch.ops.engine_kernels.amx_pack_weight(weight.detach())
+
+
+def split_weight(weight: torch.Tensor) -> torch.Tensor:
+    """float32 `weight` [out, in] as bfloat16 [out, 2 in]: [hi | lo], hi the
+    weight rounded to bfloat16 and lo what is left, rounded (together 16 of
+    float32's 24 significant bits, within 2^-17 of the weight)."""
+    weight = weight.detach()
+    hi = weight.bfloat16()
+    return torch.cat([hi, (weight - hi.float()).bfloat16()], dim=1)
 
 
 # float32 products of up to this many rows (decode steps) go to the compiled
@@ -127,17 +139,24 @@ def plain_linear(x: torch.Tensor, weight: torch.Tensor,
     return F.linear(x, weight, bias)
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+def packed_linear(x: torch.Tensor, packed: torch.Tensor | None, bias: torch.Tensor | None,
                   weight: torch.Tensor | None = None,
                   amx_packed: torch.Tensor | None = None) -> torch.Tensor:
     """``x W^T + b`` with W prepacked by `pack_weight`; same result as F.linear up
     to float32 summation order. Given the plain `weight` (and its `amx_packed`
     copy), few-row calls run the compiled kernels instead (see GEMV_MAX_ROWS,
-    FP32_GEMV_MAX_ROWS), and so do bf16 prompt chunks on AMX (AMX_PROMPT_MAX_ROWS)."""
+    FP32_GEMV_MAX_ROWS), and so do prompt chunks on AMX (AMX_PROMPT_MAX_ROWS; in
+    float32, `amx_split_linear`). A float32 weight packed only for AMX (`packed`
+    None, see `pack_linear_weights`) falls back to `plain_linear`."""
     out = few_rows_linear(x, bias, weight, amx_packed)
     if out is None:
         out = amx_prompt_linear(x, bias, amx_packed)
-    return out if out is not None else onednn_linear(x, packed, bias)
+    if out is not None:
+        return out
+    if packed is None:
+        assert weight is not None, "packed_linear: no packed weight and no plain one"
+        return plain_linear(x, weight, bias)
+    return onednn_linear(x, packed, bias)
 
 
 # bf16 prompt chunks of more than AMX_MAX_ROWS and up to this many rows run the AMX
@@ -159,10 +178,39 @@ def _amx_prompt_rows(x: torch.Tensor, amx_packed: torch.Tensor | None) -> bool:
             and not portable_forced())
 
 
+# float32 products of more than FP32_GEMV_MAX_ROWS rows (prompt chunks), on a CPU
+# with AMX, run as three bfloat16 tile products on the weight's split copy
+# (`amx_split_linear`, about half of oneDNN's float32 time, within ~1e-5 of it;
+# docs/prefill.md, "float32 prompts on AMX"), every row count: the kernel reads
+# x's two bfloat16 parts (as many bytes as x) from L2, so it takes x
+# AMX_PROMPT_MAX_X_BYTES at a time.
+def _amx_split_rows(x: torch.Tensor, amx_packed: torch.Tensor | None) -> bool:
+    return (amx_packed is not None and x.dim() == 2 and x.dtype == torch.float32
+            and x.shape[0] > FP32_GEMV_MAX_ROWS and x.is_contiguous()
+            and not portable_forced())
+
+
+def _split_product(op, x: torch.Tensor, bias: torch.Tensor | None, amx_packed: torch.Tensor,
+                   out_features: int) -> torch.Tensor:
+    out = x.new_empty((x.shape[0], out_features))
+    rows = x.shape[0]
+    step = max(AMX_MAX_ROWS, AMX_PROMPT_MAX_X_BYTES // (x.shape[1] * 4) // AMX_MAX_ROWS
+               * AMX_MAX_ROWS)
+    if rows <= step:
+        op(out, x, amx_packed, bias)
+    else:
+        for start in range(0, rows, step):
+            op(out[start:start + step], x[start:start + step], amx_packed, bias)
+    return out
+
+
 def amx_prompt_linear(x: torch.Tensor, bias: torch.Tensor | None,
                       amx_packed: torch.Tensor | None) -> torch.Tensor | None:
-    """``x W^T + b`` by the AMX kernel for a prompt-sized bf16 `x`; None when the
-    product belongs to oneDNN."""
+    """``x W^T + b`` by the AMX kernel for a prompt-sized bf16 or float32 `x`; None
+    when the product belongs to oneDNN."""
+    if _amx_split_rows(x, amx_packed):
+        return _split_product(torch.ops.engine_kernels.amx_split_linear, x, bias, amx_packed,
+                              amx_packed.shape[0] * 16)
     if not _amx_prompt_rows(x, amx_packed):
         return None
     out = x.new_empty((x.shape[0], amx_packed.shape[0] * 16))
@@ -173,8 +221,11 @@ def amx_prompt_linear(x: torch.Tensor, bias: torch.Tensor | None,
 def amx_prompt_silu_and_mul(x: torch.Tensor, bias: torch.Tensor | None,
                             amx_packed: torch.Tensor | None) -> torch.Tensor | None:
     """``silu_and_mul(x [G; U]^T + b)`` by the AMX kernel for a prompt-sized bf16
-    `x` (the projection and the activation in one pass, rounded as the two ops
-    round); None when it belongs to oneDNN."""
+    or float32 `x` (the projection and the activation in one pass, rounded as
+    the two ops round); None when it belongs to oneDNN."""
+    if _amx_split_rows(x, amx_packed):
+        return _split_product(torch.ops.engine_kernels.amx_split_silu_and_mul, x, bias,
+                              amx_packed, amx_packed.shape[0] * 8)
     if not _amx_prompt_rows(x, amx_packed):
         return None
     out = x.new_empty((x.shape[0], amx_packed.shape[0] * 8))
@@ -283,7 +334,9 @@ def _(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_bias: torch.Te
 def pack_linear_weights(model: nn.Module) -> int:
     """Prepack, for oneDNN, the weight of every linear layer and LM head of `model`
     that `onednn_packing_supported` accepts (the float weights stay, for anything
-    that reads them). Called once after the weights are loaded, on the CPU.
+    that reads them), and for the AMX kernels where they apply
+    (`pack_weight_for_amx`: a float32 weight gets that copy instead of oneDNN's).
+    Called once after the weights are loaded, on the CPU.
     A `MergedColumnParallelLinear` made with ``gated_activation=True`` gets its
     gate and up halves packed apart (`MergedColumnParallelLinear.silu_and_mul`).
     Returns the number of layers packed."""
@@ -292,13 +345,15 @@ def pack_linear_weights(model: nn.Module) -> int:
         if getattr(module, "quant_weight", None) is not None:
             continue  # its quantization method's kernels run it
         if hasattr(module, "packed_weight") and onednn_packing_supported(module.weight):
-            if getattr(module, "gated_activation", False):
+            module.amx_weight = pack_weight_for_amx(module.weight)
+            if module.amx_weight is not None and module.weight.dtype == torch.float32:
+                pass  # prompt chunks run `amx_split_linear` on it: no oneDNN copy
+            elif getattr(module, "gated_activation", False):
                 # instead of the whole weight, not as well: that would be a third copy
                 gate, up = module.weight.detach().chunk(2)
                 module.packed_gate, module.packed_up = pack_weight(gate), pack_weight(up)
             else:
                 module.packed_weight = pack_weight(module.weight)
-            module.amx_weight = pack_weight_for_amx(module.weight)
             packed += 1
     forget_fast_paths(model)  # their fast forms hold the weights as they were
     return packed
@@ -380,7 +435,7 @@ class ColumnParallelLinear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_weight is not None:
             return self.quant_weight.linear(x, self.bias)
-        if self.packed_weight is not None:
+        if self.packed_weight is not None or self.amx_weight is not None:
             return packed_linear(x, self.packed_weight, self.bias, self.weight, self.amx_weight)
         return plain_linear(x, self.weight, self.bias)
 
@@ -465,8 +520,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         (LoRA, quantized weights, gathering across ranks, a replaced or disabled
         op) the projection runs, then `activation`."""
         halves = self._packed_halves()
-        if (halves is None or not (isinstance(activation, SiluAndMul)
-                        and activation.uses_cpu_forward())
+        amx = self.amx_weight if self.quant_weight is None else None
+        if ((halves is None and amx is None) or not (isinstance(activation, SiluAndMul)
+                                                     and activation.uses_cpu_forward())
                 or self.lora is not None or x.dim() != 2
                 or (self.gather_output and self.tp_size > 1)):
             return activation(self(x))
@@ -476,6 +532,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         out = amx_prompt_silu_and_mul(x, self.bias, self.amx_weight)
         if out is not None:
             return out
+        if halves is None:  # a float32 weight packed for AMX alone, the kernels aside
+            return activation(self(x))
         biases = (None, None) if self.bias is None else self.bias.chunk(2)
         return onednn_silu_and_mul(x, *halves, *biases)
 
@@ -564,17 +622,18 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed_weight
+        prepacked = packed is not None or self.amx_weight is not None
         if self.tp_size == 1:
             if self.quant_weight is not None:
                 out = self.quant_weight.linear(x, self.bias)
-            elif packed is not None:
+            elif prepacked:
                 out = packed_linear(x, packed, self.bias, self.weight, self.amx_weight)
             else:
                 out = plain_linear(x, self.weight, self.bias)
             return out if self.lora is None else self.lora(x, out)
         from engine.distributed.parallel_state import tensor_model_parallel_all_reduce
 
-        out = (plain_linear(x, self.weight) if packed is None
+        out = (plain_linear(x, self.weight) if not prepacked
                else packed_linear(x, packed, None, self.weight, self.amx_weight))
         if self.lora is not None:  # the ranks' partial deltas add up in the all-reduce
             out = self.lora(x, out)

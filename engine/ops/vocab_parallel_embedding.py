@@ -79,7 +79,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         """[n, H] hidden states -> [n, vocab] logits (gathered from every rank)."""
         if self.quant_weight is not None:
             logits = self.quant_weight.linear(hidden_states, self.bias)
-        elif self.packed_weight is not None:
+        elif self.packed_weight is not None or self.amx_weight is not None:
             logits = packed_linear(hidden_states, self.packed_weight, self.bias, self.weight,
                                    self.amx_weight)
         else:
