@@ -200,7 +200,12 @@ def test_amx_split_linear_matches_float64(compiled, monkeypatch, n, k):
     takes, which `packed_linear` slices without changing a bit; `packed_linear`
     routing: the float32 GEMV up to FP32_GEMV_MAX_ROWS, the split kernel above,
     F.linear under ENGINE_KERNEL_PATH=portable (no oneDNN copy is kept)."""
-    from engine.ops.linear import FP32_GEMV_MAX_ROWS, pack_weight_for_amx, packed_linear, plain_linear
+    from engine.ops.linear import (
+        FP32_GEMV_MAX_ROWS,
+        pack_weight_for_amx,
+        packed_linear,
+        plain_linear,
+    )
 
     gen = torch.Generator().manual_seed(n + k)
     weight = torch.randn(n, k, generator=gen)
