@@ -11,6 +11,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.step import ModelRunnerOutput, SchedulerOutput
+from engine.worker.kv_prefault import AHEAD_TOKENS, KVPrefault
 from engine.worker.model_runner import ModelRunner
 from engine.worker.sleep import (
     OffloadedWeights,
@@ -73,6 +74,7 @@ class Worker(WorkerBase):
         self.device: torch.device | None = None
         self.model_runner: ModelRunner | None = None
         self._asleep: OffloadedWeights | None = None  # sleep mode: what sleep() emptied
+        self._prefault: KVPrefault | None = None  # pages the KV cache in ahead of use
 
     def init_device(self) -> None:
         from engine.distributed import parallel_state
@@ -155,6 +157,11 @@ class Worker(WorkerBase):
             # zeros, not empty: padded reads past a sequence's end must stay finite
             caches.append(_zeroed_untouched(shape, dtype, self.device))
         bind_kv_cache(model, caches)
+        self._stop_prefault()
+        if self.device is not None and self.device.type == "cpu" and KVPrefault.applies_to(
+                caches, num_blocks):
+            tokens = min(self.config.scheduler_config.max_num_batched_tokens, AHEAD_TOKENS)
+            self._prefault = KVPrefault(caches, num_blocks, -(-tokens // block_size))
         self.config.cache_config.num_blocks = num_blocks
         self.model_runner.initialize_proposer_cache(num_blocks)
 
@@ -169,7 +176,18 @@ class Worker(WorkerBase):
             release_freed_memory(self.device, collect_garbage=False)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.model_runner.execute_model(scheduler_output)
+        out = self.model_runner.execute_model(scheduler_output)
+        if self._prefault is not None:
+            # the newest blocks come last in their tables, and unused ones in order
+            last = [s.block_table[-1] for s in scheduler_output.scheduled if s.block_table]
+            if last:
+                self._prefault.used(max(last))
+        return out
+
+    def _stop_prefault(self) -> None:
+        if self._prefault is not None:
+            self._prefault.stop()
+            self._prefault = None
 
     # -- sleep mode (docs/sleep-and-warm-up.md) --
 
@@ -185,6 +203,7 @@ class Worker(WorkerBase):
 
         model = self.model_runner.model
         layers = get_attention_layers(model)
+        self._stop_prefault()  # before the cache's memory goes
         if layers:
             empty = torch.empty(0, dtype=self.model_runner.dtype, device=self.device)
             bind_kv_cache(model, [empty] * len(layers))
@@ -228,4 +247,5 @@ class Worker(WorkerBase):
         return self.model_runner.lora_manager().pin(lora_id)
 
     def shutdown(self) -> None:
+        self._stop_prefault()
         self.model_runner = None
