@@ -32,6 +32,7 @@ import mmap
 import os
 import threading
 import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -58,7 +59,7 @@ def _stop_all() -> None:
         prefault.stop()
 
 
-def _madvise() -> ctypes._CFuncPtr | None:
+def _madvise() -> Callable[[int, int, int], int] | None:
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6", use_errno=True)
@@ -147,7 +148,7 @@ class KVPrefault:
                     return
                 self._done = end
 
-    def _page_in(self, madvise, begin: int, end: int) -> bool:
+    def _page_in(self, madvise: Callable[[int, int, int], int], begin: int, end: int) -> bool:
         """madvise blocks [begin, end) of every cache in; False when the caches are
         gone or Linux refuses (the thread then ends)."""
         for ref, (address, half) in zip(self._refs, self._spans, strict=True):
