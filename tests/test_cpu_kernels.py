@@ -198,10 +198,10 @@ def test_amx_split_linear_matches_float64(compiled, monkeypatch, n, k):
     against the float64 product within SPLIT_REL_TOL, for one tile of rows, two,
     several 32-row blocks with a tail, and (K = 1,536) more rows than one call
     takes, which `packed_linear` slices without changing a bit; `packed_linear`
-    routing: the float32 GEMV up to FP32_GEMV_MAX_ROWS, the split kernel above,
+    routing: the float32 GEMV up to FP32_GEMV_FIRST_ROWS, the split kernel above,
     F.linear under ENGINE_KERNEL_PATH=portable (no oneDNN copy is kept)."""
     from engine.ops.linear import (
-        FP32_GEMV_MAX_ROWS,
+        FP32_GEMV_FIRST_ROWS,
         pack_weight_for_amx,
         packed_linear,
         plain_linear,
@@ -215,7 +215,8 @@ def test_amx_split_linear_matches_float64(compiled, monkeypatch, n, k):
         assert amx is None
         return
     assert amx.dtype == torch.bfloat16 and amx.shape == (n // 16, 2 * k // 32, 16, 32)
-    for rows, b in ((1, bias), (16, None), (32, bias), (33, bias), (100, None), (300, bias)):
+    for rows, b in ((1, bias), (8, None), (9, bias), (32, bias), (33, bias), (100, None),
+                    (300, bias)):
         x = torch.randn(rows, k, generator=gen)
         out = torch.empty(rows, n)
         torch.ops.engine_kernels.amx_split_linear(out, x, amx, b)
@@ -223,7 +224,7 @@ def test_amx_split_linear_matches_float64(compiled, monkeypatch, n, k):
         err = (out.double() - want).abs().max().item()
         assert err <= SPLIT_REL_TOL * want.abs().max().item(), f"{rows} rows: max error {err}"
         routed = packed_linear(x, None, b, weight, amx)
-        if rows > FP32_GEMV_MAX_ROWS:
+        if rows > FP32_GEMV_FIRST_ROWS:
             assert torch.equal(routed, out)
         else:
             assert torch.equal(routed, plain_linear(x, weight, b))

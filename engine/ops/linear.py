@@ -117,8 +117,13 @@ def split_weight(weight: torch.Tensor) -> torch.Tensor:
 
 # float32 products of up to this many rows (decode steps) go to the compiled
 # float32 GEMV kernel, which streams the weight as stored; more rows (prompt
-# chunks) go to oneDNN on the packed weight (onednn_packing_supported).
+# chunks) go to oneDNN on the packed weight (onednn_packing_supported), or on a
+# CPU with AMX to the split kernel (amx_split_linear).
 FP32_GEMV_MAX_ROWS = 32
+# with the split AMX copy, the GEMV kernel still wins up to here; from 9 to
+# FP32_GEMV_MAX_ROWS rows the split kernel takes 0.5-0.7x its time (both read
+# 4 bytes a weight, the GEMV's FMAs bind past a few rows: docs/prefill.md)
+FP32_GEMV_FIRST_ROWS = 8
 
 
 def plain_linear(x: torch.Tensor, weight: torch.Tensor,
@@ -243,6 +248,11 @@ def few_rows_linear(x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Te
     if weight is None or not 0 < rows <= max(FP32_GEMV_MAX_ROWS, AMX_MAX_ROWS):
         return None
     if x.dtype == torch.float32 and rows <= FP32_GEMV_MAX_ROWS:
+        if (amx_packed is not None and rows > FP32_GEMV_FIRST_ROWS and x.is_contiguous()
+                and not (portable_forced() if portable is None else portable)):
+            out = x.new_empty((rows, amx_packed.shape[0] * 16))
+            torch.ops.engine_kernels.amx_split_linear(out, x, amx_packed, bias)
+            return out
         return plain_linear(x, weight, bias, portable)
     if x.dtype == torch.bfloat16 and rows <= AMX_MAX_ROWS:
         operands = (x, weight) if bias is None else (x, weight, bias)
