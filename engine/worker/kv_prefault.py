@@ -19,7 +19,9 @@ only when no other thread wants the CPU (between requests, or while the engine
 waits), never in a step's way. Where the call is refused (an older kernel, another
 OS), it stops and the steps fault the pages in as before.
 
-Resident memory grows by at most `ahead_blocks` blocks past what the cache holds.
+Resident memory grows by at most `ahead_blocks` blocks past what the cache holds:
+the worker's window is the step budget, at most AHEAD_TOKENS tokens and an eighth
+of the cache (AHEAD_FRACTION_OF).
 """
 
 from __future__ import annotations
@@ -39,8 +41,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 MADV_POPULATE_WRITE = 23  # linux/mman.h, since 5.14
-# at most this many tokens' blocks are paged in past the highest block used
+# at most this many tokens' blocks are paged in past the highest block used (the
+# worker takes the step budget when smaller), and at most 1/AHEAD_FRACTION_OF of
+# the cache's blocks
 AHEAD_TOKENS = 2048
+AHEAD_FRACTION_OF = 8
 # blocks per madvise call: short calls keep the address space's lock brief (a
 # large allocation on the main thread waits for it)
 BLOCKS_PER_CALL = 4

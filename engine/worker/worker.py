@@ -11,7 +11,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.step import ModelRunnerOutput, SchedulerOutput
-from engine.worker.kv_prefault import AHEAD_TOKENS, KVPrefault
+from engine.worker.kv_prefault import AHEAD_FRACTION_OF, AHEAD_TOKENS, KVPrefault
 from engine.worker.model_runner import ModelRunner
 from engine.worker.sleep import (
     OffloadedWeights,
@@ -161,7 +161,9 @@ class Worker(WorkerBase):
         if self.device is not None and self.device.type == "cpu" and KVPrefault.applies_to(
                 caches, num_blocks):
             tokens = min(self.config.scheduler_config.max_num_batched_tokens, AHEAD_TOKENS)
-            self._prefault = KVPrefault(caches, num_blocks, -(-tokens // block_size))
+            # a small cache keeps most of itself untouched until used
+            ahead = min(-(-tokens // block_size), max(1, num_blocks // AHEAD_FRACTION_OF))
+            self._prefault = KVPrefault(caches, num_blocks, ahead)
         self.config.cache_config.num_blocks = num_blocks
         self.model_runner.initialize_proposer_cache(num_blocks)
 
