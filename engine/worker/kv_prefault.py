@@ -51,6 +51,10 @@ AHEAD_FRACTION_OF = 8
 BLOCKS_PER_CALL = 4
 # the thread checks this often whether its cache still exists
 LIVENESS_S = 1.0
+# how long `stop` waits for the thread: with every core busy an idle-priority
+# thread may not run for a while; it then ends by itself, and a cache freed
+# meanwhile is safe from it (it holds the caches by weak reference)
+STOP_WAIT_S = 1.0
 
 _PAGE = mmap.PAGESIZE
 # the live ones, stopped at interpreter exit: a daemon thread still running then
@@ -128,12 +132,13 @@ class KVPrefault:
             self._wake.set()
 
     def stop(self) -> None:
-        """End the thread (waits for its current call, microseconds)."""
+        """End the thread: waits for its current call (microseconds), at most
+        STOP_WAIT_S for an idle-priority thread to get a core."""
         self._stopped = True
         self._wake.set()
         _LIVE.discard(self)
         if self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join(STOP_WAIT_S)
 
     def _run(self) -> None:
         try:
