@@ -188,7 +188,7 @@ def test_amx_linear_matches_linear(compiled, monkeypatch, n, k):
 
 # amx_split_linear's stated accuracy: within this fraction of the largest |output|
 # of the float64 product (each operand keeps 16 of float32's 24 significant bits
-# and one of four cross terms is left out: ~2^-17 a product; measured 4-6e-6)
+# and one of four cross terms is left out: at most ~2^-16 a product; measured 4-6e-6)
 SPLIT_REL_TOL = 3e-5
 
 

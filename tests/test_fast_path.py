@@ -66,6 +66,22 @@ def _both_ways(model: torch.nn.Module, args: tuple,
     return through_modules, fast
 
 
+def _attention_forwards(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A counter of the attention backend's `forward` calls (the fast path's
+    attention form makes none on the steps it takes)."""
+    from engine.attention.backends.torch_sdpa import TorchSDPAImpl
+
+    calls = [0]
+    forward = TorchSDPAImpl.forward
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(TorchSDPAImpl, "forward", counted)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def wide_llama(make_hf_model) -> Path:
     """Rows of 256 values (GGUF K-quant blocks), tied embeddings like SmolLM2."""
@@ -77,7 +93,8 @@ def wide_llama(make_hf_model) -> Path:
     ("llama", "float32", 1),  # the float32 GEMV
     ("llama", "bfloat16", 2),  # the bf16 GEMV
     ("llama", "bfloat16", 20),  # the AMX kernel (where the CPU has it), else oneDNN
-    ("llama", "float32", 40),  # past the float32 GEMV's rows: oneDNN, through the layer
+    ("llama", "float32", 20),  # the split AMX kernel (where the CPU has AMX), else the GEMV
+    ("llama", "float32", 40),  # past the float32 GEMV's rows: split AMX or oneDNN, via the layer
     ("qwen2", "bfloat16", 3),  # q/k/v biases
 ])
 def test_decode_steps_equal_the_modules_bit_for_bit(make_hf_model, monkeypatch, arch, dtype,
@@ -94,7 +111,10 @@ def test_decode_steps_equal_the_modules_bit_for_bit(make_hf_model, monkeypatch, 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_prompt_steps_equal_the_modules_bit_for_bit(make_hf_model, monkeypatch, dtype):
     """Whole fresh prompts in one step; then, next to those decoding, a prompt that
-    starts with one of theirs (a prefix-cache hit) and a fresh one."""
+    starts with one of theirs (a prefix-cache hit) and a fresh one. Where a step's
+    rows all run on the compiled attention kernels (float32 here; bfloat16 takes
+    them on AMX from head size 32, and this model's heads are 16), the fast path's
+    attention runs from the backend's fast form, not its forward."""
     rng = random.Random(1)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     with LLM(make_hf_model("llama"), dtype=dtype, kv_cache_memory=1 << 22) as llm:
@@ -103,13 +123,22 @@ def test_prompt_steps_equal_the_modules_bit_for_bit(make_hf_model, monkeypatch, 
             llm.llm_engine.add_request(prompt, params)
         model, args = _capture_step(llm)
         assert args[2].max_query_len == 200
+        forwards = _attention_forwards(monkeypatch)
         whole = _both_ways(model, args, monkeypatch)
+        layers = len(model.model.layers)
+        plan = args[2].backend_state["TORCH_SDPA"]
+        on_kernels = not plan.decode and not plan.prefills
+        assert on_kernels == (dtype == "float32")
+        # the modules' run only, where the kernels take the step
+        assert forwards[0] == (layers if on_kernels else 2 * layers)
         llm.llm_engine.step()
         llm.llm_engine.add_request(prompts[2][:160] + [7, 8, 9], params)  # 10 cached blocks
         llm.llm_engine.add_request([rng.randrange(3, 1000) for _ in range(50)], params)
         model, args = _capture_step(llm)
         assert 1 in args[2].query_lens and max(args[2].query_lens) == 50
+        forwards[0] = 0
         mixed = _both_ways(model, args, monkeypatch)
+        assert forwards[0] == (layers if on_kernels else 2 * layers)
     assert torch.equal(*whole) and torch.equal(*mixed)
 
 

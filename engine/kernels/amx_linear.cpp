@@ -29,7 +29,7 @@
 //     float32 x, out and bias; packed by amx_pack_weight from [hi | lo] [N, 2K], the
 //     weight W split into two bfloat16 parts (hi = W rounded, lo = the rest
 //     rounded): out = xh Wh^T + xh Wl^T + xl Wh^T + bias, x split the same way
-//     (xl Wl^T, about 2^-18 of the product, is left out). Each part keeps 8 of
+//     (xl Wl^T, at most 2^-16 of the product, is left out). Each part keeps 8 of
 //     float32's 24 significant bits, so the product is within ~1e-5 (relative) of
 //     float32's, three bfloat16 tile products in place of float32 FMAs
 // engine_kernels::amx_split_silu_and_mul(out [M, I], x [M, K], packed, bias [2I] or None)

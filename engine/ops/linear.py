@@ -109,7 +109,7 @@ def pack_weight_for_amx(weight: torch.Tensor) -> torch.Tensor | None:
 def split_weight(weight: torch.Tensor) -> torch.Tensor:
     """float32 `weight` [out, in] as bfloat16 [out, 2 in]: [hi | lo], hi the
     weight rounded to bfloat16 and lo what is left, rounded (together 16 of
-    float32's 24 significant bits, within 2^-17 of the weight)."""
+    float32's 24 significant bits, within 2^-16 of the weight)."""
     weight = weight.detach()
     hi = weight.bfloat16()
     return torch.cat([hi, (weight - hi.float()).bfloat16()], dim=1)

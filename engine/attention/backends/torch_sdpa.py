@@ -253,15 +253,17 @@ class TorchSDPAImpl(AttentionImpl):
 
     def fast_fn(self, layer: torch.nn.Module) -> Callable[
             [torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor | None] | None:
-        """`forward`'s path for a step whose rows all decode on the compiled paged
-        decode kernel (the step's plan, shared by every layer, says so): the cache
-        write and the kernel call, ``ENGINE_KERNEL_PATH`` read once. Any other
-        step returns None before touching anything."""
+        """`forward`'s path for a step whose rows all run on the compiled kernels
+        (the step's plan, shared by every layer, says so): decode rows on the paged
+        decode kernel, prompt rows (whole, chunked or after a prefix hit) on the
+        prefill kernel: the cache write and the kernel calls, ``ENGINE_KERNEL_PATH``
+        read once. Any other step returns None before touching anything."""
         if type(self) is not TorchSDPAImpl or not kernels_available():
             return None
         num_heads, num_kv_heads, head_size = self.num_heads, self.num_kv_heads, self.head_size
         scale, portable = self.scale, portable_forced()
-        attend = torch.ops.engine_kernels.paged_decode_attention
+        decode_attention = torch.ops.engine_kernels.paged_decode_attention
+        prefill_attention = torch.ops.engine_kernels.paged_prefill_attention
 
         def run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 md: AttentionMetadata) -> torch.Tensor | None:
@@ -269,16 +271,21 @@ class TorchSDPAImpl(AttentionImpl):
             plan = md.backend_state.get("TORCH_SDPA")
             if plan is None:
                 plan = md.backend_state["TORCH_SDPA"] = _plan(md, kv_cache)
-            index = plan.kernel_decode
-            if (index is None or plan.decode or plan.prefills or plan.kernel_prefill is not None
+            decode, prefill = plan.kernel_decode, plan.kernel_prefill
+            if (plan.decode or plan.prefills or (decode is None and prefill is None)
                     or kv_cache.numel() == 0):
                 return None
             tokens = query.shape[0]
             write_kv_cache(kv_cache, key.view(tokens, num_kv_heads, head_size),
                            value.view(tokens, num_kv_heads, head_size), md.slot_mapping)
+            q = query.view(tokens, num_heads, head_size)
             out = query.new_empty((tokens, num_heads, head_size))
-            attend(out, query.view(tokens, num_heads, head_size), kv_cache, md.block_tables,
-                   md.seq_lens_tensor, md.query_start_loc, index, scale, portable)
+            if decode is not None:
+                decode_attention(out, q, kv_cache, md.block_tables, md.seq_lens_tensor,
+                                 md.query_start_loc, decode, scale, portable)
+            if prefill is not None:
+                prefill_attention(out, q, kv_cache, md.block_tables, md.seq_lens_tensor,
+                                  md.query_start_loc, prefill, scale, plan.prefill_amx)
             return out.view(tokens, num_heads * head_size)
 
         return run
