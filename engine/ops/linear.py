@@ -198,14 +198,10 @@ def _amx_split_rows(x: torch.Tensor, amx_packed: torch.Tensor | None) -> bool:
 def _split_product(op, x: torch.Tensor, bias: torch.Tensor | None, amx_packed: torch.Tensor,
                    out_features: int) -> torch.Tensor:
     out = x.new_empty((x.shape[0], out_features))
-    rows = x.shape[0]
     step = max(AMX_MAX_ROWS, AMX_PROMPT_MAX_X_BYTES // (x.shape[1] * 4) // AMX_MAX_ROWS
                * AMX_MAX_ROWS)
-    if rows <= step:
-        op(out, x, amx_packed, bias)
-    else:
-        for start in range(0, rows, step):
-            op(out[start:start + step], x[start:start + step], amx_packed, bias)
+    for start in range(0, x.shape[0], step):
+        op(out[start:start + step], x[start:start + step], amx_packed, bias)
     return out
 
 

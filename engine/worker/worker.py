@@ -149,6 +149,7 @@ class Worker(WorkerBase):
         model = self.model_runner.model
         block_size = self.config.cache_config.block_size
         dtype = self.model_runner.dtype
+        self._stop_prefault()  # a cache being replaced
         caches = []
         for layer in get_attention_layers(model):
             shape = layer.backend.get_kv_cache_shape(
@@ -157,9 +158,7 @@ class Worker(WorkerBase):
             # zeros, not empty: padded reads past a sequence's end must stay finite
             caches.append(_zeroed_untouched(shape, dtype, self.device))
         bind_kv_cache(model, caches)
-        self._stop_prefault()
-        if self.device is not None and self.device.type == "cpu" and KVPrefault.applies_to(
-                caches, num_blocks):
+        if KVPrefault.applies_to(caches, num_blocks):  # CPU caches of the usual layout
             tokens = min(self.config.scheduler_config.max_num_batched_tokens, AHEAD_TOKENS)
             # a small cache keeps most of itself untouched until used
             ahead = min(-(-tokens // block_size), max(1, num_blocks // AHEAD_FRACTION_OF))
