@@ -14,7 +14,9 @@ of the first file (its weights dequantized, then quantized by the `gguf` package
 
 Each side is one long-lived worker process per file, loading the model once; the
 parent sends each measurement to the two in turn, swapping which goes first every
-round. Every timed request has a prompt neither side has seen (both cache
+round; the side not being measured is paused (SIGSTOP to its process group), so
+that neither one's idle threads (llama.cpp's polling thread pool, the engine's
+OpenMP threads) run during the other's turn. Every timed request has a prompt neither side has seen (both cache
 prefixes). Both sides use two threads. Measurements, per round and side:
 
 - decode, ms/token: (time for 129 output tokens - time for 1) / 128, on a fresh
@@ -52,7 +54,7 @@ import sys
 import time
 from pathlib import Path
 
-from _peer_process import RESULT_PREFIX, Side, reply
+from _peer_process import RESULT_PREFIX, Side, reply, take_turn
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VENV = ROOT / ".venv-llamacpp"
@@ -274,7 +276,7 @@ def measure(sides: dict[str, Side], prompts: Prompts, rounds: int, requests: int
         work, out_lens = prompts.workload(serial_requests)
         batch_work, batch_lens = prompts.workload(requests)
         for name in order:
-            side = sides[name]
+            side = take_turn(sides, name)  # the other side paused
             note(f"  round {r + 1}: {name}")
             one = side.ask(prompts=[decode_one], out_lens=[1])["seconds"]
             many = side.ask(prompts=[decode_many], out_lens=[DECODE_TOKENS])["seconds"]

@@ -31,10 +31,13 @@ the second time. Measurements (each round):
 Every table is printed with the CPU's model and the flags that choose kernel paths
 (AMX, AVX512-BF16, AVX512-VNNI, AVX-512, AVX2).
 
-Each side's turn starts SIDE_GAP_S after the other's last request: vLLM keeps the
-cores busy for up to a second after a request (its pinned OpenMP threads spinning,
-most likely), and an engine request sent 0.2 s after one of vLLM's took 230 ms
-instead of 58-75 (docs/prefill.md).
+The side not being measured is paused (SIGSTOP to its process group, SIGCONT
+before its own turn), and each turn starts SIDE_GAP_S after the other's last
+request: an idle side is not idle. vLLM keeps the cores busy for up to a second
+after a request (its pinned OpenMP threads spinning, most likely) and its process
+took 10% of a core for seconds after that; an engine request sent 0.2 s after one
+of vLLM's took 230 ms instead of 58-75 (docs/prefill.md). The engine's idle
+process has threads of its own (OpenMP's, the KV cache's idle-priority page-in).
 
 Both sides get the same KV cache size (2 GiB), two OpenMP threads (vLLM pins them
 to cores 0-1, as `VLLM_CPU_OMP_THREADS_BIND` requires), and the same weights, built
@@ -53,7 +56,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _peer_process import Side, reply
+from _peer_process import Side, reply, take_turn
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VENV = ROOT / ".venv-vllm"
@@ -224,7 +227,7 @@ def measure_pair(sides: dict[str, Side], prompt_lens, out_lens, rounds: int,
         ttft_prompts = fresh(TTFT_PROMPT, TTFT_PROMPT)
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
-            side = sides[name]
+            side = take_turn(sides, name)
             time.sleep(SIDE_GAP_S)
             note(f"  round {r + 1}: {name}")
 
