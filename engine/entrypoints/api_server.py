@@ -24,7 +24,6 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from engine._malloc import keep_freed_memory
 from engine.core.engine import EngineSleepingError, RequestFailedError
 from engine.engine_args import EngineArgs
 from engine.entrypoints import serving
@@ -271,8 +270,6 @@ def run_server(settings: ServerSettings) -> int:
         # bind now, so the "ready on" line names the port the system picked
         sockets = [_bind_any_port(settings.host)]
         settings.port = sockets[0].getsockname()[1]
-    # each step's activations reuse the last step's pages instead of faulting them in
-    keep_freed_memory()
     app = build_app(settings)
     state: ServerState = app.state.server
     # uvicorn's own limit is a backstop: by then the engine has aborted what was left

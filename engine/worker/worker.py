@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from engine._malloc import keep_freed_memory
 from engine.config import EngineConfig
 from engine.step import ModelRunnerOutput, SchedulerOutput
 from engine.worker.kv_prefault import AHEAD_FRACTION_OF, AHEAD_TOKENS, KVPrefault
@@ -82,6 +83,10 @@ class Worker(WorkerBase):
 
         self.device = current_platform.device_for_rank(self.local_rank)
         current_platform.set_device(self.device)
+        if self.device.type == "cpu":
+            # each step's activations reuse the last step's heap pages instead of
+            # faulting them in from the kernel (engine._malloc)
+            keep_freed_memory()
         parallel = self.config.parallel_config
         parallel_state.init_distributed_environment(
             world_size=parallel.tensor_parallel_size,
