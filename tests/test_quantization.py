@@ -133,6 +133,32 @@ def test_linear_kernels_equal_dequantize_then_matmul_on_every_path(qtype, cols, 
                 assert error <= tol + (0.01 if dtype == torch.bfloat16 else 0), (path, m, dtype, error)
 
 
+# the int8 paths quantize x the same way and sum the same integers: they differ
+# only in the order of their float32 sums (the avx512_vnni path takes the
+# K-quants a super-block at a time, the others a 32-value chunk at a time)
+INT8_PATHS_AGREE_TOL = 1e-5
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q4_1"])
+def test_every_int8_path_agrees_with_the_portable_one(qtype):
+    rows, cols = 24, 1024
+    blocks = torch.from_numpy(_blocks(qtype, rows, cols, seed=5))
+    gen = torch.Generator().manual_seed(6)
+    paths = kernel_paths()
+    assert paths[-1] == "portable"
+    for m in (1, 2, 3, 4, 5, 9):  # every rows-per-pass count, and passes after the first
+        x = torch.randn(m, cols, generator=gen)
+        outs = {}
+        for path in paths:
+            outs[path] = torch.empty(m, rows)
+            torch.ops.engine_kernels.ggml_linear(outs[path], x, blocks, GGML_TYPES[qtype][0], None,
+                                                 PATHS[path][0], False)
+        ref = outs["portable"]
+        for path, out in outs.items():
+            error = float((out - ref).abs().max() / ref.abs().max())
+            assert error <= INT8_PATHS_AGREE_TOL, (path, m, error)
+
+
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prompt_sized_products_run_tile_by_tile_and_equal_dequantize_then_matmul(qtype, dtype):

@@ -584,6 +584,12 @@ void dot_vec(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t K,
                                 _mm256_add_ps(offsets[0][r], offsets[1][r])));
 }
 
+// How far ahead of the bytes being multiplied the group and K-quant kernels ask
+// for the weight (software prefetch into L2): one core's hardware prefetchers
+// alone keep too few lines in flight to stream at the rate the memory delivers
+// (benchmarks/profile_quant_decode.py; docs/benchmarks.md)
+constexpr int64_t kPrefetchBytes = 2048;
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define ENGINE_GGML_PAIRS 1
 // The 32-value formats with one scale per block, two blocks a step on 512-bit
@@ -674,6 +680,174 @@ void dot_pairs(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t 
   for (int r = 0; r < R; ++r)
     out[r] = _mm512_reduce_add_ps(acc[r]) + offsets[0][r] + offsets[1][r] + tail[r];
 }
+
+// The K-quants (Q4_K Q5_K Q6_K) a super-block (256 values) a step on 512-bit
+// registers: the scales unpacked once per super-block and row, 64 values of one
+// row per vpdpbusd. Where dot_vec takes one 32-value chunk at a time, decoding
+// its scales and offset each time (one K-quant row then cost 5x the time of a
+// Q4_1 row of the same bytes), this spends the per-chunk work on whole
+// super-blocks. Values stay unsigned (Q6_K's 0..63 before its -32, which enters
+// as 32 times the sum of x's int8 values of each 4-value lane); each lane's
+// integer sum covers 4 values of one 32-value sub-block (Q6_K: of one 16-value
+// scale group), so it is scaled before it is added: the lanes' scales (weight
+// scale times x's chunk scale) form one float vector per 64 values.
+constexpr bool k_super_kernel(int64_t type) {
+  return type == kQ4_K || type == kQ5_K || type == kQ6_K;
+}
+
+// lanes 0-7 `lo`, lanes 8-15 `hi`
+inline __m512 halves_ps(float lo, float hi) {
+  return _mm512_insertf32x8(_mm512_set1_ps(lo), _mm256_set1_ps(hi), 1);
+}
+
+// bytes 0-31 shifted right by `lo` bits, bytes 32-63 by `hi` (counts per 16-bit
+// lane; callers mask each byte after, so bits moving between bytes do not matter)
+inline __m512i shift_halves(__m512i v, int lo, int hi) {
+  const __m512i counts = _mm512_inserti64x4(
+      _mm512_set1_epi16(static_cast<int16_t>(lo)), _mm256_set1_epi16(static_cast<int16_t>(hi)), 1);
+  return _mm512_srlv_epi16(v, counts);
+}
+
+// two 32-byte runs of x as one register
+inline __m512i two_runs(const int8_t* a, const int8_t* b) {
+  return _mm512_inserti64x4(
+      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
+}
+
+// the 8 six-bit scales (`sc`) and minimums (`m`) of a Q4_K/Q5_K super-block from
+// its 12 packed bytes, all at once (k_scale_min gives one)
+inline void k_scales_mins(const uint8_t* s, uint8_t* sc, uint8_t* m) {
+  uint32_t w[3];
+  std::memcpy(w, s, 12);
+  const uint32_t low6 = 0x3F3F3F3Fu, low4 = 0x0F0F0F0Fu, top2 = 0x03030303u;
+  const uint32_t sc_lo = w[0] & low6, m_lo = w[1] & low6;
+  const uint32_t sc_hi = (w[2] & low4) | (((w[0] >> 6) & top2) << 4);
+  const uint32_t m_hi = ((w[2] >> 4) & low4) | (((w[1] >> 6) & top2) << 4);
+  std::memcpy(sc, &sc_lo, 4);
+  std::memcpy(sc + 4, &sc_hi, 4);
+  std::memcpy(m, &m_lo, 4);
+  std::memcpy(m + 4, &m_hi, 4);
+}
+
+inline __m256 eight_bytes_ps(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <int64_t Type, int R>
+void dot_k_super(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t K, float* out) {
+  constexpr int64_t bytes = Type == kQ4_K ? 144 : Type == kQ5_K ? 176 : 210;
+  const int64_t chunks = K / kChunk;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  // two accumulators a row (even and odd products): the adds of one do not wait
+  // for the other's
+  __m512 acc[2][R];
+  __m256 mins[R];
+  for (int r = 0; r < R; ++r) {
+    acc[0][r] = acc[1][r] = _mm512_setzero_ps();
+    mins[r] = _mm256_setzero_ps();
+  }
+  for (int64_t sb = 0; sb < K / 256; ++sb) {
+    const uint8_t* b = row + sb * bytes;
+    for (int64_t line = 0; line < bytes; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(b) + kPrefetchBytes + line),
+                   _MM_HINT_T1);
+    if constexpr (Type == kQ4_K || Type == kQ5_K) {
+      // sub-block j (values 32j..32j+31) = d * sc[j] * q - dmin * m[j]; its q are
+      // the low nibbles of bytes 32(j/2).. for even j, the high ones for odd j
+      alignas(16) uint8_t sc8[8], m8[8];
+      k_scales_mins(b + 4, sc8, m8);
+      const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(half_at(b)), eight_bytes_ps(sc8));
+      const __m256 mn = _mm256_mul_ps(_mm256_set1_ps(half_at(b + 2)), eight_bytes_ps(m8));
+      // per row: the 8 sub-blocks' scales times x's chunk scales, and the minimums
+      // times x's chunk sums
+      __m512 scale[R];
+      for (int r = 0; r < R; ++r) {
+        const int64_t at = (m0 + r) * chunks + sb * 8;
+        scale[r] = _mm512_castps256_ps512(_mm256_mul_ps(sc, _mm256_loadu_ps(xq.d.data() + at)));
+        mins[r] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(xq.sum.data() + at), mins[r]);
+      }
+      const uint8_t* qs = b + (Type == kQ5_K ? 48 : 16);
+      __m512i qh = _mm512_setzero_si512();
+      if constexpr (Type == kQ5_K)  // bit j of byte i: the fifth bit of value i of sub-block j
+        qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)));
+      for (int h = 0; h < 2; ++h) {
+        // sub-blocks 4h and 4h + 2 (low nibbles), 4h + 1 and 4h + 3 (high ones)
+        const __m512i q64 = _mm512_loadu_si512(qs + 64 * h);
+        __m512i even = _mm512_and_si512(q64, nibble);
+        __m512i odd = _mm512_and_si512(_mm512_srli_epi16(q64, 4), nibble);
+        if constexpr (Type == kQ5_K) {
+          const __m512i one = _mm512_set1_epi8(1);
+          even = _mm512_or_si512(even, _mm512_slli_epi16(
+              _mm512_and_si512(shift_halves(qh, 4 * h, 4 * h + 2), one), 4));
+          odd = _mm512_or_si512(odd, _mm512_slli_epi16(
+              _mm512_and_si512(shift_halves(qh, 4 * h + 1, 4 * h + 3), one), 4));
+        }
+        // lanes 0-7 take sub-block 4h (+1 for odd), lanes 8-15 sub-block 4h + 2 (+1)
+        const __m512i pick_even = _mm512_inserti64x4(
+            _mm512_set1_epi32(4 * h), _mm256_set1_epi32(4 * h + 2), 1);
+        const __m512i pick_odd = _mm512_add_epi32(pick_even, _mm512_set1_epi32(1));
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xs = xq.q.data() + (m0 + r) * K + sb * 256 + 128 * h;
+          const __m512i ie = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even, two_runs(xs, xs + 64));
+          const __m512i io = _mm512_dpbusd_epi32(_mm512_setzero_si512(), odd, two_runs(xs + 32, xs + 96));
+          acc[0][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ie), _mm512_permutexvar_ps(pick_even, scale[r]),
+                                      acc[0][r]);
+          acc[1][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(io), _mm512_permutexvar_ps(pick_odd, scale[r]),
+                                      acc[1][r]);
+        }
+      }
+    } else {
+      // Q6_K, per half h (values 128h..128h+127): value i < 64 of the half is the
+      // low nibble of ql[i] with bits (qh[i % 32] >> 2 (i / 32)) & 3 on top, value
+      // 64 + i the high nibble with (qh[i % 32] >> 4 + 2 (i / 32)) & 3; minus 32;
+      // each 16 values scaled by their own int8 scale
+      const float d = half_at(b + 208);
+      const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+      const __m512i three = _mm512_set1_epi8(3), c32 = _mm512_set1_epi8(32);
+      // lane l of a 64-value product belongs to scale group l / 4
+      const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+      for (int h = 0; h < 2; ++h) {
+        const __m512i ql = _mm512_loadu_si512(b + 64 * h);
+        const __m512i qh = _mm512_broadcast_i64x4(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
+        __m512i v[2];
+        v[0] = _mm512_or_si512(_mm512_and_si512(ql, nibble),
+                               _mm512_slli_epi16(_mm512_and_si512(shift_halves(qh, 0, 2), three), 4));
+        v[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), nibble),
+                               _mm512_slli_epi16(_mm512_and_si512(shift_halves(qh, 4, 6), three), 4));
+        __m512 group_scale[2];
+        for (int k = 0; k < 2; ++k) {
+          int32_t four;
+          std::memcpy(&four, scales + 8 * h + 4 * k, 4);
+          const __m128 s4 = _mm_mul_ps(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(four))),
+                                       _mm_set1_ps(d));
+          group_scale[k] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(s4));
+        }
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xs = xq.q.data() + (m0 + r) * K + sb * 256 + 128 * h;
+          const float* dx = xq.d.data() + (m0 + r) * chunks + sb * 8 + 4 * h;
+          for (int k = 0; k < 2; ++k) {
+            const __m512i x64 = _mm512_loadu_si512(xs + 64 * k);
+            const __m512i dots = _mm512_sub_epi32(
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[k], x64),
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), c32, x64));
+            acc[k][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots),
+                                        _mm512_mul_ps(group_scale[k], halves_ps(dx[2 * k], dx[2 * k + 1])),
+                                        acc[k][r]);
+          }
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m256 m = mins[r];
+    const __m128 m4 = _mm_add_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    const __m128 m2 = _mm_add_ps(m4, _mm_movehl_ps(m4, m4));
+    out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r]))
+             - _mm_cvtss_f32(_mm_add_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
+  }
+}
 #endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
@@ -713,11 +887,6 @@ constexpr int32_t integer_offset(int64_t type) {
   return type == kQ8_0 ? -128 : type == kQ4_0 ? -8 : type == kQ5_0 ? -16 : 0;
 }
 
-// How far ahead of the column being multiplied the group kernel asks for the
-// weight (software prefetch into L2): one core's hardware prefetchers alone keep
-// too few lines in flight to stream at the rate the memory delivers
-// (benchmarks/profile_quant_decode.py; docs/benchmarks.md)
-constexpr int64_t kPrefetchBytes = 2048;
 
 // R activation rows against one interleaved group of 16 weight rows (see
 // "interleaved groups"): out[r * 16 + l] = x row m0 + r . weight row l
@@ -922,6 +1091,7 @@ RowKernels<T> kernels_for() {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #if defined(ENGINE_GGML_PAIRS)
       if constexpr (P == kVnni && pairs_kernel(Type)) return dot_pairs<Type, R>(row, xq, m0, K, out);
+      if constexpr (P == kVnni && k_super_kernel(Type)) return dot_k_super<Type, R>(row, xq, m0, K, out);
 #endif
       if constexpr (P == kVnni) return dot_vec<Type, true, R>(row, xq, m0, K, out);
 #endif
