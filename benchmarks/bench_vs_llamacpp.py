@@ -221,7 +221,8 @@ def describe_llamacpp(ready: dict) -> str:
     return line
 
 
-def run_worker(side: str, path: str, kv_tokens: int | None, rss_only: bool) -> int:
+def run_worker(side: str, path: str, kv_tokens: int | None, rss_only: bool,
+               vocab: int = 40000) -> int:
     if side == "engine":
         generate, info = engine_generator(path, kv_tokens)
     elif side == "engine-like-llamacpp":  # peak RSS only: llama.cpp's sizes, not the defaults
@@ -232,7 +233,7 @@ def run_worker(side: str, path: str, kv_tokens: int | None, rss_only: bool) -> i
         generate, info = llamacpp_generator(path, kv_tokens)
     if rss_only:
         rng = random.Random(7)
-        generate([[rng.randrange(10, 40000) for _ in range(256)]], [64])
+        generate([[rng.randrange(10, vocab) for _ in range(256)]], [64])
         reply({"peak_rss_mib": _peak_rss_mib(), "rss_mib": _rss_now_mib(), **info})
         return 0
     reply({"ready": True, "peak_rss_mib": _peak_rss_mib(), **info})
@@ -290,9 +291,17 @@ def measure(sides: dict[str, Side], prompts: Prompts, rounds: int, requests: int
     return runs
 
 
+def vocab_size(path: Path) -> int:
+    """The number of tokens in the GGUF file's vocabulary: prompts draw their ids
+    below it (the peer's environment has no `gguf` package: the driver reads it)."""
+    import gguf
+
+    return len(gguf.GGUFReader(str(path)).fields["tokenizer.ggml.tokens"].data)
+
+
 def rss_of(side: str, python: str, path: Path, env: dict) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--worker", side, "--path", str(path),
-           "--kv-tokens", str(RSS_CTX), "--rss-only"]
+           "--kv-tokens", str(RSS_CTX), "--rss-only", "--vocab", str(vocab_size(path))]
     out = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, check=True)
     line = next(line for line in out.stdout.splitlines() if line.startswith(RESULT_PREFIX))
     return json.loads(line[len(RESULT_PREFIX):])
@@ -380,12 +389,13 @@ def main() -> int:
                     help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--kv-tokens", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--vocab", type=int, default=40000, help=argparse.SUPPRESS)
     ap.add_argument("--rss-only", action="store_true",
                     help="only the peak RSS rows (fresh processes, no timings: minutes, and "
                          "independent of the machine's load)")
     args = ap.parse_args()
     if args.worker:
-        return run_worker(args.worker, args.path, args.kv_tokens, args.rss_only)
+        return run_worker(args.worker, args.path, args.kv_tokens, args.rss_only, args.vocab)
     if not args.gguf:
         ap.error("--gguf is required")
 
@@ -423,10 +433,7 @@ def main() -> int:
         try:
             for side, py in pythons.items():
                 sides[side] = start_side(side, py, path, env)
-            import gguf
-
-            vocab = len(gguf.GGUFReader(str(path)).fields["tokenizer.ggml.tokens"].data)
-            prompts = Prompts(vocab, args.seed)
+            prompts = Prompts(vocab_size(path), args.seed)
             for side in sides.values():  # warm-up
                 side.ask(prompts=[prompts.one(16)], out_lens=[4])
             if peer == "llama.cpp":
