@@ -848,6 +848,92 @@ void dot_k_super(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_
              - _mm_cvtss_f32(_mm_add_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
   }
 }
+
+// A K-quant row as floats (prompts dequantize every weight tile by tile, and the
+// embedding its looked-up rows), decoded as dot_k_super decodes it: a
+// super-block a step, 64 values a register. Every product d * scale * q is exact
+// in float32 (at most 24 significant bits), so this equals the reference bit
+// for bit, as dequantize_row_vec does.
+template <typename T>
+inline void store16_as(T* at, __m512 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_storeu_ps(at, v);
+  } else {
+#if defined(__AVX512BF16__)
+    // round to nearest even, as torch's float32 -> bfloat16
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(at), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+#else
+    engine_kernels::store(at, reinterpret_cast<engine_kernels::vf>(v));
+#endif
+  }
+}
+
+// 16 values a time: bytes 16i..16i+15 of `v` (unsigned) times `scale` plus `shift`
+template <typename T>
+inline void store_quarter(T* at, __m512i v, int i, float scale, float shift) {
+  const __m128i q16 = i == 0 ? _mm512_extracti32x4_epi32(v, 0) : i == 1 ? _mm512_extracti32x4_epi32(v, 1)
+                    : i == 2 ? _mm512_extracti32x4_epi32(v, 2) : _mm512_extracti32x4_epi32(v, 3);
+  store16_as(at, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q16)), _mm512_set1_ps(scale),
+                                 _mm512_set1_ps(shift)));
+}
+
+template <int64_t Type, typename T>
+void dequantize_row_k_super(const uint8_t* row, int64_t K, T* out) {
+  constexpr int64_t bytes = Type == kQ4_K ? 144 : Type == kQ5_K ? 176 : 210;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  for (int64_t sb = 0; sb < K / 256; ++sb) {
+    const uint8_t* b = row + sb * bytes;
+    T* o = out + sb * 256;
+    if constexpr (Type == kQ4_K || Type == kQ5_K) {
+      alignas(16) uint8_t sc8[8], m8[8];
+      k_scales_mins(b + 4, sc8, m8);
+      const float d = half_at(b), dmin = half_at(b + 2);
+      const uint8_t* qs = b + (Type == kQ5_K ? 48 : 16);
+      __m512i qh = _mm512_setzero_si512();
+      if constexpr (Type == kQ5_K)
+        qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)));
+      for (int h = 0; h < 2; ++h) {
+        const __m512i q64 = _mm512_loadu_si512(qs + 64 * h);
+        __m512i even = _mm512_and_si512(q64, nibble);
+        __m512i odd = _mm512_and_si512(_mm512_srli_epi16(q64, 4), nibble);
+        if constexpr (Type == kQ5_K) {
+          const __m512i one = _mm512_set1_epi8(1);
+          even = _mm512_or_si512(even, _mm512_slli_epi16(
+              _mm512_and_si512(shift_halves(qh, 4 * h, 4 * h + 2), one), 4));
+          odd = _mm512_or_si512(odd, _mm512_slli_epi16(
+              _mm512_and_si512(shift_halves(qh, 4 * h + 1, 4 * h + 3), one), 4));
+        }
+        // quarter i of `even`: sub-block 4h (i < 2) or 4h + 2, values 16 (i % 2)..
+        for (int i = 0; i < 4; ++i) {
+          const int j = 4 * h + (i < 2 ? 0 : 2);
+          store_quarter(o + 32 * j + 16 * (i % 2), even, i, d * sc8[j], -dmin * m8[j]);
+          store_quarter(o + 32 * (j + 1) + 16 * (i % 2), odd, i, d * sc8[j + 1], -dmin * m8[j + 1]);
+        }
+      }
+    } else {
+      const float d = half_at(b + 208);
+      const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+      const __m512i three = _mm512_set1_epi8(3);
+      for (int h = 0; h < 2; ++h) {
+        const __m512i ql = _mm512_loadu_si512(b + 64 * h);
+        const __m512i qh = _mm512_broadcast_i64x4(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
+        const __m512i v0 = _mm512_or_si512(
+            _mm512_and_si512(ql, nibble),
+            _mm512_slli_epi16(_mm512_and_si512(shift_halves(qh, 0, 2), three), 4));
+        const __m512i v1 = _mm512_or_si512(
+            _mm512_and_si512(_mm512_srli_epi16(ql, 4), nibble),
+            _mm512_slli_epi16(_mm512_and_si512(shift_halves(qh, 4, 6), three), 4));
+        // 16 values a scale: (q - 32) * d * scale
+        for (int i = 0; i < 4; ++i) {
+          const float s0 = d * scales[8 * h + i], s1 = d * scales[8 * h + 4 + i];
+          store_quarter(o + 128 * h + 16 * i, v0, i, s0, -32.f * s0);
+          store_quarter(o + 128 * h + 64 + 16 * i, v1, i, s1, -32.f * s1);
+        }
+      }
+    }
+  }
+}
 #endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
@@ -1264,9 +1350,15 @@ void dequantize_row_best(int64_t type, const uint8_t* row, int64_t K, T* out) {
     case kQ5_0: return dequantize_row_vec<kQ5_0>(row, K, out);
     case kQ5_1: return dequantize_row_vec<kQ5_1>(row, K, out);
     case kQ8_0: return dequantize_row_vec<kQ8_0>(row, K, out);
+#if defined(ENGINE_GGML_PAIRS)
+    case kQ4_K: return dequantize_row_k_super<kQ4_K>(row, K, out);
+    case kQ5_K: return dequantize_row_k_super<kQ5_K>(row, K, out);
+    case kQ6_K: return dequantize_row_k_super<kQ6_K>(row, K, out);
+#else
     case kQ4_K: return dequantize_row_vec<kQ4_K>(row, K, out);
     case kQ5_K: return dequantize_row_vec<kQ5_K>(row, K, out);
     case kQ6_K: return dequantize_row_vec<kQ6_K>(row, K, out);
+#endif
     default: TORCH_CHECK(false, "ggml type ", type, " is not supported by the quantized kernels");
   }
 #else
