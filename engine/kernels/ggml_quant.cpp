@@ -903,6 +903,26 @@ void dequantize_row_k_super(const uint8_t* row, int64_t K, T* out) {
           odd = _mm512_or_si512(odd, _mm512_slli_epi16(
               _mm512_and_si512(shift_halves(qh, 4 * h + 1, 4 * h + 3), one), 4));
         }
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          // bfloat16 out: the sub-block's 32 possible values rounded once into a
+          // table, then one word permute looks 32 values up (the same numbers as
+          // rounding each product: each entry is one)
+          const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+          const __m512 iota16 = _mm512_add_ps(iota, _mm512_set1_ps(16.f));
+          auto sub_block = [&](__m256i q32, int j) {
+            const __m512 scale = _mm512_set1_ps(d * sc8[j]), shift = _mm512_set1_ps(-dmin * m8[j]);
+            const __m512i table = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(
+                _mm512_fmadd_ps(iota16, scale, shift), _mm512_fmadd_ps(iota, scale, shift)));
+            _mm512_storeu_si512(o + 32 * j, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(q32), table));
+          };
+          sub_block(_mm512_castsi512_si256(even), 4 * h);
+          sub_block(_mm512_castsi512_si256(odd), 4 * h + 1);
+          sub_block(_mm512_extracti64x4_epi64(even, 1), 4 * h + 2);
+          sub_block(_mm512_extracti64x4_epi64(odd, 1), 4 * h + 3);
+          continue;
+        }
+#endif
         // quarter i of `even`: sub-block 4h (i < 2) or 4h + 2, values 16 (i % 2)..
         for (int i = 0; i < 4; ++i) {
           const int j = 4 * h + (i < 2 ? 0 : 2);
