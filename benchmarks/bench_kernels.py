@@ -51,8 +51,15 @@
   300, the second layout simulated with one KV head per sequence (3x the
   sequences), alternating over six rounds.
 
+- K-quant linears (`--parts kquants`, not in the default set): Q4_K, Q5_K and Q6_K
+  weights of 4096 x 1024 and 1024 x 4096 (whole 256-value super-blocks), 1 to 64
+  bfloat16 activation rows, on the avx512_vnni path: the block kernel
+  (`ggml_linear`) against dequantize-then-matmul (`ggml_matmul`), weights cycling
+  through 8 copies, best of two alternations, next to a Q4_1 weight of the same
+  shape (interleaved, as the engine stores it) for the bytes-for-bytes comparison.
+
 ``--parts`` picks some of them (attention, linears, argmax, prefill, fp32, ggml,
-decode_attention, decode_resident, kv_pages, kv_layout).
+kquants, decode_attention, decode_resident, kv_pages, kv_layout).
 
 Times are the mean over the repetitions, after a warm-up; the machine's load is
 printed with them.
@@ -267,6 +274,53 @@ def ggml_linears(torch) -> None:
                 print(line, flush=True)
 
 
+def k_quant_linears(torch) -> None:
+    import gguf
+    import numpy as np
+
+    from engine.quantization import kquants
+    from engine.quantization.ggml import GGML_TYPES, PATHS, PREFILL_TILE_BYTES, kernel_paths
+
+    if "avx512_vnni" not in kernel_paths():
+        print("kquants: this CPU has no avx512_vnni path; skipped")
+        return
+    ops = torch.ops.engine_kernels
+    vnni = PATHS["avx512_vnni"][0]
+    rng = np.random.default_rng(0)
+    writers = {"Q4_K": kquants.quantize_q4_k, "Q5_K": kquants.quantize_q5_k,
+               "Q6_K": kquants.quantize_q6_k,
+               "Q4_1": lambda v: gguf.quants.quantize(v, gguf.GGMLQuantizationType.Q4_1)}
+    print("K-quant linears, bf16 activations: wall us per call, kernel / dequantize-then-matmul")
+    for qtype, write in writers.items():
+        type_id = GGML_TYPES[qtype][0]
+        for n, k in ((4096, 1024), (1024, 4096)):
+            blocks = torch.from_numpy(np.ascontiguousarray(
+                write(rng.standard_normal((n, k)).astype(np.float32))))
+            interleave = qtype == "Q4_1"
+            if interleave:
+                packed = torch.empty_like(blocks)
+                ops.ggml_interleave(packed, blocks, type_id)
+                blocks = packed
+            weights = [blocks.clone() for _ in range(8)]
+            line = f"{qtype} {n:5d}x{k:4d}:"
+            for rows in (1, 8, 16, 32, 64):
+                x = torch.randn(rows, k).to(torch.bfloat16)
+                out = torch.empty(rows, n, dtype=torch.bfloat16)
+                best = {"kernel": float("inf"), "tiles": float("inf")}
+                for kind in ("kernel", "tiles", "kernel", "tiles"):
+                    def run(kind=kind, x=x, out=out, type_id=type_id, weights=weights,
+                            interleave=interleave):
+                        for w in weights:
+                            if kind == "kernel":
+                                ops.ggml_linear(out, x, w, type_id, None, vnni, interleave)
+                            else:
+                                ops.ggml_matmul(out, x, w, type_id, None, PREFILL_TILE_BYTES,
+                                                interleave)
+                    best[kind] = min(best[kind], timed(run, 3) / len(weights))
+                line += f"  {rows} rows {best['kernel'] * 1e6:.0f} / {best['tiles'] * 1e6:.0f}"
+            print(line, flush=True)
+
+
 def decode_attention(torch) -> None:
     from attention_steps import random_attention_step
 
@@ -459,7 +513,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--parts", default="attention,linears,argmax,prefill,fp32",
-                    help="comma-separated: attention, linears, argmax, prefill, fp32, ggml, "
+                    help="comma-separated: attention, linears, argmax, prefill, fp32, ggml, kquants, "
                          "decode_attention, decode_resident, kv_pages, kv_layout")
     args = ap.parse_args()
     import torch
@@ -476,7 +530,7 @@ def main() -> int:
     print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}, "
           f"OpenMP wait: {os.environ.get('OMP_WAIT_POLICY') or 'spin ' + str(os.environ.get('GOMP_SPINCOUNT'))}")
     parts = {"attention": attention, "linears": linears, "argmax": argmax,
-             "prefill": prefill, "fp32": fp32_linears, "ggml": ggml_linears,
+             "prefill": prefill, "fp32": fp32_linears, "ggml": ggml_linears, "kquants": k_quant_linears,
              "decode_attention": decode_attention, "decode_resident": decode_attention_resident,
              "kv_pages": decode_attention_pages, "kv_layout": decode_attention_layout}
     for part in args.parts.split(","):
