@@ -6,7 +6,7 @@ threshold with their own mmap. A prefill step allocates and frees activations of
 megabytes each, layer after layer, so every step faults the same memory back in
 from the kernel, a zeroed page at a time: 240,000-340,000 page faults for the two
 prefill steps of 32 fresh prompts (7,320 tokens) of SmolLM2-135M in bfloat16, and
-those steps took 1.45x the time they take without them. Keeping freed memory in
+those steps took 1.2-1.3x the time they take without them. Keeping freed memory in
 the process (a high trim threshold and top pad) and serving blocks up to the
 largest allowed mmap threshold from the heap lets each step reuse the previous
 step's pages. The cost is resident memory: the process keeps its peak of freed
