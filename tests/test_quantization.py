@@ -183,6 +183,34 @@ def test_prompt_sized_products_run_tile_by_tile_and_equal_dequantize_then_matmul
     assert float((through_method.float() - ref).abs().max() / ref.abs().max()) <= tol
 
 
+def _kernels_called(fn) -> set[str]:
+    """The engine_kernels operators `fn` runs, as torch's profiler records them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if e.key.startswith("engine_kernels::")}
+
+
+def test_each_layout_leaves_the_block_kernel_at_its_own_row_limit():
+    """The block kernel up to the row count where dequantize-then-matmul catches
+    up, measured per layout: 48 rows for interleaved 32-value blocks, 12 for
+    K-quant super-blocks (bfloat16 on the avx512_vnni path), 16 otherwise."""
+    from engine.quantization.ggml import MAX_INTERLEAVED_ROWS, MAX_K_SUPER_ROWS, MAX_KERNEL_ROWS
+
+    vnni = kernel_paths()[0] == "avx512_vnni"
+    for qtype in ("Q4_K", "Q4_1"):
+        method = get_quantization_method(qtype.lower())
+        blocks = torch.from_numpy(_blocks(qtype, 32, 512))
+        weight = method.pack(method.from_gguf(blocks, (32, 512)))
+        limit = (MAX_KERNEL_ROWS if not vnni else
+                 MAX_K_SUPER_ROWS if qtype == "Q4_K" else MAX_INTERLEAVED_ROWS)
+        for rows, op in ((limit, "ggml_linear"), (limit + 1, "ggml_matmul")):
+            x = torch.randn(rows, 512).to(torch.bfloat16)
+            assert _kernels_called(lambda: method.linear(weight, x, None)) == {
+                f"engine_kernels::{op}"}, (qtype, rows)
+            run = method.fast_fn(weight, None, torch.bfloat16, 64)
+            assert (run(x) is None) == (op == "ggml_matmul"), (qtype, rows)
+
+
 def test_bf16_activations_take_the_best_int8_path(monkeypatch):
     method = get_quantization_method("q4_1")
     blocks = _blocks("Q4_1", 16, 256)

@@ -54,6 +54,10 @@ MAX_KERNEL_ROWS = 16
 # whose kernel stays ahead of dequantize-then-matmul to about 50 rows
 # (benchmarks/bench_kernels.py --parts ggml)
 MAX_INTERLEAVED_ROWS = 48
+# the same for the K-quants (256-value super-blocks, file layout) with bfloat16
+# activations on the avx512_vnni path, where dequantize-then-matmul catches up
+# with the super-block kernel at 12-16 rows (benchmarks/bench_kernels.py --parts kquants)
+MAX_K_SUPER_ROWS = 12
 # bytes of dequantized weight per tile of a prompt-sized product (fits a core's L2)
 PREFILL_TILE_BYTES = 1 << 20
 
@@ -164,6 +168,16 @@ class GGMLBlockMethod(QuantizationMethod):
                                  gguf.GGMLQuantizationType[str(self.gguf_type)])
         return torch.from_numpy(np.ascontiguousarray(values)).reshape(weight.shape).to(dtype)
 
+    def _row_limit(self, interleaved: bool, path: int, dtype: torch.dtype) -> int:
+        """The most activation rows the block kernel takes; more go to
+        dequantize-then-matmul (the crossovers measured per layout)."""
+        if path == _VNNI and dtype is torch.bfloat16:
+            if interleaved:
+                return MAX_INTERLEAVED_ROWS
+            if self.block_values == 256:
+                return MAX_K_SUPER_ROWS
+        return MAX_KERNEL_ROWS
+
     def linear(self, weight: QuantizedTensor, x: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
         # a decode step makes a hundred of these calls, each a few microseconds of
@@ -186,8 +200,7 @@ class GGMLBlockMethod(QuantizationMethod):
         path = kernel_path(dtype)
         # bfloat16 only: float32 activations keep prompts of 17+ rows off the
         # int8 path even where a test forces it for decode
-        if rows > MAX_KERNEL_ROWS and not (rows <= MAX_INTERLEAVED_ROWS and interleaved
-                                           and path == _VNNI and dtype is torch.bfloat16):
+        if rows > MAX_K_SUPER_ROWS and rows > self._row_limit(interleaved, path, dtype):
             torch.ops.engine_kernels.ggml_matmul.default(out, x2, stored, self.type_id, bias,
                                                          PREFILL_TILE_BYTES, interleaved)
         else:
@@ -204,8 +217,7 @@ class GGMLBlockMethod(QuantizationMethod):
             return None
         stored, interleaved = self._stored(weight)
         path = kernel_path(dtype)
-        wide = interleaved and path == _VNNI and dtype is torch.bfloat16
-        limit = min(max_rows, MAX_INTERLEAVED_ROWS if wide else MAX_KERNEL_ROWS)
+        limit = min(max_rows, self._row_limit(interleaved, path, dtype))
         out_features, type_id = weight.shape[0], self.type_id
         ggml_linear = torch.ops.engine_kernels.ggml_linear.default
 
