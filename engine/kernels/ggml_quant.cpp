@@ -734,11 +734,46 @@ inline __m256 eight_bytes_ps(const uint8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
+// Half h (values 128h..128h+127) of a Q4_K/Q5_K super-block `b` as two registers
+// of unsigned values: `even` holds sub-blocks 4h (bytes 0-31) and 4h + 2 (bytes
+// 32-63), `odd` sub-blocks 4h + 1 and 4h + 3. A sub-block j's q are the low
+// nibbles of bytes 32 (j / 2).. for even j, the high ones for odd j; Q5_K's fifth
+// bits are bit j of its 32 qh bytes
+template <int64_t Type>
+inline void k_half(const uint8_t* b, int h, __m512i* even, __m512i* odd) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i q64 = _mm512_loadu_si512(b + (Type == kQ5_K ? 48 : 16) + 64 * h);
+  *even = _mm512_and_si512(q64, nibble);
+  *odd = _mm512_and_si512(_mm512_srli_epi16(q64, 4), nibble);
+  if constexpr (Type == kQ5_K) {
+    const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)));
+    const __m512i one = _mm512_set1_epi8(1);
+    *even = _mm512_or_si512(*even, _mm512_slli_epi16(
+        _mm512_and_si512(shift_halves(qh, 4 * h, 4 * h + 2), one), 4));
+    *odd = _mm512_or_si512(*odd, _mm512_slli_epi16(
+        _mm512_and_si512(shift_halves(qh, 4 * h + 1, 4 * h + 3), one), 4));
+  }
+}
+
+// Half h of a Q6_K super-block `b`: its values 0..63 (`low`) and 64..127 (`high`),
+// unsigned 0..63 (the format's value is q - 32). Value i < 64 of the half is the
+// low nibble of ql[i] with bits (qh[i % 32] >> 2 (i / 32)) & 3 on top, value
+// 64 + i the high nibble with (qh[i % 32] >> 4 + 2 (i / 32)) & 3
+inline void q6_half(const uint8_t* b, int h, __m512i* low, __m512i* high) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F), three = _mm512_set1_epi8(3);
+  const __m512i ql = _mm512_loadu_si512(b + 64 * h);
+  const __m512i qh = _mm512_broadcast_i64x4(
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
+  *low = _mm512_or_si512(_mm512_and_si512(ql, nibble),
+                         _mm512_slli_epi16(_mm512_and_si512(shift_halves(qh, 0, 2), three), 4));
+  *high = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), nibble),
+                          _mm512_slli_epi16(_mm512_and_si512(shift_halves(qh, 4, 6), three), 4));
+}
+
 template <int64_t Type, int R>
 void dot_k_super(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t K, float* out) {
   constexpr int64_t bytes = Type == kQ4_K ? 144 : Type == kQ5_K ? 176 : 210;
   const int64_t chunks = K / kChunk;
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
   // two accumulators a row (even and odd products): the adds of one do not wait
   // for the other's
   __m512 acc[2][R];
@@ -767,22 +802,9 @@ void dot_k_super(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_
         scale[r] = _mm512_castps256_ps512(_mm256_mul_ps(sc, _mm256_loadu_ps(xq.d.data() + at)));
         mins[r] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(xq.sum.data() + at), mins[r]);
       }
-      const uint8_t* qs = b + (Type == kQ5_K ? 48 : 16);
-      __m512i qh = _mm512_setzero_si512();
-      if constexpr (Type == kQ5_K)  // bit j of byte i: the fifth bit of value i of sub-block j
-        qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)));
       for (int h = 0; h < 2; ++h) {
-        // sub-blocks 4h and 4h + 2 (low nibbles), 4h + 1 and 4h + 3 (high ones)
-        const __m512i q64 = _mm512_loadu_si512(qs + 64 * h);
-        __m512i even = _mm512_and_si512(q64, nibble);
-        __m512i odd = _mm512_and_si512(_mm512_srli_epi16(q64, 4), nibble);
-        if constexpr (Type == kQ5_K) {
-          const __m512i one = _mm512_set1_epi8(1);
-          even = _mm512_or_si512(even, _mm512_slli_epi16(
-              _mm512_and_si512(shift_halves(qh, 4 * h, 4 * h + 2), one), 4));
-          odd = _mm512_or_si512(odd, _mm512_slli_epi16(
-              _mm512_and_si512(shift_halves(qh, 4 * h + 1, 4 * h + 3), one), 4));
-        }
+        __m512i even, odd;
+        k_half<Type>(b, h, &even, &odd);
         // lanes 0-7 take sub-block 4h (+1 for odd), lanes 8-15 sub-block 4h + 2 (+1)
         const __m512i pick_even = _mm512_inserti64x4(
             _mm512_set1_epi32(4 * h), _mm256_set1_epi32(4 * h + 2), 1);
@@ -798,24 +820,15 @@ void dot_k_super(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_
         }
       }
     } else {
-      // Q6_K, per half h (values 128h..128h+127): value i < 64 of the half is the
-      // low nibble of ql[i] with bits (qh[i % 32] >> 2 (i / 32)) & 3 on top, value
-      // 64 + i the high nibble with (qh[i % 32] >> 4 + 2 (i / 32)) & 3; minus 32;
-      // each 16 values scaled by their own int8 scale
+      // Q6_K: (q - 32) times its 16 values' own int8 scale
       const float d = half_at(b + 208);
       const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
-      const __m512i three = _mm512_set1_epi8(3), c32 = _mm512_set1_epi8(32);
+      const __m512i c32 = _mm512_set1_epi8(32);
       // lane l of a 64-value product belongs to scale group l / 4
       const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
       for (int h = 0; h < 2; ++h) {
-        const __m512i ql = _mm512_loadu_si512(b + 64 * h);
-        const __m512i qh = _mm512_broadcast_i64x4(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
         __m512i v[2];
-        v[0] = _mm512_or_si512(_mm512_and_si512(ql, nibble),
-                               _mm512_slli_epi16(_mm512_and_si512(shift_halves(qh, 0, 2), three), 4));
-        v[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), nibble),
-                               _mm512_slli_epi16(_mm512_and_si512(shift_halves(qh, 4, 6), three), 4));
+        q6_half(b, h, &v[0], &v[1]);
         __m512 group_scale[2];
         for (int k = 0; k < 2; ++k) {
           int32_t four;
@@ -880,7 +893,6 @@ inline void store_quarter(T* at, __m512i v, int i, float scale, float shift) {
 template <int64_t Type, typename T>
 void dequantize_row_k_super(const uint8_t* row, int64_t K, T* out) {
   constexpr int64_t bytes = Type == kQ4_K ? 144 : Type == kQ5_K ? 176 : 210;
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
   for (int64_t sb = 0; sb < K / 256; ++sb) {
     const uint8_t* b = row + sb * bytes;
     T* o = out + sb * 256;
@@ -888,21 +900,9 @@ void dequantize_row_k_super(const uint8_t* row, int64_t K, T* out) {
       alignas(16) uint8_t sc8[8], m8[8];
       k_scales_mins(b + 4, sc8, m8);
       const float d = half_at(b), dmin = half_at(b + 2);
-      const uint8_t* qs = b + (Type == kQ5_K ? 48 : 16);
-      __m512i qh = _mm512_setzero_si512();
-      if constexpr (Type == kQ5_K)
-        qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)));
       for (int h = 0; h < 2; ++h) {
-        const __m512i q64 = _mm512_loadu_si512(qs + 64 * h);
-        __m512i even = _mm512_and_si512(q64, nibble);
-        __m512i odd = _mm512_and_si512(_mm512_srli_epi16(q64, 4), nibble);
-        if constexpr (Type == kQ5_K) {
-          const __m512i one = _mm512_set1_epi8(1);
-          even = _mm512_or_si512(even, _mm512_slli_epi16(
-              _mm512_and_si512(shift_halves(qh, 4 * h, 4 * h + 2), one), 4));
-          odd = _mm512_or_si512(odd, _mm512_slli_epi16(
-              _mm512_and_si512(shift_halves(qh, 4 * h + 1, 4 * h + 3), one), 4));
-        }
+        __m512i even, odd;
+        k_half<Type>(b, h, &even, &odd);
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<T, c10::BFloat16>) {
           // bfloat16 out: the sub-block's 32 possible values rounded once into a
@@ -933,17 +933,9 @@ void dequantize_row_k_super(const uint8_t* row, int64_t K, T* out) {
     } else {
       const float d = half_at(b + 208);
       const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
-      const __m512i three = _mm512_set1_epi8(3);
       for (int h = 0; h < 2; ++h) {
-        const __m512i ql = _mm512_loadu_si512(b + 64 * h);
-        const __m512i qh = _mm512_broadcast_i64x4(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
-        const __m512i v0 = _mm512_or_si512(
-            _mm512_and_si512(ql, nibble),
-            _mm512_slli_epi16(_mm512_and_si512(shift_halves(qh, 0, 2), three), 4));
-        const __m512i v1 = _mm512_or_si512(
-            _mm512_and_si512(_mm512_srli_epi16(ql, 4), nibble),
-            _mm512_slli_epi16(_mm512_and_si512(shift_halves(qh, 4, 6), three), 4));
+        __m512i v0, v1;
+        q6_half(b, h, &v0, &v1);
         // 16 values a scale: (q - 32) * d * scale
         for (int i = 0; i < 4; ++i) {
           const float s0 = d * scales[8 * h + i], s1 = d * scales[8 * h + 4 + i];
