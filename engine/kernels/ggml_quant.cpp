@@ -196,6 +196,9 @@ struct QuantizedRows {
   std::vector<float> d;        // [M, K / 32]
   std::vector<float> sum;      // [M, K / 32]
   std::vector<int32_t> qsum;   // [M, K / 32]
+  // q with each 128-value half of a 256-value super-block in the order the
+  // K-quant kernel reads it (its 32-value chunks 0, 2, 1, 3): one load a register
+  std::vector<int8_t> q_k;     // [M, K], filled by arrange_for_k_super
 };
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -708,11 +711,13 @@ inline __m512i shift_halves(__m512i v, int lo, int hi) {
   return _mm512_srlv_epi16(v, counts);
 }
 
-// two 32-byte runs of x as one register
-inline __m512i two_runs(const int8_t* a, const int8_t* b) {
-  return _mm512_inserti64x4(
-      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
-      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
+// xq.q_k from xq.q: in every 128 values, the 32-value chunks 0, 2, 1, 3 (the
+// sub-blocks a register of `even`, then of `odd`, holds: k_half)
+void arrange_for_k_super(QuantizedRows* xq, int64_t M, int64_t K) {
+  xq->q_k.resize(M * K);
+  for (int64_t at = 0; at < M * K; at += 128)
+    for (int c = 0; c < 4; ++c)
+      std::memcpy(xq->q_k.data() + at + 32 * c, xq->q.data() + at + 32 * ((c % 2) * 2 + c / 2), 32);
 }
 
 // the 8 six-bit scales (`sc`) and minimums (`m`) of a Q4_K/Q5_K super-block from
@@ -810,9 +815,9 @@ void dot_k_super(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_
             _mm512_set1_epi32(4 * h), _mm256_set1_epi32(4 * h + 2), 1);
         const __m512i pick_odd = _mm512_add_epi32(pick_even, _mm512_set1_epi32(1));
         for (int r = 0; r < R; ++r) {
-          const int8_t* xs = xq.q.data() + (m0 + r) * K + sb * 256 + 128 * h;
-          const __m512i ie = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even, two_runs(xs, xs + 64));
-          const __m512i io = _mm512_dpbusd_epi32(_mm512_setzero_si512(), odd, two_runs(xs + 32, xs + 96));
+          const int8_t* xs = xq.q_k.data() + (m0 + r) * K + sb * 256 + 128 * h;
+          const __m512i ie = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even, _mm512_loadu_si512(xs));
+          const __m512i io = _mm512_dpbusd_epi32(_mm512_setzero_si512(), odd, _mm512_loadu_si512(xs + 64));
           acc[0][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ie), _mm512_permutexvar_ps(pick_even, scale[r]),
                                       acc[0][r]);
           acc[1][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(io), _mm512_permutexvar_ps(pick_odd, scale[r]),
@@ -1291,6 +1296,9 @@ void linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& blocks,
   thread_local QuantizedRows reused;
   QuantizedRows& xq = reused;
   if (path != kFloat) quantize_rows(xp, M, K, &xq);
+#if defined(ENGINE_GGML_PAIRS)
+  if (path == kVnni && (type == kQ4_K || type == kQ5_K)) arrange_for_k_super(&xq, M, K);
+#endif
   const RowKernels<T> kernels = row_kernels<T>(path, type);
   const int64_t groups = interleaved ? N / kGroup : 0;
 #if defined(ENGINE_GGML_GROUPS)
