@@ -205,7 +205,7 @@ def test_each_layout_leaves_the_block_kernel_at_its_own_row_limit():
                  MAX_K_SUPER_ROWS if qtype == "Q4_K" else MAX_INTERLEAVED_ROWS)
         for rows, op in ((limit, "ggml_linear"), (limit + 1, "ggml_matmul")):
             x = torch.randn(rows, 512).to(torch.bfloat16)
-            assert _kernels_called(lambda: method.linear(weight, x, None)) == {
+            assert _kernels_called(lambda m=method, w=weight, x=x: m.linear(w, x, None)) == {
                 f"engine_kernels::{op}"}, (qtype, rows)
             run = method.fast_fn(weight, None, torch.bfloat16, 64)
             assert (run(x) is None) == (op == "ggml_matmul"), (qtype, rows)

@@ -990,7 +990,6 @@ constexpr int32_t integer_offset(int64_t type) {
   return type == kQ8_0 ? -128 : type == kQ4_0 ? -8 : type == kQ5_0 ? -16 : 0;
 }
 
-
 // R activation rows against one interleaved group of 16 weight rows (see
 // "interleaved groups"): out[r * 16 + l] = x row m0 + r . weight row l
 template <int64_t Type, int R>

@@ -58,6 +58,8 @@ MAX_INTERLEAVED_ROWS = 48
 # activations on the avx512_vnni path, where dequantize-then-matmul catches up
 # with the super-block kernel at 12-16 rows (benchmarks/bench_kernels.py --parts kquants)
 MAX_K_SUPER_ROWS = 12
+# the smallest of the three: a call with no more rows never needs the layout's own
+_MIN_ROW_LIMIT = min(MAX_KERNEL_ROWS, MAX_INTERLEAVED_ROWS, MAX_K_SUPER_ROWS)
 # bytes of dequantized weight per tile of a prompt-sized product (fits a core's L2)
 PREFILL_TILE_BYTES = 1 << 20
 
@@ -200,7 +202,7 @@ class GGMLBlockMethod(QuantizationMethod):
         path = kernel_path(dtype)
         # bfloat16 only: float32 activations keep prompts of 17+ rows off the
         # int8 path even where a test forces it for decode
-        if rows > MAX_K_SUPER_ROWS and rows > self._row_limit(interleaved, path, dtype):
+        if rows > _MIN_ROW_LIMIT and rows > self._row_limit(interleaved, path, dtype):
             torch.ops.engine_kernels.ggml_matmul.default(out, x2, stored, self.type_id, bias,
                                                          PREFILL_TILE_BYTES, interleaved)
         else:
