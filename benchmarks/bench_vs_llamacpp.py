@@ -16,8 +16,8 @@ Each side is one long-lived worker process per file, loading the model once; the
 parent sends each measurement to the two in turn, swapping which goes first every
 round; the side not being measured is paused (SIGSTOP to its process group), so
 that neither one's idle threads (llama.cpp's polling thread pool, the engine's
-OpenMP threads) run during the other's turn. Every timed request has a prompt neither side has seen (both cache
-prefixes). Both sides use two threads. Measurements, per round and side:
+OpenMP threads) run during the other's turn. Every timed request has a prompt
+neither side has seen (both cache prefixes). Both sides use two threads. Measurements, per round and side:
 
 - decode, ms/token: (time for 129 output tokens - time for 1) / 128, on a fresh
   32-token prompt each;
