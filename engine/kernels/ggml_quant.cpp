@@ -208,6 +208,22 @@ inline __m512 load16(const c10::BFloat16* p) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
+
+// 16 float32 values stored as T (bfloat16: rounded to nearest even, as torch's
+// float32 -> bfloat16 conversion)
+template <typename T>
+inline void store16_as(T* at, __m512 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_storeu_ps(at, v);
+  } else {
+#if defined(__AVX512BF16__)
+    // round to nearest even, as torch's float32 -> bfloat16
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(at), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+#else
+    engine_kernels::store(at, reinterpret_cast<engine_kernels::vf>(v));
+#endif
+  }
+}
 #endif
 
 template <typename T>
@@ -867,25 +883,6 @@ void dot_k_super(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_
   }
 }
 
-// A K-quant row as floats (prompts dequantize every weight tile by tile, and the
-// embedding its looked-up rows), decoded as dot_k_super decodes it: a
-// super-block a step, 64 values a register. Every product d * scale * q is exact
-// in float32 (at most 24 significant bits), so this equals the reference bit
-// for bit, as dequantize_row_vec does.
-template <typename T>
-inline void store16_as(T* at, __m512 v) {
-  if constexpr (std::is_same_v<T, float>) {
-    _mm512_storeu_ps(at, v);
-  } else {
-#if defined(__AVX512BF16__)
-    // round to nearest even, as torch's float32 -> bfloat16
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(at), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-#else
-    engine_kernels::store(at, reinterpret_cast<engine_kernels::vf>(v));
-#endif
-  }
-}
-
 // 16 values a time: bytes 16i..16i+15 of `v` (unsigned) times `scale` plus `shift`
 template <typename T>
 inline void store_quarter(T* at, __m512i v, int i, float scale, float shift) {
@@ -895,6 +892,11 @@ inline void store_quarter(T* at, __m512i v, int i, float scale, float shift) {
                                  _mm512_set1_ps(shift)));
 }
 
+// A K-quant row as floats (prompts dequantize every weight tile by tile, and the
+// embedding its looked-up rows), decoded as dot_k_super decodes it: a
+// super-block a step, 64 values a register. Every product d * scale * q is exact
+// in float32 (at most 24 significant bits), so this equals the reference bit
+// for bit, as dequantize_row_vec does.
 template <int64_t Type, typename T>
 void dequantize_row_k_super(const uint8_t* row, int64_t K, T* out) {
   constexpr int64_t bytes = Type == kQ4_K ? 144 : Type == kQ5_K ? 176 : 210;
@@ -1262,20 +1264,8 @@ void store_group_outputs(T* op, int64_t out_stride, int64_t m0, int64_t rows, in
                          const float* dots, const T* b) {
   const __m512 bias = b ? load16(b + n) : _mm512_setzero_ps();
   for (int64_t r = 0; r < rows; ++r) {
-    const __m512 v = _mm512_add_ps(_mm512_loadu_ps(dots + r * kGroup), bias);
-    T* at = op + (m0 + r) * out_stride + n;
-    if constexpr (std::is_same_v<T, float>) {
-      _mm512_storeu_ps(at, v);
-    } else {
-#if defined(__AVX512BF16__)
-      // round to nearest even, as static_cast<c10::BFloat16>
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(at), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-#else
-      alignas(64) float tmp[kGroup];
-      _mm512_store_ps(tmp, v);
-      for (int64_t l = 0; l < kGroup; ++l) at[l] = static_cast<T>(tmp[l]);
-#endif
-    }
+    store16_as(op + (m0 + r) * out_stride + n,
+               _mm512_add_ps(_mm512_loadu_ps(dots + r * kGroup), bias));
   }
 }
 #endif
