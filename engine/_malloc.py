@@ -42,10 +42,12 @@ MMAP_THRESHOLD = 32 * _MIB
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL | None:
-    # find_library runs ldconfig: look the C library up once per process
+def libc() -> ctypes.CDLL | None:
+    """This process's C library through ctypes (errno kept for
+    ``ctypes.get_errno``), looked up once: find_library runs ldconfig. None where
+    it cannot be loaded. Also used for ``madvise`` (engine.worker.kv_prefault)."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or None)
+        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     except OSError:
         return None
 
@@ -53,7 +55,7 @@ def _libc() -> ctypes.CDLL | None:
 def trim() -> bool:
     """Give the freed pages of glibc's heaps back to the kernel (``malloc_trim``);
     False where the C library has none (not glibc)."""
-    malloc_trim = getattr(_libc(), "malloc_trim", None)
+    malloc_trim = getattr(libc(), "malloc_trim", None)
     if malloc_trim is None:
         return False
     malloc_trim(0)
@@ -68,7 +70,7 @@ def keep_freed_memory() -> bool:
     if "0" in (os.environ.get("ENGINE_KEEP_FREED_MEMORY"),
                os.environ.get("ENGINE_SERVER_KEEP_FREED_MEMORY")):
         return False
-    mallopt = getattr(_libc(), "mallopt", None)
+    mallopt = getattr(libc(), "mallopt", None)
     if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]

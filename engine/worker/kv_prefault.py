@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import ctypes.util
 import logging
 import mmap
 import os
@@ -37,6 +36,8 @@ import weakref
 from collections.abc import Callable
 
 import torch
+
+from engine._malloc import libc
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +70,8 @@ def _stop_all() -> None:
 
 
 def _madvise() -> Callable[[int, int, int], int] | None:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6", use_errno=True)
-        func = libc.madvise
-    except (OSError, AttributeError):
+    func = getattr(libc(), "madvise", None)
+    if func is None:
         return None
     func.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     func.restype = ctypes.c_int
