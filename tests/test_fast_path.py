@@ -3,7 +3,10 @@ without module calls.
 
 Each comparison runs the model's forward twice on one real step of a real engine
 (its inputs captured as the model runner passes them), with ``ENGINE_FAST_PATH=0``
-(through the modules) and ``=1`` (the fast path): the hidden states must be equal
+(through the modules) and ``=1`` (the fast path; decode steps whose products are
+all compiled kernels' run as one ``engine_kernels::decode_layers`` call, checked to
+happen, and op by op under ``=ops``): the hidden states, and the keys and values
+the step writes to the cache, must be equal
 bit for bit, on decode steps over every weight kind the fast forms take (bfloat16
 and float32 GEMV/AMX kernels, GGUF blocks), on row counts past each kernel's limit
 (where a fast form hands the product back to its layer), on prompt steps (whole
@@ -58,12 +61,39 @@ def _capture_step(llm: LLM) -> tuple[torch.nn.Module, tuple]:
 
 def _both_ways(model: torch.nn.Module, args: tuple,
                monkeypatch: pytest.MonkeyPatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's output through the modules, then by the fast path; the step's
+    cache slots are cleared between the two, and must hold the same keys and
+    values after each."""
+    from engine.attention.layer import get_attention_layers
+
+    caches = [layer.kv_cache for layer in get_attention_layers(model)]
+    slots = args[2].slot_mapping
     with torch.inference_mode():
         monkeypatch.setenv(FAST_PATH_ENV, "0")
         through_modules = model(*args)
+        written = [cache.clone() for cache in caches]
+        for cache in caches:
+            if cache.numel():
+                cache.view(2, -1, *cache.shape[-2:])[:, slots] = 0
         monkeypatch.setenv(FAST_PATH_ENV, "1")
         fast = model(*args)
+    assert all(torch.equal(cache, before) for cache, before in zip(caches, written, strict=True))
     return through_modules, fast
+
+
+def _one_call(model: torch.nn.Module, args: tuple, monkeypatch: pytest.MonkeyPatch,
+              mode: str = "1") -> tuple[torch.Tensor, bool]:
+    """The step's output on the fast path under ``ENGINE_FAST_PATH=mode``, and
+    whether its layers ran as one ``decode_layers`` call (the operators the
+    profiler saw: that op, whose calls it records as each layer's)."""
+    monkeypatch.setenv(FAST_PATH_ENV, mode)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        out = model(*args)
+    names = [event.name for event in prof.events()]
+    calls = names.count("engine_kernels::decode_layers")
+    assert calls in (0, 1)
+    assert names.count("engine_kernels::paged_decode_attention") == len(model.model.layers)
+    return out, calls == 1
 
 
 def _attention_forwards(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -99,13 +129,20 @@ def wide_llama(make_hf_model) -> Path:
 ])
 def test_decode_steps_equal_the_modules_bit_for_bit(make_hf_model, monkeypatch, arch, dtype,
                                                     batch):
+    """Where every product of the step is a compiled kernel's, the layers run as
+    one ``engine_kernels::decode_layers`` call (checked to happen), else op by op."""
     with LLM(make_hf_model(arch), dtype=dtype, kv_cache_memory=1 << 22,
              enable_prefix_caching=False) as llm:
         model, args = _capture_decode_step(llm, batch)
         through_modules, fast = _both_ways(model, args, monkeypatch)
         fast_path = model.model.fast_path
+        _, one_call = _one_call(model, args, monkeypatch)
+        op_by_op, ops_one_call = _one_call(model, args, monkeypatch, "ops")
     assert fast_path is not None and fast_path.rotary is not None and fast_path.layers  # it ran
-    assert torch.equal(through_modules, fast)
+    assert torch.equal(through_modules, fast) and torch.equal(through_modules, op_by_op)
+    amx = bool(torch.ops.engine_kernels.amx_supported())
+    assert one_call == (batch <= 4 or (batch <= 32 and (dtype == "float32" or amx)))
+    assert not ops_one_call  # ENGINE_FAST_PATH=ops: every call from Python
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -155,7 +192,9 @@ def test_decode_steps_equal_the_modules_on_gguf_blocks(wide_llama, tmp_path, mon
         assert llm.llm_engine.quantized_layers()["model.layers.0.mlp.down_proj"] == [qtype.lower()]
         model, args = _capture_decode_step(llm, batch)
         through_modules, fast = _both_ways(model, args, monkeypatch)
+        _, one_call = _one_call(model, args, monkeypatch)
     assert torch.equal(through_modules, fast)
+    assert one_call == (batch <= 16)  # the block kernels' calls, up to where rows are padded
 
 
 def test_without_the_kernels_the_fast_path_runs_the_modules_forwards(make_hf_model):
@@ -241,8 +280,21 @@ def test_sleep_drops_the_fast_path_and_wake_up_builds_it_again(make_hf_model):
     assert after == before
 
 
-def test_a_bad_value_names_the_variable(make_hf_model, monkeypatch):
-    monkeypatch.setenv(FAST_PATH_ENV, "yes")
+@pytest.mark.parametrize("value", ["yes", "2"])
+def test_a_bad_value_names_the_variable(make_hf_model, monkeypatch, value):
+    monkeypatch.setenv(FAST_PATH_ENV, value)
     with pytest.raises(ValueError, match=FAST_PATH_ENV):
         with LLM(make_hf_model("llama"), dtype="float32", kv_cache_memory=1 << 22) as llm:
             llm.generate([[3, 4, 5]], SamplingParams(max_tokens=3))
+
+
+def test_decode_layers_names_a_malformed_argument():
+    """The op checks its argument layout before touching a tensor."""
+    hidden, positions = torch.zeros(2, 8), torch.zeros(2, dtype=torch.int64)
+    empty = torch.zeros(0, dtype=torch.int64)
+    op = torch.ops.engine_kernels.decode_layers
+    with pytest.raises(RuntimeError, match="decode_layers: ints must start with"):
+        op(hidden, positions, [], [1], [], [], hidden, empty, empty, empty, empty, empty)
+    with pytest.raises(RuntimeError, match="decode_layers: ints holds 7 values, expected 27"):
+        op(hidden, positions, [], [1, 8, 8, 1, 1, 8, 0], [1.0], [], hidden, empty, empty, empty,
+           empty, empty)

@@ -5,8 +5,10 @@ The ops live under ``torch.ops.engine_kernels``: ``paged_decode_attention``
 (decode attention reading K/V through the block table, see paged_attention.cpp)
 and the decoder layer's fused element-wise ops ``rms_norm``,
 ``fused_add_rms_norm``, ``silu_and_mul`` and ``rotary_embedding``
-(fused_ops.cpp), which the in-tree `CustomOp`s run from ``forward_cpu``, and
-``lora_add`` (lora.cpp: every row's own LoRA adapter in one call per layer).
+(fused_ops.cpp), which the in-tree `CustomOp`s run from ``forward_cpu``,
+``lora_add`` (lora.cpp: every row's own LoRA adapter in one call per layer), and
+``decode_layers`` (decode_layers.cpp: a decode step's decoder layers as one call
+that makes, from C++, the calls a model's fast path would make from Python).
 Nothing here is needed for correctness: callers check `kernels_available()` and
 fall back to plain PyTorch.
 
@@ -52,7 +54,8 @@ logger = logging.getLogger(__name__)
 startup_logger = logging.getLogger(STARTUP_LOGGER)
 
 SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp", "amx_linear.cpp",
-           "fp32_gemv.cpp", "prefill_attention.cpp", "ggml_quant.cpp", "lora.cpp")
+           "fp32_gemv.cpp", "prefill_attention.cpp", "ggml_quant.cpp", "lora.cpp",
+           "decode_layers.cpp")
 HEADERS = ("vec.h", "amx.h")
 LIBRARY_NAME = "engine_kernels"
 MODE_ENV = "ENGINE_CPU_KERNELS"
@@ -180,6 +183,12 @@ def kernels_available() -> bool:
         logger.warning("CPU kernels unavailable, using plain PyTorch: %s", e)
         _loaded = False
     return _loaded
+
+
+# the linear kernels of a decode step, as engine_kernels::decode_layers (decode_layers.cpp)
+# takes them: engine.ops.linear.few_rows_kernel picks among the first four, a GGUF
+# block method's `decode_kernel` says LINEAR_GGML
+LINEAR_BF16_GEMV, LINEAR_AMX, LINEAR_AMX_SPLIT, LINEAR_FP32_GEMV, LINEAR_GGML = 1, 2, 3, 4, 5
 
 
 _kernel_dtypes: tuple = ()  # (torch.float32, torch.bfloat16) once torch is imported

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from engine.attention import Attention, AttentionMetadata
 from engine.config import EngineConfig
+from engine.kernels import portable_forced
 from engine.models.utils import load_stacked_weights
 from engine.ops import (
     ColumnParallelLinear,
@@ -31,8 +32,8 @@ from engine.ops import (
     VocabParallelEmbedding,
     rope_parameters_from_hf,
 )
-from engine.ops.fast_path import fast_path_enabled, fast_path_key, hooks_present
-from engine.ops.linear import divide, fast_linear_fn, tp_world_size_and_rank
+from engine.ops.fast_path import HookWatch, fast_path_key, fast_path_mode
+from engine.ops.linear import divide, fast_linear_fn, fast_linear_kernel, tp_world_size_and_rank
 
 logger = logging.getLogger(__name__)
 
@@ -265,27 +266,34 @@ class LlamaModel(nn.Module):
             for layer in self.layers:
                 hidden_states, residual = layer(positions, hidden_states, residual, attn_metadata)
         else:
-            layers, rotary = fast
+            path, rotary, one_call = fast
             rotary.cover(positions)  # once for every layer
-            for run in layers:
-                hidden_states, residual = run(positions, hidden_states, residual, attn_metadata)
+            decoded = (path.decode_layers(positions, hidden_states, attn_metadata)
+                       if one_call else None)
+            if decoded is not None:
+                hidden_states, residual = decoded
+            else:
+                for run in path.layers:
+                    hidden_states, residual = run(positions, hidden_states, residual,
+                                                  attn_metadata)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
-    def _fast_path(self, positions: torch.Tensor, dtype: torch.dtype
-                   ) -> tuple[list[_LayerFn], RotaryEmbedding] | None:
-        """This step's fast path (the layers' fast forms and their shared rotary
-        op), built or rebuilt as needed; None when the step must run through the
-        modules (see engine.ops.fast_path)."""
+    def _fast_path(self, positions: torch.Tensor,
+                   dtype: torch.dtype) -> tuple[_FastPath, RotaryEmbedding, bool] | None:
+        """This step's fast path, built or rebuilt as needed, its layers' shared
+        rotary op, and whether its decode steps may run as one call (``ENGINE_FAST_PATH=1``, not ``ops``); None when the
+        step must run through the modules (see engine.ops.fast_path)."""
+        mode = fast_path_mode()
         if (positions.dtype != torch.int64 or positions.dim() != 1
-                or torch.compiler.is_compiling() or not fast_path_enabled()):
+                or torch.compiler.is_compiling() or mode == "0"):
             return None
         fast, key = self.fast_path, (dtype, *fast_path_key())
         if fast is None or fast.key != key:
             fast = self.fast_path = _FastPath.build(self, dtype, key)
-        if fast.rotary is None or hooks_present(fast.modules):
+        if fast.rotary is None or fast.hooks():
             return None
-        return fast.layers, fast.rotary
+        return fast, fast.rotary, mode == "1"
 
 
 _LayerFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, AttentionMetadata],
@@ -300,8 +308,35 @@ class _FastPath:
 
     key: tuple[Any, ...]  # the activations' dtype, then `fast_path_key()`
     layers: list[_LayerFn]
-    modules: list[nn.Module]  # every module the layers' fast forms stand for
+    hooks: HookWatch  # on every module the layers' fast forms stand for
     rotary: RotaryEmbedding | None  # shared by every layer
+    decoders: list[LlamaDecoderLayer] = field(default_factory=list)
+    # engine_kernels::decode_layers' arguments by row count (None: not that op's)
+    programs: dict[int, _DecodeProgram | None] = field(default_factory=dict)
+
+    def decode_layers(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                      md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every layer of a decode step in one ``engine_kernels::decode_layers`` call
+        (the calls of the layers' fast forms, made from C++: bit for bit the same
+        step without the Python between ~10 kernels a layer); None for a step it
+        does not take (a prompt row, a row count or weight the fast forms hand back
+        to their modules, another attention backend), which the layers then run."""
+        rows = hidden_states.shape[0]
+        program = self.programs.get(rows, _UNBUILT)
+        if program is _UNBUILT:
+            program = self.programs[rows] = _DecodeProgram.build(self, rows)
+        if program is None:
+            return None
+        attention = program.attention
+        first = attention[0]
+        decode = first.impl.decode_kernel_rows(first.kv_cache, md)
+        if decode is None or decode.shape[0] != rows:
+            return None
+        hidden, residual = torch.ops.engine_kernels.decode_layers(
+            hidden_states, positions, program.tensors, program.ints, program.floats,
+            [layer.kv_cache for layer in attention], program.rotary.cos_sin_cache,
+            md.slot_mapping, md.block_tables, md.seq_lens_tensor, md.query_start_loc, decode)
+        return hidden, residual
 
     @classmethod
     def build(cls, model: LlamaModel, dtype: torch.dtype, key: tuple[Any, ...]) -> _FastPath:
@@ -313,9 +348,63 @@ class _FastPath:
             and layer.self_attn.rotary_emb is rotary  # one `cover` for every layer
             for layer in layers)
         if not expected or rotary is None:
-            return cls(key, [], [], None)
-        modules = [m for layer in layers for m in layer.modules()]
-        return cls(key, [layer.fast_fn(dtype) for layer in layers], modules, rotary)
+            return cls(key, [], HookWatch([]), None)
+        hooks = HookWatch(m for layer in layers for m in layer.modules())
+        return cls(key, [layer.fast_fn(dtype) for layer in layers], hooks, rotary, layers)
+
+
+_UNBUILT: Any = object()
+
+
+@dataclass
+class _DecodeProgram:
+    """``engine_kernels::decode_layers``' arguments for decode steps of one row
+    count, fixed while the fast path stands (decode_layers.cpp says their layout);
+    the caches are read from their layers at every step."""
+
+    tensors: list[torch.Tensor | None]
+    ints: list[int]
+    floats: list[float]
+    attention: list[Attention]
+    rotary: RotaryEmbedding  # its table is read at every step (`cover` may grow it)
+
+    @classmethod
+    def build(cls, fast: _FastPath, rows: int) -> _DecodeProgram | None:
+        """None where some layer's step for `rows` rows is not the op's: an op
+        without its fast form, a product its fast form hands back to the layer or
+        makes with another kernel, a backend other than the built-in one."""
+        dtype, layers, rotary = fast.key[0], fast.decoders, fast.rotary
+        if not layers or rotary is None or rotary.fast_fn(dtype) is None:
+            return None
+        first = layers[0].self_attn
+        shape = (first.q_size, first.kv_size, first.num_heads, first.num_kv_heads,
+                 first.head_dim)
+        ints = [len(layers), *shape, int(portable_forced())]
+        floats: list[float] = []
+        tensors: list[torch.Tensor | None] = []
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            if (attn.attn.fast_fn() is None or mlp.act_fn.fast_fn(dtype) is None
+                    or any(norm.fast_fn(dtype) is None for norm in norms)
+                    or (attn.q_size, attn.kv_size, attn.num_heads, attn.num_kv_heads,
+                        attn.head_dim) != shape):
+                return None
+            scale = attn.attn.impl.scale  # the built-in backend's (its fast form exists)
+            if not floats:
+                floats.append(scale)
+            elif scale != floats[0]:
+                return None
+            tensors += [norm.weight for norm in norms]
+            floats += [norm.variance_epsilon for norm in norms]
+            for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                kernel = fast_linear_kernel(linear, dtype, rows)
+                if kernel is None:
+                    return None
+                kernel_ints, operand, bias = kernel
+                ints += kernel_ints
+                tensors += [operand, bias]
+        return cls(tensors, ints, floats, [layer.self_attn.attn for layer in layers], rotary)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -15,7 +15,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.kernels import portable_forced, usable_for
+from engine.kernels import (
+    LINEAR_AMX,
+    LINEAR_AMX_SPLIT,
+    LINEAR_BF16_GEMV,
+    LINEAR_FP32_GEMV,
+    portable_forced,
+    usable_for,
+)
 from engine.ops.activation import SiluAndMul
 from engine.ops.fast_path import forget_fast_paths
 from engine.ops.weight_memory import empty_weight
@@ -234,6 +241,30 @@ def amx_prompt_silu_and_mul(x: torch.Tensor, bias: torch.Tensor | None,
     return out
 
 
+def few_rows_kernel(rows: int, dtype: torch.dtype, bias: torch.Tensor | None,
+                    weight: torch.Tensor | None, amx_packed: torch.Tensor | None,
+                    portable: bool) -> int:
+    """Which compiled kernel `few_rows_linear` runs for `rows` contiguous CPU rows
+    of `dtype` (an ``engine.kernels.LINEAR_*`` code), or 0 where the product is not one of
+    theirs (oneDNN's, or F.linear's for a float32 weight the GEMV cannot take)."""
+    if weight is None or not 0 < rows <= max(FP32_GEMV_MAX_ROWS, AMX_MAX_ROWS):
+        return 0
+    operands = (weight,) if bias is None else (weight, bias)
+    if weight.dtype is not dtype or not usable_for(*operands):
+        return 0
+    if dtype == torch.float32 and rows <= FP32_GEMV_MAX_ROWS:
+        if amx_packed is not None and rows > FP32_GEMV_FIRST_ROWS and not portable:
+            return LINEAR_AMX_SPLIT
+        return LINEAR_FP32_GEMV if weight.dim() == 2 and weight.is_contiguous() else 0
+    if dtype == torch.bfloat16 and rows <= AMX_MAX_ROWS:
+        amx = amx_packed is not None and not portable
+        if rows <= (GEMV_FIRST_ROWS if amx else GEMV_MAX_ROWS) and weight.is_contiguous():
+            return LINEAR_BF16_GEMV
+        if amx:
+            return LINEAR_AMX
+    return 0
+
+
 def few_rows_linear(x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor | None,
                     amx_packed: torch.Tensor | None = None,
                     portable: bool | None = None) -> torch.Tensor | None:
@@ -243,29 +274,23 @@ def few_rows_linear(x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Te
     rows = x.shape[0] if x.dim() == 2 else 0
     if weight is None or not 0 < rows <= max(FP32_GEMV_MAX_ROWS, AMX_MAX_ROWS):
         return None
+    if portable is None:
+        portable = portable_forced()
+    kernel = (few_rows_kernel(rows, x.dtype, bias, weight, amx_packed, portable)
+              if x.is_contiguous() and x.is_cpu else 0)
+    if kernel == LINEAR_AMX_SPLIT:
+        out = x.new_empty((rows, amx_packed.shape[0] * 16))
+        torch.ops.engine_kernels.amx_split_linear(out, x, amx_packed, bias)
+        return out
+    if kernel in (LINEAR_BF16_GEMV, LINEAR_AMX):
+        out = x.new_empty((rows, weight.shape[0]))
+        if kernel == LINEAR_BF16_GEMV:
+            torch.ops.engine_kernels.bf16_gemv(out, x, weight, bias, portable)
+        else:
+            torch.ops.engine_kernels.amx_linear(out, x, amx_packed, bias)
+        return out
     if x.dtype == torch.float32 and rows <= FP32_GEMV_MAX_ROWS:
-        if (amx_packed is not None and rows > FP32_GEMV_FIRST_ROWS and x.is_contiguous()
-                and not (portable_forced() if portable is None else portable)):
-            out = x.new_empty((rows, amx_packed.shape[0] * 16))
-            torch.ops.engine_kernels.amx_split_linear(out, x, amx_packed, bias)
-            return out
-        return plain_linear(x, weight, bias, portable)
-    if x.dtype == torch.bfloat16 and rows <= AMX_MAX_ROWS:
-        operands = (x, weight) if bias is None else (x, weight, bias)
-        if usable_for(*operands) and x.is_contiguous():
-            # ENGINE_KERNEL_PATH=portable: the GEMV kernel's portable code, no AMX
-            if portable is None:
-                portable = portable_forced()
-            amx = amx_packed is not None and not portable
-            gemv_rows = GEMV_FIRST_ROWS if amx else GEMV_MAX_ROWS
-            if rows <= gemv_rows and weight.is_contiguous():
-                out = x.new_empty((rows, weight.shape[0]))
-                torch.ops.engine_kernels.bf16_gemv(out, x, weight, bias, portable)
-                return out
-            if amx:
-                out = x.new_empty((rows, weight.shape[0]))
-                torch.ops.engine_kernels.amx_linear(out, x, amx_packed, bias)
-                return out
+        return plain_linear(x, weight, bias, portable)  # its GEMV, or F.linear
     return None
 
 
@@ -365,33 +390,63 @@ def pack_linear_weights(model: nn.Module) -> int:
     return packed
 
 
-def fast_linear_fn(layer: ColumnParallelLinear | RowParallelLinear,
-                     dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
-    """`layer`'s product for a model's fast path (engine.ops.fast_path): ``run(x)`` on
-    contiguous [T, in] rows of `dtype` returns what the layer's forward would, or
-    None for a row count its kernel does not take (the caller then runs the
-    layer). None when the layer has no fast form: a subclass of its own, LoRA,
-    tensor parallelism, a quantization method without one, or a weight that
-    forward multiplies with F.linear."""
+def _fast_operands(layer: ColumnParallelLinear | RowParallelLinear, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor | None] | QuantizedWeight | None:
+    """What `layer`'s fast form multiplies by: (weight, AMX copy) for a float
+    weight, its `QuantizedWeight`, or None where it has no fast form."""
     if (type(layer) not in _FAST_LINEAR_CLASSES or layer.lora is not None
             or layer.tp_size != 1):
         return None
-    bias = layer.bias
     if layer.quant_weight is not None:
-        return layer.quant_weight.fast_fn(bias, dtype)
-    weight, amx = layer.weight, layer.amx_weight
+        return layer.quant_weight
+    weight = layer.weight
     packed = layer.packed_weight is not None or getattr(layer, "packed_gate", None) is not None
     # forward takes `few_rows_linear` on a packed weight, `plain_linear` on a
     # float32 one (the same GEMV kernel); a bfloat16 weight oneDNN could not pack
     # stays on F.linear
     if not (packed or dtype is torch.float32) or weight.dtype != dtype:
         return None
+    return weight, layer.amx_weight
+
+
+def fast_linear_fn(layer: ColumnParallelLinear | RowParallelLinear,
+                   dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+    """`layer`'s product for a model's fast path (engine.ops.fast_path): ``run(x)`` on
+    contiguous [T, in] rows of `dtype` returns what the layer's forward would, or
+    None for a row count its kernel does not take (the caller then runs the
+    layer). None when the layer has no fast form: a subclass of its own, LoRA,
+    tensor parallelism, a quantization method without one, or a weight that
+    forward multiplies with F.linear."""
+    operands = _fast_operands(layer, dtype)
+    bias = layer.bias
+    if operands is None or isinstance(operands, QuantizedWeight):
+        return None if operands is None else operands.fast_fn(bias, dtype)
+    weight, amx = operands
     portable = portable_forced()
 
     def run(x: torch.Tensor) -> torch.Tensor | None:
         return few_rows_linear(x, bias, weight, amx, portable)
 
     return run
+
+
+def fast_linear_kernel(layer: ColumnParallelLinear | RowParallelLinear, dtype: torch.dtype,
+                       rows: int) -> tuple[list[int], torch.Tensor, torch.Tensor | None] | None:
+    """The kernel call `fast_linear_fn(layer, dtype)` makes for `rows` rows, for
+    ``engine_kernels::decode_layers``: ``([kernel, out_features, a, b, c], operand,
+    bias)`` (the ``engine.kernels.LINEAR_*`` code, then the kernel's integers: see
+    decode_layers.cpp), or None where that form runs none of those kernels."""
+    operands = _fast_operands(layer, dtype)
+    bias = layer.bias
+    if operands is None or isinstance(operands, QuantizedWeight):
+        return None if operands is None else operands.fast_kernel(bias, dtype, rows)
+    weight, amx = operands
+    portable = portable_forced()
+    kernel = few_rows_kernel(rows, dtype, bias, weight, amx, portable)
+    if not kernel:
+        return None
+    operand = amx if kernel in (LINEAR_AMX, LINEAR_AMX_SPLIT) else weight
+    return [kernel, weight.shape[0], int(portable), 0, 0], operand, bias
 
 
 def _new_param(*shape: int, loader) -> nn.Parameter:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import cpu_flags, kernels_available
+from engine.kernels import LINEAR_GGML, cpu_flags, kernels_available
 from engine.quantization.interface import QuantizationMethod, QuantizedTensor
 
 # (ggml type id, values per block, bytes per block)
@@ -232,6 +232,21 @@ class GGMLBlockMethod(QuantizationMethod):
             return out
 
         return run
+
+    def decode_kernel(self, weight: QuantizedTensor, bias: torch.Tensor | None,
+                      dtype: torch.dtype, rows: int, max_rows: int
+                      ) -> tuple[list[int], torch.Tensor, torch.Tensor | None] | None:
+        """`fast_fn`'s kernel call for `rows` rows as ``engine_kernels::decode_layers``
+        takes it: ``([LINEAR_GGML, out_features, type, path, interleaved], blocks,
+        bias)``, or None where `fast_fn(..., max_rows)`'s form would not run it."""
+        if (dtype is not torch.bfloat16 and dtype is not torch.float32) or not kernel_paths() \
+                or (bias is not None and bias.dtype != dtype):
+            return None
+        stored, interleaved = self._stored(weight)
+        path = kernel_path(dtype)
+        if not 0 < rows <= min(max_rows, self._row_limit(interleaved, path, dtype)):
+            return None
+        return [LINEAR_GGML, weight.shape[0], self.type_id, path, int(interleaved)], stored, bias
 
     def embedding(self, weight: QuantizedTensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = ids.reshape(-1).to(torch.long).contiguous()

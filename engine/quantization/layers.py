@@ -101,6 +101,17 @@ class QuantizedWeight:
         rows = self.parts[0][1]
         return rows.method.fast_fn(rows, bias, dtype, PAD_ABOVE_ROWS)
 
+    def fast_kernel(self, bias: torch.Tensor | None, dtype: torch.dtype,
+                    rows: int) -> tuple[list[int], torch.Tensor, torch.Tensor | None] | None:
+        """The compiled kernel call `fast_fn`'s form makes for `rows` rows, for
+        ``engine_kernels::decode_layers`` (engine.ops.linear.fast_linear_kernel):
+        only the built-in GGUF block methods say; None otherwise."""
+        if len(self.parts) != 1:
+            return None
+        rows_weight = self.parts[0][1]
+        kernel = getattr(rows_weight.method, "decode_kernel", None)
+        return None if kernel is None else kernel(rows_weight, bias, dtype, rows, PAD_ABOVE_ROWS)
+
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if len(self.parts) != 1:
             raise ValueError("a quantized embedding table must be of one method")

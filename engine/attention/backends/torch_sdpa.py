@@ -290,6 +290,21 @@ class TorchSDPAImpl(AttentionImpl):
 
         return run
 
+    def decode_kernel_rows(self, kv_cache: torch.Tensor,
+                           md: AttentionMetadata) -> torch.Tensor | None:
+        """The step's sequences for ``paged_decode_attention`` (its `decode_seqs`)
+        when every row of the step is a decode row on that kernel, as `fast_fn`'s
+        form would run it; else None. For ``engine_kernels::decode_layers``, which
+        runs that form's calls for every layer of such a step."""
+        if type(self) is not TorchSDPAImpl or kv_cache.numel() == 0:
+            return None
+        plan = md.backend_state.get("TORCH_SDPA")
+        if plan is None:
+            plan = md.backend_state["TORCH_SDPA"] = _plan(md, kv_cache)
+        if plan.decode or plan.prefills or plan.kernel_prefill is not None:
+            return None
+        return plan.kernel_decode
+
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, bucket: _DecodeBucket,
                 scratch: torch.Tensor) -> torch.Tensor:
         """q [n, H, D] (one token per sequence) -> [n, H, D]."""
