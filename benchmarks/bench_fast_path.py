@@ -4,11 +4,13 @@
     python benchmarks/bench_fast_path.py --dtype float32 --batch 1
     python benchmarks/bench_fast_path.py --model model.Q8_0.gguf --batch 1,4
     python benchmarks/bench_fast_path.py --batch "" --prompts --context 256   # prompt steps
+    python benchmarks/bench_fast_path.py --against ops    # one-call decode steps vs op by op
 
 One engine, one process: `--batch` sequences with fresh prompts decode, and rounds
 of `--steps` engine steps alternate between ``ENGINE_FAST_PATH=1`` (the fast
-path, docs/fast-path.md) and ``=0`` (every layer through its modules),
-the first side swapping every round; with --prompts, so do rounds of fresh
+path, docs/fast-path.md) and ``=0`` (every layer through its modules; with
+``--against ops``, ``=ops``: the fast path with every kernel called from Python,
+so the difference is the one-call decode step), the first side swapping every round; with --prompts, so do rounds of fresh
 prompts with one output token each (TTFT). Both sides run the same kernels on the
 same weights and caches, so the difference is the Python between the kernels. Prints
 each side's wall time per step for every round, the best-to-best ratio and the
@@ -44,7 +46,11 @@ def main() -> int:
     ap.add_argument("--prompts", action="store_true",
                     help="also time fresh --context-token prompts with one output token "
                          "(what TTFT measures), --steps a round and side")
+    ap.add_argument("--against", choices=("0", "ops"), default="0",
+                    help="the other side's ENGINE_FAST_PATH: 0 (the modules) or ops (the "
+                         "fast path op by op, no one-call decode steps)")
     args = ap.parse_args()
+    other = "modules" if args.against == "0" else "op by op"
 
     import bench_generate
     from bench_vs_vllm import SMOL, cpu_description
@@ -66,21 +72,21 @@ def main() -> int:
 
     def alternate(measure) -> dict[str, list[float]]:
         """`measure()` (ms) for --rounds rounds a side, the first side swapping."""
-        sides: dict[str, list[float]] = {"fast path": [], "modules": []}
+        sides: dict[str, list[float]] = {"fast path": [], other: []}
         for r in range(args.rounds):
-            for side in ("fast path", "modules") if r % 2 == 0 else ("modules", "fast path"):
-                os.environ[FAST_PATH_ENV] = "1" if side == "fast path" else "0"
+            for side in ("fast path", other) if r % 2 == 0 else (other, "fast path"):
+                os.environ[FAST_PATH_ENV] = "1" if side == "fast path" else args.against
                 sides[side].append(measure())
         os.environ.pop(FAST_PATH_ENV)
         return sides
 
     def report(what: str, unit: str, sides: dict[str, list[float]]) -> None:
-        ratios = sorted(f / m for f, m in zip(sides["fast path"], sides["modules"], strict=True))
-        best = min(sides["fast path"]) / min(sides["modules"])
+        ratios = sorted(f / m for f, m in zip(sides["fast path"], sides[other], strict=True))
+        best = min(sides["fast path"]) / min(sides[other])
         print(f"{args.dtype}, {what}: fast path "
-              f"{' '.join(f'{t:.2f}' for t in sides['fast path'])} {unit}, modules "
-              f"{' '.join(f'{t:.2f}' for t in sides['modules'])} {unit}; best/best "
-              f"{best:.2f}x the modules' time (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})")
+              f"{' '.join(f'{t:.2f}' for t in sides['fast path'])} {unit}, {other} "
+              f"{' '.join(f'{t:.2f}' for t in sides[other])} {unit}; best/best "
+              f"{best:.2f}x the {other} time (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})")
 
     def steps_ms() -> float:
         start = time.perf_counter()

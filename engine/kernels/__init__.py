@@ -186,9 +186,12 @@ def kernels_available() -> bool:
 
 
 # the linear kernels of a decode step, as engine_kernels::decode_layers (decode_layers.cpp)
-# takes them: engine.ops.linear.few_rows_kernel picks among the first four, a GGUF
-# block method's `decode_kernel` says LINEAR_GGML
+# takes them: engine.ops.linear.few_rows_kernel picks among the first four,
+# fast_linear_kernel adds the AMX kernel past the few-row sizes (LINEAR_AMX; a gate_up
+# projection's with the activation in it: LINEAR_AMX_SILU), a GGUF block method's
+# `decode_kernel` says LINEAR_GGML
 LINEAR_BF16_GEMV, LINEAR_AMX, LINEAR_AMX_SPLIT, LINEAR_FP32_GEMV, LINEAR_GGML = 1, 2, 3, 4, 5
+LINEAR_AMX_SILU = 6
 
 
 _kernel_dtypes: tuple = ()  # (torch.float32, torch.bfloat16) once torch is imported

@@ -68,6 +68,7 @@ struct Ops {
   c10::TypedOperatorHandle<Gemv> fp32_gemv = find<Gemv>("engine_kernels::fp32_gemv");
   c10::TypedOperatorHandle<Linear> amx_linear = find<Linear>("engine_kernels::amx_linear");
   c10::TypedOperatorHandle<Linear> amx_split_linear = find<Linear>("engine_kernels::amx_split_linear");
+  c10::TypedOperatorHandle<Linear> amx_silu_and_mul = find<Linear>("engine_kernels::amx_silu_and_mul");
   c10::TypedOperatorHandle<void(at::Tensor, const at::Tensor&, const at::Tensor&, int64_t,
                                 const OptTensor&, int64_t, bool)>
       ggml_linear = find<void(at::Tensor, const at::Tensor&, const at::Tensor&, int64_t,
@@ -80,12 +81,15 @@ const Ops& ops() {
 }
 
 // engine.kernels.LINEAR_*
-enum Kernel : int64_t { kBf16Gemv = 1, kAmx = 2, kAmxSplit = 3, kFp32Gemv = 4, kGgml = 5 };
+enum Kernel : int64_t {
+  kBf16Gemv = 1, kAmx = 2, kAmxSplit = 3, kFp32Gemv = 4, kGgml = 5, kAmxSilu = 6
+};
 constexpr int64_t kHeader = 7, kLinearInts = 5, kLayerTensors = 10;
 
 // `x` [T, in] times one linear's operand: ints = {kernel, out_features, a, b, c}
 // (kGgml: a = the block type, b = the kernel path, c = interleaved; the GEMVs:
-// a = portable)
+// a = portable; kAmxSilu: silu(gate) * up of a gate_up projection, out_features
+// its half)
 at::Tensor linear(const Ops& o, const at::Tensor& x, const int64_t* ints, const OptTensor& operand,
                   const OptTensor& bias) {
   TORCH_CHECK(operand.has_value(), "decode_layers: a linear without its operand");
@@ -95,6 +99,7 @@ at::Tensor linear(const Ops& o, const at::Tensor& x, const int64_t* ints, const 
     case kBf16Gemv: o.bf16_gemv.call(out, x, w, bias, ints[2] != 0); break;
     case kAmx: o.amx_linear.call(out, x, w, bias); break;
     case kAmxSplit: o.amx_split_linear.call(out, x, w, bias); break;
+    case kAmxSilu: o.amx_silu_and_mul.call(out, x, w, bias); break;
     case kFp32Gemv: o.fp32_gemv.call(out, x, w, bias, ints[2] != 0); break;
     case kGgml: o.ggml_linear.call(out, x, w, ints[2], bias, ints[3], ints[4] != 0); break;
     default: TORCH_CHECK(false, "decode_layers: unknown linear kernel ", ints[0]);
@@ -161,9 +166,13 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
     at::Tensor summed = at::empty_like(projected);
     o.fused_add_rms_norm.call(x, summed, projected, residual, *post_norm, floats[2 + 2 * l]);
     residual = summed;
-    at::Tensor gated = linear(o, x, li + 2 * kLinearInts, tensor(6), tensor(7));
-    at::Tensor act = at::empty({T, gated.size(1) / 2}, gated.options());
-    o.silu_and_mul.call(act, gated);
+    const int64_t* gate_up = li + 2 * kLinearInts;
+    at::Tensor act = linear(o, x, gate_up, tensor(6), tensor(7));
+    if (gate_up[0] != kAmxSilu) {  // the projection, then the activation
+      at::Tensor gated = act;
+      act = at::empty({T, gated.size(1) / 2}, gated.options());
+      o.silu_and_mul.call(act, gated);
+    }
     hidden = linear(o, act, li + 3 * kLinearInts, tensor(8), tensor(9));
   }
   return {hidden, residual};

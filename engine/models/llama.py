@@ -398,7 +398,7 @@ class _DecodeProgram:
             tensors += [norm.weight for norm in norms]
             floats += [norm.variance_epsilon for norm in norms]
             for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-                kernel = fast_linear_kernel(linear, dtype, rows)
+                kernel = fast_linear_kernel(linear, dtype, rows, gated=linear is mlp.gate_up_proj)
                 if kernel is None:
                     return None
                 kernel_ints, operand, bias = kernel

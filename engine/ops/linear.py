@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from engine.kernels import (
     LINEAR_AMX,
+    LINEAR_AMX_SILU,
     LINEAR_AMX_SPLIT,
     LINEAR_BF16_GEMV,
     LINEAR_FP32_GEMV,
@@ -184,10 +185,17 @@ AMX_PROMPT_MAX_X_BYTES = 768 << 10
 
 
 def _amx_prompt_rows(x: torch.Tensor, amx_packed: torch.Tensor | None) -> bool:
-    return (amx_packed is not None and x.dim() == 2 and x.dtype == torch.bfloat16
-            and AMX_MAX_ROWS < x.shape[0] <= AMX_PROMPT_MAX_ROWS
-            and x.numel() * 2 <= AMX_PROMPT_MAX_X_BYTES and x.is_contiguous()
-            and not portable_forced())
+    return (x.dim() == 2 and x.is_contiguous()
+            and amx_prompt_shape(x.shape[0], x.shape[1], x.dtype, amx_packed, portable_forced()))
+
+
+def amx_prompt_shape(rows: int, features: int, dtype: torch.dtype,
+                     amx_packed: torch.Tensor | None, portable: bool) -> bool:
+    """Whether contiguous [rows, features] activations of `dtype` take the AMX
+    kernel past the few-row sizes (`amx_prompt_linear`, `amx_prompt_silu_and_mul`)."""
+    return (amx_packed is not None and dtype == torch.bfloat16
+            and AMX_MAX_ROWS < rows <= AMX_PROMPT_MAX_ROWS
+            and rows * features * 2 <= AMX_PROMPT_MAX_X_BYTES and not portable)
 
 
 # float32 products of more than FP32_GEMV_MAX_ROWS rows (prompt chunks), on a CPU
@@ -431,11 +439,15 @@ def fast_linear_fn(layer: ColumnParallelLinear | RowParallelLinear,
 
 
 def fast_linear_kernel(layer: ColumnParallelLinear | RowParallelLinear, dtype: torch.dtype,
-                       rows: int) -> tuple[list[int], torch.Tensor, torch.Tensor | None] | None:
-    """The kernel call `fast_linear_fn(layer, dtype)` makes for `rows` rows, for
-    ``engine_kernels::decode_layers``: ``([kernel, out_features, a, b, c], operand,
-    bias)`` (the ``engine.kernels.LINEAR_*`` code, then the kernel's integers: see
-    decode_layers.cpp), or None where that form runs none of those kernels."""
+                       rows: int, gated: bool = False
+                       ) -> tuple[list[int], torch.Tensor, torch.Tensor | None] | None:
+    """The kernel call `layer` makes for `rows` contiguous rows of `dtype` on a
+    model's fast path, for ``engine_kernels::decode_layers``: ``([kernel,
+    out_features, a, b, c], operand, bias)`` (an ``engine.kernels.LINEAR_*`` code,
+    then the kernel's integers: see decode_layers.cpp), or None where it runs none
+    of those kernels. That call is `fast_linear_fn`'s, or past its rows, the AMX
+    kernel's that the layer's forward makes (`gated`: a gate_up projection's
+    `silu_and_mul`, the activation in the kernel: LINEAR_AMX_SILU)."""
     operands = _fast_operands(layer, dtype)
     bias = layer.bias
     if operands is None or isinstance(operands, QuantizedWeight):
@@ -443,10 +455,16 @@ def fast_linear_kernel(layer: ColumnParallelLinear | RowParallelLinear, dtype: t
     weight, amx = operands
     portable = portable_forced()
     kernel = few_rows_kernel(rows, dtype, bias, weight, amx, portable)
-    if not kernel:
+    if kernel:
+        operand = amx if kernel in (LINEAR_AMX, LINEAR_AMX_SPLIT) else weight
+        return [kernel, weight.shape[0], int(portable), 0, 0], operand, bias
+    if amx is None or not amx_prompt_shape(rows, weight.shape[1], dtype, amx, portable):
         return None
-    operand = amx if kernel in (LINEAR_AMX, LINEAR_AMX_SPLIT) else weight
-    return [kernel, weight.shape[0], int(portable), 0, 0], operand, bias
+    if gated:
+        if not isinstance(layer, MergedColumnParallelLinear):
+            return None
+        return [LINEAR_AMX_SILU, amx.shape[0] * 8, 0, 0, 0], amx, bias
+    return [LINEAR_AMX, amx.shape[0] * 16, 0, 0, 0], amx, bias
 
 
 def _new_param(*shape: int, loader) -> nn.Parameter:
