@@ -189,9 +189,11 @@ def kernels_available() -> bool:
 # takes them: engine.ops.linear.few_rows_kernel picks among the first four,
 # fast_linear_kernel adds the AMX kernel past the few-row sizes (LINEAR_AMX; a gate_up
 # projection's with the activation in it: LINEAR_AMX_SILU), a GGUF block method's
-# `decode_kernel` says LINEAR_GGML
+# `decode_kernel` says LINEAR_GGML; where none of them takes a bf16 step of up to 32
+# rows (no AMX), oneDNN's product on the packed weight (LINEAR_ONEDNN; a gate_up
+# projection's with the activation: LINEAR_ONEDNN_SILU)
 LINEAR_BF16_GEMV, LINEAR_AMX, LINEAR_AMX_SPLIT, LINEAR_FP32_GEMV, LINEAR_GGML = 1, 2, 3, 4, 5
-LINEAR_AMX_SILU = 6
+LINEAR_AMX_SILU, LINEAR_ONEDNN, LINEAR_ONEDNN_SILU = 6, 7, 8
 
 
 _kernel_dtypes: tuple = ()  # (torch.float32, torch.bfloat16) once torch is imported

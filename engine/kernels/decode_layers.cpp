@@ -26,7 +26,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -80,21 +82,52 @@ const Ops& ops() {
   return instance;
 }
 
+// oneDNN's product on a weight packed for it (torch's mkldnn op, called boxed as
+// engine.ops.linear.onednn_linear calls it from Python: attr "none" or "swish");
+// absent from a torch built without oneDNN, and then never asked for
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed, const OptTensor& bias,
+                         const char* attr) {
+  static const auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  TORCH_CHECK(op.has_value(), "decode_layers: this torch has no mkldnn::_linear_pointwise");
+  std::vector<c10::IValue> stack{x, packed, bias, std::string(attr),
+                                 c10::List<c10::optional<at::Scalar>>(), std::string()};
+  op->callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// silu(x G^T) * (x U^T) as engine.ops.linear.onednn_silu_and_mul computes it (no biases)
+at::Tensor onednn_silu_and_mul(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", "binary"});
+  TORCH_CHECK(op.has_value(), "decode_layers: this torch has no mkldnn::_linear_pointwise.binary");
+  at::Tensor gated = onednn_linear(x, gate, c10::nullopt, "swish");
+  std::vector<c10::IValue> stack{x, gated, up, c10::IValue(), std::string("mul")};
+  op->callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
 // engine.kernels.LINEAR_*
 enum Kernel : int64_t {
-  kBf16Gemv = 1, kAmx = 2, kAmxSplit = 3, kFp32Gemv = 4, kGgml = 5, kAmxSilu = 6
+  kBf16Gemv = 1, kAmx = 2, kAmxSplit = 3, kFp32Gemv = 4, kGgml = 5, kAmxSilu = 6,
+  kOnednn = 7, kOnednnSilu = 8
 };
 constexpr int64_t kHeader = 7, kLinearInts = 5, kLayerTensors = 10;
 
 // `x` [T, in] times one linear's operand: ints = {kernel, out_features, a, b, c}
 // (kGgml: a = the block type, b = the kernel path, c = interleaved; the GEMVs:
 // a = portable; kAmxSilu: silu(gate) * up of a gate_up projection, out_features
-// its half)
+// its half; kOnednn: oneDNN on its packed weight; kOnednnSilu: silu(gate) * up by
+// oneDNN, the second tensor being up's packed weight, not a bias)
 at::Tensor linear(const Ops& o, const at::Tensor& x, const int64_t* ints, const OptTensor& operand,
                   const OptTensor& bias) {
   TORCH_CHECK(operand.has_value(), "decode_layers: a linear without its operand");
-  at::Tensor out = at::empty({x.size(0), ints[1]}, x.options());
   const at::Tensor& w = *operand;
+  if (ints[0] == kOnednn) return onednn_linear(x, w, bias, "none");
+  if (ints[0] == kOnednnSilu) {
+    TORCH_CHECK(bias.has_value(), "decode_layers: oneDNN SiLU-and-mul without its up weight");
+    return onednn_silu_and_mul(x, w, *bias);
+  }
+  at::Tensor out = at::empty({x.size(0), ints[1]}, x.options());
   switch (ints[0]) {
     case kBf16Gemv: o.bf16_gemv.call(out, x, w, bias, ints[2] != 0); break;
     case kAmx: o.amx_linear.call(out, x, w, bias); break;
@@ -168,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
     residual = summed;
     const int64_t* gate_up = li + 2 * kLinearInts;
     at::Tensor act = linear(o, x, gate_up, tensor(6), tensor(7));
-    if (gate_up[0] != kAmxSilu) {  // the projection, then the activation
+    if (gate_up[0] != kAmxSilu && gate_up[0] != kOnednnSilu) {  // the projection, then the activation
       at::Tensor gated = act;
       act = at::empty({T, gated.size(1) / 2}, gated.options());
       o.silu_and_mul.call(act, gated);
@@ -188,5 +221,10 @@ TORCH_LIBRARY_FRAGMENT(engine_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(engine_kernels, CPU, m) {
+  m.impl("decode_layers", &decode_layers);
+}
+
+// the same kernel where the tensors include oneDNN's packed weights (kOnednn)
+TORCH_LIBRARY_IMPL(engine_kernels, MkldnnCPU, m) {
   m.impl("decode_layers", &decode_layers);
 }

@@ -21,6 +21,8 @@ from engine.kernels import (
     LINEAR_AMX_SPLIT,
     LINEAR_BF16_GEMV,
     LINEAR_FP32_GEMV,
+    LINEAR_ONEDNN,
+    LINEAR_ONEDNN_SILU,
     portable_forced,
     usable_for,
 )
@@ -445,9 +447,10 @@ def fast_linear_kernel(layer: ColumnParallelLinear | RowParallelLinear, dtype: t
     model's fast path, for ``engine_kernels::decode_layers``: ``([kernel,
     out_features, a, b, c], operand, bias)`` (an ``engine.kernels.LINEAR_*`` code,
     then the kernel's integers: see decode_layers.cpp), or None where it runs none
-    of those kernels. That call is `fast_linear_fn`'s, or past its rows, the AMX
-    kernel's that the layer's forward makes (`gated`: a gate_up projection's
-    `silu_and_mul`, the activation in the kernel: LINEAR_AMX_SILU)."""
+    of those kernels. That call is `fast_linear_fn`'s, or past its rows, the one the
+    layer's forward makes: the AMX kernel's, or without it oneDNN's on the packed
+    weight (`gated`: a gate_up projection's `silu_and_mul`, the activation inside:
+    LINEAR_AMX_SILU, LINEAR_ONEDNN_SILU)."""
     operands = _fast_operands(layer, dtype)
     bias = layer.bias
     if operands is None or isinstance(operands, QuantizedWeight):
@@ -458,13 +461,24 @@ def fast_linear_kernel(layer: ColumnParallelLinear | RowParallelLinear, dtype: t
     if kernel:
         operand = amx if kernel in (LINEAR_AMX, LINEAR_AMX_SPLIT) else weight
         return [kernel, weight.shape[0], int(portable), 0, 0], operand, bias
-    if amx is None or not amx_prompt_shape(rows, weight.shape[1], dtype, amx, portable):
+    if gated and not isinstance(layer, MergedColumnParallelLinear):
         return None
+    if amx is not None and amx_prompt_shape(rows, weight.shape[1], dtype, amx, portable):
+        if gated:
+            return [LINEAR_AMX_SILU, amx.shape[0] * 8, 0, 0, 0], amx, bias
+        return [LINEAR_AMX, amx.shape[0] * 16, 0, 0, 0], amx, bias
+    if dtype != torch.bfloat16 or not 0 < rows <= AMX_MAX_ROWS:
+        return None
+    # no compiled kernel takes these rows (no AMX): the layer's forward runs oneDNN on
+    # its packed weight, rows as they are (pad_rows_to_bucket pads past AMX_MAX_ROWS)
     if gated:
-        if not isinstance(layer, MergedColumnParallelLinear):
+        halves = layer._packed_halves() if isinstance(layer, MergedColumnParallelLinear) else None
+        if halves is None or bias is not None:
             return None
-        return [LINEAR_AMX_SILU, amx.shape[0] * 8, 0, 0, 0], amx, bias
-    return [LINEAR_AMX, amx.shape[0] * 16, 0, 0, 0], amx, bias
+        return [LINEAR_ONEDNN_SILU, weight.shape[0] // 2, 0, 0, 0], halves[0], halves[1]
+    if layer.packed_weight is None:
+        return None
+    return [LINEAR_ONEDNN, weight.shape[0], 0, 0, 0], layer.packed_weight, bias
 
 
 def _new_param(*shape: int, loader) -> nn.Parameter:
