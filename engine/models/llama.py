@@ -282,8 +282,9 @@ class LlamaModel(nn.Module):
     def _fast_path(self, positions: torch.Tensor,
                    dtype: torch.dtype) -> tuple[_FastPath, RotaryEmbedding, bool] | None:
         """This step's fast path, built or rebuilt as needed, its layers' shared
-        rotary op, and whether its decode steps may run as one call (``ENGINE_FAST_PATH=1``, not ``ops``); None when the
-        step must run through the modules (see engine.ops.fast_path)."""
+        rotary op, and whether its decode steps may run as one call
+        (``ENGINE_FAST_PATH=1``, not ``ops``); None when the step must run through
+        the modules (see engine.ops.fast_path)."""
         mode = fast_path_mode()
         if (positions.dtype != torch.int64 or positions.dim() != 1
                 or torch.compiler.is_compiling() or mode == "0"):
@@ -329,6 +330,8 @@ class _FastPath:
             return None
         attention = program.attention
         first = attention[0]
+        if first.kv_cache.dtype != hidden_states.dtype:  # the fast forms' cache write would not take it
+            return None
         decode = first.impl.decode_kernel_rows(first.kv_cache, md)
         if decode is None or decode.shape[0] != rows:
             return None

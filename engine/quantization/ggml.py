@@ -210,16 +210,26 @@ class GGMLBlockMethod(QuantizationMethod):
                                                          path, interleaved)
         return out if x2 is x else out.reshape(*x.shape[:-1], weight.shape[0])
 
-    def fast_fn(self, weight: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                  max_rows: int) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
-        """`linear`'s block-kernel call with the storage, the kernel path
-        (``ENGINE_QUANT_KERNEL_PATH`` read once) and the row limit decided here."""
+    def _fast_call(self, weight: QuantizedTensor, bias: torch.Tensor | None,
+                   dtype: torch.dtype, max_rows: int
+                   ) -> tuple[torch.Tensor, bool, int, int] | None:
+        """The block-kernel call `fast_fn` binds: (storage, interleaved, kernel path,
+        most rows), or None where it has no fast form."""
         if (dtype is not torch.bfloat16 and dtype is not torch.float32) or not kernel_paths() \
                 or (bias is not None and bias.dtype != dtype):
             return None
         stored, interleaved = self._stored(weight)
         path = kernel_path(dtype)
-        limit = min(max_rows, self._row_limit(interleaved, path, dtype))
+        return stored, interleaved, path, min(max_rows, self._row_limit(interleaved, path, dtype))
+
+    def fast_fn(self, weight: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                  max_rows: int) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+        """`linear`'s block-kernel call with the storage, the kernel path
+        (``ENGINE_QUANT_KERNEL_PATH`` read once) and the row limit decided here."""
+        call = self._fast_call(weight, bias, dtype, max_rows)
+        if call is None:
+            return None
+        stored, interleaved, path, limit = call
         out_features, type_id = weight.shape[0], self.type_id
         ggml_linear = torch.ops.engine_kernels.ggml_linear.default
 
@@ -239,13 +249,10 @@ class GGMLBlockMethod(QuantizationMethod):
         """`fast_fn`'s kernel call for `rows` rows as ``engine_kernels::decode_layers``
         takes it: ``([LINEAR_GGML, out_features, type, path, interleaved], blocks,
         bias)``, or None where `fast_fn(..., max_rows)`'s form would not run it."""
-        if (dtype is not torch.bfloat16 and dtype is not torch.float32) or not kernel_paths() \
-                or (bias is not None and bias.dtype != dtype):
+        call = self._fast_call(weight, bias, dtype, max_rows)
+        if call is None or not 0 < rows <= call[3]:
             return None
-        stored, interleaved = self._stored(weight)
-        path = kernel_path(dtype)
-        if not 0 < rows <= min(max_rows, self._row_limit(interleaved, path, dtype)):
-            return None
+        stored, interleaved, path, _ = call
         return [LINEAR_GGML, weight.shape[0], self.type_id, path, int(interleaved)], stored, bias
 
     def embedding(self, weight: QuantizedTensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
