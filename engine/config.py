@@ -33,6 +33,13 @@ class CacheConfig:
     kv_cache_memory_fraction: float = 0.25  # of total system/device memory
     enable_prefix_caching: bool = True
     num_blocks: int | None = None  # filled in when the cache is sized
+    # what an idle-priority thread pages in ahead of use (engine.worker.kv_prefault):
+    # "ahead", a window past the highest block used; "all", the whole cache
+    kv_prefault: str = "ahead"
+
+
+# CacheConfig.kv_prefault's values
+KV_PREFAULT_MODES = ("ahead", "all")
 
 
 # how the scheduler orders waiting requests (engine.core.scheduler)

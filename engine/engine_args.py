@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import (
+    KV_PREFAULT_MODES,
     SCHEDULING_POLICIES,
     CacheConfig,
     CompilationConfig,
@@ -112,6 +113,12 @@ class EngineArgs:
         "prefill is off)", metavar="N"))
     enable_prefix_caching: bool = field(default=True, metadata=_help(
         "reuse the KV blocks of repeated prompt prefixes"))
+    kv_prefault: str = field(default="ahead", metadata=_help(
+        "what an idle-priority thread pages in of the KV cache before steps write it: "
+        "'ahead' (the blocks a step or two past those used so far: resident memory "
+        "grows with use) or 'all' (the whole cache, while the CPU is otherwise idle: "
+        "no step pays for a first touch). Default: ahead; engine serve: all",
+        choices=KV_PREFAULT_MODES))
     enable_chunked_prefill: bool = field(default=True, metadata=_help(
         "split long prompts over several steps"))
     max_model_len: int | None = field(default=None, metadata=_help(
@@ -235,6 +242,9 @@ class EngineArgs:
             raise ValueError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_prefault not in KV_PREFAULT_MODES:
+            raise ValueError(f"kv_prefault must be one of {', '.join(KV_PREFAULT_MODES)}, "
+                             f"got {self.kv_prefault!r}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
                              f"got {self.scheduling_policy!r}")
@@ -271,6 +281,7 @@ class EngineArgs:
                 block_size=self.block_size, kv_cache_memory=self.kv_cache_memory,
                 kv_cache_memory_fraction=self.kv_cache_memory_fraction,
                 enable_prefix_caching=self.enable_prefix_caching,
+                kv_prefault=self.kv_prefault,
             ),
             scheduler_config=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,

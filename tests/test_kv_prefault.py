@@ -97,3 +97,19 @@ def test_an_engine_pages_in_past_its_last_block_and_stops_on_sleep(make_hf_model
     llm.wake_up()
     assert worker._prefault is not None and worker._prefault.running
     llm.shutdown()
+
+
+@pytest.mark.usefixtures("compiled")
+def test_kv_prefault_all_pages_the_whole_cache_in(make_hf_model, monkeypatch, tmp_path):
+    """`kv_prefault="all"` (engine serve's default): the thread pages every block in
+    while the engine is idle, before any step asks for them."""
+    from engine import LLM
+
+    monkeypatch.setenv("ENGINE_CONFIG_DIR", str(tmp_path))
+    with LLM(make_hf_model("llama"), dtype="float32", kv_cache_memory=1 << 24,
+             max_num_batched_tokens=64, block_size=16, kv_prefault="all") as llm:
+        worker = llm.llm_engine.executor.worker
+        prefault = worker._prefault
+        blocks = llm.llm_engine.config.cache_config.num_blocks
+        assert prefault is not None and prefault.ahead_blocks == blocks
+        assert _wait_for(lambda: prefault.paged_in == blocks), (prefault.paged_in, blocks)

@@ -563,6 +563,26 @@ def test_serve_admits_short_prompts_first_and_offline_keeps_arrival_order(make_h
     assert EngineArgs.from_cli_args(generate).scheduling_policy == "fcfs"
     assert EngineArgs(model=model).create_engine_config(
         ).scheduler_config.scheduling_policy == "fcfs"
+
+
+def test_serve_pages_its_whole_kv_cache_in_and_offline_keeps_the_window(make_hf_model):
+    """A server pages its whole cache in while idle (`kv_prefault="all"`): a burst
+    of prompts then takes no first-touch faults; offline engines keep the window
+    past the blocks used, and a bad value names the setting."""
+    from engine.cli.main import build_parser
+    from engine.cli.serve import _settings
+    from engine.engine_args import EngineArgs
+
+    model = str(make_hf_model("llama"))
+    serve = _settings(build_parser().parse_args(["serve", "--model", model]))
+    assert serve.engine_args.create_engine_config().cache_config.kv_prefault == "all"
+    ahead = _settings(build_parser().parse_args(
+        ["serve", "--model", model, "--kv-prefault", "ahead"]))
+    assert ahead.engine_args.kv_prefault == "ahead"
+    generate = build_parser().parse_args(["generate", "--model", model, "--prompt", "hi"])
+    assert EngineArgs.from_cli_args(generate).kv_prefault == "ahead"
+    with pytest.raises(ValueError, match="kv_prefault must be one of ahead, all"):
+        EngineArgs(model=model, kv_prefault="eager").create_engine_config()
     with pytest.raises(ValueError, match="scheduling_policy must be one of fcfs, "
                                          "short-prompt-first, got 'lifo'"):
         EngineArgs(model=model, scheduling_policy="lifo").create_engine_config()

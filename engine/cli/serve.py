@@ -66,6 +66,10 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
     EngineArgs.add_cli_args(p.add_argument_group("engine options"), exclude=("seed",))
     # many clients sending at once: short prompts get their first tokens first
     p.set_defaults(scheduling_policy="short-prompt-first")
+    # a server's cache is paged in while it waits, as vLLM zeroes its own at start: a
+    # burst's steps then take no first-touch faults (up to 27 µs a page in a VM whose
+    # host took freed memory back; docs/serving.md)
+    p.set_defaults(kv_prefault="all")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="sampling seed for requests that send no 'seed' of their own: the "
                         "server started with the same seed answers the same requests in the "

@@ -167,6 +167,8 @@ class Worker(WorkerBase):
             tokens = min(self.config.scheduler_config.max_num_batched_tokens, AHEAD_TOKENS)
             # a small cache keeps most of itself untouched until used
             ahead = min(-(-tokens // block_size), max(1, num_blocks // AHEAD_FRACTION_OF))
+            if self.config.cache_config.kv_prefault == "all":
+                ahead = num_blocks
             self._prefault = KVPrefault(caches, num_blocks, ahead)
         self.config.cache_config.num_blocks = num_blocks
         self.model_runner.initialize_proposer_cache(num_blocks)
