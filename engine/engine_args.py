@@ -113,12 +113,6 @@ class EngineArgs:
         "prefill is off)", metavar="N"))
     enable_prefix_caching: bool = field(default=True, metadata=_help(
         "reuse the KV blocks of repeated prompt prefixes"))
-    kv_prefault: str = field(default="ahead", metadata=_help(
-        "what an idle-priority thread pages in of the KV cache before steps write it: "
-        "'ahead' (the blocks a step or two past those used so far: resident memory "
-        "grows with use) or 'all' (the whole cache, while the CPU is otherwise idle: "
-        "no step pays for a first touch). Default: ahead; engine serve: all",
-        choices=KV_PREFAULT_MODES))
     enable_chunked_prefill: bool = field(default=True, metadata=_help(
         "split long prompts over several steps"))
     max_model_len: int | None = field(default=None, metadata=_help(
@@ -181,6 +175,13 @@ class EngineArgs:
         "the largest LoRA rank an adapter may have", metavar="R"))
     max_cpu_loras: int | None = field(default=None, metadata=_help(
         "LoRA adapters kept loaded in host memory (default: max_loras)", metavar="N"))
+    # last: a field added later goes at the end (positional EngineArgs(...) keep working)
+    kv_prefault: str = field(default="ahead", metadata=_help(
+        "what an idle-priority thread pages in of the KV cache before steps write it: "
+        "'ahead' (the blocks a step or two past those used so far: resident memory "
+        "grows with use) or 'all' (the whole cache, while the CPU is otherwise idle: "
+        "no step pays for a first touch). Default: ahead; engine serve: all",
+        choices=KV_PREFAULT_MODES))
 
     # ------------------------------------------------------------------ CLI
 
