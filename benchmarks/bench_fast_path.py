@@ -10,8 +10,9 @@ One engine, one process: `--batch` sequences with fresh prompts decode, and roun
 of `--steps` engine steps alternate between ``ENGINE_FAST_PATH=1`` (the fast
 path, docs/fast-path.md) and ``=0`` (every layer through its modules; with
 ``--against ops``, ``=ops``: the fast path with every kernel called from Python,
-so the difference is the one-call decode step), the first side swapping every round; with --prompts, so do rounds of fresh
-prompts with one output token each (TTFT). Both sides run the same kernels on the
+so the difference is the one-call decode step), the first side swapping every
+round; with --prompts, so do rounds of fresh prompts with one output token each
+(TTFT). Both sides run the same kernels on the
 same weights and caches, so the difference is the Python between the kernels. Prints
 each side's wall time per step for every round, the best-to-best ratio and the
 range of the per-round ratios, with the CPU model and the load average.
