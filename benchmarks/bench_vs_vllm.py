@@ -31,6 +31,14 @@ the second time. Measurements (each round):
 Every table is printed with the CPU's model and the flags that choose kernel paths
 (AMX, AVX512-BF16, AVX512-VNNI, AVX-512, AVX2).
 
+``--hide-amx`` runs both sides on an AMX CPU as on one without AMX that has
+AVX512-BF16 (the code paths an AMD Zen 4 takes; not its speed): oneDNN in both
+processes is capped below AMX (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``), the
+engine sets its AMX kernels aside (``ENGINE_KERNEL_PATH=no-amx``), and vLLM's
+processes are told the CPU has no AMX tiles (``torch.cpu._is_amx_tile_supported``
+answers False, from a ``sitecustomize`` on their ``PYTHONPATH``: its attention
+then takes its AVX-512 code). The tables say so.
+
 The side not being measured is paused (SIGSTOP to its process group, SIGCONT
 before its own turn), and each turn starts SIDE_GAP_S after the other's last
 request: an idle side is not idle. vLLM keeps the cores busy for up to a second
@@ -129,7 +137,8 @@ def run_worker(side: str, model_dir: str, dtype: str) -> int:
         actual_dtype = str(worker.model_runner.dtype) if worker is not None else dtype
         # how its OpenMP threads wait: `import engine` chooses from the load average
         omp_wait = os.environ.get("OMP_WAIT_POLICY") or f"spin {os.environ.get('GOMP_SPINCOUNT')}"
-        extra = {"cpu_kernels": kernels_available(), "omp_wait": omp_wait}
+        extra = {"cpu_kernels": kernels_available(), "omp_wait": omp_wait,
+                 "kernel_path": os.environ.get("ENGINE_KERNEL_PATH", "auto")}
     else:
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
@@ -143,7 +152,10 @@ def run_worker(side: str, model_dir: str, dtype: str) -> int:
                                 use_tqdm=False)
             return [list(o.outputs[0].token_ids) for o in outs]
         actual_dtype = dtype
-        extra = {"vllm": __import__("vllm").__version__}
+        import torch
+
+        extra = {"vllm": __import__("vllm").__version__,
+                 "amx_tiles": torch.cpu._is_amx_tile_supported()}
 
     import torch
 
@@ -288,6 +300,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-cached", action="store_true",
                     help="skip the repeated-prompt (prefix-cache hit) measurements")
+    ap.add_argument("--hide-amx", action="store_true",
+                    help="both sides as on a CPU without AMX (AVX512-BF16 kept): see above")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--worker", choices=("engine", "vllm"), help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -311,6 +325,14 @@ def main() -> int:
     rounds = 2 if args.quick and args.rounds == 3 else args.rounds
     table = WORKLOADS if not args.quick else QUICK_WORKLOADS
     cpu = cpu_description()
+    vllm_env = env
+    hide = tempfile.TemporaryDirectory() if args.hide_amx else None
+    if hide is not None:
+        env = dict(env, ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16", ENGINE_KERNEL_PATH="no-amx")
+        Path(hide.name, "sitecustomize.py").write_text(HIDE_AMX_SITECUSTOMIZE)
+        vllm_env = dict(env, PYTHONPATH=os.pathsep.join(
+            filter(None, [hide.name, os.environ.get("PYTHONPATH")])))
+        cpu += " -- AMX hidden from both sides (--hide-amx)"
     note(f"CPU: {cpu}")
     results = {"load_before": os.getloadavg(), "rounds": rounds, "quick": args.quick,
                "cpu": cpu, "results": {}}
@@ -327,7 +349,8 @@ def main() -> int:
                 sides = {}
                 try:
                     sides["engine"] = start_side("engine", sys.executable, folder, dtype, env)
-                    sides["vllm"] = start_side("vllm", str(vllm_python), folder, dtype, env)
+                    sides["vllm"] = start_side("vllm", str(vllm_python), folder, dtype,
+                                               vllm_env)
                     fresh = FreshPrompts(shape["vocab_size"], args.seed + 1)
                     # warm-up: a few requests on each side (vLLM compiles here), with
                     # prompts of their own
@@ -347,9 +370,20 @@ def main() -> int:
                 finally:
                     for side in sides.values():
                         side.close()
+    if hide is not None:
+        hide.cleanup()
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+# vLLM picks its AMX attention from torch's answer (vllm/v1/attention/backends/
+# cpu_attn.py); every Python process of its side (the engine core's included)
+# reads this before vLLM is imported
+HIDE_AMX_SITECUSTOMIZE = """\
+import torch
+torch.cpu._is_amx_tile_supported = lambda: False
+"""
 
 
 ROWS = (("throughput, tok/s", "tok_s", "{:.1f}"), ("decode, ms/token", "decode_ms", "{:.2f}"),

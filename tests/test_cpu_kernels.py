@@ -364,3 +364,15 @@ def test_kernels_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(kernels, "_loaded", None)
     assert kernels.kernels_available() is False
     assert not torch_sdpa._use_kernel(torch.zeros(2, 1, 4, 1, 8))
+
+
+def test_kernel_path_variable_names_its_values(monkeypatch):
+    """ENGINE_KERNEL_PATH takes portable, no-amx or auto (the default); anything
+    else is an error naming the variable and the values, not a silent default."""
+    for value, portable, aside in (("", False, False), ("auto", False, False),
+                                   ("portable", True, True), ("NO-AMX", False, True)):
+        monkeypatch.setenv(kernels.PATH_ENV, value)
+        assert (kernels.portable_forced(), kernels.amx_set_aside()) == (portable, aside)
+    monkeypatch.setenv(kernels.PATH_ENV, "noamx")
+    with pytest.raises(ValueError, match=r"ENGINE_KERNEL_PATH='noamx'.*portable, no-amx"):
+        kernels.amx_set_aside()

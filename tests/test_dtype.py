@@ -64,16 +64,25 @@ def test_auto_reaches_the_loaded_model(make_hf_model, monkeypatch, native, expec
     assert {p.dtype for p in model.parameters()} == {expected}
 
 
-def test_bfloat16_greedy_agrees_with_transformers_in_bfloat16():
+# "no-amx": the kernels a CPU with AVX512-BF16 and no AMX (AMD Zen 4) runs, here too
+@pytest.mark.parametrize("path", ["auto", "no-amx"])
+def test_bfloat16_greedy_agrees_with_transformers_in_bfloat16(monkeypatch, path):
     import transformers
     from tokenizers import Tokenizer
 
+    monkeypatch.setenv("ENGINE_KERNEL_PATH", path)
     tokenizer = Tokenizer.from_file(str(DEFAULT_MODEL / "tokenizer.json"))
     prompts = [tokenizer.encode(p).ids for p in PROMPTS]
     llm = LLM(dtype="bfloat16", kv_cache_memory=1 << 22)
-    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32,
-                                                   ignore_eos=True))
+    with torch.profiler.profile() as prof:
+        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32,
+                                                       ignore_eos=True))
+    model = llm.llm_engine.executor.worker.model_runner.model
+    amx_copies = sum(getattr(m, "amx_weight", None) is not None for m in model.modules())
     llm.shutdown()
+    amx_calls = {e.name for e in prof.events() if "amx" in e.name}
+    if path == "no-amx":  # neither a weight packed for the AMX kernels nor a call of theirs
+        assert amx_copies == 0 and not amx_calls, amx_calls
     hf = transformers.AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL,
                                                            dtype=torch.bfloat16).eval()
     agree = total = 0

@@ -147,13 +147,15 @@ def test_decode_steps_equal_the_modules_bit_for_bit(make_hf_model, monkeypatch, 
     assert not ops_one_call  # ENGINE_FAST_PATH=ops: every call from Python
 
 
+@pytest.mark.parametrize("path", ["portable", "no-amx"])
 @pytest.mark.parametrize("batch", [20, 40])
-def test_bf16_decode_without_amx_runs_onednn_in_one_call(make_hf_model, monkeypatch, batch):
-    """``ENGINE_KERNEL_PATH=portable`` keeps the AMX kernels out, as on a CPU without
-    AMX: bf16 decode steps of 5-32 rows are oneDNN's products on the packed weights
-    (gate_up with SiLU and the multiply inside), which the one call makes too; past
-    32 rows (padded to a bucket) the layers run op by op."""
-    monkeypatch.setenv("ENGINE_KERNEL_PATH", "portable")
+def test_bf16_decode_without_amx_runs_onednn_in_one_call(make_hf_model, monkeypatch, batch,
+                                                         path):
+    """``ENGINE_KERNEL_PATH=portable`` or ``no-amx`` keeps the AMX kernels out, as on a
+    CPU without AMX: bf16 decode steps of 5-32 rows are oneDNN's products on the
+    packed weights (gate_up with SiLU and the multiply inside), which the one call
+    makes too; past 32 rows (padded to a bucket) the layers run op by op."""
+    monkeypatch.setenv("ENGINE_KERNEL_PATH", path)
     with LLM(make_hf_model("llama"), dtype="bfloat16", kv_cache_memory=1 << 22,
              enable_prefix_caching=False) as llm:
         model, args = _capture_decode_step(llm, batch)

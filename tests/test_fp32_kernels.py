@@ -60,7 +60,7 @@ def test_fp32_gemv_matches_linear(compiled, portable, n, k):
                                            weight, None, portable)
 
 
-@pytest.mark.parametrize("path", ["auto", "portable"])
+@pytest.mark.parametrize("path", ["auto", "portable", "no-amx"])
 def test_plain_linear_routes_float32_rows(compiled, monkeypatch, path):
     """`plain_linear` hands 1-32 float32 rows to the kernel on the path
     ENGINE_KERNEL_PATH names, and more rows (prompt chunks) to F.linear."""
@@ -82,7 +82,7 @@ def test_plain_linear_routes_float32_rows(compiled, monkeypatch, path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("path", "step_tokens"),
-                         [("auto", 32), ("portable", 32), ("auto", 2048)])
+                         [("auto", 32), ("portable", 32), ("auto", 2048), ("no-amx", 2048)])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_fp32_fast_path_teacher_forced_agrees_with_transformers(compiled, make_hf_model,
                                                                  monkeypatch, path, arch,
@@ -92,8 +92,8 @@ def test_fp32_fast_path_teacher_forced_agrees_with_transformers(compiled, make_h
     (``max_num_batched_tokens=32``) every linear layer and the LM head run the
     float32 kernel; with 2048, steps hold many prompts and the prompt path runs
     (on an AMX CPU the split kernel, three bfloat16 tile products a float32 one;
-    elsewhere oneDNN on packed weights; SiLU-and-mul inside the gate/up
-    products). Its top-1
+    elsewhere, and with ``ENGINE_KERNEL_PATH=no-amx``, oneDNN on packed weights;
+    SiLU-and-mul inside the gate/up products). Its top-1
     agrees with transformers' argmax at that position at least TOP1_AGREEMENT of
     the time and its log-probability of its token is within LOGPROB_ATOL of
     transformers'."""

@@ -54,16 +54,16 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
 # 3: the GEMV kernels; 20: the AMX kernel; 33-300: the gated AMX kernel (bf16 on an
-# AMX CPU; float32: its split form); with the portable path oneDNN fused (float32
-# on AMX: the projection by F.linear, then the activation)
+# AMX CPU; float32: its split form); with the AMX kernels set aside (portable,
+# no-amx) oneDNN fused, as on a CPU without AMX
 @pytest.mark.parametrize("rows", [3, 20, AMX_MAX_ROWS + 1, 100, 300])
-@pytest.mark.parametrize("path", ["auto", "portable"])
+@pytest.mark.parametrize("path", ["auto", "portable", "no-amx"])
 def test_gated_projection_equals_projection_then_silu_and_mul(monkeypatch, dtype, bias, rows,
                                                               path):
     monkeypatch.setenv(kernels.PATH_ENV, path)
     layer = _gated_layer(dtype, bias)
     assert layer.packed_weight is None
-    if dtype == torch.float32 and torch.ops.engine_kernels.amx_supported():
+    if dtype == torch.float32 and path == "auto" and torch.ops.engine_kernels.amx_supported():
         # float32 on AMX: the split copy for amx_split_silu_and_mul, no oneDNN halves
         assert layer.amx_weight is not None and layer.packed_gate is None
     else:

@@ -24,7 +24,10 @@ the path of a first `engine generate`: ``ENGINE_CPU_KERNELS`` chooses
 path (the float32 and bfloat16 GEMVs, the paged decode attention, the LoRA shrink)
 take their portable vector-extension code, and the AMX kernels (linear, prefill
 attention) stand aside, whatever the CPU has: the fallback runs, and is tested, on
-every machine.
+every machine. ``ENGINE_KERNEL_PATH=no-amx`` sets only the AMX kernels aside (no
+weight is packed for them; the other kernels keep their best path for this CPU):
+what a CPU with AVX512-BF16 and no AMX (AMD Zen 4) runs, run and tested on an
+Intel CPU that has both.
 
 ``engine kernels build`` (or ``python -m engine.kernels build``) builds in the
 foreground. The library lands
@@ -60,8 +63,10 @@ HEADERS = ("vec.h", "amx.h")
 LIBRARY_NAME = "engine_kernels"
 MODE_ENV = "ENGINE_CPU_KERNELS"
 # "portable": the kernels that pick a path from the CPU's flags take their
-# portable (vector-extension) code instead, so that it runs, and is tested, anywhere
+# portable (vector-extension) code instead, so that it runs, and is tested, anywhere;
+# "no-amx": the AMX kernels stand aside, the others keep their best path
 PATH_ENV = "ENGINE_KERNEL_PATH"
+PATH_VALUES = ("portable", "no-amx")
 CACHE_ENV = "ENGINE_KERNEL_CACHE"
 # a build lock older than this is left over from a killed build
 STALE_LOCK_SECONDS = 1800
@@ -219,9 +224,24 @@ def usable_for(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def _path_asked() -> str:
+    value = os.environ.get(PATH_ENV, "").strip().lower()
+    if value in PATH_VALUES or value in ("", "auto"):
+        return value
+    raise ValueError(f"{PATH_ENV}={value!r} is not a kernel path: valid: "
+                     f"{', '.join(PATH_VALUES)}, or auto (the default: the best this CPU has)")
+
+
 def portable_forced() -> bool:
     """Whether ``ENGINE_KERNEL_PATH=portable`` asks for the portable kernel paths."""
-    return os.environ.get(PATH_ENV, "").strip().lower() == "portable"
+    return _path_asked() == "portable"
+
+
+def amx_set_aside() -> bool:
+    """Whether ``ENGINE_KERNEL_PATH`` keeps the AMX kernels out (``portable`` or
+    ``no-amx``): no weight is packed for them and no product or attention takes
+    them, as on a CPU without AMX."""
+    return _path_asked() in PATH_VALUES
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from engine.kernels import (
     LINEAR_FP32_GEMV,
     LINEAR_ONEDNN,
     LINEAR_ONEDNN_SILU,
+    amx_set_aside,
     portable_forced,
     usable_for,
 )
@@ -104,12 +105,12 @@ AMX_MAX_ROWS = 32
 
 def pack_weight_for_amx(weight: torch.Tensor) -> torch.Tensor | None:
     """`weight` [out, in] repacked for the AMX kernel, or None where it does not
-    apply (not bf16 or float32, kernels not loaded, no AMX, out not a multiple
-    of 16 or in not a multiple of 32). A float32 weight is packed split
-    (`split_weight`), for `amx_split_linear`."""
+    apply (not bf16 or float32, kernels not loaded, no AMX or ENGINE_KERNEL_PATH
+    setting it aside, out not a multiple of 16 or in not a multiple of 32). A
+    float32 weight is packed split (`split_weight`), for `amx_split_linear`."""
     if (weight.dtype not in (torch.bfloat16, torch.float32) or weight.dim() != 2
             or weight.shape[0] % 16 or weight.shape[1] % 32 or not usable_for(weight)
-            or not torch.ops.engine_kernels.amx_supported()):
+            or amx_set_aside() or not torch.ops.engine_kernels.amx_supported()):
         return None
     if weight.dtype == torch.float32:
         weight = split_weight(weight)

@@ -37,7 +37,7 @@ from engine.attention.backend import (
     write_kv_cache,
 )
 from engine.attention.metadata import AttentionMetadata
-from engine.kernels import kernels_available, portable_forced
+from engine.kernels import amx_set_aside, kernels_available, portable_forced
 from engine.utils import shape_bucket
 
 # The fixed cost of one decode bucket (two gathers, the SDPA call, the scatter back),
@@ -52,7 +52,7 @@ BUCKET_COST_BYTES = 512 * 1024
 # portable bfloat16 path is correct (tested) but slower than SDPA's bf16 kernel,
 # which uses the CPU's bf16 matrix instructions: bfloat16 prefills go to the kernel
 # only where it runs on AMX tiles (`prefill_on_amx`), and stay on SDPA elsewhere
-# (Zen 4, ENGINE_KERNEL_PATH=portable; docs/prefill.md).
+# (Zen 4, ENGINE_KERNEL_PATH=portable or no-amx; docs/prefill.md).
 PREFILL_KERNEL_DTYPES: tuple[torch.dtype, ...] = (torch.float32,)
 
 
@@ -158,11 +158,11 @@ def prefill_on_amx(kv_cache: torch.Tensor) -> bool:
     """Whether prefills over `kv_cache` run the prefill kernel's AMX path: a bfloat16
     CPU cache, the compiled kernels loaded and built with AMX, Linux granting the
     tile state, head size a multiple of 32 (up to 128), block size a multiple of 16,
-    and ENGINE_KERNEL_PATH not forcing the portable code."""
+    and ENGINE_KERNEL_PATH not setting AMX aside (``portable``, ``no-amx``)."""
     if (kv_cache.dtype != torch.bfloat16 or kv_cache.dim() != 5 or kv_cache.shape[-1] % 32
             or kv_cache.shape[-1] > 128 or kv_cache.shape[2] % 16 or not _use_kernel(kv_cache)):
         return False
-    return not portable_forced() and bool(torch.ops.engine_kernels.amx_supported())
+    return not amx_set_aside() and bool(torch.ops.engine_kernels.amx_supported())
 
 
 def _plan(md: AttentionMetadata, kv_cache: torch.Tensor) -> _StepPlan:
