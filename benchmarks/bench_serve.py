@@ -15,7 +15,9 @@ on either side), the two servers take turns and swap who goes first each round.
 Per side and round: output tokens/s, TTFT p50/p99 and inter-token latency (ITL)
 p50/p99: the gaps between a request's successive token events as the client
 reads them (events that arrive in one read count as arriving together). One
-table, with the CPU's model and kernel flags and the load average.
+table, with the CPU's model and kernel flags and the load average. With
+--hide-amx, both servers run as on a CPU without AMX (bench_vs_vllm.py's
+``--hide-amx``: the code paths of an AMD Zen 4, not its speed).
 
 Model: a random Llama (hidden 512, 8 layers, 8 heads, 2 KV heads, vocab 8192,
 about 25M parameters; --quick: hidden 256, 4 layers) with a word-level tokenizer,
@@ -61,11 +63,13 @@ from bench_generate import MODEL as FULL  # noqa: E402
 from bench_generate import build_model as _build_model  # noqa: E402
 from bench_generate import note  # noqa: E402
 from bench_vs_vllm import (  # noqa: E402
+    HIDDEN_AMX_NOTE,
     KV_CACHE_GIB,
     SMOL,
     FreshPrompts,
     cpu_description,
     ensure_vllm_venv,
+    hide_amx_env,
 )
 
 QUICK = dict(FULL, hidden_size=256, intermediate_size=512, num_hidden_layers=4)
@@ -95,12 +99,13 @@ def free_port() -> int:
 
 
 def start_server(model: str | Path | None, port: int, extra: tuple[str, ...] = (),
-                 log: Path | None = None) -> subprocess.Popen:
+                 log: Path | None = None, env_extra: dict | None = None) -> subprocess.Popen:
     """`engine serve` on 127.0.0.1:`port` in a subprocess running this checkout,
     returned once `/health` answers 200 (SystemExit after 300 s or when it dies).
     `model` None is the default model; `extra` are more CLI flags; with `log`, the
-    server's output goes there and is quoted if it dies."""
-    env = dict(os.environ)
+    server's output goes there and is quoted if it dies; `env_extra`: more
+    environment variables."""
+    env = dict(os.environ, **(env_extra or {}))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env.pop("ENGINE_API_KEY", None)
     args = [sys.executable, "-m", "engine", "serve", "--port", str(port)]
@@ -111,12 +116,14 @@ def start_server(model: str | Path | None, port: int, extra: tuple[str, ...] = (
 
 
 def start_vllm_server(python: Path, model: Path, port: int, dtype: str,
-                      log: Path | None = None) -> subprocess.Popen:
+                      log: Path | None = None, env_extra: dict | None = None) -> subprocess.Popen:
     """`vllm serve` from the venv of `python` on 127.0.0.1:`port`, with the KV cache
-    size and OpenMP threads bench_vs_vllm.py gives it; returned once ready."""
+    size and OpenMP threads bench_vs_vllm.py gives it; returned once ready.
+    `env_extra`: more environment variables."""
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(KV_CACHE_GIB),
                VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_LOGGING_LEVEL="WARNING")
     env.pop("PYTHONPATH", None)
+    env.update(env_extra or {})
     args = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--seed", "0",
             "--served-model-name", "m"]
@@ -270,10 +277,15 @@ def vs_vllm(args: argparse.Namespace) -> int:
     subprocess.run([sys.executable, "-c", "import engine.kernels as k\n"
                     "k.library_path().exists() or k.build()"], check=True, cwd=str(ROOT))
     cpu = cpu_description()
-    note(f"CPU: {cpu}")
     prompt_range, output_range = ((16, 128), (16, 64)) if args.quick else ((32, 256), (64, 128))
     rounds = args.rounds
     with tempfile.TemporaryDirectory() as tmp:
+        engine_env: dict = {}
+        vllm_env: dict = {}
+        if args.hide_amx:
+            engine_env, vllm_env = hide_amx_env(Path(tmp))
+            cpu += HIDDEN_AMX_NOTE
+        note(f"CPU: {cpu}")
         model = args.model
         label = str(model)
         if model is None:
@@ -294,10 +306,10 @@ def vs_vllm(args: argparse.Namespace) -> int:
             procs["engine"] = start_server(
                 model, ports["engine"],
                 ("--dtype", args.dtype, "--kv-cache-memory", f"{KV_CACHE_GIB}GiB", "--seed", "0"),
-                log=Path(tmp, "engine.log"))
+                log=Path(tmp, "engine.log"), env_extra=engine_env)
             note("starting vllm serve")
             procs["vllm"] = start_vllm_server(vllm_python, model, ports["vllm"], args.dtype,
-                                              log=Path(tmp, "vllm.log"))
+                                              log=Path(tmp, "vllm.log"), env_extra=vllm_env)
             names = {"engine": None, "vllm": "m"}  # the model name each one wants
             for side in procs:  # warm-up (vLLM compiles here), prompts of its own
                 asyncio.run(serve_round(f"http://127.0.0.1:{ports[side]}",
@@ -377,6 +389,8 @@ def main() -> int:
     parser.add_argument("--vllm-venv", type=Path, default=ROOT / ".venv-vllm",
                         help="vLLM's CPU build (built there when missing)")
     parser.add_argument("--dtype", default="bfloat16", help="--vs-vllm: both servers' dtype")
+    parser.add_argument("--hide-amx", action="store_true",
+                        help="--vs-vllm: both servers as on a CPU without AMX")
     args = parser.parse_args()
     if args.vs_vllm:
         if args.rounds == 3 and args.quick:

@@ -328,11 +328,9 @@ def main() -> int:
     vllm_env = env
     hide = tempfile.TemporaryDirectory() if args.hide_amx else None
     if hide is not None:
-        env = dict(env, ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16", ENGINE_KERNEL_PATH="no-amx")
-        Path(hide.name, "sitecustomize.py").write_text(HIDE_AMX_SITECUSTOMIZE)
-        vllm_env = dict(env, PYTHONPATH=os.pathsep.join(
-            filter(None, [hide.name, os.environ.get("PYTHONPATH")])))
-        cpu += " -- AMX hidden from both sides (--hide-amx)"
+        engine_extra, vllm_extra = hide_amx_env(Path(hide.name))
+        env, vllm_env = dict(env, **engine_extra), dict(env, **vllm_extra)
+        cpu += HIDDEN_AMX_NOTE
     note(f"CPU: {cpu}")
     results = {"load_before": os.getloadavg(), "rounds": rounds, "quick": args.quick,
                "cpu": cpu, "results": {}}
@@ -384,6 +382,17 @@ HIDE_AMX_SITECUSTOMIZE = """\
 import torch
 torch.cpu._is_amx_tile_supported = lambda: False
 """
+HIDDEN_AMX_NOTE = " -- AMX hidden from both sides (--hide-amx)"
+
+
+def hide_amx_env(folder: Path) -> tuple[dict, dict]:
+    """The environment variables that run the engine's side and vLLM's side as on a
+    CPU without AMX (the module docstring, ``--hide-amx``), vLLM's `sitecustomize`
+    written to `folder`: (engine's, vLLM's)."""
+    (folder / "sitecustomize.py").write_text(HIDE_AMX_SITECUSTOMIZE)
+    cap = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+    vllm_path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+    return dict(cap, ENGINE_KERNEL_PATH="no-amx"), dict(cap, PYTHONPATH=vllm_path)
 
 
 ROWS = (("throughput, tok/s", "tok_s", "{:.1f}"), ("decode, ms/token", "decode_ms", "{:.2f}"),
