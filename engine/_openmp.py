@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 # How OpenMP threads wait for work between parallel regions (a decode step is
 # hundreds of them). On a machine with idle cores they should spin briefly: waking
@@ -15,20 +16,47 @@ import sys
 # made here, only before torch is imported and never over the user's own
 # OMP_WAIT_POLICY or GOMP_SPINCOUNT (docs/benchmarks.md, "OpenMP waiting").
 _SPIN_COUNT = "20000"  # ~tens of microseconds: covers the gaps inside one step
+# The machine is looked at this many times, SAMPLE_GAP_S apart (~2 ms in all), and
+# counts as busy when most looks find every core taken: one look can land on a
+# moment's blip either way. The one-minute load average is not used: it lags, and
+# a process started in the minute after a build or a test run would otherwise
+# sleep its threads for its whole life on a machine that is idle by then.
+SAMPLES = 5
+SAMPLE_GAP_S = 0.0005
 
 
-def _cores_are_busy() -> bool | None:
-    """Whether other work occupies every core right now: as many other runnable
-    threads as cores (``/proc/loadavg``'s running count, less this one), or a
-    one-minute load average a core above the core count. None when unknown."""
+def running_others(loadavg: str) -> int | None:
+    """Runnable threads other than the reader's, from one read of
+    ``/proc/loadavg`` (its fourth field is running/total; the reader is running)."""
+    try:
+        return int(loadavg.split()[3].split("/")[0]) - 1
+    except (IndexError, ValueError):
+        return None
+
+
+def cores_are_busy(samples: list[int], cpus: int) -> bool:
+    """Whether other work occupies every one of `cpus` cores: at least `cpus` other
+    runnable threads in more than half of the `samples` (`running_others` each)."""
+    return sum(n >= cpus for n in samples) * 2 > len(samples)
+
+
+def _sample() -> tuple[list[int], int] | None:
+    """(`running_others` at SAMPLES looks, the cores this process may use), or None
+    where that cannot be read (not Linux)."""
     try:
         cpus = len(os.sched_getaffinity(0))
-        with open("/proc/loadavg") as f:
-            fields = f.read().split()
-        load1, running = float(fields[0]), int(fields[3].split("/")[0])
-    except (AttributeError, OSError, ValueError, IndexError):
+        samples = []
+        for i in range(SAMPLES):
+            if i:
+                time.sleep(SAMPLE_GAP_S)
+            with open("/proc/loadavg") as f:
+                others = running_others(f.read())
+            if others is None:
+                return None
+            samples.append(others)
+    except (AttributeError, OSError):
         return None
-    return running - 1 >= cpus or load1 >= cpus + 1
+    return samples, cpus
 
 
 def choose_openmp_wait_policy() -> None:
@@ -37,11 +65,10 @@ def choose_openmp_wait_policy() -> None:
     user set either variable, or the load is unknown (not Linux)."""
     if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
-    busy = _cores_are_busy()
-    if busy is None:  # not Linux: leave the runtime's default
+    looked = _sample()
+    if looked is None:  # not Linux: leave the runtime's default
         return
-    if busy:
+    if cores_are_busy(*looked):
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     else:
         os.environ["GOMP_SPINCOUNT"] = _SPIN_COUNT
-
