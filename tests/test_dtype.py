@@ -64,13 +64,16 @@ def test_auto_reaches_the_loaded_model(make_hf_model, monkeypatch, native, expec
     assert {p.dtype for p in model.parameters()} == {expected}
 
 
-# "no-amx": the kernels a CPU with AVX512-BF16 and no AMX (AMD Zen 4) runs, here too
-@pytest.mark.parametrize("path", ["auto", "no-amx"])
+# "no-amx": the kernels a CPU with AVX512-BF16 and no AMX (AMD Zen 4) runs, here too;
+# "no-bf16": a CPU with neither (portable kernels, products widened to float32)
+@pytest.mark.parametrize("path", ["auto", "no-amx", "no-bf16"])
 def test_bfloat16_greedy_agrees_with_transformers_in_bfloat16(monkeypatch, path):
     import transformers
     from tokenizers import Tokenizer
 
-    monkeypatch.setenv("ENGINE_KERNEL_PATH", path)
+    monkeypatch.setenv("ENGINE_KERNEL_PATH", "portable" if path == "no-bf16" else path)
+    if path == "no-bf16":
+        monkeypatch.setenv("ENGINE_CPU_NATIVE_BF16", "0")
     tokenizer = Tokenizer.from_file(str(DEFAULT_MODEL / "tokenizer.json"))
     prompts = [tokenizer.encode(p).ids for p in PROMPTS]
     llm = LLM(dtype="bfloat16", kv_cache_memory=1 << 22)
@@ -79,10 +82,16 @@ def test_bfloat16_greedy_agrees_with_transformers_in_bfloat16(monkeypatch, path)
                                                        ignore_eos=True))
     model = llm.llm_engine.executor.worker.model_runner.model
     amx_copies = sum(getattr(m, "amx_weight", None) is not None for m in model.modules())
+    onednn_copies = sum(getattr(m, "packed_weight", None) is not None
+                        or getattr(m, "packed_gate", None) is not None for m in model.modules())
     llm.shutdown()
-    amx_calls = {e.name for e in prof.events() if "amx" in e.name}
-    if path == "no-amx":  # neither a weight packed for the AMX kernels nor a call of theirs
+    names = {e.name for e in prof.events()}
+    amx_calls = {name for name in names if "amx" in name}
+    if path != "auto":  # neither a weight packed for the AMX kernels nor a call of theirs
         assert amx_copies == 0 and not amx_calls, amx_calls
+    if path == "no-bf16":  # no oneDNN copy and no oneDNN bf16 product: widened ones
+        assert onednn_copies == 0 and "mkldnn::_linear_pointwise" not in names
+        assert "aten::mm" in names or "aten::addmm" in names
     hf = transformers.AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL,
                                                            dtype=torch.bfloat16).eval()
     agree = total = 0

@@ -165,6 +165,26 @@ def test_bf16_decode_without_amx_runs_onednn_in_one_call(make_hf_model, monkeypa
     assert one_call == (batch <= 32)
 
 
+@pytest.mark.parametrize("batch", [3, 20])
+def test_bf16_decode_with_widened_products(make_hf_model, monkeypatch, batch):
+    """On a CPU without bfloat16 arithmetic (``ENGINE_CPU_NATIVE_BF16=0``, with the
+    portable kernels: neither AMX nor AVX512-BF16 in use) no weight is packed for
+    oneDNN; a decode step of up to GEMV_MAX_ROWS rows runs the bf16 GEMV in one
+    call, more rows run op by op with the products widened to float32, bit-equal
+    to the modules either way."""
+    monkeypatch.setenv("ENGINE_KERNEL_PATH", "portable")
+    monkeypatch.setenv("ENGINE_CPU_NATIVE_BF16", "0")
+    with LLM(make_hf_model("llama"), dtype="bfloat16", kv_cache_memory=1 << 22,
+             enable_prefix_caching=False) as llm:
+        model, args = _capture_decode_step(llm, batch)
+        assert not any(getattr(m, "packed_weight", None) is not None
+                       or getattr(m, "packed_gate", None) is not None for m in model.modules())
+        through_modules, fast = _both_ways(model, args, monkeypatch)
+        _, one_call = _one_call(model, args, monkeypatch)
+    assert torch.equal(through_modules, fast)
+    assert one_call == (batch <= 4)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_prompt_steps_equal_the_modules_bit_for_bit(make_hf_model, monkeypatch, dtype):
     """Whole fresh prompts in one step; then, next to those decoding, a prompt that

@@ -9,6 +9,8 @@ raises ValueError when the checkpoint shape does not fit.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -73,16 +75,45 @@ def copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
 
 def onednn_packing_supported(weight: torch.Tensor) -> bool:
     """Whether `weight` is prepacked for oneDNN's matmul: a CPU bfloat16 tensor on
-    a torch built with oneDNN (mkldnn) bf16 support, or a CPU float32 tensor while
-    the compiled kernels are in use. float32 prompt chunks then run oneDNN on the
-    packed weight (about twice torch's BLAS on prompt-sized products, and not
-    bound to one vendor's library), which sums in another order than BLAS: with
-    ``ENGINE_CPU_KERNELS=0`` (the reference path) float32 stays on F.linear."""
+    a torch built with oneDNN (mkldnn) bf16 support and a CPU with bfloat16
+    arithmetic (elsewhere its products are widened: `widen_bf16_products`), or a
+    CPU float32 tensor while the compiled kernels are in use. float32 prompt
+    chunks then run oneDNN on the packed weight (about twice torch's BLAS on
+    prompt-sized products, and not bound to one vendor's library), which sums in
+    another order than BLAS: with ``ENGINE_CPU_KERNELS=0`` (the reference path)
+    float32 stays on F.linear."""
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if weight.dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported() and not widen_bf16_products()
     return weight.dtype == torch.float32 and usable_for(weight)
+
+
+@functools.cache
+def _widen(native_override: str | None) -> bool:
+    from engine.platforms.cpu import cpu_has_native_bf16
+
+    return not cpu_has_native_bf16()
+
+
+def widen_bf16_products() -> bool:
+    """Whether bfloat16 products of more than a few rows are computed in float32
+    (`widened_linear`): on a CPU without bfloat16 arithmetic (neither AMX nor
+    AVX512-BF16, e.g. Intel before Cooper Lake, AMD before Zen 4;
+    ``ENGINE_CPU_NATIVE_BF16=0`` says so on any CPU). oneDNN emulates bf16 there:
+    its products took 3.7-4.5x the time of widening the weight to float32 and
+    multiplying in float32 at 64 rows and more (docs/prefill.md, "bfloat16 on a CPU
+    without bfloat16 arithmetic"), and the oneDNN copy of the weight is not kept."""
+    return _widen(os.environ.get("ENGINE_CPU_NATIVE_BF16"))
+
+
+def widened_linear(x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T + b`` for bfloat16 `x` and `weight` computed in float32 (each product of
+    two bfloat16 values is exact there, the sums are float32's, as any bf16 matmul
+    accumulates) and rounded once to bfloat16."""
+    out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return out.to(x.dtype)
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -141,9 +172,12 @@ def plain_linear(x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None, portable: bool | None = None) -> torch.Tensor:
     """``x W^T + b`` on an unpacked weight: F.linear, except that float32
     decode-sized products (up to FP32_GEMV_MAX_ROWS rows) run the compiled
-    float32 GEMV kernel when it is loaded. The kernel sums in another order than
-    BLAS (float32 reassociation); ``ENGINE_CPU_KERNELS=0`` keeps F.linear.
-    `portable` (default: `portable_forced`) selects the kernel's portable code."""
+    float32 GEMV kernel when it is loaded, and that bfloat16 products on a CPU
+    without bfloat16 arithmetic (`widen_bf16_products`) run the bf16 GEMV kernel
+    up to GEMV_MAX_ROWS rows and `widened_linear` past them. The kernels sum in
+    another order than BLAS (float32 reassociation); ``ENGINE_CPU_KERNELS=0`` keeps
+    F.linear for float32. `portable` (default: `portable_forced`) selects the
+    kernels' portable code."""
     if (x.dtype == torch.float32 and x.dim() == 2 and 0 < x.shape[0] <= FP32_GEMV_MAX_ROWS
             and weight.dim() == 2):
         operands = (x, weight) if bias is None else (x, weight, bias)
@@ -151,6 +185,13 @@ def plain_linear(x: torch.Tensor, weight: torch.Tensor,
             out = x.new_empty((x.shape[0], weight.shape[0]))
             torch.ops.engine_kernels.fp32_gemv(
                 out, x, weight, bias, portable_forced() if portable is None else portable)
+            return out
+    if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.dim() == 2
+            and weight.dim() == 2 and x.is_cpu and widen_bf16_products()):
+        if x.shape[0] > GEMV_MAX_ROWS:
+            return widened_linear(x, weight, bias)
+        out = few_rows_linear(x, bias, weight, None, portable)
+        if out is not None:
             return out
     return F.linear(x, weight, bias)
 
@@ -413,9 +454,11 @@ def _fast_operands(layer: ColumnParallelLinear | RowParallelLinear, dtype: torch
     weight = layer.weight
     packed = layer.packed_weight is not None or getattr(layer, "packed_gate", None) is not None
     # forward takes `few_rows_linear` on a packed weight, `plain_linear` on a
-    # float32 one (the same GEMV kernel); a bfloat16 weight oneDNN could not pack
-    # stays on F.linear
-    if not (packed or dtype is torch.float32) or weight.dtype != dtype:
+    # float32 one (the same GEMV kernel) and on a bfloat16 one whose products are
+    # widened (the bf16 GEMV up to GEMV_MAX_ROWS); any other bfloat16 weight oneDNN
+    # could not pack stays on F.linear
+    widened = dtype is torch.bfloat16 and widen_bf16_products()
+    if not (packed or dtype is torch.float32 or widened) or weight.dtype != dtype:
         return None
     return weight, layer.amx_weight
 
