@@ -2,6 +2,7 @@
 
     python benchmarks/profile_no_amx.py            # both parts, two threads
     python benchmarks/profile_no_amx.py --rows 1024
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE python benchmarks/profile_no_amx.py --widened
 
 Two measurements, on whatever CPU runs it:
 
@@ -15,6 +16,12 @@ Two measurements, on whatever CPU runs it:
    them: `engine.ops.linear.pack_weight`), bf16 against float32, in the process's
    own oneDNN ISA: run it with ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` for the
    products a CPU without AMX gets (the script sets it unless --with-amx).
+
+With --widened instead: oneDNN's bf16 product against the weight widened to
+float32 and a float32 product (`engine.ops.linear.widened_linear`, what a CPU
+without bf16 arithmetic runs), per layer of the four shapes, from 5 to 1,024 rows;
+with ``ONEDNN_MAX_CPU_ISA=AVX512_CORE`` that is oneDNN on an AVX-512 CPU without
+AVX512-BF16 (docs/prefill.md, "bfloat16 on a CPU without bfloat16 arithmetic").
 
 docs/benchmarks.md ("AMX hidden from both sides") has the figures: one
 ``vdpbf16ps`` a cycle against two FMAs on the team's Xeon, so oneDNN's bf16
@@ -117,6 +124,36 @@ def onednn_products(rows: int, rounds: int) -> None:
         print(f"  {str(dtype):15} all four {total_s * 1e3:8.2f} ms  {total_flop / total_s / 1e9:6.0f} GFLOP/s")
 
 
+def widened_against_onednn(rounds: int) -> None:
+    import torch
+
+    from engine.ops.linear import onednn_linear, pack_weight, widened_linear
+
+    print(f"a layer's bf16 products, {torch.get_num_threads()} threads, "
+          f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '(all)')}:")
+    for rows in (5, 8, 16, 32, 64, 128, 256, 1024):
+        total = {"oneDNN bf16": 0.0, "widened": 0.0}
+        for n, k in SHAPES.values():
+            weights = [torch.randn(n, k, dtype=torch.bfloat16) * 0.02 for _ in range(4)]
+            packed = [pack_weight(w) for w in weights]
+            x = torch.randn(rows, k, dtype=torch.bfloat16)
+            runs = {"oneDNN bf16": lambda x=x, packed=packed: [onednn_linear(x, p, None)
+                                                               for p in packed],
+                    "widened": lambda x=x, weights=weights: [widened_linear(x, w)
+                                                             for w in weights]}
+            for name, run in runs.items():
+                run()
+                best = float("inf")
+                for _ in range(rounds):
+                    start = time.perf_counter()
+                    run()
+                    best = min(best, (time.perf_counter() - start) / len(weights))
+                total[name] += best
+        print(f"  {rows:5} rows: oneDNN bf16 {total['oneDNN bf16'] * 1e3:7.3f} ms, widened "
+              f"{total['widened'] * 1e3:7.3f} ms, widened / oneDNN "
+              f"{total['widened'] / total['oneDNN bf16']:.2f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=256)
@@ -124,14 +161,19 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--with-amx", action="store_true",
                     help="leave oneDNN's ISA alone (AMX where the CPU has it)")
+    ap.add_argument("--widened", action="store_true",
+                    help="oneDNN's bf16 products against widened float32 ones, 5-1,024 rows")
     args = ap.parse_args()
     if not args.with_amx and "ONEDNN_MAX_CPU_ISA" not in os.environ:
         # read by oneDNN when torch first uses it: set before the first product
         os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_BF16"
-    instruction_peaks()
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.widened:
+        widened_against_onednn(args.rounds)
+        return 0
+    instruction_peaks()
     onednn_products(args.rows, args.rounds)
     return 0
 

@@ -380,12 +380,12 @@ def test_kernel_path_variable_names_its_values(monkeypatch):
 
 def test_bf16_products_widened_without_bf16_arithmetic(compiled, monkeypatch):
     """``ENGINE_CPU_NATIVE_BF16=0`` (a CPU without AMX or AVX512-BF16): no oneDNN copy
-    of a bf16 weight is made, up to GEMV_MAX_ROWS rows run the bf16 GEMV and more
-    rows are multiplied in float32 and rounded once (within bf16 rounding of the
+    of a bf16 weight is made, up to WIDENED_GEMV_MAX_ROWS rows run the bf16 GEMV and
+    more rows are multiplied in float32 and rounded once (within bf16 rounding of the
     float64 product); with bf16 arithmetic the weight is packed for oneDNN."""
     from engine.ops import RowParallelLinear
     from engine.ops.linear import (
-        GEMV_MAX_ROWS,
+        WIDENED_GEMV_MAX_ROWS,
         onednn_packing_supported,
         pack_linear_weights,
         widened_linear,
@@ -404,10 +404,10 @@ def test_bf16_products_widened_without_bf16_arithmetic(compiled, monkeypatch):
         packable = native == "1" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
         assert onednn_packing_supported(weight) == packable
         assert (layer.packed_weight is not None) == packable
-    for rows in (1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, 64, 300):
+    for rows in (1, 4, 5, WIDENED_GEMV_MAX_ROWS, WIDENED_GEMV_MAX_ROWS + 1, 64, 300):
         x = torch.randn(rows, 64, generator=gen).bfloat16()
         got = layer(x)
-        if rows <= GEMV_MAX_ROWS:
+        if rows <= WIDENED_GEMV_MAX_ROWS:
             want = torch.empty(rows, 96, dtype=torch.bfloat16)
             torch.ops.engine_kernels.bf16_gemv(want, x, weight, bias, False)
         else:

@@ -89,8 +89,15 @@ def onednn_packing_supported(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32 and usable_for(weight)
 
 
+# On such a CPU the bf16 GEMV kernel (its portable code: bf16 widened in registers)
+# runs products of up to this many rows, its own limit: it took half the time of
+# `widened_linear` at 5-8 rows, and oneDNN's emulated bf16 took 0.8-1.0x widened's
+# (benchmarks/profile_no_amx.py --widened)
+WIDENED_GEMV_MAX_ROWS = 8
+
+
 @functools.cache
-def _widen(native_override: str | None) -> bool:
+def _widen_cached(native_override: str | None) -> bool:  # keyed by the variable's value
     from engine.platforms.cpu import cpu_has_native_bf16
 
     return not cpu_has_native_bf16()
@@ -104,7 +111,7 @@ def widen_bf16_products() -> bool:
     its products took 3.7-4.5x the time of widening the weight to float32 and
     multiplying in float32 at 64 rows and more (docs/prefill.md, "bfloat16 on a CPU
     without bfloat16 arithmetic"), and the oneDNN copy of the weight is not kept."""
-    return _widen(os.environ.get("ENGINE_CPU_NATIVE_BF16"))
+    return _widen_cached(os.environ.get("ENGINE_CPU_NATIVE_BF16"))
 
 
 def widened_linear(x: torch.Tensor, weight: torch.Tensor,
@@ -174,7 +181,7 @@ def plain_linear(x: torch.Tensor, weight: torch.Tensor,
     decode-sized products (up to FP32_GEMV_MAX_ROWS rows) run the compiled
     float32 GEMV kernel when it is loaded, and that bfloat16 products on a CPU
     without bfloat16 arithmetic (`widen_bf16_products`) run the bf16 GEMV kernel
-    up to GEMV_MAX_ROWS rows and `widened_linear` past them. The kernels sum in
+    up to WIDENED_GEMV_MAX_ROWS rows and `widened_linear` past them. The kernels sum in
     another order than BLAS (float32 reassociation); ``ENGINE_CPU_KERNELS=0`` keeps
     F.linear for float32. `portable` (default: `portable_forced`) selects the
     kernels' portable code."""
@@ -188,11 +195,16 @@ def plain_linear(x: torch.Tensor, weight: torch.Tensor,
             return out
     if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.dim() == 2
             and weight.dim() == 2 and x.is_cpu and widen_bf16_products()):
-        if x.shape[0] > GEMV_MAX_ROWS:
-            return widened_linear(x, weight, bias)
-        out = few_rows_linear(x, bias, weight, None, portable)
-        if out is not None:
+        rows = x.shape[0]
+        operands = (x, weight) if bias is None else (x, weight, bias)
+        if (0 < rows <= WIDENED_GEMV_MAX_ROWS and usable_for(*operands) and x.is_contiguous()
+                and weight.is_contiguous()):
+            out = x.new_empty((rows, weight.shape[0]))
+            torch.ops.engine_kernels.bf16_gemv(
+                out, x, weight, bias, portable_forced() if portable is None else portable)
             return out
+        if rows > GEMV_MAX_ROWS:
+            return widened_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -455,8 +467,8 @@ def _fast_operands(layer: ColumnParallelLinear | RowParallelLinear, dtype: torch
     packed = layer.packed_weight is not None or getattr(layer, "packed_gate", None) is not None
     # forward takes `few_rows_linear` on a packed weight, `plain_linear` on a
     # float32 one (the same GEMV kernel) and on a bfloat16 one whose products are
-    # widened (the bf16 GEMV up to GEMV_MAX_ROWS); any other bfloat16 weight oneDNN
-    # could not pack stays on F.linear
+    # widened (the bf16 GEMV: the fast form takes up to GEMV_MAX_ROWS rows, forward
+    # the rest); any other bfloat16 weight oneDNN could not pack stays on F.linear
     widened = dtype is torch.bfloat16 and widen_bf16_products()
     if not (packed or dtype is torch.float32 or widened) or weight.dtype != dtype:
         return None
