@@ -597,3 +597,18 @@ def test_serve_module_imports_no_torch():
 
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def test_server_puts_weights_in_huge_pages_unless_told_otherwise(monkeypatch):
+    """`engine serve` sets ENGINE_WEIGHT_HUGE_PAGES=1 before loading (the variable
+    `engine.ops.weight_memory` reads), and keeps a value the user set."""
+    from engine.cli import serve
+    from engine.ops import weight_memory
+
+    assert serve.WEIGHT_HUGE_PAGES_ENV == weight_memory.ENV
+    monkeypatch.delenv(weight_memory.ENV, raising=False)
+    serve.server_environment()
+    assert weight_memory.huge_pages_enabled() == (weight_memory._ADVICE is not None)
+    monkeypatch.setenv(weight_memory.ENV, "0")
+    serve.server_environment()
+    assert os.environ[weight_memory.ENV] == "0" and not weight_memory.huge_pages_enabled()

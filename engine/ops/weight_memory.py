@@ -10,12 +10,15 @@ page its own anonymous mapping, aligned to 2 MiB and advised ``MADV_HUGEPAGE``
 extra resident memory (the alignment slack is never touched). Otherwise, and on
 every platform without ``MADV_HUGEPAGE``, it is ``torch.empty``.
 
-It is off by default because the evidence is mixed (docs/fp32-decode.md): on the
-team's KVM guests under heavy load the float32 GEMV kernel streamed weights in
-4 KiB pages at about half the rate of 2 MiB pages, but on the quiet machine whole
-float32 decode steps were within a few percent either way, while a fresh huge page
-costs far more to fault in than 512 small ones: loading 540 MB of float32 weights
-took 0.3-0.8 s longer.
+`engine serve` turns it on (`engine.cli.serve.server_environment`) unless the user
+set the variable; offline use keeps ordinary pages. Measured in fresh processes one
+after another (docs/serving.md, "Weights in huge pages"): a single request's bf16
+decode took 0.83-0.89x the time in huge pages, batched throughput the same, while a
+fresh huge page costs far more to fault in than 512 small ones on the team's VMs
+(loading took 0-3 s longer; 540 MB of float32 weights 0.3-0.8 s, docs/fp32-decode.md).
+An earlier A/B between two processes running at once (docs/fp32-decode.md) could not
+see the decode gain: the first-started of two such processes decodes ~10% slower for
+its whole life, whatever its pages.
 """
 
 from __future__ import annotations
