@@ -383,6 +383,7 @@ def test_bf16_products_widened_without_bf16_arithmetic(compiled, monkeypatch):
     of a bf16 weight is made, up to WIDENED_GEMV_MAX_ROWS rows run the bf16 GEMV and
     more rows are multiplied in float32 and rounded once (within bf16 rounding of the
     float64 product); with bf16 arithmetic the weight is packed for oneDNN."""
+    import engine.ops.linear as linear_module
     from engine.ops import RowParallelLinear
     from engine.ops.linear import (
         WIDENED_GEMV_MAX_ROWS,
@@ -416,3 +417,10 @@ def test_bf16_products_widened_without_bf16_arithmetic(compiled, monkeypatch):
         exact = F.linear(x.double(), weight.double(), bias.double())
         torch.testing.assert_close(widened_linear(x, weight, bias).double(), exact,
                                    atol=0, rtol=2**-8)
+    # a weight widened in tiles (more output rows than one tile holds) gives the
+    # product widened whole, bit for bit
+    monkeypatch.setattr(linear_module, "WIDEN_TILE_BYTES", 16 * 64 * 4)
+    x = torch.randn(37, 64, generator=gen).bfloat16()
+    whole = F.linear(x.float(), weight.float(), bias.float()).bfloat16()
+    assert torch.equal(widened_linear(x, weight, bias), whole)
+    assert torch.equal(widened_linear(x, weight), F.linear(x.float(), weight.float()).bfloat16())
