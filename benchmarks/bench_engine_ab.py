@@ -14,9 +14,12 @@ per-round ratios. A commit is checked out into a temporary git worktree, removed
 afterwards; each side builds its compiled kernels when missing (once per source
 version).
 
-Read ratios within ~5% of 1 as noise: run against its own commit (A/A, bf16, three
-rounds, 2026-12-06) the tool gave the checkout side 0.93–0.97x the throughput and
-0.88–0.96x the decode speed of the worktree side (cause not found).
+Read ratios within ~5% of 1 as noise, and decode within ~15%: run against its own
+commit (A/A, bf16, three rounds, 2026-12-06) the tool gave the checkout side
+0.93–0.97x the throughput and 0.86–0.96x the decode speed of the worktree side,
+because the checkout's process is started first: with ``--base-first`` the same A/A
+gave the checkout 1.19x the decode speed (docs/benchmarks.md). For a decode figure,
+run both orders.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ def main() -> int:
     ap.add_argument("--dtypes", default="bfloat16", help="comma-separated")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--base-first", action="store_true",
+                    help="start the base side's process first (see above)")
     args = ap.parse_args()
 
     note(f"CPU: {cpu_description()}; load average {os.getloadavg()}")
@@ -78,8 +83,9 @@ def main() -> int:
             for dtype in args.dtypes.split(","):
                 sides = {}
                 try:
-                    sides["this"] = start_engine("this", ROOT, folder, dtype)
-                    sides["base"] = start_engine("base", base, folder, dtype)
+                    order = [("this", ROOT), ("base", base)]
+                    for name, checkout in (order[::-1] if args.base_first else order):
+                        sides[name] = start_engine(name, checkout, folder, dtype)
                     fresh = FreshPrompts(shape["vocab_size"], args.seed + 1)
                     warm = fresh(*prompt_lens[:4])
                     for side in sides.values():
