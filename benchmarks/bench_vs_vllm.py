@@ -31,6 +31,11 @@ the second time. Measurements (each round):
 Every table is printed with the CPU's model and the flags that choose kernel paths
 (AMX, AVX512-BF16, AVX512-VNNI, AVX-512, AVX2).
 
+``--vllm-first`` starts vLLM's worker process before the engine's (the default is
+the engine first): two engine processes loaded one after the other decode
+measurably differently on the team's VMs, the first one slower
+(bench_engine_ab.py), so the order is worth running both ways.
+
 ``--hide-amx`` runs both sides on an AMX CPU as on one without AMX that has
 AVX512-BF16 (the code paths an AMD Zen 4 takes; not its speed): oneDNN in both
 processes is capped below AMX (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``), the
@@ -302,6 +307,8 @@ def main() -> int:
                     help="skip the repeated-prompt (prefix-cache hit) measurements")
     ap.add_argument("--hide-amx", action="store_true",
                     help="both sides as on a CPU without AMX (AVX512-BF16 kept): see above")
+    ap.add_argument("--vllm-first", action="store_true",
+                    help="start vLLM's process before the engine's (see below)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--worker", choices=("engine", "vllm"), help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -346,9 +353,11 @@ def main() -> int:
                 note(f"{model} ({params / 1e6:.1f}M), {dtype}: starting both sides")
                 sides = {}
                 try:
-                    sides["engine"] = start_side("engine", sys.executable, folder, dtype, env)
-                    sides["vllm"] = start_side("vllm", str(vllm_python), folder, dtype,
-                                               vllm_env)
+                    starts = [("engine", sys.executable, env),
+                              ("vllm", str(vllm_python), vllm_env)]
+                    for name, python, side_env in (starts[::-1] if args.vllm_first
+                                                   else starts):
+                        sides[name] = start_side(name, python, folder, dtype, side_env)
                     fresh = FreshPrompts(shape["vocab_size"], args.seed + 1)
                     # warm-up: a few requests on each side (vLLM compiles here), with
                     # prompts of their own
