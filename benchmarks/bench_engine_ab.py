@@ -97,7 +97,9 @@ def main() -> int:
                     for side in sides.values():
                         side.close()
                 print(f"\nsmol, {dtype}: this checkout against {args.base}; load average "
-                      f"{load[0]:.1f} -> {os.getloadavg()[0]:.1f}")
+                      f"{load[0]:.1f} -> {os.getloadavg()[0]:.1f}; OpenMP wait: "
+                      + ", ".join(f"{name} {side.ready.get('omp_wait')}"
+                                  for name, side in sides.items()))
                 for label, key, fmt in ROWS:
                     if key not in runs["this"]:
                         continue

@@ -123,6 +123,10 @@ def ensure_vllm_venv(venv: Path) -> Path:
 
 
 
+# engine._openmp's spin for a machine with an idle core
+SPIN_COUNT = "20000"
+
+
 def run_worker(side: str, model_dir: str, dtype: str) -> int:
     """The worker loop: load the model, then answer commands until stdin closes."""
     if side == "engine":
@@ -333,10 +337,16 @@ def main() -> int:
     table = WORKLOADS if not args.quick else QUICK_WORKLOADS
     cpu = cpu_description()
     vllm_env = env
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
+        # what `import engine` picks on a machine with an idle core, which is the
+        # machine each side is measured on (the other one paused); without it, an
+        # engine started while vLLM starts up (--vllm-first: vLLM compiles then) sees
+        # every core busy and sleeps its OpenMP threads for its whole life
+        env = dict(env, GOMP_SPINCOUNT=SPIN_COUNT)
     hide = tempfile.TemporaryDirectory() if args.hide_amx else None
     if hide is not None:
         engine_extra, vllm_extra = hide_amx_env(Path(hide.name))
-        env, vllm_env = dict(env, **engine_extra), dict(env, **vllm_extra)
+        env, vllm_env = dict(env, **engine_extra), dict(vllm_env, **vllm_extra)
         cpu += HIDDEN_AMX_NOTE
     note(f"CPU: {cpu}")
     results = {"load_before": os.getloadavg(), "rounds": rounds, "quick": args.quick,

@@ -23,6 +23,9 @@ _SPIN_COUNT = "20000"  # ~tens of microseconds: covers the gaps inside one step
 # sleep its threads for its whole life on a machine that is idle by then.
 SAMPLES = 5
 SAMPLE_GAP_S = 0.0005
+# what `choose_openmp_wait_policy` set in this process: "spin", "passive", or None
+# (the user's own setting, torch imported first, or not Linux)
+chosen: str | None = None
 
 
 def running_others(loadavg: str) -> int | None:
@@ -65,10 +68,26 @@ def choose_openmp_wait_policy() -> None:
     user set either variable, or the load is unknown (not Linux)."""
     if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
+    global chosen
     looked = _sample()
     if looked is None:  # not Linux: leave the runtime's default
         return
     if cores_are_busy(*looked):
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        chosen = "passive"
     else:
         os.environ["GOMP_SPINCOUNT"] = _SPIN_COUNT
+        chosen = "spin"
+
+
+def passive_notice() -> str | None:
+    """One line for the start-up log when this process chose sleeping OpenMP
+    threads (the choice holds for its whole life, and on a machine that is idle
+    later it costs up to a third of a decode step), else None."""
+    if chosen != "passive":
+        return None
+    return ("every core was busy when this process started, so its OpenMP threads sleep "
+            "between parallel regions for its whole life (decode up to ~1.5x slower once "
+            "the machine is idle); start it on an idle machine, or set "
+            "GOMP_SPINCOUNT=20000 to spin or OMP_WAIT_POLICY=PASSIVE to keep sleeping "
+            "(either hides this line)")

@@ -12,8 +12,8 @@ import time
 
 from engine._openmp import cores_are_busy, running_others
 
-PRINT_POLICY = ("import os, engine; print(os.environ.get('OMP_WAIT_POLICY'), "
-                "os.environ.get('GOMP_SPINCOUNT'))")
+PRINT_POLICY = ("import os, engine, engine._openmp as o; print(os.environ.get('OMP_WAIT_POLICY'), "
+                "os.environ.get('GOMP_SPINCOUNT'), o.passive_notice() is not None)")
 
 
 def test_running_others_reads_the_running_count():
@@ -45,10 +45,27 @@ def test_import_sleeps_beside_busy_cores_and_keeps_the_users_choice(tmp_path):
             for _ in range(cpus)]
     try:
         time.sleep(0.5)  # all of them started and spinning
-        assert _policy(env) == ["PASSIVE", "None"]
-        # the user's own setting is never replaced
-        assert _policy(dict(env, GOMP_SPINCOUNT="5")) == ["None", "5"]
+        # sleeping threads, and a notice for the start-up log saying so
+        assert _policy(env) == ["PASSIVE", "None", "True"]
+        # the user's own setting is never replaced, and no notice
+        assert _policy(dict(env, GOMP_SPINCOUNT="5")) == ["None", "5", "False"]
     finally:
         for proc in busy:
             proc.kill()
             proc.wait()
+
+
+def test_the_worker_logs_sleeping_threads_at_start(monkeypatch, caplog, tmp_path):
+    """A process that chose sleeping OpenMP threads says so once in the start-up log
+    when its CPU worker starts (the choice holds for the process's life)."""
+    import engine._openmp as openmp
+    from engine import LLM
+
+    monkeypatch.setenv("ENGINE_CONFIG_DIR", str(tmp_path))
+    for chosen, expected in (("passive", 1), ("spin", 0)):
+        monkeypatch.setattr(openmp, "chosen", chosen)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="engine.startup"):
+            LLM(kv_cache_memory=1 << 22).shutdown()
+        lines = [r.getMessage() for r in caplog.records if "OpenMP threads sleep" in r.getMessage()]
+        assert len(lines) == expected, lines

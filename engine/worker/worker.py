@@ -10,8 +10,10 @@ from typing import Any
 import torch
 
 from engine._malloc import keep_freed_memory
+from engine._openmp import passive_notice
 from engine.config import EngineConfig
 from engine.step import ModelRunnerOutput, SchedulerOutput
+from engine.utils import STARTUP_LOGGER
 from engine.worker.kv_prefault import AHEAD_FRACTION_OF, AHEAD_TOKENS, KVPrefault
 from engine.worker.model_runner import ModelRunner
 from engine.worker.sleep import (
@@ -87,6 +89,9 @@ class Worker(WorkerBase):
             # each step's activations reuse the last step's heap pages instead of
             # faulting them in from the kernel (engine._malloc)
             keep_freed_memory()
+            notice = passive_notice()
+            if notice is not None and self.rank == 0:
+                logging.getLogger(STARTUP_LOGGER).info(notice)
         parallel = self.config.parallel_config
         parallel_state.init_distributed_environment(
             world_size=parallel.tensor_parallel_size,
