@@ -38,7 +38,8 @@ class CacheConfig:
     kv_prefault: str = "ahead"
 
 
-# CacheConfig.kv_prefault's values
+# CacheConfig.kv_prefault's values; EngineArgs also takes "auto" (its default): "all"
+# when the cache was given a size (kv_cache_memory), "ahead" when the engine sized it
 KV_PREFAULT_MODES = ("ahead", "all")
 
 

@@ -83,7 +83,8 @@ def test_an_engine_pages_in_past_its_last_block_and_stops_on_sleep(make_hf_model
 
     monkeypatch.setenv("ENGINE_CONFIG_DIR", str(tmp_path))
     llm = LLM(make_hf_model("llama"), dtype="float32", kv_cache_memory=1 << 24,
-              max_num_batched_tokens=64, block_size=16, enable_sleep_mode=True)
+              max_num_batched_tokens=64, block_size=16, enable_sleep_mode=True,
+              kv_prefault="ahead")
     worker = llm.llm_engine.executor.worker
     prefault = worker._prefault
     assert prefault is not None and prefault.ahead_blocks == 4  # 64 tokens

@@ -88,7 +88,8 @@ def test_the_kv_cache_is_resident_only_where_written(tied_llama, tmp_path):
     holes = [torch.empty(1 << 20, dtype=torch.uint8) for _ in range(64)]
     del holes
     cache_bytes = 64 << 20
-    with LLM(str(path), dtype="float32", kv_cache_memory=cache_bytes) as llm:  # warm-up on
+    with LLM(str(path), dtype="float32", kv_cache_memory=cache_bytes,
+             kv_prefault="ahead") as llm:  # warm-up on
         model = llm.llm_engine.executor.worker.model_runner.model
         caches = [layer.kv_cache for layer in get_attention_layers(model)]
         maps = [_mapping_of(c.data_ptr()) for c in caches]  # smaps fields, "N kB"

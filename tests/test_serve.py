@@ -580,8 +580,13 @@ def test_serve_pages_its_whole_kv_cache_in_and_offline_keeps_the_window(make_hf_
         ["serve", "--model", model, "--kv-prefault", "ahead"]))
     assert ahead.engine_args.kv_prefault == "ahead"
     generate = build_parser().parse_args(["generate", "--model", model, "--prompt", "hi"])
-    assert EngineArgs.from_cli_args(generate).kv_prefault == "ahead"
-    with pytest.raises(ValueError, match="kv_prefault must be one of ahead, all"):
+    offline = EngineArgs.from_cli_args(generate)
+    assert offline.kv_prefault == "auto"
+    # auto: the window when the engine sized the cache, the whole cache when the user did
+    assert offline.create_engine_config().cache_config.kv_prefault == "ahead"
+    sized = EngineArgs(model=model, kv_cache_memory="64MiB").create_engine_config()
+    assert sized.cache_config.kv_prefault == "all"
+    with pytest.raises(ValueError, match="kv_prefault must be one of auto, ahead, all"):
         EngineArgs(model=model, kv_prefault="eager").create_engine_config()
     with pytest.raises(ValueError, match="scheduling_policy must be one of fcfs, "
                                          "short-prompt-first, got 'lifo'"):

@@ -22,7 +22,8 @@ OS), it stops and the steps fault the pages in as before.
 Resident memory grows by at most `ahead_blocks` blocks past what the cache holds:
 the worker's window is the step budget, at most AHEAD_TOKENS tokens and an eighth
 of the cache (AHEAD_FRACTION_OF); with ``kv_prefault="all"`` (`engine serve`'s
-default) it is the whole cache, paged in while the CPU is otherwise idle.
+default, and what ``"auto"`` means for a cache given its size by kv_cache_memory) it
+is the whole cache, paged in while the CPU is otherwise idle.
 """
 
 from __future__ import annotations
