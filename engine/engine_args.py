@@ -312,8 +312,8 @@ class EngineArgs:
         idle when the user gave it its size (that memory is the cache's, as vLLM
         zeroes its own at start), and only a window ahead when the engine sized it
         (resident memory then grows with use). Offline rounds of fresh prompts write
-        new blocks every round: with the cache paged in, bench_vs_vllm.py's
-        throughput was 1.3-1.4x higher on the team's VMs (docs/benchmarks.md)."""
+        new blocks every round: with the cache paged in, bench_vs_vllm.py's engine
+        throughput was 1.34x higher on the team's VMs (docs/benchmarks.md)."""
         if self.kv_prefault != "auto":
             return self.kv_prefault
         return "all" if self.kv_cache_memory is not None else "ahead"
