@@ -313,7 +313,7 @@ class EngineArgs:
         zeroes its own at start), and only a window ahead when the engine sized it
         (resident memory then grows with use). Offline rounds of fresh prompts write
         new blocks every round: with the cache paged in, bench_vs_vllm.py's engine
-        throughput was 1.34x higher on the team's VMs (docs/benchmarks.md)."""
+        ran 1.57x vLLM's throughput against 1.20x without (docs/benchmarks.md)."""
         if self.kv_prefault != "auto":
             return self.kv_prefault
         return "all" if self.kv_cache_memory is not None else "ahead"
