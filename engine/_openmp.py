@@ -16,8 +16,8 @@ import time
 # made here, only before torch is imported and never over the user's own
 # OMP_WAIT_POLICY or GOMP_SPINCOUNT (docs/benchmarks.md, "OpenMP waiting").
 _SPIN_COUNT = "20000"  # ~tens of microseconds: covers the gaps inside one step
-# The machine is looked at this many times, SAMPLE_GAP_S apart (~2 ms in all), and
-# counts as busy when most looks find every core taken: one look can land on a
+# The machine is looked at up to this many times, SAMPLE_GAP_S apart (~1-2 ms in
+# all), and counts as busy when most looks find every core taken: one look can land on a
 # moment's blip either way. The one-minute load average is not used: it lags, and
 # a process started in the minute after a build or a test run would otherwise
 # sleep its threads for its whole life on a machine that is idle by then.
@@ -39,24 +39,30 @@ def running_others(loadavg: str) -> int | None:
 
 def cores_are_busy(samples: list[int], cpus: int) -> bool:
     """Whether other work occupies every one of `cpus` cores: at least `cpus` other
-    runnable threads in more than half of the `samples` (`running_others` each)."""
+    runnable threads in more than half of the `samples` (`running_others` each; a
+    majority of SAMPLES decides, so `_sample` may return fewer)."""
     return sum(n >= cpus for n in samples) * 2 > len(samples)
 
 
 def _sample() -> tuple[list[int], int] | None:
-    """(`running_others` at SAMPLES looks, the cores this process may use), or None
-    where that cannot be read (not Linux)."""
+    """(`running_others` at up to SAMPLES looks, the cores this process may use), or
+    None where that cannot be read (not Linux). It stops looking once most of the
+    SAMPLES looks agree (three idle looks on an idle machine: ~1 ms of `import engine`)."""
     try:
         cpus = len(os.sched_getaffinity(0))
-        samples = []
-        for i in range(SAMPLES):
-            if i:
+        samples: list[int] = []
+        majority = SAMPLES // 2 + 1
+        while len(samples) < SAMPLES:
+            if samples:
                 time.sleep(SAMPLE_GAP_S)
             with open("/proc/loadavg") as f:
                 others = running_others(f.read())
             if others is None:
                 return None
             samples.append(others)
+            busy = sum(n >= cpus for n in samples)
+            if busy >= majority or len(samples) - busy >= majority:
+                break
     except (AttributeError, OSError):
         return None
     return samples, cpus
