@@ -108,6 +108,18 @@ def compiled():
     kernels._loaded = saved
 
 
+def onednn_packs_bf16() -> bool:
+    """Whether the engine packs bfloat16 weights for oneDNN on this CPU (it has
+    bfloat16 arithmetic and torch's oneDNN takes bf16 there): where it does not (a
+    plain AVX2 CPU, or ``ENGINE_CPU_NATIVE_BF16=0``), bf16 products are widened to
+    float32 instead, and the tests of the packed path check that route."""
+    import torch
+
+    from engine.ops.linear import onednn_packing_supported
+
+    return onednn_packing_supported(torch.zeros(1, 1, dtype=torch.bfloat16))
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for a child process running the engine or its CLI: the current
     one (already isolated by the autouse fixture) plus `extra`; the repo root is

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from attention_steps import random_attention_step
+from conftest import onednn_packs_bf16
 
 import engine.kernels as kernels
 from engine.attention.backends import torch_sdpa
@@ -106,8 +107,16 @@ def test_fused_ops_match_forward_native(compiled, dtype, hidden):
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_bf16_gemv_matches_linear(compiled, n, k, with_bias):
     """The few-row bf16 linear kernel against F.linear computed in float32, for
-    every row count it takes, and `packed_linear` choosing it up to GEMV_MAX_ROWS."""
-    from engine.ops.linear import GEMV_MAX_ROWS, pack_weight, packed_linear
+    every row count it takes, and `packed_linear` choosing it up to GEMV_MAX_ROWS;
+    on a CPU whose bf16 products are widened (no oneDNN copy), `plain_linear`
+    choosing it up to WIDENED_GEMV_MAX_ROWS."""
+    from engine.ops.linear import (
+        GEMV_MAX_ROWS,
+        WIDENED_GEMV_MAX_ROWS,
+        pack_weight,
+        packed_linear,
+        plain_linear,
+    )
 
     gen = torch.Generator().manual_seed(n * k)
     weight = torch.randn(n, k, generator=gen).bfloat16()
@@ -121,6 +130,12 @@ def test_bf16_gemv_matches_linear(compiled, n, k, with_bias):
     with pytest.raises(RuntimeError, match="1 to 8 rows"):
         torch.ops.engine_kernels.bf16_gemv(torch.empty(9, n, dtype=torch.bfloat16),
                                            torch.zeros(9, k, dtype=torch.bfloat16), weight, None)
+    if not onednn_packs_bf16():
+        x = torch.randn(WIDENED_GEMV_MAX_ROWS, k, generator=gen).bfloat16()
+        direct = torch.empty(WIDENED_GEMV_MAX_ROWS, n, dtype=torch.bfloat16)
+        torch.ops.engine_kernels.bf16_gemv(direct, x, weight, bias)
+        assert torch.equal(plain_linear(x, weight, bias), direct)
+        return
     packed = pack_weight(weight)
     x = torch.randn(GEMV_MAX_ROWS, k, generator=gen).bfloat16()
     via_kernel = packed_linear(x, packed, bias, weight)

@@ -111,9 +111,9 @@ def test_bf16_prefill_paths_match_float32_attention(compiled, path, heads, kv_he
                                                     block_size, query_lens, seq_lens):
     """The op itself, AMX and vector paths: whole prompts (one and several 16-token
     tiles, a partial last tile), chunks and prefix hits whose cached context spans
-    several 32-key steps and cache blocks, GQA and MHA, head sizes 32-128."""
-    if path == "amx" and not _has_amx():
-        pytest.skip("this CPU has no AMX")
+    several 32-key steps and cache blocks, GQA and MHA, head sizes 32-128. Where the
+    CPU (or the build) has no AMX, the op answers an AMX request with its vector
+    code: the same bound holds (as in the two tests below)."""
     md, cache, (q, k, v) = random_attention_step(query_lens, seq_lens, torch.bfloat16,
                                                  block_size=block_size, kv_heads=kv_heads,
                                                  heads=heads, head_size=head_size, seed=7)
@@ -140,8 +140,6 @@ def test_amx_path_rescales_when_later_keys_score_higher(compiled, head_size):
     """Keys whose scores grow along a 700-token context: the running maximum moves
     up step after step (and across the 512-key runs whose V is interleaved at once),
     so the accumulated output is rescaled many times."""
-    if not _has_amx():
-        pytest.skip("this CPU has no AMX")
     md, cache, (q, k, v) = random_attention_step([40], [700], torch.bfloat16, block_size=16,
                                                  kv_heads=1, heads=2, head_size=head_size)
     table = md.block_tables[0, :44]
@@ -161,8 +159,6 @@ def test_amx_path_rescales_when_later_keys_score_higher(compiled, head_size):
 def test_amx_path_ignores_stale_cache_contents(compiled):
     """Keys past the context inside its last block (a freed sequence's leftovers,
     here NaN and huge values) never reach the sums."""
-    if not _has_amx():
-        pytest.skip("this CPU has no AMX")
     md, cache, (q, k, v) = random_attention_step([20], [20], torch.bfloat16, block_size=32,
                                                  kv_heads=1, heads=2, head_size=64)
     cache.fill_(float("nan"))

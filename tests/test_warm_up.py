@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import subprocess_env
+from conftest import onednn_packs_bf16, subprocess_env
 
 from engine import LLM, SamplingParams
 from engine.cli.main import build_parser
@@ -159,13 +159,21 @@ def test_prefill_row_buckets_are_every_shape_a_prompt_step_reaches_onednn_with()
     assert prefill_row_buckets(AMX_MAX_ROWS) == []
 
 
+def _packed_dtype() -> str:
+    """A dtype whose linear weights this CPU packs for oneDNN (the layers the bucket
+    warm-up runs): bfloat16 where it has bfloat16 arithmetic, else float32 (packed
+    while the compiled kernels are loaded: the `compiled` fixture)."""
+    return "bfloat16" if onednn_packs_bf16() else "float32"
+
+
 def test_linear_buckets_run_each_distinct_layer_shape_within_the_flop_budget(make_hf_model,
-                                                                           monkeypatch):
+                                                                           monkeypatch,
+                                                                           compiled):
     """Every layer of a shape shares oneDNN's primitives: one call per distinct
     (weight shape, dtype, bias, fused activation) and bucket, as a prompt step
     makes it (the gate-up projection with SiLU-and-mul inside its matmuls),
     smallest buckets first, no further than the budget allows."""
-    with LLM(make_hf_model("llama"), dtype="bfloat16", skip_warm_up=True) as llm:
+    with LLM(make_hf_model("llama"), dtype=_packed_dtype(), skip_warm_up=True) as llm:
         model = llm.llm_engine.executor.worker.model_runner.model
         calls = []
         real_linear, real_gated = warm_up.packed_linear, warm_up.onednn_silu_and_mul
@@ -196,11 +204,11 @@ def test_linear_buckets_run_each_distinct_layer_shape_within_the_flop_budget(mak
         assert sorted({c[0] for c in calls}) == everything[:2]
 
 
-def test_linear_buckets_stop_at_the_kv_cache_capacity(make_hf_model, caplog):
+def test_linear_buckets_stop_at_the_kv_cache_capacity(make_hf_model, caplog, compiled):
     """A step never computes more tokens than the KV cache has slots for (each
     writes its K and V), so the linear stage stops there below the step budget."""
     caplog.set_level("INFO", logger="engine.worker.model_runner")
-    with LLM(make_hf_model("llama"), dtype="bfloat16", kv_cache_memory=1 << 18,
+    with LLM(make_hf_model("llama"), dtype=_packed_dtype(), kv_cache_memory=1 << 18,
              max_num_batched_tokens=4096) as llm:
         engine = llm.llm_engine
         capacity = engine.num_blocks * engine.config.cache_config.block_size
@@ -258,7 +266,7 @@ _FIRST_BATCH = textwrap.dedent("""
     from engine import LLM, SamplingParams
     from engine.worker import warm_up
     warm_up.LINEAR_BUCKET_FLOPS = float(sys.argv[2])
-    llm = LLM(sys.argv[1], dtype="bfloat16", max_num_batched_tokens=1024)
+    llm = LLM(sys.argv[1], dtype=sys.argv[3], max_num_batched_tokens=1024)
     print("=== first batch", flush=True)
     # one prompt step of 4 x 180 = 720 rows: larger than the warm-up's own steps
     prompts = [[3 + (7 * i + j) % 1000 for j in range(180)] for i in range(4)]
@@ -267,20 +275,19 @@ _FIRST_BATCH = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-                    reason="oneDNN runs bfloat16 linears only on CPUs with AVX512 (BF16)")
 @pytest.mark.parametrize(("flop_budget", "first_batch_builds"), [("1e12", False), ("0", True)])
 def test_first_batch_after_the_warm_up_builds_no_onednn_primitive(make_hf_model, tmp_path,
-                                                                 flop_budget,
+                                                                 compiled, flop_budget,
                                                                  first_batch_builds):
     """oneDNN logs every primitive it creates (ONEDNN_VERBOSE=2): after the
     warm-up, a first prompt step larger than any warm-up step creates none; with
-    the bucket warm-up given no budget, it does (what the first user paid)."""
+    the bucket warm-up given no budget, it does (what the first user paid). In
+    bfloat16, or in float32 on a CPU that widens bf16 products (no oneDNN copy)."""
     script = tmp_path / "first_batch.py"
     script.write_text(_FIRST_BATCH)
     proc = subprocess.run(
-        [sys.executable, str(script), str(make_hf_model("llama")), flop_budget],
-        env=subprocess_env(ONEDNN_VERBOSE="2", HF_HUB_OFFLINE="1"),
+        [sys.executable, str(script), str(make_hf_model("llama")), flop_budget, _packed_dtype()],
+        env=subprocess_env(ONEDNN_VERBOSE="2", HF_HUB_OFFLINE="1", ENGINE_CPU_KERNELS="build"),
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     first_batch = proc.stdout.split("=== first batch")[1].split("=== done")[0]
