@@ -9,7 +9,6 @@ raises ValueError when the checkpoint shape does not fit.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Sequence
 
@@ -96,11 +95,18 @@ def onednn_packing_supported(weight: torch.Tensor) -> bool:
 WIDENED_GEMV_MAX_ROWS = 8
 
 
-@functools.cache
-def _widen_cached(native_override: str | None) -> bool:  # keyed by the variable's value
-    from engine.platforms.cpu import cpu_has_native_bf16
+# widen_bf16_products' answer by ENGINE_CPU_NATIVE_BF16's value: a plain dict, which
+# torch.compile traces as a constant (it warns on a functools cache in a traced call)
+_WIDEN_BY_OVERRIDE: dict[str | None, bool] = {}
 
-    return not cpu_has_native_bf16()
+
+def _widen_cached(native_override: str | None) -> bool:
+    found = _WIDEN_BY_OVERRIDE.get(native_override)
+    if found is None:
+        from engine.platforms.cpu import cpu_has_native_bf16
+
+        found = _WIDEN_BY_OVERRIDE[native_override] = not cpu_has_native_bf16()
+    return found
 
 
 def widen_bf16_products() -> bool:
