@@ -33,7 +33,6 @@ import gc
 import json
 import os
 import random
-import resource
 import sys
 import tempfile
 import time
@@ -57,7 +56,13 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process (``VmHWM``; ``ru_maxrss`` would include
+    the peak of whatever process started it, which Linux carries across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def build_model(folder: Path, seed: int, shape: dict | None = None) -> int:

@@ -35,7 +35,8 @@ VM, so there the peer is a native build without ggml's AMX path
 
 Peak RSS is measured apart, in a fresh process per side: load, then one request
 of 256 + 64 tokens, with the same KV capacity on both sides (2048 tokens):
-``ru_maxrss``. The engine is measured twice: with its defaults (256 sequences,
+``VmHWM`` (not ``ru_maxrss``, which Linux carries over exec from the parent).
+The engine is measured twice: with its defaults (256 sequences,
 4096-token steps, the model's context: what a user who passes nothing gets) and
 sized like llama.cpp's side (`LIKE_LLAMACPP`: one sequence, 512-token steps, a
 2048-token context). ``benchmarks/profile_memory.py`` says where the engine's
@@ -48,7 +49,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -142,7 +142,13 @@ def write_q8_0(source: Path, out: Path) -> Path:
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak resident memory, ``VmHWM``: not ``ru_maxrss``, which
+    Linux carries across exec from the process that started it (a worker spawned by
+    a parent that had just written a 500 MiB file reported 504 MiB on both sides)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _rss_now_mib() -> float:
