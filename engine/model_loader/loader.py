@@ -38,6 +38,7 @@ from engine.config import EngineConfig, set_current_engine_config
 from engine.model_loader.gguf import GGUFFile, find_gguf_file
 from engine.quantization import (
     NO_QUANTIZATION,
+    allow_quantized_activations,
     finish_quantized_layers,
     get_quantization_method,
     gguf_method,
@@ -527,4 +528,9 @@ def load_model(config: EngineConfig) -> nn.Module:
             raise ValueError(f"quantization {quantization!r} stored no layer of this model "
                              "(its supports() refused every weight shape)")
         logger.info("quantized %d layers with %s", count, quantization)
+    if model_config.dtype == "auto" and dtype == torch.float32:
+        # float32 because this CPU lacks bfloat16 arithmetic, not because the user
+        # asked for full precision: the quantized products may round the
+        # activations to int8 as bfloat16 activations are (several times faster)
+        allow_quantized_activations(model)
     return model.requires_grad_(False).eval()

@@ -22,6 +22,7 @@ from engine.quantization.interface import QuantizationMethod, QuantizedTensor
 from engine.quantization.layers import (
     QuantizedWeight,
     add_rows,
+    allow_quantized_activations,
     finish_quantized_layers,
     quantize_model,
     quantized_layers,
@@ -35,6 +36,7 @@ __all__ = [
     "QuantizedTensor",
     "QuantizedWeight",
     "add_rows",
+    "allow_quantized_activations",
     "finish_quantized_layers",
     "gguf_method",
     "get_quantization_method",

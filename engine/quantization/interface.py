@@ -23,6 +23,15 @@ class QuantizedTensor:
     plus the logical shape. The model's weight loaders take one in place of a
     float tensor, for the layers that can hold it (linear layers, embeddings)."""
 
+    #: Whether the method's products may quantize float32 activations (to int8 per
+    #: block, as llama.cpp does with every activation) rather than multiply them as
+    #: they are. The engine sets it on a model's weights where ``dtype="auto"``
+    #: resolved to float32 (a CPU without bfloat16 arithmetic): there float32 is
+    #: the engine's choice, not a request for full precision. An explicit
+    #: ``dtype="float32"`` leaves it False. bfloat16 activations, rounded already,
+    #: may be quantized either way.
+    quantized_activations: bool = False
+
     def __init__(self, method: QuantizationMethod, shape: Sequence[int],
                  tensors: dict[str, torch.Tensor]) -> None:
         self.method = method
@@ -120,7 +129,8 @@ class QuantizationMethod:
     def linear(self, weight: QuantizedTensor, x: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ W.T + bias`` for x [T, K] in the model's dtype; returns [T, N]
-        in x's dtype."""
+        in x's dtype. float32 `x` is multiplied as it is unless
+        `weight.quantized_activations` says it may be rounded."""
         raise NotImplementedError(f"{type(self).__qualname__}.linear")
 
     def fast_fn(self, weight: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype,

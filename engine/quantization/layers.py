@@ -234,6 +234,20 @@ def quantize_model(model: nn.Module, method: QuantizationMethod) -> int:
     return count
 
 
+def allow_quantized_activations(model: nn.Module) -> int:
+    """Let the methods of every quantized weight of `model` quantize float32
+    activations (`QuantizedTensor.quantized_activations`): for a model whose
+    float32 dtype the engine chose (``dtype="auto"``), not the user. Returns the
+    number of layers."""
+    count = 0
+    for _, layer in _quantizable(model):
+        if layer.quant_weight is not None:
+            for _, rows in layer.quant_weight.parts:
+                rows.quantized_activations = True
+            count += 1
+    return count
+
+
 def quantized_layers(model: nn.Module) -> dict[str, list[str]]:
     """Layer name -> the methods of its quantized weight, for every quantized layer."""
     return {name: layer.quant_weight.methods for name, layer in _quantizable(model)
