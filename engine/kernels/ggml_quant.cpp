@@ -955,6 +955,17 @@ void dequantize_row_k_super(const uint8_t* row, int64_t K, T* out) {
 }
 #endif
 
+// The offset of Q8_0 (stored +128), Q4_0 and Q5_0 as a whole number of scale
+// steps (0: the format's own float16 minimum, Q4_1 Q5_1)
+constexpr int32_t integer_offset(int64_t type) {
+  return type == kQ8_0 ? -128 : type == kQ4_0 ? -8 : type == kQ5_0 ? -16 : 0;
+}
+
+// R activation rows against one interleaved group of 16 weight rows:
+// out[r * 16 + l] = x row m0 + r . weight row l
+using GroupKernel = void (*)(const uint8_t* group, const QuantizedRows& xq, int64_t m0, int64_t K,
+                             float* out);
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
 #define ENGINE_GGML_GROUPS 1
 // block column `col` of a group: w[j] the values 4j..4j+3 of its 16 rows (unsigned
@@ -984,12 +995,6 @@ inline void decode_column(const uint8_t* col, __m512i* w, __m512* d, __m512* off
     *offset = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + p.col_min)));
   else
     *offset = _mm512_mul_ps(*d, _mm512_set1_ps(Type == kQ4_0 ? -8.f : Type == kQ5_0 ? -16.f : -128.f));
-}
-
-// The offset of Q8_0 (stored +128), Q4_0 and Q5_0 as a whole number of scale
-// steps (0: the format's own float16 minimum, Q4_1 Q5_1)
-constexpr int32_t integer_offset(int64_t type) {
-  return type == kQ8_0 ? -128 : type == kQ4_0 ? -8 : type == kQ5_0 ? -16 : 0;
 }
 
 // R activation rows against one interleaved group of 16 weight rows (see
@@ -1102,9 +1107,6 @@ void dequantize_group(int64_t type, const uint8_t* group, int64_t K, T* out) {
 }
 #endif
 
-using GroupKernel = void (*)(const uint8_t* group, const QuantizedRows& xq, int64_t m0, int64_t K,
-                             float* out);
-
 template <int64_t Type>
 void group_kernels_for(GroupKernel* fn) {
   fn[0] = group_dot<Type, 1>;
@@ -1121,6 +1123,118 @@ void group_kernels(int64_t type, GroupKernel* fn) {
     case kQ5_0: return group_kernels_for<kQ5_0>(fn);
     case kQ5_1: return group_kernels_for<kQ5_1>(fn);
     case kQ8_0: return group_kernels_for<kQ8_0>(fn);
+    default: TORCH_CHECK(false, "ggml type ", type, " has no interleaved layout");
+  }
+}
+#endif
+
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define ENGINE_GGML_GROUPS_AVX2 1
+// The interleaved groups on 256-bit registers (the avx2 path: CPUs without
+// AVX512-VNNI). A 64-byte run of a block column is two halves of 8 rows (bytes
+// 0-31: rows 0-7, 32-63: rows 8-15); a group is taken one half at a time over
+// the whole row, the second half coming back from L1/L2. There is no vpdpbusd:
+// vpmaddubsw multiplies unsigned weight bytes by signed x bytes into 16-bit
+// pair sums, vpmaddwd adds pairs of those into the 32-bit lanes. Values of at
+// most 31 (the 4- and 5-bit formats) keep four runs' pair sums below 2^15
+// (4 x 2 x 31 x 127 = 31,496), so four runs add in 16 bits before one
+// vpmaddwd. Q8_0's values (stored plus 128) would overflow a pair: they are made
+// signed again and multiplied as |w| times x with w's sign, a run at a time.
+template <int64_t Type>
+inline void decode_half_column(const uint8_t* col, int half, __m256i* w, __m256* d,
+                               __m256* minimum) {
+  constexpr BlockParts p = block_parts(Type);
+  auto at = [&](int64_t offset) { return reinterpret_cast<const __m256i*>(col + offset + 32 * half); };
+  if constexpr (Type == kQ8_0) {
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+    for (int j = 0; j < 8; ++j) w[j] = _mm256_xor_si256(_mm256_loadu_si256(at(p.col_qs + 64 * j)), flip);
+  } else {
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    for (int j = 0; j < 4; ++j) {
+      const __m256i b = _mm256_loadu_si256(at(p.col_qs + 64 * j));
+      w[j] = _mm256_and_si256(b, nibble);
+      w[j + 4] = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
+    }
+    if constexpr (p.col_qh >= 0) {
+      const __m256i qh = _mm256_loadu_si256(at(p.col_qh)), fifth = _mm256_set1_epi32(0x10101010);
+      for (int j = 0; j < 8; ++j) {
+        const __m256i bits = j < 4 ? _mm256_slli_epi32(qh, 4 - j) : _mm256_srli_epi32(qh, j - 4);
+        w[j] = _mm256_or_si256(w[j], _mm256_and_si256(bits, fifth));
+      }
+    }
+  }
+  *d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(col + 16 * half)));
+  if constexpr (p.col_min >= 0)
+    *minimum = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(col + p.col_min + 16 * half)));
+}
+
+template <int64_t Type, int R>
+void group_dot_avx2(const uint8_t* group, const QuantizedRows& xq, int64_t m0, int64_t K, float* out) {
+  constexpr BlockParts p = block_parts(Type);
+  constexpr int64_t column_bytes = kGroup * p.bytes;
+  constexpr bool kSigned = Type == kQ8_0;
+  constexpr bool kMinimum = p.col_min >= 0;
+  constexpr int32_t steps = kSigned ? 0 : integer_offset(Type);  // Q4_0: -8, Q5_0: -16
+  const int64_t chunks = K / kChunk;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int half = 0; half < 2; ++half) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const uint8_t* col = group + c * column_bytes;
+      if (half == 0)  // the first pass reads the group from memory: ask ahead
+        for (int64_t line = 0; line < column_bytes; line += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(col) + kPrefetchBytes + line),
+                       _MM_HINT_T1);
+      __m256i w[8];  // w[j]: values 4j..4j+3 of the half's 8 rows
+      __m256 d, minimum = _mm256_setzero_ps();
+      decode_half_column<Type>(col, half, w, &d, &minimum);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xs = xq.q.data() + (m0 + r) * K + c * kChunk;
+        const int64_t at = (m0 + r) * chunks + c;
+        int32_t x4[8];
+        std::memcpy(x4, xs, sizeof(x4));
+        __m256i sum;
+        if constexpr (kSigned) {
+          // |w| (unsigned; -128 becomes 128) times x with w's sign: pairs stay in 16 bits
+          auto run = [&](int j) {
+            return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w[j], w[j]),
+                                                          _mm256_sign_epi8(_mm256_set1_epi32(x4[j]), w[j])),
+                                     ones);
+          };
+          sum = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(run(0), run(1)), _mm256_add_epi32(run(2), run(3))),
+                                 _mm256_add_epi32(_mm256_add_epi32(run(4), run(5)), _mm256_add_epi32(run(6), run(7))));
+        } else {
+          auto run = [&](int j) { return _mm256_maddubs_epi16(w[j], _mm256_set1_epi32(x4[j])); };
+          const __m256i lo = _mm256_add_epi16(_mm256_add_epi16(run(0), run(1)), _mm256_add_epi16(run(2), run(3)));
+          const __m256i hi = _mm256_add_epi16(_mm256_add_epi16(run(4), run(5)), _mm256_add_epi16(run(6), run(7)));
+          sum = _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, ones));
+          // an offset of whole scale steps: offset * sum(q of x), exact
+          if constexpr (steps != 0) sum = _mm256_add_epi32(sum, _mm256_set1_epi32(steps * xq.qsum[at]));
+        }
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(d, _mm256_set1_ps(xq.d[at])), acc[r]);
+        if constexpr (kMinimum) acc[r] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(xq.sum[at]), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * kGroup + 8 * half, acc[r]);
+  }
+}
+
+template <int64_t Type>
+void group_kernels_avx2_for(GroupKernel* fn) {
+  fn[0] = group_dot_avx2<Type, 1>;
+  fn[1] = group_dot_avx2<Type, 2>;
+  fn[2] = group_dot_avx2<Type, 3>;
+  fn[3] = group_dot_avx2<Type, 4>;
+}
+
+void group_kernels_avx2(int64_t type, GroupKernel* fn) {
+  switch (type) {
+    case kQ4_0: return group_kernels_avx2_for<kQ4_0>(fn);
+    case kQ4_1: return group_kernels_avx2_for<kQ4_1>(fn);
+    case kQ5_0: return group_kernels_avx2_for<kQ5_0>(fn);
+    case kQ5_1: return group_kernels_avx2_for<kQ5_1>(fn);
+    case kQ8_0: return group_kernels_avx2_for<kQ8_0>(fn);
     default: TORCH_CHECK(false, "ggml type ", type, " has no interleaved layout");
   }
 }
@@ -1290,27 +1404,37 @@ void linear_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& blocks,
 #endif
   const RowKernels<T> kernels = row_kernels<T>(path, type);
   const int64_t groups = interleaved ? N / kGroup : 0;
+  GroupKernel group_fn[kMaxRowsPerPass] = {};
+  bool wide_groups = false;  // 512-bit kernels: their outputs stored 16 lanes at a time
 #if defined(ENGINE_GGML_GROUPS)
-  const bool by_groups = groups > 0 && path == kVnni;
-#else
-  const bool by_groups = false;
+  if (groups > 0 && path == kVnni) {
+    group_kernels(type, group_fn);
+    wide_groups = true;
+  }
 #endif
-#if defined(ENGINE_GGML_GROUPS)
+#if defined(ENGINE_GGML_GROUPS_AVX2)
+  if (groups > 0 && path == kAvx2) group_kernels_avx2(type, group_fn);
+#endif
+  const bool by_groups = group_fn[0] != nullptr;
+  (void)wide_groups;  // read only where the 512-bit kernels are compiled in
   if (by_groups) {
-    GroupKernel fn[kMaxRowsPerPass];
-    group_kernels(type, fn);
     // whole groups split across threads: each streams one contiguous range
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
       alignas(64) float dots[kMaxRowsPerPass * kGroup];
       for (int64_t g = begin; g < end; ++g)
         for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsPerPass) {
           const int64_t rows = std::min(kMaxRowsPerPass, M - m0);
-          fn[rows - 1](w + g * kGroup * row_bytes, xq, m0, K, dots);
-          store_group_outputs(op, out_stride, m0, rows, g * kGroup, dots, b);
+          group_fn[rows - 1](w + g * kGroup * row_bytes, xq, m0, K, dots);
+#if defined(ENGINE_GGML_GROUPS)
+          if (wide_groups) {
+            store_group_outputs(op, out_stride, m0, rows, g * kGroup, dots, b);
+            continue;
+          }
+#endif
+          store_row_outputs(op, out_stride, m0, rows, g * kGroup, kGroup, dots, kGroup, b);
         }
     });
   }
-#endif
   const int64_t first_row = by_groups ? groups * kGroup : 0;
   // other paths read an interleaved weight one row at a time, rebuilt as the file has it
   at::parallel_for(first_row, N, 16, [&](int64_t begin, int64_t end) {
@@ -1510,8 +1634,14 @@ void ggml_interleave(at::Tensor out, const at::Tensor& blocks, int64_t type, boo
   if (dst != src) std::memcpy(dst + whole * row_bytes, src + whole * row_bytes, (N - whole) * row_bytes);
 }
 
+// ggml_compiled_paths' bit for the avx2 path's kernels of interleaved groups
+constexpr int64_t kAvx2GroupsBit = 8;
+
 int64_t ggml_compiled_paths() {
   int64_t paths = (1 << kFloat) | (1 << kPortable);
+#if defined(ENGINE_GGML_GROUPS_AVX2)
+  paths |= int64_t{1} << kAvx2GroupsBit;
+#endif
 #if defined(__AVX2__)
   paths |= 1 << kAvx2;
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)

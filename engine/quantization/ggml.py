@@ -48,6 +48,8 @@ PATHS = {"float": (0, ()), "portable": (1, ()), "avx2": (2, ("avx2",)),
 PATH_ENV = "ENGINE_QUANT_KERNEL_PATH"
 _VNNI = PATHS["avx512_vnni"][0]
 _FLOAT = PATHS["float"][0]
+# ggml_compiled_paths' bit saying the avx2 path has kernels for interleaved groups
+_AVX2_GROUPS_BIT = 8
 # up to this many activation rows, the block kernel; more: dequantize, then a dense matmul
 MAX_KERNEL_ROWS = 16
 # the same for interleaved weights and bfloat16 activations on the avx512_vnni path,
@@ -64,6 +66,7 @@ _MIN_ROW_LIMIT = min(MAX_KERNEL_ROWS, MAX_INTERLEAVED_ROWS, MAX_K_SUPER_ROWS)
 PREFILL_TILE_BYTES = 1 << 20
 
 _paths: list[str] | None = None
+_interleaving: bool | None = None
 
 
 def kernel_paths() -> list[str]:
@@ -81,9 +84,24 @@ def kernel_paths() -> list[str]:
     return _paths
 
 
-def kernel_path(dtype: torch.dtype) -> int:
+def interleaves() -> bool:
+    """Whether the best int8 path here reads the 32-value formats in interleaved
+    groups (`GGMLBlockMethod.pack`): avx512_vnni, and avx2 where its group
+    kernels are compiled in (they need F16C and FMA besides AVX2)."""
+    global _interleaving
+    if _interleaving is None:
+        best = kernel_paths()[:1]
+        _interleaving = best == ["avx512_vnni"] or (
+            best == ["avx2"]
+            and bool(torch.ops.engine_kernels.ggml_compiled_paths() >> _AVX2_GROUPS_BIT & 1))
+    return _interleaving
+
+
+def kernel_path(dtype: torch.dtype, quantized_activations: bool = False) -> int:
     """The kernel path for activations of `dtype`: ``ENGINE_QUANT_KERNEL_PATH``
-    when set, else float chunks for float32 and the best int8 path otherwise.
+    when set, else float chunks for float32 (unless the weight allows
+    `quantized_activations`: ``dtype="auto"`` chose float32) and the best int8
+    path otherwise.
     (Read on every call, so that a test can force a path between two calls: one
     environment look-up, a decode step's hundred calls barely see it.)"""
     forced = os.environ.get(PATH_ENV)
@@ -92,7 +110,7 @@ def kernel_path(dtype: torch.dtype) -> int:
             raise ValueError(f"{PATH_ENV}={forced!r} is not a kernel path this CPU runs; "
                              f"valid: float, {', '.join(kernel_paths())}")
         return PATHS[forced][0]
-    if dtype is torch.float32:
+    if dtype is torch.float32 and not quantized_activations:
         return _FLOAT
     return PATHS[kernel_paths()[0]][0]
 
@@ -127,11 +145,11 @@ class GGMLBlockMethod(QuantizationMethod):
 
     def pack(self, weight: QuantizedTensor) -> QuantizedTensor:
         """The 32-value types' blocks interleaved by groups of 16 rows, in
-        place (`weight` is spent), where the CPU runs the avx512_vnni path, whose kernel reads that
-        layout; other types, and other CPUs, keep the blocks as they are (their
-        paths would rebuild each row as the file has it on every call)."""
-        if self.block_values != 32 or "blocks" not in weight.tensors \
-                or kernel_paths()[:1] != ["avx512_vnni"]:
+        place (`weight` is spent), where the CPU's best int8 path reads that layout
+        (`interleaves`: avx512_vnni, avx2); other types, and other CPUs, keep the
+        blocks as they are (their paths would rebuild each row as the file has it
+        on every call)."""
+        if self.block_values != 32 or "blocks" not in weight.tensors or not interleaves():
             return weight
         blocks = weight.tensors["blocks"]  # repacked in place: no second copy at load
         torch.ops.engine_kernels.ggml_interleave(blocks, blocks, self.type_id)
@@ -199,7 +217,7 @@ class GGMLBlockMethod(QuantizationMethod):
         interleaved = stored is not None
         if stored is None:
             stored = weight.tensors["blocks"]
-        path = kernel_path(dtype)
+        path = kernel_path(dtype, weight.quantized_activations)
         # bfloat16 only: float32 activations keep prompts of 17+ rows off the
         # int8 path even where a test forces it for decode
         if rows > _MIN_ROW_LIMIT and rows > self._row_limit(interleaved, path, dtype):
@@ -219,7 +237,7 @@ class GGMLBlockMethod(QuantizationMethod):
                 or (bias is not None and bias.dtype != dtype):
             return None
         stored, interleaved = self._stored(weight)
-        path = kernel_path(dtype)
+        path = kernel_path(dtype, weight.quantized_activations)
         return stored, interleaved, path, min(max_rows, self._row_limit(interleaved, path, dtype))
 
     def fast_fn(self, weight: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype,
