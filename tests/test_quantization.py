@@ -72,9 +72,10 @@ def test_dequantize_and_embedding_equal_the_gguf_package(qtype):
     method = get_quantization_method(qtype.lower())
     stored = method.from_gguf(torch.from_numpy(blocks), (rows, cols))
     packed = method.pack(method.from_gguf(torch.from_numpy(blocks.copy()), (rows, cols)))
-    # 32-value types: one interleaved group, 8 rows as they are
+    # 32-value types: one interleaved group, 8 rows as they are, where the best
+    # int8 path has group kernels (avx512_vnni; avx2, with F16C and FMA)
     assert ("interleaved" in packed.tensors) == (GGML_TYPES[qtype][1] == 32
-                                                 and kernel_paths()[0] == "avx512_vnni")
+                                                 and kernel_paths()[0] in ("avx512_vnni", "avx2"))
     for weight in (stored, packed):
         assert weight.nbytes == blocks.nbytes  # the blocks, nothing widened
         assert torch.equal(method.dequantize(weight), ref)
@@ -131,6 +132,29 @@ def test_linear_kernels_equal_dequantize_then_matmul_on_every_path(qtype, cols, 
                 error = float((out.float() - ref).abs().max() / ref.abs().max())
                 # bfloat16 out: its rounding (2^-8 relative) on top
                 assert error <= tol + (0.01 if dtype == torch.bfloat16 else 0), (path, m, dtype, error)
+
+
+def test_q8_0_values_of_minus_128_are_multiplied_right_on_every_path():
+    """The gguf package's quantizer writes -127..127, a file may hold -128: the
+    avx2 kernels multiply |w| (unsigned) by x with w's sign, where -128 must stay
+    128, not wrap."""
+    rows, cols = 32, 256
+    blocks = _blocks("Q8_0", rows, cols, seed=9)
+    values = blocks.reshape(rows, cols // 32, 34)[:, :, 2:].view(np.int8)
+    values[:, :, ::3] = -128
+    ref_w = _reference("Q8_0", blocks, (rows, cols))
+    interleaved = torch.empty_like(torch.from_numpy(blocks))
+    torch.ops.engine_kernels.ggml_interleave(interleaved, torch.from_numpy(blocks),
+                                             GGML_TYPES["Q8_0"][0])
+    x = torch.randn(3, cols, generator=torch.Generator().manual_seed(10))
+    ref = x @ ref_w.T
+    for path in ["float", *kernel_paths()]:
+        for weight, layout in ((torch.from_numpy(blocks), False), (interleaved, True)):
+            out = torch.empty(3, rows)
+            torch.ops.engine_kernels.ggml_linear(out, x, weight, GGML_TYPES["Q8_0"][0], None,
+                                                 PATHS[path][0], layout)
+            error = float((out - ref).abs().max() / ref.abs().max())
+            assert error <= (FLOAT_PATH_TOL if path == "float" else INT8_PATH_TOL), (path, layout)
 
 
 # the int8 paths quantize x the same way and sum the same integers: they differ
@@ -273,8 +297,9 @@ def test_gguf_stays_quantized_and_agrees_with_its_float32_dequantization(
         params = SamplingParams(temperature=0, max_tokens=FORCED_TOKENS, ignore_eos=True)
         continuation = ref.generate([PROMPT_IDS], params)[0].outputs[0].token_ids
     sequence = PROMPT_IDS + list(continuation)
-    monkeypatch.setenv("ENGINE_QUANT_KERNEL_PATH", kernel_paths()[0])  # int8 activations
-    with LLM(str(path), dtype="float32", kv_cache_memory=1 << 22, max_num_seqs=4) as llm:
+    # int8 activations in float32: what dtype="auto" runs on a CPU without bf16 arithmetic
+    monkeypatch.setenv("ENGINE_CPU_NATIVE_BF16", "0")
+    with LLM(str(path), dtype="auto", kv_cache_memory=1 << 22, max_num_seqs=4) as llm:
         layers = _stored_methods(llm)
         got = _teacher_forced(llm, sequence, len(PROMPT_IDS))
     assert layers["model.embed_tokens"] == [qtype.lower()]  # the embedding, tied LM head too
@@ -284,6 +309,32 @@ def test_gguf_stays_quantized_and_agrees_with_its_float32_dequantization(
     expected = sequence[len(PROMPT_IDS):]
     agree = sum(g == e for g, e in zip(got, expected, strict=True)) / len(expected)
     assert agree >= AGREEMENT[qtype], (qtype, agree)
+
+
+def test_float32_chosen_by_auto_lets_the_kernels_quantize_activations(k_llama, tmp_path,
+                                                                      monkeypatch):
+    """On a CPU without bfloat16 arithmetic (ENGINE_CPU_NATIVE_BF16=0) dtype="auto"
+    runs a GGUF model in float32 and its quantized products take the int8 path (x
+    rounded to int8 per block, as llama.cpp does: several times faster there);
+    dtype="float32" asks for full precision and keeps the float products."""
+    path = _gguf(k_llama, tmp_path, "Q4_1")
+    monkeypatch.setenv("ENGINE_CPU_NATIVE_BF16", "0")
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(11))
+    outs = {}
+    for dtype, rounded in (("auto", True), ("float32", False)):
+        with LLM(str(path), dtype=dtype, kv_cache_memory=1 << 22) as llm:
+            model = llm.llm_engine.executor.worker.model_runner.model
+            weights = [rows for m in model.modules() if getattr(m, "quant_weight", None)
+                       for _, rows in m.quant_weight.parts]
+            assert {w.quantized_activations for w in weights} == {rounded}
+            assert next(model.parameters()).dtype == torch.float32
+            qkv = model.model.layers[0].self_attn.qkv_proj.quant_weight.parts[0][1]
+            outs[dtype] = qkv.method.linear(qkv, x, None)
+            want = x @ qkv.method.dequantize(qkv).T
+    for dtype, tol in (("auto", INT8_PATH_TOL), ("float32", FLOAT_PATH_TOL)):
+        error = float((outs[dtype] - want).abs().max() / want.abs().max())
+        assert error <= tol, (dtype, error)
+    assert not torch.equal(outs["auto"], outs["float32"])
 
 
 @pytest.mark.parametrize("qtype", ["Q4_1", pytest.param("Q4_K", marks=pytest.mark.slow)])
