@@ -27,8 +27,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
                          [(4, 2, 16, 4), (9, 3, 64, 16), (6, 6, 32, 5), (2, 1, 80, 16)])
 def test_prefill_kernel_matches_naive(compiled, monkeypatch, dtype, tol, heads, kv_heads,
                                       head_size, block_size):
-    # bf16 prefills are routed to SDPA (PREFILL_KERNEL_DTYPES): here to the kernel
+    # bf16 prefills are routed to SDPA (PREFILL_KERNEL_DTYPES), and every prefill on a
+    # CPU without AVX-512 (prefill_kernel_vectors_fit): here to the kernel
     monkeypatch.setattr(torch_sdpa, "PREFILL_KERNEL_DTYPES", (torch.float32, torch.bfloat16))
+    monkeypatch.setattr(torch_sdpa, "_wide_vectors", True)
     # whole prompts (1 of 1 ... 40 of 40: over two 16-token tiles), chunks and prefix
     # hits (6 of 37, 17 of 100), decode rows (1 of n) in between
     query_lens = [40, 1, 6, 17, 2, 1, 33, 5]
@@ -47,8 +49,9 @@ def test_prefill_kernel_matches_naive(compiled, monkeypatch, dtype, tol, heads, 
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
-def test_prefill_kernel_reads_strided_query_rows(compiled):
+def test_prefill_kernel_reads_strided_query_rows(compiled, monkeypatch):
     """q as the engine hands it over: a view into the fused qkv projection."""
+    monkeypatch.setattr(torch_sdpa, "_wide_vectors", True)  # the kernel on any CPU
     md, cache, (q, k, v) = random_attention_step([20, 3], [20, 30], torch.float32,
                                                  block_size=16, kv_heads=2, heads=4,
                                                  head_size=16)
@@ -87,6 +90,24 @@ def test_prefills_the_kernel_does_not_take_stay_on_sdpa(compiled, dtype, head_si
     plan = md.backend_state["TORCH_SDPA"]
     assert plan.kernel_prefill is None and len(plan.prefills) == 1
     assert torch_sdpa._use_kernel(cache)
+
+
+def test_prefills_stay_on_sdpa_where_the_cpu_has_no_avx512(compiled, monkeypatch):
+    """The kernel's 16-lane vectors are split through the stack on an AVX2 CPU
+    (12x SDPA's time there): float32 prefills take it only with AVX-512, and the
+    answer is the same either way."""
+    monkeypatch.setattr(torch_sdpa, "_wide_vectors", None)
+    assert torch_sdpa.prefill_kernel_vectors_fit() == ("avx512f" in cpu_flags())
+    outs = {}
+    for wide in (True, False):
+        monkeypatch.setattr(torch_sdpa, "_wide_vectors", wide)
+        md, cache, (q, k, v) = random_attention_step([20, 1], [30, 9], torch.float32,
+                                                     block_size=16, kv_heads=2, heads=4,
+                                                     head_size=16)
+        outs[wide] = TorchSDPAImpl(4, 16, 0.25, 2).forward(None, q, k, v, cache, md)
+        plan = md.backend_state["TORCH_SDPA"]
+        assert (plan.kernel_prefill is not None) == wide and len(plan.prefills) == (not wide)
+    torch.testing.assert_close(outs[True], outs[False], atol=2e-5, rtol=2e-5)
 
 
 def _has_amx() -> bool:

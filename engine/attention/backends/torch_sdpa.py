@@ -37,7 +37,7 @@ from engine.attention.backend import (
     write_kv_cache,
 )
 from engine.attention.metadata import AttentionMetadata
-from engine.kernels import amx_set_aside, kernels_available, portable_forced
+from engine.kernels import amx_set_aside, cpu_flags, kernels_available, portable_forced
 from engine.utils import shape_bucket
 
 # The fixed cost of one decode bucket (two gathers, the SDPA call, the scatter back),
@@ -54,6 +54,20 @@ BUCKET_COST_BYTES = 512 * 1024
 # only where it runs on AMX tiles (`prefill_on_amx`), and stay on SDPA elsewhere
 # (Zen 4, ENGINE_KERNEL_PATH=portable or no-amx; docs/prefill.md).
 PREFILL_KERNEL_DTYPES: tuple[torch.dtype, ...] = (torch.float32,)
+
+_wide_vectors: bool | None = None
+
+
+def prefill_kernel_vectors_fit() -> bool:
+    """Whether the prefill kernel's vector code runs well here: on a CPU with
+    AVX-512. Its 16-lane vectors are one register there; on an AVX2 CPU the compiler
+    splits them through the stack, and a 256-token float32 prompt took 16 ms a layer
+    in the kernel against 1.3 ms in SDPA (2-core AMD EPYC, 9 heads of 64), so
+    prefills stay on SDPA there (docs/prefill.md)."""
+    global _wide_vectors
+    if _wide_vectors is None:
+        _wide_vectors = "avx512f" in cpu_flags()
+    return _wide_vectors
 
 
 @dataclass
@@ -173,7 +187,7 @@ def _plan(md: AttentionMetadata, kv_cache: torch.Tensor) -> _StepPlan:
     amx = has_cache and prefill_on_amx(kv_cache)
     if amx or (has_cache and kv_cache.dtype in PREFILL_KERNEL_DTYPES
                and kv_cache.shape[-1] % 16 == 0 and kv_cache.shape[-1] <= 128
-               and _use_kernel(kv_cache)):
+               and _use_kernel(kv_cache) and prefill_kernel_vectors_fit()):
         # every prefill, whole or chunk or after a prefix hit, in one call that reads
         # the cache where the step's keys were just written
         rows = [i for i, q in enumerate(md.query_lens) if q > 1]
