@@ -236,11 +236,16 @@ def ggml_linears(torch) -> None:
 
     from engine.quantization.ggml import GGML_TYPES, PATHS, PREFILL_TILE_BYTES, kernel_paths
 
-    if "avx512_vnni" not in kernel_paths():
-        print("ggml: this CPU has no avx512_vnni path; skipped")
+    best = kernel_paths()[0]
+    if best == "portable":
+        print("ggml: this CPU has no vector int8 path (avx2, avx512_vnni); skipped")
         return
     ops = torch.ops.engine_kernels
-    vnni = PATHS["avx512_vnni"][0]
+    vnni = PATHS[best][0]  # the best int8 path: avx512_vnni, else avx2
+    # the activations dtype="auto" gives a GGUF model: bf16 where the CPU has bf16
+    # arithmetic (the avx512_vnni CPUs we have), float32 on an AVX2 CPU
+    act = torch.bfloat16 if best == "avx512_vnni" else torch.float32
+    print(f"ggml linears on the {best} path, {act} activations")
     rng = np.random.default_rng(0)
     for qtype in ("Q4_1", "Q8_0"):
         type_id = GGML_TYPES[qtype][0]
@@ -253,8 +258,8 @@ def ggml_linears(torch) -> None:
             layouts = {"file": [plain.clone() for _ in range(count)],
                        "interleaved": [interleaved.clone() for _ in range(count)]}
             for rows in (1, 4, 16, 32, 48, 64, 96) if name != "lm_head" else (1, 32):
-                x = torch.randn(rows, k).to(torch.bfloat16)
-                out = torch.empty(rows, n, dtype=torch.bfloat16)
+                x = torch.randn(rows, k).to(act)
+                out = torch.empty(rows, n, dtype=act)
 
                 def run(kind, layout, x=x, out=out, type_id=type_id, layouts=layouts):
                     interleave = layout == "interleaved"
