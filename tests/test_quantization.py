@@ -217,8 +217,9 @@ def _kernels_called(fn) -> set[str]:
 def test_each_layout_leaves_the_block_kernel_at_its_own_row_limit():
     """The block kernel up to the row count where dequantize-then-matmul catches
     up, measured per layout: 48 rows for interleaved 32-value blocks (bfloat16 on
-    the avx512_vnni path, any dtype on the avx2 one), 12 for K-quant super-blocks
-    (bfloat16 on the avx512_vnni path), 16 otherwise."""
+    the avx512_vnni and avx2 paths), 12 for K-quant super-blocks (bfloat16 on the
+    avx512_vnni path), 16 otherwise: float32 activations included, even where
+    they may be rounded to int8 (a prompt's rows keep the float tiles)."""
     from engine.quantization.ggml import MAX_INTERLEAVED_ROWS, MAX_K_SUPER_ROWS, MAX_KERNEL_ROWS
 
     best = kernel_paths()[0]
@@ -235,6 +236,11 @@ def test_each_layout_leaves_the_block_kernel_at_its_own_row_limit():
                 f"engine_kernels::{op}"}, (qtype, rows)
             run = method.fast_fn(weight, None, torch.bfloat16, 64)
             assert (run(x) is None) == (op == "ggml_matmul"), (qtype, rows)
+        weight.quantized_activations = True
+        for rows, op in ((MAX_KERNEL_ROWS, "ggml_linear"), (MAX_KERNEL_ROWS + 1, "ggml_matmul")):
+            x = torch.randn(rows, 512)
+            assert _kernels_called(lambda m=method, w=weight, x=x: m.linear(w, x, None)) == {
+                f"engine_kernels::{op}"}, (qtype, rows, "float32")
 
 
 def test_bf16_activations_take_the_best_int8_path(monkeypatch):

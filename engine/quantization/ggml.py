@@ -54,10 +54,13 @@ _AVX2_GROUPS_BIT = 8
 # up to this many activation rows, the block kernel; more: dequantize, then a dense matmul
 MAX_KERNEL_ROWS = 16
 # the same for interleaved weights and bfloat16 activations on the avx512_vnni path,
-# whose kernel stays ahead of dequantize-then-matmul to about 50 rows, and for
-# interleaved weights on the avx2 path (its 8-row halves: 1.3-2.3x faster than the
-# tiles at 32-48 rows, even at 64, on a 2-core AVX2 EPYC with float32 activations)
-# (benchmarks/bench_kernels.py --parts ggml)
+# whose kernel stays ahead of dequantize-then-matmul to about 50 rows, and on the
+# avx2 path (its 8-row halves: 1.3-2.3x faster than the tiles at 32-48 rows on a
+# 2-core AVX2 EPYC; benchmarks/bench_kernels.py --parts ggml). float32 activations
+# keep the float tiles past MAX_KERNEL_ROWS: with the int8 kernel up to 48 rows a
+# prompt's rows were rounded to int8 too, and the teacher-forced agreement with the
+# float32-dequantized model fell from >= 98% to 93-96% (Q4_1, Q5_0, Q5_1) on the
+# tests' tiny models (batched decode of 32 requests would gain 1.2x on that EPYC)
 MAX_INTERLEAVED_ROWS = 48
 # the same for the K-quants (256-value super-blocks, file layout) with bfloat16
 # activations on the avx512_vnni path, where dequantize-then-matmul catches up
@@ -194,7 +197,7 @@ class GGMLBlockMethod(QuantizationMethod):
     def _row_limit(self, interleaved: bool, path: int, dtype: torch.dtype) -> int:
         """The most activation rows the block kernel takes; more go to
         dequantize-then-matmul (the crossovers measured per layout)."""
-        if interleaved and path == _AVX2:
+        if interleaved and path == _AVX2 and dtype is torch.bfloat16:
             return MAX_INTERLEAVED_ROWS
         if path == _VNNI and dtype is torch.bfloat16:
             if interleaved:
