@@ -97,6 +97,8 @@ def interleaves() -> bool:
     global _interleaving
     if _interleaving is None:
         best = kernel_paths()[:1]
+        if not best:
+            return False  # the kernels are not loaded (yet): nothing to decide
         _interleaving = best == ["avx512_vnni"] or (
             best == ["avx2"]
             and bool(torch.ops.engine_kernels.ggml_compiled_paths() >> _AVX2_GROUPS_BIT & 1))
