@@ -158,8 +158,8 @@ def test_q8_0_values_of_minus_128_are_multiplied_right_on_every_path():
 
 
 # the int8 paths quantize x the same way and sum the same integers: they differ
-# only in the order of their float32 sums (the avx512_vnni path takes the
-# K-quants a super-block at a time, the others a 32-value chunk at a time)
+# only in the order of their float32 sums (the avx512_vnni and avx2 paths take
+# the K-quants a super-block at a time, the portable one a 32-value chunk at a time)
 INT8_PATHS_AGREE_TOL = 1e-5
 
 

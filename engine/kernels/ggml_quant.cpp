@@ -609,6 +609,122 @@ void dot_vec(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t K,
 // (benchmarks/profile_quant_decode.py; docs/benchmarks.md)
 constexpr int64_t kPrefetchBytes = 2048;
 
+constexpr bool k_super_kernel(int64_t type) {
+  return type == kQ4_K || type == kQ5_K || type == kQ6_K;
+}
+
+#if defined(__AVX2__)
+// the 8 six-bit scales (`sc`) and minimums (`m`) of a Q4_K/Q5_K super-block from
+// its 12 packed bytes, all at once (k_scale_min gives one)
+inline void k_scales_mins(const uint8_t* s, uint8_t* sc, uint8_t* m) {
+  uint32_t w[3];
+  std::memcpy(w, s, 12);
+  const uint32_t low6 = 0x3F3F3F3Fu, low4 = 0x0F0F0F0Fu, top2 = 0x03030303u;
+  const uint32_t sc_lo = w[0] & low6, m_lo = w[1] & low6;
+  const uint32_t sc_hi = (w[2] & low4) | (((w[0] >> 6) & top2) << 4);
+  const uint32_t m_hi = ((w[2] >> 4) & low4) | (((w[1] >> 6) & top2) << 4);
+  std::memcpy(sc, &sc_lo, 4);
+  std::memcpy(sc + 4, &sc_hi, 4);
+  std::memcpy(m, &m_lo, 4);
+  std::memcpy(m + 4, &m_hi, 4);
+}
+
+inline __m256 eight_bytes_ps(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// K-quant rows a super-block at a time on AVX2 (the avx2 path): the scales and
+// minimums unpacked once per 256 values, each 32-value sub-block's 6-bit scale
+// (Q6_K: its two 8-bit ones) folded into the vpmaddwd that sums vpmaddubsw's pairs,
+// and x's chunk scale times the super-block's d applied once per chunk in float.
+// The same integers as dot_vec's chunk-at-a-time arithmetic; the float sums in
+// another order.
+template <int64_t Type, int R>
+void dot_k_super_avx2(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t K,
+                      float* out) {
+  constexpr int64_t bytes = Type == kQ4_K ? 144 : Type == kQ5_K ? 176 : 210;
+  const int64_t chunks = K / kChunk;
+  // two accumulators a row (even and odd sub-blocks): the adds of one do not wait
+  // for the other's
+  __m256 acc[2][R], mins[R];
+  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = mins[r] = _mm256_setzero_ps();
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  for (int64_t sb = 0; sb < K / 256; ++sb) {
+    const uint8_t* b = row + sb * bytes;
+    for (int64_t line = 0; line < bytes; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(b) + kPrefetchBytes + line),
+                   _MM_HINT_T1);
+    // per row: d times x's 8 chunk scales
+    alignas(32) float dx[R][8];
+    const __m256 d = _mm256_set1_ps(half_at(Type == kQ6_K ? b + 208 : b));
+    for (int r = 0; r < R; ++r)
+      _mm256_store_ps(dx[r], _mm256_mul_ps(d, _mm256_loadu_ps(xq.d.data() + (m0 + r) * chunks + sb * 8)));
+    if constexpr (Type == kQ4_K || Type == kQ5_K) {
+      alignas(16) uint8_t sc8[8], m8[8];
+      k_scales_mins(b + 4, sc8, m8);
+      const __m256 mn = _mm256_mul_ps(_mm256_set1_ps(half_at(b + 2)), eight_bytes_ps(m8));
+      for (int r = 0; r < R; ++r)
+        mins[r] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(xq.sum.data() + (m0 + r) * chunks + sb * 8), mins[r]);
+      const uint8_t* qs = b + (Type == kQ5_K ? 48 : 16);
+      __m256i qh;
+      if constexpr (Type == kQ5_K) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+      for (int j = 0; j < 8; j += 2) {
+        // sub-block j: the low nibbles of bytes 32 (j / 2).., j + 1 the high ones;
+        // Q5_K's fifth bits are bit j of the 32 qh bytes
+        const __m256i q32 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 16 * j));
+        __m256i q[2] = {_mm256_and_si256(q32, nibble), _mm256_and_si256(_mm256_srli_epi16(q32, 4), nibble)};
+        if constexpr (Type == kQ5_K) {
+          const __m256i one = _mm256_set1_epi8(1);
+          q[0] = _mm256_or_si256(q[0], _mm256_slli_epi16(_mm256_and_si256(qh, one), 4));
+          q[1] = _mm256_or_si256(q[1], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4));
+          qh = _mm256_srli_epi16(qh, 2);
+        }
+        for (int h = 0; h < 2; ++h) {
+          const __m256i scale = _mm256_set1_epi16(sc8[j + h]);
+          for (int r = 0; r < R; ++r) {
+            const __m256i x32 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                xq.q.data() + (m0 + r) * K + sb * 256 + 32 * (j + h)));
+            // q <= 31, |x| <= 127: vpmaddubsw's pair sums fit 16 bits, and times
+            // a 6-bit scale vpmaddwd's sums 32
+            const __m256i dots = _mm256_madd_epi16(_mm256_maddubs_epi16(q[h], x32), scale);
+            acc[h][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(dx[r][j + h]), acc[h][r]);
+          }
+        }
+      }
+    } else {
+      // Q6_K: value (q - 32) times its 16 values' int8 scale. Half h (values
+      // 128h..) reads ql bytes 64h.. and qh bytes 128 + 32h..; its chunk c (of 4)
+      // is the low (c < 2) or high nibbles of ql bytes 64h + 32 (c % 2).., with
+      // bits 2c.. of the qh bytes on top
+      const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+      const __m256i three = _mm256_set1_epi8(3), c32 = _mm256_set1_epi8(32);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
+        for (int c = 0; c < 4; ++c) {
+          const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32 * (c % 2)));
+          const __m256i lo = c < 2 ? _mm256_and_si256(ql, nibble)
+                                   : _mm256_and_si256(_mm256_srli_epi16(ql, 4), nibble);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), three);
+          // signed q through the sign trick: |q| <= 32 unsigned, x takes q's sign
+          const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), c32);
+          const __m256i u = _mm256_sign_epi8(q, q);
+          const int s = 8 * h + 2 * c;
+          const __m256i scale = _mm256_setr_m128i(_mm_set1_epi16(scales[s]), _mm_set1_epi16(scales[s + 1]));
+          const int k = c % 2;
+          for (int r = 0; r < R; ++r) {
+            const __m256i x32 = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                xq.q.data() + (m0 + r) * K + sb * 256 + 128 * h + 32 * c)), q);
+            const __m256i dots = _mm256_madd_epi16(_mm256_maddubs_epi16(u, x32), scale);
+            acc[k][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(dx[r][4 * h + c]), acc[k][r]);
+          }
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_sub_ps(_mm256_add_ps(acc[0][r], acc[1][r]), mins[r]));
+}
+#endif
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define ENGINE_GGML_PAIRS 1
 // The 32-value formats with one scale per block, two blocks a step on 512-bit
@@ -710,10 +826,6 @@ void dot_pairs(const uint8_t* row, const QuantizedRows& xq, int64_t m0, int64_t 
 // integer sum covers 4 values of one 32-value sub-block (Q6_K: of one 16-value
 // scale group), so it is scaled before it is added: the lanes' scales (weight
 // scale times x's chunk scale) form one float vector per 64 values.
-constexpr bool k_super_kernel(int64_t type) {
-  return type == kQ4_K || type == kQ5_K || type == kQ6_K;
-}
-
 // lanes 0-7 `lo`, lanes 8-15 `hi`
 inline __m512 halves_ps(float lo, float hi) {
   return _mm512_insertf32x8(_mm512_set1_ps(lo), _mm256_set1_ps(hi), 1);
@@ -734,25 +846,6 @@ void arrange_for_k_super(QuantizedRows* xq, int64_t M, int64_t K) {
   for (int64_t at = 0; at < M * K; at += 128)
     for (int c = 0; c < 4; ++c)
       std::memcpy(xq->q_k.data() + at + 32 * c, xq->q.data() + at + 32 * ((c % 2) * 2 + c / 2), 32);
-}
-
-// the 8 six-bit scales (`sc`) and minimums (`m`) of a Q4_K/Q5_K super-block from
-// its 12 packed bytes, all at once (k_scale_min gives one)
-inline void k_scales_mins(const uint8_t* s, uint8_t* sc, uint8_t* m) {
-  uint32_t w[3];
-  std::memcpy(w, s, 12);
-  const uint32_t low6 = 0x3F3F3F3Fu, low4 = 0x0F0F0F0Fu, top2 = 0x03030303u;
-  const uint32_t sc_lo = w[0] & low6, m_lo = w[1] & low6;
-  const uint32_t sc_hi = (w[2] & low4) | (((w[0] >> 6) & top2) << 4);
-  const uint32_t m_hi = ((w[2] >> 4) & low4) | (((w[1] >> 6) & top2) << 4);
-  std::memcpy(sc, &sc_lo, 4);
-  std::memcpy(sc + 4, &sc_hi, 4);
-  std::memcpy(m, &m_lo, 4);
-  std::memcpy(m + 4, &m_hi, 4);
-}
-
-inline __m256 eight_bytes_ps(const uint8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
 // Half h (values 128h..128h+127) of a Q4_K/Q5_K super-block `b` as two registers
@@ -1314,6 +1407,7 @@ RowKernels<T> kernels_for() {
     k.fn[R - 1] = [](const uint8_t* row, const T* x, const QuantizedRows& xq, int64_t m0,
                      int64_t K, float* out) {
 #if defined(__AVX2__)
+      if constexpr (P == kAvx2 && k_super_kernel(Type)) return dot_k_super_avx2<Type, R>(row, xq, m0, K, out);
       if constexpr (P == kAvx2) return dot_vec<Type, false, R>(row, xq, m0, K, out);
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #if defined(ENGINE_GGML_PAIRS)
