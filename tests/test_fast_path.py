@@ -241,6 +241,28 @@ def test_decode_steps_equal_the_modules_on_gguf_blocks(wide_llama, tmp_path, mon
     assert one_call == (batch <= 16)  # the block kernels' calls, up to where rows are padded
 
 
+def test_layers_of_several_block_types_run_in_the_one_call(wide_llama, tmp_path, monkeypatch):
+    """llama.cpp's mixed presets (Q4_K_M...) give a layer's fused parts different
+    block types: a Q8_0 value projection beside Q5_0 query and key rows, a Q4_1 up
+    projection beside a Q5_0 gate. Each range is its own kernel call into its columns
+    of one output, on the fast path and inside the one call, equal to the modules'."""
+    path = write_gguf(wide_llama, tmp_path / "tiny-mixed.gguf", "Q5_0",
+                      qtypes={"attn_v": "Q8_0", "ffn_up": "Q4_1", "ffn_down": "Q6_K"})
+    with LLM(str(path), dtype="bfloat16", kv_cache_memory=1 << 22,
+             enable_prefix_caching=False) as llm:
+        layers = llm.llm_engine.quantized_layers()
+        assert layers["model.layers.0.self_attn.qkv_proj"] == ["q5_0", "q8_0"]
+        assert layers["model.layers.0.mlp.gate_up_proj"] == ["q5_0", "q4_1"]
+        assert layers["model.layers.0.mlp.down_proj"] == ["q6_k"]
+        model, args = _capture_decode_step(llm, 3)
+        through_modules, fast = _both_ways(model, args, monkeypatch)
+        one_call_out, one_call = _one_call(model, args, monkeypatch)
+        op_by_op, _ = _one_call(model, args, monkeypatch, "ops")
+    assert one_call
+    assert torch.equal(through_modules, fast) and torch.equal(through_modules, one_call_out)
+    assert torch.equal(through_modules, op_by_op)
+
+
 def test_without_the_kernels_the_fast_path_runs_the_modules_forwards(make_hf_model):
     """ENGINE_CPU_KERNELS=0 (or kernels not built yet), in a process that never
     loaded them: no op has a fast form, the fast path calls each module's forward

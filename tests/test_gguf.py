@@ -82,12 +82,14 @@ def sentencepiece_vocab(tokenizer_dir: Path, size: int = 700) -> dict:
 
 def write_gguf(model_dir: Path, out: Path, qtype: str = "F32", *, chat_template: str | None = None,
                seed: int = 0, arch: str = "llama", vocab: dict | None = None,
-               pre: str = "default", k_blocks: Callable[[np.ndarray], np.ndarray] | None = None
-               ) -> Path:
+               pre: str = "default", k_blocks: Callable[[np.ndarray], np.ndarray] | None = None,
+               qtypes: dict[str, str] | None = None) -> Path:
     """Write the Hugging Face-format Llama (or Qwen2, `arch="qwen2"`) `model_dir`
     as one GGUF file: config, byte-level BPE tokenizer, and the 2-D weights in
-    `qtype` (norms and biases stay F32). K-quant blocks are random unless
-    `k_blocks` (float32 [N, K] -> uint8 blocks) quantizes the real weights."""
+    `qtype` (norms and biases stay F32), or in ``qtypes[part]`` for the tensors of
+    that part (``{"attn_v": "Q8_0"}``: several types in one file, as llama.cpp's
+    mixed presets write). K-quant blocks are random unless `k_blocks` (float32
+    [N, K] -> uint8 blocks) quantizes the real weights."""
     cfg = json.loads((model_dir / "config.json").read_text())
     tok = json.loads((model_dir / "tokenizer.json").read_text())
     state = load_file(str(model_dir / "model.safetensors"))
@@ -131,7 +133,7 @@ def write_gguf(model_dir: Path, out: Path, qtype: str = "F32", *, chat_template:
         w.add_add_bos_token(True)
     if chat_template is not None:
         w.add_chat_template(chat_template)
-    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    default_qtype = qtype
     rng = np.random.default_rng(seed)
     for name, tensor in state.items():
         if name in _GLOBAL:
@@ -141,6 +143,9 @@ def write_gguf(model_dir: Path, out: Path, qtype: str = "F32", *, chat_template:
             part, suffix = rest.rsplit(".", 1)
             gguf_name = f"blk.{layer}.{_LAYER[part]}.{suffix}"
         values = tensor.float().numpy()
+        qtype = next((t for part, t in (qtypes or {}).items() if f".{part}." in gguf_name),
+                     default_qtype)
+        kind = getattr(gguf.GGMLQuantizationType, qtype)
         if arch == "llama" and ".attn_q." in gguf_name:  # only llama's converter reorders rows
             values = _llama_cpp_permute(values, cfg["num_attention_heads"])
         elif arch == "llama" and ".attn_k." in gguf_name:

@@ -199,6 +199,9 @@ def kernels_available() -> bool:
 # projection's with the activation: LINEAR_ONEDNN_SILU)
 LINEAR_BF16_GEMV, LINEAR_AMX, LINEAR_AMX_SPLIT, LINEAR_FP32_GEMV, LINEAR_GGML = 1, 2, 3, 4, 5
 LINEAR_AMX_SILU, LINEAR_ONEDNN, LINEAR_ONEDNN_SILU = 6, 7, 8
+# a quantized weight of several block types: each range's LINEAR_GGML call into
+# its columns of one output
+LINEAR_GGML_PARTS = 9
 
 
 _kernel_dtypes: tuple = ()  # (torch.float32, torch.bfloat16) once torch is imported

@@ -11,9 +11,12 @@
 //   hidden:    [T, hidden] the embeddings of the step's T decode rows
 //   tensors:   10 a layer: input norm weight, post-attention norm weight, then
 //              (operand, bias) for qkv_proj, o_proj, gate_up_proj, down_proj
+//              (None, None for a linear made of parts)
 //   ints:      [layers, q_size, kv_size, num_heads, num_kv_heads, head_size, portable],
 //              then 5 a linear (4 a layer): kernel, out_features, then the
-//              kernel's own integers (see `linear` below)
+//              kernel's own integers (see `linear` below), then 5 a part of the
+//              linears made of parts (kGgmlParts), each a kGgml linear's
+//   tensors:   10 a layer (above), then 2 a part: its blocks and its bias
 //   floats:    [attention scale], then the two norms' eps of each layer
 //   kv_caches: each layer's [2, blocks, block_size, Hkv, D] cache
 // Returns the last layer's output and the residual stream (the model's final
@@ -109,9 +112,18 @@ at::Tensor onednn_silu_and_mul(const at::Tensor& x, const at::Tensor& gate, cons
 // engine.kernels.LINEAR_*
 enum Kernel : int64_t {
   kBf16Gemv = 1, kAmx = 2, kAmxSplit = 3, kFp32Gemv = 4, kGgml = 5, kAmxSilu = 6,
-  kOnednn = 7, kOnednnSilu = 8
+  kOnednn = 7, kOnednnSilu = 8, kGgmlParts = 9
 };
 constexpr int64_t kHeader = 7, kLinearInts = 5, kLayerTensors = 10;
+
+// The linears made of parts (a GGUF layer whose fused weights come in several
+// block types: a Q8_0 value projection beside Q5_0 query and key rows), as the
+// parts section after the layers' ints and tensors holds them
+struct Parts {
+  const int64_t* ints;  // 5 a part: a kGgml linear's, out_features its rows
+  const c10::List<OptTensor>* tensors;
+  int64_t first_tensor, count;
+};
 
 // `x` [T, in] times one linear's operand: ints = {kernel, out_features, a, b, c}
 // (kGgml: a = the block type, b = the kernel path, c = interleaved; the GEMVs:
@@ -119,7 +131,26 @@ constexpr int64_t kHeader = 7, kLinearInts = 5, kLayerTensors = 10;
 // its half; kOnednn: oneDNN on its packed weight; kOnednnSilu: silu(gate) * up by
 // oneDNN, the second tensor being up's packed weight, not a bias)
 at::Tensor linear(const Ops& o, const at::Tensor& x, const int64_t* ints, const OptTensor& operand,
-                  const OptTensor& bias) {
+                  const OptTensor& bias, const Parts& parts) {
+  if (ints[0] == kGgmlParts) {
+    // ints = {kGgmlParts, out_features, first part, parts, 0}: each part's product
+    // written into its columns of one output
+    TORCH_CHECK(ints[2] >= 0 && ints[3] > 0 && ints[2] + ints[3] <= parts.count,
+                "decode_layers: parts ", ints[2], "..", ints[2] + ints[3], " of ", parts.count);
+    at::Tensor out = at::empty({x.size(0), ints[1]}, x.options());
+    int64_t column = 0;
+    for (int64_t p = ints[2]; p < ints[2] + ints[3]; ++p) {
+      const int64_t* pi = parts.ints + p * kLinearInts;
+      const OptTensor blocks = parts.tensors->get(parts.first_tensor + 2 * p);
+      const OptTensor part_bias = parts.tensors->get(parts.first_tensor + 2 * p + 1);
+      TORCH_CHECK(pi[0] == kGgml && blocks.has_value() && column + pi[1] <= ints[1],
+                  "decode_layers: part ", p, " is not a GGML linear within its layer's columns");
+      o.ggml_linear.call(out.narrow(1, column, pi[1]), x, *blocks, pi[2], part_bias, pi[3], pi[4] != 0);
+      column += pi[1];
+    }
+    TORCH_CHECK(column == ints[1], "decode_layers: parts cover ", column, " of ", ints[1], " columns");
+    return out;
+  }
   TORCH_CHECK(operand.has_value(), "decode_layers: a linear without its operand");
   const at::Tensor& w = *operand;
   if (ints[0] == kOnednn) return onednn_linear(x, w, bias, "none");
@@ -149,13 +180,17 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
   const int64_t layers = ints[0], q_size = ints[1], kv_size = ints[2], heads = ints[3],
                 kv_heads = ints[4], head_size = ints[5];
   const bool portable = ints[6] != 0;
-  TORCH_CHECK(static_cast<int64_t>(ints.size()) == kHeader + layers * 4 * kLinearInts,
-              "decode_layers: ints holds ", ints.size(), " values, expected ",
-              kHeader + layers * 4 * kLinearInts, " for ", layers, " layers");
-  TORCH_CHECK(static_cast<int64_t>(tensors.size()) == layers * kLayerTensors &&
+  const int64_t linear_ints = kHeader + layers * 4 * kLinearInts;
+  const int64_t extra = static_cast<int64_t>(ints.size()) - linear_ints;
+  TORCH_CHECK(extra >= 0 && extra % kLinearInts == 0,
+              "decode_layers: ints holds ", ints.size(), " values, expected ", linear_ints,
+              " for ", layers, " layers (then 5 a part)");
+  const Parts parts{ints.data() + linear_ints, &tensors, layers * kLayerTensors, extra / kLinearInts};
+  TORCH_CHECK(static_cast<int64_t>(tensors.size()) == layers * kLayerTensors + 2 * parts.count &&
                   static_cast<int64_t>(kv_caches.size()) == layers &&
                   static_cast<int64_t>(floats.size()) == 1 + 2 * layers,
-              "decode_layers: tensors, kv_caches and floats must hold 10, 1 and 2 entries a layer");
+              "decode_layers: tensors, kv_caches and floats must hold 10, 1 and 2 entries a layer "
+              "(tensors then 2 a part)");
   TORCH_CHECK(hidden_in.dim() == 2 && hidden_in.is_contiguous(),
               "decode_layers: hidden must be contiguous [T, hidden]");
   const Ops& o = ops();
@@ -180,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
       residual = summed;
     }
     // attention: qkv, RoPE on q and k, the cache write, paged decode attention, o_proj
-    at::Tensor qkv = linear(o, x, li, tensor(2), tensor(3));
+    at::Tensor qkv = linear(o, x, li, tensor(2), tensor(3), parts);
     at::Tensor q = qkv.narrow(1, 0, q_size), k = qkv.narrow(1, q_size, kv_size),
                v = qkv.narrow(1, q_size + kv_size, kv_size);
     at::Tensor q_rot = at::empty({T, q_size}, qkv.options());
@@ -193,20 +228,20 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
     o.paged_decode_attention.call(attn, q_rot.view({T, heads, head_size}), kv_cache, block_tables,
                                   seq_lens, query_start_loc, decode_seqs, scale, portable);
     at::Tensor projected = linear(o, attn.view({T, heads * head_size}), li + kLinearInts,
-                                  tensor(4), tensor(5));
+                                  tensor(4), tensor(5), parts);
     // post-attention norm, then the MLP
     x = at::empty_like(projected);
     at::Tensor summed = at::empty_like(projected);
     o.fused_add_rms_norm.call(x, summed, projected, residual, *post_norm, floats[2 + 2 * l]);
     residual = summed;
     const int64_t* gate_up = li + 2 * kLinearInts;
-    at::Tensor act = linear(o, x, gate_up, tensor(6), tensor(7));
+    at::Tensor act = linear(o, x, gate_up, tensor(6), tensor(7), parts);
     if (gate_up[0] != kAmxSilu && gate_up[0] != kOnednnSilu) {  // the projection, then the activation
       at::Tensor gated = act;
       act = at::empty({T, gated.size(1) / 2}, gated.options());
       o.silu_and_mul.call(act, gated);
     }
-    hidden = linear(o, act, li + 3 * kLinearInts, tensor(8), tensor(9));
+    hidden = linear(o, act, li + 3 * kLinearInts, tensor(8), tensor(9), parts);
   }
   return {hidden, residual};
 }

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from engine.attention import Attention, AttentionMetadata
 from engine.config import EngineConfig
-from engine.kernels import portable_forced
+from engine.kernels import LINEAR_GGML_PARTS, portable_forced
 from engine.models.utils import load_stacked_weights
 from engine.ops import (
     ColumnParallelLinear,
@@ -385,6 +385,9 @@ class _DecodeProgram:
         ints = [len(layers), *shape, int(portable_forced())]
         floats: list[float] = []
         tensors: list[torch.Tensor | None] = []
+        # the parts of the linears made of several (LINEAR_GGML_PARTS), after the layers'
+        part_ints: list[int] = []
+        part_tensors: list[torch.Tensor | None] = []
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
@@ -404,10 +407,18 @@ class _DecodeProgram:
                 kernel = fast_linear_kernel(linear, dtype, rows, gated=linear is mlp.gate_up_proj)
                 if kernel is None:
                     return None
-                kernel_ints, operand, bias = kernel
-                ints += kernel_ints
-                tensors += [operand, bias]
-        return cls(tensors, ints, floats, [layer.self_attn.attn for layer in layers], rotary)
+                kernel_ints, kernel_tensors = kernel
+                if kernel_ints[0] == LINEAR_GGML_PARTS:
+                    count = kernel_ints[3]
+                    ints += [LINEAR_GGML_PARTS, kernel_ints[1], len(part_ints) // 5, count, 0]
+                    tensors += [None, None]
+                    part_ints += kernel_ints[5:]
+                    part_tensors += kernel_tensors
+                else:
+                    ints += kernel_ints
+                    tensors += kernel_tensors
+        return cls(tensors + part_tensors, ints + part_ints, floats,
+                   [layer.self_attn.attn for layer in layers], rotary)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -522,12 +522,13 @@ def fast_linear_fn(layer: ColumnParallelLinear | RowParallelLinear,
 
 def fast_linear_kernel(layer: ColumnParallelLinear | RowParallelLinear, dtype: torch.dtype,
                        rows: int, gated: bool = False
-                       ) -> tuple[list[int], torch.Tensor, torch.Tensor | None] | None:
+                       ) -> tuple[list[int], list[torch.Tensor | None]] | None:
     """The kernel call `layer` makes for `rows` contiguous rows of `dtype` on a
     model's fast path, for ``engine_kernels::decode_layers``: ``([kernel,
-    out_features, a, b, c], operand, bias)`` (an ``engine.kernels.LINEAR_*`` code,
-    then the kernel's integers: see decode_layers.cpp), or None where it runs none
-    of those kernels. That call is `fast_linear_fn`'s, or past its rows, the one the
+    out_features, a, b, c], [operand, bias])`` (an ``engine.kernels.LINEAR_*`` code,
+    then the kernel's integers: see decode_layers.cpp; a quantized weight of several
+    block types: LINEAR_GGML_PARTS, then 5 integers and 2 tensors a part), or None
+    where it runs none of those kernels. That call is `fast_linear_fn`'s, or past its rows, the one the
     layer's forward makes: the AMX kernel's, or without it oneDNN's on the packed
     weight (`gated`: a gate_up projection's `silu_and_mul`, the activation inside:
     LINEAR_AMX_SILU, LINEAR_ONEDNN_SILU)."""
@@ -540,13 +541,13 @@ def fast_linear_kernel(layer: ColumnParallelLinear | RowParallelLinear, dtype: t
     kernel = few_rows_kernel(rows, dtype, bias, weight, amx, portable)
     if kernel:
         operand = amx if kernel in (LINEAR_AMX, LINEAR_AMX_SPLIT) else weight
-        return [kernel, weight.shape[0], int(portable), 0, 0], operand, bias
+        return [kernel, weight.shape[0], int(portable), 0, 0], [operand, bias]
     if gated and not isinstance(layer, MergedColumnParallelLinear):
         return None
     if amx is not None and amx_prompt_shape(rows, weight.shape[1], dtype, amx, portable):
         if gated:
-            return [LINEAR_AMX_SILU, amx.shape[0] * 8, 0, 0, 0], amx, bias
-        return [LINEAR_AMX, amx.shape[0] * 16, 0, 0, 0], amx, bias
+            return [LINEAR_AMX_SILU, amx.shape[0] * 8, 0, 0, 0], [amx, bias]
+        return [LINEAR_AMX, amx.shape[0] * 16, 0, 0, 0], [amx, bias]
     if dtype != torch.bfloat16 or not 0 < rows <= AMX_MAX_ROWS:
         return None
     # no compiled kernel takes these rows (no AMX): the layer's forward runs oneDNN on
@@ -555,10 +556,10 @@ def fast_linear_kernel(layer: ColumnParallelLinear | RowParallelLinear, dtype: t
         halves = layer._packed_halves() if isinstance(layer, MergedColumnParallelLinear) else None
         if halves is None or bias is not None:
             return None
-        return [LINEAR_ONEDNN_SILU, weight.shape[0] // 2, 0, 0, 0], halves[0], halves[1]
+        return [LINEAR_ONEDNN_SILU, weight.shape[0] // 2, 0, 0, 0], [halves[0], halves[1]]
     if layer.packed_weight is None:
         return None
-    return [LINEAR_ONEDNN, weight.shape[0], 0, 0, 0], layer.packed_weight, bias
+    return [LINEAR_ONEDNN, weight.shape[0], 0, 0, 0], [layer.packed_weight, bias]
 
 
 def _new_param(*shape: int, loader) -> nn.Parameter:

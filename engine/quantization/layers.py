@@ -16,6 +16,7 @@ from typing import Protocol, cast
 import torch
 import torch.nn as nn
 
+from engine.kernels import LINEAR_GGML_PARTS
 from engine.quantization.interface import QuantizationMethod, QuantizedTensor, concat_rows
 from engine.utils import pad_rows_to_bucket
 
@@ -91,26 +92,65 @@ class QuantizedWeight:
             outs.append(rows.method.linear(rows, x, part_bias))
         return torch.cat(outs, dim=-1)
 
+    def _part_bias(self, bias: torch.Tensor | None, offset: int,
+                   rows: QuantizedTensor) -> torch.Tensor | None:
+        """The rows of a fused layer's bias that one range's product adds."""
+        if bias is None or len(self.parts) == 1:
+            return bias
+        return bias[offset:offset + rows.shape[0]]
+
     def fast_fn(self, bias: torch.Tensor | None,
                   dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
-        """`linear` for a model's fast path (engine.ops.fast_path): the method's own
-        `QuantizationMethod.fast_fn` for a weight of one range, taking rows up to
-        `PAD_ABOVE_ROWS` (more are padded by `linear`); None otherwise."""
-        if len(self.parts) != 1:
-            return None
-        rows = self.parts[0][1]
-        return rows.method.fast_fn(rows, bias, dtype, PAD_ABOVE_ROWS)
+        """`linear` for a model's fast path (engine.ops.fast_path): the methods' own
+        `QuantizationMethod.fast_fn`, taking rows up to `PAD_ABOVE_ROWS` (more are
+        padded by `linear`); a weight of several ranges joins its ranges' outputs,
+        as `linear` does. None where a range's method has no fast form."""
+        fns = []
+        for offset, rows in self.parts:
+            fn = rows.method.fast_fn(rows, self._part_bias(bias, offset, rows), dtype,
+                                     PAD_ABOVE_ROWS)
+            if fn is None:
+                return None
+            fns.append(fn)
+        if len(fns) == 1:
+            return fns[0]
 
-    def fast_kernel(self, bias: torch.Tensor | None, dtype: torch.dtype,
-                    rows: int) -> tuple[list[int], torch.Tensor, torch.Tensor | None] | None:
+        def run(x: torch.Tensor) -> torch.Tensor | None:
+            outs = []
+            for fn in fns:
+                out = fn(x)
+                if out is None:
+                    return None
+                outs.append(out)
+            return torch.cat(outs, dim=-1)
+
+        return run
+
+    def fast_kernel(self, bias: torch.Tensor | None, dtype: torch.dtype, rows: int
+                    ) -> tuple[list[int], list[torch.Tensor | None]] | None:
         """The compiled kernel call `fast_fn`'s form makes for `rows` rows, for
         ``engine_kernels::decode_layers`` (engine.ops.linear.fast_linear_kernel):
-        only the built-in GGUF block methods say; None otherwise."""
-        if len(self.parts) != 1:
-            return None
-        rows_weight = self.parts[0][1]
-        kernel = getattr(rows_weight.method, "decode_kernel", None)
-        return None if kernel is None else kernel(rows_weight, bias, dtype, rows, PAD_ABOVE_ROWS)
+        ``([kernel, ...5 integers], [operand, bias])``; a weight of several ranges:
+        ``([LINEAR_GGML_PARTS, out_features, 0, ranges, 0, then each range's 5],
+        [each range's operand and bias])``. Only the built-in GGUF block methods
+        say (`decode_kernel`); None otherwise."""
+        specs = []
+        for offset, part in self.parts:
+            kernel = getattr(part.method, "decode_kernel", None)
+            spec = None if kernel is None else kernel(part, self._part_bias(bias, offset, part), dtype,
+                                                      rows, PAD_ABOVE_ROWS)
+            if spec is None:
+                return None
+            specs.append(spec)
+        if len(specs) == 1:
+            ints, operand, part_bias = specs[0]
+            return ints, [operand, part_bias]
+        ints = [LINEAR_GGML_PARTS, self.shape[0], 0, len(specs), 0]
+        tensors: list[torch.Tensor | None] = []
+        for part_ints, operand, part_bias in specs:
+            ints += part_ints
+            tensors += [operand, part_bias]
+        return ints, tensors
 
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if len(self.parts) != 1:
