@@ -11,12 +11,12 @@
 //   hidden:    [T, hidden] the embeddings of the step's T decode rows
 //   tensors:   10 a layer: input norm weight, post-attention norm weight, then
 //              (operand, bias) for qkv_proj, o_proj, gate_up_proj, down_proj
-//              (None, None for a linear made of parts)
+//              (None, None for a linear made of parts), then 2 a part: its blocks
+//              and its bias
 //   ints:      [layers, q_size, kv_size, num_heads, num_kv_heads, head_size, portable],
 //              then 5 a linear (4 a layer): kernel, out_features, then the
 //              kernel's own integers (see `linear` below), then 5 a part of the
 //              linears made of parts (kGgmlParts), each a kGgml linear's
-//   tensors:   10 a layer (above), then 2 a part: its blocks and its bias
 //   floats:    [attention scale], then the two norms' eps of each layer
 //   kv_caches: each layer's [2, blocks, block_size, Hkv, D] cache
 // Returns the last layer's output and the residual stream (the model's final

@@ -528,10 +528,10 @@ def fast_linear_kernel(layer: ColumnParallelLinear | RowParallelLinear, dtype: t
     out_features, a, b, c], [operand, bias])`` (an ``engine.kernels.LINEAR_*`` code,
     then the kernel's integers: see decode_layers.cpp; a quantized weight of several
     block types: LINEAR_GGML_PARTS, then 5 integers and 2 tensors a part), or None
-    where it runs none of those kernels. That call is `fast_linear_fn`'s, or past its rows, the one the
-    layer's forward makes: the AMX kernel's, or without it oneDNN's on the packed
-    weight (`gated`: a gate_up projection's `silu_and_mul`, the activation inside:
-    LINEAR_AMX_SILU, LINEAR_ONEDNN_SILU)."""
+    where it runs none of those kernels. That call is `fast_linear_fn`'s, or past its
+    rows, the one the layer's forward makes: the AMX kernel's, or without it oneDNN's
+    on the packed weight (`gated`: a gate_up projection's `silu_and_mul`, the
+    activation inside: LINEAR_AMX_SILU, LINEAR_ONEDNN_SILU)."""
     operands = _fast_operands(layer, dtype)
     bias = layer.bias
     if operands is None or isinstance(operands, QuantizedWeight):
