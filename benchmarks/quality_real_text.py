@@ -44,6 +44,12 @@ def run_variant(args: argparse.Namespace) -> None:
         os.environ.get("ENGINE_CPU_NATIVE_BF16", "")
     if not os.environ["ENGINE_CPU_NATIVE_BF16"]:
         del os.environ["ENGINE_CPU_NATIVE_BF16"]
+    from engine import kernels
+
+    if not kernels.kernels_available():  # the quantized paths are the kernels'
+        kernels.build()
+        if not kernels.kernels_available():
+            sys.exit("the CPU kernels are not available: nothing here would be measured")
     if args.variant == "int8-all":
         import engine.quantization.ggml as ggml
 
