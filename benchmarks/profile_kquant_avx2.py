@@ -10,6 +10,8 @@ float weights. Each line: the type, the path, the activation rows, the best and
 worst round's µs per `ggml_linear` call (each round the mean of `--calls` calls,
 the call through torch's dispatcher included) and the GB/s of blocks at the best
 round. Paths run alternately in every round, so a noisy machine moves them alike.
+The one weight stays in the caches across calls: this times the kernels'
+arithmetic, not a decode step's reads from memory (profile_quant_decode.py).
 Run it under two checkouts (PYTHONPATH) to compare kernels across commits: the
 compiled kernels are keyed by their sources, each checkout builds its own.
 """
