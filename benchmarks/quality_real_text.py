@@ -20,7 +20,11 @@ Variants (each in its own process, one after another):
 - ``float32``: ``dtype="float32"``, the blocks multiplied with float activations;
 - ``int8-all``: ``auto`` with every product on the int8 block kernels, however
   many rows (what an int8 prompt path would compute);
-- ``bfloat16``: ``dtype="bfloat16"``.
+- ``bfloat16``: ``dtype="bfloat16"``;
+- ``llama.cpp`` and ``llama.cpp-decode`` (with ``--llamacpp-venv``): the peer on
+  the same file and the same token ids, each window one prompt evaluation with
+  every position's logits (its prompt route: activations rounded to 8 bits per
+  block as well), or one token at a time (its decode route).
 
 ``ENGINE_CPU_NATIVE_BF16=0`` is set for ``auto`` and ``int8-all`` so that they
 take the float32 route on every CPU.
@@ -33,6 +37,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,12 +69,47 @@ def run_variant(args: argparse.Namespace) -> None:
         ids = llm.get_tokenizer().encode("\n".join(p.read_text() for p in TEXTS))
         params = SamplingParams(temperature=0, max_tokens=1)
         tokens: list[int] = []
-        for start in range(0, args.windows * args.stride, args.stride):
-            window = ids[start:start + args.window]
+        windows = [ids[start:start + args.window]
+                   for start in range(0, args.windows * args.stride, args.stride)]
+        if args.ids_file:
+            args.ids_file.write_text(json.dumps(windows))
+        for window in windows:
             prompts = [window[:i] for i in range(args.window // 2, len(window))]
             tokens += [o.outputs[0].token_ids[0]
                        for o in llm.generate(prompts, params, use_tqdm=False)]
     print(json.dumps(tokens))
+
+
+LLAMACPP = """
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+
+gguf, ids_file, window, one_at_a_time = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+llm = Llama(model_path=gguf, n_ctx=window + 8, n_threads=2, n_threads_batch=2, n_batch=512,
+            logits_all=True, seed=0, verbose=False)
+tokens = []
+for ids in json.load(open(ids_file)):
+    llm.reset()
+    if one_at_a_time:
+        for token in ids:
+            llm.eval([token])
+    else:
+        llm.eval(ids)
+    scores = np.asarray(llm.scores[:len(ids)])
+    # the greedy token after each prefix window[:i], i from window // 2 on
+    tokens += [int(scores[i - 1].argmax()) for i in range(window // 2, len(ids))]
+print(json.dumps(tokens))
+"""
+
+
+def run_llamacpp(args: argparse.Namespace, ids_file: Path, one_at_a_time: bool) -> list[int]:
+    """The peer's greedy tokens on the windows `ref` wrote to `ids_file`."""
+    python = args.llamacpp_venv / "bin" / "python"
+    out = subprocess.run([str(python), "-c", LLAMACPP, args.gguf, str(ids_file),
+                          str(args.window), "1" if one_at_a_time else "0"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -79,7 +119,10 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=200)
     parser.add_argument("--stride", type=int, default=300)
     parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--llamacpp-venv", type=Path,
+                        help="a venv with llama-cpp-python: adds the llama.cpp variants")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--ids-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         run_variant(args)
@@ -87,16 +130,21 @@ def main() -> None:
     base = [sys.executable, __file__, "--gguf", args.gguf, "--window", str(args.window),
             "--stride", str(args.stride), "--windows", str(args.windows)]
     results = {}
-    for variant in ["ref", *args.variants.split(",")]:
-        out = subprocess.run([*base, "--variant", variant], capture_output=True, text=True,
-                             check=True).stdout
-        results[variant] = json.loads(out.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        ids_file = Path(tmp) / "windows.json"
+        for variant in ["ref", *args.variants.split(",")]:
+            out = subprocess.run([*base, "--variant", variant, "--ids-file", str(ids_file)],
+                                 capture_output=True, text=True, check=True).stdout
+            results[variant] = json.loads(out.strip().splitlines()[-1])
+        if args.llamacpp_venv:
+            results["llama.cpp"] = run_llamacpp(args, ids_file, one_at_a_time=False)
+            results["llama.cpp-decode"] = run_llamacpp(args, ids_file, one_at_a_time=True)
     ref = results.pop("ref")
     print(f"{Path(args.gguf).name}: {len(ref)} teacher-forced positions of real text, "
           f"greedy agreement with the float32 dequantization")
     for variant, tokens in results.items():
         agree = sum(a == b for a, b in zip(tokens, ref, strict=True)) / len(ref)
-        print(f"  {variant:9s} {agree:.2%}")
+        print(f"  {variant:16s} {agree:.2%}")
 
 
 if __name__ == "__main__":
