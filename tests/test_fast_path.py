@@ -241,6 +241,36 @@ def test_decode_steps_equal_the_modules_on_gguf_blocks(wide_llama, tmp_path, mon
     assert one_call == (batch <= 16)  # the block kernels' calls, up to where rows are padded
 
 
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_a_step_of_decode_rows_takes_up_to_48_quantized_rows_in_the_one_call(
+        wide_llama, tmp_path, monkeypatch, dtype):
+    """In a step the model runner says is of decode rows only (`step_rows`), the
+    interleaved block kernels take up to 48 rows whole (float32 activations that
+    `auto` chose included, ENGINE_CPU_NATIVE_BF16=0): the step runs as one call,
+    equal bit for bit to the fast forms and to the modules."""
+    from engine.quantization import step_rows
+    from engine.quantization.ggml import interleaves
+
+    if dtype == "auto":
+        monkeypatch.setenv("ENGINE_CPU_NATIVE_BF16", "0")
+    path = write_gguf(wide_llama, tmp_path / "tiny-Q4_1.gguf", "Q4_1")
+    with LLM(str(path), dtype=dtype, kv_cache_memory=1 << 23, max_num_seqs=24,
+             enable_prefix_caching=False) as llm:
+        model, args = _capture_decode_step(llm, 24)
+        with step_rows(True):
+            through_modules, fast = _both_ways(model, args, monkeypatch)
+            one_call_out, one_call = _one_call(model, args, monkeypatch)
+            op_by_op, _ = _one_call(model, args, monkeypatch, "ops")
+        # the same rows outside such a step: through the modules (float32: the
+        # float tiles)
+        outside, outside_one_call = _one_call(model, args, monkeypatch)
+    assert one_call == interleaves() and not outside_one_call
+    assert torch.equal(through_modules, fast) and torch.equal(through_modules, one_call_out)
+    assert torch.equal(through_modules, op_by_op)
+    if dtype == "auto" and interleaves():  # float32 rows outside: not rounded to int8
+        assert not torch.equal(outside, through_modules)
+
+
 def test_layers_of_several_block_types_run_in_the_one_call(wide_llama, tmp_path, monkeypatch):
     """llama.cpp's mixed presets (Q4_K_M...) give a layer's fused parts different
     block types: a Q8_0 value projection beside Q5_0 query and key rows, a Q4_1 up

@@ -243,6 +243,62 @@ def test_each_layout_leaves_the_block_kernel_at_its_own_row_limit():
                 f"engine_kernels::{op}"}, (qtype, rows, "float32")
 
 
+def test_a_step_of_decode_rows_takes_float32_rows_to_the_block_kernel_as_lone_rows():
+    """float32 activations that may be rounded take the block kernel past 16 rows
+    only in a step of one row per sequence (`step_rows`), up to the interleaved
+    layouts' limit, and each row comes out bit for bit as it does alone: a decoding
+    sequence's numbers do not depend on how many others decode with it."""
+    from engine.quantization import one_row_per_sequence, step_rows
+    from engine.quantization.ggml import MAX_INTERLEAVED_ROWS, MAX_KERNEL_ROWS, interleaves
+
+    limit = MAX_INTERLEAVED_ROWS if interleaves() else MAX_KERNEL_ROWS
+    gen = torch.Generator().manual_seed(12)
+    for qtype in ("Q4_1", "Q8_0"):
+        method = get_quantization_method(qtype.lower())
+        blocks = torch.from_numpy(_blocks(qtype, 48, 512, seed=13))
+        weight = method.pack(method.from_gguf(blocks, (48, 512)))
+        weight.quantized_activations = True
+        x = torch.randn(limit + 1, 512, generator=gen)
+        with step_rows(True):
+            assert one_row_per_sequence()
+            for rows, op in ((limit, "ggml_linear"), (limit + 1, "ggml_matmul")):
+                assert _kernels_called(lambda m=method, w=weight, x=x[:rows]: m.linear(w, x, None)) \
+                    == {f"engine_kernels::{op}"}, (qtype, rows)
+            together = method.linear(weight, x[:limit], None)
+            alone = torch.cat([method.linear(weight, x[i:i + 1], None) for i in range(limit)])
+        assert not one_row_per_sequence()
+        assert torch.equal(together, alone), qtype
+        # a prompt step's rows past 16 keep the float tiles: other numbers
+        prompt = method.linear(weight, x[:limit], None)
+        assert _kernels_called(lambda m=method, w=weight, x=x[:limit]: m.linear(w, x, None)) == {
+            "engine_kernels::ggml_matmul"}, qtype
+        assert not torch.equal(prompt, together), qtype
+
+
+def test_the_model_runner_says_when_a_step_is_decode_rows_only(k_llama, tmp_path, monkeypatch):
+    """24 sequences decoding together in float32 chosen by auto: their steps'
+    products take the block kernel with all 24 rows (the runner's `step_rows`),
+    where the prompt steps take the float tiles."""
+    from engine.quantization.ggml import interleaves
+
+    path = _gguf(k_llama, tmp_path, "Q4_1")
+    monkeypatch.setenv("ENGINE_CPU_NATIVE_BF16", "0")
+    prompts = [[5 + i, 17, 300, 42] for i in range(24)]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    with LLM(str(path), dtype="auto", kv_cache_memory=1 << 22, max_num_seqs=24,
+             enable_prefix_caching=False) as llm:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    record_shapes=True) as prof:
+            llm.generate(prompts, params, use_tqdm=False)
+    rows_by_op: dict[str, set[int]] = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.key in ("engine_kernels::ggml_linear", "engine_kernels::ggml_matmul"):
+            rows_by_op.setdefault(event.key, set()).add(event.input_shapes[1][0])
+    assert 96 in rows_by_op["engine_kernels::ggml_matmul"]  # the 24 prompts of 4 tokens
+    linear_rows = rows_by_op["engine_kernels::ggml_linear"]
+    assert (24 in linear_rows) == interleaves(), linear_rows  # the decode steps
+
+
 def test_bf16_activations_take_the_best_int8_path(monkeypatch):
     method = get_quantization_method("q4_1")
     blocks = _blocks("Q4_1", 16, 256)

@@ -34,6 +34,7 @@ from engine.ops import (
 )
 from engine.ops.fast_path import HookWatch, fast_path_key, fast_path_mode
 from engine.ops.linear import divide, fast_linear_fn, fast_linear_kernel, tp_world_size_and_rank
+from engine.quantization import one_row_per_sequence
 
 logger = logging.getLogger(__name__)
 
@@ -312,8 +313,9 @@ class _FastPath:
     hooks: HookWatch  # on every module the layers' fast forms stand for
     rotary: RotaryEmbedding | None  # shared by every layer
     decoders: list[LlamaDecoderLayer] = field(default_factory=list)
-    # engine_kernels::decode_layers' arguments by row count (None: not that op's)
-    programs: dict[int, _DecodeProgram | None] = field(default_factory=dict)
+    # engine_kernels::decode_layers' arguments by row count and whether the step
+    # is of decode rows only (None: not that op's)
+    programs: dict[tuple[int, bool], _DecodeProgram | None] = field(default_factory=dict)
 
     def decode_layers(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                       md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -323,9 +325,12 @@ class _FastPath:
         does not take (a prompt row, a row count or weight the fast forms hand back
         to their modules, another attention backend), which the layers then run."""
         rows = hidden_states.shape[0]
-        program = self.programs.get(rows, _UNBUILT)
+        # quantized layers take more rows whole in a step the model runner says
+        # is of decode rows only (engine.quantization.step_rows)
+        key = (rows, one_row_per_sequence())
+        program = self.programs.get(key, _UNBUILT)
         if program is _UNBUILT:
-            program = self.programs[rows] = _DecodeProgram.build(self, rows)
+            program = self.programs[key] = _DecodeProgram.build(self, rows)
         if program is None:
             return None
         attention = program.attention

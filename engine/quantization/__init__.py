@@ -18,7 +18,12 @@ See docs/quantization.md.
 
 from __future__ import annotations
 
-from engine.quantization.interface import QuantizationMethod, QuantizedTensor
+from engine.quantization.interface import (
+    QuantizationMethod,
+    QuantizedTensor,
+    one_row_per_sequence,
+    step_rows,
+)
 from engine.quantization.layers import (
     QuantizedWeight,
     add_rows,
@@ -40,9 +45,11 @@ __all__ = [
     "finish_quantized_layers",
     "gguf_method",
     "get_quantization_method",
+    "one_row_per_sequence",
     "quantization_method_names",
     "quantize_model",
     "quantized_layers",
+    "step_rows",
 ]
 
 _instances: dict[str, QuantizationMethod] = {}

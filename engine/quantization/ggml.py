@@ -34,7 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels import LINEAR_GGML, cpu_flags, kernels_available
-from engine.quantization.interface import QuantizationMethod, QuantizedTensor
+from engine.quantization.interface import (
+    QuantizationMethod,
+    QuantizedTensor,
+    one_row_per_sequence,
+)
 
 # (ggml type id, values per block, bytes per block)
 GGML_TYPES: dict[str, tuple[int, int, int]] = {
@@ -57,10 +61,12 @@ MAX_KERNEL_ROWS = 16
 # whose kernel stays ahead of dequantize-then-matmul to about 50 rows, and on the
 # avx2 path (its 8-row halves: 1.3-2.3x faster than the tiles at 32-48 rows on a
 # 2-core AVX2 EPYC; benchmarks/bench_kernels.py --parts ggml). float32 activations
-# keep the float tiles past MAX_KERNEL_ROWS: with the int8 kernel up to 48 rows a
-# prompt's rows were rounded to int8 too, and the teacher-forced agreement with the
-# float32-dequantized model fell from >= 98% to 93-96% (Q4_1, Q5_0, Q5_1) on the
-# tests' tiny models (batched decode of 32 requests would gain 1.2x on that EPYC)
+# that may be rounded (`QuantizedTensor.quantized_activations`) take it only in a
+# step of one row per sequence (`one_row_per_sequence`: decode rows, rounded to
+# int8 as a lone sequence's are) and keep the float tiles past MAX_KERNEL_ROWS
+# otherwise: with the int8 kernel up to 48 rows a prompt's rows were rounded to
+# int8 too, and the teacher-forced agreement with the float32-dequantized model
+# fell from >= 98% to 93-96% (Q4_1, Q5_0, Q5_1) on the tests' tiny models
 MAX_INTERLEAVED_ROWS = 48
 # the same for the K-quants (256-value super-blocks, file layout) with bfloat16
 # activations on the avx512_vnni path, where dequantize-then-matmul catches up
@@ -196,16 +202,18 @@ class GGMLBlockMethod(QuantizationMethod):
                                  gguf.GGMLQuantizationType[str(self.gguf_type)])
         return torch.from_numpy(np.ascontiguousarray(values)).reshape(weight.shape).to(dtype)
 
-    def _row_limit(self, interleaved: bool, path: int, dtype: torch.dtype) -> int:
+    def _row_limit(self, interleaved: bool, path: int, dtype: torch.dtype,
+                   decode_rows: bool = False) -> int:
         """The most activation rows the block kernel takes; more go to
-        dequantize-then-matmul (the crossovers measured per layout)."""
-        if interleaved and path == _AVX2 and dtype is torch.bfloat16:
+        dequantize-then-matmul (the crossovers measured per layout). `decode_rows`:
+        a step of decode rows only (`one_row_per_sequence`)."""
+        if interleaved and (path == _AVX2 or path == _VNNI) and (
+                dtype is torch.bfloat16 or decode_rows):
+            # float32 rows that may be rounded (an int8 path): only in a step of
+            # decode rows, which a lone sequence's decode takes to the kernel too
             return MAX_INTERLEAVED_ROWS
-        if path == _VNNI and dtype is torch.bfloat16:
-            if interleaved:
-                return MAX_INTERLEAVED_ROWS
-            if self.block_values == 256:
-                return MAX_K_SUPER_ROWS
+        if path == _VNNI and dtype is torch.bfloat16 and self.block_values == 256:
+            return MAX_K_SUPER_ROWS
         return MAX_KERNEL_ROWS
 
     def linear(self, weight: QuantizedTensor, x: torch.Tensor,
@@ -228,9 +236,10 @@ class GGMLBlockMethod(QuantizationMethod):
         if stored is None:
             stored = weight.tensors["blocks"]
         path = kernel_path(dtype, weight.quantized_activations)
-        # bfloat16 only: float32 activations keep prompts of 17+ rows off the
-        # int8 path even where a test forces it for decode
-        if rows > _MIN_ROW_LIMIT and rows > self._row_limit(interleaved, path, dtype):
+        # float32 rows past MAX_KERNEL_ROWS reach the block kernel in a step of
+        # decode rows only, even where a test forces an int8 path (`_row_limit`)
+        if rows > _MIN_ROW_LIMIT and rows > self._row_limit(interleaved, path, dtype,
+                                                            one_row_per_sequence()):
             torch.ops.engine_kernels.ggml_matmul.default(out, x2, stored, self.type_id, bias,
                                                          PREFILL_TILE_BYTES, interleaved)
         else:
@@ -240,15 +249,17 @@ class GGMLBlockMethod(QuantizationMethod):
 
     def _fast_call(self, weight: QuantizedTensor, bias: torch.Tensor | None,
                    dtype: torch.dtype, max_rows: int
-                   ) -> tuple[torch.Tensor, bool, int, int] | None:
+                   ) -> tuple[torch.Tensor, bool, int, int, int] | None:
         """The block-kernel call `fast_fn` binds: (storage, interleaved, kernel path,
-        most rows), or None where it has no fast form."""
+        most rows, most rows in a step of decode rows), or None where it has no
+        fast form."""
         if (dtype is not torch.bfloat16 and dtype is not torch.float32) or not kernel_paths() \
                 or (bias is not None and bias.dtype != dtype):
             return None
         stored, interleaved = self._stored(weight)
         path = kernel_path(dtype, weight.quantized_activations)
-        return stored, interleaved, path, min(max_rows, self._row_limit(interleaved, path, dtype))
+        return (stored, interleaved, path, min(max_rows, self._row_limit(interleaved, path, dtype)),
+                min(max_rows, self._row_limit(interleaved, path, dtype, decode_rows=True)))
 
     def fast_fn(self, weight: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype,
                   max_rows: int) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
@@ -257,13 +268,13 @@ class GGMLBlockMethod(QuantizationMethod):
         call = self._fast_call(weight, bias, dtype, max_rows)
         if call is None:
             return None
-        stored, interleaved, path, limit = call
+        stored, interleaved, path, limit, decode_limit = call
         out_features, type_id = weight.shape[0], self.type_id
         ggml_linear = torch.ops.engine_kernels.ggml_linear.default
 
         def run(x: torch.Tensor) -> torch.Tensor | None:
             rows = x.shape[0]
-            if rows > limit:
+            if rows > limit and (rows > decode_limit or not one_row_per_sequence()):
                 return None
             out = x.new_empty((rows, out_features))
             ggml_linear(out, x, stored, type_id, bias, path, interleaved)
@@ -276,11 +287,12 @@ class GGMLBlockMethod(QuantizationMethod):
                       ) -> tuple[list[int], torch.Tensor, torch.Tensor | None] | None:
         """`fast_fn`'s kernel call for `rows` rows as ``engine_kernels::decode_layers``
         takes it: ``([LINEAR_GGML, out_features, type, path, interleaved], blocks,
-        bias)``, or None where `fast_fn(..., max_rows)`'s form would not run it."""
+        bias)``, or None where `fast_fn(..., max_rows)`'s form would not run it in
+        the step running now."""
         call = self._fast_call(weight, bias, dtype, max_rows)
-        if call is None or not 0 < rows <= call[3]:
+        if call is None or not 0 < rows <= call[4 if one_row_per_sequence() else 3]:
             return None
-        stored, interleaved, path, _ = call
+        stored, interleaved, path, _, _ = call
         return [LINEAR_GGML, weight.shape[0], self.type_id, path, int(interleaved)], stored, bias
 
     def embedding(self, weight: QuantizedTensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -11,10 +11,38 @@ compares `linear` with). The engine calls nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
+
+# whether the step running now brings one row per sequence (`one_row_per_sequence`)
+_one_row_per_sequence = False
+
+
+@contextmanager
+def step_rows(one_row_per_sequence: bool) -> Iterator[None]:
+    """Say, for the duration of a model step (its forward and its logits), whether
+    every sequence in it brings one row: a decode step, or a speculative
+    verification step (which attends each verified position as a sequence of
+    its own). The model runner says it around each step; a method's `linear`
+    reads it with `one_row_per_sequence` (outside a step: False)."""
+    global _one_row_per_sequence
+    saved, _one_row_per_sequence = _one_row_per_sequence, one_row_per_sequence
+    try:
+        yield
+    finally:
+        _one_row_per_sequence = saved
+
+
+def one_row_per_sequence() -> bool:
+    """Whether the step running now brings one row per sequence (`step_rows`):
+    its rows are tokens being decoded, none a prompt's. The built-in GGUF methods
+    then round float32 activations to int8 on up to 48 rows (a lone sequence's
+    decode row is rounded too; prompt rows past 16 keep float products), so a
+    sequence decodes the same whether 1 or 48 decode with it."""
+    return _one_row_per_sequence
 
 
 class QuantizedTensor:

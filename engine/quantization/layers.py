@@ -17,7 +17,12 @@ import torch
 import torch.nn as nn
 
 from engine.kernels import LINEAR_GGML_PARTS
-from engine.quantization.interface import QuantizationMethod, QuantizedTensor, concat_rows
+from engine.quantization.interface import (
+    QuantizationMethod,
+    QuantizedTensor,
+    concat_rows,
+    one_row_per_sequence,
+)
 from engine.utils import pad_rows_to_bucket
 
 logger = logging.getLogger(__name__)
@@ -25,6 +30,16 @@ logger = logging.getLogger(__name__)
 # up to this many rows, no padding: decode steps and small batches run the
 # methods' own kernels, not a dense product per shape
 PAD_ABOVE_ROWS = 16
+# the same in a step of decode rows only (`one_row_per_sequence`): its row counts
+# are bounded by the sequences a step holds, and the built-in kernels take up to
+# 48 decode rows whole
+DECODE_PAD_ABOVE_ROWS = 48
+
+
+def _unpadded_rows() -> int:
+    """The most rows `QuantizedWeight.linear` hands to the methods as they are, in
+    the step running now."""
+    return DECODE_PAD_ABOVE_ROWS if one_row_per_sequence() else PAD_ABOVE_ROWS
 
 
 class QuantizedWeight:
@@ -72,13 +87,14 @@ class QuantizedWeight:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ W.T + bias`` through each range's method. Prompt-sized inputs
-        (more than `PAD_ABOVE_ROWS` rows) reach the methods padded to a
-        `shape_bucket`: their dense products (oneDNN) build and keep a kernel,
-        with its packed-weight scratch, per row count, so unpadded, every new
-        prompt length grows the process (by MiBs, up to the caches' 1024 entries)."""
+        (more than `PAD_ABOVE_ROWS` rows; `DECODE_PAD_ABOVE_ROWS` in a step of
+        decode rows) reach the methods padded to a `shape_bucket`: their dense
+        products (oneDNN) build and keep a kernel, with its packed-weight scratch,
+        per row count, so unpadded, every new prompt length grows the process (by
+        MiBs, up to the caches' 1024 entries)."""
         if x.dim() != 2:
             return self._linear(x, bias)
-        padded = pad_rows_to_bucket(x, PAD_ABOVE_ROWS)
+        padded = pad_rows_to_bucket(x, _unpadded_rows())
         out = self._linear(padded, bias)
         return out if padded is x else out[:x.shape[0]]  # decode steps: no slice
 
@@ -102,20 +118,23 @@ class QuantizedWeight:
     def fast_fn(self, bias: torch.Tensor | None,
                   dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
         """`linear` for a model's fast path (engine.ops.fast_path): the methods' own
-        `QuantizationMethod.fast_fn`, taking rows up to `PAD_ABOVE_ROWS` (more are
-        padded by `linear`); a weight of several ranges joins its ranges' outputs,
-        as `linear` does. None where a range's method has no fast form."""
+        `QuantizationMethod.fast_fn`, taking the rows `linear` does not pad (up to
+        `PAD_ABOVE_ROWS`, `DECODE_PAD_ABOVE_ROWS` in a step of decode rows); a
+        weight of several ranges joins its ranges' outputs, as `linear` does. None
+        where a range's method has no fast form."""
         fns = []
         for offset, rows in self.parts:
             fn = rows.method.fast_fn(rows, self._part_bias(bias, offset, rows), dtype,
-                                     PAD_ABOVE_ROWS)
+                                     DECODE_PAD_ABOVE_ROWS)
             if fn is None:
                 return None
             fns.append(fn)
-        if len(fns) == 1:
-            return fns[0]
 
         def run(x: torch.Tensor) -> torch.Tensor | None:
+            if x.shape[0] > PAD_ABOVE_ROWS and not one_row_per_sequence():
+                return None  # `linear` pads these rows
+            if len(fns) == 1:
+                return fns[0](x)
             outs = []
             for fn in fns:
                 out = fn(x)
@@ -138,7 +157,7 @@ class QuantizedWeight:
         for offset, part in self.parts:
             kernel = getattr(part.method, "decode_kernel", None)
             spec = None if kernel is None else kernel(part, self._part_bias(bias, offset, part), dtype,
-                                                      rows, PAD_ABOVE_ROWS)
+                                                      rows, _unpadded_rows())
             if spec is None:
                 return None
             specs.append(spec)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from engine.config import EngineConfig
+from engine.quantization import step_rows
 from engine.step import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -146,12 +147,15 @@ class ModelRunner:
         with torch.inference_mode():
             input_ids, positions, attn_metadata, logits_rows, seq_ids, drafts = (
                 self._prepare_inputs(scheduler_output))
-            hidden = self.model(input_ids, positions, attn_metadata)
-            if not seq_ids:  # only prompt chunks this step: nothing to sample
-                return ModelRunnerOutput()
-            # in the model's dtype: the sampler copies them to float32 when it needs
-            # more than an argmax (which is exact in any dtype)
-            logits = self.model.compute_logits(hidden.index_select(0, logits_rows))
+            # a step of decode rows only: quantized layers may then treat every row
+            # as a lone sequence's decode row (engine.quantization.step_rows)
+            with step_rows(attn_metadata.max_query_len == 1):
+                hidden = self.model(input_ids, positions, attn_metadata)
+                if not seq_ids:  # only prompt chunks this step: nothing to sample
+                    return ModelRunnerOutput()
+                # in the model's dtype: the sampler copies them to float32 when it
+                # needs more than an argmax (which is exact in any dtype)
+                logits = self.model.compute_logits(hidden.index_select(0, logits_rows))
             if not self.is_driver:
                 return ModelRunnerOutput()
             states = [self.states[i] for i in seq_ids]
