@@ -4,6 +4,7 @@
     python benchmarks/bench_engine_ab.py --base 6603039                  # bf16, smol
     python benchmarks/bench_engine_ab.py --base 6603039 --dtypes float32,bfloat16 --rounds 3
     python benchmarks/bench_engine_ab.py --base /path/to/other/checkout
+    python benchmarks/bench_engine_ab.py --base bcafaa5 --model model.Q4_1.gguf --dtypes auto
 
 The host's speed drifts by 10-20% between minutes (docs/benchmarks.md), so a figure
 from one run set against a figure from an earlier run says little about a change:
@@ -61,6 +62,9 @@ def main() -> int:
     ap.add_argument("--dtypes", default="bfloat16", help="comma-separated")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", type=Path,
+                    help="this model (a GGUF file, a model folder) instead of the random smol "
+                         "one; its prompts draw token ids below 32,000")
     ap.add_argument("--base-first", action="store_true",
                     help="start the base side's process first (see above)")
     args = ap.parse_args()
@@ -76,9 +80,12 @@ def main() -> int:
             base = worktree
         try:
             shape, n, p_rng, o_rng = WORKLOADS["smol"]
-            folder = Path(tmp, "smol")
-            folder.mkdir()
-            bench_generate.build_model(folder, args.seed, shape)
+            if args.model:
+                folder, vocab = args.model.resolve(), 32000
+            else:
+                folder, vocab = Path(tmp, "smol"), shape["vocab_size"]
+                folder.mkdir()
+                bench_generate.build_model(folder, args.seed, shape)
             prompt_lens, out_lens = request_lengths(n, p_rng, o_rng, args.seed)
             for dtype in args.dtypes.split(","):
                 sides = {}
@@ -86,7 +93,7 @@ def main() -> int:
                     order = [("this", ROOT), ("base", base)]
                     for name, checkout in (order[::-1] if args.base_first else order):
                         sides[name] = start_engine(name, checkout, folder, dtype)
-                    fresh = FreshPrompts(shape["vocab_size"], args.seed + 1)
+                    fresh = FreshPrompts(vocab, args.seed + 1)
                     warm = fresh(*prompt_lens[:4])
                     for side in sides.values():
                         side.ask(prompts=warm, out_lens=[8] * 4)
@@ -96,7 +103,8 @@ def main() -> int:
                 finally:
                     for side in sides.values():
                         side.close()
-                print(f"\nsmol, {dtype}: this checkout against {args.base}; load average "
+                print(f"\n{args.model.name if args.model else 'smol'}, {dtype}: this checkout "
+                      f"against {args.base}; load average "
                       f"{load[0]:.1f} -> {os.getloadavg()[0]:.1f}; OpenMP wait: "
                       + ", ".join(f"{name} {side.ready.get('omp_wait')}"
                                   for name, side in sides.items()))

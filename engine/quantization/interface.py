@@ -22,14 +22,14 @@ _one_row_per_sequence = False
 
 
 @contextmanager
-def step_rows(one_row_per_sequence: bool) -> Iterator[None]:
+def step_rows(decode_only: bool) -> Iterator[None]:
     """Say, for the duration of a model step (its forward and its logits), whether
-    every sequence in it brings one row: a decode step, or a speculative
-    verification step (which attends each verified position as a sequence of
-    its own). The model runner says it around each step; a method's `linear`
-    reads it with `one_row_per_sequence` (outside a step: False)."""
+    every sequence in it brings one row (`decode_only`): a decode step, or a
+    speculative verification step (which attends each verified position as a
+    sequence of its own). The model runner says it around each step; a method's
+    `linear` reads it with `one_row_per_sequence` (outside a step: False)."""
     global _one_row_per_sequence
-    saved, _one_row_per_sequence = _one_row_per_sequence, one_row_per_sequence
+    saved, _one_row_per_sequence = _one_row_per_sequence, decode_only
     try:
         yield
     finally:
@@ -39,9 +39,10 @@ def step_rows(one_row_per_sequence: bool) -> Iterator[None]:
 def one_row_per_sequence() -> bool:
     """Whether the step running now brings one row per sequence (`step_rows`):
     its rows are tokens being decoded, none a prompt's. The built-in GGUF methods
-    then round float32 activations to int8 on up to 48 rows (a lone sequence's
-    decode row is rounded too; prompt rows past 16 keep float products), so a
-    sequence decodes the same whether 1 or 48 decode with it."""
+    then take float32 activations that ``dtype="auto"`` chose to their int8
+    kernels on up to 48 rows, as a lone sequence's decode row always is (a
+    prompt's rows past 16 keep float products), so that in such steps a sequence
+    decodes the same whether alone or with up to 47 others."""
     return _one_row_per_sequence
 
 
