@@ -167,9 +167,12 @@ class QuantizationMethod:
         """Optional: `linear` for decode steps, bound once to `weight` and `bias`
         (a model's fast path, engine.ops.fast_path): ``run(x)`` on contiguous
         [T, K] rows of `dtype` must return exactly what ``linear(weight, x, bias)``
-        would, or None (then `linear` runs) — always None past `max_rows` rows.
-        Worth it where `linear`'s own Python is a noticeable part of a small
-        kernel call. By default None: `linear` is called."""
+        would, or None (then `linear` runs) — always None past `max_rows` rows
+        (the most rows the layer hands to `linear` unpadded: 48, of which only a
+        step of decode rows, `one_row_per_sequence`, brings more than 16; `run`
+        sees no more than `linear` would). Worth it where `linear`'s own Python is
+        a noticeable part of a small kernel call. By default None: `linear` is
+        called."""
         return None
 
     def dequantize(self, weight: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
