@@ -94,6 +94,25 @@ inline void prefetch_row(const scalar_t* row, int64_t bytes) {
 // instead of a horizontal sum (four of each) per vector.
 template <int s>
 inline vf fold(vf x, vf y) {
+#if defined(__AVX__) && !defined(__AVX512F__)
+  // the same lanes, added in the same pairs, with two 256-bit registers a vector:
+  // the generic shuffles below become ~50 scalar moves each on such a CPU, which
+  // made this kernel several times slower on AVX2 than its arithmetic
+  const VfHalves a = halves(x), b = halves(y);
+  if constexpr (s == 8) {
+    return join(a.lo + a.hi, b.lo + b.hi);
+  } else if constexpr (s == 4) {  // 128-bit halves: x's, then y's
+    return join(_mm256_permute2f128_ps(a.lo, b.lo, 0x20) + _mm256_permute2f128_ps(a.lo, b.lo, 0x31),
+                _mm256_permute2f128_ps(a.hi, b.hi, 0x20) + _mm256_permute2f128_ps(a.hi, b.hi, 0x31));
+  } else if constexpr (s == 2) {  // pairs: x0 x1 y0 y1 + x2 x3 y2 y3
+    return join(_mm256_shuffle_ps(a.lo, b.lo, 0x44) + _mm256_shuffle_ps(a.lo, b.lo, 0xEE),
+                _mm256_shuffle_ps(a.hi, b.hi, 0x44) + _mm256_shuffle_ps(a.hi, b.hi, 0xEE));
+  } else {  // x0+x1 x2+x3 y0+y1 y2+y3, then reordered to x0+x1 y0+y1 x2+x3 y2+y3
+    const __m256 lo = _mm256_shuffle_ps(a.lo, b.lo, 0x88) + _mm256_shuffle_ps(a.lo, b.lo, 0xDD);
+    const __m256 hi = _mm256_shuffle_ps(a.hi, b.hi, 0x88) + _mm256_shuffle_ps(a.hi, b.hi, 0xDD);
+    return join(_mm256_permute_ps(lo, 0xD8), _mm256_permute_ps(hi, 0xD8));
+  }
+#else
 #define ENGINE_LO(L) (((L) % (2 * s) < s) ? (L) : (L) - s + 16)
 #define ENGINE_HI(L) (ENGINE_LO(L) + s)
 #if defined(__clang__)
@@ -115,6 +134,7 @@ inline vf fold(vf x, vf y) {
 #undef ENGINE_LO
 #undef ENGINE_HI
   return lo + hi;
+#endif
 }
 
 // r[j] = sum of the lanes of a[j], for 16 vectors stored in bit-reversed order

@@ -12,7 +12,7 @@
 
 #include <cstdint>
 #include <cstring>
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || (defined(__AVX__) && !defined(__AVX512F__))
 #include <immintrin.h>
 #endif
 
@@ -97,6 +97,26 @@ inline void store_out(c10::BFloat16* p, vf v) { store(p, v); }
 inline vf round_out(vf v) { return round_bf16(v); }
 #endif
 inline void store_out(float* p, vf v) { store(p, v); }
+
+#if defined(__AVX__) && !defined(__AVX512F__)
+// A `vf` as the two 256-bit registers it lives in on a CPU without AVX-512, for
+// lane permutations: GCC lowers a 16-lane shuffle of two sources there one element
+// at a time (about 50 instructions where 3 do), see `fold` in paged_attention.cpp.
+struct VfHalves {
+  __m256 lo, hi;  // lanes 0-7, 8-15
+};
+inline VfHalves halves(vf v) {
+  VfHalves h;
+  std::memcpy(&h, &v, sizeof(v));
+  return h;
+}
+inline vf join(__m256 lo, __m256 hi) {
+  const VfHalves h{lo, hi};
+  vf v;
+  std::memcpy(&v, &h, sizeof(v));
+  return v;
+}
+#endif
 
 // lane i <- lane i ^ step: the butterfly of a tree reduction
 template <int step>
