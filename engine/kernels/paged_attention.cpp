@@ -96,8 +96,8 @@ template <int s>
 inline vf fold(vf x, vf y) {
 #if defined(__AVX__) && !defined(__AVX512F__)
   // the same lanes, added in the same pairs, with two 256-bit registers a vector:
-  // the generic shuffles below become ~50 scalar moves each on such a CPU, which
-  // made this kernel several times slower on AVX2 than its arithmetic
+  // the generic shuffles below become ~50 scalar moves each on such a CPU (5-10%
+  // of a call with the K/V in cache: docs/decode-attention.md)
   const VfHalves a = halves(x), b = halves(y);
   if constexpr (s == 8) {
     return join(a.lo + a.hi, b.lo + b.hi);
