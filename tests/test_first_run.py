@@ -182,6 +182,36 @@ def test_engine_kernels_status_and_the_background_build_is_announced(tmp_path):
     assert failed.returncode == 1 and "the build failed" in failed.stderr
 
 
+def test_two_builds_at_once_compile_once_and_an_asked_rebuild_compiles_again(tmp_path,
+                                                                            monkeypatch):
+    """Two callers of ``build()`` at once (two test processes, a background build
+    beside ``engine kernels build``) wait for one compiler and share its library."""
+    import threading
+
+    from engine import kernels
+
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path / "kernels"))
+    compiled = []
+
+    def compile_slowly(cpp_extension, target):  # the compiler's part, minutes in life
+        compiled.append(threading.get_ident())
+        time.sleep(0.5)
+        target.write_bytes(b"library")
+
+    monkeypatch.setattr(kernels, "_compile", compile_slowly)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(kernels.build()))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert results == [kernels.library_path()] * 2
+    assert len(compiled) == 1, compiled
+    kernels.build()  # the library is there before the call: build it again
+    assert len(compiled) == 2
+
+
 # ------------------------------------------------------------------ item 8: plugins
 
 

@@ -44,9 +44,10 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine.utils import STARTUP_LOGGER
 
@@ -108,11 +109,30 @@ def library_path() -> Path:
 
 
 def build() -> Path:
-    """Compile the kernels into `library_path()` (blocking) and return it."""
+    """Compile the kernels into `library_path()` (blocking) and return it.
+
+    One compiler runs at a time per library: a second caller (another process, or
+    a thread) waits for the first, and when the first has just built the library
+    it takes that one rather than compiling it again (two test processes that both
+    need the kernels, an engine's background build beside ``engine kernels
+    build``). A library that was there before the call is rebuilt."""
+    import fcntl
+
     from torch.utils import cpp_extension
 
     target = library_path()
-    work = target.parent / f"build-{os.getpid()}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    there_before = target.exists()
+    with open(target.parent / "build.flock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if target.exists() and not there_before:
+            return target  # built by the caller we waited for
+        _compile(cpp_extension, target)
+    return target
+
+
+def _compile(cpp_extension: Any, target: Path) -> None:
+    work = target.parent / f"build-{os.getpid()}-{threading.get_ident()}"
     work.mkdir(parents=True, exist_ok=True)
     try:
         cpp_extension.load(
@@ -131,7 +151,6 @@ def build() -> Path:
         os.replace(work / f"{LIBRARY_NAME}.so", target)  # atomic: readers see all or nothing
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return target
 
 
 def _start_background_build() -> None:
