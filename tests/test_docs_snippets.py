@@ -224,7 +224,7 @@ def test_the_stock_machine_install_gets_the_cpu_torch_the_engine_accepts():
     # the commands that work here are unchanged (CI runs the second one verbatim)
     assert ["python3", "-m", "pip", "install", "-q", "torch==2.13.0", "-e", "."] in commands
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert "python3 -m pip install -q torch==2.13.0 -e '.[test]' && python3 -m pytest -q" in ci
+    assert "python3 -m pip install -q torch==2.13.0 -e '.[test]' && python3 -m pytest -q -n 2 --dist loadfile" in ci
     stock = [c for c in commands if "--index-url" in c]
     assert len(stock) == 1, "the README gives one stock-machine torch install"
     cmd = stock[0]
