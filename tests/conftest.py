@@ -77,6 +77,23 @@ def isolated_engine_env(tmp_path_factory, monkeypatch):
     _restore_environ(saved)
 
 
+@pytest.fixture
+def attention_backends_restored():
+    """The attention backends a test registers (or points elsewhere) are gone after
+    it: the enum is process-wide, and a test file after this one in the same
+    process (the public-surface snapshot) would see them."""
+    from engine.attention.registry import AttentionBackendEnum
+
+    members = dict(AttentionBackendEnum._members)
+    paths = {name: m._path for name, m in members.items()}
+    yield
+    for name in set(AttentionBackendEnum._members) - set(members):
+        del AttentionBackendEnum._members[name]
+        delattr(AttentionBackendEnum, name)
+    for name, member in members.items():
+        member._path = paths[name]
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """torch on one thread for a module's tests (the machine is shared; one thread

@@ -20,17 +20,7 @@ from engine.attention.backends.naive import NaiveAttentionBackend, NaiveAttentio
 from engine.attention.backends.torch_sdpa import TorchSDPABackend
 from engine.config import EngineConfig, ModelConfig, set_current_engine_config
 
-
-@pytest.fixture(autouse=True)
-def _restore_backends():
-    members = dict(AttentionBackendEnum._members)
-    paths = {name: m._path for name, m in members.items()}
-    yield
-    for name in set(AttentionBackendEnum._members) - set(members):
-        del AttentionBackendEnum._members[name]
-        delattr(AttentionBackendEnum, name)
-    for name, member in members.items():
-        member._path = paths[name]
+pytestmark = pytest.mark.usefixtures("attention_backends_restored")
 
 
 def _mixed_step(block_size=4, num_blocks=40, heads=4, kv_heads=2, head_size=8, seed=0):

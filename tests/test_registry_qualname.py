@@ -48,7 +48,8 @@ def test_missing_attribute_and_module_name_the_qualname(nested_module):
         registry.resolve_qualname("qn_missing_pkg.mod.Cls")
 
 
-def test_attention_backend_registered_from_a_nested_class(nested_module):
+def test_attention_backend_registered_from_a_nested_class(nested_module,
+                                                         attention_backends_restored):
     from engine.attention.registry import AttentionBackendEnum, register_backend
 
     outer = registry.resolve_qualname("qn_pkg.mod.Outer")
