@@ -275,6 +275,39 @@ def test_a_step_of_decode_rows_takes_float32_rows_to_the_block_kernel_as_lone_ro
         assert not torch.equal(prompt, together), qtype
 
 
+def test_a_step_of_decode_rows_holds_for_the_thread_that_says_it():
+    """Two engines stepping in two threads of one process each read their own
+    step's flag."""
+    import threading
+
+    from engine.quantization import one_row_per_sequence, step_rows
+
+    inside, done = threading.Event(), threading.Event()
+    seen = []
+
+    def other_engine():
+        with step_rows(True):
+            inside.set()
+            done.wait(10)
+            seen.append(one_row_per_sequence())
+
+    thread = threading.Thread(target=other_engine)
+    thread.start()
+    assert inside.wait(10)
+    assert not one_row_per_sequence()
+    with step_rows(False):
+        done.set()
+        thread.join(10)
+        assert not one_row_per_sequence()
+    assert seen == [True]
+    with step_rows(True):
+        assert one_row_per_sequence()
+        with step_rows(False):
+            assert not one_row_per_sequence()
+        assert one_row_per_sequence()
+    assert not one_row_per_sequence()
+
+
 def test_the_model_runner_says_when_a_step_is_decode_rows_only(k_llama, tmp_path, monkeypatch):
     """24 sequences decoding together in float32 chosen by auto: their steps'
     products take the block kernel with all 24 rows (the runner's `step_rows`),

@@ -139,6 +139,24 @@ def test_draft_model_greedy_equals_plain_decoding(llama_dir, make_hf_model, plai
         assert counts.num_accepted_tokens == counts.num_draft_tokens > 0
 
 
+def test_draft_model_single_token_steps_are_decode_row_steps(llama_dir, make_hf_model):
+    """The draft's k one-token forwards say, as the target's decode steps do, that
+    every sequence brings one row (`engine.quantization.step_rows`); its catch-up
+    forwards of several tokens say they do not."""
+    from engine.quantization import one_row_per_sequence
+
+    other = make_hf_model("llama", seed=7, num_hidden_layers=1)
+    seen = []
+    with LLM(llama_dir, dtype="float32", kv_cache_memory=4 * 1024 * KIB,
+             speculative_config={"model": str(other), "num_speculative_tokens": 3}) as llm:
+        draft = llm.llm_engine.executor.worker.model_runner.proposer.model
+        draft.register_forward_pre_hook(
+            lambda module, args: seen.append((args[2].max_query_len, one_row_per_sequence())))
+        _greedy(llm, _prompts([12, 40, 25], seed=3))
+    assert {flag for rows, flag in seen if rows == 1} == {True}, seen
+    assert {flag for rows, flag in seen if rows > 1} == {False}, seen
+
+
 def test_draft_model_drafts_fewer_tokens_while_its_guesses_fail(llama_dir, make_hf_model,
                                                                monkeypatch):
     """A draft forward per guess is paid whether the guess is kept or not: a draft

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import ClassVar
 
 import torch
 
-# whether the step running now brings one row per sequence (`one_row_per_sequence`)
-_one_row_per_sequence = False
+# whether the step running now brings one row per sequence (`one_row_per_sequence`);
+# a context variable, so that two engines stepping in two threads of one process
+# each read their own step's (a new thread starts with the default)
+_one_row_per_sequence: ContextVar[bool] = ContextVar("one_row_per_sequence", default=False)
 
 
 @contextmanager
@@ -26,14 +29,15 @@ def step_rows(decode_only: bool) -> Iterator[None]:
     """Say, for the duration of a model step (its forward and its logits), whether
     every sequence in it brings one row (`decode_only`): a decode step, or a
     speculative verification step (which attends each verified position as a
-    sequence of its own). The model runner says it around each step; a method's
-    `linear` reads it with `one_row_per_sequence` (outside a step: False)."""
-    global _one_row_per_sequence
-    saved, _one_row_per_sequence = _one_row_per_sequence, decode_only
+    sequence of its own). The model runner says it around each step, a draft
+    model around each of its forwards; a method's `linear` reads it with
+    `one_row_per_sequence` (outside a step: False). It holds for the thread (and
+    asyncio task) that says it."""
+    token = _one_row_per_sequence.set(decode_only)
     try:
         yield
     finally:
-        _one_row_per_sequence = saved
+        _one_row_per_sequence.reset(token)
 
 
 def one_row_per_sequence() -> bool:
@@ -43,7 +47,7 @@ def one_row_per_sequence() -> bool:
     kernels on up to 48 rows, as a lone sequence's decode row always is (a
     prompt's rows past 16 keep float products), so that in such steps a sequence
     decodes the same whether alone or with up to 47 others."""
-    return _one_row_per_sequence
+    return _one_row_per_sequence.get()
 
 
 class QuantizedTensor:

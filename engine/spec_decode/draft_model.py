@@ -24,6 +24,7 @@ import torch
 from engine.attention import AttentionMetadata, bind_kv_cache, get_attention_layers
 from engine.core.kv_cache_manager import KVCacheManager
 from engine.core.sequence import Sequence
+from engine.quantization import step_rows
 from engine.sample import Sampler
 from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.proposer import Proposer
@@ -184,7 +185,11 @@ class DraftModelProposer(Proposer):
             seq.num_computed_tokens = end
         device = self.device
         md = AttentionMetadata.build(query_lens, seq_lens, tables, slots, bs, device)
-        hidden = self.model(torch.tensor(input_ids, device=device),
-                            torch.tensor(positions, device=device), md)
-        rows = torch.tensor(last, device=device)
-        return Sampler.argmax(self.model.compute_logits(hidden.index_select(0, rows))).tolist()
+        # the k single-token steps are decode rows, as the target's (a quantized
+        # draft then rounds them as when each sequence drafts alone)
+        with step_rows(md.max_query_len == 1):
+            hidden = self.model(torch.tensor(input_ids, device=device),
+                                torch.tensor(positions, device=device), md)
+            rows = torch.tensor(last, device=device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))
+        return Sampler.argmax(logits).tolist()
