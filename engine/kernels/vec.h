@@ -145,12 +145,13 @@ inline float hsum(vf v) {
   s = s + _mm256_permute_ps(s, 0x4E);             // ^ 2
   s = s + _mm256_permute_ps(s, 0xB1);             // ^ 1
   return s[0];
-#endif
+#else
   v += swap_lanes<8>(v);
   v += swap_lanes<4>(v);
   v += swap_lanes<2>(v);
   v += swap_lanes<1>(v);
   return v[0];
+#endif
 }
 
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
@@ -182,13 +183,34 @@ inline float exp_approx(float x) {
   return p * scale;
 }
 
-inline vf exp_approx(vf x) {
+// always inlined: a 16-lane vector is passed through memory to a call without AVX-512
+__attribute__((always_inline)) inline vf exp_approx(vf x) {
   x = x < splat(-87.f) ? splat(-87.f) : x;
   x = x > splat(88.f) ? splat(88.f) : x;
   const vf y = x * 1.44269504088896341f + 0.5f;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  // k = floor(y) and 2^k on the two 256-bit halves: without AVX-512, GCC lowers the
+  // 16-lane integer conversions, compare and add of the generic code below one
+  // lane at a time (vpextrd / cmp / cmova / vpinsrd: SiLU and the attention's
+  // softmax spent most of their time there). The same operations, the same bits.
+  const VfHalves yh = halves(y);
+  __m256i k_lo = _mm256_cvttps_epi32(yh.lo), k_hi = _mm256_cvttps_epi32(yh.hi);  // truncation
+  k_lo = _mm256_add_epi32(k_lo, _mm256_castps_si256(  // -1 where trunc(y) > y: floor
+      _mm256_cmp_ps(_mm256_cvtepi32_ps(k_lo), yh.lo, _CMP_GT_OQ)));
+  k_hi = _mm256_add_epi32(k_hi, _mm256_castps_si256(
+      _mm256_cmp_ps(_mm256_cvtepi32_ps(k_hi), yh.hi, _CMP_GT_OQ)));
+  const vf kf = join(_mm256_cvtepi32_ps(k_lo), _mm256_cvtepi32_ps(k_hi));
+  const __m256i bias = _mm256_set1_epi32(127);
+  const vf scale = join(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k_lo, bias), 23)),
+                        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k_hi, bias), 23)));
+#else
   vi k = __builtin_convertvector(y, vi);  // truncation; floor below
   k += (vi)(__builtin_convertvector(k, vf) > y);  // true is -1
   const vf kf = __builtin_convertvector(k, vf);
+  const vi bits = (k + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+#endif
   const vf r = (x - kf * 0.693359375f) - kf * -2.12194440e-4f;
   vf p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
@@ -197,9 +219,6 @@ inline vf exp_approx(vf x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  const vi bits = (k + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
 
