@@ -141,7 +141,7 @@ import contextlib, io, json, os, sys, tempfile, traceback
 blocks = json.load(open(sys.argv[1]))
 results = {}
 for key, code in blocks.items():
-    folder = tempfile.mkdtemp(prefix="doc-snippet-")
+    folder = tempfile.mkdtemp(prefix="doc-snippet-", dir=sys.argv[3])
     os.chdir(folder)
     out = io.StringIO()
     try:
@@ -169,7 +169,7 @@ def python_results(server_address, tmp_path_factory):
     (folder / "runner.py").write_text(_RUNNER)
     proc = subprocess.run(
         [sys.executable, str(folder / "runner.py"), str(folder / "blocks.json"),
-         str(folder / "results.json")],
+         str(folder / "results.json"), str(folder)],
         capture_output=True, text=True, timeout=600,
         env=subprocess_env(OMP_NUM_THREADS="1", ENGINE_CPU_KERNELS="0"))
     assert proc.returncode == 0, proc.stderr

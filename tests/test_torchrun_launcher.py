@@ -53,7 +53,8 @@ def test_torchrun_ranks_return_identical_outputs_equal_to_one_rank(make_hf_model
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
          "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
          str(script), str(model), str(tmp_path), json.dumps(PROMPTS)],
-        env=subprocess_env(), capture_output=True, text=True, timeout=300,
+        # TMPDIR: torchrun's agent leaves a torchelastic_* folder in the temp folder
+        env=subprocess_env(TMPDIR=str(tmp_path)), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
