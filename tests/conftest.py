@@ -77,6 +77,76 @@ def isolated_engine_env(tmp_path_factory, monkeypatch):
     _restore_environ(saved)
 
 
+def _foreign(module: str) -> bool:
+    return not (module == "engine" or module.startswith("engine."))
+
+
+def _module_of(value: Any) -> str:
+    if isinstance(value, str):  # a lazy "module:Class" (or "module.Class") name
+        return value.partition(":")[0]
+    path = getattr(value, "value", None) or getattr(value, "_path", None)  # lazy wrappers
+    if isinstance(path, str):
+        return path.partition(":")[0]
+    return getattr(value, "__module__", None) or type(value).__module__
+
+
+def _process_registrations() -> dict[str, dict[str, str]]:
+    """What the process-wide registries hold that is not the engine's own: the
+    attention backends, model architectures, custom ops and their replacements,
+    load formats and quantization methods a test (or a plugin it loaded)
+    registered, each as name -> module. Reads only the registries already
+    imported: it never imports one (nor torch)."""
+    found: dict[str, dict[str, str]] = {}
+    attention = sys.modules.get("engine.attention.registry")
+    if attention is not None:
+        found["attention backend"] = {
+            name: m._path for name, m in attention.AttentionBackendEnum._members.items()
+            if _foreign(m._path)}
+    models = sys.modules.get("engine.models.registry")
+    if models is not None:
+        found["model architecture"] = {
+            arch: _module_of(entry) for arch, entry in models.ModelRegistry._models.items()
+            if _foreign(_module_of(entry))}
+    custom_op = sys.modules.get("engine.ops.custom_op")
+    if custom_op is not None:
+        ops = custom_op.CustomOp
+        found["custom op"] = {name: cls.__module__ for name, cls in ops.op_registry.items()
+                              if _foreign(cls.__module__)}
+        found["custom op replacement"] = {name: cls.__module__
+                                          for name, cls in ops.op_registry_oot.items()}
+    loader = sys.modules.get("engine.model_loader.loader")
+    if loader is not None:
+        found["load format"] = {name: _module_of(value) for name, value in loader._LOADERS.items()
+                                if _foreign(_module_of(value))}
+    quantization = sys.modules.get("engine.quantization")
+    if quantization is not None:
+        found["quantization method"] = {
+            name: type(method).__module__ for name, method in quantization._instances.items()
+            if _foreign(type(method).__module__)}
+    return found
+
+
+@pytest.fixture(autouse=True, scope="module")
+def process_registries_restored(request):
+    """A test file leaves the process-wide registries as it found them: the files
+    share a process (two pytest workers each run many), and a registration left
+    behind changes what a later file sees (the public-surface snapshot, a model
+    architecture or load format of the same name) depending on the order the
+    workers happened to take the files in. Fails the file that leaves one."""
+    before = _process_registrations()
+    yield
+    after = _process_registrations()
+    left = []
+    for kind, entries in after.items():
+        for name, module in sorted(entries.items()):
+            if before.get(kind, {}).get(name) != module:
+                left.append(f"{kind} {name!r} ({module})")
+    if left:
+        pytest.fail(f"{request.node.nodeid} left process-wide registrations behind: "
+                    f"{', '.join(left)}; undo them in the test (see "
+                    f"`attention_backends_restored`)", pytrace=False)
+
+
 @pytest.fixture
 def attention_backends_restored():
     """The attention backends a test registers (or points elsewhere) are gone after

@@ -260,6 +260,7 @@ def offline(failing_model_dir, failing_plugin_dir):
     # general plugins run once per process (another test may have run them already),
     # so register the architecture as a user's script would
     sys.path.insert(0, str(failing_plugin_dir))
+    before = ModelRegistry._models.get("FailingLlamaForCausalLM")
     try:
         ModelRegistry.register_model("FailingLlamaForCausalLM",
                                      "failing_model:FailingLlamaForCausalLM")
@@ -268,6 +269,11 @@ def offline(failing_model_dir, failing_plugin_dir):
         llm.shutdown()
     finally:
         sys.path.remove(str(failing_plugin_dir))
+        # the registry is process-wide: later test files in this process must not see it
+        if before is None:
+            ModelRegistry._models.pop("FailingLlamaForCausalLM", None)
+        else:
+            ModelRegistry._models["FailingLlamaForCausalLM"] = before
 
 
 def test_offline_bad_ids_and_seeds_raise_value_errors_naming_the_prompt(offline):
