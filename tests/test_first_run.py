@@ -212,6 +212,61 @@ def test_two_builds_at_once_compile_once_and_an_asked_rebuild_compiles_again(tmp
     assert len(compiled) == 2
 
 
+@pytest.fixture
+def small_kernel_build(tmp_path, monkeypatch):
+    """``kernels._compile`` on one small source that includes a light header
+    (precompiled in a second, where torch's take half a minute); the rest (torch's
+    extension builder, the compile flags, the precompiled header and its stand-in) as
+    in the real build."""
+    from engine import kernels
+
+    source = tmp_path / "small.cpp"
+    source.write_text('#include <cstdint>\nextern "C" int64_t engine_small() { return 7; }\n')
+    monkeypatch.setattr(kernels, "SOURCES", (str(source),))  # an absolute path stays one
+    monkeypatch.setattr(kernels, "PRECOMPILED", ("cstdint",))
+    return tmp_path / "engine_kernels.so"
+
+
+def test_kernel_sources_are_compiled_with_the_precompiled_header(small_kernel_build, caplog):
+    """Every source starts with the precompiled header (the parse of torch's headers,
+    16 s of ~20 s of a source's compile, done once): the compiler takes it only when
+    it was built with the flags torch's extension builder gives each source, else it
+    reads the stand-in header, which stops the build."""
+    import ctypes
+    import logging
+
+    from torch.utils import cpp_extension
+
+    from engine import kernels
+
+    with caplog.at_level(logging.INFO, logger="engine.kernels"):
+        kernels._compile(cpp_extension, small_kernel_build)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    assert ctypes.CDLL(str(small_kernel_build)).engine_small() == 7
+    assert not list(small_kernel_build.parent.glob("build-*"))  # the work folder is gone
+
+
+def test_a_precompiled_header_the_compiler_refuses_means_a_build_without_it(
+        small_kernel_build, monkeypatch, caplog):
+    """Flags that differ from the sources' (another torch's recipe, say) leave the
+    precompiled header unused: the build says so and compiles without it."""
+    import ctypes
+    import logging
+
+    from torch.utils import cpp_extension
+
+    from engine import kernels
+
+    flags = kernels._compile_flags
+    monkeypatch.setattr(kernels, "_compile_flags",
+                        lambda ext, name: [*flags(ext, name), "-DENGINE_ANOTHER_TORCH=1"])
+    with caplog.at_level(logging.INFO, logger="engine.kernels"):
+        kernels._compile(cpp_extension, small_kernel_build)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the precompiled header did not match the kernels' compile flags; building without it"]
+    assert ctypes.CDLL(str(small_kernel_build)).engine_small() == 7
+
+
 # ------------------------------------------------------------------ item 8: plugins
 
 

@@ -38,6 +38,7 @@ made of the sources, the torch version and the CPU, so any change rebuilds.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -73,6 +74,7 @@ CACHE_ENV = "ENGINE_KERNEL_CACHE"
 STALE_LOCK_SECONDS = 1800
 
 _loaded: bool | None = None
+_builds = itertools.count()
 
 
 def _cpu_flags() -> str:
@@ -131,26 +133,92 @@ def build() -> Path:
     return target
 
 
+# -fopenmp: at::parallel_for is inline OpenMP code; without the flag it runs on one
+# thread. The library then needs libgomp.so.1, which resolves to the copy torch has
+# already loaded (one thread pool).
+CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only",
+          "-mprefer-vector-width=512", "-fopenmp")
+# every source includes these first: parsing them is 16 s of compiler time per
+# source (of ~20 s for most), so they are parsed once into a precompiled header
+PRECOMPILED = ("torch/library.h", "ATen/ATen.h", "ATen/Parallel.h")
+# the text header that stands for the precompiled one: the compiler reads it only
+# when it finds the precompiled header unusable, and then stops
+_PCH_STAND_IN = '#error "engine kernels: the precompiled header was not used"\n'
+
+
 def _compile(cpp_extension: Any, target: Path) -> None:
     work = target.parent / f"build-{os.getpid()}-{threading.get_ident()}"
     work.mkdir(parents=True, exist_ok=True)
+    # a name of its own for each build in this process: torch's builder renames a
+    # second build of one name whose flags or folder differ (engine_kernels_v1), and
+    # the name is a macro of every compile, the precompiled header's too
+    name = f"{LIBRARY_NAME}_{next(_builds)}"
     try:
-        cpp_extension.load(
-            name=LIBRARY_NAME,
-            sources=[str(Path(__file__).parent / name) for name in SOURCES],
-            build_directory=str(work),
-            # -fopenmp: at::parallel_for is inline OpenMP code; without the flag
-            # it runs on one thread. The library then needs libgomp.so.1, which
-            # resolves to the copy torch has already loaded (one thread pool).
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only",
-                          "-mprefer-vector-width=512", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-        os.replace(work / f"{LIBRARY_NAME}.so", target)  # atomic: readers see all or nothing
+        try:
+            header = _precompile_header(cpp_extension, work / "pch", name)
+        except (OSError, subprocess.CalledProcessError) as e:
+            said = getattr(e, "stderr", b"") or b""
+            logger.info("no precompiled header for the kernels (%s%s); each source parses "
+                        "torch's headers itself", e, f": {said[-2000:].decode(errors='replace')}"
+                        if said else "")
+            header = None
+        try:
+            built = _load(cpp_extension, work, name, header)
+        except RuntimeError as e:
+            if header is None or "precompiled header was not used" not in str(e):
+                raise
+            # a compiler or torch that takes other flags than `_compile_flags` says
+            logger.warning("the precompiled header did not match the kernels' compile flags; "
+                           "building without it")
+            shutil.rmtree(work / "pch", ignore_errors=True)
+            built = _load(cpp_extension, work, f"{name}_plain", None)
+        os.replace(built, target)  # atomic: readers see all or nothing
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _load(cpp_extension: Any, work: Path, name: str, header: Path | None) -> Path:
+    """Compile and link the sources with torch's extension builder into
+    ``work/<name>.so``, each source starting with `header` (the precompiled one)
+    when given."""
+    pch = ["-Winvalid-pch", "-include", str(header)] if header is not None else []
+    return Path(cpp_extension.load(
+        name=name,
+        sources=[str(Path(__file__).parent / name) for name in SOURCES],
+        build_directory=str(work),
+        extra_cflags=[*CFLAGS, *pch],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    ))
+
+
+def _compile_flags(cpp_extension: Any, name: str) -> list[str]:
+    """The flags torch's extension builder gives the compiler for each source (its
+    recipe for a CPU extension on Linux): a precompiled header is used only by a
+    compile with the same ones."""
+    import sysconfig
+
+    includes = [*cpp_extension.include_paths("cpu"),
+                sysconfig.get_path("include", scheme="posix_prefix")]
+    return [f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H",
+            *(flag for path in includes for flag in ("-isystem", path)),
+            "-fPIC", "-std=c++20", *CFLAGS]
+
+
+def _precompile_header(cpp_extension: Any, folder: Path, name: str) -> Path:
+    """Compile `PRECOMPILED` into ``folder/engine_pch.h.gch`` and return the
+    header to include (``folder/engine_pch.h``, the stand-in that fails the build
+    when the compiler does not take the precompiled one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / "engine_pch_source.h"
+    source.write_text("".join(f"#include <{name}>\n" for name in PRECOMPILED))
+    header = folder / "engine_pch.h"
+    header.write_text(_PCH_STAND_IN)
+    subprocess.run([cpp_extension.get_cxx_compiler(), *_compile_flags(cpp_extension, name),
+                    "-x", "c++-header", str(source), "-o", f"{header}.gch"],
+                   check=True, capture_output=True)
+    return header
 
 
 def _start_background_build() -> None:
