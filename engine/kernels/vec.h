@@ -27,6 +27,26 @@ constexpr int64_t kLanes = 16;
 
 inline vf splat(float x) { return vf{} + x; }
 
+#if defined(__AVX__) && !defined(__AVX512F__)
+// A `vf` as the two 256-bit registers it lives in on a CPU without AVX-512, for
+// lane permutations: GCC lowers a 16-lane shuffle of two sources there one element
+// at a time (about 50 instructions where 3 do), see `fold` in paged_attention.cpp.
+struct VfHalves {
+  __m256 lo, hi;  // lanes 0-7, 8-15
+};
+inline VfHalves halves(vf v) {
+  VfHalves h;
+  std::memcpy(&h, &v, sizeof(v));
+  return h;
+}
+inline vf join(__m256 lo, __m256 hi) {
+  const VfHalves h{lo, hi};
+  vf v;
+  std::memcpy(&v, &h, sizeof(v));
+  return v;
+}
+#endif
+
 inline vf load(const float* p) {
   vf v;
   std::memcpy(&v, p, sizeof(v));
@@ -44,7 +64,31 @@ inline vf load(const c10::BFloat16* p) {
 
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// `store`'s rounding of 8 lanes, in the low 16 bits of each 32-bit lane
+inline __m256i bf16_bits_avx2(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  // both sides below 2^31: the signed compare is the unsigned one
+  const __m256i is_nan = _mm256_cmpgt_epi32(
+      _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+  return _mm256_or_si256(_mm256_andnot_si256(is_nan, rounded),
+                         _mm256_and_si256(is_nan, _mm256_set1_epi32(0x7fc0)));
+}
+#endif
+
 inline void store(c10::BFloat16* p, vf v) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  // on the two 256-bit halves: GCC lowers the generic code's 16-lane unsigned
+  // compare and its u32 -> u16 narrowing one lane at a time without AVX-512 (the
+  // bfloat16 paths' vpextrd / vpinsrw). The same bits: the packing saturates, and
+  // every value is below 2^16; it interleaves 128-bit lanes, the permute puts them back.
+  const VfHalves h = halves(v);
+  const __m256i packed = _mm256_packus_epi32(bf16_bits_avx2(h.lo), bf16_bits_avx2(h.hi));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xD8));
+#else
   vu u;
   std::memcpy(&u, &v, sizeof(u));
   vu rounded = (u + (((u >> 16) & 1u) + 0x7fffu)) >> 16;
@@ -53,6 +97,7 @@ inline void store(c10::BFloat16* p, vf v) {
   rounded = (vu)((vi)rounded & ~is_nan) | ((vu)is_nan & 0x7fc0u);
   vh h = __builtin_convertvector(rounded, vh);
   std::memcpy(p, &h, sizeof(h));
+#endif
 }
 
 // scalar versions, for the tails of rows that are not a multiple of 16
@@ -63,9 +108,15 @@ inline void store1(c10::BFloat16* p, float x) { *p = c10::BFloat16(x); }
 
 // round a float32 to the nearest bfloat16 and back (what a bfloat16 op's result holds)
 inline vf round_bf16(vf v) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  const VfHalves h = halves(v);  // in registers: the rounded bits shifted back up
+  return join(_mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits_avx2(h.lo), 16)),
+              _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits_avx2(h.hi), 16)));
+#else
   c10::BFloat16 tmp[kLanes];
   store(tmp, v);
   return load(tmp);
+#endif
 }
 
 // float32 -> bfloat16, round to nearest even. A CPU with AVX512-BF16 (Xeon since
@@ -98,25 +149,6 @@ inline vf round_out(vf v) { return round_bf16(v); }
 #endif
 inline void store_out(float* p, vf v) { store(p, v); }
 
-#if defined(__AVX__) && !defined(__AVX512F__)
-// A `vf` as the two 256-bit registers it lives in on a CPU without AVX-512, for
-// lane permutations: GCC lowers a 16-lane shuffle of two sources there one element
-// at a time (about 50 instructions where 3 do), see `fold` in paged_attention.cpp.
-struct VfHalves {
-  __m256 lo, hi;  // lanes 0-7, 8-15
-};
-inline VfHalves halves(vf v) {
-  VfHalves h;
-  std::memcpy(&h, &v, sizeof(v));
-  return h;
-}
-inline vf join(__m256 lo, __m256 hi) {
-  const VfHalves h{lo, hi};
-  vf v;
-  std::memcpy(&v, &h, sizeof(v));
-  return v;
-}
-#endif
 
 // lane i <- lane i ^ step: the butterfly of a tree reduction
 template <int step>
