@@ -10,9 +10,9 @@ fresh processes of their own, alternating A, B, A, B for ``--rounds`` rounds.
 - bits: both trees run the same random steps (float32 and bfloat16 caches; head
   sizes 64, 80 and 128; 1 to 12 query heads per KV head; contexts of 1 to 300
   tokens) and the outputs are compared bit for bit;
-- time: float32 (what ``dtype="auto"`` runs on a CPU without bfloat16 arithmetic),
-  9 query heads over 3 KV heads of 64 values (SmolLM2-135M), rows x context tokens
-  as a decode step has them; "DRAM" cycles through enough steps that their K/V
+- time: float32 (what ``dtype="auto"`` runs on a CPU without bfloat16 arithmetic;
+  ``--dtype bfloat16`` for a bfloat16 cache), 9 query heads over 3 KV heads of 64
+  values (SmolLM2-135M), rows x context tokens as a decode step has them; "DRAM" cycles through enough steps that their K/V
   (more than 64 MB) cannot stay in the caches, "again" calls one step again and
   again. Best of 3 per process, wall ms per call, with the GB/s of K/V read.
 
@@ -33,6 +33,7 @@ CHILD = r"""
 import sys, time, torch
 sys.path.insert(0, sys.argv[1] + "/tests")
 import engine.kernels as kernels
+print("engine from", str(__import__("pathlib").Path(kernels.__file__).parents[2]))
 assert kernels.kernels_available(), "the kernels did not load"
 from attention_steps import random_attention_step
 ops = torch.ops.engine_kernels
@@ -55,13 +56,14 @@ if sys.argv[2] == "bits":
             outs[f"{dtype} {heads}/{kv_heads} x {size}"] = out
     torch.save(outs, sys.argv[3])
 else:
+    dtype = getattr(torch, sys.argv[3])
     for rows, ctx in ((1, 300), (8, 300), (32, 128), (32, 300), (32, 1024)):
-        kv_bytes = rows * ctx * 2 * 3 * 64 * 4
+        kv_bytes = rows * ctx * 2 * 3 * 64 * dtype.itemsize
         count = max(2, -(-64_000_000 // kv_bytes))
         steps = []
         for i in range(count):
             md, cache, (q, _, _) = random_attention_step(
-                [1] * rows, [ctx] * rows, torch.float32, block_size=16, kv_heads=3, heads=9,
+                [1] * rows, [ctx] * rows, dtype, block_size=16, kv_heads=3, heads=9,
                 head_size=64, seed=i)
             q = q.reshape(rows, 9, 64)
             steps.append((md, cache, q, torch.empty_like(q)))
@@ -96,11 +98,16 @@ def _cpu() -> str:
 
 def _run(tree: Path, *args: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(tree), "ENGINE_CPU_KERNELS": "build"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tree), *args], env=env,
+    # run in the tree: `python -c` puts the working folder first on sys.path, ahead of
+    # PYTHONPATH, so from another checkout the child would import that one's engine
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tree), *args], env=env, cwd=tree,
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{tree}: {proc.stderr[-2000:]}")
-    return proc.stdout
+    first, _, rest = proc.stdout.partition("\n")
+    if first != f"engine from {tree}":
+        raise SystemExit(f"{tree}: the child imported another tree's engine ({first})")
+    return rest
 
 
 def main() -> int:
@@ -108,6 +115,8 @@ def main() -> int:
     ap.add_argument("--trees", nargs=2, type=Path, required=True, metavar=("A", "B"),
                     help="two checkouts of the engine (the kernels' sources in each)")
     ap.add_argument("--rounds", type=int, default=2, help="timed processes per tree")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the cache and query dtype of the timed calls")
     args = ap.parse_args()
     trees = [tree.resolve() for tree in args.trees]
     print(f"CPU: {_cpu()}; load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -123,7 +132,7 @@ def main() -> int:
             print(f"bits {key}: {'equal' if torch.equal(a[key], b[key]) else f'differ (max {diff:.3g})'}")
     for rnd in range(args.rounds):
         for name, tree in zip("AB", trees, strict=True):
-            for line in _run(tree, "time").splitlines():
+            for line in _run(tree, "time", args.dtype).splitlines():
                 print(f"{name} round {rnd}: {line}", flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     return 0
