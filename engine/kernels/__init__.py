@@ -184,7 +184,7 @@ def _load(cpp_extension: Any, work: Path, name: str, header: Path | None) -> Pat
     pch = ["-Winvalid-pch", "-include", str(header)] if header is not None else []
     return Path(cpp_extension.load(
         name=name,
-        sources=[str(Path(__file__).parent / name) for name in SOURCES],
+        sources=[str(Path(__file__).parent / source) for source in SOURCES],
         build_directory=str(work),
         extra_cflags=[*CFLAGS, *pch],
         extra_ldflags=["-fopenmp"],
@@ -212,7 +212,7 @@ def _precompile_header(cpp_extension: Any, folder: Path, name: str) -> Path:
     when the compiler does not take the precompiled one)."""
     folder.mkdir(parents=True, exist_ok=True)
     source = folder / "engine_pch_source.h"
-    source.write_text("".join(f"#include <{name}>\n" for name in PRECOMPILED))
+    source.write_text("".join(f"#include <{included}>\n" for included in PRECOMPILED))
     header = folder / "engine_pch.h"
     header.write_text(_PCH_STAND_IN)
     subprocess.run([cpp_extension.get_cxx_compiler(), *_compile_flags(cpp_extension, name),

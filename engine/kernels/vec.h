@@ -149,7 +149,6 @@ inline vf round_out(vf v) { return round_bf16(v); }
 #endif
 inline void store_out(float* p, vf v) { store(p, v); }
 
-
 // lane i <- lane i ^ step: the butterfly of a tree reduction
 template <int step>
 inline vf swap_lanes(vf v) {
