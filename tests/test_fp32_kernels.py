@@ -1,6 +1,6 @@
 """The float32 decode kernel (engine_kernels::fp32_gemv) on every path this CPU
-runs: the AVX-512 one where the CPU has it, and the portable vector-extension
-one, forced with ``ENGINE_KERNEL_PATH=portable`` (or the op's `portable`
+runs: the AVX-512 one where the CPU has it, the AVX2 one where it has AVX2 and FMA
+but not AVX-512, and the portable vector-extension one, forced with ``ENGINE_KERNEL_PATH=portable`` (or the op's `portable`
 argument) so that it is tested on every machine; the same for the bf16 GEMV's
 portable path (its AVX512-BF16 and AMX paths: tests/test_cpu_kernels.py).
 
@@ -34,7 +34,9 @@ def _cpu_flags() -> set[str]:
 
 
 def test_native_path_follows_the_cpu_flags(compiled):
-    expected = "avx512" if "avx512f" in _cpu_flags() else "portable"
+    flags = _cpu_flags()
+    expected = ("avx512" if "avx512f" in flags else
+                "avx2" if {"avx2", "fma"} <= flags else "portable")
     assert torch.ops.engine_kernels.fp32_gemv_path() == expected
 
 

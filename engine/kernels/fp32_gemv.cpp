@@ -11,10 +11,14 @@
 //     sgemm by float32 reassociation only). M is 1 to 32.
 // engine_kernels::fp32_gemv_path() -> str: the path `portable=False` takes here
 //
-// Two paths, chosen at run time: AVX-512F intrinsics (where the library was
-// built for, and the CPU has, AVX-512), and the 16-lane vector-extension code of
-// vec.h, which compiles to whatever vectors the CPU has (AVX2, NEON, ...).
-// `portable=True` forces the second, so that it is tested on every machine.
+// Three paths: AVX-512F intrinsics (where the library was built for, and the CPU
+// has, AVX-512), AVX2 + FMA intrinsics (where it was built for a CPU with those and
+// without AVX-512), and the 16-lane vector-extension code of vec.h, which compiles to
+// whatever vectors the CPU has (AVX2, NEON, ...). `portable=True` forces the last,
+// so that it is tested on every machine. On AVX2 the portable code's 16-lane
+// accumulators are two registers each: 6 input rows x 4 weight rows of them is 48
+// of the 16 ymm registers, and the compiler spills them; the AVX2 path keeps
+// 8-lane accumulators for at most 3 input rows at a time (12 registers).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -29,6 +33,12 @@
 #define ENGINE_FP32_AVX512 1
 #else
 #define ENGINE_FP32_AVX512 0
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define ENGINE_FP32_AVX2 1
+#else
+#define ENGINE_FP32_AVX2 0
 #endif
 
 #include "vec.h"
@@ -48,6 +58,16 @@ bool cpu_has_avx512() {
   return ok;
 #else
   return false;
+#endif
+}
+
+// the intrinsics path this library has and this CPU runs, if any
+bool native_path() {
+#if ENGINE_FP32_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return cpu_has_avx512();
 #endif
 }
 
@@ -103,6 +123,70 @@ inline void dot_avx512(const float* const* w, const float* x, int64_t ldx, int64
 }
 #endif
 
+#if ENGINE_FP32_AVX2
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// dot products of R weight rows with C (at most 3) input rows: out[c * R + r]
+template <int C, int R>
+inline void dot_avx2(const float* const* w, const float* x, int64_t ldx, int64_t K,
+                     float* out, const char* ahead) {
+  static_assert(C >= 1 && C <= 3, "C x R accumulators must fit the 16 ymm registers");
+  __m256 acc[C][R];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  if constexpr (C == 1) {
+    // one input row: a second set of accumulators, so that FMA latency does not
+    // limit the weight stream
+    __m256 acc2[R];
+    for (int r = 0; r < R; ++r) acc2[r] = _mm256_setzero_ps();
+    for (; k + 16 <= K; k += 16) {
+      if (ahead)  // one cache line per weight row per step
+        for (int r = 0; r < R; ++r) __builtin_prefetch(ahead + (r * K + k) * 4);
+      const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+      for (int r = 0; r < R; ++r) {
+        acc[0][r] = _mm256_fmadd_ps(_mm256_loadu_ps(w[r] + k), x0, acc[0][r]);
+        acc2[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w[r] + k + 8), x1, acc2[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) acc[0][r] = _mm256_add_ps(acc[0][r], acc2[r]);
+  }
+  for (; k + 8 <= K; k += 8) {
+    if (ahead && k % 16 == 0)
+      for (int r = 0; r < R; ++r) __builtin_prefetch(ahead + (r * K + k) * 4);
+    for (int c = 0; c < C; ++c) {
+      const __m256 xv = _mm256_loadu_ps(x + c * ldx + k);
+      for (int r = 0; r < R; ++r)
+        acc[c][r] = _mm256_fmadd_ps(_mm256_loadu_ps(w[r] + k), xv, acc[c][r]);
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) {
+      float s = hsum8(acc[c][r]);
+      for (int64_t j = k; j < K; ++j) s += w[r][j] * x[c * ldx + j];
+      out[c * R + r] = s;
+    }
+}
+
+// C input rows in passes of at most 3 (the weight rows stay in L1 between passes;
+// only the first pass prefetches)
+template <int C, int R>
+inline void dot_avx2_rows(const float* const* w, const float* x, int64_t ldx, int64_t K,
+                          float* out, const char* ahead) {
+  if constexpr (C <= 3) {
+    dot_avx2<C, R>(w, x, ldx, K, out, ahead);
+  } else {
+    dot_avx2<3, R>(w, x, ldx, K, out, ahead);
+    dot_avx2_rows<C - 3, R>(w, x + 3 * ldx, ldx, K, out + 3 * R, nullptr);
+  }
+}
+#endif
+
 template <int C, int R>
 inline void dot_portable(const float* const* w, const float* x, int64_t ldx, int64_t K,
                          float* out, const char* ahead) {
@@ -134,6 +218,11 @@ inline void dot(const float* const* w, const float* x, int64_t ldx, int64_t K, f
 #if ENGINE_FP32_AVX512
   if constexpr (Fast) {
     dot_avx512<C, R>(w, x, ldx, K, out, ahead);
+    return;
+  }
+#elif ENGINE_FP32_AVX2
+  if constexpr (Fast) {
+    dot_avx2_rows<C, R>(w, x, ldx, K, out, ahead);
     return;
   }
 #endif
@@ -208,13 +297,16 @@ void fp32_gemv(at::Tensor out, const at::Tensor& x, const at::Tensor& weight,
                     bias->scalar_type() == at::kFloat, "fp32_gemv: bias must be a contiguous float32 [N]");
     b = bias->data_ptr<float>();
   }
-  if (!portable && cpu_has_avx512())
+  if (!portable && native_path())
     gemv<true>(out.data_ptr<float>(), x.data_ptr<float>(), weight.data_ptr<float>(), b, M, N, K);
   else
     gemv<false>(out.data_ptr<float>(), x.data_ptr<float>(), weight.data_ptr<float>(), b, M, N, K);
 }
 
-std::string fp32_gemv_path() { return cpu_has_avx512() ? "avx512" : "portable"; }
+std::string fp32_gemv_path() {
+  if (!native_path()) return "portable";
+  return ENGINE_FP32_AVX2 ? "avx2" : "avx512";
+}
 
 }  // namespace
 
