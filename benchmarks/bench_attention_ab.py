@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _trees import cpu_line, run_in_tree
 
 CHILD = r"""
 import sys, time, torch
 sys.path.insert(0, sys.argv[1] + "/tests")
 import engine.kernels as kernels
-print("engine from", str(__import__("pathlib").Path(kernels.__file__).parents[2]))
 assert kernels.kernels_available(), "the kernels did not load"
 from attention_steps import random_attention_step
 ops = torch.ops.engine_kernels
@@ -85,29 +85,8 @@ else:
 """
 
 
-def _cpu() -> str:
-    model = flags = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and not model:
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
-            wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
-            flags = " ".join(f for f in line.split(":", 1)[1].split() if f in wanted)
-    return f"{model} ({flags}), {os.cpu_count()} CPUs"
-
-
 def _run(tree: Path, *args: str) -> str:
-    env = {**os.environ, "PYTHONPATH": str(tree), "ENGINE_CPU_KERNELS": "build"}
-    # run in the tree: `python -c` puts the working folder first on sys.path, ahead of
-    # PYTHONPATH, so from another checkout the child would import that one's engine
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tree), *args], env=env, cwd=tree,
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"{tree}: {proc.stderr[-2000:]}")
-    first, _, rest = proc.stdout.partition("\n")
-    if first != f"engine from {tree}":
-        raise SystemExit(f"{tree}: the child imported another tree's engine ({first})")
-    return rest
+    return "\n".join(run_in_tree(tree, CHILD, str(tree), *args, ENGINE_CPU_KERNELS="build")) + "\n"
 
 
 def main() -> int:
@@ -119,7 +98,7 @@ def main() -> int:
                     help="the cache and query dtype of the timed calls")
     args = ap.parse_args()
     trees = [tree.resolve() for tree in args.trees]
-    print(f"CPU: {_cpu()}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"CPU: {cpu_line()}; load average {os.getloadavg()[0]:.2f}", flush=True)
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:

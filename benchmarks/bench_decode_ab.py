@@ -11,6 +11,10 @@ its sources (``ENGINE_CPU_KERNELS=build``), alternating A, B, B, A, ... for
 one fresh prompt alone, 64 new tokens each (``ignore_eos``): output tokens per
 second and ms per token. Every timed prompt is new (no prefix-cache hits).
 
+For throughput on `bench_vs_vllm.py`'s serving workload (long-lived workers,
+per-round ratios, a commit checked out for you) use `bench_engine_ab.py`; this one
+is the quick look at decode through ``LLM.generate``.
+
 The CPU model and the load average are printed: say them next to any figure.
 """
 
@@ -18,14 +22,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+from _trees import cpu_line, run_in_tree
+
 CHILD = r"""
-import pathlib, random, sys, time
+import random, sys, time
 import engine.kernels as kernels
-print("engine from", pathlib.Path(kernels.__file__).parents[2], flush=True)
 from engine import LLM, SamplingParams
 model, dtype, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 words = "the a of to in is it that for on with as was at by an be this from or".split()
@@ -48,22 +52,7 @@ llm.shutdown()
 
 
 def _run(tree: Path, model: str, dtype: str, seed: int) -> str:
-    env = {**os.environ, "PYTHONPATH": str(tree), "ENGINE_CPU_KERNELS": "build"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, model, dtype, str(seed)], env=env,
-                          cwd=tree, capture_output=True, text=True, check=False, timeout=1800)
-    if proc.returncode != 0:
-        raise SystemExit(f"{tree}: {proc.stderr[-2000:]}")
-    lines = proc.stdout.splitlines()
-    if lines[0] != f"engine from {tree}":
-        raise SystemExit(f"{tree}: the child imported another tree's engine ({lines[0]})")
-    return lines[-1]
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
-    return f"{os.cpu_count()} CPUs"
+    return run_in_tree(tree, CHILD, model, dtype, str(seed), ENGINE_CPU_KERNELS="build")[-1]
 
 
 def main() -> int:
@@ -74,7 +63,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     trees = [tree.resolve() for tree in args.trees]
-    print(f"CPU: {_cpu()}; load average {os.getloadavg()[0]:.2f}; {args.model} {args.dtype}",
+    print(f"CPU: {cpu_line()}; load average {os.getloadavg()[0]:.2f}; {args.model} {args.dtype}",
           flush=True)
     for rnd in range(args.rounds):
         for side in (("A", "B") if rnd % 2 == 0 else ("B", "A")):

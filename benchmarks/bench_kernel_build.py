@@ -15,46 +15,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# what `engine kernels build` runs, after saying which tree's engine it imported
-CHILD = """
-import pathlib
-import engine.kernels as kernels
-print(pathlib.Path(kernels.__file__).parents[2], flush=True)
-print(kernels.build())
-"""
+from _trees import cpu_line, run_in_tree
 
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return platform.processor()
+# what `engine kernels build` runs
+CHILD = "import engine.kernels\nprint(engine.kernels.build())\n"
 
 
 def build_once(tree: Path) -> tuple[float, float]:
     """(wall s, CPU s) of one build of `tree`'s kernels into an empty cache."""
     with tempfile.TemporaryDirectory(prefix="kernel-build-") as cache:
-        env = dict(os.environ, PYTHONPATH=str(tree), ENGINE_KERNEL_CACHE=cache)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        # run in the tree: `python -c` puts the working folder first on sys.path, ahead
-        # of PYTHONPATH, so from another checkout it would build that one's kernels
-        proc = subprocess.run([sys.executable, "-c", CHILD], env=env, cwd=tree,
-                              capture_output=True, text=True, timeout=1800)
+        run_in_tree(tree, CHILD, ENGINE_KERNEL_CACHE=cache)
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        raise SystemExit(f"build of {tree} failed:\n{proc.stderr[-4000:]}")
-    if proc.stdout.splitlines()[0] != str(tree):
-        raise SystemExit(f"{tree}: the build imported another tree's engine: {proc.stdout}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return wall, cpu
 
@@ -65,7 +44,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     trees = [t.resolve() for t in args.trees]
-    print(f"CPU: {_cpu_model()}, {os.cpu_count()} cores; load before: {os.getloadavg()}")
+    print(f"CPU: {cpu_line()}; load before: {os.getloadavg()}")
     results: dict[str, list[tuple[float, float]]] = {"A": [], "B": []}
     for r in range(args.rounds):
         order = ("A", "B") if r % 2 == 0 else ("B", "A")

@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from _trees import cpu_line, run_in_tree
+
 CHILD = r"""
-import pathlib, sys, time
+import sys, time
 import numpy as np, torch
 import engine.kernels as kernels
-print("engine from", pathlib.Path(kernels.__file__).parents[2])
 assert kernels.kernels_available(), "the kernels did not load"
 ops = torch.ops.engine_kernels
 dtype = getattr(torch, sys.argv[1])
@@ -63,22 +63,7 @@ torch.save(outputs, sys.argv[2])
 
 
 def _run(tree: Path, dtype: str, out: Path) -> list[str]:
-    env = {**os.environ, "PYTHONPATH": str(tree), "ENGINE_CPU_KERNELS": "build"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, dtype, str(out)], env=env, cwd=tree,
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"{tree}: {proc.stderr[-2000:]}")
-    first, *rest = proc.stdout.splitlines()
-    if first != f"engine from {tree}":
-        raise SystemExit(f"{tree}: the child imported another tree's engine ({first})")
-    return rest
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
-    return f"{os.cpu_count()} CPUs"
+    return run_in_tree(tree, CHILD, dtype, str(out), ENGINE_CPU_KERNELS="build")
 
 
 def main() -> int:
@@ -88,7 +73,7 @@ def main() -> int:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     args = ap.parse_args()
     trees = [tree.resolve() for tree in args.trees]
-    print(f"CPU: {_cpu()}; load average {os.getloadavg()[0]:.2f}; {args.dtype}", flush=True)
+    print(f"CPU: {cpu_line()}; load average {os.getloadavg()[0]:.2f}; {args.dtype}", flush=True)
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
