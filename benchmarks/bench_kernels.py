@@ -17,7 +17,8 @@
   the cached context gathered), float32 and bf16 (bf16: the kernel's AMX path where
   the CPU has AMX, as the engine runs it; elsewhere its portable path, routed to the
   kernel for its side while the engine keeps such prefills on SDPA);
-- float32 linears of smol's shapes at 1, 4, 32 and 256 rows: the float32 GEMV
+- float32 linears of smol's shapes at 1, 4, 32 and 256 rows (``--fp32-rows``: others,
+  e.g. 8,12,16,20,24,32 for where oneDNN overtakes the GEMV): the float32 GEMV
   kernel (native and portable paths, up to 32 rows) and oneDNN on a prepacked
   weight against F.linear (torch's BLAS), again cycling through distinct weights.
 
@@ -190,12 +191,15 @@ def prefill(torch) -> None:
                   f"{sdpa * 1e3:.3f} ms, kernel {kernel * 1e3:.3f} ms ({sdpa / kernel:.2f}x)")
 
 
+FP32_ROWS = [1, 4, 32, 256]  # --fp32-rows
+
+
 def fp32_linears(torch) -> None:
     import torch.nn.functional as F
 
     from engine.ops.linear import pack_weight
 
-    for rows in (1, 4, 32, 256):
+    for rows in FP32_ROWS:
         for name, (n, k) in SHAPES.items():
             count = 12 if name != "lm_head" else 1
             weights = [torch.randn(n, k) for _ in range(count)]
@@ -520,7 +524,10 @@ def main() -> int:
     ap.add_argument("--parts", default="attention,linears,argmax,prefill,fp32",
                     help="comma-separated: attention, linears, argmax, prefill, fp32, ggml, kquants, "
                          "decode_attention, decode_resident, kv_pages, kv_layout")
+    ap.add_argument("--fp32-rows", default="1,4,32,256",
+                    help="the fp32 part's row counts (comma-separated)")
     args = ap.parse_args()
+    FP32_ROWS[:] = [int(rows) for rows in args.fp32_rows.split(",")]
     import torch
 
     from engine.kernels import kernels_available

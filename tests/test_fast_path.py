@@ -125,7 +125,10 @@ def wide_llama(make_hf_model) -> Path:
     ("llama", "bfloat16", 2),  # the bf16 GEMV
     ("llama", "bfloat16", 20),  # the AMX kernel (where the CPU has it), else oneDNN
     ("llama", "bfloat16", 40),  # past the few-row sizes: the AMX kernel, SiLU in gate_up
-    ("llama", "float32", 20),  # the split AMX kernel (where the CPU has AMX), else the GEMV
+    ("llama", "float32", 12),  # the float32 GEMV (the split AMX kernel with AMX)
+    # the split AMX kernel (where the CPU has AMX), else the GEMV; on an AVX2 CPU
+    # (fp32_gemv_max_rows 16) oneDNN on the packed weights, SiLU in gate_up
+    ("llama", "float32", 20),
     ("llama", "float32", 40),  # past the float32 GEMV's rows: split AMX or oneDNN, via the layer
     ("qwen2", "bfloat16", 3),  # q/k/v biases
 ])

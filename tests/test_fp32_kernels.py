@@ -65,19 +65,27 @@ def test_fp32_gemv_matches_linear(compiled, portable, n, k):
 
 @pytest.mark.parametrize("path", ["auto", "portable", "no-amx"])
 def test_plain_linear_routes_float32_rows(compiled, monkeypatch, path):
-    """`plain_linear` hands 1-32 float32 rows to the kernel on the path
-    ENGINE_KERNEL_PATH names, and more rows (prompt chunks) to F.linear."""
-    from engine.ops.linear import FP32_GEMV_MAX_ROWS, plain_linear
+    """`plain_linear` hands float32 rows up to `fp32_gemv_max_rows` (32; 16 where
+    the GEMV's native code is the AVX2 path) to the kernel on the path
+    ENGINE_KERNEL_PATH names, and more rows to F.linear."""
+    from engine.ops.linear import (
+        FP32_GEMV_MAX_ROWS,
+        FP32_GEMV_MAX_ROWS_AVX2,
+        fp32_gemv_max_rows,
+        plain_linear,
+    )
 
+    avx2 = torch.ops.engine_kernels.fp32_gemv_path() == "avx2"
+    assert fp32_gemv_max_rows() == (FP32_GEMV_MAX_ROWS_AVX2 if avx2 else FP32_GEMV_MAX_ROWS)
     monkeypatch.setenv(kernels.PATH_ENV, path)
     gen = torch.Generator().manual_seed(7)
     weight, bias = torch.randn(48, 80, generator=gen), torch.randn(48, generator=gen)
-    for rows in (1, 7, FP32_GEMV_MAX_ROWS):
+    for rows in (1, 7, fp32_gemv_max_rows()):
         x = torch.randn(rows, 80, generator=gen)
         direct = torch.empty(rows, 48)
         torch.ops.engine_kernels.fp32_gemv(direct, x, weight, bias, path == "portable")
         assert torch.equal(plain_linear(x, weight, bias), direct)  # the kernel's own result
-    x = torch.randn(FP32_GEMV_MAX_ROWS + 1, 80, generator=gen)
+    x = torch.randn(fp32_gemv_max_rows() + 1, 80, generator=gen)
     assert torch.equal(plain_linear(x, weight, bias), F.linear(x, weight, bias))
     assert torch.equal(plain_linear(x[:3].double(), weight.double()),
                        F.linear(x[:3].double(), weight.double()))
@@ -93,7 +101,7 @@ def test_fp32_fast_path_teacher_forced_agrees_with_transformers(compiled, make_h
     """Teacher forcing: for every position of a few random sequences, the engine
     predicts one token after the true prefix. With at most 32 tokens per step
     (``max_num_batched_tokens=32``) every linear layer and the LM head run the
-    float32 kernel; with 2048, steps hold many prompts and the prompt path runs
+    float32 kernel (on an AVX2 CPU up to 16 rows, oneDNN past them); with 2048, steps hold many prompts and the prompt path runs
     (on an AMX CPU the split kernel, three bfloat16 tile products a float32 one;
     elsewhere, and with ``ENGINE_KERNEL_PATH=no-amx``, oneDNN on packed weights;
     SiLU-and-mul inside the gate/up products). Its top-1

@@ -193,6 +193,25 @@ def split_weight(weight: torch.Tensor) -> torch.Tensor:
 # chunks) go to oneDNN on the packed weight (onednn_packing_supported), or on a
 # CPU with AMX to the split kernel (amx_split_linear).
 FP32_GEMV_MAX_ROWS = 32
+# where the GEMV's native code is its AVX2 path (no AVX-512: 8-lane registers, three
+# input rows a pass), oneDNN on the packed weight overtakes it past about this many
+# rows (docs/fp32-decode.md, "Where oneDNN takes over"): larger decode steps go there
+FP32_GEMV_MAX_ROWS_AVX2 = 16
+# fp32_gemv_max_rows' answer once asked: a plain list, which torch.compile reads as
+# a constant (`pack_linear_weights` asks before any model runs)
+_fp32_gemv_rows: list[int] = []
+
+
+def fp32_gemv_max_rows() -> int:
+    """The most rows the compiled float32 GEMV takes on this CPU: FP32_GEMV_MAX_ROWS,
+    or FP32_GEMV_MAX_ROWS_AVX2 where its native code is the AVX2 path. Asked only
+    once the kernels are loaded (`usable_for` said yes)."""
+    if not _fp32_gemv_rows:
+        if torch.compiler.is_compiling():  # not asked in eager mode first: never here
+            return FP32_GEMV_MAX_ROWS
+        avx2 = torch.ops.engine_kernels.fp32_gemv_path() == "avx2"
+        _fp32_gemv_rows.append(FP32_GEMV_MAX_ROWS_AVX2 if avx2 else FP32_GEMV_MAX_ROWS)
+    return _fp32_gemv_rows[0]
 # with the split AMX copy, the GEMV kernel still wins up to here; from 9 to
 # FP32_GEMV_MAX_ROWS rows the split kernel takes 0.5-0.7x its time (both read
 # 4 bytes a weight, the GEMV's FMAs bind past a few rows: docs/prefill.md)
@@ -202,7 +221,7 @@ FP32_GEMV_FIRST_ROWS = 8
 def plain_linear(x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None, portable: bool | None = None) -> torch.Tensor:
     """``x W^T + b`` on an unpacked weight: F.linear, except that float32
-    decode-sized products (up to FP32_GEMV_MAX_ROWS rows) run the compiled
+    decode-sized products (up to `fp32_gemv_max_rows` rows) run the compiled
     float32 GEMV kernel when it is loaded, and that bfloat16 products on a CPU
     without bfloat16 arithmetic (`widen_bf16_products`) run the bf16 GEMV kernel
     up to WIDENED_GEMV_MAX_ROWS rows and `widened_linear` past them. The kernels sum in
@@ -212,7 +231,8 @@ def plain_linear(x: torch.Tensor, weight: torch.Tensor,
     if (x.dtype == torch.float32 and x.dim() == 2 and 0 < x.shape[0] <= FP32_GEMV_MAX_ROWS
             and weight.dim() == 2):
         operands = (x, weight) if bias is None else (x, weight, bias)
-        if usable_for(*operands) and x.is_contiguous() and weight.is_contiguous():
+        if (usable_for(*operands) and x.is_contiguous() and weight.is_contiguous()
+                and x.shape[0] <= fp32_gemv_max_rows()):
             out = x.new_empty((x.shape[0], weight.shape[0]))
             torch.ops.engine_kernels.fp32_gemv(
                 out, x, weight, bias, portable_forced() if portable is None else portable)
@@ -343,7 +363,8 @@ def few_rows_kernel(rows: int, dtype: torch.dtype, bias: torch.Tensor | None,
     if dtype == torch.float32 and rows <= FP32_GEMV_MAX_ROWS:
         if amx_packed is not None and rows > FP32_GEMV_FIRST_ROWS and not portable:
             return LINEAR_AMX_SPLIT
-        return LINEAR_FP32_GEMV if weight.dim() == 2 and weight.is_contiguous() else 0
+        return (LINEAR_FP32_GEMV if weight.dim() == 2 and weight.is_contiguous()
+                and rows <= fp32_gemv_max_rows() else 0)
     if dtype == torch.bfloat16 and rows <= AMX_MAX_ROWS:
         amx = amx_packed is not None and not portable
         if rows <= (GEMV_FIRST_ROWS if amx else GEMV_MAX_ROWS) and weight.is_contiguous():
@@ -378,6 +399,8 @@ def few_rows_linear(x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Te
             torch.ops.engine_kernels.amx_linear(out, x, amx_packed, bias)
         return out
     if x.dtype == torch.float32 and rows <= FP32_GEMV_MAX_ROWS:
+        if usable_for(x) and rows > fp32_gemv_max_rows():
+            return None  # oneDNN's on the packed weight (or the caller's F.linear)
         return plain_linear(x, weight, bias, portable)  # its GEMV, or F.linear
     return None
 
@@ -460,6 +483,8 @@ def pack_linear_weights(model: nn.Module) -> int:
     gate and up halves packed apart (`MergedColumnParallelLinear.silu_and_mul`).
     Returns the number of layers packed."""
     packed = 0
+    if usable_for(torch.empty(0)):
+        fp32_gemv_max_rows()  # asked once here, outside any torch.compile trace
     for module in model.modules():
         if getattr(module, "quant_weight", None) is not None:
             continue  # its quantization method's kernels run it
@@ -548,10 +573,11 @@ def fast_linear_kernel(layer: ColumnParallelLinear | RowParallelLinear, dtype: t
         if gated:
             return [LINEAR_AMX_SILU, amx.shape[0] * 8, 0, 0, 0], [amx, bias]
         return [LINEAR_AMX, amx.shape[0] * 16, 0, 0, 0], [amx, bias]
-    if dtype != torch.bfloat16 or not 0 < rows <= AMX_MAX_ROWS:
+    if dtype not in (torch.bfloat16, torch.float32) or not 0 < rows <= AMX_MAX_ROWS:
         return None
-    # no compiled kernel takes these rows (no AMX): the layer's forward runs oneDNN on
-    # its packed weight, rows as they are (pad_rows_to_bucket pads past AMX_MAX_ROWS)
+    # no compiled kernel takes these rows (bfloat16 without AMX; float32 past
+    # `fp32_gemv_max_rows`): the layer's forward runs oneDNN on its packed weight,
+    # rows as they are (pad_rows_to_bucket pads past AMX_MAX_ROWS)
     if gated:
         halves = layer._packed_halves() if isinstance(layer, MergedColumnParallelLinear) else None
         if halves is None or bias is not None:
