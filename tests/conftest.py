@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import sysconfig
 from collections.abc import Callable
@@ -175,6 +177,47 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# what the controller of a parallel run starts at once (`pytest_configure`): the
+# compiled kernels' build when they are not built yet, stopped cleanly on SIGTERM
+_KERNEL_BUILD = """
+import signal, sys
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # through the build's cleanup
+import engine.kernels as kernels
+if not kernels.library_path().exists():
+    kernels.build()
+"""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In a parallel run (``-n 2``: the suite's command) the controller starts the
+    compiled kernels' build in a process of its own before the workers even start,
+    where they are not built yet (a fresh machine): the first test that needs them
+    (the `compiled` fixture) then waits for that build, which began while the
+    workers collected, instead of starting it. Each worker process runs this hook
+    too and starts nothing."""
+    if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
+        return
+    if os.environ.get("ENGINE_CPU_KERNELS", "").strip().lower() in ("0", "off", "false", "no"):
+        return
+    config.stash[_KERNEL_BUILD_KEY] = subprocess.Popen(
+        [sys.executable, "-c", _KERNEL_BUILD], stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A build still running when the session ends (a run of a few tests) stops."""
+    build = config.stash.get(_KERNEL_BUILD_KEY, None)
+    if build is not None and build.poll() is None:
+        os.killpg(build.pid, signal.SIGTERM)  # its compilers too (a session of its own)
+        try:
+            build.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            build.kill()
+
+
+_KERNEL_BUILD_KEY = pytest.StashKey[subprocess.Popen]()
 
 
 @pytest.fixture(scope="module")
