@@ -1,7 +1,8 @@
 """`engine_kernels::paged_decode_attention` called directly against a float64
 reference: softmax(scale q K^T) V over each sequence's context gathered through its
 block table. Every path this CPU runs is checked: the AVX512-BF16 scoring of a
-bfloat16 cache (where the CPU has it) and the portable vector-extension code
+bfloat16 cache (where the CPU has it), the AVX2 task of both dtypes (a CPU with
+AVX2 and no AVX-512) and the portable vector-extension code
 (`portable=True`, what ENGINE_KERNEL_PATH=portable selects), at group sizes 1, 2,
 3, 6, 8 and 12 (a group above 8 query heads is split into tiles), head sizes with compiled
 shapes (64, 128), the run-time shape (80) and the scalar path (24), contexts
@@ -50,7 +51,9 @@ def run_kernel(md, cache, q, seqs, scale, portable):
 
 
 def paths(dtype):
-    return [False, True] if dtype == torch.bfloat16 else [False]
+    """`portable` values that run different code here."""
+    own = torch.ops.engine_kernels.paged_decode_attention_path()
+    return [False, True] if dtype == torch.bfloat16 or own == "avx2" else [False]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -98,7 +101,10 @@ def test_decode_kernel_long_contexts_split_between_threads(compiled, dtype, bloc
 
 
 def test_decode_kernel_reports_the_path_the_cpu_takes(compiled):
-    expected = "avx512_bf16" if "avx512_bf16" in kernels.cpu_flags() else "portable"
+    flags = kernels.cpu_flags()
+    expected = ("avx512_bf16" if "avx512_bf16" in flags
+                else "avx2" if {"avx2", "fma"} <= flags and "avx512f" not in flags
+                else "portable")
     assert torch.ops.engine_kernels.paged_decode_attention_path() == expected
 
 

@@ -9,10 +9,12 @@
 //   block_tables:     [S, max_blocks] int64, seq_lens [S] int64,
 //   query_start_loc:  [S + 1] int64 (sequence s's decode row is query_start_loc[s])
 //   decode_seqs:      [n] int64, the sequences to compute
-//   portable:         bfloat16 scores with vec.h's vector extensions even where
-//                     the CPU has AVX512-BF16 (so that path is tested everywhere)
+//   portable:         vec.h's vector extensions even where the CPU has a path of
+//                     its own (so that code is tested everywhere): AVX512-BF16
+//                     scores of a bfloat16 cache, or the AVX2 task (both dtypes)
 // engine_kernels::paged_decode_attention_path() -> str: the path a bfloat16 cache
-//   takes with portable=False here ("avx512_bf16" or "portable").
+//   takes with portable=False here ("avx512_bf16", "avx2" or "portable"; a
+//   float32 cache takes "avx2" where that is the answer, else the portable code).
 //
 // A task is one (sequence, KV head) pair: its K and V rows are read once, 16
 // tokens at a time, for the whole group of query heads sharing that KV head,
@@ -280,6 +282,195 @@ void decode_task(const scalar_t* q_rows, const scalar_t* k_base, const scalar_t*
   }
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define ENGINE_DECODE_AVX2 1
+// The task for a CPU with AVX2 and no AVX-512 (AMD Zen 2/3, Intel before Skylake-SP),
+// on 8-lane registers. The generic task above keeps a whole group's queries and
+// accumulators in 16-lane vectors, 2 x 12-64 of the 16 ymm registers there: GCC
+// spills them and shuffles the spilled halves through the stack, ~250 cycles a token
+// and KV head (docs/decode-attention.md, "AVX2"). Here only what one step of a loop
+// needs is in registers: the queries are read from L1 by the FMAs, the output
+// accumulators are loaded and stored once per 8-float column of 8 tokens, and heads
+// go in tiles of at most 4 (one K/V chunk, then in L1, read once per tile).
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {  // widening is a shift
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// lane j = the sum of the lanes of v[j]
+inline __m256 reduce8(const __m256* v) {
+  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // 4-lane sums
+  return _mm256_permute2f128_ps(u0, u1, 0x20) + _mm256_permute2f128_ps(u0, u1, 0x31);
+}
+
+inline float hmax8(__m256 v) {
+  v = _mm256_max_ps(v, _mm256_permute2f128_ps(v, v, 0x01));
+  v = _mm256_max_ps(v, _mm256_permute_ps(v, 0x4E));
+  v = _mm256_max_ps(v, _mm256_permute_ps(v, 0xB1));
+  return v[0];
+}
+
+inline float hsum8(__m256 v) {
+  v = v + _mm256_permute2f128_ps(v, v, 0x01);
+  v = v + _mm256_permute_ps(v, 0x4E);
+  v = v + _mm256_permute_ps(v, 0xB1);
+  return v[0];
+}
+
+// vec.h's exp_approx on 8 lanes (the same range reduction and polynomial)
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  const __m256 kf = _mm256_floor_ps(
+      _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  const __m256 r = _mm256_fnmadd_ps(kf, _mm256_set1_ps(-2.12194440e-4f),
+                                    _mm256_fnmadd_ps(kf, _mm256_set1_ps(0.693359375f), x));
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, r * r, r + _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(kf), _mm256_set1_epi32(127)), 23);
+  return p * _mm256_castsi256_ps(bits);
+}
+
+// One chunk of at most 8 tokens (`count`) for a tile of GT query heads: scores,
+// online softmax, values. q: the tile's scaled queries [GT, D] in float32; acc: its
+// accumulators [GT, D] (in the task's output); m, l: its running maxima and
+// per-lane sums.
+template <typename scalar_t, int GT>
+void chunk_avx2(const float* q, const scalar_t* const* k_rows, const scalar_t* const* v_rows,
+                int count, int64_t D, float* acc, float* m, __m256* l) {
+  // scores: token j's dot products with each head, two accumulators per head
+  // (even and odd columns) so that the FMA chains overlap
+  alignas(32) __m256 part[GT][8];
+  for (int j = 0; j < count; ++j) {
+    __m256 a0[GT], a1[GT];
+    for (int g = 0; g < GT; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < D; c += 16) {
+      const __m256 k0 = load8(k_rows[j] + c), k1 = load8(k_rows[j] + c + 8);
+      for (int g = 0; g < GT; ++g) {
+        a0[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + c), k0, a0[g]);
+        a1[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + c + 8), k1, a1[g]);
+      }
+    }
+    for (int g = 0; g < GT; ++g) part[g][j] = a0[g] + a1[g];
+  }
+  for (int j = count; j < 8; ++j)
+    for (int g = 0; g < GT; ++g) part[g][j] = _mm256_setzero_ps();
+  const __m256 valid = _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7),
+                                     _mm256_set1_ps(static_cast<float>(count)), _CMP_LT_OQ);
+  alignas(32) float p[GT][8];
+  for (int g = 0; g < GT; ++g) {
+    const __m256 s = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), reduce8(part[g]), valid);
+    const float m_new = std::max(m[g], hmax8(s));
+    if (m_new > m[g]) {
+      // a new maximum: what was summed so far shrinks (to 0 on the first chunk)
+      const __m256 alpha = _mm256_set1_ps(exp_approx(m[g] - m_new));
+      for (int64_t c = 0; c < D; c += 8)
+        _mm256_storeu_ps(acc + g * D + c, _mm256_loadu_ps(acc + g * D + c) * alpha);
+      l[g] = l[g] * alpha;
+      m[g] = m_new;
+    }
+    const __m256 e = _mm256_and_ps(exp8(s - _mm256_set1_ps(m_new)), valid);
+    l[g] = l[g] + e;
+    _mm256_store_ps(p[g], e);
+  }
+  // values: two 8-float columns of the tile's accumulators at a time, in registers
+  // over the chunk's tokens
+  for (int64_t c = 0; c < D; c += 16) {
+    __m256 a0[GT], a1[GT];
+    for (int g = 0; g < GT; ++g) {
+      a0[g] = _mm256_loadu_ps(acc + g * D + c);
+      a1[g] = _mm256_loadu_ps(acc + g * D + c + 8);
+    }
+    for (int j = 0; j < count; ++j) {
+      const __m256 v0 = load8(v_rows[j] + c), v1 = load8(v_rows[j] + c + 8);
+      for (int g = 0; g < GT; ++g) {
+        const __m256 pj = _mm256_broadcast_ss(&p[g][j]);
+        a0[g] = _mm256_fmadd_ps(pj, v0, a0[g]);
+        a1[g] = _mm256_fmadd_ps(pj, v1, a1[g]);
+      }
+    }
+    for (int g = 0; g < GT; ++g) {
+      _mm256_storeu_ps(acc + g * D + c, a0[g]);
+      _mm256_storeu_ps(acc + g * D + c + 8, a1[g]);
+    }
+  }
+}
+
+// how many blocks ahead the AVX2 task prefetches each row
+constexpr int64_t kAheadBlocks = 2;
+
+// `decode_task`'s contract on 8-lane registers: the same arguments (nc_rt in 16-lane
+// chunks, at most kMaxGroup heads, head size at most 256) and the same results.
+template <typename scalar_t>
+void decode_task_avx2(const scalar_t* q_rows, const scalar_t* k_base, const scalar_t* v_base,
+                      const int64_t* table, int64_t t_begin, int64_t t_end, int64_t block_size,
+                      int64_t cache_stride, int64_t token_stride, int nc_rt, int g_rt,
+                      float scale, float* acc_out, float* m_out, float* l_out) {
+  const int64_t D = static_cast<int64_t>(nc_rt) * kLanes;
+  const int G = g_rt;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  alignas(32) float q[8 * 256];  // kMaxGroup heads of at most 256
+  float m[8];
+  __m256 l[8];
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (int g = 0; g < G; ++g) {
+    for (int64_t c = 0; c < D; c += 8) {
+      _mm256_store_ps(q + g * D + c, load8(q_rows + g * D + c) * vscale);
+      _mm256_storeu_ps(acc_out + g * D + c, _mm256_setzero_ps());
+    }
+    m[g] = -INFINITY;
+    l[g] = _mm256_setzero_ps();
+  }
+  const scalar_t* k_rows[8];
+  const scalar_t* v_rows[8];
+  int64_t b = t_begin / block_size, off = t_begin % block_size;
+  const int64_t first_block = b;
+  const int64_t last_block = t_end > 0 ? (t_end - 1) / block_size : 0;
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += 8) {
+    const int count = static_cast<int>(std::min<int64_t>(8, t_end - t0));
+    for (int j = 0; j < count; ++j) {
+      // as `decode_task`, with each row the same row of a later block prefetched: two
+      // blocks ahead (and in the first block, the next one too)
+      const int64_t base = table[b] * cache_stride + off * token_stride;
+      k_rows[j] = k_base + base;
+      v_rows[j] = v_base + base;
+      for (int64_t ahead = b == first_block ? 1 : kAheadBlocks; ahead <= kAheadBlocks; ++ahead) {
+        if (b + ahead > last_block) break;
+        const int64_t next = table[b + ahead] * cache_stride + off * token_stride;
+        prefetch_row(k_base + next, row_bytes);
+        prefetch_row(v_base + next, row_bytes);
+      }
+      if (++off == block_size) {
+        off = 0;
+        ++b;
+      }
+    }
+    for (int g0 = 0; g0 < G; g0 += 4) {
+      float* acc = acc_out + g0 * D;
+      switch (std::min(4, G - g0)) {
+        case 1: chunk_avx2<scalar_t, 1>(q + g0 * D, k_rows, v_rows, count, D, acc, m + g0, l + g0); break;
+        case 2: chunk_avx2<scalar_t, 2>(q + g0 * D, k_rows, v_rows, count, D, acc, m + g0, l + g0); break;
+        case 3: chunk_avx2<scalar_t, 3>(q + g0 * D, k_rows, v_rows, count, D, acc, m + g0, l + g0); break;
+        default: chunk_avx2<scalar_t, 4>(q + g0 * D, k_rows, v_rows, count, D, acc, m + g0, l + g0);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    m_out[g] = m[g];
+    l_out[g] = hsum8(l[g]);
+  }
+}
+#endif
+
 // whether this build has the vdpbf16ps scoring (a bfloat16 cache, head sizes 64 and 128)
 constexpr bool kHaveDot =
 #if defined(__AVX512BF16__)
@@ -300,6 +491,9 @@ template <typename scalar_t>
 DecodeTaskFn<scalar_t> pick_task(int nc, int g, bool portable) {
   constexpr bool kDot = std::is_same_v<scalar_t, c10::BFloat16> && kHaveDot;
   const bool dot = kDot && !portable;
+#if defined(ENGINE_DECODE_AVX2)
+  if (!portable && nc <= 16) return &decode_task_avx2<scalar_t>;
+#endif
 #define ENGINE_TASK_CASE(NC, G) \
   case G: return dot ? &decode_task<scalar_t, NC, G, kDot> : &decode_task<scalar_t, NC, G, false>;
 #define ENGINE_TASK_CASES(NC)                                                             \
@@ -465,9 +659,15 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::T
   }
 }
 
-// the path a bfloat16 cache takes here with `portable=False` (float32 always takes
-// the vector-extension code)
-std::string paged_decode_attention_path() { return kHaveDot ? "avx512_bf16" : "portable"; }
+// the path a bfloat16 cache takes here with `portable=False` (float32: the AVX2 task
+// on such a CPU, else the vector-extension code)
+std::string paged_decode_attention_path() {
+#if defined(ENGINE_DECODE_AVX2)
+  return "avx2";
+#else
+  return kHaveDot ? "avx512_bf16" : "portable";
+#endif
+}
 
 }  // namespace
 
