@@ -287,11 +287,12 @@ void decode_task(const scalar_t* q_rows, const scalar_t* k_base, const scalar_t*
 // The task for a CPU with AVX2 and no AVX-512 (AMD Zen 2/3, Intel before Skylake-SP),
 // on 8-lane registers. The generic task above keeps a whole group's queries and
 // accumulators in 16-lane vectors, 2 x 12-64 of the 16 ymm registers there: GCC
-// spills them and shuffles the spilled halves through the stack, ~250 cycles a token
-// and KV head (docs/decode-attention.md, "AVX2"). Here only what one step of a loop
-// needs is in registers: the queries are read from L1 by the FMAs, the output
-// accumulators are loaded and stored once per 8-float column of 8 tokens, and heads
-// go in tiles of at most 4 (one K/V chunk, then in L1, read once per tile).
+// spills them and shuffles the spilled halves through the stack, ~500 cycles a token
+// and KV head on one thread (docs/decode-attention.md, "The AVX2 task"). Here only
+// what one step of a loop needs is in registers: the queries are read from L1 by
+// the FMAs, the output accumulators are loaded and stored once per 8-float column
+// of 8 tokens, and heads go in tiles of at most 4 (one K/V chunk, then in L1, read
+// once per tile).
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {  // widening is a shift

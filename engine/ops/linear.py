@@ -195,7 +195,8 @@ def split_weight(weight: torch.Tensor) -> torch.Tensor:
 FP32_GEMV_MAX_ROWS = 32
 # where the GEMV's native code is its AVX2 path (no AVX-512: 8-lane registers, three
 # input rows a pass), oneDNN on the packed weight overtakes it past about this many
-# rows (docs/fp32-decode.md, "Where oneDNN takes over"): larger decode steps go there
+# rows (docs/fp32-decode.md, "Where oneDNN takes over on AVX2"): larger decode
+# steps go there
 FP32_GEMV_MAX_ROWS_AVX2 = 16
 # fp32_gemv_max_rows' answer once asked: a plain list, which torch.compile reads as
 # a constant (`pack_linear_weights` asks before any model runs)
@@ -212,6 +213,8 @@ def fp32_gemv_max_rows() -> int:
         avx2 = torch.ops.engine_kernels.fp32_gemv_path() == "avx2"
         _fp32_gemv_rows.append(FP32_GEMV_MAX_ROWS_AVX2 if avx2 else FP32_GEMV_MAX_ROWS)
     return _fp32_gemv_rows[0]
+
+
 # with the split AMX copy, the GEMV kernel still wins up to here; from 9 to
 # FP32_GEMV_MAX_ROWS rows the split kernel takes 0.5-0.7x its time (both read
 # 4 bytes a weight, the GEMV's FMAs bind past a few rows: docs/prefill.md)
