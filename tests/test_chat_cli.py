@@ -38,7 +38,7 @@ class Tmux:
         self.tmux = ["tmux", "-L", self.name]
         exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()
                            if k.startswith(("ENGINE_", "HF_", "PYTHONPATH", "TOKENIZERS",
-                                            "TRANSFORMERS", "PATH", "HOME")))
+                                            "TRANSFORMERS", "PATH", "HOME", "FORCED_")))
         script = f"cd {shlex.quote(str(cwd))} && env {exports} {command}; echo EXIT=$?; sleep 60"
         subprocess.run([*self.tmux, "new-session", "-d", "-s", self.name, "-x", "200", "-y", "50",
                         "bash", "-c", script], check=True, timeout=10)
@@ -226,6 +226,79 @@ def test_too_long_message_is_an_error_and_clear_starts_over(chatml_model, tmp_pa
     assert "EXIT=0" in screen and "Traceback" not in screen
     assert [m["content"] for m in messages if m["role"] == "user"] == ["hi"]
     assert [m["content"] for m in cleared if m["role"] == "user"] == ["again"]
+
+
+def test_control_characters_in_model_text_are_shown_escaped():
+    from engine.cli.common import terminal_safe
+
+    assert terminal_safe("a\x1b]0;title\x07b") == "a\\x1b]0;title\\x07b"
+    assert terminal_safe("over\rwrite \x9b2J \x7f \x00") == "over\\x0dwrite \\x9b2J \\x7f \\x00"
+    kept = "lines\nand\ttabs, é, 中文, emoji \U0001f600, \\x1b typed by hand"
+    assert terminal_safe(kept) == kept
+
+
+# a logits processor that makes the model write an operating-system command's
+# start (ESC ] 0 ;) and then text, over and over: a terminal given those
+# characters raw hides everything after them (tmux included)
+FORCING_MODULE = """
+import os
+import torch
+from engine.sample import LogitsProcessor
+
+
+class Forcing(LogitsProcessor):
+    def __init__(self, config, device):
+        super().__init__(config, device)
+        self.ids = [int(i) for i in os.environ["FORCED_TOKEN_IDS"].split(",")]
+        self.step = 0
+
+    def is_argmax_invariant(self):
+        return False
+
+    def update_state(self, batch_update):
+        pass
+
+    def apply(self, logits):
+        forced = self.ids[self.step % len(self.ids)]
+        self.step += 1
+        keep = logits[:, forced].clone()
+        logits.fill_(-torch.inf)
+        logits[:, forced] = keep
+        return logits
+"""
+
+
+def test_escape_sequences_the_model_writes_are_shown_not_obeyed(chatml_model, tmp_path):
+    from tokenizers import Tokenizer
+
+    forced_text = "\x1b]0;hidden "
+    ids = Tokenizer.from_file(str(chatml_model / "tokenizer.json")).encode(forced_text).ids
+    (tmp_path / "forcing_lp.py").write_text(FORCING_MODULE)
+    env = subprocess_env(PYTHONPATH=str(tmp_path), FORCED_TOKEN_IDS=",".join(map(str, ids)))
+    history = tmp_path / "history.json"
+    tmux = Tmux(_chat_command(chatml_model, history, "--max-tokens", str(3 * len(ids)),
+                              "--ignore-eos", "--logits-processors", "forcing_lp:Forcing"),
+                env, ROOT)
+    try:
+        tmux.wait_for(lambda s: _prompt_count(s) >= 1, "the first prompt")
+        tmux.enter("hello")
+        # raw, the ESC ] would hide the rest of the reply and the next prompt
+        screen = tmux.wait_for(lambda s: _prompt_count(s) >= 2, "the reply and a new prompt")
+        tmux.enter("/exit")
+        tmux.wait_for(lambda s: "EXIT=" in s, "the exit")
+    finally:
+        tmux.close()
+    assert "\\x1b]0;hidden \\x1b]0;hidden \\x1b]0;hidden" in screen
+    # the history keeps the model's exact text
+    assert _wait_history(history, 2)[1]["content"] == forced_text * 3
+    # piped, `engine generate` prints the exact text too
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine", "generate", "--model", str(chatml_model), "--dtype",
+         "float32", "--kv-cache-memory", str(2**24), "--max-tokens", str(len(ids)),
+         "--ignore-eos", "--logits-processors", "forcing_lp:Forcing", "--prompt", "hi"],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "hi" + forced_text + "\n"
 
 
 @pytest.mark.slow

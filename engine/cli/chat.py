@@ -20,6 +20,7 @@ from engine.cli.common import (
     add_model_argument,
     announce_loading,
     announce_out_of_tree_plugins,
+    for_stdout,
     resolve_model_argument,
 )
 from engine.engine_args import EngineArgs
@@ -154,7 +155,7 @@ class ChatSession:
         reply = out.outputs[0].text
         self.messages.append({"role": "assistant", "content": reply})
         self._save()
-        print(reply)
+        print(for_stdout(reply))
         return 0
 
     def interact(self) -> int:
@@ -210,7 +211,7 @@ class ChatSession:
                 delta = snapshot.outputs[0].text_delta
                 if delta:
                     text += delta
-                    sys.stdout.write(delta)
+                    sys.stdout.write(for_stdout(delta))
                     sys.stdout.flush()
                 if stop["requested"]:
                     break

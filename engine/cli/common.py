@@ -7,6 +7,7 @@ Imported to build the parser: no torch here.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 import registry
@@ -14,6 +15,27 @@ import registry
 # the api_route group is off unless `engine serve --enable-route-plugin` names a
 # plugin, so an installed route plugin is not "active" at start-up
 _NOT_ACTIVE_BY_DEFAULT = ("engine.api_route_plugins",)
+
+
+# what a terminal acts on instead of showing: C0 controls but newline and tab (ESC
+# starts escape sequences, CR overwrites the line, BEL rings), DEL, and the C1
+# controls (U+009B is CSI, U+009D OSC on terminals that take them in UTF-8)
+_TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """`text` as a terminal should show model output: each control character a
+    terminal would act on written as its ``\\xNN`` escape. A model's text is not
+    trusted with the terminal: an ``ESC ]`` it samples starts an operating-system
+    command that swallows every later character (and can set the window title or
+    the clipboard). Newlines and tabs are kept; so is all printable Unicode."""
+    return _TERMINAL_CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def for_stdout(text: str) -> str:
+    """`text` made `terminal_safe` when standard output is a terminal, unchanged
+    when it is a pipe or a file (those get the model's exact text)."""
+    return terminal_safe(text) if sys.stdout.isatty() else text
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:

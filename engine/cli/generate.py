@@ -11,6 +11,7 @@ from engine.cli.common import (
     add_model_argument,
     announce_loading,
     announce_out_of_tree_plugins,
+    for_stdout,
     resolve_model_argument,
 )
 from engine.engine_args import EngineArgs
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     for i, out in enumerate(outputs):
         if len(outputs) > 1:
             print(f"{'-' * 20} prompt {i + 1} of {len(outputs)} {'-' * 20}")
-        print(f"{out.prompt}{out.outputs[0].text}")
+        print(for_stdout(f"{out.prompt}{out.outputs[0].text}"))
     return 0
 
 
