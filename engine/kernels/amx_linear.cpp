@@ -36,7 +36,7 @@
 //     the same from the split fused [gate; up] weight: silu(g) * u in float32
 // engine_kernels::amx_supported() -> bool: built with AMX and allowed by the kernel
 #include <torch/library.h>
-#include <ATen/ATen.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
 

@@ -25,7 +25,8 @@
 // linear runs (it depends on the row count) is decided in Python
 // (engine.ops.linear.fast_linear_kernel) and passed in `ints`.
 #include <torch/library.h>
-#include <ATen/ATen.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdint>

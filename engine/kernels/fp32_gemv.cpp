@@ -20,7 +20,6 @@
 // of the 16 ymm registers, and the compiler spills them; the AVX2 path keeps
 // 8-lane accumulators for at most 3 input rows at a time (12 registers).
 #include <torch/library.h>
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
 

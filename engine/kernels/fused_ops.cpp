@@ -16,7 +16,8 @@
 // intermediate results are rounded (bfloat16: after each op), so that outputs
 // equal `forward_native`'s up to float32 reassociation.
 #include <torch/library.h>
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>

@@ -10,7 +10,6 @@
 // (vdpbf16ps); elsewhere, or with `portable` (bool, default false), the 16-lane
 // float code of vec.h does the same sum. bf16_gemv_path() names the default path.
 #include <torch/library.h>
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
 

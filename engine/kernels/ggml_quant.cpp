@@ -25,7 +25,9 @@
 // engine_kernels::ggml_embedding(out [T, K], ids [T], blocks, type): the rows `ids`
 // engine_kernels::ggml_compiled_paths() -> int: bit p set when path p is built in
 #include <torch/library.h>
-#include <ATen/ATen.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 

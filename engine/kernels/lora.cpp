@@ -23,7 +23,6 @@
 // elsewhere, or with `portable`, on vec.h's 16-lane code. The expand runs on
 // vec.h's code in both. lora_add_path(dtype) names the path `portable=False` takes.
 #include <torch/library.h>
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

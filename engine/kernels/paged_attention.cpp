@@ -23,7 +23,6 @@
 // multiple of 16 take a scalar path. Scores, softmax and the weighted sum are
 // accumulated in float32.
 #include <torch/library.h>
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
 

@@ -21,7 +21,6 @@
 // GCC/Clang vector extensions (vec.h): one code path, AVX-512 registers where the
 // CPU has them, narrower ones elsewhere.
 #include <torch/library.h>
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
 
