@@ -486,14 +486,19 @@ using DecodeTaskFn = void (*)(const scalar_t*, const scalar_t*, const scalar_t*,
 
 // The task function for a head size of `nc` 16-lane chunks and a group tile of `g`
 // heads: compiled for each group size at head sizes 64 and 128 (with vdpbf16ps
-// scoring for a bfloat16 cache unless `portable`), at run time otherwise.
+// scoring for a bfloat16 cache unless `portable`), at run time otherwise. Where the
+// AVX2 task exists, the 16-lane task serves only `portable` and head sizes over 256,
+// in its run-time form alone: its 32 compiled shapes were 26 of this source's 34 s
+// of compile time, for a path kept to check the others and to fall back on.
 template <typename scalar_t>
 DecodeTaskFn<scalar_t> pick_task(int nc, int g, bool portable) {
+#if defined(ENGINE_DECODE_AVX2)
+  (void)g;
+  if (!portable && nc <= 16) return &decode_task_avx2<scalar_t>;
+  return &decode_task<scalar_t, 0, 0, false>;
+#else
   constexpr bool kDot = std::is_same_v<scalar_t, c10::BFloat16> && kHaveDot;
   const bool dot = kDot && !portable;
-#if defined(ENGINE_DECODE_AVX2)
-  if (!portable && nc <= 16) return &decode_task_avx2<scalar_t>;
-#endif
 #define ENGINE_TASK_CASE(NC, G) \
   case G: return dot ? &decode_task<scalar_t, NC, G, kDot> : &decode_task<scalar_t, NC, G, false>;
 #define ENGINE_TASK_CASES(NC)                                                             \
@@ -507,6 +512,7 @@ DecodeTaskFn<scalar_t> pick_task(int nc, int g, bool portable) {
 #undef ENGINE_TASK_CASES
 #undef ENGINE_TASK_CASE
   return &decode_task<scalar_t, 0, 0, false>;
+#endif
 }
 
 template <typename scalar_t>
