@@ -31,8 +31,9 @@ from pathlib import Path
 from _trees import cpu_line, run_in_tree
 
 CHILD = r"""
-import sys, time, torch
+import os, sys, time, torch
 sys.path.insert(0, sys.argv[1] + "/tests")
+PORTABLE = os.environ.get("BENCH_ATTENTION_PORTABLE") == "1"
 import engine.kernels as kernels
 assert kernels.kernels_available(), "the kernels did not load"
 from attention_steps import random_attention_step
@@ -40,7 +41,7 @@ ops = torch.ops.engine_kernels
 
 def call(md, cache, q, out):
     ops.paged_decode_attention(out, q, cache, md.block_tables, md.seq_lens_tensor,
-                               md.query_start_loc, torch.arange(q.shape[0]), 0.125, False)
+                               md.query_start_loc, torch.arange(q.shape[0]), 0.125, PORTABLE)
 
 if sys.argv[2] == "bits":
     outs = {}
@@ -96,7 +97,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="timed processes per tree")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="the cache and query dtype of the timed calls")
+    ap.add_argument("--portable", action="store_true",
+                    help="time the op's portable path (portable=True) instead of the native one")
     args = ap.parse_args()
+    if args.portable:
+        os.environ["BENCH_ATTENTION_PORTABLE"] = "1"  # the children inherit it
     trees = [tree.resolve() for tree in args.trees]
     print(f"CPU: {cpu_line()}; load average {os.getloadavg()[0]:.2f}", flush=True)
     import torch
