@@ -330,6 +330,51 @@ def test_ctrl_c_keeps_tensor_parallel_workers_alive(chatml_model, tmp_path):
     assert len(_history(history)) == 4
 
 
+def test_ctrl_c_during_a_long_prompt_stops_before_the_first_token(chatml_model, capsys):
+    """A long conversation's prompt takes several engine steps before the reply's
+    first token: Ctrl-C is honoured after the step it arrived in, not only once a
+    token comes. The signal is sent from inside the second step (a real SIGINT to
+    this process, handled by the chat's own handler)."""
+    import os
+    import signal
+
+    from engine import LLM, SamplingParams
+    from engine.cli.chat import ChatSession
+
+    llm = LLM(str(chatml_model), dtype="float32", kv_cache_memory=2**24,
+              max_num_batched_tokens=64, max_num_seqs=1)
+    try:
+        session = ChatSession(llm, SamplingParams(max_tokens=8, ignore_eos=True))
+        session.messages.append({"role": "user", "content": "word " * 400})
+        assert len(session.prompt_ids()) > 4 * 64  # at least five prompt steps
+        engine = llm.llm_engine
+        real_step, steps = engine.step, []
+
+        def step():
+            outputs = real_step()
+            steps.append([o.request_id for o in outputs])
+            if len(steps) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            return outputs
+
+        engine.step = step
+        handler = signal.getsignal(signal.SIGINT)
+        try:
+            text, stopped = session._stream_reply()
+        finally:
+            del engine.step
+        assert (text, stopped) == ("", True)
+        assert len(steps) == 2 and steps == [[], []]  # two prompt chunks, no token yet
+        assert not engine.has_unfinished_requests()
+        assert signal.getsignal(signal.SIGINT) is handler  # the chat's own is gone
+        # the session goes on: the next reply runs to its end
+        text, stopped = session._stream_reply()
+        assert text and not stopped
+    finally:
+        llm.shutdown()
+    assert capsys.readouterr().out == text
+
+
 def test_chat_runs_one_sequence_and_sizes_its_cache_for_one(chatml_model):
     """A chat is one conversation: the engine under `engine chat` runs one sequence
     at a time (its warm-up runs no larger decode batch, its KV cache holds one

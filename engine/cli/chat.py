@@ -196,29 +196,37 @@ class ChatSession:
 
     def _stream_reply(self) -> tuple[str, bool]:
         """Generate the reply, printing it as it comes. Ctrl-C is turned into a flag
-        that is checked between engine steps, so the engine is never interrupted in
-        the middle of one. Returns the reply text and whether it was stopped."""
+        that is checked after every engine step, the reply's own or not (a long
+        conversation's prompt takes several steps before the first token), so the
+        engine is never interrupted in the middle of one. Returns the reply text and
+        whether it was stopped."""
         stop = {"requested": False}
 
         def on_sigint(signum: int, frame: Any) -> None:
             stop["requested"] = True
 
         previous = signal.signal(signal.SIGINT, on_sigint)
-        stream = self.llm.generate_stream(self.prompt_ids(), self.params)
-        text = ""
+        engine = self.llm.llm_engine
+        text, done = "", False
         try:
-            for snapshot in stream:
-                delta = snapshot.outputs[0].text_delta
-                if delta:
-                    text += delta
-                    sys.stdout.write(for_stdout(delta))
-                    sys.stdout.flush()
-                if stop["requested"]:
-                    break
+            request_id = engine.add_request(self.prompt_ids(), self.params)
+            try:
+                while not done and not stop["requested"]:
+                    for out in engine.step():
+                        if out.request_id != request_id:
+                            continue
+                        done = out.finished
+                        delta = out.outputs[0].text_delta
+                        if delta:
+                            text += delta
+                            sys.stdout.write(for_stdout(delta))
+                            sys.stdout.flush()
+            finally:
+                if not done:
+                    engine.abort_request(request_id)
         finally:
-            stream.close()  # aborts the request when it has not finished
             signal.signal(signal.SIGINT, previous)
-        return text, stop["requested"]
+        return text, stop["requested"] and not done
 
     def _save(self) -> None:
         if self.history_file:
