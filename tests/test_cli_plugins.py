@@ -80,6 +80,59 @@ def test_list_table_and_bad_group(sources):
     assert proc.returncode == 2 and "valid groups are" in proc.stderr
 
 
+def _run_on_a_terminal(*args: str, env: dict[str, str]) -> tuple[int, str]:
+    """`python -m engine ARGS` with stdout and stderr on a pseudo-terminal (a real
+    tty: `isatty()` is true); returns the exit status and what the terminal received."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "engine", *args], env=env, stdout=slave,
+                            stderr=slave, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    received = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        received += chunk
+    os.close(master)
+    return proc.wait(timeout=120), received.decode(errors="replace")
+
+
+def test_plugin_text_is_shown_not_obeyed_on_a_terminal(isolated_engine_env, tmp_path):
+    """A manifest's path (the ORIGIN column), a validation problem and a logged
+    error with an escape sequence in them reach a terminal as \\xNN text: an
+    `ESC ]` would hide the rest of the listing."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "cli_test_mod.py").write_text("def register():\n    pass\n")
+    pdir = tmp_path / "plugins\x1b]0;hidden"
+    manifest = write_manifest(pdir, "dir.toml", [{"group": "general", "name": "esc_origin",
+                                                  "value": "cli_test_mod:register"}],
+                              package=f'path = "{code}"')
+    env = subprocess_env(ENGINE_PLUGIN_DIRS=str(pdir))
+    status, screen = _run_on_a_terminal("plugins", "list", env=env)
+    assert status == 0
+    assert "\x1b" not in screen and "plugins\\x1b]0;hidden" in screen
+    assert "esc_origin" in screen
+    # piped, the exact path
+    proc = run_cli("plugins", "list", env=env)
+    assert proc.returncode == 0 and str(manifest) in proc.stdout
+    bad = write_manifest(pdir, "bad.toml", [{"group": "general", "name": "x"}])  # no value
+    status, screen = _run_on_a_terminal("plugins", "validate", str(bad), env=env)
+    assert status == 1 and "\x1b" not in screen and "plugins\\x1b]0;hidden" in screen
+    # the list logs the bad manifest on stderr, the same terminal
+    status, screen = _run_on_a_terminal("plugins", "list", env=env)
+    assert status == 0 and "\x1b" not in screen and "ERROR registry: " in screen
+    assert "hidden/bad.toml: plugin[0].value: required key is missing" in screen
+
+
 def test_list_and_help_do_not_import_torch(site, sources):
     env = subprocess_env(PYTHONPATH=str(site), ENGINE_PLUGIN_DIRS=str(sources["pdir"]))
     proc = run_python("""

@@ -7,6 +7,7 @@ Imported to build the parser: no torch here.
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 
@@ -36,6 +37,20 @@ def for_stdout(text: str) -> str:
     """`text` made `terminal_safe` when standard output is a terminal, unchanged
     when it is a pipe or a file (those get the model's exact text)."""
     return terminal_safe(text) if sys.stdout.isatty() else text
+
+
+class TerminalSafeFormatter(logging.Formatter):
+    """The log formatter for a terminal: each formatted record made `terminal_safe`
+    (log lines quote plugin errors, manifest paths and request text)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return terminal_safe(super().format(record))
+
+
+def log_formatter(fmt: str) -> logging.Formatter:
+    """A formatter for records written to stderr: `TerminalSafeFormatter` when
+    stderr is a terminal, the plain one when it is a pipe or a file."""
+    return TerminalSafeFormatter(fmt) if sys.stderr.isatty() else logging.Formatter(fmt)
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:

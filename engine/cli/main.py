@@ -23,6 +23,7 @@ import sys
 from typing import Any
 
 import registry
+from engine.cli.common import log_formatter
 from engine.utils import STARTUP_LOGGER
 
 SUBCOMMAND_MODULES = ("plugins", "generate", "chat", "embed", "serve", "kernels")
@@ -122,17 +123,15 @@ def apply_global_options(args: argparse.Namespace) -> None:
         for setting in args.plugin_settings:
             registry.add_plugin_config(registry.parse_plugin_setting(setting))
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(log_formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     # the start-up decisions (KV-cache size, a kernel build) show without -v, as
     # plain lines
     startup = logging.getLogger(STARTUP_LOGGER)
     if not startup.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("engine: %(message)s"))
+        handler.setFormatter(log_formatter("engine: %(message)s"))
         startup.addHandler(handler)
     startup.setLevel(min(level, logging.INFO))
     startup.propagate = False

@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Any
 
+from engine.cli.common import for_stdout
+
 ACTIONS = ("list", "validate", "doctor", "schema", "test", "disable", "enable")
 
 
@@ -92,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _table(rows: list[list[str]]) -> str:
+    # names, values and origins come from installed packages and manifest paths:
+    # shown, never obeyed, on a terminal (escaped before the widths are measured)
+    rows = [[for_stdout(cell) for cell in row] for row in rows]
     widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
     line = "  ".join(f"{{:<{width}}}" for width in widths)
     return "\n".join(line.format(*row).rstrip() for row in rows)
@@ -200,7 +205,7 @@ def run_validate(args: argparse.Namespace) -> int:
     failed = False
     for file, problems in registry.check_manifests(args.paths, import_values=args.import_values):
         for line in problems:
-            print(line)
+            print(for_stdout(line))
         failed = failed or bool(problems)
         if not problems:
             print(f"{file}: ok")
@@ -232,7 +237,8 @@ def _platform_section(report: Any) -> None:
 
 
 def _print_line(status: str, text: str) -> None:
-    print(f"  {status if status != 'info' else '-':<8} {text}")
+    # a plugin's own text (an import error's message) is shown, never obeyed
+    print(f"  {status if status != 'info' else '-':<8} {for_stdout(text)}")
 
 
 def run_doctor(args: argparse.Namespace) -> int:
