@@ -81,15 +81,16 @@ def test_list_table_and_bad_group(sources):
 
 
 def _run_on_a_terminal(*args: str, env: dict[str, str]) -> tuple[int, str]:
-    """`python -m engine ARGS` with stdout and stderr on a pseudo-terminal (a real
-    tty: `isatty()` is true); returns the exit status and what the terminal received."""
+    """`python ARGS` (`-m engine ...` or `-c CODE`) with stdout and stderr on a
+    pseudo-terminal (a real tty: `isatty()` is true); returns the exit status and
+    what the terminal received."""
     import os
     import pty
     import subprocess
     import sys
 
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "engine", *args], env=env, stdout=slave,
+    proc = subprocess.Popen([sys.executable, *args], env=env, stdout=slave,
                             stderr=slave, stdin=subprocess.DEVNULL)
     os.close(slave)
     received = b""
@@ -117,7 +118,7 @@ def test_plugin_text_is_shown_not_obeyed_on_a_terminal(isolated_engine_env, tmp_
                                                   "value": "cli_test_mod:register"}],
                               package=f'path = "{code}"')
     env = subprocess_env(ENGINE_PLUGIN_DIRS=str(pdir))
-    status, screen = _run_on_a_terminal("plugins", "list", env=env)
+    status, screen = _run_on_a_terminal("-m", "engine", "plugins", "list", env=env)
     assert status == 0
     assert "\x1b" not in screen and "plugins\\x1b]0;hidden" in screen
     assert "esc_origin" in screen
@@ -125,12 +126,26 @@ def test_plugin_text_is_shown_not_obeyed_on_a_terminal(isolated_engine_env, tmp_
     proc = run_cli("plugins", "list", env=env)
     assert proc.returncode == 0 and str(manifest) in proc.stdout
     bad = write_manifest(pdir, "bad.toml", [{"group": "general", "name": "x"}])  # no value
-    status, screen = _run_on_a_terminal("plugins", "validate", str(bad), env=env)
+    status, screen = _run_on_a_terminal("-m", "engine", "plugins", "validate", str(bad), env=env)
     assert status == 1 and "\x1b" not in screen and "plugins\\x1b]0;hidden" in screen
     # the list logs the bad manifest on stderr, the same terminal
-    status, screen = _run_on_a_terminal("plugins", "list", env=env)
+    status, screen = _run_on_a_terminal("-m", "engine", "plugins", "list", env=env)
     assert status == 0 and "\x1b" not in screen and "ERROR registry: " in screen
     assert "hidden/bad.toml: plugin[0].value: required key is missing" in screen
+
+
+def test_json_on_a_terminal_escapes_the_controls_json_leaves_raw():
+    """`generate --json` / `embed --json` keep non-ASCII text; on a terminal DEL and
+    the C1 controls (raw in JSON) are written as \\u escapes of the same value."""
+    value = [{"text": "a\x1b b\x7f c\x9b d\u00e9 \u4e2d"}]
+    code = ("from engine.cli.common import json_for_stdout; "
+            f"print(json_for_stdout({value!r}))")
+    status, screen = _run_on_a_terminal("-c", code, env=subprocess_env())
+    assert status == 0 and json.loads(screen) == value
+    assert "\\u001b" in screen and "\\u007f" in screen and "\\u009b" in screen
+    assert "\x9b" not in screen and "\u00e9 \u4e2d" in screen  # letters stay letters
+    piped = run_python(code, env=subprocess_env())
+    assert json.loads(piped.stdout) == value and "\x9b" in piped.stdout  # exact when piped
 
 
 def test_list_and_help_do_not_import_torch(site, sources):

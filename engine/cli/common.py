@@ -7,6 +7,7 @@ Imported to build the parser: no torch here.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -37,6 +38,17 @@ def for_stdout(text: str) -> str:
     """`text` made `terminal_safe` when standard output is a terminal, unchanged
     when it is a pipe or a file (those get the model's exact text)."""
     return terminal_safe(text) if sys.stdout.isatty() else text
+
+
+def json_for_stdout(value: object) -> str:
+    """`value` as JSON text (non-ASCII kept as is) for standard output. On a
+    terminal the characters JSON may carry raw but a terminal acts on (DEL and the
+    C1 controls: JSON escapes only those below U+0020) are written as ``\\u00NN``,
+    which decodes to the same value."""
+    text = json.dumps(value, ensure_ascii=False)
+    if not sys.stdout.isatty():
+        return text
+    return re.sub("[\x7f-\x9f]", lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 class TerminalSafeFormatter(logging.Formatter):

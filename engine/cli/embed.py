@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from engine.cli.common import for_stdout, json_for_stdout
 from engine.engine_args import EngineArgs
 
 
@@ -40,10 +40,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         rows = [{"text": out.prompt, "embedding": out.outputs.embedding} for out in outputs]
-        print(json.dumps(rows, ensure_ascii=False))
+        print(json_for_stdout(rows))
         return 0
     for out in outputs:
         vec = out.outputs.embedding
         head = ", ".join(f"{x:+.4f}" for x in vec[:4])
-        print(f"{out.prompt}\t[{head}, ...] ({len(vec)} dims)")
+        print(for_stdout(f"{out.prompt}\t[{head}, ...] ({len(vec)} dims)"))
     return 0

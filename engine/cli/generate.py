@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -12,6 +11,7 @@ from engine.cli.common import (
     announce_loading,
     announce_out_of_tree_plugins,
     for_stdout,
+    json_for_stdout,
     resolve_model_argument,
 )
 from engine.engine_args import EngineArgs
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
              "finish_reason": out.outputs[0].finish_reason}
             for out in outputs
         ]
-        print(json.dumps(rows, ensure_ascii=False))
+        print(json_for_stdout(rows))
         return 0
     for i, out in enumerate(outputs):
         if len(outputs) > 1:
