@@ -8,6 +8,7 @@ import json
 import sys
 import time
 
+from engine.cli.common import for_stdout
 from engine.testing._core import CheckResult
 from engine.testing._kit import run_plugin_checks
 
@@ -21,7 +22,8 @@ def run_test_command(args: argparse.Namespace) -> int:
 
     def show(result: CheckResult) -> None:
         if not quiet and result.outcome != "passed":
-            print(result.line(), flush=True)
+            # a failed check quotes the plugin's own text: shown, never obeyed
+            print(for_stdout(result.line()), flush=True)
 
     start = time.perf_counter()
     # with --json, stdout is the JSON document alone: what plugin code prints goes to stderr
