@@ -243,27 +243,27 @@ def test_control_characters_in_model_text_are_shown_escaped():
 FORCING_MODULE = """
 import os
 import torch
-from engine.sample import LogitsProcessor
+from engine.sample import LogitsProcessor, apply_batch_update
 
 
 class Forcing(LogitsProcessor):
     def __init__(self, config, device):
         super().__init__(config, device)
         self.ids = [int(i) for i in os.environ["FORCED_TOKEN_IDS"].split(",")]
-        self.step = 0
+        self.outputs = {}  # batch row -> the request's live list of output tokens
 
     def is_argmax_invariant(self):
         return False
 
     def update_state(self, batch_update):
-        pass
+        apply_batch_update(self.outputs, batch_update, lambda added: added.output_token_ids)
 
     def apply(self, logits):
-        forced = self.ids[self.step % len(self.ids)]
-        self.step += 1
-        keep = logits[:, forced].clone()
-        logits.fill_(-torch.inf)
-        logits[:, forced] = keep
+        for row, output in self.outputs.items():
+            forced = self.ids[len(output) % len(self.ids)]
+            keep = float(logits[row, forced])
+            logits[row] = -torch.inf
+            logits[row, forced] = keep
         return logits
 """
 
