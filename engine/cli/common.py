@@ -26,11 +26,12 @@ _TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def terminal_safe(text: str) -> str:
-    """`text` as a terminal should show model output: each control character a
-    terminal would act on written as its ``\\xNN`` escape. A model's text is not
-    trusted with the terminal: an ``ESC ]`` it samples starts an operating-system
-    command that swallows every later character (and can set the window title or
-    the clipboard). Newlines and tabs are kept; so is all printable Unicode."""
+    """`text` from a model, a plugin or a manifest as a terminal should show it:
+    each control character a terminal would act on written as its ``\\xNN``
+    escape. Such text is not trusted with the terminal: an ``ESC ]`` in it starts
+    an operating-system command that swallows every later character (and can set
+    the window title or the clipboard). Newlines and tabs are kept; so is all
+    printable Unicode."""
     return _TERMINAL_CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
