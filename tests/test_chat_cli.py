@@ -344,7 +344,7 @@ def test_ctrl_c_during_a_long_prompt_stops_before_the_first_token(chatml_model, 
     llm = LLM(str(chatml_model), dtype="float32", kv_cache_memory=2**24,
               max_num_batched_tokens=64, max_num_seqs=1)
     try:
-        session = ChatSession(llm, SamplingParams(max_tokens=8, ignore_eos=True))
+        session = ChatSession(llm, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
         session.messages.append({"role": "user", "content": "word " * 400})
         assert len(session.prompt_ids()) > 4 * 64  # at least five prompt steps
         engine = llm.llm_engine
