@@ -233,10 +233,9 @@ class EngineArgs:
         return resolve_model(self.model, self.revision)
 
     def create_engine_config(self) -> EngineConfig:
-        """Check every field and build the `EngineConfig` the engine runs with."""
-        from engine.core.engine import resolve_max_model_len
-        from engine.model_loader import load_hf_config
-
+        """Check every field and build the `EngineConfig` the engine runs with.
+        The fields and the model's location are checked before anything imports
+        torch, so that a mistyped flag or path is reported at once."""
         for name in ("tensor_parallel_size", "block_size", "max_num_seqs", "max_n"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -264,6 +263,9 @@ class EngineArgs:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1], got "
                              f"{self.kv_cache_memory_fraction!r}")
         model_dir = self.model_dir()
+        from engine.core.engine import resolve_max_model_len
+        from engine.model_loader import load_hf_config
+
         hf_config = load_hf_config(model_dir, self.load_format)
         max_model_len = resolve_max_model_len(hf_config, self.max_model_len)
         budget = self.max_num_batched_tokens

@@ -58,6 +58,32 @@ def test_generate_with_a_positional_model_folder(make_hf_model):
     assert clash.returncode == 1 and "given twice" in clash.stderr
 
 
+@pytest.mark.parametrize("args,env,message", [
+    (["generate", "no/such-model-here", "--prompt", "x"], {}, "not in the Hugging Face cache"),
+    (["chat", "/no/such/folder"], {}, "not a folder"),
+    (["embed", "x", "--model", "/no/such/folder"], {}, "not a folder"),
+    (["serve", "/no/such/folder"], {}, "not a folder"),
+    (["serve", "--api-key", " "], {}, "--api-key is empty"),
+    (["serve"], {"ENGINE_API_KEY": ""}, "ENGINE_API_KEY is empty"),
+    (["serve", "--port", "70000"], {}, "--port must be in 0..65535"),
+    (["serve", "--lora-modules", "a=/x"], {}, "--lora-modules needs --enable-lora"),
+    (["generate", "--prompt", "x", "--max-num-seqs", "0"], {}, "max_num_seqs must be"),
+])
+def test_a_wrong_model_or_flag_is_reported_before_torch_is_imported(args, env, message):
+    """torch takes seconds to import: a mistyped model or flag is reported first
+    (``-X importtime`` lists every module the command imported)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "engine", *args],
+                          capture_output=True, text=True, timeout=120,
+                          env=subprocess_env(**env))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert any(message in line for line in errors), errors
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "registry" in imported  # the listing works
+    assert "torch" not in imported
+
+
 # ------------------------------------------------------------------ item 6: flags
 
 

@@ -111,8 +111,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> ServerSettings:
-    from engine.entrypoints.api_server import ServerSettings
-
+    """The server's settings from the flags: each flag and the model's location are
+    checked before the server's modules (and torch) are imported, so a mistake is
+    reported at once."""
     api_key = _api_key(args.api_key)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
@@ -126,8 +127,11 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         raise ValueError(f"--data-parallel-size runs each replica's workers with "
                          f"--data-parallel-backend mp or ray, not {replica_backend!r}")
     model_dir = str(engine_args.model_dir())
+    lora_modules = _lora_modules(args, engine_args.enable_lora)
     name = args.served_model_name or args.model or "default"
     aliases = tuple({model_dir, os.path.abspath(model_dir)} - {name})
+    from engine.entrypoints.api_server import ServerSettings
+
     return ServerSettings(
         model_name=name, model_aliases=aliases, api_key=api_key,
         max_request_bytes=args.max_request_bytes, host=args.host, port=args.port,
@@ -135,7 +139,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         data_parallel_size=args.data_parallel_size,
         data_parallel_backend=args.data_parallel_backend,
         route_plugins=tuple(args.enable_route_plugin), dev_mode=args.enable_dev_mode,
-        lora_modules=_lora_modules(args, engine_args.enable_lora),
+        lora_modules=lora_modules,
         allow_runtime_lora_updating=args.allow_runtime_lora_updating,
     )
 
