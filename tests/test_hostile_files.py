@@ -107,6 +107,34 @@ def test_a_config_that_does_not_match_its_checkpoint_or_memory_fails_naming_the_
     assert "config.json" in message and "\n" not in message, message
 
 
+def test_a_tokenizer_with_more_tokens_than_the_model_is_named_not_a_failed_step(
+        make_hf_model, caplog):
+    """A folder whose tokenizer files come from another model than its weights:
+    the load warns, a text that tokenizes past the embedding is refused naming the
+    id (it used to reach the embedding lookup and fail the whole step), and the
+    engine goes on serving texts and ids that fit."""
+    from engine import LLM, SamplingParams
+
+    model = make_hf_model("llama", vocab_size=300)  # the tests' tokenizer has more
+    greedy = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    with caplog.at_level("WARNING", logger="engine.core.engine"):
+        llm = LLM(str(model), dtype="float32", kv_cache_memory=2**22)
+    with llm:
+        assert any("the model's vocabulary 300" in r.getMessage() for r in caplog.records)
+        tokenizer = llm.get_tokenizer()
+        text = "def hello_world(): return hello_world"
+        assert max(tokenizer.encode(text)) >= 300
+        with pytest.raises(ValueError, match=r"prompt 0: the tokenizer made token id \d+ "
+                                             r"\(position \d+\), outside the model's "
+                                             r"vocabulary \(0\.\.299"):
+            llm.generate([text], greedy)
+        with pytest.raises(ValueError, match="input 0: the tokenizer made token id"):
+            llm.llm_engine.embedding_token_ids([text])
+        fits = next(c for c in "abcdefgh" if max(tokenizer.encode(c)) < 300)
+        assert len(llm.generate([fits], greedy)[0].outputs[0].token_ids) == 3
+        assert len(llm.generate([[5, 6, 7]], greedy)[0].outputs[0].token_ids) == 3
+
+
 def test_a_long_context_model_holds_rotary_tables_only_for_the_positions_used(
         make_hf_model, tmp_path):
     from engine import LLM, SamplingParams

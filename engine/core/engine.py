@@ -154,6 +154,13 @@ class LLMEngine:
 
             check_speculative_support(config)
         self.tokenizer = load_tokenizer(model_config.model)
+        model_vocab = model_config.hf_config.get("vocab_size")
+        if model_vocab and self.tokenizer.vocab_size > int(model_vocab):
+            logger.warning(
+                "the tokenizer has %d tokens, the model's vocabulary %d (config.json's "
+                "vocab_size): a text that tokenizes to a higher id is refused; are the "
+                "tokenizer files and the weights from the same model?",
+                self.tokenizer.vocab_size, int(model_vocab))
         self.executor = executor_class(config)(config)
         try:
             self._init_workers()
@@ -318,6 +325,7 @@ class LLMEngine:
                 )
             _check_text(prompt)
             text, token_ids = prompt, self.tokenizer.encode(prompt)
+            self._check_tokenizer_ids(token_ids)
         else:
             if len(prompt) > limit:  # before looking at a million ids one by one
                 raise _too_long(len(prompt), limit)
@@ -327,6 +335,20 @@ class LLMEngine:
         if len(token_ids) > limit:
             raise _too_long(len(token_ids), limit)
         return TokenizedPrompt(text, token_ids)
+
+    def _check_tokenizer_ids(self, token_ids: list[int]) -> None:
+        """Raise ValueError when the tokenizer made an id the model has no embedding
+        row for (a tokenizer.json from another model than the weights): without
+        this the step would fail on the embedding lookup."""
+        vocab = self.vocab_size
+        if token_ids and max(token_ids) >= vocab:
+            i = next(i for i, t in enumerate(token_ids) if t >= vocab)
+            raise ValueError(
+                f"the tokenizer made token id {token_ids[i]} (position {i}), outside the "
+                f"model's vocabulary (0..{vocab - 1}, config.json's vocab_size): the "
+                f"tokenizer has {self.tokenizer.vocab_size} tokens; are its tokenizer files "
+                "and its weights from the same model?"
+            )
 
     def _checked_ids(self, prompt: abc.Sequence[int]) -> list[int]:
         vocab = self.vocab_size
@@ -730,6 +752,10 @@ class LLMEngine:
             cut = [text[: limit * self._longest_token_chars] for _, text in texts]
             for (i, _), ids in zip(texts, self.tokenizer.encode_batch(cut, max_length=limit),
                                    strict=True):
+                try:
+                    self._check_tokenizer_ids(ids)
+                except ValueError as exc:
+                    raise ValueError(f"input {i}: {exc}") from None
                 out[i] = ids
         for i, p in enumerate(prompts):
             if isinstance(p, str):
