@@ -18,7 +18,7 @@ from test_serve import Server
 
 from engine import LLM, SamplingParams
 from engine.cli.main import build_parser
-from engine.core.engine import EngineSleepingError
+from engine.core.engine import EngineShutDownError, EngineSleepingError
 from engine.entrypoints.api_server import ServerSettings, build_app
 from engine.worker import Worker
 
@@ -62,6 +62,13 @@ def test_sleep_refusals(make_hf_model):
         llm.wake_up()
         llm.wake_up()  # awake: nothing to do
         assert llm.generate("hello", GREEDY)[0].outputs[0].token_ids
+    # after the `with` block (shutdown) every call says so, not an AttributeError
+    # from inside a stopped worker
+    for call in (lambda: llm.generate("hello", GREEDY), lambda: llm.sleep(),
+                 lambda: llm.wake_up(), lambda: llm.llm_engine.add_request([5, 6], GREEDY)):
+        with pytest.raises(EngineShutDownError, match="shut down .*create a new LLM"):
+            call()
+    assert llm.llm_engine.num_unfinished_requests() == 0
 
 
 class WorkerWithoutSleep(Worker):

@@ -111,6 +111,11 @@ class EngineSleepingError(RuntimeError):
     was queued; `wake_up` first."""
 
 
+class EngineShutDownError(RuntimeError):
+    """A request arrived after `LLMEngine.shutdown` (or the end of an `LLM`'s
+    ``with`` block): nothing was queued; the engine cannot be started again."""
+
+
 @dataclass
 class _Request:
     request_id: str
@@ -133,6 +138,8 @@ class _Request:
 
 class LLMEngine:
     """Builds the workers from an `EngineConfig` and runs requests through them."""
+
+    _is_shut_down = False  # set by `shutdown`
 
     def __init__(self, config: EngineConfig) -> None:
         import registry
@@ -784,6 +791,7 @@ class LLMEngine:
         ``enable_sleep_mode=True``, for a level other than 1 or 2, or while
         requests are unfinished (finish or abort them first).
         """
+        self._check_running()
         if not self.config.model_config.enable_sleep_mode:
             raise ValueError("sleep mode is off: build the engine with enable_sleep_mode=True")
         if level not in (1, 2):
@@ -799,11 +807,19 @@ class LLMEngine:
     def wake_up(self) -> None:
         """Bring the weights and an empty KV cache back on every rank (no-op
         when awake); the next request is served as before `sleep`."""
+        self._check_running()
         if self.sleep_level:
             self.executor.collective_rpc("wake_up")
             self.sleep_level = 0
 
+    def _check_running(self) -> None:
+        if self._is_shut_down:
+            raise EngineShutDownError(
+                "the engine is shut down (LLM.shutdown(), or the end of its `with` block): "
+                "nothing was queued; create a new LLM")
+
     def _check_awake(self) -> None:
+        self._check_running()
         if self.sleep_level:
             raise EngineSleepingError(
                 f"the engine is sleeping (level {self.sleep_level}); call wake_up() first")
@@ -824,7 +840,9 @@ class LLMEngine:
         return self.scheduler.num_preemptions if self.scheduler is not None else 0
 
     def shutdown(self) -> None:
-        """Stop the workers and flush the stat loggers (idempotent)."""
+        """Stop the workers and flush the stat loggers (idempotent). Requests
+        after it raise `EngineShutDownError`."""
+        self._is_shut_down = True
         stat_loggers, self.stat_loggers = self.stat_loggers, None
         if stat_loggers is not None:
             stat_loggers.shutdown()
