@@ -69,6 +69,9 @@ class ModelRunnerOutput:
     # speculative decoding: per sampled sequence, the drafts it kept, which come
     # before its sampled token (None: no drafts were scheduled)
     accepted_token_ids: list[list[int]] | None = None
+    # sequences whose logits were not finite (NaN or infinite) at their sampled row:
+    # their token is meaningless and the engine ends them with an error
+    nonfinite_seq_ids: list[int] | None = None
 
 
 @dataclass

@@ -135,6 +135,45 @@ def test_a_tokenizer_with_more_tokens_than_the_model_is_named_not_a_failed_step(
         assert len(llm.generate([[5, 6, 7]], greedy)[0].outputs[0].token_ids) == 3
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_request_whose_logits_turn_nan_ends_with_an_error_the_others_go_on(
+        make_hf_model, tmp_path, dtype):
+    """A NaN in the weights (here: the embedding row of token 7) makes the logits of
+    every prompt that reads it NaN, and any sampler then picks a meaningless token:
+    such a sequence ends at once with finish_reason "error" and an error naming the
+    cause, without its token; the batch's other prompts are as without the NaN."""
+    from safetensors.torch import load_file, save_file
+
+    from engine import LLM, SamplingParams
+
+    clean = make_hf_model("llama")
+    folder = tmp_path / "nan-model"
+    shutil.copytree(clean, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.embed_tokens.weight"][7] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    # six rows in the first step (one read of the sampled logits for all), three
+    # in the later ones (a read per row): both of the check's forms
+    broken_prompts, fine_prompts = [[5, 6, 7, 8], [7, 9], [4, 7]], [[5, 6, 8, 9], [9, 8], [4, 5]]
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.8, seed=3, max_tokens=6, ignore_eos=True)
+    with LLM(str(clean), dtype=dtype, kv_cache_memory=2**22) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(fine_prompts, greedy)]
+    assert not any(7 in ids for ids in expected)  # the fine prompts never read the NaN row
+    with LLM(str(folder), dtype=dtype, kv_cache_memory=2**22) as llm:
+        for params in (greedy, sampled):
+            outputs = [o.outputs[0] for o in llm.generate(broken_prompts + fine_prompts, params)]
+            for broken in outputs[:3]:
+                assert broken.finish_reason == "error" and broken.token_ids == [], broken
+                assert broken.text == ""
+                assert "logits are not finite" in broken.error
+                assert f"dtype={dtype!r}" in broken.error
+            assert all(o.error is None and o.finish_reason == "length" for o in outputs[3:])
+            if params is greedy:
+                assert [o.token_ids for o in outputs[3:]] == expected
+        assert [o.outputs[0].token_ids for o in llm.generate(fine_prompts, greedy)] == expected
+
+
 def test_a_long_context_model_holds_rotary_tables_only_for_the_positions_used(
         make_hf_model, tmp_path):
     from engine import LLM, SamplingParams

@@ -611,11 +611,16 @@ class LLMEngine:
         pending: dict[int, int] = {}
         for seq, _, _ in results:
             pending[seq.seq_id] = pending.get(seq.seq_id, 0) + 1
+        nonfinite = set(runner_output.nonfinite_seq_ids or ())
         for seq, token_id, logprobs in results:
             pending[seq.seq_id] -= 1
             if seq.is_finished:
                 continue
             req = self.requests[seq.request_id]
+            if seq.seq_id in nonfinite:
+                self._fail_nonfinite(req, seq, pending[seq.seq_id] + 1)
+                touched[req.request_id] = req
+                continue
             self._process_token(req, seq, token_id, logprobs, pending[seq.seq_id])
             if seq.is_finished:
                 seq.drop_last_tokens(pending[seq.seq_id])
@@ -686,6 +691,19 @@ class LLMEngine:
             status = SequenceStatus.FINISHED_LENGTH  # the context is full
         if status is not None:
             self.scheduler.finish_sequence(seq, status)
+
+    def _fail_nonfinite(self, req: _Request, seq: Sequence, num_tokens: int) -> None:
+        """End `seq` with an error: its logits were NaN or infinite, so the token
+        sampled from them (dropped, with the step's others) means nothing. The
+        request's other sequences and the engine's other requests go on."""
+        dtype = self.config.model_config.dtype
+        req.errors[seq.index] = (
+            "the model's logits are not finite (NaN or infinity): the checkpoint holds "
+            "NaN or infinite weights, or an activation overflowed in the model's dtype "
+            f"(dtype={dtype!r}; float16 overflows first: try 'bfloat16' or 'float32')")
+        logger.warning("request %s: %s", req.request_id, req.errors[seq.index])
+        self.scheduler.finish_sequence(seq, SequenceStatus.FINISHED_ERROR)
+        seq.drop_last_tokens(num_tokens)
 
     def _make_output(self, req: _Request) -> RequestOutput:
         completions = []

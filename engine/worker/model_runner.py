@@ -11,6 +11,7 @@ to the step after it finishes.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -169,13 +170,15 @@ class ModelRunner:
                     state.output_token_ids.extend(kept)
             else:
                 sampled = self.sampler(logits, states)
+            nonfinite = _nonfinite_rows(logits, sampled.token_ids) if not any(drafts) else []
         token_ids = list(sampled.token_ids)
         for state, token_id in zip(states, token_ids, strict=True):
             state.output_token_ids.append(token_id)
         if self.proposer is not None:
             self._propose(seq_ids, states)
         return ModelRunnerOutput(seq_ids, token_ids, sampled.logprobs,
-                                 accepted_token_ids=accepted)
+                                 accepted_token_ids=accepted,
+                                 nonfinite_seq_ids=[seq_ids[i] for i in nonfinite] or None)
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         from engine.sample import SamplingState
@@ -318,3 +321,17 @@ class ModelRunner:
 
         with torch.inference_mode():
             return embed(self.model, token_id_lists).float().cpu().tolist()
+
+
+def _nonfinite_rows(logits: torch.Tensor, token_ids: list[int]) -> list[int]:
+    """The rows whose logit at the sampled token is NaN or infinite. A NaN
+    anywhere in a row's hidden state (NaN weights, a float16 overflow) makes every
+    logit of the row NaN, and every sampling path then picks a meaningless token:
+    one logit per row (not the whole vocabulary) finds it, for ~10-30 us a step."""
+    if len(token_ids) <= 4:  # a few scalar reads cost less than three tensor ops
+        return [i for i, t in enumerate(token_ids) if not math.isfinite(logits[i, t].item())]
+    index = torch.tensor(token_ids, dtype=torch.int64, device=logits.device).view(-1, 1)
+    chosen = logits.gather(1, index).view(-1).float()
+    if math.isfinite(float(chosen.sum())):  # finite logits never sum to infinity
+        return []
+    return (~torch.isfinite(chosen)).nonzero().view(-1).tolist()
