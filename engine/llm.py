@@ -119,8 +119,11 @@ class LLM:
     def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                         lora_request: LoRARequest | None = None) -> Iterator[RequestOutput]:
         """Generate for one prompt, yielding a `RequestOutput` snapshot after every
-        step that added tokens (``outputs[i].text_delta`` is the new text; the last
-        snapshot has ``finished`` set). Closing the iterator aborts the request."""
+        engine step (``outputs[i].text_delta`` is the new text, empty after a step
+        that added none: a chunk of a long prompt, or a step of other requests;
+        the last snapshot has ``finished`` set). Closing the iterator, or leaving a
+        ``for`` loop over it, aborts the request: a long prompt can be stopped
+        between its prompt steps, before its first token."""
         engine = self.llm_engine
         params = self._params_list(sampling_params, 1)[0]
         request_id = engine.add_request(_as_prompt_list(prompt)[0], params,
@@ -128,10 +131,14 @@ class LLM:
         done = False
         try:
             while not done:
-                for out in engine.step():
-                    if out.request_id == request_id:
-                        done = out.finished
-                        yield out
+                mine = next((out for out in engine.step() if out.request_id == request_id),
+                            None)
+                if mine is None:  # the step added nothing to this request
+                    if request_id not in engine.requests:
+                        return  # aborted by another caller of the engine
+                    mine = engine.request_snapshot(request_id)
+                done = mine.finished
+                yield mine
         finally:
             if not done:
                 engine.abort_request(request_id)

@@ -206,6 +206,34 @@ def test_abandoned_stream_frees_its_request(llama):
     assert not llama.llm_engine.has_unfinished_requests()
 
 
+def test_a_long_prompt_streams_a_snapshot_per_step_and_stops_before_its_first_token(
+        llama_dir):
+    """A prompt of several prompt steps (a 16-token step budget): a snapshot after
+    each of them, without tokens, so the caller can stop before the first token;
+    leaving the loop aborts the request. Run to the end, the deltas make the text."""
+    prompt = list(range(5, 85))  # 80 tokens: five prompt steps
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    with LLM(llama_dir, dtype="float32", kv_cache_memory=2 * 1024 * KIB,
+             max_num_batched_tokens=16, enable_chunked_prefill=True) as llm:
+        engine = llm.llm_engine
+        seen = []
+        for snapshot in llm.generate_stream(prompt, params):
+            seen.append(snapshot)
+            if len(seen) == 2:
+                break
+        assert [s.outputs[0].token_ids for s in seen] == [[], []]
+        assert [s.outputs[0].text_delta for s in seen] == ["", ""]
+        assert not any(s.finished for s in seen)
+        assert not engine.has_unfinished_requests()  # leaving the loop aborted it
+        fresh = list(range(100, 180))  # not the prompt above: no cached blocks
+        whole = list(llm.generate_stream(fresh, params))
+        assert [len(s.outputs[0].token_ids) for s in whole] == [0, 0, 0, 0, 1, 2, 3]
+        assert whole[-1].finished and not any(s.finished for s in whole[:-1])
+        assert "".join(s.outputs[0].text_delta for s in whole) == whole[-1].outputs[0].text
+        assert whole[-1].outputs[0].token_ids == \
+            llm.generate([fresh], params)[0].outputs[0].token_ids
+
+
 def test_logprobs_are_passed_through(llama):
     out = llama.generate("a", SamplingParams(temperature=0.0, max_tokens=4, logprobs=2,
                                              ignore_eos=True))[0].outputs[0]

@@ -705,6 +705,12 @@ class LLMEngine:
         self.scheduler.finish_sequence(seq, SequenceStatus.FINISHED_ERROR)
         seq.drop_last_tokens(num_tokens)
 
+    def request_snapshot(self, request_id: str) -> RequestOutput:
+        """An unfinished request's `RequestOutput` as it stands, between the steps
+        that return one (its ``text_delta``: text not yet returned by a step or a
+        snapshot). Raises KeyError for an id that is not unfinished here."""
+        return self._make_output(self.requests[request_id])
+
     def _make_output(self, req: _Request) -> RequestOutput:
         completions = []
         for i, seq in enumerate(req.seqs):
