@@ -118,6 +118,10 @@ class SamplingParams:
     `structured_outputs`: a `StructuredOutputsParams` constraining the output to
     a JSON schema, regex, choice or grammar (None: unconstrained).
 
+    `logit_bias`: ``{token_id: bias}``, each bias in [-100, 100] added to that
+    token's logit before sampling (after penalties; -100 all but bans a token,
+    100 all but forces it), as OpenAI's ``logit_bias``.
+
     Raises:
         ValueError: a field has a bad type or value; the message names the field
             and what is allowed.
@@ -143,12 +147,15 @@ class SamplingParams:
     # per-request arguments for logits processors (docs/extension-points.md)
     extra_args: dict[str, Any] | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    # token id -> a number in [-100, 100] added to its logit (OpenAI's logit_bias)
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         self._check_numbers()
         self._check_stops()
         self._check_flags()
         self._check_extra_args()
+        self._check_logit_bias()
         if self.structured_outputs is not None and not isinstance(
                 self.structured_outputs, StructuredOutputsParams):
             raise ValueError(
@@ -237,6 +244,25 @@ class SamplingParams:
                 f"got {extra!r}"
             )
 
+    def _check_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, dict):
+            raise ValueError("SamplingParams.logit_bias must be a dict of token id -> bias "
+                             f"or None, got {_short(bias)}")
+        checked: dict[int, float] = {}
+        for token_id, value in bias.items():
+            if not (_is_int(token_id) and token_id >= 0):
+                raise ValueError("SamplingParams.logit_bias keys must be token ids (integers "
+                                 f">= 0), got {_short(token_id)}")
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not -100 <= value <= 100):
+                raise ValueError(f"SamplingParams.logit_bias[{token_id}] must be a number in "
+                                 f"[-100, 100], got {_short(value)}")
+            checked[int(token_id)] = float(value)
+        self.logit_bias = checked or None
+
     # -------------------------------------------------------------- accessors
 
     @property
@@ -270,3 +296,8 @@ def _require_number(name: str, value: object, allowed: str, ok) -> None:
         raise ValueError(f"SamplingParams.{name} must be a number {allowed}, got {value!r}")
     if not ok(value):
         raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

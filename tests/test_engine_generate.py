@@ -234,6 +234,34 @@ def test_a_long_prompt_streams_a_snapshot_per_step_and_stops_before_its_first_to
             llm.generate([fresh], params)[0].outputs[0].token_ids
 
 
+def test_logit_bias_bans_and_forces_tokens_greedy_and_sampled(llama):
+    prompt = [5, 6, 7, 8]
+    plain = llama.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4,
+                                                    ignore_eos=True))[0].outputs[0].token_ids
+    banned = llama.generate([prompt], SamplingParams(
+        temperature=0.0, max_tokens=4, ignore_eos=True,
+        logit_bias={plain[0]: -100}))[0].outputs[0].token_ids
+    assert banned[0] != plain[0]
+    for temperature in (0.0, 0.9):
+        out = llama.generate([prompt, prompt], SamplingParams(
+            temperature=temperature, seed=2, max_tokens=5, ignore_eos=True, logprobs=1,
+            logit_bias={9: 100, plain[0]: -100}))
+        for o in out:
+            assert o.outputs[0].token_ids == [9] * 5
+            # the log-probabilities are those of the biased distribution drawn from
+            assert all(lp[9] > -1e-3 for lp in o.outputs[0].logprobs)
+    # a biased request beside plain ones leaves theirs as they were
+    mixed = llama.generate([prompt, prompt], [
+        SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logit_bias={9: 100}),
+        SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)])
+    assert [o.outputs[0].token_ids for o in mixed] == [[9] * 4, plain]
+    with pytest.raises(ValueError, match=r"prompt 0: SamplingParams.logit_bias must name token "
+                                         r"ids of the vocabulary"):
+        llama.generate([prompt], SamplingParams(logit_bias={10**6: 1.0}))
+    with pytest.raises(ValueError, match=r"logit_bias\[3\] must be a number in \[-100, 100\]"):
+        SamplingParams(logit_bias={3: float("inf")})
+
+
 def test_logprobs_are_passed_through(llama):
     out = llama.generate("a", SamplingParams(temperature=0.0, max_tokens=4, logprobs=2,
                                              ignore_eos=True))[0].outputs[0]

@@ -225,7 +225,8 @@ def test_completion_echo(client):
 
 def test_unsupported_fields_are_refused_by_name(client):
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    for kwargs, param in [({"tools": tools}, "tools"), ({"logit_bias": {"5": 1}}, "logit_bias"),
+    for kwargs, param in [({"tools": tools}, "tools"),
+                          ({"tool_choice": "required"}, "tool_choice"),
                           ({"extra_body": {"echo": True}}, "echo")]:
         with pytest.raises(openai.BadRequestError) as exc:
             client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=2, **kwargs)
@@ -233,3 +234,20 @@ def test_unsupported_fields_are_refused_by_name(client):
     with pytest.raises(openai.BadRequestError) as exc:
         client.completions.create(model=NAME, prompt="x", max_tokens=2, echo=True, logprobs=1)
     assert exc.value.body["param"] == "echo"
+
+
+def test_logit_bias_forces_a_token_in_both_routes_and_bad_ones_are_named(server, client):
+    forced = 100
+    text = httpx.post(f"{server.url}/detokenize",
+                      json={"tokens": [forced] * 4}).json()["prompt"]
+    completion = client.completions.create(model=NAME, prompt="x = 1", max_tokens=4,
+                                           temperature=0.9, seed=1,
+                                           logit_bias={str(forced): 100})
+    assert completion.choices[0].text == text
+    chat = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=4,
+                                          temperature=0, logit_bias={str(forced): 100})
+    assert chat.choices[0].message.content == text
+    for bias in ({"abc": 1}, {"1000000": 1}, {"5": 101}):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.completions.create(model=NAME, prompt="x", max_tokens=2, logit_bias=bias)
+        assert exc.value.body["param"] == "logit_bias", exc.value.body

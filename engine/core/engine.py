@@ -462,10 +462,12 @@ class LLMEngine:
                 raise ValueError(f"SamplingParams.{name} must be <= {limit} (the engine's "
                                  f"{setting}), got {value}")
         vocab = self.vocab_size
-        bad = [t for t in params.stop_token_ids if t >= vocab]
-        if bad:
-            raise ValueError(f"SamplingParams.stop_token_ids must be token ids of the "
-                             f"vocabulary (0..{vocab - 1}), got {short_repr(bad[0], 40)}")
+        for name, ids in (("stop_token_ids", params.stop_token_ids),
+                          ("logit_bias", params.logit_bias or ())):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"SamplingParams.{name} must name token ids of the "
+                                 f"vocabulary (0..{vocab - 1}), got {short_repr(bad[0], 40)}")
 
     def check_structured_outputs(self, params: Any) -> Any:
         """Check that the engine can enforce ``params.structured_outputs`` (its

@@ -14,10 +14,10 @@ from engine.entrypoints.errors import APIError
 # OpenAI request fields this server does not implement, per route. A field that
 # is absent, null, empty or "none" asks for nothing and passes.
 UNSUPPORTED = {
-    "chat": ("tools", "tool_choice", "functions", "function_call", "logit_bias", "audio",
+    "chat": ("tools", "tool_choice", "functions", "function_call", "audio",
              "modalities", "prediction", "parallel_tool_calls", "web_search_options",
              "reasoning_effort", "echo"),
-    "completions": ("logit_bias",),
+    "completions": (),
 }
 _NOTHING: tuple[object, ...] = (None, [], {}, "none", False)
 

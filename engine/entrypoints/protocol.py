@@ -70,6 +70,7 @@ class _SamplingFields(_Body):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None  # token id (as a string) -> bias
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -94,10 +94,24 @@ def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens
                     presence_penalty=body.presence_penalty,
                     frequency_penalty=body.frequency_penalty)
     settings.update({k: v for k, v in optional.items() if v is not None})
+    if body.logit_bias:
+        settings["logit_bias"] = _logit_bias(body.logit_bias)
     try:
         return SamplingParams(**settings)
     except ValueError as exc:
         raise APIError.bad_value(exc) from None
+
+
+def _logit_bias(bias: dict[str, Any]) -> dict[int, Any]:
+    """OpenAI's ``logit_bias`` (JSON keys are strings) with token-id keys; 400
+    naming the field for a key that is not a token id."""
+    out: dict[int, Any] = {}
+    for key, value in bias.items():
+        if not key.strip().isdigit():
+            raise APIError(400, f"logit_bias keys must be token ids, got {key[:40]!r}",
+                           param="logit_bias")
+        out[int(key)] = value
+    return out
 
 
 # --------------------------------------------------------------------- logprobs

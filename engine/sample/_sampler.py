@@ -249,11 +249,13 @@ def _batch_update(
 
 def _plain_greedy(state: SamplingState) -> bool:
     p = state.params
-    return p.greedy and not p.has_penalties and p.logprobs is None and not state.blocks_stop_tokens
+    return (p.greedy and not p.has_penalties and p.logprobs is None and p.logit_bias is None
+            and not state.blocks_stop_tokens)
 
 
 def _apply_penalties_and_blocks(x: torch.Tensor, states: Sequence[SamplingState]) -> None:
-    """Penalties, and -inf for EOS/stop ids of sequences still short of min_tokens."""
+    """Penalties, then each sequence's logit_bias, then -inf for EOS/stop ids of
+    sequences still short of min_tokens."""
     penalized = [i for i, s in enumerate(states) if s.params.has_penalties]
     if len(penalized) == len(states):
         apply_penalties(x, states)
@@ -263,6 +265,8 @@ def _apply_penalties_and_blocks(x: torch.Tensor, states: Sequence[SamplingState]
         apply_penalties(sub, [states[i] for i in penalized])
         x[index] = sub
     for i, s in enumerate(states):
+        if s.logit_bias is not None:
+            x[i].index_add_(0, *s.logit_bias)
         if s.blocks_stop_tokens:
             ids = [t for t in s.min_tokens_blocked_ids if t < x.shape[1]]
             x[i, ids] = -math.inf

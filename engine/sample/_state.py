@@ -28,6 +28,8 @@ class SamplingState:
     generator: torch.Generator | None = None
     # token ids blocked while fewer than params.min_tokens have been generated
     min_tokens_blocked_ids: tuple[int, ...] = ()
+    # params.logit_bias as (token ids, biases) tensors on the logits' device
+    logit_bias: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _prompt_tensor: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
@@ -64,12 +66,18 @@ class SamplingState:
             if not params.ignore_eos:
                 ids |= set(eos_token_ids)
             blocked = tuple(sorted(ids))
+        bias = None
+        if params.logit_bias:
+            bias = (torch.tensor(list(params.logit_bias), dtype=torch.int64, device=device),
+                    torch.tensor(list(params.logit_bias.values()), dtype=torch.float32,
+                                 device=device))
         return cls(
             params=params,
             prompt_token_ids=prompt_token_ids,
             output_token_ids=output_token_ids if output_token_ids is not None else [],
             generator=generator,
             min_tokens_blocked_ids=blocked,
+            logit_bias=bias,
         )
 
     @property

@@ -123,9 +123,10 @@ class ModelRunner:
         """Whether a sequence's next tokens may be verified in one step (once it has
         min_tokens tokens): its sampling must not depend on what the drafts change
         (penalties look at the output, structured outputs and logits processors at
-        the text so far), and a kept draft has no log-probabilities to report."""
+        the text so far; a logit bias is left to the plain sampler), and a kept
+        draft has no log-probabilities to report."""
         return (self._drafts_allowed and params.logprobs is None and not params.has_penalties
-                and params.structured_outputs is None)
+                and params.structured_outputs is None and params.logit_bias is None)
 
     @property
     def is_generative(self) -> bool:
