@@ -84,6 +84,29 @@ def test_a_wrong_model_or_flag_is_reported_before_torch_is_imported(args, env, m
     assert "torch" not in imported
 
 
+def test_a_taken_port_is_reported_before_loading_and_never_said_ready(make_hf_model):
+    """`engine serve` on a port another program listens on: one line naming the
+    port and what to do, before torch is imported. (It used to load the model,
+    let uvicorn log the bind error, then print "ready on" all the same.)"""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "engine", "serve",
+             str(make_hf_model("llama")), "--port", str(port)],
+            capture_output=True, text=True, timeout=120, env=subprocess_env())
+    lines = proc.stderr.splitlines()
+    errors = [line for line in lines if not line.startswith("import time:")]
+    assert proc.returncode == 1, errors
+    assert errors == [f"engine serve: error: cannot listen on 127.0.0.1:{port}: Address "
+                      "already in use: another program listens there; choose another --port "
+                      "(0: any free one)"]
+    assert not [line for line in lines if line.rstrip().endswith("| torch")]
+
+
 # ------------------------------------------------------------------ item 6: flags
 
 

@@ -548,17 +548,17 @@ def test_serve_admits_short_prompts_first_and_offline_keeps_arrival_order(make_h
     group of arrivals shortest prompt first (engine.core.scheduler); offline `LLM`
     and `engine generate` keep arrival order unless asked."""
     from engine.cli.main import build_parser
-    from engine.cli.serve import _settings
+    from engine.cli.serve import _setting_values
     from engine.engine_args import EngineArgs
 
     model = str(make_hf_model("llama"))
-    serve = _settings(build_parser().parse_args(["serve", "--model", model]))
-    assert serve.engine_args.scheduling_policy == "short-prompt-first"
-    config = serve.engine_args.create_engine_config()
+    serve = _setting_values(build_parser().parse_args(["serve", "--model", model]))
+    assert serve["engine_args"].scheduling_policy == "short-prompt-first"
+    config = serve["engine_args"].create_engine_config()
     assert config.scheduler_config.scheduling_policy == "short-prompt-first"
-    fcfs = _settings(build_parser().parse_args(
+    fcfs = _setting_values(build_parser().parse_args(
         ["serve", "--model", model, "--scheduling-policy", "fcfs"]))
-    assert fcfs.engine_args.scheduling_policy == "fcfs"
+    assert fcfs["engine_args"].scheduling_policy == "fcfs"
     generate = build_parser().parse_args(["generate", "--model", model, "--prompt", "hi"])
     assert EngineArgs.from_cli_args(generate).scheduling_policy == "fcfs"
     assert EngineArgs(model=model).create_engine_config(
@@ -570,15 +570,15 @@ def test_serve_pages_its_whole_kv_cache_in_and_offline_keeps_the_window(make_hf_
     of prompts then takes no first-touch faults; offline engines keep the window
     past the blocks used, and a bad value names the setting."""
     from engine.cli.main import build_parser
-    from engine.cli.serve import _settings
+    from engine.cli.serve import _setting_values
     from engine.engine_args import EngineArgs
 
     model = str(make_hf_model("llama"))
-    serve = _settings(build_parser().parse_args(["serve", "--model", model]))
-    assert serve.engine_args.create_engine_config().cache_config.kv_prefault == "all"
-    ahead = _settings(build_parser().parse_args(
+    serve = _setting_values(build_parser().parse_args(["serve", "--model", model]))
+    assert serve["engine_args"].create_engine_config().cache_config.kv_prefault == "all"
+    ahead = _setting_values(build_parser().parse_args(
         ["serve", "--model", model, "--kv-prefault", "ahead"]))
-    assert ahead.engine_args.kv_prefault == "ahead"
+    assert ahead["engine_args"].kv_prefault == "ahead"
     generate = build_parser().parse_args(["generate", "--model", model, "--prompt", "hi"])
     offline = EngineArgs.from_cli_args(generate)
     assert offline.kv_prefault == "auto"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import Any
 
 from engine.cli.common import (
     add_model_argument,
@@ -14,9 +14,6 @@ from engine.cli.common import (
     resolve_model_argument,
 )
 from engine.engine_args import EngineArgs
-
-if TYPE_CHECKING:
-    from engine.entrypoints.api_server import ServerSettings
 
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: list) -> None:
@@ -95,25 +92,42 @@ def run(args: argparse.Namespace) -> int:
     server_environment()
     try:
         resolve_model_argument(args, "serve")
-        settings = _settings(args)
+        values = _setting_values(args)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError) as exc:
+        print(f"engine serve: error: {exc}", file=sys.stderr)
+        return 1
+    # the port next: a taken one is reported before torch and the model load
+    from engine.entrypoints.sockets import listen, listen_error
+
+    try:
+        sock = listen(args.host, args.port)
+    except OSError as exc:
+        print(f"engine serve: error: {listen_error(args.host, args.port, exc)}",
+              file=sys.stderr)
+        return 1
+    from engine.entrypoints.api_server import ServerSettings
+
+    settings = ServerSettings(**values)
+    try:
         announce_out_of_tree_plugins("serve")
         announce_loading("serve", args.model)
         _load_plugins(args.io_processor_plugin)
-        # a missing or broken model or a bad setting fails now, before binding (after
+        # a broken model or a bad setting fails now, before the server starts (after
         # the plugins, which may add model architectures and load formats)
         settings.engine_args.create_engine_config()
     except (ValueError, FileNotFoundError, OSError, RuntimeError, TypeError) as exc:
+        sock.close()
         print(f"engine serve: error: {exc}", file=sys.stderr)
         return 1
     from engine.entrypoints.api_server import run_server
 
-    return run_server(settings)
+    return run_server(settings, sock)
 
 
-def _settings(args: argparse.Namespace) -> ServerSettings:
-    """The server's settings from the flags: each flag and the model's location are
-    checked before the server's modules (and torch) are imported, so a mistake is
-    reported at once."""
+def _setting_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The `ServerSettings` fields from the flags: each flag and the model's
+    location are checked without importing the server's modules (and torch), so a
+    mistake is reported at once."""
     api_key = _api_key(args.api_key)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
@@ -130,9 +144,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
     lora_modules = _lora_modules(args, engine_args.enable_lora)
     name = args.served_model_name or args.model or "default"
     aliases = tuple({model_dir, os.path.abspath(model_dir)} - {name})
-    from engine.entrypoints.api_server import ServerSettings
-
-    return ServerSettings(
+    return dict(
         model_name=name, model_aliases=aliases, api_key=api_key,
         max_request_bytes=args.max_request_bytes, host=args.host, port=args.port,
         shutdown_timeout=args.shutdown_timeout, engine_args=engine_args,

@@ -32,6 +32,7 @@ from engine.entrypoints.errors import APIError, json_response, validation_error
 from engine.entrypoints.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from engine.entrypoints.route_plugins import mount_route_plugins
 from engine.entrypoints.routes import include_builtin_routes
+from engine.entrypoints.sockets import listen, listen_error
 from engine.structured_outputs import set_compile_time_limit
 from engine.utils import first_line
 
@@ -248,28 +249,20 @@ class GracefulServer(uvicorn.Server):
             timer.cancel()
 
 
-def _bind_any_port(host: str) -> Any:
-    """A listening socket on `host` and a port the system chooses (``--port 0``)."""
-    import socket
-
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(address)
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
-def run_server(settings: ServerSettings) -> int:
-    """Serve until SIGTERM or SIGINT; returns the exit code (0 after a clean
-    shutdown, 1 when the engine failed to start or, later, lost a worker)."""
-    sockets = None
-    if settings.port == 0:
-        # bind now, so the "ready on" line names the port the system picked
-        sockets = [_bind_any_port(settings.host)]
-        settings.port = sockets[0].getsockname()[1]
+def run_server(settings: ServerSettings, sock: Any = None) -> int:
+    """Serve until SIGTERM or SIGINT on `sock` (a listening socket from
+    `engine.entrypoints.sockets.listen`; default: bound here first); returns the
+    exit code (0 after a clean shutdown, 1 when the port cannot be listened on or
+    the engine failed to start or, later, lost a worker)."""
+    if sock is None:
+        try:
+            sock = listen(settings.host, settings.port)
+        except OSError as exc:
+            print(f"engine serve: error: {listen_error(settings.host, settings.port, exc)}",
+                  file=sys.stderr)
+            return 1
+    sockets = [sock]
+    settings.port = sock.getsockname()[1]  # the port the system picked for --port 0
     app = build_app(settings)
     state: ServerState = app.state.server
     # uvicorn's own limit is a backstop: by then the engine has aborted what was left
@@ -301,5 +294,5 @@ def run_server(settings: ServerSettings) -> int:
               f"{engine.error}", file=sys.stderr)
         return 1
     if not server.started:
-        return 1  # could not bind (uvicorn logged why)
+        return 1  # uvicorn could not start (it logged why)
     return 0
