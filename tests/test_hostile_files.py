@@ -135,16 +135,30 @@ def test_a_tokenizer_with_more_tokens_than_the_model_is_named_not_a_failed_step(
         assert len(llm.generate([[5, 6, 7]], greedy)[0].outputs[0].token_ids) == 3
 
 
+@pytest.mark.parametrize("kernels", ["compiled", "reference"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_request_whose_logits_turn_nan_ends_with_an_error_the_others_go_on(
-        make_hf_model, tmp_path, dtype):
+        make_hf_model, tmp_path, dtype, kernels, monkeypatch):
     """A NaN in the weights (here: the embedding row of token 7) makes the logits of
     every prompt that reads it NaN, and any sampler then picks a meaningless token:
     such a sequence ends at once with finish_reason "error" and an error naming the
-    cause, without its token; the batch's other prompts are as without the NaN."""
+    cause, without its token; the batch's other prompts, and later ones that reuse
+    its cache blocks, are as without the NaN, with the compiled kernels and on the
+    reference path (whose decode attention reads whole blocks: the slots past a
+    sequence's length, weighted 0, held the broken request's NaN, and 0 * NaN is
+    NaN)."""
     from safetensors.torch import load_file, save_file
 
+    import engine.kernels as engine_kernels
     from engine import LLM, SamplingParams
+
+    if kernels == "compiled":
+        if not engine_kernels.library_path().exists():
+            engine_kernels.build()
+        monkeypatch.setenv(engine_kernels.MODE_ENV, "build")
+    else:
+        monkeypatch.setenv(engine_kernels.MODE_ENV, "0")
+    monkeypatch.setattr(engine_kernels, "_loaded", None)
 
     clean = make_hf_model("llama")
     folder = tmp_path / "nan-model"
@@ -172,6 +186,7 @@ def test_a_request_whose_logits_turn_nan_ends_with_an_error_the_others_go_on(
             if params is greedy:
                 assert [o.token_ids for o in outputs[3:]] == expected
         assert [o.outputs[0].token_ids for o in llm.generate(fine_prompts, greedy)] == expected
+        assert engine_kernels.kernels_available() is (kernels == "compiled")
 
 
 def test_a_long_context_model_holds_rotary_tables_only_for_the_positions_used(

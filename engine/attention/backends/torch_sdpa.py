@@ -84,6 +84,9 @@ class _DecodeBucket:
     block_ids: torch.Tensor  # [n * num_blocks] their block tables, padded with block 0
     mask: torch.Tensor | None  # [n, 1, 1, num_blocks * block_size], None: no padding
     num_seqs: int
+    # [n * num_blocks * block_size, 1, 1]: True for the gathered slots past each
+    # sequence's length (None: no padding)
+    padding: torch.Tensor | None = None
 
 
 @dataclass
@@ -149,13 +152,14 @@ def _decode_buckets(md: AttentionMetadata, decode: list[int],
         lens = [md.seq_lens[i] for i in seqs]
         index = torch.tensor(seqs, dtype=torch.int64, device=device)
         block_ids = md.block_tables.index_select(0, index)[:, :width].reshape(-1)
-        mask = None
+        mask = padding = None
         if min(lens) < width * bs:
             keys = torch.arange(width * bs, device=device)
             lens_t = torch.tensor(lens, dtype=torch.int64, device=device)
             mask = (keys.unsqueeze(0) < lens_t.unsqueeze(1)).view(len(seqs), 1, 1, width * bs)
+            padding = mask.logical_not().view(-1, 1, 1)
         rows = torch.tensor([starts[i] for i in seqs], dtype=torch.int64, device=device)
-        buckets.append(_DecodeBucket(rows, block_ids, mask, len(seqs)))
+        buckets.append(_DecodeBucket(rows, block_ids, mask, len(seqs), padding))
         start = end
     return buckets
 
@@ -324,6 +328,12 @@ class TorchSDPAImpl(AttentionImpl):
         """q [n, H, D] (one token per sequence) -> [n, H, D]."""
         n = bucket.num_seqs
         keys, values = gather_blocks(kv_cache, bucket.block_ids, scratch)  # [n * L, Hkv, D]
+        # the slots past a sequence's length hold what their block held before (another
+        # request's values, NaN after a broken one): the mask gives them weight 0, and
+        # 0 * NaN is NaN, so they are zeroed in the gathered copy
+        if bucket.padding is not None:
+            keys.masked_fill_(bucket.padding, 0)
+            values.masked_fill_(bucket.padding, 0)
         keys = keys.view(n, -1, self.num_kv_heads, self.head_size).transpose(1, 2)
         values = values.view(n, -1, self.num_kv_heads, self.head_size).transpose(1, 2)
         # heads sharing a KV head become that head's "query length": GQA without a copy
