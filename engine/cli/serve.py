@@ -97,13 +97,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"engine serve: error: {exc}", file=sys.stderr)
         return 1
     # the port next: a taken one is reported before torch and the model load
-    from engine.entrypoints.sockets import listen, listen_error
+    from engine.entrypoints.sockets import listen_or_report
 
-    try:
-        sock = listen(args.host, args.port)
-    except OSError as exc:
-        print(f"engine serve: error: {listen_error(args.host, args.port, exc)}",
-              file=sys.stderr)
+    sock = listen_or_report(args.host, args.port)
+    if sock is None:
         return 1
     from engine.entrypoints.api_server import ServerSettings
 

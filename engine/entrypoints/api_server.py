@@ -32,7 +32,7 @@ from engine.entrypoints.errors import APIError, json_response, validation_error
 from engine.entrypoints.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from engine.entrypoints.route_plugins import mount_route_plugins
 from engine.entrypoints.routes import include_builtin_routes
-from engine.entrypoints.sockets import listen, listen_error
+from engine.entrypoints.sockets import listen_or_report
 from engine.structured_outputs import set_compile_time_limit
 from engine.utils import first_line
 
@@ -255,11 +255,8 @@ def run_server(settings: ServerSettings, sock: Any = None) -> int:
     exit code (0 after a clean shutdown, 1 when the port cannot be listened on or
     the engine failed to start or, later, lost a worker)."""
     if sock is None:
-        try:
-            sock = listen(settings.host, settings.port)
-        except OSError as exc:
-            print(f"engine serve: error: {listen_error(settings.host, settings.port, exc)}",
-                  file=sys.stderr)
+        sock = listen_or_report(settings.host, settings.port)
+        if sock is None:
             return 1
     sockets = [sock]
     settings.port = sock.getsockname()[1]  # the port the system picked for --port 0

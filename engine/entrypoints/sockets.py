@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -35,3 +36,13 @@ def listen_error(host: str, port: int, exc: OSError) -> str:
     elif isinstance(exc, socket.gaierror):
         hint = ": --host is not an address of this machine"
     return f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}"
+
+
+def listen_or_report(host: str, port: int) -> socket.socket | None:
+    """`listen`, or None after writing why not to stderr as an ``engine serve``
+    error line."""
+    try:
+        return listen(host, port)
+    except OSError as exc:
+        print(f"engine serve: error: {listen_error(host, port, exc)}", file=sys.stderr)
+        return None
